@@ -1,0 +1,5 @@
+//! Blueprints: the typed model, loading from JSON and TOML, the JSON Schema and the validator.
+
+mod model;
+
+pub use model::*;

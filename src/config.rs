@@ -1,0 +1,226 @@
+//! Configuration is read here and nowhere else: environment variables, also from `.env` in the
+//! working directory (dotenvy). Each value is checked once, with a message that says what was
+//! expected.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything OmniFlow reads from its environment.
+#[derive(Clone, Default)]
+pub struct Config {
+    pub huggingface_token: Option<String>,
+    pub hf_inference_url: String,
+    pub use_ollama: bool,
+    pub ollama_url: String,
+    pub openai_base_url: Option<String>,
+    pub openai_api_key: Option<String>,
+    /// Per model call (`REQUEST_TIMEOUT`, seconds).
+    pub request_timeout: Duration,
+    /// Retries after the first try (`MAX_RETRIES`).
+    pub max_retries: u32,
+    pub telegram_bot_token: Option<String>,
+    pub telegram_chat_id: Option<String>,
+    pub telegram_api_url: String,
+    pub discord_webhook: Option<String>,
+    pub db_file: PathBuf,
+    pub log_dir: PathBuf,
+    pub supabase_url: Option<String>,
+    pub supabase_key: Option<String>,
+    /// Steps in flight at once (`CONCURRENCY`).
+    pub concurrency: usize,
+    pub memory_threshold_mb: u64,
+    /// Latency of the sandbox's simulated model (`SANDBOX_LATENCY_MS`); `None` = realistic,
+    /// varying per prompt.
+    pub sandbox_latency: Option<Duration>,
+    /// Multiplies every wait (backoff, provider hints, simulated latency, delays):
+    /// `OMNIFLOW_TIME_SCALE=0.01` makes tests of the real binary fast. Default 1.
+    pub time_scale: f64,
+}
+
+impl std::fmt::Debug for Config {
+    // Secrets are never printed, not even in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |o: &Option<String>| if o.is_some() { "<set>" } else { "<unset>" };
+        f.debug_struct("Config")
+            .field("huggingface_token", &set(&self.huggingface_token))
+            .field("hf_inference_url", &self.hf_inference_url)
+            .field("use_ollama", &self.use_ollama)
+            .field("ollama_url", &self.ollama_url)
+            .field("openai_base_url", &self.openai_base_url)
+            .field("openai_api_key", &set(&self.openai_api_key))
+            .field("request_timeout", &self.request_timeout)
+            .field("max_retries", &self.max_retries)
+            .field("telegram_bot_token", &set(&self.telegram_bot_token))
+            .field("telegram_chat_id", &self.telegram_chat_id)
+            .field("discord_webhook", &set(&self.discord_webhook))
+            .field("db_file", &self.db_file)
+            .field("log_dir", &self.log_dir)
+            .field("concurrency", &self.concurrency)
+            .field("memory_threshold_mb", &self.memory_threshold_mb)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}={value:?} is not valid: expected {expected}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+impl Config {
+    /// Reads `.env` (if present, without overriding variables already set) and the environment.
+    pub fn load() -> Result<Config, ConfigError> {
+        let _ = dotenvy::dotenv();
+        Config::from_vars(&std::env::vars().collect())
+    }
+
+    /// Builds a configuration from explicit variables (tests use this; nothing global).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let get = |k: &str| {
+            vars.get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let parse_u64 = |k: &'static str, default: u64, min: u64| -> Result<u64, ConfigError> {
+            match get(k) {
+                None => Ok(default),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(n) if n >= min => Ok(n),
+                    _ => Err(ConfigError {
+                        var: k,
+                        value: v,
+                        expected: "a whole number (at least 1 where it is a count or a size)",
+                    }),
+                },
+            }
+        };
+        let parse_bool = |k: &'static str| -> Result<bool, ConfigError> {
+            match get(k).map(|v| v.to_ascii_lowercase()) {
+                None => Ok(false),
+                Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
+                Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
+                Some(v) => Err(ConfigError {
+                    var: k,
+                    value: v,
+                    expected: "true or false",
+                }),
+            }
+        };
+        let time_scale = match get("OMNIFLOW_TIME_SCALE") {
+            None => 1.0,
+            Some(v) => match v.parse::<f64>() {
+                Ok(x) if x > 0.0 && x.is_finite() => x,
+                _ => {
+                    return Err(ConfigError {
+                        var: "OMNIFLOW_TIME_SCALE",
+                        value: v,
+                        expected: "a positive number (1 = real time)",
+                    })
+                }
+            },
+        };
+        Ok(Config {
+            huggingface_token: get("HUGGINGFACE_TOKEN").or_else(|| get("HF_TOKEN")),
+            hf_inference_url: get("HF_INFERENCE_URL")
+                .unwrap_or_else(|| "https://router.huggingface.co".into()),
+            use_ollama: parse_bool("USE_OLLAMA")?,
+            ollama_url: get("OLLAMA_URL").unwrap_or_else(|| "http://localhost:11434".into()),
+            openai_base_url: get("OPENAI_BASE_URL"),
+            openai_api_key: get("OPENAI_API_KEY"),
+            request_timeout: Duration::from_secs(parse_u64("REQUEST_TIMEOUT", 300, 1)?),
+            max_retries: parse_u64("MAX_RETRIES", 3, 0)?.min(100) as u32,
+            telegram_bot_token: get("TELEGRAM_BOT_TOKEN"),
+            telegram_chat_id: get("TELEGRAM_CHAT_ID"),
+            telegram_api_url: get("TELEGRAM_API_URL")
+                .unwrap_or_else(|| "https://api.telegram.org".into()),
+            discord_webhook: get("DISCORD_WEBHOOK").or_else(|| get("DISCORD_WEBHOOK_URL")),
+            db_file: get("DB_FILE")
+                .unwrap_or_else(|| "./automation_runner.db".into())
+                .into(),
+            log_dir: get("LOG_DIR").unwrap_or_else(|| "./logs".into()).into(),
+            supabase_url: get("SUPABASE_URL"),
+            supabase_key: get("SUPABASE_KEY"),
+            concurrency: parse_u64("CONCURRENCY", 32, 1)?.min(4096) as usize,
+            memory_threshold_mb: parse_u64("MEMORY_THRESHOLD_MB", 500, 1)?,
+            sandbox_latency: match get("SANDBOX_LATENCY_MS") {
+                None => None,
+                Some(_) => Some(Duration::from_millis(parse_u64(
+                    "SANDBOX_LATENCY_MS",
+                    0,
+                    0,
+                )?)),
+            },
+            time_scale,
+        })
+    }
+
+    /// Every secret value in the configuration, for redaction of logs and messages.
+    pub fn secrets(&self) -> Vec<String> {
+        [
+            &self.huggingface_token,
+            &self.openai_api_key,
+            &self.telegram_bot_token,
+            &self.discord_webhook,
+            &self.supabase_key,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|s| s.len() >= 4)
+        .cloned()
+        .collect()
+    }
+
+    /// Scales a wait by `time_scale`.
+    pub fn scaled(&self, d: Duration) -> Duration {
+        if self.time_scale == 1.0 {
+            d
+        } else {
+            d.mul_f64(self.time_scale)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::from_vars(&HashMap::new()).unwrap();
+        assert_eq!(c.concurrency, 32);
+        assert_eq!(c.max_retries, 3);
+        assert_eq!(c.request_timeout, Duration::from_secs(300));
+        assert_eq!(c.memory_threshold_mb, 500);
+        assert_eq!(c.db_file, PathBuf::from("./automation_runner.db"));
+        assert_eq!(c.log_dir, PathBuf::from("./logs"));
+        assert_eq!(c.hf_inference_url, "https://router.huggingface.co");
+        assert!(!c.use_ollama);
+    }
+
+    #[test]
+    fn hf_token_is_an_alias_and_secrets_never_print() {
+        let c = Config::from_vars(&vars(&[("HF_TOKEN", "hf_secret123")])).unwrap();
+        assert_eq!(c.huggingface_token.as_deref(), Some("hf_secret123"));
+        assert!(!format!("{c:?}").contains("hf_secret123"));
+        assert_eq!(c.secrets(), vec!["hf_secret123".to_string()]);
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable() {
+        let e = Config::from_vars(&vars(&[("CONCURRENCY", "lots")])).unwrap_err();
+        assert!(e.to_string().contains("CONCURRENCY=\"lots\""), "{e}");
+        let e = Config::from_vars(&vars(&[("USE_OLLAMA", "maybe")])).unwrap_err();
+        assert!(e.to_string().contains("true or false"), "{e}");
+    }
+}
