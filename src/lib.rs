@@ -5,3 +5,5 @@ pub mod blueprint;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod pool;
+pub mod providers;

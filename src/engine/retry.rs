@@ -1,0 +1,205 @@
+//! Retry semantics: how many tries, how long to wait between them, and when to stop.
+//!
+//! The decision reads the error's kind through [`ErrorKind::retry_class`] (the one exhaustive
+//! match) and the provider's hint: a model that is loading waits its `estimated_time` (capped
+//! at [`MODEL_LOADING_CAP`]); a rate limit waits `Retry-After` ([`RATE_LIMIT_DEFAULT`] when the
+//! provider gave none). Every other retryable failure waits an exponential backoff with jitter.
+
+use crate::blueprint::RetrySpec;
+use crate::error::{ErrorKind, RetryClass, StepError};
+use std::time::Duration;
+
+/// A loading model is never waited for longer than this per attempt.
+pub const MODEL_LOADING_CAP: Duration = Duration::from_secs(30);
+/// A 429 without `Retry-After` waits this long.
+pub const RATE_LIMIT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// The resolved retry settings of one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    /// The wait after the first failure.
+    pub backoff: Duration,
+    pub factor: f64,
+    pub max_delay: Duration,
+    /// Each backoff is randomised by up to ± this fraction, so 40 agents that failed together
+    /// do not all come back in the same millisecond.
+    pub jitter: f64,
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Wait, then try again. `hinted` when the wait came from the provider.
+    Retry { wait: Duration, hinted: bool },
+    /// Stop: the error is not retryable, or the attempts are spent.
+    GiveUp { exhausted: bool },
+}
+
+impl RetryPolicy {
+    /// `MAX_RETRIES` retries after the first try, waiting 1 s, 2 s, 4 s …
+    pub fn from_max_retries(max_retries: u32) -> RetryPolicy {
+        RetryPolicy {
+            attempts: max_retries.saturating_add(1),
+            backoff: Duration::from_secs(1),
+            factor: 2.0,
+            max_delay: Duration::from_secs(30),
+            jitter: 0.1,
+        }
+    }
+
+    /// The node's own settings, field by field over the blueprint's defaults, over
+    /// [`RetryPolicy::from_max_retries`]. Durations were checked by the validator; one that
+    /// still does not parse keeps the inherited value.
+    pub fn resolve(
+        node: Option<&RetrySpec>,
+        defaults: Option<&RetrySpec>,
+        max_retries: u32,
+    ) -> RetryPolicy {
+        let mut p = RetryPolicy::from_max_retries(max_retries);
+        for spec in [defaults, node].into_iter().flatten() {
+            if let Some(a) = spec.attempts {
+                p.attempts = a.max(1);
+            }
+            if let Some(d) = spec.backoff.as_deref().and_then(parse) {
+                p.backoff = d;
+            }
+            if let Some(f) = spec.factor {
+                p.factor = f.max(1.0);
+            }
+            if let Some(d) = spec.max_delay.as_deref().and_then(parse) {
+                p.max_delay = d;
+            }
+            if let Some(j) = spec.jitter {
+                p.jitter = j.clamp(0.0, 1.0);
+            }
+        }
+        p
+    }
+
+    /// The backoff after failed attempt `attempt` (1-based), before jitter.
+    pub fn base_delay(&self, attempt: u32) -> Duration {
+        let exp = self.factor.powi(attempt.saturating_sub(1).min(60) as i32);
+        let secs = (self.backoff.as_secs_f64() * exp).min(self.max_delay.as_secs_f64());
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+
+    /// Decides after attempt `attempt` (1-based) failed with `err`. `jitter_unit` is a random
+    /// number in [-1, 1] (injected so tests are exact).
+    pub fn decide(&self, attempt: u32, err: &StepError, jitter_unit: f64) -> Decision {
+        if err.kind.retry_class() == RetryClass::Fatal {
+            return Decision::GiveUp { exhausted: false };
+        }
+        if attempt >= self.attempts {
+            return Decision::GiveUp { exhausted: true };
+        }
+        match (err.kind, err.retry_after) {
+            (ErrorKind::ModelLoading, Some(hint)) => Decision::Retry {
+                wait: hint.min(MODEL_LOADING_CAP),
+                hinted: true,
+            },
+            (ErrorKind::RateLimited, hint) => Decision::Retry {
+                wait: hint.unwrap_or(RATE_LIMIT_DEFAULT),
+                hinted: hint.is_some(),
+            },
+            (_, Some(hint)) => Decision::Retry {
+                wait: hint.min(self.max_delay.max(MODEL_LOADING_CAP)),
+                hinted: true,
+            },
+            (_, None) => {
+                let base = self.base_delay(attempt).as_secs_f64();
+                let j = jitter_unit.clamp(-1.0, 1.0) * self.jitter;
+                Decision::Retry {
+                    wait: Duration::from_secs_f64((base * (1.0 + j)).max(0.0)),
+                    hinted: false,
+                }
+            }
+        }
+    }
+}
+
+fn parse(s: &str) -> Option<Duration> {
+    humantime::parse_duration(s.trim()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(kind: ErrorKind) -> StepError {
+        StepError::new(kind, "x")
+    }
+
+    fn wait(d: Decision) -> Duration {
+        match d {
+            Decision::Retry { wait, .. } => wait,
+            other => panic!("expected a retry, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn default_policy_waits_1_2_4_then_gives_up() {
+        let p = RetryPolicy::from_max_retries(3);
+        let e = err(ErrorKind::Server);
+        assert_eq!(wait(p.decide(1, &e, 0.0)), Duration::from_secs(1));
+        assert_eq!(wait(p.decide(2, &e, 0.0)), Duration::from_secs(2));
+        assert_eq!(wait(p.decide(3, &e, 0.0)), Duration::from_secs(4));
+        assert_eq!(p.decide(4, &e, 0.0), Decision::GiveUp { exhausted: true });
+    }
+
+    #[test]
+    fn jitter_stays_within_its_fraction() {
+        let p = RetryPolicy::from_max_retries(3);
+        let e = err(ErrorKind::Timeout);
+        assert_eq!(wait(p.decide(1, &e, 1.0)), Duration::from_millis(1100));
+        assert_eq!(wait(p.decide(1, &e, -1.0)), Duration::from_millis(900));
+    }
+
+    #[test]
+    fn auth_and_invalid_requests_fail_at_once() {
+        let p = RetryPolicy::from_max_retries(3);
+        for k in [
+            ErrorKind::Auth,
+            ErrorKind::InvalidRequest,
+            ErrorKind::CreditsExhausted,
+            ErrorKind::Config,
+        ] {
+            assert_eq!(p.decide(1, &err(k), 0.0), Decision::GiveUp { exhausted: false });
+        }
+    }
+
+    #[test]
+    fn provider_hints_win_and_loading_is_capped() {
+        let p = RetryPolicy::from_max_retries(3);
+        let loading = err(ErrorKind::ModelLoading).with_retry_after(Duration::from_secs_f64(579.3));
+        assert_eq!(wait(p.decide(1, &loading, 0.0)), Duration::from_secs(30));
+        let loading = err(ErrorKind::ModelLoading).with_retry_after(Duration::from_millis(2500));
+        assert_eq!(wait(p.decide(1, &loading, 0.9)), Duration::from_millis(2500));
+        let limited = err(ErrorKind::RateLimited).with_retry_after(Duration::from_secs(7));
+        assert_eq!(wait(p.decide(1, &limited, 0.5)), Duration::from_secs(7));
+        assert_eq!(
+            p.decide(1, &err(ErrorKind::RateLimited), 0.5),
+            Decision::Retry { wait: RATE_LIMIT_DEFAULT, hinted: false }
+        );
+    }
+
+    #[test]
+    fn node_settings_override_defaults_field_by_field() {
+        let defaults = RetrySpec {
+            attempts: Some(5),
+            backoff: Some("500ms".into()),
+            ..Default::default()
+        };
+        let node = RetrySpec {
+            factor: Some(3.0),
+            max_delay: Some("2s".into()),
+            ..Default::default()
+        };
+        let p = RetryPolicy::resolve(Some(&node), Some(&defaults), 3);
+        assert_eq!(p.attempts, 5);
+        assert_eq!(p.base_delay(1), Duration::from_millis(500));
+        assert_eq!(p.base_delay(2), Duration::from_millis(1500));
+        assert_eq!(p.base_delay(3), Duration::from_secs(2), "capped by maxDelay");
+    }
+}

@@ -1,0 +1,385 @@
+//! The sandbox's simulated model: deterministic text derived from the prompt, a realistic
+//! latency, and — with a failure rate — injected failures of every kind a free model API
+//! produces, reproducible for a seed.
+//!
+//! The failures go through exactly the production retry path: they are ordinary
+//! [`StepError`]s with the same kinds and provider hints as the real clients produce.
+
+use super::{AttemptKey, LlmReply, LlmRequest};
+use crate::error::{ErrorKind, StepError};
+use std::time::Duration;
+
+/// A simulated model for one run.
+#[derive(Debug, Clone)]
+pub struct SimulatedModel {
+    failure_rate: f64,
+    seed: u64,
+    /// Fixed latency, or `None` for 200–800 ms varying with the prompt.
+    latency: Option<Duration>,
+    /// Multiplies the latency (tests shrink it).
+    time_scale: f64,
+    /// The timeout the simulated timeout pretends to have hit, for its message.
+    request_timeout: Duration,
+}
+
+/// What the simulated model does on one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Answer(String),
+    Fail(StepError),
+}
+
+impl SimulatedModel {
+    pub fn new(failure_rate: f64, seed: u64, latency: Option<Duration>) -> SimulatedModel {
+        SimulatedModel {
+            failure_rate: failure_rate.clamp(0.0, 1.0),
+            seed,
+            latency,
+            time_scale: 1.0,
+            request_timeout: Duration::from_secs(300),
+        }
+    }
+
+    pub fn with_time_scale(mut self, scale: f64) -> Self {
+        self.time_scale = scale;
+        self
+    }
+
+    pub fn with_request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+
+    pub fn failure_rate(&self) -> f64 {
+        self.failure_rate
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The latency of a call with this prompt, before scaling.
+    pub fn latency_for(&self, prompt: &str) -> Duration {
+        self.latency
+            .unwrap_or_else(|| Duration::from_millis(200 + fnv(prompt.as_bytes()) % 600))
+    }
+
+    /// Decides the attempt's outcome without waiting (pure; used by `complete` and tests).
+    pub fn outcome(&self, req: &LlmRequest, key: AttemptKey<'_>) -> Outcome {
+        let mut rng = SplitMix::new(
+            self.seed ^ fnv(key.step.as_bytes()) ^ (key.attempt as u64).wrapping_mul(0x9E37_79B9),
+        );
+        if self.failure_rate > 0.0 && rng.unit() < self.failure_rate {
+            return Outcome::Fail(self.failure(&mut rng, req));
+        }
+        Outcome::Answer(answer(&req.prompt, &req.model))
+    }
+
+    fn failure(&self, rng: &mut SplitMix, req: &LlmRequest) -> StepError {
+        match rng.below(5) {
+            0 => {
+                let t = 2.0 + rng.unit() * 4.0;
+                StepError::new(
+                    ErrorKind::ModelLoading,
+                    format!(
+                        "model {} is currently loading (simulated 503); this is normal for a \
+                         model that was not used recently — waiting {t:.1}s as the provider asks",
+                        req.model
+                    ),
+                )
+                .with_retry_after(Duration::from_secs_f64(t))
+            }
+            1 => {
+                let t = 1 + rng.below(3);
+                StepError::new(
+                    ErrorKind::RateLimited,
+                    format!(
+                        "rate limit reached (simulated 429), retry after {t}s; a local model \
+                         has no limit: USE_OLLAMA=true"
+                    ),
+                )
+                .with_retry_after(Duration::from_secs(t))
+            }
+            2 => StepError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the model call timed out after {}s (simulated); raise REQUEST_TIMEOUT if \
+                     the model is just slow",
+                    self.request_timeout.as_secs()
+                ),
+            ),
+            3 => StepError::new(
+                ErrorKind::Server,
+                "the provider answered 502 Bad Gateway (simulated server error)",
+            ),
+            _ => StepError::new(
+                ErrorKind::EmptyOutput,
+                "the model returned an empty answer (simulated)",
+            ),
+        }
+    }
+
+    /// Waits the simulated latency, then answers or fails.
+    pub async fn complete(
+        &self,
+        req: &LlmRequest,
+        key: AttemptKey<'_>,
+    ) -> Result<LlmReply, StepError> {
+        let latency = self.latency_for(&req.prompt).mul_f64(self.time_scale);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        match self.outcome(req, key) {
+            Outcome::Fail(e) => Err(e),
+            Outcome::Answer(text) => {
+                let tokens = estimate_tokens(&req.prompt) + estimate_tokens(&text);
+                Ok(LlmReply {
+                    text,
+                    tokens_used: Some(tokens),
+                    provider: "sandbox".into(),
+                    model: req.model.clone(),
+                    cached: false,
+                })
+            }
+        }
+    }
+}
+
+/// Roughly 4 characters a token, as most tokenizers average on English.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+/// The simulated answer: if the prompt asks for "one of: a, b, c" it picks one of those (so
+/// classify-and-route blueprints can be tried); otherwise two sentences built around the
+/// prompt's own keywords.
+pub fn answer(prompt: &str, model: &str) -> String {
+    let h = fnv(prompt.as_bytes()) ^ fnv(model.as_bytes());
+    if let Some(options) = one_of(prompt) {
+        return options[(h % options.len() as u64) as usize].clone();
+    }
+    let words = keywords(prompt);
+    let k = |i: usize| -> String {
+        if words.is_empty() {
+            "this topic".to_string()
+        } else {
+            words[(h as usize / 7 + i) % words.len()].clone()
+        }
+    };
+    const OPENERS: [&str; 6] = [
+        "{a} is moving quickly, and most of the attention this month is on {b}.",
+        "Teams adopting {a} report fewer surprises once {b} is in place.",
+        "The short version: {a} matters because it changes how people think about {b}.",
+        "{a} keeps improving, with recent work focused on {b}.",
+        "Interest in {a} grew steadily this year, driven largely by {b}.",
+        "Practitioners describe {a} as practical today, especially around {b}.",
+    ];
+    const CLOSERS: [&str; 5] = [
+        "Expect more tooling and clearer best practices around {c} soon.",
+        "The open question is how {c} will hold up at scale.",
+        "Watch {c}: it is where the next improvements are likely to land.",
+        "For most readers, the practical takeaway concerns {c}.",
+        "Early results around {c} look promising but are not settled yet.",
+    ];
+    let cap = |s: String| {
+        let mut c = s.chars();
+        match c.next() {
+            Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+            None => s,
+        }
+    };
+    let a = OPENERS[(h % OPENERS.len() as u64) as usize]
+        .replace("{a}", &k(0))
+        .replace("{b}", &k(1));
+    let b = CLOSERS[((h >> 8) % CLOSERS.len() as u64) as usize].replace("{c}", &k(2));
+    format!("{} {}", cap(a), b)
+}
+
+fn one_of(prompt: &str) -> Option<Vec<String>> {
+    let lower = prompt.to_lowercase();
+    let at = lower.find("one of")?;
+    let rest = &prompt[at + "one of".len()..];
+    let rest = rest.trim_start_matches([':', ' ']);
+    let line = rest.split(['\n', '.']).next()?;
+    let options: Vec<String> = line
+        .split([',', '|', '/'])
+        .flat_map(|p| p.split(" or "))
+        .map(|o| {
+            o.trim()
+                .trim_matches(|c: char| !c.is_alphanumeric() && c != '_' && c != '-')
+                .to_string()
+        })
+        .filter(|o| !o.is_empty() && !o.contains(' '))
+        .collect();
+    (options.len() >= 2).then_some(options)
+}
+
+fn keywords(prompt: &str) -> Vec<String> {
+    const STOP: [&str; 24] = [
+        "about",
+        "with",
+        "that",
+        "this",
+        "from",
+        "into",
+        "your",
+        "their",
+        "what",
+        "which",
+        "write",
+        "sentences",
+        "sentence",
+        "summarise",
+        "summarize",
+        "short",
+        "please",
+        "give",
+        "answer",
+        "words",
+        "following",
+        "text",
+        "only",
+        "there",
+    ];
+    let mut out: Vec<String> = Vec::new();
+    for w in prompt.split(|c: char| !c.is_alphanumeric() && c != '-' && c != '+') {
+        let lw = w.to_lowercase();
+        if lw.len() >= 3
+            && !STOP.contains(&lw.as_str())
+            && !out.iter().any(|o| o.to_lowercase() == lw)
+        {
+            out.push(w.to_string());
+        }
+    }
+    out
+}
+
+/// FNV-1a: a stable hash (std's hasher may change between Rust versions, which would change
+/// what a seed reproduces).
+pub fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A tiny deterministic generator (SplitMix64).
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(prompt: &str) -> LlmRequest {
+        LlmRequest {
+            provider: "sandbox".into(),
+            model: "m".into(),
+            system: None,
+            prompt: prompt.into(),
+            temperature: None,
+            max_tokens: None,
+        }
+    }
+
+    #[test]
+    fn answers_are_deterministic_and_use_the_prompt() {
+        let a = answer("Two sentences on rust and wasm.", "m");
+        assert_eq!(a, answer("Two sentences on rust and wasm.", "m"));
+        assert!(
+            a.contains("rust") || a.contains("Rust") || a.contains("wasm"),
+            "{a}"
+        );
+        assert_ne!(a, answer("Two sentences on llm.", "m"));
+    }
+
+    #[test]
+    fn one_of_prompts_get_one_of_the_options() {
+        for p in [
+            "Classify this. Answer with one of: urgent, normal, spam",
+            "Reply with exactly one of urgent | normal | spam.\nMessage: hello",
+        ] {
+            let a = answer(p, "m");
+            assert!(["urgent", "normal", "spam"].contains(&a.as_str()), "{a}");
+        }
+    }
+
+    #[test]
+    fn failures_follow_the_rate_and_the_seed() {
+        let sim = SimulatedModel::new(0.3, 42, Some(Duration::ZERO));
+        let r = req("x");
+        let mut fails = 0;
+        let mut kinds = std::collections::HashSet::new();
+        for i in 0..2000 {
+            let step = format!("s[{i}]");
+            let key = AttemptKey {
+                step: &step,
+                attempt: 1,
+            };
+            let o = sim.outcome(&r, key);
+            assert_eq!(o, sim.outcome(&r, key), "same seed, same outcome");
+            if let Outcome::Fail(e) = o {
+                fails += 1;
+                kinds.insert(e.kind);
+            }
+        }
+        assert!(
+            (450..750).contains(&fails),
+            "about 30% of 2000, got {fails}"
+        );
+        assert_eq!(kinds.len(), 5, "every kind is injected: {kinds:?}");
+        let other = SimulatedModel::new(0.3, 43, Some(Duration::ZERO));
+        let differs = (0..50).any(|i| {
+            let step = format!("s[{i}]");
+            let key = AttemptKey {
+                step: &step,
+                attempt: 1,
+            };
+            sim.outcome(&r, key) != other.outcome(&r, key)
+        });
+        assert!(differs, "another seed gives other failures");
+    }
+
+    #[test]
+    fn hints_are_attached_to_loading_and_rate_limits() {
+        let sim = SimulatedModel::new(1.0, 7, Some(Duration::ZERO));
+        for i in 0..200 {
+            let step = format!("s{i}");
+            if let Outcome::Fail(e) = sim.outcome(
+                &req("x"),
+                AttemptKey {
+                    step: &step,
+                    attempt: 1,
+                },
+            ) {
+                match e.kind {
+                    ErrorKind::ModelLoading | ErrorKind::RateLimited => {
+                        assert!(e.retry_after.is_some())
+                    }
+                    _ => assert!(e.retry_after.is_none()),
+                }
+            }
+        }
+    }
+}
