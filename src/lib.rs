@@ -7,3 +7,7 @@ pub mod error;
 pub mod events;
 pub mod pool;
 pub mod providers;
+pub mod engine;
+pub mod ids;
+pub mod notify;
+pub mod cli;

@@ -1,3 +1,5 @@
-fn main() {
-    println!("omniflow");
+//! The `omniflow` binary: a thin shell over the library's CLI.
+
+fn main() -> std::process::ExitCode {
+    omniflow::cli::main()
 }

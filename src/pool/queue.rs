@@ -45,6 +45,7 @@ impl<T> PriorityQueue<T> {
         ]
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.levels.iter().map(VecDeque::len).sum()
     }

@@ -1,0 +1,160 @@
+//! The `omniflow` command line. Exit codes: 0 success, 1 the run failed, 2 bad input.
+//! Diagnostics and progress go to stderr; stdout carries results (`--json`: exactly one JSON
+//! object).
+
+mod commands;
+mod progress;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "omniflow",
+    version,
+    about = "Run LLM automations (blueprints) through a priority pool and watch them from a terminal.",
+    after_help = "Without a command, opens the console on blueprints/.\nConfiguration: environment variables or .env (see .env.example)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Open the console (the default).
+    Tui(TuiArgs),
+    /// Run one blueprint (or every active one) headless, with progress on stderr.
+    Run(RunArgs),
+    /// Check blueprint files and report every problem with its path.
+    Validate(ValidateArgs),
+    /// List runs from the history, newest first.
+    Runs(RunsArgs),
+    /// Show one run: its steps, attempts, errors, tokens and timings.
+    Show(ShowArgs),
+    /// Print the blueprint JSON Schema.
+    Schema,
+    /// Copy the history database consistently while it is in use.
+    Backup(BackupArgs),
+}
+
+#[derive(Args, Debug, Default)]
+pub struct TuiArgs {
+    /// Colour theme (a file in themes/ without .toml).
+    #[arg(long)]
+    pub theme: Option<String>,
+    /// Where the blueprints are.
+    #[arg(long, default_value = "blueprints")]
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A blueprint file, or the name of one in --dir.
+    #[arg(required_unless_present = "all_active")]
+    pub blueprint: Option<String>,
+    /// Run every active blueprint in --dir, in priority order, through one pool.
+    #[arg(long, conflicts_with = "blueprint")]
+    pub all_active: bool,
+    /// Where blueprints are looked up by name.
+    #[arg(long, default_value = "blueprints")]
+    pub dir: PathBuf,
+    /// Set a variable: KEY=VALUE (VALUE is JSON when it parses as JSON, else text). Repeatable.
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+    /// Use the simulated model; record notifications instead of sending them.
+    #[arg(long)]
+    pub sandbox: bool,
+    /// In a sandbox run, make this fraction of model calls fail (0.3 = 30 %).
+    #[arg(long, value_name = "RATE")]
+    pub simulate_failures: Option<f64>,
+    /// Reproduce a sandbox run's injected failures.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Override the blueprint's priority: critical, high, normal or low.
+    #[arg(long)]
+    pub priority: Option<String>,
+    /// Print exactly one JSON object with the outcome on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// Blueprint files (.json or .toml).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Print the problems as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunsArgs {
+    /// Only runs with this status: queued, running, success, error, cancelled.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only runs of this blueprint.
+    #[arg(long)]
+    pub blueprint: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// A run id, or a unique prefix of one.
+    pub run_id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Where to write the copy.
+    pub file: PathBuf,
+}
+
+/// An error that ends the command: its message and exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    /// Bad input: exit 2.
+    pub fn input(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses the arguments and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => commands::tui(TuiArgs::default()),
+        Some(Command::Tui(a)) => commands::tui(a),
+        Some(Command::Run(a)) => commands::run(a),
+        Some(Command::Validate(a)) => commands::validate(a),
+        Some(Command::Runs(a)) => commands::runs(a),
+        Some(Command::Show(a)) => commands::show(a),
+        Some(Command::Schema) => commands::schema(),
+        Some(Command::Backup(a)) => commands::backup(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("error: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}

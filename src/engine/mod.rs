@@ -1,0 +1,404 @@
+//! The engine: turns a blueprint into steps, runs every ready step at once through the shared
+//! [`Pool`], retries failed attempts, records every state change in the [`Store`], and
+//! publishes it on the [`EventBus`].
+//!
+//! One engine per process, shared by the console, `omniflow run` and the daemon.
+//!
+//! - `run.rs`: one run's driver (graph readiness, fan-out, skip, fail-fast, run timeout).
+//! - `step.rs`: one step's retry loop and its attempts on the pool.
+//! - `nodes.rs`: what each node type does (llm, http, transform, condition, notify, delay).
+//! - `retry.rs`: the retry policy and decision.
+
+mod nodes;
+pub mod retry;
+mod run;
+mod step;
+
+use crate::blueprint::{parse_var_value, Blueprint, Priority};
+use crate::config::Config;
+use crate::error::ErrorKind;
+use crate::events::{Event, EventBus, RunStatus, StepStatus};
+use crate::pool::{Pool, PoolOptions};
+use crate::providers::Providers;
+use crate::store::{NewRun, Store};
+use crate::template::Templates;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// How a run came to be, recorded in history.
+pub const TRIGGERS: [&str; 7] = [
+    "cli",
+    "console",
+    "schedule",
+    "all-active",
+    "retry",
+    "resume",
+    "api",
+];
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// Overrides of the blueprint's variables (`--var K=V`).
+    pub variables: Map<String, Value>,
+    /// Use the simulated model and record notifications instead of sending them.
+    pub sandbox: bool,
+    /// Fraction of model-call attempts that fail on purpose (sandbox only).
+    pub simulate_failures: f64,
+    /// Reproduces the injected failures; random (and recorded) when `None`.
+    pub seed: Option<u64>,
+    /// Overrides the blueprint's priority.
+    pub priority: Option<Priority>,
+    /// One of [`TRIGGERS`].
+    pub trigger: String,
+    pub parent_run_id: Option<String>,
+    /// Outputs of steps that already succeeded (retrying only the failed steps of a run, or
+    /// resuming one): step key → output. These steps are recorded as done without running.
+    pub reuse: HashMap<String, Value>,
+}
+
+impl Default for RunRequest {
+    fn default() -> Self {
+        RunRequest {
+            variables: Map::new(),
+            sandbox: false,
+            simulate_failures: 0.0,
+            seed: None,
+            priority: None,
+            trigger: "api".into(),
+            parent_run_id: None,
+            reuse: HashMap::new(),
+        }
+    }
+}
+
+/// A request that cannot start.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum StartError {
+    #[error("--var {key}: blueprint \"{blueprint}\" declares no variable {key:?}{hint}")]
+    UnknownVariable {
+        key: String,
+        blueprint: String,
+        hint: String,
+    },
+    #[error("simulated failure rate {0} is out of range: give a fraction from 0 to 1 (0.3 = 30 %)")]
+    BadFailureRate(f64),
+}
+
+/// One step's result, as reported at the end of a run (`--json`'s `steps`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepSummary {
+    pub node: String,
+    pub step: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<u32>,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub duration_ms: u64,
+    pub tokens_used: u64,
+    pub cached: bool,
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunOutcome {
+    pub run_id: String,
+    pub blueprint: String,
+    pub status: RunStatus,
+    pub total_time_ms: u64,
+    /// Node id → output (a `forEach` node's output is the list of its items' outputs).
+    pub outputs: Map<String, Value>,
+    pub steps: Vec<StepSummary>,
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    pub tokens_used: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// A run in progress.
+pub struct RunHandle {
+    pub run_id: String,
+    cancel: CancellationToken,
+    join: tokio::task::JoinHandle<RunOutcome>,
+}
+
+impl RunHandle {
+    /// Asks the run to stop; it ends as `cancelled`.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Waits for the end of the run (its history is flushed to the store by then).
+    pub async fn wait(self) -> RunOutcome {
+        match self.join.await {
+            Ok(o) => o,
+            Err(e) => RunOutcome {
+                run_id: self.run_id,
+                blueprint: String::new(),
+                status: RunStatus::Error,
+                total_time_ms: 0,
+                outputs: Map::new(),
+                steps: Vec::new(),
+                error: Some(format!("internal error: the run's task ended abnormally ({e})")),
+                error_kind: Some(ErrorKind::Internal),
+                failed_step: None,
+                tokens_used: 0,
+                seed: None,
+            },
+        }
+    }
+}
+
+/// Tuning knobs beyond the configuration.
+#[derive(Clone)]
+pub struct EngineOptions {
+    pub pool: PoolOptions,
+    /// Makes run ids (tests inject stable ones).
+    pub ids: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+impl EngineOptions {
+    pub fn from_config(config: &Config) -> EngineOptions {
+        EngineOptions {
+            pool: PoolOptions {
+                concurrency: config.concurrency,
+                ..PoolOptions::default()
+            },
+            ids: Arc::new(crate::ids::run_id),
+        }
+    }
+}
+
+pub(crate) struct ActiveRun {
+    pub cancel: CancellationToken,
+    /// Current priority (changeable while the run is queued or running).
+    pub priority: Arc<AtomicUsize>,
+}
+
+pub(crate) struct Inner {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub bus: EventBus,
+    pub pool: Pool,
+    pub templates: Templates,
+    pub providers: Providers,
+    pub http: reqwest::Client,
+    pub runs: Mutex<HashMap<String, ActiveRun>>,
+    pub ids: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+/// The process's engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts the pool on the current tokio runtime.
+    pub fn new(config: Arc<Config>, store: Store, bus: EventBus) -> Engine {
+        let options = EngineOptions::from_config(&config);
+        Engine::with_options(config, store, bus, options)
+    }
+
+    pub fn with_options(
+        config: Arc<Config>,
+        store: Store,
+        bus: EventBus,
+        options: EngineOptions,
+    ) -> Engine {
+        let pool = Pool::new(options.pool.clone(), bus.clone());
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("omniflow/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        Engine {
+            inner: Arc::new(Inner {
+                providers: Providers::new(config.clone()),
+                config,
+                store,
+                bus,
+                pool,
+                templates: Templates::new(),
+                http,
+                runs: Mutex::new(HashMap::new()),
+                ids: options.ids,
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub fn bus(&self) -> &EventBus {
+        &self.inner.bus
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
+    }
+
+    /// Checks the request, records the run as queued and starts it.
+    pub fn start(&self, blueprint: Arc<Blueprint>, req: RunRequest) -> Result<RunHandle, StartError> {
+        let variables = merge_variables(&blueprint, &req.variables)?;
+        if !(0.0..=1.0).contains(&req.simulate_failures) || req.simulate_failures.is_nan() {
+            return Err(StartError::BadFailureRate(req.simulate_failures));
+        }
+        let run_id = (self.inner.ids)();
+        let priority = req.priority.unwrap_or(blueprint.priority);
+        // A sandbox run always has a seed, so its injected failures can be replayed.
+        let seed = req
+            .sandbox
+            .then(|| req.seed.unwrap_or_else(|| rand::random::<u32>() as u64));
+        let cancel = CancellationToken::new();
+        let prio = Arc::new(AtomicUsize::new(priority.index()));
+        self.lock_runs().insert(
+            run_id.clone(),
+            ActiveRun {
+                cancel: cancel.clone(),
+                priority: prio.clone(),
+            },
+        );
+        self.inner.store.insert_run(NewRun {
+            id: run_id.clone(),
+            blueprint_name: blueprint.name.clone(),
+            priority,
+            trigger: req.trigger.clone(),
+            sandbox: req.sandbox,
+            seed,
+            simulate_failures: if req.sandbox { req.simulate_failures } else { 0.0 },
+            variables: Value::Object(variables.clone()),
+            blueprint: serde_json::to_value(&*blueprint).unwrap_or(Value::Null),
+            parent_run_id: req.parent_run_id.clone(),
+            queued_at: SystemTime::now(),
+        });
+        self.inner.bus.publish(Event::RunQueued {
+            run_id: run_id.clone(),
+            blueprint: blueprint.name.clone(),
+            priority,
+            sandbox: req.sandbox,
+        });
+        tracing::info!(run_id = %run_id, blueprint = %blueprint.name, sandbox = req.sandbox, trigger = %req.trigger, "run queued");
+        let ctx = run::RunCtx::new(
+            self.inner.clone(),
+            run_id.clone(),
+            blueprint,
+            variables,
+            req,
+            seed,
+            cancel.clone(),
+            prio,
+        );
+        let inner = self.inner.clone();
+        let id = run_id.clone();
+        let join = tokio::spawn(async move {
+            let outcome = run::drive(ctx).await;
+            inner.store.flush().await;
+            inner
+                .runs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            outcome
+        });
+        Ok(RunHandle {
+            run_id,
+            cancel,
+            join,
+        })
+    }
+
+    /// Cancels a run of this process. `false` if no such run is active here.
+    pub fn cancel(&self, run_id: &str) -> bool {
+        match self.lock_runs().get(run_id) {
+            Some(r) => {
+                r.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Changes the priority of an active run: its queued steps move now, later ones follow.
+    pub fn set_priority(&self, run_id: &str, priority: Priority) -> bool {
+        let found = match self.lock_runs().get(run_id) {
+            Some(r) => {
+                r.priority.store(priority.index(), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        };
+        if found {
+            self.inner.pool.set_run_priority(run_id, priority);
+        }
+        found
+    }
+
+    /// Ids of the runs in flight in this process.
+    pub fn active_runs(&self) -> Vec<String> {
+        self.lock_runs().keys().cloned().collect()
+    }
+
+    fn lock_runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveRun>> {
+        self.inner.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The blueprint's variables with the overrides applied; an override of an undeclared
+/// variable is refused (a typo would otherwise silently do nothing).
+pub fn merge_variables(
+    bp: &Blueprint,
+    overrides: &Map<String, Value>,
+) -> Result<Map<String, Value>, StartError> {
+    let mut vars = bp.variables.clone();
+    for (k, v) in overrides {
+        if !vars.contains_key(k) {
+            let declared: Vec<&str> = bp.variables.keys().map(String::as_str).collect();
+            let hint = if declared.is_empty() {
+                " (it declares none; add it under \"variables\")".to_string()
+            } else {
+                format!(" (declared: {})", declared.join(", "))
+            };
+            return Err(StartError::UnknownVariable {
+                key: k.clone(),
+                blueprint: bp.name.clone(),
+                hint,
+            });
+        }
+        vars.insert(k.clone(), v.clone());
+    }
+    Ok(vars)
+}
+
+/// Parses `K=V` (V as JSON when it is JSON, else text).
+pub fn parse_var_arg(arg: &str) -> Result<(String, Value), String> {
+    match arg.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), parse_var_value(v))),
+        _ => Err(format!(
+            "bad --var {arg:?}: expected KEY=VALUE, e.g. --var TOPICS='[\"rust\",\"wasm\"]'"
+        )),
+    }
+}

@@ -1,0 +1,441 @@
+//! What each node type does. `prepare` renders a step's templates once (pure, before any
+//! attempt); `execute` is one attempt (the part that may fail and be retried).
+
+use super::run::RunCtx;
+use crate::blueprint::{Channel, Node, NodeKind, Parse};
+use crate::error::{ErrorKind, StepError};
+use crate::providers::{AttemptKey, LlmRequest, DEFAULT_MODEL};
+use crate::template::Templates;
+use serde_json::{json, Map, Value};
+use std::time::Duration;
+
+/// Replies larger than this are refused rather than held in memory.
+pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+/// A step with its templates rendered.
+#[derive(Debug)]
+pub(crate) enum Prepared {
+    Llm {
+        req: LlmRequest,
+        parse: Parse,
+    },
+    Http {
+        method: String,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: Option<Value>,
+        response: String,
+    },
+    /// transform and condition: computed while preparing.
+    Value(Value),
+    Notify {
+        channel: Channel,
+        text: String,
+        parse_mode: Option<String>,
+    },
+    Delay(Duration),
+}
+
+/// What a successful attempt produced.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StepOutput {
+    pub value: Value,
+    pub tokens: u64,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub cached: bool,
+}
+
+impl Prepared {
+    /// The step's input as recorded in history (header values that look like credentials are
+    /// masked).
+    pub fn input_record(&self) -> Option<Value> {
+        match self {
+            Prepared::Llm { req, .. } => Some(json!({
+                "provider": req.provider,
+                "model": req.model,
+                "system": req.system,
+                "prompt": req.prompt,
+                "temperature": req.temperature,
+                "maxTokens": req.max_tokens,
+            })),
+            Prepared::Http {
+                method,
+                url,
+                headers,
+                body,
+                ..
+            } => {
+                let headers: Map<String, Value> = headers
+                    .iter()
+                    .map(|(k, v)| {
+                        let secret = ["authorization", "cookie", "x-api-key", "api-key", "apikey"]
+                            .contains(&k.to_ascii_lowercase().as_str());
+                        let v = if secret { "[REDACTED]".to_string() } else { v.clone() };
+                        (k.clone(), Value::String(v))
+                    })
+                    .collect();
+                Some(json!({ "method": method, "url": url, "headers": headers, "body": body }))
+            }
+            Prepared::Value(_) => None,
+            Prepared::Notify {
+                channel,
+                text,
+                parse_mode,
+            } => Some(json!({ "channel": channel.as_str(), "text": text, "parseMode": parse_mode })),
+            Prepared::Delay(d) => Some(json!({ "durationMs": d.as_millis() as u64 })),
+        }
+    }
+}
+
+/// Renders the node's templates against `context`.
+pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prepared, StepError> {
+    let t = ctx.templates();
+    let named = |what: &str, e: StepError| StepError {
+        message: format!("{}.{what}: {}", node.id, e.message),
+        ..e
+    };
+    Ok(match &node.kind {
+        NodeKind::Llm(l) => {
+            let defaults = &ctx.blueprint.defaults;
+            Prepared::Llm {
+                req: LlmRequest {
+                    provider: l
+                        .provider
+                        .clone()
+                        .or_else(|| defaults.provider.clone())
+                        .unwrap_or_else(|| "auto".into()),
+                    model: l
+                        .model
+                        .clone()
+                        .or_else(|| defaults.model.clone())
+                        .unwrap_or_else(|| DEFAULT_MODEL.into()),
+                    system: match &l.system {
+                        Some(s) => Some(t.render(s, context).map_err(|e| named("system", e))?),
+                        None => None,
+                    },
+                    prompt: t.render(&l.prompt, context).map_err(|e| named("prompt", e))?,
+                    temperature: l.temperature,
+                    max_tokens: l.max_tokens,
+                },
+                parse: l.parse,
+            }
+        }
+        NodeKind::Http(h) => {
+            let mut headers = Vec::new();
+            for (k, v) in &h.headers {
+                let v = match v {
+                    Value::String(s) => t.render(s, context).map_err(|e| named("headers", e))?,
+                    other => other.to_string(),
+                };
+                headers.push((k.clone(), v));
+            }
+            Prepared::Http {
+                method: h.method.to_ascii_uppercase(),
+                url: t.render(&h.url, context).map_err(|e| named("url", e))?,
+                headers,
+                body: match &h.body {
+                    Some(b) => Some(render_value(t, b, context).map_err(|e| named("body", e))?),
+                    None => None,
+                },
+                response: h.response.clone().unwrap_or_else(|| "auto".into()),
+            }
+        }
+        NodeKind::Transform(tr) => {
+            let text = t
+                .render(&tr.template, context)
+                .map_err(|e| named("template", e))?;
+            Prepared::Value(match tr.parse {
+                Parse::Text => Value::String(text),
+                Parse::Json => serde_json::from_str(text.trim()).map_err(|e| {
+                    StepError::new(
+                        ErrorKind::Template,
+                        format!(
+                            "{}.template: the rendered text is not valid JSON ({e}); use `tojson` for values, or parse: \"text\"",
+                            node.id
+                        ),
+                    )
+                })?,
+            })
+        }
+        NodeKind::Condition(c) => {
+            let v = t
+                .eval_expr(&c.expression, context)
+                .map_err(|e| named("expression", e))?;
+            Prepared::Value(Value::Bool(Templates::is_truthy(&v)))
+        }
+        NodeKind::Notify(n) => Prepared::Notify {
+            channel: n.channel,
+            text: t.render(&n.text, context).map_err(|e| named("text", e))?,
+            parse_mode: n.parse_mode.clone(),
+        },
+        NodeKind::Delay(d) => Prepared::Delay(
+            humantime::parse_duration(d.duration.trim()).map_err(|e| {
+                StepError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("{}.duration: {e}", node.id),
+                )
+            })?,
+        ),
+    })
+}
+
+/// Renders every string inside a JSON value as a template.
+fn render_value(t: &Templates, v: &Value, context: &Value) -> Result<Value, StepError> {
+    Ok(match v {
+        Value::String(s) => Value::String(t.render(s, context)?),
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .map(|x| render_value(t, x, context))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(o) => {
+            let mut m = Map::new();
+            for (k, x) in o {
+                m.insert(k.clone(), render_value(t, x, context)?);
+            }
+            Value::Object(m)
+        }
+        other => other.clone(),
+    })
+}
+
+/// The per-attempt timeout: the node's, else the blueprint default's, else `REQUEST_TIMEOUT`.
+/// A delay node always gets its own duration on top.
+pub(crate) fn attempt_timeout(ctx: &RunCtx, node: &Node, prepared: &Prepared) -> Duration {
+    let base = node
+        .timeout
+        .as_deref()
+        .or(ctx.blueprint.defaults.timeout.as_deref())
+        .and_then(|t| humantime::parse_duration(t.trim()).ok())
+        .unwrap_or(ctx.inner.config.request_timeout);
+    match prepared {
+        Prepared::Delay(d) => base + *d,
+        _ => base,
+    }
+}
+
+/// One attempt of a prepared step.
+pub(crate) async fn execute(
+    ctx: &RunCtx,
+    prepared: &Prepared,
+    step: &str,
+    attempt: u32,
+) -> Result<StepOutput, StepError> {
+    match prepared {
+        Prepared::Value(v) => Ok(StepOutput {
+            value: v.clone(),
+            ..Default::default()
+        }),
+        Prepared::Delay(d) => {
+            tokio::time::sleep(ctx.inner.config.scaled(*d)).await;
+            Ok(StepOutput {
+                value: json!({ "waitedMs": d.as_millis() as u64 }),
+                ..Default::default()
+            })
+        }
+        Prepared::Llm { req, parse } => {
+            let reply = ctx
+                .inner
+                .providers
+                .complete(req, AttemptKey { step, attempt }, ctx.sandbox.as_ref())
+                .await?;
+            if reply.text.trim().is_empty() {
+                return Err(StepError::new(
+                    ErrorKind::EmptyOutput,
+                    format!("the model {} returned an empty answer", reply.model),
+                ));
+            }
+            let value = match parse {
+                Parse::Text => Value::String(reply.text.trim().to_string()),
+                Parse::Json => parse_model_json(&reply.text)?,
+            };
+            Ok(StepOutput {
+                value,
+                tokens: reply.tokens_used.unwrap_or(0),
+                provider: Some(reply.provider),
+                model: Some(reply.model),
+                cached: reply.cached,
+            })
+        }
+        Prepared::Http {
+            method,
+            url,
+            headers,
+            body,
+            response,
+        } => {
+            if ctx.is_sandbox {
+                return Ok(StepOutput {
+                    value: simulated_page(url),
+                    provider: Some("sandbox".into()),
+                    ..Default::default()
+                });
+            }
+            http_call(ctx, method, url, headers, body.as_ref(), response).await
+        }
+        Prepared::Notify {
+            channel,
+            text,
+            parse_mode,
+        } => {
+            if ctx.is_sandbox {
+                tracing::info!(run_id = %ctx.run_id, step, channel = channel.as_str(), "sandbox: notification recorded, not sent");
+                return Ok(StepOutput {
+                    value: json!({ "channel": channel.as_str(), "text": text, "delivered": false, "sandbox": true }),
+                    provider: Some(channel.as_str().into()),
+                    ..Default::default()
+                });
+            }
+            crate::notify::send(
+                &ctx.inner.http,
+                &ctx.inner.config,
+                *channel,
+                text,
+                parse_mode.as_deref(),
+            )
+            .await
+            .map(|value| StepOutput {
+                value,
+                provider: Some(channel.as_str().into()),
+                ..Default::default()
+            })
+        }
+    }
+}
+
+/// Models often wrap JSON in a Markdown fence; accept that, refuse anything else.
+fn parse_model_json(text: &str) -> Result<Value, StepError> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .map(|s| s.trim_end().trim_end_matches("```"))
+        .unwrap_or(t)
+        .trim();
+    serde_json::from_str(t).map_err(|e| {
+        StepError::new(
+            ErrorKind::BadResponse,
+            format!("the model's answer is not valid JSON ({e}); ask for JSON only in the prompt, or use parse: \"text\""),
+        )
+    })
+}
+
+/// The sandbox's answer to an HTTP node: nothing leaves the machine.
+fn simulated_page(url: &str) -> Value {
+    Value::String(format!(
+        "<html><head><title>Simulated page</title></head><body><h1>{url}</h1><p>This page was \
+         simulated by the OmniFlow sandbox; nothing left the machine. A real run fetches {url}.</p>\
+         </body></html>"
+    ))
+}
+
+async fn http_call(
+    ctx: &RunCtx,
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    body: Option<&Value>,
+    response: &str,
+) -> Result<StepOutput, StepError> {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| {
+        StepError::new(ErrorKind::InvalidRequest, format!("unknown HTTP method {method:?}"))
+    })?;
+    let mut rb = ctx.inner.http.request(m, url);
+    for (k, v) in headers {
+        rb = rb.header(k, v);
+    }
+    match body {
+        Some(Value::String(s)) => rb = rb.body(s.clone()),
+        Some(v) => rb = rb.json(v),
+        None => {}
+    }
+    let resp = rb.send().await.map_err(|e| classify_reqwest(&e, url))?;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    let retry_after = crate::notify::retry_after_header(resp.headers());
+    let bytes = read_capped(resp, url).await?;
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    if !status.is_success() {
+        return Err(classify_status(status.as_u16(), retry_after, &text, url));
+    }
+    let value = match response {
+        "text" => Value::String(text),
+        "json" => parse_json_reply(&text, url)?,
+        _ if is_json => parse_json_reply(&text, url)?,
+        _ => Value::String(text),
+    };
+    Ok(StepOutput {
+        value,
+        provider: Some("http".into()),
+        ..Default::default()
+    })
+}
+
+fn parse_json_reply(text: &str, url: &str) -> Result<Value, StepError> {
+    serde_json::from_str(text).map_err(|e| {
+        StepError::new(
+            ErrorKind::BadResponse,
+            format!("{url} answered with invalid JSON ({e})"),
+        )
+    })
+}
+
+async fn read_capped(mut resp: reqwest::Response, url: &str) -> Result<Vec<u8>, StepError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| classify_reqwest(&e, url))? {
+        if out.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(StepError::new(
+                ErrorKind::BadResponse,
+                format!("{url} answered with more than {} MiB; refused", MAX_BODY_BYTES >> 20),
+            ));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Maps an HTTP error status to an error kind with a message.
+pub(crate) fn classify_status(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &str,
+    url: &str,
+) -> StepError {
+    let snippet: String = body.trim().chars().take(200).collect();
+    let kind = match status {
+        429 => ErrorKind::RateLimited,
+        408 => ErrorKind::Timeout,
+        401 | 403 => ErrorKind::Auth,
+        500..=599 => ErrorKind::Server,
+        _ => ErrorKind::InvalidRequest,
+    };
+    let mut e = StepError::new(kind, format!("{url} answered HTTP {status}: {snippet}"));
+    e.retry_after = retry_after;
+    e
+}
+
+/// Maps a transport error; the URL is taken out of reqwest's text (it may hold a token).
+pub(crate) fn classify_reqwest(e: &reqwest::Error, url: &str) -> StepError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() || e.is_request() {
+        ErrorKind::Network
+    } else if e.is_decode() || e.is_body() {
+        ErrorKind::BadResponse
+    } else {
+        ErrorKind::Network
+    };
+    let mut text = e.to_string();
+    if let Some(u) = e.url() {
+        text = text.replace(u.as_str(), "");
+    }
+    let source = std::error::Error::source(e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    StepError::new(kind, format!("request to {url} failed ({}{source})", text.trim()))
+}

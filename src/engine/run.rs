@@ -1,0 +1,530 @@
+//! One run's driver: decides which nodes are ready, fans `forEach` nodes out, skips what a
+//! false condition guards, stops the run at the first failure (unless the node says
+//! `continueOnError`), and enforces the run's timeout and cancellation.
+
+use super::step::{self, StepResult, StepSpec};
+use super::{Inner, RunOutcome, RunRequest, StepSummary};
+use crate::blueprint::{Blueprint, NodeKind, Priority};
+use crate::error::{ErrorKind, StepError};
+use crate::events::{Event, RunStatus, StepStatus};
+use crate::providers::SimulatedModel;
+use crate::store::{RunEnd, StepEnd};
+use crate::template::Templates;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// Everything the steps of one run share.
+pub(crate) struct RunCtx {
+    pub inner: Arc<Inner>,
+    pub run_id: Arc<str>,
+    pub blueprint: Arc<Blueprint>,
+    pub variables: Map<String, Value>,
+    pub sandbox: Option<SimulatedModel>,
+    pub seed: Option<u64>,
+    /// Fired by the user (cancel) — the run ends `cancelled`.
+    pub cancel: CancellationToken,
+    /// Fired to stop every step: a child of `cancel`, also fired on fail-fast and timeout.
+    pub abort: CancellationToken,
+    pub priority: Arc<AtomicUsize>,
+    pub reuse: HashMap<String, Value>,
+    pub is_sandbox: bool,
+}
+
+impl RunCtx {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        inner: Arc<Inner>,
+        run_id: String,
+        blueprint: Arc<Blueprint>,
+        variables: Map<String, Value>,
+        req: RunRequest,
+        seed: Option<u64>,
+        cancel: CancellationToken,
+        priority: Arc<AtomicUsize>,
+    ) -> Arc<RunCtx> {
+        let sandbox = req.sandbox.then(|| {
+            SimulatedModel::new(
+                req.simulate_failures,
+                seed.unwrap_or(0),
+                inner.config.sandbox_latency,
+            )
+            .with_time_scale(inner.config.time_scale)
+            .with_request_timeout(inner.config.request_timeout)
+        });
+        let abort = cancel.child_token();
+        Arc::new(RunCtx {
+            inner,
+            run_id: run_id.into(),
+            blueprint,
+            variables,
+            sandbox,
+            seed,
+            cancel,
+            abort,
+            priority,
+            reuse: req.reuse,
+            is_sandbox: req.sandbox,
+        })
+    }
+
+    pub fn priority(&self) -> Priority {
+        Priority::from_index(self.priority.load(Ordering::Relaxed))
+    }
+
+    pub fn templates(&self) -> &Templates {
+        &self.inner.templates
+    }
+}
+
+#[derive(Debug, Clone)]
+enum NodeState {
+    Pending,
+    Running {
+        remaining: usize,
+        outputs: Vec<Value>,
+        failed: Option<StepError>,
+    },
+    Done(Value),
+    /// Failed, but the node says `continueOnError`: dependents run and see a null output.
+    FailedContinue(StepError),
+    Failed(StepError),
+    Skipped(String),
+}
+
+impl NodeState {
+    fn is_final(&self) -> bool {
+        !matches!(self, NodeState::Pending | NodeState::Running { .. })
+    }
+}
+
+/// Runs the blueprint to its end and records the outcome.
+pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
+    let started = Instant::now();
+    let bp = ctx.blueprint.clone();
+    let inner = ctx.inner.clone();
+    let run_id = ctx.run_id.to_string();
+    inner
+        .store
+        .run_started(&run_id, SystemTime::now(), bp.nodes.len() as u32);
+    inner.bus.publish(Event::RunStarted {
+        run_id: run_id.clone(),
+        blueprint: bp.name.clone(),
+        nodes: bp.nodes.len(),
+    });
+    tracing::info!(run_id = %run_id, blueprint = %bp.name, "run started");
+
+    let index: HashMap<&str, usize> = bp
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.as_str(), i))
+        .collect();
+    let mut states: Vec<NodeState> = vec![NodeState::Pending; bp.nodes.len()];
+    let mut summaries: Vec<StepSummary> = Vec::new();
+    let mut inflight: FuturesUnordered<futures_util::future::BoxFuture<'static, StepResult>> =
+        FuturesUnordered::new();
+    let mut failure: Option<(String, StepError)> = None;
+    let mut timed_out = false;
+    let mut tokens: u64 = 0;
+    let mut steps_done: u32 = 0;
+    let run_timeout = bp
+        .timeout
+        .as_deref()
+        .and_then(|t| humantime::parse_duration(t).ok());
+    let deadline = run_timeout.map(|t| tokio::time::Instant::now() + inner.config.scaled(t));
+
+    loop {
+        // Start every node whose needs are all final, until nothing changes.
+        if failure.is_none() && !ctx.abort.is_cancelled() {
+            let mut changed = true;
+            while changed {
+                changed = false;
+                for i in 0..bp.nodes.len() {
+                    if !matches!(states[i], NodeState::Pending) {
+                        continue;
+                    }
+                    let node = &bp.nodes[i];
+                    let needs: Vec<usize> = node
+                        .needs
+                        .iter()
+                        .filter_map(|n| index.get(n.as_str()).copied())
+                        .collect();
+                    if !needs.iter().all(|&d| states[d].is_final()) {
+                        continue;
+                    }
+                    changed = true;
+                    if let Some(reason) = skip_reason(&bp, &states, &needs) {
+                        record_skip(&ctx, i, &reason, &mut summaries);
+                        states[i] = NodeState::Skipped(reason);
+                        continue;
+                    }
+                    let base = context(&ctx, &states);
+                    match plan_node(&ctx, i, &base) {
+                        Ok(specs) if specs.is_empty() => {
+                            // A forEach over an empty list: done, with an empty output.
+                            states[i] = NodeState::Done(Value::Array(Vec::new()));
+                        }
+                        Ok(specs) => {
+                            let n = specs.len();
+                            states[i] = NodeState::Running {
+                                remaining: n,
+                                outputs: vec![Value::Null; n],
+                                failed: None,
+                            };
+                            for spec in specs {
+                                inflight.push(Box::pin(step::run(ctx.clone(), spec)));
+                            }
+                        }
+                        Err(e) => {
+                            let key = node.id.clone();
+                            record_plan_failure(&ctx, i, &e, &mut summaries);
+                            if node.continue_on_error {
+                                states[i] = NodeState::FailedContinue(e);
+                            } else {
+                                states[i] = NodeState::Failed(e.clone());
+                                failure = Some((key, e));
+                                ctx.abort.cancel();
+                                inner.pool.remove_run(&run_id);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if inflight.is_empty() {
+            break;
+        }
+        let next = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, inflight.next()).await.ok(),
+                None => Some(inflight.next().await),
+            }
+        };
+        let res = tokio::select! {
+            r = next => r,
+            _ = ctx.cancel.cancelled(), if !ctx.abort.is_cancelled() => {
+                // The user cancelled: steps see `abort` (a child) and queued ones are dropped.
+                inner.pool.remove_run(&run_id);
+                continue;
+            }
+        };
+        let res = match res {
+            Some(Some(r)) => r,
+            Some(None) => break,
+            None => {
+                // The run's deadline passed: stop everything still going.
+                timed_out = true;
+                ctx.abort.cancel();
+                inner.pool.remove_run(&run_id);
+                // Drain what is in flight without a deadline.
+                while let Some(r) = inflight.next().await {
+                    finish_step(&ctx, &mut states, &mut summaries, &mut tokens, &mut steps_done, r);
+                }
+                break;
+            }
+        };
+        let failed = finish_step(&ctx, &mut states, &mut summaries, &mut tokens, &mut steps_done, res);
+        inner.store.run_progress(&run_id, steps_done, tokens);
+        if let Some((node, err)) = failed {
+            if failure.is_none() && !ctx.abort.is_cancelled() {
+                failure = Some((node, err));
+                // Fail fast: every other step of this run stops.
+                ctx.abort.cancel();
+                inner.pool.remove_run(&run_id);
+            }
+        }
+    }
+
+    // Outputs of the nodes that produced one.
+    let mut outputs = Map::new();
+    for (i, st) in states.iter().enumerate() {
+        if let NodeState::Done(v) = st {
+            outputs.insert(bp.nodes[i].id.clone(), v.clone());
+        }
+    }
+    let (status, error, error_kind, failed_step) = if timed_out {
+        let t = run_timeout.map(|t| humantime::format_duration(t).to_string());
+        (
+            RunStatus::Error,
+            Some(format!(
+                "the run exceeded its timeout of {} and was stopped; raise the blueprint's \"timeout\"",
+                t.unwrap_or_default()
+            )),
+            Some(ErrorKind::Timeout),
+            None,
+        )
+    } else if let Some((node, e)) = failure {
+        (
+            RunStatus::Error,
+            Some(format!("step {node} failed: {}", e.message)),
+            Some(e.kind),
+            Some(node),
+        )
+    } else if ctx.cancel.is_cancelled() {
+        (
+            RunStatus::Cancelled,
+            Some("cancelled by the user".to_string()),
+            Some(ErrorKind::Cancelled),
+            None,
+        )
+    } else {
+        (RunStatus::Success, None, None, None)
+    };
+    let total_time_ms = started.elapsed().as_millis() as u64;
+    inner.store.run_finished(RunEnd {
+        run_id: run_id.clone(),
+        status,
+        finished_at: SystemTime::now(),
+        total_time_ms,
+        tokens_used: tokens,
+        steps_done,
+        error: error.clone(),
+        error_kind,
+        failed_step: failed_step.clone(),
+    });
+    inner.bus.publish(Event::RunFinished {
+        run_id: run_id.clone(),
+        blueprint: bp.name.clone(),
+        status,
+        total_time_ms,
+        error: error.clone(),
+    });
+    match status {
+        RunStatus::Success => {
+            tracing::info!(run_id = %run_id, blueprint = %bp.name, total_time_ms, tokens, "run succeeded")
+        }
+        _ => tracing::warn!(run_id = %run_id, blueprint = %bp.name, status = status.as_str(), error = error.as_deref().unwrap_or(""), "run did not succeed"),
+    }
+    RunOutcome {
+        run_id,
+        blueprint: bp.name.clone(),
+        status,
+        total_time_ms,
+        outputs,
+        steps: summaries,
+        error,
+        error_kind,
+        failed_step,
+        tokens_used: tokens,
+        seed: ctx.seed,
+    }
+}
+
+/// Folds a finished step into its node. Returns the node and error when the run must fail.
+fn finish_step(
+    ctx: &RunCtx,
+    states: &mut [NodeState],
+    summaries: &mut Vec<StepSummary>,
+    tokens: &mut u64,
+    steps_done: &mut u32,
+    r: StepResult,
+) -> Option<(String, StepError)> {
+    *tokens += r.summary.tokens_used;
+    *steps_done += 1;
+    summaries.push(r.summary.clone());
+    let node = &ctx.blueprint.nodes[r.node];
+    let NodeState::Running {
+        remaining,
+        outputs,
+        failed,
+    } = &mut states[r.node]
+    else {
+        return None;
+    };
+    match r.result {
+        Ok(v) => outputs[r.item.unwrap_or(0)] = v,
+        Err(e) => {
+            if failed.is_none() || failed.as_ref().is_some_and(|f| f.kind == ErrorKind::Cancelled)
+            {
+                *failed = Some(e);
+            }
+        }
+    }
+    *remaining -= 1;
+    if *remaining > 0 {
+        return None;
+    }
+    let outputs = std::mem::take(outputs);
+    let failed = failed.take();
+    let output = if node.for_each.is_some() {
+        Value::Array(outputs)
+    } else {
+        outputs.into_iter().next().unwrap_or(Value::Null)
+    };
+    match failed {
+        None => {
+            states[r.node] = NodeState::Done(output);
+            None
+        }
+        Some(e) if node.continue_on_error && e.kind != ErrorKind::Cancelled => {
+            states[r.node] = NodeState::FailedContinue(e);
+            None
+        }
+        Some(e) => {
+            states[r.node] = NodeState::Failed(e.clone());
+            (e.kind != ErrorKind::Cancelled).then(|| (node.id.clone(), e))
+        }
+    }
+}
+
+/// Why a ready node must be skipped: a need was skipped, or a need is a condition that was
+/// false.
+fn skip_reason(bp: &Blueprint, states: &[NodeState], needs: &[usize]) -> Option<String> {
+    for &d in needs {
+        match &states[d] {
+            NodeState::Skipped(_) => {
+                return Some(format!("skipped because {} was skipped", bp.nodes[d].id))
+            }
+            NodeState::Done(v) if matches!(bp.nodes[d].kind, NodeKind::Condition(_)) => {
+                let truthy = match v {
+                    Value::Array(items) => items.iter().all(Templates::is_truthy),
+                    other => Templates::is_truthy(other),
+                };
+                if !truthy {
+                    return Some(format!(
+                        "skipped because condition {} was false",
+                        bp.nodes[d].id
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The template context: variables, the outputs of finished nodes, the run.
+fn context(ctx: &RunCtx, states: &[NodeState]) -> Value {
+    let mut nodes = Map::new();
+    for (i, st) in states.iter().enumerate() {
+        let entry = match st {
+            NodeState::Done(v) => json!({ "output": v, "status": "success" }),
+            NodeState::FailedContinue(e) => {
+                json!({ "output": Value::Null, "status": "error", "error": e.message })
+            }
+            NodeState::Skipped(_) => json!({ "output": Value::Null, "status": "skipped" }),
+            _ => continue,
+        };
+        nodes.insert(ctx.blueprint.nodes[i].id.clone(), entry);
+    }
+    json!({
+        "vars": Value::Object(ctx.variables.clone()),
+        "nodes": Value::Object(nodes),
+        "run": { "id": &*ctx.run_id, "blueprint": ctx.blueprint.name, "sandbox": ctx.is_sandbox },
+    })
+}
+
+/// The steps of a ready node: one, or one per item of its `forEach`.
+fn plan_node(ctx: &RunCtx, i: usize, base: &Value) -> Result<Vec<StepSpec>, StepError> {
+    let node = &ctx.blueprint.nodes[i];
+    let Some(for_each) = &node.for_each else {
+        return Ok(vec![StepSpec {
+            node: i,
+            item: None,
+            key: node.id.clone(),
+            context: base.clone(),
+        }]);
+    };
+    let items = ctx.templates().eval_list(for_each, base)?;
+    ctx.inner.bus.publish(Event::FanOut {
+        run_id: ctx.run_id.to_string(),
+        node: node.id.clone(),
+        items: items.len(),
+    });
+    Ok(items
+        .into_iter()
+        .enumerate()
+        .map(|(n, item)| {
+            let mut c = base.clone();
+            if let Value::Object(m) = &mut c {
+                m.insert("item".into(), item);
+                m.insert("index".into(), json!(n));
+            }
+            StepSpec {
+                node: i,
+                item: Some(n),
+                key: format!("{}[{n}]", node.id),
+                context: c,
+            }
+        })
+        .collect())
+}
+
+fn record_skip(ctx: &RunCtx, i: usize, reason: &str, summaries: &mut Vec<StepSummary>) {
+    let node = &ctx.blueprint.nodes[i];
+    record_final(ctx, i, StepStatus::Skipped, Some(reason.to_string()), None);
+    summaries.push(StepSummary {
+        node: node.id.clone(),
+        step: node.id.clone(),
+        item: None,
+        status: StepStatus::Skipped,
+        attempts: 0,
+        duration_ms: 0,
+        tokens_used: 0,
+        cached: false,
+        error: None,
+        error_kind: None,
+    });
+    tracing::info!(run_id = %ctx.run_id, step = %node.id, reason, "step skipped");
+}
+
+fn record_plan_failure(ctx: &RunCtx, i: usize, e: &StepError, summaries: &mut Vec<StepSummary>) {
+    let node = &ctx.blueprint.nodes[i];
+    record_final(ctx, i, StepStatus::Error, Some(e.message.clone()), Some(e.kind));
+    summaries.push(StepSummary {
+        node: node.id.clone(),
+        step: node.id.clone(),
+        item: None,
+        status: StepStatus::Error,
+        attempts: 0,
+        duration_ms: 0,
+        tokens_used: 0,
+        cached: false,
+        error: Some(e.message.clone()),
+        error_kind: Some(e.kind),
+    });
+    tracing::warn!(run_id = %ctx.run_id, step = %node.id, kind = %e.kind, error = %e.message, "step failed before it started");
+}
+
+fn record_final(
+    ctx: &RunCtx,
+    i: usize,
+    status: StepStatus,
+    error: Option<String>,
+    kind: Option<ErrorKind>,
+) {
+    let node = &ctx.blueprint.nodes[i];
+    ctx.inner.store.step_finished(StepEnd {
+        run_id: ctx.run_id.to_string(),
+        step_key: node.id.clone(),
+        node_id: node.id.clone(),
+        item_index: None,
+        status,
+        attempts: 0,
+        output: None,
+        error_kind: kind,
+        error: error.clone(),
+        tokens_used: 0,
+        provider: None,
+        model: None,
+        cached: false,
+        finished_at: SystemTime::now(),
+        duration_ms: 0,
+    });
+    ctx.inner.bus.publish(Event::StepFinished {
+        run_id: ctx.run_id.to_string(),
+        step: node.id.clone(),
+        node: node.id.clone(),
+        status,
+        attempts: 0,
+        duration_ms: 0,
+        error,
+    });
+}
+

@@ -1,0 +1,365 @@
+//! One step: render its input once, then attempt it on the pool until it succeeds, fails for
+//! good, or the run is aborted. Between attempts the step holds no pool slot: it waits the
+//! retry delay on its own, so 40 agents waiting out a rate limit do not block other runs.
+
+use super::nodes::{self, Prepared, StepOutput};
+use super::retry::{Decision, RetryPolicy};
+use super::run::RunCtx;
+use super::StepSummary;
+use crate::error::{ErrorKind, StepError};
+use crate::events::{Event, StepStatus};
+use crate::pool::JobMeta;
+use crate::store::{AttemptRecord, NewStep, StepEnd};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// A step to run: a node, or one item of a `forEach` node.
+pub(crate) struct StepSpec {
+    pub node: usize,
+    pub item: Option<usize>,
+    /// `summarize` or `summarize[3]`.
+    pub key: String,
+    /// The template context (with `item`/`index` for a fan-out item).
+    pub context: Value,
+}
+
+pub(crate) struct StepResult {
+    pub node: usize,
+    pub item: Option<usize>,
+    pub result: Result<Value, StepError>,
+    pub summary: StepSummary,
+}
+
+struct AttemptDone {
+    result: Result<StepOutput, StepError>,
+    started_at: SystemTime,
+    finished_at: SystemTime,
+}
+
+/// Runs one step to its end, recording every attempt.
+pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
+    let node = &ctx.blueprint.nodes[spec.node];
+    let run_id = ctx.run_id.to_string();
+    let store = &ctx.inner.store;
+    let started = Instant::now();
+
+    // A step recorded as done by an earlier run (retry of failed steps, resume) is reused.
+    if let Some(output) = ctx.reuse.get(&spec.key) {
+        let output = output.clone();
+        let summary = finish(
+            &ctx,
+            &spec,
+            StepStatus::Success,
+            0,
+            Some(output.clone()),
+            None,
+            &StepOutput::default(),
+            started,
+        );
+        return StepResult {
+            node: spec.node,
+            item: spec.item,
+            result: Ok(output),
+            summary,
+        };
+    }
+
+    let prepared = nodes::prepare(&ctx, node, &spec.context);
+    store.step_queued(NewStep {
+        run_id: run_id.clone(),
+        step_key: spec.key.clone(),
+        node_id: node.id.clone(),
+        item_index: spec.item.map(|i| i as u32),
+        input: prepared.as_ref().ok().and_then(Prepared::input_record),
+        queued_at: SystemTime::now(),
+    });
+    let prepared = match prepared {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            let summary = finish(
+                &ctx,
+                &spec,
+                StepStatus::Error,
+                0,
+                None,
+                Some(&e),
+                &StepOutput::default(),
+                started,
+            );
+            return StepResult {
+                node: spec.node,
+                item: spec.item,
+                result: Err(e),
+                summary,
+            };
+        }
+    };
+
+    let policy = RetryPolicy::resolve(
+        node.retry.as_ref(),
+        ctx.blueprint.defaults.retry.as_ref(),
+        ctx.inner.config.max_retries,
+    );
+    let timeout = nodes::attempt_timeout(&ctx, node, &prepared);
+    let step_key: Arc<str> = spec.key.clone().into();
+    let mut attempt: u32 = 0;
+    let mut last_ok = StepOutput::default();
+    let outcome: Result<Value, StepError> = loop {
+        attempt += 1;
+        if ctx.abort.is_cancelled() {
+            break Err(StepError::cancelled());
+        }
+        let meta = JobMeta {
+            run_id: ctx.run_id.clone(),
+            step: step_key.clone(),
+            attempt,
+            priority: ctx.priority(),
+        };
+        let job = attempt_job(ctx.clone(), step_key.clone(), prepared.clone(), attempt, timeout);
+        let done = match ctx.inner.pool.submit(meta, ctx.abort.clone(), job).await {
+            Ok(d) => d,
+            Err(_) => {
+                // Dropped unstarted (the run was aborted) or the attempt panicked.
+                let e = if ctx.abort.is_cancelled() {
+                    StepError::cancelled()
+                } else {
+                    StepError::new(ErrorKind::Internal, "the attempt panicked; this is a bug in OmniFlow — please report it")
+                };
+                break Err(e);
+            }
+        };
+        let err = match done.result {
+            Ok(out) => {
+                record_attempt(&ctx, &spec.key, attempt, &done, None, &out);
+                let value = out.value.clone();
+                last_ok = out;
+                break Ok(value);
+            }
+            Err(e) => e,
+        };
+        if err.kind == ErrorKind::Cancelled {
+            record_attempt_err(&ctx, &spec.key, attempt, &done, &err, None);
+            break Err(err);
+        }
+        match policy.decide(attempt, &err, rand::random::<f64>() * 2.0 - 1.0) {
+            Decision::GiveUp { exhausted } => {
+                record_attempt_err(&ctx, &spec.key, attempt, &done, &err, None);
+                let err = if exhausted && attempt > 1 {
+                    StepError {
+                        message: format!("{} (gave up after {attempt} attempts)", err.message),
+                        ..err
+                    }
+                } else {
+                    err
+                };
+                break Err(err);
+            }
+            Decision::Retry { wait, .. } => {
+                let wait_ms = wait.as_millis() as u64;
+                record_attempt_err(&ctx, &spec.key, attempt, &done, &err, Some(wait_ms));
+                store.step_retrying(&run_id, &spec.key);
+                ctx.inner.bus.publish(Event::StepRetrying {
+                    run_id: run_id.clone(),
+                    step: spec.key.clone(),
+                    node: node.id.clone(),
+                    attempt,
+                    kind: err.kind,
+                    message: err.message.clone(),
+                    wait_ms,
+                });
+                tracing::warn!(run_id = %run_id, step = %spec.key, attempt, kind = %err.kind, wait_ms, error = %err.message, "attempt failed, retrying");
+                let scaled = ctx.inner.config.scaled(wait);
+                tokio::select! {
+                    _ = tokio::time::sleep(scaled) => {}
+                    _ = ctx.abort.cancelled() => break Err(StepError::cancelled()),
+                }
+            }
+        }
+    };
+
+    let (status, output, error) = match &outcome {
+        Ok(v) => (StepStatus::Success, Some(v.clone()), None),
+        Err(e) if e.kind == ErrorKind::Cancelled => (StepStatus::Cancelled, None, Some(e)),
+        Err(e) => (StepStatus::Error, None, Some(e)),
+    };
+    let summary = finish(&ctx, &spec, status, attempt, output, error, &last_ok, started);
+    StepResult {
+        node: spec.node,
+        item: spec.item,
+        result: outcome,
+        summary,
+    }
+}
+
+/// One attempt, as the pool runs it: marks the step running, runs the node under the
+/// attempt's timeout and the run's abort signal (either really stops the work: the node's
+/// future is dropped).
+async fn attempt_job(
+    ctx: Arc<RunCtx>,
+    step: Arc<str>,
+    prepared: Arc<Prepared>,
+    attempt: u32,
+    timeout: Duration,
+) -> AttemptDone {
+    let started_at = SystemTime::now();
+    ctx.inner
+        .store
+        .step_started(&ctx.run_id, &step, attempt, started_at);
+    ctx.inner.bus.publish(Event::StepStarted {
+        run_id: ctx.run_id.to_string(),
+        step: step.to_string(),
+        node: node_of(&step).to_string(),
+        attempt,
+    });
+    let scaled = ctx.inner.config.scaled(timeout);
+    let result = tokio::select! {
+        biased;
+        _ = ctx.abort.cancelled() => Err(StepError::cancelled()),
+        r = tokio::time::timeout(scaled, nodes::execute(&ctx, &prepared, &step, attempt)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(StepError::new(
+                ErrorKind::Timeout,
+                timeout_message(&prepared, timeout),
+            )),
+        },
+    };
+    AttemptDone {
+        result,
+        started_at,
+        finished_at: SystemTime::now(),
+    }
+}
+
+fn timeout_message(prepared: &Prepared, timeout: Duration) -> String {
+    let secs = timeout.as_secs_f64();
+    match prepared {
+        Prepared::Llm { .. } => format!(
+            "the model call timed out after {secs}s and was stopped (REQUEST_TIMEOUT or the node's \"timeout\"); raise it if the model is just slow, or pick a smaller model"
+        ),
+        _ => format!(
+            "the step timed out after {secs}s and was stopped; raise the node's \"timeout\" (or REQUEST_TIMEOUT)"
+        ),
+    }
+}
+
+/// `summarize[3]` → `summarize`.
+pub(crate) fn node_of(step: &str) -> &str {
+    step.split_once('[').map(|(n, _)| n).unwrap_or(step)
+}
+
+fn record_attempt(
+    ctx: &RunCtx,
+    step: &str,
+    attempt: u32,
+    done: &AttemptDone,
+    wait_ms: Option<u64>,
+    out: &StepOutput,
+) {
+    ctx.inner.store.attempt_finished(AttemptRecord {
+        run_id: ctx.run_id.to_string(),
+        step_key: step.to_string(),
+        attempt,
+        ok: true,
+        error_kind: None,
+        error: None,
+        wait_ms,
+        started_at: done.started_at,
+        finished_at: done.finished_at,
+        tokens_used: out.tokens,
+        provider: out.provider.clone(),
+        model: out.model.clone(),
+        cached: out.cached,
+    });
+    if out.tokens > 0 {
+        ctx.inner.bus.publish(Event::Tokens {
+            run_id: ctx.run_id.to_string(),
+            step: step.to_string(),
+            tokens: out.tokens,
+        });
+    }
+}
+
+fn record_attempt_err(
+    ctx: &RunCtx,
+    step: &str,
+    attempt: u32,
+    done: &AttemptDone,
+    err: &StepError,
+    wait_ms: Option<u64>,
+) {
+    ctx.inner.store.attempt_finished(AttemptRecord {
+        run_id: ctx.run_id.to_string(),
+        step_key: step.to_string(),
+        attempt,
+        ok: false,
+        error_kind: Some(err.kind),
+        error: Some(err.message.clone()),
+        wait_ms,
+        started_at: done.started_at,
+        finished_at: done.finished_at,
+        tokens_used: 0,
+        provider: None,
+        model: None,
+        cached: false,
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    ctx: &RunCtx,
+    spec: &StepSpec,
+    status: StepStatus,
+    attempts: u32,
+    output: Option<Value>,
+    error: Option<&StepError>,
+    out: &StepOutput,
+    started: Instant,
+) -> StepSummary {
+    let node = &ctx.blueprint.nodes[spec.node];
+    let duration_ms = started.elapsed().as_millis() as u64;
+    ctx.inner.store.step_finished(StepEnd {
+        run_id: ctx.run_id.to_string(),
+        step_key: spec.key.clone(),
+        node_id: node.id.clone(),
+        item_index: spec.item.map(|i| i as u32),
+        status,
+        attempts,
+        output: output.clone(),
+        error_kind: error.map(|e| e.kind),
+        error: error.map(|e| e.message.clone()),
+        tokens_used: out.tokens,
+        provider: out.provider.clone(),
+        model: out.model.clone(),
+        cached: out.cached,
+        finished_at: SystemTime::now(),
+        duration_ms,
+    });
+    ctx.inner.bus.publish(Event::StepFinished {
+        run_id: ctx.run_id.to_string(),
+        step: spec.key.clone(),
+        node: node.id.clone(),
+        status,
+        attempts,
+        duration_ms,
+        error: error.map(|e| e.message.clone()),
+    });
+    match status {
+        StepStatus::Success => {
+            tracing::info!(run_id = %ctx.run_id, step = %spec.key, attempts, duration_ms, tokens = out.tokens, "step succeeded")
+        }
+        _ => tracing::warn!(run_id = %ctx.run_id, step = %spec.key, attempts, status = status.as_str(), kind = error.map(|e| e.kind.as_str()).unwrap_or(""), error = error.map(|e| e.message.as_str()).unwrap_or(""), "step did not succeed"),
+    }
+    StepSummary {
+        node: node.id.clone(),
+        step: spec.key.clone(),
+        item: spec.item.map(|i| i as u32),
+        status,
+        attempts,
+        duration_ms,
+        tokens_used: out.tokens,
+        cached: out.cached,
+        error: error.map(|e| e.message.clone()),
+        error_kind: error.map(|e| e.kind),
+    }
+}
