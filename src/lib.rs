@@ -2,12 +2,13 @@
 //! SQLite, and watch it all from a terminal console. See `docs/architecture.md`.
 
 pub mod blueprint;
+pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod events;
-pub mod pool;
-pub mod providers;
-pub mod engine;
 pub mod ids;
 pub mod notify;
-pub mod cli;
+pub mod pool;
+pub mod providers;
+pub mod store;

@@ -1,0 +1,273 @@
+//! The history database: every run, step and attempt, in SQLite at `DB_FILE`.
+//!
+//! Shape (STYLE.md guideline 4): all SQL of OmniFlow lives in this module.
+//! - Writes are state transitions ([`Store::run_started`], [`Store::step_finished`], …). Each
+//!   is queued to **one writer thread** and returns at once, so the async runtime never blocks
+//!   on SQLite. The writer applies everything pending in one `BEGIN IMMEDIATE` transaction
+//!   (batching: thousands of writes per second cost a few commits). Each transition is guarded
+//!   by the state it expects, so a repeated or late event is a logged no-op, never a step
+//!   backwards.
+//! - Reads are blocking queries on read-only connections (never the writer's); call them from
+//!   `spawn_blocking` or plain CLI code. WAL lets them run while the writer commits.
+//! - Timestamps are ISO-8601 UTC text with milliseconds ([`iso8601`]), which sorts like time.
+//!
+//! The original's monitoring queries work unchanged:
+//! ```sql
+//! SELECT blueprint_name, status, total_time_ms FROM runner_executions ORDER BY started_at DESC LIMIT 10;
+//! SELECT * FROM runner_executions WHERE status = 'error';
+//! ```
+//!
+//! ```no_run
+//! # use omniflow::store::*;
+//! # use omniflow::blueprint::Priority;
+//! # use std::time::SystemTime;
+//! # fn main() -> Result<(), StoreError> {
+//! let store = Store::open("automation_runner.db".as_ref())?;
+//! store.insert_run(NewRun {
+//!     id: "r1".into(), blueprint_name: "tech-digest".into(), priority: Priority::Normal,
+//!     trigger: "cli".into(), sandbox: false, seed: None, simulate_failures: 0.0,
+//!     variables: serde_json::json!({}), blueprint: serde_json::Value::Null,
+//!     parent_run_id: None, queued_at: SystemTime::now(),
+//! });
+//! store.run_started("r1", SystemTime::now(), 3);
+//! store.flush_blocking();
+//! assert_eq!(store.find_run("r1")?.status, omniflow::events::RunStatus::Running);
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod read;
+mod schema;
+mod types;
+mod writer;
+
+pub use error::{BackupFailure, StoreError};
+pub use types::{
+    AttemptRecord, AttemptRow, NewRun, NewStep, RunEnd, RunFilter, RunRow, StepEnd, StepRow,
+};
+
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use writer::{Ack, Msg, Op, Shared};
+
+/// The newest schema version this build can read and write.
+pub const SCHEMA_VERSION: i64 = schema::LATEST;
+
+/// Handle to the history database. Cheap to clone (an `Arc`), `Send + Sync`.
+///
+/// When the last clone is dropped, the writer applies every pending write and exits; the drop
+/// waits for it (a few milliseconds normally), so nothing queued is lost on a clean exit.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// `None` only during drop, to close the channel before joining the writer.
+    tx: Option<Sender<Msg>>,
+    writer: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    /// Idle read-only connections.
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel is the writer's signal to finish what is queued and stop.
+        drop(self.tx.take());
+        if let Some(handle) = self.writer.take() {
+            if handle.join().is_err() {
+                tracing::error!(path = %self.path.display(), "the database writer thread panicked");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens `path` (creating the file and its directories if missing), migrates it, and
+    /// starts the writer thread.
+    ///
+    /// Refuses, without writing anything, a file that is not an SQLite database and a
+    /// database whose schema is newer than this build ([`SCHEMA_VERSION`]).
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = schema::open_writer(path)?;
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = {
+            let shared = shared.clone();
+            let shown = path.display().to_string();
+            std::thread::Builder::new()
+                .name("omniflow-store".into())
+                .spawn(move || writer::run(conn, rx, shared, shown))
+                .map_err(|e| StoreError::Unwritable {
+                    path: path.to_path_buf(),
+                    source: rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                        Some(format!("cannot start the writer thread: {e}")),
+                    ),
+                })?
+        };
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                tx: Some(tx),
+                writer: Some(writer),
+                shared,
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn readers(&self) -> MutexGuard<'_, Vec<Connection>> {
+        // A panic while holding the pool leaves only whole connections in it.
+        self.inner.readers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message; false if the writer is gone (it only stops when the store is dropped,
+    /// so this means it panicked).
+    fn send(&self, msg: Msg) -> bool {
+        let sent = self.inner.tx.as_ref().map(|tx| tx.send(msg).is_ok());
+        if sent != Some(true) {
+            self.inner.shared.record_error(format!(
+                "the database writer for {} has stopped; changes are not being saved",
+                self.inner.path.display()
+            ));
+            return false;
+        }
+        true
+    }
+
+    fn write(&self, op: Op) {
+        self.send(Msg::Write(op));
+    }
+
+    // ---- writes ------------------------------------------------------------------------
+
+    /// Records a new run as `queued`; its `started_at` is the queue time until it starts.
+    /// A second insert with the same id is ignored.
+    pub fn insert_run(&self, run: NewRun) {
+        self.write(Op::InsertRun(Box::new(run)));
+    }
+
+    /// `queued` → `running`: sets `started_at` to the real start and `steps_total`.
+    pub fn run_started(&self, run_id: &str, at: SystemTime, steps_total: u32) {
+        self.write(Op::RunStarted {
+            run_id: run_id.to_string(),
+            at,
+            steps_total,
+        });
+    }
+
+    /// `queued`/`running` → the final status in `end`. The first end of a run wins.
+    pub fn run_finished(&self, end: RunEnd) {
+        self.write(Op::RunFinished(Box::new(end)));
+    }
+
+    /// Records a step as `pending` (ignored if the step is already recorded).
+    pub fn step_queued(&self, step: NewStep) {
+        self.write(Op::StepQueued(Box::new(step)));
+    }
+
+    /// A non-final step → `running`, `attempts = attempt`; `started_at` is set by the first
+    /// attempt only.
+    pub fn step_started(&self, run_id: &str, step_key: &str, attempt: u32, at: SystemTime) {
+        self.write(Op::StepStarted {
+            run_id: run_id.to_string(),
+            step_key: step_key.to_string(),
+            attempt,
+            at,
+        });
+    }
+
+    /// `running` → `retrying` (waiting for the backoff before the next attempt).
+    pub fn step_retrying(&self, run_id: &str, step_key: &str) {
+        self.write(Op::StepRetrying {
+            run_id: run_id.to_string(),
+            step_key: step_key.to_string(),
+        });
+    }
+
+    /// Records one attempt of a recorded step (once per attempt number).
+    pub fn attempt_finished(&self, a: AttemptRecord) {
+        self.write(Op::AttemptFinished(Box::new(a)));
+    }
+
+    /// A non-final step → its final status, output, error and totals. Creates the row if the
+    /// step was never queued (e.g. skipped steps).
+    pub fn step_finished(&self, end: StepEnd) {
+        self.write(Op::StepFinished(Box::new(end)));
+    }
+
+    /// Updates the counters of a run in flight (ignored once the run is final).
+    pub fn run_progress(&self, run_id: &str, steps_done: u32, tokens_used: u64) {
+        self.write(Op::RunProgress {
+            run_id: run_id.to_string(),
+            steps_done,
+            tokens_used,
+        });
+    }
+
+    /// Resolves once every write queued before it is committed (or has failed: see
+    /// [`Store::take_write_error`]).
+    pub async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.send(Msg::Flush(Ack::Async(tx))) {
+            // An error means the writer dropped the ack: it is gone, nothing left to wait for.
+            let _ = rx.await;
+        }
+    }
+
+    /// Like [`Store::flush`], blocking the calling thread (not for use on the async runtime).
+    pub fn flush_blocking(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.send(Msg::Flush(Ack::Blocking(tx))) {
+            let _ = rx.recv();
+        }
+    }
+
+    /// The first write failure since the last call (disk full, database locked for too
+    /// long, …), worded for the user, so the console or CLI can surface it.
+    pub fn take_write_error(&self) -> Option<String> {
+        self.inner
+            .shared
+            .write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
+/// ISO-8601 UTC with milliseconds, e.g. `2026-11-27T09:44:38.123Z`: the store's timestamp
+/// format. Times outside 1970…9999 are clamped (the formatter cannot show them).
+pub fn iso8601(t: SystemTime) -> String {
+    // Last millisecond of year 9999.
+    let max = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
+    let t = t.clamp(UNIX_EPOCH, max);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// SQLite integers are i64; counters beyond that are clamped rather than wrapped.
+fn saturating_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,245 @@
+//! Opening the database safely and migrating it.
+//!
+//! Invariant: nothing is written to `DB_FILE` until we know it is an SQLite database (or a new,
+//! empty file) whose schema version this build understands. Only then are WAL mode and the
+//! migrations applied, and the migrations run in one `BEGIN IMMEDIATE` transaction so a crash
+//! or a concurrent opener never leaves a half-migrated file.
+
+use super::error::StoreError;
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a connection waits for another one's lock before giving up.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Migration `i` (0-based) moves the schema from version `i` to `i + 1`. Append only: a
+/// released migration is never edited, because databases in the field already ran it.
+const MIGRATIONS: &[&str] = &[
+    // 1: everything. `started_at` is the queue time until the run starts, so the original's
+    // monitoring query `ORDER BY started_at DESC` sorts queued runs sensibly.
+    r#"
+    CREATE TABLE runner_executions (
+        id                TEXT PRIMARY KEY,
+        blueprint_name    TEXT NOT NULL,
+        status            TEXT NOT NULL
+                          CHECK (status IN ('queued','running','success','error','cancelled')),
+        priority          TEXT NOT NULL,
+        trigger           TEXT NOT NULL,
+        sandbox           INTEGER NOT NULL,
+        seed              INTEGER,
+        simulate_failures REAL,
+        variables         TEXT,
+        blueprint         TEXT,
+        parent_run_id     TEXT,
+        queued_at         TEXT NOT NULL,
+        started_at        TEXT,
+        finished_at       TEXT,
+        total_time_ms     INTEGER,
+        tokens_used       INTEGER NOT NULL DEFAULT 0,
+        steps_total       INTEGER,
+        steps_done        INTEGER,
+        error             TEXT,
+        error_kind        TEXT,
+        failed_step       TEXT,
+        host              TEXT,
+        pid               INTEGER
+    );
+    -- History paging is keyset paging on (started_at, id), newest first, optionally filtered.
+    CREATE INDEX runner_executions_started ON runner_executions (started_at DESC, id DESC);
+    CREATE INDEX runner_executions_status ON runner_executions (status, started_at DESC, id DESC);
+    CREATE INDEX runner_executions_blueprint
+        ON runner_executions (blueprint_name, started_at DESC, id DESC);
+
+    CREATE TABLE runner_steps (
+        run_id      TEXT NOT NULL REFERENCES runner_executions (id) ON DELETE CASCADE,
+        step_key    TEXT NOT NULL,
+        node_id     TEXT NOT NULL,
+        item_index  INTEGER,
+        status      TEXT NOT NULL CHECK (status IN
+                    ('pending','running','retrying','success','error','skipped','cancelled')),
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        input       TEXT,
+        output      TEXT,
+        error_kind  TEXT,
+        error       TEXT,
+        tokens_used INTEGER NOT NULL DEFAULT 0,
+        cached      INTEGER NOT NULL DEFAULT 0,
+        provider    TEXT,
+        model       TEXT,
+        queued_at   TEXT,
+        started_at  TEXT,
+        finished_at TEXT,
+        duration_ms INTEGER,
+        -- Insertion order within the run: graph order for display.
+        seq         INTEGER NOT NULL,
+        PRIMARY KEY (run_id, step_key)
+    );
+    -- Serves both `ORDER BY seq` and the `MAX(seq)` of each insert in O(log n).
+    CREATE INDEX runner_steps_seq ON runner_steps (run_id, seq);
+
+    CREATE TABLE runner_attempts (
+        run_id      TEXT NOT NULL,
+        step_key    TEXT NOT NULL,
+        attempt     INTEGER NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('success','error')),
+        error_kind  TEXT,
+        error       TEXT,
+        wait_ms     INTEGER,
+        started_at  TEXT NOT NULL,
+        finished_at TEXT NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        tokens_used INTEGER NOT NULL DEFAULT 0,
+        provider    TEXT,
+        model       TEXT,
+        cached      INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (run_id, step_key, attempt),
+        FOREIGN KEY (run_id, step_key) REFERENCES runner_steps (run_id, step_key)
+            ON DELETE CASCADE
+    );
+    "#,
+];
+
+/// The newest schema version this build knows.
+pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64;
+
+/// The first 16 bytes of every SQLite database file.
+const MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// Opens (creating if needed) and migrates the database; returns the writer's connection.
+pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    check_header(path)?;
+
+    let mut conn = Connection::open(path).map_err(|e| open_error(path, "opening", e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| open_error(path, "setting busy_timeout", e))?;
+    // A read: refuse a newer schema before anything (even the WAL switch) is written.
+    check_version(&conn, path)?;
+
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(|e| open_error(path, "switching to WAL", e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        // Some filesystems (network mounts) cannot do WAL; the store still works, only
+        // readers then wait for the writer.
+        tracing::warn!(path = %path.display(), mode, "SQLite refused WAL mode");
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| open_error(path, "setting synchronous", e))?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(|e| open_error(path, "enabling foreign keys", e))?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// A read-only connection for queries and backups (never the writer's).
+pub(crate) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| open_error(path, "opening for reading", e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| open_error(path, "setting busy_timeout", e))?;
+    Ok(conn)
+}
+
+/// Refuses a non-empty file that does not start with SQLite's magic, before SQLite opens it
+/// (SQLite would only notice on first read, after we might have asked it to write).
+fn check_header(path: &Path) -> Result<(), StoreError> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        // Missing: SQLite creates it. Unreadable: let SQLite report it with its own words.
+        Err(_) => return Ok(()),
+    };
+    let mut head = Vec::with_capacity(MAGIC.len());
+    if file
+        .by_ref()
+        .take(MAGIC.len() as u64)
+        .read_to_end(&mut head)
+        .is_err()
+    {
+        return Ok(());
+    }
+    if head.is_empty() || head == MAGIC {
+        Ok(())
+    } else {
+        Err(StoreError::NotADatabase {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+fn check_version(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| open_error(path, "reading the schema version", e))?;
+    if found > LATEST {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            known: LATEST,
+        });
+    }
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| open_error(path, "starting the migration", e))?;
+    // Read again under the write lock: another process may have migrated meanwhile.
+    let current: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| open_error(path, "reading the schema version", e))?;
+    if current > LATEST {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found: current,
+            known: LATEST,
+        });
+    }
+    if current == LATEST {
+        return Ok(());
+    }
+    let done = usize::try_from(current).unwrap_or(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        tx.execute_batch(sql).map_err(|e| {
+            tracing::error!(version = i + 1, error = %e, "migration failed");
+            open_error(path, "migrating the schema", e)
+        })?;
+    }
+    tx.pragma_update(None, "user_version", LATEST)
+        .map_err(|e| open_error(path, "recording the schema version", e))?;
+    tx.commit()
+        .map_err(|e| open_error(path, "committing the migration", e))?;
+    tracing::info!(path = %path.display(), from = current, to = LATEST, "database migrated");
+    Ok(())
+}
+
+/// Turns an SQLite failure while opening into the error a user can act on.
+pub(crate) fn open_error(path: &Path, doing: &'static str, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::NotADatabase {
+            path: path.to_path_buf(),
+        },
+        Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => {
+            StoreError::Unwritable {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+        _ => StoreError::Sqlite {
+            path: path.to_path_buf(),
+            doing,
+            source: e,
+        },
+    }
+}

@@ -1,0 +1,202 @@
+//! The values that go into the store (one struct per state transition that needs more than a
+//! couple of arguments) and the rows that come out of it.
+
+use crate::blueprint::Priority;
+use crate::error::ErrorKind;
+use crate::events::{RunStatus, StepStatus};
+use serde::Serialize;
+use serde_json::Value;
+use std::time::SystemTime;
+
+/// A run that has just been queued (`runner_executions` row in status `queued`).
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: String,
+    pub blueprint_name: String,
+    pub priority: Priority,
+    /// What started it: `cli`, `console`, `schedule`, `all-active`, `retry`, `resume` or `api`.
+    pub trigger: String,
+    pub sandbox: bool,
+    pub seed: Option<u64>,
+    /// Probability of an injected failure per attempt (sandbox runs); 0 for real runs.
+    pub simulate_failures: f64,
+    /// The variables the run was started with (after `--var` overrides).
+    pub variables: Value,
+    /// A snapshot of the blueprint as run, so a retry or resume runs the same graph even if the
+    /// file changed since. `Value::Null` stores SQL NULL.
+    pub blueprint: Value,
+    /// The run this one retries or resumes.
+    pub parent_run_id: Option<String>,
+    pub queued_at: SystemTime,
+}
+
+/// The end of a run. Only a run that is not final yet is changed.
+#[derive(Debug, Clone)]
+pub struct RunEnd {
+    pub run_id: String,
+    /// Must be final (`success`, `error`, `cancelled`); anything else is ignored with a warning.
+    pub status: RunStatus,
+    pub finished_at: SystemTime,
+    pub total_time_ms: u64,
+    pub tokens_used: u64,
+    pub steps_done: u32,
+    pub error: Option<String>,
+    pub error_kind: Option<ErrorKind>,
+    /// The step key whose failure ended the run.
+    pub failed_step: Option<String>,
+}
+
+/// A step that became ready to run (or was planned); recorded as `pending`.
+#[derive(Debug, Clone)]
+pub struct NewStep {
+    pub run_id: String,
+    /// `node` or `node[3]` for item 3 of a `forEach` node; unique within a run.
+    pub step_key: String,
+    pub node_id: String,
+    pub item_index: Option<u32>,
+    pub input: Option<Value>,
+    pub queued_at: SystemTime,
+}
+
+/// One finished attempt of a step.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub run_id: String,
+    pub step_key: String,
+    /// 1 for the first try.
+    pub attempt: u32,
+    pub ok: bool,
+    pub error_kind: Option<ErrorKind>,
+    pub error: Option<String>,
+    /// The wait before the next attempt; `None` when there is none.
+    pub wait_ms: Option<u64>,
+    pub started_at: SystemTime,
+    pub finished_at: SystemTime,
+    pub tokens_used: u64,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub cached: bool,
+}
+
+/// The final state of a step. Creates the step row when it was never queued (skipped steps).
+#[derive(Debug, Clone)]
+pub struct StepEnd {
+    pub run_id: String,
+    pub step_key: String,
+    pub node_id: String,
+    pub item_index: Option<u32>,
+    /// Must be final (`success`, `error`, `skipped`, `cancelled`); anything else is ignored with
+    /// a warning.
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub output: Option<Value>,
+    pub error_kind: Option<ErrorKind>,
+    pub error: Option<String>,
+    pub tokens_used: u64,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub cached: bool,
+    pub finished_at: SystemTime,
+    pub duration_ms: u64,
+}
+
+/// Which runs [`Store::list_runs`](super::Store::list_runs) and
+/// [`Store::count_runs`](super::Store::count_runs) return.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunFilter {
+    pub status: Option<RunStatus>,
+    /// Exact blueprint name.
+    pub blueprint: Option<String>,
+    /// Page size (0 returns nothing). Ignored by `count_runs`.
+    pub limit: usize,
+    /// Keyset cursor: only runs strictly older than this `(started_at, id)`, i.e. the last row
+    /// of the previous page. Ignored by `count_runs`.
+    pub before: Option<(String, String)>,
+}
+
+impl Default for RunFilter {
+    fn default() -> Self {
+        RunFilter {
+            status: None,
+            blueprint: None,
+            limit: 50,
+            before: None,
+        }
+    }
+}
+
+impl RunFilter {
+    /// The cursor that continues after `row` (pass it as `before` for the next page).
+    pub fn cursor_after(row: &RunRow) -> Option<(String, String)> {
+        row.started_at.as_ref().map(|s| (s.clone(), row.id.clone()))
+    }
+}
+
+/// One `runner_executions` row. Timestamps are ISO-8601 UTC with milliseconds
+/// (`2026-11-27T09:44:38.123Z`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRow {
+    pub id: String,
+    pub blueprint_name: String,
+    pub status: RunStatus,
+    pub priority: Priority,
+    pub trigger: String,
+    pub sandbox: bool,
+    pub seed: Option<u64>,
+    pub simulate_failures: f64,
+    pub variables: Value,
+    pub blueprint: Option<Value>,
+    pub parent_run_id: Option<String>,
+    pub queued_at: String,
+    /// The queue time until the run starts, then the start time.
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub total_time_ms: Option<u64>,
+    pub tokens_used: u64,
+    pub steps_total: Option<u32>,
+    pub steps_done: Option<u32>,
+    pub error: Option<String>,
+    pub error_kind: Option<String>,
+    pub failed_step: Option<String>,
+}
+
+/// One `runner_steps` row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepRow {
+    pub run_id: String,
+    pub step_key: String,
+    pub node_id: String,
+    pub item_index: Option<u32>,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub input: Option<Value>,
+    pub output: Option<Value>,
+    pub error_kind: Option<String>,
+    pub error: Option<String>,
+    pub tokens_used: u64,
+    pub cached: bool,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub queued_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<u64>,
+}
+
+/// One `runner_attempts` row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttemptRow {
+    pub step_key: String,
+    pub attempt: u32,
+    pub ok: bool,
+    pub error_kind: Option<String>,
+    pub error: Option<String>,
+    pub wait_ms: Option<u64>,
+    pub started_at: String,
+    pub finished_at: String,
+    pub duration_ms: u64,
+    pub tokens_used: u64,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub cached: bool,
+}
