@@ -5,3 +5,4 @@ pub mod blueprint;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod template;
