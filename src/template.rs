@@ -1,0 +1,673 @@
+//! Sandboxed Jinja templating (minijinja) for prompts, texts, URLs, `forEach` and conditions.
+//!
+//! Templates are data, never code: the environment has no loader (so `{% include %}`,
+//! `{% import %}` and `{% extends %}` fail), no function that reads the environment, files or
+//! the network, and the `debug` global is removed. Every render is bounded by a fuel limit
+//! ([`FUEL`] instructions) and minijinja's recursion limit, so a template cannot loop forever.
+//!
+//! # Context
+//! Templates read one JSON object:
+//! ```json
+//! { "vars":  { "TOPICS": ["rust", "wasm"] },
+//!   "nodes": { "summarize": { "output": ["…", "…"], "status": "success" } },
+//!   "item":  "rust",          // only inside a forEach node: the current item
+//!   "index": 0,               // only inside a forEach node: its position (from 0)
+//!   "run":   { "id": "…", "blueprint": "tech-digest" } }
+//! ```
+//!
+//! # Undefined values
+//! [`minijinja::UndefinedBehavior::Strict`]: printing, iterating or testing an undefined
+//! value is an error at run time (`{{ vars.MISSING }}` fails with a message naming
+//! `vars.MISSING`) instead of silently producing an empty prompt. `default` still works
+//! (`{{ vars.X | default('y') }}`), and so does `is defined`. The validator catches unknown
+//! references before a run starts, so the strict mode is a second line of defence.
+//!
+//! # Rendering values
+//! Lists and objects printed with `{{ value }}` render as compact JSON (`["a","b"]`), so a
+//! node's structured output pasted into a prompt stays readable; `none` (a JSON `null`, e.g.
+//! the output of a failed `continueOnError` node) renders as an empty string. Use `tojson`
+//! for pretty or explicit JSON and `join` for text.
+//!
+//! # Filters
+//! minijinja's builtins (`join`, `tojson`, `default`, `length`, `upper`, `lower`, `trim`,
+//! `replace`, `first`, `last`, `map`, `select`, `sort`, `unique`, …) plus two of ours:
+//! `truncate(length=255, killwords=false, end='...', leeway=5)` with Jinja2's semantics, and
+//! `fromjson` (parse a JSON string into a value).
+
+use crate::error::{ErrorKind, StepError};
+use minijinja::value::{Kwargs, ValueKind};
+use minijinja::{
+    Environment, Error as MjError, Output, State, UndefinedBehavior, Value as MjValue,
+};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// Instructions one render may execute: far beyond any sensible prompt (a loop over 10,000
+/// items with a few filters each), far below "forever".
+pub const FUEL: u64 = 2_000_000;
+
+/// Globals minijinja provides that are functions, not context: never reported as references.
+const BUILTIN_GLOBALS: [&str; 3] = ["range", "dict", "namespace"];
+
+/// The sandboxed template environment. Cheap to clone (shared), `Send + Sync`.
+#[derive(Clone)]
+pub struct Templates {
+    env: Arc<Environment<'static>>,
+}
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Templates").finish_non_exhaustive()
+    }
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Templates {
+    /// Builds the environment once: strict undefined, fuel, our filters, no loader.
+    pub fn new() -> Self {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_fuel(Some(FUEL));
+        // Prompts are text, not HTML: never escape.
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        env.set_keep_trailing_newline(true);
+        env.remove_global("debug");
+        env.set_formatter(format_value);
+        env.add_filter("truncate", truncate);
+        env.add_filter("fromjson", fromjson);
+        Templates { env: Arc::new(env) }
+    }
+
+    /// Renders `template` against `ctx` (see the module docs for its shape).
+    ///
+    /// Errors are [`ErrorKind::Template`] with the line and, for an undefined value, the
+    /// reference that is missing.
+    pub fn render(&self, template: &str, ctx: &Value) -> Result<String, StepError> {
+        self.env
+            .render_str(template, MjValue::from_serialize(ctx))
+            .map_err(|e| {
+                let missing = self
+                    .referenced(template)
+                    .map(|refs| first_missing(&refs, ctx))
+                    .unwrap_or_default();
+                StepError::new(ErrorKind::Template, describe(&e, missing.as_deref()))
+            })
+    }
+
+    /// Evaluates a Jinja expression (no braces), e.g. `nodes.classify.output == "urgent"`.
+    pub fn eval_expr(&self, expr: &str, ctx: &Value) -> Result<Value, StepError> {
+        let template_err = |e: &MjError, missing: Option<&str>| {
+            StepError::new(
+                ErrorKind::Template,
+                format!("in expression `{expr}`: {}", describe(e, missing)),
+            )
+        };
+        let compiled = self
+            .env
+            .compile_expression(expr)
+            .map_err(|e| template_err(&e, None))?;
+        let value = compiled.eval(MjValue::from_serialize(ctx)).map_err(|e| {
+            let refs = names_of(compiled.undeclared_variables(true), expr);
+            template_err(&e, first_missing(&refs, ctx).as_deref())
+        })?;
+        to_json(&value)
+    }
+
+    /// The items of a `forEach`:
+    /// - a literal JSON array: its items;
+    /// - a string that is exactly one `{{ expr }}`: the expression's value, which must be a
+    ///   list (a string holding a JSON array is parsed);
+    /// - any other string: rendered, and the text parsed as a JSON array.
+    pub fn eval_list(&self, for_each: &Value, ctx: &Value) -> Result<Vec<Value>, StepError> {
+        let list_err = |got: &str| {
+            StepError::new(
+                ErrorKind::Template,
+                format!("forEach must yield a list, got {got}"),
+            )
+        };
+        match for_each {
+            Value::Array(items) => Ok(items.clone()),
+            Value::String(text) => {
+                let value = match single_expression(text) {
+                    Some(expr) => self.eval_expr(expr, ctx)?,
+                    None => Value::String(self.render(text, ctx)?),
+                };
+                match value {
+                    Value::Array(items) => Ok(items),
+                    Value::String(s) => match serde_json::from_str::<Value>(s.trim()) {
+                        Ok(Value::Array(items)) => Ok(items),
+                        _ => Err(list_err(&format!(
+                            "a string that is not a JSON array ({})",
+                            short(&s)
+                        ))),
+                    },
+                    other => Err(list_err(json_type(&other))),
+                }
+            }
+            other => Err(list_err(json_type(other))),
+        }
+    }
+
+    /// Truthiness with Jinja's rules: `null`, `false`, `0`, `""`, `[]` and `{}` are false.
+    pub fn is_truthy(v: &Value) -> bool {
+        match v {
+            Value::Null => false,
+            Value::Bool(b) => *b,
+            Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+            Value::String(s) => !s.is_empty(),
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+        }
+    }
+
+    /// Checks a template's syntax without rendering it.
+    pub fn check_syntax(&self, template: &str) -> Result<(), String> {
+        self.env
+            .template_from_str(template)
+            .map(|_| ())
+            .map_err(|e| describe(&e, None))
+    }
+
+    /// Checks an expression's syntax without evaluating it.
+    pub fn check_expr_syntax(&self, expr: &str) -> Result<(), String> {
+        self.env
+            .compile_expression(expr)
+            .map(|_| ())
+            .map_err(|e| describe(&e, None))
+    }
+
+    /// The names a template reads from its context, as dotted paths:
+    /// `{"vars.TOPICS", "nodes.summarize.output", "item"}`.
+    ///
+    /// Built on minijinja's `undeclared_variables(true)`, which follows `a.b.c` chains only;
+    /// constant subscripts (`nodes['x'].output`, `vars["X"]`) are found by a scan of the
+    /// template's tags and reported as `nodes.x` / `vars.X`. A dynamic subscript
+    /// (`nodes[name]`) is reported as the bare `nodes` and cannot be checked.
+    pub fn referenced(&self, template: &str) -> Result<BTreeSet<String>, String> {
+        let compiled = self
+            .env
+            .template_from_str(template)
+            .map_err(|e| describe(&e, None))?;
+        Ok(names_of(compiled.undeclared_variables(true), template))
+    }
+
+    /// Like [`Templates::referenced`], for an expression (a condition).
+    pub fn referenced_expr(&self, expr: &str) -> Result<BTreeSet<String>, String> {
+        let compiled = self
+            .env
+            .compile_expression(expr)
+            .map_err(|e| describe(&e, None))?;
+        let mut names = names_of(compiled.undeclared_variables(true), "");
+        names.extend(subscript_refs(expr));
+        Ok(names)
+    }
+}
+
+/// Merges minijinja's undeclared names with constant subscripts found in `source`'s tags,
+/// dropping builtin globals.
+fn names_of(found: std::collections::HashSet<String>, source: &str) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = found
+        .into_iter()
+        .filter(|n| {
+            let head = n.split('.').next().unwrap_or(n);
+            !BUILTIN_GLOBALS.contains(&head)
+        })
+        .collect();
+    for tag in tags(source) {
+        names.extend(subscript_refs(tag));
+    }
+    names
+}
+
+/// The insides of `{{ … }}` and `{% … %}` in a template.
+fn tags(source: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = source;
+    loop {
+        let open = match (rest.find("{{"), rest.find("{%")) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => break,
+        };
+        let close = if rest[open..].starts_with("{{") {
+            "}}"
+        } else {
+            "%}"
+        };
+        let body = &rest[open + 2..];
+        match body.find(close) {
+            Some(end) => {
+                out.push(&body[..end]);
+                rest = &body[end + 2..];
+            }
+            None => {
+                out.push(body);
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// `nodes['x']`, `nodes["x"]`, `vars['X']` in an expression → `nodes.x`, `vars.X`.
+fn subscript_refs(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for root in ["nodes", "vars"] {
+        let mut from = 0;
+        while let Some(pos) = expr[from..].find(root) {
+            let start = from + pos;
+            from = start + root.len();
+            let before_ok = expr[..start]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '.'));
+            if !before_ok {
+                continue;
+            }
+            let rest = expr[from..].trim_start();
+            let Some(rest) = rest.strip_prefix('[') else {
+                continue;
+            };
+            let rest = rest.trim_start();
+            let Some(quote) = rest.chars().next().filter(|c| *c == '\'' || *c == '"') else {
+                continue;
+            };
+            let inner = &rest[1..];
+            if let Some(end) = inner.find(quote) {
+                let key = &inner[..end];
+                if inner[end + 1..].trim_start().starts_with(']') {
+                    out.insert(format!("{root}.{key}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `{{ expr }}` (with optional whitespace control) and nothing else → `expr`.
+fn single_expression(text: &str) -> Option<&str> {
+    let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    let inner = inner.strip_prefix('-').unwrap_or(inner);
+    let inner = inner.strip_suffix('-').unwrap_or(inner);
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") {
+        return None;
+    }
+    Some(inner.trim())
+}
+
+/// The first referenced path that `ctx` does not hold, for "undefined value" messages.
+fn first_missing(refs: &BTreeSet<String>, ctx: &Value) -> Option<String> {
+    refs.iter()
+        .find(|path| {
+            let mut cur = ctx;
+            for seg in path.split('.') {
+                match cur.get(seg) {
+                    Some(next) => cur = next,
+                    None => return true,
+                }
+            }
+            false
+        })
+        .cloned()
+}
+
+/// One line for a minijinja error: what, the detail, the line, and the missing reference.
+fn describe(e: &MjError, missing: Option<&str>) -> String {
+    let mut msg = e.kind().to_string();
+    if let Some(detail) = e.detail() {
+        msg.push_str(": ");
+        msg.push_str(detail);
+    }
+    if e.kind() == minijinja::ErrorKind::UndefinedError {
+        if let Some(name) = missing {
+            msg.push_str(&format!(" (`{name}` is not defined)"));
+        }
+    }
+    if let Some(line) = e.line() {
+        msg.push_str(&format!(" at line {line}"));
+    }
+    msg
+}
+
+fn to_json(value: &MjValue) -> Result<Value, StepError> {
+    if value.is_undefined() {
+        return Ok(Value::Null);
+    }
+    serde_json::to_value(value).map_err(|e| {
+        StepError::new(
+            ErrorKind::Template,
+            format!("the value cannot be represented as JSON: {e}"),
+        )
+    })
+}
+
+/// The JSON type of a value, with an article, for messages.
+pub(crate) fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "an integer",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn short(s: &str) -> String {
+    let mut t: String = s.chars().take(40).collect();
+    if t.len() < s.len() {
+        t.push('…');
+    }
+    format!("{t:?}")
+}
+
+/// Lists and maps print as compact JSON, `none` as nothing; the rest as minijinja does.
+fn format_value(out: &mut Output, state: &State, value: &MjValue) -> Result<(), MjError> {
+    match value.kind() {
+        ValueKind::None => Ok(()),
+        ValueKind::Seq | ValueKind::Map => {
+            let text = serde_json::to_string(value).map_err(|e| {
+                MjError::new(
+                    minijinja::ErrorKind::BadSerialization,
+                    format!("cannot print this value as JSON: {e}"),
+                )
+            })?;
+            out.write_str(&text).map_err(MjError::from)
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+/// Jinja2's `truncate(s, length=255, killwords=False, end='...', leeway=5)`.
+fn truncate(
+    s: String,
+    length: Option<usize>,
+    killwords: Option<bool>,
+    end: Option<String>,
+    kwargs: Kwargs,
+) -> Result<String, MjError> {
+    let length = match length {
+        Some(l) => l,
+        None => kwargs.get::<Option<usize>>("length")?.unwrap_or(255),
+    };
+    let killwords = match killwords {
+        Some(k) => k,
+        None => kwargs.get::<Option<bool>>("killwords")?.unwrap_or(false),
+    };
+    let end = match end {
+        Some(e) => e,
+        None => kwargs
+            .get::<Option<String>>("end")?
+            .unwrap_or_else(|| "...".to_string()),
+    };
+    let leeway = kwargs.get::<Option<usize>>("leeway")?.unwrap_or(5);
+    kwargs.assert_all_used()?;
+    let end_len = end.chars().count();
+    if length < end_len {
+        return Err(MjError::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("truncate: length {length} is shorter than the end marker {end:?}"),
+        ));
+    }
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= length + leeway {
+        return Ok(s);
+    }
+    let head: String = chars[..length - end_len].iter().collect();
+    if killwords {
+        return Ok(head + &end);
+    }
+    let head = match head.rfind(' ') {
+        Some(pos) => head[..pos].to_string(),
+        None => head,
+    };
+    Ok(head + &end)
+}
+
+/// Parses a JSON string into a value: `{{ (nodes.api.output | fromjson).items }}`.
+fn fromjson(s: String) -> Result<MjValue, MjError> {
+    serde_json::from_str::<Value>(&s)
+        .map(|v| MjValue::from_serialize(&v))
+        .map_err(|e| {
+            MjError::new(
+                minijinja::ErrorKind::InvalidOperation,
+                format!("fromjson: not valid JSON: {e}"),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> Value {
+        json!({
+            "vars": { "TOPICS": ["rust", "wasm"], "NAME": "Ada" },
+            "nodes": {
+                "fetch": { "output": { "items": [{ "title": "First" }, { "title": "Second" }] },
+                           "status": "success" },
+                "summarize": { "output": ["one", "two"], "status": "success" },
+                "failed": { "output": null, "status": "error" },
+                "raw": { "output": "[\"x\",\"y\"]", "status": "success" }
+            },
+            "run": { "id": "r1", "blueprint": "demo" }
+        })
+    }
+
+    #[test]
+    fn renders_vars_and_nested_node_outputs() {
+        let t = Templates::new();
+        assert_eq!(t.render("Hi {{ vars.NAME }}", &ctx()).unwrap(), "Hi Ada");
+        assert_eq!(
+            t.render("{{ nodes.fetch.output.items[0].title }}", &ctx())
+                .unwrap(),
+            "First"
+        );
+        assert_eq!(
+            t.render("{{ nodes['fetch'].output['items'][1].title }}", &ctx())
+                .unwrap(),
+            "Second"
+        );
+    }
+
+    #[test]
+    fn lists_print_as_json_and_none_as_nothing() {
+        let t = Templates::new();
+        assert_eq!(
+            t.render("{{ vars.TOPICS }}", &ctx()).unwrap(),
+            r#"["rust","wasm"]"#
+        );
+        assert_eq!(
+            t.render("[{{ nodes.failed.output }}]", &ctx()).unwrap(),
+            "[]"
+        );
+        assert_eq!(
+            t.render("{{ nodes.fetch.output.items[0] }}", &ctx())
+                .unwrap(),
+            r#"{"title":"First"}"#
+        );
+    }
+
+    #[test]
+    fn builtin_and_own_filters() {
+        let t = Templates::new();
+        let c = ctx();
+        let r = |s: &str| t.render(s, &c).unwrap();
+        assert_eq!(
+            r("{{ nodes.summarize.output | join('\n\n') }}"),
+            "one\n\ntwo"
+        );
+        assert_eq!(r("{{ vars.TOPICS | tojson }}"), r#"["rust","wasm"]"#);
+        assert_eq!(r("{{ vars.MISSING | default('y') }}"), "y");
+        assert_eq!(
+            r("{{ vars.NAME | upper }}-{{ vars.NAME | lower }}"),
+            "ADA-ada"
+        );
+        assert_eq!(r("{{ '  x ' | trim }}{{ vars.TOPICS | length }}"), "x2");
+        assert_eq!(r("{{ 'a-b' | replace('-', '+') }}"), "a+b");
+        assert_eq!(r("{{ (nodes.raw.output | fromjson)[1] }}"), "y");
+        assert_eq!(
+            r("{{ 'hello world foo' | truncate(9, leeway=0) }}"),
+            "hello..."
+        );
+        assert_eq!(
+            r("{{ 'hello world foo' | truncate(9, true, leeway=0) }}"),
+            "hello ..."
+        );
+        assert_eq!(
+            r("{{ 'hello world foo' | truncate(length=9, end='!', leeway=0) }}"),
+            "hello!"
+        );
+        // Within the leeway nothing is cut (Jinja2's default leeway is 5).
+        assert_eq!(r("{{ 'hello world' | truncate(9) }}"), "hello world");
+        assert_eq!(r("{{ 'short' | truncate }}"), "short");
+        assert!(t.render("{{ 'abc' | truncate(1) }}", &c).is_err());
+    }
+
+    #[test]
+    fn undefined_is_an_error_naming_the_reference() {
+        let t = Templates::new();
+        let e = t.render("line1\n{{ vars.MISSING }}", &ctx()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Template);
+        assert!(e.message.contains("vars.MISSING"), "{}", e.message);
+        assert!(e.message.contains("line 2"), "{}", e.message);
+    }
+
+    #[test]
+    fn syntax_errors_carry_the_line() {
+        let t = Templates::new();
+        let e = t.check_syntax("ok\n{{ vars.X ").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(t
+            .check_syntax("{% for x in y %}{{ x }}{% endfor %}")
+            .is_ok());
+        assert!(t.check_expr_syntax("a ==").is_err());
+        assert!(t.check_expr_syntax("nodes.a.output == 'x'").is_ok());
+    }
+
+    #[test]
+    fn no_files_env_or_network() {
+        let t = Templates::new();
+        let c = ctx();
+        assert!(t.render("{% include 'secret.txt' %}", &c).is_err());
+        assert!(t.render("{% import 'x' as y %}", &c).is_err());
+        assert!(t.render("{% extends '/etc/passwd' %}", &c).is_err());
+        assert!(t.render("{{ env.HOME }}", &c).is_err());
+        assert!(t.render("{{ debug() }}", &c).is_err());
+        assert!(t.render("{{ lookup('env', 'HOME') }}", &c).is_err());
+    }
+
+    #[test]
+    fn endless_templates_run_out_of_fuel() {
+        let t = Templates::new();
+        let e = t
+            .render(
+                "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+                &ctx(),
+            )
+            .unwrap_err();
+        assert!(e.message.contains("fuel"), "{}", e.message);
+    }
+
+    #[test]
+    fn item_and_index_in_for_each() {
+        let t = Templates::new();
+        let mut c = ctx();
+        c["item"] = json!({"name": "rust"});
+        c["index"] = json!(3);
+        assert_eq!(
+            t.render("{{ index }}: {{ item.name }}", &c).unwrap(),
+            "3: rust"
+        );
+    }
+
+    #[test]
+    fn expressions_and_truthiness() {
+        let t = Templates::new();
+        let c = ctx();
+        assert_eq!(
+            t.eval_expr("nodes.summarize.output | length == 2", &c)
+                .unwrap(),
+            json!(true)
+        );
+        assert_eq!(t.eval_expr("vars.TOPICS[1]", &c).unwrap(), json!("wasm"));
+        assert!(t.eval_expr("vars.NOPE == 1", &c).is_err());
+        assert!(!Templates::is_truthy(&json!(null)));
+        assert!(!Templates::is_truthy(&json!("")));
+        assert!(!Templates::is_truthy(&json!(0)));
+        assert!(!Templates::is_truthy(&json!([])));
+        assert!(!Templates::is_truthy(&json!({})));
+        assert!(Templates::is_truthy(&json!("no")));
+        assert!(Templates::is_truthy(&json!([0])));
+        assert!(Templates::is_truthy(&json!(0.5)));
+    }
+
+    #[test]
+    fn eval_list_accepts_three_forms() {
+        let t = Templates::new();
+        let c = ctx();
+        assert_eq!(
+            t.eval_list(&json!([1, 2]), &c).unwrap(),
+            vec![json!(1), json!(2)]
+        );
+        assert_eq!(
+            t.eval_list(&json!("{{ vars.TOPICS }}"), &c).unwrap(),
+            vec![json!("rust"), json!("wasm")]
+        );
+        assert_eq!(
+            t.eval_list(&json!("{{- nodes.raw.output -}}"), &c).unwrap(),
+            vec![json!("x"), json!("y")]
+        );
+        assert_eq!(
+            t.eval_list(&json!("[{% for t in vars.TOPICS %}\"{{ t }}!\"{% if not loop.last %},{% endif %}{% endfor %}]"), &c)
+                .unwrap(),
+            vec![json!("rust!"), json!("wasm!")]
+        );
+        let e = t.eval_list(&json!("{{ vars.NAME }}"), &c).unwrap_err();
+        assert!(
+            e.message
+                .contains("forEach must yield a list, got a string"),
+            "{}",
+            e.message
+        );
+        let e = t.eval_list(&json!(5), &c).unwrap_err();
+        assert!(e.message.contains("got an integer"), "{}", e.message);
+    }
+
+    #[test]
+    fn referenced_names() {
+        let t = Templates::new();
+        let refs = t
+            .referenced("{% for x in vars.TOPICS %}{{ x }} {{ nodes.summarize.output | join(',') }}{% endfor %}{{ item }}{{ range(3) }}")
+            .unwrap();
+        let want: BTreeSet<String> = ["vars.TOPICS", "nodes.summarize.output", "item"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(refs, want);
+        let refs = t
+            .referenced("{{ nodes['fetch'].output }}{{ vars[\"X\"] }}")
+            .unwrap();
+        assert!(refs.contains("nodes.fetch"), "{refs:?}");
+        assert!(refs.contains("vars.X"), "{refs:?}");
+        let refs = t.referenced_expr("nodes.a.output == vars.B").unwrap();
+        assert!(
+            refs.contains("nodes.a.output") && refs.contains("vars.B"),
+            "{refs:?}"
+        );
+    }
+
+    #[test]
+    fn templates_is_send_sync_clone() {
+        fn assert_traits<T: Send + Sync + Clone>() {}
+        assert_traits::<Templates>();
+    }
+}
