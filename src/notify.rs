@@ -68,7 +68,10 @@ async fn telegram(
             .as_str()
             .unwrap_or("no description")
             .to_string();
-        let code = reply["error_code"].as_u64().map(|c| c as u16).unwrap_or(status);
+        let code = reply["error_code"]
+            .as_u64()
+            .map(|c| c as u16)
+            .unwrap_or(status);
         let wait = reply["parameters"]["retry_after"]
             .as_f64()
             .map(Duration::from_secs_f64)
@@ -120,14 +123,20 @@ async fn discord(http: &reqwest::Client, config: &Config, text: &str) -> Result<
         }
         let header_wait = retry_after_header(resp.headers());
         let reply: Value = resp.json().await.unwrap_or(Value::Null);
-        let msg = reply["message"].as_str().unwrap_or("no message").to_string();
+        let msg = reply["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_string();
         let wait = reply["retry_after"]
             .as_f64()
             .map(Duration::from_secs_f64)
             .or(header_wait);
         let (kind, hint) = match status {
             429 => (ErrorKind::RateLimited, "Discord asks to slow down"),
-            401 | 403 => (ErrorKind::Auth, "the webhook refused us: check DISCORD_WEBHOOK"),
+            401 | 403 => (
+                ErrorKind::Auth,
+                "the webhook refused us: check DISCORD_WEBHOOK",
+            ),
             404 => (
                 ErrorKind::InvalidRequest,
                 "unknown webhook: it was deleted — create a new one and do not use this one again",

@@ -85,7 +85,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     };
     // Check variables before anything is written.
     for bp in &blueprints {
-        crate::engine::merge_variables(bp, &variables).map_err(|e| Failure::input(e.to_string()))?;
+        crate::engine::merge_variables(bp, &variables)
+            .map_err(|e| Failure::input(e.to_string()))?;
     }
     let store = open_store(&config)?;
     let _log = logging::init(&config.log_dir, config.secrets(), "info", None)
@@ -161,7 +162,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                     o.blueprint,
                     o.status.as_str(),
                     o.total_time_ms as f64 / 1000.0,
-                    o.error.as_deref().map(|e| format!("  {e}")).unwrap_or_default()
+                    o.error
+                        .as_deref()
+                        .map(|e| format!("  {e}"))
+                        .unwrap_or_default()
                 );
             }
             outcomes.push(o);
@@ -176,7 +180,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         Ok::<_, Failure>(outcomes)
     })?;
 
-    let failed = outcomes.iter().filter(|o| o.status != RunStatus::Success).count();
+    let failed = outcomes
+        .iter()
+        .filter(|o| o.status != RunStatus::Success)
+        .count();
     if json_out {
         let v = if all_active {
             json!({ "runs": outcomes, "failed": failed })
@@ -203,7 +210,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
 
 fn active_blueprints(dir: &Path) -> Result<Vec<Blueprint>, Failure> {
     let entries = blueprint::load_dir(dir).map_err(|e| {
-        Failure::input(format!("cannot read blueprints from {}: {e}", dir.display()))
+        Failure::input(format!(
+            "cannot read blueprints from {}: {e}",
+            dir.display()
+        ))
     })?;
     let mut out = Vec::new();
     let mut bad = Vec::new();

@@ -120,7 +120,12 @@ impl Progress {
                     self.line(&format!("  {node}: fan-out into {items} agents"));
                 }
             }
-            Event::StepStarted { node, step, attempt, .. } => {
+            Event::StepStarted {
+                node,
+                step,
+                attempt,
+                ..
+            } => {
                 let first = {
                     let p = self.nodes.entry(node.clone()).or_default();
                     let first = !p.started;
@@ -255,7 +260,10 @@ impl Progress {
     }
 
     fn is_fan_out(&self, id: &str) -> bool {
-        self.nodes.get(id).and_then(|p| p.total).is_some_and(|t| t != 1)
+        self.nodes
+            .get(id)
+            .and_then(|p| p.total)
+            .is_some_and(|t| t != 1)
     }
 
     /// A permanent line (above the live block on a terminal).

@@ -86,7 +86,9 @@ pub enum StartError {
         blueprint: String,
         hint: String,
     },
-    #[error("simulated failure rate {0} is out of range: give a fraction from 0 to 1 (0.3 = 30 %)")]
+    #[error(
+        "simulated failure rate {0} is out of range: give a fraction from 0 to 1 (0.3 = 30 %)"
+    )]
     BadFailureRate(f64),
 }
 
@@ -157,7 +159,9 @@ impl RunHandle {
                 total_time_ms: 0,
                 outputs: Map::new(),
                 steps: Vec::new(),
-                error: Some(format!("internal error: the run's task ended abnormally ({e})")),
+                error: Some(format!(
+                    "internal error: the run's task ended abnormally ({e})"
+                )),
                 error_kind: Some(ErrorKind::Internal),
                 failed_step: None,
                 tokens_used: 0,
@@ -262,7 +266,11 @@ impl Engine {
     }
 
     /// Checks the request, records the run as queued and starts it.
-    pub fn start(&self, blueprint: Arc<Blueprint>, req: RunRequest) -> Result<RunHandle, StartError> {
+    pub fn start(
+        &self,
+        blueprint: Arc<Blueprint>,
+        req: RunRequest,
+    ) -> Result<RunHandle, StartError> {
         let variables = merge_variables(&blueprint, &req.variables)?;
         if !(0.0..=1.0).contains(&req.simulate_failures) || req.simulate_failures.is_nan() {
             return Err(StartError::BadFailureRate(req.simulate_failures));
@@ -289,7 +297,11 @@ impl Engine {
             trigger: req.trigger.clone(),
             sandbox: req.sandbox,
             seed,
-            simulate_failures: if req.sandbox { req.simulate_failures } else { 0.0 },
+            simulate_failures: if req.sandbox {
+                req.simulate_failures
+            } else {
+                0.0
+            },
             variables: Value::Object(variables.clone()),
             blueprint: serde_json::to_value(&*blueprint).unwrap_or(Value::Null),
             parent_run_id: req.parent_run_id.clone(),

@@ -71,7 +71,11 @@ impl Prepared {
                     .map(|(k, v)| {
                         let secret = ["authorization", "cookie", "x-api-key", "api-key", "apikey"]
                             .contains(&k.to_ascii_lowercase().as_str());
-                        let v = if secret { "[REDACTED]".to_string() } else { v.clone() };
+                        let v = if secret {
+                            "[REDACTED]".to_string()
+                        } else {
+                            v.clone()
+                        };
                         (k.clone(), Value::String(v))
                     })
                     .collect();
@@ -82,7 +86,9 @@ impl Prepared {
                 channel,
                 text,
                 parse_mode,
-            } => Some(json!({ "channel": channel.as_str(), "text": text, "parseMode": parse_mode })),
+            } => {
+                Some(json!({ "channel": channel.as_str(), "text": text, "parseMode": parse_mode }))
+            }
             Prepared::Delay(d) => Some(json!({ "durationMs": d.as_millis() as u64 })),
         }
     }
@@ -114,7 +120,9 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
                         Some(s) => Some(t.render(s, context).map_err(|e| named("system", e))?),
                         None => None,
                     },
-                    prompt: t.render(&l.prompt, context).map_err(|e| named("prompt", e))?,
+                    prompt: t
+                        .render(&l.prompt, context)
+                        .map_err(|e| named("prompt", e))?,
                     temperature: l.temperature,
                     max_tokens: l.max_tokens,
                 },
@@ -169,14 +177,14 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
             text: t.render(&n.text, context).map_err(|e| named("text", e))?,
             parse_mode: n.parse_mode.clone(),
         },
-        NodeKind::Delay(d) => Prepared::Delay(
-            humantime::parse_duration(d.duration.trim()).map_err(|e| {
+        NodeKind::Delay(d) => {
+            Prepared::Delay(humantime::parse_duration(d.duration.trim()).map_err(|e| {
                 StepError::new(
                     ErrorKind::InvalidRequest,
                     format!("{}.duration: {e}", node.id),
                 )
-            })?,
-        ),
+            })?)
+        }
     })
 }
 
@@ -339,7 +347,10 @@ async fn http_call(
     response: &str,
 ) -> Result<StepOutput, StepError> {
     let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| {
-        StepError::new(ErrorKind::InvalidRequest, format!("unknown HTTP method {method:?}"))
+        StepError::new(
+            ErrorKind::InvalidRequest,
+            format!("unknown HTTP method {method:?}"),
+        )
     })?;
     let mut rb = ctx.inner.http.request(m, url);
     for (k, v) in headers {
@@ -391,7 +402,10 @@ async fn read_capped(mut resp: reqwest::Response, url: &str) -> Result<Vec<u8>, 
         if out.len() + chunk.len() > MAX_BODY_BYTES {
             return Err(StepError::new(
                 ErrorKind::BadResponse,
-                format!("{url} answered with more than {} MiB; refused", MAX_BODY_BYTES >> 20),
+                format!(
+                    "{url} answered with more than {} MiB; refused",
+                    MAX_BODY_BYTES >> 20
+                ),
             ));
         }
         out.extend_from_slice(&chunk);
@@ -437,5 +451,8 @@ pub(crate) fn classify_reqwest(e: &reqwest::Error, url: &str) -> StepError {
     let source = std::error::Error::source(e)
         .map(|s| format!(": {s}"))
         .unwrap_or_default();
-    StepError::new(kind, format!("request to {url} failed ({}{source})", text.trim()))
+    StepError::new(
+        kind,
+        format!("request to {url} failed ({}{source})", text.trim()),
+    )
 }

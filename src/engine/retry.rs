@@ -165,7 +165,10 @@ mod tests {
             ErrorKind::CreditsExhausted,
             ErrorKind::Config,
         ] {
-            assert_eq!(p.decide(1, &err(k), 0.0), Decision::GiveUp { exhausted: false });
+            assert_eq!(
+                p.decide(1, &err(k), 0.0),
+                Decision::GiveUp { exhausted: false }
+            );
         }
     }
 
@@ -175,12 +178,18 @@ mod tests {
         let loading = err(ErrorKind::ModelLoading).with_retry_after(Duration::from_secs_f64(579.3));
         assert_eq!(wait(p.decide(1, &loading, 0.0)), Duration::from_secs(30));
         let loading = err(ErrorKind::ModelLoading).with_retry_after(Duration::from_millis(2500));
-        assert_eq!(wait(p.decide(1, &loading, 0.9)), Duration::from_millis(2500));
+        assert_eq!(
+            wait(p.decide(1, &loading, 0.9)),
+            Duration::from_millis(2500)
+        );
         let limited = err(ErrorKind::RateLimited).with_retry_after(Duration::from_secs(7));
         assert_eq!(wait(p.decide(1, &limited, 0.5)), Duration::from_secs(7));
         assert_eq!(
             p.decide(1, &err(ErrorKind::RateLimited), 0.5),
-            Decision::Retry { wait: RATE_LIMIT_DEFAULT, hinted: false }
+            Decision::Retry {
+                wait: RATE_LIMIT_DEFAULT,
+                hinted: false
+            }
         );
     }
 
@@ -200,6 +209,10 @@ mod tests {
         assert_eq!(p.attempts, 5);
         assert_eq!(p.base_delay(1), Duration::from_millis(500));
         assert_eq!(p.base_delay(2), Duration::from_millis(1500));
-        assert_eq!(p.base_delay(3), Duration::from_secs(2), "capped by maxDelay");
+        assert_eq!(
+            p.base_delay(3),
+            Duration::from_secs(2),
+            "capped by maxDelay"
+        );
     }
 }

@@ -92,8 +92,8 @@ enum NodeState {
     Done(Value),
     /// Failed, but the node says `continueOnError`: dependents run and see a null output.
     FailedContinue(StepError),
-    Failed(StepError),
-    Skipped(String),
+    Failed,
+    Skipped,
 }
 
 impl NodeState {
@@ -160,7 +160,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                     changed = true;
                     if let Some(reason) = skip_reason(&bp, &states, &needs) {
                         record_skip(&ctx, i, &reason, &mut summaries);
-                        states[i] = NodeState::Skipped(reason);
+                        states[i] = NodeState::Skipped;
                         continue;
                     }
                     let base = context(&ctx, &states);
@@ -186,7 +186,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                             if node.continue_on_error {
                                 states[i] = NodeState::FailedContinue(e);
                             } else {
-                                states[i] = NodeState::Failed(e.clone());
+                                states[i] = NodeState::Failed;
                                 failure = Some((key, e));
                                 ctx.abort.cancel();
                                 inner.pool.remove_run(&run_id);
@@ -224,12 +224,26 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                 inner.pool.remove_run(&run_id);
                 // Drain what is in flight without a deadline.
                 while let Some(r) = inflight.next().await {
-                    finish_step(&ctx, &mut states, &mut summaries, &mut tokens, &mut steps_done, r);
+                    finish_step(
+                        &ctx,
+                        &mut states,
+                        &mut summaries,
+                        &mut tokens,
+                        &mut steps_done,
+                        r,
+                    );
                 }
                 break;
             }
         };
-        let failed = finish_step(&ctx, &mut states, &mut summaries, &mut tokens, &mut steps_done, res);
+        let failed = finish_step(
+            &ctx,
+            &mut states,
+            &mut summaries,
+            &mut tokens,
+            &mut steps_done,
+            res,
+        );
         inner.store.run_progress(&run_id, steps_done, tokens);
         if let Some((node, err)) = failed {
             if failure.is_none() && !ctx.abort.is_cancelled() {
@@ -299,7 +313,9 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         RunStatus::Success => {
             tracing::info!(run_id = %run_id, blueprint = %bp.name, total_time_ms, tokens, "run succeeded")
         }
-        _ => tracing::warn!(run_id = %run_id, blueprint = %bp.name, status = status.as_str(), error = error.as_deref().unwrap_or(""), "run did not succeed"),
+        _ => {
+            tracing::warn!(run_id = %run_id, blueprint = %bp.name, status = status.as_str(), error = error.as_deref().unwrap_or(""), "run did not succeed")
+        }
     }
     RunOutcome {
         run_id,
@@ -340,7 +356,10 @@ fn finish_step(
     match r.result {
         Ok(v) => outputs[r.item.unwrap_or(0)] = v,
         Err(e) => {
-            if failed.is_none() || failed.as_ref().is_some_and(|f| f.kind == ErrorKind::Cancelled)
+            if failed.is_none()
+                || failed
+                    .as_ref()
+                    .is_some_and(|f| f.kind == ErrorKind::Cancelled)
             {
                 *failed = Some(e);
             }
@@ -367,7 +386,7 @@ fn finish_step(
             None
         }
         Some(e) => {
-            states[r.node] = NodeState::Failed(e.clone());
+            states[r.node] = NodeState::Failed;
             (e.kind != ErrorKind::Cancelled).then(|| (node.id.clone(), e))
         }
     }
@@ -378,7 +397,7 @@ fn finish_step(
 fn skip_reason(bp: &Blueprint, states: &[NodeState], needs: &[usize]) -> Option<String> {
     for &d in needs {
         match &states[d] {
-            NodeState::Skipped(_) => {
+            NodeState::Skipped => {
                 return Some(format!("skipped because {} was skipped", bp.nodes[d].id))
             }
             NodeState::Done(v) if matches!(bp.nodes[d].kind, NodeKind::Condition(_)) => {
@@ -408,7 +427,7 @@ fn context(ctx: &RunCtx, states: &[NodeState]) -> Value {
             NodeState::FailedContinue(e) => {
                 json!({ "output": Value::Null, "status": "error", "error": e.message })
             }
-            NodeState::Skipped(_) => json!({ "output": Value::Null, "status": "skipped" }),
+            NodeState::Skipped => json!({ "output": Value::Null, "status": "skipped" }),
             _ => continue,
         };
         nodes.insert(ctx.blueprint.nodes[i].id.clone(), entry);
@@ -476,7 +495,13 @@ fn record_skip(ctx: &RunCtx, i: usize, reason: &str, summaries: &mut Vec<StepSum
 
 fn record_plan_failure(ctx: &RunCtx, i: usize, e: &StepError, summaries: &mut Vec<StepSummary>) {
     let node = &ctx.blueprint.nodes[i];
-    record_final(ctx, i, StepStatus::Error, Some(e.message.clone()), Some(e.kind));
+    record_final(
+        ctx,
+        i,
+        StepStatus::Error,
+        Some(e.message.clone()),
+        Some(e.kind),
+    );
     summaries.push(StepSummary {
         node: node.id.clone(),
         step: node.id.clone(),
@@ -527,4 +552,3 @@ fn record_final(
         error,
     });
 }
-

@@ -116,7 +116,13 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             attempt,
             priority: ctx.priority(),
         };
-        let job = attempt_job(ctx.clone(), step_key.clone(), prepared.clone(), attempt, timeout);
+        let job = attempt_job(
+            ctx.clone(),
+            step_key.clone(),
+            prepared.clone(),
+            attempt,
+            timeout,
+        );
         let done = match ctx.inner.pool.submit(meta, ctx.abort.clone(), job).await {
             Ok(d) => d,
             Err(_) => {
@@ -124,14 +130,18 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
                 let e = if ctx.abort.is_cancelled() {
                     StepError::cancelled()
                 } else {
-                    StepError::new(ErrorKind::Internal, "the attempt panicked; this is a bug in OmniFlow — please report it")
+                    StepError::new(
+                        ErrorKind::Internal,
+                        "the attempt panicked; this is a bug in OmniFlow — please report it",
+                    )
                 };
                 break Err(e);
             }
         };
+        let times = (done.started_at, done.finished_at);
         let err = match done.result {
             Ok(out) => {
-                record_attempt(&ctx, &spec.key, attempt, &done, None, &out);
+                record_attempt(&ctx, &spec.key, attempt, times, None, &out);
                 let value = out.value.clone();
                 last_ok = out;
                 break Ok(value);
@@ -139,12 +149,12 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             Err(e) => e,
         };
         if err.kind == ErrorKind::Cancelled {
-            record_attempt_err(&ctx, &spec.key, attempt, &done, &err, None);
+            record_attempt_err(&ctx, &spec.key, attempt, times, &err, None);
             break Err(err);
         }
         match policy.decide(attempt, &err, rand::random::<f64>() * 2.0 - 1.0) {
             Decision::GiveUp { exhausted } => {
-                record_attempt_err(&ctx, &spec.key, attempt, &done, &err, None);
+                record_attempt_err(&ctx, &spec.key, attempt, times, &err, None);
                 let err = if exhausted && attempt > 1 {
                     StepError {
                         message: format!("{} (gave up after {attempt} attempts)", err.message),
@@ -157,7 +167,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             }
             Decision::Retry { wait, .. } => {
                 let wait_ms = wait.as_millis() as u64;
-                record_attempt_err(&ctx, &spec.key, attempt, &done, &err, Some(wait_ms));
+                record_attempt_err(&ctx, &spec.key, attempt, times, &err, Some(wait_ms));
                 store.step_retrying(&run_id, &spec.key);
                 ctx.inner.bus.publish(Event::StepRetrying {
                     run_id: run_id.clone(),
@@ -183,7 +193,9 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
         Err(e) if e.kind == ErrorKind::Cancelled => (StepStatus::Cancelled, None, Some(e)),
         Err(e) => (StepStatus::Error, None, Some(e)),
     };
-    let summary = finish(&ctx, &spec, status, attempt, output, error, &last_ok, started);
+    let summary = finish(
+        &ctx, &spec, status, attempt, output, error, &last_ok, started,
+    );
     StepResult {
         node: spec.node,
         item: spec.item,
@@ -252,7 +264,7 @@ fn record_attempt(
     ctx: &RunCtx,
     step: &str,
     attempt: u32,
-    done: &AttemptDone,
+    times: (SystemTime, SystemTime),
     wait_ms: Option<u64>,
     out: &StepOutput,
 ) {
@@ -264,8 +276,8 @@ fn record_attempt(
         error_kind: None,
         error: None,
         wait_ms,
-        started_at: done.started_at,
-        finished_at: done.finished_at,
+        started_at: times.0,
+        finished_at: times.1,
         tokens_used: out.tokens,
         provider: out.provider.clone(),
         model: out.model.clone(),
@@ -284,7 +296,7 @@ fn record_attempt_err(
     ctx: &RunCtx,
     step: &str,
     attempt: u32,
-    done: &AttemptDone,
+    times: (SystemTime, SystemTime),
     err: &StepError,
     wait_ms: Option<u64>,
 ) {
@@ -296,8 +308,8 @@ fn record_attempt_err(
         error_kind: Some(err.kind),
         error: Some(err.message.clone()),
         wait_ms,
-        started_at: done.started_at,
-        finished_at: done.finished_at,
+        started_at: times.0,
+        finished_at: times.1,
         tokens_used: 0,
         provider: None,
         model: None,
@@ -348,7 +360,9 @@ fn finish(
         StepStatus::Success => {
             tracing::info!(run_id = %ctx.run_id, step = %spec.key, attempts, duration_ms, tokens = out.tokens, "step succeeded")
         }
-        _ => tracing::warn!(run_id = %ctx.run_id, step = %spec.key, attempts, status = status.as_str(), kind = error.map(|e| e.kind.as_str()).unwrap_or(""), error = error.map(|e| e.message.as_str()).unwrap_or(""), "step did not succeed"),
+        _ => {
+            tracing::warn!(run_id = %ctx.run_id, step = %spec.key, attempts, status = status.as_str(), kind = error.map(|e| e.kind.as_str()).unwrap_or(""), error = error.map(|e| e.message.as_str()).unwrap_or(""), "step did not succeed")
+        }
     }
     StepSummary {
         node: node.id.clone(),

@@ -1,0 +1,385 @@
+//! The engine end to end: real blueprints, the real pool, a real SQLite file.
+
+mod common;
+
+use common::*;
+use omniflow::engine::RunRequest;
+use omniflow::events::{Event, RunStatus, StepStatus};
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_flow_along_needs_and_history_is_recorded() {
+    let env = engine(&[], 8);
+    let bp = blueprint(json!({
+        "name": "chain",
+        "variables": { "WHO": "world", "INFO": { "lang": "rust", "tags": ["a", "b"] } },
+        "nodes": [
+            { "id": "greet", "type": "transform", "template": "hello {{ vars.WHO }}" },
+            { "id": "shout", "type": "transform", "needs": ["greet"], "template": "{{ nodes.greet.output | upper }}!" },
+            { "id": "data", "type": "transform", "parse": "json", "template": "{{ vars.INFO | tojson }}" },
+            { "id": "use", "type": "transform", "needs": ["data", "shout"],
+              "template": "{{ nodes.shout.output }} in {{ nodes.data.output.lang }} / {{ nodes.data.output.tags | join(',') }}" }
+        ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["use"], json!("HELLO WORLD! in rust / a,b"));
+    assert_eq!(o.outputs["data"]["tags"], json!(["a", "b"]));
+
+    let row = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(row.status, RunStatus::Success);
+    assert_eq!(row.blueprint_name, "chain");
+    assert!(row.total_time_ms.is_some());
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps.len(), 4);
+    assert!(steps
+        .iter()
+        .all(|s| s.status == StepStatus::Success && s.attempts == 1));
+    let use_step = steps.iter().find(|s| s.step_key == "use").unwrap();
+    assert_eq!(use_step.output, Some(json!("HELLO WORLD! in rust / a,b")));
+
+    // The original's monitoring queries, verbatim, on the same file.
+    let conn = rusqlite::Connection::open(env.store.path()).unwrap();
+    let rows: Vec<(String, String, Option<i64>)> = conn
+        .prepare("SELECT blueprint_name, status, total_time_ms FROM runner_executions ORDER BY started_at DESC LIMIT 10;")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, "chain");
+    assert_eq!(rows[0].1, "success");
+    assert!(rows[0].2.is_some());
+    let errors: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM (SELECT * FROM runner_executions WHERE status = 'error')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_40_item_fan_out_puts_40_agents_in_flight_together() {
+    let env = engine(&[("SANDBOX_LATENCY_MS", "100000")], 64); // 100 s scaled ×0.001 = 100 ms
+    let topics: Vec<String> = (0..40).map(|i| format!("topic{i}")).collect();
+    let bp = blueprint(json!({
+        "name": "fan",
+        "variables": { "TOPICS": topics },
+        "nodes": [
+            { "id": "summarize", "type": "llm", "forEach": "{{ vars.TOPICS }}", "prompt": "Two sentences on {{ item }}." },
+            { "id": "digest", "type": "transform", "needs": ["summarize"], "template": "{{ nodes.summarize.output | length }} summaries" }
+        ]
+    }));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (p, s, pool) = (peak.clone(), stop.clone(), env.engine.pool().clone());
+    let sampler = tokio::spawn(async move {
+        while !s.load(Ordering::Relaxed) {
+            p.fetch_max(pool.stats().running, Ordering::Relaxed);
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    });
+    let o = run(&env, &bp, sandbox(0.0, 1)).await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(
+        peak.load(Ordering::Relaxed),
+        40,
+        "all 40 model calls in flight at once"
+    );
+    assert_eq!(o.outputs["summarize"].as_array().unwrap().len(), 40);
+    assert_eq!(o.outputs["digest"], json!("40 summaries"));
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(
+        steps.iter().filter(|s| s.node_id == "summarize").count(),
+        40
+    );
+    let item7 = steps.iter().find(|s| s.step_key == "summarize[7]").unwrap();
+    assert_eq!(item7.item_index, Some(7));
+    assert!(item7.input.as_ref().unwrap()["prompt"]
+        .as_str()
+        .unwrap()
+        .contains("topic7"));
+    assert!(item7.tokens_used > 0);
+    assert_eq!(item7.provider.as_deref(), Some("sandbox"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_false_condition_skips_what_depends_on_it() {
+    let env = engine(&[], 8);
+    let bp = blueprint(json!({
+        "name": "route",
+        "variables": { "LABEL": "urgent" },
+        "nodes": [
+            { "id": "is_urgent", "type": "condition", "expression": "vars.LABEL == 'urgent'" },
+            { "id": "is_spam", "type": "condition", "expression": "vars.LABEL == 'spam'" },
+            { "id": "page", "type": "transform", "needs": ["is_urgent"], "template": "paging" },
+            { "id": "drop", "type": "transform", "needs": ["is_spam"], "template": "dropping" },
+            { "id": "after_drop", "type": "transform", "needs": ["drop"], "template": "never" }
+        ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success);
+    assert_eq!(o.outputs["page"], json!("paging"));
+    assert!(!o.outputs.contains_key("drop"));
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    let status = |k: &str| steps.iter().find(|s| s.step_key == k).unwrap().status;
+    assert_eq!(status("is_spam"), StepStatus::Success);
+    assert_eq!(status("drop"), StepStatus::Skipped);
+    assert_eq!(status("after_drop"), StepStatus::Skipped, "skips propagate");
+    assert_eq!(status("page"), StepStatus::Success);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_fails_the_run_unless_it_continues_on_error() {
+    let server = fake_server(vec![Reply::json(404, r#"{"error":"nope"}"#)]).await;
+    let env = engine(&[], 8);
+    let mk = |continue_on_error: bool| {
+        blueprint(json!({
+            "name": "fails",
+            "nodes": [
+                { "id": "fetch", "type": "http", "url": format!("{}/missing", server.url), "continueOnError": continue_on_error },
+                { "id": "after", "type": "transform", "needs": ["fetch"],
+                  "template": "fetch was {{ nodes.fetch.status }}, output {{ nodes.fetch.output | default('none', true) }}" }
+            ]
+        }))
+    };
+    let o = run(&env, &mk(false), RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.failed_step.as_deref(), Some("fetch"));
+    assert!(o.error.as_deref().unwrap().contains("404"), "{:?}", o.error);
+    let fetch = o.steps.iter().find(|s| s.node == "fetch").unwrap();
+    assert_eq!(fetch.attempts, 1, "a 404 is not retried");
+    let row = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(row.status, RunStatus::Error);
+    assert_eq!(row.failed_step.as_deref(), Some("fetch"));
+    assert_eq!(row.error_kind.as_deref(), Some("invalid_request"));
+
+    let o = run(&env, &mk(true), RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["after"], json!("fetch was error, output none"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_and_every_attempt_is_recorded() {
+    let server = fake_server(vec![
+        Reply::json(503, r#"{"error":"busy"}"#),
+        Reply {
+            status: 429,
+            headers: vec![("Retry-After".into(), "2".into())],
+            body: "slow down".into(),
+        },
+        Reply::json(200, r#"{"items":[{"title":"first"}]}"#),
+    ])
+    .await;
+    let env = engine(&[], 8);
+    let bp = blueprint(json!({
+        "name": "flaky",
+        "nodes": [
+            { "id": "fetch", "type": "http", "url": server.url.clone() },
+            { "id": "title", "type": "transform", "needs": ["fetch"], "template": "{{ nodes.fetch.output.items[0].title }}" }
+        ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["title"], json!("first"));
+    let attempts = env.store.run_attempts(&o.run_id).unwrap();
+    let fetch: Vec<_> = attempts.iter().filter(|a| a.step_key == "fetch").collect();
+    assert_eq!(fetch.len(), 3);
+    assert_eq!(fetch[0].error_kind.as_deref(), Some("server"));
+    assert!(
+        (900..=1100).contains(&fetch[0].wait_ms.unwrap()),
+        "1 s backoff ± jitter"
+    );
+    assert_eq!(fetch[1].error_kind.as_deref(), Some("rate_limited"));
+    assert_eq!(fetch[1].wait_ms, Some(2000), "Retry-After wins");
+    assert!(fetch[2].ok);
+    assert_eq!(server.seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_errors_are_never_retried() {
+    let server = fake_server(vec![Reply::json(401, r#"{"error":"Invalid credentials"}"#)]).await;
+    let env = engine(&[], 8);
+    let bp = blueprint(json!({
+        "name": "auth",
+        "nodes": [ { "id": "fetch", "type": "http", "url": server.url.clone() } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Auth));
+    assert_eq!(server.seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_failures_recover_and_are_recorded_per_attempt() {
+    let env = engine(&[("SANDBOX_LATENCY_MS", "1000")], 32);
+    let topics: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+    let bp = blueprint(json!({
+        "name": "chaos",
+        "variables": { "TOPICS": topics },
+        "defaults": { "retry": { "attempts": 8 } },
+        "nodes": [
+            { "id": "summarize", "type": "llm", "forEach": "{{ vars.TOPICS }}", "prompt": "On {{ item }}" }
+        ]
+    }));
+    let o = run(&env, &bp, sandbox(0.3, 42)).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.seed, Some(42));
+    let attempts = env.store.run_attempts(&o.run_id).unwrap();
+    let failed: Vec<_> = attempts.iter().filter(|a| !a.ok).collect();
+    assert!(
+        failed.len() >= 5,
+        "about 30% of ~57 attempts fail, got {}",
+        failed.len()
+    );
+    for a in &failed {
+        assert!(a.error_kind.is_some() && a.error.is_some());
+        assert!(
+            a.wait_ms.is_some(),
+            "each recovered failure records its wait"
+        );
+    }
+    let kinds: std::collections::HashSet<_> =
+        failed.iter().filter_map(|a| a.error_kind.clone()).collect();
+    assert!(kinds.len() >= 3, "several kinds injected: {kinds:?}");
+
+    // The same seed injects the same failures.
+    let again = run(&env, &bp, sandbox(0.3, 42)).await;
+    let again_attempts = env.store.run_attempts(&again.run_id).unwrap();
+    let sig = |v: &Vec<omniflow::store::AttemptRow>| {
+        let mut s: Vec<_> = v
+            .iter()
+            .map(|a| (a.step_key.clone(), a.attempt, a.error_kind.clone()))
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(sig(&attempts), sig(&again_attempts));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_timeout_really_stops_the_work() {
+    let env = engine(&[], 8);
+    // A server that accepts the connection and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s); // accept and never answer
+        }
+    });
+    let hang = blueprint(json!({
+        "name": "hang",
+        "nodes": [ { "id": "fetch", "type": "http", "url": format!("http://{addr}/"), "timeout": "5s",
+                     "retry": { "attempts": 2, "backoff": "1s" } } ]
+    }));
+    let o = run(&env, &hang, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Timeout));
+    let attempts = env.store.run_attempts(&o.run_id).unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert!(attempts
+        .iter()
+        .all(|a| a.error_kind.as_deref() == Some("timeout")));
+    assert!(attempts[0].error.as_deref().unwrap().contains("timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_run_stops_it_and_records_cancelled() {
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 8);
+    let bp = blueprint(json!({
+        "name": "long",
+        "nodes": [
+            { "id": "wait", "type": "delay", "duration": "1h" },
+            { "id": "after", "type": "transform", "needs": ["wait"], "template": "x" }
+        ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    // Wait until the delay is running, then cancel.
+    loop {
+        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
+            if step == "wait" {
+                break;
+            }
+        }
+    }
+    h.cancel();
+    let o = h.wait().await;
+    assert_eq!(o.status, RunStatus::Cancelled);
+    let row = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(row.status, RunStatus::Cancelled);
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps[0].status, StepStatus::Cancelled);
+    assert!(
+        steps.iter().all(|s| s.step_key != "after"),
+        "nothing after a cancel starts"
+    );
+    assert_eq!(env.engine.pool().stats().running, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_does_not_block_the_pool() {
+    let env = engine(&[], 4);
+    let stalled = env.bus.subscribe(); // never read until the end
+    let watcher = env.bus.subscribe();
+    let bp = blueprint(json!({
+        "name": "busy",
+        "variables": { "N": (0..3000).collect::<Vec<_>>() },
+        "nodes": [ { "id": "each", "type": "transform", "forEach": "{{ vars.N }}", "template": "{{ item }}" } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success);
+    // Far more events than the subscriber's channel holds were published …
+    assert!(env.bus.published() > 3 * omniflow::events::CHANNEL_CAP as u64);
+    // … progress events were dropped for the stalled one, lifecycle events all kept in order.
+    let mut finished = 0;
+    while let Some(ev) = stalled.try_recv() {
+        if matches!(ev, Event::StepFinished { .. }) {
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 3000);
+    assert!(stalled.dropped() > 0);
+    drop(watcher);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_variables_are_refused_before_anything_is_recorded() {
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "v", "variables": { "TOPICS": [] },
+        "nodes": [ { "id": "a", "type": "transform", "template": "x" } ]
+    }));
+    let mut req = RunRequest::default();
+    req.variables.insert("TOPIX".into(), json!(1));
+    let err = env.engine.start(bp, req).err().unwrap();
+    assert!(err.to_string().contains("declared: TOPICS"), "{err}");
+    let rows = env.store.list_runs(&Default::default()).unwrap();
+    assert!(rows.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_errors_fail_the_step_with_a_clear_message() {
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "t",
+        "nodes": [ { "id": "a", "type": "transform", "template": "{{ vars.MISSING.deeper }}" } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Template));
+    assert!(
+        o.error.as_deref().unwrap().contains("a.template"),
+        "{:?}",
+        o.error
+    );
+}
