@@ -123,3 +123,45 @@ impl Visit for FieldMap {
         self.insert(field.name(), Value::String(format!("{value:?}")));
     }
 }
+
+/// One line of a log file, parsed: what the console's log pane shows.
+///
+/// ```
+/// use omniflow::logging::LogLine;
+/// let line = LogLine::parse(
+///     r#"{"timestamp":"2025-01-31T17:06:02.123456Z","level":"WARN","target":"omniflow::engine","message":"retrying","run_id":"r-1","attempt":2}"#,
+/// ).unwrap();
+/// assert_eq!(line.level, "WARN");
+/// assert_eq!(line.fields["run_id"], "r-1");
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogLine {
+    /// RFC 3339 UTC, as written.
+    pub timestamp: String,
+    /// `TRACE` | `DEBUG` | `INFO` | `WARN` | `ERROR`.
+    pub level: String,
+    pub target: String,
+    pub message: String,
+    /// Every other key of the line (`run_id`, `step`, …).
+    pub fields: Map<String, Value>,
+}
+
+impl LogLine {
+    /// `None` when the line is not an OmniFlow log line (not JSON, or lacking a fixed key).
+    pub fn parse(line: &str) -> Option<LogLine> {
+        let Value::Object(mut map) = serde_json::from_str::<Value>(line.trim_end()).ok()? else {
+            return None;
+        };
+        let mut take = |key: &str| match map.remove(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        Some(LogLine {
+            timestamp: take("timestamp")?,
+            level: take("level")?,
+            target: take("target")?,
+            message: take("message")?,
+            fields: map,
+        })
+    }
+}

@@ -11,7 +11,8 @@
 //!
 //! # Line shape (the console's log pane parses this)
 //!
-//! One JSON object per line (`\n`-terminated, no pretty-printing), keys in this order:
+//! One JSON object per line (`\n`-terminated, no pretty-printing), always starting with these
+//! four keys in this order (the order of the other fields is not part of the contract):
 //!
 //! ```text
 //! {"timestamp":"2025-01-31T17:06:02.123456Z","level":"INFO","target":"omniflow::engine","message":"step finished","run_id":"r-7f3a","step":"summarize[3]","attempt":2,"duration_ms":1840}
@@ -30,6 +31,8 @@
 //!   Conventional names: `run_id`, `blueprint`, `step`, `attempt`, `kind` (an error kind),
 //!   `duration_ms`, `wait_ms`, `worker`.
 //!
+//! [`LogLine::parse`] reads a line back.
+//!
 //! Secrets never appear: the writer passes each formatted line through a [`Redactor`] (see
 //! [`redact`]) before it reaches the file, whatever a caller logged, so a secret is always
 //! replaced by `[REDACTED]`.
@@ -44,6 +47,7 @@ pub mod redact;
 
 mod json;
 
+pub use json::LogLine;
 pub use redact::{Redactor, REDACTED};
 
 use std::fs;

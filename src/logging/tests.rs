@@ -112,6 +112,14 @@ fn lines_are_flat_json_with_the_documented_keys() {
     );
     assert!(is_date(&ts[..10]), "{ts}");
 
+    let read_back = LogLine::parse(&lines[0]).expect("a log line parses");
+    assert_eq!(read_back.level, "INFO");
+    assert_eq!(read_back.message, "step finished");
+    assert_eq!(read_back.fields["run_id"], "r-1");
+    assert!(!read_back.fields.contains_key("message"));
+    assert_eq!(LogLine::parse("not json"), None);
+    assert_eq!(LogLine::parse(r#"{"level":"INFO"}"#), None);
+
     let second = parse(&lines[1]);
     assert_eq!(second["run_id"], "r-override");
     assert_eq!(second["level"], "INFO");
