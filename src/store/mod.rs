@@ -35,6 +35,12 @@
 //! # Ok(()) }
 //! ```
 
+// The store must never take the process down: every fallible path returns or logs.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 mod error;
 mod read;
 mod schema;

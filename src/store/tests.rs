@@ -68,6 +68,28 @@ fn open_temp() -> (tempfile::TempDir, Store) {
 }
 
 #[test]
+fn a_store_can_be_shared_across_threads_and_tasks() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    send_sync::<Store>();
+    // Errors travel through anyhow at the binary's edge.
+    fn error<T: std::error::Error + Send + Sync + 'static>() {}
+    error::<StoreError>();
+}
+
+#[test]
+fn a_row_this_build_cannot_read_is_reported_as_corrupt() {
+    let (dir, store) = open_temp();
+    store.insert_run(new_run("r1", 0));
+    store.flush_blocking();
+    let raw = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
+    raw.execute("UPDATE runner_executions SET priority = 'urgent'", [])
+        .unwrap();
+    let err = store.find_run("r1").unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("\"urgent\""), "{err}");
+}
+
+#[test]
 fn timestamps_are_iso8601_utc_with_millis_and_clamped() {
     assert_eq!(
         iso8601(UNIX_EPOCH + Duration::from_millis(1_795_772_678_123)),
