@@ -44,6 +44,7 @@
 mod error;
 mod read;
 mod schema;
+mod transitions;
 mod types;
 mod writer;
 
@@ -58,7 +59,8 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use writer::{Ack, Msg, Op, Shared};
+use transitions::Op;
+use writer::{Ack, Msg, Shared};
 
 /// The newest schema version this build can read and write.
 pub const SCHEMA_VERSION: i64 = schema::LATEST;
