@@ -61,7 +61,10 @@ pub enum StoreError {
     },
 
     /// A row holds a value this build does not understand (edited by hand, or corrupted).
-    #[error("{} holds an unexpected value: {detail}: run `omniflow doctor`, or restore a backup", path.display())]
+    #[error(
+        "{} holds a value this omniflow does not understand ({detail}): fix or delete that row, or point DB_FILE at another file",
+        path.display()
+    )]
     Corrupt { path: PathBuf, detail: String },
 
     /// `omniflow backup` could not write its copy.

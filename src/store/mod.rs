@@ -35,9 +35,16 @@
 //! # Ok(()) }
 //! ```
 
+// The store must never take the process down: every fallible path returns or logs.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 mod error;
 mod read;
 mod schema;
+mod transitions;
 mod types;
 mod writer;
 
@@ -52,7 +59,8 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use writer::{Ack, Msg, Op, Shared};
+use transitions::Op;
+use writer::{Ack, Msg, Shared};
 
 /// The newest schema version this build can read and write.
 pub const SCHEMA_VERSION: i64 = schema::LATEST;

@@ -1,1 +1,347 @@
+//! Unit tests of the guards, the opening checks and the writer's failure handling, on real
+//! SQLite files in temporary directories.
 
+use super::*;
+use crate::blueprint::Priority;
+use crate::error::ErrorKind;
+use crate::events::{RunStatus, StepStatus};
+use serde_json::json;
+
+fn at(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(1_780_000_000_000 + ms)
+}
+
+fn new_run(id: &str, queued_ms: u64) -> NewRun {
+    NewRun {
+        id: id.into(),
+        blueprint_name: "tech-digest".into(),
+        priority: Priority::Normal,
+        trigger: "cli".into(),
+        sandbox: false,
+        seed: Some(u64::MAX - 1),
+        simulate_failures: 0.0,
+        variables: json!({"TOPICS": ["a"]}),
+        blueprint: serde_json::Value::Null,
+        parent_run_id: None,
+        queued_at: at(queued_ms),
+    }
+}
+
+fn end(id: &str, status: RunStatus, ms: u64) -> RunEnd {
+    RunEnd {
+        run_id: id.into(),
+        status,
+        finished_at: at(ms),
+        total_time_ms: ms,
+        tokens_used: 7,
+        steps_done: 1,
+        error: (status == RunStatus::Error).then(|| "boom".to_string()),
+        error_kind: (status == RunStatus::Error).then_some(ErrorKind::Server),
+        failed_step: None,
+    }
+}
+
+fn step_end(run: &str, key: &str, status: StepStatus) -> StepEnd {
+    StepEnd {
+        run_id: run.into(),
+        step_key: key.into(),
+        node_id: key.into(),
+        item_index: None,
+        status,
+        attempts: 1,
+        output: Some(json!("out")),
+        error_kind: None,
+        error: None,
+        tokens_used: 3,
+        provider: None,
+        model: None,
+        cached: false,
+        finished_at: at(500),
+        duration_ms: 100,
+    }
+}
+
+fn open_temp() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("history.db")).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn a_store_can_be_shared_across_threads_and_tasks() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    send_sync::<Store>();
+    // Errors travel through anyhow at the binary's edge.
+    fn error<T: std::error::Error + Send + Sync + 'static>() {}
+    error::<StoreError>();
+}
+
+#[test]
+fn a_row_this_build_cannot_read_is_reported_as_corrupt() {
+    let (dir, store) = open_temp();
+    store.insert_run(new_run("r1", 0));
+    store.flush_blocking();
+    let raw = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
+    raw.execute("UPDATE runner_executions SET priority = 'urgent'", [])
+        .unwrap();
+    let err = store.find_run("r1").unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("\"urgent\""), "{err}");
+}
+
+#[test]
+fn timestamps_are_iso8601_utc_with_millis_and_clamped() {
+    assert_eq!(
+        iso8601(UNIX_EPOCH + Duration::from_millis(1_795_772_678_123)),
+        "2026-11-27T09:44:38.123Z"
+    );
+    assert_eq!(
+        iso8601(UNIX_EPOCH - Duration::from_secs(5)),
+        "1970-01-01T00:00:00.000Z"
+    );
+    let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+    assert_eq!(iso8601(far), "9999-12-31T23:59:59.999Z");
+}
+
+#[test]
+fn a_finished_run_keeps_its_first_end_and_cannot_restart() {
+    let (_dir, store) = open_temp();
+    store.insert_run(new_run("r1", 0));
+    store.run_started("r1", at(10), 2);
+    store.run_finished(end("r1", RunStatus::Success, 100));
+    store.run_finished(end("r1", RunStatus::Error, 200));
+    store.run_started("r1", at(300), 9);
+    store.run_progress("r1", 99, 99);
+    store.flush_blocking();
+
+    let run = store.find_run("r1").unwrap();
+    assert_eq!(run.status, RunStatus::Success);
+    assert_eq!(run.finished_at.as_deref(), Some(iso8601(at(100)).as_str()));
+    assert_eq!(run.started_at.as_deref(), Some(iso8601(at(10)).as_str()));
+    assert_eq!(run.steps_total, Some(2));
+    assert_eq!(run.tokens_used, 7);
+    assert_eq!(run.error, None);
+    assert_eq!(run.seed, Some(u64::MAX - 1), "u64 seeds round-trip");
+    assert_eq!(
+        store.take_write_error(),
+        None,
+        "guarded no-ops are not errors"
+    );
+}
+
+#[test]
+fn a_queued_run_sorts_by_queue_time_until_it_starts() {
+    let (_dir, store) = open_temp();
+    store.insert_run(new_run("r1", 5));
+    store.flush_blocking();
+    let run = store.find_run("r1").unwrap();
+    assert_eq!(run.status, RunStatus::Queued);
+    assert_eq!(run.started_at, Some(run.queued_at.clone()));
+    // A non-final "end" is refused.
+    store.run_finished(end("r1", RunStatus::Running, 9));
+    store.flush_blocking();
+    assert_eq!(store.find_run("r1").unwrap().status, RunStatus::Queued);
+    // A queued run can be cancelled directly.
+    store.run_finished(end("r1", RunStatus::Cancelled, 9));
+    store.flush_blocking();
+    assert_eq!(store.find_run("r1").unwrap().status, RunStatus::Cancelled);
+}
+
+#[test]
+fn step_transitions_are_guarded() {
+    let (_dir, store) = open_temp();
+    store.insert_run(new_run("r1", 0));
+    // Unknown run: no row, no error.
+    store.step_queued(NewStep {
+        run_id: "nope".into(),
+        step_key: "a".into(),
+        node_id: "a".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(1),
+    });
+    store.step_queued(NewStep {
+        run_id: "r1".into(),
+        step_key: "a".into(),
+        node_id: "a".into(),
+        item_index: None,
+        input: Some(json!({"x": 1})),
+        queued_at: at(1),
+    });
+    store.step_retrying("r1", "a"); // pending, not running: ignored
+    store.step_started("r1", "a", 1, at(2));
+    store.step_retrying("r1", "a");
+    store.step_started("r1", "a", 2, at(3));
+    store.step_finished(step_end("r1", "a", StepStatus::Success));
+    store.step_finished(step_end("r1", "a", StepStatus::Error));
+    store.step_started("r1", "a", 3, at(4));
+    // Never queued: the final record creates it, after `a` in display order.
+    store.step_finished(StepEnd {
+        attempts: 0,
+        output: None,
+        ..step_end("r1", "b", StepStatus::Skipped)
+    });
+    store.flush_blocking();
+
+    let steps = store.run_steps("r1").unwrap();
+    assert_eq!(steps.len(), 2);
+    let a = &steps[0];
+    assert_eq!((a.step_key.as_str(), a.status), ("a", StepStatus::Success));
+    assert_eq!(
+        a.attempts, 1,
+        "the final record's count wins over the started one"
+    );
+    assert_eq!(a.started_at.as_deref(), Some(iso8601(at(2)).as_str()));
+    assert_eq!(a.input, Some(json!({"x": 1})));
+    assert_eq!(a.output, Some(json!("out")));
+    let b = &steps[1];
+    assert_eq!((b.step_key.as_str(), b.status), ("b", StepStatus::Skipped));
+    assert_eq!(b.started_at, None);
+    assert!(store.run_steps("nope").unwrap().is_empty());
+    assert_eq!(store.take_write_error(), None);
+}
+
+#[test]
+fn one_bad_write_does_not_take_its_batch_down() {
+    let (dir, store) = open_temp();
+    let raw = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER boom BEFORE INSERT ON runner_executions WHEN NEW.id = 'bad'
+         BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;",
+    )
+    .unwrap();
+    for id in ["ok1", "bad", "ok2"] {
+        store.insert_run(new_run(id, 0));
+    }
+    store.flush_blocking();
+    assert!(store.find_run("ok1").is_ok());
+    assert!(store.find_run("ok2").is_ok());
+    assert!(matches!(
+        store.find_run("bad"),
+        Err(StoreError::NotFound(_))
+    ));
+    let err = store.take_write_error().expect("the failure is reported");
+    assert!(err.contains("insert_run bad"), "{err}");
+    assert_eq!(store.take_write_error(), None, "reported once");
+    // The writer keeps serving.
+    store.insert_run(new_run("ok3", 0));
+    store.flush_blocking();
+    assert!(store.find_run("ok3").is_ok());
+}
+
+#[test]
+fn dropping_the_last_clone_applies_pending_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.db");
+    {
+        let store = Store::open(&path).unwrap();
+        let clone = store.clone();
+        for i in 0..500 {
+            clone.insert_run(new_run(&format!("r{i:04}"), i));
+        }
+        drop(store);
+        // `clone` still alive: the writer must still be serving.
+        clone.insert_run(new_run("last", 0));
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 501);
+}
+
+#[tokio::test]
+async fn async_flush_waits_for_the_commit() {
+    let (_dir, store) = open_temp();
+    store.insert_run(new_run("r1", 0));
+    store.flush().await;
+    let s = store.clone();
+    let run = tokio::task::spawn_blocking(move || s.find_run("r1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.id, "r1");
+}
+
+#[test]
+fn a_file_that_is_not_sqlite_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.db");
+    let bytes = b"these are my notes, not a database\n".repeat(100);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
+    assert!(
+        msg.contains("is not an SQLite database (file is not a database)")
+            && msg.contains("point DB_FILE at another file or move it away"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    assert!(!dir.path().join("notes.db-wal").exists());
+}
+
+#[test]
+fn a_newer_schema_is_refused_before_any_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("future.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 99;")
+            .unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NewerSchema {
+                found: 99,
+                known: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("schema version 99, this omniflow knows up to 1: upgrade omniflow or use another DB_FILE"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "not even switched to WAL"
+    );
+}
+
+#[test]
+fn reopening_is_idempotent_and_records_the_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a/b/c/history.db");
+    drop(Store::open(&path).unwrap());
+    let store = Store::open(&path).unwrap();
+    let c = rusqlite::Connection::open(store.path()).unwrap();
+    let v: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    let mode: String = c
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[test]
+fn a_directory_that_cannot_be_created_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let err = Store::open(&blocker.join("sub/history.db")).unwrap_err();
+    assert!(matches!(err, StoreError::CreateDir { .. }), "{err:?}");
+    assert!(err.to_string().contains("point DB_FILE elsewhere"), "{err}");
+}
+
+#[test]
+fn a_directory_as_db_file_is_unwritable() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Unwritable { .. }), "{err:?}");
+}

@@ -1,0 +1,380 @@
+//! Every state transition the store knows, one function each, each guarded by the state it
+//! expects: a late or repeated event is a no-op reported as a warning, never a step backwards
+//! (a finished run stays finished, a final step keeps its result). All writing SQL lives here.
+
+use super::types::{AttemptRecord, NewRun, NewStep, RunEnd, StepEnd};
+use super::{iso8601, saturating_i64};
+use crate::events::StepStatus;
+use rusqlite::{params, OptionalExtension, Transaction};
+use std::time::{Duration, SystemTime};
+
+/// One state transition.
+pub(crate) enum Op {
+    InsertRun(Box<NewRun>),
+    RunStarted {
+        run_id: String,
+        at: SystemTime,
+        steps_total: u32,
+    },
+    RunFinished(Box<RunEnd>),
+    StepQueued(Box<NewStep>),
+    StepStarted {
+        run_id: String,
+        step_key: String,
+        attempt: u32,
+        at: SystemTime,
+    },
+    StepRetrying {
+        run_id: String,
+        step_key: String,
+    },
+    AttemptFinished(Box<AttemptRecord>),
+    StepFinished(Box<StepEnd>),
+    RunProgress {
+        run_id: String,
+        steps_done: u32,
+        tokens_used: u64,
+    },
+}
+
+impl Op {
+    /// For logs: which transition of which run/step.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Op::InsertRun(r) => format!("insert_run {}", r.id),
+            Op::RunStarted { run_id, .. } => format!("run_started {run_id}"),
+            Op::RunFinished(e) => format!("run_finished {}", e.run_id),
+            Op::StepQueued(s) => format!("step_queued {} {}", s.run_id, s.step_key),
+            Op::StepStarted {
+                run_id, step_key, ..
+            } => format!("step_started {run_id} {step_key}"),
+            Op::StepRetrying { run_id, step_key } => format!("step_retrying {run_id} {step_key}"),
+            Op::AttemptFinished(a) => {
+                format!(
+                    "attempt_finished {} {} #{}",
+                    a.run_id, a.step_key, a.attempt
+                )
+            }
+            Op::StepFinished(s) => format!("step_finished {} {}", s.run_id, s.step_key),
+            Op::RunProgress { run_id, .. } => format!("run_progress {run_id}"),
+        }
+    }
+
+    /// Applies the transition. `Ok(Some(reason))` is a guarded no-op: the row was not in the
+    /// expected state. Never an error, only worth a warning.
+    pub(crate) fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        proc: &ProcessInfo,
+    ) -> rusqlite::Result<Option<String>> {
+        match self {
+            Op::InsertRun(r) => insert_run(tx, r, proc),
+            Op::RunStarted {
+                run_id,
+                at,
+                steps_total,
+            } => run_started(tx, run_id, *at, *steps_total, proc),
+            Op::RunFinished(e) => run_finished(tx, e),
+            Op::StepQueued(s) => step_queued(tx, s),
+            Op::StepStarted {
+                run_id,
+                step_key,
+                attempt,
+                at,
+            } => step_started(tx, run_id, step_key, *attempt, *at),
+            Op::StepRetrying { run_id, step_key } => step_retrying(tx, run_id, step_key),
+            Op::AttemptFinished(a) => attempt_finished(tx, a),
+            Op::StepFinished(s) => step_finished(tx, s),
+            Op::RunProgress {
+                run_id,
+                steps_done,
+                tokens_used,
+            } => run_progress(tx, run_id, *steps_done, *tokens_used),
+        }
+    }
+}
+
+/// Which process wrote a run (shown by `omniflow show`, useful when cron and the console
+/// share one database).
+pub(crate) struct ProcessInfo {
+    host: Option<String>,
+    pid: u32,
+}
+
+impl ProcessInfo {
+    pub(crate) fn current() -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty());
+        ProcessInfo {
+            host,
+            pid: std::process::id(),
+        }
+    }
+}
+
+type Applied = rusqlite::Result<Option<String>>;
+
+fn guarded(changed: usize, reason: impl FnOnce() -> String) -> Applied {
+    Ok(if changed == 0 { Some(reason()) } else { None })
+}
+
+fn run_exists(tx: &Transaction<'_>, run_id: &str) -> rusqlite::Result<bool> {
+    tx.prepare_cached("SELECT 1 FROM runner_executions WHERE id = ?1")?
+        .query_row([run_id], |_| Ok(()))
+        .optional()
+        .map(|o| o.is_some())
+}
+
+fn json(v: &serde_json::Value) -> Option<String> {
+    (!v.is_null()).then(|| v.to_string())
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A new run, `queued`. `started_at` starts as the queue time (see the schema).
+fn insert_run(tx: &Transaction<'_>, r: &NewRun, proc: &ProcessInfo) -> Applied {
+    let queued = iso8601(r.queued_at);
+    // Seeds are u64; SQLite integers are i64. Store the same 64 bits so a seed round-trips.
+    let seed = r.seed.map(|s| s as i64);
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO runner_executions (id, blueprint_name, status, priority, trigger, sandbox,
+                 seed, simulate_failures, variables, blueprint, parent_run_id, queued_at,
+                 started_at, tokens_used, host, pid)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, 0, ?12, ?13)
+             ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            r.id,
+            r.blueprint_name,
+            r.priority.as_str(),
+            r.trigger,
+            r.sandbox,
+            seed,
+            r.simulate_failures,
+            r.variables.to_string(),
+            json(&r.blueprint),
+            r.parent_run_id,
+            queued,
+            proc.host,
+            proc.pid,
+        ])?;
+    guarded(n, || "a run with this id is already recorded".into())
+}
+
+/// `queued` → `running`.
+fn run_started(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    at: SystemTime,
+    steps_total: u32,
+    proc: &ProcessInfo,
+) -> Applied {
+    let n = tx
+        .prepare_cached(
+            "UPDATE runner_executions
+             SET status = 'running', started_at = ?2, steps_total = ?3,
+                 steps_done = COALESCE(steps_done, 0), host = ?4, pid = ?5
+             WHERE id = ?1 AND status = 'queued'",
+        )?
+        .execute(params![
+            run_id,
+            iso8601(at),
+            steps_total,
+            proc.host,
+            proc.pid
+        ])?;
+    guarded(n, || {
+        "the run is not queued (unknown, or already started)".into()
+    })
+}
+
+/// `queued`/`running` → a final status. The first end wins.
+fn run_finished(tx: &Transaction<'_>, e: &RunEnd) -> Applied {
+    if !e.status.is_final() {
+        return Ok(Some(format!("{} is not a final status", e.status.as_str())));
+    }
+    let n = tx
+        .prepare_cached(
+            "UPDATE runner_executions
+             SET status = ?2, finished_at = ?3, total_time_ms = ?4, tokens_used = ?5,
+                 steps_done = ?6, error = ?7, error_kind = ?8, failed_step = ?9
+             WHERE id = ?1 AND status IN ('queued', 'running')",
+        )?
+        .execute(params![
+            e.run_id,
+            e.status.as_str(),
+            iso8601(e.finished_at),
+            saturating_i64(e.total_time_ms),
+            saturating_i64(e.tokens_used),
+            e.steps_done,
+            e.error,
+            e.error_kind.map(|k| k.as_str()),
+            e.failed_step,
+        ])?;
+    guarded(n, || "the run is unknown or already finished".into())
+}
+
+/// A new step, `pending`. Queuing a step that exists already is a no-op (resume re-plans).
+fn step_queued(tx: &Transaction<'_>, s: &NewStep) -> Applied {
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
+                 input, queued_at, seq)
+             SELECT ?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6,
+                    COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
+             WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
+             ON CONFLICT (run_id, step_key) DO NOTHING",
+        )?
+        .execute(params![
+            s.run_id,
+            s.step_key,
+            s.node_id,
+            s.item_index,
+            s.input.as_ref().and_then(json),
+            iso8601(s.queued_at),
+        ])?;
+    if n == 0 && !run_exists(tx, &s.run_id)? {
+        return Ok(Some("unknown run".into()));
+    }
+    Ok(None)
+}
+
+/// `pending`/`retrying`/`running` → `running` with the attempt number.
+fn step_started(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    step_key: &str,
+    attempt: u32,
+    at: SystemTime,
+) -> Applied {
+    let n = tx
+        .prepare_cached(
+            "UPDATE runner_steps
+             SET status = 'running', attempts = ?3, started_at = COALESCE(started_at, ?4)
+             WHERE run_id = ?1 AND step_key = ?2
+               AND status IN ('pending', 'retrying', 'running')",
+        )?
+        .execute(params![run_id, step_key, attempt, iso8601(at)])?;
+    guarded(n, || "the step is unknown or already finished".into())
+}
+
+/// `running` → `retrying` (waiting for the backoff).
+fn step_retrying(tx: &Transaction<'_>, run_id: &str, step_key: &str) -> Applied {
+    let n = tx
+        .prepare_cached(
+            "UPDATE runner_steps SET status = 'retrying'
+             WHERE run_id = ?1 AND step_key = ?2 AND status = 'running'",
+        )?
+        .execute(params![run_id, step_key])?;
+    guarded(n, || "the step is not running".into())
+}
+
+/// One attempt's record, once, for a known step.
+fn attempt_finished(tx: &Transaction<'_>, a: &AttemptRecord) -> Applied {
+    let duration = a
+        .finished_at
+        .duration_since(a.started_at)
+        .unwrap_or_default();
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO runner_attempts (run_id, step_key, attempt, status, error_kind, error,
+                 wait_ms, started_at, finished_at, duration_ms, tokens_used, provider, model,
+                 cached)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14
+             WHERE EXISTS (SELECT 1 FROM runner_steps WHERE run_id = ?1 AND step_key = ?2)
+             ON CONFLICT (run_id, step_key, attempt) DO NOTHING",
+        )?
+        .execute(params![
+            a.run_id,
+            a.step_key,
+            a.attempt,
+            if a.ok { "success" } else { "error" },
+            a.error_kind.map(|k| k.as_str()),
+            a.error,
+            a.wait_ms.map(saturating_i64),
+            iso8601(a.started_at),
+            iso8601(a.finished_at),
+            ms(duration),
+            saturating_i64(a.tokens_used),
+            a.provider,
+            a.model,
+            a.cached,
+        ])?;
+    guarded(n, || {
+        "the step is unknown, or this attempt is already recorded".into()
+    })
+}
+
+/// A non-final step (or none yet) → its final status. Creating the row covers steps that
+/// never ran (skipped because a condition was false or a dependency failed).
+fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
+    if !s.status.is_final() {
+        return Ok(Some(format!("{} is not a final status", s.status.as_str())));
+    }
+    let finished = iso8601(s.finished_at);
+    // A step that ran but was never reported as started still gets a plausible start.
+    let started = (s.attempts > 0 && s.status != StepStatus::Skipped)
+        .then(|| {
+            s.finished_at
+                .checked_sub(Duration::from_millis(s.duration_ms))
+                .map(iso8601)
+        })
+        .flatten();
+    // The SELECT needs its WHERE for SQLite to parse the upsert clause unambiguously.
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
+                 output, error_kind, error, tokens_used, cached, provider, model, queued_at,
+                 started_at, finished_at, duration_ms, seq)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?14, ?16,
+                    COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
+             WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
+             ON CONFLICT (run_id, step_key) DO UPDATE SET
+                 status = excluded.status, attempts = excluded.attempts,
+                 output = excluded.output, error_kind = excluded.error_kind,
+                 error = excluded.error, tokens_used = excluded.tokens_used,
+                 cached = excluded.cached, provider = excluded.provider,
+                 model = excluded.model,
+                 started_at = COALESCE(runner_steps.started_at, excluded.started_at),
+                 finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
+             WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
+        )?
+        .execute(params![
+            s.run_id,
+            s.step_key,
+            s.node_id,
+            s.item_index,
+            s.status.as_str(),
+            s.attempts,
+            s.output.as_ref().and_then(json),
+            s.error_kind.map(|k| k.as_str()),
+            s.error,
+            saturating_i64(s.tokens_used),
+            s.cached,
+            s.provider,
+            s.model,
+            finished,
+            started,
+            saturating_i64(s.duration_ms),
+        ])?;
+    guarded(n, || {
+        "the run is unknown or the step already finished".into()
+    })
+}
+
+/// Counters of a run in flight.
+fn run_progress(tx: &Transaction<'_>, run_id: &str, steps_done: u32, tokens_used: u64) -> Applied {
+    let n = tx
+        .prepare_cached(
+            "UPDATE runner_executions SET steps_done = ?2, tokens_used = ?3
+             WHERE id = ?1 AND status IN ('queued', 'running')",
+        )?
+        .execute(params![run_id, steps_done, saturating_i64(tokens_used)])?;
+    guarded(n, || "the run is unknown or already finished".into())
+}

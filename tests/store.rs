@@ -1,0 +1,536 @@
+//! The store against real SQLite files: a run's whole life, the original's monitoring
+//! queries verbatim, visibility to other connections, paging, lookups, backup and batching.
+
+use omniflow::blueprint::Priority;
+use omniflow::error::ErrorKind;
+use omniflow::events::{RunStatus, StepStatus};
+use omniflow::store::{
+    iso8601, AttemptRecord, NewRun, NewStep, RunEnd, RunFilter, StepEnd, Store, StoreError,
+};
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn at(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(1_795_772_678_000 + ms)
+}
+
+fn new_run(id: &str, blueprint: &str, queued_ms: u64) -> NewRun {
+    NewRun {
+        id: id.into(),
+        blueprint_name: blueprint.into(),
+        priority: Priority::High,
+        trigger: "cli".into(),
+        sandbox: true,
+        seed: Some(42),
+        simulate_failures: 0.3,
+        variables: json!({"TOPICS": ["rust", "wasm"]}),
+        blueprint: json!({"name": blueprint, "nodes": []}),
+        parent_run_id: None,
+        queued_at: at(queued_ms),
+    }
+}
+
+fn run_end(id: &str, status: RunStatus, ms: u64) -> RunEnd {
+    let failed = status == RunStatus::Error;
+    RunEnd {
+        run_id: id.into(),
+        status,
+        finished_at: at(ms),
+        total_time_ms: ms,
+        tokens_used: 0,
+        steps_done: 0,
+        error: failed.then(|| "summarize[1]: server: 500".to_string()),
+        error_kind: failed.then_some(ErrorKind::Server),
+        failed_step: failed.then(|| "summarize[1]".to_string()),
+    }
+}
+
+fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("automation_runner.db")).unwrap();
+    (dir, store)
+}
+
+fn is_iso_utc(s: &str) -> bool {
+    // 2026-11-27T09:44:38.123Z
+    s.len() == 24
+        && s.ends_with('Z')
+        && s.as_bytes()[10] == b'T'
+        && s.as_bytes()[19] == b'.'
+        && humantime::parse_rfc3339(s).is_ok()
+}
+
+/// One run through its whole life: two forEach items (one retried), then success.
+fn record_lifecycle(store: &Store, id: &str) {
+    store.insert_run(new_run(id, "tech-digest", 0));
+    store.run_started(id, at(10), 3);
+    for (i, key) in ["summarize[0]", "summarize[1]"].iter().enumerate() {
+        store.step_queued(NewStep {
+            run_id: id.into(),
+            step_key: (*key).into(),
+            node_id: "summarize".into(),
+            item_index: Some(i as u32),
+            input: Some(json!({"item": i})),
+            queued_at: at(11),
+        });
+    }
+    let attempt = |key: &str, n: u32, ok: bool, start: u64| AttemptRecord {
+        run_id: id.into(),
+        step_key: key.into(),
+        attempt: n,
+        ok,
+        error_kind: (!ok).then_some(ErrorKind::ModelLoading),
+        error: (!ok).then(|| "model loading, waiting 1s".to_string()),
+        wait_ms: (!ok).then_some(1000),
+        started_at: at(start),
+        finished_at: at(start + 40),
+        tokens_used: if ok { 12 } else { 0 },
+        provider: Some("huggingface".into()),
+        model: Some("mistralai/Mistral-7B-Instruct-v0.2".into()),
+        cached: false,
+    };
+    store.step_started(id, "summarize[0]", 1, at(20));
+    store.attempt_finished(attempt("summarize[0]", 1, true, 20));
+    store.step_started(id, "summarize[1]", 1, at(20));
+    store.attempt_finished(attempt("summarize[1]", 1, false, 20));
+    store.step_retrying(id, "summarize[1]");
+    store.step_started(id, "summarize[1]", 2, at(1060));
+    store.attempt_finished(attempt("summarize[1]", 2, true, 1060));
+    for (i, key) in ["summarize[0]", "summarize[1]"].iter().enumerate() {
+        store.step_finished(StepEnd {
+            run_id: id.into(),
+            step_key: (*key).into(),
+            node_id: "summarize".into(),
+            item_index: Some(i as u32),
+            status: StepStatus::Success,
+            attempts: i as u32 + 1,
+            output: Some(json!(format!("summary {i}"))),
+            error_kind: None,
+            error: None,
+            tokens_used: 12,
+            provider: Some("huggingface".into()),
+            model: Some("mistralai/Mistral-7B-Instruct-v0.2".into()),
+            cached: false,
+            finished_at: at(1100),
+            duration_ms: 1080,
+        });
+    }
+    store.run_progress(id, 2, 24);
+    store.step_finished(StepEnd {
+        run_id: id.into(),
+        step_key: "post".into(),
+        node_id: "post".into(),
+        item_index: None,
+        status: StepStatus::Skipped,
+        attempts: 0,
+        output: None,
+        error_kind: None,
+        error: None,
+        tokens_used: 0,
+        provider: None,
+        model: None,
+        cached: false,
+        finished_at: at(1100),
+        duration_ms: 0,
+    });
+    store.run_finished(RunEnd {
+        tokens_used: 24,
+        steps_done: 3,
+        ..run_end(id, RunStatus::Success, 1200)
+    });
+}
+
+#[test]
+fn a_runs_whole_life_reads_back() {
+    let (_dir, store) = temp_store();
+    record_lifecycle(&store, "run-1");
+    store.flush_blocking();
+    assert_eq!(store.take_write_error(), None);
+
+    let run = store.find_run("run-1").unwrap();
+    assert_eq!(run.status, RunStatus::Success);
+    assert_eq!(run.blueprint_name, "tech-digest");
+    assert_eq!(run.priority, Priority::High);
+    assert!(run.sandbox);
+    assert_eq!(run.seed, Some(42));
+    assert_eq!(run.simulate_failures, 0.3);
+    assert_eq!(run.variables, json!({"TOPICS": ["rust", "wasm"]}));
+    assert_eq!(
+        run.blueprint,
+        Some(json!({"name": "tech-digest", "nodes": []}))
+    );
+    assert_eq!((run.steps_total, run.steps_done), (Some(3), Some(3)));
+    assert_eq!((run.total_time_ms, run.tokens_used), (Some(1200), 24));
+    assert_eq!(run.queued_at, "2026-11-27T09:44:38.000Z");
+    assert_eq!(run.started_at.as_deref(), Some("2026-11-27T09:44:38.010Z"));
+    assert_eq!(run.finished_at.as_deref(), Some("2026-11-27T09:44:39.200Z"));
+    for t in [&run.queued_at, run.started_at.as_ref().unwrap()] {
+        assert!(is_iso_utc(t), "{t}");
+    }
+    assert_eq!(store.list_runs(&RunFilter::default()).unwrap(), vec![run]);
+
+    let steps = store.run_steps("run-1").unwrap();
+    let keys: Vec<_> = steps.iter().map(|s| s.step_key.as_str()).collect();
+    assert_eq!(keys, ["summarize[0]", "summarize[1]", "post"]);
+    let s1 = &steps[1];
+    assert_eq!(s1.status, StepStatus::Success);
+    assert_eq!((s1.attempts, s1.item_index), (2, Some(1)));
+    assert_eq!(
+        s1.started_at.as_deref(),
+        Some(iso8601(at(20)).as_str()),
+        "first attempt's start"
+    );
+    assert_eq!(s1.output, Some(json!("summary 1")));
+    assert_eq!(s1.input, Some(json!({"item": 1})));
+    assert_eq!(
+        s1.model.as_deref(),
+        Some("mistralai/Mistral-7B-Instruct-v0.2")
+    );
+    assert!(s1.finished_at.as_deref().is_some_and(is_iso_utc));
+    assert_eq!(steps[2].status, StepStatus::Skipped);
+
+    let attempts = store.run_attempts("run-1").unwrap();
+    let order: Vec<_> = attempts
+        .iter()
+        .map(|a| (a.step_key.as_str(), a.attempt, a.ok))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("summarize[0]", 1, true),
+            ("summarize[1]", 1, false),
+            ("summarize[1]", 2, true)
+        ]
+    );
+    let failed = &attempts[1];
+    assert_eq!(failed.error_kind.as_deref(), Some("model_loading"));
+    assert_eq!((failed.wait_ms, failed.duration_ms), (Some(1000), 40));
+    assert!(is_iso_utc(&failed.started_at) && is_iso_utc(&failed.finished_at));
+    assert_eq!(attempts[2].wait_ms, None);
+}
+
+#[test]
+fn the_original_monitoring_queries_work_verbatim() {
+    let (dir, store) = temp_store();
+    store.insert_run(new_run("a", "alpha", 0));
+    store.run_started("a", at(100), 1);
+    store.run_finished(run_end("a", RunStatus::Success, 300));
+    store.insert_run(new_run("b", "beta", 50));
+    store.run_started("b", at(200), 1);
+    store.run_finished(run_end("b", RunStatus::Error, 400));
+    store.insert_run(new_run("c", "gamma", 500)); // still queued: sorts by its queue time
+    store.flush_blocking();
+
+    let c = rusqlite::Connection::open(dir.path().join("automation_runner.db")).unwrap();
+    let mut q = c
+        .prepare("SELECT blueprint_name, status, total_time_ms FROM runner_executions ORDER BY started_at DESC LIMIT 10;")
+        .unwrap();
+    let rows: Vec<(String, String, Option<i64>)> = q
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("gamma".into(), "queued".into(), None),
+            ("beta".into(), "error".into(), Some(400)),
+            ("alpha".into(), "success".into(), Some(300)),
+        ]
+    );
+
+    let mut q = c
+        .prepare("SELECT * FROM runner_executions WHERE status = 'error';")
+        .unwrap();
+    let names: Vec<String> = q.column_names().into_iter().map(String::from).collect();
+    let rows: Vec<(String, String)> = q
+        .query_map([], |r| {
+            Ok((
+                r.get(names.iter().position(|n| n == "id").unwrap())?,
+                r.get(names.iter().position(|n| n == "error").unwrap())?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows, [("b".into(), "summarize[1]: server: 500".into())]);
+    for col in [
+        "id",
+        "blueprint_name",
+        "status",
+        "total_time_ms",
+        "started_at",
+        "finished_at",
+        "error",
+    ] {
+        assert!(names.iter().any(|n| n == col), "missing {col}");
+    }
+}
+
+#[test]
+fn another_connection_sees_a_run_in_progress() {
+    let (dir, store) = temp_store();
+    store.insert_run(new_run("live", "alpha", 0));
+    store.run_started("live", at(5), 4);
+    store.run_progress("live", 1, 10);
+    store.flush_blocking();
+    let c = rusqlite::Connection::open(dir.path().join("automation_runner.db")).unwrap();
+    let (status, done): (String, i64) = c
+        .query_row(
+            "SELECT status, steps_done FROM runner_executions WHERE id = 'live'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), done), ("running", 1));
+    // …and a plain reader does not block the writer (WAL).
+    let _read = c.prepare("SELECT * FROM runner_executions").unwrap();
+    store.run_finished(run_end("live", RunStatus::Success, 50));
+    store.flush_blocking();
+    assert_eq!(store.find_run("live").unwrap().status, RunStatus::Success);
+}
+
+#[test]
+fn keyset_paging_returns_every_run_once_newest_first() {
+    let (_dir, store) = temp_store();
+    let total = 1_200u64;
+    for i in 0..total {
+        let id = format!("run-{i:05}");
+        let bp = if i % 3 == 0 { "alpha" } else { "beta" };
+        // Groups of four share a timestamp: ties are broken by id.
+        store.insert_run(new_run(&id, bp, i / 4));
+        if i % 5 == 0 {
+            store.run_finished(run_end(&id, RunStatus::Error, i));
+        }
+    }
+    store.flush_blocking();
+
+    let page_all = |f: RunFilter| {
+        let mut f = RunFilter { limit: 97, ..f };
+        let mut seen = Vec::new();
+        loop {
+            let page = store.list_runs(&f).unwrap();
+            let Some(last) = page.last() else { break };
+            f.before = RunFilter::cursor_after(last);
+            seen.extend(
+                page.into_iter()
+                    .map(|r| (r.started_at.unwrap(), r.id, r.status, r.blueprint_name)),
+            );
+        }
+        seen
+    };
+
+    let all = page_all(RunFilter::default());
+    assert_eq!(all.len() as u64, total);
+    let unique: HashSet<_> = all.iter().map(|r| r.1.clone()).collect();
+    assert_eq!(unique.len() as u64, total);
+    let keys: Vec<_> = all.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
+    let mut sorted = keys.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(keys, sorted, "newest first, then id descending");
+    assert_eq!(all[0].1, "run-01199");
+
+    let errors = page_all(RunFilter {
+        status: Some(RunStatus::Error),
+        ..RunFilter::default()
+    });
+    assert_eq!(errors.len(), 240);
+    assert!(errors.iter().all(|r| r.2 == RunStatus::Error));
+
+    let alpha_errors = RunFilter {
+        status: Some(RunStatus::Error),
+        blueprint: Some("alpha".into()),
+        ..RunFilter::default()
+    };
+    let got = page_all(alpha_errors.clone());
+    assert_eq!(got.len(), 80, "i % 15 == 0");
+    assert!(got
+        .iter()
+        .all(|r| r.3 == "alpha" && r.2 == RunStatus::Error));
+
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), total);
+    assert_eq!(store.count_runs(&alpha_errors).unwrap(), 80);
+    let beta = RunFilter {
+        blueprint: Some("beta".into()),
+        limit: 1,
+        before: Some(("0".into(), "x".into())),
+        ..RunFilter::default()
+    };
+    assert_eq!(
+        store.count_runs(&beta).unwrap(),
+        800,
+        "limit and cursor are ignored"
+    );
+    assert!(
+        store.list_runs(&beta).unwrap().is_empty(),
+        "nothing is older than the cursor"
+    );
+    assert!(store
+        .list_runs(&RunFilter {
+            limit: 0,
+            ..RunFilter::default()
+        })
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn runs_are_found_by_id_or_unique_prefix() {
+    let (_dir, store) = temp_store();
+    for id in ["abc123", "abc124", "abd999", "abc", "x*y", "xzy"] {
+        store.insert_run(new_run(id, "alpha", 0));
+    }
+    store.flush_blocking();
+    assert_eq!(
+        store.find_run("abc").unwrap().id,
+        "abc",
+        "an exact id wins over prefixes"
+    );
+    assert_eq!(store.find_run("abd").unwrap().id, "abd999");
+    assert_eq!(
+        store.find_run("x*").unwrap().id,
+        "x*y",
+        "glob characters match literally"
+    );
+
+    match store.find_run("ab") {
+        Err(e @ StoreError::Ambiguous { .. }) => {
+            let StoreError::Ambiguous { ref ids, .. } = e else {
+                unreachable!()
+            };
+            assert_eq!(ids, &["abc", "abc123", "abc124", "abd999"]);
+            assert!(e.to_string().contains("abc123, abc124"), "{e}");
+        }
+        other => panic!("expected ambiguous, got {other:?}"),
+    }
+    let err = store.find_run("zzz").unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)));
+    assert_eq!(err.to_string(), "no run with id zzz — see `omniflow runs`");
+    assert!(matches!(store.find_run(""), Err(StoreError::NotFound(_))));
+
+    for i in 0..8 {
+        store.insert_run(new_run(&format!("many-{i}"), "alpha", 0));
+    }
+    store.flush_blocking();
+    let Err(StoreError::Ambiguous { ids, .. }) = store.find_run("many") else {
+        panic!("ambiguous expected")
+    };
+    assert_eq!(ids.len(), 5, "at most five ids are listed");
+}
+
+#[test]
+fn a_backup_taken_while_writing_opens_and_holds_the_runs() {
+    let (dir, store) = temp_store();
+    for i in 0..300 {
+        store.insert_run(new_run(&format!("r{i:04}"), "alpha", i));
+    }
+    store.flush_blocking();
+    // Keep the writer busy while the backup copies.
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for i in 300..3_000 {
+                store.insert_run(new_run(&format!("r{i:04}"), "beta", i));
+            }
+            store.flush_blocking();
+        })
+    };
+    let dest = dir.path().join("backups/copy.db");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    store.backup(&dest).unwrap();
+    writer.join().unwrap();
+    assert!(!dir.path().join("backups/copy.db.partial").exists());
+
+    let copy = Store::open(&dest).unwrap();
+    let n = copy.count_runs(&RunFilter::default()).unwrap();
+    assert!((300..=3_000).contains(&n), "{n}");
+    let alpha = RunFilter {
+        blueprint: Some("alpha".into()),
+        ..RunFilter::default()
+    };
+    assert_eq!(
+        copy.count_runs(&alpha).unwrap(),
+        300,
+        "everything committed before is in"
+    );
+    // The copy is a snapshot: ids are contiguous from the start.
+    let last = copy
+        .list_runs(&RunFilter {
+            limit: 1,
+            ..RunFilter::default()
+        })
+        .unwrap();
+    assert_eq!(last[0].id, format!("r{:04}", n - 1));
+
+    // A second backup after a flush holds everything, and replaces the first.
+    store.flush_blocking();
+    drop(copy);
+    store.backup(&dest).unwrap();
+    let copy = Store::open(&dest).unwrap();
+    assert_eq!(copy.count_runs(&RunFilter::default()).unwrap(), 3_000);
+
+    let err = store.backup(store.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Backup { .. }), "{err:?}");
+    let err = store
+        .backup(&dir.path().join("missing-dir/x.db"))
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot back up"), "{err}");
+}
+
+#[test]
+fn ten_thousand_writes_then_flush_are_all_there() {
+    let (_dir, store) = temp_store();
+    store.insert_run(new_run("big", "alpha", 0));
+    store.run_started("big", at(1), 3_333);
+    let mut writes = 2;
+    let mut i = 0u32;
+    while writes < 10_000 {
+        let key = format!("fan[{i}]");
+        store.step_queued(NewStep {
+            run_id: "big".into(),
+            step_key: key.clone(),
+            node_id: "fan".into(),
+            item_index: Some(i),
+            input: None,
+            queued_at: at(2),
+        });
+        store.step_started("big", &key, 1, at(3));
+        store.step_finished(StepEnd {
+            run_id: "big".into(),
+            step_key: key,
+            node_id: "fan".into(),
+            item_index: Some(i),
+            status: StepStatus::Success,
+            attempts: 1,
+            output: Some(json!(i)),
+            error_kind: None,
+            error: None,
+            tokens_used: 1,
+            provider: None,
+            model: None,
+            cached: true,
+            finished_at: at(4),
+            duration_ms: 1,
+        });
+        writes += 3;
+        i += 1;
+    }
+    let started = std::time::Instant::now();
+    store.flush_blocking();
+    let took = started.elapsed();
+    let steps = store.run_steps("big").unwrap();
+    assert_eq!(steps.len(), i as usize);
+    assert!(steps
+        .iter()
+        .all(|s| s.status == StepStatus::Success && s.cached));
+    assert!(
+        steps
+            .iter()
+            .enumerate()
+            .all(|(n, s)| s.item_index == Some(n as u32)),
+        "seq keeps insertion order"
+    );
+    assert_eq!(store.take_write_error(), None);
+    eprintln!("{writes} writes committed in {took:?}");
+}
