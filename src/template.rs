@@ -16,11 +16,13 @@
 //! ```
 //!
 //! # Undefined values
-//! [`minijinja::UndefinedBehavior::Strict`]: printing, iterating or testing an undefined
-//! value is an error at run time (`{{ vars.MISSING }}` fails with a message naming
-//! `vars.MISSING`) instead of silently producing an empty prompt. `default` still works
-//! (`{{ vars.X | default('y') }}`), and so does `is defined`. The validator catches unknown
-//! references before a run starts, so the strict mode is a second line of defence.
+//! [`minijinja::UndefinedBehavior::SemiStrict`]: printing or iterating an undefined value is
+//! an error at run time (`{{ vars.MISSING }}` fails with a message naming `vars.MISSING`)
+//! instead of silently producing an empty prompt; `default` still works
+//! (`{{ vars.X | default('y') }}`), and so do `is defined` and `{% if item.optional %}` (an
+//! undefined value is false there — full `Strict` would fail on that common pattern). The
+//! validator catches unknown references before a run starts, so this is a second line of
+//! defence for data that is only known at run time (fields of a node's output).
 //!
 //! # Rendering values
 //! Lists and objects printed with `{{ value }}` render as compact JSON (`["a","b"]`), so a
@@ -69,10 +71,10 @@ impl Default for Templates {
 }
 
 impl Templates {
-    /// Builds the environment once: strict undefined, fuel, our filters, no loader.
+    /// Builds the environment once: semi-strict undefined, fuel, our filters, no loader.
     pub fn new() -> Self {
         let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
         env.set_fuel(Some(FUEL));
         // Prompts are text, not HTML: never escape.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
@@ -539,6 +541,12 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Template);
         assert!(e.message.contains("vars.MISSING"), "{}", e.message);
         assert!(e.message.contains("line 2"), "{}", e.message);
+        let r = t.render("{% if vars.MISSING %}x{% else %}y{% endif %}", &ctx());
+        assert_eq!(r.unwrap(), "y");
+        assert!(t
+            .render("{% for x in vars.MISSING %}{% endfor %}", &ctx())
+            .is_err());
+        assert!(t.render("{{ vars.MISSING.deeper }}", &ctx()).is_err());
     }
 
     #[test]

@@ -1,5 +1,24 @@
 //! Blueprints: the typed model, loading from JSON and TOML, the JSON Schema and the validator.
+//!
+//! ```no_run
+//! use omniflow::blueprint::{load_file, resolve};
+//! use std::path::Path;
+//! let path = resolve("tech-digest", Path::new("blueprints"))?;
+//! let blueprint = load_file(&path)?;
+//! # Ok::<(), omniflow::blueprint::LoadError>(())
+//! ```
 
+mod load;
 mod model;
+mod problem;
+mod schema;
+mod validate;
+mod walk;
 
+pub use load::{
+    load_dir, load_file, load_str, load_value, parse_document, resolve, Format, LoadError,
+};
 pub use model::*;
+pub use problem::Problem;
+pub use schema::{schema, CHANNELS, HTTP_METHODS, ID_PATTERN, NODE_TYPES, PROVIDERS};
+pub use validate::{parse_duration, validate};

@@ -1,0 +1,299 @@
+//! Loading blueprints from JSON and TOML: parse, validate (every problem), deserialize.
+
+use super::model::Blueprint;
+use super::problem::{did_you_mean, Problem};
+use super::validate::validate;
+use serde_json::{Map, Number, Value};
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// A blueprint file's format, from its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Toml,
+}
+
+impl Format {
+    /// `.json` or `.toml` (any case); anything else is an error naming the allowed ones.
+    pub fn from_path(path: &Path) -> Result<Format, String> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("json") => Ok(Format::Json),
+            Some("toml") => Ok(Format::Toml),
+            Some(other) => Err(format!(
+                "unsupported extension \".{other}\": a blueprint is a .json or .toml file"
+            )),
+            None => Err("no extension: a blueprint is a .json or .toml file".to_string()),
+        }
+    }
+}
+
+/// Parses JSON or TOML text into a JSON value. Syntax errors give line and column.
+///
+/// TOML datetimes become strings; TOML has no `null`, and its non-finite floats (`nan`,
+/// `inf`), which JSON cannot hold, become strings so the validator reports them.
+pub fn parse_document(text: &str, format: Format) -> Result<Value, Problem> {
+    match format {
+        Format::Json => serde_json::from_str(text).map_err(|e| {
+            Problem::new(
+                "",
+                format!(
+                    "invalid JSON at line {}, column {}: {}",
+                    e.line(),
+                    e.column(),
+                    json_error_text(&e)
+                ),
+            )
+        }),
+        Format::Toml => match text.parse::<toml::Table>() {
+            Ok(table) => Ok(toml_to_json(toml::Value::Table(table))),
+            Err(e) => {
+                let at = e
+                    .span()
+                    .map(|span| {
+                        let (line, col) = line_col(text, span.start);
+                        format!(" at line {line}, column {col}")
+                    })
+                    .unwrap_or_default();
+                Err(Problem::new(
+                    "",
+                    format!("invalid TOML{at}: {}", e.message().trim()),
+                ))
+            }
+        },
+    }
+}
+
+/// serde_json's message without its own " at line L column C" suffix (we print ours).
+fn json_error_text(e: &serde_json::Error) -> String {
+    let full = e.to_string();
+    match full.rfind(" at line ") {
+        Some(pos) => full[..pos].to_string(),
+        None => full,
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn toml_to_json(v: toml::Value) -> Value {
+    match v {
+        toml::Value::String(s) => Value::String(s),
+        toml::Value::Integer(i) => Value::Number(i.into()),
+        toml::Value::Float(f) => Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or_else(|| Value::String(f.to_string())),
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(items) => Value::Array(items.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => Value::Object(
+            t.into_iter()
+                .map(|(k, v)| (k, toml_to_json(v)))
+                .collect::<Map<String, Value>>(),
+        ),
+    }
+}
+
+/// Parses, validates (reporting every problem) and deserializes a blueprint.
+pub fn load_str(text: &str, format: Format) -> Result<Blueprint, Vec<Problem>> {
+    let doc = parse_document(text, format).map_err(|p| vec![p])?;
+    load_value(doc)
+}
+
+/// Validates and deserializes a parsed document (e.g. a Supabase `jsonb` row).
+pub fn load_value(doc: Value) -> Result<Blueprint, Vec<Problem>> {
+    let problems = validate(&doc);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    // The validator accepts only what the model reads, so this failing is our bug; it is
+    // still reported as a problem, never a panic.
+    serde_json::from_value(doc).map_err(|e| {
+        vec![Problem::new(
+            "",
+            format!("internal error: the validated blueprint does not fit the model: {e}"),
+        )]
+    })
+}
+
+/// Why a blueprint file could not be loaded or found.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file was read but is not a valid blueprint.
+    #[error("{}", invalid_text(path, problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+    /// No file or blueprint of that name.
+    #[error("{}", not_found_text(name, dir, available))]
+    NotFound {
+        name: String,
+        dir: PathBuf,
+        available: Vec<String>,
+    },
+}
+
+fn invalid_text(path: &Path, problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{}: {p}", path.display()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn not_found_text(name: &str, dir: &Path, available: &[String]) -> String {
+    let mut s = format!(
+        "no blueprint \"{name}\": not a file, and no blueprint in {} has that file name or name",
+        dir.display()
+    );
+    if let Some(close) = did_you_mean(name, available.iter().map(String::as_str)) {
+        s.push_str(&format!(" — did you mean \"{close}\"?"));
+    }
+    if available.is_empty() {
+        s.push_str(&format!(
+            " ({} holds no .json or .toml blueprints)",
+            dir.display()
+        ));
+    } else {
+        s.push_str(&format!(" (available: {})", available.join(", ")));
+    }
+    s
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Json => "json",
+            Format::Toml => "toml",
+        })
+    }
+}
+
+/// Reads, validates and deserializes one blueprint file.
+pub fn load_file(path: &Path) -> Result<Blueprint, LoadError> {
+    let invalid = |problems| LoadError::Invalid {
+        path: path.to_path_buf(),
+        problems,
+    };
+    let format = Format::from_path(path).map_err(|m| invalid(vec![Problem::new("", m)]))?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    load_str(&text, format).map_err(invalid)
+}
+
+/// Finds a blueprint: an existing file path; else `DIR/NAME.json` or `DIR/NAME.toml`; else
+/// a blueprint in `dir` whose `name` field is `name_or_path`.
+///
+/// A blueprint found by name is returned even when it is invalid, so the caller reports its
+/// problems rather than "not found".
+pub fn resolve(name_or_path: &str, dir: &Path) -> Result<PathBuf, LoadError> {
+    let direct = Path::new(name_or_path);
+    if direct.is_file() {
+        return Ok(direct.to_path_buf());
+    }
+    for ext in ["json", "toml"] {
+        let candidate = dir.join(format!("{name_or_path}.{ext}"));
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    let mut available = Vec::new();
+    for path in blueprint_files(dir).unwrap_or_default() {
+        let name = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| {
+                let format = Format::from_path(&path).ok()?;
+                parse_document(&text, format).ok()
+            })
+            .and_then(|doc| doc.get("name").and_then(Value::as_str).map(str::to_string));
+        match name {
+            Some(n) if n == name_or_path => return Ok(path),
+            Some(n) => available.push(n),
+            None => {
+                if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                    available.push(stem.to_string());
+                }
+            }
+        }
+    }
+    available.sort();
+    available.dedup();
+    Err(LoadError::NotFound {
+        name: name_or_path.to_string(),
+        dir: dir.to_path_buf(),
+        available,
+    })
+}
+
+/// Every `.json` / `.toml` file directly in `dir`, sorted by file name.
+fn blueprint_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && Format::from_path(p).is_ok())
+        .collect();
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
+/// One file of a directory and what loading it gave.
+pub type LoadedFile = (PathBuf, Result<Blueprint, LoadError>);
+
+/// Loads every `.json` / `.toml` blueprint in `dir`, sorted by file name; one bad file does
+/// not stop the others.
+pub fn load_dir(dir: &Path) -> Result<Vec<LoadedFile>, io::Error> {
+    Ok(blueprint_files(dir)?
+        .into_iter()
+        .map(|p| {
+            let loaded = load_file(&p);
+            (p, loaded)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syntax_errors_have_line_and_column() {
+        let e = parse_document("{\n  \"name\": \"x\",\n  oops\n}", Format::Json).unwrap_err();
+        assert!(e.message.contains("line 3, column 3"), "{e}");
+        let e = parse_document("name = \"x\"\nnodes = [\n", Format::Toml).unwrap_err();
+        assert!(e.message.contains("invalid TOML at line"), "{e}");
+    }
+
+    #[test]
+    fn extensions_are_checked() {
+        assert_eq!(Format::from_path(Path::new("a.JSON")), Ok(Format::Json));
+        assert_eq!(Format::from_path(Path::new("a.toml")), Ok(Format::Toml));
+        let e = Format::from_path(Path::new("a.yaml")).unwrap_err();
+        assert!(e.contains(".json or .toml"), "{e}");
+    }
+
+    #[test]
+    fn toml_datetimes_become_strings() {
+        let v = parse_document("when = 1979-05-27T07:32:00Z\nx = nan", Format::Toml).unwrap();
+        assert_eq!(v["when"], Value::String("1979-05-27T07:32:00Z".into()));
+        assert!(v["x"].is_string());
+    }
+}
