@@ -196,6 +196,7 @@ pub fn split_text(text: &str, limit: usize) -> Vec<String> {
         out.push(rest[..at].trim_end().to_string());
         rest = rest[at..].trim_start();
     }
+    let rest = rest.trim_end();
     if !rest.is_empty() || out.is_empty() {
         out.push(rest.to_string());
     }
