@@ -36,6 +36,9 @@
 //! `truncate(length=255, killwords=false, end='...', leeway=5)` with Jinja2's semantics, and
 //! `fromjson` (parse a JSON string into a value).
 
+// User input must never panic: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use crate::error::{ErrorKind, StepError};
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{

@@ -703,3 +703,94 @@ fn templates_render_with_the_engine_context() {
         [json!(1), json!(2), json!(3)]
     );
 }
+
+/// Every path of a document, for mutation tests.
+fn all_pointers(v: &Value, at: String, out: &mut Vec<String>) {
+    out.push(at.clone());
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                all_pointers(
+                    x,
+                    format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
+                    out,
+                );
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                all_pointers(x, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The schema and the serde model agree: whatever the validator accepts deserializes, for
+/// every single-point mutation of the example (replaced by another value or removed).
+#[test]
+fn whatever_validates_deserializes() {
+    let base = example();
+    let mut pointers = Vec::new();
+    all_pointers(&base, String::new(), &mut pointers);
+    let replacements = [
+        json!(null),
+        json!(true),
+        json!(0),
+        json!(-1),
+        json!(1.5),
+        json!(100000),
+        json!(""),
+        json!("x"),
+        json!("1s"),
+        json!("llm"),
+        json!([]),
+        json!(["x"]),
+        json!({}),
+    ];
+    let mut accepted = 0;
+    for ptr in pointers.iter().filter(|p| !p.is_empty()) {
+        let mut variants = Vec::new();
+        for r in &replacements {
+            let mut doc = base.clone();
+            if let Some(slot) = doc.pointer_mut(ptr) {
+                *slot = r.clone();
+                variants.push(doc);
+            }
+        }
+        // Removal.
+        let (parent, last) = ptr.rsplit_once('/').unwrap();
+        let mut doc = base.clone();
+        match doc.pointer_mut(parent) {
+            Some(Value::Object(m)) => {
+                m.remove(last);
+            }
+            Some(Value::Array(a)) => {
+                a.remove(last.parse::<usize>().unwrap());
+            }
+            _ => {}
+        }
+        variants.push(doc);
+        for doc in variants {
+            if validate(&doc).is_empty() {
+                accepted += 1;
+                if let Err(e) = load_value(doc.clone()) {
+                    panic!("validated but did not load: {e:?}\n{doc:#}");
+                }
+            }
+        }
+    }
+    assert!(accepted > 20, "{accepted}");
+}
+
+#[test]
+fn deep_nesting_is_an_error_not_a_crash() {
+    let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert!(load_str(&deep_json, Format::Json).is_err());
+    let deep_toml = format!("a = {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert!(load_str(&deep_toml, Format::Toml).is_err());
+    let t = Templates::new();
+    let deep_tpl = format!("{{{{ {}1{} }}}}", "(".repeat(100_000), ")".repeat(100_000));
+    assert!(t.check_syntax(&deep_tpl).is_err());
+    assert!(t.render(&deep_tpl, &json!({})).is_err());
+}

@@ -8,6 +8,9 @@
 //! # Ok::<(), omniflow::blueprint::LoadError>(())
 //! ```
 
+// User input must never panic: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod load;
 mod model;
 mod problem;
