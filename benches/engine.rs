@@ -25,8 +25,12 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    println!("omniflow engine bench — 2 worker threads, history persisted to a real SQLite file (WAL)");
-    println!("each line: omniflow vs baseline (bare tokio, no persistence); medians of {reps} runs\n");
+    println!(
+        "omniflow engine bench — 2 worker threads, history persisted to a real SQLite file (WAL)"
+    );
+    println!(
+        "each line: omniflow vs baseline (bare tokio, no persistence); medians of {reps} runs\n"
+    );
     rt.block_on(async {
         chain(&dir, reps).await;
         throughput(&dir, reps).await;

@@ -341,7 +341,11 @@ impl Subscriber {
             return Some(ev);
         }
         // The channel is empty: everything in it was older than the overflow.
-        let mut overflow = self.shared.overflow.lock().unwrap_or_else(|e| e.into_inner());
+        let mut overflow = self
+            .shared
+            .overflow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         overflow.pop_front()
     }
 
@@ -386,7 +390,10 @@ mod tests {
         }
         let want: Vec<String> = (0..total).map(|i| format!("s{i}")).collect();
         assert_eq!(seen, want);
-        assert!(sub.dropped() > 0, "progress events beyond the channel are dropped");
+        assert!(
+            sub.dropped() > 0,
+            "progress events beyond the channel are dropped"
+        );
         assert!(!sub.lagged());
     }
 

@@ -270,9 +270,13 @@ fn print_outcome(o: &RunOutcome) {
     }
     eprintln!("  details: omniflow show {}", o.run_id);
     // The outputs nobody else consumed are the results.
-    if let Some((id, v)) = o.outputs.iter().last() {
+    if let Some((id, v)) = o.outputs.iter().next_back() {
         let text = match v {
             Value::String(s) => s.clone(),
+            // A notification's record: show what was (or in a sandbox, would be) sent.
+            Value::Object(m) if m.contains_key("channel") && m["text"].is_string() => {
+                m["text"].as_str().unwrap_or_default().to_string()
+            }
             other => serde_json::to_string_pretty(other).unwrap_or_default(),
         };
         eprintln!("── output of {id} ──");
