@@ -125,6 +125,11 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
                         .map_err(|e| named("prompt", e))?,
                     temperature: l.temperature,
                     max_tokens: l.max_tokens,
+                    subject: match context.get("item") {
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(Value::Null) | None => None,
+                        Some(other) => Some(other.to_string()),
+                    },
                 },
                 parse: l.parse,
             }

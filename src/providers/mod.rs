@@ -23,6 +23,9 @@ pub struct LlmRequest {
     pub prompt: String,
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
+    /// The `forEach` item this call is about, if any. Only the sandbox reads it, to write
+    /// about the item rather than about the prompt's fixed words.
+    pub subject: Option<String>,
 }
 
 /// A model's answer.

@@ -72,7 +72,11 @@ impl SimulatedModel {
         if self.failure_rate > 0.0 && rng.unit() < self.failure_rate {
             return Outcome::Fail(self.failure(&mut rng, req));
         }
-        Outcome::Answer(answer(&req.prompt, &req.model))
+        Outcome::Answer(answer_about(
+            &req.prompt,
+            &req.model,
+            req.subject.as_deref(),
+        ))
     }
 
     fn failure(&self, rng: &mut SplitMix, req: &LlmRequest) -> StepError {
@@ -154,11 +158,24 @@ pub fn estimate_tokens(text: &str) -> u64 {
 /// classify-and-route blueprints can be tried); otherwise two sentences built around the
 /// prompt's own keywords.
 pub fn answer(prompt: &str, model: &str) -> String {
+    answer_about(prompt, model, None)
+}
+
+/// Like [`answer`], about `subject` (a fan-out item) when given.
+pub fn answer_about(prompt: &str, model: &str, subject: Option<&str>) -> String {
     let h = fnv(prompt.as_bytes()) ^ fnv(model.as_bytes());
     if let Some(options) = one_of(prompt) {
         return options[(h % options.len() as u64) as usize].clone();
     }
-    let words = keywords(prompt);
+    let mut words = Vec::new();
+    if let Some(s) = subject.filter(|s| !s.trim().is_empty()) {
+        // The subject itself first, then its own distinctive words.
+        words.push(s.trim().to_string());
+        words.extend(keywords(s).into_iter().filter(|w| w.len() > 3));
+    }
+    if words.len() < 3 {
+        words.extend(keywords(prompt));
+    }
     let k = |i: usize| -> String {
         if words.is_empty() {
             "this topic".to_string()
@@ -300,6 +317,7 @@ mod tests {
             prompt: prompt.into(),
             temperature: None,
             max_tokens: None,
+            subject: None,
         }
     }
 
