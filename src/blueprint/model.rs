@@ -153,6 +153,9 @@ pub struct Node {
     /// A failure of this node does not fail the run; dependents see a null output.
     #[serde(default)]
     pub continue_on_error: bool,
+    /// In a sandbox run, the node's output instead of running it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_output: Option<Value>,
     #[serde(flatten)]
     pub kind: NodeKind,
 }

@@ -184,7 +184,8 @@ fn common_properties() -> Map<String, Value> {
         "retry": { "$ref": "#/$defs/retry" },
         "timeout": { "$ref": "#/$defs/duration", "description": "Per-attempt timeout." },
         "continueOnError": { "type": "boolean",
-                             "description": "A failure does not fail the run; dependents see a null output." }
+                             "description": "A failure does not fail the run; dependents see a null output." },
+        "sandboxOutput": { "description": "In a sandbox run, the node's output instead of running it (any JSON): e.g. a realistic API reply for an http node, so what follows can be tried offline." }
     });
     match common {
         Value::Object(m) => m,

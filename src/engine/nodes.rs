@@ -101,6 +101,11 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
         message: format!("{}.{what}: {}", node.id, e.message),
         ..e
     };
+    if ctx.is_sandbox {
+        if let Some(out) = &node.sandbox_output {
+            return Ok(Prepared::Value(out.clone()));
+        }
+    }
     Ok(match &node.kind {
         NodeKind::Llm(l) => {
             let defaults = &ctx.blueprint.defaults;

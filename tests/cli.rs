@@ -1,0 +1,423 @@
+//! The real `omniflow` binary: exit codes, `--json`, history, logs, and bad input.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        Sandbox {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("history.db")
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    /// The binary with a private DB_FILE and LOG_DIR, fast waits, and no .env of ours.
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DB_FILE", self.db())
+            .env("LOG_DIR", self.logs())
+            .env("OMNIFLOW_TIME_SCALE", "0.01");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+fn bundled() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn one_json(o: &Output) -> Value {
+    let text = stdout(o);
+    let v: Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {text}"));
+    assert!(v.is_object());
+    v
+}
+
+#[test]
+fn sandbox_run_with_failures_succeeds_and_is_recorded() {
+    let s = Sandbox::new();
+    let dir = bundled();
+    let o = s.run(&[
+        "run",
+        "tech-digest",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--sandbox",
+        "--simulate-failures",
+        "0.3",
+        "--seed",
+        "7",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = one_json(&o);
+    for key in [
+        "runId",
+        "blueprint",
+        "status",
+        "totalTimeMs",
+        "outputs",
+        "steps",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    assert_eq!(v["status"], "success");
+    assert_eq!(v["blueprint"], "tech-digest");
+    assert_eq!(v["outputs"]["summarize"].as_array().unwrap().len(), 40);
+    let steps = v["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 42);
+    for st in steps {
+        for key in [
+            "node",
+            "status",
+            "attempts",
+            "durationMs",
+            "tokensUsed",
+            "cached",
+            "error",
+        ] {
+            assert!(st.get(key).is_some(), "step lacks {key}: {st}");
+        }
+    }
+    let retried = steps
+        .iter()
+        .filter(|s| s["attempts"].as_u64().unwrap() > 1)
+        .count();
+    assert!(retried > 0, "30 % injected failures cause retries");
+    // The notification was recorded, not sent.
+    assert_eq!(v["outputs"]["post"]["delivered"], false);
+
+    // History: the row, its steps, and the original's monitoring query.
+    let id = v["runId"].as_str().unwrap();
+    let conn = rusqlite::Connection::open(s.db()).unwrap();
+    let (name, status): (String, String) = conn
+        .query_row(
+            "SELECT blueprint_name, status FROM runner_executions ORDER BY started_at DESC LIMIT 10;",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((name.as_str(), status.as_str()), ("tech-digest", "success"));
+    let failed_attempts: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM runner_attempts WHERE run_id = ?1 AND status = 'error'",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        failed_attempts as usize,
+        steps
+            .iter()
+            .map(|s| s["attempts"].as_u64().unwrap() as usize - 1)
+            .sum::<usize>()
+    );
+
+    // Logs: JSON lines carrying the run id.
+    let files = omniflow::logging::log_files(&s.logs());
+    assert!(!files.is_empty(), "a log file in LOG_DIR");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("attempt failed, retrying"))
+        .expect("retries are logged");
+    let parsed: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(parsed["run_id"], id);
+    assert!(parsed["step"].as_str().unwrap().starts_with("summarize["));
+
+    // `show` and `runs` read it back.
+    let shown = s.run(&["show", &id[..8], "--json"]);
+    assert_eq!(shown.status.code(), Some(0), "{}", stderr(&shown));
+    let sv = one_json(&shown);
+    assert_eq!(sv["run"]["id"], id);
+    assert_eq!(sv["steps"].as_array().unwrap().len(), 42);
+    let runs = s.run(&["runs", "--json"]);
+    assert_eq!(one_json(&runs)["runs"][0]["id"], id);
+    let human = s.run(&["show", id]);
+    assert!(
+        stdout(&human).contains("failed attempts:"),
+        "{}",
+        stdout(&human)
+    );
+}
+
+#[test]
+fn every_bundled_blueprint_runs_in_the_sandbox() {
+    let s = Sandbox::new();
+    let dir = bundled();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let o = s.run(&["run", path.to_str().unwrap(), "--sandbox", "--json"]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}: {}",
+            path.display(),
+            stderr(&o)
+        );
+        assert_eq!(one_json(&o)["status"], "success");
+    }
+}
+
+#[test]
+fn a_failed_run_exits_1_and_names_the_step() {
+    let s = Sandbox::new();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bp = s.write(
+        "down.json",
+        &format!(
+            r#"{{ "name": "down", "nodes": [
+                {{ "id": "fetch", "type": "http", "url": "http://127.0.0.1:{port}/", "retry": {{ "attempts": 2 }} }}
+            ] }}"#
+        ),
+    );
+    let o = s.run(&["run", bp.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v = one_json(&o);
+    assert_eq!(v["status"], "error");
+    assert_eq!(v["failedStep"], "fetch");
+    assert_eq!(v["steps"][0]["attempts"], 2);
+    assert_eq!(v["errorKind"], "network");
+    let errors = s.run(&["runs", "--status", "error", "--json"]);
+    assert_eq!(one_json(&errors)["runs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_path() {
+    let s = Sandbox::new();
+    let bad = s.write(
+        "bad.json",
+        r#"{ "name": "x", "schedule": "61 * * * *",
+             "nodes": [
+               { "id": "summarize", "type": "llm", "promt": "hi" },
+               { "id": "digest", "type": "transform", "needs": ["sumarize"], "template": "{{ vars.NOPE }}" },
+               { "id": "digest", "type": "delay", "duration": "300" }
+             ] }"#,
+    );
+    let o = s.run(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let out = stdout(&o);
+    for needle in [
+        "nodes[0].promt",
+        "did you mean \"prompt\"",
+        "nodes[1].needs[0]",
+        "unknown node \"sumarize\"",
+        "nodes[2].id",
+        "duplicate",
+        "schedule",
+        "unknown variable \"NOPE\"",
+        "300s",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    let good = bundled().join("tech-digest.json");
+    let o = s.run(&["validate", good.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
+#[test]
+fn bad_input_exits_2_with_a_message_naming_the_fix() {
+    let s = Sandbox::new();
+    let dir = bundled();
+    let dir = dir.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "tech-digst", "--dir", dir, "--sandbox"],
+            "did you mean",
+        ),
+        (
+            vec![
+                "run",
+                "tech-digest",
+                "--dir",
+                dir,
+                "--sandbox",
+                "--var",
+                "nope",
+            ],
+            "KEY=VALUE",
+        ),
+        (
+            vec![
+                "run",
+                "tech-digest",
+                "--dir",
+                dir,
+                "--sandbox",
+                "--var",
+                "TOPIX=1",
+            ],
+            "declared: TOPICS",
+        ),
+        (
+            vec![
+                "run",
+                "tech-digest",
+                "--dir",
+                dir,
+                "--simulate-failures",
+                "0.3",
+            ],
+            "--sandbox",
+        ),
+        (
+            vec![
+                "run",
+                "tech-digest",
+                "--dir",
+                dir,
+                "--sandbox",
+                "--simulate-failures",
+                "3",
+            ],
+            "from 0 to 1",
+        ),
+        (vec!["runs", "--status", "done"], "expected queued"),
+        (vec!["show", "zzzzzz"], "omniflow runs"),
+    ];
+    for (args, needle) in cases {
+        let o = s.run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"));
+    }
+    // Malformed JSON names the line.
+    let broken = s.write("broken.json", "{ \"name\": \"x\",\n  \"nodes\": [ }");
+    let o = s.run(&["run", broken.to_str().unwrap(), "--sandbox"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stdout(&o).contains("line 2") || stderr(&o).contains("line 2"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_db_file_that_is_not_sqlite_is_refused_and_left_alone() {
+    let s = Sandbox::new();
+    let text = "these are my notes, not a database\n".repeat(200);
+    std::fs::write(s.db(), &text).unwrap();
+    let dir = bundled();
+    let o = s.run(&["run", "triage", "--dir", dir.to_str().unwrap(), "--sandbox"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("not an SQLite database"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("DB_FILE"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(s.db()).unwrap(), text);
+}
+
+#[test]
+fn an_unwritable_log_dir_is_refused_before_anything_runs() {
+    let s = Sandbox::new();
+    let file = s.write("not-a-dir", "x");
+    let dir = bundled();
+    let o = s
+        .cmd(&["run", "triage", "--dir", dir.to_str().unwrap(), "--sandbox"])
+        .env("LOG_DIR", file.join("logs"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("LOG_DIR"), "{}", stderr(&o));
+}
+
+#[test]
+fn secrets_never_reach_logs_or_history() {
+    let s = Sandbox::new();
+    let token = "hf_SuperSecretToken1234567890";
+    let dir = bundled();
+    let o = s
+        .cmd(&[
+            "run",
+            "tech-digest",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--sandbox",
+            "--json",
+        ])
+        .env("HUGGINGFACE_TOKEN", token)
+        .env("TELEGRAM_BOT_TOKEN", "123456:ABCdefSecretBotToken")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let mut everything = stdout(&o) + &stderr(&o);
+    for f in omniflow::logging::log_files(&s.logs()) {
+        everything.push_str(&std::fs::read_to_string(f).unwrap());
+    }
+    everything.push_str(&String::from_utf8_lossy(&std::fs::read(s.db()).unwrap()));
+    assert!(!everything.contains(token));
+    assert!(!everything.contains("ABCdefSecretBotToken"));
+}
+
+#[test]
+fn schema_and_backup() {
+    let s = Sandbox::new();
+    let o = s.run(&["schema"]);
+    assert_eq!(o.status.code(), Some(0));
+    let schema = one_json(&o);
+    assert!(schema["$schema"]
+        .as_str()
+        .unwrap()
+        .contains("json-schema.org"));
+    assert!(schema["properties"]["nodes"].is_object());
+
+    let dir = bundled();
+    let r = s.run(&[
+        "run",
+        "triage",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--sandbox",
+        "--json",
+    ]);
+    assert_eq!(r.status.code(), Some(0), "{}", stderr(&r));
+    let copy = s.dir.path().join("copy.db");
+    let b = s.run(&["backup", copy.to_str().unwrap()]);
+    assert_eq!(b.status.code(), Some(0), "{}", stderr(&b));
+    let conn = rusqlite::Connection::open(&copy).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM runner_executions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
