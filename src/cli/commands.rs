@@ -97,6 +97,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let sandbox = args.sandbox;
     let seed = args.seed;
     let all_active = args.all_active;
+    let first = blueprints[0].clone();
     let outcomes = rt.block_on(async move {
         let bus = EventBus::new();
         let engine = Engine::new(Arc::new(config), store, bus.clone());
@@ -199,7 +200,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             failed
         );
     } else {
-        print_outcome(&outcomes[0]);
+        print_outcome(&outcomes[0], &first);
     }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
@@ -246,7 +247,7 @@ fn status_icon(s: RunStatus) -> &'static str {
 }
 
 /// The human summary: outcome on stderr, the final nodes' outputs on stdout.
-fn print_outcome(o: &RunOutcome) {
+fn print_outcome(o: &RunOutcome, bp: &Blueprint) {
     let retries: u32 = o.steps.iter().map(|s| s.attempts.saturating_sub(1)).sum();
     eprintln!(
         "{} {} {} in {:.1}s — {} steps, {} retr{}, {} tokens{}",
@@ -269,8 +270,23 @@ fn print_outcome(o: &RunOutcome) {
         eprintln!("  {e}");
     }
     eprintln!("  details: omniflow show {}", o.run_id);
-    // The outputs nobody else consumed are the results.
-    if let Some((id, v)) = o.outputs.iter().next_back() {
+    // The results are the outputs of the final nodes (those no other node needs).
+    let needed: std::collections::HashSet<&str> = bp
+        .nodes
+        .iter()
+        .flat_map(|n| n.needs.iter().map(String::as_str))
+        .collect();
+    let finals: Vec<&str> = bp
+        .nodes
+        .iter()
+        .map(|n| n.id.as_str())
+        .filter(|id| !needed.contains(id))
+        .collect();
+    let mut shown = 0;
+    for id in &finals {
+        let Some(v) = o.outputs.get(*id) else {
+            continue;
+        };
         let text = match v {
             Value::String(s) => s.clone(),
             // A notification's record: show what was (or in a sandbox, would be) sent.
@@ -281,6 +297,13 @@ fn print_outcome(o: &RunOutcome) {
         };
         eprintln!("── output of {id} ──");
         println!("{text}");
+        shown += 1;
+    }
+    if shown == 0 && o.status == RunStatus::Success {
+        eprintln!(
+            "  (no final output: the last steps ({}) were skipped)",
+            finals.join(", ")
+        );
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Default, Clone)]
 struct NodeProgress {
+    fan_out: bool,
     total: Option<usize>,
     started: bool,
     running: usize,
@@ -45,6 +46,7 @@ impl Progress {
             .iter()
             .map(|n| {
                 let p = NodeProgress {
+                    fan_out: n.for_each.is_some(),
                     total: n.for_each.is_none().then_some(1),
                     ..Default::default()
                 };
@@ -153,11 +155,13 @@ impl Progress {
                 if let Some(p) = self.nodes.get_mut(&node) {
                     p.retries += 1;
                 }
-                self.line(&format!(
-                    "  ↻ {step} attempt {attempt} failed ({kind}): {} — retrying in {:.1}s",
-                    shorten(&message, 110),
+                let text = format!(
+                    "  ↻ {step} attempt {attempt} failed ({kind}), retrying in {:.1}s: {message}",
                     wait_ms as f64 / 1000.0
-                ));
+                );
+                // On a terminal a wrapped line would break the redrawn block: keep it to one.
+                let text = if self.tty { shorten(&text, 100) } else { text };
+                self.line(&text);
             }
             Event::StepFinished {
                 node,
@@ -199,7 +203,7 @@ impl Progress {
                 if let Some(l) = line {
                     self.line(&l);
                 }
-                if finished && !self.tty {
+                if finished && !self.tty && status != StepStatus::Skipped {
                     let summary = self.node_line(&node);
                     self.line(&summary);
                 }
@@ -229,8 +233,8 @@ impl Progress {
             ("·", "waiting".to_string())
         };
         let mut s = format!("  {icon} {id:<18} {state:<9}");
-        if let Some(t) = total {
-            if t != 1 || p.total.is_some() && self.is_fan_out(id) {
+        if p.fan_out {
+            if let Some(t) = total {
                 s.push_str(&format!(
                     " agents {}/{}",
                     p.done + p.failed + p.cancelled,
@@ -257,13 +261,6 @@ impl Progress {
             s.push_str(&format!("  {:.1}s", a.elapsed().as_secs_f64()));
         }
         s
-    }
-
-    fn is_fan_out(&self, id: &str) -> bool {
-        self.nodes
-            .get(id)
-            .and_then(|p| p.total)
-            .is_some_and(|t| t != 1)
     }
 
     /// A permanent line (above the live block on a terminal).

@@ -76,6 +76,7 @@ impl SimulatedModel {
             &req.prompt,
             &req.model,
             req.subject.as_deref(),
+            self.seed,
         ))
     }
 
@@ -158,14 +159,16 @@ pub fn estimate_tokens(text: &str) -> u64 {
 /// classify-and-route blueprints can be tried); otherwise two sentences built around the
 /// prompt's own keywords.
 pub fn answer(prompt: &str, model: &str) -> String {
-    answer_about(prompt, model, None)
+    answer_about(prompt, model, None, 0)
 }
 
-/// Like [`answer`], about `subject` (a fan-out item) when given.
-pub fn answer_about(prompt: &str, model: &str, subject: Option<&str>) -> String {
+/// Like [`answer`], about `subject` (a fan-out item) when given. A "one of" choice also
+/// depends on the run's seed, so `--seed` walks a classify-and-route blueprint's branches.
+pub fn answer_about(prompt: &str, model: &str, subject: Option<&str>, seed: u64) -> String {
     let h = fnv(prompt.as_bytes()) ^ fnv(model.as_bytes());
     if let Some(options) = one_of(prompt) {
-        return options[(h % options.len() as u64) as usize].clone();
+        let pick = SplitMix::new(h ^ seed).next_u64();
+        return options[(pick % options.len() as u64) as usize].clone();
     }
     let mut words = Vec::new();
     if let Some(s) = subject.filter(|s| !s.trim().is_empty()) {
