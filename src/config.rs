@@ -36,6 +36,13 @@ pub struct Config {
     /// Multiplies every wait (backoff, provider hints, simulated latency, delays):
     /// `OMNIFLOW_TIME_SCALE=0.01` makes tests of the real binary fast. Default 1.
     pub time_scale: f64,
+    /// A run whose owner has not heartbeated for this long may be taken over
+    /// (`LEASE_TIMEOUT`, seconds; heartbeats come every third of it).
+    pub lease_timeout: Duration,
+    /// Claims of a run whose process died before the run is failed instead (`MAX_TAKEOVERS`).
+    pub max_takeovers: u32,
+    /// On SIGTERM, how long steps in flight may take to finish (`SHUTDOWN_GRACE`, seconds).
+    pub shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -155,6 +162,9 @@ impl Config {
                 )?)),
             },
             time_scale,
+            lease_timeout: Duration::from_secs(parse_u64("LEASE_TIMEOUT", 30, 1)?),
+            max_takeovers: parse_u64("MAX_TAKEOVERS", 3, 0)?.min(1000) as u32,
+            shutdown_grace: Duration::from_secs(parse_u64("SHUTDOWN_GRACE", 30, 0)?),
         })
     }
 

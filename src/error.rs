@@ -43,6 +43,8 @@ pub enum ErrorKind {
     Template,
     /// A bug or an unexpected state inside OmniFlow.
     Internal,
+    /// The process running the run kept dying (see `MAX_TAKEOVERS`).
+    Interrupted,
 }
 
 /// How the retry loop treats a kind.
@@ -74,7 +76,8 @@ impl ErrorKind {
             | ErrorKind::Cancelled
             | ErrorKind::Config
             | ErrorKind::Template
-            | ErrorKind::Internal => RetryClass::Fatal,
+            | ErrorKind::Internal
+            | ErrorKind::Interrupted => RetryClass::Fatal,
         }
     }
 
@@ -97,6 +100,7 @@ impl ErrorKind {
             ErrorKind::Config => "config",
             ErrorKind::Template => "template",
             ErrorKind::Internal => "internal",
+            ErrorKind::Interrupted => "interrupted",
         }
     }
 
@@ -106,7 +110,7 @@ impl ErrorKind {
 }
 
 /// Every kind, for parsing and for exhaustive tests.
-pub const ALL_KINDS: [ErrorKind; 17] = [
+pub const ALL_KINDS: [ErrorKind; 18] = [
     ErrorKind::Timeout,
     ErrorKind::RateLimited,
     ErrorKind::ModelLoading,
@@ -124,6 +128,7 @@ pub const ALL_KINDS: [ErrorKind; 17] = [
     ErrorKind::Config,
     ErrorKind::Template,
     ErrorKind::Internal,
+    ErrorKind::Interrupted,
 ];
 
 impl fmt::Display for ErrorKind {

@@ -151,6 +151,11 @@ pub enum Event {
         total_time_ms: u64,
         error: Option<String>,
     },
+    /// The run was handed over unfinished (graceful shutdown): another process resumes it.
+    RunReleased {
+        run_id: String,
+        blueprint: String,
+    },
     /// A `forEach` node fanned out into `items` steps.
     FanOut {
         run_id: String,
@@ -205,6 +210,7 @@ impl Event {
             Event::RunQueued { .. }
             | Event::RunStarted { .. }
             | Event::RunFinished { .. }
+            | Event::RunReleased { .. }
             | Event::FanOut { .. }
             | Event::StepStarted { .. }
             | Event::StepRetrying { .. }
@@ -221,6 +227,7 @@ impl Event {
             Event::RunQueued { run_id, .. }
             | Event::RunStarted { run_id, .. }
             | Event::RunFinished { run_id, .. }
+            | Event::RunReleased { run_id, .. }
             | Event::FanOut { run_id, .. }
             | Event::StepStarted { run_id, .. }
             | Event::StepRetrying { run_id, .. }

@@ -1,7 +1,7 @@
 //! One function per command. Each returns its exit code or a [`Failure`].
 
 use super::progress::Progress;
-use super::{BackupArgs, Failure, RunArgs, RunsArgs, ShowArgs, TuiArgs, ValidateArgs};
+use super::{BackupArgs, Failure, ResumeArgs, RunArgs, RunsArgs, ShowArgs, TuiArgs, ValidateArgs};
 use crate::blueprint::{self, Blueprint, Priority};
 use crate::config::Config;
 use crate::engine::{parse_var_arg, Engine, RunOutcome, RunRequest};
@@ -101,6 +101,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let outcomes = rt.block_on(async move {
         let bus = EventBus::new();
         let engine = Engine::new(Arc::new(config), store, bus.clone());
+        engine.set_role(if all_active { "all-active" } else { "run" });
+        // Heartbeats keep our runs ours; a cron'd run adopts nothing.
+        let maintenance = engine.start_maintenance(false);
         let tty = std::io::stderr().is_terminal();
         let mut handles = Vec::new();
         let mut progress = None;
@@ -142,17 +145,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             handles.push(handle);
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\ncancelling… (press Ctrl-C again to quit at once)");
-                for t in &tokens {
-                    t.cancel();
-                }
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
-                }
-            }
-        });
+        watch_signals(engine.clone(), tokens);
         let mut outcomes = Vec::new();
         for h in handles {
             let o = h.wait().await;
@@ -174,6 +167,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         if let Some(p) = progress {
             let _ = p.await;
         }
+        maintenance.stop().await;
+        for o in &outcomes {
+            if o.status == RunStatus::Running {
+                eprintln!(
+                    "■ {} handed over unfinished: `omniflow resume {}` (or a running console or daemon) continues it",
+                    o.blueprint, o.run_id
+                );
+            }
+        }
+        engine.stopped().await;
         engine.store().flush().await;
         if let Some(e) = engine.store().take_write_error() {
             eprintln!("warning: the history database reported an error: {e}");
@@ -201,6 +204,140 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         );
     } else {
         print_outcome(&outcomes[0], &first);
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Ctrl-C (SIGINT) cancels the runs (recorded `cancelled`); SIGTERM (systemd, Docker,
+/// `kill`) is a graceful shutdown: steps in flight get `SHUTDOWN_GRACE` to finish, the rest is
+/// handed over for `omniflow resume`. A second signal of either kind exits at once.
+fn watch_signals(engine: Engine, tokens: Vec<tokio_util::sync::CancellationToken>) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    None
+                }
+            };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                if r.is_err() {
+                    return;
+                }
+                eprintln!("\ncancelling… (press Ctrl-C again to quit at once)");
+                for t in &tokens {
+                    t.cancel();
+                }
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+            _ = next_term(&mut term) => {
+                let grace = engine.config().shutdown_grace;
+                eprintln!("\nSIGTERM: finishing steps in flight (up to {}s), then handing the rest over; send it again to quit at once", grace.as_secs());
+                tokio::spawn(async move { engine.shutdown(grace).await });
+                next_term(&mut term).await;
+                std::process::exit(143);
+            }
+        }
+    });
+}
+
+async fn next_term(term: &mut Option<tokio::signal::unix::Signal>) {
+    match term {
+        Some(t) => {
+            t.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
+    let config = load_config()?;
+    let store = open_store(&config)?;
+    let _log = logging::init(&config.log_dir, config.secrets(), "info", None)
+        .map_err(|e| Failure::input(e.to_string()))?;
+    let rt = runtime()?;
+    let json_out = args.json;
+    let outcomes = rt.block_on(async move {
+        let bus = EventBus::new();
+        let engine = Engine::new(Arc::new(config), store, bus.clone());
+        engine.set_role("resume");
+        let maintenance = engine.start_maintenance(false);
+        let ids: Vec<String> = if args.all {
+            let store = engine.store().clone();
+            let lease = engine.config().scaled(engine.config().lease_timeout);
+            tokio::task::spawn_blocking(move || store.orphaned_runs(lease))
+                .await
+                .map_err(|e| Failure::input(e.to_string()))?
+                .map_err(|e| Failure::input(e.to_string()))?
+        } else {
+            vec![args.run_id.clone().unwrap_or_default()]
+        };
+        if ids.is_empty() {
+            eprintln!("no interrupted runs to resume");
+        }
+        let mut handles = Vec::new();
+        let mut refused = Vec::new();
+        for id in &ids {
+            match engine.resume(id).await {
+                Ok(h) => {
+                    eprintln!("resuming run {}", h.run_id);
+                    handles.push(h);
+                }
+                Err(e) if args.all => {
+                    eprintln!("skipping {id}: {e}");
+                    refused.push(e.to_string());
+                }
+                Err(e) => {
+                    let code = match e {
+                        crate::engine::ResumeError::Exhausted { .. } => 1,
+                        _ => 2,
+                    };
+                    return Err(Failure {
+                        code,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
+        watch_signals(engine.clone(), tokens);
+        let mut outcomes = Vec::new();
+        for h in handles {
+            let o = h.wait().await;
+            eprintln!(
+                "{} {} {}  {}",
+                status_icon(o.status),
+                o.blueprint,
+                o.run_id,
+                o.status.as_str()
+            );
+            if let Some(e) = &o.error {
+                eprintln!("  {e}");
+            }
+            outcomes.push(o);
+        }
+        maintenance.stop().await;
+        engine.stopped().await;
+        Ok::<_, Failure>(outcomes)
+    })?;
+    let failed = outcomes
+        .iter()
+        .filter(|o| o.status != RunStatus::Success)
+        .count();
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string(&json!({ "runs": outcomes, "failed": failed }))
+                .unwrap_or_default()
+        );
     }
     Ok(if failed == 0 {
         ExitCode::SUCCESS

@@ -27,6 +27,8 @@ pub enum Command {
     Tui(TuiArgs),
     /// Run one blueprint (or every active one) headless, with progress on stderr.
     Run(RunArgs),
+    /// Continue runs interrupted by a crash (or handed over by a shutdown).
+    Resume(ResumeArgs),
     /// Check blueprint files and report every problem with its path.
     Validate(ValidateArgs),
     /// List runs from the history, newest first.
@@ -76,6 +78,19 @@ pub struct RunArgs {
     #[arg(long)]
     pub priority: Option<String>,
     /// Print exactly one JSON object with the outcome on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// A run id, or a unique prefix of one.
+    #[arg(required_unless_present = "all")]
+    pub run_id: Option<String>,
+    /// Every interrupted run whose process is gone.
+    #[arg(long, conflicts_with = "run_id")]
+    pub all: bool,
+    /// Print exactly one JSON object with the outcome(s) on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -142,6 +157,7 @@ pub fn main() -> ExitCode {
         None => commands::tui(TuiArgs::default()),
         Some(Command::Tui(a)) => commands::tui(a),
         Some(Command::Run(a)) => commands::run(a),
+        Some(Command::Resume(a)) => commands::resume(a),
         Some(Command::Validate(a)) => commands::validate(a),
         Some(Command::Runs(a)) => commands::runs(a),
         Some(Command::Show(a)) => commands::show(a),

@@ -208,7 +208,7 @@ impl Progress {
                     self.line(&summary);
                 }
             }
-            Event::RunFinished { .. } => return true,
+            Event::RunFinished { .. } | Event::RunReleased { .. } => return true,
             _ => {}
         }
         false

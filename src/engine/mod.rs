@@ -9,10 +9,15 @@
 //! - `nodes.rs`: what each node type does (llm, http, transform, condition, notify, delay).
 //! - `retry.rs`: the retry policy and decision.
 
+mod maintenance;
 mod nodes;
+mod resume;
 pub mod retry;
 mod run;
 mod step;
+
+pub use maintenance::Maintenance;
+pub use resume::ResumeError;
 
 use crate::blueprint::{parse_var_value, Blueprint, Priority};
 use crate::config::Config;
@@ -25,7 +30,7 @@ use crate::template::Templates;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +65,9 @@ pub struct RunRequest {
     /// Outputs of steps that already succeeded (retrying only the failed steps of a run, or
     /// resuming one): step key → output. These steps are recorded as done without running.
     pub reuse: HashMap<String, Value>,
+    /// Attempts already made per step key (resuming a run): numbering and the retry budget
+    /// continue from there.
+    pub attempts_before: HashMap<String, u32>,
 }
 
 impl Default for RunRequest {
@@ -73,6 +81,7 @@ impl Default for RunRequest {
             trigger: "api".into(),
             parent_run_id: None,
             reuse: HashMap::new(),
+            attempts_before: HashMap::new(),
         }
     }
 }
@@ -90,6 +99,8 @@ pub enum StartError {
         "simulated failure rate {0} is out of range: give a fraction from 0 to 1 (0.3 = 30 %)"
     )]
     BadFailureRate(f64),
+    #[error("this process is shutting down and starts no new runs")]
+    ShuttingDown,
 }
 
 /// One step's result, as reported at the end of a run (`--json`'s `steps`).
@@ -195,6 +206,11 @@ pub(crate) struct ActiveRun {
     pub cancel: CancellationToken,
     /// Current priority (changeable while the run is queued or running).
     pub priority: Arc<AtomicUsize>,
+    /// Set when the run is handed over unfinished (graceful shutdown): nothing more about it
+    /// is recorded here, so the next owner resumes it from the store.
+    pub released: Arc<AtomicBool>,
+    /// Fires every step of the run without marking it cancelled (used with `released`).
+    pub abort: CancellationToken,
 }
 
 pub(crate) struct Inner {
@@ -207,6 +223,10 @@ pub(crate) struct Inner {
     pub http: reqwest::Client,
     pub runs: Mutex<HashMap<String, ActiveRun>>,
     pub ids: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Set by `shutdown`: no new run starts.
+    pub draining: AtomicBool,
+    /// `console`, `daemon`, `run`, `resume`, `api`: recorded with each heartbeat.
+    pub role: Mutex<String>,
 }
 
 /// The process's engine; cheap to clone.
@@ -234,7 +254,7 @@ impl Engine {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .unwrap_or_default();
-        Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 providers: Providers::new(config.clone()),
                 config,
@@ -245,8 +265,14 @@ impl Engine {
                 http,
                 runs: Mutex::new(HashMap::new()),
                 ids: options.ids,
+                draining: AtomicBool::new(false),
+                role: Mutex::new("api".into()),
             }),
-        }
+        };
+        // Registered before any run is inserted, so no other process ever sees our runs
+        // without a live owner.
+        engine.heartbeat();
+        engine
     }
 
     pub fn pool(&self) -> &Pool {
@@ -271,6 +297,9 @@ impl Engine {
         blueprint: Arc<Blueprint>,
         req: RunRequest,
     ) -> Result<RunHandle, StartError> {
+        if self.inner.draining.load(Ordering::Relaxed) {
+            return Err(StartError::ShuttingDown);
+        }
         let variables = merge_variables(&blueprint, &req.variables)?;
         if !(0.0..=1.0).contains(&req.simulate_failures) || req.simulate_failures.is_nan() {
             return Err(StartError::BadFailureRate(req.simulate_failures));
@@ -281,15 +310,6 @@ impl Engine {
         let seed = req
             .sandbox
             .then(|| req.seed.unwrap_or_else(|| rand::random::<u32>() as u64));
-        let cancel = CancellationToken::new();
-        let prio = Arc::new(AtomicUsize::new(priority.index()));
-        self.lock_runs().insert(
-            run_id.clone(),
-            ActiveRun {
-                cancel: cancel.clone(),
-                priority: prio.clone(),
-            },
-        );
         self.inner.store.insert_run(NewRun {
             id: run_id.clone(),
             blueprint_name: blueprint.name.clone(),
@@ -307,13 +327,29 @@ impl Engine {
             parent_run_id: req.parent_run_id.clone(),
             queued_at: SystemTime::now(),
         });
+        tracing::info!(run_id = %run_id, blueprint = %blueprint.name, sandbox = req.sandbox, trigger = %req.trigger, "run queued");
+        Ok(self.launch(run_id, blueprint, variables, req, seed, priority))
+    }
+
+    /// Publishes the run, registers it as active and spawns its driver.
+    pub(crate) fn launch(
+        &self,
+        run_id: String,
+        blueprint: Arc<Blueprint>,
+        variables: Map<String, Value>,
+        req: RunRequest,
+        seed: Option<u64>,
+        priority: Priority,
+    ) -> RunHandle {
+        let cancel = CancellationToken::new();
+        let prio = Arc::new(AtomicUsize::new(priority.index()));
+        let released = Arc::new(AtomicBool::new(false));
         self.inner.bus.publish(Event::RunQueued {
             run_id: run_id.clone(),
             blueprint: blueprint.name.clone(),
             priority,
             sandbox: req.sandbox,
         });
-        tracing::info!(run_id = %run_id, blueprint = %blueprint.name, sandbox = req.sandbox, trigger = %req.trigger, "run queued");
         let ctx = run::RunCtx::new(
             self.inner.clone(),
             run_id.clone(),
@@ -322,7 +358,17 @@ impl Engine {
             req,
             seed,
             cancel.clone(),
-            prio,
+            prio.clone(),
+            released.clone(),
+        );
+        self.lock_runs().insert(
+            run_id.clone(),
+            ActiveRun {
+                cancel: cancel.clone(),
+                priority: prio,
+                released,
+                abort: ctx.abort.clone(),
+            },
         );
         let inner = self.inner.clone();
         let id = run_id.clone();
@@ -336,11 +382,11 @@ impl Engine {
                 .remove(&id);
             outcome
         });
-        Ok(RunHandle {
+        RunHandle {
             run_id,
             cancel,
             join,
-        })
+        }
     }
 
     /// Cancels a run of this process. `false` if no such run is active here.

@@ -305,6 +305,9 @@ pub(crate) async fn execute(
                     ..Default::default()
                 });
             }
+            // The step is durably `running` before anything is sent, so a resume after a
+            // crash knows the message may have left and does not send it twice.
+            ctx.inner.store.flush().await;
             crate::notify::send(
                 &ctx.inner.http,
                 &ctx.inner.config,

@@ -13,7 +13,7 @@ use crate::template::Templates;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,10 @@ pub(crate) struct RunCtx {
     pub abort: CancellationToken,
     pub priority: Arc<AtomicUsize>,
     pub reuse: HashMap<String, Value>,
+    pub attempts_before: HashMap<String, u32>,
     pub is_sandbox: bool,
+    /// Handed over unfinished: record nothing more (see `ActiveRun::released`).
+    pub released: Arc<AtomicBool>,
 }
 
 impl RunCtx {
@@ -46,6 +49,7 @@ impl RunCtx {
         seed: Option<u64>,
         cancel: CancellationToken,
         priority: Arc<AtomicUsize>,
+        released: Arc<AtomicBool>,
     ) -> Arc<RunCtx> {
         let sandbox = req.sandbox.then(|| {
             SimulatedModel::new(
@@ -68,7 +72,9 @@ impl RunCtx {
             abort,
             priority,
             reuse: req.reuse,
+            attempts_before: req.attempts_before,
             is_sandbox: req.sandbox,
+            released,
         })
     }
 
@@ -78,6 +84,11 @@ impl RunCtx {
 
     pub fn templates(&self) -> &Templates {
         &self.inner.templates
+    }
+
+    /// True once the run was handed over: nothing more is recorded for it here.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Relaxed)
     }
 }
 
@@ -291,6 +302,30 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         (RunStatus::Success, None, None, None)
     };
     let total_time_ms = started.elapsed().as_millis() as u64;
+    if ctx.is_released() {
+        // Another process resumes it from what the store holds; say so and stop here.
+        inner.bus.publish(Event::RunReleased {
+            run_id: run_id.clone(),
+            blueprint: bp.name.clone(),
+        });
+        tracing::info!(run_id = %run_id, blueprint = %bp.name, "run released unfinished for another process to resume");
+        return RunOutcome {
+            run_id,
+            blueprint: bp.name.clone(),
+            status: RunStatus::Running,
+            total_time_ms,
+            outputs,
+            steps: summaries,
+            error: Some(
+                "released unfinished by a shutdown; `omniflow resume` or a daemon continues it"
+                    .into(),
+            ),
+            error_kind: None,
+            failed_step: None,
+            tokens_used: tokens,
+            seed: ctx.seed,
+        };
+    }
     inner.store.run_finished(RunEnd {
         run_id: run_id.clone(),
         status,

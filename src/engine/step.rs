@@ -103,7 +103,8 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
     );
     let timeout = nodes::attempt_timeout(&ctx, node, &prepared);
     let step_key: Arc<str> = spec.key.clone().into();
-    let mut attempt: u32 = 0;
+    // A resumed step continues its numbering (and its retry budget) where the crash left it.
+    let mut attempt: u32 = ctx.attempts_before.get(&spec.key).copied().unwrap_or(0);
     let mut last_ok = StepOutput::default();
     let outcome: Result<Value, StepError> = loop {
         attempt += 1;
@@ -300,6 +301,9 @@ fn record_attempt_err(
     err: &StepError,
     wait_ms: Option<u64>,
 ) {
+    if ctx.is_released() {
+        return; // stopped by the handover: the next owner repeats this attempt
+    }
     ctx.inner.store.attempt_finished(AttemptRecord {
         run_id: ctx.run_id.to_string(),
         step_key: step.to_string(),
@@ -330,32 +334,38 @@ fn finish(
 ) -> StepSummary {
     let node = &ctx.blueprint.nodes[spec.node];
     let duration_ms = started.elapsed().as_millis() as u64;
-    ctx.inner.store.step_finished(StepEnd {
-        run_id: ctx.run_id.to_string(),
-        step_key: spec.key.clone(),
-        node_id: node.id.clone(),
-        item_index: spec.item.map(|i| i as u32),
-        status,
-        attempts,
-        output: output.clone(),
-        error_kind: error.map(|e| e.kind),
-        error: error.map(|e| e.message.clone()),
-        tokens_used: out.tokens,
-        provider: out.provider.clone(),
-        model: out.model.clone(),
-        cached: out.cached,
-        finished_at: SystemTime::now(),
-        duration_ms,
-    });
-    ctx.inner.bus.publish(Event::StepFinished {
-        run_id: ctx.run_id.to_string(),
-        step: spec.key.clone(),
-        node: node.id.clone(),
-        status,
-        attempts,
-        duration_ms,
-        error: error.map(|e| e.message.clone()),
-    });
+    // A step stopped by a handover stays unfinished in the store: the next owner runs it.
+    let handed_over = ctx.is_released() && status == StepStatus::Cancelled;
+    if !handed_over {
+        ctx.inner.store.step_finished(StepEnd {
+            run_id: ctx.run_id.to_string(),
+            step_key: spec.key.clone(),
+            node_id: node.id.clone(),
+            item_index: spec.item.map(|i| i as u32),
+            status,
+            attempts,
+            output: output.clone(),
+            error_kind: error.map(|e| e.kind),
+            error: error.map(|e| e.message.clone()),
+            tokens_used: out.tokens,
+            provider: out.provider.clone(),
+            model: out.model.clone(),
+            cached: out.cached,
+            finished_at: SystemTime::now(),
+            duration_ms,
+        });
+    }
+    if !handed_over {
+        ctx.inner.bus.publish(Event::StepFinished {
+            run_id: ctx.run_id.to_string(),
+            step: spec.key.clone(),
+            node: node.id.clone(),
+            status,
+            attempts,
+            duration_ms,
+            error: error.map(|e| e.message.clone()),
+        });
+    }
     match status {
         StepStatus::Success => {
             tracing::info!(run_id = %ctx.run_id, step = %spec.key, attempts, duration_ms, tokens = out.tokens, "step succeeded")

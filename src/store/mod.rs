@@ -42,6 +42,7 @@
 )]
 
 mod error;
+mod lease;
 mod read;
 mod schema;
 mod transitions;
@@ -49,6 +50,7 @@ mod types;
 mod writer;
 
 pub use error::{BackupFailure, StoreError};
+pub use lease::{process_id, Claim, Health, ProcessRow};
 pub use types::{
     AttemptRecord, AttemptRow, NewRun, NewStep, RunEnd, RunFilter, RunRow, StepEnd, StepRow,
 };
@@ -82,6 +84,7 @@ struct Inner {
     shared: Arc<Shared>,
     /// Idle read-only connections.
     readers: Mutex<Vec<Connection>>,
+    owner: String,
 }
 
 impl Drop for Inner {
@@ -111,6 +114,12 @@ impl Store {
     /// Refuses, without writing anything, a file that is not an SQLite database and a
     /// database whose schema is newer than this build ([`SCHEMA_VERSION`]).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_as(path, lease::process_id().to_string())
+    }
+
+    /// Like [`Store::open`], with runs owned by `owner` instead of this process's id (tests
+    /// use it to play several processes in one).
+    pub fn open_as(path: &Path, owner: String) -> Result<Store, StoreError> {
         let conn = schema::open_writer(path)?;
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel();
@@ -119,7 +128,10 @@ impl Store {
             let shown = path.display().to_string();
             std::thread::Builder::new()
                 .name("omniflow-store".into())
-                .spawn(move || writer::run(conn, rx, shared, shown))
+                .spawn({
+                    let owner = owner.clone();
+                    move || writer::run(conn, rx, shared, shown, owner)
+                })
                 .map_err(|e| StoreError::Unwritable {
                     path: path.to_path_buf(),
                     source: rusqlite::Error::SqliteFailure(
@@ -135,8 +147,14 @@ impl Store {
                 writer: Some(writer),
                 shared,
                 readers: Mutex::new(Vec::new()),
+                owner,
             }),
         })
+    }
+
+    /// The process id (`runner_processes.id`) that owns the runs this store records.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
     }
 
     /// The database file.

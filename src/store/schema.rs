@@ -99,6 +99,34 @@ const MIGRATIONS: &[&str] = &[
             ON DELETE CASCADE
     );
     "#,
+    // 2: leases and health. A run is owned by the process that runs it (`owner`, a
+    // `runner_processes.id`); the owner's heartbeat keeps the lease alive. A run whose owner
+    // stopped heartbeating is orphaned and may be claimed (`takeovers` counts how often).
+    r#"
+    ALTER TABLE runner_executions ADD COLUMN owner TEXT;
+    ALTER TABLE runner_executions ADD COLUMN takeovers INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX runner_executions_unfinished ON runner_executions (queued_at)
+        WHERE status IN ('queued', 'running');
+    CREATE TABLE runner_processes (
+        id            TEXT PRIMARY KEY,
+        host          TEXT,
+        pid           INTEGER NOT NULL,
+        role          TEXT NOT NULL,
+        version       TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        heartbeat_at  TEXT NOT NULL,
+        heartbeat_ms  INTEGER NOT NULL,
+        stopped_at    TEXT,
+        rss_mb        REAL,
+        memory_hold   INTEGER NOT NULL DEFAULT 0,
+        paused        INTEGER NOT NULL DEFAULT 0,
+        queued        INTEGER NOT NULL DEFAULT 0,
+        running       INTEGER NOT NULL DEFAULT 0,
+        completed     INTEGER NOT NULL DEFAULT 0,
+        failed        INTEGER NOT NULL DEFAULT 0,
+        concurrency   INTEGER
+    );
+    "#,
 ];
 
 /// The newest schema version this build knows.

@@ -35,6 +35,11 @@ pub(crate) enum Op {
         steps_done: u32,
         tokens_used: u64,
     },
+    Heartbeat(Box<super::lease::Health>),
+    ProcessStopped {
+        at: SystemTime,
+    },
+    ReleaseRuns,
 }
 
 impl Op {
@@ -57,6 +62,9 @@ impl Op {
             }
             Op::StepFinished(s) => format!("step_finished {} {}", s.run_id, s.step_key),
             Op::RunProgress { run_id, .. } => format!("run_progress {run_id}"),
+            Op::Heartbeat(_) => "heartbeat".into(),
+            Op::ProcessStopped { .. } => "process_stopped".into(),
+            Op::ReleaseRuns => "release_runs".into(),
         }
     }
 
@@ -90,6 +98,9 @@ impl Op {
                 steps_done,
                 tokens_used,
             } => run_progress(tx, run_id, *steps_done, *tokens_used),
+            Op::Heartbeat(h) => super::lease::heartbeat(tx, h, proc),
+            Op::ProcessStopped { at } => super::lease::process_stopped(tx, *at, proc),
+            Op::ReleaseRuns => super::lease::release_runs(tx, proc),
         }
     }
 }
@@ -97,22 +108,28 @@ impl Op {
 /// Which process wrote a run (shown by `omniflow show`, useful when cron and the console
 /// share one database).
 pub(crate) struct ProcessInfo {
-    host: Option<String>,
-    pid: u32,
+    pub(crate) host: Option<String>,
+    pub(crate) pid: u32,
+    /// The `runner_processes.id` that owns the runs this store inserts (see `lease.rs`).
+    pub(crate) id: String,
 }
 
 impl ProcessInfo {
-    pub(crate) fn current() -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty());
+    pub(crate) fn current(id: String) -> Self {
         ProcessInfo {
-            host,
+            host: hostname(),
             pid: std::process::id(),
+            id,
         }
     }
+}
+
+pub(crate) fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
 }
 
 type Applied = rusqlite::Result<Option<String>>;
@@ -145,8 +162,8 @@ fn insert_run(tx: &Transaction<'_>, r: &NewRun, proc: &ProcessInfo) -> Applied {
         .prepare_cached(
             "INSERT INTO runner_executions (id, blueprint_name, status, priority, trigger, sandbox,
                  seed, simulate_failures, variables, blueprint, parent_run_id, queued_at,
-                 started_at, tokens_used, host, pid)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, 0, ?12, ?13)
+                 started_at, tokens_used, host, pid, owner)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, 0, ?12, ?13, ?14)
              ON CONFLICT (id) DO NOTHING",
         )?
         .execute(params![
@@ -163,6 +180,7 @@ fn insert_run(tx: &Transaction<'_>, r: &NewRun, proc: &ProcessInfo) -> Applied {
             queued,
             proc.host,
             proc.pid,
+            proc.id,
         ])?;
     guarded(n, || "a run with this id is already recorded".into())
 }

@@ -16,6 +16,9 @@ const BUSY_RETRIES: usize = 3;
 /// A message to the writer thread.
 pub(crate) enum Msg {
     Write(Op),
+    /// A read-modify-write that needs an answer (claiming a lease): run on the writer's
+    /// connection after every write queued before it, in its own transaction.
+    Txn(Box<dyn FnOnce(&mut Connection) + Send>),
     /// Acknowledged once every write queued before it is committed (or failed).
     Flush(Ack),
 }
@@ -57,8 +60,14 @@ impl Shared {
 }
 
 /// The writer thread's body. Returns when every `Store` clone is gone and the channel drained.
-pub(crate) fn run(mut conn: Connection, rx: Receiver<Msg>, shared: Arc<Shared>, path: String) {
-    let proc = ProcessInfo::current();
+pub(crate) fn run(
+    mut conn: Connection,
+    rx: Receiver<Msg>,
+    shared: Arc<Shared>,
+    path: String,
+    owner: String,
+) {
+    let proc = ProcessInfo::current(owner);
     let mut ops: Vec<Op> = Vec::new();
     let mut acks: Vec<Ack> = Vec::new();
     // `recv` fails only once all senders are dropped *and* the queue is empty, so pending
@@ -69,6 +78,14 @@ pub(crate) fn run(mut conn: Connection, rx: Receiver<Msg>, shared: Arc<Shared>, 
             match msg {
                 Msg::Write(op) => ops.push(op),
                 Msg::Flush(ack) => acks.push(ack),
+                Msg::Txn(f) => {
+                    // Keep the order: what was queued before it is committed first.
+                    if !ops.is_empty() {
+                        apply_batch(&mut conn, &ops, &shared, &proc, &path);
+                        ops.clear();
+                    }
+                    f(&mut conn);
+                }
             }
             next = if ops.len() < MAX_BATCH {
                 rx.try_recv().ok()

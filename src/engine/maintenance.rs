@@ -1,0 +1,208 @@
+//! What keeps a process a good neighbour of the others on one database:
+//! - a heartbeat every third of `LEASE_TIMEOUT` (10 s by default): the health check (pool state,
+//!   memory) and the proof that this process's run leases are alive;
+//! - the memory hold: above `MEMORY_THRESHOLD_MB` the pool takes no new work until memory
+//!   falls (checked every second, logged when it changes);
+//! - adoption (console and daemon only): runs orphaned by a dead process are claimed and
+//!   resumed;
+//! - graceful shutdown: stop taking work, let steps in flight finish within a grace period,
+//!   hand the rest over.
+
+use super::Engine;
+use crate::store::Health;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// The background loop of [`Engine::start_maintenance`]; stops when dropped or stopped.
+pub struct Maintenance {
+    stop: CancellationToken,
+    join: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Maintenance {
+    /// Stops the loop and waits for it.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(j) = self.join.take() {
+            let _ = j.await;
+        }
+    }
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Process RSS in MB, if the platform tells.
+pub fn rss_mb() -> Option<f64> {
+    memory_stats::memory_stats().map(|m| m.physical_mem as f64 / 1_048_576.0)
+}
+
+impl Engine {
+    /// Records a heartbeat now (also done once when the engine is created).
+    pub fn heartbeat(&self) {
+        let role = self
+            .inner
+            .role
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.inner.store.heartbeat(Health {
+            role,
+            at: SystemTime::now(),
+            rss_mb: rss_mb(),
+            pool: self.inner.pool.stats(),
+        });
+    }
+
+    /// Names this process's role in `runner_processes` (`console`, `daemon`, `run`, `resume`).
+    pub fn set_role(&self, role: &str) {
+        *self.inner.role.lock().unwrap_or_else(|e| e.into_inner()) = role.to_string();
+        self.heartbeat();
+    }
+
+    /// Starts heartbeats and the memory hold; with `adopt`, also claims and resumes runs
+    /// whose process died. Every process that runs blueprints needs this, or its runs look
+    /// orphaned to the others after `LEASE_TIMEOUT`.
+    pub fn start_maintenance(&self, adopt: bool) -> Maintenance {
+        let stop = CancellationToken::new();
+        let engine = self.clone();
+        let token = stop.clone();
+        let join = tokio::spawn(async move {
+            let config = engine.inner.config.clone();
+            let beat_every = config.scaled(config.lease_timeout / 3);
+            let mut tick = tokio::time::interval(config.scaled(Duration::from_secs(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut last_beat = Instant::now();
+            let mut held = false;
+            if adopt {
+                engine.adopt_orphans().await;
+            }
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                held = engine.check_memory(held);
+                if last_beat.elapsed() >= beat_every {
+                    last_beat = Instant::now();
+                    engine.heartbeat();
+                    if adopt {
+                        engine.adopt_orphans().await;
+                    }
+                }
+            }
+        });
+        Maintenance {
+            stop,
+            join: Some(join),
+        }
+    }
+
+    /// Holds the pool while RSS is above the threshold. Returns the new state.
+    fn check_memory(&self, was_held: bool) -> bool {
+        let threshold = self.inner.config.memory_threshold_mb as f64;
+        let Some(rss) = rss_mb() else {
+            return false;
+        };
+        let hold = rss > threshold;
+        if hold != was_held {
+            self.inner.pool.set_memory_hold(hold);
+            if hold {
+                tracing::warn!(
+                    rss_mb = rss,
+                    threshold_mb = threshold,
+                    "memory above MEMORY_THRESHOLD_MB: the pool takes no new work until it falls"
+                );
+            } else {
+                tracing::info!(
+                    rss_mb = rss,
+                    threshold_mb = threshold,
+                    "memory back under MEMORY_THRESHOLD_MB: the pool takes work again"
+                );
+            }
+        }
+        hold
+    }
+
+    /// Claims and resumes every run whose owner is gone.
+    async fn adopt_orphans(&self) {
+        let store = self.inner.store.clone();
+        let lease = self.inner.config.scaled(self.inner.config.lease_timeout);
+        let orphans = match tokio::task::spawn_blocking(move || store.orphaned_runs(lease)).await {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not look for interrupted runs");
+                return;
+            }
+            Err(_) => return,
+        };
+        for id in orphans {
+            if self.active_runs().contains(&id) {
+                continue;
+            }
+            match self.resume(&id).await {
+                Ok(handle) => {
+                    tracing::info!(run_id = %id, "resumed a run whose process had stopped");
+                    tokio::spawn(handle.wait());
+                }
+                Err(e) => tracing::info!(run_id = %id, reason = %e, "not resuming"),
+            }
+        }
+    }
+
+    /// Graceful shutdown: no new runs, no new attempts; steps in flight get `grace` to finish;
+    /// then every unfinished run is handed over (left unfinished in the store, owner cleared)
+    /// for the next console, daemon or `omniflow resume` to continue. Returns the ids handed
+    /// over.
+    pub async fn shutdown(&self, grace: Duration) -> Vec<String> {
+        self.inner.draining.store(true, Ordering::Relaxed);
+        self.inner.pool.pause();
+        let deadline = Instant::now() + grace;
+        while self.inner.pool.stats().running > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let the drivers record what the finished steps produced (and finish runs whose last
+        // step just completed) before handing over the rest.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let released: Vec<String> = {
+            let runs = self.lock_runs();
+            for r in runs.values() {
+                r.released.store(true, Ordering::Relaxed);
+            }
+            // Queued before the drivers stop, so whoever waits on a run and then flushes
+            // the store finds it handed over.
+            self.inner.store.release_runs();
+            self.inner.store.process_stopped();
+            for r in runs.values() {
+                r.abort.cancel();
+            }
+            runs.keys().cloned().collect()
+        };
+        for id in &released {
+            self.inner.pool.remove_run(id);
+        }
+        // Wait for the drivers to see the handover.
+        let until = Instant::now() + Duration::from_secs(5);
+        while !self.active_runs().is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.inner.store.flush().await;
+        if !released.is_empty() {
+            tracing::info!(
+                runs = released.len(),
+                "shutdown: handed unfinished runs over"
+            );
+        }
+        released
+    }
+
+    /// Marks this process stopped in the store (a clean exit with nothing running).
+    pub async fn stopped(&self) {
+        self.inner.store.process_stopped();
+        self.inner.store.flush().await;
+    }
+}

@@ -1,0 +1,159 @@
+//! Resuming a run from the store after its process stopped (crash, SIGKILL, power loss, or a
+//! graceful handover). The store is the truth:
+//! - steps recorded `success` are reused, never run again (their outputs feed what follows);
+//! - steps recorded as started but unfinished run again, their attempt numbers (and retry
+//!   budget) continuing from the record;
+//! - a notification whose sending had started is NOT sent again: the process may have died
+//!   after Telegram or Discord accepted it, and no notification may arrive twice. Its step is
+//!   recorded as done with `"delivered": null` and a note; the log says why.
+
+use super::{Engine, RunHandle, RunRequest};
+use crate::blueprint::{Blueprint, NodeKind};
+use crate::events::StepStatus;
+use crate::store::{Claim, StoreError};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Why a run cannot be resumed here.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("run {run_id} is being run by a live process ({owner}); it continues there")]
+    Live { run_id: String, owner: String },
+    #[error("run {run_id} already ended ({status}); nothing to resume — `omniflow show {run_id}`")]
+    Finished { run_id: String, status: String },
+    #[error("no run with id {0} — see `omniflow runs`")]
+    NotFound(String),
+    #[error("run {run_id} was interrupted {takeovers} times and has been failed instead of resumed again")]
+    Exhausted { run_id: String, takeovers: u32 },
+    #[error("run {run_id} cannot be resumed: its recorded blueprint does not load ({reason})")]
+    BadSnapshot { run_id: String, reason: String },
+    #[error("this process is shutting down and resumes nothing")]
+    ShuttingDown,
+}
+
+impl Engine {
+    /// Claims `run_id` (or a unique prefix of it) from a stopped process and continues it.
+    pub async fn resume(&self, run_id: &str) -> Result<RunHandle, ResumeError> {
+        if self
+            .inner
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(ResumeError::ShuttingDown);
+        }
+        let store = self.inner.store.clone();
+        let wanted = run_id.to_string();
+        let row = tokio::task::spawn_blocking(move || store.find_run(&wanted))
+            .await
+            .map_err(|_| ResumeError::NotFound(run_id.to_string()))?
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => ResumeError::NotFound(run_id.to_string()),
+                other => ResumeError::Store(other),
+            })?;
+        let id = row.id.clone();
+        if self.active_runs().contains(&id) {
+            return Err(ResumeError::Live {
+                run_id: id,
+                owner: "this process".into(),
+            });
+        }
+        let config = &self.inner.config;
+        match self
+            .inner
+            .store
+            .claim_run(
+                &id,
+                config.scaled(config.lease_timeout),
+                config.max_takeovers,
+            )
+            .await?
+        {
+            Claim::Claimed { .. } | Claim::Mine => {}
+            Claim::Live { owner } => return Err(ResumeError::Live { run_id: id, owner }),
+            Claim::Finished => {
+                return Err(ResumeError::Finished {
+                    run_id: id,
+                    status: row.status.as_str().into(),
+                })
+            }
+            Claim::NotFound => return Err(ResumeError::NotFound(id)),
+            Claim::Exhausted { takeovers } => {
+                return Err(ResumeError::Exhausted {
+                    run_id: id,
+                    takeovers,
+                })
+            }
+        }
+        let blueprint: Blueprint = row
+            .blueprint
+            .clone()
+            .ok_or_else(|| "no blueprint was recorded".to_string())
+            .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
+            .map_err(|reason| ResumeError::BadSnapshot {
+                run_id: id.clone(),
+                reason,
+            })?;
+        let store = self.inner.store.clone();
+        let sid = id.clone();
+        let steps = tokio::task::spawn_blocking(move || store.run_steps(&sid))
+            .await
+            .map_err(|_| ResumeError::NotFound(id.clone()))??;
+
+        let mut reuse = HashMap::new();
+        let mut attempts_before = HashMap::new();
+        for s in &steps {
+            let is_notify = blueprint
+                .node(&s.node_id)
+                .is_some_and(|n| matches!(n.kind, NodeKind::Notify(_)));
+            match s.status {
+                StepStatus::Success => {
+                    reuse.insert(s.step_key.clone(), s.output.clone().unwrap_or(Value::Null));
+                }
+                StepStatus::Running | StepStatus::Retrying | StepStatus::Pending
+                    if is_notify && s.attempts > 0 && !row.sandbox =>
+                {
+                    tracing::warn!(run_id = %id, step = %s.step_key, "a notification was being sent when the process stopped; not sending it again, so it cannot arrive twice");
+                    reuse.insert(
+                        s.step_key.clone(),
+                        json!({
+                            "delivered": null,
+                            "note": "the process stopped while this notification was being sent; it was not sent again so it cannot arrive twice"
+                        }),
+                    );
+                }
+                _ => {
+                    if s.attempts > 0 {
+                        attempts_before.insert(s.step_key.clone(), s.attempts);
+                    }
+                }
+            }
+        }
+        let variables: Map<String, Value> = match &row.variables {
+            Value::Object(m) => m.clone(),
+            _ => blueprint.variables.clone(),
+        };
+        tracing::info!(run_id = %id, reused = reuse.len(), "resuming run");
+        let req = RunRequest {
+            variables: Map::new(),
+            sandbox: row.sandbox,
+            simulate_failures: row.simulate_failures,
+            seed: row.seed,
+            priority: Some(row.priority),
+            trigger: "resume".into(),
+            parent_run_id: None,
+            reuse,
+            attempts_before,
+        };
+        Ok(self.launch(
+            id,
+            Arc::new(blueprint),
+            variables,
+            req,
+            row.seed,
+            row.priority,
+        ))
+    }
+}

@@ -1,0 +1,342 @@
+//! Leases between processes, and each process's health.
+//!
+//! A run belongs to the process that runs it (`runner_executions.owner`). Every process
+//! records itself in `runner_processes` and heartbeats there (with its pool state and memory);
+//! as long as the owner's heartbeat is fresh, its runs are its own. When a process stops
+//! heartbeating (SIGKILL, power loss) its unfinished runs are *orphaned*, and another process
+//! (the console, the daemon, `omniflow resume`) may claim one — a guarded transition under
+//! `BEGIN IMMEDIATE`, so two claimers can never both win — and resume it. A clean shutdown
+//! releases its runs (owner `NULL`) for immediate adoption.
+//!
+//! `takeovers` counts claims of a run whose owner had died; past a limit the run is failed
+//! instead of resumed: a run that keeps killing its process must not crash every process
+//! that picks it up.
+
+use super::iso8601;
+use super::transitions::{Op, ProcessInfo};
+use super::{Msg, Store, StoreError};
+use crate::events::PoolStats;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use serde::Serialize;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// This process's id in `runner_processes`: host, pid and start time (a pid is reused).
+pub fn process_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let host = super::transitions::hostname().unwrap_or_else(|| "localhost".into());
+        format!(
+            "{host}:{}:{}",
+            std::process::id(),
+            unix_ms(SystemTime::now())
+        )
+    })
+}
+
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// One heartbeat: who we are and how the pool and memory look.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// `console`, `daemon`, `run`, `resume`.
+    pub role: String,
+    pub at: SystemTime,
+    pub rss_mb: Option<f64>,
+    pub pool: PoolStats,
+}
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The run is ours now; `takeovers` after this claim.
+    Claimed {
+        takeovers: u32,
+    },
+    /// Already ours.
+    Mine,
+    /// Another live process holds it.
+    Live {
+        owner: String,
+    },
+    /// It already ended.
+    Finished,
+    NotFound,
+    /// Its processes died too often; it was failed instead of claimed.
+    Exhausted {
+        takeovers: u32,
+    },
+}
+
+/// A process as recorded by its last heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcessRow {
+    pub id: String,
+    pub host: Option<String>,
+    pub pid: u32,
+    pub role: String,
+    pub version: String,
+    pub started_at: String,
+    pub heartbeat_at: String,
+    pub stopped_at: Option<String>,
+    pub rss_mb: Option<f64>,
+    pub memory_hold: bool,
+    pub paused: bool,
+    pub queued: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub concurrency: Option<u64>,
+    /// Heartbeat fresh and not stopped.
+    pub alive: bool,
+}
+
+pub(crate) fn heartbeat(
+    tx: &Transaction<'_>,
+    h: &Health,
+    proc: &ProcessInfo,
+) -> rusqlite::Result<Option<String>> {
+    let at = iso8601(h.at);
+    tx.prepare_cached(
+        "INSERT INTO runner_processes (id, host, pid, role, version, started_at, heartbeat_at,
+             heartbeat_ms, rss_mb, memory_hold, paused, queued, running, completed, failed, concurrency)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+         ON CONFLICT (id) DO UPDATE SET role = excluded.role, heartbeat_at = excluded.heartbeat_at,
+             heartbeat_ms = excluded.heartbeat_ms, rss_mb = excluded.rss_mb,
+             memory_hold = excluded.memory_hold, paused = excluded.paused, queued = excluded.queued,
+             running = excluded.running, completed = excluded.completed, failed = excluded.failed,
+             concurrency = excluded.concurrency, stopped_at = NULL",
+    )?
+    .execute(params![
+        proc.id,
+        proc.host,
+        proc.pid,
+        h.role,
+        env!("CARGO_PKG_VERSION"),
+        at,
+        unix_ms(h.at),
+        h.rss_mb,
+        h.pool.memory_hold,
+        h.pool.paused,
+        h.pool.queued_total() as i64,
+        h.pool.running as i64,
+        h.pool.completed as i64,
+        h.pool.failed as i64,
+        h.pool.concurrency as i64,
+    ])?;
+    Ok(None)
+}
+
+pub(crate) fn process_stopped(
+    tx: &Transaction<'_>,
+    at: SystemTime,
+    proc: &ProcessInfo,
+) -> rusqlite::Result<Option<String>> {
+    let n = tx
+        .prepare_cached(
+            "UPDATE runner_processes SET stopped_at = ?2 WHERE id = ?1 AND stopped_at IS NULL",
+        )?
+        .execute(params![proc.id, iso8601(at)])?;
+    Ok((n == 0).then(|| "this process was not recorded as running".to_string()))
+}
+
+/// Hands every unfinished run of ours to whoever adopts it next.
+pub(crate) fn release_runs(
+    tx: &Transaction<'_>,
+    proc: &ProcessInfo,
+) -> rusqlite::Result<Option<String>> {
+    tx.prepare_cached(
+        "UPDATE runner_executions SET owner = NULL
+         WHERE owner = ?1 AND status IN ('queued', 'running')",
+    )?
+    .execute([&proc.id])?;
+    Ok(None)
+}
+
+/// Claims `run_id` for `me` if its owner is gone (guarded: only one claimer can win).
+fn claim(
+    conn: &mut Connection,
+    run_id: &str,
+    me: &str,
+    now: SystemTime,
+    lease: Duration,
+    max_takeovers: u32,
+) -> rusqlite::Result<Claim> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let row: Option<(String, Option<String>, u32)> = tx
+        .query_row(
+            "SELECT status, owner, takeovers FROM runner_executions WHERE id = ?1",
+            [run_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((status, owner, takeovers)) = row else {
+        return Ok(Claim::NotFound);
+    };
+    if status != "queued" && status != "running" {
+        return Ok(Claim::Finished);
+    }
+    if owner.as_deref() == Some(me) {
+        return Ok(Claim::Mine);
+    }
+    let stale_before = unix_ms(now) - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    if let Some(owner) = &owner {
+        let live: bool = tx
+            .query_row(
+                "SELECT stopped_at IS NULL AND heartbeat_ms >= ?2 FROM runner_processes WHERE id = ?1",
+                params![owner, stale_before],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if live {
+            return Ok(Claim::Live {
+                owner: owner.clone(),
+            });
+        }
+    }
+    // A run released by a clean shutdown (owner NULL) was handed over, not taken over.
+    let takeovers = takeovers + u32::from(owner.is_some());
+    if takeovers > max_takeovers {
+        tx.execute(
+            "UPDATE runner_executions
+             SET status = 'error', owner = NULL, takeovers = ?2, finished_at = ?3,
+                 error_kind = 'interrupted',
+                 error = 'the process running this run stopped ' || ?2 || ' times (killed or crashed); it is not resumed again, so it cannot take more processes down — see `omniflow show` for the step it was on'
+             WHERE id = ?1 AND status IN ('queued', 'running')",
+            params![run_id, takeovers, iso8601(now)],
+        )?;
+        tx.commit()?;
+        return Ok(Claim::Exhausted { takeovers });
+    }
+    let n = tx.execute(
+        "UPDATE runner_executions SET owner = ?2, takeovers = ?3
+         WHERE id = ?1 AND owner IS ?4 AND status IN ('queued', 'running')",
+        params![run_id, me, takeovers, owner],
+    )?;
+    tx.commit()?;
+    Ok(if n == 1 {
+        Claim::Claimed { takeovers }
+    } else {
+        Claim::Live {
+            owner: owner.unwrap_or_default(),
+        }
+    })
+}
+
+impl Store {
+    /// Records this process's heartbeat: its pool and memory (a health check), and the proof
+    /// that its runs' leases are alive. Call it before the first run is inserted.
+    pub fn heartbeat(&self, h: Health) {
+        self.send(Msg::Write(Op::Heartbeat(Box::new(h))));
+    }
+
+    /// Marks this process stopped (its runs become adoptable at once).
+    pub fn process_stopped(&self) {
+        self.send(Msg::Write(Op::ProcessStopped {
+            at: SystemTime::now(),
+        }));
+    }
+
+    /// Hands every unfinished run of this process to the next process that adopts runs.
+    pub fn release_runs(&self) {
+        self.send(Msg::Write(Op::ReleaseRuns));
+    }
+
+    /// Claims an orphaned run (its owner's heartbeat is older than `lease`, or it was
+    /// released). Runs on the writer thread, after every write queued before it.
+    pub async fn claim_run(
+        &self,
+        run_id: &str,
+        lease: Duration,
+        max_takeovers: u32,
+    ) -> Result<Claim, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (id, me, path) = (
+            run_id.to_string(),
+            self.owner().to_string(),
+            self.path().to_path_buf(),
+        );
+        let sent = self.send(Msg::Txn(Box::new(move |conn: &mut Connection| {
+            let r = claim(conn, &id, &me, SystemTime::now(), lease, max_takeovers);
+            let _ = tx.send(r);
+        })));
+        if !sent {
+            return Err(StoreError::Sqlite {
+                path,
+                doing: "claiming a run",
+                source: rusqlite::Error::InvalidQuery,
+            });
+        }
+        match rx.await {
+            Ok(r) => r.map_err(|source| StoreError::Sqlite {
+                path: self.path().to_path_buf(),
+                doing: "claiming a run",
+                source,
+            }),
+            Err(_) => Err(StoreError::Sqlite {
+                path: self.path().to_path_buf(),
+                doing: "claiming a run",
+                source: rusqlite::Error::InvalidQuery,
+            }),
+        }
+    }
+
+    /// Unfinished runs whose owner is gone (or that were released), oldest first.
+    pub fn orphaned_runs(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
+        let stale_before =
+            unix_ms(SystemTime::now()) - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        self.read("listing orphaned runs", |c| {
+            let mut st = c.prepare_cached(
+                "SELECT r.id FROM runner_executions r
+                 LEFT JOIN runner_processes p ON p.id = r.owner
+                 WHERE r.status IN ('queued', 'running')
+                   AND (r.owner IS NULL OR p.id IS NULL OR p.stopped_at IS NOT NULL
+                        OR p.heartbeat_ms < ?1)
+                 ORDER BY r.queued_at",
+            )?;
+            let rows = st.query_map([stale_before], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })
+    }
+
+    /// Every process that heartbeated into this database, newest first.
+    pub fn processes(&self, lease: Duration) -> Result<Vec<ProcessRow>, StoreError> {
+        let stale_before =
+            unix_ms(SystemTime::now()) - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        self.read("listing processes", |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, host, pid, role, version, started_at, heartbeat_at, stopped_at, rss_mb,
+                        memory_hold, paused, queued, running, completed, failed, concurrency,
+                        stopped_at IS NULL AND heartbeat_ms >= ?1
+                 FROM runner_processes ORDER BY heartbeat_ms DESC LIMIT 100",
+            )?;
+            let rows = st.query_map([stale_before], |r| {
+                Ok(ProcessRow {
+                    id: r.get(0)?,
+                    host: r.get(1)?,
+                    pid: r.get(2)?,
+                    role: r.get(3)?,
+                    version: r.get(4)?,
+                    started_at: r.get(5)?,
+                    heartbeat_at: r.get(6)?,
+                    stopped_at: r.get(7)?,
+                    rss_mb: r.get(8)?,
+                    memory_hold: r.get(9)?,
+                    paused: r.get(10)?,
+                    queued: r.get::<_, i64>(11)?.max(0) as u64,
+                    running: r.get::<_, i64>(12)?.max(0) as u64,
+                    completed: r.get::<_, i64>(13)?.max(0) as u64,
+                    failed: r.get::<_, i64>(14)?.max(0) as u64,
+                    concurrency: r.get::<_, Option<i64>>(15)?.map(|c| c.max(0) as u64),
+                    alive: r.get(16)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}

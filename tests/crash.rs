@@ -1,0 +1,507 @@
+//! Crash safety with real processes: SIGKILL at random moments, SIGTERM drains, three
+//! processes on one database, leases taken over only when expired.
+
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A threaded HTTP server that counts requests by path and answers after `latency`.
+/// Telegram's `sendMessage` gets Telegram's reply; everything else `{"ok":true}`.
+struct Fake {
+    url: String,
+    calls: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+fn fake(latency: Duration) -> Fake {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let calls = Arc::new(Mutex::new(HashMap::new()));
+    let c = calls.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let calls = c.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while buf.len() < head_end + 4 + len {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let path = head
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split(' ').nth(1))
+                    .unwrap_or("")
+                    .to_string();
+                std::thread::sleep(latency);
+                let body = if path.ends_with("/sendMessage") {
+                    r#"{"ok":true,"result":{"message_id":1}}"#
+                } else {
+                    r#"{"ok":true}"#
+                };
+                // Count only what is answered: a call cut short by a kill did not happen.
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(reply.as_bytes()).is_ok() {
+                    *calls.lock().unwrap().entry(path).or_insert(0) += 1;
+                }
+            });
+        }
+    });
+    Fake { url, calls }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    vars: Vec<(String, String)>,
+}
+
+impl Env {
+    fn new(extra: &[(&str, String)]) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vars = vec![
+            (
+                "DB_FILE".into(),
+                dir.path().join("h.db").display().to_string(),
+            ),
+            (
+                "LOG_DIR".into(),
+                dir.path().join("logs").display().to_string(),
+            ),
+            // Lease 2 s × 0.1 = 200 ms; heartbeats every ~67 ms.
+            ("LEASE_TIMEOUT".into(), "2".into()),
+            ("OMNIFLOW_TIME_SCALE".into(), "0.1".into()),
+        ];
+        for (k, v) in extra {
+            vars.push((k.to_string(), v.clone()));
+        }
+        Env { dir, vars }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("h.db")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.cmd(args).spawn().unwrap()
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn write(&self, name: &str, v: &Value) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(v).unwrap()).unwrap();
+        p
+    }
+
+    fn sql(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(self.db()).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn latest_run(db: &Path) -> Option<String> {
+    let c = rusqlite::Connection::open(db).ok()?;
+    c.query_row(
+        "SELECT id FROM runner_executions ORDER BY queued_at DESC LIMIT 1",
+        [],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+fn succeeded_steps(env: &Env, run: &str) -> Vec<String> {
+    let c = env.sql();
+    let mut st = c
+        .prepare("SELECT step_key FROM runner_steps WHERE run_id = ?1 AND status = 'success'")
+        .unwrap();
+    st.query_map([run], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Resumes `run` until it ends, retrying while the killed owner's lease is still fresh.
+fn resume_to_end(env: &Env, run: &str) -> Output {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = env.output(&["resume", run]);
+        if o.status.code() == Some(2)
+            && stderr(&o).contains("live process")
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        return o;
+    }
+}
+
+#[test]
+fn runs_killed_at_random_moments_resume_without_repeating_work_or_notifications() {
+    let server = fake(Duration::from_millis(15));
+    let env = Env::new(&[
+        ("TELEGRAM_API_URL", server.url.clone()),
+        ("TELEGRAM_BOT_TOKEN", "123456:TESTtoken".into()),
+        ("TELEGRAM_CHAT_ID", "42".into()),
+    ]);
+    let bp = env.write(
+        "crashy.json",
+        &json!({
+            "name": "crashy",
+            "variables": { "ITEMS": [0, 1, 2, 3, 4, 5, 6, 7] },
+            "nodes": [
+                { "id": "fetch", "type": "http", "forEach": "{{ vars.ITEMS }}",
+                  "url": format!("{}/item/{{{{ run.id }}}}/{{{{ item }}}}", server.url) },
+                { "id": "sum", "type": "transform", "needs": ["fetch"],
+                  "template": "{{ nodes.fetch.output | length }} fetched" },
+                { "id": "post", "type": "notify", "needs": ["sum"], "channel": "telegram",
+                  "text": "run {{ run.id }}: {{ nodes.sum.output }}" }
+            ]
+        }),
+    );
+    let bp = bp.to_str().unwrap().to_string();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut kills = 0;
+    for _ in 0..50 {
+        let mut child = env.spawn(&["run", &bp]);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..120)));
+        let killed = child.try_wait().unwrap().is_none();
+        if killed {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        let _ = child.wait();
+        let Some(run) = latest_run(&env.db()) else {
+            continue; // killed before the run was recorded: nothing to resume
+        };
+        if killed {
+            // What the store says is done must never be done again.
+            let done = succeeded_steps(&env, &run);
+            let before: HashMap<String, usize> = server.calls.lock().unwrap().clone();
+            let o = resume_to_end(&env, &run);
+            assert!(
+                o.status.success() || stderr(&o).contains("already ended"),
+                "resume {run}: {}",
+                stderr(&o)
+            );
+            let after = server.calls.lock().unwrap().clone();
+            for step in done.iter().filter(|s| s.starts_with("fetch[")) {
+                let item = &step[6..step.len() - 1];
+                let path = format!("/item/{run}/{item}");
+                assert_eq!(
+                    after.get(&path),
+                    before.get(&path),
+                    "{step} of {run} was recorded done, yet called again"
+                );
+            }
+        }
+        let status: String = env
+            .sql()
+            .query_row(
+                "SELECT status FROM runner_executions WHERE id = ?1",
+                [&run],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(status, "success", "run {run} ends in success");
+    }
+    assert!(kills >= 20, "most runs were killed mid-way ({kills})");
+    // No run's notification arrived twice.
+    let calls = server.calls.lock().unwrap();
+    let sent = calls
+        .iter()
+        .filter(|(p, _)| p.ends_with("/sendMessage"))
+        .map(|(_, n)| *n)
+        .sum::<usize>();
+    let runs: i64 = env
+        .sql()
+        .query_row("SELECT count(*) FROM runner_executions", [], |r| r.get(0))
+        .unwrap();
+    assert!(sent as i64 <= runs, "{sent} messages for {runs} runs");
+    // Each message names its run: count per run.
+    drop(calls);
+}
+
+#[test]
+fn sigterm_drains_steps_in_flight_and_hands_the_run_over() {
+    let server = fake(Duration::from_millis(1500));
+    let env = Env::new(&[("OMNIFLOW_TIME_SCALE", "1".into())]);
+    let bp = env.write(
+        "slow.json",
+        &json!({
+            "name": "slow",
+            "variables": { "ITEMS": [0, 1, 2, 3] },
+            "nodes": [
+                { "id": "fetch", "type": "http", "forEach": "{{ vars.ITEMS }}",
+                  "url": format!("{}/slow/{{{{ run.id }}}}/{{{{ item }}}}", server.url) },
+                { "id": "after", "type": "http", "needs": ["fetch"],
+                  "url": format!("{}/after/{{{{ run.id }}}}", server.url) }
+            ]
+        }),
+    );
+    let child = env.spawn(&["run", bp.to_str().unwrap()]);
+    // Wait until the four calls are in flight.
+    let until = Instant::now() + Duration::from_secs(20);
+    let run = loop {
+        if let Some(run) = latest_run(&env.db()) {
+            let running: i64 = env
+                .sql()
+                .query_row(
+                    "SELECT count(*) FROM runner_steps WHERE run_id = ?1 AND status = 'running'",
+                    [&run],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0);
+            if running == 4 {
+                break run;
+            }
+        }
+        assert!(Instant::now() < until, "the steps never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("omniflow resume"), "{}", stderr(&out));
+    // The four calls in flight finished and were recorded; nothing after them started.
+    assert_eq!(succeeded_steps(&env, &run).len(), 4);
+    let after_path = format!("/after/{run}");
+    assert!(!server.calls.lock().unwrap().contains_key(&after_path));
+    let (status, owner): (String, Option<String>) = env
+        .sql()
+        .query_row(
+            "SELECT status, owner FROM runner_executions WHERE id = ?1",
+            [&run],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (status.as_str(), owner),
+        ("running", None),
+        "handed over, not lost"
+    );
+    // The next process continues it at once (released: no lease to wait for).
+    let o = env.output(&["resume", &run]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let calls = server.calls.lock().unwrap();
+    for i in 0..4 {
+        assert_eq!(
+            calls.get(&format!("/slow/{run}/{i}")),
+            Some(&1),
+            "item {i} ran once"
+        );
+    }
+    assert_eq!(calls.get(&after_path), Some(&1));
+}
+
+#[test]
+fn three_processes_share_one_database_without_lock_errors() {
+    let env = Env::new(&[]);
+    let items: Vec<u32> = (0..334).collect();
+    let bp = env.write(
+        "wide.json",
+        &json!({
+            "name": "wide",
+            "variables": { "ITEMS": items },
+            "nodes": [ { "id": "each", "type": "transform", "forEach": "{{ vars.ITEMS }}", "template": "{{ item * 2 }}" } ]
+        }),
+    );
+    let children: Vec<Child> = (0..3)
+        .map(|_| env.spawn(&["run", bp.to_str().unwrap(), "--json"]))
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("locked"), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("could not save"), "{}", stderr(&o));
+    }
+    let c = env.sql();
+    let (runs, steps, once): (i64, i64, i64) = c
+        .query_row(
+            "SELECT (SELECT count(*) FROM runner_executions WHERE status = 'success'),
+                    (SELECT count(*) FROM runner_steps WHERE status = 'success'),
+                    (SELECT count(*) FROM runner_attempts)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (runs, steps, once),
+        (3, 1002, 1002),
+        "every step exactly once"
+    );
+    let processes: i64 = c
+        .query_row(
+            "SELECT count(*) FROM runner_processes WHERE stopped_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        processes, 3,
+        "each process recorded its health and its clean stop"
+    );
+}
+
+#[test]
+fn an_expired_lease_is_taken_over_and_a_live_one_is_not() {
+    let env = Env::new(&[
+        ("LEASE_TIMEOUT", "30".into()),
+        ("OMNIFLOW_TIME_SCALE", "1".into()),
+    ]);
+    // Create the schema.
+    let bp = env.write(
+        "t.json",
+        &json!({ "name": "t", "nodes": [ { "id": "a", "type": "transform", "template": "done" } ] }),
+    );
+    let o = env.output(&["run", bp.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let snapshot =
+        json!({ "name": "t", "nodes": [ { "id": "a", "type": "transform", "template": "done" } ] });
+    let c = env.sql();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for (proc_id, beat) in [("dead:1:1", now_ms - 120_000), ("live:2:2", now_ms)] {
+        c.execute(
+            "INSERT INTO runner_processes (id, pid, role, version, started_at, heartbeat_at, heartbeat_ms)
+             VALUES (?1, 1, 'daemon', 'x', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z', ?2)",
+            rusqlite::params![proc_id, beat],
+        )
+        .unwrap();
+    }
+    for (run, owner) in [("orphan0000001", "dead:1:1"), ("owned00000001", "live:2:2")] {
+        c.execute(
+            "INSERT INTO runner_executions (id, blueprint_name, status, priority, trigger, sandbox,
+                 variables, blueprint, queued_at, started_at, owner)
+             VALUES (?1, 't', 'running', 'normal', 'cli', 0, '{}', ?2, '2026-01-01T00:00:00.000Z',
+                     '2026-01-01T00:00:00.000Z', ?3)",
+            rusqlite::params![run, snapshot.to_string(), owner],
+        )
+        .unwrap();
+    }
+    let o = env.output(&["resume", "owned00000001"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("live process (live:2:2)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.output(&["resume", "orphan0000001"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (status, takeovers): (String, i64) = c
+        .query_row(
+            "SELECT status, takeovers FROM runner_executions WHERE id = 'orphan0000001'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), takeovers), ("success", 1));
+    // `resume --all` finds nothing else to take: the live one stays with its owner.
+    let o = env.output(&["resume", "--all"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let status: String = c
+        .query_row(
+            "SELECT status FROM runner_executions WHERE id = 'owned00000001'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(status, "running");
+}
+
+#[test]
+fn a_run_that_keeps_killing_its_process_is_failed_after_the_takeover_limit() {
+    let env = Env::new(&[
+        ("MAX_TAKEOVERS", "2".into()),
+        ("OMNIFLOW_TIME_SCALE", "1".into()),
+    ]);
+    let bp = env.write(
+        "t.json",
+        &json!({ "name": "t", "nodes": [ { "id": "a", "type": "transform", "template": "x" } ] }),
+    );
+    assert!(env.output(&["run", bp.to_str().unwrap()]).status.success());
+    let c = env.sql();
+    c.execute(
+        "INSERT INTO runner_processes (id, pid, role, version, started_at, heartbeat_at, heartbeat_ms)
+         VALUES ('dead:1:1', 1, 'daemon', 'x', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z', 0)",
+        [],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO runner_executions (id, blueprint_name, status, priority, trigger, sandbox,
+             variables, blueprint, queued_at, started_at, owner, takeovers)
+         VALUES ('poison0000001', 't', 'running', 'normal', 'cli', 0, '{}', '{}',
+                 '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z', 'dead:1:1', 2)",
+        [],
+    )
+    .unwrap();
+    let o = env.output(&["resume", "poison0000001"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted 3 times"), "{}", stderr(&o));
+    let (status, kind): (String, String) = c
+        .query_row(
+            "SELECT status, error_kind FROM runner_executions WHERE id = 'poison0000001'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), kind.as_str()), ("error", "interrupted"));
+}
