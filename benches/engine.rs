@@ -31,12 +31,13 @@ fn main() {
     println!(
         "each line: omniflow vs baseline (bare tokio, no persistence); medians of {reps} runs\n"
     );
+    // First, while the process is fresh, so its RSS means something.
+    queued_memory(&rt);
     rt.block_on(async {
         chain(&dir, reps).await;
         throughput(&dir, reps).await;
         fan_out(&dir, reps).await;
     });
-    queued_memory(&rt);
 }
 
 fn engine(dir: &tempfile::TempDir, name: &str, extra: &[(&str, &str)]) -> Engine {

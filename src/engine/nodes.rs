@@ -5,7 +5,7 @@ use super::run::RunCtx;
 use crate::blueprint::{Channel, Node, NodeKind, Parse};
 use crate::error::{ErrorKind, StepError};
 use crate::providers::{AttemptKey, LlmRequest, DEFAULT_MODEL};
-use crate::template::Templates;
+use crate::template::{Context, Templates};
 use serde_json::{json, Map, Value};
 use std::time::Duration;
 
@@ -95,7 +95,7 @@ impl Prepared {
 }
 
 /// Renders the node's templates against `context`.
-pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prepared, StepError> {
+pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Context) -> Result<Prepared, StepError> {
     let t = ctx.templates();
     let named = |what: &str, e: StepError| StepError {
         message: format!("{}.{what}: {}", node.id, e.message),
@@ -122,15 +122,15 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
                         .or_else(|| defaults.model.clone())
                         .unwrap_or_else(|| DEFAULT_MODEL.into()),
                     system: match &l.system {
-                        Some(s) => Some(t.render(s, context).map_err(|e| named("system", e))?),
+                        Some(s) => Some(t.render_in(s, context).map_err(|e| named("system", e))?),
                         None => None,
                     },
                     prompt: t
-                        .render(&l.prompt, context)
+                        .render_in(&l.prompt, context)
                         .map_err(|e| named("prompt", e))?,
                     temperature: l.temperature,
                     max_tokens: l.max_tokens,
-                    subject: match context.get("item") {
+                    subject: match context.item() {
                         Some(Value::String(s)) => Some(s.clone()),
                         Some(Value::Null) | None => None,
                         Some(other) => Some(other.to_string()),
@@ -143,14 +143,14 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
             let mut headers = Vec::new();
             for (k, v) in &h.headers {
                 let v = match v {
-                    Value::String(s) => t.render(s, context).map_err(|e| named("headers", e))?,
+                    Value::String(s) => t.render_in(s, context).map_err(|e| named("headers", e))?,
                     other => other.to_string(),
                 };
                 headers.push((k.clone(), v));
             }
             Prepared::Http {
                 method: h.method.to_ascii_uppercase(),
-                url: t.render(&h.url, context).map_err(|e| named("url", e))?,
+                url: t.render_in(&h.url, context).map_err(|e| named("url", e))?,
                 headers,
                 body: match &h.body {
                     Some(b) => Some(render_value(t, b, context).map_err(|e| named("body", e))?),
@@ -161,7 +161,7 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
         }
         NodeKind::Transform(tr) => {
             let text = t
-                .render(&tr.template, context)
+                .render_in(&tr.template, context)
                 .map_err(|e| named("template", e))?;
             Prepared::Value(match tr.parse {
                 Parse::Text => Value::String(text),
@@ -178,13 +178,15 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
         }
         NodeKind::Condition(c) => {
             let v = t
-                .eval_expr(&c.expression, context)
+                .eval_expr_in(&c.expression, context)
                 .map_err(|e| named("expression", e))?;
             Prepared::Value(Value::Bool(Templates::is_truthy(&v)))
         }
         NodeKind::Notify(n) => Prepared::Notify {
             channel: n.channel,
-            text: t.render(&n.text, context).map_err(|e| named("text", e))?,
+            text: t
+                .render_in(&n.text, context)
+                .map_err(|e| named("text", e))?,
             parse_mode: n.parse_mode.clone(),
         },
         NodeKind::Delay(d) => {
@@ -199,9 +201,9 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Value) -> Result<Prep
 }
 
 /// Renders every string inside a JSON value as a template.
-fn render_value(t: &Templates, v: &Value, context: &Value) -> Result<Value, StepError> {
+fn render_value(t: &Templates, v: &Value, context: &Context) -> Result<Value, StepError> {
     Ok(match v {
-        Value::String(s) => Value::String(t.render(s, context)?),
+        Value::String(s) => Value::String(t.render_in(s, context)?),
         Value::Array(a) => Value::Array(
             a.iter()
                 .map(|x| render_value(t, x, context))

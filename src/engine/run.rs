@@ -9,7 +9,7 @@ use crate::error::{ErrorKind, StepError};
 use crate::events::{Event, RunStatus, StepStatus};
 use crate::providers::SimulatedModel;
 use crate::store::{RunEnd, StepEnd};
-use crate::template::Templates;
+use crate::template::{Context, Templates};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -453,8 +453,9 @@ fn skip_reason(bp: &Blueprint, states: &[NodeState], needs: &[usize]) -> Option<
     None
 }
 
-/// The template context: variables, the outputs of finished nodes, the run.
-fn context(ctx: &RunCtx, states: &[NodeState]) -> Value {
+/// The template context: variables, the outputs of finished nodes, the run. Converted once
+/// per ready node; a fan-out's items share it.
+fn context(ctx: &RunCtx, states: &[NodeState]) -> Context {
     let mut nodes = Map::new();
     for (i, st) in states.iter().enumerate() {
         let entry = match st {
@@ -467,15 +468,15 @@ fn context(ctx: &RunCtx, states: &[NodeState]) -> Value {
         };
         nodes.insert(ctx.blueprint.nodes[i].id.clone(), entry);
     }
-    json!({
+    Context::new(json!({
         "vars": Value::Object(ctx.variables.clone()),
         "nodes": Value::Object(nodes),
         "run": { "id": &*ctx.run_id, "blueprint": ctx.blueprint.name, "sandbox": ctx.is_sandbox },
-    })
+    }))
 }
 
 /// The steps of a ready node: one, or one per item of its `forEach`.
-fn plan_node(ctx: &RunCtx, i: usize, base: &Value) -> Result<Vec<StepSpec>, StepError> {
+fn plan_node(ctx: &RunCtx, i: usize, base: &Context) -> Result<Vec<StepSpec>, StepError> {
     let node = &ctx.blueprint.nodes[i];
     let Some(for_each) = &node.for_each else {
         return Ok(vec![StepSpec {
@@ -485,7 +486,7 @@ fn plan_node(ctx: &RunCtx, i: usize, base: &Value) -> Result<Vec<StepSpec>, Step
             context: base.clone(),
         }]);
     };
-    let items = ctx.templates().eval_list(for_each, base)?;
+    let items = ctx.templates().eval_list_in(for_each, base)?;
     ctx.inner.bus.publish(Event::FanOut {
         run_id: ctx.run_id.to_string(),
         node: node.id.clone(),
@@ -494,18 +495,11 @@ fn plan_node(ctx: &RunCtx, i: usize, base: &Value) -> Result<Vec<StepSpec>, Step
     Ok(items
         .into_iter()
         .enumerate()
-        .map(|(n, item)| {
-            let mut c = base.clone();
-            if let Value::Object(m) = &mut c {
-                m.insert("item".into(), item);
-                m.insert("index".into(), json!(n));
-            }
-            StepSpec {
-                node: i,
-                item: Some(n),
-                key: format!("{}[{n}]", node.id),
-                context: c,
-            }
+        .map(|(n, item)| StepSpec {
+            node: i,
+            item: Some(n),
+            key: format!("{}[{n}]", node.id),
+            context: base.with_item(item, n),
         })
         .collect())
 }

@@ -21,7 +21,7 @@ pub(crate) struct StepSpec {
     /// `summarize` or `summarize[3]`.
     pub key: String,
     /// The template context (with `item`/`index` for a fan-out item).
-    pub context: Value,
+    pub context: crate::template::Context,
 }
 
 pub(crate) struct StepResult {
