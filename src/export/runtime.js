@@ -83,6 +83,12 @@ function scaled(seconds) {
   return seconds * CONFIG.timeScale;
 }
 
+/** A timeout under OMNIFLOW_TIME_SCALE is scaled too, but never below 1 s: a test machine's
+ * first connection must not time out. */
+function scaledTimeoutMs(seconds) {
+  return CONFIG.timeScale === 1 ? seconds * 1000 : Math.max(scaled(seconds) * 1000, 1000);
+}
+
 function sleep(seconds) {
   return new Promise((resolve) => {
     if (ABORT.signal.aborted) return resolve(true);
@@ -159,10 +165,10 @@ const or = (a, b) => { const x = a(); return truthy(x) ? x : b(); };
 /** minijinja's plain string form of a value (join, ~, string filters). */
 function display(v) {
   if (v === UNDEF) return "";
-  if (v === null) return "none";
-  if (v === true) return "true";
-  if (v === false) return "false";
-  if (Array.isArray(v) || isObject(v)) return JSON.stringify(v);
+  if (v === null) return "None";
+  if (v === true) return "True";
+  if (v === false) return "False";
+  if (Array.isArray(v) || isObject(v)) return JSON.stringify(v, null, 1).replace(/\n\s*/g, " ").replace(/([[{]) /g, "$1").replace(/ ([\]}])/g, "$1");
   return String(v);
 }
 
@@ -362,7 +368,7 @@ async function request(method, url, headers = {}, body = null, timeout = 300, se
     }
   }
   const where = service ?? url;
-  const signal = AbortSignal.any([ABORT.signal, AbortSignal.timeout(Math.max(scaled(timeout) * 1000, 1))]);
+  const signal = AbortSignal.any([ABORT.signal, AbortSignal.timeout(scaledTimeoutMs(timeout))]);
   try {
     const resp = await fetch(url, { method, headers, body: payload, signal });
     const buf = Buffer.from(await resp.arrayBuffer());

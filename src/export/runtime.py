@@ -101,6 +101,12 @@ def scaled(seconds):
     return seconds * CONFIG.time_scale
 
 
+def scaled_timeout(seconds):
+    """A timeout under OMNIFLOW_TIME_SCALE is scaled too, but never below 1 s: a test machine's
+    first connection must not time out."""
+    return seconds if CONFIG.time_scale == 1 else max(scaled(seconds), 1.0)
+
+
 # ── Errors ────────────────────────────────────────────────────────────────────────────────────
 
 RETRYABLE = {"timeout", "rate_limited", "model_loading", "server", "network", "empty_output",
@@ -174,11 +180,11 @@ def display(value):
     if value is UNDEF:
         return ""
     if value is None:
-        return "none"
+        return "None"
     if value is True:
-        return "true"
+        return "True"
     if value is False:
-        return "false"
+        return "False"
     if isinstance(value, float):
         if value != value:
             return "NaN"
@@ -482,7 +488,7 @@ def request(method, url, headers=None, body=None, timeout=300, service=None):
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     where = service or url
     try:
-        with urllib.request.urlopen(req, timeout=max(scaled(timeout), 0.001)) as resp:
+        with urllib.request.urlopen(req, timeout=scaled_timeout(timeout)) as resp:
             raw = resp.read(MAX_BODY_BYTES + 1)
             status, resp_headers = resp.status, resp.headers
     except urllib.error.HTTPError as e:
