@@ -184,8 +184,20 @@ fn yq(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Variables that can be `workflow_dispatch` inputs and shell variable names.
+fn input_names(bp: &Blueprint) -> Vec<&String> {
+    bp.variables
+        .keys()
+        .filter(|k| {
+            k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+        })
+        .collect()
+}
+
 fn workflow(bp: &Blueprint, n: &Needs) -> String {
     let name = slug(&bp.name);
+    let inputs = input_names(bp);
     let mut s = format!(
         "# {} — exported from OmniFlow. Runs main.py on the blueprint's schedule and on demand.\nname: {}\n\non:\n",
         bp.name,
@@ -198,9 +210,9 @@ fn workflow(bp: &Blueprint, n: &Needs) -> String {
         ));
     }
     s.push_str("  workflow_dispatch:\n");
-    if !bp.variables.is_empty() {
+    if !inputs.is_empty() {
         s.push_str("    inputs:\n");
-        for k in bp.variables.keys() {
+        for k in &inputs {
             s.push_str(&format!(
                 "      {k}:\n        description: {}\n        required: false\n        type: string\n",
                 yq(&format!("Override variable {k} (JSON or text); empty keeps the default"))
@@ -212,7 +224,7 @@ fn workflow(bp: &Blueprint, n: &Needs) -> String {
         yq(&name),
         bp.name.replace(['\n', ':'], " ")
     ));
-    for k in bp.variables.keys() {
+    for k in &inputs {
         s.push_str(&format!(
             "          if [ -n \"$INPUT_{k}\" ]; then args+=(--var \"{k}=$INPUT_{k}\"); fi\n"
         ));
@@ -222,7 +234,7 @@ fn workflow(bp: &Blueprint, n: &Needs) -> String {
         let src = if secret { "secrets" } else { "vars" };
         s.push_str(&format!("          {k}: ${{{{ {src}.{k} }}}}\n"));
     }
-    for k in bp.variables.keys() {
+    for k in &inputs {
         s.push_str(&format!("          INPUT_{k}: ${{{{ inputs.{k} }}}}\n"));
     }
     s.push_str(
