@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod ids;
 pub mod logging;
 pub mod notify;

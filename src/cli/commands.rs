@@ -1,7 +1,10 @@
 //! One function per command. Each returns its exit code or a [`Failure`].
 
 use super::progress::Progress;
-use super::{BackupArgs, Failure, ResumeArgs, RunArgs, RunsArgs, ShowArgs, TuiArgs, ValidateArgs};
+use super::{
+    BackupArgs, ExportArgs, Failure, ResumeArgs, RunArgs, RunsArgs, ShowArgs, TuiArgs,
+    ValidateArgs,
+};
 use crate::blueprint::{self, Blueprint, Priority};
 use crate::config::Config;
 use crate::engine::{parse_var_arg, Engine, RunOutcome, RunRequest};
@@ -664,6 +667,28 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, Failure> {
         config.db_file.display(),
         args.file.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn export(args: ExportArgs) -> Result<ExitCode, Failure> {
+    let target = crate::export::Target::parse(&args.target).ok_or_else(|| {
+        Failure::input(format!(
+            "--target {:?}: expected python, node, github-action or docker",
+            args.target
+        ))
+    })?;
+    let bp = load_blueprint(&args.blueprint, &args.dir)?;
+    let files = crate::export::export(&bp, target, &args.out, args.force)
+        .map_err(|e| Failure::input(e.to_string()))?;
+    eprintln!(
+        "exported {} to {} ({}):",
+        bp.name,
+        args.out.display(),
+        target.as_str()
+    );
+    for f in files {
+        println!("{}", f.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

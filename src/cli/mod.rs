@@ -39,6 +39,8 @@ pub enum Command {
     Schema,
     /// Copy the history database consistently while it is in use.
     Backup(BackupArgs),
+    /// Export a blueprint as a standalone program: python, node, github-action or docker.
+    Export(ExportArgs),
 }
 
 #[derive(Args, Debug, Default)]
@@ -133,6 +135,24 @@ pub struct BackupArgs {
     pub file: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A blueprint file, or the name of one in --dir.
+    pub blueprint: String,
+    /// python, node, github-action or docker.
+    #[arg(long)]
+    pub target: String,
+    /// The directory to write (created; refused if not empty unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace a non-empty --out.
+    #[arg(long)]
+    pub force: bool,
+    /// Where blueprints are looked up by name.
+    #[arg(long, default_value = "blueprints")]
+    pub dir: PathBuf,
+}
+
 /// An error that ends the command: its message and exit code.
 #[derive(Debug)]
 pub struct Failure {
@@ -163,6 +183,7 @@ pub fn main() -> ExitCode {
         Some(Command::Show(a)) => commands::show(a),
         Some(Command::Schema) => commands::schema(),
         Some(Command::Backup(a)) => commands::backup(a),
+        Some(Command::Export(a)) => commands::export(a),
     };
     match result {
         Ok(code) => code,

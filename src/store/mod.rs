@@ -290,6 +290,12 @@ pub fn iso8601(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// The SQL of schema version 1 (every table), for exported programs that write the same
+/// `runner_executions` rows as OmniFlow (`omniflow export`).
+pub fn schema_v1_sql() -> &'static str {
+    schema::MIGRATIONS[0]
+}
+
 /// SQLite integers are i64; counters beyond that are clamped rather than wrapped.
 fn saturating_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)

@@ -16,7 +16,7 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Migration `i` (0-based) moves the schema from version `i` to `i + 1`. Append only: a
 /// released migration is never edited, because databases in the field already ran it.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: everything. `started_at` is the queue time until the run starts, so the original's
     // monitoring query `ORDER BY started_at DESC` sorts queued runs sensibly.
     r#"

@@ -1,0 +1,738 @@
+//! `omniflow export`: a blueprint as a standalone program its user owns — Python (stdlib only),
+//! Node.js (built-in `fetch`, `better-sqlite3` for history), a GitHub Actions workflow running
+//! the Python program, or a Docker image of it.
+//!
+//! The exported program *is* the blueprint: a runtime section (HTTP with the retry policy,
+//! providers, notifications, history in `runner_executions`, the run driver) followed by one
+//! function per node with its templates translated into the target language ([`jinja`] parses
+//! the subset we can reproduce, [`emit`] writes the code). A template outside the subset is an
+//! [`ExportError`] naming the node, the field and the construct; nothing is written then.
+
+pub mod emit;
+pub mod jinja;
+mod package;
+
+use crate::blueprint::{Blueprint, Node, NodeKind, Parse, RetrySpec};
+use crate::providers::DEFAULT_MODEL;
+use emit::{str_lit, value_lit, Emitter, Lang};
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const PY_RUNTIME: &str = include_str!("runtime.py");
+const JS_RUNTIME: &str = include_str!("runtime.js");
+
+/// What to export to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Python,
+    Node,
+    GithubAction,
+    Docker,
+}
+
+impl Target {
+    pub const ALL: [Target; 4] = [
+        Target::Python,
+        Target::Node,
+        Target::GithubAction,
+        Target::Docker,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Python => "python",
+            Target::Node => "node",
+            Target::GithubAction => "github-action",
+            Target::Docker => "docker",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Target> {
+        Target::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    fn lang(self) -> Lang {
+        match self {
+            Target::Node => Lang::Js,
+            _ => Lang::Python,
+        }
+    }
+}
+
+/// Why an export failed. Nothing was written.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ExportError {
+    /// The blueprint uses something the target cannot express faithfully.
+    #[error("{location}: {what} cannot be exported to {target}")]
+    Unsupported {
+        location: String,
+        what: String,
+        target: &'static str,
+    },
+    #[error("{0} is not empty; use --force to replace it")]
+    NotEmpty(PathBuf),
+    #[error("cannot write {path}: {message}")]
+    Io { path: PathBuf, message: String },
+}
+
+/// One generated file: its path relative to the output directory and its text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct File {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+/// Generates every file of the export, in memory.
+pub fn generate(bp: &Blueprint, target: Target) -> Result<Vec<File>, ExportError> {
+    if target == Target::GithubAction {
+        if let Some(tz) = bp
+            .timezone
+            .as_deref()
+            .filter(|tz| !["UTC", "Etc/UTC"].contains(tz))
+        {
+            return Err(ExportError::Unsupported {
+                location: "timezone".into(),
+                what: format!(
+                    "a schedule in the timezone {tz:?} (GitHub Actions schedules are UTC only)"
+                ),
+                target: "github-action",
+            });
+        }
+    }
+    let program = Program::new(bp, target)?;
+    let code = program.source()?;
+    Ok(package::files(bp, target, code))
+}
+
+/// Generates the export and writes it to `out` atomically: into a temporary directory next to
+/// `out`, renamed at the end. A non-empty `out` is refused unless `force`.
+pub fn export(
+    bp: &Blueprint,
+    target: Target,
+    out: &Path,
+    force: bool,
+) -> Result<Vec<PathBuf>, ExportError> {
+    let files = generate(bp, target)?;
+    let io = |path: &Path, e: std::io::Error| ExportError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let exists = out.exists();
+    if exists {
+        let non_empty = std::fs::read_dir(out)
+            .map_err(|e| io(out, e))?
+            .next()
+            .is_some();
+        if non_empty && !force {
+            return Err(ExportError::NotEmpty(out.to_path_buf()));
+        }
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "export".into());
+    let tmp = parent.join(format!(".{name}.omniflow-export-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let write_all = || -> Result<(), ExportError> {
+        for f in &files {
+            let path = tmp.join(&f.path);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+            }
+            std::fs::write(&path, &f.text).map_err(|e| io(&path, e))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write_all() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if exists {
+        // Replace: move the old directory aside, move the new one in, then delete the old.
+        let old = parent.join(format!(".{name}.omniflow-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&old);
+        if let Err(e) = std::fs::rename(out, &old) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io(out, e));
+        }
+        if let Err(e) = std::fs::rename(&tmp, out) {
+            let _ = std::fs::rename(&old, out);
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io(out, e));
+        }
+        let _ = std::fs::remove_dir_all(&old);
+    } else if let Err(e) = std::fs::rename(&tmp, out) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io(out, e));
+    }
+    Ok(files.iter().map(|f| out.join(&f.path)).collect())
+}
+
+/// The program of one blueprint in one language.
+struct Program<'a> {
+    bp: &'a Blueprint,
+    lang: Lang,
+    target: Target,
+}
+
+fn seconds(s: &str) -> Option<f64> {
+    humantime::parse_duration(s.trim())
+        .ok()
+        .map(|d: Duration| d.as_secs_f64())
+}
+
+fn float_lit(f: f64) -> String {
+    format!("{f:?}")
+}
+
+impl<'a> Program<'a> {
+    fn new(bp: &'a Blueprint, target: Target) -> Result<Self, ExportError> {
+        Ok(Program {
+            bp,
+            lang: target.lang(),
+            target,
+        })
+    }
+
+    fn py(&self) -> bool {
+        self.lang == Lang::Python
+    }
+
+    fn unsupported(&self, location: String, what: impl Into<String>) -> ExportError {
+        ExportError::Unsupported {
+            location,
+            what: what.into(),
+            target: match self.target {
+                Target::Node => "node",
+                _ => "python",
+            },
+        }
+    }
+
+    fn null(&self) -> &'static str {
+        if self.py() {
+            "None"
+        } else {
+            "null"
+        }
+    }
+
+    fn duration(&self, location: String, s: &str) -> Result<f64, ExportError> {
+        seconds(s).ok_or_else(|| self.unsupported(location, format!("the duration {s:?}")))
+    }
+
+    fn retry_lit(&self, spec: Option<&RetrySpec>, location: &str) -> Result<String, ExportError> {
+        let Some(r) = spec else {
+            return Ok(self.null().into());
+        };
+        let mut parts = Vec::new();
+        let (eq, names) = if self.py() {
+            (
+                "=",
+                ["attempts", "backoff", "factor", "max_delay", "jitter"],
+            )
+        } else {
+            (
+                ": ",
+                ["attempts", "backoff", "factor", "maxDelay", "jitter"],
+            )
+        };
+        if let Some(a) = r.attempts {
+            parts.push(format!("{}{eq}{a}", names[0]));
+        }
+        if let Some(b) = &r.backoff {
+            let s = self.duration(format!("{location}.backoff"), b)?;
+            parts.push(format!("{}{eq}{}", names[1], float_lit(s)));
+        }
+        if let Some(f) = r.factor {
+            parts.push(format!("{}{eq}{}", names[2], float_lit(f)));
+        }
+        if let Some(m) = &r.max_delay {
+            let s = self.duration(format!("{location}.maxDelay"), m)?;
+            parts.push(format!("{}{eq}{}", names[3], float_lit(s)));
+        }
+        if let Some(j) = r.jitter {
+            parts.push(format!("{}{eq}{}", names[4], float_lit(j)));
+        }
+        Ok(if self.py() {
+            format!("Retry({})", parts.join(", "))
+        } else {
+            format!("{{ {} }}", parts.join(", "))
+        })
+    }
+
+    /// The whole program's source.
+    fn source(&self) -> Result<String, ExportError> {
+        let bp = self.bp;
+        let mut nodes_code = String::new();
+        let mut table = Vec::new();
+        for (i, node) in bp.nodes.iter().enumerate() {
+            let (code, entry) = self.node(i, node)?;
+            nodes_code.push_str(&code);
+            table.push(entry);
+        }
+        let snapshot = serde_json::to_string(bp).unwrap_or_default();
+        let variables = Value::Object(bp.variables.clone());
+        let run_timeout = match &bp.timeout {
+            Some(t) => Some((
+                self.duration("timeout".into(), t)?,
+                humantime::parse_duration(t.trim())
+                    .map(|d| humantime::format_duration(d).to_string())
+                    .unwrap_or_default(),
+            )),
+            None => None,
+        };
+        let default_timeout = match &bp.defaults.timeout {
+            Some(t) => float_lit(self.duration("defaults.timeout".into(), t)?),
+            None => self.null().into(),
+        };
+        let default_retry = self.retry_lit(bp.defaults.retry.as_ref(), "defaults.retry")?;
+        let schema = crate::store::schema_v1_sql();
+        let mut s = String::new();
+        let py = self.py();
+        let (c, decl) = if py { ("#", "") } else { ("//", "const ") };
+        let end = if py { "" } else { ";" };
+        if py {
+            s.push_str("#!/usr/bin/env python3\n");
+        } else {
+            s.push_str("#!/usr/bin/env node\n");
+        }
+        let _ = writeln!(
+            s,
+            "{c} {} — exported from OmniFlow (`omniflow export {} --target {}`).",
+            bp.name,
+            bp.name,
+            self.target.as_str()
+        );
+        if let Some(d) = &bp.description {
+            let _ = writeln!(s, "{c} {d}");
+        }
+        let _ = writeln!(
+            s,
+            "{c}\n{c} Run: {} [--var KEY=VALUE]... [--json]   (exit 0 success, 1 the run failed, 2 bad input)\n{c} Configuration comes from the environment or .env (see .env.example); no secret is stored here.",
+            if py { "python3 main.py" } else { "node main.js" }
+        );
+        if py {
+            s.push_str("\nfrom __future__ import annotations\n\n");
+            s.push_str(PY_RUNTIME);
+        } else {
+            s.push('\n');
+            s.push_str(JS_RUNTIME);
+        }
+        let bar = "─".repeat(93);
+        let _ = writeln!(s, "\n\n{c} {bar}\n{c} Blueprint: {}\n{c} {bar}\n", bp.name);
+        let _ = writeln!(s, "{decl}BLUEPRINT_NAME = {}{end}", str_lit(&bp.name));
+        let _ = writeln!(s, "{decl}PRIORITY = {}{end}", str_lit(bp.priority.as_str()));
+        let _ = writeln!(
+            s,
+            "{c} Variables and their defaults; --var KEY=VALUE overrides them."
+        );
+        let _ = writeln!(
+            s,
+            "{decl}VARIABLES = {}{end}",
+            value_lit(self.lang, &variables)
+        );
+        let _ = writeln!(s, "{decl}DEFAULT_RETRY = {default_retry}{end}");
+        let _ = writeln!(
+            s,
+            "{c} Seconds per attempt when a node sets none ({} = REQUEST_TIMEOUT).",
+            self.null()
+        );
+        let _ = writeln!(s, "{decl}DEFAULT_TIMEOUT = {default_timeout}{end}");
+        match run_timeout {
+            Some((secs, text)) => {
+                let _ = writeln!(s, "{decl}RUN_TIMEOUT = {}{end}", float_lit(secs));
+                let _ = writeln!(s, "{decl}RUN_TIMEOUT_TEXT = {}{end}", str_lit(&text));
+            }
+            None => {
+                let _ = writeln!(s, "{decl}RUN_TIMEOUT = {}{end}", self.null());
+                let _ = writeln!(s, "{decl}RUN_TIMEOUT_TEXT = \"\"{end}");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "{c} The blueprint as OmniFlow records it in runner_executions.blueprint."
+        );
+        let _ = writeln!(s, "{decl}BLUEPRINT_JSON = {}{end}", str_lit(&snapshot));
+        let _ = writeln!(
+            s,
+            "{c} OmniFlow's history schema (version 1), created when DB_FILE is new."
+        );
+        let _ = writeln!(s, "{decl}SCHEMA = {}{end}\n", str_lit(schema));
+        s.push_str(&nodes_code);
+        let _ = writeln!(s, "\n{c} The graph, in the blueprint's order.");
+        if py {
+            let _ = writeln!(s, "NODES = [\n{}\n]\n", table.join("\n"));
+            s.push_str("\nif __name__ == \"__main__\":\n    sys.exit(main())\n");
+        } else {
+            let _ = writeln!(s, "const NODES = [\n{}\n];\n", table.join("\n"));
+            s.push_str("\nprocess.exitCode = await main();\n");
+        }
+        Ok(s)
+    }
+
+    /// A template field: (prelude functions, the expression computing it).
+    fn template(
+        &self,
+        node: &Node,
+        field: &str,
+        src: &str,
+        helpers: &mut String,
+    ) -> Result<String, ExportError> {
+        let loc = format!("nodes[{}].{field}", self.index(node));
+        let stmts = jinja::parse_template(src).map_err(|e| self.unsupported(loc.clone(), e.0))?;
+        let mut em = Emitter::new(self.lang);
+        if Emitter::is_simple(&stmts) {
+            return Ok(em.simple(&stmts));
+        }
+        let fname = format!("{}__{}", ident(&node.id), ident(field));
+        let body = em.body(&stmts, 4);
+        if self.py() {
+            let _ = writeln!(helpers, "def {fname}(ctx):\n{}\n", body.join("\n"));
+        } else {
+            let _ = writeln!(
+                helpers,
+                "function {fname}(ctx) {{\n{}\n}}\n",
+                body.join("\n")
+            );
+        }
+        Ok(format!("{fname}(ctx)"))
+    }
+
+    fn expression(&self, node: &Node, field: &str, src: &str) -> Result<String, ExportError> {
+        let loc = format!("nodes[{}].{field}", self.index(node));
+        let e = jinja::parse_expr(src).map_err(|e| self.unsupported(loc, e.0))?;
+        Ok(Emitter::new(self.lang).expr(&e))
+    }
+
+    fn index(&self, node: &Node) -> usize {
+        self.bp
+            .nodes
+            .iter()
+            .position(|n| n.id == node.id)
+            .unwrap_or(0)
+    }
+
+    /// A value whose strings are templates (an http body).
+    fn value_template(
+        &self,
+        node: &Node,
+        field: &str,
+        v: &Value,
+        helpers: &mut String,
+    ) -> Result<String, ExportError> {
+        Ok(match v {
+            Value::String(s) => self.template(node, field, s, helpers)?,
+            Value::Array(a) => {
+                let mut items = Vec::new();
+                for (i, x) in a.iter().enumerate() {
+                    items.push(self.value_template(node, &format!("{field}[{i}]"), x, helpers)?);
+                }
+                format!("[{}]", items.join(", "))
+            }
+            Value::Object(o) => {
+                let mut items = Vec::new();
+                for (k, x) in o {
+                    let code = self.value_template(node, &format!("{field}.{k}"), x, helpers)?;
+                    items.push(format!("{}: {code}", str_lit(k)));
+                }
+                format!("{{{}}}", items.join(", "))
+            }
+            other => value_lit(self.lang, other),
+        })
+    }
+
+    /// One node: its functions, and its entry in the NODES table.
+    fn node(&self, i: usize, node: &Node) -> Result<(String, String), ExportError> {
+        let py = self.py();
+        let id = &node.id;
+        let f = format!("node_{}", ident(id));
+        let mut helpers = String::new();
+        let mut lines: Vec<String> = Vec::new();
+        // `let` a field: Python `with field(..): x = code`, JS `const x = field(.., () => code)`.
+        let bind = |lines: &mut Vec<String>, var: &str, name: &str, code: &str| {
+            if py {
+                lines.push(format!("    with field({}):", str_lit(name)));
+                lines.push(format!("        {var} = {code}"));
+            } else {
+                lines.push(format!(
+                    "  const {var} = field({}, () => ({code}));",
+                    str_lit(name)
+                ));
+            }
+        };
+        let null = self.null();
+        let opt_f = |v: Option<f64>| v.map(float_lit).unwrap_or_else(|| null.into());
+        let ret = |call: String| -> String {
+            if py {
+                format!("    return lambda timeout: {call}")
+            } else {
+                format!("  return (timeout) => {call};")
+            }
+        };
+        let mut extra_timeout = 0.0;
+        let kind = node.kind.type_name();
+        match &node.kind {
+            NodeKind::Llm(l) => {
+                let provider = l
+                    .provider
+                    .clone()
+                    .or_else(|| self.bp.defaults.provider.clone())
+                    .unwrap_or_else(|| "auto".into());
+                if !["auto", "huggingface", "ollama", "openai"].contains(&provider.as_str()) {
+                    return Err(self.unsupported(
+                        format!("nodes[{i}].provider"),
+                        format!("the provider {provider:?}"),
+                    ));
+                }
+                let model = l
+                    .model
+                    .clone()
+                    .or_else(|| self.bp.defaults.model.clone())
+                    .unwrap_or_else(|| DEFAULT_MODEL.into());
+                let system = match &l.system {
+                    Some(s) => {
+                        let code = self.template(node, "system", s, &mut helpers)?;
+                        bind(&mut lines, "system", &format!("{id}.system"), &code);
+                        "system".to_string()
+                    }
+                    None => null.into(),
+                };
+                let code = self.template(node, "prompt", &l.prompt, &mut helpers)?;
+                bind(&mut lines, "prompt", &format!("{id}.prompt"), &code);
+                let call = format!(
+                    "{}({}, {}, {system}, prompt, {}, {}, {}, timeout)",
+                    if py { "llm_node" } else { "llmNode" },
+                    str_lit(&provider),
+                    str_lit(&model),
+                    opt_f(l.temperature),
+                    l.max_tokens
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| null.into()),
+                    str_lit(if l.parse == Parse::Json {
+                        "json"
+                    } else {
+                        "text"
+                    }),
+                );
+                lines.push(ret(call));
+            }
+            NodeKind::Http(h) => {
+                let code = self.template(node, "url", &h.url, &mut helpers)?;
+                bind(&mut lines, "url", &format!("{id}.url"), &code);
+                let mut hs = Vec::new();
+                for (k, v) in &h.headers {
+                    let code = match v {
+                        Value::String(s) => {
+                            self.template(node, &format!("headers.{k}"), s, &mut helpers)?
+                        }
+                        other => str_lit(&other.to_string()),
+                    };
+                    hs.push(format!("{}: {code}", str_lit(k)));
+                }
+                bind(
+                    &mut lines,
+                    "headers",
+                    &format!("{id}.headers"),
+                    &format!("{{{}}}", hs.join(", ")),
+                );
+                let body = match &h.body {
+                    Some(b) => {
+                        let code = self.value_template(node, "body", b, &mut helpers)?;
+                        bind(&mut lines, "body", &format!("{id}.body"), &code);
+                        "body".to_string()
+                    }
+                    None => null.into(),
+                };
+                let call = format!(
+                    "{}({}, url, headers, {body}, {}, timeout)",
+                    if py { "http_node" } else { "httpNode" },
+                    str_lit(&h.method.to_ascii_uppercase()),
+                    str_lit(h.response.as_deref().unwrap_or("auto")),
+                );
+                lines.push(ret(call));
+            }
+            NodeKind::Transform(t) => {
+                let code = self.template(node, "template", &t.template, &mut helpers)?;
+                bind(&mut lines, "value", &format!("{id}.template"), &code);
+                if t.parse == Parse::Json {
+                    if py {
+                        lines.push(format!(
+                            "    value = parse_json_text({}, value)",
+                            str_lit(id)
+                        ));
+                    } else {
+                        lines.push(format!(
+                            "  const parsed = parseJsonText({}, value);",
+                            str_lit(id)
+                        ));
+                    }
+                }
+                let v = if !py && t.parse == Parse::Json {
+                    "parsed"
+                } else {
+                    "value"
+                };
+                lines.push(if py {
+                    format!("    return lambda timeout: {v}")
+                } else {
+                    format!("  return (timeout) => {v};")
+                });
+            }
+            NodeKind::Condition(c) => {
+                let code = format!(
+                    "truthy({})",
+                    self.expression(node, "expression", &c.expression)?
+                );
+                let name = format!("{id}.expression: in expression `{}`", c.expression);
+                bind(&mut lines, "value", &name, &code);
+                lines.push(if py {
+                    "    return lambda timeout: value".to_string()
+                } else {
+                    "  return (timeout) => value;".to_string()
+                });
+            }
+            NodeKind::Notify(n) => {
+                let code = self.template(node, "text", &n.text, &mut helpers)?;
+                bind(&mut lines, "message", &format!("{id}.text"), &code);
+                let call = format!(
+                    "{}({}, message, {}, timeout)",
+                    if py { "notify_node" } else { "notifyNode" },
+                    str_lit(n.channel.as_str()),
+                    n.parse_mode
+                        .as_deref()
+                        .map(str_lit)
+                        .unwrap_or_else(|| null.into())
+                );
+                lines.push(ret(call));
+            }
+            NodeKind::Delay(d) => {
+                let secs = self.duration(format!("nodes[{i}].duration"), &d.duration)?;
+                extra_timeout = secs;
+                lines.push(ret(format!(
+                    "{}({})",
+                    if py { "delay_node" } else { "delayNode" },
+                    float_lit(secs)
+                )));
+            }
+        }
+
+        // forEach: the list of items.
+        let for_each = match &node.for_each {
+            None => null.to_string(),
+            Some(fe) => {
+                let items = match fe {
+                    Value::Array(_) => value_lit(self.lang, fe),
+                    Value::String(s) => {
+                        let inner = match jinja::single_expression(s) {
+                            Some(expr) => self.expression(node, "forEach", expr)?,
+                            None => self.template(node, "forEach", s, &mut helpers)?,
+                        };
+                        if py {
+                            format!("as_list({inner})")
+                        } else {
+                            format!("asList({inner})")
+                        }
+                    }
+                    _ => {
+                        return Err(self.unsupported(
+                            format!("nodes[{i}].forEach"),
+                            "a forEach that is neither a list nor a template",
+                        ))
+                    }
+                };
+                let fname = format!("{f}_items");
+                if py {
+                    let _ = writeln!(
+                        helpers,
+                        "def {fname}(ctx):\n    \"\"\"The items of {id}'s forEach: one step per item.\"\"\"\n    with field(None):\n        return {items}\n"
+                    );
+                } else {
+                    let _ = writeln!(
+                        helpers,
+                        "/** The items of {id}'s forEach: one step per item. */\nfunction {fname}(ctx) {{\n  return field(null, () => {items});\n}}\n"
+                    );
+                }
+                fname
+            }
+        };
+
+        let mut code = String::new();
+        let mut heading = format!("{id} · {kind}");
+        if !node.needs.is_empty() {
+            heading.push_str(&format!(" · needs {}", node.needs.join(", ")));
+        }
+        if node.for_each.is_some() {
+            heading.push_str(" · one step per forEach item, all at once");
+        }
+        let (c, bar) = if py { ("#", "─") } else { ("//", "─") };
+        let _ = writeln!(
+            code,
+            "{c} ── {heading} {}",
+            bar.repeat(80usize.saturating_sub(heading.chars().count()))
+        );
+        code.push_str(&helpers);
+        let doc = node.description.clone().unwrap_or_else(|| {
+            format!("Prepares one step of {id}; the returned function is one attempt.")
+        });
+        if py {
+            let _ = writeln!(
+                code,
+                "def {f}(ctx):\n    \"\"\"{}\"\"\"",
+                doc.replace('\\', "\\\\").replace("\"\"\"", "\\\"\\\"\\\"")
+            );
+            code.push_str(&lines.join("\n"));
+            code.push_str("\n\n\n");
+        } else {
+            let _ = writeln!(
+                code,
+                "/** {} */\nfunction {f}(ctx) {{",
+                doc.replace("*/", "*\\/")
+            );
+            code.push_str(&lines.join("\n"));
+            code.push_str("\n}\n\n");
+        }
+
+        // The table entry.
+        let needs: Vec<String> = node.needs.iter().map(|n| str_lit(n)).collect();
+        let retry = self.retry_lit(node.retry.as_ref(), &format!("nodes[{i}].retry"))?;
+        let timeout = match &node.timeout {
+            Some(t) => float_lit(self.duration(format!("nodes[{i}].timeout"), t)?),
+            None => null.into(),
+        };
+        let entry = if py {
+            format!(
+                "    Node({}, {}, {f}, needs=[{}], for_each={for_each}, retry={retry}, timeout={timeout}, continue_on_error={}, extra_timeout={}),",
+                str_lit(id),
+                str_lit(kind),
+                needs.join(", "),
+                if node.continue_on_error { "True" } else { "False" },
+                float_lit(extra_timeout)
+            )
+        } else {
+            format!(
+                "  {{ id: {}, kind: {}, prepare: {f}, needs: [{}], forEach: {for_each}, retry: {retry}, timeout: {timeout}, continueOnError: {}, extraTimeout: {} }},",
+                str_lit(id),
+                str_lit(kind),
+                needs.join(", "),
+                node.continue_on_error,
+                float_lit(extra_timeout)
+            )
+        };
+        Ok((code, entry))
+    }
+}
+
+/// A node id or field as an identifier fragment.
+fn ident(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
