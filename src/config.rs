@@ -2,6 +2,7 @@
 //! working directory (dotenvy). Each value is checked once, with a message that says what was
 //! expected.
 
+use crate::blueprint::{Channel, MissedSlots};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +37,17 @@ pub struct Config {
     /// Multiplies every wait (backoff, provider hints, simulated latency, delays):
     /// `OMNIFLOW_TIME_SCALE=0.01` makes tests of the real binary fast. Default 1.
     pub time_scale: f64,
+    // ---- notifications and schedules (issue 5) ----
+    /// Channels told when a run succeeds, for blueprints without their own `notify`
+    /// (`NOTIFY_ON_SUCCESS=telegram,discord`). Default: none.
+    pub notify_on_success: Vec<Channel>,
+    /// Channels told when a run fails, for blueprints without their own `notify`
+    /// (`NOTIFY_ON_FAILURE`). Default: none.
+    pub notify_on_failure: Vec<Channel>,
+    /// Channels that get one digest after `run --all-active` (`NOTIFY_DIGEST`). Default: none.
+    pub notify_digest: Vec<Channel>,
+    /// Missed schedule slots, for blueprints that do not say (`SCHEDULE_MISSED=skip|run-once`).
+    pub schedule_missed: MissedSlots,
 }
 
 impl std::fmt::Debug for Config {
@@ -58,6 +70,12 @@ impl std::fmt::Debug for Config {
             .field("log_dir", &self.log_dir)
             .field("concurrency", &self.concurrency)
             .field("memory_threshold_mb", &self.memory_threshold_mb)
+            .field("supabase_url", &self.supabase_url)
+            .field("supabase_key", &set(&self.supabase_key))
+            .field("notify_on_success", &self.notify_on_success)
+            .field("notify_on_failure", &self.notify_on_failure)
+            .field("notify_digest", &self.notify_digest)
+            .field("schedule_missed", &self.schedule_missed)
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +141,41 @@ impl Config {
                 }
             },
         };
+        let channels = |k: &'static str| -> Result<Vec<Channel>, ConfigError> {
+            let mut out = Vec::new();
+            for part in get(k).unwrap_or_default().split(',') {
+                let c = match part.trim().to_ascii_lowercase().as_str() {
+                    "" | "none" => continue,
+                    "telegram" => Channel::Telegram,
+                    "discord" => Channel::Discord,
+                    _ => {
+                        return Err(ConfigError {
+                            var: k,
+                            value: get(k).unwrap_or_default(),
+                            expected: "a comma-separated list of telegram, discord (or none)",
+                        })
+                    }
+                };
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+            Ok(out)
+        };
+        let schedule_missed = match get("SCHEDULE_MISSED").map(|v| v.to_ascii_lowercase()) {
+            None => MissedSlots::Skip,
+            Some(v) if v == "skip" => MissedSlots::Skip,
+            Some(v) if ["run-once", "runonce", "run_once", "once"].contains(&v.as_str()) => {
+                MissedSlots::RunOnce
+            }
+            Some(v) => {
+                return Err(ConfigError {
+                    var: "SCHEDULE_MISSED",
+                    value: v,
+                    expected: "skip or run-once",
+                })
+            }
+        };
         Ok(Config {
             huggingface_token: get("HUGGINGFACE_TOKEN").or_else(|| get("HF_TOKEN")),
             hf_inference_url: get("HF_INFERENCE_URL")
@@ -155,6 +208,10 @@ impl Config {
                 )?)),
             },
             time_scale,
+            notify_on_success: channels("NOTIFY_ON_SUCCESS")?,
+            notify_on_failure: channels("NOTIFY_ON_FAILURE")?,
+            notify_digest: channels("NOTIFY_DIGEST")?,
+            schedule_missed,
         })
     }
 
@@ -169,8 +226,18 @@ impl Config {
         ]
         .into_iter()
         .flatten()
-        .filter(|s| s.len() >= 4)
         .cloned()
+        // A webhook URL's last segment is its token: redact it alone too, in case a URL is
+        // shown re-encoded or with its query (issue 5).
+        .chain(
+            self.discord_webhook
+                .as_deref()
+                .and_then(|u| u.split('?').next())
+                .and_then(|u| u.trim_end_matches('/').rsplit('/').next())
+                .filter(|t| t.len() >= 16)
+                .map(str::to_string),
+        )
+        .filter(|s| s.len() >= 4)
         .collect()
     }
 

@@ -33,6 +33,9 @@ pub(crate) struct RunCtx {
     pub priority: Arc<AtomicUsize>,
     pub reuse: HashMap<String, Value>,
     pub is_sandbox: bool,
+    /// The run this one retries or resumes: notifications dedupe on the chain's root
+    /// (issue 5).
+    pub parent_run_id: Option<String>,
 }
 
 impl RunCtx {
@@ -57,6 +60,7 @@ impl RunCtx {
             .with_request_timeout(inner.config.request_timeout)
         });
         let abort = cancel.child_token();
+        let parent_run_id = req.parent_run_id.clone();
         Arc::new(RunCtx {
             inner,
             run_id: run_id.into(),
@@ -69,6 +73,7 @@ impl RunCtx {
             priority,
             reuse: req.reuse,
             is_sandbox: req.sandbox,
+            parent_run_id,
         })
     }
 
@@ -317,6 +322,27 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
             tracing::warn!(run_id = %run_id, blueprint = %bp.name, status = status.as_str(), error = error.as_deref().unwrap_or(""), "run did not succeed")
         }
     }
+    // Run-level notifications (issue 5): `notify.onSuccess/onFailure`, else the global
+    // defaults. Before `wait` returns, so a CLI run does not exit before they are sent.
+    let summary = crate::notify::RunSummary {
+        run_id: run_id.clone(),
+        blueprint: bp.name.clone(),
+        status,
+        total_time_ms,
+        steps: summaries.len(),
+        tokens_used: tokens,
+        failed_step: failed_step.clone(),
+        error: error.clone(),
+    };
+    crate::notify::after_run(
+        &inner.http,
+        &inner.config,
+        &inner.store,
+        &bp,
+        &summary,
+        ctx.is_sandbox,
+    )
+    .await;
     RunOutcome {
         run_id,
         blueprint: bp.name.clone(),

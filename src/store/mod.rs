@@ -41,6 +41,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+// Notifications sent and schedule slots claimed (issue 5): synchronous, committed at once.
+mod claims;
 mod error;
 mod read;
 mod schema;
@@ -48,6 +50,7 @@ mod transitions;
 mod types;
 mod writer;
 
+pub use claims::{NotificationRecord, SlotClaim};
 pub use error::{BackupFailure, StoreError};
 pub use types::{
     AttemptRecord, AttemptRow, NewRun, NewStep, RunEnd, RunFilter, RunRow, StepEnd, StepRow,

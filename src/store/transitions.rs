@@ -102,6 +102,15 @@ pub(crate) struct ProcessInfo {
 }
 
 impl ProcessInfo {
+    // Read by the schedule-slot claims (claims.rs).
+    pub(crate) fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
     pub(crate) fn current() -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
