@@ -1,0 +1,109 @@
+//! `omniflow daemon`: headless, for systemd or Docker. Loads the active blueprints (from
+//! `--dir`, and from Supabase when configured), fires their schedules through the pool, logs to
+//! `LOG_DIR` and stderr. SIGTERM or SIGINT: stop firing, let the runs in flight finish, exit 0;
+//! a second signal exits at once (130).
+
+use super::commands::{load_config, open_store, runtime};
+use super::{DaemonArgs, Failure};
+use crate::blueprint::Blueprint;
+use crate::engine::{Engine, RunRequest};
+use crate::events::EventBus;
+use crate::logging;
+use crate::schedule::{self, Scheduler, SystemClock};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// Longest sleep between two looks at the clock.
+const NAP: Duration = Duration::from_secs(30);
+
+pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
+    let config = load_config()?;
+    let store = open_store(&config)?;
+    let _log = logging::init(
+        &config.log_dir,
+        config.secrets(),
+        "info",
+        Some(tracing::Level::INFO),
+    )
+    .map_err(|e| Failure::input(e.to_string()))?;
+    let rt = runtime()?;
+    let (blueprints, bad) =
+        super::commands::gather_blueprints(&args.dir, args.source, &config, &rt, false)?;
+    for b in &bad {
+        tracing::warn!(problem = %b, "daemon: blueprint skipped");
+    }
+    let sandbox = args.sandbox;
+    let missed = config.schedule_missed;
+    let code = rt.block_on(async move {
+        let engine = Engine::new(Arc::new(config), store.clone(), EventBus::new());
+        let bps: Vec<Arc<Blueprint>> = blueprints.into_iter().map(Arc::new).collect();
+        let (sched, problems) = Scheduler::new(&bps, store, missed, SystemTime::now());
+        for p in &problems {
+            tracing::warn!(problem = %p, "daemon: schedule not used");
+        }
+        let names = sched.scheduled().join(", ");
+        if names.is_empty() {
+            tracing::warn!(blueprints = bps.len(), "daemon: no active blueprint has a usable schedule; idle until stopped (add \"schedule\": \"17 */6 * * *\" to one)");
+        } else {
+            for (name, next) in sched.next_fire_times(SystemTime::now()) {
+                tracing::info!(blueprint = %name, next = %next.map(crate::store::iso8601).unwrap_or_default(), "daemon: scheduled");
+            }
+        }
+        tracing::info!(scheduled = %names, sandbox, pid = std::process::id(), "daemon started");
+        let stop = CancellationToken::new();
+        let base = RunRequest {
+            sandbox,
+            ..Default::default()
+        };
+        let runner = schedule::spawn(
+            engine.clone(),
+            sched,
+            Arc::new(SystemClock),
+            stop.clone(),
+            NAP,
+            base,
+        );
+        if let Err(e) = wait_for_signal().await {
+            tracing::error!(error = %e, "daemon: cannot listen for signals");
+            return ExitCode::from(1);
+        }
+        let in_flight = engine.active_runs().len();
+        tracing::info!(in_flight, "daemon: stopping; no new slots fire, runs in flight finish (signal again to quit at once)");
+        stop.cancel();
+        tokio::spawn(async {
+            if wait_for_signal().await.is_ok() {
+                tracing::warn!("daemon: second signal; quitting at once");
+                std::process::exit(130);
+            }
+        });
+        let started = runner.await.unwrap_or(0);
+        engine.store().flush().await;
+        if let Some(e) = engine.store().take_write_error() {
+            tracing::error!(error = %e, "daemon: the history database reported an error");
+        }
+        tracing::info!(runs_started = started, "daemon stopped");
+        ExitCode::SUCCESS
+    });
+    Ok(code)
+}
+
+/// SIGTERM (systemd, `docker stop`) or SIGINT (Ctrl-C).
+async fn wait_for_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}
