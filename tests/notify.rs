@@ -256,7 +256,7 @@ async fn a_10000_character_report_is_split_between_words_with_valid_html() {
     let fake = telegram(TOKEN).await;
     let env = tg_env(&fake, &[]);
     let text = report();
-    assert_eq!(text.chars().count() > 9_900, true);
+    assert!(text.chars().count() > 9_900);
     let o = run(
         &env,
         &notify_bp("telegram", &text, Some("HTML")),
@@ -286,7 +286,7 @@ async fn a_10000_character_report_is_split_between_words_with_valid_html() {
     .await;
     assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
     let sent = texts(&dfake);
-    assert!(sent.len() >= (plain.chars().count() + 1999) / 2000);
+    assert!(sent.len() >= plain.chars().count().div_ceil(2000));
     assert!(sent.iter().all(|p| p.chars().count() <= 2000));
     assert_eq!(sent.join(" "), plain);
 }
