@@ -387,3 +387,36 @@ fn two_daemons_on_one_database_fire_a_slot_once() {
     ids.dedup();
     assert_eq!(ids.len(), runs.len());
 }
+
+#[test]
+fn the_validator_rejects_a_zone_it_cannot_use_and_a_cron_that_never_fires() {
+    let doc = json!({
+        "name": "x", "schedule": "0 0 30 2 *", "timezone": "Mars/Olympus", "missedSlots": "sometimes",
+        "nodes": [{ "id": "a", "type": "transform", "template": "x" }]
+    });
+    let problems: Vec<String> = omniflow::blueprint::validate(&doc)
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("schedule: ") && p.contains("never fires")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("timezone: ") && p.contains("fixed offset")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("missedSlots: ")),
+        "{problems:?}"
+    );
+    let ok = json!({
+        "name": "x", "schedule": "17 */6 * * *", "timezone": "+05:30", "missedSlots": "runOnce",
+        "nodes": [{ "id": "a", "type": "transform", "template": "x" }]
+    });
+    assert!(omniflow::blueprint::validate(&ok).is_empty());
+}

@@ -126,6 +126,9 @@ fn build() -> Value {
     });
     // Added outside the json! above, which is at the macro recursion limit (issue 5).
     if let Some(props) = root.get_mut("properties").and_then(Value::as_object_mut) {
+        if let Some(tz) = props.get_mut("timezone").and_then(Value::as_object_mut) {
+            tz.insert("format".into(), json!("timezone"));
+        }
         props.insert(
             "missedSlots".into(),
             json!({ "enum": ["skip", "runOnce"],

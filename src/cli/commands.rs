@@ -274,6 +274,13 @@ pub(super) fn gather_blueprints(
             .map_err(|e| Failure::input(e.to_string()))?;
         for row in rows {
             match row.blueprint {
+                // With --source both, a file wins over a row of the same name.
+                Ok(bp) if out.iter().any(|b: &Blueprint| b.name == bp.name) => bad.push(format!(
+                    "Supabase row {}: a blueprint named {:?} was already loaded from {}",
+                    row.id,
+                    bp.name,
+                    dir.display()
+                )),
                 Ok(bp) if bp.active => out.push(bp),
                 Ok(_) => {}
                 Err(e) => bad.push(e),
