@@ -360,10 +360,9 @@ fn two_daemons_on_one_database_fire_a_slot_once() {
         std::thread::sleep(Duration::from_millis(50));
     }
     for child in [&a, &b] {
-        std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
+        // SAFETY: sends a signal to a child process this test started and still owns.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0);
     }
     for child in [a, b] {
         let out = child.wait_with_output().unwrap();

@@ -37,6 +37,15 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
     let sandbox = args.sandbox;
     let missed = config.schedule_missed;
     let code = rt.block_on(async move {
+        // Listen before anything else: a SIGTERM during start-up must stop us gracefully,
+        // not kill us with the default action.
+        let mut signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "daemon: cannot listen for signals");
+                return ExitCode::from(1);
+            }
+        };
         let engine = Engine::new(Arc::new(config), store.clone(), EventBus::new());
         let bps: Vec<Arc<Blueprint>> = blueprints.into_iter().map(Arc::new).collect();
         let (sched, problems) = Scheduler::new(&bps, store, missed, SystemTime::now());
@@ -65,18 +74,14 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
             NAP,
             base,
         );
-        if let Err(e) = wait_for_signal().await {
-            tracing::error!(error = %e, "daemon: cannot listen for signals");
-            return ExitCode::from(1);
-        }
+        signals.recv().await;
         let in_flight = engine.active_runs().len();
         tracing::info!(in_flight, "daemon: stopping; no new slots fire, runs in flight finish (signal again to quit at once)");
         stop.cancel();
-        tokio::spawn(async {
-            if wait_for_signal().await.is_ok() {
-                tracing::warn!("daemon: second signal; quitting at once");
-                std::process::exit(130);
-            }
+        tokio::spawn(async move {
+            signals.recv().await;
+            tracing::warn!("daemon: second signal; quitting at once");
+            std::process::exit(130);
         });
         let started = runner.await.unwrap_or(0);
         engine.store().flush().await;
@@ -89,21 +94,41 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
     Ok(code)
 }
 
-/// SIGTERM (systemd, `docker stop`) or SIGINT (Ctrl-C).
-async fn wait_for_signal() -> std::io::Result<()> {
+/// SIGTERM (systemd, `docker stop`) and SIGINT (Ctrl-C).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
-        Ok(())
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
+        }
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
