@@ -15,6 +15,12 @@
 //! );
 //! ```
 
+// Nothing a service or a schedule answers may take the process down.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 use crate::blueprint::{self, Blueprint};
 use crate::config::Config;
 use serde_json::Value;

@@ -21,6 +21,12 @@
 //! This module decides nothing about whether a run notifies: the engine calls
 //! [`after_run`] at the end of each run, and `notify` nodes are ordinary steps.
 
+// Nothing a service or a schedule answers may take the process down.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 mod discord;
 pub mod split;
 pub mod summary;

@@ -16,6 +16,12 @@
 //! - **Injectable clock.** [`Scheduler::tick`] takes the time; [`spawn`] reads a [`Clock`];
 //!   tests use a [`ManualClock`] and never wait for a real slot.
 
+// Nothing a service or a schedule answers may take the process down.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 mod clock;
 mod cron;
 
