@@ -419,3 +419,67 @@ fn the_validator_rejects_a_zone_it_cannot_use_and_a_cron_that_never_fires() {
     });
     assert!(omniflow::blueprint::validate(&ok).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_all_active_from_a_dir_exits_1_when_one_fails_and_the_digest_says_so() {
+    let tg = fakes::telegram("1234:digest-token-abcdefghijklmnop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let bps = dir.path().join("bps");
+    std::fs::create_dir(&bps).unwrap();
+    let node =
+        |t: &str| json!([{ "id": "a", "type": "transform", "parse": "json", "template": t }]);
+    std::fs::write(
+        bps.join("ok.json"),
+        json!({ "name": "ok", "nodes": node("{\"x\": 1}") }).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        bps.join("bad.json"),
+        json!({ "name": "bad", "priority": "high", "nodes": node("not json") }).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        bps.join("off.json"),
+        json!({ "name": "off", "active": false, "nodes": node("1") }).to_string(),
+    )
+    .unwrap();
+    std::fs::write(bps.join("broken.json"), "{ \"name\": ").unwrap();
+    let (d, url) = (dir.path().to_path_buf(), tg.url.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_omniflow"))
+            .args(["run", "--all-active", "--dir", "bps"])
+            .current_dir(&d)
+            .env("TELEGRAM_BOT_TOKEN", "1234:digest-token-abcdefghijklmnop")
+            .env("TELEGRAM_CHAT_ID", "-100123")
+            .env("TELEGRAM_API_URL", url)
+            .env("NOTIFY_DIGEST", "telegram")
+            .env("DB_FILE", d.join("h.db"))
+            .env("LOG_DIR", d.join("logs"))
+            .env("OMNIFLOW_TIME_SCALE", "0.001")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("broken.json"),
+        "an invalid file is reported: {stderr}"
+    );
+    assert!(stderr.contains("2 blueprints ran, 1 failed"), "{stderr}");
+    let sent = tg.requests();
+    assert_eq!(sent.len(), 1);
+    let body = sent[0].json();
+    assert_eq!(body["parse_mode"], "HTML");
+    let text = body["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("<b>OmniFlow: 2 blueprints ran, 1 failed</b>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("❌ <b>bad</b> error") && text.contains("✅ <b>ok</b> success"),
+        "{text}"
+    );
+    assert!(fakes::html_balanced(text));
+}
