@@ -2,6 +2,7 @@
 //! working directory (dotenvy). Each value is checked once, with a message that says what was
 //! expected.
 
+use crate::blueprint::{Channel, MissedSlots};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +44,17 @@ pub struct Config {
     pub max_takeovers: u32,
     /// On SIGTERM, how long steps in flight may take to finish (`SHUTDOWN_GRACE`, seconds).
     pub shutdown_grace: Duration,
+    // ---- notifications and schedules (issue 5) ----
+    /// Channels told when a run succeeds, for blueprints without their own `notify`
+    /// (`NOTIFY_ON_SUCCESS=telegram,discord`). Default: none.
+    pub notify_on_success: Vec<Channel>,
+    /// Channels told when a run fails, for blueprints without their own `notify`
+    /// (`NOTIFY_ON_FAILURE`). Default: none.
+    pub notify_on_failure: Vec<Channel>,
+    /// Channels that get one digest after `run --all-active` (`NOTIFY_DIGEST`). Default: none.
+    pub notify_digest: Vec<Channel>,
+    /// Missed schedule slots, for blueprints that do not say (`SCHEDULE_MISSED=skip|run-once`).
+    pub schedule_missed: MissedSlots,
 }
 
 impl std::fmt::Debug for Config {
@@ -65,6 +77,12 @@ impl std::fmt::Debug for Config {
             .field("log_dir", &self.log_dir)
             .field("concurrency", &self.concurrency)
             .field("memory_threshold_mb", &self.memory_threshold_mb)
+            .field("supabase_url", &self.supabase_url)
+            .field("supabase_key", &set(&self.supabase_key))
+            .field("notify_on_success", &self.notify_on_success)
+            .field("notify_on_failure", &self.notify_on_failure)
+            .field("notify_digest", &self.notify_digest)
+            .field("schedule_missed", &self.schedule_missed)
             .finish_non_exhaustive()
     }
 }
@@ -130,6 +148,41 @@ impl Config {
                 }
             },
         };
+        let channels = |k: &'static str| -> Result<Vec<Channel>, ConfigError> {
+            let mut out = Vec::new();
+            for part in get(k).unwrap_or_default().split(',') {
+                let c = match part.trim().to_ascii_lowercase().as_str() {
+                    "" | "none" => continue,
+                    "telegram" => Channel::Telegram,
+                    "discord" => Channel::Discord,
+                    _ => {
+                        return Err(ConfigError {
+                            var: k,
+                            value: get(k).unwrap_or_default(),
+                            expected: "a comma-separated list of telegram, discord (or none)",
+                        })
+                    }
+                };
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+            Ok(out)
+        };
+        let schedule_missed = match get("SCHEDULE_MISSED").map(|v| v.to_ascii_lowercase()) {
+            None => MissedSlots::Skip,
+            Some(v) if v == "skip" => MissedSlots::Skip,
+            Some(v) if ["run-once", "runonce", "run_once", "once"].contains(&v.as_str()) => {
+                MissedSlots::RunOnce
+            }
+            Some(v) => {
+                return Err(ConfigError {
+                    var: "SCHEDULE_MISSED",
+                    value: v,
+                    expected: "skip or run-once",
+                })
+            }
+        };
         Ok(Config {
             huggingface_token: get("HUGGINGFACE_TOKEN").or_else(|| get("HF_TOKEN")),
             hf_inference_url: get("HF_INFERENCE_URL")
@@ -165,6 +218,10 @@ impl Config {
             lease_timeout: Duration::from_secs(parse_u64("LEASE_TIMEOUT", 30, 1)?),
             max_takeovers: parse_u64("MAX_TAKEOVERS", 3, 0)?.min(1000) as u32,
             shutdown_grace: Duration::from_secs(parse_u64("SHUTDOWN_GRACE", 30, 0)?),
+            notify_on_success: channels("NOTIFY_ON_SUCCESS")?,
+            notify_on_failure: channels("NOTIFY_ON_FAILURE")?,
+            notify_digest: channels("NOTIFY_DIGEST")?,
+            schedule_missed,
         })
     }
 
@@ -179,8 +236,18 @@ impl Config {
         ]
         .into_iter()
         .flatten()
-        .filter(|s| s.len() >= 4)
         .cloned()
+        // A webhook URL's last segment is its token: redact it alone too, in case a URL is
+        // shown re-encoded or with its query (issue 5).
+        .chain(
+            self.discord_webhook
+                .as_deref()
+                .and_then(|u| u.split('?').next())
+                .and_then(|u| u.trim_end_matches('/').rsplit('/').next())
+                .filter(|t| t.len() >= 16)
+                .map(str::to_string),
+        )
+        .filter(|s| s.len() >= 4)
         .collect()
     }
 

@@ -13,5 +13,7 @@ pub mod logging;
 pub mod notify;
 pub mod pool;
 pub mod providers;
+pub mod schedule;
 pub mod store;
+pub mod supabase;
 pub mod template;

@@ -25,3 +25,5 @@ pub use model::*;
 pub use problem::Problem;
 pub use schema::{schema, CHANNELS, HTTP_METHODS, ID_PATTERN, NODE_TYPES, PROVIDERS};
 pub use validate::{parse_duration, validate};
+// The scheduler (issue 5) checks a schedule the way the validator does.
+pub(crate) use validate::check_cron;

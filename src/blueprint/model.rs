@@ -23,6 +23,10 @@ pub struct Blueprint {
     pub schedule: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
+    /// What the scheduler does with slots that passed while nothing ran (issue 5); `None`
+    /// follows `SCHEDULE_MISSED` (default skip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed_slots: Option<MissedSlots>,
     /// Variables and their default values; `--var K=V` overrides them.
     #[serde(default)]
     pub variables: Map<String, Value>,
@@ -283,6 +287,26 @@ impl Channel {
 pub struct DelayNode {
     /// How long to wait ("2s").
     pub duration: String,
+}
+
+/// Schedule slots missed while no scheduler ran (the daemon or console was down).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum MissedSlots {
+    /// Like cron: a missed slot is gone.
+    #[default]
+    Skip,
+    /// Run once at start-up for all the slots missed since the last one that fired.
+    RunOnce,
+}
+
+impl MissedSlots {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissedSlots::Skip => "skip",
+            MissedSlots::RunOnce => "runOnce",
+        }
+    }
 }
 
 /// Run-level notifications.

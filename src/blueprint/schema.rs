@@ -48,7 +48,7 @@ fn build() -> Value {
     for ty in NODE_TYPES {
         defs.insert(format!("{ty}Node"), node_of_type(ty));
     }
-    json!({
+    let mut root = json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://omniflow.dev/schema/blueprint.json",
         "title": "OmniFlow blueprint",
@@ -67,7 +67,7 @@ fn build() -> Value {
             "schedule": { "type": "string", "format": "cron",
                           "description": "Cron expression, 5 fields (minute hour day-of-month month day-of-week), e.g. \"17 */6 * * *\"." },
             "timezone": { "type": "string",
-                          "description": "Time zone of `schedule` (default UTC)." },
+                          "description": "Time zone of `schedule`: \"UTC\" (the default) or a fixed offset such as \"+02:00\" or \"UTC-5\"." },
             "variables": { "type": "object", "additionalProperties": true,
                            "x-expected": "an object of variable names and default values",
                            "description": "Variables and their default values, read as `vars.NAME`; `--var NAME=VALUE` overrides them." },
@@ -123,7 +123,19 @@ fn build() -> Value {
             }
         },
         "$defs": defs
-    })
+    });
+    // Added outside the json! above, which is at the macro recursion limit (issue 5).
+    if let Some(props) = root.get_mut("properties").and_then(Value::as_object_mut) {
+        if let Some(tz) = props.get_mut("timezone").and_then(Value::as_object_mut) {
+            tz.insert("format".into(), json!("timezone"));
+        }
+        props.insert(
+            "missedSlots".into(),
+            json!({ "enum": ["skip", "runOnce"],
+                    "description": "Schedule slots that passed while no scheduler ran: skip them (like cron), or run once at start-up. Default: SCHEDULE_MISSED, else skip." }),
+        );
+    }
+    root
 }
 
 fn duration() -> Value {
@@ -356,6 +368,7 @@ mod tests {
             "priority",
             "schedule",
             "timezone",
+            "missedSlots",
             "variables",
             "defaults",
             "timeout",

@@ -64,10 +64,17 @@ pub(crate) fn check_cron(expr: &str) -> Result<(), String> {
             ));
         }
     }
-    croner::Cron::new(t)
+    let cron = croner::Cron::new(t)
         .parse()
-        .map(|_| ())
-        .map_err(|e| format!("invalid cron expression \"{expr}\": {e}; expected {EXAMPLE}"))
+        .map_err(|e| format!("invalid cron expression \"{expr}\": {e}; expected {EXAMPLE}"))?;
+    // Issue 5: a valid expression that names no real date ("0 0 30 2 *") would never fire.
+    let start = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    if cron.find_next_occurrence(&start, false).is_err() {
+        return Err(format!(
+            "cron expression \"{expr}\" never fires (no such date): fix its day-of-month and month fields"
+        ));
+    }
+    Ok(())
 }
 
 /// The node graph as written (ids and needs), tolerant of any malformation.

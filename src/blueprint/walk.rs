@@ -147,6 +147,13 @@ impl<'s> Walker<'s> {
                 }
                 return;
             }
+            // Issue 5: "UTC" or a fixed offset (see schedule::parse_timezone).
+            Some("timezone") => {
+                if let Err(msg) = crate::schedule::parse_timezone(Some(text)) {
+                    self.problem(path, msg);
+                }
+                return;
+            }
             Some("template") => SiteKind::Template,
             Some("expression") => SiteKind::Expression,
             Some("forEach") => SiteKind::ForEach,
@@ -424,6 +431,7 @@ mod tests {
                 [
                     "duration",
                     "cron",
+                    "timezone",
                     "template",
                     "expression",
                     "forEach",

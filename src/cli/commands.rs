@@ -2,7 +2,7 @@
 
 use super::progress::Progress;
 use super::{
-    BackupArgs, ExportArgs, Failure, ResumeArgs, RunArgs, RunsArgs, ShowArgs, TuiArgs,
+    BackupArgs, ExportArgs, Failure, ResumeArgs, RunArgs, RunsArgs, ShowArgs, Source, TuiArgs,
     ValidateArgs,
 };
 use crate::blueprint::{self, Blueprint, Priority};
@@ -17,15 +17,15 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-fn load_config() -> Result<Config, Failure> {
+pub(super) fn load_config() -> Result<Config, Failure> {
     Config::load().map_err(|e| Failure::input(format!("{e} (check your environment or .env)")))
 }
 
-fn open_store(config: &Config) -> Result<Store, Failure> {
+pub(super) fn open_store(config: &Config) -> Result<Store, Failure> {
     Store::open(&config.db_file).map_err(|e| Failure::input(e.to_string()))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,7 +81,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                 "--var cannot be combined with --all-active (each blueprint has its own variables)",
             ));
         }
-        active_blueprints(&args.dir)?
+        // Files or Supabase (issue 5); invalid ones are reported and skipped.
+        let rt = runtime()?;
+        let (found, bad) = gather_blueprints(&args.dir, args.source, &config, &rt, true)?;
+        for b in &bad {
+            eprintln!("skipping invalid blueprint: {b}");
+        }
+        found
     } else {
         let name = args.blueprint.as_deref().unwrap_or_default();
         vec![load_blueprint(name, &args.dir)?]
@@ -169,6 +175,26 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         }
         if let Some(p) = progress {
             let _ = p.await;
+        }
+        // One digest of the whole batch, when NOTIFY_DIGEST names channels (issue 5).
+        if all_active && !sandbox && !engine.config().notify_digest.is_empty() {
+            let runs: Vec<crate::notify::RunSummary> = outcomes
+                .iter()
+                .map(|o: &RunOutcome| crate::notify::RunSummary {
+                    run_id: o.run_id.clone(),
+                    blueprint: o.blueprint.clone(),
+                    status: o.status,
+                    total_time_ms: o.total_time_ms,
+                    steps: o.steps.len(),
+                    tokens_used: o.tokens_used,
+                    failed_step: o.failed_step.clone(),
+                    error: o.error.clone(),
+                })
+                .collect();
+            let http = reqwest::Client::new();
+            for e in crate::notify::send_digest(&http, engine.config(), &runs).await {
+                eprintln!("warning: the digest was not sent: {e}");
+            }
         }
         maintenance.stop().await;
         for o in &outcomes {
@@ -349,32 +375,73 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
     })
 }
 
-fn active_blueprints(dir: &Path) -> Result<Vec<Blueprint>, Failure> {
-    let entries = blueprint::load_dir(dir).map_err(|e| {
-        Failure::input(format!(
-            "cannot read blueprints from {}: {e}",
-            dir.display()
-        ))
-    })?;
+/// The active blueprints of `source` and the problems of those that cannot run (row ids for
+/// Supabase, paths for files). `require_some`: no blueprint at all is bad input.
+pub(super) fn gather_blueprints(
+    dir: &Path,
+    source: Source,
+    config: &Config,
+    rt: &tokio::runtime::Runtime,
+    require_some: bool,
+) -> Result<(Vec<Blueprint>, Vec<String>), Failure> {
+    let supabase_set = config.supabase_url.is_some() && config.supabase_key.is_some();
+    let (from_dir, from_supabase) = match source {
+        Source::Auto => (!supabase_set, supabase_set),
+        Source::Dir => (true, false),
+        Source::Supabase => (false, true),
+        Source::Both => (true, true),
+    };
     let mut out = Vec::new();
     let mut bad = Vec::new();
-    for (path, r) in entries {
-        match r {
-            Ok(bp) if bp.active => out.push(bp),
-            Ok(_) => {}
-            Err(e) => bad.push(format!("{} — {e}", path.display())),
+    if from_dir {
+        let entries = blueprint::load_dir(dir).map_err(|e| {
+            Failure::input(format!(
+                "cannot read blueprints from {}: {e}",
+                dir.display()
+            ))
+        })?;
+        for (path, r) in entries {
+            match r {
+                Ok(bp) if bp.active => out.push(bp),
+                Ok(_) => {}
+                Err(e) => bad.push(format!("{} — {e}", path.display())),
+            }
         }
     }
-    for b in &bad {
-        eprintln!("skipping invalid blueprint: {b}");
+    if from_supabase {
+        let http = reqwest::Client::new();
+        let rows = rt
+            .block_on(crate::supabase::active_blueprints(&http, config))
+            .map_err(|e| Failure::input(e.to_string()))?;
+        for row in rows {
+            match row.blueprint {
+                // With --source both, a file wins over a row of the same name.
+                Ok(bp) if out.iter().any(|b: &Blueprint| b.name == bp.name) => bad.push(format!(
+                    "Supabase row {}: a blueprint named {:?} was already loaded from {}",
+                    row.id,
+                    bp.name,
+                    dir.display()
+                )),
+                Ok(bp) if bp.active => out.push(bp),
+                Ok(_) => {}
+                Err(e) => bad.push(e),
+            }
+        }
     }
-    if out.is_empty() {
-        return Err(Failure::input(format!(
-            "no active blueprints in {} (set \"active\": true in one, or see README)",
-            dir.display()
-        )));
+    if out.is_empty() && require_some {
+        let place = if from_supabase && !from_dir {
+            format!("the Supabase table {}", crate::supabase::TABLE)
+        } else {
+            dir.display().to_string()
+        };
+        let mut msg =
+            format!("no active blueprints in {place} (set \"active\": true in one, or see README)");
+        for b in &bad {
+            msg.push_str(&format!("\n  skipped: {b}"));
+        }
+        return Err(Failure::input(msg));
     }
-    Ok(out)
+    Ok((out, bad))
 }
 
 fn status_icon(s: RunStatus) -> &'static str {

@@ -3,9 +3,11 @@
 //! object).
 
 mod commands;
+// `omniflow daemon` (issue 5).
+mod daemon;
 mod progress;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,6 +43,37 @@ pub enum Command {
     Backup(BackupArgs),
     /// Export a blueprint as a standalone program: python, node, github-action or docker.
     Export(ExportArgs),
+    /// Headless: fire the active blueprints' schedules through the pool until SIGTERM/SIGINT
+    /// (for systemd or Docker).
+    Daemon(DaemonArgs),
+}
+
+/// Where `run --all-active` and `daemon` find the active blueprints (issue 5).
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Source {
+    /// Supabase when SUPABASE_URL and SUPABASE_KEY are set, else --dir.
+    #[default]
+    Auto,
+    /// The files in --dir.
+    Dir,
+    /// The `blueprints` table of SUPABASE_URL (rows with active = true).
+    Supabase,
+    /// Both.
+    Both,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Where the blueprints are.
+    #[arg(long, default_value = "blueprints")]
+    pub dir: PathBuf,
+    /// Where to find the active blueprints.
+    #[arg(long, value_enum, default_value_t = Source::Auto)]
+    pub source: Source,
+    /// Run the scheduled blueprints in the sandbox (simulated model, notifications recorded
+    /// and not sent): to try schedules safely.
+    #[arg(long)]
+    pub sandbox: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -64,6 +97,9 @@ pub struct RunArgs {
     /// Where blueprints are looked up by name.
     #[arg(long, default_value = "blueprints")]
     pub dir: PathBuf,
+    /// With --all-active: where to find the active blueprints.
+    #[arg(long, value_enum, default_value_t = Source::Auto, requires = "all_active")]
+    pub source: Source,
     /// Set a variable: KEY=VALUE (VALUE is JSON when it parses as JSON, else text). Repeatable.
     #[arg(long = "var", value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
@@ -184,6 +220,7 @@ pub fn main() -> ExitCode {
         Some(Command::Schema) => commands::schema(),
         Some(Command::Backup(a)) => commands::backup(a),
         Some(Command::Export(a)) => commands::export(a),
+        Some(Command::Daemon(a)) => daemon::daemon(a),
     };
     match result {
         Ok(code) => code,

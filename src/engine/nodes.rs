@@ -310,12 +310,34 @@ pub(crate) async fn execute(
             // The step is durably `running` before anything is sent, so a resume after a
             // crash knows the message may have left and does not send it twice.
             ctx.inner.store.flush().await;
-            crate::notify::send(
+            // Delivered parts are recorded under the retry chain's root, so neither a retried
+            // attempt nor a retried run sends a part twice (issue 5, see notify/mod.rs).
+            let store = ctx.inner.store.clone();
+            let start = ctx
+                .parent_run_id
+                .clone()
+                .unwrap_or_else(|| ctx.run_id.to_string());
+            let root = tokio::task::spawn_blocking(move || store.root_run_id(&start))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .or_else(|| ctx.parent_run_id.clone())
+                .unwrap_or_else(|| ctx.run_id.to_string());
+            let dedupe = crate::notify::Dedupe {
+                store: ctx.inner.store.clone(),
+                root,
+                run_id: ctx.run_id.to_string(),
+                step_key: step.to_string(),
+            };
+            crate::notify::deliver(
                 &ctx.inner.http,
                 &ctx.inner.config,
                 *channel,
-                text,
-                parse_mode.as_deref(),
+                crate::notify::Message::Text {
+                    text,
+                    parse_mode: parse_mode.as_deref(),
+                },
+                Some(&dedupe),
             )
             .await
             .map(|value| StepOutput {

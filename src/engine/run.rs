@@ -36,6 +36,9 @@ pub(crate) struct RunCtx {
     pub is_sandbox: bool,
     /// Handed over unfinished: record nothing more (see `ActiveRun::released`).
     pub released: Arc<AtomicBool>,
+    /// The run this one retries or resumes: notifications dedupe on the chain's root
+    /// (issue 5).
+    pub parent_run_id: Option<String>,
 }
 
 impl RunCtx {
@@ -61,6 +64,7 @@ impl RunCtx {
             .with_request_timeout(inner.config.request_timeout)
         });
         let abort = cancel.child_token();
+        let parent_run_id = req.parent_run_id.clone();
         Arc::new(RunCtx {
             inner,
             run_id: run_id.into(),
@@ -75,6 +79,7 @@ impl RunCtx {
             attempts_before: req.attempts_before,
             is_sandbox: req.sandbox,
             released,
+            parent_run_id,
         })
     }
 
@@ -352,6 +357,27 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
             tracing::warn!(run_id = %run_id, blueprint = %bp.name, status = status.as_str(), error = error.as_deref().unwrap_or(""), "run did not succeed")
         }
     }
+    // Run-level notifications (issue 5): `notify.onSuccess/onFailure`, else the global
+    // defaults. Before `wait` returns, so a CLI run does not exit before they are sent.
+    let summary = crate::notify::RunSummary {
+        run_id: run_id.clone(),
+        blueprint: bp.name.clone(),
+        status,
+        total_time_ms,
+        steps: summaries.len(),
+        tokens_used: tokens,
+        failed_step: failed_step.clone(),
+        error: error.clone(),
+    };
+    crate::notify::after_run(
+        &inner.http,
+        &inner.config,
+        &inner.store,
+        &bp,
+        &summary,
+        ctx.is_sandbox,
+    )
+    .await;
     RunOutcome {
         run_id,
         blueprint: bp.name.clone(),

@@ -41,6 +41,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+// Notifications sent and schedule slots claimed (issue 5): synchronous, committed at once.
+mod claims;
 mod error;
 mod lease;
 mod read;
@@ -49,6 +51,7 @@ mod transitions;
 mod types;
 mod writer;
 
+pub use claims::{NotificationRecord, SlotClaim};
 pub use error::{BackupFailure, StoreError};
 pub use lease::{process_id, Claim, Health, ProcessRow};
 pub use types::{

@@ -127,6 +127,35 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         concurrency   INTEGER
     );
     "#,
+    // 3: delivered notifications, so a retried or resumed run never sends the same message
+    // twice, and claimed schedule slots, so a slot fires once even with two processes on one
+    // database.
+    r#"
+    CREATE TABLE notifications_sent (
+        -- root run of the retry chain | step key | channel | part | hash of the part's text
+        dedupe_key  TEXT PRIMARY KEY,
+        run_id      TEXT NOT NULL,
+        step_key    TEXT NOT NULL,
+        channel     TEXT NOT NULL,
+        part        INTEGER NOT NULL,
+        sent_at     TEXT NOT NULL,
+        -- JSON: the message id(s) the service returned, when it returns one
+        message_ids TEXT
+    );
+    CREATE INDEX notifications_sent_run ON notifications_sent (run_id);
+
+    CREATE TABLE schedule_slots (
+        blueprint_name TEXT NOT NULL,
+        -- the cron slot, milliseconds since the epoch (UTC) and as ISO-8601 text
+        slot_ms        INTEGER NOT NULL,
+        slot           TEXT NOT NULL,
+        claimed_at     TEXT NOT NULL,
+        run_id         TEXT,
+        host           TEXT,
+        pid            INTEGER,
+        PRIMARY KEY (blueprint_name, slot_ms)
+    );
+    "#,
 ];
 
 /// The newest schema version this build knows.

@@ -115,6 +115,15 @@ pub(crate) struct ProcessInfo {
 }
 
 impl ProcessInfo {
+    // Read by the schedule-slot claims (claims.rs).
+    pub(crate) fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
     pub(crate) fn current(id: String) -> Self {
         ProcessInfo {
             host: hostname(),

@@ -1,0 +1,144 @@
+//! `omniflow daemon`: headless, for systemd or Docker. Loads the active blueprints (from
+//! `--dir`, and from Supabase when configured), fires their schedules through the pool, logs to
+//! `LOG_DIR` and stderr. Adopts runs whose process died. SIGTERM or SIGINT: stop firing, give
+//! steps in flight `SHUTDOWN_GRACE` to finish, hand the rest over, exit 0; a second signal
+//! exits at once (130).
+
+use super::commands::{load_config, open_store, runtime};
+use super::{DaemonArgs, Failure};
+use crate::blueprint::Blueprint;
+use crate::engine::{Engine, RunRequest};
+use crate::events::EventBus;
+use crate::logging;
+use crate::schedule::{self, Scheduler, SystemClock};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// Longest sleep between two looks at the clock.
+const NAP: Duration = Duration::from_secs(30);
+
+pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
+    let config = load_config()?;
+    let store = open_store(&config)?;
+    let _log = logging::init(
+        &config.log_dir,
+        config.secrets(),
+        "info",
+        Some(tracing::Level::INFO),
+    )
+    .map_err(|e| Failure::input(e.to_string()))?;
+    let rt = runtime()?;
+    let (blueprints, bad) =
+        super::commands::gather_blueprints(&args.dir, args.source, &config, &rt, false)?;
+    for b in &bad {
+        tracing::warn!(problem = %b, "daemon: blueprint skipped");
+    }
+    let sandbox = args.sandbox;
+    let missed = config.schedule_missed;
+    let code = rt.block_on(async move {
+        // Listen before anything else: a SIGTERM during start-up must stop us gracefully,
+        // not kill us with the default action.
+        let mut signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "daemon: cannot listen for signals");
+                return ExitCode::from(1);
+            }
+        };
+        let engine = Engine::new(Arc::new(config), store.clone(), EventBus::new());
+        engine.set_role("daemon");
+        // Heartbeats, the memory hold, and adopting runs whose process died (issue 7).
+        let maintenance = engine.start_maintenance(true);
+        let bps: Vec<Arc<Blueprint>> = blueprints.into_iter().map(Arc::new).collect();
+        let (sched, problems) = Scheduler::new(&bps, store, missed, SystemTime::now());
+        for p in &problems {
+            tracing::warn!(problem = %p, "daemon: schedule not used");
+        }
+        let names = sched.scheduled().join(", ");
+        if names.is_empty() {
+            tracing::warn!(blueprints = bps.len(), "daemon: no active blueprint has a usable schedule; idle until stopped (add \"schedule\": \"17 */6 * * *\" to one)");
+        } else {
+            for (name, next) in sched.next_fire_times(SystemTime::now()) {
+                tracing::info!(blueprint = %name, next = %next.map(crate::store::iso8601).unwrap_or_default(), "daemon: scheduled");
+            }
+        }
+        tracing::info!(scheduled = %names, sandbox, pid = std::process::id(), "daemon started");
+        let stop = CancellationToken::new();
+        let base = RunRequest {
+            sandbox,
+            ..Default::default()
+        };
+        let runner = schedule::spawn(
+            engine.clone(),
+            sched,
+            Arc::new(SystemClock),
+            stop.clone(),
+            NAP,
+            base,
+        );
+        signals.recv().await;
+        let in_flight = engine.active_runs().len();
+        let grace = engine.config().shutdown_grace;
+        tracing::info!(in_flight, grace_s = grace.as_secs(), "daemon: stopping; no new slots fire, steps in flight get the grace period, the rest is handed over (signal again to quit at once)");
+        stop.cancel();
+        tokio::spawn(async move {
+            signals.recv().await;
+            tracing::warn!("daemon: second signal; quitting at once");
+            std::process::exit(130);
+        });
+        let handed_over = engine.shutdown(grace).await;
+        if !handed_over.is_empty() {
+            tracing::info!(runs = handed_over.len(), "daemon: unfinished runs handed over; the next daemon, console or `omniflow resume --all` continues them");
+        }
+        let started = runner.await.unwrap_or(0);
+        maintenance.stop().await;
+        engine.store().flush().await;
+        if let Some(e) = engine.store().take_write_error() {
+            tracing::error!(error = %e, "daemon: the history database reported an error");
+        }
+        tracing::info!(runs_started = started, "daemon stopped");
+        ExitCode::SUCCESS
+    });
+    Ok(code)
+}
+
+/// SIGTERM (systemd, `docker stop`) and SIGINT (Ctrl-C).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
+        }
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
