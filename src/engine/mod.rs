@@ -60,6 +60,10 @@ pub struct RunRequest {
     /// Outputs of steps that already succeeded (retrying only the failed steps of a run, or
     /// resuming one): step key → output. These steps are recorded as done without running.
     pub reuse: HashMap<String, Value>,
+    /// Record and replay (`run --sandbox --replay <runId>`): step key → the recorded output of
+    /// that step in an earlier run. An `llm` step found here answers with it instead of
+    /// calling a model; other steps run as usual.
+    pub replay: HashMap<String, Value>,
 }
 
 impl Default for RunRequest {
@@ -73,6 +77,7 @@ impl Default for RunRequest {
             trigger: "api".into(),
             parent_run_id: None,
             reuse: HashMap::new(),
+            replay: HashMap::new(),
         }
     }
 }
@@ -236,7 +241,8 @@ impl Engine {
             .unwrap_or_default();
         Engine {
             inner: Arc::new(Inner {
-                providers: Providers::new(config.clone()),
+                // The store keeps the providers' response cache.
+                providers: Providers::new(config.clone()).with_store(store.clone()),
                 config,
                 store,
                 bus,

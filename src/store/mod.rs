@@ -42,6 +42,7 @@
 )]
 
 mod error;
+mod providers;
 mod read;
 mod schema;
 mod transitions;
@@ -49,6 +50,7 @@ mod types;
 mod writer;
 
 pub use error::{BackupFailure, StoreError};
+pub use providers::CachedAnswer;
 pub use types::{
     AttemptRecord, AttemptRow, NewRun, NewStep, RunEnd, RunFilter, RunRow, StepEnd, StepRow,
 };

@@ -178,7 +178,7 @@ fn glob_prefix(prefix: &str) -> String {
 
 impl Store {
     /// Runs `f` on a pooled read-only connection.
-    fn read<T>(
+    pub(super) fn read<T>(
         &self,
         doing: &'static str,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,

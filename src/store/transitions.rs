@@ -35,6 +35,14 @@ pub(crate) enum Op {
         steps_done: u32,
         tokens_used: u64,
     },
+    // Providers (issue 3): see `store/providers.rs`.
+    CachePut(Box<super::providers::CachedAnswer>),
+    AttemptFallback {
+        run_id: String,
+        step_key: String,
+        attempt: u32,
+        note: String,
+    },
 }
 
 impl Op {
@@ -57,6 +65,13 @@ impl Op {
             }
             Op::StepFinished(s) => format!("step_finished {} {}", s.run_id, s.step_key),
             Op::RunProgress { run_id, .. } => format!("run_progress {run_id}"),
+            Op::CachePut(_) => "cache_put".to_string(),
+            Op::AttemptFallback {
+                run_id,
+                step_key,
+                attempt,
+                ..
+            } => format!("attempt_fallback {run_id} {step_key} #{attempt}"),
         }
     }
 
@@ -90,6 +105,13 @@ impl Op {
                 steps_done,
                 tokens_used,
             } => run_progress(tx, run_id, *steps_done, *tokens_used),
+            Op::CachePut(c) => super::providers::cache_put(tx, c),
+            Op::AttemptFallback {
+                run_id,
+                step_key,
+                attempt,
+                note,
+            } => super::providers::attempt_fallback(tx, run_id, step_key, *attempt, note),
         }
     }
 }
