@@ -37,6 +37,9 @@ pub enum Command {
     Schema,
     /// Copy the history database consistently while it is in use.
     Backup(BackupArgs),
+    /// Check the configuration, the model providers (live), the database and the log
+    /// directory; exit 0 when everything configured works.
+    Doctor(DoctorArgs),
 }
 
 #[derive(Args, Debug, Default)]
@@ -76,6 +79,20 @@ pub struct RunArgs {
     #[arg(long)]
     pub priority: Option<String>,
     /// Print exactly one JSON object with the outcome on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// In a sandbox run, answer model calls with the recorded outputs of this earlier run's
+    /// steps (by step key); steps it did not record get the simulated model.
+    #[arg(long, value_name = "RUN_ID")]
+    pub replay: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// Pull this model into Ollama (at OLLAMA_URL) with a progress display, then exit.
+    #[arg(long, value_name = "MODEL")]
+    pub pull: Option<String>,
+    /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
 }
@@ -147,6 +164,7 @@ pub fn main() -> ExitCode {
         Some(Command::Show(a)) => commands::show(a),
         Some(Command::Schema) => commands::schema(),
         Some(Command::Backup(a)) => commands::backup(a),
+        Some(Command::Doctor(a)) => commands::doctor(a),
     };
     match result {
         Ok(code) => code,

@@ -117,9 +117,7 @@ impl Limiter {
             }
             st.paused_until = None;
         }
-        let Some(limit) = self.limit else {
-            return None;
-        };
+        let limit = self.limit?;
         while st
             .granted
             .front()
@@ -150,7 +148,11 @@ impl Limiter {
     /// A 429: nobody calls this provider for `wait` (already scaled). A longer pause in force
     /// is kept.
     pub fn pause_for(&self, wait: Duration) {
-        let until = Instant::now() + wait;
+        self.pause_at(Instant::now(), wait);
+    }
+
+    fn pause_at(&self, now: Instant, wait: Duration) {
+        let until = now + wait;
         let mut st = self.lock();
         if st.paused_until.is_none_or(|u| u < until) {
             st.paused_until = Some(until);
@@ -159,7 +161,10 @@ impl Limiter {
 
     /// How long the provider stays paused by a 429 (zero when it is not).
     pub fn paused_for(&self) -> Duration {
-        let now = Instant::now();
+        self.paused_at(Instant::now())
+    }
+
+    fn paused_at(&self, now: Instant) -> Duration {
         self.lock()
             .paused_until
             .map(|u| u.saturating_duration_since(now))
@@ -198,29 +203,30 @@ mod tests {
         assert!(RateLimit::parse("5/0s").is_err());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn never_more_than_the_quota_in_any_window() {
-        let l = std::sync::Arc::new(Limiter::new(
+    /// Drives the limiter with an explicit clock (`try_acquire(now)`), one caller after
+    /// another as the queue would: each waits what it is told, then asks again.
+    fn grant_times(l: &Limiter, start: Instant, n: usize) -> Vec<Duration> {
+        let mut t = start;
+        (0..n)
+            .map(|_| {
+                while let Some(w) = l.try_acquire(t) {
+                    t += w;
+                }
+                t - start
+            })
+            .collect()
+    }
+
+    #[test]
+    fn never_more_than_the_quota_in_any_window() {
+        let l = Limiter::new(
             Some(RateLimit {
                 requests: 5,
                 per: Duration::from_secs(1),
             }),
             1.0,
-        ));
-        let start = Instant::now();
-        let mut hs = Vec::new();
-        for _ in 0..23 {
-            let l = l.clone();
-            hs.push(tokio::spawn(async move {
-                l.acquire().await;
-                Instant::now()
-            }));
-        }
-        let mut times = Vec::new();
-        for h in hs {
-            times.push(h.await.unwrap() - start);
-        }
-        times.sort();
+        );
+        let times = grant_times(&l, Instant::now(), 23);
         for (i, t) in times.iter().enumerate() {
             let in_window = times
                 .iter()
@@ -228,21 +234,38 @@ mod tests {
                 .count();
             assert!(in_window <= 5, "{in_window} grants in the window from #{i}");
         }
-        // 23 requests at 5/s: the last leaves at 4 s (grants at 0,1,2,3,4 s).
+        // 23 requests at 5/s: bursts at 0, 1, 2, 3 and 4 s.
+        assert_eq!(times[4], Duration::ZERO);
+        assert_eq!(times[5], Duration::from_secs(1));
         assert_eq!(times[22], Duration::from_secs(4));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_pause_holds_every_caller() {
+    #[test]
+    fn the_window_is_scaled_for_tests() {
+        let l = Limiter::new(Some(RateLimit::per_minute(2)), 0.001);
+        let times = grant_times(&l, Instant::now(), 3);
+        assert_eq!(times[2], Duration::from_millis(60));
+    }
+
+    #[test]
+    fn a_pause_holds_every_caller() {
         let l = Limiter::new(None, 1.0);
         let start = Instant::now();
+        assert_eq!(l.try_acquire(start), None, "unlimited and unpaused");
+        l.pause_at(start, Duration::from_secs(7));
+        l.pause_at(start, Duration::from_secs(2)); // a shorter pause does not shorten it
+        assert_eq!(l.paused_at(start), Duration::from_secs(7));
+        assert_eq!(grant_times(&l, start, 2), vec![Duration::from_secs(7); 2]);
+        assert_eq!(l.paused_at(start + Duration::from_secs(7)), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn acquire_waits_in_real_time_too() {
+        let l = Limiter::new(Some(RateLimit::per_minute(1)), 0.0001);
         l.acquire().await;
-        assert_eq!(Instant::now(), start, "unlimited and unpaused: immediate");
-        l.pause_for(Duration::from_secs(7));
-        l.pause_for(Duration::from_secs(2)); // a shorter pause does not shorten it
-        assert_eq!(l.paused_for(), Duration::from_secs(7));
+        l.acquire().await; // 6 ms later
+        l.pause_for(Duration::from_millis(5));
+        assert!(l.paused_for() > Duration::ZERO);
         l.acquire().await;
-        assert_eq!(Instant::now() - start, Duration::from_secs(7));
-        assert_eq!(l.paused_for(), Duration::ZERO);
     }
 }

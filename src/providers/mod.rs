@@ -257,6 +257,11 @@ impl Providers {
         &self.http
     }
 
+    /// How long `link` stays paused by a 429 (zero when it is not): every call to it waits.
+    pub fn paused_for(&self, link: Link) -> Duration {
+        self.limiter(link).paused_for()
+    }
+
     fn limiter(&self, link: Link) -> &Limiter {
         match link {
             Link::Ollama => &self.limits.ollama,

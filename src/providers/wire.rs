@@ -324,20 +324,24 @@ pub(crate) fn model_missing(link: Link, model: &str, detail: &str) -> String {
 
 /// Maps a transport failure (connect, reset, body read). reqwest's text has its URL removed.
 pub(crate) fn transport_error(e: &reqwest::Error, link: Link, url: &str) -> StepError {
-    let mut text = e.to_string();
-    if let Some(u) = e.url() {
-        text = text.replace(u.as_str(), "");
+    let strip = |s: String| match e.url() {
+        Some(u) => s
+            .replace(&format!(" for url ({u})"), "")
+            .replace(u.as_str(), ""),
+        None => s,
+    };
+    let mut text = strip(e.to_string());
+    // The deepest cause says what happened ("Connection refused (os error 111)").
+    let mut cause = std::error::Error::source(e);
+    let mut deepest = None;
+    while let Some(c) = cause {
+        deepest = Some(c.to_string());
+        cause = c.source();
     }
-    let source = std::error::Error::source(e)
-        .map(|s| {
-            let mut s = s.to_string();
-            if let Some(u) = e.url() {
-                s = s.replace(u.as_str(), "");
-            }
-            format!(": {s}")
-        })
-        .unwrap_or_default();
-    let what = format!("{}{source}", text.trim());
+    if let Some(d) = deepest {
+        text = format!("{}: {}", text.trim(), strip(d));
+    }
+    let what = text.trim().to_string();
     if e.is_timeout() {
         return StepError::new(
             ErrorKind::Timeout,

@@ -294,7 +294,7 @@ fn a_newer_schema_is_refused_before_any_write() {
             err,
             StoreError::NewerSchema {
                 found: 99,
-                known: 1,
+                known: super::SCHEMA_VERSION, // grows with each migration
                 ..
             }
         ),
@@ -302,7 +302,7 @@ fn a_newer_schema_is_refused_before_any_write() {
     );
     assert!(
         err.to_string()
-            .contains("schema version 99, this omniflow knows up to 1: upgrade omniflow or use another DB_FILE"),
+            .contains(&format!("schema version 99, this omniflow knows up to {}: upgrade omniflow or use another DB_FILE", super::SCHEMA_VERSION)),
         "{err}"
     );
     assert_eq!(
