@@ -759,3 +759,159 @@ async fn a_sandbox_run_replays_the_recorded_answers_of_a_run() {
     assert_eq!(a0.provider.as_deref(), Some("replay"));
     assert!(a0.cached);
 }
+
+// ---- the real binary: doctor, doctor --pull, run --replay ----------------------------------
+
+async fn omniflow(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_omniflow"));
+    cmd.env_clear()
+        .current_dir(dir)
+        .env("DB_FILE", dir.join("h.db"))
+        .env("LOG_DIR", dir.join("logs"))
+        .env("OMNIFLOW_TIME_SCALE", "0.001")
+        .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_each_configured_provider_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let ollama = start(|s, _| match s.path.as_str() {
+        "/api/tags" => Reply::json(200, json!({"models":[{"name":"mistral:latest","size":1}]})),
+        _ => Reply::json(404, json!({"error":"not found"})),
+    })
+    .await;
+    let hf_ok = start(|s, _| {
+        if s.header("authorization") == Some("Bearer hf_testtoken123") {
+            Reply::json(200, json!({"object":"list","data":[{"id":"a"},{"id":"b"}]}))
+        } else {
+            Reply::json(401, json!({"error":"Invalid credentials"}))
+        }
+    })
+    .await;
+    let env = [
+        ("USE_OLLAMA", "true"),
+        ("OLLAMA_URL", ollama.url.as_str()),
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", hf_ok.url.as_str()),
+    ];
+    let out = omniflow(dir.path(), &["doctor"], &env).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("provider chain (auto): ollama → huggingface"),
+        "{text}"
+    );
+    assert!(text.contains("mistral:latest"), "{text}");
+    assert!(text.contains("2 chat model(s)"), "{text}");
+    assert!(text.contains("HUGGINGFACE_TOKEN    set"), "{text}");
+    assert!(text.contains("schema v"), "{text}");
+    assert!(
+        !text.contains("hf_testtoken123"),
+        "secrets only as set/unset"
+    );
+
+    let env = [
+        ("USE_OLLAMA", "true"),
+        ("OLLAMA_URL", ollama.url.as_str()),
+        ("HF_TOKEN", "hf_wrongtoken99"),
+        ("HF_INFERENCE_URL", hf_ok.url.as_str()),
+    ];
+    let out = omniflow(dir.path(), &["doctor", "--json"], &env).await;
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], json!(false));
+    assert_eq!(v["providers"][0]["ok"], json!(true));
+    assert_eq!(v["providers"][1]["ok"], json!(false));
+    assert!(v["providers"][1]["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("auth:"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hf_wrongtoken99"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_pull_streams_the_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let ollama = start(|_, _| Reply::Stream {
+        content_type: "application/x-ndjson".into(),
+        pieces: vec![
+            "{\"status\":\"pulling manifest\"}\n".into(),
+            "{\"status\":\"downloading sha256:abc\",\"digest\":\"sha256:abc\",\"total\":2000,\"completed\":1000}\n".into(),
+            "{\"status\":\"verifying sha256 digest\"}\n".into(),
+            "{\"status\":\"success\"}\n".into(),
+        ],
+    })
+    .await;
+    let out = omniflow(
+        dir.path(),
+        &["doctor", "--pull", "mistral"],
+        &[("OLLAMA_URL", ollama.url.as_str())],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("pulling manifest") && err.contains("50%"),
+        "{err}"
+    );
+    assert!(err.contains("pulled mistral"), "{err}");
+    assert_eq!(ollama.requests()[0].json()["model"], json!("mistral"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_replay_answers_with_a_recorded_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bp = dir.path().join("rec.json");
+    std::fs::write(
+        &bp,
+        json!({
+            "name": "rec",
+            "nodes": [ { "id": "ask", "type": "llm", "prompt": "Two sentences on rust." } ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let env = [("SANDBOX_LATENCY_MS", "0")];
+    let bp_arg = bp.display().to_string();
+    let out = omniflow(dir.path(), &["run", &bp_arg, "--sandbox", "--json"], &env).await;
+    assert_eq!(out.status.code(), Some(0));
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = first["runId"].as_str().unwrap().to_string();
+    // Make the recording distinguishable from the simulated model.
+    let conn = rusqlite::Connection::open(dir.path().join("h.db")).unwrap();
+    conn.execute(
+        "UPDATE runner_steps SET output = '\"the recorded answer\"' WHERE run_id = ?1 AND step_key = 'ask'",
+        [&id],
+    )
+    .unwrap();
+    drop(conn);
+    let out = omniflow(
+        dir.path(),
+        &["run", &bp_arg, "--sandbox", "--replay", &id, "--json"],
+        &env,
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outputs"]["ask"], json!("the recorded answer"));
+    assert_eq!(v["steps"][0]["cached"], json!(true));
+    // Replay needs a sandbox run.
+    let out = omniflow(dir.path(), &["run", &bp_arg, "--replay", &id], &env).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sandbox"));
+}
