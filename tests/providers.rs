@@ -495,6 +495,14 @@ async fn an_identical_second_call_is_answered_by_the_cache() {
     off.cache = false;
     assert!(!p.complete_with(&r, off).await.unwrap().cached);
     assert_eq!(fake.count(), 3);
+    // A retry (refresh) skips the cached answer but reaches the model.
+    let mut retry = CallOptions::new(AttemptKey {
+        step: "s",
+        attempt: 2,
+    });
+    retry.refresh = true;
+    assert!(!p.complete_with(&r, retry).await.unwrap().cached);
+    assert_eq!(fake.count(), 4);
 
     // Expired entries are not served.
     let p0 = Providers::new(Arc::new(config(&[
@@ -914,4 +922,32 @@ async fn run_replay_answers_with_a_recorded_run() {
     let out = omniflow(dir.path(), &["run", &bp_arg, "--replay", &id], &env).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sandbox"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_records_which_provider_answered_and_why_others_were_skipped() {
+    let fake = start(|_, _| Reply::sse(&["answer"], Some(8), true)).await;
+    let down = refused_url().await;
+    let env = common::engine(
+        &[
+            ("USE_OLLAMA", "true"),
+            ("OLLAMA_URL", &down),
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+        ],
+        8,
+    );
+    let bp = common::blueprint(json!({
+        "name": "fb",
+        "nodes": [ { "id": "ask", "type": "llm", "prompt": "hi" } ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps[0].provider.as_deref(), Some("huggingface"));
+    let fb = env.store.run_fallbacks(&o.run_id).unwrap();
+    assert_eq!(fb.len(), 1);
+    assert_eq!((fb[0].0.as_str(), fb[0].1), ("ask", 1));
+    assert!(fb[0].2.contains("ollama skipped (network"), "{}", fb[0].2);
+    assert!(!fb[0].2.contains("hf_testtoken123"));
 }

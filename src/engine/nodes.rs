@@ -300,6 +300,8 @@ pub(crate) async fn execute(
             opts.sandbox = ctx.sandbox.as_ref();
             opts.progress = Some(&publish);
             opts.cache = *cache;
+            // A retry goes to the model: the cached answer may be what failed.
+            opts.refresh = attempt > 1;
             let reply = ctx.inner.providers.complete_with(req, opts).await?;
             if reply.text.trim().is_empty() {
                 return Err(StepError::new(

@@ -102,6 +102,10 @@ pub struct CallOptions<'a> {
     pub progress: Progress<'a>,
     /// Read and write the response cache (a node's `"cache": false` turns it off).
     pub cache: bool,
+    /// Skip reading the cache but still write the fresh answer: the engine sets it on a
+    /// retry, because the cached answer may be what failed (e.g. not the JSON the node
+    /// parses), and a retry must reach the model.
+    pub refresh: bool,
     /// Overrides `USE_OLLAMA` for the `auto` chain (the library call's `use_ollama`).
     pub use_ollama: Option<bool>,
 }
@@ -113,6 +117,7 @@ impl<'a> CallOptions<'a> {
             sandbox: None,
             progress: None,
             cache: true,
+            refresh: false,
             use_ollama: None,
         }
     }
@@ -302,7 +307,7 @@ impl Providers {
 
         let key = (opts.cache && !self.config.cache_ttl.is_zero() && self.store.is_some())
             .then(|| cache_key(req));
-        if let Some(k) = &key {
+        if let Some(k) = key.as_ref().filter(|_| !opts.refresh) {
             if let Some(hit) = self.cache_get(k).await {
                 return Ok(LlmReply {
                     text: hit.output,
