@@ -22,6 +22,12 @@
 //! recorded on the attempt and step; the skipped links and why are in [`LlmReply::fallback`]
 //! (recorded in `runner_attempts.fallback`).
 
+// Nothing in a reply may take the process down: no unwrap/expect/panic outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod doctor;
 pub mod huggingface;
 pub mod library;
