@@ -951,3 +951,36 @@ async fn history_records_which_provider_answered_and_why_others_were_skipped() {
     assert!(fb[0].2.contains("ollama skipped (network"), "{}", fb[0].2);
     assert!(!fb[0].2.contains("hf_testtoken123"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_attempt_timeout_stops_a_call_to_a_silent_server() {
+    let fake = start(|_, _| Reply::Hang).await;
+    let env = common::engine(
+        &[
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+        ],
+        8,
+    );
+    // 200 s scaled by 0.001 = 200 ms.
+    let bp = common::blueprint(json!({
+        "name": "silent",
+        "nodes": [ { "id": "ask", "type": "llm", "prompt": "hi", "timeout": "200s", "retry": { "attempts": 2 } } ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.error_kind, Some(ErrorKind::Timeout));
+    assert!(o.error.unwrap().contains("timed out"));
+    assert_eq!(fake.count(), 2, "retried once");
+    for _ in 0..200 {
+        if fake.dropped_by_client.load(Ordering::SeqCst) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        fake.dropped_by_client.load(Ordering::SeqCst),
+        2,
+        "each timed-out attempt closed its connection"
+    );
+}

@@ -208,6 +208,13 @@ pub(crate) fn classify_status(
             )
             .with_retry_after(Duration::from_secs_f64(t))
         }
+        503 if lower.contains("loading") => StepError::new(
+            ErrorKind::ModelLoading,
+            format!(
+                "model {model} is loading on {name} (HTTP 503: {detail}); this is normal for a \
+                 model that was not used recently — retrying with backoff"
+            ),
+        ),
         429 => {
             let wait = match retry_after {
                 Some(w) => format!("retry after {:.0}s as the provider asks", w.as_secs_f64()),
@@ -441,6 +448,10 @@ mod tests {
             ErrorKind::ModelLoading
         );
         assert_eq!(k(503, r#"{"error":"unavailable"}"#), ErrorKind::Server);
+        assert_eq!(
+            k(503, r#"{"error":"Model is currently loading"}"#),
+            ErrorKind::ModelLoading
+        );
         assert_eq!(k(429, r#"{"error":"Rate limit"}"#), ErrorKind::RateLimited);
         assert_eq!(k(401, r#"{"error":"bad"}"#), ErrorKind::Auth);
         assert_eq!(k(403, r#"{"error":"bad"}"#), ErrorKind::Auth);
