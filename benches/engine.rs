@@ -3,6 +3,9 @@
 //! something on a noisy machine.
 //!
 //! `cargo bench --bench engine` (add `-- quick` for fewer repetitions).
+//!
+//! The provider lines (issue 3) run the real provider clients against a local fake
+//! OpenAI-compatible server started here.
 
 use omniflow::blueprint::{Blueprint, Priority};
 use omniflow::config::Config;
@@ -37,6 +40,8 @@ fn main() {
         chain(&dir, reps).await;
         throughput(&dir, reps).await;
         fan_out(&dir, reps).await;
+        provider_overhead(reps).await;
+        rate_limited(reps.min(3)).await;
     });
 }
 
@@ -273,5 +278,182 @@ fn queued_memory(rt: &tokio::runtime::Runtime) {
         "memory with {queued} tasks queued: process RSS {after:.1} MB (+{:.1} MB for the queue)   baseline +{:.1} MB for {N} boxed futures   (target < 50 MB)",
         after - before,
         (base_after - base_before).max(0.0)
+    );
+}
+
+// ---- providers (issue 3) ------------------------------------------------------------------
+
+/// A local fake chat-completions server: every request gets a small JSON completion, or a 429
+/// when more than `quota` requests arrived in the last `window` (counted by arrival).
+async fn fake_model_server(
+    quota: Option<(usize, Duration)>,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let rejected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let log: Arc<std::sync::Mutex<Vec<Instant>>> = Default::default();
+    let rj = rejected.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (log, rj) = (log.clone(), rj.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = sock.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+                let limited = quota.is_some_and(|(q, w)| {
+                    let now = Instant::now();
+                    let mut log = log.lock().expect("log");
+                    let recent = log.iter().filter(|t| now.duration_since(**t) < w).count();
+                    if recent >= q {
+                        true
+                    } else {
+                        log.push(now);
+                        false
+                    }
+                });
+                let (status, body) = if limited {
+                    rj.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    (429, r#"{"error":"Rate limit reached"}"#.to_string())
+                } else {
+                    (200, r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"A short answer from the fake model."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}"#.to_string())
+                };
+                let out = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(out.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (format!("http://{addr}"), rejected)
+}
+
+fn bench_providers(vars: &[(&str, &str)]) -> omniflow::providers::Providers {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    omniflow::providers::Providers::new(Arc::new(Config::from_vars(&vars).expect("config")))
+}
+
+fn bench_request(i: usize) -> omniflow::providers::LlmRequest {
+    omniflow::providers::LlmRequest {
+        provider: "openai".into(),
+        model: "m".into(),
+        system: None,
+        prompt: format!("Two sentences on topic {i}."),
+        temperature: None,
+        max_tokens: Some(64),
+        subject: None,
+    }
+}
+
+/// The provider layer (chain, limiter, streaming-capable client, error mapping) against a bare
+/// reqwest POST + JSON parse to the same fake.
+async fn provider_overhead(reps: usize) {
+    const N: usize = 200;
+    let (url, _) = fake_model_server(None).await;
+    let p = bench_providers(&[("OPENAI_BASE_URL", &url)]);
+    let bare = reqwest::Client::new();
+    let chat = format!("{url}/v1/chat/completions");
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        for i in 0..N {
+            let mut o = omniflow::providers::CallOptions::new(omniflow::providers::AttemptKey {
+                step: "s",
+                attempt: 1,
+            });
+            o.cache = false;
+            p.complete_with(&bench_request(i), o).await.expect("call");
+        }
+        ours.push(t.elapsed().as_secs_f64() * 1e6 / N as f64);
+        let t = Instant::now();
+        for i in 0..N {
+            let v: serde_json::Value = bare
+                .post(&chat)
+                .json(&json!({ "model": "m", "messages": [{ "role": "user", "content": format!("Two sentences on topic {i}.") }], "max_tokens": 64 }))
+                .send()
+                .await
+                .expect("send")
+                .json()
+                .await
+                .expect("json");
+            assert!(v["choices"][0]["message"]["content"].is_string());
+        }
+        base.push(t.elapsed().as_secs_f64() * 1e6 / N as f64);
+    }
+    let (o, b) = (median(ours), median(base));
+    println!(
+        "provider call vs bare reqwest (local fake, {N} sequential calls): {o:.0} µs/call   baseline {b:.0} µs/call   (ratio {:.2})",
+        o / b
+    );
+}
+
+/// 40 parallel calls through a provider limited to the fake's quota (10 per 250 ms): the
+/// makespan against the quota's minimum (grants at 0, 250, 500, 750 ms), and the 429 count.
+async fn rate_limited(reps: usize) {
+    let window = Duration::from_millis(250);
+    // The fake counts by arrival over a slightly shorter window (jitter between a grant and
+    // its arrival); the limiter is configured to the quota itself.
+    let (url, rejected) = fake_model_server(Some((10, window - Duration::from_millis(25)))).await;
+    let p = bench_providers(&[("OPENAI_BASE_URL", &url), ("OPENAI_RATE_LIMIT", "10/250ms")]);
+    let mut spans = Vec::new();
+    let mut errors = 0usize;
+    for _ in 0..reps {
+        // Let the previous round's window pass.
+        tokio::time::sleep(window * 2).await;
+        let t = Instant::now();
+        let hs: Vec<_> = (0..40)
+            .map(|i| {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    let mut o =
+                        omniflow::providers::CallOptions::new(omniflow::providers::AttemptKey {
+                            step: "s",
+                            attempt: 1,
+                        });
+                    o.cache = false;
+                    p.complete_with(&bench_request(i), o).await.is_ok()
+                })
+            })
+            .collect();
+        for h in hs {
+            if !h.await.unwrap_or(false) {
+                errors += 1;
+            }
+        }
+        spans.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let m = median(spans);
+    println!(
+        "40 parallel calls, limit 10/250 ms = the fake's quota: makespan {m:.0} ms   quota minimum 750 ms (+{:.1} %)   429s from the fake: {}   failed calls: {errors}",
+        (m / 750.0 - 1.0) * 100.0,
+        rejected.load(std::sync::atomic::Ordering::SeqCst)
     );
 }

@@ -55,6 +55,28 @@ pub struct Config {
     pub notify_digest: Vec<Channel>,
     /// Missed schedule slots, for blueprints that do not say (`SCHEDULE_MISSED=skip|run-once`).
     pub schedule_missed: MissedSlots,
+    // ---- providers (issue 3) ------------------------------------------------------------
+    /// The model aliases `fast`, `better`, `powerful` (`MODEL_FAST`, `MODEL_BETTER`,
+    /// `MODEL_POWERFUL`); defaults are the original's table.
+    pub model_fast: String,
+    pub model_better: String,
+    pub model_powerful: String,
+    /// The Ollama model used when an HF model id goes to Ollama (`OLLAMA_MODEL`, `mistral`).
+    pub ollama_model: String,
+    /// The model asked of the OpenAI-compatible server in the `auto` chain (`OPENAI_MODEL`);
+    /// `None` sends the node's model.
+    pub openai_model: Option<String>,
+    /// How long a cached model answer is reused (`CACHE_TTL`: `24h`, `30m`, seconds; `0`
+    /// turns the cache off). Default 24 h.
+    pub cache_ttl: Duration,
+    /// Token budget of a run when the blueprint sets no `maxTokensPerRun`
+    /// (`MAX_TOKENS_PER_RUN`); `None` = unlimited.
+    pub max_tokens_per_run: Option<u64>,
+    /// Request-rate limits per provider (`HF_RATE_LIMIT` default 60/min, `OLLAMA_RATE_LIMIT`
+    /// and `OPENAI_RATE_LIMIT` default unlimited); `None` = unlimited.
+    pub hf_rate_limit: Option<crate::providers::limiter::RateLimit>,
+    pub ollama_rate_limit: Option<crate::providers::limiter::RateLimit>,
+    pub openai_rate_limit: Option<crate::providers::limiter::RateLimit>,
 }
 
 impl std::fmt::Debug for Config {
@@ -83,6 +105,14 @@ impl std::fmt::Debug for Config {
             .field("notify_on_failure", &self.notify_on_failure)
             .field("notify_digest", &self.notify_digest)
             .field("schedule_missed", &self.schedule_missed)
+            .field("model_fast", &self.model_fast)
+            .field("ollama_model", &self.ollama_model)
+            .field("openai_model", &self.openai_model)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("max_tokens_per_run", &self.max_tokens_per_run)
+            .field("hf_rate_limit", &self.hf_rate_limit)
+            .field("ollama_rate_limit", &self.ollama_rate_limit)
+            .field("openai_rate_limit", &self.openai_rate_limit)
             .finish_non_exhaustive()
     }
 }
@@ -183,7 +213,53 @@ impl Config {
                 })
             }
         };
+        let rate = |k: &'static str,
+                    default: Option<crate::providers::limiter::RateLimit>|
+         -> Result<Option<crate::providers::limiter::RateLimit>, ConfigError> {
+            match get(k) {
+                None => Ok(default),
+                Some(v) => crate::providers::limiter::RateLimit::parse(&v).map_err(|expected| {
+                    ConfigError {
+                        var: k,
+                        value: v,
+                        expected,
+                    }
+                }),
+            }
+        };
+        let cache_ttl = match get("CACHE_TTL") {
+            None => Duration::from_secs(24 * 3600),
+            Some(v) => match v.parse::<u64>() {
+                Ok(secs) => Duration::from_secs(secs),
+                Err(_) => humantime::parse_duration(&v).map_err(|_| ConfigError {
+                    var: "CACHE_TTL",
+                    value: v.clone(),
+                    expected:
+                        "a duration such as 24h, 30m or 3600 (seconds); 0 turns the cache off",
+                })?,
+            },
+        };
+        let max_tokens_per_run = match get("MAX_TOKENS_PER_RUN") {
+            None => None,
+            Some(_) => Some(parse_u64("MAX_TOKENS_PER_RUN", 0, 1)?),
+        };
         Ok(Config {
+            model_fast: get("MODEL_FAST")
+                .unwrap_or_else(|| crate::providers::MODEL_TABLE[0].1.into()),
+            model_better: get("MODEL_BETTER")
+                .unwrap_or_else(|| crate::providers::MODEL_TABLE[1].1.into()),
+            model_powerful: get("MODEL_POWERFUL")
+                .unwrap_or_else(|| crate::providers::MODEL_TABLE[2].1.into()),
+            ollama_model: get("OLLAMA_MODEL").unwrap_or_else(|| "mistral".into()),
+            openai_model: get("OPENAI_MODEL"),
+            cache_ttl,
+            max_tokens_per_run,
+            hf_rate_limit: rate(
+                "HF_RATE_LIMIT",
+                Some(crate::providers::limiter::RateLimit::per_minute(60)),
+            )?,
+            ollama_rate_limit: rate("OLLAMA_RATE_LIMIT", None)?,
+            openai_rate_limit: rate("OPENAI_RATE_LIMIT", None)?,
             huggingface_token: get("HUGGINGFACE_TOKEN").or_else(|| get("HF_TOKEN")),
             hf_inference_url: get("HF_INFERENCE_URL")
                 .unwrap_or_else(|| "https://router.huggingface.co".into()),
@@ -291,6 +367,32 @@ mod tests {
         assert_eq!(c.huggingface_token.as_deref(), Some("hf_secret123"));
         assert!(!format!("{c:?}").contains("hf_secret123"));
         assert_eq!(c.secrets(), vec!["hf_secret123".to_string()]);
+    }
+
+    #[test]
+    fn provider_settings_parse_with_defaults() {
+        let c = Config::from_vars(&HashMap::new()).unwrap();
+        assert_eq!(c.cache_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.max_tokens_per_run, None);
+        assert_eq!(
+            c.hf_rate_limit,
+            Some(crate::providers::limiter::RateLimit::per_minute(60))
+        );
+        assert_eq!(c.ollama_rate_limit, None);
+        assert_eq!(c.ollama_model, "mistral");
+        let c = Config::from_vars(&vars(&[
+            ("CACHE_TTL", "30m"),
+            ("MAX_TOKENS_PER_RUN", "5000"),
+            ("HF_RATE_LIMIT", "off"),
+            ("OLLAMA_RATE_LIMIT", "10/s"),
+        ]))
+        .unwrap();
+        assert_eq!(c.cache_ttl, Duration::from_secs(1800));
+        assert_eq!(c.max_tokens_per_run, Some(5000));
+        assert_eq!(c.hf_rate_limit, None);
+        assert_eq!(c.ollama_rate_limit.unwrap().requests, 10);
+        let e = Config::from_vars(&vars(&[("HF_RATE_LIMIT", "fast")])).unwrap_err();
+        assert!(e.to_string().contains("HF_RATE_LIMIT"), "{e}");
     }
 
     #[test]

@@ -16,8 +16,16 @@ use std::sync::OnceLock;
 
 /// The node types, in the order messages list them.
 pub const NODE_TYPES: [&str; 6] = ["llm", "http", "transform", "condition", "notify", "delay"];
-/// LLM providers.
-pub const PROVIDERS: [&str; 5] = ["auto", "huggingface", "ollama", "openai", "sandbox"];
+/// LLM providers. (`hf-inference`, HF's text-generation path, was added last by issue 3 so
+/// existing messages keep their order.)
+pub const PROVIDERS: [&str; 6] = [
+    "auto",
+    "huggingface",
+    "ollama",
+    "openai",
+    "sandbox",
+    "hf-inference",
+];
 /// HTTP methods an `http` node may use.
 pub const HTTP_METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
 /// Notification channels.
@@ -172,7 +180,7 @@ fn channel() -> Value {
 
 fn provider() -> Value {
     json!({ "enum": PROVIDERS,
-            "description": "Where model calls go; auto tries Ollama first when USE_OLLAMA=true, then Hugging Face." })
+            "description": "Where model calls go; auto tries Ollama first when USE_OLLAMA=true, then Hugging Face (router), then the OpenAI-compatible server; hf-inference is HF's text-generation path." })
 }
 
 fn parse() -> Value {

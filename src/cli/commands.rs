@@ -2,8 +2,8 @@
 
 use super::progress::Progress;
 use super::{
-    BackupArgs, ExportArgs, Failure, ResumeArgs, RunArgs, RunsArgs, ShowArgs, Source, TuiArgs,
-    ValidateArgs,
+    BackupArgs, DoctorArgs, ExportArgs, Failure, ResumeArgs, RunArgs, RunsArgs, ShowArgs, Source,
+    TuiArgs, ValidateArgs,
 };
 use crate::blueprint::{self, Blueprint, Priority};
 use crate::config::Config;
@@ -98,6 +98,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             .map_err(|e| Failure::input(e.to_string()))?;
     }
     let store = open_store(&config)?;
+    let replay = match &args.replay {
+        None => std::collections::HashMap::new(),
+        Some(id) => {
+            if !args.sandbox || args.all_active {
+                return Err(Failure::input(
+                    "--replay works in a sandbox run of one blueprint: add --sandbox",
+                ));
+            }
+            replay_outputs(&store, id, &blueprints[0].name)?
+        }
+    };
     let _log = logging::init(&config.log_dir, config.secrets(), "info", None)
         .map_err(|e| Failure::input(e.to_string()))?;
     let rt = runtime()?;
@@ -128,6 +139,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                 seed,
                 priority,
                 trigger: if all_active { "all-active" } else { "cli" }.into(),
+                replay: replay.clone(),
                 ..Default::default()
             };
             let handle = engine
@@ -444,6 +456,31 @@ pub(super) fn gather_blueprints(
     Ok((out, bad))
 }
 
+/// The recorded outputs of a run's successful steps, for `--replay` (issue 3).
+fn replay_outputs(
+    store: &Store,
+    run_id: &str,
+    blueprint: &str,
+) -> Result<std::collections::HashMap<String, Value>, Failure> {
+    let run = store
+        .find_run(run_id)
+        .map_err(|e| Failure::input(format!("--replay: {e}")))?;
+    if run.blueprint_name != blueprint {
+        return Err(Failure::input(format!(
+            "--replay {}: that run is of blueprint {:?}, not {blueprint:?}",
+            run.id, run.blueprint_name
+        )));
+    }
+    let steps = store
+        .run_steps(&run.id)
+        .map_err(|e| Failure::input(e.to_string()))?;
+    Ok(steps
+        .into_iter()
+        .filter(|s| s.status == crate::events::StepStatus::Success)
+        .filter_map(|s| Some((s.step_key, s.output?)))
+        .collect())
+}
+
 fn status_icon(s: RunStatus) -> &'static str {
     match s {
         RunStatus::Success => "✓",
@@ -706,6 +743,15 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
             );
         }
     }
+    // Issue 3: attempts answered by a fallback provider, and why the others were skipped.
+    let fallbacks = store.run_fallbacks(&run.id).unwrap_or_default();
+    if !fallbacks.is_empty() {
+        println!();
+        println!("provider fallbacks:");
+        for (step, attempt, note) in fallbacks {
+            println!("  {step} #{attempt}  {note}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -766,5 +812,203 @@ fn clip(s: &str, n: usize) -> String {
         let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
         t.push('…');
         t
+    }
+}
+
+/// `omniflow doctor` (issue 3): configuration, the provider chain with a live check of each
+/// configured link, the database and the log directory. Exit 0 when everything configured
+/// works, 1 otherwise.
+pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
+    let config = Arc::new(load_config()?);
+    let rt = runtime()?;
+    let providers = crate::providers::Providers::new(config.clone());
+    if let Some(model) = &args.pull {
+        return rt.block_on(pull(&providers, model));
+    }
+    let checks = rt.block_on(providers.doctor());
+    let set = |o: &Option<String>| if o.is_some() { "set" } else { "unset" };
+    let rate = |r: Option<crate::providers::limiter::RateLimit>| {
+        r.map(|r| r.to_string())
+            .unwrap_or_else(|| "unlimited".into())
+    };
+    let settings: Vec<(&str, String)> = vec![
+        ("HUGGINGFACE_TOKEN", set(&config.huggingface_token).into()),
+        ("HF_INFERENCE_URL", config.hf_inference_url.clone()),
+        ("USE_OLLAMA", config.use_ollama.to_string()),
+        ("OLLAMA_URL", config.ollama_url.clone()),
+        ("OLLAMA_MODEL", config.ollama_model.clone()),
+        (
+            "OPENAI_BASE_URL",
+            config
+                .openai_base_url
+                .clone()
+                .unwrap_or_else(|| "unset".into()),
+        ),
+        ("OPENAI_API_KEY", set(&config.openai_api_key).into()),
+        ("MODEL_FAST", config.model_fast.clone()),
+        ("MODEL_BETTER", config.model_better.clone()),
+        ("MODEL_POWERFUL", config.model_powerful.clone()),
+        (
+            "REQUEST_TIMEOUT",
+            format!("{}s", config.request_timeout.as_secs()),
+        ),
+        ("MAX_RETRIES", config.max_retries.to_string()),
+        (
+            "CACHE_TTL",
+            if config.cache_ttl.is_zero() {
+                "off".into()
+            } else {
+                humantime::format_duration(config.cache_ttl).to_string()
+            },
+        ),
+        (
+            "MAX_TOKENS_PER_RUN",
+            config
+                .max_tokens_per_run
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "unlimited".into()),
+        ),
+        ("HF_RATE_LIMIT", rate(config.hf_rate_limit)),
+        ("OLLAMA_RATE_LIMIT", rate(config.ollama_rate_limit)),
+        ("OPENAI_RATE_LIMIT", rate(config.openai_rate_limit)),
+        ("CONCURRENCY", config.concurrency.to_string()),
+        ("TELEGRAM_BOT_TOKEN", set(&config.telegram_bot_token).into()),
+        ("DISCORD_WEBHOOK", set(&config.discord_webhook).into()),
+    ];
+    let chain: Vec<&str> = checks
+        .iter()
+        .filter(|c| c.configured)
+        .map(|c| c.provider)
+        .collect();
+
+    // The database: opens (migrating if needed), schema version, run count.
+    let db = open_store(&config).and_then(|s| {
+        let v = s
+            .schema_version()
+            .map_err(|e| Failure::input(e.to_string()))?;
+        let n = s
+            .count_runs(&RunFilter::default())
+            .map_err(|e| Failure::input(e.to_string()))?;
+        Ok((v, n))
+    });
+    // The log directory: exists or can be created, and is writable.
+    let logs = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(&config.log_dir)?;
+        let probe = config
+            .log_dir
+            .join(format!(".omniflow-doctor-{}", std::process::id()));
+        std::fs::write(&probe, b"ok")?;
+        std::fs::remove_file(&probe)
+    })();
+
+    let providers_ok = checks.iter().all(|c| c.ok != Some(false));
+    let all_ok = providers_ok && db.is_ok() && logs.is_ok();
+    if args.json {
+        let v = json!({
+            "ok": all_ok,
+            "settings": settings.iter().map(|(k, v)| (k.to_string(), Value::String(v.clone()))).collect::<Map<_, _>>(),
+            "chain": chain,
+            "providers": checks,
+            "database": match &db {
+                Ok((v, n)) => json!({ "ok": true, "path": config.db_file, "schemaVersion": v, "runs": n }),
+                Err(e) => json!({ "ok": false, "path": config.db_file, "error": e.message }),
+            },
+            "logDir": match &logs {
+                Ok(()) => json!({ "ok": true, "path": config.log_dir }),
+                Err(e) => json!({ "ok": false, "path": config.log_dir, "error": e.to_string() }),
+            },
+        });
+        println!("{}", serde_json::to_string(&v).unwrap_or_default());
+    } else {
+        println!("configuration (secrets are shown as set/unset only)");
+        for (k, v) in &settings {
+            println!("  {k:<20} {v}");
+        }
+        println!();
+        if chain.is_empty() {
+            println!("provider chain (auto): none configured — set HUGGINGFACE_TOKEN, or USE_OLLAMA=true, or OPENAI_BASE_URL; or run blueprints with --sandbox");
+        } else {
+            println!("provider chain (auto): {}", chain.join(" → "));
+        }
+        for c in &checks {
+            let mark = match c.ok {
+                Some(true) => "✓",
+                Some(false) => "✗",
+                None => "-",
+            };
+            println!("  {mark} {:<12} {}", c.provider, c.detail);
+            if !c.configured {
+                println!("    needs: {}", c.needs);
+            }
+        }
+        println!();
+        match &db {
+            Ok((v, n)) => println!(
+                "✓ database {}  schema v{v}, {n} run(s)",
+                config.db_file.display()
+            ),
+            Err(e) => println!("✗ database {}  {}", config.db_file.display(), e.message),
+        }
+        match &logs {
+            Ok(()) => println!("✓ log directory {} is writable", config.log_dir.display()),
+            Err(e) => println!(
+                "✗ log directory {} is not writable ({e}); set LOG_DIR to a writable directory",
+                config.log_dir.display()
+            ),
+        }
+        println!();
+        println!(
+            "{}",
+            if all_ok {
+                "everything configured works"
+            } else {
+                "something configured does not work: see ✗ above"
+            }
+        );
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `doctor --pull MODEL`: Ollama's `/api/pull` with a progress display on stderr.
+async fn pull(providers: &crate::providers::Providers, model: &str) -> Result<ExitCode, Failure> {
+    let url = providers.config().ollama_url.clone();
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    let result = crate::providers::ollama::pull(providers.http(), &url, model, |st| {
+        let line = match (st.completed, st.total) {
+            (Some(c), Some(t)) if t > 0 => format!(
+                "{}  {:>3}%  {:.1}/{:.1} MB",
+                st.status,
+                c * 100 / t,
+                c as f64 / 1e6,
+                t as f64 / 1e6
+            ),
+            _ => st.status.clone(),
+        };
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+        } else if st.status != last {
+            // In a pipe, one line per status, not one per progress tick.
+            eprintln!("{line}");
+        }
+        last = st.status.clone();
+    })
+    .await;
+    if tty {
+        eprintln!();
+    }
+    match result {
+        Ok(()) => {
+            eprintln!("pulled {model} into Ollama at {url}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(Failure {
+            code: 1,
+            message: format!("{}: {}", e.kind, e.message),
+        }),
     }
 }

@@ -41,6 +41,9 @@ pub enum Command {
     Schema,
     /// Copy the history database consistently while it is in use.
     Backup(BackupArgs),
+    /// Check the configuration, the model providers (live), the database and the log
+    /// directory; exit 0 when everything configured works.
+    Doctor(DoctorArgs),
     /// Export a blueprint as a standalone program: python, node, github-action or docker.
     Export(ExportArgs),
     /// Headless: fire the active blueprints' schedules through the pool until SIGTERM/SIGINT
@@ -116,6 +119,20 @@ pub struct RunArgs {
     #[arg(long)]
     pub priority: Option<String>,
     /// Print exactly one JSON object with the outcome on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// In a sandbox run, answer model calls with the recorded outputs of this earlier run's
+    /// steps (by step key); steps it did not record get the simulated model.
+    #[arg(long, value_name = "RUN_ID")]
+    pub replay: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// Pull this model into Ollama (at OLLAMA_URL) with a progress display, then exit.
+    #[arg(long, value_name = "MODEL")]
+    pub pull: Option<String>,
+    /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
 }
@@ -221,6 +238,7 @@ pub fn main() -> ExitCode {
         Some(Command::Backup(a)) => commands::backup(a),
         Some(Command::Export(a)) => commands::export(a),
         Some(Command::Daemon(a)) => daemon::daemon(a),
+        Some(Command::Doctor(a)) => commands::doctor(a),
     };
     match result {
         Ok(code) => code,

@@ -68,6 +68,10 @@ pub struct RunRequest {
     /// Attempts already made per step key (resuming a run): numbering and the retry budget
     /// continue from there.
     pub attempts_before: HashMap<String, u32>,
+    /// Record and replay (`run --sandbox --replay <runId>`): step key → the recorded output of
+    /// that step in an earlier run. An `llm` step found here answers with it instead of
+    /// calling a model; other steps run as usual.
+    pub replay: HashMap<String, Value>,
 }
 
 impl Default for RunRequest {
@@ -82,6 +86,7 @@ impl Default for RunRequest {
             parent_run_id: None,
             reuse: HashMap::new(),
             attempts_before: HashMap::new(),
+            replay: HashMap::new(),
         }
     }
 }
@@ -256,7 +261,8 @@ impl Engine {
             .unwrap_or_default();
         let engine = Engine {
             inner: Arc::new(Inner {
-                providers: Providers::new(config.clone()),
+                // The store keeps the providers' response cache.
+                providers: Providers::new(config.clone()).with_store(store.clone()),
                 config,
                 store,
                 bus,

@@ -4,7 +4,7 @@
 use super::run::RunCtx;
 use crate::blueprint::{Channel, Node, NodeKind, Parse};
 use crate::error::{ErrorKind, StepError};
-use crate::providers::{AttemptKey, LlmRequest, DEFAULT_MODEL};
+use crate::providers::{AttemptKey, CallOptions, LlmRequest, DEFAULT_MODEL};
 use crate::template::{Context, Templates};
 use serde_json::{json, Map, Value};
 use std::time::Duration;
@@ -18,6 +18,8 @@ pub(crate) enum Prepared {
     Llm {
         req: LlmRequest,
         parse: Parse,
+        /// Use the response cache (a node's `"cache": false` turns it off).
+        cache: bool,
     },
     Http {
         method: String,
@@ -44,6 +46,8 @@ pub(crate) struct StepOutput {
     pub provider: Option<String>,
     pub model: Option<String>,
     pub cached: bool,
+    /// Providers an `auto` chain skipped before one answered, and why.
+    pub fallback: Option<String>,
 }
 
 impl Prepared {
@@ -137,6 +141,7 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Context) -> Result<Pr
                     },
                 },
                 parse: l.parse,
+                cache: l.cache.unwrap_or(true),
             }
         }
         NodeKind::Http(h) => {
@@ -254,12 +259,57 @@ pub(crate) async fn execute(
                 ..Default::default()
             })
         }
-        Prepared::Llm { req, parse } => {
-            let reply = ctx
-                .inner
-                .providers
-                .complete(req, AttemptKey { step, attempt }, ctx.sandbox.as_ref())
-                .await?;
+        Prepared::Llm { req, parse, cache } => {
+            // Token budget (issue 3): checked before every model call against the tokens the
+            // run's finished attempts spent. Calls already in flight are not cut off, so a
+            // fan-out may overshoot by what its running calls spend.
+            if let Some(budget) = ctx.token_budget {
+                let spent = ctx.tokens_spent.load(std::sync::atomic::Ordering::Relaxed);
+                if spent >= budget {
+                    return Err(StepError::new(
+                        ErrorKind::BudgetExceeded,
+                        format!(
+                            "the run's token budget is spent ({spent} of {budget} tokens); raise \
+                             the blueprint's \"maxTokensPerRun\" (or MAX_TOKENS_PER_RUN), or use \
+                             a smaller model or maxTokens"
+                        ),
+                    ));
+                }
+            }
+            // Record and replay: a recorded answer stands in for the model.
+            if let Some(recorded) = ctx.replay.get(step) {
+                let text = match recorded {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let value = match parse {
+                    Parse::Text => Value::String(text.trim().to_string()),
+                    Parse::Json => parse_model_json(&text)?,
+                };
+                return Ok(StepOutput {
+                    value,
+                    provider: Some("replay".into()),
+                    model: Some(req.model.clone()),
+                    cached: true,
+                    ..Default::default()
+                });
+            }
+            // Streamed token counts go to the bus as progress events (dropped, never waited
+            // for, when a subscriber is slow).
+            let publish = |tokens: u64| {
+                ctx.inner.bus.publish(crate::events::Event::Tokens {
+                    run_id: ctx.run_id.to_string(),
+                    step: step.to_string(),
+                    tokens,
+                })
+            };
+            let mut opts = CallOptions::new(AttemptKey { step, attempt });
+            opts.sandbox = ctx.sandbox.as_ref();
+            opts.progress = Some(&publish);
+            opts.cache = *cache;
+            // A retry goes to the model: the cached answer may be what failed.
+            opts.refresh = attempt > 1;
+            let reply = ctx.inner.providers.complete_with(req, opts).await?;
             if reply.text.trim().is_empty() {
                 return Err(StepError::new(
                     ErrorKind::EmptyOutput,
@@ -276,6 +326,7 @@ pub(crate) async fn execute(
                 provider: Some(reply.provider),
                 model: Some(reply.model),
                 cached: reply.cached,
+                fallback: reply.fallback,
             })
         }
         Prepared::Http {

@@ -146,6 +146,7 @@ impl Engine {
             parent_run_id: None,
             reuse,
             attempts_before,
+            replay: HashMap::new(),
         };
         Ok(self.launch(
             id,

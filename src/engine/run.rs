@@ -13,7 +13,7 @@ use crate::template::{Context, Templates};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,13 @@ pub(crate) struct RunCtx {
     /// The run this one retries or resumes: notifications dedupe on the chain's root
     /// (issue 5).
     pub parent_run_id: Option<String>,
+    /// Tokens spent by the run's model calls so far (added as each attempt ends), checked
+    /// against `token_budget` before every model call.
+    pub tokens_spent: AtomicU64,
+    /// The blueprint's `maxTokensPerRun`, else `MAX_TOKENS_PER_RUN`; `None` = unlimited.
+    pub token_budget: Option<u64>,
+    /// Recorded outputs to replay instead of calling a model (see `RunRequest::replay`).
+    pub replay: HashMap<String, Value>,
 }
 
 impl RunCtx {
@@ -65,7 +72,13 @@ impl RunCtx {
         });
         let abort = cancel.child_token();
         let parent_run_id = req.parent_run_id.clone();
+        let token_budget = blueprint
+            .max_tokens_per_run
+            .or(inner.config.max_tokens_per_run);
         Arc::new(RunCtx {
+            tokens_spent: AtomicU64::new(0),
+            token_budget,
+            replay: req.replay,
             inner,
             run_id: run_id.into(),
             blueprint,

@@ -284,6 +284,14 @@ fn record_attempt(
         model: out.model.clone(),
         cached: out.cached,
     });
+    // Issue 3: the run's spent tokens (for its budget), and which providers were skipped.
+    ctx.tokens_spent
+        .fetch_add(out.tokens, std::sync::atomic::Ordering::Relaxed);
+    if let Some(note) = &out.fallback {
+        ctx.inner
+            .store
+            .attempt_fallback(&ctx.run_id, step, attempt, note);
+    }
     if out.tokens > 0 {
         ctx.inner.bus.publish(Event::Tokens {
             run_id: ctx.run_id.to_string(),

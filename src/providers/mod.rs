@@ -1,18 +1,64 @@
-//! Model providers. A step's model call goes through [`Providers::complete`], which picks the
-//! provider (the sandbox's simulated model, or a real one) and turns every reply into either a
-//! [`LlmReply`] or a classified [`StepError`].
+//! Model providers. A step's model call goes through [`Providers::complete_with`], which picks
+//! the provider chain, answers from the cache when it can, waits for the provider's rate
+//! limiter, calls the real client, and turns every reply into either an [`LlmReply`] or a
+//! classified [`StepError`]. Providers never retry: the engine does (one exhaustive decision
+//! in `error.rs`).
+//!
+//! - `huggingface.rs`: the HF router (chat completions) and the hf-inference text-generation
+//!   path; `ollama.rs`: `/api/chat` NDJSON, tags, pull; `openai.rs`: any OpenAI-compatible
+//!   server (SSE), also used for the HF router.
+//! - `wire.rs`: capped bodies, stream framing, error bodies → kinds with the fix.
+//! - `limiter.rs`: per-provider request rate, and the whole-provider pause after a 429.
+//! - `library.rs`: `call_hugging_face_model`, the original's library call.
+//! - `doctor.rs`: the live checks of `omniflow doctor`.
+//! - `sandbox.rs`: the simulated model with seeded failure injection.
+//!
+//! **The `auto` chain** (a node's default provider): Ollama first when `USE_OLLAMA=true`, then
+//! Hugging Face when a token is set, then the OpenAI-compatible server when `OPENAI_BASE_URL`
+//! is set. A *provider-level* failure — unreachable (`network`), `auth`, `credits_exhausted`,
+//! `model_not_supported`, `config` — moves to the next link; anything about this one call
+//! (rate limit, loading, timeout, server error, bad or empty reply, invalid request) is
+//! returned at once and the engine retries the whole chain. The answering provider is
+//! recorded on the attempt and step; the skipped links and why are in [`LlmReply::fallback`]
+//! (recorded in `runner_attempts.fallback`).
 
+// Nothing in a reply may take the process down: no unwrap/expect/panic outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod doctor;
+pub mod huggingface;
+pub mod library;
+pub mod limiter;
+pub mod ollama;
+pub mod openai;
 pub mod sandbox;
+pub(crate) mod wire;
 
 use crate::config::Config;
-use crate::error::{ErrorKind, StepError};
+use crate::error::{ErrorKind, RetryClass, StepError};
+use crate::store::{CachedAnswer, Store};
+use limiter::Limiter;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+pub use library::{call_hugging_face_model, Request, Response};
 pub use sandbox::SimulatedModel;
 
 /// The default model when neither the node nor the blueprint's defaults name one
 /// (the original's "fast" choice).
 pub const DEFAULT_MODEL: &str = "mistralai/Mistral-7B-Instruct-v0.2";
+
+/// The original's model table: alias → Hugging Face id (overridable with `MODEL_FAST`,
+/// `MODEL_BETTER`, `MODEL_POWERFUL`) and the Ollama model each maps to when the call goes to
+/// Ollama.
+pub const MODEL_TABLE: [(&str, &str, &str); 3] = [
+    ("fast", "mistralai/Mistral-7B-Instruct-v0.2", "mistral"),
+    ("better", "meta-llama/Llama-2-7b-chat-hf", "llama2"),
+    ("powerful", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
+];
 
 /// One model call, after templates were rendered.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +82,9 @@ pub struct LlmReply {
     pub provider: String,
     pub model: String,
     pub cached: bool,
+    /// Links of the `auto` chain that were tried and skipped before this one answered, and
+    /// why (`ollama: network: …`); `None` when the first link answered.
+    pub fallback: Option<String>,
 }
 
 /// Which attempt of which step is calling: the sandbox derives its injected failures from it,
@@ -46,15 +95,191 @@ pub struct AttemptKey<'a> {
     pub attempt: u32,
 }
 
-/// The provider chain of a process.
+/// Live progress of a streamed answer: called with the number of tokens received so far
+/// (roughly: one per streamed chunk). The engine publishes it as `Event::Tokens`.
+pub type Progress<'a> = Option<&'a (dyn Fn(u64) + Send + Sync)>;
+
+/// How one call is made, beyond the request itself.
+#[derive(Clone, Copy)]
+pub struct CallOptions<'a> {
+    pub key: AttemptKey<'a>,
+    /// A sandbox run's simulated model: every call goes there.
+    pub sandbox: Option<&'a SimulatedModel>,
+    pub progress: Progress<'a>,
+    /// Read and write the response cache (a node's `"cache": false` turns it off).
+    pub cache: bool,
+    /// Skip reading the cache but still write the fresh answer: the engine sets it on a
+    /// retry, because the cached answer may be what failed (e.g. not the JSON the node
+    /// parses), and a retry must reach the model.
+    pub refresh: bool,
+    /// Overrides `USE_OLLAMA` for the `auto` chain (the library call's `use_ollama`).
+    pub use_ollama: Option<bool>,
+}
+
+impl<'a> CallOptions<'a> {
+    pub fn new(key: AttemptKey<'a>) -> CallOptions<'a> {
+        CallOptions {
+            key,
+            sandbox: None,
+            progress: None,
+            cache: true,
+            refresh: false,
+            use_ollama: None,
+        }
+    }
+}
+
+/// One link of a provider chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Link {
+    Ollama,
+    HuggingFace,
+    HfInference,
+    OpenAi,
+}
+
+impl Link {
+    /// The name recorded in history (`runner_steps.provider`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Ollama => "ollama",
+            Link::HuggingFace => "huggingface",
+            Link::HfInference => "hf-inference",
+            Link::OpenAi => "openai",
+        }
+    }
+
+    /// The name in messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            Link::Ollama => "Ollama",
+            Link::HuggingFace => "Hugging Face",
+            Link::HfInference => "Hugging Face (hf-inference)",
+            Link::OpenAi => "the OpenAI-compatible server",
+        }
+    }
+
+    /// The variable that sets its address.
+    pub fn url_var(self) -> &'static str {
+        match self {
+            Link::Ollama => "OLLAMA_URL",
+            Link::HuggingFace | Link::HfInference => "HF_INFERENCE_URL",
+            Link::OpenAi => "OPENAI_BASE_URL",
+        }
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a failure of one link moves an `auto` chain to the next. No `_` arm: a new kind
+/// must be decided here too.
+pub fn falls_through(kind: ErrorKind) -> bool {
+    match kind {
+        ErrorKind::Network
+        | ErrorKind::Auth
+        | ErrorKind::CreditsExhausted
+        | ErrorKind::ModelNotSupported
+        | ErrorKind::Config => true,
+        ErrorKind::Timeout
+        | ErrorKind::RateLimited
+        | ErrorKind::ModelLoading
+        | ErrorKind::Server
+        | ErrorKind::InvalidRequest
+        | ErrorKind::EmptyOutput
+        | ErrorKind::TruncatedStream
+        | ErrorKind::BadResponse
+        | ErrorKind::BudgetExceeded
+        | ErrorKind::Cancelled
+        | ErrorKind::Template
+        | ErrorKind::Internal
+        | ErrorKind::Interrupted => false,
+    }
+}
+
+/// A chat call as the clients see it.
+pub(crate) struct Chat<'a> {
+    pub model: &'a str,
+    pub system: Option<&'a str>,
+    pub prompt: &'a str,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+}
+
+/// What a client returns.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Answer {
+    pub text: String,
+    pub tokens: Option<u64>,
+}
+
+/// The rate limiters, one per provider (`hf-inference` shares Hugging Face's).
+struct Limits {
+    ollama: Limiter,
+    hf: Limiter,
+    openai: Limiter,
+}
+
+/// The provider chain of a process; cheap to clone.
 #[derive(Clone)]
 pub struct Providers {
     config: Arc<Config>,
+    http: reqwest::Client,
+    store: Option<Store>,
+    limits: Arc<Limits>,
 }
 
 impl Providers {
     pub fn new(config: Arc<Config>) -> Providers {
-        Providers { config }
+        // No overall timeout: the engine's attempt timeout (or the library call's) drops the
+        // future, which closes the connection; nothing here outlives it.
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("omniflow/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        let scale = config.time_scale;
+        let limits = Arc::new(Limits {
+            ollama: Limiter::new(config.ollama_rate_limit, scale),
+            hf: Limiter::new(config.hf_rate_limit, scale),
+            openai: Limiter::new(config.openai_rate_limit, scale),
+        });
+        Providers {
+            config,
+            http,
+            store: None,
+            limits,
+        }
+    }
+
+    /// Keeps the response cache in `store`.
+    pub fn with_store(mut self, store: Store) -> Providers {
+        self.store = Some(store);
+        self
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// How long `link` stays paused by a 429 (zero when it is not): every call to it waits.
+    pub fn paused_for(&self, link: Link) -> Duration {
+        self.limiter(link).paused_for()
+    }
+
+    fn limiter(&self, link: Link) -> &Limiter {
+        match link {
+            Link::Ollama => &self.limits.ollama,
+            Link::HuggingFace | Link::HfInference => &self.limits.hf,
+            Link::OpenAi => &self.limits.openai,
+        }
     }
 
     /// Calls the model. In a sandbox run every call goes to `sandbox`.
@@ -64,18 +289,289 @@ impl Providers {
         key: AttemptKey<'_>,
         sandbox: Option<&SimulatedModel>,
     ) -> Result<LlmReply, StepError> {
-        if let Some(sim) = sandbox {
-            return sim.complete(req, key).await;
+        let mut opts = CallOptions::new(key);
+        opts.sandbox = sandbox;
+        self.complete_with(req, opts).await
+    }
+
+    /// Calls the model with every option (progress, cache, chain order).
+    pub async fn complete_with(
+        &self,
+        req: &LlmRequest,
+        opts: CallOptions<'_>,
+    ) -> Result<LlmReply, StepError> {
+        if let Some(sim) = opts.sandbox {
+            return sim.complete(req, opts.key).await;
         }
         if req.provider == "sandbox" {
             return SimulatedModel::new(0.0, 0, self.config.sandbox_latency)
-                .complete(req, key)
+                .with_time_scale(self.config.time_scale)
+                .complete(req, opts.key)
                 .await;
         }
-        Err(self.no_provider_error())
+        let auto = req.provider == "auto";
+        let chain = self.chain(&req.provider, opts.use_ollama)?;
+
+        let key = (opts.cache && !self.config.cache_ttl.is_zero() && self.store.is_some())
+            .then(|| cache_key(req));
+        if let Some(k) = key.as_ref().filter(|_| !opts.refresh) {
+            if let Some(hit) = self.cache_get(k).await {
+                return Ok(LlmReply {
+                    text: hit.output,
+                    tokens_used: Some(0),
+                    provider: hit.provider,
+                    model: hit.model,
+                    cached: true,
+                    fallback: None,
+                });
+            }
+        }
+
+        let mut skipped: Vec<(Link, StepError)> = Vec::new();
+        for (i, &link) in chain.iter().enumerate() {
+            let model = self.model_for(link, &req.model, auto);
+            match self.call_link(link, req, &model, opts.progress).await {
+                Ok(answer) => {
+                    let fallback = (!skipped.is_empty()).then(|| describe_skips(&skipped));
+                    if let Some(f) = &fallback {
+                        tracing::warn!(provider = link.as_str(), skipped = %f, "answered by a fallback provider");
+                    }
+                    let tokens = answer.tokens.unwrap_or_else(|| {
+                        // No usage reported: estimate, so budgets and history still count.
+                        sandbox::estimate_tokens(&req.prompt)
+                            + req
+                                .system
+                                .as_deref()
+                                .map(sandbox::estimate_tokens)
+                                .unwrap_or(0)
+                            + sandbox::estimate_tokens(&answer.text)
+                    });
+                    if let Some(k) = key {
+                        self.cache_put(k, link, &model, &answer.text, tokens);
+                    }
+                    return Ok(LlmReply {
+                        text: answer.text,
+                        tokens_used: Some(tokens),
+                        provider: link.as_str().to_string(),
+                        model,
+                        cached: false,
+                        fallback,
+                    });
+                }
+                Err(e) if chain.len() > 1 && i + 1 < chain.len() && falls_through(e.kind) => {
+                    tracing::warn!(provider = link.as_str(), kind = %e.kind, error = %e.message, "provider unavailable, trying the next one");
+                    skipped.push((link, e));
+                }
+                Err(e) if skipped.is_empty() => return Err(e),
+                Err(e) if !falls_through(e.kind) => {
+                    // This link is up but the call failed: its own kind decides the retry.
+                    return Err(StepError {
+                        message: format!("{} (after: {})", e.message, describe_skips(&skipped)),
+                        ..e
+                    });
+                }
+                Err(e) => {
+                    skipped.push((link, e));
+                    return Err(chain_error(skipped));
+                }
+            }
+        }
+        Err(chain_error(skipped))
     }
 
-    fn no_provider_error(&self) -> StepError {
+    /// The links to try for a node's `provider`.
+    /// `use_ollama` overrides `USE_OLLAMA`.
+    pub fn chain(&self, provider: &str, use_ollama: Option<bool>) -> Result<Vec<Link>, StepError> {
+        let c = &self.config;
+        match provider {
+            "auto" | "" => {
+                let mut links = Vec::new();
+                if use_ollama.unwrap_or(c.use_ollama) {
+                    links.push(Link::Ollama);
+                }
+                if c.huggingface_token.is_some() {
+                    links.push(Link::HuggingFace);
+                }
+                if c.openai_base_url.is_some() {
+                    links.push(Link::OpenAi);
+                }
+                if links.is_empty() {
+                    return Err(self.no_provider_error());
+                }
+                Ok(links)
+            }
+            "huggingface" | "hf" => Ok(vec![Link::HuggingFace]),
+            "hf-inference" => Ok(vec![Link::HfInference]),
+            "ollama" => Ok(vec![Link::Ollama]),
+            "openai" => Ok(vec![Link::OpenAi]),
+            other => Err(StepError::new(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "unknown provider {other:?}: use auto, huggingface, hf-inference, ollama, \
+                     openai or sandbox"
+                ),
+            )),
+        }
+    }
+
+    /// The model id a link is asked for: aliases (`fast`, `better`, `powerful`) become the
+    /// configured ids; on Ollama a known HF id becomes its Ollama name, and in an `auto` chain
+    /// any other HF-style id (`org/name`) becomes `OLLAMA_MODEL`; in an `auto` chain the
+    /// OpenAI-compatible server gets `OPENAI_MODEL` when set. A node's explicit model on an
+    /// explicit provider is sent as written.
+    pub fn model_for(&self, link: Link, requested: &str, auto: bool) -> String {
+        let c = &self.config;
+        let resolved = match requested {
+            "fast" => c.model_fast.clone(),
+            "better" => c.model_better.clone(),
+            "powerful" => c.model_powerful.clone(),
+            other => other.to_string(),
+        };
+        match link {
+            Link::HuggingFace | Link::HfInference => resolved,
+            Link::Ollama => {
+                let known = MODEL_TABLE
+                    .iter()
+                    .zip([&c.model_fast, &c.model_better, &c.model_powerful])
+                    .find(|((_, id, _), configured)| {
+                        *id == resolved || configured.as_str() == resolved
+                    })
+                    .map(|((_, _, ollama), _)| ollama.to_string());
+                match known {
+                    // The fast model is the configured Ollama default.
+                    Some(m) if m == "mistral" => c.ollama_model.clone(),
+                    Some(m) => m,
+                    None if auto && resolved.contains('/') && !resolved.starts_with("hf.co/") => {
+                        c.ollama_model.clone()
+                    }
+                    None => resolved,
+                }
+            }
+            Link::OpenAi if auto => c.openai_model.clone().unwrap_or(resolved),
+            Link::OpenAi => resolved,
+        }
+    }
+
+    async fn call_link(
+        &self,
+        link: Link,
+        req: &LlmRequest,
+        model: &str,
+        progress: Progress<'_>,
+    ) -> Result<Answer, StepError> {
+        let c = &self.config;
+        let chat = Chat {
+            model,
+            system: req.system.as_deref(),
+            prompt: &req.prompt,
+            temperature: req.temperature,
+            max_tokens: req.max_tokens,
+        };
+        // Checked before waiting for the limiter: a missing token fails at once.
+        let token = match link {
+            Link::HuggingFace | Link::HfInference => {
+                Some(huggingface::token(c.huggingface_token.as_deref())?)
+            }
+            _ => None,
+        };
+        if link == Link::OpenAi && c.openai_base_url.is_none() {
+            return Err(StepError::new(
+                ErrorKind::Config,
+                "OPENAI_BASE_URL is not set: point it at an OpenAI-compatible server (e.g. \
+                 http://localhost:8080/v1 for llama-server, http://localhost:11434/v1 for \
+                 Ollama) in .env",
+            ));
+        }
+        let limiter = self.limiter(link);
+        limiter.acquire().await;
+        let result = match link {
+            Link::Ollama => ollama::complete(&self.http, &c.ollama_url, &chat, progress).await,
+            Link::HuggingFace => {
+                huggingface::chat(
+                    &self.http,
+                    &c.hf_inference_url,
+                    token.unwrap_or_default(),
+                    &chat,
+                    progress,
+                )
+                .await
+            }
+            Link::HfInference => {
+                huggingface::text_generation(
+                    &self.http,
+                    &c.hf_inference_url,
+                    token.unwrap_or_default(),
+                    &chat,
+                )
+                .await
+            }
+            Link::OpenAi => {
+                let url = openai::chat_url(c.openai_base_url.as_deref().unwrap_or_default());
+                openai::complete(
+                    &self.http,
+                    Link::OpenAi,
+                    &url,
+                    c.openai_api_key.as_deref(),
+                    &chat,
+                    progress,
+                )
+                .await
+            }
+        };
+        match result {
+            Err(e) if e.kind == ErrorKind::RateLimited => {
+                // The whole provider waits, not just this call: every other call to it queues
+                // in `acquire` instead of collecting its own 429.
+                let wait = e
+                    .retry_after
+                    .unwrap_or(crate::engine::retry::RATE_LIMIT_DEFAULT);
+                limiter.pause_for(c.scaled(wait));
+                Err(e)
+            }
+            Ok(a) if a.text.trim().is_empty() => Err(StepError::new(
+                ErrorKind::EmptyOutput,
+                format!(
+                    "{} returned an empty answer for model {model}; retrying (if it persists, \
+                     raise maxTokens or try another model)",
+                    link.label()
+                ),
+            )),
+            other => other,
+        }
+    }
+
+    async fn cache_get(&self, key: &str) -> Option<CachedAnswer> {
+        let store = self.store.clone()?;
+        let key = key.to_string();
+        // Store reads are blocking SQLite calls: off the async workers.
+        let found =
+            tokio::task::spawn_blocking(move || store.cache_get(&key, SystemTime::now())).await;
+        match found {
+            Ok(Ok(hit)) => hit,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "response cache unreadable; calling the model");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn cache_put(&self, key: String, link: Link, model: &str, output: &str, tokens: u64) {
+        if let Some(store) = &self.store {
+            let now = SystemTime::now();
+            store.cache_put(CachedAnswer {
+                key,
+                provider: link.as_str().to_string(),
+                model: model.to_string(),
+                output: output.to_string(),
+                tokens_used: tokens,
+                created_at: now,
+                expires_at: now + self.config.cache_ttl,
+            });
+        }
+    }
+
+    pub(crate) fn no_provider_error(&self) -> StepError {
         StepError::new(
             ErrorKind::Config,
             "no model provider is configured: set HUGGINGFACE_TOKEN in .env (create a read \
@@ -83,5 +579,172 @@ impl Providers {
              `ollama serve`, or OPENAI_BASE_URL for an OpenAI-compatible server — or try the \
              blueprint first with --sandbox",
         )
+    }
+}
+
+fn describe_skips(skipped: &[(Link, StepError)]) -> String {
+    skipped
+        .iter()
+        .map(|(l, e)| format!("{l} skipped ({}: {})", e.kind, e.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Every link failed: the message lists each; the kind is a retryable one if any link's was
+/// (a retry may find it back), else the last link's.
+fn chain_error(skipped: Vec<(Link, StepError)>) -> StepError {
+    let kind = skipped
+        .iter()
+        .map(|(_, e)| e.kind)
+        .find(|k| k.retry_class() == RetryClass::Retry)
+        .or_else(|| skipped.last().map(|(_, e)| e.kind))
+        .unwrap_or(ErrorKind::Config);
+    let retry_after = skipped
+        .iter()
+        .filter(|(_, e)| e.kind == kind)
+        .find_map(|(_, e)| e.retry_after);
+    StepError {
+        kind,
+        message: format!(
+            "every provider failed — {}",
+            skipped
+                .iter()
+                .map(|(l, e)| format!("{l}: {}: {}", e.kind, e.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        retry_after,
+    }
+}
+
+/// The cache key: 128 bits of two independent FNV-1a hashes over the call's identity
+/// (provider as requested, model as requested, messages, parameters), as 32 hex digits.
+pub fn cache_key(req: &LlmRequest) -> String {
+    let identity = serde_json::json!([
+        req.provider,
+        req.model,
+        req.system,
+        req.prompt,
+        req.temperature,
+        req.max_tokens
+    ])
+    .to_string();
+    let a = sandbox::fnv(identity.as_bytes());
+    let rev: Vec<u8> = identity.bytes().rev().collect();
+    let b = sandbox::fnv(&rev) ^ 0x9E37_79B9_7F4A_7C15;
+    format!("{a:016x}{b:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn providers(vars: &[(&str, &str)]) -> Providers {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Providers::new(Arc::new(Config::from_vars(&vars).unwrap()))
+    }
+
+    #[test]
+    fn the_auto_chain_follows_the_configuration() {
+        let p = providers(&[]);
+        assert_eq!(p.chain("auto", None).unwrap_err().kind, ErrorKind::Config);
+        assert_eq!(p.chain("auto", Some(true)).unwrap(), vec![Link::Ollama]);
+        let p = providers(&[
+            ("USE_OLLAMA", "true"),
+            ("HF_TOKEN", "hf_x"),
+            ("OPENAI_BASE_URL", "http://x/v1"),
+        ]);
+        assert_eq!(
+            p.chain("auto", None).unwrap(),
+            vec![Link::Ollama, Link::HuggingFace, Link::OpenAi]
+        );
+        assert_eq!(
+            p.chain("auto", Some(false)).unwrap(),
+            vec![Link::HuggingFace, Link::OpenAi]
+        );
+        assert_eq!(p.chain("ollama", None).unwrap(), vec![Link::Ollama]);
+        assert_eq!(
+            p.chain("nope", None).unwrap_err().kind,
+            ErrorKind::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn aliases_and_ollama_names() {
+        let p = providers(&[("OLLAMA_MODEL", "neural-chat")]);
+        assert_eq!(
+            p.model_for(Link::HuggingFace, "fast", true),
+            "mistralai/Mistral-7B-Instruct-v0.2"
+        );
+        assert_eq!(
+            p.model_for(Link::HuggingFace, "powerful", true),
+            "meta-llama/Meta-Llama-3-8B-Instruct"
+        );
+        assert_eq!(
+            p.model_for(Link::Ollama, DEFAULT_MODEL, true),
+            "neural-chat"
+        );
+        assert_eq!(p.model_for(Link::Ollama, "better", false), "llama2");
+        assert_eq!(p.model_for(Link::Ollama, "org/other", true), "neural-chat");
+        assert_eq!(p.model_for(Link::Ollama, "org/other", false), "org/other");
+        assert_eq!(p.model_for(Link::Ollama, "llama3.2", true), "llama3.2");
+        assert_eq!(
+            p.model_for(Link::HuggingFace, "deepseek-ai/DeepSeek-V3:fastest", true),
+            "deepseek-ai/DeepSeek-V3:fastest"
+        );
+    }
+
+    #[test]
+    fn cache_keys_change_with_every_part() {
+        let r = LlmRequest {
+            provider: "auto".into(),
+            model: "m".into(),
+            system: None,
+            prompt: "p".into(),
+            temperature: Some(0.2),
+            max_tokens: None,
+            subject: None,
+        };
+        let k = cache_key(&r);
+        assert_eq!(k.len(), 32);
+        assert_eq!(k, cache_key(&r.clone()));
+        for changed in [
+            LlmRequest {
+                prompt: "q".into(),
+                ..r.clone()
+            },
+            LlmRequest {
+                temperature: Some(0.3),
+                ..r.clone()
+            },
+            LlmRequest {
+                system: Some("s".into()),
+                ..r.clone()
+            },
+            LlmRequest {
+                provider: "ollama".into(),
+                ..r.clone()
+            },
+        ] {
+            assert_ne!(cache_key(&changed), k);
+        }
+    }
+
+    #[test]
+    fn chain_errors_prefer_a_retryable_kind() {
+        let e = chain_error(vec![
+            (Link::Ollama, StepError::new(ErrorKind::Network, "down")),
+            (
+                Link::HuggingFace,
+                StepError::new(ErrorKind::CreditsExhausted, "402"),
+            ),
+        ]);
+        assert_eq!(e.kind, ErrorKind::Network);
+        assert!(e.message.contains("ollama: network: down"));
+        assert!(e.message.contains("huggingface: credits_exhausted: 402"));
     }
 }

@@ -144,6 +144,7 @@ impl SimulatedModel {
                     provider: "sandbox".into(),
                     model: req.model.clone(),
                     cached: false,
+                    fallback: None,
                 })
             }
         }

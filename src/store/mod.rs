@@ -45,6 +45,7 @@
 mod claims;
 mod error;
 mod lease;
+mod providers;
 mod read;
 mod schema;
 mod transitions;
@@ -54,6 +55,7 @@ mod writer;
 pub use claims::{NotificationRecord, SlotClaim};
 pub use error::{BackupFailure, StoreError};
 pub use lease::{process_id, Claim, Health, ProcessRow};
+pub use providers::CachedAnswer;
 pub use types::{
     AttemptRecord, AttemptRow, NewRun, NewStep, RunEnd, RunFilter, RunRow, StepEnd, StepRow,
 };

@@ -155,6 +155,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         pid            INTEGER,
         PRIMARY KEY (blueprint_name, slot_ms)
     );
+    // 4: the model-answer cache, keyed by a hash of provider, model,
+    // messages and parameters; and which providers an `auto` call skipped before one answered.
+    // Integrators: this is appended last; renumber freely relative to other branches' appends.
+    r#"
+    CREATE TABLE provider_cache (
+        key         TEXT PRIMARY KEY,
+        provider    TEXT NOT NULL,
+        model       TEXT NOT NULL,
+        output      TEXT NOT NULL,
+        tokens_used INTEGER NOT NULL DEFAULT 0,
+        created_at  TEXT NOT NULL,
+        -- Unix milliseconds: compared on every lookup, pruned on every insert.
+        expires_at  INTEGER NOT NULL
+    );
+    CREATE INDEX provider_cache_expires ON provider_cache (expires_at);
+    ALTER TABLE runner_attempts ADD COLUMN fallback TEXT;
     "#,
 ];
 

@@ -40,6 +40,14 @@ pub(crate) enum Op {
         at: SystemTime,
     },
     ReleaseRuns,
+    // Providers (issue 3): see `store/providers.rs`.
+    CachePut(Box<super::providers::CachedAnswer>),
+    AttemptFallback {
+        run_id: String,
+        step_key: String,
+        attempt: u32,
+        note: String,
+    },
 }
 
 impl Op {
@@ -65,6 +73,13 @@ impl Op {
             Op::Heartbeat(_) => "heartbeat".into(),
             Op::ProcessStopped { .. } => "process_stopped".into(),
             Op::ReleaseRuns => "release_runs".into(),
+            Op::CachePut(_) => "cache_put".to_string(),
+            Op::AttemptFallback {
+                run_id,
+                step_key,
+                attempt,
+                ..
+            } => format!("attempt_fallback {run_id} {step_key} #{attempt}"),
         }
     }
 
@@ -101,6 +116,13 @@ impl Op {
             Op::Heartbeat(h) => super::lease::heartbeat(tx, h, proc),
             Op::ProcessStopped { at } => super::lease::process_stopped(tx, *at, proc),
             Op::ReleaseRuns => super::lease::release_runs(tx, proc),
+            Op::CachePut(c) => super::providers::cache_put(tx, c),
+            Op::AttemptFallback {
+                run_id,
+                step_key,
+                attempt,
+                note,
+            } => super::providers::attempt_fallback(tx, run_id, step_key, *attempt, note),
         }
     }
 }

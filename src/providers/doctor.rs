@@ -1,0 +1,158 @@
+//! The live checks behind `omniflow doctor`: for each link of the chain, what it needs, whether
+//! it is configured, and whether it answers.
+
+use super::{huggingface, ollama, openai, wire, Link, Providers};
+use crate::error::{ErrorKind, StepError};
+use serde::Serialize;
+use serde_json::Value;
+use std::time::Duration;
+
+/// One link's state.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LinkCheck {
+    pub provider: &'static str,
+    /// Whether the configuration enables it (in the `auto` chain).
+    pub configured: bool,
+    /// What it needs to be configured.
+    pub needs: &'static str,
+    /// `Some(true)` it answered, `Some(false)` it failed, `None` not checked (not configured).
+    pub ok: Option<bool>,
+    pub detail: String,
+}
+
+/// A live check is given this long.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Providers {
+    /// Checks every link (configured ones live), in chain order.
+    pub async fn doctor(&self) -> Vec<LinkCheck> {
+        let c = self.config().clone();
+        let mut out = Vec::new();
+        for link in [Link::Ollama, Link::HuggingFace, Link::OpenAi] {
+            let (configured, needs) = match link {
+                Link::Ollama => (
+                    c.use_ollama,
+                    "USE_OLLAMA=true and a running `ollama serve` at OLLAMA_URL",
+                ),
+                Link::HuggingFace | Link::HfInference => (
+                    c.huggingface_token.is_some(),
+                    "HUGGINGFACE_TOKEN (or HF_TOKEN): a free token from https://huggingface.co/settings/tokens",
+                ),
+                Link::OpenAi => (
+                    c.openai_base_url.is_some(),
+                    "OPENAI_BASE_URL (and OPENAI_API_KEY if the server wants one)",
+                ),
+            };
+            let (ok, detail) = if configured {
+                match tokio::time::timeout(CHECK_TIMEOUT, self.check_link(link)).await {
+                    Ok(Ok(d)) => (Some(true), d),
+                    Ok(Err(e)) => (Some(false), format!("{}: {}", e.kind, e.message)),
+                    Err(_) => (
+                        Some(false),
+                        format!(
+                            "no answer within {}s from {}",
+                            CHECK_TIMEOUT.as_secs(),
+                            link.url_var()
+                        ),
+                    ),
+                }
+            } else {
+                (None, "not configured".to_string())
+            };
+            out.push(LinkCheck {
+                provider: link.as_str(),
+                configured,
+                needs,
+                ok,
+                detail,
+            });
+        }
+        out
+    }
+
+    async fn check_link(&self, link: Link) -> Result<String, StepError> {
+        let c = self.config();
+        match link {
+            Link::Ollama => {
+                let models = ollama::list_models(self.http(), &c.ollama_url).await?;
+                let want = &c.ollama_model;
+                let has = models
+                    .iter()
+                    .any(|m| m == want || m.split(':').next() == Some(want.as_str()));
+                Ok(format!(
+                    "reachable at {}; {} model(s): {}{}",
+                    c.ollama_url,
+                    models.len(),
+                    if models.is_empty() {
+                        "none".to_string()
+                    } else {
+                        models.join(", ")
+                    },
+                    if has {
+                        String::new()
+                    } else {
+                        format!(" — the default {want} is missing: omniflow doctor --pull {want}")
+                    }
+                ))
+            }
+            Link::HuggingFace | Link::HfInference => {
+                let token = huggingface::token(c.huggingface_token.as_deref())?;
+                let url = openai::models_url(&c.hf_inference_url);
+                let n = list_models(self, link, &url, Some(token)).await?;
+                Ok(format!(
+                    "token accepted by {}; {n} chat model(s) available",
+                    c.hf_inference_url
+                ))
+            }
+            Link::OpenAi => {
+                let base = c.openai_base_url.as_deref().unwrap_or_default();
+                let url = openai::models_url(base);
+                let n = list_models(self, link, &url, c.openai_api_key.as_deref()).await?;
+                Ok(format!("reachable at {base}; {n} model(s) listed"))
+            }
+        }
+    }
+}
+
+/// `GET …/v1/models` → how many models it lists.
+async fn list_models(
+    p: &Providers,
+    link: Link,
+    url: &str,
+    bearer: Option<&str>,
+) -> Result<usize, StepError> {
+    let mut rb = p.http().get(url);
+    if let Some(t) = bearer {
+        rb = rb.bearer_auth(t);
+    }
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| wire::transport_error(&e, link, url))?;
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bytes = wire::read_capped(resp, link, url).await?;
+    let text = String::from_utf8_lossy(&bytes);
+    if !(200..300).contains(&status) {
+        return Err(wire::classify_status(link, status, None, &ct, &text, ""));
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        StepError::new(
+            ErrorKind::BadResponse,
+            format!(
+                "{} answered {url} with something that is not JSON ({e}) — does {} point at the API?",
+                link.label(),
+                link.url_var()
+            ),
+        )
+    })?;
+    Ok(v.get("data")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .unwrap_or(0))
+}

@@ -1,0 +1,291 @@
+//! Ollama's native API: `POST /api/chat` streamed as NDJSON (a stream must end with an object
+//! with `done:true`, else it was truncated), `GET /api/tags` and `POST /api/pull` for
+//! `omniflow doctor`.
+
+use super::wire::{self, Lines};
+use super::{Answer, Chat, Link, Progress};
+use crate::error::{ErrorKind, StepError};
+use serde_json::{json, Value};
+
+pub(crate) fn base(url: &str) -> &str {
+    url.trim().trim_end_matches('/')
+}
+
+/// One streamed chat call.
+pub(crate) async fn complete(
+    http: &reqwest::Client,
+    ollama_url: &str,
+    chat: &Chat<'_>,
+    progress: Progress<'_>,
+) -> Result<Answer, StepError> {
+    let url = format!("{}/api/chat", base(ollama_url));
+    let mut options = serde_json::Map::new();
+    if let Some(t) = chat.temperature {
+        options.insert("temperature".into(), json!(t));
+    }
+    if let Some(n) = chat.max_tokens {
+        options.insert("num_predict".into(), json!(n));
+    }
+    let body = json!({
+        "model": chat.model,
+        "messages": super::openai::messages(chat),
+        "stream": true,
+        "options": options,
+    });
+    let resp = http
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| wire::transport_error(&e, Link::Ollama, &url))?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !(200..300).contains(&status) {
+        let retry_after = crate::notify::retry_after_header(resp.headers());
+        let bytes = wire::read_capped(resp, Link::Ollama, &url).await?;
+        return Err(wire::classify_status(
+            Link::Ollama,
+            status,
+            retry_after,
+            &content_type,
+            &String::from_utf8_lossy(&bytes),
+            chat.model,
+        ));
+    }
+    read_ndjson(resp, &url, chat, progress).await
+}
+
+async fn read_ndjson(
+    mut resp: reqwest::Response,
+    url: &str,
+    chat: &Chat<'_>,
+    progress: Progress<'_>,
+) -> Result<Answer, StepError> {
+    let mut lines = Lines::default();
+    let mut text = String::new();
+    let mut chunks: u64 = 0;
+    let mut total = 0usize;
+    let mut ended = false;
+    while !ended {
+        let chunk = resp
+            .chunk()
+            .await
+            .map_err(|e| wire::transport_error(&e, Link::Ollama, url))?;
+        let mut batch = match chunk {
+            Some(c) => {
+                total += c.len();
+                if total > wire::MAX_REPLY_BYTES {
+                    return Err(wire::too_big(Link::Ollama, url));
+                }
+                lines.push(&c)
+            }
+            None => {
+                ended = true;
+                // A last object without a trailing newline still counts.
+                lines.rest().into_iter().collect()
+            }
+        };
+        for line in batch.drain(..) {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| {
+                StepError::new(
+                    ErrorKind::BadResponse,
+                    format!(
+                        "Ollama sent a malformed stream line ({e}): {}",
+                        wire::snippet(&line)
+                    ),
+                )
+            })?;
+            if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+                let msg = err
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| err.to_string());
+                return Err(if msg.contains("not found") {
+                    StepError::new(
+                        ErrorKind::ModelNotSupported,
+                        wire::model_missing(Link::Ollama, chat.model, &msg),
+                    )
+                } else {
+                    StepError::new(
+                        ErrorKind::Server,
+                        format!("Ollama reported an error: {}", wire::snippet(&msg)),
+                    )
+                });
+            }
+            if let Some(piece) = v.pointer("/message/content").and_then(Value::as_str) {
+                if !piece.is_empty() {
+                    text.push_str(piece);
+                    chunks += 1;
+                    if let Some(p) = progress {
+                        p(chunks);
+                    }
+                }
+            }
+            if v.get("done").and_then(Value::as_bool) == Some(true) {
+                let count = |k: &str| v.get(k).and_then(Value::as_u64);
+                let tokens = match (count("prompt_eval_count"), count("eval_count")) {
+                    (None, None) => None,
+                    (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+                };
+                return Ok(Answer { text, tokens });
+            }
+        }
+    }
+    Err(StepError::new(
+        ErrorKind::TruncatedStream,
+        format!(
+            "the stream from Ollama ended without its final `done:true` object (after {} \
+             characters): the server stopped or the connection was cut; retrying",
+            text.chars().count()
+        ),
+    ))
+}
+
+/// `GET /api/tags`: the names of the local models.
+pub async fn list_models(
+    http: &reqwest::Client,
+    ollama_url: &str,
+) -> Result<Vec<String>, StepError> {
+    let url = format!("{}/api/tags", base(ollama_url));
+    let resp = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| wire::transport_error(&e, Link::Ollama, &url))?;
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bytes = wire::read_capped(resp, Link::Ollama, &url).await?;
+    let text = String::from_utf8_lossy(&bytes);
+    if !(200..300).contains(&status) {
+        return Err(wire::classify_status(
+            Link::Ollama,
+            status,
+            None,
+            &ct,
+            &text,
+            "",
+        ));
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        StepError::new(
+            ErrorKind::BadResponse,
+            format!("Ollama's /api/tags is not JSON ({e}) — is OLLAMA_URL an Ollama server?"),
+        )
+    })?;
+    Ok(v.get("models")
+        .and_then(Value::as_array)
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| {
+                    m.get("name")
+                        .or_else(|| m.get("model"))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// One status line of a pull.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullStatus {
+    pub status: String,
+    pub completed: Option<u64>,
+    pub total: Option<u64>,
+}
+
+/// `POST /api/pull`, streaming: calls `on_status` for every status line; Ok when the stream
+/// ends with `{"status":"success"}`.
+pub async fn pull(
+    http: &reqwest::Client,
+    ollama_url: &str,
+    model: &str,
+    mut on_status: impl FnMut(&PullStatus),
+) -> Result<(), StepError> {
+    let url = format!("{}/api/pull", base(ollama_url));
+    let mut resp = http
+        .post(&url)
+        // `name` for older servers; sending both is harmless.
+        .json(&json!({ "model": model, "name": model, "stream": true }))
+        .send()
+        .await
+        .map_err(|e| wire::transport_error(&e, Link::Ollama, &url))?;
+    let status = resp.status().as_u16();
+    if !(200..300).contains(&status) {
+        let ct = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let bytes = wire::read_capped(resp, Link::Ollama, &url).await?;
+        return Err(wire::classify_status(
+            Link::Ollama,
+            status,
+            None,
+            &ct,
+            &String::from_utf8_lossy(&bytes),
+            model,
+        ));
+    }
+    let mut lines = Lines::default();
+    let mut ended = false;
+    while !ended {
+        let chunk = resp
+            .chunk()
+            .await
+            .map_err(|e| wire::transport_error(&e, Link::Ollama, &url))?;
+        let batch = match chunk {
+            Some(c) => lines.push(&c),
+            None => {
+                ended = true;
+                lines.rest().into_iter().collect()
+            }
+        };
+        for line in batch {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if let Some(err) = v.get("error").and_then(Value::as_str) {
+                return Err(StepError::new(
+                    ErrorKind::ModelNotSupported,
+                    format!("Ollama could not pull {model}: {err} (check the name at https://ollama.com/library)"),
+                ));
+            }
+            let st = PullStatus {
+                status: v
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                completed: v.get("completed").and_then(Value::as_u64),
+                total: v.get("total").and_then(Value::as_u64),
+            };
+            on_status(&st);
+            if st.status == "success" {
+                return Ok(());
+            }
+        }
+    }
+    Err(StepError::new(
+        ErrorKind::TruncatedStream,
+        format!("the pull of {model} ended without {{\"status\":\"success\"}}; run it again"),
+    ))
+}

@@ -1,0 +1,494 @@
+//! What every provider client shares on the wire: reading a capped body, line framing for
+//! SSE and NDJSON streams, the tolerant error-body parser, and the mapping from an HTTP reply
+//! to an [`ErrorKind`] with a message that says what to do.
+//!
+//! Nothing here ever panics on a reply, and no message contains a token: URLs given to these
+//! functions never carry one (tokens travel in headers only), and reqwest's own text has its
+//! URL removed.
+
+use super::Link;
+use crate::engine::retry::RATE_LIMIT_DEFAULT;
+use crate::error::{ErrorKind, StepError};
+use serde_json::Value;
+use std::time::Duration;
+
+/// A reply (or a whole stream) larger than this is refused: no model answer is 8 MiB, so such
+/// a body is a misdirected URL or a broken server, and holding it would only cost memory.
+pub const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Reads the whole body, refusing more than [`MAX_REPLY_BYTES`].
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    link: Link,
+    url: &str,
+) -> Result<Vec<u8>, StepError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| transport_error(&e, link, url))?
+    {
+        if out.len() + chunk.len() > MAX_REPLY_BYTES {
+            return Err(too_big(link, url));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+pub(crate) fn too_big(link: Link, url: &str) -> StepError {
+    StepError::new(
+        ErrorKind::BadResponse,
+        format!(
+            "{} at {url} sent more than {} MiB; refused (no model answer is that large — check {})",
+            link.label(),
+            MAX_REPLY_BYTES >> 20,
+            link.url_var()
+        ),
+    )
+}
+
+/// Splits a byte stream into lines (`\n`, with an optional `\r` before it), whatever the
+/// chunk boundaries: a chunk may end in the middle of a line or of a UTF-8 character.
+#[derive(Debug, Default)]
+pub(crate) struct Lines {
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+            out.push(text.trim_end_matches('\r').to_string());
+        }
+        out
+    }
+
+    /// What is left after the last newline (a last line without one).
+    pub fn rest(&mut self) -> Option<String> {
+        let t = String::from_utf8_lossy(&std::mem::take(&mut self.buf))
+            .trim()
+            .to_string();
+        (!t.is_empty()).then_some(t)
+    }
+}
+
+/// The useful parts of an error body, whichever of the documented shapes it has:
+/// `{"error":"…"}`, `{"error":{"message","type","code"}}`, `{"detail":"…"}`, `{"message":"…"}`,
+/// plus HF's `estimated_time`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct ErrorBody {
+    pub message: Option<String>,
+    pub code: Option<String>,
+    pub estimated_time: Option<f64>,
+}
+
+pub(crate) fn parse_error_body(body: &str) -> ErrorBody {
+    let Ok(v) = serde_json::from_str::<Value>(body.trim()) else {
+        return ErrorBody::default();
+    };
+    error_fields(&v)
+}
+
+/// [`parse_error_body`] on an already parsed value (a mid-stream error object).
+pub(crate) fn error_fields(v: &Value) -> ErrorBody {
+    let text = |x: &Value| match x {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    };
+    let mut out = ErrorBody::default();
+    match v.get("error") {
+        Some(Value::Object(e)) => {
+            out.message = e.get("message").and_then(text);
+            out.code = e.get("code").and_then(text);
+        }
+        Some(e) => out.message = text(e),
+        None => {}
+    }
+    if out.message.is_none() {
+        out.message = v
+            .get("detail")
+            .and_then(text)
+            .or_else(|| v.get("message").and_then(text));
+    }
+    if out.code.is_none() {
+        out.code = v.get("code").and_then(text);
+    }
+    out.estimated_time = v
+        .get("estimated_time")
+        .and_then(Value::as_f64)
+        .filter(|t| t.is_finite() && *t >= 0.0);
+    out
+}
+
+/// The first 200 characters of a body, on one line.
+pub(crate) fn snippet(body: &str) -> String {
+    let one_line: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut s: String = one_line.chars().take(200).collect();
+    if one_line.chars().count() > 200 {
+        s.push('…');
+    }
+    s
+}
+
+pub(crate) fn is_html(content_type: &str, body: &str) -> bool {
+    content_type.contains("text/html") || {
+        let t = body.trim_start().to_ascii_lowercase();
+        t.starts_with("<!doctype html") || t.starts_with("<html")
+    }
+}
+
+/// `<title>…</title>` of an HTML page, for the message.
+fn html_title(body: &str) -> Option<String> {
+    let lower = body.to_ascii_lowercase();
+    let start = lower.find("<title>")? + "<title>".len();
+    let end = lower[start..].find("</title>")? + start;
+    let t = body.get(start..end)?.trim();
+    (!t.is_empty()).then(|| snippet(t))
+}
+
+/// Maps a non-2xx reply to an error kind, with a message that carries the fix.
+pub(crate) fn classify_status(
+    link: Link,
+    status: u16,
+    retry_after: Option<Duration>,
+    content_type: &str,
+    body: &str,
+    model: &str,
+) -> StepError {
+    let url_var = link.url_var();
+    let name = link.label();
+    if is_html(content_type, body) {
+        let title = html_title(body)
+            .map(|t| format!(" \"{t}\""))
+            .unwrap_or_default();
+        let kind = match status {
+            429 => ErrorKind::RateLimited,
+            500..=599 => ErrorKind::Server,
+            401 | 403 => ErrorKind::Auth,
+            _ => ErrorKind::BadResponse,
+        };
+        let mut e = StepError::new(
+            kind,
+            format!(
+                "{name} answered HTTP {status} with an HTML page{title} instead of JSON — a proxy \
+                 or gateway error, or {url_var} does not point at the API"
+            ),
+        );
+        e.retry_after = retry_after;
+        return e;
+    }
+    let parsed = parse_error_body(body);
+    let detail = parsed
+        .message
+        .clone()
+        .unwrap_or_else(|| snippet(body))
+        .trim()
+        .to_string();
+    let detail = if detail.is_empty() {
+        "no details".to_string()
+    } else {
+        snippet(&detail)
+    };
+    let code = parsed.code.as_deref().unwrap_or("");
+    let lower = detail.to_lowercase();
+    match status {
+        503 if parsed.estimated_time.is_some() => {
+            let t = parsed.estimated_time.unwrap_or(0.0);
+            StepError::new(
+                ErrorKind::ModelLoading,
+                format!(
+                    "model {model} is currently loading on {name} (HTTP 503); this is normal for \
+                     a model that was not used recently — waiting {t:.1}s as the provider asks"
+                ),
+            )
+            .with_retry_after(Duration::from_secs_f64(t))
+        }
+        503 if lower.contains("loading") => StepError::new(
+            ErrorKind::ModelLoading,
+            format!(
+                "model {model} is loading on {name} (HTTP 503: {detail}); this is normal for a \
+                 model that was not used recently — retrying with backoff"
+            ),
+        ),
+        429 => {
+            let wait = match retry_after {
+                Some(w) => format!("retry after {:.0}s as the provider asks", w.as_secs_f64()),
+                None => format!(
+                    "no Retry-After given, waiting {}s",
+                    RATE_LIMIT_DEFAULT.as_secs()
+                ),
+            };
+            let fix = match link {
+                Link::Ollama => "lower OLLAMA_RATE_LIMIT or CONCURRENCY".to_string(),
+                Link::OpenAi => {
+                    "set OPENAI_RATE_LIMIT to the server's quota (e.g. 60/min)".to_string()
+                }
+                Link::HuggingFace | Link::HfInference => {
+                    "set HF_RATE_LIMIT to your quota; a local model has no limit: USE_OLLAMA=true"
+                        .to_string()
+                }
+            };
+            let mut e = StepError::new(
+                ErrorKind::RateLimited,
+                format!("rate limit reached on {name} (HTTP 429: {detail}); {wait}; {fix}"),
+            );
+            e.retry_after = retry_after;
+            e
+        }
+        401 | 403 => StepError::new(ErrorKind::Auth, auth_message(link, status, &detail)),
+        402 => StepError::new(
+            ErrorKind::CreditsExhausted,
+            match link {
+                Link::HuggingFace | Link::HfInference => format!(
+                    "Hugging Face credits are exhausted (HTTP 402: {detail}); the free monthly \
+                     credits are used up — run models locally for free with USE_OLLAMA=true and \
+                     `ollama serve`, or add credits at https://huggingface.co/settings/billing"
+                ),
+                _ => format!(
+                    "{name} says payment is required (HTTP 402: {detail}); add credits to the \
+                     account, or run models locally with USE_OLLAMA=true"
+                ),
+            },
+        ),
+        400 | 404 | 422
+            if code == "model_not_supported"
+                || lower.contains("not supported by any provider")
+                || (status == 404 && (lower.contains("model") || link == Link::Ollama)) =>
+        {
+            StepError::new(
+                ErrorKind::ModelNotSupported,
+                model_missing(link, model, &detail),
+            )
+        }
+        408 => StepError::new(
+            ErrorKind::Timeout,
+            format!("{name} timed out the request (HTTP 408: {detail})"),
+        ),
+        500..=599 => {
+            let mut e = StepError::new(
+                ErrorKind::Server,
+                format!(
+                    "{name} answered HTTP {status} (a server error: {detail}); usually \
+                     temporary, retrying"
+                ),
+            );
+            e.retry_after = retry_after;
+            e
+        }
+        _ => StepError::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "{name} refused the request (HTTP {status}: {detail}); check the node's model, \
+                 temperature and maxTokens"
+            ),
+        ),
+    }
+}
+
+fn auth_message(link: Link, status: u16, detail: &str) -> String {
+    match link {
+        Link::HuggingFace | Link::HfInference => format!(
+            "Hugging Face refused the token (HTTP {status}: {detail}): it is invalid, expired, or \
+             lacks the \"Make calls to Inference Providers\" permission — create a fine-grained \
+             token with that permission at https://huggingface.co/settings/tokens and put it in \
+             .env as HUGGINGFACE_TOKEN=hf_…"
+        ),
+        Link::OpenAi => format!(
+            "the OpenAI-compatible server refused the key (HTTP {status}: {detail}); check \
+             OPENAI_API_KEY in .env"
+        ),
+        Link::Ollama => format!(
+            "Ollama refused the request (HTTP {status}: {detail}); a proxy in front of it may \
+             need credentials — check OLLAMA_URL"
+        ),
+    }
+}
+
+/// The message for a model the provider does not have.
+pub(crate) fn model_missing(link: Link, model: &str, detail: &str) -> String {
+    match link {
+        Link::Ollama => format!(
+            "model {model} not found — run: ollama pull {model} (or: omniflow doctor --pull \
+             {model}); Ollama said: {detail}"
+        ),
+        Link::HuggingFace | Link::HfInference => format!(
+            "model {model} is not served by any Inference Provider you have enabled ({detail}); \
+             pick a served model (e.g. \"model\": \"meta-llama/Llama-3.1-8B-Instruct\" or an \
+             alias: fast, better, powerful), or enable providers at \
+             https://hf.co/settings/inference-providers"
+        ),
+        Link::OpenAi => format!(
+            "the OpenAI-compatible server does not serve model {model} ({detail}); set the \
+             node's \"model\" (or OPENAI_MODEL) to one it lists at GET /v1/models"
+        ),
+    }
+}
+
+/// Maps a transport failure (connect, reset, body read). reqwest's text has its URL removed.
+pub(crate) fn transport_error(e: &reqwest::Error, link: Link, url: &str) -> StepError {
+    let strip = |s: String| match e.url() {
+        Some(u) => s
+            .replace(&format!(" for url ({u})"), "")
+            .replace(u.as_str(), ""),
+        None => s,
+    };
+    let mut text = strip(e.to_string());
+    // The deepest cause says what happened ("Connection refused (os error 111)").
+    let mut cause = std::error::Error::source(e);
+    let mut deepest = None;
+    while let Some(c) = cause {
+        deepest = Some(c.to_string());
+        cause = c.source();
+    }
+    if let Some(d) = deepest {
+        text = format!("{}: {}", text.trim(), strip(d));
+    }
+    let what = text.trim().to_string();
+    if e.is_timeout() {
+        return StepError::new(
+            ErrorKind::Timeout,
+            format!("{} at {url} timed out ({what})", link.label()),
+        );
+    }
+    if e.is_connect() && link == Link::Ollama {
+        return StepError::new(
+            ErrorKind::Network,
+            format!(
+                "Ollama connection failed at {url} ({what}). Fix: start it with `ollama serve`, \
+                 or `docker compose up ollama`, or set USE_OLLAMA=false to use Hugging Face"
+            ),
+        );
+    }
+    if e.is_connect() {
+        return StepError::new(
+            ErrorKind::Network,
+            format!(
+                "could not connect to {} at {url} ({what}); check the network and {}",
+                link.label(),
+                link.url_var()
+            ),
+        );
+    }
+    if e.is_body() || e.is_decode() {
+        // The connection broke while the reply was being read: a retry usually helps.
+        return StepError::new(
+            ErrorKind::Network,
+            format!(
+                "the connection to {} broke while reading the reply ({what})",
+                link.label()
+            ),
+        );
+    }
+    StepError::new(
+        ErrorKind::Network,
+        format!("request to {} at {url} failed ({what})", link.label()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_hf_error_shapes_and_the_others() {
+        let a = parse_error_body(
+            r#"{"error":"Model X is currently loading","estimated_time":579.3385620117188}"#,
+        );
+        assert_eq!(a.message.as_deref(), Some("Model X is currently loading"));
+        assert_eq!(a.estimated_time, Some(579.3385620117188));
+        let b = parse_error_body(
+            r#"{"error":{"message":"The requested model 'X' is not supported by any provider you have enabled.","type":"invalid_request_error","param":"model","code":"model_not_supported"}}"#,
+        );
+        assert_eq!(b.code.as_deref(), Some("model_not_supported"));
+        assert!(b.message.unwrap().starts_with("The requested model"));
+        assert_eq!(
+            parse_error_body(r#"{"detail":"nope"}"#).message.as_deref(),
+            Some("nope")
+        );
+        assert_eq!(
+            parse_error_body(r#"{"message":"m","code":401}"#),
+            ErrorBody {
+                message: Some("m".into()),
+                code: Some("401".into()),
+                estimated_time: None
+            }
+        );
+        assert_eq!(parse_error_body("<html>"), ErrorBody::default());
+    }
+
+    #[test]
+    fn lines_survive_any_chunking() {
+        let text = "data: {\"a\":\"é\"}\r\n\r\ndata: [DONE]\n\ntail";
+        for cut in 1..text.len() {
+            let bytes = text.as_bytes();
+            let mut l = Lines::default();
+            let mut got = l.push(&bytes[..cut]);
+            got.extend(l.push(&bytes[cut..]));
+            assert_eq!(
+                got,
+                vec!["data: {\"a\":\"é\"}", "", "data: [DONE]", ""],
+                "cut at {cut}"
+            );
+            assert_eq!(l.rest().as_deref(), Some("tail"));
+        }
+    }
+
+    #[test]
+    fn statuses_map_to_kinds() {
+        let k = |s: u16, body: &str| {
+            classify_status(Link::HuggingFace, s, None, "application/json", body, "m").kind
+        };
+        assert_eq!(
+            k(503, r#"{"error":"loading","estimated_time":2.5}"#),
+            ErrorKind::ModelLoading
+        );
+        assert_eq!(k(503, r#"{"error":"unavailable"}"#), ErrorKind::Server);
+        assert_eq!(
+            k(503, r#"{"error":"Model is currently loading"}"#),
+            ErrorKind::ModelLoading
+        );
+        assert_eq!(k(429, r#"{"error":"Rate limit"}"#), ErrorKind::RateLimited);
+        assert_eq!(k(401, r#"{"error":"bad"}"#), ErrorKind::Auth);
+        assert_eq!(k(403, r#"{"error":"bad"}"#), ErrorKind::Auth);
+        assert_eq!(
+            k(402, r#"{"error":"credits"}"#),
+            ErrorKind::CreditsExhausted
+        );
+        assert_eq!(
+            k(
+                400,
+                r#"{"error":{"message":"x","code":"model_not_supported"}}"#
+            ),
+            ErrorKind::ModelNotSupported
+        );
+        assert_eq!(k(400, r#"{"error":"bad temp"}"#), ErrorKind::InvalidRequest);
+        assert_eq!(k(500, "boom"), ErrorKind::Server);
+        let html = classify_status(
+            Link::HuggingFace,
+            502,
+            None,
+            "text/html",
+            "<html><title>502 Bad Gateway</title></html>",
+            "m",
+        );
+        assert_eq!(html.kind, ErrorKind::Server);
+        assert!(html.message.contains("502 Bad Gateway"), "{}", html.message);
+        let o = classify_status(
+            Link::Ollama,
+            404,
+            None,
+            "application/json",
+            r#"{"error":"model \"llama3.2\" not found, try pulling it first"}"#,
+            "llama3.2",
+        );
+        assert_eq!(o.kind, ErrorKind::ModelNotSupported);
+        assert!(o
+            .message
+            .starts_with("model llama3.2 not found — run: ollama pull llama3.2"));
+    }
+}

@@ -1,0 +1,986 @@
+//! The real provider clients (reqwest) against local fake servers that follow PROTOCOLS.md:
+//! Hugging Face router and hf-inference, Ollama, an OpenAI-compatible server; every documented
+//! error reply, truncated streams, bad bodies; the fallback chain, the cache, budgets, rate
+//! limits, replay, and a blueprint run end to end.
+
+mod common;
+mod fake_provider;
+
+use fake_provider::{refused_url, start, Reply};
+use omniflow::config::Config;
+use omniflow::engine::RunRequest;
+use omniflow::error::{ErrorKind, StepError};
+use omniflow::events::{Event, RunStatus};
+use omniflow::providers::{
+    library, AttemptKey, CallOptions, Link, LlmReply, LlmRequest, Providers,
+};
+use omniflow::store::Store;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn config(vars: &[(&str, &str)]) -> Config {
+    let mut m: HashMap<String, String> = HashMap::new();
+    m.insert("OMNIFLOW_TIME_SCALE".into(), "0.001".into());
+    m.insert("HF_RATE_LIMIT".into(), "off".into());
+    for (k, v) in vars {
+        m.insert(k.to_string(), v.to_string());
+    }
+    Config::from_vars(&m).unwrap()
+}
+
+fn providers(vars: &[(&str, &str)]) -> Providers {
+    Providers::new(Arc::new(config(vars)))
+}
+
+fn req(provider: &str, model: &str) -> LlmRequest {
+    LlmRequest {
+        provider: provider.into(),
+        model: model.into(),
+        system: Some("Be brief.".into()),
+        prompt: "Two sentences on rust.".into(),
+        temperature: Some(0.2),
+        max_tokens: Some(64),
+        subject: None,
+    }
+}
+
+async fn call(p: &Providers, r: &LlmRequest) -> Result<LlmReply, StepError> {
+    let mut o = CallOptions::new(AttemptKey {
+        step: "s",
+        attempt: 1,
+    });
+    o.cache = false;
+    p.complete_with(r, o).await
+}
+
+async fn hf(reply: Reply) -> (fake_provider::Fake, Providers) {
+    let fake = start(move |_, _| reply.clone()).await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+    ]);
+    (fake, p)
+}
+
+// ---- Hugging Face router --------------------------------------------------------------------
+
+#[tokio::test]
+async fn hf_router_streams_sse_to_done_with_live_token_counts() {
+    let (fake, p) = hf(Reply::sse(&["Rust ", "is ", "fast."], Some(46), true)).await;
+    let live = AtomicU64::new(0);
+    let progress = |n: u64| {
+        live.store(n, Ordering::SeqCst);
+    };
+    let mut o = CallOptions::new(AttemptKey {
+        step: "s",
+        attempt: 1,
+    });
+    o.progress = Some(&progress);
+    let r = p
+        .complete_with(&req("huggingface", "deepseek-ai/DeepSeek-V3:fastest"), o)
+        .await
+        .unwrap();
+    assert_eq!(r.text, "Rust is fast.");
+    assert_eq!(r.tokens_used, Some(46), "from usage");
+    assert_eq!(r.provider, "huggingface");
+    assert_eq!(
+        r.model, "deepseek-ai/DeepSeek-V3:fastest",
+        "suffix passes through"
+    );
+    assert_eq!(
+        live.load(Ordering::SeqCst),
+        3,
+        "one progress tick per chunk"
+    );
+    let seen = &fake.requests()[0];
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.header("authorization"), Some("Bearer hf_testtoken123"));
+    let body = seen.json();
+    assert_eq!(body["stream"], json!(true));
+    assert_eq!(body["model"], json!("deepseek-ai/DeepSeek-V3:fastest"));
+    assert_eq!(body["messages"][0]["role"], json!("system"));
+    assert_eq!(
+        body["messages"][1]["content"],
+        json!("Two sentences on rust.")
+    );
+    assert_eq!(body["max_tokens"], json!(64));
+}
+
+#[tokio::test]
+async fn an_sse_stream_without_done_is_truncated() {
+    let (_f, p) = hf(Reply::sse(&["Rust ", "is"], None, false)).await;
+    let e = call(&p, &req("huggingface", "m")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::TruncatedStream, "{e}");
+    assert!(e.message.contains("[DONE]"), "{e}");
+}
+
+#[tokio::test]
+async fn a_json_answer_to_a_stream_request_is_accepted_and_usage_counts() {
+    let (_f, p) = hf(Reply::completion("Hello there.", 12)).await;
+    let r = call(&p, &req("huggingface", "m")).await.unwrap();
+    assert_eq!(r.text, "Hello there.");
+    assert_eq!(r.tokens_used, Some(12));
+}
+
+#[tokio::test]
+async fn both_hf_error_shapes_and_every_documented_status() {
+    let not_supported = Reply::json(
+        400,
+        json!({"error":{"message":"The requested model 'x/y' is not supported by any provider you have enabled.","type":"invalid_request_error","param":"model","code":"model_not_supported"}}),
+    );
+    let cases: Vec<(Reply, ErrorKind, &str)> = vec![
+        (
+            not_supported,
+            ErrorKind::ModelNotSupported,
+            "inference-providers",
+        ),
+        (
+            Reply::json(
+                429,
+                json!({"error":"Rate limit reached. You reached free usage limit (reset hourly)."}),
+            )
+            .with_header("Retry-After", "7"),
+            ErrorKind::RateLimited,
+            "retry after 7s",
+        ),
+        (
+            Reply::json(429, json!({"error":"Rate limit reached."})),
+            ErrorKind::RateLimited,
+            "USE_OLLAMA=true",
+        ),
+        (
+            Reply::json(
+                401,
+                json!({"error":"Invalid credentials in Authorization header"}),
+            ),
+            ErrorKind::Auth,
+            "https://huggingface.co/settings/tokens",
+        ),
+        (
+            Reply::json(403, json!({"error":{"message":"missing permission"}})),
+            ErrorKind::Auth,
+            "Make calls to Inference Providers",
+        ),
+        (
+            Reply::json(
+                402,
+                json!({"error":"You have exceeded your monthly included credits"}),
+            ),
+            ErrorKind::CreditsExhausted,
+            "USE_OLLAMA=true",
+        ),
+        (
+            Reply::json(500, json!({"detail":"internal"})),
+            ErrorKind::Server,
+            "internal",
+        ),
+        (
+            Reply::json(503, json!({"error":"Service Unavailable"})),
+            ErrorKind::Server,
+            "Service Unavailable",
+        ),
+        (
+            Reply::raw(
+                502,
+                "text/html",
+                "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
+            ),
+            ErrorKind::Server,
+            "502 Bad Gateway",
+        ),
+        (
+            Reply::raw(
+                200,
+                "text/html",
+                "<!DOCTYPE html><html><title>Login</title></html>",
+            ),
+            ErrorKind::BadResponse,
+            "HTML",
+        ),
+        (
+            Reply::raw(200, "application/json", "{\"choices\": [ {\"message\": "),
+            ErrorKind::BadResponse,
+            "malformed JSON",
+        ),
+        (Reply::completion("   ", 3), ErrorKind::EmptyOutput, "empty"),
+        (Reply::Huge(9 * 1024 * 1024), ErrorKind::BadResponse, "MiB"),
+    ];
+    for (reply, kind, needle) in cases {
+        let label = format!("{reply:?}").chars().take(80).collect::<String>();
+        let (_f, p) = hf(reply).await;
+        let e = call(&p, &req("huggingface", "x/y")).await.unwrap_err();
+        assert_eq!(e.kind, kind, "{label}: {e}");
+        assert!(e.message.contains(needle), "{label}: {e}");
+        assert!(
+            !e.message.contains("hf_testtoken123"),
+            "no token in messages"
+        );
+        if kind == ErrorKind::RateLimited && needle.contains("7s") {
+            assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
+        }
+    }
+}
+
+#[tokio::test]
+async fn hf_inference_503_loading_waits_the_float_estimated_time() {
+    let fake = start(|_, i| {
+        if i == 0 {
+            Reply::json(
+                503,
+                json!({"error":"Model mistralai/Mistral-7B-Instruct-v0.2 is currently loading","estimated_time":2.5}),
+            )
+        } else {
+            Reply::json(200, json!([{"generated_text":"Loaded and answering."}]))
+        }
+    })
+    .await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+    ]);
+    let r = req("hf-inference", "fast");
+    let e = call(&p, &r).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ModelLoading);
+    assert_eq!(e.retry_after, Some(Duration::from_secs_f64(2.5)));
+    assert!(e.message.contains("normal"), "{e}");
+    assert!(e.message.contains("2.5s"), "{e}");
+    let ok = call(&p, &r).await.unwrap();
+    assert_eq!(ok.text, "Loaded and answering.");
+    assert_eq!(ok.provider, "hf-inference");
+    let seen = &fake.requests()[0];
+    assert_eq!(
+        seen.path, "/hf-inference/models/mistralai/Mistral-7B-Instruct-v0.2",
+        "the alias resolves to the original's fast model"
+    );
+    assert_eq!(seen.json()["parameters"]["max_new_tokens"], json!(64));
+    assert_eq!(seen.json()["parameters"]["return_full_text"], json!(false));
+}
+
+#[tokio::test]
+async fn a_missing_token_gives_the_original_message() {
+    let p = providers(&[]);
+    let e = call(&p, &req("huggingface", "m")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Config);
+    assert!(e.message.starts_with("HUGGINGFACE_TOKEN not found"), "{e}");
+    assert!(e.message.contains("https://huggingface.co/settings/tokens"));
+    assert!(e.message.contains(".env"));
+    // And with nothing configured, auto says what to set and suggests --sandbox.
+    let e = call(&p, &req("auto", "m")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Config);
+    assert!(e.message.contains("--sandbox"), "{e}");
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_is_dropped_by_the_timeout() {
+    let (fake, p) = hf(Reply::Hang).await;
+    let r = req("huggingface", "m");
+    let out = tokio::time::timeout(Duration::from_millis(300), call(&p, &r)).await;
+    assert!(
+        out.is_err(),
+        "the call is still waiting when the timeout fires"
+    );
+    // Dropping the future closed the connection: nothing of the client outlived it.
+    for _ in 0..200 {
+        if fake.dropped_by_client.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fake.dropped_by_client.load(Ordering::SeqCst), 1);
+}
+
+// ---- Ollama -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn ollama_ndjson_ends_with_done_and_counts_tokens() {
+    let fake = start(|_, _| Reply::ndjson(&["Hello", " from", " Ollama."], true)).await;
+    let p = providers(&[("OLLAMA_URL", &fake.url)]);
+    let r = call(&p, &req("ollama", "fast")).await.unwrap();
+    assert_eq!(r.text, "Hello from Ollama.");
+    assert_eq!(
+        r.tokens_used,
+        Some(26 + 298),
+        "prompt_eval_count + eval_count"
+    );
+    assert_eq!(r.provider, "ollama");
+    assert_eq!(
+        r.model, "mistral",
+        "the fast alias maps to the Ollama default"
+    );
+    let seen = &fake.requests()[0];
+    assert_eq!(seen.path, "/api/chat");
+    assert_eq!(seen.json()["options"]["num_predict"], json!(64));
+    assert_eq!(seen.json()["options"]["temperature"], json!(0.2));
+}
+
+#[tokio::test]
+async fn ollama_without_done_is_truncated_and_a_missing_model_says_pull() {
+    let fake = start(|_, _| Reply::ndjson(&["Hello"], false)).await;
+    let p = providers(&[("OLLAMA_URL", &fake.url)]);
+    let e = call(&p, &req("ollama", "llama3.2")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::TruncatedStream, "{e}");
+    assert!(e.message.contains("done:true"), "{e}");
+
+    let fake = start(|_, _| {
+        Reply::json(
+            404,
+            json!({"error":"model \"llama3.2\" not found, try pulling it first"}),
+        )
+    })
+    .await;
+    let p = providers(&[("OLLAMA_URL", &fake.url)]);
+    let e = call(&p, &req("ollama", "llama3.2")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ModelNotSupported);
+    assert!(
+        e.message
+            .starts_with("model llama3.2 not found — run: ollama pull llama3.2"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn ollama_refused_lists_the_three_fixes() {
+    let p = providers(&[("OLLAMA_URL", &refused_url().await)]);
+    let e = call(&p, &req("ollama", "mistral")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Network);
+    assert!(e.message.contains("Ollama connection failed"), "{e}");
+    for fix in [
+        "ollama serve",
+        "docker compose up ollama",
+        "USE_OLLAMA=false",
+    ] {
+        assert!(e.message.contains(fix), "{fix}: {e}");
+    }
+}
+
+// ---- OpenAI-compatible ------------------------------------------------------------------
+
+#[tokio::test]
+async fn openai_compatible_sse_with_a_key_and_its_own_error_shape() {
+    let fake = start(|s, _| {
+        if s.header("authorization") == Some("Bearer sk-local") {
+            Reply::sse(&["llama", ".cpp"], Some(9), true)
+        } else {
+            Reply::json(401, json!({"error":{"code":401,"message":"Invalid API Key","type":"authentication_error"}}))
+        }
+    })
+    .await;
+    let base = format!("{}/v1", fake.url);
+    let p = providers(&[("OPENAI_BASE_URL", &base), ("OPENAI_API_KEY", "sk-local")]);
+    let r = call(&p, &req("openai", "local")).await.unwrap();
+    assert_eq!((r.text.as_str(), r.tokens_used), ("llama.cpp", Some(9)));
+    assert_eq!(fake.requests()[0].path, "/v1/chat/completions");
+
+    let p = providers(&[("OPENAI_BASE_URL", &base), ("OPENAI_API_KEY", "wrong")]);
+    let e = call(&p, &req("openai", "local")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Auth);
+    assert!(e.message.contains("OPENAI_API_KEY"), "{e}");
+    assert!(!e.message.contains("wrong"));
+}
+
+// ---- the auto chain, cache, rate limits -------------------------------------------------
+
+#[tokio::test]
+async fn auto_falls_back_from_a_down_ollama_to_hugging_face() {
+    let fake = start(|_, _| Reply::sse(&["from HF"], Some(5), true)).await;
+    let p = providers(&[
+        ("USE_OLLAMA", "true"),
+        ("OLLAMA_URL", &refused_url().await),
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+    ]);
+    let r = call(&p, &req("auto", "fast")).await.unwrap();
+    assert_eq!(r.provider, "huggingface");
+    assert_eq!(r.model, "mistralai/Mistral-7B-Instruct-v0.2");
+    let f = r.fallback.expect("the skipped link is recorded");
+    assert!(
+        f.starts_with("ollama skipped (network: Ollama connection failed"),
+        "{f}"
+    );
+
+    // Both down: one error listing both; network is retryable so the kind stays network.
+    let p = providers(&[
+        ("USE_OLLAMA", "true"),
+        ("OLLAMA_URL", &refused_url().await),
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &refused_url().await),
+    ]);
+    let e = call(&p, &req("auto", "fast")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Network);
+    assert!(
+        e.message.contains("ollama: network") && e.message.contains("huggingface: network"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn credits_exhausted_falls_through_but_a_rate_limit_does_not() {
+    let hf_fake = start(|_, _| Reply::json(402, json!({"error":"credits exhausted"}))).await;
+    let oa = start(|_, _| Reply::completion("from the local server", 4)).await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &hf_fake.url),
+        ("OPENAI_BASE_URL", &oa.url),
+        ("OPENAI_MODEL", "local-model"),
+    ]);
+    let r = call(&p, &req("auto", "fast")).await.unwrap();
+    assert_eq!(
+        (r.provider.as_str(), r.model.as_str()),
+        ("openai", "local-model")
+    );
+    assert!(r.fallback.unwrap().contains("credits_exhausted"));
+
+    let hf_fake = start(|_, _| Reply::json(429, json!({"error":"Rate limit reached"}))).await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &hf_fake.url),
+        ("OPENAI_BASE_URL", &oa.url),
+    ]);
+    let e = call(&p, &req("auto", "fast")).await.unwrap_err();
+    assert_eq!(
+        e.kind,
+        ErrorKind::RateLimited,
+        "a per-call failure is retried, not skipped"
+    );
+    // …and the whole provider is paused for it.
+    assert!(p.paused_for(Link::HuggingFace) > Duration::ZERO);
+    assert_eq!(p.paused_for(Link::OpenAi), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn an_identical_second_call_is_answered_by_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("h.db")).unwrap();
+    let fake = start(|_, _| Reply::sse(&["cached ", "answer"], Some(20), true)).await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+    ])
+    .with_store(store.clone());
+    let key = AttemptKey {
+        step: "s",
+        attempt: 1,
+    };
+    let r = req("huggingface", "m");
+    let first = p.complete_with(&r, CallOptions::new(key)).await.unwrap();
+    assert!(!first.cached);
+    store.flush().await;
+    let second = p.complete_with(&r, CallOptions::new(key)).await.unwrap();
+    assert!(second.cached);
+    assert_eq!(second.text, "cached answer");
+    assert_eq!(
+        second.tokens_used,
+        Some(0),
+        "a cached answer costs no new tokens"
+    );
+    assert_eq!(second.provider, "huggingface");
+    assert_eq!(fake.count(), 1, "the second call made no request");
+
+    // A different prompt, or the cache turned off, goes to the model.
+    let other = LlmRequest {
+        prompt: "Other.".into(),
+        ..r.clone()
+    };
+    assert!(
+        !p.complete_with(&other, CallOptions::new(key))
+            .await
+            .unwrap()
+            .cached
+    );
+    let mut off = CallOptions::new(key);
+    off.cache = false;
+    assert!(!p.complete_with(&r, off).await.unwrap().cached);
+    assert_eq!(fake.count(), 3);
+    // A retry (refresh) skips the cached answer but reaches the model.
+    let mut retry = CallOptions::new(AttemptKey {
+        step: "s",
+        attempt: 2,
+    });
+    retry.refresh = true;
+    assert!(!p.complete_with(&r, retry).await.unwrap().cached);
+    assert_eq!(fake.count(), 4);
+
+    // Expired entries are not served.
+    let p0 = Providers::new(Arc::new(config(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+        ("CACHE_TTL", "0"),
+    ])))
+    .with_store(store.clone());
+    assert!(
+        !p0.complete_with(&r, CallOptions::new(key))
+            .await
+            .unwrap()
+            .cached
+    );
+}
+
+/// 40 parallel calls through a provider whose fake enforces a quota and answers 429 beyond
+/// it: with the limiter configured to the quota, not one 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_parallel_calls_with_the_limit_matching_the_quota_get_no_429() {
+    const QUOTA: usize = 10;
+    const WINDOW: Duration = Duration::from_millis(500);
+    let log: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Default::default();
+    let rejected = Arc::new(AtomicU64::new(0));
+    let (l, rj) = (log.clone(), rejected.clone());
+    let fake = start(move |seen, _| {
+        let mut log = l.lock().unwrap();
+        // The fake measures arrivals, the limiter grants: the fake's window is a quarter
+        // shorter, to absorb the scheduling jitter between a grant and its request's arrival
+        // on a busy 2-core machine (not a timing assertion: only the order of arrivals).
+        let in_window = log
+            .iter()
+            .filter(|t| seen.at.duration_since(**t) < WINDOW - WINDOW / 4)
+            .count();
+        if in_window >= QUOTA {
+            rj.fetch_add(1, Ordering::SeqCst);
+            return Reply::json(429, json!({"error":"Rate limit reached"}));
+        }
+        log.push(seen.at);
+        Reply::completion("ok", 2)
+    })
+    .await;
+    let p = Providers::new(Arc::new(config(&[
+        ("OMNIFLOW_TIME_SCALE", "1"),
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+        ("HF_RATE_LIMIT", "10/500ms"),
+    ])));
+    let mut hs = Vec::new();
+    for i in 0..40 {
+        let p = p.clone();
+        hs.push(tokio::spawn(async move {
+            let r = LlmRequest {
+                prompt: format!("topic {i}"),
+                ..req("huggingface", "m")
+            };
+            call(&p, &r).await
+        }));
+    }
+    for h in hs {
+        if let Err(e) = h.await.unwrap() {
+            panic!("{e}");
+        }
+    }
+    assert_eq!(rejected.load(Ordering::SeqCst), 0, "no 429 from the fake");
+    assert_eq!(fake.count(), 40);
+}
+
+// ---- library call -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_library_call_retries_a_loading_model_and_answers() {
+    let fake = start(|_, i| {
+        if i == 0 {
+            Reply::json(
+                503,
+                json!({"error":"Model is currently loading","estimated_time":1.5}),
+            )
+        } else {
+            Reply::sse(&["Answer."], Some(7), true)
+        }
+    })
+    .await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+    ]);
+    let r = library::call_with(&p, library::Request::new("Say something.")).await;
+    assert!(r.success, "{r:?}");
+    assert_eq!(r.output.as_deref(), Some("Answer."));
+    assert_eq!(r.tokens_used, Some(7));
+    assert_eq!(r.cached, Some(false));
+    assert_eq!(r.model, "mistralai/Mistral-7B-Instruct-v0.2");
+    assert_eq!(fake.count(), 2, "one retry after the 503");
+
+    let bad = start(|_, _| Reply::json(401, json!({"error":"bad token"}))).await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &bad.url),
+    ]);
+    let r = library::call_with(&p, library::Request::new("x")).await;
+    assert!(!r.success);
+    assert!(r
+        .error
+        .unwrap()
+        .starts_with("auth: Hugging Face refused the token"));
+    assert_eq!(bad.count(), 1, "auth is not retried");
+    let v = serde_json::to_value(library::Response {
+        success: true,
+        tokens_used: Some(1),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(v.get("tokensUsed").is_some(), "the original's field names");
+}
+
+// ---- through the engine -----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blueprint_run_against_the_hf_router_records_provider_and_tokens() {
+    let fake = start(|s, _| {
+        let prompt = s.json()["messages"][0]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        Reply::sse(&["About ", &prompt], Some(30), true)
+    })
+    .await;
+    let env = common::engine(
+        &[
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("HF_RATE_LIMIT", "off"),
+        ],
+        8,
+    );
+    let sub = env.bus.subscribe();
+    let bp = common::blueprint(json!({
+        "name": "digest",
+        "variables": { "TOPICS": ["rust", "wasm", "llm"] },
+        "nodes": [
+            { "id": "summarize", "type": "llm", "forEach": "{{ vars.TOPICS }}", "prompt": "{{ item }}" },
+            { "id": "join", "type": "transform", "needs": ["summarize"], "template": "{{ nodes.summarize.output | join(' | ') }}" }
+        ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(
+        o.outputs["join"],
+        json!("About rust | About wasm | About llm")
+    );
+    assert_eq!(o.tokens_used, 90);
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    let s1 = steps.iter().find(|s| s.step_key == "summarize[1]").unwrap();
+    assert_eq!(s1.provider.as_deref(), Some("huggingface"));
+    assert_eq!(
+        s1.model.as_deref(),
+        Some("mistralai/Mistral-7B-Instruct-v0.2")
+    );
+    assert_eq!(s1.tokens_used, 30);
+    let run = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(run.tokens_used, 90);
+    let attempts = env.store.run_attempts(&o.run_id).unwrap();
+    assert!(attempts
+        .iter()
+        .filter(|a| a.step_key.starts_with("summarize"))
+        .all(|a| a.provider.as_deref() == Some("huggingface")));
+    // Live token counts went to the bus.
+    let mut live = 0;
+    while let Some(ev) = sub.try_recv() {
+        if let Event::Tokens { .. } = ev {
+            live += 1;
+        }
+    }
+    assert!(live >= 3, "token events: {live}");
+    // The fallback note column exists and is empty (the only link answered).
+    assert!(env.store.run_fallbacks(&o.run_id).unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_budget_stops_the_run_with_budget_exceeded() {
+    let fake = start(|_, _| Reply::sse(&["words"], Some(50), true)).await;
+    let env = common::engine(
+        &[
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("HF_RATE_LIMIT", "off"),
+        ],
+        8,
+    );
+    let bp = common::blueprint(json!({
+        "name": "budget",
+        "maxTokensPerRun": 40,
+        "nodes": [
+            { "id": "a", "type": "llm", "prompt": "one" },
+            { "id": "b", "type": "llm", "needs": ["a"], "prompt": "two" }
+        ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.error_kind, Some(ErrorKind::BudgetExceeded));
+    assert_eq!(o.failed_step.as_deref(), Some("b"));
+    assert!(o.error.unwrap().contains("maxTokensPerRun"));
+    assert_eq!(fake.count(), 1, "the second call was never made");
+    let run = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(run.error_kind.as_deref(), Some("budget_exceeded"));
+    assert_eq!(run.tokens_used, 50);
+
+    // The global default applies when the blueprint sets none.
+    let env = common::engine(
+        &[
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("MAX_TOKENS_PER_RUN", "10"),
+        ],
+        8,
+    );
+    let bp = common::blueprint(json!({
+        "name": "budget2",
+        "nodes": [
+            { "id": "a", "type": "llm", "prompt": "one" },
+            { "id": "b", "type": "llm", "needs": ["a"], "prompt": "two", "cache": false }
+        ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.error_kind, Some(ErrorKind::BudgetExceeded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_run_replays_the_recorded_answers_of_a_run() {
+    let env = common::engine(&[("SANDBOX_LATENCY_MS", "0")], 8);
+    let bp = common::blueprint(json!({
+        "name": "rec",
+        "variables": { "T": ["a", "b"] },
+        "nodes": [
+            { "id": "ask", "type": "llm", "forEach": "{{ vars.T }}", "prompt": "About {{ item }}" },
+            { "id": "extra", "type": "llm", "prompt": "Something else" }
+        ]
+    }));
+    let first = common::run(&env, &bp, common::sandbox(0.0, 1)).await;
+    assert_eq!(first.status, RunStatus::Success);
+    // Pretend the recorded answers came from a real model.
+    let mut replay = HashMap::new();
+    replay.insert("ask[0]".to_string(), json!("recorded answer A"));
+    replay.insert("ask[1]".to_string(), json!("recorded answer B"));
+    let req = RunRequest {
+        replay,
+        ..common::sandbox(0.0, 2)
+    };
+    let o = common::run(&env, &bp, req).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(
+        o.outputs["ask"],
+        json!(["recorded answer A", "recorded answer B"])
+    );
+    assert_eq!(
+        o.outputs["extra"], first.outputs["extra"],
+        "unknown steps: the simulated model"
+    );
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    let a0 = steps.iter().find(|s| s.step_key == "ask[0]").unwrap();
+    assert_eq!(a0.provider.as_deref(), Some("replay"));
+    assert!(a0.cached);
+}
+
+// ---- the real binary: doctor, doctor --pull, run --replay ----------------------------------
+
+async fn omniflow(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_omniflow"));
+    cmd.env_clear()
+        .current_dir(dir)
+        .env("DB_FILE", dir.join("h.db"))
+        .env("LOG_DIR", dir.join("logs"))
+        .env("OMNIFLOW_TIME_SCALE", "0.001")
+        .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_each_configured_provider_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let ollama = start(|s, _| match s.path.as_str() {
+        "/api/tags" => Reply::json(200, json!({"models":[{"name":"mistral:latest","size":1}]})),
+        _ => Reply::json(404, json!({"error":"not found"})),
+    })
+    .await;
+    let hf_ok = start(|s, _| {
+        if s.header("authorization") == Some("Bearer hf_testtoken123") {
+            Reply::json(200, json!({"object":"list","data":[{"id":"a"},{"id":"b"}]}))
+        } else {
+            Reply::json(401, json!({"error":"Invalid credentials"}))
+        }
+    })
+    .await;
+    let env = [
+        ("USE_OLLAMA", "true"),
+        ("OLLAMA_URL", ollama.url.as_str()),
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", hf_ok.url.as_str()),
+    ];
+    let out = omniflow(dir.path(), &["doctor"], &env).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("provider chain (auto): ollama → huggingface"),
+        "{text}"
+    );
+    assert!(text.contains("mistral:latest"), "{text}");
+    assert!(text.contains("2 chat model(s)"), "{text}");
+    assert!(text.contains("HUGGINGFACE_TOKEN    set"), "{text}");
+    assert!(text.contains("schema v"), "{text}");
+    assert!(
+        !text.contains("hf_testtoken123"),
+        "secrets only as set/unset"
+    );
+
+    let env = [
+        ("USE_OLLAMA", "true"),
+        ("OLLAMA_URL", ollama.url.as_str()),
+        ("HF_TOKEN", "hf_wrongtoken99"),
+        ("HF_INFERENCE_URL", hf_ok.url.as_str()),
+    ];
+    let out = omniflow(dir.path(), &["doctor", "--json"], &env).await;
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], json!(false));
+    assert_eq!(v["providers"][0]["ok"], json!(true));
+    assert_eq!(v["providers"][1]["ok"], json!(false));
+    assert!(v["providers"][1]["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("auth:"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hf_wrongtoken99"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_pull_streams_the_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let ollama = start(|_, _| Reply::Stream {
+        content_type: "application/x-ndjson".into(),
+        pieces: vec![
+            "{\"status\":\"pulling manifest\"}\n".into(),
+            "{\"status\":\"downloading sha256:abc\",\"digest\":\"sha256:abc\",\"total\":2000,\"completed\":1000}\n".into(),
+            "{\"status\":\"verifying sha256 digest\"}\n".into(),
+            "{\"status\":\"success\"}\n".into(),
+        ],
+    })
+    .await;
+    let out = omniflow(
+        dir.path(),
+        &["doctor", "--pull", "mistral"],
+        &[("OLLAMA_URL", ollama.url.as_str())],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("pulling manifest") && err.contains("50%"),
+        "{err}"
+    );
+    assert!(err.contains("pulled mistral"), "{err}");
+    assert_eq!(ollama.requests()[0].json()["model"], json!("mistral"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_replay_answers_with_a_recorded_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bp = dir.path().join("rec.json");
+    std::fs::write(
+        &bp,
+        json!({
+            "name": "rec",
+            "nodes": [ { "id": "ask", "type": "llm", "prompt": "Two sentences on rust." } ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let env = [("SANDBOX_LATENCY_MS", "0")];
+    let bp_arg = bp.display().to_string();
+    let out = omniflow(dir.path(), &["run", &bp_arg, "--sandbox", "--json"], &env).await;
+    assert_eq!(out.status.code(), Some(0));
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = first["runId"].as_str().unwrap().to_string();
+    // Make the recording distinguishable from the simulated model.
+    let conn = rusqlite::Connection::open(dir.path().join("h.db")).unwrap();
+    conn.execute(
+        "UPDATE runner_steps SET output = '\"the recorded answer\"' WHERE run_id = ?1 AND step_key = 'ask'",
+        [&id],
+    )
+    .unwrap();
+    drop(conn);
+    let out = omniflow(
+        dir.path(),
+        &["run", &bp_arg, "--sandbox", "--replay", &id, "--json"],
+        &env,
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outputs"]["ask"], json!("the recorded answer"));
+    assert_eq!(v["steps"][0]["cached"], json!(true));
+    // Replay needs a sandbox run.
+    let out = omniflow(dir.path(), &["run", &bp_arg, "--replay", &id], &env).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sandbox"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_records_which_provider_answered_and_why_others_were_skipped() {
+    let fake = start(|_, _| Reply::sse(&["answer"], Some(8), true)).await;
+    let down = refused_url().await;
+    let env = common::engine(
+        &[
+            ("USE_OLLAMA", "true"),
+            ("OLLAMA_URL", &down),
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+        ],
+        8,
+    );
+    let bp = common::blueprint(json!({
+        "name": "fb",
+        "nodes": [ { "id": "ask", "type": "llm", "prompt": "hi" } ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps[0].provider.as_deref(), Some("huggingface"));
+    let fb = env.store.run_fallbacks(&o.run_id).unwrap();
+    assert_eq!(fb.len(), 1);
+    assert_eq!((fb[0].0.as_str(), fb[0].1), ("ask", 1));
+    assert!(fb[0].2.contains("ollama skipped (network"), "{}", fb[0].2);
+    assert!(!fb[0].2.contains("hf_testtoken123"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_attempt_timeout_stops_a_call_to_a_silent_server() {
+    let fake = start(|_, _| Reply::Hang).await;
+    let env = common::engine(
+        &[
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+        ],
+        8,
+    );
+    // 200 s scaled by 0.001 = 200 ms.
+    let bp = common::blueprint(json!({
+        "name": "silent",
+        "nodes": [ { "id": "ask", "type": "llm", "prompt": "hi", "timeout": "200s", "retry": { "attempts": 2 } } ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.error_kind, Some(ErrorKind::Timeout));
+    assert!(o.error.unwrap().contains("timed out"));
+    assert_eq!(fake.count(), 2, "retried once");
+    for _ in 0..200 {
+        if fake.dropped_by_client.load(Ordering::SeqCst) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        fake.dropped_by_client.load(Ordering::SeqCst),
+        2,
+        "each timed-out attempt closed its connection"
+    );
+}
