@@ -725,7 +725,6 @@ fn exported_programs_call_the_hf_router_with_retries() {
 }
 
 #[test]
-#[ignore = "needs the providers branch (issue 3): omniflow run has no HF client yet"]
 fn model_parity_with_omniflow_run() {
     let bp = digest_bp();
     let args = ["--var", "TOPICS=[\"rust\",\"wasm\",\"zig\"]"];

@@ -155,9 +155,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         pid            INTEGER,
         PRIMARY KEY (blueprint_name, slot_ms)
     );
-    // 4: the model-answer cache, keyed by a hash of provider, model,
-    // messages and parameters; and which providers an `auto` call skipped before one answered.
-    // Integrators: this is appended last; renumber freely relative to other branches' appends.
+    "#,
+    // 4: the model-answer cache, keyed by a hash of provider, model, messages and parameters;
+    // and which providers an `auto` call skipped before one answered.
     r#"
     CREATE TABLE provider_cache (
         key         TEXT PRIMARY KEY,
