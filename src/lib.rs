@@ -14,3 +14,4 @@ pub mod pool;
 pub mod providers;
 pub mod store;
 pub mod template;
+pub mod tui;

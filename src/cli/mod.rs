@@ -41,8 +41,8 @@ pub enum Command {
 
 #[derive(Args, Debug, Default)]
 pub struct TuiArgs {
-    /// Colour theme (a file in themes/ without .toml).
-    #[arg(long)]
+    /// Colour theme: dark, light, high-contrast, or another file in themes/ (without .toml).
+    #[arg(long, env = "OMNIFLOW_THEME")]
     pub theme: Option<String>,
     /// Where the blueprints are.
     #[arg(long, default_value = "blueprints")]
@@ -139,7 +139,10 @@ impl Failure {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => commands::tui(TuiArgs::default()),
+        None => commands::tui(TuiArgs {
+            theme: std::env::var("OMNIFLOW_THEME").ok(),
+            dir: PathBuf::from("blueprints"),
+        }),
         Some(Command::Tui(a)) => commands::tui(a),
         Some(Command::Run(a)) => commands::run(a),
         Some(Command::Validate(a)) => commands::validate(a),
