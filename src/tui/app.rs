@@ -12,7 +12,7 @@ use crate::events::{Event, PoolStats, RunStatus, StepStatus};
 use crate::pool::WorkerState;
 use crate::store::{RunFilter, RunRow};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
-use ratatui_textarea::TextArea;
+use ratatui_textarea::{CursorMove, TextArea};
 use serde_json::Map;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -1434,7 +1434,10 @@ impl SandboxForm {
         let rate = tc.simulate_failures.unwrap_or(0.3);
         let mut vars = TextArea::new(lines);
         vars.set_placeholder_text("KEY=VALUE, one per line (empty: the blueprint's variables)");
-        let rate = TextArea::new(vec![format!("{}", (rate * 100.0).round())]);
+        vars.move_cursor(CursorMove::Bottom);
+        vars.move_cursor(CursorMove::End);
+        let mut rate = TextArea::new(vec![format!("{}", (rate * 100.0).round())]);
+        rate.move_cursor(CursorMove::End);
         SandboxForm {
             blueprint: bp,
             vars,
@@ -1516,9 +1519,10 @@ fn add_clamped(i: usize, by: isize, n: usize) -> usize {
     (i as isize + by).clamp(0, n as isize - 1) as usize
 }
 
-/// The first 8 characters of a run id (ids are prefix-addressable).
+/// The first 10 characters of a run id: its 9 time characters and one random one, enough to
+/// tell apart runs started in the same second (ids are prefix-addressable).
 pub fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
+    id.get(..10).unwrap_or(id)
 }
 
 pub fn first_line(s: &str) -> &str {

@@ -12,6 +12,8 @@
 //! - `theme.rs` — semantic colours from `themes/*.toml`.
 
 pub mod app;
+#[doc(hidden)]
+pub mod fixtures;
 pub mod runtime;
 pub mod state;
 pub mod terminal;

@@ -152,8 +152,13 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
         .iter()
         .filter_map(|s| s.finished_at.as_deref().and_then(ms_of))
         .max();
-    let name_w = (inner.width as usize).saturating_sub(38).clamp(8, 22);
-    let bar_w = (inner.width as usize).saturating_sub(name_w + 29).max(4);
+    // step, status 9, attempts 3, took 6, [tokens 5], timeline: the name and the timeline
+    // share what is left.
+    let wide = inner.width >= 56;
+    let fixed = 9 + 3 + 6 + 5 + if wide { 6 } else { 0 };
+    let free = (inner.width as usize).saturating_sub(fixed + 2);
+    let name_w = (free * 3 / 5).clamp(8, 22);
+    let bar_w = free.saturating_sub(name_w).max(4);
     let span = match (t0, t1) {
         (Some(a), Some(b)) if b > a => Some((a, b - a)),
         _ => None,
@@ -183,24 +188,32 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
                 }
                 _ => " ".repeat(bar_w),
             };
-            Row::new(vec![
+            let mut cells = vec![
                 Cell::from(clip(&s.step_key, name_w)),
                 Cell::from(s.status.as_str()).style(th.step_status(s.status)),
                 Cell::from(s.attempts.to_string()),
                 Cell::from(s.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into())),
-                Cell::from(s.tokens_used.to_string()).style(th.dimmed()),
-                Cell::from(bar).style(th.step_status(s.status)),
-            ])
+            ];
+            if wide {
+                cells.push(Cell::from(s.tokens_used.to_string()).style(th.dimmed()));
+            }
+            cells.push(Cell::from(bar).style(th.step_status(s.status)));
+            Row::new(cells)
         })
         .collect();
-    let widths = [
+    let mut widths = vec![
         Constraint::Length(name_w as u16),
         Constraint::Length(9),
         Constraint::Length(3),
-        Constraint::Length(7),
-        Constraint::Length(5),
-        Constraint::Length(bar_w as u16),
+        Constraint::Length(6),
     ];
+    let mut header = vec!["step", "status", "att", "took"];
+    if wide {
+        widths.push(Constraint::Length(5));
+        header.push("tok");
+    }
+    widths.push(Constraint::Length(bar_w as u16));
+    header.push("timeline");
     let table = Table::new(rows, widths)
         .header(
             Row::new(vec!["step", "status", "att", "took", "tok", "timeline"]).style(th.dimmed()),
@@ -356,4 +369,25 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
             .scroll((d.scroll, 0)),
         inner,
     );
+}
+
+/// `3 (1 ok, 1 error, 1 cancelled)`.
+fn step_counts(d: &RunDetail) -> String {
+    use crate::events::StepStatus;
+    let mut parts = Vec::new();
+    for (st, label) in [
+        (StepStatus::Success, "ok"),
+        (StepStatus::Error, "error"),
+        (StepStatus::Running, "running"),
+        (StepStatus::Retrying, "retrying"),
+        (StepStatus::Pending, "pending"),
+        (StepStatus::Skipped, "skipped"),
+        (StepStatus::Cancelled, "cancelled"),
+    ] {
+        let n = d.steps.iter().filter(|s| s.status == st).count();
+        if n > 0 {
+            parts.push(format!("{n} {label}"));
+        }
+    }
+    format!("{} ({})", d.steps.len(), parts.join(", "))
 }

@@ -5,6 +5,8 @@ mod detail;
 mod overlays;
 mod panes;
 
+pub use overlays::HELP;
+
 use super::app::{App, Focus, Overlay, Screen};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -250,7 +252,14 @@ fn draw_hints(f: &mut Frame, app: &App, area: Rect) {
     };
     let th = &app.theme;
     let mut spans = Vec::new();
+    let mut used = 0;
     for (k, what) in keys {
+        // Whole hints only: one that does not fit is left out rather than cut.
+        let n = k.chars().count() + what.chars().count() + 3;
+        if used + n > area.width as usize {
+            break;
+        }
+        used += n;
         spans.push(Span::styled(format!(" {k}"), th.keycap()));
         spans.push(Span::styled(format!(" {what} "), th.dimmed()));
     }

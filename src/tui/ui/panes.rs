@@ -79,7 +79,12 @@ pub fn blueprints(f: &mut Frame, app: &App, area: Rect) {
     let sel = app.selected_blueprint();
     let problems: Vec<String> = sel.map(|b| b.problems.clone()).unwrap_or_default();
     let (list_area, problem_area) = if !problems.is_empty() && inner.height >= 6 {
-        let h = (problems.len() as u16 + 1).min(inner.height / 2);
+        let w = inner.width.max(1) as usize;
+        let need: usize = 1 + problems
+            .iter()
+            .map(|p| p.chars().count().div_ceil(w))
+            .sum::<usize>();
+        let h = (need as u16).min(inner.height / 2);
         let [a, b] = Layout::vertical([Constraint::Min(2), Constraint::Length(h)]).areas(inner);
         (a, Some(b))
     } else {
@@ -132,7 +137,9 @@ pub fn blueprints(f: &mut Frame, app: &App, area: Rect) {
         .collect();
     let mut state = ListState::default().with_selected(Some(app.bp_selected.min(list.len() - 1)));
     f.render_stateful_widget(
-        List::new(items).highlight_style(th.selected()).highlight_symbol("▸"),
+        List::new(items)
+            .highlight_style(th.selected())
+            .highlight_symbol("▸"),
         list_area,
         &mut state,
     );
@@ -242,7 +249,7 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
                 format!("RSS {mb:.0}/{limit} MB"),
             )
         }
-        None => (0.0, "RSS unknown on this platform".to_string()),
+        None => (0.0, "RSS not measured yet".to_string()),
     };
     let colour = if p.memory_hold {
         th.gauge_hold
@@ -314,7 +321,7 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
                 .map(|r| r.blueprint.as_str())
                 .unwrap_or("");
             let wide = w >= 70;
-            let step_w = w.saturating_sub(if wide { 42 } else { 28 }).clamp(8, 30);
+            let step_w = w.saturating_sub(if wide { 44 } else { 30 }).clamp(8, 30);
             let mut spans = vec![
                 Span::styled(format!("w{i:<3}"), th.dimmed()),
                 Span::styled("▶ ", Style::default().fg(th.running)),
@@ -357,7 +364,9 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
         state.select(Some(app.worker_selected.min(selectable - 1)));
     }
     f.render_stateful_widget(
-        List::new(items).highlight_style(th.selected()).highlight_symbol("▸"),
+        List::new(items)
+            .highlight_style(th.selected())
+            .highlight_symbol("▸"),
         inner,
         &mut state,
     );
@@ -462,7 +471,7 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
         .collect();
     let widths: Vec<Constraint> = if narrow {
         vec![
-            Constraint::Length(8),
+            Constraint::Length(10),
             Constraint::Min(10),
             Constraint::Length(9),
             Constraint::Length(8),
@@ -470,7 +479,7 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
         ]
     } else {
         vec![
-            Constraint::Length(8),
+            Constraint::Length(10),
             Constraint::Length(16),
             Constraint::Length(9),
             Constraint::Length(14),
@@ -524,14 +533,30 @@ pub fn logs(f: &mut Frame, app: &App, area: Rect) {
     let inner = block.inner(area);
     f.render_widget(block, area);
     let mut lines: Vec<Line> = Vec::new();
-    if let Some(p) = &l.problem {
-        lines.push(Line::from(Span::styled(
-            format!("⚠ {p}"),
-            Style::default().fg(th.warn),
-        )));
-    }
+    let inner = match &l.problem {
+        Some(p) => {
+            let text = format!("⚠ {p}");
+            let need = text.chars().count().div_ceil(inner.width.max(1) as usize) as u16;
+            let [top, rest] = Layout::vertical([
+                Constraint::Length(need.min(inner.height.saturating_sub(1))),
+                Constraint::Min(0),
+            ])
+            .areas(inner);
+            f.render_widget(
+                Paragraph::new(text)
+                    .style(Style::default().fg(th.warn))
+                    .wrap(Wrap { trim: true }),
+                top,
+            );
+            rest
+        }
+        None => inner,
+    };
     let room = (inner.height as usize).saturating_sub(lines.len());
-    if visible.is_empty() && l.problem.is_none() {
+    if visible.is_empty() {
+        if l.problem.is_some() {
+            return;
+        }
         let text = if l.lines.is_empty() {
             "no log lines yet — they appear here as runs work".to_string()
         } else {
