@@ -21,7 +21,7 @@ fn ms_of(ts: &str) -> Option<u64> {
 
 pub fn draw(f: &mut Frame, app: &App, d: &DetailState, area: Rect) {
     let th = &app.theme;
-    let title = format!("Run {}", short(&d.run_id));
+    let title = format!("Run {}", d.run_id);
     let note = if d.loading {
         "loading…".to_string()
     } else {
@@ -45,7 +45,7 @@ pub fn draw(f: &mut Frame, app: &App, d: &DetailState, area: Rect) {
     };
     let r = &data.run;
     let [summary, body] =
-        Layout::vertical([Constraint::Length(3), Constraint::Min(4)]).areas(inner);
+        Layout::vertical([Constraint::Length(4), Constraint::Min(4)]).areas(inner);
     let mut l1 = vec![
         Span::styled(r.blueprint_name.clone(), th.title(true)),
         Span::raw("  "),
@@ -53,7 +53,6 @@ pub fn draw(f: &mut Frame, app: &App, d: &DetailState, area: Rect) {
             r.status.as_str().to_uppercase(),
             th.run_status(r.status).add_modifier(Modifier::BOLD),
         ),
-        Span::styled(format!("  id {}", r.id), th.dimmed()),
         Span::styled(
             format!("  {} · {}", r.trigger, r.priority.as_str()),
             th.dimmed(),
@@ -75,13 +74,7 @@ pub fn draw(f: &mut Frame, app: &App, d: &DetailState, area: Rect) {
         Span::styled("  took ", th.dimmed()),
         Span::raw(r.total_time_ms.map(fmt_ms).unwrap_or_else(|| "—".into())),
         Span::styled("  steps ", th.dimmed()),
-        Span::raw(format!(
-            "{}/{}",
-            r.steps_done.unwrap_or(0),
-            r.steps_total
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "?".into())
-        )),
+        Span::raw(step_counts(data)),
         Span::styled("  tokens ", th.dimmed()),
         Span::raw(r.tokens_used.to_string()),
         Span::styled(
@@ -99,25 +92,21 @@ pub fn draw(f: &mut Frame, app: &App, d: &DetailState, area: Rect) {
                 Style::default().fg(th.error).add_modifier(Modifier::BOLD),
             ),
             Span::styled(
-                format!(
-                    "{}{}",
-                    r.failed_step
-                        .as_deref()
-                        .map(|s| format!("[{s}] "))
-                        .unwrap_or_default(),
-                    crate::tui::app::first_line(e)
-                ),
+                crate::tui::app::first_line(e).to_string(),
                 Style::default().fg(th.error),
             ),
         ]),
         None => Line::default(),
     };
-    f.render_widget(Paragraph::new(vec![Line::from(l1), l2, l3]), summary);
+    f.render_widget(
+        Paragraph::new(vec![Line::from(l1), l2, l3]).wrap(Wrap { trim: true }),
+        summary,
+    );
 
     let steps_w = if body.width >= 120 {
-        62
+        64
     } else {
-        (body.width / 2).max(36)
+        (body.width * 3 / 5).max(40)
     };
     let [left, right] =
         Layout::horizontal([Constraint::Length(steps_w), Constraint::Min(20)]).areas(body);
@@ -157,7 +146,7 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
     let wide = inner.width >= 56;
     let fixed = 9 + 3 + 6 + 5 + if wide { 6 } else { 0 };
     let free = (inner.width as usize).saturating_sub(fixed + 2);
-    let name_w = (free * 3 / 5).clamp(8, 22);
+    let name_w = free.saturating_sub(6).clamp(8, 22);
     let bar_w = free.saturating_sub(name_w).max(4);
     let span = match (t0, t1) {
         (Some(a), Some(b)) if b > a => Some((a, b - a)),
@@ -215,9 +204,7 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
     widths.push(Constraint::Length(bar_w as u16));
     header.push("timeline");
     let table = Table::new(rows, widths)
-        .header(
-            Row::new(vec!["step", "status", "att", "took", "tok", "timeline"]).style(th.dimmed()),
-        )
+        .header(Row::new(header).style(th.dimmed()))
         .row_highlight_style(th.selected())
         .highlight_symbol("▸");
     let mut state = TableState::default().with_selected(Some(d.selected.min(data.steps.len() - 1)));
