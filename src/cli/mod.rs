@@ -14,11 +14,15 @@ use std::process::ExitCode;
     name = "omniflow",
     version,
     about = "Run LLM automations (blueprints) through a priority pool and watch them from a terminal.",
-    after_help = "Without a command, opens the console on blueprints/.\nConfiguration: environment variables or .env (see .env.example)."
+    after_help = "Without a command, opens the console on blueprints/.\nConfiguration: environment variables or .env (see .env.example).",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Without a command: the console's options (`omniflow --theme light`).
+    #[command(flatten)]
+    pub tui: TuiArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,10 +143,7 @@ impl Failure {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => commands::tui(TuiArgs {
-            theme: std::env::var("OMNIFLOW_THEME").ok(),
-            dir: PathBuf::from("blueprints"),
-        }),
+        None => commands::tui(cli.tui),
         Some(Command::Tui(a)) => commands::tui(a),
         Some(Command::Run(a)) => commands::run(a),
         Some(Command::Validate(a)) => commands::validate(a),

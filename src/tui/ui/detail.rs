@@ -218,7 +218,7 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
         f.render_widget(block, area);
         return;
     };
-    let block = pane_block(app, &s.step_key, None, "PgUp/PgDn scroll".into());
+    let block = pane_block(app, &s.step_key, None, String::new());
     let inner = block.inner(area);
     f.render_widget(block, area);
     let label = |t: &str| Span::styled(format!("{t} "), th.dimmed());
