@@ -708,3 +708,38 @@ fn every_fixed_key_is_in_the_help() {
         );
     }
 }
+
+#[test]
+fn an_open_run_in_flight_is_re_read_until_it_ends() {
+    let mut app = fixtures::busy_app();
+    app.open_detail("0mwz00000abcd".into(), &mut Vec::new());
+    let mut d = fixtures::detail();
+    d.run.status = RunStatus::Running;
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(d)),
+    }));
+    let fx = app.update(Msg::Tick(app.now_ms + 2500));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::LoadDetail { generation: 2, .. })),
+        "{fx:?}"
+    );
+    // A lifecycle event of the open run also triggers a reload on the next tick.
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 2,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    app.update(Msg::Engine(Event::StepStarted {
+        run_id: "0mwz00000abcd".into(),
+        step: "digest".into(),
+        node: "digest".into(),
+        attempt: 1,
+    }));
+    let fx = app.update(Msg::Tick(app.now_ms + 300));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::LoadDetail { generation: 3, .. })),
+        "{fx:?}"
+    );
+}

@@ -411,6 +411,10 @@ impl App {
             self.refresh_history(fx);
         }
         if let Screen::Detail(d) = &mut self.screen {
+            let live = d.data.as_ref().is_some_and(|x| !x.run.status.is_final());
+            if live && now.saturating_sub(d.loaded_ms) >= HISTORY_REFRESH_MS {
+                d.stale = true;
+            }
             if d.stale && !d.loading {
                 d.stale = false;
                 d.loading = true;
@@ -612,6 +616,7 @@ impl App {
                 if let Screen::Detail(d) = &mut self.screen {
                     if d.generation == generation {
                         d.loading = false;
+                        d.loaded_ms = self.now_ms;
                         match result {
                             Ok(data) => {
                                 d.data = Some(*data);
@@ -961,6 +966,7 @@ impl App {
             generation,
             loading: true,
             stale: false,
+            loaded_ms: self.now_ms,
         }));
     }
 

@@ -372,6 +372,9 @@ pub struct DetailState {
     pub loading: bool,
     /// An event about this run arrived since the last load.
     pub stale: bool,
+    /// When the data last arrived (a run still in flight is re-read every 2 s, so a run of
+    /// another process moves too).
+    pub loaded_ms: u64,
 }
 
 /// Process memory as the memory pane shows it.

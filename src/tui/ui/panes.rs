@@ -344,14 +344,16 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
         })
         .collect();
     let selectable = items.len();
-    for r in &app.retrying {
+    let mut retrying: Vec<_> = app.retrying.iter().collect();
+    retrying.sort_by_key(|r| r.until_ms);
+    for r in retrying {
         let left = r.until_ms.saturating_sub(app.now_ms);
         let head = format!(
-            "↻ {} failed #{} ({}) — retry in {} ",
+            "↻ {} retry in {} (#{} {}) ",
             r.step,
+            fmt_ms(left),
             r.attempt,
-            r.kind,
-            fmt_ms(left)
+            r.kind
         );
         let rest = w.saturating_sub(head.chars().count());
         items.push(ListItem::new(Line::from(vec![
@@ -475,7 +477,7 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
             Constraint::Min(10),
             Constraint::Length(9),
             Constraint::Length(8),
-            Constraint::Length(7),
+            Constraint::Length(6),
         ]
     } else {
         vec![
