@@ -63,7 +63,9 @@ fn start_loads_blueprints_and_the_first_history_page() {
 fn help_opens_with_question_mark_and_any_key_closes_it() {
     let mut app = fixtures::busy_app();
     ch(&mut app, '?');
-    assert!(matches!(app.overlay, Overlay::Help));
+    assert!(matches!(app.overlay, Overlay::Help(0)));
+    ch(&mut app, 'j');
+    assert!(matches!(app.overlay, Overlay::Help(1)));
     key(&mut app, KeyCode::Esc);
     assert!(matches!(app.overlay, Overlay::None));
 }
@@ -640,6 +642,7 @@ fn snapshot_overlays() {
     let mut app = fixtures::busy_app();
     ch(&mut app, '?');
     insta::assert_snapshot!("help_160x48", render(&app, 160, 48));
+    insta::assert_snapshot!("help_80x24", render(&app, 80, 24));
     key(&mut app, KeyCode::Esc);
     ch(&mut app, 't');
     insta::assert_snapshot!("sandbox_80x24", render(&app, 80, 24));
@@ -693,8 +696,8 @@ fn every_fixed_key_is_in_the_help() {
         "?",
         "q",
         "Esc",
-        "Tab / Shift-Tab",
-        "↑ ↓ / k j",
+        "Tab/Shift-Tab",
+        "↑↓ k j",
         "Enter",
         "/",
         "t",

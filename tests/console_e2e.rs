@@ -255,16 +255,7 @@ fn sigterm_restores_the_terminal() {
     )
     .trim()
     .to_string();
-    let child = Command::new("pgrep")
-        .args(["-P", &shell_pid])
-        .output()
-        .expect("pgrep");
-    let pid = String::from_utf8_lossy(&child.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let pid = child_of(&shell_pid);
     assert!(!pid.is_empty(), "the console's pid");
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
@@ -280,4 +271,28 @@ fn sigterm_restores_the_terminal() {
         "#{alternate_on} #{cursor_flag}",
     ]);
     assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "0 1");
+}
+
+/// The pid of a child process of `parent` (from /proc: no pgrep needed).
+fn child_of(parent: &str) -> String {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return String::new();
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …; comm may hold spaces, so split after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid == Some(parent) {
+            return name;
+        }
+    }
+    String::new()
 }

@@ -177,7 +177,8 @@ pub enum Confirm {
 #[derive(Debug)]
 pub enum Overlay {
     None,
-    Help,
+    /// The key list, scrolled by this many lines.
+    Help(u16),
     Confirm(Confirm),
     /// Typing a search or filter for the focused pane.
     Search {
@@ -734,7 +735,16 @@ impl App {
         }
         match std::mem::replace(&mut self.overlay, Overlay::None) {
             Overlay::None => self.on_main_key(k, fx),
-            Overlay::Help => {} // any key closes the help
+            Overlay::Help(top) => {
+                // Arrows scroll a help taller than the terminal; any other key closes it.
+                self.overlay = match k.code {
+                    KeyCode::Down | KeyCode::Char('j') => Overlay::Help(top.saturating_add(1)),
+                    KeyCode::PageDown => Overlay::Help(top.saturating_add(10)),
+                    KeyCode::Up | KeyCode::Char('k') => Overlay::Help(top.saturating_sub(1)),
+                    KeyCode::PageUp => Overlay::Help(top.saturating_sub(10)),
+                    _ => Overlay::None,
+                };
+            }
             Overlay::Confirm(c) => self.on_confirm_key(c, k, fx),
             Overlay::Search { target, text } => self.on_search_key(target, text, k, fx),
             Overlay::Sandbox(form) => self.on_sandbox_key(form, k, fx),
@@ -745,7 +755,7 @@ impl App {
     fn on_main_key(&mut self, k: KeyEvent, fx: &mut Vec<Effect>) {
         let detail = matches!(self.screen, Screen::Detail(_));
         match k.code {
-            KeyCode::Char('?') | KeyCode::F(1) => self.overlay = Overlay::Help,
+            KeyCode::Char('?') | KeyCode::F(1) => self.overlay = Overlay::Help(0),
             KeyCode::Char('q') => self.ask_quit(fx),
             KeyCode::Esc => self.back(fx),
             KeyCode::Tab | KeyCode::Right | KeyCode::Char('l') if !detail => {

@@ -103,13 +103,18 @@ pub fn draw(f: &mut Frame, app: &App, d: &DetailState, area: Rect) {
         summary,
     );
 
-    let steps_w = if body.width >= 120 {
-        64
+    // Side by side when there is room; stacked (steps above, the step below) on 80 columns.
+    let (left, right) = if body.width >= 110 {
+        let [l, r] = Layout::horizontal([Constraint::Length(64), Constraint::Min(30)]).areas(body);
+        (l, r)
     } else {
-        (body.width * 3 / 5).max(40)
+        let steps_h = (data.steps.len() as u16 + 3)
+            .min(body.height * 2 / 5)
+            .max(4);
+        let [l, r] =
+            Layout::vertical([Constraint::Length(steps_h), Constraint::Min(3)]).areas(body);
+        (l, r)
     };
-    let [left, right] =
-        Layout::horizontal([Constraint::Length(steps_w), Constraint::Min(20)]).areas(body);
     steps_table(f, app, d, data, left);
     step_text(f, app, d, data, right);
 }

@@ -51,7 +51,7 @@ pub fn draw(f: &mut Frame, app: &App) {
     draw_hints(f, app, hints);
     match &app.overlay {
         Overlay::None => {}
-        Overlay::Help => overlays::help(f, app, area),
+        Overlay::Help(top) => overlays::help(f, app, *top, area),
         Overlay::Confirm(c) => overlays::confirm(f, app, c, area),
         Overlay::Search { target, text } => overlays::search(f, app, *target, text, status),
         Overlay::Sandbox(form) => overlays::sandbox(f, app, form, area),
@@ -197,9 +197,8 @@ fn draw_hints(f: &mut Frame, app: &App, area: Rect) {
             ("Ctrl-Z", "undo"),
         ],
         (Overlay::Search { .. }, _, _) => &[("Enter", "apply"), ("Esc", "clear")],
-        (Overlay::Confirm(_), _, _) | (Overlay::Help, _, _) => {
-            &[("y/n", "answer"), ("Esc", "close")]
-        }
+        (Overlay::Help(_), _, _) => &[("↑↓", "scroll"), ("any other key", "close")],
+        (Overlay::Confirm(_), _, _) => &[("y/n", "answer"), ("Esc", "close")],
         (_, Screen::Detail(_), _) => &[
             ("↑↓", "step"),
             ("PgUp/PgDn", "scroll"),

@@ -17,8 +17,8 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
             ("q", "quit (asks first if runs are in flight)"),
             ("Ctrl-C", "quit now (runs in flight are cancelled)"),
             ("Esc", "back, close, or clear the pane's filters"),
-            ("Tab / Shift-Tab, ← →, h l", "next / previous pane"),
-            ("↑ ↓ / k j, PgUp PgDn, g G", "move, page, top, bottom"),
+            ("Tab/Shift-Tab ← → h l", "next / previous pane"),
+            ("↑↓ k j PgUp PgDn g G", "move, page, top, bottom"),
             ("Enter", "open the selection (run a blueprint, open a run)"),
             ("/", "search or filter the focused pane"),
             ("p", "pause / resume the pool"),
@@ -63,8 +63,9 @@ fn frame<'a>(app: &App, title: &'a str) -> Block<'a> {
         .title(Span::styled(format!(" {title} "), app.theme.title(true)))
 }
 
-pub fn help(f: &mut Frame, app: &App, area: Rect) {
+pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
     let th = &app.theme;
+    let key_w = 22;
     let mut lines = Vec::new();
     for (group, keys) in HELP {
         lines.push(Line::from(Span::styled(
@@ -73,18 +74,31 @@ pub fn help(f: &mut Frame, app: &App, area: Rect) {
         )));
         for (k, what) in *keys {
             lines.push(Line::from(vec![
-                Span::styled(format!("  {k:<28}"), th.keycap()),
+                Span::styled(format!("  {k:<key_w$} "), th.keycap()),
                 Span::styled(what.to_string(), th.base()),
             ]));
         }
     }
-    lines.push(Line::from(Span::styled(
-        "any key closes this help",
-        th.dimmed(),
-    )));
-    let h = lines.len() as u16 + 2;
-    let r = popup(f, area, 84, h);
-    f.render_widget(Paragraph::new(lines).block(frame(app, "Keys")), r);
+    let total = lines.len() as u16;
+    let r = popup(f, area, 96, total + 2);
+    let room = r.height.saturating_sub(2);
+    let top = top.min(total.saturating_sub(room));
+    let title = if total > room {
+        format!(
+            "Keys ({}–{} of {total}, ↑↓ scroll)",
+            top + 1,
+            (top + room).min(total)
+        )
+    } else {
+        "Keys (any key closes)".to_string()
+    };
+    f.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .scroll((top, 0))
+            .block(frame(app, &title)),
+        r,
+    );
 }
 
 pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
