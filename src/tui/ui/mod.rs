@@ -61,7 +61,7 @@ pub fn draw(f: &mut Frame, app: &App) {
 
 fn draw_main(f: &mut Frame, app: &App, body: Rect) {
     let wide = body.width >= 120;
-    let left_w = if wide { 46 } else { 30 };
+    let left_w = if wide { 46 } else { 28 };
     let [left, right] =
         Layout::horizontal([Constraint::Length(left_w), Constraint::Min(30)]).areas(body);
     let pool_h = if body.height >= 30 { 12 } else { 9 };

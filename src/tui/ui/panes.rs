@@ -208,7 +208,7 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(Paragraph::new(Line::from(q)), queue);
     f.render_widget(
         Paragraph::new(Line::from(vec![
-            Span::styled("steps done ", th.dimmed()),
+            Span::styled("steps done      ", th.dimmed()),
             Span::styled(format!("{done}/min"), Style::default().fg(th.spark_ok)),
         ])),
         l1,
@@ -226,9 +226,13 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
     );
     f.render_widget(
         Paragraph::new(Line::from(vec![
-            Span::styled("failed attempts ", th.dimmed()),
+            Span::styled("attempts failed ", th.dimmed()),
             Span::styled(
-                format!("{failed}/min ({rate:.0}%)"),
+                if inner.width >= 30 {
+                    format!("{failed}/min ({rate:.0}%)")
+                } else {
+                    format!("{failed}/min {rate:.0}%")
+                },
                 Style::default().fg(if failed > 0 { th.spark_err } else { th.text }),
             ),
         ])),
