@@ -610,7 +610,10 @@ fn snapshot_empty_console() {
         result: Ok((vec![], Some(0))),
     }));
     let s = render(&app, 80, 24);
-    assert!(s.contains("no blueprints in") && s.contains("see README"), "{s}");
+    assert!(
+        s.contains("no blueprints in") && s.contains("see README"),
+        "{s}"
+    );
     assert!(s.contains("no runs yet"), "{s}");
     insta::assert_snapshot!("empty_80x24", s);
 }
