@@ -749,3 +749,126 @@ fn an_open_run_in_flight_is_re_read_until_it_ends() {
         "{fx:?}"
     );
 }
+
+// ---- background work ---------------------------------------------------------------------
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_only_failed_steps_reuses_the_recorded_outputs() {
+    let env = common::engine(&[], 4);
+    let bp = common::blueprint(serde_json::json!({
+        "name": "two-steps",
+        "nodes": [
+            { "id": "a", "type": "transform", "template": "from a" },
+            { "id": "b", "type": "llm", "needs": ["a"], "prompt": "{{ nodes.a.output }}",
+              "retry": { "attempts": 1 } }
+        ]
+    }));
+    let failed = common::run(&env, &bp, common::sandbox(1.0, 1)).await;
+    assert_eq!(failed.status, RunStatus::Error);
+    let store = env.store.clone();
+    let id = failed.run_id.clone();
+    let (plan_bp, mut req) =
+        tokio::task::spawn_blocking(move || omniflow::tui::runtime::retry_plan(&store, &id, true))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(plan_bp.name, "two-steps");
+    assert_eq!(req.trigger, "retry");
+    assert_eq!(req.parent_run_id.as_deref(), Some(failed.run_id.as_str()));
+    assert_eq!(
+        req.reuse.keys().collect::<Vec<_>>(),
+        ["a"],
+        "only the successful step is reused"
+    );
+    assert_eq!(req.reuse["a"], serde_json::json!("from a"));
+    // The retry succeeds once the model stops failing; step a is not run again.
+    req.simulate_failures = 0.0;
+    let retried = env.engine.start(plan_bp, req).unwrap().wait().await;
+    assert_eq!(retried.status, RunStatus::Success);
+    // A whole retry reuses nothing; a successful run is not retried.
+    let store = env.store.clone();
+    let (id, ok_id) = (failed.run_id.clone(), retried.run_id.clone());
+    let (whole, refused) = tokio::task::spawn_blocking(move || {
+        (
+            omniflow::tui::runtime::retry_plan(&store, &id, false),
+            omniflow::tui::runtime::retry_plan(&store, &ok_id, false),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(whole.unwrap().1.reuse.is_empty());
+    assert!(refused
+        .unwrap_err()
+        .contains("only a failed or cancelled run"));
+}
+
+#[test]
+fn the_log_tailer_follows_new_lines_and_reports_a_missing_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tail = omniflow::tui::runtime::Tail::default();
+    let missing = dir.path().join("nope");
+    assert!(tail.poll(&missing).unwrap_err().contains("does not exist"));
+    assert!(tail.poll(dir.path()).unwrap().is_empty());
+    let file = dir.path().join("omniflow.log.2026-11-27");
+    std::fs::write(
+        &file,
+        "{\"timestamp\":\"2026-11-27T10:00:01.000000Z\",\"level\":\"INFO\",\"target\":\"t\",\"message\":\"one\",\"run_id\":\"r1\"}\n{\"timestamp\":\"2026-11-27T10:00:02.000000Z\",\"level\":\"WARN\",\"target\":\"t\",\"message\":\"half",
+    )
+    .unwrap();
+    let got = tail.poll(dir.path()).unwrap();
+    assert_eq!(got.len(), 1, "a partial line waits for its end");
+    assert_eq!(got[0].message, "one");
+    assert_eq!(got[0].run_id.as_deref(), Some("r1"));
+    assert_eq!(got[0].time, "10:00:01");
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap();
+    writeln!(f, "\"}}").unwrap();
+    let got = tail.poll(dir.path()).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].level.as_str(), got[0].message.as_str()),
+        ("WARN", "half")
+    );
+    // A newer day's file is followed from its start.
+    std::fs::write(dir.path().join("omniflow.log.2026-11-28"), "not json\n").unwrap();
+    let got = tail.poll(dir.path()).unwrap();
+    assert_eq!(got[0].level, "RAW");
+}
+
+#[test]
+fn saving_keeps_a_backup_of_the_previous_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.json");
+    std::fs::write(&p, "old").unwrap();
+    let bak = omniflow::tui::runtime::save_with_backup(&p, "new").unwrap();
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
+    assert_eq!(std::fs::read_to_string(bak).unwrap(), "old");
+}
+
+#[test]
+fn blueprints_load_with_their_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.json"),
+        r#"{"name": "bad", "nodes": [{"id": "a", "type": "llm"}]}"#,
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/blueprints/triage.toml"),
+        dir.path().join("triage.toml"),
+    )
+    .unwrap();
+    let list = omniflow::tui::runtime::load_blueprints(dir.path()).unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(!list[0].is_valid());
+    assert!(!list[0].problems.is_empty());
+    assert!(list[1].is_valid());
+    let e = omniflow::tui::runtime::load_blueprints(&dir.path().join("none")).unwrap_err();
+    assert!(e.contains("pass --dir"), "{e}");
+}

@@ -426,6 +426,25 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
     if let Some(p) = &h.problem {
         return empty(f, app, inner, format!("history unavailable: {p}"), true);
     }
+    let inner = match &h.banner {
+        Some(b) => {
+            let text = format!("⚠ {b}");
+            let need = text.chars().count().div_ceil(inner.width.max(1) as usize) as u16;
+            let [top, rest] = Layout::vertical([
+                Constraint::Length(need.min(inner.height / 2)),
+                Constraint::Min(1),
+            ])
+            .areas(inner);
+            f.render_widget(
+                Paragraph::new(text)
+                    .style(Style::default().fg(th.warn))
+                    .wrap(Wrap { trim: true }),
+                top,
+            );
+            rest
+        }
+        None => inner,
+    };
     if h.rows.is_empty() {
         let text = if !h.loaded {
             "reading the history…".to_string()
