@@ -10,6 +10,14 @@
 //!   channel; the UI loop itself never does I/O;
 //! - `terminal.rs` — raw mode and the alternate screen, restored on every path;
 //! - `theme.rs` — semantic colours from `themes/*.toml`.
+//!
+//! `app/keys.rs` holds what every key does; `app/forms.rs` the sandbox form and the editor.
+
+// The console must never take the terminal down with it: no unwrap, expect or panic outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod app;
 #[doc(hidden)]
@@ -87,7 +95,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), String> {
             let tmp =
                 std::env::temp_dir().join(format!("omniflow-console-{}.db", std::process::id()));
             let banner = format!(
-                "{e} — this session's runs go to a temporary database ({}); fix DB_FILE and restart",
+                "{e} — until then, runs go to a temporary database ({})",
                 tmp.display()
             );
             match Store::open(&tmp) {

@@ -431,7 +431,7 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
             let text = format!("⚠ {b}");
             let need = text.chars().count().div_ceil(inner.width.max(1) as usize) as u16;
             let [top, rest] = Layout::vertical([
-                Constraint::Length(need.min(inner.height / 2)),
+                Constraint::Length(need.min(inner.height.saturating_sub(2))),
                 Constraint::Min(1),
             ])
             .areas(inner);
