@@ -536,13 +536,15 @@ fn e_edits_a_blueprint_and_saves_only_a_valid_one() {
         key(&mut app, KeyCode::Backspace);
     }
     let fx = ctrl(&mut app, 's');
-    assert!(
-        matches!(&fx[..], [Effect::SaveFile { path: p, .. }, Effect::LoadBlueprints] if *p == path)
-    );
-    app.update(Msg::Bg(Bg::Saved {
+    assert!(matches!(&fx[..], [Effect::SaveFile { path: p, .. }] if *p == path));
+    let fx = app.update(Msg::Bg(Bg::Saved {
         path: path.clone(),
         result: Ok("blueprints/tech-digest.json.bak".into()),
     }));
+    assert!(
+        matches!(fx[..], [Effect::LoadBlueprints]),
+        "reloaded after the write"
+    );
     match &app.overlay {
         Overlay::Editor(ed) => assert!(!ed.modified()),
         other => panic!("{other:?}"),

@@ -392,7 +392,7 @@ impl App {
                 }
             }
             Msg::Engine(ev) => self.on_event(ev),
-            Msg::Bg(bg) => self.on_bg(bg),
+            Msg::Bg(bg) => self.on_bg(bg, &mut fx),
             Msg::Tick(now) => self.on_tick(now, &mut fx),
         }
         fx
@@ -583,7 +583,7 @@ impl App {
 
     // ---- background results ----------------------------------------------------------------
 
-    fn on_bg(&mut self, bg: Bg) {
+    fn on_bg(&mut self, bg: Bg, fx: &mut Vec<Effect>) {
         self.dirty = true;
         match bg {
             Bg::Blueprints(Ok(list)) => {
@@ -713,6 +713,8 @@ impl App {
                             }
                         }
                         self.say(format!("saved {} (backup {backup})", path.display()));
+                        // Re-read the directory once the new text is on disk.
+                        fx.push(Effect::LoadBlueprints);
                     }
                     Err(e) => {
                         if let Overlay::Editor(ed) = &mut self.overlay {

@@ -625,7 +625,6 @@ impl App {
                                 path: ed.path.clone(),
                                 text,
                             });
-                            fx.push(Effect::LoadBlueprints);
                         }
                         Err(problems) => {
                             ed.note = Some(format!(
