@@ -365,6 +365,20 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
             Span::styled(clip(&r.message, rest), th.dimmed()),
         ])));
     }
+    // Idle workers in one line, when the pane has room for it.
+    let idle: Vec<String> = app
+        .workers
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.is_none())
+        .map(|(i, _)| format!("w{i}"))
+        .collect();
+    if !idle.is_empty() && items.len() + 1 < inner.height as usize {
+        items.push(ListItem::new(Line::from(Span::styled(
+            clip(&format!("idle: {}", idle.join(" ")), w.saturating_sub(1)),
+            th.dimmed(),
+        ))));
+    }
     let mut state = ListState::default();
     if selectable > 0 && app.focus == Focus::Workers {
         state.select(Some(app.worker_selected.min(selectable - 1)));
