@@ -17,3 +17,4 @@ pub mod schedule;
 pub mod store;
 pub mod supabase;
 pub mod template;
+pub mod tui;

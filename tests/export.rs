@@ -310,7 +310,7 @@ fn run(
         .env("TELEGRAM_API_URL", &fake.url)
         .env("TELEGRAM_BOT_TOKEN", "123:secret")
         .env("TELEGRAM_CHAT_ID", "42")
-        .env("DISCORD_WEBHOOK", format!("{}/webhook/1/tok", fake.url));
+        .env("DISCORD_WEBHOOK", format!("{}/webhooks/1/tok", fake.url));
     for (k, v) in extra_env {
         cmd.env(k, v.replace("FAKE", &fake.url));
     }
@@ -391,10 +391,28 @@ fn comparable(v: &Value) -> Value {
         })
         .collect();
     steps.sort_by_key(|s| s["step"].as_str().unwrap_or("").to_string());
+    // Which item of a concurrent fan-out meets a scripted failure depends on arrival order:
+    // compare the node's total attempts, not each item's.
+    let mut fan_out_attempts = serde_json::Map::new();
+    for s in steps.iter_mut() {
+        if s.get("item").is_some_and(|i| !i.is_null()) {
+            let node = s["node"].as_str().unwrap_or("").to_string();
+            let n = s["attempts"].as_u64().unwrap_or(0);
+            let total = fan_out_attempts
+                .get(&node)
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            fan_out_attempts.insert(node, json!(total + n));
+            if let Value::Object(m) = s {
+                m.remove("attempts");
+            }
+        }
+    }
     json!({
         "blueprint": v["blueprint"], "status": v["status"], "outputs": v["outputs"],
         "steps": steps, "error": v["error"], "errorKind": v["errorKind"],
         "failedStep": v["failedStep"], "tokensUsed": v["tokensUsed"],
+        "fanOutAttempts": fan_out_attempts,
     })
 }
 

@@ -41,11 +41,23 @@ fn load_blueprint(name: &str, dir: &Path) -> Result<Blueprint, Failure> {
 }
 
 pub fn tui(args: TuiArgs) -> Result<ExitCode, Failure> {
-    let _ = args;
-    Err(Failure::input(
-        "the console is not part of this build yet; run a blueprint headless with \
-         `omniflow run <blueprint> --sandbox`, and see `omniflow runs`",
-    ))
+    let config = load_config()?;
+    if !std::io::stdout().is_terminal() {
+        return Err(Failure::input(
+            "the console needs a terminal (stdout is not one); for scripts use `omniflow run`, \
+             `omniflow runs` and `omniflow show`",
+        ));
+    }
+    crate::tui::run(
+        config,
+        crate::tui::Options {
+            theme: args.theme,
+            dir: args.dir,
+            themes_dir: "themes".into(),
+        },
+    )
+    .map_err(|message| Failure { code: 1, message })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {

@@ -16,11 +16,15 @@ use std::process::ExitCode;
     name = "omniflow",
     version,
     about = "Run LLM automations (blueprints) through a priority pool and watch them from a terminal.",
-    after_help = "Without a command, opens the console on blueprints/.\nConfiguration: environment variables or .env (see .env.example)."
+    after_help = "Without a command, opens the console on blueprints/.\nConfiguration: environment variables or .env (see .env.example).",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Without a command: the console's options (`omniflow --theme light`).
+    #[command(flatten)]
+    pub tui: TuiArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -81,8 +85,8 @@ pub struct DaemonArgs {
 
 #[derive(Args, Debug, Default)]
 pub struct TuiArgs {
-    /// Colour theme (a file in themes/ without .toml).
-    #[arg(long)]
+    /// Colour theme: dark, light, high-contrast, or another file in themes/ (without .toml).
+    #[arg(long, env = "OMNIFLOW_THEME")]
     pub theme: Option<String>,
     /// Where the blueprints are.
     #[arg(long, default_value = "blueprints")]
@@ -227,7 +231,7 @@ impl Failure {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => commands::tui(TuiArgs::default()),
+        None => commands::tui(cli.tui),
         Some(Command::Tui(a)) => commands::tui(a),
         Some(Command::Run(a)) => commands::run(a),
         Some(Command::Resume(a)) => commands::resume(a),

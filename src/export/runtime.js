@@ -558,23 +558,26 @@ async function telegram(text, parseMode, timeout) {
     else if (code >= 500 && code <= 599) [kind, hint] = ["server", "Telegram failed"];
     throw new StepError(kind, `Telegram error ${code}: ${desc} — ${hint}`, wait);
   }
-  return { channel: "telegram", delivered: true, messageIds: ids };
+  // The same record as `omniflow run` writes (no delivery history here: nothing "already sent").
+  return { channel: "telegram", delivered: true, parts: ids.length, alreadySent: 0, messageIds: ids };
 }
 
 async function discord(text, timeout) {
   if (!CONFIG.discordWebhook) {
     throw new StepError("config", "Discord is not configured: set DISCORD_WEBHOOK (Server Settings → Integrations → Webhooks → Copy Webhook URL) in .env");
   }
-  let sent = 0;
+  const ids = [];
+  // wait=true makes Discord answer with the message (and its id), as `omniflow run` asks.
+  const url = CONFIG.discordWebhook + (CONFIG.discordWebhook.includes("?") ? "&" : "?") + "wait=true";
   for (const part of splitText(text, 2000)) {
-    const r = await request("POST", CONFIG.discordWebhook, {}, { content: part, allowed_mentions: { parse: [] } }, timeout, "Discord");
-    if (r.status >= 200 && r.status < 300) {
-      sent += 1;
-      continue;
-    }
+    const r = await request("POST", url, {}, { content: part, allowed_mentions: { parse: [] } }, timeout, "Discord");
     let reply = {};
     try { reply = JSON.parse(r.text) ?? {}; } catch { /* not JSON */ }
     if (!isObject(reply)) reply = {};
+    if (r.status >= 200 && r.status < 300) {
+      ids.push(reply.id ?? null);
+      continue;
+    }
     const msg = typeof reply.message === "string" ? reply.message : "no message";
     const wait = typeof reply.retry_after === "number" ? reply.retry_after : retryAfterHeader(r.headers);
     let kind = "invalid_request", hint = "Discord refused the message";
@@ -584,7 +587,7 @@ async function discord(text, timeout) {
     else if (r.status >= 500 && r.status <= 599) [kind, hint] = ["server", "Discord failed"];
     throw new StepError(kind, `Discord error ${r.status}: ${msg} — ${hint}`, wait);
   }
-  return { channel: "discord", delivered: true, messages: sent };
+  return { channel: "discord", delivered: true, parts: ids.length, alreadySent: 0, messageIds: ids };
 }
 
 const notifyNode = (channel, text, parseMode, timeout) =>

@@ -717,24 +717,28 @@ def telegram(text_, parse_mode, timeout):
         else:
             kind, hint = "invalid_request", "Telegram refused the message"
         raise StepError(kind, f"Telegram error {code}: {desc} — {hint}", wait_s)
-    return {"channel": "telegram", "delivered": True, "messageIds": ids}
+    # The same record as `omniflow run` writes (this program keeps no delivery history, so
+    # nothing is ever "already sent").
+    return {"channel": "telegram", "delivered": True, "parts": len(ids), "alreadySent": 0, "messageIds": ids}
 
 
 def discord(text_, timeout):
     if not CONFIG.discord_webhook:
         raise StepError("config", "Discord is not configured: set DISCORD_WEBHOOK (Server Settings → Integrations → Webhooks → Copy Webhook URL) in .env")
-    sent = 0
+    ids = []
+    # wait=true makes Discord answer with the message (and its id), as `omniflow run` asks.
+    url = CONFIG.discord_webhook + ("&" if "?" in CONFIG.discord_webhook else "?") + "wait=true"
     for part in split_text(text_, 2000):
         body = {"content": part, "allowed_mentions": {"parse": []}}
-        status, headers, reply_text = request("POST", CONFIG.discord_webhook, {}, body, timeout, "Discord")
-        if 200 <= status < 300:
-            sent += 1
-            continue
+        status, headers, reply_text = request("POST", url, {}, body, timeout, "Discord")
         try:
             reply = json.loads(reply_text)
         except ValueError:
             reply = {}
         reply = reply if isinstance(reply, dict) else {}
+        if 200 <= status < 300:
+            ids.append(reply.get("id"))
+            continue
         msg = reply.get("message") if isinstance(reply.get("message"), str) else "no message"
         wait_s = reply.get("retry_after")
         wait_s = float(wait_s) if isinstance(wait_s, (int, float)) else retry_after_header(headers)
@@ -749,7 +753,7 @@ def discord(text_, timeout):
         else:
             kind, hint = "invalid_request", "Discord refused the message"
         raise StepError(kind, f"Discord error {status}: {msg} — {hint}", wait_s)
-    return {"channel": "discord", "delivered": True, "messages": sent}
+    return {"channel": "discord", "delivered": True, "parts": len(ids), "alreadySent": 0, "messageIds": ids}
 
 
 def notify_node(channel, text_, parse_mode, timeout):

@@ -1,0 +1,842 @@
+//! The console's state machine: every input (a key, an engine event, a background result, a
+//! clock tick) is a [`Msg`]; [`App::update`] is the only place state changes, and it returns
+//! [`Effect`]s — work for the background (queries, starting runs, file IO) that the runtime
+//! carries out and answers with a [`Bg`] message. `update` itself does no I/O, so every key
+//! action is testable with synthetic messages and a fixed clock.
+
+use super::state::*;
+use super::theme::Theme;
+use crate::blueprint::{parse_var_value, Blueprint, Format, Priority};
+use crate::engine::RunRequest;
+use crate::events::{Event, PoolStats, RunStatus, StepStatus};
+use crate::pool::WorkerState;
+use crate::store::{RunFilter, RunRow};
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use ratatui_textarea::{CursorMove, TextArea};
+use serde_json::Map;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+mod forms;
+mod keys;
+
+use forms::editor_area;
+pub use forms::{parse_rate, DISCARD_NOTE};
+
+/// Everything that can change the console's state.
+#[derive(Debug)]
+pub enum Msg {
+    Key(KeyEvent),
+    Engine(Event),
+    Bg(Bg),
+    /// The clock moved (ms since the epoch); drives countdowns, sparklines and refreshes.
+    Tick(u64),
+}
+
+/// Results of background work, and periodic samples.
+#[derive(Debug)]
+pub enum Bg {
+    Blueprints(Result<Vec<BlueprintEntry>, String>),
+    History {
+        generation: u64,
+        result: Result<(Vec<RunRow>, Option<u64>), String>,
+    },
+    Detail {
+        generation: u64,
+        result: Result<Box<RunDetail>, String>,
+    },
+    Logs(Vec<LogEntry>),
+    LogProblem(Option<String>),
+    /// Pool state and process memory, sampled a few times a second.
+    Sample {
+        rss: Option<u64>,
+        stats: PoolStats,
+        workers: Vec<WorkerState>,
+    },
+    /// A run was started by an action.
+    Started {
+        run_id: String,
+        what: String,
+    },
+    /// An action could not be done; the text says why.
+    Failed(String),
+    Notice(String),
+    EditorText {
+        path: PathBuf,
+        result: Result<String, String>,
+    },
+    /// A blueprint file was written; the text names the backup.
+    Saved {
+        path: PathBuf,
+        result: Result<String, String>,
+    },
+    /// The event subscription lost lifecycle events (the console fell far behind).
+    Lagged(u64),
+}
+
+/// Work for the runtime (never done by `update` itself).
+#[derive(Debug)]
+pub enum Effect {
+    LoadBlueprints,
+    QueryHistory {
+        generation: u64,
+        filter: RunFilter,
+    },
+    LoadDetail {
+        generation: u64,
+        run_id: String,
+    },
+    Start {
+        blueprint: Arc<Blueprint>,
+        request: Box<RunRequest>,
+    },
+    /// Retry a run as a new run: whole, or reusing the outputs of its successful steps.
+    Retry {
+        run_id: String,
+        only_failed: bool,
+    },
+    Cancel {
+        run_id: String,
+    },
+    SetPriority {
+        run_id: String,
+        priority: Priority,
+    },
+    SetPaused(bool),
+    ReadFile(PathBuf),
+    /// Writes `text` to `path` after copying the old file to `path.bak`.
+    SaveFile {
+        path: PathBuf,
+        text: String,
+    },
+    Quit,
+}
+
+/// What quitting does with the runs still in flight in this console (issue 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuitMode {
+    /// Cancel them (recorded `cancelled`).
+    #[default]
+    Cancel,
+    /// Hand them over: left unfinished with no owner, for a daemon, the next console or
+    /// `omniflow resume` to continue.
+    HandOver,
+    /// Wait until they finish, then quit.
+    Finish,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Focus {
+    Blueprints,
+    Workers,
+    History,
+    Logs,
+}
+
+impl Focus {
+    pub const ORDER: [Focus; 4] = [
+        Focus::Blueprints,
+        Focus::Workers,
+        Focus::History,
+        Focus::Logs,
+    ];
+    fn step(self, by: isize) -> Focus {
+        let i = Focus::ORDER.iter().position(|f| *f == self).unwrap_or(0) as isize;
+        let n = Focus::ORDER.len() as isize;
+        Focus::ORDER[((i + by).rem_euclid(n)) as usize]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormField {
+    Vars,
+    Rate,
+}
+
+/// The sandbox-test form.
+#[derive(Debug)]
+pub struct SandboxForm {
+    pub blueprint: Arc<Blueprint>,
+    pub vars: TextArea<'static>,
+    pub rate: TextArea<'static>,
+    pub field: FormField,
+    pub error: Option<String>,
+}
+
+/// The blueprint editor.
+#[derive(Debug)]
+pub struct Editor {
+    pub path: PathBuf,
+    /// `None` while the file is being read.
+    pub text: Option<TextArea<'static>>,
+    pub original: String,
+    /// Problems found at the last save (or at load, for an invalid file).
+    pub problems: Vec<String>,
+    pub note: Option<String>,
+}
+
+impl Editor {
+    pub fn modified(&self) -> bool {
+        self.text
+            .as_ref()
+            .is_some_and(|t| t.lines().join("\n") != self.original.trim_end_matches('\n'))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Confirm {
+    Quit { in_flight: usize },
+    Cancel { run_id: String, blueprint: String },
+    Run { blueprint: String },
+    Retry { run_id: String, blueprint: String },
+}
+
+#[derive(Debug)]
+pub enum Overlay {
+    None,
+    /// The key list, scrolled by this many lines.
+    Help(u16),
+    Confirm(Confirm),
+    /// Typing a search or filter for the focused pane.
+    Search {
+        target: Focus,
+        text: String,
+    },
+    Sandbox(Box<SandboxForm>),
+    Editor(Box<Editor>),
+}
+
+#[derive(Debug)]
+pub enum Screen {
+    Main,
+    Detail(Box<DetailState>),
+}
+
+/// A message on the status line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub text: String,
+    pub error: bool,
+    pub until_ms: u64,
+}
+
+/// The whole console state.
+#[derive(Debug)]
+pub struct App {
+    pub now_ms: u64,
+    pub dir: PathBuf,
+    pub theme: Theme,
+    /// Themes the theme key cycles through (loaded at start).
+    pub themes: Vec<Theme>,
+    pub blueprints: Vec<BlueprintEntry>,
+    pub blueprints_loaded: bool,
+    pub blueprints_problem: Option<String>,
+    pub bp_selected: usize,
+    pub bp_filter: String,
+    pub pool: PoolStats,
+    pub workers: Vec<Option<WorkerSlot>>,
+    pub worker_selected: usize,
+    pub retrying: Vec<Retrying>,
+    pub runs: BTreeMap<String, LiveRun>,
+    pub spark: Spark,
+    pub memory: Memory,
+    pub logs: LogState,
+    pub history: HistoryState,
+    pub focus: Focus,
+    pub screen: Screen,
+    pub overlay: Overlay,
+    pub status: Option<Status>,
+    /// Problems found at start (database, logging, theme), shown until dismissed.
+    pub startup_problems: Vec<String>,
+    pub dropped_events: u64,
+    pub db_path: String,
+    pub quit: bool,
+    /// What quitting does with runs still in flight.
+    pub quit_mode: QuitMode,
+    /// Something visible changed since the last frame.
+    pub dirty: bool,
+}
+
+/// How often the history is re-read (runs from other processes appear).
+pub const HISTORY_REFRESH_MS: u64 = 2000;
+/// How long a status message stays.
+const STATUS_MS: u64 = 6000;
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl App {
+    pub fn new(dir: PathBuf, theme: Theme, themes: Vec<Theme>, concurrency: usize) -> App {
+        App {
+            now_ms: 0,
+            dir,
+            theme,
+            themes,
+            blueprints: Vec::new(),
+            blueprints_loaded: false,
+            blueprints_problem: None,
+            bp_selected: 0,
+            bp_filter: String::new(),
+            pool: PoolStats {
+                concurrency,
+                ..PoolStats::default()
+            },
+            workers: vec![None; concurrency],
+            worker_selected: 0,
+            retrying: Vec::new(),
+            runs: BTreeMap::new(),
+            spark: Spark::default(),
+            memory: Memory {
+                rss: None,
+                threshold_mb: 500,
+            },
+            logs: LogState::default(),
+            history: HistoryState::default(),
+            focus: Focus::Blueprints,
+            screen: Screen::Main,
+            overlay: Overlay::None,
+            status: None,
+            startup_problems: Vec::new(),
+            dropped_events: 0,
+            db_path: String::new(),
+            quit: false,
+            quit_mode: QuitMode::Cancel,
+            dirty: true,
+        }
+    }
+
+    /// The effects to run once at start.
+    pub fn start(&mut self) -> Vec<Effect> {
+        let mut fx = vec![Effect::LoadBlueprints];
+        self.query_history(&mut fx);
+        fx
+    }
+
+    /// Runs (of this process) not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.runs.values().filter(|r| !r.status.is_final()).count()
+    }
+
+    /// The blueprints that pass the name filter, with their index in `blueprints`.
+    pub fn visible_blueprints(&self) -> Vec<(usize, &BlueprintEntry)> {
+        let f = self.bp_filter.to_lowercase();
+        self.blueprints
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| f.is_empty() || b.name.to_lowercase().contains(&f))
+            .collect()
+    }
+
+    pub fn selected_blueprint(&self) -> Option<&BlueprintEntry> {
+        self.visible_blueprints()
+            .get(self.bp_selected)
+            .map(|(_, b)| *b)
+    }
+
+    /// Busy workers, in worker order (what the workers pane lists and selects).
+    pub fn busy_workers(&self) -> Vec<(usize, &WorkerSlot)> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.as_ref().map(|w| (i, w)))
+            .collect()
+    }
+
+    /// The run the run keys (`r`, `c`, `+`, `-`, `s`) act on: the open run, else the selection
+    /// of the focused pane.
+    pub fn selected_run(&self) -> Option<(String, String, Option<RunStatus>)> {
+        if let Screen::Detail(d) = &self.screen {
+            let (bp, st) = match &d.data {
+                Some(x) => (x.run.blueprint_name.clone(), Some(x.run.status)),
+                None => self
+                    .runs
+                    .get(&d.run_id)
+                    .map(|r| (r.blueprint.clone(), Some(r.status)))
+                    .unwrap_or_default(),
+            };
+            return Some((d.run_id.clone(), bp, st));
+        }
+        match self.focus {
+            Focus::History | Focus::Logs => self
+                .history
+                .selected_row()
+                .map(|r| (r.id.clone(), r.blueprint_name.clone(), Some(r.status))),
+            Focus::Workers => {
+                let busy = self.busy_workers();
+                let (_, w) = busy.get(self.worker_selected)?;
+                let live = self.runs.get(&w.run_id);
+                Some((
+                    w.run_id.clone(),
+                    live.map(|r| r.blueprint.clone()).unwrap_or_default(),
+                    live.map(|r| r.status).or(Some(RunStatus::Running)),
+                ))
+            }
+            Focus::Blueprints => None,
+        }
+    }
+
+    fn say(&mut self, text: impl Into<String>) {
+        self.status = Some(Status {
+            text: text.into(),
+            error: false,
+            until_ms: self.now_ms + STATUS_MS,
+        });
+    }
+
+    fn complain(&mut self, text: impl Into<String>) {
+        self.status = Some(Status {
+            text: text.into(),
+            error: true,
+            until_ms: self.now_ms + STATUS_MS * 2,
+        });
+    }
+
+    /// The one place state changes.
+    pub fn update(&mut self, msg: Msg) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match msg {
+            Msg::Key(k) => {
+                if k.kind == KeyEventKind::Press || k.kind == KeyEventKind::Repeat {
+                    self.dirty = true;
+                    self.on_key(k, &mut fx);
+                }
+            }
+            Msg::Engine(ev) => self.on_event(ev),
+            Msg::Bg(bg) => self.on_bg(bg, &mut fx),
+            Msg::Tick(now) => self.on_tick(now, &mut fx),
+        }
+        fx
+    }
+
+    // ---- clock -----------------------------------------------------------------------------
+
+    fn on_tick(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        let old_sec = self.now_ms / 1000;
+        self.now_ms = now;
+        self.spark.advance(now);
+        if now / 1000 != old_sec {
+            // Elapsed times, countdowns and sparklines move once a second.
+            self.dirty = true;
+        }
+        if self.status.as_ref().is_some_and(|s| s.until_ms <= now) {
+            self.status = None;
+            self.dirty = true;
+        }
+        self.retrying.retain(|r| r.until_ms + 30_000 > now);
+        let due = now.saturating_sub(self.history.last_query_ms) >= HISTORY_REFRESH_MS;
+        if !self.history.loading && (self.history.stale || due) {
+            self.refresh_history(fx);
+        }
+        if let Screen::Detail(d) = &mut self.screen {
+            let live = d.data.as_ref().is_some_and(|x| !x.run.status.is_final());
+            if live && now.saturating_sub(d.loaded_ms) >= HISTORY_REFRESH_MS {
+                d.stale = true;
+            }
+            if d.stale && !d.loading {
+                d.stale = false;
+                d.loading = true;
+                d.generation += 1;
+                fx.push(Effect::LoadDetail {
+                    generation: d.generation,
+                    run_id: d.run_id.clone(),
+                });
+            }
+        }
+    }
+
+    // ---- engine events ---------------------------------------------------------------------
+
+    fn on_event(&mut self, ev: Event) {
+        if let (Screen::Detail(d), Some(id)) = (&mut self.screen, ev.run_id()) {
+            if id == d.run_id && ev.is_lifecycle() {
+                d.stale = true;
+            }
+        }
+        match ev {
+            Event::RunQueued {
+                run_id,
+                blueprint,
+                priority,
+                sandbox,
+            } => {
+                self.runs.insert(
+                    run_id.clone(),
+                    LiveRun {
+                        run_id,
+                        blueprint,
+                        priority,
+                        status: RunStatus::Queued,
+                        sandbox,
+                        steps_done: 0,
+                        steps_failed: 0,
+                    },
+                );
+                self.history.stale = true;
+                self.dirty = true;
+            }
+            Event::RunStarted { run_id, .. } => {
+                if let Some(r) = self.runs.get_mut(&run_id) {
+                    r.status = RunStatus::Running;
+                }
+                self.history.stale = true;
+                self.dirty = true;
+            }
+            Event::RunFinished {
+                run_id,
+                blueprint,
+                status,
+                total_time_ms,
+                error,
+            } => {
+                if let Some(r) = self.runs.get_mut(&run_id) {
+                    r.status = status;
+                }
+                // Finished runs leave the live list; history has them.
+                self.runs.remove(&run_id);
+                self.retrying.retain(|r| r.run_id != run_id);
+                let took = fmt_ms(total_time_ms);
+                match (status, error) {
+                    (RunStatus::Success, _) => {
+                        self.say(format!("{blueprint} {} finished in {took}", short(&run_id)))
+                    }
+                    (s, e) => self.complain(format!(
+                        "{blueprint} {} {} after {took}{} — Enter on it in history for details, r to retry",
+                        short(&run_id),
+                        s.as_str(),
+                        e.map(|e| format!(": {}", first_line(&e))).unwrap_or_default()
+                    )),
+                }
+                self.history.stale = true;
+                self.dirty = true;
+            }
+            Event::RunReleased { run_id, blueprint } => {
+                // Handed over by a shutdown: another process (or `omniflow resume`) continues it.
+                self.runs.remove(&run_id);
+                self.retrying.retain(|r| r.run_id != run_id);
+                self.say(format!(
+                    "{blueprint} {} handed over unfinished; a daemon or `omniflow resume` continues it",
+                    short(&run_id)
+                ));
+                self.history.stale = true;
+                self.dirty = true;
+            }
+            Event::FanOut { .. } => {}
+            Event::StepStarted { run_id, step, .. } => {
+                self.retrying
+                    .retain(|r| !(r.run_id == run_id && r.step == step));
+                self.dirty = true;
+            }
+            Event::StepRetrying {
+                run_id,
+                step,
+                attempt,
+                kind,
+                message,
+                wait_ms,
+                ..
+            } => {
+                self.spark.add_failed(self.now_ms);
+                self.retrying
+                    .retain(|r| !(r.run_id == run_id && r.step == step));
+                self.retrying.push(Retrying {
+                    run_id,
+                    step,
+                    attempt,
+                    kind: kind.to_string(),
+                    message,
+                    until_ms: self.now_ms + wait_ms,
+                });
+                self.dirty = true;
+            }
+            Event::StepFinished {
+                run_id,
+                step,
+                status,
+                ..
+            } => {
+                self.retrying
+                    .retain(|r| !(r.run_id == run_id && r.step == step));
+                match status {
+                    StepStatus::Success => self.spark.add_done(self.now_ms),
+                    StepStatus::Error => self.spark.add_failed(self.now_ms),
+                    _ => {}
+                }
+                if let Some(r) = self.runs.get_mut(&run_id) {
+                    r.steps_done += 1;
+                    if status == StepStatus::Error {
+                        r.steps_failed += 1;
+                    }
+                }
+                self.dirty = true;
+            }
+            Event::WorkerBusy {
+                worker,
+                run_id,
+                step,
+                attempt,
+            } => {
+                if let Some(slot) = self.workers.get_mut(worker) {
+                    *slot = Some(WorkerSlot {
+                        run_id,
+                        step,
+                        attempt,
+                        since_ms: self.now_ms,
+                    });
+                    self.dirty = true;
+                }
+            }
+            Event::WorkerIdle { worker } => {
+                if let Some(slot) = self.workers.get_mut(worker) {
+                    *slot = None;
+                    self.dirty = true;
+                }
+            }
+            Event::Pool(stats) => {
+                if stats != self.pool {
+                    self.pool = stats;
+                    self.dirty = true;
+                }
+            }
+            Event::Tokens { .. } => {}
+        }
+        self.clamp_selections();
+    }
+
+    // ---- background results ----------------------------------------------------------------
+
+    fn on_bg(&mut self, bg: Bg, fx: &mut Vec<Effect>) {
+        self.dirty = true;
+        match bg {
+            Bg::Blueprints(Ok(list)) => {
+                self.blueprints = list;
+                self.blueprints_loaded = true;
+                self.blueprints_problem = None;
+            }
+            Bg::Blueprints(Err(e)) => {
+                self.blueprints = Vec::new();
+                self.blueprints_loaded = true;
+                self.blueprints_problem = Some(e);
+            }
+            Bg::History { generation, result } => {
+                if generation != self.history.generation {
+                    return;
+                }
+                self.history.loading = false;
+                self.history.loaded = true;
+                match result {
+                    Ok((rows, total)) => {
+                        let keep = self.history.selected_row().map(|r| r.id.clone());
+                        self.history.rows = rows;
+                        if total.is_some() {
+                            self.history.total = total;
+                        }
+                        if let Some(id) = keep {
+                            if let Some(i) = self.history.rows.iter().position(|r| r.id == id) {
+                                self.history.selected = i;
+                            }
+                        }
+                        self.history.problem = None;
+                    }
+                    Err(e) => self.history.problem = Some(e),
+                }
+            }
+            Bg::Detail { generation, result } => {
+                if let Screen::Detail(d) = &mut self.screen {
+                    if d.generation == generation {
+                        d.loading = false;
+                        d.loaded_ms = self.now_ms;
+                        match result {
+                            Ok(data) => {
+                                d.data = Some(*data);
+                                d.problem = None;
+                            }
+                            Err(e) => d.problem = Some(e),
+                        }
+                    }
+                }
+            }
+            Bg::Logs(lines) => {
+                let added = lines.len();
+                for l in lines {
+                    self.logs.push(l);
+                }
+                if !self.logs.follow {
+                    // Keep the same lines on screen while paused.
+                    self.logs.scroll += added;
+                }
+                self.logs.problem = None;
+            }
+            Bg::LogProblem(p) => self.logs.problem = p,
+            Bg::Sample {
+                rss,
+                stats,
+                workers,
+            } => {
+                let changed =
+                    self.memory.rss.map(|r| r >> 20) != rss.map(|r| r >> 20) || self.pool != stats;
+                self.memory.rss = rss;
+                self.pool = stats;
+                let mut workers_changed = false;
+                for w in workers {
+                    let Some(slot) = self.workers.get_mut(w.id) else {
+                        continue;
+                    };
+                    let new = w.job.map(|j| WorkerSlot {
+                        run_id: j.run_id,
+                        step: j.step,
+                        attempt: j.attempt,
+                        since_ms: j
+                            .since
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| d.as_millis() as u64)
+                            .unwrap_or(self.now_ms),
+                    });
+                    if *slot != new {
+                        *slot = new;
+                        workers_changed = true;
+                    }
+                }
+                self.dirty = changed || workers_changed;
+                self.clamp_selections();
+            }
+            Bg::Started { run_id, what } => {
+                self.say(format!("{what}: run {} queued", short(&run_id)));
+                self.history.stale = true;
+            }
+            Bg::Failed(e) => self.complain(e),
+            Bg::Notice(n) => self.say(n),
+            Bg::EditorText { path, result } => {
+                if let Overlay::Editor(ed) = &mut self.overlay {
+                    if ed.path == path {
+                        match result {
+                            Ok(text) => {
+                                ed.text = Some(editor_area(&text));
+                                ed.original = text;
+                            }
+                            Err(e) => {
+                                ed.text = Some(editor_area(""));
+                                ed.problems = vec![e];
+                            }
+                        }
+                    }
+                }
+            }
+            Bg::Saved { path, result } => {
+                match result {
+                    Ok(backup) => {
+                        if let Overlay::Editor(ed) = &mut self.overlay {
+                            if ed.path == path {
+                                if let Some(t) = &ed.text {
+                                    ed.original = t.lines().join("\n");
+                                }
+                                ed.problems.clear();
+                                ed.note = Some(format!("saved; previous version in {backup}"));
+                            }
+                        }
+                        self.say(format!("saved {} (backup {backup})", path.display()));
+                        // Re-read the directory once the new text is on disk.
+                        fx.push(Effect::LoadBlueprints);
+                    }
+                    Err(e) => {
+                        if let Overlay::Editor(ed) = &mut self.overlay {
+                            ed.note = Some(format!("not saved: {e}"));
+                        }
+                        self.complain(format!("not saved: {e}"));
+                    }
+                };
+            }
+            Bg::Lagged(n) => {
+                self.dropped_events = n;
+                self.history.stale = true;
+            }
+        }
+    }
+
+    // ---- history queries ---------------------------------------------------------------------
+
+    fn filter(&self) -> RunFilter {
+        RunFilter {
+            status: self.history.status,
+            blueprint: self.history.blueprint.clone(),
+            limit: PAGE,
+            before: self
+                .history
+                .cursors
+                .get(self.history.page)
+                .cloned()
+                .flatten(),
+        }
+    }
+
+    /// A new query for the current filter and page (replacing any in flight).
+    fn query_history(&mut self, fx: &mut Vec<Effect>) {
+        if self.history.page == 0 {
+            self.history.cursors.truncate(1);
+        }
+        let filter = self.filter();
+        let h = &mut self.history;
+        if h.page == 0 && h.cursors.is_empty() {
+            h.cursors.push(None);
+        }
+        h.generation += 1;
+        h.loading = true;
+        h.stale = false;
+        h.last_query_ms = self.now_ms;
+        fx.push(Effect::QueryHistory {
+            generation: h.generation,
+            filter,
+        });
+    }
+
+    /// Re-reads the current page (periodic; a changed filter resets the page instead).
+    fn refresh_history(&mut self, fx: &mut Vec<Effect>) {
+        self.query_history(fx);
+    }
+
+    fn clamp_selections(&mut self) {
+        let n = self.busy_workers().len();
+        if self.worker_selected >= n {
+            self.worker_selected = n.saturating_sub(1);
+        }
+        let n = self.history.rows.len();
+        if self.history.selected >= n {
+            self.history.selected = n.saturating_sub(1);
+        }
+    }
+}
+
+fn add_clamped(i: usize, by: isize, n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    (i as isize + by).clamp(0, n as isize - 1) as usize
+}
+
+/// The first 10 characters of a run id: its 9 time characters and one random one, enough to
+/// tell apart runs started in the same second (ids are prefix-addressable).
+pub fn short(id: &str) -> &str {
+    id.get(..10).unwrap_or(id)
+}
+
+pub fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+/// `850ms`, `3.2s`, `4m05s`.
+pub fn fmt_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+    } else {
+        format!("{}h{:02}m", ms / 3_600_000, (ms / 60_000) % 60)
+    }
+}

@@ -1,0 +1,110 @@
+//! The sandbox-test form and the blueprint editor's helpers.
+
+use super::*;
+
+pub const DISCARD_NOTE: &str = "unsaved changes: Esc again discards them, Ctrl-S saves";
+
+pub(super) fn editor_area(text: &str) -> TextArea<'static> {
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut t = TextArea::new(if lines.is_empty() {
+        vec![String::new()]
+    } else {
+        lines
+    });
+    t.set_line_number_style(ratatui::style::Style::default().fg(ratatui::style::Color::DarkGray));
+    t
+}
+
+impl SandboxForm {
+    /// The form for `bp`, pre-filled from its `testConfig` (variables as `KEY=VALUE` lines,
+    /// the failure rate in percent, 30 when absent).
+    pub fn new(bp: Arc<Blueprint>) -> SandboxForm {
+        let tc = bp.test_config.clone().unwrap_or_default();
+        let mut lines: Vec<String> = tc
+            .variables
+            .iter()
+            .map(|v| format!("{}={}", v.key, v.value))
+            .collect();
+        if lines.is_empty() {
+            lines.push(String::new());
+        }
+        let rate = tc.simulate_failures.unwrap_or(0.3);
+        let mut vars = TextArea::new(lines);
+        vars.set_placeholder_text("KEY=VALUE, one per line (empty: the blueprint's variables)");
+        vars.move_cursor(CursorMove::Bottom);
+        vars.move_cursor(CursorMove::End);
+        let mut rate = TextArea::new(vec![format!("{}", (rate * 100.0).round())]);
+        rate.move_cursor(CursorMove::End);
+        SandboxForm {
+            blueprint: bp,
+            vars,
+            rate,
+            field: FormField::Vars,
+            error: None,
+        }
+    }
+
+    /// The sandbox run this form describes, or what is wrong with it.
+    pub fn request(&self) -> Result<RunRequest, String> {
+        let mut variables = Map::new();
+        for (i, line) in self.vars.lines().iter().enumerate() {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            let Some((k, v)) = t.split_once('=') else {
+                return Err(format!(
+                    "line {}: expected KEY=VALUE, e.g. TOPICS=[\"rust\",\"wasm\"]",
+                    i + 1
+                ));
+            };
+            let k = k.trim();
+            if !self.blueprint.variables.contains_key(k) {
+                let declared: Vec<&str> = self
+                    .blueprint
+                    .variables
+                    .keys()
+                    .map(String::as_str)
+                    .collect();
+                return Err(format!(
+                    "line {}: {} declares no variable {k} (declared: {})",
+                    i + 1,
+                    self.blueprint.name,
+                    if declared.is_empty() {
+                        "none".to_string()
+                    } else {
+                        declared.join(", ")
+                    }
+                ));
+            }
+            variables.insert(k.to_string(), parse_var_value(v));
+        }
+        let rate_text = self.rate.lines().join("");
+        let rate = parse_rate(&rate_text)?;
+        Ok(RunRequest {
+            variables,
+            sandbox: true,
+            simulate_failures: rate,
+            trigger: "console".into(),
+            ..RunRequest::default()
+        })
+    }
+}
+
+/// `30`, `30%` or `0.3` → 0.3.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let t = text.trim().trim_end_matches('%').trim();
+    let bad = || {
+        format!("failure rate {text:?}: give a percentage from 0 to 100 (30 = 30 % of model calls fail)")
+    };
+    let v: f64 = t.parse().map_err(|_| bad())?;
+    let v = if v > 1.0 || text.contains('%') {
+        v / 100.0
+    } else {
+        v
+    };
+    if !(0.0..=1.0).contains(&v) || v.is_nan() {
+        return Err(bad());
+    }
+    Ok(v)
+}

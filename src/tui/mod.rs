@@ -1,0 +1,177 @@
+//! The console: a terminal UI that hosts the engine and its pool, shows live panes (blueprints,
+//! queue and throughput, workers, memory, logs, history) and drives runs from the keyboard.
+//!
+//! Shape (STYLE.md, after gitui and ratatui's templates):
+//! - `state.rs` — what the panes show; `app.rs` — [`App`], the one `update` that turns a
+//!   [`Msg`] (key, engine event, background result, tick) into state changes and [`Effect`]s;
+//! - `ui/` — rendering, which only reads the `App`;
+//! - `runtime.rs` — the `select!` loop, frame capping and coalescing, and the background work
+//!   (SQLite reads, file IO, the log tailer, the memory sampler) that answers over a bounded
+//!   channel; the UI loop itself never does I/O;
+//! - `terminal.rs` — raw mode and the alternate screen, restored on every path;
+//! - `theme.rs` — semantic colours from `themes/*.toml`.
+//!
+//! `app/keys.rs` holds what every key does; `app/forms.rs` the sandbox form and the editor.
+
+// The console must never take the terminal down with it: no unwrap, expect or panic outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod app;
+#[doc(hidden)]
+pub mod fixtures;
+pub mod runtime;
+pub mod state;
+pub mod terminal;
+pub mod theme;
+pub mod ui;
+
+pub use app::{App, Bg, Effect, Msg};
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::events::EventBus;
+use crate::store::Store;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use theme::Theme;
+
+/// How the console was asked to start.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Theme name (a file in `themes/` without `.toml`, or a bundled one).
+    pub theme: Option<String>,
+    /// The blueprints directory.
+    pub dir: PathBuf,
+    /// Where theme files are looked up.
+    pub themes_dir: PathBuf,
+}
+
+/// Every theme the theme key cycles through: the bundled ones, then other files in `dir`.
+/// Broken files are skipped here (choosing one by name reports the problem).
+pub fn available_themes(dir: &Path) -> Vec<Theme> {
+    let mut names: Vec<String> = theme::BUILTIN.iter().map(|(n, _)| n.to_string()).collect();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        let mut extra: Vec<String> = rd
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let p = e.path();
+                (p.extension().and_then(|x| x.to_str()) == Some("toml"))
+                    .then(|| p.file_stem().map(|s| s.to_string_lossy().to_string()))
+                    .flatten()
+            })
+            .filter(|n| !names.contains(n))
+            .collect();
+        extra.sort();
+        names.extend(extra);
+    }
+    names
+        .iter()
+        .filter_map(|n| match Theme::load(n, dir) {
+            (t, None) => Some(t),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Opens the console and runs it until the user quits. Problems that leave the rest usable
+/// (logging, the database, the theme) are shown inside the console, not returned.
+pub fn run(config: Config, opts: Options) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let (theme, theme_problem) =
+        Theme::load(opts.theme.as_deref().unwrap_or("dark"), &opts.themes_dir);
+    problems.extend(theme_problem);
+    let themes = available_themes(&opts.themes_dir);
+
+    let log_guard = crate::logging::init(&config.log_dir, config.secrets(), "info", None);
+    let log_problem = log_guard.as_ref().err().map(|e| e.to_string());
+    problems.extend(log_problem.clone());
+
+    let (store, db_banner) = match Store::open(&config.db_file) {
+        Ok(s) => (s, None),
+        Err(e) => {
+            let tmp =
+                std::env::temp_dir().join(format!("omniflow-console-{}.db", std::process::id()));
+            let banner = format!(
+                "{e} — until then, runs go to a temporary database ({})",
+                tmp.display()
+            );
+            match Store::open(&tmp) {
+                Ok(s) => (s, Some(banner)),
+                Err(e2) => return Err(format!("{e}; and no temporary database either: {e2}")),
+            }
+        }
+    };
+    problems.extend(db_banner.clone());
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("omniflow-console")
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    // The active blueprints with a schedule fire while the console runs (issue 5).
+    let scheduled: Vec<Arc<crate::blueprint::Blueprint>> = crate::blueprint::load_dir(&opts.dir)
+        .map(|v| {
+            v.into_iter()
+                .filter_map(|(_, r)| r.ok())
+                .filter(|b| b.active)
+                .map(Arc::new)
+                .collect()
+        })
+        .unwrap_or_default();
+    let config = Arc::new(config);
+    let result = rt.block_on(async {
+        let bus = EventBus::new();
+        let sub = bus.subscribe();
+        let engine = Engine::new(config.clone(), store.clone(), bus);
+        engine.set_role("console");
+        // Heartbeats, the memory hold, and adopting runs whose process died (issue 7).
+        let maintenance = engine.start_maintenance(true);
+        let (sched, sched_problems) = crate::schedule::Scheduler::new(
+            &scheduled,
+            store.clone(),
+            config.schedule_missed,
+            std::time::SystemTime::now(),
+        );
+        problems.extend(sched_problems.iter().map(|p| p.to_string()));
+        let sched_stop = tokio_util::sync::CancellationToken::new();
+        let scheduler = crate::schedule::spawn(
+            engine.clone(),
+            sched,
+            Arc::new(crate::schedule::SystemClock),
+            sched_stop.clone(),
+            std::time::Duration::from_secs(30),
+            crate::engine::RunRequest {
+                trigger: "schedule".into(),
+                ..Default::default()
+            },
+        );
+        let host = engine.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(runtime::BG_CAP);
+        let mut app = App::new(opts.dir.clone(), theme, themes, config.concurrency);
+        app.memory.threshold_mb = config.memory_threshold_mb;
+        app.logs.problem = log_problem;
+        app.history.banner = db_banner;
+        app.db_path = store.path().display().to_string();
+        app.startup_problems = problems;
+        let ctx = runtime::Ctx {
+            engine,
+            store: store.clone(),
+            dir: opts.dir.clone(),
+            tx,
+            memory_threshold_mb: config.memory_threshold_mb,
+        };
+        let r = runtime::run(app, ctx, rx, sub, sched_stop).await;
+        drop(scheduler);
+        maintenance.stop().await;
+        host.stopped().await;
+        r
+    });
+    // Workers and timers still parked are not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    drop(store);
+    drop(log_guard);
+    result.map_err(|e| format!("terminal error: {e}"))
+}

@@ -1,0 +1,572 @@
+//! The console's event loop and the background work it delegates.
+//!
+//! One loop merges every source with `tokio::select!`: terminal input, engine events, results
+//! of background work, a clock tick, SIGTERM. After a wake-up it drains whatever else is ready
+//! (up to [`DRAIN`] messages), so a burst of events costs one frame, and it draws only when
+//! something visible changed, at most once per [`FRAME`].
+//!
+//! The loop never touches SQLite, the network or files: [`Effect`]s go to tasks on the tokio
+//! runtime (reads through `spawn_blocking`), the log tailer and the sampler are threads/tasks
+//! of their own, and all of them answer over one bounded channel.
+
+use super::app::{now_ms, App, Bg, Effect, Msg};
+use super::state::{BlueprintEntry, LogEntry, RunDetail};
+use super::terminal;
+use crate::blueprint::{self, Blueprint, LoadError};
+use crate::engine::{Engine, RunRequest};
+use crate::events::{RunStatus, StepStatus, Subscriber};
+use crate::store::Store;
+use futures_util::StreamExt;
+use ratatui::crossterm::event::{Event as TermEvent, EventStream};
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Shortest time between two frames (a 30 fps cap).
+pub const FRAME: Duration = Duration::from_millis(33);
+/// Most messages applied before the next frame may be drawn.
+pub const DRAIN: usize = 4096;
+/// Capacity of the background results channel.
+pub const BG_CAP: usize = 256;
+
+/// What the effects need: the engine (and through it the pool and the store).
+#[derive(Clone)]
+pub struct Ctx {
+    pub engine: Engine,
+    pub store: Store,
+    pub dir: PathBuf,
+    pub tx: mpsc::Sender<Bg>,
+    pub memory_threshold_mb: u64,
+}
+
+/// Runs the console until the user quits or SIGTERM. The terminal is set up and restored here.
+pub async fn run(
+    mut app: App,
+    ctx: Ctx,
+    mut rx: mpsc::Receiver<Bg>,
+    sub: Subscriber,
+    sched_stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_sampler(ctx.clone(), stop.clone());
+    spawn_log_tailer(
+        ctx.engine.config().log_dir.clone(),
+        ctx.tx.clone(),
+        stop.clone(),
+    );
+    let mut term = terminal::Terminal::enter()?;
+    let mut keys = EventStream::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sigterm = terminal::sigterm();
+    app.now_ms = now_ms();
+    let first = app.start();
+    execute(&ctx, first);
+    let mut last_draw: Option<Instant> = None;
+    let mut dropped_seen = 0u64;
+    while !app.quit {
+        if app.dirty {
+            let due = last_draw.is_none_or(|t| t.elapsed() >= FRAME);
+            if due {
+                term.draw(&app)?;
+                app.dirty = false;
+                last_draw = Some(Instant::now());
+            }
+        }
+        let wait = match last_draw {
+            Some(t) if app.dirty => FRAME.saturating_sub(t.elapsed()),
+            _ => Duration::from_secs(3600),
+        };
+        let mut fx = Vec::new();
+        tokio::select! {
+            ev = keys.next() => match ev {
+                Some(Ok(TermEvent::Key(k))) => fx.extend(app.update(Msg::Key(k))),
+                Some(Ok(TermEvent::Resize(_, _))) => { term.autoresize()?; app.dirty = true; }
+                Some(Ok(_)) => {}
+                // The terminal is gone (hang-up): leave.
+                Some(Err(_)) | None => break,
+            },
+            ev = sub.recv() => {
+                if let Some(ev) = ev {
+                    fx.extend(app.update(Msg::Engine(ev)));
+                    for _ in 0..DRAIN {
+                        match sub.try_recv() {
+                            Some(ev) => fx.extend(app.update(Msg::Engine(ev))),
+                            None => break,
+                        }
+                    }
+                }
+            },
+            bg = rx.recv() => {
+                if let Some(bg) = bg {
+                    fx.extend(app.update(Msg::Bg(bg)));
+                    for _ in 0..DRAIN {
+                        match rx.try_recv() {
+                            Ok(bg) => fx.extend(app.update(Msg::Bg(bg))),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                fx.extend(app.update(Msg::Tick(now_ms())));
+                let dropped = sub.dropped();
+                if dropped != dropped_seen {
+                    dropped_seen = dropped;
+                    fx.extend(app.update(Msg::Bg(Bg::Lagged(dropped))));
+                }
+            },
+            _ = terminal::recv(&mut sigterm) => {
+                // SIGTERM: a graceful shutdown, runs in flight are handed over (issue 7).
+                app.quit = true;
+                app.quit_mode = crate::tui::app::QuitMode::HandOver;
+            },
+            _ = tokio::time::sleep(wait) => {},
+        }
+        execute(&ctx, fx);
+    }
+    stop.store(true, Ordering::Relaxed);
+    term.leave();
+    sched_stop.cancel();
+    let active = ctx.engine.active_runs();
+    if !active.is_empty() {
+        use crate::tui::app::QuitMode;
+        match app.quit_mode {
+            QuitMode::Cancel => {
+                for id in &active {
+                    ctx.engine.cancel(id);
+                }
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !ctx.engine.active_runs().is_empty() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            QuitMode::HandOver => {
+                let grace = ctx.engine.config().shutdown_grace;
+                eprintln!(
+                    "omniflow: handing {} run(s) over (steps in flight get up to {}s); a daemon, the next console or `omniflow resume --all` continues them",
+                    active.len(),
+                    grace.as_secs()
+                );
+                ctx.engine.shutdown(grace).await;
+            }
+            QuitMode::Finish => {
+                eprintln!(
+                    "omniflow: waiting for {} run(s) to finish (Ctrl-C to hand them over instead)…",
+                    active.len()
+                );
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                            if ctx.engine.active_runs().is_empty() {
+                                break;
+                            }
+                        }
+                        _ = tokio::signal::ctrl_c() => {
+                            ctx.engine.shutdown(Duration::ZERO).await;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ctx.store.flush().await;
+    Ok(())
+}
+
+/// Starts the effects; each answers on `ctx.tx` when it has something to say.
+pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
+    for e in effects {
+        let ctx = ctx.clone();
+        match e {
+            Effect::Quit => {}
+            Effect::LoadBlueprints => {
+                tokio::spawn(async move {
+                    let dir = ctx.dir.clone();
+                    let r = tokio::task::spawn_blocking(move || load_blueprints(&dir))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx.tx.send(Bg::Blueprints(r)).await;
+                });
+            }
+            Effect::QueryHistory { generation, filter } => {
+                tokio::spawn(async move {
+                    let store = ctx.store.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        let rows = store.list_runs(&filter).map_err(|e| e.to_string())?;
+                        let total = store.count_runs(&filter).ok();
+                        Ok((rows, total))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx
+                        .tx
+                        .send(Bg::History {
+                            generation,
+                            result: r,
+                        })
+                        .await;
+                });
+            }
+            Effect::LoadDetail { generation, run_id } => {
+                tokio::spawn(async move {
+                    let store = ctx.store.clone();
+                    let r = tokio::task::spawn_blocking(move || load_detail(&store, &run_id))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx
+                        .tx
+                        .send(Bg::Detail {
+                            generation,
+                            result: r,
+                        })
+                        .await;
+                });
+            }
+            Effect::Start { blueprint, request } => {
+                tokio::spawn(async move {
+                    let what = if request.sandbox {
+                        format!("sandbox test of {}", blueprint.name)
+                    } else {
+                        blueprint.name.clone()
+                    };
+                    let msg = match ctx.engine.start(blueprint, *request) {
+                        Ok(h) => Bg::Started {
+                            run_id: h.run_id.clone(),
+                            what,
+                        },
+                        Err(e) => Bg::Failed(format!("{what} did not start: {e}")),
+                    };
+                    let _ = ctx.tx.send(msg).await;
+                });
+            }
+            Effect::Retry {
+                run_id,
+                only_failed,
+            } => {
+                tokio::spawn(async move {
+                    let store = ctx.store.clone();
+                    let id = run_id.clone();
+                    let plan =
+                        tokio::task::spawn_blocking(move || retry_plan(&store, &id, only_failed))
+                            .await
+                            .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let msg = match plan {
+                        Ok((bp, req)) => {
+                            let reused = req.reuse.len();
+                            let what = if only_failed {
+                                format!(
+                                    "retry of {}'s failed steps ({reused} outputs reused)",
+                                    bp.name
+                                )
+                            } else {
+                                format!("retry of {}", bp.name)
+                            };
+                            match ctx.engine.start(bp, req) {
+                                Ok(h) => Bg::Started {
+                                    run_id: h.run_id.clone(),
+                                    what,
+                                },
+                                Err(e) => Bg::Failed(format!("{what} did not start: {e}")),
+                            }
+                        }
+                        Err(e) => Bg::Failed(e),
+                    };
+                    let _ = ctx.tx.send(msg).await;
+                });
+            }
+            Effect::Cancel { run_id } => {
+                if !ctx.engine.cancel(&run_id) {
+                    let _ = ctx.tx.try_send(Bg::Failed(format!(
+                        "run {} is not active in this console any more",
+                        super::app::short(&run_id)
+                    )));
+                }
+            }
+            Effect::SetPriority { run_id, priority } => {
+                if !ctx.engine.set_priority(&run_id, priority) {
+                    let _ = ctx.tx.try_send(Bg::Failed(format!(
+                        "run {} is not active in this console any more",
+                        super::app::short(&run_id)
+                    )));
+                }
+            }
+            Effect::SetPaused(p) => {
+                if p {
+                    ctx.engine.pool().pause();
+                } else {
+                    ctx.engine.pool().resume();
+                }
+            }
+            Effect::ReadFile(path) => {
+                tokio::spawn(async move {
+                    let p = path.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        std::fs::read_to_string(&p)
+                            .map_err(|e| format!("cannot read {}: {e}", p.display()))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx.tx.send(Bg::EditorText { path, result: r }).await;
+                });
+            }
+            Effect::SaveFile { path, text } => {
+                tokio::spawn(async move {
+                    let p = path.clone();
+                    let r = tokio::task::spawn_blocking(move || save_with_backup(&p, &text))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx.tx.send(Bg::Saved { path, result: r }).await;
+                });
+            }
+        }
+    }
+}
+
+/// Every blueprint file of `dir`, valid or not.
+pub fn load_blueprints(dir: &Path) -> Result<Vec<BlueprintEntry>, String> {
+    let files = blueprint::load_dir(dir).map_err(|e| {
+        format!(
+            "cannot read {}: {e} — start omniflow where blueprints/ is, or pass --dir",
+            dir.display()
+        )
+    })?;
+    Ok(files
+        .into_iter()
+        .map(|(file, loaded)| {
+            let stem = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            match loaded {
+                Ok(bp) => BlueprintEntry {
+                    name: bp.name.clone(),
+                    file,
+                    blueprint: Some(Arc::new(bp)),
+                    problems: Vec::new(),
+                },
+                Err(LoadError::Invalid { problems, .. }) => BlueprintEntry {
+                    name: stem,
+                    file,
+                    blueprint: None,
+                    problems: problems.iter().map(ToString::to_string).collect(),
+                },
+                Err(e) => BlueprintEntry {
+                    name: stem,
+                    file,
+                    blueprint: None,
+                    problems: vec![e.to_string()],
+                },
+            }
+        })
+        .collect())
+}
+
+fn load_detail(store: &Store, run_id: &str) -> Result<Box<RunDetail>, String> {
+    let run = store.find_run(run_id).map_err(|e| e.to_string())?;
+    let steps = store.run_steps(&run.id).map_err(|e| e.to_string())?;
+    let attempts = store.run_attempts(&run.id).map_err(|e| e.to_string())?;
+    Ok(Box::new(RunDetail {
+        run,
+        steps,
+        attempts,
+    }))
+}
+
+/// The blueprint (as the run recorded it) and request of a retry. With `only_failed`, the
+/// outputs of the run's successful steps are reused (step keys are stable across runs of the
+/// same blueprint snapshot), so only the failed, cancelled and never-run steps run again.
+pub fn retry_plan(
+    store: &Store,
+    run_id: &str,
+    only_failed: bool,
+) -> Result<(Arc<Blueprint>, RunRequest), String> {
+    let run = store.find_run(run_id).map_err(|e| e.to_string())?;
+    if !matches!(run.status, RunStatus::Error | RunStatus::Cancelled) {
+        return Err(format!(
+            "run {} is {}: only a failed or cancelled run can be retried",
+            super::app::short(&run.id),
+            run.status.as_str()
+        ));
+    }
+    let snapshot = run
+        .blueprint
+        .clone()
+        .ok_or_else(|| format!("run {} has no blueprint snapshot to retry", run.id))?;
+    let bp: Blueprint = serde_json::from_value(snapshot)
+        .map_err(|e| format!("run {}'s blueprint snapshot no longer loads: {e}", run.id))?;
+    let mut reuse = HashMap::new();
+    if only_failed {
+        for s in store.run_steps(&run.id).map_err(|e| e.to_string())? {
+            if s.status == StepStatus::Success {
+                reuse.insert(s.step_key, s.output.unwrap_or(serde_json::Value::Null));
+            }
+        }
+    }
+    let variables = match run.variables {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    Ok((
+        Arc::new(bp),
+        RunRequest {
+            variables,
+            sandbox: run.sandbox,
+            simulate_failures: run.simulate_failures,
+            seed: None,
+            priority: Some(run.priority),
+            trigger: "retry".into(),
+            parent_run_id: Some(run.id.clone()),
+            reuse,
+            ..RunRequest::default()
+        },
+    ))
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, after copying the current
+/// file to `path.bak`. Returns the backup's path.
+pub fn save_with_backup(path: &Path, text: &str) -> Result<String, String> {
+    let mut bak = path.as_os_str().to_owned();
+    bak.push(".bak");
+    let bak = PathBuf::from(bak);
+    if path.exists() {
+        std::fs::copy(path, &bak).map_err(|e| {
+            format!(
+                "cannot back up {} to {}: {e}",
+                path.display(),
+                bak.display()
+            )
+        })?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+    Ok(bak.display().to_string())
+}
+
+/// Samples process memory and the pool a few times a second for the panes.
+fn spawn_sampler(ctx: Ctx, stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let rss = memory_stats::memory_stats().map(|m| m.physical_mem as u64);
+            let pool = ctx.engine.pool();
+            // The memory hold itself is the engine's (`Engine::start_maintenance`).
+            // A gauge: when the UI is behind, this sample is simply skipped.
+            let _ = ctx.tx.try_send(Bg::Sample {
+                rss,
+                stats: pool.stats(),
+                workers: pool.workers(),
+            });
+        }
+    });
+}
+
+/// How much of the newest log file is shown at start.
+const LOG_BACKLOG: u64 = 64 * 1024;
+
+/// Follows the newest file in `dir` on a thread of its own (plain file IO).
+fn spawn_log_tailer(dir: PathBuf, tx: mpsc::Sender<Bg>, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("omniflow-log-tail".into())
+        .spawn(move || {
+            let mut tail = Tail::default();
+            let mut last_problem: Option<String> = None;
+            while !stop.load(Ordering::Relaxed) && !tx.is_closed() {
+                match tail.poll(&dir) {
+                    Ok(lines) => {
+                        if last_problem.take().is_some() {
+                            let _ = tx.blocking_send(Bg::LogProblem(None));
+                        }
+                        if !lines.is_empty() && tx.blocking_send(Bg::Logs(lines)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(p) => {
+                        if last_problem.as_ref() != Some(&p) {
+                            last_problem = Some(p.clone());
+                            let _ = tx.blocking_send(Bg::LogProblem(Some(p)));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the log tailer: {e}");
+    }
+}
+
+/// The state of following one log directory.
+#[derive(Default)]
+pub struct Tail {
+    file: Option<PathBuf>,
+    pos: u64,
+    partial: String,
+}
+
+impl Tail {
+    /// New complete lines since the last call (switching to a newer file when one appears).
+    pub fn poll(&mut self, dir: &Path) -> Result<Vec<LogEntry>, String> {
+        if !dir.is_dir() {
+            return Err(format!(
+                "LOG_DIR {} does not exist or is not a directory: no logs to show",
+                dir.display()
+            ));
+        }
+        let Some(newest) = crate::logging::log_files(dir).pop() else {
+            return Ok(Vec::new());
+        };
+        let mut f = std::fs::File::open(&newest)
+            .map_err(|e| format!("cannot read {}: {e}", newest.display()))?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut skip_first = false;
+        if self.file.as_ref() != Some(&newest) {
+            // The first file shows its end; a newer day's file is read from its start.
+            self.pos = if self.file.is_none() && len > LOG_BACKLOG {
+                skip_first = true;
+                len - LOG_BACKLOG
+            } else {
+                0
+            };
+            self.file = Some(newest.clone());
+            self.partial.clear();
+        }
+        if len < self.pos {
+            self.pos = 0; // truncated
+            self.partial.clear();
+        }
+        if len == self.pos {
+            return Ok(Vec::new());
+        }
+        f.seek(SeekFrom::Start(self.pos))
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::with_capacity((len - self.pos).min(1 << 20) as usize);
+        f.take(4 << 20)
+            .read_to_end(&mut buf)
+            .map_err(|e| e.to_string())?;
+        self.pos += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let mut out = Vec::new();
+        let text = std::mem::take(&mut self.partial);
+        let mut parts: Vec<&str> = text.split('\n').collect();
+        let rest = parts.pop().unwrap_or("");
+        self.partial = rest.to_string();
+        for (i, l) in parts.into_iter().enumerate() {
+            if (i == 0 && skip_first) || l.trim().is_empty() {
+                continue;
+            }
+            out.push(LogEntry::from_line(l));
+        }
+        Ok(out)
+    }
+}

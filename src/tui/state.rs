@@ -1,0 +1,386 @@
+//! The console's data: what each pane shows. Plain values, changed only by
+//! [`App::update`](super::app::App::update), read by the renderer.
+
+use crate::blueprint::{Blueprint, Priority};
+use crate::events::{RunStatus, StepStatus};
+use crate::logging::LogLine;
+use crate::store::{AttemptRow, RunRow, StepRow};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// One file of the blueprint directory.
+#[derive(Debug, Clone)]
+pub struct BlueprintEntry {
+    /// The blueprint's name, or the file stem when it does not load.
+    pub name: String,
+    pub file: PathBuf,
+    /// `None` when the file is invalid; then `problems` says why.
+    pub blueprint: Option<Arc<Blueprint>>,
+    pub problems: Vec<String>,
+}
+
+impl BlueprintEntry {
+    pub fn is_valid(&self) -> bool {
+        self.blueprint.is_some()
+    }
+}
+
+/// A worker's job as the workers pane shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSlot {
+    pub run_id: String,
+    pub step: String,
+    pub attempt: u32,
+    /// When the worker took the job (ms since the epoch).
+    pub since_ms: u64,
+}
+
+/// A step waiting for its next attempt (from `StepRetrying`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retrying {
+    pub run_id: String,
+    pub step: String,
+    /// The attempt that failed.
+    pub attempt: u32,
+    pub kind: String,
+    pub message: String,
+    /// When the next attempt is due (ms since the epoch).
+    pub until_ms: u64,
+}
+
+/// A run of this process, from the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveRun {
+    pub run_id: String,
+    pub blueprint: String,
+    pub priority: Priority,
+    pub status: RunStatus,
+    pub sandbox: bool,
+    pub steps_done: u32,
+    pub steps_failed: u32,
+}
+
+/// Seconds kept by the sparklines.
+pub const SPARK_SECONDS: usize = 180;
+
+/// Per-second counts of finished steps and failed attempts over the last minutes.
+#[derive(Debug, Clone, Default)]
+pub struct Spark {
+    /// Oldest first; the last bucket is the current second.
+    pub done: VecDeque<u64>,
+    pub failed: VecDeque<u64>,
+    /// The second (since the epoch) of the last bucket.
+    pub second: u64,
+}
+
+impl Spark {
+    /// Moves the window to `now_ms`, opening empty buckets for the seconds that passed.
+    pub fn advance(&mut self, now_ms: u64) {
+        let sec = now_ms / 1000;
+        if self.done.is_empty() {
+            self.second = sec;
+            self.done.push_back(0);
+            self.failed.push_back(0);
+            return;
+        }
+        let gap = sec.saturating_sub(self.second).min(SPARK_SECONDS as u64);
+        for _ in 0..gap {
+            self.done.push_back(0);
+            self.failed.push_back(0);
+        }
+        self.second = self.second.max(sec);
+        while self.done.len() > SPARK_SECONDS {
+            self.done.pop_front();
+            self.failed.pop_front();
+        }
+    }
+    pub fn add_done(&mut self, now_ms: u64) {
+        self.advance(now_ms);
+        if let Some(b) = self.done.back_mut() {
+            *b += 1;
+        }
+    }
+    pub fn add_failed(&mut self, now_ms: u64) {
+        self.advance(now_ms);
+        if let Some(b) = self.failed.back_mut() {
+            *b += 1;
+        }
+    }
+    /// Totals over the last `secs` full seconds.
+    pub fn recent(&self, secs: usize) -> (u64, u64) {
+        let n = self.done.len();
+        let from = n.saturating_sub(secs);
+        (
+            self.done.iter().skip(from).sum(),
+            self.failed.iter().skip(from).sum(),
+        )
+    }
+}
+
+/// Which log lines the log pane shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelFilter {
+    All,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LevelFilter {
+    pub fn next(self) -> LevelFilter {
+        match self {
+            LevelFilter::All => LevelFilter::Info,
+            LevelFilter::Info => LevelFilter::Warn,
+            LevelFilter::Warn => LevelFilter::Error,
+            LevelFilter::Error => LevelFilter::All,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            LevelFilter::All => "all",
+            LevelFilter::Info => "info+",
+            LevelFilter::Warn => "warn+",
+            LevelFilter::Error => "error",
+        }
+    }
+    pub fn admits(self, level: &str) -> bool {
+        let rank = match level {
+            "ERROR" => 4,
+            "WARN" => 3,
+            "INFO" => 2,
+            _ => 1,
+        };
+        rank >= match self {
+            LevelFilter::All => 0,
+            LevelFilter::Info => 2,
+            LevelFilter::Warn => 3,
+            LevelFilter::Error => 4,
+        }
+    }
+}
+
+/// One log line, reduced to what the pane shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    /// `HH:MM:SS` (UTC) or the raw timestamp.
+    pub time: String,
+    pub level: String,
+    pub message: String,
+    pub run_id: Option<String>,
+    /// The remaining fields as `key=value`.
+    pub rest: String,
+}
+
+impl LogEntry {
+    /// A line as written by [`crate::logging`]; anything else is shown raw.
+    pub fn from_line(line: &str) -> LogEntry {
+        match LogLine::parse(line) {
+            Some(l) => {
+                let time = l
+                    .timestamp
+                    .get(11..19)
+                    .map(str::to_string)
+                    .unwrap_or(l.timestamp.clone());
+                let run_id = l
+                    .fields
+                    .get("run_id")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
+                let rest = l
+                    .fields
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "run_id")
+                    .map(|(k, v)| match v.as_str() {
+                        Some(s) => format!("{k}={s}"),
+                        None => format!("{k}={v}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                LogEntry {
+                    time,
+                    level: l.level,
+                    message: l.message,
+                    run_id,
+                    rest,
+                }
+            }
+            None => LogEntry {
+                time: String::new(),
+                level: "RAW".into(),
+                message: line.trim_end().to_string(),
+                run_id: None,
+                rest: String::new(),
+            },
+        }
+    }
+
+    /// The text searched by `/`.
+    pub fn haystack(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.level,
+            self.message,
+            self.run_id.as_deref().unwrap_or(""),
+            self.rest
+        )
+        .to_lowercase()
+    }
+}
+
+/// Log lines kept in memory (the files keep the rest).
+pub const LOG_KEEP: usize = 5000;
+
+#[derive(Debug, Clone)]
+pub struct LogState {
+    pub lines: VecDeque<LogEntry>,
+    /// Why the log directory cannot be read or written, if so.
+    pub problem: Option<String>,
+    pub level: LevelFilter,
+    pub search: String,
+    /// Show only this run's lines.
+    pub run_filter: Option<String>,
+    /// Following new lines (false: paused, scrolled back).
+    pub follow: bool,
+    /// Lines above the bottom when not following.
+    pub scroll: usize,
+}
+
+impl Default for LogState {
+    fn default() -> Self {
+        LogState {
+            lines: VecDeque::new(),
+            problem: None,
+            level: LevelFilter::All,
+            search: String::new(),
+            run_filter: None,
+            follow: true,
+            scroll: 0,
+        }
+    }
+}
+
+impl LogState {
+    pub fn push(&mut self, e: LogEntry) {
+        self.lines.push_back(e);
+        if self.lines.len() > LOG_KEEP {
+            self.lines.pop_front();
+        }
+    }
+
+    /// The lines that pass the filters, oldest first.
+    pub fn visible(&self) -> Vec<&LogEntry> {
+        let needle = self.search.to_lowercase();
+        self.lines
+            .iter()
+            .filter(|l| self.level.admits(&l.level) || l.level == "RAW")
+            .filter(|l| match &self.run_filter {
+                Some(r) => l.run_id.as_deref() == Some(r.as_str()),
+                None => true,
+            })
+            .filter(|l| needle.is_empty() || l.haystack().contains(&needle))
+            .collect()
+    }
+}
+
+/// Rows per history page.
+pub const PAGE: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct HistoryState {
+    /// The current page, newest first.
+    pub rows: Vec<RunRow>,
+    /// Runs matching the filter, when counted.
+    pub total: Option<u64>,
+    /// `cursors[i]` is the keyset cursor of page `i` (`None` for the first).
+    pub cursors: Vec<Option<(String, String)>>,
+    pub page: usize,
+    pub selected: usize,
+    pub status: Option<RunStatus>,
+    pub blueprint: Option<String>,
+    /// A query is in flight.
+    pub loading: bool,
+    /// Results of older queries are ignored.
+    pub generation: u64,
+    /// Why the database cannot be read, if so.
+    pub problem: Option<String>,
+    /// Something changed since the last query (a run finished, time passed).
+    pub stale: bool,
+    pub last_query_ms: u64,
+    /// Set once a first page has arrived.
+    pub loaded: bool,
+    /// A problem with the database that does not stop the pane (e.g. a temporary fallback).
+    pub banner: Option<String>,
+}
+
+impl Default for HistoryState {
+    fn default() -> Self {
+        HistoryState {
+            rows: Vec::new(),
+            total: None,
+            cursors: vec![None],
+            page: 0,
+            selected: 0,
+            status: None,
+            blueprint: None,
+            loading: false,
+            generation: 0,
+            problem: None,
+            stale: true,
+            last_query_ms: 0,
+            loaded: false,
+            banner: None,
+        }
+    }
+}
+
+impl HistoryState {
+    pub fn selected_row(&self) -> Option<&RunRow> {
+        self.rows.get(self.selected)
+    }
+}
+
+/// One run as the detail screen shows it.
+#[derive(Debug, Clone)]
+pub struct RunDetail {
+    pub run: RunRow,
+    pub steps: Vec<StepRow>,
+    pub attempts: Vec<AttemptRow>,
+}
+
+impl RunDetail {
+    pub fn attempts_of<'a>(&'a self, step: &'a str) -> impl Iterator<Item = &'a AttemptRow> + 'a {
+        self.attempts.iter().filter(move |a| a.step_key == step)
+    }
+    pub fn failed_steps(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s.status, StepStatus::Error | StepStatus::Cancelled))
+            .count()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DetailState {
+    pub run_id: String,
+    pub data: Option<RunDetail>,
+    pub problem: Option<String>,
+    pub selected: usize,
+    /// Lines scrolled in the step's text panel.
+    pub scroll: u16,
+    pub generation: u64,
+    pub loading: bool,
+    /// An event about this run arrived since the last load.
+    pub stale: bool,
+    /// When the data last arrived (a run still in flight is re-read every 2 s, so a run of
+    /// another process moves too).
+    pub loaded_ms: u64,
+}
+
+/// Process memory as the memory pane shows it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Memory {
+    /// Resident set size in bytes, when the platform tells.
+    pub rss: Option<u64>,
+    pub threshold_mb: u64,
+}

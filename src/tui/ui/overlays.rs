@@ -1,0 +1,290 @@
+//! Overlays: help, confirmations, the search line, the sandbox-test form and the editor.
+
+use super::{clip, popup};
+use crate::tui::app::{short, App, Confirm, Editor, Focus, FormField, SandboxForm};
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, BorderType, Borders, Paragraph, Wrap};
+use ratatui::Frame;
+
+/// Every key, grouped; the help overlay shows this table and the README copies it.
+pub const HELP: &[(&str, &[(&str, &str)])] = &[
+    (
+        "everywhere",
+        &[
+            ("?", "this help"),
+            ("q", "quit; runs in flight: cancel, hand over or wait"),
+            ("Ctrl-C", "quit now (runs in flight are cancelled)"),
+            ("Esc", "back, close, or clear the pane's filters"),
+            ("Tab/Shift-Tab ← → h l", "next / previous pane"),
+            ("↑↓ k j PgUp PgDn g G", "move, page, top, bottom"),
+            ("Enter", "open the selection (run a blueprint, open a run)"),
+            ("/", "search or filter the focused pane"),
+            ("p", "pause / resume the pool"),
+            ("T", "next theme"),
+        ],
+    ),
+    (
+        "blueprints",
+        &[
+            ("Enter / x", "run it (asks first)"),
+            ("t", "sandbox-test it: edit test variables, failure rate"),
+            ("e", "view / edit its file (Ctrl-S validates and saves)"),
+            ("R", "reload the blueprints directory"),
+            ("b", "show only its runs in History"),
+        ],
+    ),
+    (
+        "runs (History, Workers, run detail)",
+        &[
+            ("r", "retry a failed run: w whole, f only failed steps"),
+            ("c", "cancel a queued or running run (asks first)"),
+            ("+ / -", "raise / lower a queued or running run's priority"),
+            ("s", "History: cycle the status filter"),
+            ("b", "History: only the selected run's blueprint"),
+            ("o", "Logs: only the selected run's lines (again: all)"),
+        ],
+    ),
+    (
+        "logs",
+        &[
+            ("f / Space", "follow new lines / pause and scroll back"),
+            ("v", "level filter: all, info+, warn+, error"),
+        ],
+    ),
+];
+
+fn frame<'a>(app: &App, title: &'a str) -> Block<'a> {
+    Block::default()
+        .borders(Borders::ALL)
+        .border_type(BorderType::Double)
+        .border_style(app.theme.border(true))
+        .title(Span::styled(format!(" {title} "), app.theme.title(true)))
+}
+
+pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
+    let th = &app.theme;
+    let key_w = 22;
+    let mut lines = Vec::new();
+    for (group, keys) in HELP {
+        lines.push(Line::from(Span::styled(
+            group.to_string(),
+            th.title(false).add_modifier(Modifier::BOLD),
+        )));
+        for (k, what) in *keys {
+            lines.push(Line::from(vec![
+                Span::styled(format!("  {k:<key_w$} "), th.keycap()),
+                Span::styled(what.to_string(), th.base()),
+            ]));
+        }
+    }
+    let total = lines.len() as u16;
+    let r = popup(f, area, 96, total + 2);
+    let room = r.height.saturating_sub(2);
+    let top = top.min(total.saturating_sub(room));
+    let title = if total > room {
+        format!(
+            "Keys ({}–{} of {total}, ↑↓ scroll)",
+            top + 1,
+            (top + room).min(total)
+        )
+    } else {
+        "Keys (any key closes)".to_string()
+    };
+    f.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .scroll((top, 0))
+            .block(frame(app, &title)),
+        r,
+    );
+}
+
+pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
+    let th = &app.theme;
+    let (title, text, keys) = match c {
+        Confirm::Quit { in_flight } => (
+            "Quit?",
+            format!(
+                "{in_flight} run{} still in flight in this console. Cancel {} (recorded as cancelled), hand {} over (a daemon, the next console or `omniflow resume` continues), or wait until {}?",
+                if *in_flight == 1 { " is" } else { "s are" },
+                if *in_flight == 1 { "it" } else { "them" },
+                if *in_flight == 1 { "it" } else { "them" },
+                if *in_flight == 1 { "it finishes" } else { "they finish" }
+            ),
+            "c cancel · h hand over · w wait · n stay",
+        ),
+        Confirm::Cancel { run_id, blueprint } => (
+            "Cancel run?",
+            format!("Cancel {blueprint} run {}? Its running steps stop now.", short(run_id)),
+            "y cancel it · n keep it",
+        ),
+        Confirm::Run { blueprint } => (
+            "Run?",
+            format!(
+                "Run {blueprint} now, for real (real model providers; notifications are sent)? \
+                 For a dry run use t (sandbox test) instead."
+            ),
+            "y run · n back",
+        ),
+        Confirm::Retry { run_id, blueprint } => (
+            "Retry run",
+            format!(
+                "Retry {blueprint} run {} as a new run: the whole run, or only its failed steps \
+                 (the successful steps' recorded outputs are reused)?",
+                short(run_id)
+            ),
+            "w whole run · f failed steps only · Esc back",
+        ),
+    };
+    let r = popup(f, area, 64, 8);
+    let lines = vec![
+        Line::from(Span::styled(text, th.base())),
+        Line::default(),
+        Line::from(Span::styled(keys, th.keycap())),
+    ];
+    f.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: true })
+            .block(frame(app, title)),
+        r,
+    );
+}
+
+pub fn search(f: &mut Frame, app: &App, target: Focus, text: &str, line: Rect) {
+    let th = &app.theme;
+    let what = match target {
+        Focus::Blueprints => "filter blueprints",
+        Focus::History => "history: blueprint name (Enter applies)",
+        Focus::Logs | Focus::Workers => "search logs",
+    };
+    f.render_widget(
+        Paragraph::new(Line::from(vec![
+            Span::styled(format!(" {what}: /"), th.keycap()),
+            Span::styled(text.to_string(), th.base().add_modifier(Modifier::BOLD)),
+            Span::styled("▏", th.keycap()),
+        ]))
+        .style(th.base()),
+        line,
+    );
+}
+
+pub fn sandbox(f: &mut Frame, app: &App, form: &SandboxForm, area: Rect) {
+    let th = &app.theme;
+    let r = popup(f, area, 90, 18);
+    let title = format!("Sandbox test: {}", form.blueprint.name);
+    let outer = frame(app, &title);
+    let inner = outer.inner(r);
+    f.render_widget(outer, r);
+    let [intro, vars, rate, err] = Layout::vertical([
+        Constraint::Length(2),
+        Constraint::Min(3),
+        Constraint::Length(3),
+        Constraint::Length(2),
+    ])
+    .areas(inner);
+    f.render_widget(
+        Paragraph::new(
+            "Runs against the simulated model; nothing leaves the machine. Test variables \
+             (KEY=VALUE, value as JSON when it parses) override the blueprint's.",
+        )
+        .style(th.dimmed())
+        .wrap(Wrap { trim: true }),
+        intro,
+    );
+    let field_block = |t: &'static str, on: bool| {
+        Block::default()
+            .borders(Borders::ALL)
+            .border_style(th.border(on))
+            .title(Span::styled(t, th.title(on)))
+    };
+    let mut v = form.vars.clone();
+    v.set_block(field_block(
+        " test variables ",
+        form.field == FormField::Vars,
+    ));
+    v.set_cursor_line_style(Style::default());
+    if form.field != FormField::Vars {
+        v.set_cursor_style(Style::default());
+    }
+    f.render_widget(&v, vars);
+    let mut rt = form.rate.clone();
+    rt.set_block(field_block(
+        " simulated failures, % of model calls ",
+        form.field == FormField::Rate,
+    ));
+    if form.field != FormField::Rate {
+        rt.set_cursor_style(Style::default());
+    }
+    f.render_widget(&rt, rate);
+    let msg = match &form.error {
+        Some(e) => Line::from(Span::styled(e.clone(), Style::default().fg(th.error))),
+        None => Line::from(vec![
+            Span::styled("Ctrl-S", th.keycap()),
+            Span::styled(" start · ", th.dimmed()),
+            Span::styled("Tab", th.keycap()),
+            Span::styled(" switch field · ", th.dimmed()),
+            Span::styled("Esc", th.keycap()),
+            Span::styled(" cancel", th.dimmed()),
+        ]),
+    };
+    f.render_widget(Paragraph::new(msg).wrap(Wrap { trim: true }), err);
+}
+
+pub fn editor(f: &mut Frame, app: &App, ed: &Editor, area: Rect) {
+    let th = &app.theme;
+    let r = popup(
+        f,
+        area,
+        area.width.saturating_sub(4),
+        area.height.saturating_sub(2),
+    );
+    let title = format!(
+        "{}{}",
+        ed.path.display(),
+        if ed.modified() { " (modified)" } else { "" }
+    );
+    let outer = frame(app, &title);
+    let inner = outer.inner(r);
+    f.render_widget(outer, r);
+    let ph = if ed.problems.is_empty() && ed.note.is_none() {
+        1
+    } else {
+        (ed.problems.len() as u16 + 2).min(inner.height / 3).max(2)
+    };
+    let [text, probs] = Layout::vertical([Constraint::Min(3), Constraint::Length(ph)]).areas(inner);
+    match &ed.text {
+        Some(t) => f.render_widget(t, text),
+        None => f.render_widget(Paragraph::new("reading the file…").style(th.dimmed()), text),
+    }
+    let mut lines = Vec::new();
+    if let Some(n) = &ed.note {
+        lines.push(Line::from(Span::styled(
+            n.clone(),
+            Style::default().fg(if ed.problems.is_empty() {
+                th.ok
+            } else {
+                th.warn
+            }),
+        )));
+    }
+    for p in &ed.problems {
+        lines.push(Line::from(Span::styled(
+            clip(p, inner.width as usize * 2),
+            Style::default().fg(th.error),
+        )));
+    }
+    if lines.is_empty() {
+        lines.push(Line::from(vec![
+            Span::styled("Ctrl-S", th.keycap()),
+            Span::styled(
+                " validates and saves (only a valid blueprint is written; the old file is kept as .bak) · ",
+                th.dimmed(),
+            ),
+            Span::styled("Esc", th.keycap()),
+            Span::styled(" closes", th.dimmed()),
+        ]));
+    }
+    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), probs);
+}

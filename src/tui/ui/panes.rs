@@ -1,0 +1,639 @@
+//! The main screen's panes.
+
+use super::{clip, pane_block};
+use crate::blueprint::Priority;
+use crate::tui::app::{fmt_ms, short, App, Focus};
+use crate::tui::state::PAGE;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{
+    Cell, LineGauge, List, ListItem, ListState, Paragraph, Row, Sparkline, Table, TableState, Wrap,
+};
+use ratatui::Frame;
+
+fn prio_short(p: Priority) -> &'static str {
+    match p {
+        Priority::Critical => "crit",
+        Priority::High => "high",
+        Priority::Normal => "norm",
+        Priority::Low => "low",
+    }
+}
+
+fn empty(f: &mut Frame, app: &App, area: Rect, text: String, warn: bool) {
+    let th = &app.theme;
+    let style = if warn {
+        Style::default().fg(th.warn)
+    } else {
+        th.dimmed()
+    };
+    f.render_widget(
+        Paragraph::new(text).style(style).wrap(Wrap { trim: true }),
+        area,
+    );
+}
+
+pub fn blueprints(f: &mut Frame, app: &App, area: Rect) {
+    let th = &app.theme;
+    let list = app.visible_blueprints();
+    let invalid = app.blueprints.iter().filter(|b| !b.is_valid()).count();
+    let mut note = format!("{}", app.blueprints.len());
+    if invalid > 0 {
+        note = format!("{note}, {invalid} invalid");
+    }
+    if !app.bp_filter.is_empty() {
+        note = format!("/{} · {note}", app.bp_filter);
+    }
+    let block = pane_block(app, "Blueprints", Some(Focus::Blueprints), note);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    if !app.blueprints_loaded {
+        return empty(f, app, inner, "loading…".into(), false);
+    }
+    if let Some(p) = &app.blueprints_problem {
+        return empty(f, app, inner, p.clone(), true);
+    }
+    if app.blueprints.is_empty() {
+        return empty(
+            f,
+            app,
+            inner,
+            format!(
+                "no blueprints in {}/ — see README (\"Blueprints\"), add a .json or .toml file, then R to reload",
+                app.dir.display()
+            ),
+            false,
+        );
+    }
+    if list.is_empty() {
+        return empty(
+            f,
+            app,
+            inner,
+            "no blueprint matches the filter (Esc clears it)".into(),
+            false,
+        );
+    }
+    // Problems of the selected invalid blueprint go under the list.
+    let sel = app.selected_blueprint();
+    let problems: Vec<String> = sel.map(|b| b.problems.clone()).unwrap_or_default();
+    let (list_area, problem_area) = if !problems.is_empty() && inner.height >= 6 {
+        let w = inner.width.max(1) as usize;
+        let need: usize = 1 + problems
+            .iter()
+            .map(|p| p.chars().count().div_ceil(w))
+            .sum::<usize>();
+        let h = (need as u16).min(inner.height / 2);
+        let [a, b] = Layout::vertical([Constraint::Min(2), Constraint::Length(h)]).areas(inner);
+        (a, Some(b))
+    } else {
+        (inner, None)
+    };
+    let w = list_area.width as usize;
+    let wide = w >= 40;
+    let name_w = if wide {
+        18
+    } else {
+        w.saturating_sub(12).max(6)
+    };
+    let items: Vec<ListItem> = list
+        .iter()
+        .map(|(_, b)| match &b.blueprint {
+            Some(bp) => {
+                let mut spans = vec![
+                    Span::styled("✓ ", Style::default().fg(th.ok)),
+                    Span::styled(format!("{:<name_w$} ", clip(&b.name, name_w)), th.base()),
+                    Span::styled(format!("{:<4} ", prio_short(bp.priority)), th.dimmed()),
+                    if bp.active {
+                        Span::styled("on ", Style::default().fg(th.ok))
+                    } else {
+                        Span::styled("off", th.dimmed())
+                    },
+                ];
+                if wide {
+                    spans.push(Span::styled(
+                        format!(
+                            " {}",
+                            clip(
+                                bp.schedule.as_deref().unwrap_or("—"),
+                                w.saturating_sub(name_w + 12)
+                            )
+                        ),
+                        th.dimmed(),
+                    ));
+                }
+                ListItem::new(Line::from(spans))
+            }
+            None => ListItem::new(Line::from(vec![
+                Span::styled("✗ ", Style::default().fg(th.error)),
+                Span::styled(
+                    format!("{:<name_w$} ", clip(&b.name, name_w)),
+                    Style::default().fg(th.error),
+                ),
+                Span::styled("invalid", Style::default().fg(th.error)),
+            ])),
+        })
+        .collect();
+    let mut state = ListState::default().with_selected(Some(app.bp_selected.min(list.len() - 1)));
+    f.render_stateful_widget(
+        List::new(items)
+            .highlight_style(th.selected())
+            .highlight_symbol("▸"),
+        list_area,
+        &mut state,
+    );
+    if let Some(pa) = problem_area {
+        let mut lines = vec![Line::from(Span::styled(
+            "problems (e to edit):",
+            Style::default().fg(th.error).add_modifier(Modifier::BOLD),
+        ))];
+        for p in &problems {
+            lines.push(Line::from(Span::styled(
+                p.clone(),
+                Style::default().fg(th.error),
+            )));
+        }
+        f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), pa);
+    }
+}
+
+pub fn pool(f: &mut Frame, app: &App, area: Rect) {
+    let th = &app.theme;
+    let (done, failed) = app.spark.recent(60);
+    let rate = if done + failed > 0 {
+        failed as f64 * 100.0 / (done + failed) as f64
+    } else {
+        0.0
+    };
+    let block = pane_block(app, "Queue · Memory", None, String::new());
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let p = &app.pool;
+    let tall = inner.height >= 9;
+    let spark_h = if tall { 2 } else { 1 };
+    let [queue, l1, s1, l2, s2, summary, mem, hold] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(spark_h),
+        Constraint::Length(1),
+        Constraint::Length(spark_h),
+        Constraint::Length(0),
+        Constraint::Length(1),
+        Constraint::Length(1),
+    ])
+    .areas(inner);
+    let _ = summary;
+    let mut q = vec![Span::styled(
+        format!("queued {} ", p.queued_total()),
+        th.dimmed(),
+    )];
+    for pr in [
+        Priority::Critical,
+        Priority::High,
+        Priority::Normal,
+        Priority::Low,
+    ] {
+        let n = p.queued[pr.index()];
+        let tag = &prio_short(pr)[..1];
+        q.push(Span::styled(
+            format!("{tag}{n} "),
+            if n > 0 {
+                Style::default().fg(th.queued).add_modifier(Modifier::BOLD)
+            } else {
+                th.dimmed()
+            },
+        ));
+    }
+    f.render_widget(Paragraph::new(Line::from(q)), queue);
+    f.render_widget(
+        Paragraph::new(Line::from(vec![
+            Span::styled("steps done      ", th.dimmed()),
+            Span::styled(format!("{done}/min"), Style::default().fg(th.spark_ok)),
+        ])),
+        l1,
+    );
+    let w = s1.width as usize;
+    let tail = |v: &std::collections::VecDeque<u64>| -> Vec<u64> {
+        let n = v.len();
+        v.iter().skip(n.saturating_sub(w)).copied().collect()
+    };
+    f.render_widget(
+        Sparkline::default()
+            .data(tail(&app.spark.done))
+            .style(Style::default().fg(th.spark_ok)),
+        s1,
+    );
+    f.render_widget(
+        Paragraph::new(Line::from(vec![
+            Span::styled("attempts failed ", th.dimmed()),
+            Span::styled(
+                if inner.width >= 30 {
+                    format!("{failed}/min ({rate:.0}%)")
+                } else {
+                    format!("{failed}/min {rate:.0}%")
+                },
+                Style::default().fg(if failed > 0 { th.spark_err } else { th.text }),
+            ),
+        ])),
+        l2,
+    );
+    f.render_widget(
+        Sparkline::default()
+            .data(tail(&app.spark.failed))
+            .style(Style::default().fg(th.spark_err)),
+        s2,
+    );
+    let limit = app.memory.threshold_mb.max(1);
+    let (ratio, label) = match app.memory.rss {
+        Some(rss) => {
+            let mb = rss as f64 / (1024.0 * 1024.0);
+            (
+                (mb / limit as f64).clamp(0.0, 1.0),
+                format!("RSS {mb:.0}/{limit} MB"),
+            )
+        }
+        None => (0.0, "RSS not measured yet".to_string()),
+    };
+    let colour = if p.memory_hold {
+        th.gauge_hold
+    } else {
+        th.gauge
+    };
+    f.render_widget(
+        LineGauge::default()
+            .ratio(ratio)
+            .label(Span::styled(label, th.base()))
+            .filled_style(Style::default().fg(colour))
+            .unfilled_style(th.dimmed()),
+        mem,
+    );
+    if p.memory_hold {
+        f.render_widget(
+            Paragraph::new(Span::styled(
+                "holding back: memory above MEMORY_THRESHOLD_MB",
+                Style::default().fg(th.error).add_modifier(Modifier::BOLD),
+            )),
+            hold,
+        );
+    } else if p.paused {
+        f.render_widget(
+            Paragraph::new(Span::styled(
+                "paused: queued steps wait (p resumes)",
+                Style::default().fg(th.warn),
+            )),
+            hold,
+        );
+    }
+}
+
+pub fn workers(f: &mut Frame, app: &App, area: Rect) {
+    let th = &app.theme;
+    let busy = app.busy_workers();
+    let note = format!(
+        "{}/{} busy{}",
+        busy.len(),
+        app.workers.len(),
+        if app.retrying.is_empty() {
+            String::new()
+        } else {
+            format!(" · {} retrying", app.retrying.len())
+        }
+    );
+    let block = pane_block(app, "Workers", Some(Focus::Workers), note);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    if busy.is_empty() && app.retrying.is_empty() {
+        let text = if app.pool.queued_total() > 0 && app.pool.paused {
+            "pool paused: work is queued — p resumes".to_string()
+        } else {
+            format!(
+                "all {} workers idle — Enter on a blueprint runs it, t sandbox-tests it",
+                app.workers.len()
+            )
+        };
+        return empty(f, app, inner, text, false);
+    }
+    let w = inner.width as usize;
+    let mut items: Vec<ListItem> = busy
+        .iter()
+        .map(|(i, s)| {
+            let elapsed = app.now_ms.saturating_sub(s.since_ms);
+            let bp = app
+                .runs
+                .get(&s.run_id)
+                .map(|r| r.blueprint.as_str())
+                .unwrap_or("");
+            let wide = w >= 70;
+            let step_w = w.saturating_sub(if wide { 44 } else { 30 }).clamp(8, 30);
+            let mut spans = vec![
+                Span::styled(format!("w{i:<3}"), th.dimmed()),
+                Span::styled("▶ ", Style::default().fg(th.running)),
+                Span::styled(format!("{:<step_w$} ", clip(&s.step, step_w)), th.base()),
+                Span::styled(
+                    format!("#{:<2} ", s.attempt),
+                    if s.attempt > 1 {
+                        Style::default().fg(th.warn)
+                    } else {
+                        th.dimmed()
+                    },
+                ),
+                Span::styled(format!("{:>6} ", fmt_ms(elapsed)), th.base()),
+                Span::styled(short(&s.run_id).to_string(), th.dimmed()),
+            ];
+            if wide {
+                spans.push(Span::styled(format!(" {}", clip(bp, 13)), th.dimmed()));
+            }
+            ListItem::new(Line::from(spans))
+        })
+        .collect();
+    let selectable = items.len();
+    let mut retrying: Vec<_> = app.retrying.iter().collect();
+    retrying.sort_by_key(|r| r.until_ms);
+    for r in retrying {
+        let left = r.until_ms.saturating_sub(app.now_ms);
+        let head = format!(
+            "↻ {} retry in {} (#{} {}) ",
+            r.step,
+            fmt_ms(left),
+            r.attempt,
+            r.kind
+        );
+        let rest = w.saturating_sub(head.chars().count());
+        items.push(ListItem::new(Line::from(vec![
+            Span::styled(head, Style::default().fg(th.warn)),
+            Span::styled(clip(&r.message, rest), th.dimmed()),
+        ])));
+    }
+    // Idle workers in one line, when the pane has room for it.
+    let idle: Vec<String> = app
+        .workers
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.is_none())
+        .map(|(i, _)| format!("w{i}"))
+        .collect();
+    if !idle.is_empty() && items.len() + 1 < inner.height as usize {
+        items.push(ListItem::new(Line::from(Span::styled(
+            clip(&format!("idle: {}", idle.join(" ")), w.saturating_sub(1)),
+            th.dimmed(),
+        ))));
+    }
+    let mut state = ListState::default();
+    if selectable > 0 && app.focus == Focus::Workers {
+        state.select(Some(app.worker_selected.min(selectable - 1)));
+    }
+    f.render_stateful_widget(
+        List::new(items)
+            .highlight_style(th.selected())
+            .highlight_symbol("▸"),
+        inner,
+        &mut state,
+    );
+}
+
+/// `2026-11-27T09:44:38.123Z` → `11-27 09:44:38` (or just the time when narrow).
+fn when(ts: &str, narrow: bool) -> String {
+    if narrow {
+        ts.get(11..19).unwrap_or(ts).to_string()
+    } else {
+        match (ts.get(5..10), ts.get(11..19)) {
+            (Some(d), Some(t)) => format!("{d} {t}"),
+            _ => ts.to_string(),
+        }
+    }
+}
+
+pub fn history(f: &mut Frame, app: &App, area: Rect) {
+    let th = &app.theme;
+    let h = &app.history;
+    let first = h.page * PAGE;
+    let mut note = if h.rows.is_empty() {
+        String::new()
+    } else {
+        let total = h
+            .total
+            .map(|t| format!(" of {}", group(t)))
+            .unwrap_or_default();
+        format!(
+            "{}–{}{total}",
+            group((first + 1) as u64),
+            group((first + h.rows.len()) as u64)
+        )
+    };
+    let mut filters = Vec::new();
+    if let Some(s) = h.status {
+        filters.push(s.as_str().to_string());
+    }
+    if let Some(b) = &h.blueprint {
+        filters.push(b.clone());
+    }
+    if !filters.is_empty() {
+        note = format!("{} · {note}", filters.join(", "));
+    }
+    if h.loading && !h.loaded {
+        note = format!("loading… {note}");
+    }
+    let block = pane_block(app, "History", Some(Focus::History), note);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    if let Some(p) = &h.problem {
+        return empty(f, app, inner, format!("history unavailable: {p}"), true);
+    }
+    let inner = match &h.banner {
+        Some(b) => {
+            let text = format!("⚠ {b}");
+            let need = text.chars().count().div_ceil(inner.width.max(1) as usize) as u16;
+            let [top, rest] = Layout::vertical([
+                Constraint::Length(need.min(inner.height.saturating_sub(2))),
+                Constraint::Min(1),
+            ])
+            .areas(inner);
+            f.render_widget(
+                Paragraph::new(text)
+                    .style(Style::default().fg(th.warn))
+                    .wrap(Wrap { trim: true }),
+                top,
+            );
+            rest
+        }
+        None => inner,
+    };
+    if h.rows.is_empty() {
+        let text = if !h.loaded {
+            "reading the history…".to_string()
+        } else if filters.is_empty() {
+            "no runs yet — press Enter on a blueprint or t to sandbox-test it".to_string()
+        } else {
+            "no runs match the filter — s changes the status, b the blueprint, Esc clears"
+                .to_string()
+        };
+        return empty(f, app, inner, text, false);
+    }
+    let narrow = inner.width < 90;
+    let rows: Vec<Row> = h
+        .rows
+        .iter()
+        .map(|r| {
+            let took = r.total_time_ms.map(fmt_ms).unwrap_or_else(|| "—".into());
+            let steps = r.steps_done.map(|d| d.to_string()).unwrap_or_default();
+            let mut cells = vec![
+                Cell::from(short(&r.id).to_string()).style(th.dimmed()),
+                Cell::from(r.blueprint_name.clone()),
+                Cell::from(r.status.as_str()).style(th.run_status(r.status)),
+                Cell::from(when(
+                    r.started_at.as_deref().unwrap_or(&r.queued_at),
+                    narrow,
+                )),
+                Cell::from(took),
+                Cell::from(steps),
+            ];
+            if !narrow {
+                let mut trig = r.trigger.clone();
+                if r.sandbox {
+                    trig.push_str(" sbx");
+                }
+                cells.push(Cell::from(trig).style(th.dimmed()));
+                cells.push(
+                    Cell::from(
+                        r.error
+                            .as_deref()
+                            .map(crate::tui::app::first_line)
+                            .unwrap_or("")
+                            .to_string(),
+                    )
+                    .style(Style::default().fg(th.error)),
+                );
+            }
+            Row::new(cells)
+        })
+        .collect();
+    let widths: Vec<Constraint> = if narrow {
+        vec![
+            Constraint::Length(10),
+            Constraint::Min(10),
+            Constraint::Length(9),
+            Constraint::Length(8),
+            Constraint::Length(6),
+        ]
+    } else {
+        vec![
+            Constraint::Length(10),
+            Constraint::Length(16),
+            Constraint::Length(9),
+            Constraint::Length(14),
+            Constraint::Length(7),
+            Constraint::Length(5),
+            Constraint::Length(14),
+            Constraint::Min(10),
+        ]
+    };
+    let header: Vec<&str> = if narrow {
+        vec!["run", "blueprint", "status", "started", "took"]
+    } else {
+        vec![
+            "run",
+            "blueprint",
+            "status",
+            "started",
+            "took",
+            "steps",
+            "trigger",
+            "error",
+        ]
+    };
+    let table = Table::new(rows, widths)
+        .header(Row::new(header).style(th.dimmed().add_modifier(Modifier::BOLD)))
+        .row_highlight_style(th.selected())
+        .highlight_symbol("▸");
+    let mut state = TableState::default().with_selected(Some(h.selected.min(h.rows.len() - 1)));
+    f.render_stateful_widget(table, inner, &mut state);
+}
+
+pub fn logs(f: &mut Frame, app: &App, area: Rect) {
+    let th = &app.theme;
+    let l = &app.logs;
+    let visible = l.visible();
+    let mut note = vec![
+        if l.follow {
+            "following".to_string()
+        } else {
+            "PAUSED".to_string()
+        },
+        format!("level {}", l.level.label()),
+    ];
+    if !l.search.is_empty() {
+        note.push(format!("/{}", l.search));
+    }
+    if let Some(r) = &l.run_filter {
+        note.push(format!("run {}", short(r)));
+    }
+    let block = pane_block(app, "Logs", Some(Focus::Logs), note.join(" · "));
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let mut lines: Vec<Line> = Vec::new();
+    let inner = match &l.problem {
+        Some(p) => {
+            let text = format!("⚠ {p}");
+            let need = text.chars().count().div_ceil(inner.width.max(1) as usize) as u16;
+            let [top, rest] = Layout::vertical([
+                Constraint::Length(need.min(inner.height.saturating_sub(1))),
+                Constraint::Min(0),
+            ])
+            .areas(inner);
+            f.render_widget(
+                Paragraph::new(text)
+                    .style(Style::default().fg(th.warn))
+                    .wrap(Wrap { trim: true }),
+                top,
+            );
+            rest
+        }
+        None => inner,
+    };
+    let room = (inner.height as usize).saturating_sub(lines.len());
+    if visible.is_empty() {
+        if l.problem.is_some() {
+            return;
+        }
+        let text = if l.lines.is_empty() {
+            "no log lines yet — they appear here as runs work".to_string()
+        } else {
+            "no line matches (Esc clears the search and filters)".to_string()
+        };
+        return empty(f, app, inner, text, false);
+    }
+    let end = visible
+        .len()
+        .saturating_sub(if l.follow { 0 } else { l.scroll });
+    let start = end.saturating_sub(room);
+    let w = inner.width as usize;
+    for e in &visible[start..end] {
+        let head = format!("{} {:<5} ", e.time, e.level);
+        let run = e
+            .run_id
+            .as_deref()
+            .map(|r| format!(" {}", short(r)))
+            .unwrap_or_default();
+        let body = format!("{}{run} {}", e.message, e.rest);
+        let rest = w.saturating_sub(head.chars().count());
+        lines.push(Line::from(vec![
+            Span::styled(head, th.level(&e.level)),
+            Span::styled(clip(&body, rest), th.base()),
+        ]));
+    }
+    f.render_widget(Paragraph::new(lines), inner);
+}
+
+/// `100000` → `100,000`.
+pub fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,876 @@
+//! The console at two depths: state updates for every key action (synthetic keys, engine
+//! events and background results into `App::update`, checking state and effects), and
+//! rendering snapshots of known states into ratatui's `TestBackend` at 80×24 and 160×48.
+
+use omniflow::events::{Event, RunStatus};
+use omniflow::tui::app::{Confirm, Effect, Focus, FormField, Overlay, Screen};
+use omniflow::tui::fixtures::{self, T0};
+use omniflow::tui::state::{LevelFilter, LogEntry, PAGE};
+use omniflow::tui::{ui, App, Bg, Msg};
+use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::Terminal;
+
+fn key(app: &mut App, code: KeyCode) -> Vec<Effect> {
+    app.update(Msg::Key(KeyEvent::new(code, KeyModifiers::NONE)))
+}
+fn ch(app: &mut App, c: char) -> Vec<Effect> {
+    key(app, KeyCode::Char(c))
+}
+fn ctrl(app: &mut App, c: char) -> Vec<Effect> {
+    app.update(Msg::Key(KeyEvent::new(
+        KeyCode::Char(c),
+        KeyModifiers::CONTROL,
+    )))
+}
+fn typed(app: &mut App, s: &str) {
+    for c in s.chars() {
+        ch(app, c);
+    }
+}
+fn focus(app: &mut App, f: Focus) {
+    while app.focus != f {
+        key(app, KeyCode::Tab);
+    }
+}
+
+fn history_page(app: &mut App, rows: Vec<omniflow::store::RunRow>) {
+    let generation = app.history.generation;
+    app.update(Msg::Bg(Bg::History {
+        generation,
+        result: Ok((rows, Some(100_000))),
+    }));
+}
+
+// ---- state updates ----------------------------------------------------------------------
+
+#[test]
+fn start_loads_blueprints_and_the_first_history_page() {
+    let mut app = fixtures::app();
+    let fx = app.start();
+    assert!(matches!(fx[0], Effect::LoadBlueprints));
+    match &fx[1] {
+        Effect::QueryHistory { filter, .. } => {
+            assert_eq!(filter.before, None);
+            assert_eq!(filter.limit, PAGE);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(app.history.loading);
+}
+
+#[test]
+fn help_opens_with_question_mark_and_any_key_closes_it() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, '?');
+    assert!(matches!(app.overlay, Overlay::Help(0)));
+    ch(&mut app, 'j');
+    assert!(matches!(app.overlay, Overlay::Help(1)));
+    key(&mut app, KeyCode::Esc);
+    assert!(matches!(app.overlay, Overlay::None));
+}
+
+#[test]
+fn q_quits_at_once_when_idle_and_asks_when_runs_are_in_flight() {
+    let mut app = fixtures::app();
+    assert!(matches!(ch(&mut app, 'q')[..], [Effect::Quit]));
+    assert!(app.quit);
+
+    let mut app = fixtures::busy_app();
+    assert_eq!(app.in_flight(), 1);
+    assert!(ch(&mut app, 'q').is_empty());
+    assert!(matches!(
+        app.overlay,
+        Overlay::Confirm(Confirm::Quit { in_flight: 1 })
+    ));
+    ch(&mut app, 'n');
+    assert!(!app.quit && matches!(app.overlay, Overlay::None));
+    ch(&mut app, 'q');
+    assert!(matches!(ch(&mut app, 'y')[..], [Effect::Quit]));
+    assert!(app.quit);
+}
+
+#[test]
+fn ctrl_c_quits_immediately() {
+    let mut app = fixtures::busy_app();
+    assert!(matches!(ctrl(&mut app, 'c')[..], [Effect::Quit]));
+    assert!(app.quit);
+}
+
+#[test]
+fn tab_and_shift_tab_cycle_the_panes() {
+    let mut app = fixtures::app();
+    assert_eq!(app.focus, Focus::Blueprints);
+    key(&mut app, KeyCode::Tab);
+    assert_eq!(app.focus, Focus::Workers);
+    ch(&mut app, 'l');
+    assert_eq!(app.focus, Focus::History);
+    key(&mut app, KeyCode::Right);
+    assert_eq!(app.focus, Focus::Logs);
+    key(&mut app, KeyCode::Tab);
+    assert_eq!(app.focus, Focus::Blueprints);
+    key(&mut app, KeyCode::BackTab);
+    assert_eq!(app.focus, Focus::Logs);
+    ch(&mut app, 'h');
+    assert_eq!(app.focus, Focus::History);
+}
+
+#[test]
+fn arrows_and_jk_move_within_bounds() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, 'j');
+    assert_eq!(app.bp_selected, 1);
+    key(&mut app, KeyCode::Down);
+    key(&mut app, KeyCode::Down);
+    assert_eq!(app.bp_selected, 2, "stops at the last blueprint");
+    ch(&mut app, 'k');
+    key(&mut app, KeyCode::Up);
+    key(&mut app, KeyCode::Up);
+    assert_eq!(app.bp_selected, 0);
+    ch(&mut app, 'G');
+    assert_eq!(app.bp_selected, 2);
+    ch(&mut app, 'g');
+    assert_eq!(app.bp_selected, 0);
+}
+
+#[test]
+fn enter_on_a_blueprint_asks_then_starts_a_real_console_run() {
+    let mut app = fixtures::busy_app();
+    assert!(key(&mut app, KeyCode::Enter).is_empty());
+    assert!(
+        matches!(&app.overlay, Overlay::Confirm(Confirm::Run { blueprint }) if blueprint == "tech-digest")
+    );
+    let fx = ch(&mut app, 'y');
+    match &fx[..] {
+        [Effect::Start { blueprint, request }] => {
+            assert_eq!(blueprint.name, "tech-digest");
+            assert!(!request.sandbox);
+            assert_eq!(request.trigger, "console");
+        }
+        other => panic!("{other:?}"),
+    }
+    // n declines.
+    key(&mut app, KeyCode::Enter);
+    assert!(ch(&mut app, 'n').is_empty());
+    assert!(matches!(app.overlay, Overlay::None));
+}
+
+#[test]
+fn enter_on_an_invalid_blueprint_opens_it_with_its_problems() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, 'G');
+    let fx = key(&mut app, KeyCode::Enter);
+    assert!(matches!(&fx[..], [Effect::ReadFile(p)] if p.ends_with("broken.json")));
+    match &app.overlay {
+        Overlay::Editor(ed) => assert!(ed.problems[0].contains("did you mean")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn t_opens_the_sandbox_form_prefilled_and_ctrl_s_starts_a_sandbox_run() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, 't');
+    match &app.overlay {
+        Overlay::Sandbox(form) => {
+            assert_eq!(form.vars.lines(), ["TOPICS=[\"x\",\"y\"]"]);
+            assert_eq!(form.rate.lines(), ["30"]);
+            assert_eq!(form.field, FormField::Vars);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Change the rate to 100 %.
+    key(&mut app, KeyCode::Tab);
+    key(&mut app, KeyCode::Backspace);
+    key(&mut app, KeyCode::Backspace);
+    typed(&mut app, "100");
+    let fx = ctrl(&mut app, 's');
+    match &fx[..] {
+        [Effect::Start { blueprint, request }] => {
+            assert_eq!(blueprint.name, "tech-digest");
+            assert!(request.sandbox);
+            assert_eq!(request.simulate_failures, 1.0);
+            assert_eq!(request.variables["TOPICS"], serde_json::json!(["x", "y"]));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(app.overlay, Overlay::None));
+}
+
+#[test]
+fn the_sandbox_form_refuses_unknown_variables_and_bad_rates() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, 't');
+    key(&mut app, KeyCode::Enter);
+    typed(&mut app, "NOPE=1");
+    assert!(ctrl(&mut app, 's').is_empty());
+    match &app.overlay {
+        Overlay::Sandbox(form) => {
+            let e = form.error.as_deref().unwrap_or("");
+            assert!(e.contains("declares no variable NOPE"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(omniflow::tui::app::parse_rate("abc").is_err());
+    assert!(omniflow::tui::app::parse_rate("150").is_err());
+    assert_eq!(omniflow::tui::app::parse_rate("30%"), Ok(0.3));
+    assert_eq!(omniflow::tui::app::parse_rate("0.5"), Ok(0.5));
+    key(&mut app, KeyCode::Esc);
+    assert!(matches!(app.overlay, Overlay::None));
+}
+
+#[test]
+fn slash_filters_the_blueprints_and_esc_clears() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, '/');
+    typed(&mut app, "tri");
+    assert_eq!(app.visible_blueprints().len(), 1);
+    key(&mut app, KeyCode::Enter);
+    assert_eq!(app.bp_filter, "tri");
+    assert_eq!(
+        app.selected_blueprint().map(|b| b.name.as_str()),
+        Some("triage")
+    );
+    key(&mut app, KeyCode::Esc);
+    assert_eq!(app.visible_blueprints().len(), 3);
+}
+
+#[test]
+fn engine_events_fill_and_drain_the_live_panes() {
+    let mut app = fixtures::busy_app();
+    assert_eq!(app.busy_workers().len(), 2);
+    assert_eq!(app.retrying.len(), 1);
+    assert_eq!(app.retrying[0].until_ms, T0 + 2000);
+    let run = "0mwz00000live".to_string();
+    app.update(Msg::Engine(Event::StepStarted {
+        run_id: run.clone(),
+        step: "summarize[1]".into(),
+        node: "summarize".into(),
+        attempt: 2,
+    }));
+    assert!(
+        app.retrying.is_empty(),
+        "a retried step leaves the countdown list"
+    );
+    app.update(Msg::Engine(Event::WorkerIdle { worker: 0 }));
+    app.update(Msg::Engine(Event::WorkerIdle { worker: 2 }));
+    assert!(app.busy_workers().is_empty());
+    app.update(Msg::Engine(Event::RunFinished {
+        run_id: run,
+        blueprint: "tech-digest".into(),
+        status: RunStatus::Error,
+        total_time_ms: 5000,
+        error: Some("summarize[1] failed".into()),
+    }));
+    assert_eq!(app.in_flight(), 0);
+    assert!(app.history.stale, "a finished run refreshes the history");
+    let s = app
+        .status
+        .as_ref()
+        .map(|s| s.text.clone())
+        .unwrap_or_default();
+    assert!(s.contains("r to retry"), "{s}");
+}
+
+#[test]
+fn r_on_a_failed_run_offers_whole_or_failed_steps_only() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j'); // row 1 is an error
+    assert_eq!(
+        app.history.selected_row().map(|r| r.status),
+        Some(RunStatus::Error)
+    );
+    ch(&mut app, 'r');
+    assert!(matches!(
+        app.overlay,
+        Overlay::Confirm(Confirm::Retry { .. })
+    ));
+    let fx = ch(&mut app, 'f');
+    assert!(
+        matches!(&fx[..], [Effect::Retry { only_failed: true, run_id }] if run_id == "0mwz00001abcd")
+    );
+    ch(&mut app, 'r');
+    let fx = ch(&mut app, 'w');
+    assert!(matches!(
+        &fx[..],
+        [Effect::Retry {
+            only_failed: false,
+            ..
+        }]
+    ));
+    // A successful run is not retried.
+    ch(&mut app, 'k');
+    ch(&mut app, 'r');
+    assert!(matches!(app.overlay, Overlay::None));
+    assert!(app
+        .status
+        .as_ref()
+        .is_some_and(|s| s.text.contains("only a failed")));
+}
+
+#[test]
+fn c_cancels_a_live_run_after_confirmation_and_refuses_others() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::Workers);
+    ch(&mut app, 'c');
+    assert!(
+        matches!(&app.overlay, Overlay::Confirm(Confirm::Cancel { run_id, .. }) if run_id == "0mwz00000live")
+    );
+    let fx = ch(&mut app, 'y');
+    assert!(matches!(&fx[..], [Effect::Cancel { run_id }] if run_id == "0mwz00000live"));
+    // A run of another process (history row, not live) cannot be cancelled here.
+    focus(&mut app, Focus::History);
+    let mut row = fixtures::run_row(9, "triage", RunStatus::Running);
+    row.id = "0otherproc00".into();
+    history_page(&mut app, vec![row]);
+    assert!(ch(&mut app, 'c').is_empty());
+    assert!(matches!(app.overlay, Overlay::None));
+    assert!(app
+        .status
+        .as_ref()
+        .is_some_and(|s| s.error && s.text.contains("another process")));
+}
+
+#[test]
+fn p_pauses_and_resumes_the_pool() {
+    let mut app = fixtures::busy_app();
+    assert!(matches!(ch(&mut app, 'p')[..], [Effect::SetPaused(true)]));
+    assert!(app.pool.paused);
+    assert!(matches!(ch(&mut app, 'p')[..], [Effect::SetPaused(false)]));
+}
+
+#[test]
+fn plus_and_minus_change_a_live_runs_priority() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::Workers);
+    let fx = ch(&mut app, '+');
+    assert!(
+        matches!(&fx[..], [Effect::SetPriority { priority, .. }] if *priority == omniflow::blueprint::Priority::High)
+    );
+    ch(&mut app, '-');
+    let fx = ch(&mut app, '-');
+    assert!(
+        matches!(&fx[..], [Effect::SetPriority { priority, .. }] if *priority == omniflow::blueprint::Priority::Low)
+    );
+}
+
+#[test]
+fn history_filters_by_status_and_blueprint_and_pages_with_a_keyset_cursor() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    let fx = ch(&mut app, 's');
+    assert!(
+        matches!(&fx[..], [Effect::QueryHistory { filter, .. }] if filter.status == Some(RunStatus::Error))
+    );
+    let fx = ch(&mut app, 'b');
+    assert!(
+        matches!(&fx[..], [Effect::QueryHistory { filter, .. }] if filter.blueprint.as_deref() == Some("tech-digest"))
+    );
+    key(&mut app, KeyCode::Esc);
+    assert_eq!(app.history.status, None);
+    assert_eq!(app.history.blueprint, None);
+    // '/' types an exact blueprint name, applied on Enter.
+    ch(&mut app, '/');
+    typed(&mut app, "triage");
+    let fx = key(&mut app, KeyCode::Enter);
+    assert!(
+        matches!(&fx[..], [Effect::QueryHistory { filter, .. }] if filter.blueprint.as_deref() == Some("triage"))
+    );
+    key(&mut app, KeyCode::Esc);
+
+    history_page(&mut app, fixtures::history_rows(PAGE as u64));
+    let last = app.history.rows[PAGE - 1].clone();
+    let fx = key(&mut app, KeyCode::PageDown);
+    match &fx[..] {
+        [Effect::QueryHistory { filter, .. }] => assert_eq!(
+            filter.before,
+            Some((last.started_at.clone().unwrap_or_default(), last.id.clone()))
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(app.history.page, 1);
+    let fx = key(&mut app, KeyCode::PageUp);
+    assert!(matches!(&fx[..], [Effect::QueryHistory { filter, .. }] if filter.before.is_none()));
+    assert_eq!(app.history.page, 0);
+}
+
+#[test]
+fn results_of_an_outdated_history_query_are_ignored() {
+    let mut app = fixtures::busy_app();
+    let old = app.history.generation;
+    focus(&mut app, Focus::History);
+    ch(&mut app, 's');
+    app.update(Msg::Bg(Bg::History {
+        generation: old,
+        result: Ok((vec![], Some(0))),
+    }));
+    assert_eq!(app.history.rows.len(), 6, "stale result dropped");
+    assert!(app.history.loading);
+}
+
+#[test]
+fn the_history_refreshes_periodically_and_when_runs_change() {
+    let mut app = fixtures::busy_app();
+    // busy_app's events made the history stale: its tick queried.
+    assert!(app.history.loading);
+    history_page(&mut app, fixtures::history_rows(6));
+    assert!(!app.history.loading);
+    assert!(app.update(Msg::Tick(T0 + 1600)).is_empty());
+    let fx = app.update(Msg::Tick(app.history.last_query_ms + 2000));
+    assert!(matches!(&fx[..], [Effect::QueryHistory { .. }]));
+}
+
+#[test]
+fn enter_opens_a_runs_detail_and_esc_goes_back() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    let fx = key(&mut app, KeyCode::Enter);
+    let generation = match &fx[..] {
+        [Effect::LoadDetail { generation, run_id }] => {
+            assert_eq!(run_id, "0mwz00000abcd");
+            *generation
+        }
+        other => panic!("{other:?}"),
+    };
+    app.update(Msg::Bg(Bg::Detail {
+        generation,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    match &app.screen {
+        Screen::Detail(d) => assert_eq!(d.data.as_ref().map(|x| x.steps.len()), Some(3)),
+        Screen::Main => panic!("no detail"),
+    }
+    ch(&mut app, 'j');
+    key(&mut app, KeyCode::PageDown);
+    match &app.screen {
+        Screen::Detail(d) => assert_eq!((d.selected, d.scroll), (1, 10)),
+        Screen::Main => panic!("no detail"),
+    }
+    // The run keys act on the open run.
+    ch(&mut app, 'r');
+    assert!(matches!(
+        app.overlay,
+        Overlay::Confirm(Confirm::Retry { .. })
+    ));
+    key(&mut app, KeyCode::Esc);
+    key(&mut app, KeyCode::Esc);
+    assert!(matches!(app.screen, Screen::Main));
+}
+
+#[test]
+fn log_keys_follow_filter_search_and_scroll() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::Logs);
+    assert_eq!(app.logs.visible().len(), 3);
+    ch(&mut app, 'v');
+    ch(&mut app, 'v');
+    assert_eq!(app.logs.level, LevelFilter::Warn);
+    assert_eq!(app.logs.visible().len(), 1);
+    ch(&mut app, 'v');
+    ch(&mut app, 'v');
+    assert_eq!(app.logs.level, LevelFilter::All);
+    ch(&mut app, '/');
+    typed(&mut app, "queued");
+    assert_eq!(app.logs.visible().len(), 1);
+    key(&mut app, KeyCode::Esc);
+    assert_eq!(app.logs.visible().len(), 3);
+    ch(&mut app, 'f');
+    assert!(!app.logs.follow);
+    ch(&mut app, 'k');
+    assert_eq!(app.logs.scroll, 1);
+    // New lines while paused keep the view still.
+    app.update(Msg::Bg(Bg::Logs(vec![LogEntry::from_line(
+        "plain text line",
+    )])));
+    assert_eq!(app.logs.scroll, 2);
+    ch(&mut app, 'f');
+    assert!(app.logs.follow);
+    // o: only the selected run's lines (from History).
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'o');
+    assert_eq!(app.logs.run_filter.as_deref(), Some("0mwz00000abcd"));
+    ch(&mut app, 'o');
+    assert_eq!(app.logs.run_filter, None);
+}
+
+#[test]
+fn capital_t_cycles_the_themes() {
+    let mut app = fixtures::app();
+    ch(&mut app, 'T');
+    assert_eq!(app.theme.name, "light");
+    ch(&mut app, 'T');
+    assert_eq!(app.theme.name, "high-contrast");
+    ch(&mut app, 'T');
+    assert_eq!(app.theme.name, "dark");
+}
+
+#[test]
+fn e_edits_a_blueprint_and_saves_only_a_valid_one() {
+    let mut app = fixtures::busy_app();
+    let fx = ch(&mut app, 'e');
+    let path = match &fx[..] {
+        [Effect::ReadFile(p)] => p.clone(),
+        other => panic!("{other:?}"),
+    };
+    app.update(Msg::Bg(Bg::EditorText {
+        path: path.clone(),
+        result: Ok(
+            "{\"name\": \"tech-digest\", \"nodes\": [{\"id\": \"a\", \"type\": \"transform\", \"template\": \"x\"}]}\n"
+                .into(),
+        ),
+    }));
+    // Make it invalid: a syntax error at the end.
+    key(&mut app, KeyCode::End);
+    typed(&mut app, "oops");
+    let fx = ctrl(&mut app, 's');
+    assert!(fx.is_empty(), "an invalid blueprint is not written");
+    match &app.overlay {
+        Overlay::Editor(ed) => {
+            assert!(!ed.problems.is_empty());
+            assert!(ed.modified());
+        }
+        other => panic!("{other:?}"),
+    }
+    for _ in 0..4 {
+        key(&mut app, KeyCode::Backspace);
+    }
+    let fx = ctrl(&mut app, 's');
+    assert!(matches!(&fx[..], [Effect::SaveFile { path: p, .. }] if *p == path));
+    let fx = app.update(Msg::Bg(Bg::Saved {
+        path: path.clone(),
+        result: Ok("blueprints/tech-digest.json.bak".into()),
+    }));
+    assert!(
+        matches!(fx[..], [Effect::LoadBlueprints]),
+        "reloaded after the write"
+    );
+    match &app.overlay {
+        Overlay::Editor(ed) => assert!(!ed.modified()),
+        other => panic!("{other:?}"),
+    }
+    key(&mut app, KeyCode::Esc);
+    assert!(matches!(app.overlay, Overlay::None));
+}
+
+#[test]
+fn esc_with_unsaved_edits_warns_once_then_discards() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, 'e');
+    app.update(Msg::Bg(Bg::EditorText {
+        path: "blueprints/tech-digest.json".into(),
+        result: Ok("{}".into()),
+    }));
+    ch(&mut app, 'x');
+    key(&mut app, KeyCode::Esc);
+    assert!(matches!(app.overlay, Overlay::Editor(_)));
+    key(&mut app, KeyCode::Esc);
+    assert!(matches!(app.overlay, Overlay::None));
+}
+
+#[test]
+fn capital_r_reloads_the_blueprints() {
+    let mut app = fixtures::busy_app();
+    assert!(matches!(ch(&mut app, 'R')[..], [Effect::LoadBlueprints]));
+}
+
+#[test]
+fn samples_update_memory_and_workers_and_redraw_only_on_change() {
+    let mut app = fixtures::busy_app();
+    let stats = app.pool.clone();
+    app.dirty = false;
+    app.update(Msg::Bg(Bg::Sample {
+        rss: Some(120 << 20),
+        stats: stats.clone(),
+        workers: vec![],
+    }));
+    assert!(!app.dirty, "an unchanged sample causes no redraw");
+    app.update(Msg::Bg(Bg::Sample {
+        rss: Some(600 << 20),
+        stats,
+        workers: vec![],
+    }));
+    assert!(app.dirty);
+}
+
+// ---- rendering ---------------------------------------------------------------------------
+
+fn render(app: &App, w: u16, h: u16) -> String {
+    let mut t = Terminal::new(TestBackend::new(w, h)).expect("test terminal");
+    t.draw(|f| ui::draw(f, app)).expect("draw");
+    format!("{}", t.backend())
+}
+
+#[test]
+fn snapshot_empty_console() {
+    let mut app = fixtures::app();
+    let _ = app.start();
+    app.update(Msg::Bg(Bg::Blueprints(Ok(vec![]))));
+    let generation = app.history.generation;
+    app.update(Msg::Bg(Bg::History {
+        generation,
+        result: Ok((vec![], Some(0))),
+    }));
+    let s = render(&app, 80, 24);
+    assert!(
+        s.contains("no blueprints in") && s.contains("see README"),
+        "{s}"
+    );
+    assert!(s.contains("no runs yet"), "{s}");
+    insta::assert_snapshot!("empty_80x24", s);
+}
+
+#[test]
+fn snapshot_busy_console() {
+    let app = fixtures::busy_app();
+    insta::assert_snapshot!("busy_80x24", render(&app, 80, 24));
+    insta::assert_snapshot!("busy_160x48", render(&app, 160, 48));
+}
+
+#[test]
+fn snapshot_run_detail() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    key(&mut app, KeyCode::Enter);
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    ch(&mut app, 'j');
+    insta::assert_snapshot!("detail_80x24", render(&app, 80, 24));
+    insta::assert_snapshot!("detail_160x48", render(&app, 160, 48));
+}
+
+#[test]
+fn snapshot_overlays() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, '?');
+    insta::assert_snapshot!("help_160x48", render(&app, 160, 48));
+    insta::assert_snapshot!("help_80x24", render(&app, 80, 24));
+    key(&mut app, KeyCode::Esc);
+    ch(&mut app, 't');
+    insta::assert_snapshot!("sandbox_80x24", render(&app, 80, 24));
+    key(&mut app, KeyCode::Esc);
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    ch(&mut app, 'r');
+    insta::assert_snapshot!("retry_80x24", render(&app, 80, 24));
+}
+
+#[test]
+fn problems_show_in_their_panes() {
+    let mut app = fixtures::app();
+    let _ = app.start();
+    app.update(Msg::Bg(Bg::Blueprints(Err(
+        "cannot read nowhere: No such file or directory (os error 2) — start omniflow where blueprints/ is, or pass --dir".into(),
+    ))));
+    let generation = app.history.generation;
+    app.update(Msg::Bg(Bg::History {
+        generation,
+        result: Err(
+            "cannot open the history database /nope/h.db: unable to open database file".into(),
+        ),
+    }));
+    app.update(Msg::Bg(Bg::LogProblem(Some(
+        "LOG_DIR /nope/logs does not exist or is not a directory: no logs to show".into(),
+    ))));
+    app.update(Msg::Bg(Bg::Blueprints(Ok(fixtures::entries()))));
+    ch(&mut app, 'G');
+    let s = render(&app, 80, 24);
+    assert!(s.contains("history unavailable"), "{s}");
+    assert!(s.contains("LOG_DIR /nope/logs"), "{s}");
+    assert!(s.contains("unknown"), "{s}");
+    insta::assert_snapshot!("problems_80x24", s);
+}
+
+#[test]
+fn a_too_small_terminal_says_so() {
+    let app = fixtures::busy_app();
+    let s = render(&app, 50, 12);
+    assert!(s.contains("Terminal too small: 50×12"), "{s}");
+}
+
+#[test]
+fn every_fixed_key_is_in_the_help() {
+    let keys: Vec<&str> = ui::HELP
+        .iter()
+        .flat_map(|(_, ks)| ks.iter().map(|(k, _)| *k))
+        .collect();
+    for k in [
+        "?",
+        "q",
+        "Esc",
+        "Tab/Shift-Tab",
+        "↑↓ k j",
+        "Enter",
+        "/",
+        "t",
+        "r",
+        "c",
+        "p",
+    ] {
+        assert!(
+            keys.iter().any(|h| h.starts_with(k) || h.contains(k)),
+            "{k} missing from help"
+        );
+    }
+}
+
+#[test]
+fn an_open_run_in_flight_is_re_read_until_it_ends() {
+    let mut app = fixtures::busy_app();
+    app.open_detail("0mwz00000abcd".into(), &mut Vec::new());
+    let mut d = fixtures::detail();
+    d.run.status = RunStatus::Running;
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(d)),
+    }));
+    let fx = app.update(Msg::Tick(app.now_ms + 2500));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::LoadDetail { generation: 2, .. })),
+        "{fx:?}"
+    );
+    // A lifecycle event of the open run also triggers a reload on the next tick.
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 2,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    app.update(Msg::Engine(Event::StepStarted {
+        run_id: "0mwz00000abcd".into(),
+        step: "digest".into(),
+        node: "digest".into(),
+        attempt: 1,
+    }));
+    let fx = app.update(Msg::Tick(app.now_ms + 300));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::LoadDetail { generation: 3, .. })),
+        "{fx:?}"
+    );
+}
+
+// ---- background work ---------------------------------------------------------------------
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_only_failed_steps_reuses_the_recorded_outputs() {
+    let env = common::engine(&[], 4);
+    let bp = common::blueprint(serde_json::json!({
+        "name": "two-steps",
+        "nodes": [
+            { "id": "a", "type": "transform", "template": "from a" },
+            { "id": "b", "type": "llm", "needs": ["a"], "prompt": "{{ nodes.a.output }}",
+              "retry": { "attempts": 1 } }
+        ]
+    }));
+    let failed = common::run(&env, &bp, common::sandbox(1.0, 1)).await;
+    assert_eq!(failed.status, RunStatus::Error);
+    let store = env.store.clone();
+    let id = failed.run_id.clone();
+    let (plan_bp, mut req) =
+        tokio::task::spawn_blocking(move || omniflow::tui::runtime::retry_plan(&store, &id, true))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(plan_bp.name, "two-steps");
+    assert_eq!(req.trigger, "retry");
+    assert_eq!(req.parent_run_id.as_deref(), Some(failed.run_id.as_str()));
+    assert_eq!(
+        req.reuse.keys().collect::<Vec<_>>(),
+        ["a"],
+        "only the successful step is reused"
+    );
+    assert_eq!(req.reuse["a"], serde_json::json!("from a"));
+    // The retry succeeds once the model stops failing; step a is not run again.
+    req.simulate_failures = 0.0;
+    let retried = env.engine.start(plan_bp, req).unwrap().wait().await;
+    assert_eq!(retried.status, RunStatus::Success);
+    // A whole retry reuses nothing; a successful run is not retried.
+    let store = env.store.clone();
+    let (id, ok_id) = (failed.run_id.clone(), retried.run_id.clone());
+    let (whole, refused) = tokio::task::spawn_blocking(move || {
+        (
+            omniflow::tui::runtime::retry_plan(&store, &id, false),
+            omniflow::tui::runtime::retry_plan(&store, &ok_id, false),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(whole.unwrap().1.reuse.is_empty());
+    assert!(refused
+        .unwrap_err()
+        .contains("only a failed or cancelled run"));
+}
+
+#[test]
+fn the_log_tailer_follows_new_lines_and_reports_a_missing_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tail = omniflow::tui::runtime::Tail::default();
+    let missing = dir.path().join("nope");
+    assert!(tail.poll(&missing).unwrap_err().contains("does not exist"));
+    assert!(tail.poll(dir.path()).unwrap().is_empty());
+    let file = dir.path().join("omniflow.log.2026-11-27");
+    std::fs::write(
+        &file,
+        "{\"timestamp\":\"2026-11-27T10:00:01.000000Z\",\"level\":\"INFO\",\"target\":\"t\",\"message\":\"one\",\"run_id\":\"r1\"}\n{\"timestamp\":\"2026-11-27T10:00:02.000000Z\",\"level\":\"WARN\",\"target\":\"t\",\"message\":\"half",
+    )
+    .unwrap();
+    let got = tail.poll(dir.path()).unwrap();
+    assert_eq!(got.len(), 1, "a partial line waits for its end");
+    assert_eq!(got[0].message, "one");
+    assert_eq!(got[0].run_id.as_deref(), Some("r1"));
+    assert_eq!(got[0].time, "10:00:01");
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap();
+    writeln!(f, "\"}}").unwrap();
+    let got = tail.poll(dir.path()).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].level.as_str(), got[0].message.as_str()),
+        ("WARN", "half")
+    );
+    // A newer day's file is followed from its start.
+    std::fs::write(dir.path().join("omniflow.log.2026-11-28"), "not json\n").unwrap();
+    let got = tail.poll(dir.path()).unwrap();
+    assert_eq!(got[0].level, "RAW");
+}
+
+#[test]
+fn saving_keeps_a_backup_of_the_previous_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.json");
+    std::fs::write(&p, "old").unwrap();
+    let bak = omniflow::tui::runtime::save_with_backup(&p, "new").unwrap();
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
+    assert_eq!(std::fs::read_to_string(bak).unwrap(), "old");
+}
+
+#[test]
+fn blueprints_load_with_their_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.json"),
+        r#"{"name": "bad", "nodes": [{"id": "a", "type": "llm"}]}"#,
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/blueprints/triage.toml"),
+        dir.path().join("triage.toml"),
+    )
+    .unwrap();
+    let list = omniflow::tui::runtime::load_blueprints(dir.path()).unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(!list[0].is_valid());
+    assert!(!list[0].problems.is_empty());
+    assert!(list[1].is_valid());
+    let e = omniflow::tui::runtime::load_blueprints(&dir.path().join("none")).unwrap_err();
+    assert!(e.contains("pass --dir"), "{e}");
+}

@@ -1,0 +1,298 @@
+//! The real binary in a real pseudo-terminal (tmux): open the console, sandbox-test a bundled
+//! blueprint with failures, watch the workers fill and drain and the runs land in history,
+//! retry a failed run by keys, quit, and check that the terminal was restored and the rows
+//! are in SQLite. Every wait polls the screen with a timeout; nothing sleeps as an assertion.
+//!
+//! Needs tmux (CI's .ci/run installs it); without it this test fails and says so.
+
+use omniflow::events::RunStatus;
+use omniflow::store::{RunFilter, Store};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Tmux {
+    socket: String,
+    session: String,
+}
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("run tmux")
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            let out = self.cmd(&["send-keys", "-t", &self.session, k]);
+            assert!(out.status.success(), "send-keys {k}: {out:?}");
+            // Keys are separate writes, so a lone Esc is never read as Alt-<next key>.
+            std::thread::sleep(Duration::from_millis(60));
+        }
+    }
+
+    fn literal(&self, text: &str) {
+        let out = self.cmd(&["send-keys", "-t", &self.session, "-l", text]);
+        assert!(out.status.success());
+        std::thread::sleep(Duration::from_millis(60));
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .cmd(&["capture-pane", "-p", "-t", &self.session])
+                .stdout,
+        )
+        .to_string()
+    }
+
+    /// Polls the screen until `pred` holds; fails with the last screen after `secs`.
+    fn wait_for(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {secs}s waiting for {what}; screen:\n{s}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_text(&self, text: &str, secs: u64) -> String {
+        self.wait_for(&format!("{text:?}"), secs, |s| s.contains(text))
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+fn history_rows(db: &Path) -> Vec<omniflow::store::RunRow> {
+    let store = Store::open(db).expect("open the console's database");
+    store
+        .list_runs(&RunFilter {
+            limit: 100,
+            ..RunFilter::default()
+        })
+        .expect("list runs")
+}
+
+#[test]
+fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal() {
+    let have_tmux = Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have_tmux,
+        "tmux is not installed: the console's end-to-end test drives the real binary in tmux. \
+         Install it (apt-get install tmux); CI's .ci/run does."
+    );
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let db = tmp.path().join("history.db");
+    let logs = tmp.path().join("logs");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let t = Tmux {
+        socket: format!("omniflow-e2e-{}", std::process::id()),
+        session: "console".into(),
+    };
+    // Model calls take 1 s (20 s × 0.05) so the workers pane can be seen busy.
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' OMNIFLOW_TIME_SCALE=0.05 SANDBOX_LATENCY_MS=20000 \
+         CONCURRENCY=8 TERM=xterm-256color '{bin}' tui --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
+        db.display(),
+        logs.display(),
+        blueprints.display()
+    );
+    let out = t.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        &t.session,
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "-c",
+        &tmp.path().display().to_string(),
+        &shell,
+    ]);
+    assert!(out.status.success(), "tmux new-session: {out:?}");
+
+    t.wait_text("tech-digest", 30);
+    t.wait_text("no runs yet", 10);
+
+    // Select tech-digest through the filter, then sandbox-test it with its testConfig (30 %).
+    t.keys(&["/"]);
+    t.literal("tech");
+    t.keys(&["Enter", "t"]);
+    t.wait_text("Sandbox test: tech-digest", 10);
+    t.keys(&["C-s"]);
+    t.wait_for("busy workers", 20, |s| s.contains("▶ summarize["));
+    t.wait_for("the workers to drain", 60, |s| {
+        s.contains("0/8 busy") && s.contains("tech-digest") && !s.contains("▶ summarize[")
+    });
+    t.wait_for("the run in history", 30, |s| {
+        s.contains("success") || s.contains("error")
+    });
+
+    // A run that fails for sure: 100 % simulated failures.
+    t.keys(&["t"]);
+    t.wait_text("Sandbox test: tech-digest", 10);
+    t.keys(&["Tab", "BSpace", "BSpace", "BSpace"]);
+    t.literal("100");
+    t.keys(&["Enter"]);
+    t.wait_for("a failed run in history", 60, |s| {
+        history_rows(&db)
+            .iter()
+            .any(|r| r.status == RunStatus::Error)
+            && s.contains("error")
+    });
+    let failed = history_rows(&db)
+        .into_iter()
+        .find(|r| r.status == RunStatus::Error)
+        .expect("a failed run");
+
+    // Retry it from History once the pane shows it: the newest row is the failed one.
+    let short = &failed.id[..10];
+    t.wait_for("the failed run's row", 30, |s| {
+        s.lines().any(|l| l.contains(short) && l.contains("error"))
+    });
+    t.keys(&["Tab", "Tab", "g"]);
+    t.keys(&["r"]);
+    t.wait_text("Retry run", 10);
+    t.keys(&["w"]);
+    t.wait_for("the retry in history", 60, |_| {
+        history_rows(&db)
+            .iter()
+            .any(|r| r.parent_run_id.as_deref() == Some(failed.id.as_str()) && r.status.is_final())
+    });
+
+    // Quit (answering the question if a run is still in flight) and check the terminal.
+    t.keys(&["q"]);
+    let s = t.wait_for("exit or the quit question", 10, |s| {
+        s.contains("CONSOLE-EXITED") || s.contains("Quit?")
+    });
+    if s.contains("Quit?") {
+        t.keys(&["y"]);
+    }
+    let s = t.wait_text("CONSOLE-EXITED 0", 20);
+    assert!(
+        !s.contains("Blueprints"),
+        "the console's screen is gone:\n{s}"
+    );
+    let alt = t.cmd(&[
+        "display",
+        "-p",
+        "-t",
+        &t.session,
+        "#{alternate_on} #{cursor_flag}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&alt.stdout).trim(),
+        "0 1",
+        "alternate screen left and cursor shown"
+    );
+
+    let rows = history_rows(&db);
+    assert!(rows.len() >= 3, "{rows:#?}");
+    let retry = rows
+        .iter()
+        .find(|r| r.parent_run_id.as_deref() == Some(failed.id.as_str()))
+        .expect("the retry run is recorded");
+    assert_eq!(retry.trigger, "retry");
+    assert_eq!(retry.blueprint_name, "tech-digest");
+    assert!(rows.iter().all(|r| r.status.is_final()), "{rows:#?}");
+}
+
+#[test]
+fn sigterm_restores_the_terminal() {
+    let have_tmux = Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(have_tmux, "tmux is not installed (apt-get install tmux)");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let t = Tmux {
+        socket: format!("omniflow-e2e-term-{}", std::process::id()),
+        session: "console".into(),
+    };
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' '{bin}' --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
+        tmp.path().join("h.db").display(),
+        tmp.path().join("logs").display(),
+        tmp.path().join("no-such-dir").display(),
+    );
+    let out = t.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        &t.session,
+        "-x",
+        "80",
+        "-y",
+        "24",
+        "-c",
+        &tmp.path().display().to_string(),
+        &shell,
+    ]);
+    assert!(out.status.success(), "tmux new-session: {out:?}");
+    // A missing blueprints directory is a message in its pane, not a crash.
+    t.wait_text("cannot read", 30);
+    let shell_pid = String::from_utf8_lossy(
+        &t.cmd(&["display", "-p", "-t", &t.session, "#{pane_pid}"])
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let pid = child_of(&shell_pid);
+    assert!(!pid.is_empty(), "the console's pid");
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    t.wait_text("CONSOLE-EXITED", 20);
+    let alt = t.cmd(&[
+        "display",
+        "-p",
+        "-t",
+        &t.session,
+        "#{alternate_on} #{cursor_flag}",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "0 1");
+}
+
+/// The pid of a child process of `parent` (from /proc: no pgrep needed).
+fn child_of(parent: &str) -> String {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return String::new();
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …; comm may hold spaces, so split after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid == Some(parent) {
+            return name;
+        }
+    }
+    String::new()
+}
