@@ -13,6 +13,7 @@ pub mod logging;
 pub mod notify;
 pub mod pool;
 pub mod providers;
+pub mod queue;
 pub mod schedule;
 pub mod store;
 pub mod supabase;
