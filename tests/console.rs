@@ -156,6 +156,37 @@ fn enter_on_a_blueprint_asks_then_starts_a_real_console_run() {
 }
 
 #[test]
+fn x_exports_the_selected_blueprint_to_the_chosen_target() {
+    let mut app = fixtures::busy_app();
+    assert!(ch(&mut app, 'X').is_empty());
+    assert!(
+        matches!(&app.overlay, Overlay::Confirm(Confirm::Export { blueprint }) if blueprint == "tech-digest")
+    );
+    // A key that names no target keeps asking.
+    assert!(ch(&mut app, 'z').is_empty());
+    assert!(matches!(
+        &app.overlay,
+        Overlay::Confirm(Confirm::Export { .. })
+    ));
+    match &ch(&mut app, 'n')[..] {
+        [Effect::Export {
+            blueprint,
+            target,
+            out,
+        }] => {
+            assert_eq!(blueprint.name, "tech-digest");
+            assert_eq!(*target, omniflow::export::Target::Node);
+            assert_eq!(out, &std::path::PathBuf::from("exports/tech-digest-node"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Esc leaves without exporting.
+    ch(&mut app, 'X');
+    assert!(key(&mut app, KeyCode::Esc).is_empty());
+    assert!(matches!(app.overlay, Overlay::None));
+}
+
+#[test]
 fn enter_on_an_invalid_blueprint_opens_it_with_its_problems() {
     let mut app = fixtures::busy_app();
     ch(&mut app, 'G');

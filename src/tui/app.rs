@@ -92,6 +92,12 @@ pub enum Effect {
         blueprint: Arc<Blueprint>,
         request: Box<RunRequest>,
     },
+    /// Writes the blueprint as a standalone program (`omniflow export`) to `out`.
+    Export {
+        blueprint: Arc<Blueprint>,
+        target: crate::export::Target,
+        out: PathBuf,
+    },
     /// Retry a run as a new run: whole, or reusing the outputs of its successful steps.
     Retry {
         run_id: String,
@@ -187,10 +193,24 @@ impl Editor {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Confirm {
-    Quit { in_flight: usize },
-    Cancel { run_id: String, blueprint: String },
-    Run { blueprint: String },
-    Retry { run_id: String, blueprint: String },
+    Quit {
+        in_flight: usize,
+    },
+    Cancel {
+        run_id: String,
+        blueprint: String,
+    },
+    Run {
+        blueprint: String,
+    },
+    Retry {
+        run_id: String,
+        blueprint: String,
+    },
+    /// Export a blueprint as code: the target is the key pressed.
+    Export {
+        blueprint: String,
+    },
 }
 
 #[derive(Debug)]

@@ -245,6 +245,30 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
                     let _ = ctx.tx.send(msg).await;
                 });
             }
+            Effect::Export {
+                blueprint,
+                target,
+                out,
+            } => {
+                tokio::spawn(async move {
+                    let shown = out.display().to_string();
+                    let name = blueprint.name.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        crate::export::export(&blueprint, target, &out, false)
+                    })
+                    .await;
+                    let msg = match r {
+                        Ok(Ok(files)) => Bg::Notice(format!(
+                            "exported {name} as {} to {shown} ({} files)",
+                            target.as_str(),
+                            files.len()
+                        )),
+                        Ok(Err(e)) => Bg::Failed(format!("export of {name} failed: {e}")),
+                        Err(e) => Bg::Failed(format!("export of {name} failed: {e}")),
+                    };
+                    let _ = ctx.tx.send(msg).await;
+                });
+            }
             Effect::Retry {
                 run_id,
                 only_failed,

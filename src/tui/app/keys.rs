@@ -82,6 +82,7 @@ impl App {
             KeyCode::Char('-') => self.bump_priority(-1, fx),
             KeyCode::Char('e') => self.edit_blueprint(fx),
             KeyCode::Char('x') => self.ask_run(),
+            KeyCode::Char('X') => self.ask_export(),
             KeyCode::Char('R') => {
                 fx.push(Effect::LoadBlueprints);
                 self.say(format!("reloading blueprints from {}", self.dir.display()));
@@ -259,6 +260,20 @@ impl App {
             stale: false,
             loaded_ms: self.now_ms,
         }));
+    }
+
+    fn ask_export(&mut self) {
+        match self.selected_blueprint() {
+            Some(b) if b.is_valid() => {
+                let name = b.name.clone();
+                self.overlay = Overlay::Confirm(Confirm::Export { blueprint: name });
+            }
+            Some(b) => {
+                let n = b.name.clone();
+                self.complain(format!("{n} is invalid: e shows its problems"));
+            }
+            None => self.say("select a blueprint in the Blueprints pane first (Tab)"),
+        }
     }
 
     fn ask_run(&mut self) {
@@ -502,6 +517,34 @@ impl App {
                     }
                     None if no => {}
                     None => self.overlay = Overlay::Confirm(Confirm::Quit { in_flight }),
+                }
+            }
+            Confirm::Export { blueprint } => {
+                use crate::export::Target;
+                let target = match k.code {
+                    KeyCode::Char('p') => Some(Target::Python),
+                    KeyCode::Char('n') => Some(Target::Node),
+                    KeyCode::Char('g') => Some(Target::GithubAction),
+                    KeyCode::Char('d') => Some(Target::Docker),
+                    _ => None,
+                };
+                match (target, self.blueprint_named(&blueprint)) {
+                    (Some(target), Some(bp)) => {
+                        let out = PathBuf::from("exports").join(format!(
+                            "{}-{}",
+                            bp.name,
+                            target.as_str()
+                        ));
+                        self.say(format!("exporting {blueprint} to {}…", out.display()));
+                        fx.push(Effect::Export {
+                            blueprint: bp,
+                            target,
+                            out,
+                        });
+                    }
+                    (Some(_), None) => self.complain(format!("{blueprint} is no longer loaded")),
+                    (None, _) if no => {}
+                    (None, _) => self.overlay = Overlay::Confirm(Confirm::Export { blueprint }),
                 }
             }
             _ if no => {}

@@ -32,6 +32,10 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
             ("t", "sandbox-test it: edit test variables, failure rate"),
             ("e", "view / edit its file (Ctrl-S validates and saves)"),
             ("R", "reload the blueprints directory"),
+            (
+                "X",
+                "export it as code (python, node, github-action, docker)",
+            ),
             ("b", "show only its runs in History"),
         ],
     ),
@@ -127,6 +131,14 @@ pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
                  For a dry run use t (sandbox test) instead."
             ),
             "y run · n back",
+        ),
+        Confirm::Export { blueprint } => (
+            "Export as code",
+            format!(
+                "Write {blueprint} as a standalone program you own, into exports/{blueprint}-<target>/ \
+                 (an existing non-empty folder is not overwritten)."
+            ),
+            "p python · n node · g github-action · d docker · Esc back",
         ),
         Confirm::Retry { run_id, blueprint } => (
             "Retry run",
