@@ -216,32 +216,60 @@ struct Outcome {
     fake: Fake,
 }
 
+/// `better-sqlite3` for the node runs, installed once per machine into
+/// `target/export-node-deps`. Tests run in parallel: one thread installs while the others
+/// wait (a half-installed native module crashes node outright), the install goes to a
+/// temporary folder renamed into place only once the module loads, and a marker says so.
 fn node_deps() -> Option<PathBuf> {
+    static DEPS: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DEPS.get_or_init(install_node_deps).clone()
+}
+
+fn loads(dir: &Path) -> bool {
+    Command::new("node")
+        .args([
+            "-e",
+            "const D = require('better-sqlite3'); new D(':memory:').prepare('select 1').get()",
+        ])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn install_node_deps() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/export-node-deps");
-    let module = dir.join("node_modules/better-sqlite3");
-    if module.exists() {
+    let marker = dir.join(".installed");
+    if marker.exists() && loads(&dir) {
         return Some(dir.join("node_modules"));
     }
-    std::fs::create_dir_all(&dir).ok()?;
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).ok()?;
     std::fs::write(
-        dir.join("package.json"),
+        tmp.join("package.json"),
         r#"{"name":"deps","version":"1.0.0"}"#,
     )
     .ok()?;
-    let ok = Command::new("npm")
+    let installed = Command::new("npm")
         .args(["install", "--no-audit", "--no-fund", "better-sqlite3@12"])
-        .current_dir(&dir)
+        .current_dir(&tmp)
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if ok && module.exists() {
-        Some(dir.join("node_modules"))
-    } else {
-        eprintln!(
-            "NOTE: `npm install better-sqlite3@12` failed: the node runs' runner_executions rows are NOT checked"
-        );
-        None
+    if installed && loads(&tmp) {
+        let _ = std::fs::remove_dir_all(&dir);
+        if std::fs::rename(&tmp, &dir).is_ok() && std::fs::write(&marker, "ok").is_ok() {
+            return Some(dir.join("node_modules"));
+        }
     }
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!(
+        "NOTE: `npm install better-sqlite3@12` failed or its native module does not load: the node runs' runner_executions rows are NOT checked"
+    );
+    None
 }
 
 fn export_to(bp_file: &Path, target: &str, out: &Path) {
