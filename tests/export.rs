@@ -792,6 +792,99 @@ fn model_parity_with_omniflow_run() {
     }
 }
 
+/// A bundled blueprint as JSON (TOML files converted through the same loader as `omniflow`).
+fn bundled_bp(file: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("blueprints")
+        .join(file);
+    let bp = omniflow::blueprint::load_file(&path).unwrap();
+    serde_json::to_value(bp).unwrap()
+}
+
+/// Rust, Python and Node on one bundled blueprint against the same fakes: same outputs,
+/// steps, calls and `runner_executions` row.
+fn bundled_parity(bp: &Value, script: impl Fn() -> Script, args: &[&str]) {
+    let rust = run(Runner::Rust, bp, script(), args, &ROUTER_ENV);
+    assert_eq!(rust.code, 0, "{}", rust.stderr);
+    for runner in [Runner::Python, Runner::Node] {
+        let got = run(runner, bp, script(), args, &ROUTER_ENV);
+        assert_eq!(got.code, 0, "{runner:?}: {}", got.stderr);
+        assert_eq!(comparable(&got.json), comparable(&rust.json), "{runner:?}");
+        assert_eq!(got.counts, rust.counts, "{runner:?}");
+        if runner == Runner::Python {
+            assert_eq!(got.row, rust.row);
+        }
+    }
+}
+
+#[test]
+fn bundled_triage_parity() {
+    // The fake model's answer routes the message through the conditions the same way for all.
+    bundled_parity(
+        &bundled_bp("triage.toml"),
+        || {
+            vec![
+                ("/v1/chat/completions", vec![reply(200, "ECHO")]),
+                ("/bot", vec![telegram_ok()]),
+            ]
+        },
+        &[],
+    );
+}
+
+#[test]
+fn bundled_page_summary_parity() {
+    let mut bp = bundled_bp("page-summary.toml");
+    bp["variables"]["URL"] = json!("FAKE/page");
+    bundled_parity(
+        &bp,
+        || {
+            vec![
+                (
+                    "/page",
+                    vec![
+                        text_reply(503, "busy"),
+                        text_reply(
+                            200,
+                            "<html><body><h1>News</h1><p>Rust 2.0 ships.</p></body></html>",
+                        ),
+                    ],
+                ),
+                ("/v1/chat/completions", vec![reply(200, "ECHO")]),
+                ("/webhooks", vec![discord_ok()]),
+            ]
+        },
+        &[],
+    );
+}
+
+#[test]
+fn bundled_release_notes_parity() {
+    let mut bp = bundled_bp("release-notes.json");
+    let url = bp["nodes"][0]["url"]
+        .as_str()
+        .unwrap()
+        .replace("https://api.github.com", "FAKE");
+    bp["nodes"][0]["url"] = json!(url);
+    bundled_parity(
+        &bp,
+        || {
+            vec![
+                (
+                    "/repos/",
+                    vec![reply(
+                        200,
+                        r#"[{"tag_name":"v1.2.0","name":"v1.2.0","html_url":"https://example.org/r","published_at":"2026-11-01T00:00:00Z","body":"- faster\n- fixes"}]"#,
+                    )],
+                ),
+                ("/v1/chat/completions", vec![reply(200, "ECHO")]),
+                ("/bot", vec![telegram_ok()]),
+            ]
+        },
+        &[],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Generated files
 
