@@ -39,6 +39,7 @@ pub use telegram::LIMIT as TELEGRAM_LIMIT;
 
 use crate::blueprint::{Blueprint, Channel};
 use crate::config::Config;
+use crate::engine::retry::{Decision, RetryPolicy};
 use crate::error::{ErrorKind, StepError};
 use crate::events::RunStatus;
 use crate::logging::Redactor;
@@ -229,8 +230,9 @@ const ATTEMPTS: u32 = 4;
 /// Longest wait between them (before `OMNIFLOW_TIME_SCALE`).
 const MAX_WAIT: Duration = Duration::from_secs(120);
 
-/// [`deliver`] with its own retries: rate limits wait as the service says (at most 2 min),
-/// server and network errors back off 1 s, 2 s, 4 s; the rest fail at once.
+/// [`deliver`] retried by the engine's retry policy (`RetryPolicy::decide`, the one place
+/// that decides retryability): `ATTEMPTS` tries, the service's wait when it gives one (at
+/// most `MAX_WAIT`), else 1 s, 2 s, 4 s.
 pub async fn deliver_with_retries(
     http: &reqwest::Client,
     config: &Config,
@@ -238,6 +240,7 @@ pub async fn deliver_with_retries(
     msg: Message<'_>,
     dedupe: Option<&Dedupe>,
 ) -> Result<Value, StepError> {
+    let policy = RetryPolicy::from_max_retries(ATTEMPTS - 1);
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -245,17 +248,10 @@ pub async fn deliver_with_retries(
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        let retry = matches!(
-            e.kind,
-            ErrorKind::RateLimited | ErrorKind::Server | ErrorKind::Network | ErrorKind::Timeout
-        );
-        if !retry || attempt >= ATTEMPTS {
-            return Err(e);
-        }
-        let wait = e
-            .retry_after
-            .unwrap_or(Duration::from_secs(1 << (attempt - 1)))
-            .min(MAX_WAIT);
+        let wait = match policy.decide(attempt, &e, rand::random::<f64>() * 2.0 - 1.0) {
+            Decision::Retry { wait, .. } => wait.min(MAX_WAIT),
+            Decision::GiveUp { .. } => return Err(e),
+        };
         tracing::warn!(channel = channel.as_str(), attempt, wait_ms = wait.as_millis() as u64, error = %e.message, "notification failed, retrying");
         tokio::time::sleep(config.scaled(wait)).await;
     }
