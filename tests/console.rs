@@ -341,6 +341,43 @@ fn r_on_a_failed_run_offers_whole_or_failed_steps_only() {
 }
 
 #[test]
+fn a_run_announced_finished_is_retryable_before_the_history_is_read_again() {
+    // The history query can land before the writer commits the run's end (the row still
+    // says running); the RunFinished event updates that row at once, so `r` works on it.
+    let mut app = fixtures::busy_app();
+    let mut rows = fixtures::history_rows(3);
+    rows[0].status = RunStatus::Running;
+    rows[0].total_time_ms = None;
+    rows[0].error = None;
+    let id = rows[0].id.clone();
+    history_page(&mut app, rows);
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'g');
+    ch(&mut app, 'r');
+    assert!(
+        matches!(app.overlay, Overlay::None),
+        "a running run is not retried"
+    );
+    app.update(Msg::Engine(Event::RunFinished {
+        run_id: id.clone(),
+        blueprint: "tech-digest".into(),
+        status: RunStatus::Error,
+        total_time_ms: 2500,
+        error: Some("step summarize failed".into()),
+    }));
+    let row = app.history.selected_row().expect("the row");
+    assert_eq!(row.id, id);
+    assert_eq!(row.status, RunStatus::Error);
+    assert_eq!(row.total_time_ms, Some(2500));
+    ch(&mut app, 'r');
+    assert!(
+        matches!(&app.overlay, Overlay::Confirm(Confirm::Retry { run_id, .. }) if *run_id == id),
+        "{:?}",
+        app.overlay
+    );
+}
+
+#[test]
 fn c_cancels_a_live_run_after_confirmation_and_refuses_others() {
     let mut app = fixtures::busy_app();
     focus(&mut app, Focus::Workers);

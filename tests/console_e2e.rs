@@ -164,8 +164,14 @@ fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal()
 
     // Retry it from History once the pane shows it: the newest row is the failed one.
     let short = &failed.id[..10];
-    t.wait_for("the failed run's row", 30, |s| {
-        s.lines().any(|l| l.contains(short) && l.contains("error"))
+    // The History row itself (id, blueprint, status in that order), not a log line that
+    // merely names the run next to "error=".
+    t.wait_for("the failed run's row in History", 30, |s| {
+        s.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.windows(3)
+                .any(|x| x[0].ends_with(short) && x[1] == "tech-digest" && x[2] == "error")
+        })
     });
     t.keys(&["Tab", "Tab", "g"]);
     t.keys(&["r"]);

@@ -517,8 +517,14 @@ impl App {
                 if let Some(r) = self.runs.get_mut(&run_id) {
                     r.status = status;
                 }
-                // Finished runs leave the live list; history has them.
+                // Finished runs leave the live list; history has them. The row on screen is
+                // updated now, so `r` works on it before the next history query lands.
                 self.runs.remove(&run_id);
+                if let Some(row) = self.history.rows.iter_mut().find(|r| r.id == run_id) {
+                    row.status = status;
+                    row.total_time_ms = Some(total_time_ms);
+                    row.error.clone_from(&error);
+                }
                 self.retrying.retain(|r| r.run_id != run_id);
                 let took = fmt_ms(total_time_ms);
                 match (status, error) {

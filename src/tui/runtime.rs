@@ -196,6 +196,9 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
             }
             Effect::QueryHistory { generation, filter } => {
                 tokio::spawn(async move {
+                    // Read our own writes: every event the console has seen is committed first,
+                    // so a run announced finished is never read back as `running`.
+                    ctx.store.flush().await;
                     let store = ctx.store.clone();
                     let r = tokio::task::spawn_blocking(move || {
                         let rows = store.list_runs(&filter).map_err(|e| e.to_string())?;
@@ -215,6 +218,7 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
             }
             Effect::LoadDetail { generation, run_id } => {
                 tokio::spawn(async move {
+                    ctx.store.flush().await;
                     let store = ctx.store.clone();
                     let r = tokio::task::spawn_blocking(move || load_detail(&store, &run_id))
                         .await
