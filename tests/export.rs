@@ -1089,3 +1089,72 @@ fn a_non_empty_out_is_refused_without_force() {
     assert!(o.status.success());
     assert!(out.join("main.py").exists() && !out.join("keep.txt").exists());
 }
+
+/// The exported programs read `Retry-After` as seconds or as an HTTP-date, like `omniflow run`.
+#[test]
+fn exported_retry_after_reads_seconds_and_http_dates() {
+    let dir = tempfile::tempdir().unwrap();
+    let bp_file = dir.path().join("flaky.json");
+    std::fs::write(&bp_file, flaky_bp(2).to_string()).unwrap();
+    let (py, js) = (dir.path().join("py"), dir.path().join("js"));
+    export_to(&bp_file, "python", &py);
+    export_to(&bp_file, "node", &js);
+    let date = (chrono::Utc::now() + chrono::Duration::seconds(40))
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    let cases = [
+        ("7", Some((7.0, 7.0))),
+        ("1.5", Some((1.5, 1.5))),
+        (date.as_str(), Some((25.0, 40.0))),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", Some((0.0, 0.0))),
+        ("soon", None),
+        ("-1", None),
+    ];
+    // Python: main.py is importable (it runs only as __main__).
+    let py_src = format!(
+        "import sys, json; sys.path.insert(0, {:?}); import main\n\
+         print(json.dumps([main.retry_after_header({{'Retry-After': v}}) for v in json.loads(sys.argv[1])]))",
+        py.display().to_string()
+    );
+    // Node: main.js runs at once when loaded, so evaluate its retryAfterHeader alone.
+    let js_text = std::fs::read_to_string(js.join("main.js")).unwrap();
+    let start = js_text
+        .find("function retryAfterHeader(")
+        .expect("main.js defines retryAfterHeader");
+    let end = start + js_text[start..].find("\n}\n").expect("its end") + 2;
+    let js_src = format!(
+        "{}\nconst vs = JSON.parse(process.argv[1]);\n\
+         console.log(JSON.stringify(vs.map((v) => retryAfterHeader(new Headers({{'retry-after': v}})))));",
+        &js_text[start..end]
+    );
+    let values = serde_json::to_string(&cases.iter().map(|c| c.0).collect::<Vec<_>>()).unwrap();
+    for (label, mut cmd) in [
+        ("python", {
+            let mut c = Command::new("python3");
+            c.args(["-c", &py_src, &values]);
+            c
+        }),
+        ("node", {
+            let mut c = Command::new("node");
+            c.args(["-e", &js_src, &values]);
+            c
+        }),
+    ] {
+        let o = cmd.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{label}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let got: Vec<Option<f64>> = serde_json::from_slice(&o.stdout).unwrap();
+        for ((value, want), got) in cases.iter().zip(&got) {
+            match (want, got) {
+                (Some((lo, hi)), Some(g)) => {
+                    assert!(*g >= *lo && *g <= *hi, "{label}: {value:?} gave {g}")
+                }
+                (None, None) => {}
+                _ => panic!("{label}: {value:?} gave {got:?}, wanted {want:?}"),
+            }
+        }
+    }
+}

@@ -226,6 +226,24 @@ async fn both_hf_error_shapes_and_every_documented_status() {
 }
 
 #[tokio::test]
+async fn a_retry_after_http_date_becomes_the_wait_until_then() {
+    let at = chrono::Utc::now() + chrono::Duration::seconds(40);
+    let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    let (_f, p) =
+        hf(Reply::json(429, json!({"error":"Rate limit reached."}))
+            .with_header("Retry-After", &date))
+        .await;
+    let e = call(&p, &req("huggingface", "x/y")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::RateLimited);
+    let wait = e.retry_after.expect("the date is read as a wait");
+    // Whole seconds in the header, and some time passes before it is read.
+    assert!(
+        wait > Duration::from_secs(25) && wait <= Duration::from_secs(40),
+        "{wait:?} from {date}"
+    );
+}
+
+#[tokio::test]
 async fn hf_inference_503_loading_waits_the_float_estimated_time() {
     let fake = start(|_, i| {
         if i == 0 {

@@ -382,10 +382,14 @@ async function request(method, url, headers = {}, body = null, timeout = 300, se
   }
 }
 
+/** Retry-After in seconds: a number, or an HTTP-date turned into the time left until it. */
 function retryAfterHeader(headers) {
   const raw = (headers.get("retry-after") ?? "").trim();
-  const value = raw === "" ? NaN : Number(raw);
-  return Number.isFinite(value) && value >= 0 ? value : null;
+  if (raw === "") return null;
+  const value = Number(raw);
+  if (!Number.isNaN(value)) return Number.isFinite(value) && value >= 0 ? value : null;
+  const at = Date.parse(raw);
+  return Number.isNaN(at) ? null : Math.max(0, (at - Date.now()) / 1000);
 }
 
 /** An http node's attempt: the reply's body as text, or as JSON. */

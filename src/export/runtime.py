@@ -3,6 +3,7 @@
 # history. Everything below "Blueprint" is the automation itself.
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
+import email.utils
 import json
 import os
 import random
@@ -508,11 +509,20 @@ def request(method, url, headers=None, body=None, timeout=300, service=None):
 
 
 def retry_after_header(headers):
+    """Retry-After in seconds: a number, or an HTTP-date turned into the time left until it."""
+    raw = (headers.get("Retry-After") or "").strip()
     try:
-        value = float((headers.get("Retry-After") or "").strip())
-        return value if value >= 0 else None
+        value = float(raw)
+        return value if value >= 0 and value == value and value != float("inf") else None
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
         return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def http_node(method, url, headers, body, response, timeout):
