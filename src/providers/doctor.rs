@@ -125,22 +125,11 @@ async fn list_models(
     if let Some(t) = bearer {
         rb = rb.bearer_auth(t);
     }
-    let resp = rb
-        .send()
-        .await
-        .map_err(|e| wire::transport_error(&e, link, url))?;
-    let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let bytes = wire::read_capped(resp, link, url).await?;
-    let text = String::from_utf8_lossy(&bytes);
-    if !(200..300).contains(&status) {
-        return Err(wire::classify_status(link, status, None, &ct, &text, ""));
+    let reply = wire::send(rb, link, url).await?;
+    if !reply.is_success() {
+        return Err(reply.into_error(link, url, "").await);
     }
+    let text = reply.text(link, url).await?;
     let v: Value = serde_json::from_str(&text).map_err(|e| {
         StepError::new(
             ErrorKind::BadResponse,

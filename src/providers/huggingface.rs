@@ -73,33 +73,16 @@ pub(crate) async fn text_generation(
     if let Some(n) = chat.max_tokens {
         parameters["max_new_tokens"] = json!(n);
     }
-    let resp = http
+    let rb = http
         .post(&url)
         .bearer_auth(token)
-        .json(&json!({ "inputs": inputs, "parameters": parameters }))
-        .send()
-        .await
-        .map_err(|e| wire::transport_error(&e, Link::HfInference, &url))?;
-    let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let retry_after = crate::notify::retry_after_header(resp.headers());
-    let bytes = wire::read_capped(resp, Link::HfInference, &url).await?;
-    let text = String::from_utf8_lossy(&bytes);
-    if !(200..300).contains(&status) {
-        return Err(wire::classify_status(
-            Link::HfInference,
-            status,
-            retry_after,
-            &ct,
-            &text,
-            chat.model,
-        ));
+        .json(&json!({ "inputs": inputs, "parameters": parameters }));
+    let reply = wire::send(rb, Link::HfInference, &url).await?;
+    if !reply.is_success() {
+        return Err(reply.into_error(Link::HfInference, &url, chat.model).await);
     }
+    let ct = reply.content_type.clone();
+    let text = reply.text(Link::HfInference, &url).await?;
     let bad = |what: String| {
         StepError::new(
             ErrorKind::BadResponse,

@@ -32,32 +32,11 @@ pub(crate) async fn complete(
         "stream": true,
         "options": options,
     });
-    let resp = http
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| wire::transport_error(&e, Link::Ollama, &url))?;
-    let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if !(200..300).contains(&status) {
-        let retry_after = crate::notify::retry_after_header(resp.headers());
-        let bytes = wire::read_capped(resp, Link::Ollama, &url).await?;
-        return Err(wire::classify_status(
-            Link::Ollama,
-            status,
-            retry_after,
-            &content_type,
-            &String::from_utf8_lossy(&bytes),
-            chat.model,
-        ));
+    let reply = wire::send(http.post(&url).json(&body), Link::Ollama, &url).await?;
+    if !reply.is_success() {
+        return Err(reply.into_error(Link::Ollama, &url, chat.model).await);
     }
-    read_ndjson(resp, &url, chat, progress).await
+    read_ndjson(reply.resp, &url, chat, progress).await
 }
 
 async fn read_ndjson(
@@ -155,30 +134,11 @@ pub async fn list_models(
     ollama_url: &str,
 ) -> Result<Vec<String>, StepError> {
     let url = format!("{}/api/tags", base(ollama_url));
-    let resp = http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| wire::transport_error(&e, Link::Ollama, &url))?;
-    let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let bytes = wire::read_capped(resp, Link::Ollama, &url).await?;
-    let text = String::from_utf8_lossy(&bytes);
-    if !(200..300).contains(&status) {
-        return Err(wire::classify_status(
-            Link::Ollama,
-            status,
-            None,
-            &ct,
-            &text,
-            "",
-        ));
+    let reply = wire::send(http.get(&url), Link::Ollama, &url).await?;
+    if !reply.is_success() {
+        return Err(reply.into_error(Link::Ollama, &url, "").await);
     }
+    let text = reply.text(Link::Ollama, &url).await?;
     let v: Value = serde_json::from_str(&text).map_err(|e| {
         StepError::new(
             ErrorKind::BadResponse,
@@ -217,31 +177,15 @@ pub async fn pull(
     mut on_status: impl FnMut(&PullStatus),
 ) -> Result<(), StepError> {
     let url = format!("{}/api/pull", base(ollama_url));
-    let mut resp = http
+    // `name` for older servers; sending both is harmless.
+    let rb = http
         .post(&url)
-        // `name` for older servers; sending both is harmless.
-        .json(&json!({ "model": model, "name": model, "stream": true }))
-        .send()
-        .await
-        .map_err(|e| wire::transport_error(&e, Link::Ollama, &url))?;
-    let status = resp.status().as_u16();
-    if !(200..300).contains(&status) {
-        let ct = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let bytes = wire::read_capped(resp, Link::Ollama, &url).await?;
-        return Err(wire::classify_status(
-            Link::Ollama,
-            status,
-            None,
-            &ct,
-            &String::from_utf8_lossy(&bytes),
-            model,
-        ));
+        .json(&json!({ "model": model, "name": model, "stream": true }));
+    let reply = wire::send(rb, Link::Ollama, &url).await?;
+    if !reply.is_success() {
+        return Err(reply.into_error(Link::Ollama, &url, model).await);
     }
+    let mut resp = reply.resp;
     let mut lines = Lines::default();
     let mut ended = false;
     while !ended {

@@ -72,35 +72,16 @@ pub(crate) async fn complete(
     if let Some(token) = bearer {
         rb = rb.bearer_auth(token);
     }
-    let resp = rb
-        .send()
-        .await
-        .map_err(|e| wire::transport_error(&e, link, url))?;
-    let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let retry_after = crate::notify::retry_after_header(resp.headers());
-    if !(200..300).contains(&status) {
-        let bytes = wire::read_capped(resp, link, url).await?;
-        let text = String::from_utf8_lossy(&bytes);
-        return Err(wire::classify_status(
-            link,
-            status,
-            retry_after,
-            &content_type,
-            &text,
-            chat.model,
-        ));
+    let reply = wire::send(rb, link, url).await?;
+    if !reply.is_success() {
+        return Err(reply.into_error(link, url, chat.model).await);
     }
-    if content_type.starts_with("text/event-stream") {
-        read_sse(resp, link, url, chat, progress).await
+    if reply.content_type.starts_with("text/event-stream") {
+        read_sse(reply.resp, link, url, chat, progress).await
     } else {
-        let bytes = wire::read_capped(resp, link, url).await?;
-        parse_completion(&String::from_utf8_lossy(&bytes), &content_type, link, chat)
+        let content_type = reply.content_type.clone();
+        let text = reply.text(link, url).await?;
+        parse_completion(&text, &content_type, link, chat)
     }
 }
 

@@ -16,6 +16,61 @@ use std::time::Duration;
 /// a body is a misdirected URL or a broken server, and holding it would only cost memory.
 pub const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
 
+/// A reply whose head is read: what every client looks at before its body.
+pub(crate) struct Reply {
+    pub resp: reqwest::Response,
+    pub status: u16,
+    /// Lower-cased, `""` when absent.
+    pub content_type: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The whole body as text (capped at [`MAX_REPLY_BYTES`]; invalid UTF-8 replaced).
+    pub async fn text(self, link: Link, url: &str) -> Result<String, StepError> {
+        let bytes = read_capped(self.resp, link, url).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The error a non-2xx reply stands for, read from its body ([`classify_status`]).
+    pub async fn into_error(self, link: Link, url: &str, model: &str) -> StepError {
+        let (status, retry_after) = (self.status, self.retry_after);
+        let content_type = self.content_type.clone();
+        match self.text(link, url).await {
+            Ok(body) => classify_status(link, status, retry_after, &content_type, &body, model),
+            Err(e) => e,
+        }
+    }
+}
+
+/// Sends a request; a transport failure becomes a classified error without the URL's secrets.
+pub(crate) async fn send(
+    rb: reqwest::RequestBuilder,
+    link: Link,
+    url: &str,
+) -> Result<Reply, StepError> {
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| transport_error(&e, link, url))?;
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    Ok(Reply {
+        status: resp.status().as_u16(),
+        retry_after: crate::notify::retry_after_header(resp.headers()),
+        content_type,
+        resp,
+    })
+}
+
 /// Reads the whole body, refusing more than [`MAX_REPLY_BYTES`].
 pub(crate) async fn read_capped(
     mut resp: reqwest::Response,
