@@ -510,15 +510,39 @@ fn a_run_that_keeps_killing_its_process_is_failed_after_the_takeover_limit() {
         [],
     )
     .unwrap();
+    // The step it was on when its process died.
+    c.execute(
+        "INSERT INTO runner_steps (run_id, step_key, node_id, status, attempts, seq)
+         VALUES ('poison0000001', 'a', 'a', 'running', 1, 1)",
+        [],
+    )
+    .unwrap();
     let o = env.output(&["resume", "poison0000001"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("interrupted 3 times"), "{}", stderr(&o));
-    let (status, kind): (String, String) = c
+    let (status, kind, error, failed_step): (String, String, String, String) = c
         .query_row(
-            "SELECT status, error_kind FROM runner_executions WHERE id = 'poison0000001'",
+            "SELECT status, error_kind, error, failed_step FROM runner_executions
+             WHERE id = 'poison0000001'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), kind.as_str()), ("error", "interrupted"));
+    assert_eq!(failed_step, "a");
+    assert!(
+        error.contains("stopped 3 times") && error.contains("in flight when it last stopped: a"),
+        "{error}"
+    );
+    let (step_status, step_kind): (String, String) = c
+        .query_row(
+            "SELECT status, error_kind FROM runner_steps WHERE run_id = 'poison0000001'",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((status.as_str(), kind.as_str()), ("error", "interrupted"));
+    assert_eq!(
+        (step_status.as_str(), step_kind.as_str()),
+        ("error", "interrupted")
+    );
 }

@@ -26,7 +26,7 @@ pub enum ResumeError {
     Finished { run_id: String, status: String },
     #[error("no run with id {0} — see `omniflow runs`")]
     NotFound(String),
-    #[error("run {run_id} was interrupted {takeovers} times and has been failed instead of resumed again")]
+    #[error("run {run_id} was interrupted {takeovers} times and has been failed instead of resumed again (`omniflow show {run_id}` names the steps that were in flight)")]
     Exhausted { run_id: String, takeovers: u32 },
     #[error("run {run_id} cannot be resumed: its recorded blueprint does not load ({reason})")]
     BadSnapshot { run_id: String, reason: String },

@@ -202,13 +202,43 @@ fn claim(
     // A run released by a clean shutdown (owner NULL) was handed over, not taken over.
     let takeovers = takeovers + u32::from(owner.is_some());
     if takeovers > max_takeovers {
+        // The steps in flight when the process last died are the suspects: name them, and
+        // fail them, so `omniflow show` and the console point at the step to look at.
+        let in_flight: Vec<String> = {
+            let mut q = tx.prepare(
+                "SELECT step_key FROM runner_steps
+                 WHERE run_id = ?1 AND status IN ('running', 'retrying') ORDER BY seq",
+            )?;
+            let keys = q.query_map([run_id], |r| r.get(0))?;
+            keys.collect::<rusqlite::Result<_>>()?
+        };
+        let suspects = match in_flight.len() {
+            0 => String::new(),
+            1..=5 => format!("; in flight when it last stopped: {}", in_flight.join(", ")),
+            n => format!(
+                "; in flight when it last stopped: {} and {} more",
+                in_flight[..5].join(", "),
+                n - 5
+            ),
+        };
+        let error = format!(
+            "the process running this run stopped {takeovers} times (killed or crashed){suspects}; \
+             it is not resumed again, so it cannot take more processes down"
+        );
+        tx.execute(
+            "UPDATE runner_steps
+             SET status = 'error', error_kind = 'interrupted',
+                 error = 'in flight when the process running it stopped (killed or crashed) ' || ?2 || ' times',
+                 finished_at = ?3
+             WHERE run_id = ?1 AND status IN ('running', 'retrying')",
+            params![run_id, takeovers, iso8601(now)],
+        )?;
         tx.execute(
             "UPDATE runner_executions
              SET status = 'error', owner = NULL, takeovers = ?2, finished_at = ?3,
-                 error_kind = 'interrupted',
-                 error = 'the process running this run stopped ' || ?2 || ' times (killed or crashed); it is not resumed again, so it cannot take more processes down — see `omniflow show` for the step it was on'
+                 error_kind = 'interrupted', error = ?4, failed_step = ?5
              WHERE id = ?1 AND status IN ('queued', 'running')",
-            params![run_id, takeovers, iso8601(now)],
+            params![run_id, takeovers, iso8601(now), error, in_flight.first()],
         )?;
         tx.commit()?;
         return Ok(Claim::Exhausted { takeovers });
