@@ -259,10 +259,20 @@ fn bad_input_exits_2_with_a_message_naming_the_fix() {
     let s = Sandbox::new();
     let dir = bundled();
     let dir = dir.to_str().unwrap();
+    let wrong_ext = bundled().join("triage.json");
+    let wrong_ext = wrong_ext.to_str().unwrap();
+    let nowhere = s.db().with_file_name("no-such-folder");
+    let nowhere = nowhere.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["run", "tech-digst", "--dir", dir, "--sandbox"],
             "did you mean",
+        ),
+        // triage is TOML: the other extension is suggested.
+        (vec!["run", wrong_ext, "--sandbox"], "triage.toml?"),
+        (
+            vec!["run", "triage", "--dir", nowhere, "--sandbox"],
+            "there is no directory",
         ),
         (
             vec![

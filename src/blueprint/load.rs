@@ -159,6 +159,25 @@ fn invalid_text(path: &Path, problems: &[Problem]) -> String {
 }
 
 fn not_found_text(name: &str, dir: &Path, available: &[String]) -> String {
+    let path = Path::new(name);
+    let looks_like_a_path = name.contains('/')
+        || matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("json" | "toml")
+        );
+    if looks_like_a_path {
+        // The same blueprint under the other extension is the usual slip.
+        let mut s = format!("no blueprint file {name}");
+        let sibling = ["json", "toml"]
+            .iter()
+            .map(|ext| path.with_extension(ext))
+            .find(|p| p.as_path() != path && p.is_file());
+        match sibling {
+            Some(p) => s.push_str(&format!(" — did you mean {}?", p.display())),
+            None => s.push_str(": check the path, or give a blueprint's name from --dir"),
+        }
+        return s;
+    }
     let mut s = format!(
         "no blueprint \"{name}\": not a file, and no blueprint in {} has that file name or name",
         dir.display()
@@ -166,7 +185,12 @@ fn not_found_text(name: &str, dir: &Path, available: &[String]) -> String {
     if let Some(close) = did_you_mean(name, available.iter().map(String::as_str)) {
         s.push_str(&format!(" — did you mean \"{close}\"?"));
     }
-    if available.is_empty() {
+    if available.is_empty() && !dir.is_dir() {
+        s.push_str(&format!(
+            " (there is no directory {}; --dir names the folder of blueprints)",
+            dir.display()
+        ));
+    } else if available.is_empty() {
         s.push_str(&format!(
             " ({} holds no .json or .toml blueprints)",
             dir.display()
