@@ -177,6 +177,15 @@ pub enum Event {
         message: String,
         wait_ms: u64,
     },
+    /// The step waits for its provider's rate limit (`*_RATE_LIMIT`, or a 429's pause)
+    /// before its next attempt, outside the pool: no worker is held meanwhile.
+    StepWaiting {
+        run_id: String,
+        step: String,
+        node: String,
+        provider: String,
+        wait_ms: u64,
+    },
     StepFinished {
         run_id: String,
         step: String,
@@ -215,7 +224,8 @@ impl Event {
             | Event::StepStarted { .. }
             | Event::StepRetrying { .. }
             | Event::StepFinished { .. } => true,
-            Event::WorkerBusy { .. }
+            Event::StepWaiting { .. }
+            | Event::WorkerBusy { .. }
             | Event::WorkerIdle { .. }
             | Event::Pool(_)
             | Event::Tokens { .. } => false,
@@ -231,6 +241,7 @@ impl Event {
             | Event::FanOut { run_id, .. }
             | Event::StepStarted { run_id, .. }
             | Event::StepRetrying { run_id, .. }
+            | Event::StepWaiting { run_id, .. }
             | Event::StepFinished { run_id, .. }
             | Event::WorkerBusy { run_id, .. }
             | Event::Tokens { run_id, .. } => Some(run_id),

@@ -304,6 +304,33 @@ fn engine_events_fill_and_drain_the_live_panes() {
 }
 
 #[test]
+fn a_step_waiting_for_the_rate_limit_shows_as_waiting_not_as_a_failure() {
+    let mut app = fixtures::busy_app();
+    let run = "0mwz00000live".to_string();
+    app.update(Msg::Engine(Event::StepWaiting {
+        run_id: run.clone(),
+        step: "summarize[5]".into(),
+        node: "summarize".into(),
+        provider: "huggingface".into(),
+        wait_ms: 12_000,
+    }));
+    let screen = render(&app, 160, 48);
+    assert!(
+        screen.contains("⧗ summarize[5] huggingface limit, 12.0s"),
+        "{screen}"
+    );
+    assert!(screen.contains("1 retrying · 1 rate-limited"), "{screen}");
+    // Its attempt starts: the countdown goes.
+    app.update(Msg::Engine(Event::StepStarted {
+        run_id: run,
+        step: "summarize[5]".into(),
+        node: "summarize".into(),
+        attempt: 1,
+    }));
+    assert!(app.retrying.iter().all(|r| !r.waiting));
+}
+
+#[test]
 fn r_on_a_failed_run_offers_whole_or_failed_steps_only() {
     let mut app = fixtures::busy_app();
     focus(&mut app, Focus::History);

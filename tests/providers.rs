@@ -590,6 +590,61 @@ async fn forty_parallel_calls_with_the_limit_matching_the_quota_get_no_429() {
     assert_eq!(fake.count(), 40);
 }
 
+/// A fan-out held back by its provider's rate limit waits *outside* the pool: with two
+/// workers, another run's step does not queue behind the rate-limited calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_for_the_rate_limit_hold_no_worker() {
+    let fake = start(|_, _| Reply::completion("ok", 2)).await;
+    let env = common::engine(
+        &[
+            ("OMNIFLOW_TIME_SCALE", "1"),
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("HF_RATE_LIMIT", "1/250ms"),
+        ],
+        2,
+    );
+    let sub = env.bus.subscribe();
+    let limited = common::blueprint(json!({
+        "name": "limited",
+        "variables": { "TOPICS": ["a", "b", "c", "d", "e", "f"] },
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+                     "prompt": "about {{ item }}", "forEach": "{{ vars.TOPICS }}", "cache": false } ]
+    }));
+    let quick = common::blueprint(json!({
+        "name": "quick",
+        "nodes": [ { "id": "t", "type": "transform", "template": "done" } ]
+    }));
+    let a = env.engine.start(limited, RunRequest::default()).unwrap();
+    // Six places reserved at once: the later ones are told to wait (≥ 0.5 s away).
+    let waiting = loop {
+        match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+            Ok(Some(Event::StepWaiting {
+                run_id,
+                provider,
+                wait_ms,
+                ..
+            })) if run_id == a.run_id => break (provider, wait_ms),
+            Ok(Some(_)) => continue,
+            other => panic!("no StepWaiting event: {other:?}"),
+        }
+    };
+    assert_eq!(waiting.0, "huggingface");
+    assert!(waiting.1 >= 500, "{waiting:?}");
+    let b = common::run(&env, &quick, RunRequest::default()).await;
+    assert_eq!(b.status, RunStatus::Success);
+    // Had the waiting calls held the two workers, `quick` would have queued behind at least
+    // four of them (a quarter second apart each).
+    let calls_before_quick_finished = fake.count();
+    assert!(
+        calls_before_quick_finished <= 3,
+        "{calls_before_quick_finished} rate-limited calls went before a step of another run"
+    );
+    let a = a.wait().await;
+    assert_eq!(a.status, RunStatus::Success, "{:?}", a.error);
+    assert_eq!(fake.count(), 6);
+}
+
 // ---- library call -----------------------------------------------------------------------
 
 #[tokio::test]

@@ -20,6 +20,8 @@ struct NodeProgress {
     skipped: bool,
     cancelled: usize,
     retries: usize,
+    /// Said that the node waits for its provider's rate limit (once per node).
+    told_waiting: bool,
     finished: bool,
     first_start: Option<Instant>,
     last_end: Option<Instant>,
@@ -206,6 +208,23 @@ impl Progress {
                 if finished && !self.tty && status != StepStatus::Skipped {
                     let summary = self.node_line(&node);
                     self.line(&summary);
+                }
+            }
+            Event::StepWaiting {
+                node,
+                provider,
+                wait_ms,
+                ..
+            } => {
+                let first = self
+                    .nodes
+                    .get_mut(&node)
+                    .is_some_and(|p| !std::mem::replace(&mut p.told_waiting, true));
+                if first {
+                    self.line(&format!(
+                        "  ⧗ {node}: waiting {:.1}s for {provider}'s rate limit (holding no worker)",
+                        wait_ms as f64 / 1000.0
+                    ));
                 }
             }
             Event::RunFinished { .. } | Event::RunReleased { .. } => return true,

@@ -4,7 +4,7 @@
 use super::run::RunCtx;
 use crate::blueprint::{Channel, Node, NodeKind, Parse};
 use crate::error::{ErrorKind, StepError};
-use crate::providers::{AttemptKey, CallOptions, LlmRequest, DEFAULT_MODEL};
+use crate::providers::{Admission, AttemptKey, CallOptions, LlmRequest, DEFAULT_MODEL};
 use crate::template::{Context, Templates};
 use serde_json::{json, Map, Value};
 use std::time::Duration;
@@ -246,6 +246,7 @@ pub(crate) async fn execute(
     prepared: &Prepared,
     step: &str,
     attempt: u32,
+    admission: Option<Admission>,
 ) -> Result<StepOutput, StepError> {
     match prepared {
         Prepared::Value(v) => Ok(StepOutput {
@@ -309,7 +310,11 @@ pub(crate) async fn execute(
             opts.cache = *cache;
             // A retry goes to the model: the cached answer may be what failed.
             opts.refresh = attempt > 1;
-            let reply = ctx.inner.providers.complete_with(req, opts).await?;
+            let reply = ctx
+                .inner
+                .providers
+                .complete_admitted(req, opts, admission)
+                .await?;
             if reply.text.trim().is_empty() {
                 return Err(StepError::new(
                     ErrorKind::EmptyOutput,

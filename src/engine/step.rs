@@ -9,6 +9,7 @@ use super::StepSummary;
 use crate::error::{ErrorKind, StepError};
 use crate::events::{Event, StepStatus};
 use crate::pool::JobMeta;
+use crate::providers::Admission;
 use crate::store::{AttemptRecord, NewStep, StepEnd};
 use serde_json::Value;
 use std::sync::Arc;
@@ -111,6 +112,11 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
         if ctx.abort.is_cancelled() {
             break Err(StepError::cancelled());
         }
+        // A model call first waits for its provider's rate limit here, holding no worker.
+        let admission = match admit(&ctx, &prepared, &spec.key).await {
+            Ok(a) => a,
+            Err(e) => break Err(e),
+        };
         let meta = JobMeta {
             run_id: ctx.run_id.clone(),
             step: step_key.clone(),
@@ -123,6 +129,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             prepared.clone(),
             attempt,
             timeout,
+            admission,
         );
         let done = match ctx.inner.pool.submit(meta, ctx.abort.clone(), job).await {
             Ok(d) => d,
@@ -205,6 +212,56 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
     }
 }
 
+/// Waits, outside the pool, for the place of a model call in its provider's rate limit
+/// (issue 3's limiter; a 429 pauses the whole provider). Only a real call to a provider is
+/// admitted: a sandbox or replayed step goes straight to the pool. `Err` when the run is
+/// aborted meanwhile.
+async fn admit(
+    ctx: &RunCtx,
+    prepared: &Prepared,
+    step: &str,
+) -> Result<Option<Admission>, StepError> {
+    let Prepared::Llm { req, .. } = prepared else {
+        return Ok(None);
+    };
+    if ctx.sandbox.is_some() || ctx.replay.contains_key(step) {
+        return Ok(None);
+    }
+    let providers = &ctx.inner.providers;
+    let mut admission = providers.admit(req, None);
+    let mut told = false;
+    loop {
+        let Some(a) = &admission else {
+            return Ok(None);
+        };
+        let wait = a.wait();
+        if wait.is_zero() {
+            if !a.voided() {
+                return Ok(admission);
+            }
+            // A 429 paused the provider after the place was taken: give it back, queue again.
+            drop(admission.take());
+            admission = providers.admit(req, None);
+            continue;
+        }
+        // Said once per attempt, for waits a person would notice.
+        if !told && wait >= ctx.inner.config.scaled(Duration::from_millis(500)) {
+            told = true;
+            ctx.inner.bus.publish(Event::StepWaiting {
+                run_id: ctx.run_id.to_string(),
+                step: step.to_string(),
+                node: node_of(step).to_string(),
+                provider: a.provider().to_string(),
+                wait_ms: wait.as_millis() as u64,
+            });
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.abort.cancelled() => return Err(StepError::cancelled()),
+        }
+    }
+}
+
 /// One attempt, as the pool runs it: marks the step running, runs the node under the
 /// attempt's timeout and the run's abort signal (either really stops the work: the node's
 /// future is dropped).
@@ -214,6 +271,7 @@ async fn attempt_job(
     prepared: Arc<Prepared>,
     attempt: u32,
     timeout: Duration,
+    admission: Option<Admission>,
 ) -> AttemptDone {
     let started_at = SystemTime::now();
     ctx.inner
@@ -229,7 +287,7 @@ async fn attempt_job(
     let result = tokio::select! {
         biased;
         _ = ctx.abort.cancelled() => Err(StepError::cancelled()),
-        r = tokio::time::timeout(scaled, nodes::execute(&ctx, &prepared, &step, attempt)) => match r {
+        r = tokio::time::timeout(scaled, nodes::execute(&ctx, &prepared, &step, attempt, admission)) => match r {
             Ok(r) => r,
             Err(_) => Err(StepError::new(
                 ErrorKind::Timeout,

@@ -10,7 +10,7 @@
 //! Time is tokio's (`tokio::time::Instant`), so tests may pause and advance it.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -71,7 +71,8 @@ impl std::fmt::Display for RateLimit {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Times of the grants still inside the window, oldest first.
+    /// Times of the grants still inside the window, oldest first; reservations
+    /// ([`Limiter::reserve`]) may lie in the future.
     granted: VecDeque<Instant>,
     /// Nobody is granted before this (a 429's `Retry-After`).
     paused_until: Option<Instant>,
@@ -84,6 +85,50 @@ pub struct Limiter {
     /// The window, scaled (`OMNIFLOW_TIME_SCALE`); `limit.per` is the configured one.
     window: Duration,
     state: Mutex<State>,
+}
+
+/// A place in a limiter's window taken ahead of a call ([`Limiter::reserve`]). Dropped
+/// without being redeemed (the run was cancelled, the answer came from the cache), it gives
+/// its place back, so a cancelled fan-out leaves no phantom reservations behind.
+#[derive(Debug)]
+pub struct Grant {
+    limiter: Arc<Limiter>,
+    at: Instant,
+    /// False for an unlimited limiter (only pauses apply): nothing was recorded.
+    recorded: bool,
+    live: bool,
+}
+
+impl Grant {
+    /// How long until the reserved place comes.
+    pub fn wait(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// True while a 429 pauses the provider: the reservation no longer holds.
+    pub fn paused(&self) -> bool {
+        !self.limiter.paused_for().is_zero()
+    }
+
+    /// At the moment of the call: `true` if the place still holds (it is moved to now);
+    /// `false` if it went stale (a 429 pause came, or the call is so late that using it could
+    /// break the quota) and was given back — then wait in [`Limiter::acquire`] instead.
+    pub fn redeem(self) -> bool {
+        self.redeem_at(Instant::now())
+    }
+
+    fn redeem_at(mut self, now: Instant) -> bool {
+        self.live = false;
+        self.limiter.redeem_place(self.at, self.recorded, now)
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if self.live && self.recorded {
+            self.limiter.release(self.at);
+        }
+    }
 }
 
 impl Limiter {
@@ -108,16 +153,11 @@ impl Limiter {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Either takes a grant now (`None`) or says how long to wait before asking again.
-    fn try_acquire(&self, now: Instant) -> Option<Duration> {
-        let mut st = self.lock();
-        if let Some(until) = st.paused_until {
-            if until > now {
-                return Some(until - now);
-            }
+    /// Drops the grants that have left the window, and a pause that is over.
+    fn prune(&self, st: &mut State, now: Instant) {
+        if st.paused_until.is_some_and(|u| u <= now) {
             st.paused_until = None;
         }
-        let limit = self.limit?;
         while st
             .granted
             .front()
@@ -125,13 +165,106 @@ impl Limiter {
         {
             st.granted.pop_front();
         }
-        if st.granted.len() < limit.requests as usize {
-            st.granted.push_back(now);
+    }
+
+    /// The earliest time a new grant may be placed, after every grant already given: not
+    /// during a pause, not before the last grant (the window stays in order), and not until
+    /// the `requests`-th most recent grant has left the window.
+    fn earliest(&self, st: &State, now: Instant) -> Instant {
+        let mut t = now.max(st.paused_until.unwrap_or(now));
+        if let Some(limit) = self.limit {
+            if let Some(&last) = st.granted.back() {
+                t = t.max(last);
+            }
+            let n = limit.requests as usize;
+            if st.granted.len() >= n {
+                t = t.max(st.granted[st.granted.len() - n] + self.window);
+            }
+        }
+        t
+    }
+
+    /// Records a grant at `now` if that keeps every window within the quota — also in a hole
+    /// a given-back reservation left — and says so.
+    fn place_now(&self, st: &mut State, now: Instant) -> bool {
+        if st.paused_until.is_some() {
+            return false;
+        }
+        let Some(limit) = self.limit else {
+            return true;
+        };
+        let p = st.granted.partition_point(|&t| t <= now);
+        st.granted.insert(p, now);
+        // Every run of requests + 1 consecutive grants that contains the new one must span
+        // at least a window.
+        let n = limit.requests as usize;
+        let len = st.granted.len();
+        let fits = len <= n
+            || (p.saturating_sub(n)..=p.min(len - n - 1))
+                .all(|k| st.granted[k + n].saturating_duration_since(st.granted[k]) >= self.window);
+        if !fits {
+            st.granted.remove(p);
+        }
+        fits
+    }
+
+    /// Either takes a grant now (`None`) or says how long to wait before asking again.
+    fn try_acquire(&self, now: Instant) -> Option<Duration> {
+        let mut st = self.lock();
+        self.prune(&mut st, now);
+        if self.place_now(&mut st, now) {
             return None;
         }
-        // Full: the oldest grant leaves the window at `oldest + window`.
-        let oldest = st.granted.front().copied().unwrap_or(now);
-        Some((oldest + self.window).saturating_duration_since(now))
+        // At the latest, the place after every grant given so far.
+        Some(
+            self.earliest(&st, now)
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1)),
+        )
+    }
+
+    /// Takes the earliest free place in the window ahead of the call: the caller waits until
+    /// [`Grant::wait`] is over — outside any pool slot, so a rate-limited call does not hold a
+    /// worker — then [`Grant::redeem`]s it at the moment of the call.
+    pub fn reserve(self: &Arc<Self>) -> Grant {
+        self.reserve_at(Instant::now())
+    }
+
+    fn reserve_at(self: &Arc<Self>, now: Instant) -> Grant {
+        let mut st = self.lock();
+        self.prune(&mut st, now);
+        let at = self.earliest(&st, now);
+        let recorded = self.limit.is_some();
+        if recorded {
+            st.granted.push_back(at);
+        }
+        Grant {
+            limiter: Arc::clone(self),
+            at,
+            recorded,
+            live: true,
+        }
+    }
+
+    /// Gives a reserved place back (the first grant recorded at `at`).
+    fn release(&self, at: Instant) {
+        let mut st = self.lock();
+        if let Some(i) = st.granted.iter().position(|&t| t == at) {
+            st.granted.remove(i);
+        }
+    }
+
+    /// A reservation made for `at`, used at `now`: moved to `now` when that keeps every
+    /// window within the quota (`true`: call now), else given back (`false`: acquire).
+    fn redeem_place(&self, at: Instant, recorded: bool, now: Instant) -> bool {
+        let mut st = self.lock();
+        if recorded {
+            if let Some(i) = st.granted.iter().position(|&t| t == at) {
+                st.granted.remove(i);
+            }
+        }
+        self.prune(&mut st, now);
+        self.place_now(&mut st, now)
     }
 
     /// Waits until this call may be sent. Cancel-safe: dropping the future takes no grant.
@@ -257,6 +390,82 @@ mod tests {
         assert_eq!(l.paused_at(start), Duration::from_secs(7));
         assert_eq!(grant_times(&l, start, 2), vec![Duration::from_secs(7); 2]);
         assert_eq!(l.paused_at(start + Duration::from_secs(7)), Duration::ZERO);
+    }
+
+    fn per_second(n: u32) -> Arc<Limiter> {
+        Arc::new(Limiter::new(
+            Some(RateLimit {
+                requests: n,
+                per: Duration::from_secs(1),
+            }),
+            1.0,
+        ))
+    }
+
+    #[test]
+    fn reservations_take_the_next_free_places_in_order() {
+        let l = per_second(2);
+        let t0 = Instant::now();
+        let gs: Vec<Grant> = (0..5).map(|_| l.reserve_at(t0)).collect();
+        let at: Vec<Duration> = gs.iter().map(|g| g.at - t0).collect();
+        let s = Duration::from_secs;
+        assert_eq!(at, vec![s(0), s(0), s(1), s(1), s(2)]);
+        // A caller that asks now (no reservation) queues behind them.
+        assert_eq!(l.try_acquire(t0), Some(s(2)));
+    }
+
+    #[test]
+    fn a_dropped_reservation_gives_its_place_back() {
+        let l = per_second(1);
+        let t0 = Instant::now();
+        let first = l.reserve_at(t0);
+        let later: Vec<Grant> = (0..39).map(|_| l.reserve_at(t0)).collect();
+        assert_eq!(later[38].at - t0, Duration::from_secs(39));
+        // A cancelled fan-out: its 39 waiting reservations leave no phantom places.
+        drop(later);
+        assert_eq!(l.reserve_at(t0).at - t0, Duration::from_secs(1));
+        drop(first);
+    }
+
+    #[test]
+    fn redeeming_on_time_holds_and_too_late_gives_the_place_back() {
+        let l = per_second(1);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let a = l.reserve_at(t0);
+        let b = l.reserve_at(t0);
+        assert_eq!(b.at - t0, s(1));
+        assert!(a.redeem_at(t0), "on time");
+        // b is used 0.5 s late: moved to 1.5 s it is still a window after a.
+        assert!(b.redeem_at(t0 + Duration::from_millis(1500)));
+        // c was placed at 2.5 s (a window after b's new time); used at 3 s it would sit
+        // 0.5 s before d's place at 3.5 s: refused and given back.
+        let c = l.reserve_at(t0);
+        assert_eq!(c.at - t0, Duration::from_millis(2500));
+        let d = l.reserve_at(t0);
+        assert_eq!(d.at - t0, Duration::from_millis(3500));
+        assert!(!c.redeem_at(t0 + s(3)));
+        // c's place is free again: a caller at 2.5 s gets it at once.
+        assert_eq!(l.try_acquire(t0 + Duration::from_millis(2500)), None);
+        drop(d);
+    }
+
+    #[test]
+    fn a_pause_voids_reservations_and_places_new_ones_after_it() {
+        let l = per_second(10);
+        let t0 = Instant::now();
+        let g = l.reserve_at(t0);
+        l.pause_at(t0, Duration::from_secs(5));
+        assert!(
+            !g.redeem_at(t0),
+            "a 429 came: the reservation no longer holds"
+        );
+        assert_eq!(l.reserve_at(t0).at - t0, Duration::from_secs(5));
+        // Unlimited limiters record nothing, but a pause still applies.
+        let u = Arc::new(Limiter::new(None, 1.0));
+        assert_eq!(u.reserve_at(t0).at, t0);
+        u.pause_at(t0, Duration::from_secs(2));
+        assert_eq!(u.reserve_at(t0).at - t0, Duration::from_secs(2));
     }
 
     #[tokio::test]

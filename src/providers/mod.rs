@@ -218,9 +218,35 @@ pub(crate) struct Answer {
 
 /// The rate limiters, one per provider (`hf-inference` shares Hugging Face's).
 struct Limits {
-    ollama: Limiter,
-    hf: Limiter,
-    openai: Limiter,
+    ollama: Arc<Limiter>,
+    hf: Arc<Limiter>,
+    openai: Arc<Limiter>,
+}
+
+/// A model call's place in its first provider's rate limit, taken before the call
+/// ([`Providers::admit`]): the engine waits for it outside the pool, so a call held back by
+/// the limit does not hold a worker that other runs could use.
+#[derive(Debug)]
+pub struct Admission {
+    link: Link,
+    grant: limiter::Grant,
+}
+
+impl Admission {
+    /// How long until the call may go.
+    pub fn wait(&self) -> Duration {
+        self.grant.wait()
+    }
+
+    /// True when a 429 paused the provider after the place was taken: admit again.
+    pub fn voided(&self) -> bool {
+        self.grant.paused()
+    }
+
+    /// The provider whose limit holds the call back (for messages).
+    pub fn provider(&self) -> &'static str {
+        self.link.as_str()
+    }
 }
 
 /// The provider chain of a process; cheap to clone.
@@ -243,9 +269,9 @@ impl Providers {
             .unwrap_or_default();
         let scale = config.time_scale;
         let limits = Arc::new(Limits {
-            ollama: Limiter::new(config.ollama_rate_limit, scale),
-            hf: Limiter::new(config.hf_rate_limit, scale),
-            openai: Limiter::new(config.openai_rate_limit, scale),
+            ollama: Arc::new(Limiter::new(config.ollama_rate_limit, scale)),
+            hf: Arc::new(Limiter::new(config.hf_rate_limit, scale)),
+            openai: Arc::new(Limiter::new(config.openai_rate_limit, scale)),
         });
         Providers {
             config,
@@ -274,7 +300,7 @@ impl Providers {
         self.limiter(link).paused_for()
     }
 
-    fn limiter(&self, link: Link) -> &Limiter {
+    fn limiter(&self, link: Link) -> &Arc<Limiter> {
         match link {
             Link::Ollama => &self.limits.ollama,
             Link::HuggingFace | Link::HfInference => &self.limits.hf,
@@ -294,11 +320,36 @@ impl Providers {
         self.complete_with(req, opts).await
     }
 
+    /// Takes `req`'s place in the rate limit of the provider it goes to first (`None` when it
+    /// goes to no real provider, or to none that is configured: the call itself says why).
+    /// Wait [`Admission::wait`], then pass it to [`Providers::complete_admitted`].
+    pub fn admit(&self, req: &LlmRequest, use_ollama: Option<bool>) -> Option<Admission> {
+        if req.provider == "sandbox" {
+            return None;
+        }
+        let link = *self.chain(&req.provider, use_ollama).ok()?.first()?;
+        Some(Admission {
+            link,
+            grant: self.limiter(link).reserve(),
+        })
+    }
+
     /// Calls the model with every option (progress, cache, chain order).
     pub async fn complete_with(
         &self,
         req: &LlmRequest,
         opts: CallOptions<'_>,
+    ) -> Result<LlmReply, StepError> {
+        self.complete_admitted(req, opts, None).await
+    }
+
+    /// [`Providers::complete_with`] for a call admitted ahead ([`Providers::admit`]): the
+    /// first provider's limiter is not waited for again while the place still holds.
+    pub async fn complete_admitted(
+        &self,
+        req: &LlmRequest,
+        opts: CallOptions<'_>,
+        mut admission: Option<Admission>,
     ) -> Result<LlmReply, StepError> {
         if let Some(sim) = opts.sandbox {
             return sim.complete(req, opts.key).await;
@@ -330,7 +381,11 @@ impl Providers {
         let mut skipped: Vec<(Link, StepError)> = Vec::new();
         for (i, &link) in chain.iter().enumerate() {
             let model = self.model_for(link, &req.model, auto);
-            match self.call_link(link, req, &model, opts.progress).await {
+            let admitted = admission.take_if(|a| a.link == link).map(|a| a.grant);
+            match self
+                .call_link(link, req, &model, opts.progress, admitted)
+                .await
+            {
                 Ok(answer) => {
                     let fallback = (!skipped.is_empty()).then(|| describe_skips(&skipped));
                     if let Some(f) = &fallback {
@@ -458,6 +513,7 @@ impl Providers {
         req: &LlmRequest,
         model: &str,
         progress: Progress<'_>,
+        admitted: Option<limiter::Grant>,
     ) -> Result<Answer, StepError> {
         let c = &self.config;
         let chat = Chat {
@@ -483,7 +539,10 @@ impl Providers {
             ));
         }
         let limiter = self.limiter(link);
-        limiter.acquire().await;
+        // A place taken ahead is used if it still holds; otherwise wait here as usual.
+        if !admitted.is_some_and(limiter::Grant::redeem) {
+            limiter.acquire().await;
+        }
         let result = match link {
             Link::Ollama => ollama::complete(&self.http, &c.ollama_url, &chat, progress).await,
             Link::HuggingFace => {

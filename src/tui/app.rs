@@ -577,6 +577,28 @@ impl App {
                     kind: kind.to_string(),
                     message,
                     until_ms: self.now_ms + wait_ms,
+                    waiting: false,
+                });
+                self.dirty = true;
+            }
+            Event::StepWaiting {
+                run_id,
+                step,
+                provider,
+                wait_ms,
+                ..
+            } => {
+                // Shown with the retry countdowns, but not counted as a failure.
+                self.retrying
+                    .retain(|r| !(r.run_id == run_id && r.step == step));
+                self.retrying.push(Retrying {
+                    run_id,
+                    step,
+                    attempt: 0,
+                    kind: provider,
+                    message: "waiting for the provider's rate limit (no worker held)".into(),
+                    until_ms: self.now_ms + wait_ms,
+                    waiting: true,
                 });
                 self.dirty = true;
             }

@@ -47,6 +47,8 @@ pub struct Retrying {
     pub message: String,
     /// When the next attempt is due (ms since the epoch).
     pub until_ms: u64,
+    /// Not a failure: the step waits for its provider's rate limit (`kind` is the provider).
+    pub waiting: bool,
 }
 
 /// A run of this process, from the bus.

@@ -290,16 +290,15 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
 pub fn workers(f: &mut Frame, app: &App, area: Rect) {
     let th = &app.theme;
     let busy = app.busy_workers();
-    let note = format!(
-        "{}/{} busy{}",
-        busy.len(),
-        app.workers.len(),
-        if app.retrying.is_empty() {
-            String::new()
-        } else {
-            format!(" · {} retrying", app.retrying.len())
-        }
-    );
+    let waiting = app.retrying.iter().filter(|r| r.waiting).count();
+    let retrying = app.retrying.len() - waiting;
+    let mut note = format!("{}/{} busy", busy.len(), app.workers.len());
+    if retrying > 0 {
+        note.push_str(&format!(" · {retrying} retrying"));
+    }
+    if waiting > 0 {
+        note.push_str(&format!(" · {waiting} rate-limited"));
+    }
     let block = pane_block(app, "Workers", Some(Focus::Workers), note);
     let inner = block.inner(area);
     f.render_widget(block, area);
@@ -352,13 +351,17 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
     retrying.sort_by_key(|r| r.until_ms);
     for r in retrying {
         let left = r.until_ms.saturating_sub(app.now_ms);
-        let head = format!(
-            "↻ {} retry in {} (#{} {}) ",
-            r.step,
-            fmt_ms(left),
-            r.attempt,
-            r.kind
-        );
+        let head = if r.waiting {
+            format!("⧗ {} {} limit, {} ", r.step, r.kind, fmt_ms(left))
+        } else {
+            format!(
+                "↻ {} retry in {} (#{} {}) ",
+                r.step,
+                fmt_ms(left),
+                r.attempt,
+                r.kind
+            )
+        };
         let rest = w.saturating_sub(head.chars().count());
         items.push(ListItem::new(Line::from(vec![
             Span::styled(head, Style::default().fg(th.warn)),
