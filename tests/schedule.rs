@@ -137,19 +137,101 @@ fn bad_schedules_are_reported_and_the_others_still_scheduled() {
     let (_d, store) = store();
     let bps = vec![
         bp("feb30", "0 0 30 2 *", json!({})),
-        bp("paris", "0 9 * * *", json!({ "timezone": "Europe/Paris" })),
+        bp("paris", "0 9 * * *", json!({ "timezone": "Europe/Pariss" })),
         bp("good", "0 9 * * *", json!({ "timezone": "+01:00" })),
+        bp(
+            "berlin",
+            "0 9 * * *",
+            json!({ "timezone": "Europe/Berlin" }),
+        ),
     ];
     let (s, problems) = Scheduler::new(&bps, store, MissedSlots::Skip, SystemTime::now());
-    assert_eq!(s.scheduled(), ["good"]);
+    assert_eq!(s.scheduled(), ["good", "berlin"]);
+    assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(
         problems[0].starts_with("feb30: ") && problems[0].contains("never fires"),
         "{problems:?}"
     );
     assert!(
-        problems[1].starts_with("paris: ") && problems[1].contains("fixed offset"),
+        problems[1].starts_with("paris: ")
+            && problems[1].contains("did you mean \"Europe/Paris\"?")
+            && problems[1].contains("fixed offset"),
         "{problems:?}"
     );
+}
+
+/// Ticks `s` every 30 s from `from` to `until`; the slots it fired.
+fn fired_every_half_minute(s: &mut Scheduler, from: &str, until: &str) -> Vec<SystemTime> {
+    let (mut t, end) = (at(from), at(until));
+    let mut slots = Vec::new();
+    while t <= end {
+        slots.extend(s.tick(t).into_iter().map(|f| {
+            assert!(!f.caught_up);
+            f.slot
+        }));
+        t += Duration::from_secs(30);
+    }
+    slots
+}
+
+#[test]
+fn a_named_zone_fires_a_repeated_local_time_once_and_a_skipped_one_after_the_gap() {
+    let (_d, store) = store();
+    // Berlin goes back from 03:00 CEST to 02:00 CET at 01:00Z on 2026-10-25: 02:30 happens
+    // at 00:30Z and at 01:30Z. Two processes tick through the night on one database.
+    let bps = vec![
+        bp(
+            "half-two",
+            "30 2 * * *",
+            json!({ "timezone": "Europe/Berlin" }),
+        ),
+        bp(
+            "hourly",
+            "0 * * * *",
+            json!({ "timezone": "Europe/Berlin" }),
+        ),
+    ];
+    let t0 = at("2026-10-24T22:00:00Z");
+    let (mut a, problems) = Scheduler::new(&bps, store.clone(), MissedSlots::Skip, t0);
+    assert!(problems.is_empty(), "{problems:?}");
+    let (mut b, _) = Scheduler::new(&bps, store.clone(), MissedSlots::Skip, t0);
+    let mut fired = fired_every_half_minute(&mut a, "2026-10-24T22:00:30Z", "2026-10-25T23:00:00Z");
+    fired.extend(fired_every_half_minute(
+        &mut b,
+        "2026-10-24T22:00:30Z",
+        "2026-10-25T23:00:00Z",
+    ));
+    let slots = |name: &str| -> Vec<SystemTime> {
+        store
+            .slots_of(name)
+            .unwrap()
+            .iter()
+            .map(|s| s.slot)
+            .collect()
+    };
+    assert_eq!(slots("half-two"), [at("2026-10-25T00:30:00Z")]);
+    // The local day has 25 hours and 24 wall-clock hours: 02:00 fires at its first occurrence.
+    let hourly = slots("hourly");
+    assert_eq!(hourly.len(), 24, "{hourly:?}");
+    assert!(
+        hourly.contains(&at("2026-10-25T00:00:00Z"))
+            && !hourly.contains(&at("2026-10-25T01:00:00Z"))
+    );
+    assert_eq!(
+        fired.len(),
+        25,
+        "each slot fired by exactly one of the two processes"
+    );
+
+    // Spring forward, 2026-03-29 at 01:00Z (02:00 CET → 03:00 CEST): 02:30 fires at 03:00.
+    let (mut s, _) = Scheduler::new(
+        &bps[..1],
+        store.clone(),
+        MissedSlots::Skip,
+        at("2026-03-28T22:00:00Z"),
+    );
+    let fired = fired_every_half_minute(&mut s, "2026-03-28T22:00:30Z", "2026-03-29T22:00:00Z");
+    assert_eq!(fired, [at("2026-03-29T01:00:00Z")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,11 +495,13 @@ fn the_validator_rejects_a_zone_it_cannot_use_and_a_cron_that_never_fires() {
         problems.iter().any(|p| p.starts_with("missedSlots: ")),
         "{problems:?}"
     );
-    let ok = json!({
-        "name": "x", "schedule": "17 */6 * * *", "timezone": "+05:30", "missedSlots": "runOnce",
-        "nodes": [{ "id": "a", "type": "transform", "template": "x" }]
-    });
-    assert!(omniflow::blueprint::validate(&ok).is_empty());
+    for tz in ["+05:30", "Europe/Berlin", "Asia/Kolkata", "utc"] {
+        let ok = json!({
+            "name": "x", "schedule": "17 */6 * * *", "timezone": tz, "missedSlots": "runOnce",
+            "nodes": [{ "id": "a", "type": "transform", "template": "x" }]
+        });
+        assert!(omniflow::blueprint::validate(&ok).is_empty(), "{tz}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -446,6 +446,40 @@ fn bad_cron_shows_the_expression_and_an_example() {
 }
 
 #[test]
+fn named_time_zones_validate_and_a_typo_suggests_the_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |file: &str, tz: &str| {
+        let mut doc = example();
+        doc["timezone"] = json!(tz);
+        let path = dir.path().join(file);
+        std::fs::write(&path, doc.to_string()).unwrap();
+        path
+    };
+    let good = load_file(&write("berlin.json", "Europe/Berlin")).unwrap();
+    assert_eq!(good.timezone.as_deref(), Some("Europe/Berlin"));
+    let bad = write("berln.json", "Europe/Berln");
+    let text = load_file(&bad).unwrap_err().to_string();
+    assert!(
+        text.starts_with(&bad.display().to_string())
+            && text.contains(
+                "timezone: timezone \"Europe/Berln\" is not a known time zone — did you mean \"Europe/Berlin\"?"
+            ),
+        "{text}"
+    );
+    let mut doc = example();
+    doc["timezone"] = json!("Berlin");
+    assert_problem(
+        &doc,
+        "timezone",
+        &[
+            "did you mean \"Europe/Berlin\"?",
+            "fixed offset",
+            "IANA zone name",
+        ],
+    );
+}
+
+#[test]
 fn durations_need_a_unit_everywhere() {
     let mut doc = example();
     doc["defaults"]["timeout"] = json!("300");

@@ -21,6 +21,7 @@ pub struct Blueprint {
     /// Cron expression (5 fields, UTC unless `timezone` says otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
+    /// Zone of `schedule`: UTC, a fixed offset or an IANA name (see `schedule::parse_timezone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
     /// What the scheduler does with slots that passed while nothing ran (issue 5); `None`

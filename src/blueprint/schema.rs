@@ -75,7 +75,7 @@ fn build() -> Value {
             "schedule": { "type": "string", "format": "cron",
                           "description": "Cron expression, 5 fields (minute hour day-of-month month day-of-week), e.g. \"17 */6 * * *\"." },
             "timezone": { "type": "string",
-                          "description": "Time zone of `schedule`: \"UTC\" (the default) or a fixed offset such as \"+02:00\" or \"UTC-5\"." },
+                          "description": "Time zone of `schedule`: \"UTC\" (the default), a fixed offset such as \"+02:00\" or \"UTC-5\", or an IANA zone name such as \"Europe/Berlin\" (follows daylight saving: a local time repeated when clocks go back fires once, one skipped when they go forward fires right after the gap)." },
             "variables": { "type": "object", "additionalProperties": true,
                            "x-expected": "an object of variable names and default values",
                            "description": "Variables and their default values, read as `vars.NAME`; `--var NAME=VALUE` overrides them." },

@@ -147,7 +147,7 @@ impl<'s> Walker<'s> {
                 }
                 return;
             }
-            // Issue 5: "UTC" or a fixed offset (see schedule::parse_timezone).
+            // Issue 5: UTC, a fixed offset or an IANA name (see schedule::parse_timezone).
             Some("timezone") => {
                 if let Err(msg) = crate::schedule::parse_timezone(Some(text)) {
                     self.problem(path, msg);

@@ -87,15 +87,17 @@ pub struct File {
 /// Generates every file of the export, in memory.
 pub fn generate(bp: &Blueprint, target: Target) -> Result<Vec<File>, ExportError> {
     if target == Target::GithubAction {
-        if let Some(tz) = bp
-            .timezone
-            .as_deref()
-            .filter(|tz| !["UTC", "Etc/UTC"].contains(tz))
-        {
+        // GitHub Actions schedules are UTC only. Any spelling of UTC is fine; an offset or a
+        // named zone would move the slots (and a zone's daylight saving cannot be written as
+        // one UTC cron), so it is refused with what to do instead.
+        let tz = bp.timezone.as_deref();
+        if !crate::schedule::parse_timezone(tz).is_ok_and(|z| z.is_utc()) {
             return Err(ExportError::Unsupported {
                 location: "timezone".into(),
                 what: format!(
-                    "a schedule in the timezone {tz:?} (GitHub Actions schedules are UTC only)"
+                    "a schedule in the timezone {:?} (GitHub Actions schedules are UTC only: \
+                     write `schedule` in UTC and remove `timezone`)",
+                    tz.unwrap_or_default()
                 ),
                 target: "github-action",
             });
@@ -735,4 +737,54 @@ fn ident(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scheduled(tz: Option<&str>) -> Blueprint {
+        let mut v = serde_json::json!({
+            "name": "x", "schedule": "0 9 * * *",
+            "nodes": [{ "id": "a", "type": "transform", "template": "x" }]
+        });
+        if let Some(tz) = tz {
+            v["timezone"] = tz.into();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn github_actions_take_any_spelling_of_utc_and_refuse_other_zones() {
+        for tz in [
+            None,
+            Some("UTC"),
+            Some("utc"),
+            Some("Z"),
+            Some("GMT"),
+            Some("Etc/UTC"),
+            Some("+00:00"),
+        ] {
+            let files = generate(&scheduled(tz), Target::GithubAction)
+                .unwrap_or_else(|e| panic!("{tz:?}: {e}"));
+            assert!(
+                files.iter().any(|f| f.text.contains("- cron: '0 9 * * *'")),
+                "{tz:?}"
+            );
+        }
+        for tz in ["Europe/Berlin", "+02:00", "UTC-5", "Etc/GMT+5"] {
+            let e = generate(&scheduled(Some(tz)), Target::GithubAction)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("timezone: a schedule in the timezone \"{tz}\""))
+                    && e.contains("UTC only")
+                    && e.contains("write `schedule` in UTC and remove `timezone`")
+                    && e.ends_with("cannot be exported to github-action"),
+                "{e}"
+            );
+        }
+        // The other targets run the cron wherever the user puts it: no refusal there.
+        assert!(generate(&scheduled(Some("Europe/Berlin")), Target::Python).is_ok());
+    }
 }

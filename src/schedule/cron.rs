@@ -1,54 +1,195 @@
-//! Cron expressions (croner) in UTC or a fixed offset.
+//! Cron expressions (croner) in UTC, a fixed offset or an IANA time zone (chrono-tz).
+//!
+//! A schedule names wall-clock times in its zone. Where daylight saving makes a wall-clock
+//! time ambiguous, each slot still fires at most once:
+//!
+//! - **Clocks go back** (a local hour happens twice): a wall-clock time fires at its first
+//!   occurrence only. `30 2 * * *` in `Europe/Berlin` fires at 02:30 summer time (00:30Z) on
+//!   2026-10-25, not again at 02:30 winter time; an hourly or more frequent schedule pauses
+//!   during the repeated hour.
+//! - **Clocks go forward** (a local hour is skipped): a wall-clock time in the gap fires once,
+//!   at the first instant after it. `30 2 * * *` in `Europe/Berlin` fires at 03:00 summer time
+//!   (01:00Z) on 2026-03-29; all slots in the gap together fire that once.
+//!
+//! UTC and fixed offsets have neither case.
 
 use crate::blueprint::Blueprint;
-use chrono::{DateTime, FixedOffset, TimeZone, Utc};
+use chrono::{DateTime, FixedOffset, NaiveDateTime, Offset, TimeZone, Utc};
+use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// A parsed `schedule` with its time zone.
-#[derive(Debug, Clone)]
-pub struct CronSchedule {
-    cron: croner::Cron,
-    tz: FixedOffset,
+/// A blueprint's `timezone`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zone {
+    /// UTC (offset 0) or a fixed offset such as `+02:00`: no daylight saving.
+    Fixed(FixedOffset),
+    /// An IANA zone (`Europe/Berlin`) with its daylight-saving rules.
+    Named(chrono_tz::Tz),
 }
 
-/// Parses a blueprint's `timezone`: `UTC` (also `Z`, `GMT`, `Etc/UTC`, none) or a fixed offset
-/// (`+02:00`, `-0530`, `+2`, `UTC+2`, `GMT-05:30`).
-pub fn parse_timezone(tz: Option<&str>) -> Result<FixedOffset, String> {
-    let utc = FixedOffset::east_opt(0).ok_or("UTC offset")?;
+impl Zone {
+    /// UTC, the zone of a blueprint without `timezone`.
+    pub fn utc() -> Zone {
+        Zone::Fixed(Utc.fix())
+    }
+
+    /// Whether slots in this zone are the same as in UTC (offset 0, or an alias of UTC).
+    pub fn is_utc(&self) -> bool {
+        matches!(self, Zone::Fixed(o) if o.local_minus_utc() == 0)
+    }
+
+    /// The wall-clock time at `t` in this zone.
+    fn wall_clock(&self, t: DateTime<Utc>) -> NaiveDateTime {
+        match self {
+            Zone::Fixed(o) => t.with_timezone(o).naive_local(),
+            Zone::Named(tz) => t.with_timezone(tz).naive_local(),
+        }
+    }
+
+    /// The instant a wall-clock time names: the earlier one when the time happens twice, the
+    /// first instant after the gap when it does not happen at all. `None` only if no wall-clock
+    /// minute of the next two days exists (no zone has such a gap).
+    fn instant(&self, wall: NaiveDateTime) -> Option<DateTime<Utc>> {
+        let tz = match self {
+            Zone::Fixed(o) => {
+                return o
+                    .from_local_datetime(&wall)
+                    .earliest()
+                    .map(|d| d.with_timezone(&Utc))
+            }
+            Zone::Named(tz) => tz,
+        };
+        // In a gap, the first wall-clock minute that exists is the instant the clocks jumped
+        // (today's transitions fall on whole minutes; cron slots always do).
+        let mut t = wall;
+        for _ in 0..2 * 24 * 60 {
+            if let Some(d) = tz.from_local_datetime(&t).earliest() {
+                return Some(d.with_timezone(&Utc));
+            }
+            t = t.checked_add_signed(chrono::Duration::minutes(1))?;
+        }
+        None
+    }
+}
+
+impl fmt::Display for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Zone::Fixed(_) if self.is_utc() => f.write_str("UTC"),
+            Zone::Fixed(o) => write!(f, "{o}"),
+            Zone::Named(tz) => f.write_str(tz.name()),
+        }
+    }
+}
+
+/// Names of UTC, in upper case: `Z`, the common ones, and the IANA aliases of `Etc/UTC`.
+const UTC_NAMES: &[&str] = &[
+    "UTC",
+    "Z",
+    "GMT",
+    "UCT",
+    "ZULU",
+    "UNIVERSAL",
+    "GREENWICH",
+    "GMT0",
+    "GMT+0",
+    "GMT-0",
+    "ETC/UTC",
+    "ETC/GMT",
+    "ETC/UCT",
+    "ETC/ZULU",
+    "ETC/UNIVERSAL",
+    "ETC/GREENWICH",
+    "ETC/GMT0",
+    "ETC/GMT+0",
+    "ETC/GMT-0",
+];
+
+const ACCEPTED: &str = "use \"UTC\", a fixed offset such as \"+02:00\" or \"UTC-5\", or an IANA zone name such as \"Europe/Berlin\" or \"America/New_York\"";
+
+/// Parses a blueprint's `timezone`: absent or UTC (also `Z`, `GMT`, `Etc/UTC`, any case), a
+/// fixed offset (`+02:00`, `-0530`, `+2`, `UTC+2`, `GMT-05:30`), or an IANA zone name
+/// (`Europe/Berlin`, exact case). An unknown name is refused with the closest known one.
+pub fn parse_timezone(tz: Option<&str>) -> Result<Zone, String> {
     let Some(raw) = tz.map(str::trim).filter(|t| !t.is_empty()) else {
-        return Ok(utc);
+        return Ok(Zone::utc());
     };
     let upper = raw.to_ascii_uppercase();
-    if ["UTC", "Z", "GMT", "ETC/UTC", "ETC/GMT"].contains(&upper.as_str()) {
-        return Ok(utc);
+    if UTC_NAMES.contains(&upper.as_str()) {
+        return Ok(Zone::utc());
     }
     let offset = upper
         .strip_prefix("UTC")
         .or_else(|| upper.strip_prefix("GMT"))
         .unwrap_or(&upper);
-    let bad = || {
-        format!(
-            "timezone \"{raw}\" is not supported: use \"UTC\" or a fixed offset such as \"+02:00\" or \"UTC-5\" \
-             (named zones with daylight saving are not supported; write the cron in UTC instead)"
-        )
-    };
-    let (sign, rest) = match offset.as_bytes().first() {
-        Some(b'+') => (1, &offset[1..]),
-        Some(b'-') => (-1, &offset[1..]),
-        _ => return Err(bad()),
+    if offset.starts_with(['+', '-']) {
+        return fixed_offset(offset).map(Zone::Fixed).ok_or_else(|| {
+            format!(
+                "timezone \"{raw}\" is not a valid UTC offset: write [+|-]HH:MM with at most 14 hours, \
+                 e.g. \"+02:00\", \"-0530\" or \"UTC-5\""
+            )
+        });
+    }
+    if let Ok(tz) = raw.parse::<chrono_tz::Tz>() {
+        return Ok(Zone::Named(tz));
+    }
+    let hint = closest_zone(raw)
+        .map(|z| format!(" — did you mean \"{z}\"?"))
+        .unwrap_or_default();
+    Err(format!(
+        "timezone \"{raw}\" is not a known time zone{hint} ({ACCEPTED})"
+    ))
+}
+
+/// `+HH:MM`, `-HHMM`, `+H`: at most 14 hours.
+fn fixed_offset(s: &str) -> Option<FixedOffset> {
+    let (sign, rest) = match s.as_bytes().first() {
+        Some(b'+') => (1, &s[1..]),
+        Some(b'-') => (-1, &s[1..]),
+        _ => return None,
     };
     let (h, m) = match rest.split_once(':') {
         Some((h, m)) => (h, m),
-        None if rest.len() == 4 => rest.split_at(2),
+        None if rest.len() == 4 => rest.split_at_checked(2)?,
         None => (rest, "0"),
     };
-    let (Ok(h), Ok(m)) = (h.parse::<i32>(), m.parse::<i32>()) else {
-        return Err(bad());
-    };
+    let (h, m) = (h.parse::<i32>().ok()?, m.parse::<i32>().ok()?);
     if !(0..=14).contains(&h) || !(0..60).contains(&m) {
-        return Err(bad());
+        return None;
     }
-    FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(bad)
+    FixedOffset::east_opt(sign * (h * 3600 + m * 60))
+}
+
+/// The IANA name `raw` most likely means: the same name in another case or spelling
+/// (`europe/berlin`, `America/New York`), a typo of a `Region/City` name (`Europe/Berln`), or
+/// the zone of a city written alone (`Berlin`). Abbreviations (`PST`, `CEST`) get no guess:
+/// the closest names by spelling are other zones.
+fn closest_zone(raw: &str) -> Option<&'static str> {
+    let norm = |s: &str| -> String {
+        s.chars()
+            .filter(|c| !matches!(c, '_' | '-' | ' '))
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let names = || chrono_tz::TZ_VARIANTS.iter().map(|z| z.name());
+    let want = norm(raw);
+    if let Some(same) = names().find(|n| norm(n) == want) {
+        return Some(same);
+    }
+    if raw.contains('/') {
+        return crate::blueprint::did_you_mean(raw, names().filter(|n| n.contains('/')));
+    }
+    names().find(|n| {
+        n.rsplit_once('/')
+            .is_some_and(|(region, city)| region != "Etc" && norm(city) == want)
+    })
+}
+
+/// A parsed `schedule` with its time zone.
+#[derive(Debug, Clone)]
+pub struct CronSchedule {
+    cron: croner::Cron,
+    zone: Zone,
 }
 
 impl CronSchedule {
@@ -66,18 +207,34 @@ impl CronSchedule {
         let cron = croner::Cron::new(expr)
             .parse()
             .map_err(|e| format!("invalid cron expression \"{expr}\": {e}"))?;
-        let tz = parse_timezone(bp.timezone.as_deref())?;
-        Ok(Some(CronSchedule { cron, tz }))
+        let zone = parse_timezone(bp.timezone.as_deref())?;
+        Ok(Some(CronSchedule { cron, zone }))
     }
 
     /// The first slot strictly after `t`; `None` if the expression never fires again.
+    ///
+    /// In a zone with daylight saving, a wall-clock time that happens twice (clocks go back)
+    /// is a slot at its first occurrence only, and one that does not happen (clocks go
+    /// forward) is a slot at the first instant after the gap.
     pub fn next_after(&self, t: SystemTime) -> Option<SystemTime> {
         let secs = t.duration_since(UNIX_EPOCH).ok()?.as_secs();
-        let utc: DateTime<Utc> = Utc.timestamp_opt(i64::try_from(secs).ok()?, 0).single()?;
-        let local = utc.with_timezone(&self.tz);
-        let next = self.cron.find_next_occurrence(&local, false).ok()?;
-        let s = u64::try_from(next.timestamp()).ok()?;
-        Some(UNIX_EPOCH + Duration::from_secs(s))
+        let after: DateTime<Utc> = Utc.timestamp_opt(i64::try_from(secs).ok()?, 0).single()?;
+        // croner walks wall-clock times, handed to it as UTC so that it sees neither gaps nor
+        // repeats; the zone then says which instant each one is.
+        let mut wall = Utc.from_utc_datetime(&self.zone.wall_clock(after));
+        // A wall-clock time whose first occurrence is not after `t` (it is being repeated
+        // now) is skipped. A repeat lasts an hour or two: a minute schedule skips ~120.
+        for _ in 0..10_000 {
+            wall = self.cron.find_next_occurrence(&wall, false).ok()?;
+            match self.zone.instant(wall.naive_utc()) {
+                Some(at) if at > after => {
+                    let s = u64::try_from(at.timestamp()).ok()?;
+                    return Some(UNIX_EPOCH + Duration::from_secs(s));
+                }
+                _ => {}
+            }
+        }
+        None
     }
 }
 
@@ -132,17 +289,234 @@ mod tests {
         assert_eq!(n, Some(at("2026-01-02T05:20:00Z")));
     }
 
+    /// `bp`'s slots after `from` up to and including `until`.
+    fn slots(bp: &Blueprint, from: &str, until: &str) -> Vec<SystemTime> {
+        let cron = CronSchedule::of(bp).unwrap().unwrap();
+        let (mut t, end) = (at(from), at(until));
+        let mut out = Vec::new();
+        while let Some(next) = cron.next_after(t).filter(|n| *n <= end) {
+            out.push(next);
+            t = next;
+        }
+        out
+    }
+
     #[test]
     fn bad_zones_and_crons_that_never_fire_are_explained() {
+        // A typo of a named zone: the value, the closest zone, and what is accepted.
         let e =
-            next_fire_time(&bp("0 9 * * *", Some("Europe/Paris")), SystemTime::now()).unwrap_err();
-        assert!(e.contains("not supported"), "{e}");
+            next_fire_time(&bp("0 9 * * *", Some("Europe/Pariss")), SystemTime::now()).unwrap_err();
+        assert!(
+            e.contains("\"Europe/Pariss\"")
+                && e.contains("did you mean \"Europe/Paris\"?")
+                && e.contains("fixed offset")
+                && e.contains("IANA"),
+            "{e}"
+        );
         let e = next_fire_time(&bp("0 0 30 2 *", None), SystemTime::now()).unwrap_err();
         assert!(e.contains("never fires"), "{e}");
         assert_eq!(
-            parse_timezone(Some("-0530")).unwrap().local_minus_utc(),
-            -19800
+            parse_timezone(Some("-0530")).unwrap(),
+            Zone::Fixed(FixedOffset::west_opt(19800).unwrap())
         );
-        assert!(parse_timezone(Some("+25")).is_err());
+        let e = parse_timezone(Some("+25")).unwrap_err();
+        assert!(e.contains("\"+25\" is not a valid UTC offset"), "{e}");
+        // Multi-byte text where an offset's digits go is an error, not a panic.
+        assert!(parse_timezone(Some("+1é2")).is_err());
+    }
+
+    #[test]
+    fn named_zones_are_parsed_and_unknown_ones_get_the_closest_name() {
+        assert_eq!(
+            parse_timezone(Some("Europe/Berlin")),
+            Ok(Zone::Named(chrono_tz::Europe::Berlin))
+        );
+        assert_eq!(
+            parse_timezone(Some(" Asia/Kolkata ")),
+            Ok(Zone::Named(chrono_tz::Asia::Kolkata))
+        );
+        // POSIX sign: Etc/GMT+5 is five hours behind UTC; "GMT+5" is the intuitive offset.
+        assert_eq!(
+            parse_timezone(Some("Etc/GMT+5")),
+            Ok(Zone::Named(chrono_tz::Etc::GMTPlus5))
+        );
+        assert_eq!(
+            parse_timezone(Some("GMT+5")),
+            Ok(Zone::Fixed(FixedOffset::east_opt(5 * 3600).unwrap()))
+        );
+        for utc in [
+            "UTC",
+            "utc",
+            "Z",
+            "GMT",
+            "Etc/UTC",
+            "etc/utc",
+            "Zulu",
+            "UCT",
+            "Etc/Universal",
+            "+00:00",
+            "UTC-0",
+            "",
+        ] {
+            let z = parse_timezone(Some(utc)).unwrap();
+            assert!(z.is_utc(), "{utc}: {z:?}");
+            assert_eq!(z.to_string(), "UTC");
+        }
+        assert!(!parse_timezone(Some("Europe/London")).unwrap().is_utc());
+        assert!(!parse_timezone(Some("+01:00")).unwrap().is_utc());
+        assert_eq!(
+            parse_timezone(Some("America/New_York"))
+                .unwrap()
+                .to_string(),
+            "America/New_York"
+        );
+        assert_eq!(
+            parse_timezone(Some("-05:30")).unwrap().to_string(),
+            "-05:30"
+        );
+
+        let hint = |raw: &str| {
+            let e = parse_timezone(Some(raw)).unwrap_err();
+            assert!(
+                e.starts_with(&format!("timezone \"{raw}\" is not a known time zone")),
+                "{e}"
+            );
+            e.split_once("did you mean \"")
+                .map(|(_, rest)| rest.split('"').next().unwrap_or_default().to_string())
+        };
+        assert_eq!(hint("Europe/Berln").as_deref(), Some("Europe/Berlin"));
+        assert_eq!(hint("europe/berlin").as_deref(), Some("Europe/Berlin"));
+        assert_eq!(
+            hint("America/New York").as_deref(),
+            Some("America/New_York")
+        );
+        assert_eq!(hint("Amerca/Chicago").as_deref(), Some("America/Chicago"));
+        assert_eq!(hint("Berlin").as_deref(), Some("Europe/Berlin"));
+        assert_eq!(hint("kolkata").as_deref(), Some("Asia/Kolkata"));
+        // No guess for strangers, nor for abbreviations (PST is not EST).
+        assert_eq!(hint("Mars/Olympus"), None);
+        assert_eq!(hint("PST"), None);
+        assert_eq!(hint("CEST"), None);
+    }
+
+    #[test]
+    fn a_named_zone_follows_daylight_saving() {
+        let berlin = bp("0 9 * * *", Some("Europe/Berlin"));
+        // 09:00 CET (+01:00) in winter, 09:00 CEST (+02:00) in summer.
+        let next = |b: &Blueprint, t: &str| next_fire_time(b, at(t)).unwrap();
+        assert_eq!(
+            next(&berlin, "2026-01-15T00:00:00Z"),
+            Some(at("2026-01-15T08:00:00Z"))
+        );
+        assert_eq!(
+            next(&berlin, "2026-07-15T00:00:00Z"),
+            Some(at("2026-07-15T07:00:00Z"))
+        );
+        // Across the change: the day before and the day of it (2026-03-29, 2026-10-25).
+        assert_eq!(
+            slots(&berlin, "2026-03-28T00:00:00Z", "2026-03-30T00:00:00Z"),
+            [at("2026-03-28T08:00:00Z"), at("2026-03-29T07:00:00Z")]
+        );
+        assert_eq!(
+            slots(&berlin, "2026-10-24T00:00:00Z", "2026-10-26T00:00:00Z"),
+            [at("2026-10-24T07:00:00Z"), at("2026-10-25T08:00:00Z")]
+        );
+
+        // New York changes on other days (2026-03-08, 2026-11-01): EST -05:00, EDT -04:00.
+        let ny = bp("0 9 * * *", Some("America/New_York"));
+        assert_eq!(
+            slots(&ny, "2026-03-07T00:00:00Z", "2026-03-09T00:00:00Z"),
+            [at("2026-03-07T14:00:00Z"), at("2026-03-08T13:00:00Z")]
+        );
+        assert_eq!(
+            slots(&ny, "2026-10-31T00:00:00Z", "2026-11-02T00:00:00Z"),
+            [at("2026-10-31T13:00:00Z"), at("2026-11-01T14:00:00Z")]
+        );
+
+        // Kolkata has no daylight saving: 09:00 IST (+05:30) is 03:30Z all year.
+        let kolkata = bp("0 9 * * *", Some("Asia/Kolkata"));
+        for day in ["2026-01-15", "2026-07-15"] {
+            assert_eq!(
+                next(&kolkata, &format!("{day}T00:00:00Z")),
+                Some(at(&format!("{day}T03:30:00Z")))
+            );
+        }
+    }
+
+    #[test]
+    fn a_slot_in_the_skipped_hour_fires_once_right_after_it() {
+        // Berlin, 2026-03-29: 02:00 CET jumps to 03:00 CEST (01:00Z); 02:30 never happens.
+        let b = bp("30 2 * * *", Some("Europe/Berlin"));
+        assert_eq!(
+            slots(&b, "2026-03-28T00:00:00Z", "2026-03-31T00:00:00Z"),
+            [
+                at("2026-03-28T01:30:00Z"), // 02:30 CET
+                at("2026-03-29T01:00:00Z"), // 03:00 CEST, the first instant after the gap
+                at("2026-03-30T00:30:00Z"), // 02:30 CEST
+            ]
+        );
+        // Every slot of the gap fires that once, together with 03:00 itself.
+        let q = bp("*/15 * * * *", Some("Europe/Berlin"));
+        assert_eq!(
+            slots(&q, "2026-03-29T00:30:00Z", "2026-03-29T01:30:00Z"),
+            [
+                at("2026-03-29T00:45:00Z"), // 01:45 CET
+                at("2026-03-29T01:00:00Z"), // 02:00–03:00 local
+                at("2026-03-29T01:15:00Z"), // 03:15 CEST
+                at("2026-03-29T01:30:00Z"),
+            ]
+        );
+        // New York skips 02:00–03:00 EST on 2026-03-08 (07:00Z).
+        let ny = bp("30 2 * * *", Some("America/New_York"));
+        assert_eq!(
+            next_fire_time(&ny, at("2026-03-08T00:00:00Z")).unwrap(),
+            Some(at("2026-03-08T07:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn a_slot_in_the_repeated_hour_fires_once() {
+        // Berlin, 2026-10-25: 03:00 CEST goes back to 02:00 CET (01:00Z); 02:30 happens at
+        // 00:30Z and again at 01:30Z. It fires at the first only.
+        let b = bp("30 2 * * *", Some("Europe/Berlin"));
+        // The local day of 2026-10-25: 22:00Z the day before to 23:00Z.
+        assert_eq!(
+            slots(&b, "2026-10-24T22:00:00Z", "2026-10-25T23:00:00Z"),
+            [at("2026-10-25T00:30:00Z")]
+        );
+        // Asked during the second pass of the hour, the next slot is the next day's.
+        for t in [
+            "2026-10-25T00:30:00Z",
+            "2026-10-25T01:15:00Z",
+            "2026-10-25T01:30:00Z",
+        ] {
+            assert_eq!(
+                next_fire_time(&b, at(t)).unwrap(),
+                Some(at("2026-10-26T01:30:00Z")),
+                "{t}"
+            );
+        }
+        // An hourly schedule fires at 02:00 CEST and next at 03:00 CET, not at 02:00 CET.
+        let h = bp("0 * * * *", Some("Europe/Berlin"));
+        assert_eq!(
+            slots(&h, "2026-10-24T23:30:00Z", "2026-10-25T03:00:00Z"),
+            [
+                at("2026-10-25T00:00:00Z"), // 02:00 CEST
+                at("2026-10-25T02:00:00Z"), // 03:00 CET
+                at("2026-10-25T03:00:00Z"),
+            ]
+        );
+        // Every minute: never two slots at one instant, never one back in time.
+        let m = slots(
+            &bp("* * * * *", Some("Europe/Berlin")),
+            "2026-10-24T23:00:00Z",
+            "2026-10-25T03:00:00Z",
+        );
+        assert!(m.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            m.len(),
+            4 * 60 - 60,
+            "the repeated hour's minutes fire once"
+        );
     }
 }

@@ -1,10 +1,12 @@
 //! Schedules: while the console or `omniflow daemon` runs, each active blueprint with a
 //! `schedule` fires at its cron slots.
 //!
-//! - **Time.** Cron in UTC, or in the blueprint's `timezone` when that is a fixed offset
-//!   (`"+02:00"`, `"UTC-5"`). Named zones with daylight saving (`"Europe/Paris"`) are refused
-//!   with a clear message: supporting them needs the tz database (chrono-tz), which this build
-//!   leaves out to keep the build small.
+//! - **Time.** Cron in UTC, or in the blueprint's `timezone`: a fixed offset (`"+02:00"`,
+//!   `"UTC-5"`) or an IANA zone (`"Europe/Berlin"`, from chrono-tz's built-in tz database)
+//!   whose daylight saving it follows. A local time repeated when clocks go back fires once
+//!   (its first occurrence); one skipped when they go forward fires once, right after the gap
+//!   (see [`CronSchedule::next_after`]). Slots are instants, so the claims below never see a
+//!   local time twice.
 //! - **A slot fires once.** Before a slot runs, it is claimed in the store
 //!   ([`Store::claim_slot`]: `INSERT OR IGNORE` in `BEGIN IMMEDIATE`); only the process whose
 //!   insert landed starts the run, so two daemons (or a daemon and a console) on one database
@@ -26,7 +28,7 @@ mod clock;
 mod cron;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use cron::{next_fire_time, parse_timezone, CronSchedule};
+pub use cron::{next_fire_time, parse_timezone, CronSchedule, Zone};
 
 use crate::blueprint::{Blueprint, MissedSlots};
 use crate::engine::{Engine, RunRequest};
