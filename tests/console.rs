@@ -727,6 +727,28 @@ fn snapshot_overlays() {
 }
 
 #[test]
+fn the_help_scrolls_to_its_last_key_with_long_lines_wrapped_under_their_text() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, '?');
+    for _ in 0..60 {
+        ch(&mut app, 'j');
+    }
+    let s = render(&app, 80, 24);
+    let last = ui::HELP
+        .last()
+        .and_then(|(_, ks)| ks.last())
+        .expect("a key");
+    assert!(s.contains(last.1), "the last key is reachable:\n{s}");
+    // A wrapped description continues in its own column, not under the keys.
+    let export = s
+        .lines()
+        .position(|l| l.contains("export it as code (python, node, github-action,"))
+        .unwrap_or_else(|| panic!("X in the help:\n{s}"));
+    let cont = s.lines().nth(export + 1).unwrap_or_default();
+    assert!(cont.contains("║                         docker)"), "{s}");
+}
+
+#[test]
 fn problems_show_in_their_panes() {
     let mut app = fixtures::app();
     let _ = app.start();
