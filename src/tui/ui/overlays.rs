@@ -58,6 +58,11 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
             ("s", "History: cycle the status filter"),
             ("b", "History: only the selected run's blueprint"),
             ("o", "Logs: only the selected run's lines (again: all)"),
+            (
+                "o in run detail",
+                "Logs: only the selected step's lines of the run (again: all); \
+                 exactly that step: summarize[1], not summarize[2]",
+            ),
         ],
     ),
     (
@@ -105,7 +110,7 @@ pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
     // The popup's inner width; a long description wraps under itself, not under the keys,
     // and every row is counted, so scrolling reaches the last one.
     let inner_w = (HELP_W.min(area.width.saturating_sub(2)) as usize).saturating_sub(2);
-    let text_w = inner_w.saturating_sub(key_w + 3).max(12);
+    let text_w = inner_w.saturating_sub(key_w + 4).max(12);
     let mut lines = Vec::new();
     for (group, keys) in HELP {
         lines.push(Line::from(Span::styled(
