@@ -589,6 +589,165 @@ fn log_keys_follow_filter_search_and_scroll() {
     assert_eq!(app.logs.run_filter, None);
 }
 
+/// Log lines of two runs: the detail fixture's run (`0mwz00001abcd`: summarize[0],
+/// summarize[1] twice, digest, a node-level line and a run-level one) and another run's
+/// summarize[1].
+fn step_log_lines() -> Vec<LogEntry> {
+    let line = |second: u32, level: &str, message: &str, run: &str, step: Option<&str>| {
+        let step = step
+            .map(|s| format!(r#","step":"{s}""#))
+            .unwrap_or_default();
+        LogEntry::from_line(&format!(
+            r#"{{"timestamp":"2026-11-27T10:00:{second:02}.000000Z","level":"{level}","target":"omniflow::engine","message":"{message}","run_id":"{run}"{step}}}"#
+        ))
+    };
+    let a = "0mwz00001abcd";
+    let b = "0mwz00002abcd";
+    vec![
+        line(10, "INFO", "run started", a, None),
+        line(11, "INFO", "step succeeded", a, Some("summarize[0]")),
+        line(
+            12,
+            "WARN",
+            "attempt failed, retrying",
+            a,
+            Some("summarize[1]"),
+        ),
+        line(
+            13,
+            "WARN",
+            "attempt failed, retrying",
+            b,
+            Some("summarize[1]"),
+        ),
+        line(14, "WARN", "step did not succeed", a, Some("summarize[1]")),
+        line(15, "INFO", "step skipped", a, Some("summarize")),
+        line(16, "WARN", "step did not succeed", a, Some("digest")),
+        line(17, "WARN", "run did not succeed", a, None),
+    ]
+}
+
+fn visible_messages(app: &App) -> Vec<String> {
+    app.logs
+        .visible()
+        .iter()
+        .map(|l| format!("{} {}", l.message, l.step.as_deref().unwrap_or("-")))
+        .collect()
+}
+
+fn status_text(app: &App) -> String {
+    app.status
+        .as_ref()
+        .map(|s| s.text.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn o_in_a_runs_detail_shows_only_the_selected_steps_log_lines() {
+    let mut app = fixtures::busy_app();
+    app.update(Msg::Bg(Bg::Logs(step_log_lines())));
+    let every = app.logs.visible().len();
+    assert_eq!(every, 3 + 8);
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    key(&mut app, KeyCode::Enter);
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    // The second step, summarize[1], failed: o keeps its lines of this run only — not the
+    // other run's summarize[1], not summarize[0], not the node-level or run-level lines.
+    ch(&mut app, 'j');
+    ch(&mut app, 'o');
+    assert_eq!(
+        visible_messages(&app),
+        [
+            "attempt failed, retrying summarize[1]",
+            "step did not succeed summarize[1]"
+        ]
+    );
+    assert!(
+        status_text(&app).starts_with("logs: only summarize[1] of run 0mwz00001a"),
+        "{}",
+        status_text(&app)
+    );
+    // Back on the main screen the Logs pane shows them and says why.
+    key(&mut app, KeyCode::Esc);
+    let s = render(&app, 80, 24);
+    assert!(s.contains("summarize[1] of run 0mwz00001a"), "{s}");
+    assert!(s.contains("step did not succeed"), "{s}");
+    assert!(!s.contains("run started"), "{s}");
+    insta::assert_snapshot!("logs_step_filter_80x24", s);
+    let wide = render(&app, 160, 48);
+    assert!(
+        wide.contains("following · level all · summarize[1] of run 0mwz00001a"),
+        "{wide}"
+    );
+
+    // Another step of the same run: o moves the filter to it.
+    focus(&mut app, Focus::History);
+    key(&mut app, KeyCode::Enter);
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    key(&mut app, KeyCode::End);
+    ch(&mut app, 'o');
+    assert_eq!(visible_messages(&app), ["step did not succeed digest"]);
+    assert!(status_text(&app).starts_with("logs: only digest of run 0mwz00001a"));
+    // o again on the same step: every line.
+    ch(&mut app, 'o');
+    assert_eq!(app.logs.visible().len(), every);
+    assert_eq!(status_text(&app), "logs: every run");
+    assert_eq!(
+        (&app.logs.run_filter, &app.logs.step_filter),
+        (&None, &None)
+    );
+    // The help says so, and that the match is exact.
+    ch(&mut app, '?');
+    for _ in 0..60 {
+        ch(&mut app, 'j');
+    }
+    let s = render(&app, 80, 24);
+    assert!(s.contains("o in run detail"), "{s}");
+    assert!(s.contains("exactly that step: summarize[1], not"), "{s}");
+}
+
+#[test]
+fn esc_in_the_logs_pane_clears_a_step_filter() {
+    let mut app = fixtures::busy_app();
+    app.update(Msg::Bg(Bg::Logs(step_log_lines())));
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    key(&mut app, KeyCode::Enter);
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    ch(&mut app, 'o');
+    assert_eq!(visible_messages(&app), ["step succeeded summarize[0]"]);
+    key(&mut app, KeyCode::Esc);
+    // On the main screen o clears it, like the run filter.
+    ch(&mut app, 'o');
+    assert_eq!(app.logs.visible().len(), 3 + 8);
+    // And Esc in the Logs pane clears a step filter with the rest.
+    focus(&mut app, Focus::History);
+    key(&mut app, KeyCode::Enter);
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    ch(&mut app, 'o');
+    key(&mut app, KeyCode::Esc);
+    focus(&mut app, Focus::Logs);
+    assert_eq!(app.logs.visible().len(), 1);
+    key(&mut app, KeyCode::Esc);
+    assert_eq!(app.logs.visible().len(), 3 + 8);
+    let s = render(&app, 80, 24);
+    let title = s.lines().find(|l| l.contains(" Logs ")).unwrap_or_default();
+    assert!(title.contains("following · level all ┓"), "{s}");
+}
+
 #[test]
 fn capital_t_cycles_the_themes() {
     let mut app = fixtures::app();
@@ -751,6 +910,28 @@ fn snapshot_overlays() {
     ch(&mut app, 'j');
     ch(&mut app, 'r');
     insta::assert_snapshot!("retry_80x24", render(&app, 80, 24));
+}
+
+#[test]
+fn the_help_scrolls_to_its_last_key_with_long_lines_wrapped_under_their_text() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, '?');
+    for _ in 0..60 {
+        ch(&mut app, 'j');
+    }
+    let s = render(&app, 80, 24);
+    let last = ui::HELP
+        .last()
+        .and_then(|(_, ks)| ks.last())
+        .expect("a key");
+    assert!(s.contains(last.1), "the last key is reachable:\n{s}");
+    // A wrapped description continues in its own column, not under the keys.
+    let export = s
+        .lines()
+        .position(|l| l.contains("export it as code (python, node, github-action,"))
+        .unwrap_or_else(|| panic!("X in the help:\n{s}"));
+    let cont = s.lines().nth(export + 1).unwrap_or_default();
+    assert!(cont.contains("║                         docker)"), "{s}");
 }
 
 #[test]

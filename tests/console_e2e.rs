@@ -279,6 +279,118 @@ fn sigterm_restores_the_terminal() {
     assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "0 1");
 }
 
+/// A panic while the console holds the terminal: the panic hook (the console's own, installed
+/// by `Terminal::enter`) must hand back a cooked tty on the normal screen with the cursor shown,
+/// and the panic message must stay readable there — not printed into the alternate screen, not
+/// overwritten afterwards. The panicking program is `examples/console_panic.rs`, so the
+/// binary itself has no way to be made to panic.
+#[test]
+fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
+    let have_tmux = Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(have_tmux, "tmux is not installed (apt-get install tmux)");
+    // Examples are built next to the binary's directory by `cargo test` (all targets), not by
+    // `cargo test --test console_e2e` alone.
+    let example = Path::new(env!("CARGO_BIN_EXE_omniflow"))
+        .parent()
+        .expect("the binary's directory")
+        .join("examples")
+        .join(format!("console_panic{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        example.is_file(),
+        "{} is missing: run `cargo test` (which builds the examples) or \
+         `cargo build --example console_panic` first",
+        example.display()
+    );
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let t = Tmux {
+        socket: format!("omniflow-e2e-panic-{}", std::process::id()),
+        session: "console".into(),
+    };
+    // A non-interactive shell does not reset the tty itself, so what it reports after the
+    // example is what the panic left behind. No backtrace: the message must fit the screen.
+    let shell = format!(
+        "printf 'BEFORE-PANIC\\n'; env RUST_BACKTRACE=0 '{}'; echo EXITED $?; \
+         if stty -a | grep -Eq '(^| )-(icanon|echo|isig|opost)( |;|$)'; \
+         then echo TTY-RAW; else echo TTY-COOKED; fi; \
+         printf 'TYPE: '; read -r line; echo \"READ <$line>\"; sleep 60",
+        example.display()
+    );
+    let out = t.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        &t.session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "-c",
+        &tmp.path().display().to_string(),
+        &shell,
+    ]);
+    assert!(out.status.success(), "tmux new-session: {out:?}");
+
+    // The console's frame, on the alternate screen.
+    let s = t.wait_text("PANIC-EXAMPLE-DRAWN", 30);
+    assert!(s.contains("Blueprints"), "a console frame:\n{s}");
+    let alt = t.cmd(&["display", "-p", "-t", &t.session, "#{alternate_on}"]);
+    assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "1");
+
+    // Any key makes it panic.
+    t.keys(&["x"]);
+    let s = t.wait_text("TTY-", 20);
+    let alt = t.cmd(&[
+        "display",
+        "-p",
+        "-t",
+        &t.session,
+        "#{alternate_on} #{cursor_flag}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&alt.stdout).trim(),
+        "0 1",
+        "alternate screen left and cursor shown; screen:\n{s}"
+    );
+    assert!(
+        !s.contains("Blueprints"),
+        "the console's frame is gone:\n{s}"
+    );
+    // In order on the normal screen, each line whole: nothing was printed into the alternate
+    // screen or overwritten by what the shell printed next.
+    let lines: Vec<&str> = s.lines().collect();
+    let at = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        lines
+            .iter()
+            .position(|l| pred(l))
+            .unwrap_or_else(|| panic!("no {what} on the screen:\n{s}"))
+    };
+    let before = at("line printed before", &|l| l.trim_end() == "BEFORE-PANIC");
+    let where_ = at("panic location", &|l| {
+        l.starts_with("thread 'main'") && l.contains("panicked at examples/console_panic.rs")
+    });
+    let message = at("panic message", &|l| {
+        l.starts_with("console_panic: deliberate panic with the terminal held")
+    });
+    let exited = at("exit status", &|l| l.trim_end() == "EXITED 101");
+    assert!(
+        before < where_ && where_ < message && message < exited,
+        "out of order:\n{s}"
+    );
+    assert!(
+        s.lines().any(|l| l.trim_end() == "TTY-COOKED"),
+        "the tty is still in raw mode after the panic:\n{s}"
+    );
+
+    // And the user sees what they type, and Enter ends the line: a cooked tty.
+    t.literal("cooked");
+    t.keys(&["Enter"]);
+    let s = t.wait_text("READ <cooked>", 20);
+    assert!(s.contains("TYPE: cooked"), "typed text is echoed:\n{s}");
+}
+
 /// The pid of a child process of `parent` (from /proc: no pgrep needed).
 fn child_of(parent: &str) -> String {
     let Ok(dir) = std::fs::read_dir("/proc") else {

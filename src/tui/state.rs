@@ -170,6 +170,9 @@ pub struct LogEntry {
     pub level: String,
     pub message: String,
     pub run_id: Option<String>,
+    /// The step the line is about (its key, e.g. `summarize[1]`, or a node id), if any.
+    /// Still shown in `rest`.
+    pub step: Option<String>,
     /// The remaining fields as `key=value`.
     pub rest: String,
 }
@@ -189,6 +192,11 @@ impl LogEntry {
                     .get("run_id")
                     .and_then(|v| v.as_str())
                     .map(str::to_string);
+                let step = l
+                    .fields
+                    .get("step")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
                 let rest = l
                     .fields
                     .iter()
@@ -204,6 +212,7 @@ impl LogEntry {
                     level: l.level,
                     message: l.message,
                     run_id,
+                    step,
                     rest,
                 }
             }
@@ -212,6 +221,7 @@ impl LogEntry {
                 level: "RAW".into(),
                 message: line.trim_end().to_string(),
                 run_id: None,
+                step: None,
                 rest: String::new(),
             },
         }
@@ -242,6 +252,9 @@ pub struct LogState {
     pub search: String,
     /// Show only this run's lines.
     pub run_filter: Option<String>,
+    /// With `run_filter`, show only the lines of this step of the run. Exact: `summarize[1]`
+    /// matches neither `summarize[2]` nor the node's own lines (`step=summarize`).
+    pub step_filter: Option<String>,
     /// Following new lines (false: paused, scrolled back).
     pub follow: bool,
     /// Lines above the bottom when not following.
@@ -256,6 +269,7 @@ impl Default for LogState {
             level: LevelFilter::All,
             search: String::new(),
             run_filter: None,
+            step_filter: None,
             follow: true,
             scroll: 0,
         }
@@ -278,6 +292,10 @@ impl LogState {
             .filter(|l| self.level.admits(&l.level) || l.level == "RAW")
             .filter(|l| match &self.run_filter {
                 Some(r) => l.run_id.as_deref() == Some(r.as_str()),
+                None => true,
+            })
+            .filter(|l| match &self.step_filter {
+                Some(s) => l.step.as_deref() == Some(s.as_str()),
                 None => true,
             })
             .filter(|l| needle.is_empty() || l.haystack().contains(&needle))

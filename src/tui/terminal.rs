@@ -2,6 +2,10 @@
 //! path: a normal quit, Ctrl-C (a key in raw mode), an error (`Drop`), a panic (a hook that
 //! restores before the default hook prints), and SIGTERM (the loop's `select!` ends and drops
 //! the terminal). Restoring logs failures instead of panicking.
+//!
+//! Restoring happens once: a second "leave the alternate screen" is not harmless, terminals
+//! (xterm, tmux) then move the cursor back to where it was saved on entering, and the next
+//! output overwrites whatever was printed since — after a panic, the panic message.
 
 use super::app::App;
 use ratatui::backend::CrosstermBackend;
@@ -11,17 +15,26 @@ use ratatui::crossterm::terminal::{
 };
 use ratatui::crossterm::{cursor, execute};
 use std::io::{stdout, Stdout};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
+/// The console's hold on the terminal: while it lives, the terminal is in raw mode on the
+/// alternate screen with the cursor hidden. Dropping it (or [`Terminal::leave`]) restores it.
 pub struct Terminal {
     inner: ratatui::Terminal<CrosstermBackend<Stdout>>,
-    active: bool,
 }
 
 static HOOK: Once = Once::new();
+/// Whether the terminal is in the console's modes and not yet restored.
+static ENTERED: AtomicBool = AtomicBool::new(false);
 
-/// Puts the terminal back as the shell expects it. Safe to call twice.
+/// Puts the terminal back as the shell expects it: cooked mode, the normal screen, the cursor
+/// shown. Does nothing unless [`Terminal::enter`] changed it and it has not been restored
+/// since, so the panic hook, [`Terminal::leave`] and `Drop` can all call it.
 pub fn restore() {
+    if !ENTERED.swap(false, Ordering::SeqCst) {
+        return;
+    }
     if let Err(e) = disable_raw_mode() {
         tracing::warn!("cannot leave raw mode: {e}");
     }
@@ -31,6 +44,9 @@ pub fn restore() {
 }
 
 impl Terminal {
+    /// Takes the terminal as the console does: raw mode, the alternate screen, the cursor
+    /// hidden. The first call also installs a panic hook that restores the terminal before the
+    /// previous hook prints the message, so a panic is readable on the normal screen.
     pub fn enter() -> std::io::Result<Terminal> {
         HOOK.call_once(|| {
             let previous = std::panic::take_hook();
@@ -40,6 +56,7 @@ impl Terminal {
             }));
         });
         enable_raw_mode()?;
+        ENTERED.store(true, Ordering::SeqCst);
         let mut out = stdout();
         if let Err(e) = execute!(out, EnterAlternateScreen, cursor::Hide) {
             restore();
@@ -52,10 +69,7 @@ impl Terminal {
                 return Err(e);
             }
         };
-        Ok(Terminal {
-            inner,
-            active: true,
-        })
+        Ok(Terminal { inner })
     }
 
     /// Draws one frame inside a synchronized update (no tearing on a busy screen).
@@ -70,11 +84,9 @@ impl Terminal {
         self.inner.autoresize()
     }
 
+    /// Restores the terminal now (the console leaves before waiting for runs to stop).
     pub fn leave(&mut self) {
-        if self.active {
-            self.active = false;
-            restore();
-        }
+        restore();
     }
 }
 

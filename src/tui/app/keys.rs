@@ -103,7 +103,7 @@ impl App {
                     "logs: paused (↑↓ PgUp PgDn scroll back, f follows again)"
                 });
             }
-            KeyCode::Char('o') => self.toggle_log_run_filter(),
+            KeyCode::Char('o') => self.toggle_log_filter(),
             _ => {}
         }
     }
@@ -136,6 +136,7 @@ impl App {
             Focus::Logs | Focus::Workers => {
                 self.logs.search.clear();
                 self.logs.run_filter = None;
+                self.logs.step_filter = None;
                 self.logs.follow = true;
                 self.logs.scroll = 0;
             }
@@ -460,10 +461,35 @@ impl App {
         self.query_history(fx);
     }
 
-    fn toggle_log_run_filter(&mut self) {
+    /// `o`: in a run's detail, only the selected step's lines of that run (again on the same
+    /// step: every line); elsewhere, only the selected run's lines (again: every line).
+    fn toggle_log_filter(&mut self) {
+        if let Screen::Detail(d) = &self.screen {
+            let step = d
+                .data
+                .as_ref()
+                .and_then(|x| x.steps.get(d.selected))
+                .map(|s| s.step_key.clone());
+            if let Some(step) = step {
+                let run_id = d.run_id.clone();
+                if self.logs.run_filter.as_deref() == Some(run_id.as_str())
+                    && self.logs.step_filter.as_deref() == Some(step.as_str())
+                {
+                    self.clear_log_filter();
+                } else {
+                    self.say(format!(
+                        "logs: only {step} of run {} (Esc: back to the Logs pane)",
+                        short(&run_id)
+                    ));
+                    self.logs.run_filter = Some(run_id);
+                    self.logs.step_filter = Some(step);
+                }
+                return;
+            }
+            // No steps read yet: the run is all there is to filter by.
+        }
         if self.logs.run_filter.is_some() {
-            self.logs.run_filter = None;
-            self.say("logs: every run");
+            self.clear_log_filter();
             return;
         }
         match self.selected_run() {
@@ -473,6 +499,12 @@ impl App {
             }
             None => self.say("select a run (History or Workers) to filter the logs by it"),
         }
+    }
+
+    fn clear_log_filter(&mut self) {
+        self.logs.run_filter = None;
+        self.logs.step_filter = None;
+        self.say("logs: every run");
     }
 
     fn on_confirm_key(&mut self, c: Confirm, k: KeyEvent, fx: &mut Vec<Effect>) {

@@ -206,7 +206,7 @@ fn draw_hints(f: &mut Frame, app: &App, area: Rect) {
             ("c", "cancel"),
             ("+/-", "priority"),
             ("t", "sandbox"),
-            ("o", "its logs"),
+            ("o", "step logs"),
             ("Esc", "back"),
             ("?", "help"),
         ],

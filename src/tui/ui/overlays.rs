@@ -13,12 +13,18 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
     (
         "everywhere",
         &[
-            ("?", "this help"),
+            ("? / F1", "this help"),
             ("q", "quit; runs in flight: cancel, hand over or wait"),
-            ("Ctrl-C", "quit now (runs in flight are cancelled)"),
+            (
+                "Ctrl-C",
+                "quit now (runs in flight are cancelled; not in the editor)",
+            ),
             ("Esc", "back, close, or clear the pane's filters"),
             ("Tab/Shift-Tab ← → h l", "next / previous pane"),
-            ("↑↓ k j PgUp PgDn g G", "move, page, top, bottom"),
+            (
+                "↑↓ k j PgUp PgDn g G",
+                "move, page, top, bottom (also Home, End)",
+            ),
             ("Enter", "open the selection (run a blueprint, open a run)"),
             ("/", "search or filter the focused pane"),
             ("p", "pause / resume the pool"),
@@ -44,10 +50,19 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
         &[
             ("r", "retry a failed run: w whole, f only failed steps"),
             ("c", "cancel a queued or running run (asks first)"),
-            ("+ / -", "raise / lower a queued or running run's priority"),
+            (
+                "+ (or =) / -",
+                "raise / lower a queued or running run's priority",
+            ),
+            ("t", "sandbox-test the run's blueprint"),
             ("s", "History: cycle the status filter"),
             ("b", "History: only the selected run's blueprint"),
             ("o", "Logs: only the selected run's lines (again: all)"),
+            (
+                "o in run detail",
+                "Logs: only the selected step's lines of the run (again: all); \
+                 exactly that step: summarize[1], not summarize[2]",
+            ),
         ],
     ),
     (
@@ -58,6 +73,28 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
 ];
+
+/// The help overlay's width on a wide terminal.
+const HELP_W: u16 = 96;
+
+/// `text` in rows of at most `w` characters, broken between words (a longer word gets a row
+/// of its own).
+fn wrap_words(text: &str, w: usize) -> Vec<String> {
+    let mut rows = Vec::new();
+    let mut row = String::new();
+    for word in text.split_whitespace() {
+        let n = row.chars().count();
+        if n > 0 && n + 1 + word.chars().count() > w {
+            rows.push(std::mem::take(&mut row));
+        }
+        if !row.is_empty() {
+            row.push(' ');
+        }
+        row.push_str(word);
+    }
+    rows.push(row);
+    rows
+}
 
 fn frame<'a>(app: &App, title: &'a str) -> Block<'a> {
     Block::default()
@@ -70,6 +107,10 @@ fn frame<'a>(app: &App, title: &'a str) -> Block<'a> {
 pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
     let th = &app.theme;
     let key_w = 22;
+    // The popup's inner width; a long description wraps under itself, not under the keys,
+    // and every row is counted, so scrolling reaches the last one.
+    let inner_w = (HELP_W.min(area.width.saturating_sub(2)) as usize).saturating_sub(2);
+    let text_w = inner_w.saturating_sub(key_w + 4).max(12);
     let mut lines = Vec::new();
     for (group, keys) in HELP {
         lines.push(Line::from(Span::styled(
@@ -77,14 +118,17 @@ pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
             th.title(false).add_modifier(Modifier::BOLD),
         )));
         for (k, what) in *keys {
-            lines.push(Line::from(vec![
-                Span::styled(format!("  {k:<key_w$} "), th.keycap()),
-                Span::styled(what.to_string(), th.base()),
-            ]));
+            for (i, row) in wrap_words(what, text_w).into_iter().enumerate() {
+                let key = if i == 0 { *k } else { "" };
+                lines.push(Line::from(vec![
+                    Span::styled(format!("  {key:<key_w$} "), th.keycap()),
+                    Span::styled(row, th.base()),
+                ]));
+            }
         }
     }
     let total = lines.len() as u16;
-    let r = popup(f, area, 96, total + 2);
+    let r = popup(f, area, HELP_W, total + 2);
     let room = r.height.saturating_sub(2);
     let top = top.min(total.saturating_sub(room));
     let title = if total > room {
@@ -98,7 +142,6 @@ pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
     };
     f.render_widget(
         Paragraph::new(lines)
-            .wrap(Wrap { trim: false })
             .scroll((top, 0))
             .block(frame(app, &title)),
         r,

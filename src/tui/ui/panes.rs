@@ -3,7 +3,7 @@
 use super::{clip, pane_block};
 use crate::blueprint::Priority;
 use crate::tui::app::{fmt_ms, short, App, Focus};
-use crate::tui::state::PAGE;
+use crate::tui::state::{LevelFilter, LogState, PAGE};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
@@ -557,21 +557,8 @@ pub fn logs(f: &mut Frame, app: &App, area: Rect) {
     let th = &app.theme;
     let l = &app.logs;
     let visible = l.visible();
-    let mut note = vec![
-        if l.follow {
-            "following".to_string()
-        } else {
-            "PAUSED".to_string()
-        },
-        format!("level {}", l.level.label()),
-    ];
-    if !l.search.is_empty() {
-        note.push(format!("/{}", l.search));
-    }
-    if let Some(r) = &l.run_filter {
-        note.push(format!("run {}", short(r)));
-    }
-    let block = pane_block(app, "Logs", Some(Focus::Logs), note.join(" · "));
+    let note = logs_note(l, area.width);
+    let block = pane_block(app, "Logs", Some(Focus::Logs), note);
     let inner = block.inner(area);
     f.render_widget(block, area);
     let mut lines: Vec<Line> = Vec::new();
@@ -626,6 +613,49 @@ pub fn logs(f: &mut Frame, app: &App, area: Rect) {
         ]));
     }
     f.render_widget(Paragraph::new(lines), inner);
+}
+
+/// The Logs pane's title note: following or paused, the level, the search, and the run or step
+/// filter. Where it does not fit beside the title, the parts that only say "the default"
+/// (following, level all) go first, then the rest is cut.
+fn logs_note(l: &LogState, width: u16) -> String {
+    // Borders, " Logs ", a dash of space, and the note's own padding.
+    let room = (width as usize).saturating_sub(11);
+    let mut parts: Vec<(String, bool)> = vec![
+        if l.follow {
+            ("following".to_string(), true)
+        } else {
+            ("PAUSED".to_string(), false)
+        },
+        (
+            format!("level {}", l.level.label()),
+            l.level == LevelFilter::All,
+        ),
+    ];
+    if !l.search.is_empty() {
+        parts.push((format!("/{}", l.search), false));
+    }
+    match (&l.run_filter, &l.step_filter) {
+        (Some(r), Some(step)) => parts.push((format!("{step} of run {}", short(r)), false)),
+        (Some(r), None) => parts.push((format!("run {}", short(r)), false)),
+        _ => {}
+    }
+    let join = |parts: &[(String, bool)]| {
+        parts
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .collect::<Vec<_>>()
+            .join(" · ")
+    };
+    while join(&parts).chars().count() > room {
+        match parts.iter().position(|(_, default)| *default) {
+            Some(i) => {
+                parts.remove(i);
+            }
+            None => break,
+        }
+    }
+    clip(&join(&parts), room)
 }
 
 /// `100000` → `100,000`.
