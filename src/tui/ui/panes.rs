@@ -112,16 +112,8 @@ pub fn blueprints(f: &mut Frame, app: &App, area: Rect) {
                     },
                 ];
                 if wide {
-                    spans.push(Span::styled(
-                        format!(
-                            " {}",
-                            clip(
-                                bp.schedule.as_deref().unwrap_or("—"),
-                                w.saturating_sub(name_w + 12)
-                            )
-                        ),
-                        th.dimmed(),
-                    ));
+                    let room = w.saturating_sub(name_w + 12);
+                    spans.push(schedule_span(app, bp, room));
                 }
                 ListItem::new(Line::from(spans))
             }
@@ -155,6 +147,49 @@ pub fn blueprints(f: &mut Frame, app: &App, area: Rect) {
             )));
         }
         f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), pa);
+    }
+}
+
+/// A blueprint's schedule in the Blueprints pane: when it fires next (issue 5), then the
+/// cron text as room allows; `—` without one.
+fn schedule_span(app: &App, bp: &crate::blueprint::Blueprint, room: usize) -> Span<'static> {
+    let th = &app.theme;
+    let Some(cron) = bp.schedule.as_deref() else {
+        return Span::styled(" —", th.dimmed());
+    };
+    if !bp.active {
+        return Span::styled(format!(" {}", clip(cron, room)), th.dimmed());
+    }
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_millis(app.now_ms);
+    match crate::schedule::next_fire_time(bp, now) {
+        Ok(Some(next)) => {
+            let left = next.duration_since(now).unwrap_or_default();
+            let soon = format!(" in {}", until(left));
+            let full = format!("{soon} · {cron}");
+            // The cron text only when it fits whole: a cut cron says nothing.
+            let text = if full.chars().count() <= room + 1 {
+                full
+            } else {
+                clip(&soon, room + 1)
+            };
+            Span::styled(text, Style::default().fg(th.running))
+        }
+        Ok(None) => Span::styled(format!(" {}", clip(cron, room)), th.dimmed()),
+        Err(_) => Span::styled(
+            format!(" {}", clip("schedule never fires", room)),
+            Style::default().fg(th.error),
+        ),
+    }
+}
+
+/// `42s`, `17m`, `5h12m`, `3d4h`: how long until a schedule fires.
+pub fn until(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s.div_ceil(60)),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
     }
 }
 
