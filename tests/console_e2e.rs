@@ -339,7 +339,22 @@ fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
     let alt = t.cmd(&["display", "-p", "-t", &t.session, "#{alternate_on}"]);
     assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "1");
 
-    // Any key makes it panic.
+    // A panic on another thread (a step, a background task) is caught there: the console
+    // keeps its screen, and the message does not land on it.
+    t.keys(&["b"]);
+    let s = t.wait_text("BACKGROUND-PANIC-SURVIVED", 20);
+    assert!(
+        s.contains("caught=true counted=1"),
+        "the panic was caught and counted:\n{s}"
+    );
+    assert!(
+        !s.contains("BACKGROUND-PANIC-TEXT") && s.contains("Blueprints"),
+        "the console's frame is intact:\n{s}"
+    );
+    let alt = t.cmd(&["display", "-p", "-t", &t.session, "#{alternate_on}"]);
+    assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "1");
+
+    // Any other key panics on the console's own thread.
     t.keys(&["x"]);
     let s = t.wait_text("TTY-", 20);
     let alt = t.cmd(&[

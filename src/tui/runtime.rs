@@ -68,6 +68,7 @@ pub async fn run(
     execute(&ctx, first);
     let mut last_draw: Option<Instant> = None;
     let mut dropped_seen = 0u64;
+    let mut panics_seen = terminal::background_panics();
     while !app.quit {
         if app.dirty {
             let due = last_draw.is_none_or(|t| t.elapsed() >= FRAME);
@@ -118,6 +119,14 @@ pub async fn run(
                 if dropped != dropped_seen {
                     dropped_seen = dropped;
                     fx.extend(app.update(Msg::Bg(Bg::Lagged(dropped))));
+                }
+                let panics = terminal::background_panics();
+                if panics != panics_seen {
+                    panics_seen = panics;
+                    fx.extend(app.update(Msg::Bg(Bg::Failed(format!(
+                        "an internal error (a panic) was caught in a background task — the console goes on; \
+                         the message is in the log ({panics} so far); please report it"
+                    )))));
                 }
             },
             _ = terminal::recv(&mut sigterm) => {

@@ -1,7 +1,9 @@
 //! The terminal: raw mode, alternate screen, hidden cursor — and their restoration on every
-//! path: a normal quit, Ctrl-C (a key in raw mode), an error (`Drop`), a panic (a hook that
-//! restores before the default hook prints), and SIGTERM (the loop's `select!` ends and drops
-//! the terminal). Restoring logs failures instead of panicking.
+//! path: a normal quit, Ctrl-C (a key in raw mode), an error (`Drop`), a panic of the console's
+//! thread (a hook that restores before the default hook prints), and SIGTERM (the loop's
+//! `select!` ends and drops the terminal). A panic on any other thread is caught where it
+//! happened; the hook logs and counts it and leaves the screen alone. Restoring logs failures
+//! instead of panicking.
 //!
 //! Restoring happens once: a second "leave the alternate screen" is not harmless, terminals
 //! (xterm, tmux) then move the cursor back to where it was saved on entering, and the next
@@ -15,8 +17,9 @@ use ratatui::crossterm::terminal::{
 };
 use ratatui::crossterm::{cursor, execute};
 use std::io::{stdout, Stdout};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Once, OnceLock};
+use std::thread::ThreadId;
 
 /// The console's hold on the terminal: while it lives, the terminal is in raw mode on the
 /// alternate screen with the cursor hidden. Dropping it (or [`Terminal::leave`]) restores it.
@@ -27,6 +30,16 @@ pub struct Terminal {
 static HOOK: Once = Once::new();
 /// Whether the terminal is in the console's modes and not yet restored.
 static ENTERED: AtomicBool = AtomicBool::new(false);
+/// The thread that took the terminal: the console's loop, whose panic ends the console.
+static UI_THREAD: OnceLock<ThreadId> = OnceLock::new();
+/// Panics caught elsewhere while the console ran (a step, a background task).
+static BACKGROUND_PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// How many panics happened off the console's thread while it held the terminal. Each was
+/// caught where it happened (a step fails as an internal error) and written to the log.
+pub fn background_panics() -> u64 {
+    BACKGROUND_PANICS.load(Ordering::Relaxed)
+}
 
 /// Puts the terminal back as the shell expects it: cooked mode, the normal screen, the cursor
 /// shown. Does nothing unless [`Terminal::enter`] changed it and it has not been restored
@@ -51,10 +64,20 @@ impl Terminal {
         HOOK.call_once(|| {
             let previous = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
+                let on_ui = UI_THREAD.get() == Some(&std::thread::current().id());
+                if ENTERED.load(Ordering::SeqCst) && !on_ui {
+                    // Off the console's thread the panic is caught where it happened (the pool
+                    // turns a step's into an internal error) and the console goes on: its
+                    // message goes to the log, not over the screen, which stays as it is.
+                    BACKGROUND_PANICS.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(panic = %info, "internal error: a background task panicked (please report it)");
+                    return;
+                }
                 restore();
                 previous(info);
             }));
         });
+        let _ = UI_THREAD.set(std::thread::current().id());
         enable_raw_mode()?;
         ENTERED.store(true, Ordering::SeqCst);
         let mut out = stdout();
