@@ -462,7 +462,7 @@ fn named_time_zones_validate_and_a_typo_suggests_the_zone() {
     assert!(
         text.starts_with(&bad.display().to_string())
             && text.contains(
-                "timezone: timezone \"Europe/Berln\" is not a known time zone — did you mean \"Europe/Berlin\"?"
+                "timezone: \"Europe/Berln\" is not a known time zone — did you mean \"Europe/Berlin\"?"
             ),
         "{text}"
     );

@@ -150,6 +150,11 @@ impl<'s> Walker<'s> {
             // Issue 5: UTC, a fixed offset or an IANA name (see schedule::parse_timezone).
             Some("timezone") => {
                 if let Err(msg) = crate::schedule::parse_timezone(Some(text)) {
+                    // The path already says `timezone`.
+                    let msg = msg
+                        .strip_prefix("timezone ")
+                        .map(str::to_string)
+                        .unwrap_or(msg);
                     self.problem(path, msg);
                 }
                 return;
