@@ -784,7 +784,18 @@ mod tests {
                 "{e}"
             );
         }
-        // The other targets run the cron wherever the user puts it: no refusal there.
-        assert!(generate(&scheduled(Some("Europe/Berlin")), Target::Python).is_ok());
+        // The other targets run the cron wherever the user puts it: no refusal there, and
+        // their README says the host's cron reads the line in the host's zone.
+        let readme = |tz: Option<&str>| {
+            generate(&scheduled(tz), Target::Python)
+                .unwrap()
+                .into_iter()
+                .find(|f| f.path.ends_with("README.md"))
+                .unwrap()
+                .text
+        };
+        assert!(readme(Some("Europe/Berlin")).contains("`CRON_TZ=Europe/Berlin`"));
+        assert!(!readme(Some("UTC")).contains("CRON_TZ"));
+        assert!(!readme(None).contains("CRON_TZ"));
     }
 }

@@ -148,6 +148,13 @@ fn readme(bp: &Blueprint, target: Target, n: &Needs) -> String {
                 bp.timezone.as_deref().unwrap_or("UTC"),
                 if target == Target::Node { "node main.js" } else { "python3 main.py" }
             ));
+            let zoned =
+                crate::schedule::parse_timezone(bp.timezone.as_deref()).is_ok_and(|z| !z.is_utc());
+            if let (true, Some(tz)) = (zoned, bp.timezone.as_deref()) {
+                s.push_str(&format!(
+                    "\ncron reads that line in the host's time zone, and this schedule is in {tz}: run it on a\nhost set to {tz}, convert the hours, or (cronie) put `CRON_TZ={tz}` on the line above\n(IANA names only).\n"
+                ));
+            }
         }
     }
     s.push_str(
