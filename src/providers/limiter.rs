@@ -254,16 +254,26 @@ impl Limiter {
         }
     }
 
-    /// A reservation made for `at`, used at `now`: moved to `now` when that keeps every
-    /// window within the quota (`true`: call now), else given back (`false`: acquire).
+    /// How late a reservation may be used where it stands: a tenth of the window, at most
+    /// 100 ms — the jitter any request has between its grant and its arrival at the server.
+    fn slack(&self) -> Duration {
+        (self.window / 10).min(Duration::from_millis(100))
+    }
+
+    /// A reservation made for `at`, used at `now`: kept where it stands when the call is at
+    /// most [`Limiter::slack`] late, else moved to `now` if that keeps every window within
+    /// the quota (`true`: call now), else given back (`false`: acquire).
     fn redeem_place(&self, at: Instant, recorded: bool, now: Instant) -> bool {
         let mut st = self.lock();
+        self.prune(&mut st, now);
+        if st.paused_until.is_none() && now.saturating_duration_since(at) <= self.slack() {
+            return true;
+        }
         if recorded {
             if let Some(i) = st.granted.iter().position(|&t| t == at) {
                 st.granted.remove(i);
             }
         }
-        self.prune(&mut st, now);
         self.place_now(&mut st, now)
     }
 
@@ -448,6 +458,38 @@ mod tests {
         // c's place is free again: a caller at 2.5 s gets it at once.
         assert_eq!(l.try_acquire(t0 + Duration::from_millis(2500)), None);
         drop(d);
+    }
+
+    #[test]
+    fn a_queue_of_reservations_holds_when_calls_are_a_little_late() {
+        // A fan-out reserved two windows ahead: moving a place by the few milliseconds a call
+        // takes to reach its worker would collide with the next window's places, so a place
+        // used within the slack (a tenth of the window) stays where it stands.
+        let l = Arc::new(Limiter::new(
+            Some(RateLimit {
+                requests: 10,
+                per: Duration::from_millis(250),
+            }),
+            1.0,
+        ));
+        let t0 = Instant::now();
+        let mut gs: Vec<Grant> = (0..20).map(|_| l.reserve_at(t0)).collect();
+        let second: Vec<Grant> = gs.split_off(10);
+        for g in gs {
+            assert!(g.redeem_at(t0 + Duration::from_millis(5)));
+        }
+        for g in second {
+            assert!(g.redeem_at(t0 + Duration::from_millis(270)));
+        }
+        // 60 ms late is past the slack: the place moves to when it is used, which still fits
+        // (the earlier windows are over). Too late to fit is the 1-per-second case above.
+        let late = l.reserve_at(t0);
+        assert_eq!(late.at - t0, Duration::from_millis(500));
+        assert!(late.redeem_at(t0 + Duration::from_millis(560)));
+        assert_eq!(
+            l.lock().granted.back().map(|t| *t - t0),
+            Some(Duration::from_millis(560))
+        );
     }
 
     #[test]
