@@ -431,3 +431,79 @@ fn schema_and_backup() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+#[test]
+fn doctor_lists_the_processes_on_the_database_and_runs_left_by_dead_ones() {
+    use omniflow::events::PoolStats;
+    use omniflow::store::{Health, Store};
+    let s = Sandbox::new();
+    let store = Store::open(&s.db()).unwrap();
+    // This test process heartbeats as a daemon would.
+    store.heartbeat(Health {
+        role: "daemon".into(),
+        at: std::time::SystemTime::now(),
+        rss_mb: Some(42.0),
+        pool: PoolStats {
+            running: 3,
+            concurrency: 32,
+            queued: [0, 5, 0, 0],
+            ..PoolStats::default()
+        },
+    });
+    store.flush_blocking();
+    // A console that died an hour ago with a run in flight.
+    let c = rusqlite::Connection::open(s.db()).unwrap();
+    c.execute(
+        "INSERT INTO runner_processes (id, host, pid, role, version, started_at, heartbeat_at, heartbeat_ms)
+         VALUES ('web1:77:1', 'web1', 77, 'console', '0.1.0', '2026-01-01T00:00:00.000Z',
+                 '2026-01-01T01:00:00.000Z', 1767229200000)",
+        [],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO runner_executions (id, blueprint_name, status, priority, trigger, sandbox,
+             variables, blueprint, queued_at, started_at, owner)
+         VALUES ('orphan0000042', 't', 'running', 'normal', 'console', 0, '{}', '{}',
+                 '2026-01-01T00:30:00.000Z', '2026-01-01T00:30:00.000Z', 'web1:77:1')",
+        [],
+    )
+    .unwrap();
+    // Real lease timing (30 s), so this process's fresh heartbeat counts as alive.
+    let o = s
+        .cmd(&["doctor", "--json"])
+        .env("OMNIFLOW_TIME_SCALE", "1")
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let procs = v["processes"].as_array().unwrap();
+    let me = procs
+        .iter()
+        .find(|p| p["pid"] == std::process::id())
+        .expect("this process");
+    assert_eq!(me["state"], "alive");
+    assert_eq!(
+        (me["running"].as_u64(), me["queued"].as_u64()),
+        (Some(3), Some(5))
+    );
+    let dead = procs
+        .iter()
+        .find(|p| p["pid"] == 77)
+        .expect("the dead console");
+    assert_eq!(dead["state"], "gone");
+    assert_eq!(v["orphanedRuns"], serde_json::json!(["orphan0000042"]));
+
+    let o = s
+        .cmd(&["doctor"])
+        .env("OMNIFLOW_TIME_SCALE", "1")
+        .output()
+        .unwrap();
+    let text = stdout(&o);
+    assert!(
+        text.contains("processes on this database: 1 alive")
+            && text.contains("● daemon")
+            && text.contains("3/32 busy, 5 queued · 42 MB")
+            && text.contains("✗ console web1:77  silent since 01:00:00 UTC")
+            && text.contains("1 unfinished run(s) whose process is gone"),
+        "{text}"
+    );
+}

@@ -893,8 +893,10 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         .map(|c| c.provider)
         .collect();
 
-    // The database: opens (migrating if needed), schema version, run count.
-    let db = open_store(&config).and_then(|s| {
+    // The database: opens (migrating if needed), schema version, run count; then the health
+    // of every process on it (their heartbeats, issue 7) and runs left by a process that died.
+    let store = open_store(&config);
+    let db = store.as_ref().map_err(Failure::clone).and_then(|s| {
         let v = s
             .schema_version()
             .map_err(|e| Failure::input(e.to_string()))?;
@@ -903,6 +905,23 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
             .map_err(|e| Failure::input(e.to_string()))?;
         Ok((v, n))
     });
+    let lease = config.scaled(config.lease_timeout);
+    let processes = store
+        .as_ref()
+        .ok()
+        .and_then(|s| s.processes(lease).ok())
+        .unwrap_or_default();
+    let orphaned = store
+        .as_ref()
+        .ok()
+        .and_then(|s| s.orphaned_runs(lease).ok())
+        .unwrap_or_default();
+    // The live ones, then the five most recent others.
+    let shown: Vec<&crate::store::ProcessRow> = processes
+        .iter()
+        .filter(|p| p.alive)
+        .chain(processes.iter().filter(|p| !p.alive).take(5))
+        .collect();
     // The log directory: exists or can be created, and is writable.
     let logs = (|| -> std::io::Result<()> {
         std::fs::create_dir_all(&config.log_dir)?;
@@ -929,6 +948,12 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
                 Ok(()) => json!({ "ok": true, "path": config.log_dir }),
                 Err(e) => json!({ "ok": false, "path": config.log_dir, "error": e.to_string() }),
             },
+            "processes": shown.iter().map(|p| {
+                let mut v = serde_json::to_value(p).unwrap_or_default();
+                v["state"] = p.state().into();
+                v
+            }).collect::<Vec<_>>(),
+            "orphanedRuns": orphaned,
         });
         println!("{}", serde_json::to_string(&v).unwrap_or_default());
     } else {
@@ -967,6 +992,32 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
                 "✗ log directory {} is not writable ({e}); set LOG_DIR to a writable directory",
                 config.log_dir.display()
             ),
+        }
+        if db.is_ok() {
+            println!();
+            let alive = processes.iter().filter(|p| p.alive).count();
+            println!(
+                "processes on this database: {alive} alive (each heartbeats every 10 s; silent for {}s = gone)",
+                lease.as_secs()
+            );
+            if shown.is_empty() {
+                println!("  none has run here yet (the console, `omniflow daemon` and `omniflow run` record themselves)");
+            }
+            let now = std::time::SystemTime::now();
+            for p in &shown {
+                let mark = match p.state() {
+                    "alive" => "●",
+                    "stopped" => "○",
+                    _ => "✗",
+                };
+                println!("  {mark} {}", p.describe(now));
+            }
+            if !orphaned.is_empty() {
+                println!(
+                    "  ! {} unfinished run(s) whose process is gone: a console or daemon takes them over, or `omniflow resume --all`",
+                    orphaned.len()
+                );
+            }
         }
         println!();
         println!(

@@ -211,7 +211,7 @@ pub struct ExportArgs {
 }
 
 /// An error that ends the command: its message and exit code.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Failure {
     pub code: u8,
     pub message: String,

@@ -74,6 +74,7 @@ pub enum Claim {
 
 /// A process as recorded by its last heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ProcessRow {
     pub id: String,
     pub host: Option<String>,
@@ -93,6 +94,85 @@ pub struct ProcessRow {
     pub concurrency: Option<u64>,
     /// Heartbeat fresh and not stopped.
     pub alive: bool,
+}
+
+impl ProcessRow {
+    /// `alive`, `stopped` (it exited cleanly) or `gone` (silent past the lease: killed, crashed
+    /// or its machine went down).
+    pub fn state(&self) -> &'static str {
+        if self.alive {
+            "alive"
+        } else if self.stopped_at.is_some() {
+            "stopped"
+        } else {
+            "gone"
+        }
+    }
+
+    /// One line for people: role, where, how long, the pool and memory at its last heartbeat.
+    pub fn describe(&self, now: SystemTime) -> String {
+        let at = |iso: &str| humantime::parse_rfc3339_weak(iso.trim_end_matches('Z')).ok();
+        let since = |iso: &str| {
+            at(iso)
+                .and_then(|t| now.duration_since(t).ok())
+                .map(short_span)
+                .unwrap_or_else(|| "?".into())
+        };
+        let clock = |iso: &str| iso.get(11..19).unwrap_or(iso).to_string();
+        let who = format!(
+            "{:<7} {}:{}",
+            self.role,
+            self.host.as_deref().unwrap_or("localhost"),
+            self.pid
+        );
+        match self.state() {
+            "alive" => {
+                let mut s = format!(
+                    "{who}  up {}, heartbeat {} ago · {}/{} busy, {} queued",
+                    since(&self.started_at),
+                    since(&self.heartbeat_at),
+                    self.running,
+                    self.concurrency
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "?".into()),
+                    self.queued
+                );
+                if let Some(mb) = self.rss_mb {
+                    s.push_str(&format!(" · {mb:.0} MB"));
+                }
+                if self.memory_hold {
+                    s.push_str(" · holding back (memory)");
+                }
+                if self.paused {
+                    s.push_str(" · paused");
+                }
+                s.push_str(&format!(" · v{}", self.version));
+                s
+            }
+            "stopped" => format!(
+                "{who}  stopped at {} UTC ({} ago)",
+                clock(self.stopped_at.as_deref().unwrap_or_default()),
+                since(self.stopped_at.as_deref().unwrap_or_default())
+            ),
+            _ => format!(
+                "{who}  silent since {} UTC ({} ago) — killed or crashed; its unfinished runs can be \
+                 taken over",
+                clock(&self.heartbeat_at),
+                since(&self.heartbeat_at)
+            ),
+        }
+    }
+}
+
+/// `42s`, `17m`, `5h12m`, `3d4h`.
+fn short_span(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
 }
 
 pub(crate) fn heartbeat(
