@@ -330,6 +330,71 @@ fn a_step_waiting_for_the_rate_limit_shows_as_waiting_not_as_a_failure() {
     assert!(app.retrying.iter().all(|r| !r.waiting));
 }
 
+fn process(
+    id: &str,
+    role: &str,
+    pid: u32,
+    alive: bool,
+    stopped: bool,
+) -> omniflow::store::ProcessRow {
+    let at = |ms: u64| {
+        omniflow::store::iso8601(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    };
+    omniflow::store::ProcessRow {
+        id: id.into(),
+        host: Some("web1".into()),
+        pid,
+        role: role.into(),
+        version: "0.1.0".into(),
+        started_at: at(T0 - 3_600_000),
+        heartbeat_at: at(if alive { T0 } else { T0 - 600_000 }),
+        stopped_at: stopped.then(|| at(T0 - 600_000)),
+        rss_mb: Some(41.0),
+        memory_hold: false,
+        paused: false,
+        queued: 12,
+        running: 3,
+        completed: 100,
+        failed: 2,
+        concurrency: Some(32),
+        alive,
+    }
+}
+
+#[test]
+fn capital_p_lists_the_processes_on_the_database() {
+    let mut app = fixtures::busy_app();
+    let me = omniflow::store::process_id();
+    app.update(Msg::Bg(Bg::Processes(Ok(vec![
+        process("web1:9:1", "daemon", 9, true, false),
+        process(me, "console", std::process::id(), true, false),
+        process("web1:7:1", "run", 7, false, false),
+        process("web1:5:1", "console", 5, false, true),
+    ]))));
+    let screen = render(&app, 160, 48);
+    assert!(
+        screen.contains("1 other process on this DB (P)"),
+        "{screen}"
+    );
+    ch(&mut app, 'P');
+    assert!(matches!(app.overlay, Overlay::Processes(0)));
+    let screen = render(&app, 160, 48);
+    for needle in [
+        "Processes on this database · 2 alive",
+        "● daemon web1:9 up 1h00m, heartbeat 1s ago · 3/32 busy, 12 queued · 41 MB",
+        "● (this console) console web1:",
+        "✗ run web1:7 silent since 09:50:00 UTC (10m ago) — killed or crashed",
+        "○ console web1:5 stopped at 09:50:00 UTC (10m ago)",
+    ] {
+        assert!(screen.contains(needle), "{needle:?} missing:\n{screen}");
+    }
+    // This console is listed first.
+    let first = screen.find("this console").unwrap();
+    assert!(first < screen.find("● daemon").unwrap(), "{screen}");
+    ch(&mut app, 'x');
+    assert!(matches!(app.overlay, Overlay::None));
+}
+
 #[test]
 fn r_on_a_failed_run_offers_whole_or_failed_steps_only() {
     let mut app = fixtures::busy_app();

@@ -406,6 +406,98 @@ fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
     assert!(s.contains("TYPE: cooked"), "typed text is echoed:\n{s}");
 }
 
+/// A dropped SSH session sends SIGHUP: the console hands its runs over (unfinished, no owner,
+/// for a daemon or the next console) and records itself stopped, instead of dying on the
+/// spot or cancelling work nobody asked to stop.
+#[test]
+fn sighup_hands_the_runs_in_flight_over() {
+    let have_tmux = Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(have_tmux, "tmux is not installed (apt-get install tmux)");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let db = tmp.path().join("h.db");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let t = Tmux {
+        socket: format!("omniflow-e2e-hup-{}", std::process::id()),
+        session: "console".into(),
+    };
+    // Model calls take 60 s: the run is surely in flight when the hang-up comes. Steps in
+    // flight get 1 s of grace, then are handed over.
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' SANDBOX_LATENCY_MS=60000 SHUTDOWN_GRACE=1 \
+         TERM=xterm-256color '{bin}' tui --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
+        db.display(),
+        tmp.path().join("logs").display(),
+        blueprints.display()
+    );
+    let out = t.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        &t.session,
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "-c",
+        &tmp.path().display().to_string(),
+        &shell,
+    ]);
+    assert!(out.status.success(), "tmux new-session: {out:?}");
+    t.wait_text("tech-digest", 30);
+    t.keys(&["/"]);
+    t.literal("tech");
+    t.keys(&["Enter", "t"]);
+    t.wait_text("Sandbox test: tech-digest", 10);
+    t.keys(&["C-s"]);
+    t.wait_for("busy workers", 20, |s| s.contains("▶ summarize["));
+    let shell_pid = String::from_utf8_lossy(
+        &t.cmd(&["display", "-p", "-t", &t.session, "#{pane_pid}"])
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let pid = child_of(&shell_pid);
+    assert!(!pid.is_empty(), "the console's pid");
+    let sent = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let s = t.wait_text("CONSOLE-EXITED", 30);
+    assert!(s.contains("CONSOLE-EXITED 0"), "a clean exit:\n{s}");
+
+    let rows = history_rows(&db);
+    let run = rows
+        .iter()
+        .find(|r| r.blueprint_name == "tech-digest")
+        .expect("the run is recorded");
+    assert!(
+        !run.status.is_final(),
+        "handed over unfinished, not cancelled: {run:#?}"
+    );
+    let c = rusqlite::Connection::open(&db).expect("open the database");
+    let owner: Option<String> = c
+        .query_row(
+            "SELECT owner FROM runner_executions WHERE id = ?1",
+            [&run.id],
+            |r| r.get(0),
+        )
+        .expect("the run's owner");
+    assert_eq!(owner, None, "released for adoption at once");
+    let stopped: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM runner_processes WHERE role = 'console' AND stopped_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the console's process row");
+    assert_eq!(stopped, 1, "the console recorded itself stopped");
+}
+
 /// The pid of a child process of `parent` (from /proc: no pgrep needed).
 fn child_of(parent: &str) -> String {
     let Ok(dir) = std::fs::read_dir("/proc") else {

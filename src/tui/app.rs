@@ -74,6 +74,8 @@ pub enum Bg {
     },
     /// The event subscription lost lifecycle events (the console fell far behind).
     Lagged(u64),
+    /// Every process on the database, from their heartbeats (issue 7's health checks).
+    Processes(Result<Vec<crate::store::ProcessRow>, String>),
 }
 
 /// Work for the runtime (never done by `update` itself).
@@ -218,6 +220,8 @@ pub enum Overlay {
     None,
     /// The key list, scrolled by this many lines.
     Help(u16),
+    /// The processes on the database (`P`), scrolled by this many lines.
+    Processes(u16),
     Confirm(Confirm),
     /// Typing a search or filter for the focused pane.
     Search {
@@ -271,6 +275,9 @@ pub struct App {
     /// Problems found at start (database, logging, theme), shown until dismissed.
     pub startup_problems: Vec<String>,
     pub dropped_events: u64,
+    /// The processes on the database, newest heartbeat first (refreshed every 2 s).
+    pub processes: Vec<crate::store::ProcessRow>,
+    pub processes_problem: Option<String>,
     pub db_path: String,
     pub quit: bool,
     /// What quitting does with runs still in flight.
@@ -324,6 +331,8 @@ impl App {
             status: None,
             startup_problems: Vec::new(),
             dropped_events: 0,
+            processes: Vec::new(),
+            processes_problem: None,
             db_path: String::new(),
             quit: false,
             quit_mode: QuitMode::Cancel,
@@ -803,6 +812,11 @@ impl App {
                 self.dropped_events = n;
                 self.history.stale = true;
             }
+            Bg::Processes(Ok(rows)) => {
+                self.processes = rows;
+                self.processes_problem = None;
+            }
+            Bg::Processes(Err(e)) => self.processes_problem = Some(e),
         }
     }
 

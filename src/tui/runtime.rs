@@ -88,8 +88,12 @@ pub async fn run(
                 Some(Ok(TermEvent::Key(k))) => fx.extend(app.update(Msg::Key(k))),
                 Some(Ok(TermEvent::Resize(_, _))) => { term.autoresize()?; app.dirty = true; }
                 Some(Ok(_)) => {}
-                // The terminal is gone (hang-up): leave.
-                Some(Err(_)) | None => break,
+                // The terminal is gone (hang-up, a dropped SSH session): leave, handing the runs
+                // in flight over rather than cancelling work nobody asked to stop.
+                Some(Err(_)) | None => {
+                    app.quit_mode = crate::tui::app::QuitMode::HandOver;
+                    break;
+                }
             },
             ev = sub.recv() => {
                 if let Some(ev) = ev {
@@ -130,7 +134,8 @@ pub async fn run(
                 }
             },
             _ = terminal::recv(&mut sigterm) => {
-                // SIGTERM: a graceful shutdown, runs in flight are handed over (issue 7).
+                // SIGTERM or SIGHUP: a graceful shutdown, runs in flight are handed over
+                // (issue 7).
                 app.quit = true;
                 app.quit_mode = crate::tui::app::QuitMode::HandOver;
             },
@@ -156,18 +161,20 @@ pub async fn run(
             }
             QuitMode::HandOver => {
                 let grace = ctx.engine.config().shutdown_grace;
-                eprintln!(
+                // Not eprintln!: after a hang-up stderr is gone, and a failed write must not
+                // panic in the middle of handing the runs over.
+                say(format_args!(
                     "omniflow: handing {} run(s) over (steps in flight get up to {}s); a daemon, the next console or `omniflow resume --all` continues them",
                     active.len(),
                     grace.as_secs()
-                );
+                ));
                 ctx.engine.shutdown(grace).await;
             }
             QuitMode::Finish => {
-                eprintln!(
+                say(format_args!(
                     "omniflow: waiting for {} run(s) to finish (Ctrl-C to hand them over instead)…",
                     active.len()
-                );
+                ));
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {
@@ -186,6 +193,12 @@ pub async fn run(
     }
     ctx.store.flush().await;
     Ok(())
+}
+
+/// A line on stderr, if there still is one.
+fn say(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{text}");
 }
 
 /// Starts the effects; each answers on `ctx.tx` when it has something to say.
@@ -493,8 +506,26 @@ fn spawn_sampler(ctx: Ctx, stop: Arc<AtomicBool>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let lease = {
+            let c = ctx.engine.config();
+            c.scaled(c.lease_timeout)
+        };
+        let mut n: u64 = 0;
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
+            // Every 2 s: the processes on the database (a SQLite read, off the async workers).
+            if n % 8 == 0 {
+                let store = ctx.store.clone();
+                let tx = ctx.tx.clone();
+                tokio::spawn(async move {
+                    let r = tokio::task::spawn_blocking(move || store.processes(lease))
+                        .await
+                        .map_err(|e| format!("internal error: {e}"))
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let _ = tx.try_send(Bg::Processes(r));
+                });
+            }
+            n += 1;
             let rss = memory_stats::memory_stats().map(|m| m.physical_mem as u64);
             let pool = ctx.engine.pool();
             // The memory hold itself is the engine's (`Engine::start_maintenance`).

@@ -119,24 +119,39 @@ impl Drop for Terminal {
     }
 }
 
+/// SIGTERM and SIGHUP listeners. SIGHUP is what an SSH session that drops sends: without a
+/// handler it would kill the console at once, leaving its runs to wait out their lease; with
+/// one, the console hands them over like on SIGTERM.
 #[cfg(unix)]
-pub type Sigterm = Option<tokio::signal::unix::Signal>;
+pub type Sigterm = [Option<tokio::signal::unix::Signal>; 2];
 #[cfg(not(unix))]
 pub type Sigterm = ();
 
-/// A SIGTERM listener (none where the platform has no such signal).
+/// The listeners (none where the platform has no such signals).
 #[cfg(unix)]
 pub fn sigterm() -> Sigterm {
     use tokio::signal::unix::{signal, SignalKind};
-    signal(SignalKind::terminate()).ok()
+    [
+        signal(SignalKind::terminate()).ok(),
+        signal(SignalKind::hangup()).ok(),
+    ]
 }
 #[cfg(not(unix))]
 pub fn sigterm() -> Sigterm {}
 
-/// Resolves when SIGTERM (or SIGHUP's cousin, a closed terminal, handled elsewhere) arrives.
+/// Resolves when SIGTERM or SIGHUP arrives.
 #[cfg(unix)]
 pub async fn recv(s: &mut Sigterm) {
-    match s {
+    let [term, hup] = s;
+    tokio::select! {
+        _ = one_signal(term) => {}
+        _ = one_signal(hup) => {}
+    }
+}
+
+#[cfg(unix)]
+async fn one_signal(sig: &mut Option<tokio::signal::unix::Signal>) {
+    match sig {
         Some(s) => {
             s.recv().await;
         }

@@ -26,6 +26,13 @@ impl App {
                     _ => Overlay::None,
                 };
             }
+            Overlay::Processes(top) => {
+                self.overlay = match k.code {
+                    KeyCode::Down | KeyCode::Char('j') => Overlay::Processes(top.saturating_add(1)),
+                    KeyCode::Up | KeyCode::Char('k') => Overlay::Processes(top.saturating_sub(1)),
+                    _ => Overlay::None,
+                };
+            }
             Overlay::Confirm(c) => self.on_confirm_key(c, k, fx),
             Overlay::Search { target, text } => self.on_search_key(target, text, k, fx),
             Overlay::Sandbox(form) => self.on_sandbox_key(form, k, fx),
@@ -88,6 +95,7 @@ impl App {
                 self.say(format!("reloading blueprints from {}", self.dir.display()));
             }
             KeyCode::Char('T') => self.cycle_theme(),
+            KeyCode::Char('P') => self.overlay = Overlay::Processes(0),
             KeyCode::Char('s') => self.cycle_status_filter(fx),
             KeyCode::Char('b') => self.toggle_blueprint_filter(fx),
             KeyCode::Char('v') => {

@@ -52,6 +52,7 @@ pub fn draw(f: &mut Frame, app: &App) {
     match &app.overlay {
         Overlay::None => {}
         Overlay::Help(top) => overlays::help(f, app, *top, area),
+        Overlay::Processes(top) => overlays::processes(f, app, *top, area),
         Overlay::Confirm(c) => overlays::confirm(f, app, c, area),
         Overlay::Search { target, text } => overlays::search(f, app, *target, text, status),
         Overlay::Sandbox(form) => overlays::sandbox(f, app, form, area),
@@ -139,6 +140,20 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
             th.base(),
         ),
     ];
+    let others = app
+        .processes
+        .iter()
+        .filter(|p| p.alive && p.id != crate::store::process_id())
+        .count();
+    if others > 0 {
+        spans.push(Span::styled(
+            format!(
+                " · {others} other process{} on this DB (P)",
+                if others == 1 { "" } else { "es" }
+            ),
+            th.dimmed(),
+        ));
+    }
     if app.dropped_events > 0 {
         spans.push(Span::styled(
             format!(" · {} events skipped", app.dropped_events),
@@ -197,7 +212,9 @@ fn draw_hints(f: &mut Frame, app: &App, area: Rect) {
             ("Ctrl-Z", "undo"),
         ],
         (Overlay::Search { .. }, _, _) => &[("Enter", "apply"), ("Esc", "clear")],
-        (Overlay::Help(_), _, _) => &[("↑↓", "scroll"), ("any other key", "close")],
+        (Overlay::Help(_) | Overlay::Processes(_), _, _) => {
+            &[("↑↓", "scroll"), ("any other key", "close")]
+        }
         (Overlay::Confirm(_), _, _) => &[("y/n", "answer"), ("Esc", "close")],
         (_, Screen::Detail(_), _) => &[
             ("↑↓", "step"),

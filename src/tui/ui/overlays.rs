@@ -28,6 +28,7 @@ pub const HELP: &[(&str, &[(&str, &str)])] = &[
             ("Enter", "open the selection (run a blueprint, open a run)"),
             ("/", "search or filter the focused pane"),
             ("p", "pause / resume the pool"),
+            ("P", "processes on this database: heartbeats, pools, memory"),
             ("T", "next theme"),
         ],
     ),
@@ -102,6 +103,67 @@ fn frame<'a>(app: &App, title: &'a str) -> Block<'a> {
         .border_type(BorderType::Double)
         .border_style(app.theme.border(true))
         .title(Span::styled(format!(" {title} "), app.theme.title(true)))
+}
+
+/// `P`: every process on the database, from their heartbeats (issue 7), this console first.
+pub fn processes(f: &mut Frame, app: &App, top: u16, area: Rect) {
+    let th = &app.theme;
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_millis(app.now_ms);
+    let me = crate::store::process_id();
+    let w = 100.min(area.width.saturating_sub(2));
+    let text_w = (w as usize).saturating_sub(6).max(20);
+    let mut lines: Vec<Line> = Vec::new();
+    if let Some(p) = &app.processes_problem {
+        lines.push(Line::from(Span::styled(
+            format!("cannot read the processes: {p}"),
+            Style::default().fg(th.error),
+        )));
+    }
+    let mut rows: Vec<&crate::store::ProcessRow> = app.processes.iter().collect();
+    // This console first, then the live ones, then the rest as recorded (newest first).
+    rows.sort_by_key(|p| (p.id != me, !p.alive));
+    if rows.is_empty() && app.processes_problem.is_none() {
+        lines.push(Line::from(Span::styled(
+            "reading the processes…",
+            th.dimmed(),
+        )));
+    }
+    for p in rows {
+        let (mark, style) = match p.state() {
+            "alive" => ("●", Style::default().fg(th.ok)),
+            "stopped" => ("○", th.dimmed()),
+            _ => ("✗", Style::default().fg(th.error)),
+        };
+        let mut text = p.describe(now);
+        if p.id == me {
+            text = format!("(this console) {text}");
+        }
+        for (i, row) in wrap_words(&text, text_w).into_iter().enumerate() {
+            lines.push(Line::from(vec![
+                Span::styled(
+                    if i == 0 {
+                        format!(" {mark} ")
+                    } else {
+                        "   ".into()
+                    },
+                    style,
+                ),
+                Span::styled(row, if p.alive { th.base() } else { th.dimmed() }),
+            ]));
+        }
+    }
+    let alive = app.processes.iter().filter(|p| p.alive).count();
+    let total = lines.len() as u16;
+    let r = popup(f, area, w, total + 2);
+    let room = r.height.saturating_sub(2);
+    let top = top.min(total.saturating_sub(room));
+    let title = format!("Processes on this database · {alive} alive · any key closes");
+    f.render_widget(
+        Paragraph::new(lines)
+            .scroll((top, 0))
+            .block(frame(app, &title)),
+        r,
+    );
 }
 
 pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
