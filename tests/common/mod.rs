@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use omniflow::blueprint::Blueprint;
 use omniflow::config::Config;
 use omniflow::engine::{Engine, EngineOptions, RunOutcome, RunRequest};
@@ -12,7 +14,7 @@ use omniflow::store::Store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -110,37 +112,13 @@ pub async fn fake_server(replies: Vec<Reply>) -> FakeServer {
             let replies = replies.clone();
             let seen = s.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                // Read the head, then Content-Length bytes of body.
-                loop {
-                    let n = match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(end) = find(&buf, b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("content-length")
-                                    .then(|| v.trim().parse::<usize>().ok())?
-                            })
-                            .unwrap_or(0);
-                        while buf.len() < end + 4 + len {
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let body = String::from_utf8_lossy(&buf[end + 4..]).to_string();
-                        let first = head.lines().next().unwrap_or("").to_string();
-                        seen.lock().unwrap().push(format!("{first}\n{body}"));
-                        break;
-                    }
-                }
+                let Some(req) = http::read_request(&mut sock).await else {
+                    return;
+                };
+                seen.lock().unwrap().push(format!(
+                    "{} {} HTTP/1.1\n{}",
+                    req.method, req.target, req.body
+                ));
                 let reply = {
                     let mut r = replies.lock().unwrap();
                     if r.len() > 1 {
@@ -168,10 +146,6 @@ pub async fn fake_server(replies: Vec<Reply>) -> FakeServer {
         url: format!("http://{addr}"),
         seen,
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 pub fn short() -> Duration {

@@ -210,45 +210,15 @@ async fn serve(
     dropped: Arc<AtomicUsize>,
     counter: Arc<AtomicUsize>,
 ) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let req = loop {
-        let n = match sock.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        let mut lines = head.lines();
-        let first = lines.next().unwrap_or("").to_string();
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                Some((k.trim().to_string(), v.trim().to_string()))
-            })
-            .collect();
-        let len = headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.parse::<usize>().ok())
-            .unwrap_or(0);
-        while buf.len() < end + 4 + len {
-            match sock.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let mut parts = first.split_whitespace();
-        break Seen {
-            method: parts.next().unwrap_or("").to_string(),
-            path: parts.next().unwrap_or("").to_string(),
-            headers,
-            body: String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string(),
-            at: Instant::now(),
-        };
+    let Some(r) = crate::common::http::read_request(&mut sock).await else {
+        return;
+    };
+    let req = Seen {
+        method: r.method,
+        path: r.target,
+        headers: r.headers,
+        body: r.body,
+        at: Instant::now(),
     };
     let index = counter.fetch_add(1, Ordering::SeqCst);
     let reply = handler(&req, index);
@@ -310,6 +280,7 @@ async fn serve(
         Reply::Hang => {
             // Wait until the client closes its side: that is how we know nothing of the
             // client outlived its timeout.
+            let mut chunk = [0u8; 1024];
             loop {
                 match sock.read(&mut chunk).await {
                     Ok(0) | Err(_) => {

@@ -5,32 +5,14 @@
 
 #![allow(dead_code)]
 
+use crate::common::http::read_request;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-#[derive(Debug, Clone)]
-pub struct Req {
-    pub method: String,
-    /// Path and query.
-    pub target: String,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl Req {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-}
+/// A request as the fake saw it.
+pub use crate::common::http::Request as Req;
 
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -116,49 +98,6 @@ async fn serve(handler: Handler) -> Fake {
         url: format!("http://{addr}"),
         seen,
         script,
-    }
-}
-
-async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Req> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let mut lines = head.lines();
-            let first = lines.next()?.to_string();
-            let headers: Vec<(String, String)> = lines
-                .filter_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    Some((k.trim().to_string(), v.trim().to_string()))
-                })
-                .collect();
-            let len = headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            while buf.len() < end + 4 + len {
-                let n = sock.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let body = String::from_utf8_lossy(&buf[end + 4..]).to_string();
-            let mut parts = first.split_whitespace();
-            return Some(Req {
-                method: parts.next()?.to_string(),
-                target: parts.next()?.to_string(),
-                headers,
-                body,
-            });
-        }
     }
 }
 
