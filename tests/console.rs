@@ -442,6 +442,7 @@ fn a_run_announced_finished_is_retryable_before_the_history_is_read_again() {
     rows[0].total_time_ms = None;
     rows[0].error = None;
     let id = rows[0].id.clone();
+    let stale_rows = rows.clone();
     history_page(&mut app, rows);
     focus(&mut app, Focus::History);
     ch(&mut app, 'g');
@@ -461,12 +462,24 @@ fn a_run_announced_finished_is_retryable_before_the_history_is_read_again() {
     assert_eq!(row.id, id);
     assert_eq!(row.status, RunStatus::Error);
     assert_eq!(row.total_time_ms, Some(2500));
+    // A query that was already running when the run finished lands now, still saying
+    // `running`: the row keeps what the console saw happen.
+    history_page(&mut app, stale_rows.clone());
+    assert_eq!(
+        app.history.selected_row().map(|r| r.status),
+        Some(RunStatus::Error)
+    );
     ch(&mut app, 'r');
     assert!(
         matches!(&app.overlay, Overlay::Confirm(Confirm::Retry { run_id, .. }) if *run_id == id),
         "{:?}",
         app.overlay
     );
+    // Once the database agrees, the console forgets its note.
+    let mut agreed = stale_rows;
+    agreed[0].status = RunStatus::Error;
+    history_page(&mut app, agreed);
+    assert!(app.history.finished.is_empty());
 }
 
 #[test]

@@ -69,6 +69,64 @@ impl Tmux {
     }
 }
 
+impl Tmux {
+    /// A detached `w`×`h` session on a private server named after `name`, running `shell`
+    /// in `cwd`. Fails with what to install when tmux is missing.
+    fn start(name: &str, cwd: &Path, w: u16, h: u16, shell: &str) -> Tmux {
+        let have_tmux = Command::new("tmux")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            have_tmux,
+            "tmux is not installed: the console's end-to-end tests drive the real binary in \
+             tmux. Install it (apt-get install tmux); CI's .ci/run does."
+        );
+        let t = Tmux {
+            socket: format!("omniflow-e2e-{name}-{}", std::process::id()),
+            session: "console".into(),
+        };
+        let out = t.cmd(&[
+            "new-session",
+            "-d",
+            "-s",
+            &t.session,
+            "-x",
+            &w.to_string(),
+            "-y",
+            &h.to_string(),
+            "-c",
+            &cwd.display().to_string(),
+            shell,
+        ]);
+        assert!(out.status.success(), "tmux new-session: {out:?}");
+        t
+    }
+
+    /// The pid of the program the pane's shell started (the console).
+    fn program_pid(&self) -> String {
+        let shell_pid = String::from_utf8_lossy(
+            &self
+                .cmd(&["display", "-p", "-t", &self.session, "#{pane_pid}"])
+                .stdout,
+        )
+        .trim()
+        .to_string();
+        let pid = child_of(&shell_pid);
+        assert!(!pid.is_empty(), "the console's pid");
+        pid
+    }
+
+    /// Sends `signal` (`TERM`, `HUP`) to the console.
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), self.program_pid()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+    }
+}
+
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.cmd(&["kill-server"]);
@@ -87,24 +145,11 @@ fn history_rows(db: &Path) -> Vec<omniflow::store::RunRow> {
 
 #[test]
 fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal() {
-    let have_tmux = Command::new("tmux")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        have_tmux,
-        "tmux is not installed: the console's end-to-end test drives the real binary in tmux. \
-         Install it (apt-get install tmux); CI's .ci/run does."
-    );
     let tmp = tempfile::tempdir().expect("temp dir");
     let db = tmp.path().join("history.db");
     let logs = tmp.path().join("logs");
     let bin = env!("CARGO_BIN_EXE_omniflow");
     let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
-    let t = Tmux {
-        socket: format!("omniflow-e2e-{}", std::process::id()),
-        session: "console".into(),
-    };
     // Model calls take 1 s (20 s × 0.05) so the workers pane can be seen busy.
     let shell = format!(
         "env DB_FILE='{}' LOG_DIR='{}' OMNIFLOW_TIME_SCALE=0.05 SANDBOX_LATENCY_MS=20000 \
@@ -113,20 +158,7 @@ fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal()
         logs.display(),
         blueprints.display()
     );
-    let out = t.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        &t.session,
-        "-x",
-        "120",
-        "-y",
-        "40",
-        "-c",
-        &tmp.path().display().to_string(),
-        &shell,
-    ]);
-    assert!(out.status.success(), "tmux new-session: {out:?}");
+    let t = Tmux::start("console", tmp.path(), 120, 40, &shell);
 
     t.wait_text("tech-digest", 30);
     t.wait_text("no runs yet", 10);
@@ -174,6 +206,12 @@ fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal()
         })
     });
     t.keys(&["Tab", "Tab", "g"]);
+    // History focused (heavy border) with the failed run selected, before `r`.
+    t.wait_for("the failed run selected in History", 10, |s| {
+        s.contains("┏ History")
+            && s.lines()
+                .any(|l| l.contains(&format!("▸{short}")) && l.contains("error"))
+    });
     t.keys(&["r"]);
     t.wait_text("Retry run", 10);
     t.keys(&["w"]);
@@ -222,52 +260,18 @@ fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal()
 
 #[test]
 fn sigterm_restores_the_terminal() {
-    let have_tmux = Command::new("tmux")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(have_tmux, "tmux is not installed (apt-get install tmux)");
     let tmp = tempfile::tempdir().expect("temp dir");
     let bin = env!("CARGO_BIN_EXE_omniflow");
-    let t = Tmux {
-        socket: format!("omniflow-e2e-term-{}", std::process::id()),
-        session: "console".into(),
-    };
     let shell = format!(
         "env DB_FILE='{}' LOG_DIR='{}' '{bin}' --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
         tmp.path().join("h.db").display(),
         tmp.path().join("logs").display(),
         tmp.path().join("no-such-dir").display(),
     );
-    let out = t.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        &t.session,
-        "-x",
-        "80",
-        "-y",
-        "24",
-        "-c",
-        &tmp.path().display().to_string(),
-        &shell,
-    ]);
-    assert!(out.status.success(), "tmux new-session: {out:?}");
+    let t = Tmux::start("term", tmp.path(), 80, 24, &shell);
     // A missing blueprints directory is a message in its pane, not a crash.
     t.wait_text("cannot read", 30);
-    let shell_pid = String::from_utf8_lossy(
-        &t.cmd(&["display", "-p", "-t", &t.session, "#{pane_pid}"])
-            .stdout,
-    )
-    .trim()
-    .to_string();
-    let pid = child_of(&shell_pid);
-    assert!(!pid.is_empty(), "the console's pid");
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    t.signal("TERM");
     t.wait_text("CONSOLE-EXITED", 20);
     let alt = t.cmd(&[
         "display",
@@ -286,11 +290,6 @@ fn sigterm_restores_the_terminal() {
 /// binary itself has no way to be made to panic.
 #[test]
 fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
-    let have_tmux = Command::new("tmux")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(have_tmux, "tmux is not installed (apt-get install tmux)");
     // Examples are built next to the binary's directory by `cargo test` (all targets), not by
     // `cargo test --test console_e2e` alone.
     let example = Path::new(env!("CARGO_BIN_EXE_omniflow"))
@@ -305,10 +304,6 @@ fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
         example.display()
     );
     let tmp = tempfile::tempdir().expect("temp dir");
-    let t = Tmux {
-        socket: format!("omniflow-e2e-panic-{}", std::process::id()),
-        session: "console".into(),
-    };
     // A non-interactive shell does not reset the tty itself, so what it reports after the
     // example is what the panic left behind. No backtrace: the message must fit the screen.
     let shell = format!(
@@ -318,20 +313,7 @@ fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
          printf 'TYPE: '; read -r line; echo \"READ <$line>\"; sleep 60",
         example.display()
     );
-    let out = t.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        &t.session,
-        "-x",
-        "100",
-        "-y",
-        "30",
-        "-c",
-        &tmp.path().display().to_string(),
-        &shell,
-    ]);
-    assert!(out.status.success(), "tmux new-session: {out:?}");
+    let t = Tmux::start("panic", tmp.path(), 100, 30, &shell);
 
     // The console's frame, on the alternate screen.
     let s = t.wait_text("PANIC-EXAMPLE-DRAWN", 30);
@@ -411,19 +393,10 @@ fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
 /// spot or cancelling work nobody asked to stop.
 #[test]
 fn sighup_hands_the_runs_in_flight_over() {
-    let have_tmux = Command::new("tmux")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(have_tmux, "tmux is not installed (apt-get install tmux)");
     let tmp = tempfile::tempdir().expect("temp dir");
     let db = tmp.path().join("h.db");
     let bin = env!("CARGO_BIN_EXE_omniflow");
     let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
-    let t = Tmux {
-        socket: format!("omniflow-e2e-hup-{}", std::process::id()),
-        session: "console".into(),
-    };
     // Model calls take 60 s: the run is surely in flight when the hang-up comes. Steps in
     // flight get 1 s of grace, then are handed over.
     let shell = format!(
@@ -433,20 +406,7 @@ fn sighup_hands_the_runs_in_flight_over() {
         tmp.path().join("logs").display(),
         blueprints.display()
     );
-    let out = t.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        &t.session,
-        "-x",
-        "120",
-        "-y",
-        "40",
-        "-c",
-        &tmp.path().display().to_string(),
-        &shell,
-    ]);
-    assert!(out.status.success(), "tmux new-session: {out:?}");
+    let t = Tmux::start("hup", tmp.path(), 120, 40, &shell);
     t.wait_text("tech-digest", 30);
     t.keys(&["/"]);
     t.literal("tech");
@@ -454,19 +414,7 @@ fn sighup_hands_the_runs_in_flight_over() {
     t.wait_text("Sandbox test: tech-digest", 10);
     t.keys(&["C-s"]);
     t.wait_for("busy workers", 20, |s| s.contains("▶ summarize["));
-    let shell_pid = String::from_utf8_lossy(
-        &t.cmd(&["display", "-p", "-t", &t.session, "#{pane_pid}"])
-            .stdout,
-    )
-    .trim()
-    .to_string();
-    let pid = child_of(&shell_pid);
-    assert!(!pid.is_empty(), "the console's pid");
-    let sent = Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill");
-    assert!(sent.success());
+    t.signal("HUP");
     let s = t.wait_text("CONSOLE-EXITED", 30);
     assert!(s.contains("CONSOLE-EXITED 0"), "a clean exit:\n{s}");
 

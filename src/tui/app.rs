@@ -529,11 +529,14 @@ impl App {
                 // Finished runs leave the live list; history has them. The row on screen is
                 // updated now, so `r` works on it before the next history query lands.
                 self.runs.remove(&run_id);
-                if let Some(row) = self.history.rows.iter_mut().find(|r| r.id == run_id) {
-                    row.status = status;
-                    row.total_time_ms = Some(total_time_ms);
-                    row.error.clone_from(&error);
+                // Best effort, bounded: a long session forgets the oldest of these at once.
+                if self.history.finished.len() >= 1024 {
+                    self.history.finished.clear();
                 }
+                self.history
+                    .finished
+                    .insert(run_id.clone(), (status, total_time_ms, error.clone()));
+                self.history.overlay_finished();
                 self.retrying.retain(|r| r.run_id != run_id);
                 let took = fmt_ms(total_time_ms);
                 match (status, error) {
@@ -690,6 +693,7 @@ impl App {
                     Ok((rows, total)) => {
                         let keep = self.history.selected_row().map(|r| r.id.clone());
                         self.history.rows = rows;
+                        self.history.overlay_finished();
                         if total.is_some() {
                             self.history.total = total;
                         }

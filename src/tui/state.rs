@@ -331,6 +331,25 @@ pub struct HistoryState {
     pub loaded: bool,
     /// A problem with the database that does not stop the pane (e.g. a temporary fallback).
     pub banner: Option<String>,
+    /// Ends of runs this console saw happen (`RunFinished`), laid over the rows a query
+    /// returns until the database shows them too: a query that was already running when a
+    /// run finished must not bring its row back as `running`.
+    pub finished: std::collections::HashMap<String, (RunStatus, u64, Option<String>)>,
+}
+
+impl HistoryState {
+    /// Lays the known run ends over `rows`; forgets those the database now agrees with.
+    pub fn overlay_finished(&mut self) {
+        for row in &mut self.rows {
+            if row.status.is_final() {
+                self.finished.remove(&row.id);
+            } else if let Some((status, took, error)) = self.finished.get(&row.id) {
+                row.status = *status;
+                row.total_time_ms = Some(*took);
+                row.error.clone_from(error);
+            }
+        }
+    }
 }
 
 impl Default for HistoryState {
@@ -350,6 +369,7 @@ impl Default for HistoryState {
             last_query_ms: 0,
             loaded: false,
             banner: None,
+            finished: std::collections::HashMap::new(),
         }
     }
 }
