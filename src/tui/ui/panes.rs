@@ -182,6 +182,25 @@ fn schedule_span(app: &App, bp: &crate::blueprint::Blueprint, room: usize) -> Sp
     }
 }
 
+/// A `⚠ text` banner wrapped at the top of `area`, leaving at least `keep` rows below it;
+/// returns the rest of the area.
+fn warning_banner(f: &mut Frame, app: &App, area: Rect, text: &str, keep: u16) -> Rect {
+    let text = format!("⚠ {text}");
+    let need = text.chars().count().div_ceil(area.width.max(1) as usize) as u16;
+    let [top, rest] = Layout::vertical([
+        Constraint::Length(need.min(area.height.saturating_sub(keep))),
+        Constraint::Min(keep.saturating_sub(1)),
+    ])
+    .areas(area);
+    f.render_widget(
+        Paragraph::new(text)
+            .style(Style::default().fg(app.theme.warn))
+            .wrap(Wrap { trim: true }),
+        top,
+    );
+    rest
+}
+
 /// `42s`, `17m`, `5h12m`, `3d4h`: how long until a schedule fires.
 pub fn until(d: std::time::Duration) -> String {
     let s = d.as_secs();
@@ -479,22 +498,7 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
         return empty(f, app, inner, format!("history unavailable: {p}"), true);
     }
     let inner = match &h.banner {
-        Some(b) => {
-            let text = format!("⚠ {b}");
-            let need = text.chars().count().div_ceil(inner.width.max(1) as usize) as u16;
-            let [top, rest] = Layout::vertical([
-                Constraint::Length(need.min(inner.height.saturating_sub(2))),
-                Constraint::Min(1),
-            ])
-            .areas(inner);
-            f.render_widget(
-                Paragraph::new(text)
-                    .style(Style::default().fg(th.warn))
-                    .wrap(Wrap { trim: true }),
-                top,
-            );
-            rest
-        }
+        Some(b) => warning_banner(f, app, inner, b, 2),
         None => inner,
     };
     if h.rows.is_empty() {
@@ -598,22 +602,7 @@ pub fn logs(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(block, area);
     let mut lines: Vec<Line> = Vec::new();
     let inner = match &l.problem {
-        Some(p) => {
-            let text = format!("⚠ {p}");
-            let need = text.chars().count().div_ceil(inner.width.max(1) as usize) as u16;
-            let [top, rest] = Layout::vertical([
-                Constraint::Length(need.min(inner.height.saturating_sub(1))),
-                Constraint::Min(0),
-            ])
-            .areas(inner);
-            f.render_widget(
-                Paragraph::new(text)
-                    .style(Style::default().fg(th.warn))
-                    .wrap(Wrap { trim: true }),
-                top,
-            );
-            rest
-        }
+        Some(p) => warning_banner(f, app, inner, p, 1),
         None => inner,
     };
     let room = (inner.height as usize).saturating_sub(lines.len());
