@@ -328,6 +328,26 @@ fn a_step_waiting_for_the_rate_limit_shows_as_waiting_not_as_a_failure() {
         attempt: 1,
     }));
     assert!(app.retrying.iter().all(|r| !r.waiting));
+
+    // A big fan-out behind the limit is summed up in one line.
+    for i in 0..5u64 {
+        app.update(Msg::Engine(Event::StepWaiting {
+            run_id: "0mwz00000live".into(),
+            step: format!("summarize[{}]", 10 + i),
+            node: "summarize".into(),
+            provider: "huggingface".into(),
+            wait_ms: 1000 * (i + 1),
+        }));
+    }
+    let screen = render(&app, 160, 48);
+    assert!(
+        screen.contains(
+            "⧗ 5 steps wait for huggingface's rate limit · next in 1.0s, last in 5.0s (no worker held)"
+        ),
+        "{screen}"
+    );
+    assert!(!screen.contains("⧗ summarize[12]"), "{screen}");
+    assert!(screen.contains("5 rate-limited"), "{screen}");
 }
 
 fn process(

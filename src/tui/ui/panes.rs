@@ -403,7 +403,32 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
     let selectable = items.len();
     let mut retrying: Vec<_> = app.retrying.iter().collect();
     retrying.sort_by_key(|r| r.until_ms);
-    for r in retrying {
+    // A big fan-out behind a rate limit is one line per provider, not one per step.
+    let mut by_provider: Vec<(&str, Vec<u64>)> = Vec::new();
+    for r in retrying.iter().filter(|r| r.waiting) {
+        match by_provider.iter_mut().find(|(p, _)| *p == r.kind) {
+            Some((_, v)) => v.push(r.until_ms),
+            None => by_provider.push((r.kind.as_str(), vec![r.until_ms])),
+        }
+    }
+    for (provider, untils) in by_provider.iter().filter(|(_, v)| v.len() > 3) {
+        let next = untils.iter().min().copied().unwrap_or(0);
+        let last = untils.iter().max().copied().unwrap_or(0);
+        let text = format!(
+            "⧗ {} steps wait for {provider}'s rate limit · next in {}, last in {} (no worker held)",
+            untils.len(),
+            fmt_ms(next.saturating_sub(app.now_ms)),
+            fmt_ms(last.saturating_sub(app.now_ms))
+        );
+        items.push(ListItem::new(Line::from(Span::styled(
+            clip(&text, w.saturating_sub(1)),
+            Style::default().fg(th.warn),
+        ))));
+    }
+    let grouped = |r: &&crate::tui::state::Retrying| {
+        r.waiting && by_provider.iter().any(|(p, v)| *p == r.kind && v.len() > 3)
+    };
+    for r in retrying.iter().filter(|r| !grouped(r)) {
         let left = r.until_ms.saturating_sub(app.now_ms);
         let head = if r.waiting {
             format!("⧗ {} {} limit, {} ", r.step, r.kind, fmt_ms(left))
