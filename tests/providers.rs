@@ -864,6 +864,40 @@ async fn omniflow(
         .unwrap()
 }
 
+/// `omniflow run` says once per node that its calls wait for the provider's rate limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omniflow_run_says_when_calls_wait_for_the_rate_limit() {
+    let fake = start(|_, _| Reply::completion("ok", 2)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bp = dir.path().join("limited.json");
+    std::fs::write(
+        &bp,
+        json!({
+            "name": "limited",
+            "variables": { "TOPICS": ["a", "b", "c", "d"] },
+            "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+                         "prompt": "about {{ item }}", "forEach": "{{ vars.TOPICS }}" } ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let env = [
+        ("OMNIFLOW_TIME_SCALE", "1"),
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", fake.url.as_str()),
+        ("HF_RATE_LIMIT", "1/300ms"),
+    ];
+    let out = omniflow(dir.path(), &["run", bp.to_str().unwrap()], &env).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let said = err
+        .lines()
+        .filter(|l| l.contains("⧗ ask: waiting") && l.contains("huggingface's rate limit"))
+        .count();
+    assert_eq!(said, 1, "once for the node:\n{err}");
+    assert_eq!(fake.count(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_checks_each_configured_provider_live() {
     let dir = tempfile::tempdir().unwrap();
