@@ -805,6 +805,41 @@ async fn a_spent_budget_stops_the_run_with_budget_exceeded() {
     assert_eq!(o.error_kind, Some(ErrorKind::BudgetExceeded));
 }
 
+/// A 40-way fan-out under a budget of ten calls' worth: calls in flight count against the
+/// budget by their estimates, so the run stops near the budget instead of spending 40 calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_does_not_overshoot_its_budget_by_the_calls_in_flight() {
+    let fake = start(|_, _| Reply::completion("a short answer", 100)).await;
+    let env = common::engine(
+        &[
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("HF_RATE_LIMIT", "off"),
+        ],
+        64,
+    );
+    let topics: Vec<String> = (0..40).map(|i| format!("topic {i}")).collect();
+    let bp = common::blueprint(json!({
+        "name": "budget-fan",
+        "maxTokensPerRun": 1000,
+        "variables": { "TOPICS": topics },
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+                     "prompt": "Two sentences on {{ item }}.", "forEach": "{{ vars.TOPICS }}",
+                     "cache": false } ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.error_kind, Some(ErrorKind::BudgetExceeded));
+    let run = env.store.find_run(&o.run_id).unwrap();
+    // Each call spends 100: the budget holds ten. Estimates may let one more start.
+    assert!(
+        (10..=11).contains(&fake.count()),
+        "{} calls for a budget of 10",
+        fake.count()
+    );
+    assert!(run.tokens_used <= 1100, "{} tokens spent", run.tokens_used);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_run_replays_the_recorded_answers_of_a_run() {
     let env = common::engine(&[("SANDBOX_LATENCY_MS", "0")], 8);

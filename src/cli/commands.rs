@@ -655,7 +655,11 @@ pub fn runs(args: RunsArgs) -> Result<ExitCode, Failure> {
             clip(&r.blueprint_name, 20),
             r.status.as_str(),
             // To the second: `2026-11-27 13:24:56`.
-            started.replace('T', " ").chars().take(19).collect::<String>(),
+            started
+                .replace('T', " ")
+                .chars()
+                .take(19)
+                .collect::<String>(),
             r.total_time_ms
                 .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_else(|| "-".into()),

@@ -240,6 +240,17 @@ pub(crate) fn attempt_timeout(ctx: &RunCtx, node: &Node, prepared: &Prepared) ->
     }
 }
 
+/// The error of a model call the run's token budget no longer allows.
+pub(crate) fn budget_spent(spent: u64, budget: u64) -> StepError {
+    StepError::new(
+        ErrorKind::BudgetExceeded,
+        format!(
+            "the run's token budget is spent ({spent} of {budget} tokens); raise the blueprint's \
+             \"maxTokensPerRun\" (or MAX_TOKENS_PER_RUN), or use a smaller model or maxTokens"
+        ),
+    )
+}
+
 /// One attempt of a prepared step.
 pub(crate) async fn execute(
     ctx: &RunCtx,
@@ -261,20 +272,13 @@ pub(crate) async fn execute(
             })
         }
         Prepared::Llm { req, parse, cache } => {
-            // Token budget (issue 3): checked before every model call against the tokens the
-            // run's finished attempts spent. Calls already in flight are not cut off, so a
-            // fan-out may overshoot by what its running calls spend.
+            // Token budget (issue 3): the step already waited for room in the budget
+            // (`step::hold_budget`, counting the calls in flight); this is the last check
+            // against the tokens the run's finished attempts spent.
             if let Some(budget) = ctx.token_budget {
                 let spent = ctx.tokens_spent.load(std::sync::atomic::Ordering::Relaxed);
                 if spent >= budget {
-                    return Err(StepError::new(
-                        ErrorKind::BudgetExceeded,
-                        format!(
-                            "the run's token budget is spent ({spent} of {budget} tokens); raise \
-                             the blueprint's \"maxTokensPerRun\" (or MAX_TOKENS_PER_RUN), or use \
-                             a smaller model or maxTokens"
-                        ),
-                    ));
+                    return Err(budget_spent(spent, budget));
                 }
             }
             // Record and replay: a recorded answer stands in for the model.

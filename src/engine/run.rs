@@ -44,6 +44,13 @@ pub(crate) struct RunCtx {
     pub tokens_spent: AtomicU64,
     /// The blueprint's `maxTokensPerRun`, else `MAX_TOKENS_PER_RUN`; `None` = unlimited.
     pub token_budget: Option<u64>,
+    /// Estimated tokens of the model calls in flight: with a budget, a call starts only when
+    /// what is spent, what is in flight and its own estimate fit (see `step::hold_budget`).
+    pub tokens_held: AtomicU64,
+    /// Model calls that ended with tokens: their average sizes an unknown answer.
+    pub calls_done: AtomicU64,
+    /// Woken whenever a call in flight settles.
+    pub budget_settled: tokio::sync::Notify,
     /// Recorded outputs to replay instead of calling a model (see `RunRequest::replay`).
     pub replay: HashMap<String, Value>,
 }
@@ -78,6 +85,9 @@ impl RunCtx {
         Arc::new(RunCtx {
             tokens_spent: AtomicU64::new(0),
             token_budget,
+            tokens_held: AtomicU64::new(0),
+            calls_done: AtomicU64::new(0),
+            budget_settled: tokio::sync::Notify::new(),
             replay: req.replay,
             inner,
             run_id: run_id.into(),

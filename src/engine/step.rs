@@ -112,7 +112,12 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
         if ctx.abort.is_cancelled() {
             break Err(StepError::cancelled());
         }
-        // A model call first waits for its provider's rate limit here, holding no worker.
+        // A model call first waits, holding no worker, for room in the run's token budget
+        // and for its provider's rate limit.
+        let hold = match hold_budget(&ctx, &prepared, &spec.key).await {
+            Ok(h) => h,
+            Err(e) => break Err(e),
+        };
         let admission = match admit(&ctx, &prepared, &spec.key).await {
             Ok(a) => a,
             Err(e) => break Err(e),
@@ -156,6 +161,8 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             }
             Err(e) => e,
         };
+        // The call is over (its tokens, if any, are counted): its estimate is let go.
+        drop(hold);
         if err.kind == ErrorKind::Cancelled {
             record_attempt_err(&ctx, &spec.key, attempt, times, &err, None);
             break Err(err);
@@ -209,6 +216,86 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
         item: spec.item,
         result: outcome,
         summary,
+    }
+}
+
+/// A model call's estimated tokens, held against the run's budget while it is in flight.
+struct BudgetHold<'a> {
+    ctx: &'a RunCtx,
+    tokens: u64,
+}
+
+impl Drop for BudgetHold<'_> {
+    fn drop(&mut self) {
+        self.ctx
+            .tokens_held
+            .fetch_sub(self.tokens, std::sync::atomic::Ordering::SeqCst);
+        self.ctx.budget_settled.notify_waiters();
+    }
+}
+
+/// What a model call will likely spend: its prompt, plus `maxTokens`, else the run's average
+/// call so far, else 256 tokens of answer.
+fn estimate_call(ctx: &RunCtx, req: &crate::providers::LlmRequest) -> u64 {
+    use crate::providers::sandbox::estimate_tokens;
+    use std::sync::atomic::Ordering;
+    let prompt =
+        estimate_tokens(&req.prompt) + req.system.as_deref().map(estimate_tokens).unwrap_or(0);
+    if let Some(n) = req.max_tokens {
+        return prompt + u64::from(n);
+    }
+    let calls = ctx.calls_done.load(Ordering::SeqCst);
+    match ctx.tokens_spent.load(Ordering::SeqCst).checked_div(calls) {
+        Some(average) => average.max(prompt + 1),
+        None => prompt + 256,
+    }
+}
+
+/// With a token budget, waits (outside the pool) until this model call fits: what is spent,
+/// the estimates of the calls in flight and its own estimate within the budget. A call always
+/// starts when nothing else is in flight, so a run cannot stall; once the budget is spent, the
+/// call fails with `budget_exceeded`. This keeps a 40-way fan-out from overshooting the budget
+/// by 40 calls; what remains is the error of one estimate per call in flight.
+async fn hold_budget<'a>(
+    ctx: &'a RunCtx,
+    prepared: &Prepared,
+    step: &str,
+) -> Result<Option<BudgetHold<'a>>, StepError> {
+    use std::sync::atomic::Ordering;
+    let (Some(budget), Prepared::Llm { req, .. }) = (ctx.token_budget, prepared) else {
+        return Ok(None);
+    };
+    if ctx.replay.contains_key(step) {
+        return Ok(None);
+    }
+    let estimate = estimate_call(ctx, req);
+    loop {
+        // Registered before looking, so a call settling in between still wakes us.
+        let settled = ctx.budget_settled.notified();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        let spent = ctx.tokens_spent.load(Ordering::SeqCst);
+        if spent >= budget {
+            return Err(nodes::budget_spent(spent, budget));
+        }
+        let held = ctx.tokens_held.load(Ordering::SeqCst);
+        if held == 0 || spent + held + estimate <= budget {
+            if ctx
+                .tokens_held
+                .compare_exchange(held, held + estimate, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return Ok(Some(BudgetHold {
+                    ctx,
+                    tokens: estimate,
+                }));
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = &mut settled => {}
+            _ = ctx.abort.cancelled() => return Err(StepError::cancelled()),
+        }
     }
 }
 
@@ -344,7 +431,11 @@ fn record_attempt(
     });
     // Issue 3: the run's spent tokens (for its budget), and which providers were skipped.
     ctx.tokens_spent
-        .fetch_add(out.tokens, std::sync::atomic::Ordering::Relaxed);
+        .fetch_add(out.tokens, std::sync::atomic::Ordering::SeqCst);
+    if out.tokens > 0 {
+        ctx.calls_done
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
     if let Some(note) = &out.fallback {
         ctx.inner
             .store
