@@ -388,25 +388,42 @@ fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
     assert!(s.contains("TYPE: cooked"), "typed text is echoed:\n{s}");
 }
 
-/// A dropped SSH session sends SIGHUP: the console hands its runs over (unfinished, no owner,
-/// for a daemon or the next console) and records itself stopped, instead of dying on the
-/// spot or cancelling work nobody asked to stop.
-#[test]
-fn sighup_hands_the_runs_in_flight_over() {
+/// How a session drops.
+enum HangUp {
+    /// SIGHUP with the terminal still there.
+    Signal,
+    /// The terminal itself goes away (tmux kill-server: SIGHUP and a dead pty at once), so
+    /// every write to it fails.
+    TerminalGone,
+}
+
+/// A dropped SSH session: the console hands its runs over (unfinished, no owner, for a
+/// daemon or the next console) and records itself stopped, instead of dying on the spot or
+/// cancelling work nobody asked to stop.
+fn hang_up_hands_the_runs_over(how: HangUp) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let db = tmp.path().join("h.db");
     let bin = env!("CARGO_BIN_EXE_omniflow");
     let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
     // Model calls take 60 s: the run is surely in flight when the hang-up comes. Steps in
-    // flight get 1 s of grace, then are handed over.
-    let shell = format!(
+    // flight get 1 s of grace, then are handed over. stderr stays on the terminal, as it
+    // does over SSH.
+    let console = format!(
         "env DB_FILE='{}' LOG_DIR='{}' SANDBOX_LATENCY_MS=60000 SHUTDOWN_GRACE=1 \
-         TERM=xterm-256color '{bin}' tui --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
+         TERM=xterm-256color '{bin}' tui --dir '{}'",
         db.display(),
         tmp.path().join("logs").display(),
         blueprints.display()
     );
-    let t = Tmux::start("hup", tmp.path(), 120, 40, &shell);
+    let (name, shell) = match how {
+        HangUp::Signal => (
+            "hup",
+            format!("{console}; echo CONSOLE-EXITED $?; sleep 60"),
+        ),
+        // The console is the pane's process itself, as a login shell's child is over SSH.
+        HangUp::TerminalGone => ("gone", format!("exec {console}")),
+    };
+    let t = Tmux::start(name, tmp.path(), 120, 40, &shell);
     t.wait_text("tech-digest", 30);
     t.keys(&["/"]);
     t.literal("tech");
@@ -414,9 +431,31 @@ fn sighup_hands_the_runs_in_flight_over() {
     t.wait_text("Sandbox test: tech-digest", 10);
     t.keys(&["C-s"]);
     t.wait_for("busy workers", 20, |s| s.contains("▶ summarize["));
-    t.signal("HUP");
-    let s = t.wait_text("CONSOLE-EXITED", 30);
-    assert!(s.contains("CONSOLE-EXITED 0"), "a clean exit:\n{s}");
+    match how {
+        HangUp::Signal => {
+            t.signal("HUP");
+            let s = t.wait_text("CONSOLE-EXITED", 30);
+            assert!(s.contains("CONSOLE-EXITED 0"), "a clean exit:\n{s}");
+        }
+        HangUp::TerminalGone => {
+            let pid = String::from_utf8_lossy(
+                &t.cmd(&["display", "-p", "-t", &t.session, "#{pane_pid}"])
+                    .stdout,
+            )
+            .trim()
+            .to_string();
+            let _ = t.cmd(&["kill-server"]);
+            let proc_dir = Path::new("/proc").join(&pid);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while proc_dir.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                !proc_dir.exists(),
+                "the console exits when its terminal is gone"
+            );
+        }
+    }
 
     let rows = history_rows(&db);
     let run = rows
@@ -440,6 +479,60 @@ fn sighup_hands_the_runs_in_flight_over() {
         .query_row(
             "SELECT COUNT(*) FROM runner_processes WHERE role = 'console' AND stopped_at IS NOT NULL",
             [],
+            |r| r.get(0),
+        )
+        .expect("the console's process row");
+    assert_eq!(stopped, 1, "the console recorded itself stopped");
+}
+
+#[test]
+fn sighup_hands_the_runs_in_flight_over() {
+    hang_up_hands_the_runs_over(HangUp::Signal);
+}
+
+#[test]
+fn a_vanished_terminal_hands_the_runs_in_flight_over() {
+    hang_up_hands_the_runs_over(HangUp::TerminalGone);
+}
+
+/// With nothing in flight the console's exit is short, and the last thing it does is what
+/// broke: ratatui's drop reported a failure to show the cursor with `eprintln!`, which panics
+/// on a dead terminal, so the console died before recording itself stopped.
+#[test]
+fn an_idle_console_whose_terminal_vanishes_records_itself_stopped() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let db = tmp.path().join("h.db");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let shell = format!(
+        "exec env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' tui --dir '{}'",
+        db.display(),
+        tmp.path().join("logs").display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("idle", tmp.path(), 100, 30, &shell);
+    t.wait_text("tech-digest", 30);
+    let pid = String::from_utf8_lossy(
+        &t.cmd(&["display", "-p", "-t", &t.session, "#{pane_pid}"])
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let _ = t.cmd(&["kill-server"]);
+    let proc_dir = Path::new("/proc").join(&pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proc_dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !proc_dir.exists(),
+        "the console exits when its terminal is gone"
+    );
+    let c = rusqlite::Connection::open(&db).expect("open the database");
+    let stopped: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM runner_processes WHERE pid = ?1 AND stopped_at IS NOT NULL",
+            [pid.parse::<i64>().expect("a pid")],
             |r| r.get(0),
         )
         .expect("the console's process row");

@@ -248,7 +248,9 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("error: {}", f.message);
+                // Not eprintln!: with the terminal gone it would panic.
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "error: {}", f.message);
             }
             ExitCode::from(f.code)
         }

@@ -73,7 +73,12 @@ pub async fn run(
         if app.dirty {
             let due = last_draw.is_none_or(|t| t.elapsed() >= FRAME);
             if due {
-                term.draw(&app)?;
+                if let Err(e) = term.draw(&app) {
+                    // The terminal is gone (a dropped SSH session): leave as on a hang-up.
+                    tracing::warn!(error = %e, "cannot draw: the terminal is gone; handing runs over");
+                    app.quit_mode = crate::tui::app::QuitMode::HandOver;
+                    break;
+                }
                 app.dirty = false;
                 last_draw = Some(Instant::now());
             }
@@ -86,7 +91,13 @@ pub async fn run(
         tokio::select! {
             ev = keys.next() => match ev {
                 Some(Ok(TermEvent::Key(k))) => fx.extend(app.update(Msg::Key(k))),
-                Some(Ok(TermEvent::Resize(_, _))) => { term.autoresize()?; app.dirty = true; }
+                Some(Ok(TermEvent::Resize(_, _))) => {
+                    if term.autoresize().is_err() {
+                        app.quit_mode = crate::tui::app::QuitMode::HandOver;
+                        break;
+                    }
+                    app.dirty = true;
+                }
                 Some(Ok(_)) => {}
                 // The terminal is gone (hang-up, a dropped SSH session): leave, handing the runs
                 // in flight over rather than cancelling work nobody asked to stop.

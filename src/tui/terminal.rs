@@ -24,7 +24,10 @@ use std::thread::ThreadId;
 /// The console's hold on the terminal: while it lives, the terminal is in raw mode on the
 /// alternate screen with the cursor hidden. Dropping it (or [`Terminal::leave`]) restores it.
 pub struct Terminal {
-    inner: ratatui::Terminal<CrosstermBackend<Stdout>>,
+    /// Never dropped: ratatui's own drop shows the cursor again and reports a failure with
+    /// `eprintln!`, which panics when the terminal is gone (a dropped SSH session) — in the
+    /// middle of handing runs over. [`restore`] already shows the cursor, logging failures.
+    inner: std::mem::ManuallyDrop<ratatui::Terminal<CrosstermBackend<Stdout>>>,
 }
 
 static HOOK: Once = Once::new();
@@ -92,7 +95,9 @@ impl Terminal {
                 return Err(e);
             }
         };
-        Ok(Terminal { inner })
+        Ok(Terminal {
+            inner: std::mem::ManuallyDrop::new(inner),
+        })
     }
 
     /// Draws one frame inside a synchronized update (no tearing on a busy screen).
