@@ -600,7 +600,7 @@ async fn calls_waiting_for_the_rate_limit_hold_no_worker() {
             ("OMNIFLOW_TIME_SCALE", "1"),
             ("HF_TOKEN", "hf_testtoken123"),
             ("HF_INFERENCE_URL", &fake.url),
-            ("HF_RATE_LIMIT", "1/250ms"),
+            ("HF_RATE_LIMIT", "1/500ms"),
         ],
         2,
     );
@@ -634,7 +634,7 @@ async fn calls_waiting_for_the_rate_limit_hold_no_worker() {
     let b = common::run(&env, &quick, RunRequest::default()).await;
     assert_eq!(b.status, RunStatus::Success);
     // Had the waiting calls held the two workers, `quick` would have queued behind at least
-    // four of them (a quarter second apart each).
+    // four of them (half a second apart each); here it had a second and a half to spare.
     let calls_before_quick_finished = fake.count();
     assert!(
         calls_before_quick_finished <= 3,
@@ -920,7 +920,7 @@ async fn omniflow_run_says_when_calls_wait_for_the_rate_limit() {
         ("OMNIFLOW_TIME_SCALE", "1"),
         ("HF_TOKEN", "hf_testtoken123"),
         ("HF_INFERENCE_URL", fake.url.as_str()),
-        ("HF_RATE_LIMIT", "1/300ms"),
+        ("HF_RATE_LIMIT", "1/600ms"),
     ];
     let out = omniflow(dir.path(), &["run", bp.to_str().unwrap()], &env).await;
     let err = String::from_utf8_lossy(&out.stderr);
