@@ -103,16 +103,37 @@ impl Tmux {
         t
     }
 
-    /// The pid of the program the pane's shell started (the console).
-    fn program_pid(&self) -> String {
-        let shell_pid = String::from_utf8_lossy(
+    /// The pid of the pane's own process (the shell, or the console when `exec`ed).
+    fn pane_pid(&self) -> String {
+        String::from_utf8_lossy(
             &self
                 .cmd(&["display", "-p", "-t", &self.session, "#{pane_pid}"])
                 .stdout,
         )
         .trim()
-        .to_string();
-        let pid = child_of(&shell_pid);
+        .to_string()
+    }
+
+    /// The terminal goes away under the pane's process (a dropped SSH session: SIGHUP and a
+    /// dead tty at once); waits until that process has exited and returns its pid.
+    fn vanish(&self) -> String {
+        let pid = self.pane_pid();
+        let _ = self.cmd(&["kill-server"]);
+        let proc_dir = Path::new("/proc").join(&pid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proc_dir.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            !proc_dir.exists(),
+            "the console exits when its terminal is gone"
+        );
+        pid
+    }
+
+    /// The pid of the program the pane's shell started (the console).
+    fn program_pid(&self) -> String {
+        let pid = child_of(&self.pane_pid());
         assert!(!pid.is_empty(), "the console's pid");
         pid
     }
@@ -438,22 +459,7 @@ fn hang_up_hands_the_runs_over(how: HangUp) {
             assert!(s.contains("CONSOLE-EXITED 0"), "a clean exit:\n{s}");
         }
         HangUp::TerminalGone => {
-            let pid = String::from_utf8_lossy(
-                &t.cmd(&["display", "-p", "-t", &t.session, "#{pane_pid}"])
-                    .stdout,
-            )
-            .trim()
-            .to_string();
-            let _ = t.cmd(&["kill-server"]);
-            let proc_dir = Path::new("/proc").join(&pid);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while proc_dir.exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            assert!(
-                !proc_dir.exists(),
-                "the console exits when its terminal is gone"
-            );
+            t.vanish();
         }
     }
 
@@ -512,22 +518,7 @@ fn an_idle_console_whose_terminal_vanishes_records_itself_stopped() {
     );
     let t = Tmux::start("idle", tmp.path(), 100, 30, &shell);
     t.wait_text("tech-digest", 30);
-    let pid = String::from_utf8_lossy(
-        &t.cmd(&["display", "-p", "-t", &t.session, "#{pane_pid}"])
-            .stdout,
-    )
-    .trim()
-    .to_string();
-    let _ = t.cmd(&["kill-server"]);
-    let proc_dir = Path::new("/proc").join(&pid);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proc_dir.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        !proc_dir.exists(),
-        "the console exits when its terminal is gone"
-    );
+    let pid = t.vanish();
     let c = rusqlite::Connection::open(&db).expect("open the database");
     let stopped: i64 = c
         .query_row(
