@@ -198,22 +198,21 @@ fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal()
         s.contains("success") || s.contains("error")
     });
 
-    // A run that fails for sure: 100 % simulated failures.
+    // A run that fails for sure: 100 % simulated failures. (The first run, at 30 %, may have
+    // failed too: the one to retry is the new one.)
+    let before: Vec<String> = history_rows(&db).into_iter().map(|r| r.id).collect();
     t.keys(&["t"]);
     t.wait_text("Sandbox test: tech-digest", 10);
     t.keys(&["Tab", "BSpace", "BSpace", "BSpace"]);
     t.literal("100");
     t.keys(&["Enter"]);
-    t.wait_for("a failed run in history", 60, |s| {
+    let new_failure = || {
         history_rows(&db)
-            .iter()
-            .any(|r| r.status == RunStatus::Error)
-            && s.contains("error")
-    });
-    let failed = history_rows(&db)
-        .into_iter()
-        .find(|r| r.status == RunStatus::Error)
-        .expect("a failed run");
+            .into_iter()
+            .find(|r| r.status == RunStatus::Error && !before.contains(&r.id))
+    };
+    t.wait_for("the 100 % run to fail", 60, |_| new_failure().is_some());
+    let failed = new_failure().expect("a failed run");
 
     // Retry it from History once the pane shows it: the newest row is the failed one.
     let short = &failed.id[..10];
