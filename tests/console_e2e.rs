@@ -103,6 +103,18 @@ impl Tmux {
         t
     }
 
+    /// `"<alternate screen on> <cursor shown>"`, e.g. `"0 1"` for a restored terminal.
+    fn screen_modes(&self) -> String {
+        let out = self.cmd(&[
+            "display",
+            "-p",
+            "-t",
+            &self.session,
+            "#{alternate_on} #{cursor_flag}",
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// The pid of the pane's own process (the shell, or the console when `exec`ed).
     fn pane_pid(&self) -> String {
         String::from_utf8_lossy(
@@ -254,15 +266,8 @@ fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal()
         !s.contains("Blueprints"),
         "the console's screen is gone:\n{s}"
     );
-    let alt = t.cmd(&[
-        "display",
-        "-p",
-        "-t",
-        &t.session,
-        "#{alternate_on} #{cursor_flag}",
-    ]);
     assert_eq!(
-        String::from_utf8_lossy(&alt.stdout).trim(),
+        t.screen_modes(),
         "0 1",
         "alternate screen left and cursor shown"
     );
@@ -293,14 +298,7 @@ fn sigterm_restores_the_terminal() {
     t.wait_text("cannot read", 30);
     t.signal("TERM");
     t.wait_text("CONSOLE-EXITED", 20);
-    let alt = t.cmd(&[
-        "display",
-        "-p",
-        "-t",
-        &t.session,
-        "#{alternate_on} #{cursor_flag}",
-    ]);
-    assert_eq!(String::from_utf8_lossy(&alt.stdout).trim(), "0 1");
+    assert_eq!(t.screen_modes(), "0 1");
 }
 
 /// A panic while the console holds the terminal: the panic hook (the console's own, installed
@@ -359,15 +357,8 @@ fn a_panic_restores_the_terminal_and_leaves_the_message_readable() {
     // Any other key panics on the console's own thread.
     t.keys(&["x"]);
     let s = t.wait_text("TTY-", 20);
-    let alt = t.cmd(&[
-        "display",
-        "-p",
-        "-t",
-        &t.session,
-        "#{alternate_on} #{cursor_flag}",
-    ]);
     assert_eq!(
-        String::from_utf8_lossy(&alt.stdout).trim(),
+        t.screen_modes(),
         "0 1",
         "alternate screen left and cursor shown; screen:\n{s}"
     );

@@ -164,8 +164,9 @@ impl ProcessRow {
     }
 }
 
-/// `42s`, `17m`, `5h12m`, `3d4h`.
-fn short_span(d: Duration) -> String {
+/// `42s`, `17m`, `5h12m`, `3d4h`: a span as people read it (process ages here, the time
+/// until a schedule fires in the console).
+pub fn short_span(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0..=59 => format!("{s}s"),

@@ -2,7 +2,7 @@
 //! providers, Telegram, Discord, PostgREST, scripted replies): the head, then exactly
 //! `Content-Length` bytes of body.
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One request as a fake saw it.
 #[derive(Debug, Clone)]
@@ -70,4 +70,24 @@ pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Request> {
         headers,
         body: String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string(),
     })
+}
+
+/// Answers with a whole body (`Content-Length`) and closes the connection.
+pub async fn write_reply(
+    sock: &mut tokio::net::TcpStream,
+    status: u16,
+    headers: &[(String, String)],
+    body: &str,
+) {
+    let mut out = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    let _ = sock.write_all(out.as_bytes()).await;
+    let _ = sock.shutdown().await;
 }

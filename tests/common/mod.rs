@@ -14,7 +14,6 @@ use omniflow::store::Store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -127,18 +126,7 @@ pub async fn fake_server(replies: Vec<Reply>) -> FakeServer {
                         r[0].clone()
                     }
                 };
-                let mut out = format!(
-                    "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-                    reply.status,
-                    reply.body.len()
-                );
-                for (k, v) in &reply.headers {
-                    out.push_str(&format!("{k}: {v}\r\n"));
-                }
-                out.push_str("\r\n");
-                out.push_str(&reply.body);
-                let _ = sock.write_all(out.as_bytes()).await;
-                let _ = sock.shutdown().await;
+                http::write_reply(&mut sock, reply.status, &reply.headers, &reply.body).await;
             });
         }
     });

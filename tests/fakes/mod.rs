@@ -9,7 +9,6 @@ use crate::common::http::read_request;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use tokio::io::AsyncWriteExt;
 
 /// A request as the fake saw it.
 pub use crate::common::http::Request as Req;
@@ -79,18 +78,13 @@ async fn serve(handler: Handler) -> Fake {
                 seen.lock().unwrap().push(req.clone());
                 let forced = script.lock().unwrap().pop_front();
                 let reply = forced.unwrap_or_else(|| handler(&req));
-                let mut out = format!(
-                    "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                crate::common::http::write_reply(
+                    &mut sock,
                     reply.status,
-                    reply.body.len()
-                );
-                for (k, v) in &reply.headers {
-                    out.push_str(&format!("{k}: {v}\r\n"));
-                }
-                out.push_str("\r\n");
-                out.push_str(&reply.body);
-                let _ = sock.write_all(out.as_bytes()).await;
-                let _ = sock.shutdown().await;
+                    &reply.headers,
+                    &reply.body,
+                )
+                .await;
             });
         }
     });

@@ -164,7 +164,7 @@ fn schedule_span(app: &App, bp: &crate::blueprint::Blueprint, room: usize) -> Sp
     match crate::schedule::next_fire_time(bp, now) {
         Ok(Some(next)) => {
             let left = next.duration_since(now).unwrap_or_default();
-            let soon = format!(" in {}", until(left));
+            let soon = format!(" in {}", crate::store::short_span(left));
             let full = format!("{soon} · {cron}");
             // The cron text only when it fits whole: a cut cron says nothing.
             let text = if full.chars().count() <= room + 1 {
@@ -199,17 +199,6 @@ fn warning_banner(f: &mut Frame, app: &App, area: Rect, text: &str, keep: u16) -
         top,
     );
     rest
-}
-
-/// `42s`, `17m`, `5h12m`, `3d4h`: how long until a schedule fires.
-pub fn until(d: std::time::Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s.div_ceil(60)),
-        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
-    }
 }
 
 pub fn pool(f: &mut Frame, app: &App, area: Rect) {
