@@ -329,6 +329,10 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     } else {
         (RunStatus::Success, None, None, None)
     };
+    if !ctx.is_released() {
+        // A run is finished when its history is: its time includes committing its steps.
+        inner.store.flush().await;
+    }
     let total_time_ms = started.elapsed().as_millis() as u64;
     if ctx.is_released() {
         // Another process resumes it from what the store holds; say so and stop here.

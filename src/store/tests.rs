@@ -346,3 +346,156 @@ fn a_directory_as_db_file_is_unwritable() {
     let err = Store::open(dir.path()).unwrap_err();
     assert!(matches!(err, StoreError::Unwritable { .. }), "{err:?}");
 }
+
+/// Every row of the history tables, as text, in a stable order.
+fn dump(conn: &Connection) -> Vec<String> {
+    let mut out = Vec::new();
+    for (table, order) in [
+        ("runner_executions", "id"),
+        ("runner_steps", "run_id, step_key"),
+        ("runner_attempts", "run_id, step_key, attempt"),
+    ] {
+        let mut stmt = conn
+            .prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))
+            .unwrap();
+        let cols = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                let mut line = table.to_string();
+                for i in 0..cols {
+                    let v: rusqlite::types::Value = r.get(i)?;
+                    line.push_str(&format!(" | {v:?}"));
+                }
+                Ok(line)
+            })
+            .unwrap();
+        out.extend(rows.map(Result::unwrap));
+    }
+    out
+}
+
+#[test]
+fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
+    use super::transitions::{coalesce, Op, ProcessInfo};
+    let queued = |key: &str, ms: u64| {
+        Op::StepQueued(Box::new(NewStep {
+            run_id: "r".into(),
+            step_key: key.into(),
+            node_id: key.into(),
+            item_index: None,
+            input: Some(json!({ "prompt": key })),
+            queued_at: at(ms),
+        }))
+    };
+    let started = |key: &str, attempt: u32, ms: u64| Op::StepStarted {
+        run_id: "r".into(),
+        step_key: key.into(),
+        attempt,
+        at: at(ms),
+    };
+    let attempt = |key: &str, n: u32, ok: bool| {
+        Op::AttemptFinished(Box::new(AttemptRecord {
+            run_id: "r".into(),
+            step_key: key.into(),
+            attempt: n,
+            ok,
+            error_kind: (!ok).then_some(ErrorKind::Server),
+            error: (!ok).then(|| "503".to_string()),
+            wait_ms: (!ok).then_some(10),
+            started_at: at(110),
+            finished_at: at(190),
+            tokens_used: 3,
+            provider: None,
+            model: None,
+            cached: false,
+        }))
+    };
+    let finished = |key: &str, status: StepStatus, out: &str| {
+        let mut e = step_end("r", key, status);
+        e.output = Some(json!(out));
+        Op::StepFinished(Box::new(e))
+    };
+    let progress = |n: u32| Op::RunProgress {
+        run_id: "r".into(),
+        steps_done: n,
+        tokens_used: u64::from(n) * 3,
+    };
+    // Before the batch: the run, and a step a crashed run already finished (resume re-plans
+    // it; its row must not change).
+    let setup = || {
+        vec![
+            Op::InsertRun(Box::new(new_run("r", 0))),
+            Op::RunStarted {
+                run_id: "r".into(),
+                at: at(50),
+                steps_total: 5,
+            },
+            queued("done", 60),
+            finished("done", StepStatus::Success, "first"),
+        ]
+    };
+    let batch = || {
+        vec![
+            // A step's whole life.
+            queued("a", 100),
+            started("a", 1, 110),
+            attempt("a", 1, true),
+            progress(1),
+            finished("a", StepStatus::Success, "A"),
+            // Still running at the end of the batch.
+            queued("b", 120),
+            started("b", 1, 130),
+            // One that retried: left as it is.
+            queued("c", 140),
+            started("c", 1, 150),
+            attempt("c", 1, false),
+            Op::StepRetrying {
+                run_id: "r".into(),
+                step_key: "c".into(),
+            },
+            started("c", 2, 160),
+            attempt("c", 2, true),
+            progress(2),
+            finished("c", StepStatus::Success, "C"),
+            // Skipped: only its end.
+            finished("d", StepStatus::Skipped, ""),
+            // Re-planned after a crash: its final row wins.
+            queued("done", 170),
+            started("done", 1, 175),
+            finished("done", StepStatus::Success, "second"),
+            progress(3),
+            Op::RunFinished(Box::new(end("r", RunStatus::Success, 900))),
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let proc = ProcessInfo::current("p".into());
+    let apply = |conn: &mut Connection, ops: &[Op]| {
+        let tx = conn.transaction().unwrap();
+        for op in ops {
+            op.apply(&tx, &proc).unwrap();
+        }
+        tx.commit().unwrap();
+    };
+    let mut one_by_one = schema::open_writer(&dir.path().join("a.db")).unwrap();
+    let mut coalesced = schema::open_writer(&dir.path().join("b.db")).unwrap();
+    for op in setup().into_iter().chain(batch()) {
+        apply(&mut one_by_one, std::slice::from_ref(&op));
+    }
+    apply(&mut coalesced, &setup());
+    let folded = coalesce(batch());
+    // a: 3 writes → 1; b: 2 → 1; done: 3 → 1; progress: 3 → 0.
+    assert_eq!(folded.len(), batch().len() - 2 - 1 - 2 - 3, "{}", {
+        folded
+            .iter()
+            .map(Op::describe)
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    apply(&mut coalesced, &folded);
+    let (want, got) = (dump(&one_by_one), dump(&coalesced));
+    assert_eq!(want, got);
+    assert!(want.iter().any(|l| l.contains("first")), "{want:#?}");
+    assert!(want
+        .iter()
+        .any(|l| l.starts_with("runner_steps") && l.contains("\"running\"")));
+}

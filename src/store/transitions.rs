@@ -6,7 +6,17 @@ use super::types::{AttemptRecord, NewRun, NewStep, RunEnd, StepEnd};
 use super::{iso8601, saturating_i64};
 use crate::events::StepStatus;
 use rusqlite::{params, OptionalExtension, Transaction};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
+
+/// A step queued, started and (maybe) finished within one batch: its row is written once, in
+/// the state the separate transitions would have left it in.
+pub(crate) struct StepRecord {
+    pub(crate) queued: NewStep,
+    /// The first attempt's start and the last attempt number seen.
+    pub(crate) started: Option<(SystemTime, u32)>,
+    pub(crate) end: Option<StepEnd>,
+}
 
 /// One state transition.
 pub(crate) enum Op {
@@ -30,6 +40,9 @@ pub(crate) enum Op {
     },
     AttemptFinished(Box<AttemptRecord>),
     StepFinished(Box<StepEnd>),
+    /// Several transitions of one step that arrived in the same batch, written as one row
+    /// (see [`coalesce`]); never queued by the store itself.
+    StepRecorded(Box<StepRecord>),
     RunProgress {
         run_id: String,
         steps_done: u32,
@@ -69,6 +82,9 @@ impl Op {
                 )
             }
             Op::StepFinished(s) => format!("step_finished {} {}", s.run_id, s.step_key),
+            Op::StepRecorded(r) => {
+                format!("step_recorded {} {}", r.queued.run_id, r.queued.step_key)
+            }
             Op::RunProgress { run_id, .. } => format!("run_progress {run_id}"),
             Op::Heartbeat(_) => "heartbeat".into(),
             Op::ProcessStopped { .. } => "process_stopped".into(),
@@ -108,6 +124,7 @@ impl Op {
             Op::StepRetrying { run_id, step_key } => step_retrying(tx, run_id, step_key),
             Op::AttemptFinished(a) => attempt_finished(tx, a),
             Op::StepFinished(s) => step_finished(tx, s),
+            Op::StepRecorded(r) => step_recorded(tx, r),
             Op::RunProgress {
                 run_id,
                 steps_done,
@@ -426,4 +443,201 @@ fn run_progress(tx: &Transaction<'_>, run_id: &str, steps_done: u32, tokens_used
         )?
         .execute(params![run_id, steps_done, saturating_i64(tokens_used)])?;
     guarded(n, || "the run is unknown or already finished".into())
+}
+
+/// Folds a batch's transitions so that each row is written once:
+/// - a run's progress counters are written only by its last `RunProgress`, and not at all
+///   when the run's end (which carries the same counters) follows in the batch;
+/// - a step queued in this batch whose later transitions (start, end) are in the batch too
+///   becomes one [`Op::StepRecorded`] at the place of its queuing, so the attempts that
+///   follow still find their step. A step that retried, or whose transitions arrive in an
+///   unusual order, is left alone.
+///
+/// The batch is one transaction, so nobody can see the states in between: the database ends
+/// in the same state either way. Linear in the batch.
+pub(crate) fn coalesce(ops: Vec<Op>) -> Vec<Op> {
+    #[derive(Default)]
+    struct StepOps {
+        queued: Option<usize>,
+        started: Vec<usize>,
+        finished: Option<usize>,
+        mixed: bool,
+    }
+    let mut drop = vec![false; ops.len()];
+    let mut steps: HashMap<(&str, &str), StepOps> = HashMap::new();
+    {
+        let mut ended_later: HashSet<&str> = HashSet::new();
+        for (i, op) in ops.iter().enumerate().rev() {
+            match op {
+                Op::RunProgress { run_id, .. } => {
+                    if !ended_later.insert(run_id) {
+                        drop[i] = true;
+                    }
+                }
+                Op::RunFinished(e) => {
+                    ended_later.insert(&e.run_id);
+                }
+                _ => {}
+            }
+        }
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::StepQueued(s) => {
+                    let e = steps.entry((&s.run_id, &s.step_key)).or_default();
+                    if e.queued.is_some() || !e.started.is_empty() || e.finished.is_some() {
+                        e.mixed = true;
+                    }
+                    e.queued = Some(i);
+                }
+                Op::StepStarted {
+                    run_id, step_key, ..
+                } => {
+                    let e = steps.entry((run_id, step_key)).or_default();
+                    if e.queued.is_none() || e.finished.is_some() {
+                        e.mixed = true;
+                    }
+                    e.started.push(i);
+                }
+                Op::StepRetrying { run_id, step_key } => {
+                    steps.entry((run_id, step_key)).or_default().mixed = true;
+                }
+                Op::StepFinished(s) => {
+                    let e = steps.entry((&s.run_id, &s.step_key)).or_default();
+                    if e.queued.is_none() || e.finished.is_some() || !s.status.is_final() {
+                        e.mixed = true;
+                    }
+                    e.finished = Some(i);
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut merge: Vec<(usize, Vec<usize>, Option<usize>)> = Vec::new();
+    for e in steps.into_values() {
+        if let (Some(q), false) = (e.queued, e.mixed) {
+            if !e.started.is_empty() || e.finished.is_some() {
+                merge.push((q, e.started, e.finished));
+            }
+        }
+    }
+    if merge.is_empty() && !drop.contains(&true) {
+        return ops;
+    }
+    let mut slots: Vec<Option<Op>> = ops.into_iter().map(Some).collect();
+    for (q, started, finished) in merge {
+        let Some(Op::StepQueued(queued)) = slots[q].take() else {
+            continue;
+        };
+        let mut first: Option<(SystemTime, u32)> = None;
+        for i in started {
+            if let Some(Op::StepStarted { attempt, at, .. }) = slots[i].take() {
+                first = Some(match first {
+                    Some((t, _)) => (t, attempt),
+                    None => (at, attempt),
+                });
+            }
+        }
+        let end = finished.and_then(|i| match slots[i].take() {
+            Some(Op::StepFinished(end)) => Some(*end),
+            _ => None,
+        });
+        slots[q] = Some(Op::StepRecorded(Box::new(StepRecord {
+            queued: *queued,
+            started: first,
+            end,
+        })));
+    }
+    slots
+        .into_iter()
+        .zip(drop)
+        .filter_map(|(op, dropped)| if dropped { None } else { op })
+        .collect()
+}
+
+/// A step's queuing, first start and (if any) end, as one row. Where the row exists already
+/// (a resumed run re-plans its steps), the same guards as the separate transitions hold: the
+/// queued fields stay, and only a step that is not final yet moves on.
+fn step_recorded(tx: &Transaction<'_>, r: &StepRecord) -> Applied {
+    let q = &r.queued;
+    let queued_at = iso8601(q.queued_at);
+    let input = q.input.as_ref().and_then(json);
+    let Some(s) = &r.end else {
+        let (at, attempt) = r.started.unwrap_or((q.queued_at, 0));
+        let n = tx
+            .prepare_cached(
+                "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status,
+                     attempts, input, queued_at, started_at, seq)
+                 SELECT ?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8,
+                        COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
+                 WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
+                 ON CONFLICT (run_id, step_key) DO UPDATE SET
+                     status = 'running', attempts = excluded.attempts,
+                     started_at = COALESCE(runner_steps.started_at, excluded.started_at)
+                 WHERE runner_steps.status IN ('pending', 'retrying', 'running')",
+            )?
+            .execute(params![
+                q.run_id,
+                q.step_key,
+                q.node_id,
+                q.item_index,
+                attempt,
+                input,
+                queued_at,
+                iso8601(at),
+            ])?;
+        return guarded(n, || {
+            "the run is unknown or the step already finished".into()
+        });
+    };
+    let started = match r.started {
+        Some((at, _)) => Some(iso8601(at)),
+        None => (s.attempts > 0 && s.status != StepStatus::Skipped)
+            .then(|| {
+                s.finished_at
+                    .checked_sub(Duration::from_millis(s.duration_ms))
+                    .map(iso8601)
+            })
+            .flatten(),
+    };
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
+                 input, output, error_kind, error, tokens_used, cached, provider, model,
+                 queued_at, started_at, finished_at, duration_ms, seq)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18, COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
+             WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
+             ON CONFLICT (run_id, step_key) DO UPDATE SET
+                 status = excluded.status, attempts = excluded.attempts,
+                 output = excluded.output, error_kind = excluded.error_kind,
+                 error = excluded.error, tokens_used = excluded.tokens_used,
+                 cached = excluded.cached, provider = excluded.provider,
+                 model = excluded.model,
+                 started_at = COALESCE(runner_steps.started_at, excluded.started_at),
+                 finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
+             WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
+        )?
+        .execute(params![
+            q.run_id,
+            q.step_key,
+            q.node_id,
+            q.item_index,
+            s.status.as_str(),
+            s.attempts,
+            input,
+            s.output.as_ref().and_then(json),
+            s.error_kind.map(|k| k.as_str()),
+            s.error,
+            saturating_i64(s.tokens_used),
+            s.cached,
+            s.provider,
+            s.model,
+            queued_at,
+            started,
+            iso8601(s.finished_at),
+            saturating_i64(s.duration_ms),
+        ])?;
+    guarded(n, || {
+        "the run is unknown or the step already finished".into()
+    })
 }

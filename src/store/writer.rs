@@ -1,9 +1,10 @@
 //! The one writer: a std thread that owns the only writing connection, receives state
 //! transitions over a channel and applies everything pending in one `BEGIN IMMEDIATE`
-//! transaction (batching). A batch that fails on one bad row is replayed write by write so
+//! transaction (batching), after folding the transitions that touch the same row into one
+//! write (see `transitions::coalesce`). A batch that fails on one bad row is replayed write by write so
 //! only that row is lost; any failure is logged and kept for `take_write_error`.
 
-use super::transitions::{Op, ProcessInfo};
+use super::transitions::{coalesce, Op, ProcessInfo};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,9 @@ pub(crate) fn run(
     owner: String,
 ) {
     let proc = ProcessInfo::current(owner);
+    // Every transition's statement stays prepared (`prepare_cached`); the default cache of 16
+    // is smaller than the number of distinct statements the writer runs.
+    conn.set_prepared_statement_cache_capacity(64);
     let mut ops: Vec<Op> = Vec::new();
     let mut acks: Vec<Ack> = Vec::new();
     // `recv` fails only once all senders are dropped *and* the queue is empty, so pending
@@ -81,8 +85,8 @@ pub(crate) fn run(
                 Msg::Txn(f) => {
                     // Keep the order: what was queued before it is committed first.
                     if !ops.is_empty() {
-                        apply_batch(&mut conn, &ops, &shared, &proc, &path);
-                        ops.clear();
+                        let batch = coalesce(std::mem::take(&mut ops));
+                        apply_batch(&mut conn, &batch, &shared, &proc, &path);
                     }
                     f(&mut conn);
                 }
@@ -94,8 +98,8 @@ pub(crate) fn run(
             };
         }
         if !ops.is_empty() {
-            apply_batch(&mut conn, &ops, &shared, &proc, &path);
-            ops.clear();
+            let batch = coalesce(std::mem::take(&mut ops));
+            apply_batch(&mut conn, &batch, &shared, &proc, &path);
         }
         for ack in acks.drain(..) {
             ack.send();
