@@ -55,24 +55,25 @@ pub const FUEL: u64 = 2_000_000;
 /// Globals minijinja provides that are functions, not context: never reported as references.
 const BUILTIN_GLOBALS: [&str; 3] = ["range", "dict", "namespace"];
 
-/// The sandboxed template environment. Cheap to clone (shared), `Send + Sync`.
 /// A template context converted to minijinja's values once, shared cheaply: every item of a
 /// fan-out gets `item` and `index` layered over the same converted base.
 #[derive(Clone, Debug)]
 pub struct Context {
     value: MjValue,
-    base: Arc<Value>,
     item: Option<(Value, usize)>,
 }
 
 impl Context {
     /// Converts `json` (`{vars, nodes, run}`) once.
     pub fn new(json: Value) -> Context {
-        Context {
-            value: MjValue::from_serialize(&json),
-            base: Arc::new(json),
-            item: None,
-        }
+        Context::from_value(MjValue::from_serialize(&json))
+    }
+
+    /// A context the caller built from minijinja values: the engine converts a run's
+    /// variables once and lends `nodes` as a lazy view of the finished nodes, so a step's
+    /// context costs the same whatever the run's size.
+    pub fn from_value(value: MjValue) -> Context {
+        Context { value, item: None }
     }
 
     /// The same context with `item` and `index` for one fan-out item (the base is shared,
@@ -85,7 +86,6 @@ impl Context {
         };
         Context {
             value,
-            base: self.base.clone(),
             item: Some((item, index)),
         }
     }
@@ -95,17 +95,13 @@ impl Context {
         self.item.as_ref().map(|(v, _)| v)
     }
 
-    /// The whole context as JSON (built only for error messages).
+    /// The whole context as JSON (a full copy: for error messages and tests only).
     pub fn to_json(&self) -> Value {
-        let mut json = (*self.base).clone();
-        if let (Some((item, index)), Value::Object(m)) = (&self.item, &mut json) {
-            m.insert("item".into(), item.clone());
-            m.insert("index".into(), Value::from(*index));
-        }
-        json
+        serde_json::to_value(&self.value).unwrap_or(Value::Null)
     }
 }
 
+/// The sandboxed template environment. Cheap to clone (shared), `Send + Sync`.
 #[derive(Clone)]
 pub struct Templates {
     env: Arc<Environment<'static>>,
@@ -153,10 +149,9 @@ impl Templates {
         self.env
             .render_str(template, ctx.value.clone())
             .map_err(|e| {
-                let json = ctx.to_json();
                 let missing = self
                     .referenced(template)
-                    .map(|refs| first_missing(&refs, &json))
+                    .map(|refs| first_missing(&refs, &ctx.value))
                     .unwrap_or_default();
                 StepError::new(ErrorKind::Template, describe(&e, missing.as_deref()))
             })
@@ -181,7 +176,7 @@ impl Templates {
             .map_err(|e| template_err(&e, None))?;
         let value = compiled.eval(ctx.value.clone()).map_err(|e| {
             let refs = names_of(compiled.undeclared_variables(true), expr);
-            template_err(&e, first_missing(&refs, &ctx.to_json()).as_deref())
+            template_err(&e, first_missing(&refs, &ctx.value).as_deref())
         })?;
         to_json(&value)
     }
@@ -374,14 +369,15 @@ fn single_expression(text: &str) -> Option<&str> {
 }
 
 /// The first referenced path that `ctx` does not hold, for "undefined value" messages.
-fn first_missing(refs: &BTreeSet<String>, ctx: &Value) -> Option<String> {
+/// Walks the context as templates see it (the engine's `nodes` is a lazy view), never a copy.
+fn first_missing(refs: &BTreeSet<String>, ctx: &MjValue) -> Option<String> {
     refs.iter()
         .find(|path| {
-            let mut cur = ctx;
+            let mut cur = ctx.clone();
             for seg in path.split('.') {
-                match cur.get(seg) {
-                    Some(next) => cur = next,
-                    None => return true,
+                match cur.get_attr(seg) {
+                    Ok(next) if !next.is_undefined() => cur = next,
+                    _ => return true,
                 }
             }
             false

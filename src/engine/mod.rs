@@ -9,6 +9,7 @@
 //! - `nodes.rs`: what each node type does (llm, http, transform, condition, notify, delay).
 //! - `retry.rs`: the retry policy and decision.
 
+mod context;
 mod maintenance;
 mod nodes;
 mod resume;

@@ -2,6 +2,7 @@
 //! false condition guards, stops the run at the first failure (unless the node says
 //! `continueOnError`), and enforces the run's timeout and cancellation.
 
+use super::context::{Finished, RunValues};
 use super::step::{self, StepResult, StepSpec};
 use super::{Inner, RunOutcome, RunRequest, StepSummary};
 use crate::blueprint::{Blueprint, NodeKind, Priority};
@@ -12,7 +13,7 @@ use crate::store::{RunEnd, StepEnd};
 use crate::template::{Context, Templates};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -23,7 +24,6 @@ pub(crate) struct RunCtx {
     pub inner: Arc<Inner>,
     pub run_id: Arc<str>,
     pub blueprint: Arc<Blueprint>,
-    pub variables: Map<String, Value>,
     pub sandbox: Option<SimulatedModel>,
     pub seed: Option<u64>,
     /// Fired by the user (cancel) — the run ends `cancelled`.
@@ -53,6 +53,8 @@ pub(crate) struct RunCtx {
     pub budget_settled: tokio::sync::Notify,
     /// Recorded outputs to replay instead of calling a model (see `RunRequest::replay`).
     pub replay: HashMap<String, Value>,
+    /// `vars` and `run` as templates see them, converted once for every step of the run.
+    pub values: RunValues,
 }
 
 impl RunCtx {
@@ -82,7 +84,12 @@ impl RunCtx {
         let token_budget = blueprint
             .max_tokens_per_run
             .or(inner.config.max_tokens_per_run);
+        let values = RunValues::new(
+            &variables,
+            &json!({ "id": run_id, "blueprint": blueprint.name, "sandbox": req.sandbox }),
+        );
         Arc::new(RunCtx {
+            values,
             tokens_spent: AtomicU64::new(0),
             token_budget,
             tokens_held: AtomicU64::new(0),
@@ -92,7 +99,6 @@ impl RunCtx {
             inner,
             run_id: run_id.into(),
             blueprint,
-            variables,
             sandbox,
             seed,
             cancel,
@@ -141,6 +147,74 @@ impl NodeState {
     }
 }
 
+/// Which nodes may start (Kahn's algorithm): each node counts its needs that have not
+/// settled yet; when a node settles, its dependents count down, and those at zero are ready.
+struct Readiness {
+    needs: Vec<Vec<usize>>,
+    dependents: Vec<Vec<usize>>,
+    waiting: Vec<usize>,
+    /// Lowest index first, so nodes that become ready together start in blueprint order.
+    ready: BTreeSet<usize>,
+    settled: Vec<bool>,
+}
+
+impl Readiness {
+    fn new(bp: &Blueprint, index: &HashMap<&str, usize>) -> Readiness {
+        let needs: Vec<Vec<usize>> = bp
+            .nodes
+            .iter()
+            .map(|n| {
+                n.needs
+                    .iter()
+                    .filter_map(|d| index.get(d.as_str()).copied())
+                    .collect()
+            })
+            .collect();
+        let mut dependents = vec![Vec::new(); needs.len()];
+        for (i, ns) in needs.iter().enumerate() {
+            for &d in ns {
+                dependents[d].push(i);
+            }
+        }
+        let waiting: Vec<usize> = needs.iter().map(Vec::len).collect();
+        let ready = (0..needs.len()).filter(|&i| waiting[i] == 0).collect();
+        Readiness {
+            settled: vec![false; needs.len()],
+            needs,
+            dependents,
+            waiting,
+            ready,
+        }
+    }
+
+    fn next_ready(&mut self) -> Option<usize> {
+        self.ready.pop_first()
+    }
+
+    fn needs(&self, i: usize) -> &[usize] {
+        &self.needs[i]
+    }
+
+    /// Node `i` reached a final state: its dependents learn of it, and templates see it.
+    fn settle(&mut self, i: usize, state: &NodeState, finished: &Finished) {
+        if std::mem::replace(&mut self.settled[i], true) {
+            return;
+        }
+        match state {
+            NodeState::Done(v) => finished.done(i, v),
+            NodeState::FailedContinue(e) => finished.failed_continue(i, &e.message),
+            NodeState::Skipped => finished.skipped(i),
+            _ => {}
+        }
+        for &j in &self.dependents[i] {
+            self.waiting[j] -= 1;
+            if self.waiting[j] == 0 {
+                self.ready.insert(j);
+            }
+        }
+    }
+}
+
 /// Runs the blueprint to its end and records the outcome.
 pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     let started = Instant::now();
@@ -164,6 +238,8 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         .map(|(i, n)| (n.id.as_str(), i))
         .collect();
     let mut states: Vec<NodeState> = vec![NodeState::Pending; bp.nodes.len()];
+    let mut graph = Readiness::new(&bp, &index);
+    let finished = Finished::new(&bp);
     let mut summaries: Vec<StepSummary> = Vec::new();
     let mut inflight: FuturesUnordered<futures_util::future::BoxFuture<'static, StepResult>> =
         FuturesUnordered::new();
@@ -178,59 +254,50 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     let deadline = run_timeout.map(|t| tokio::time::Instant::now() + inner.config.scaled(t));
 
     loop {
-        // Start every node whose needs are all final, until nothing changes.
+        // Start every node whose needs are all final: a node becomes ready when the last of
+        // its needs settles (dependency counters), so planning costs O(nodes + edges) a run.
         if failure.is_none() && !ctx.abort.is_cancelled() {
-            let mut changed = true;
-            while changed {
-                changed = false;
-                for i in 0..bp.nodes.len() {
-                    if !matches!(states[i], NodeState::Pending) {
-                        continue;
+            while let Some(i) = graph.next_ready() {
+                let node = &bp.nodes[i];
+                if let Some(reason) = skip_reason(&bp, &states, graph.needs(i)) {
+                    record_skip(&ctx, i, &reason, &mut summaries);
+                    states[i] = NodeState::Skipped;
+                    graph.settle(i, &states[i], &finished);
+                    continue;
+                }
+                let base = finished.context(&ctx.values);
+                match plan_node(&ctx, i, &base) {
+                    Ok(specs) if specs.is_empty() => {
+                        // A forEach over an empty list: done, with an empty output.
+                        states[i] = NodeState::Done(Value::Array(Vec::new()));
+                        graph.settle(i, &states[i], &finished);
                     }
-                    let node = &bp.nodes[i];
-                    let needs: Vec<usize> = node
-                        .needs
-                        .iter()
-                        .filter_map(|n| index.get(n.as_str()).copied())
-                        .collect();
-                    if !needs.iter().all(|&d| states[d].is_final()) {
-                        continue;
-                    }
-                    changed = true;
-                    if let Some(reason) = skip_reason(&bp, &states, &needs) {
-                        record_skip(&ctx, i, &reason, &mut summaries);
-                        states[i] = NodeState::Skipped;
-                        continue;
-                    }
-                    let base = context(&ctx, &states);
-                    match plan_node(&ctx, i, &base) {
-                        Ok(specs) if specs.is_empty() => {
-                            // A forEach over an empty list: done, with an empty output.
-                            states[i] = NodeState::Done(Value::Array(Vec::new()));
+                    Ok(specs) => {
+                        let n = specs.len();
+                        states[i] = NodeState::Running {
+                            remaining: n,
+                            outputs: vec![Value::Null; n],
+                            failed: None,
+                        };
+                        for spec in specs {
+                            inflight.push(Box::pin(step::run(ctx.clone(), spec)));
                         }
-                        Ok(specs) => {
-                            let n = specs.len();
-                            states[i] = NodeState::Running {
-                                remaining: n,
-                                outputs: vec![Value::Null; n],
-                                failed: None,
-                            };
-                            for spec in specs {
-                                inflight.push(Box::pin(step::run(ctx.clone(), spec)));
-                            }
-                        }
-                        Err(e) => {
-                            let key = node.id.clone();
-                            record_plan_failure(&ctx, i, &e, &mut summaries);
-                            if node.continue_on_error {
-                                states[i] = NodeState::FailedContinue(e);
-                            } else {
-                                states[i] = NodeState::Failed;
-                                failure = Some((key, e));
-                                ctx.abort.cancel();
-                                inner.pool.remove_run(&run_id);
-                                break;
-                            }
+                    }
+                    Err(e) => {
+                        let key = node.id.clone();
+                        record_plan_failure(&ctx, i, &e, &mut summaries);
+                        if node.continue_on_error {
+                            states[i] = NodeState::FailedContinue(e);
+                            graph.settle(i, &states[i], &finished);
+                        } else if failure.is_none() {
+                            // What is ready already still starts, and stops at once (its
+                            // steps see the abort); nothing after it starts.
+                            states[i] = NodeState::Failed;
+                            failure = Some((key, e));
+                            ctx.abort.cancel();
+                            inner.pool.remove_run(&run_id);
+                        } else {
+                            states[i] = NodeState::Failed;
                         }
                     }
                 }
@@ -272,9 +339,11 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                         r,
                     );
                 }
+                // Nothing is planned any more: no node needs to learn what settled.
                 break;
             }
         };
+        let node = res.node;
         let failed = finish_step(
             &ctx,
             &mut states,
@@ -283,6 +352,9 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
             &mut steps_done,
             res,
         );
+        if states[node].is_final() {
+            graph.settle(node, &states[node], &finished);
+        }
         inner.store.run_progress(&run_id, steps_done, tokens);
         if let Some((node, err)) = failed {
             if failure.is_none() && !ctx.abort.is_cancelled() {
@@ -296,9 +368,9 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
 
     // Outputs of the nodes that produced one.
     let mut outputs = Map::new();
-    for (i, st) in states.iter().enumerate() {
+    for (i, st) in states.into_iter().enumerate() {
         if let NodeState::Done(v) = st {
-            outputs.insert(bp.nodes[i].id.clone(), v.clone());
+            outputs.insert(bp.nodes[i].id.clone(), v);
         }
     }
     let (status, error, error_kind, failed_step) = if timed_out {
@@ -504,28 +576,6 @@ fn skip_reason(bp: &Blueprint, states: &[NodeState], needs: &[usize]) -> Option<
         }
     }
     None
-}
-
-/// The template context: variables, the outputs of finished nodes, the run. Converted once
-/// per ready node; a fan-out's items share it.
-fn context(ctx: &RunCtx, states: &[NodeState]) -> Context {
-    let mut nodes = Map::new();
-    for (i, st) in states.iter().enumerate() {
-        let entry = match st {
-            NodeState::Done(v) => json!({ "output": v, "status": "success" }),
-            NodeState::FailedContinue(e) => {
-                json!({ "output": Value::Null, "status": "error", "error": e.message })
-            }
-            NodeState::Skipped => json!({ "output": Value::Null, "status": "skipped" }),
-            _ => continue,
-        };
-        nodes.insert(ctx.blueprint.nodes[i].id.clone(), entry);
-    }
-    Context::new(json!({
-        "vars": Value::Object(ctx.variables.clone()),
-        "nodes": Value::Object(nodes),
-        "run": { "id": &*ctx.run_id, "blueprint": ctx.blueprint.name, "sandbox": ctx.is_sandbox },
-    }))
 }
 
 /// The steps of a ready node: one, or one per item of its `forEach`.
