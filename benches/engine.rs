@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench engine` (add `-- quick` for fewer repetitions).
 //!
+//! Engines and pools are built with the defaults a user gets (`CONCURRENCY`'s default pool),
+//! except where a line says otherwise.
+//!
 //! The provider lines (issue 3) run the real provider clients against a local fake
 //! OpenAI-compatible server started here.
 
@@ -37,7 +40,9 @@ fn main() {
     // First, while the process is fresh, so its RSS means something.
     queued_memory(&rt);
     rt.block_on(async {
+        big_output_memory(&dir).await;
         chain(&dir, reps).await;
+        long_chains(&dir, quick).await;
         throughput(&dir, reps).await;
         fan_out(&dir, reps).await;
         provider_overhead(reps).await;
@@ -46,15 +51,16 @@ fn main() {
     });
 }
 
+/// An engine as a user gets it: the configuration's defaults, its pool included.
 fn engine(dir: &tempfile::TempDir, name: &str, extra: &[(&str, &str)]) -> Engine {
-    engine_with(dir, name, extra, 64)
+    engine_with(dir, name, extra, None)
 }
 
 fn engine_with(
     dir: &tempfile::TempDir,
     name: &str,
     extra: &[(&str, &str)],
-    concurrency: usize,
+    concurrency: Option<usize>,
 ) -> Engine {
     let mut vars: HashMap<String, String> = HashMap::new();
     vars.insert(
@@ -67,10 +73,12 @@ fn engine_with(
     let config = Config::from_vars(&vars).expect("config");
     let store = Store::open(&config.db_file).expect("store");
     let mut options = EngineOptions::from_config(&config);
-    options.pool = PoolOptions {
-        concurrency,
-        ..PoolOptions::default()
-    };
+    if let Some(concurrency) = concurrency {
+        options.pool = PoolOptions {
+            concurrency,
+            ..options.pool
+        };
+    }
     Engine::with_options(Arc::new(config), store, EventBus::new(), options)
 }
 
@@ -123,16 +131,133 @@ async fn chain(dir: &tempfile::TempDir, reps: usize) {
     );
 }
 
+/// A chain of `n` transforms, each printing 1 KB of text and reading its predecessor.
+fn kb_chain(n: usize) -> Arc<Blueprint> {
+    let pad = "x".repeat(1000);
+    let nodes: Vec<_> = (0..n)
+        .map(|i| {
+            if i == 0 {
+                json!({ "id": "s0", "type": "transform", "template": format!("{pad} start") })
+            } else {
+                json!({ "id": format!("s{i}"), "type": "transform", "needs": [format!("s{}", i - 1)],
+                        "template": format!("{pad} {{{{ nodes.s{}.status }}}}", i - 1) })
+            }
+        })
+        .collect();
+    bp(json!({ "name": format!("chain{n}"), "nodes": nodes }))
+}
+
+/// Per-step overhead of chains of 100, 1,000 and 10,000 steps with 1 KB outputs: flat if the
+/// engine is linear in the run's length. Baseline: the same chain as bare tokio tasks passing
+/// a 1 KB string along.
+async fn long_chains(dir: &tempfile::TempDir, quick: bool) {
+    let e = engine(dir, "long_chains", &[]);
+    let mut first = None;
+    for n in [100usize, 1_000, 10_000] {
+        let b = kb_chain(n);
+        let reps = match (n, quick) {
+            (10_000, true) => 1,
+            (10_000, false) => 3,
+            (_, true) => 3,
+            _ => 5,
+        };
+        let mut ours = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            let o = e
+                .start(b.clone(), RunRequest::default())
+                .expect("start")
+                .wait()
+                .await;
+            assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+            ours.push(t.elapsed().as_secs_f64() * 1000.0 / n as f64);
+        }
+        let mut base = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            let mut prev = "x".repeat(1000);
+            for _ in 0..n {
+                let p = prev.clone();
+                prev = tokio::spawn(async move { format!("{p} ") })
+                    .await
+                    .expect("join");
+                prev.truncate(1000);
+            }
+            base.push(t.elapsed().as_secs_f64() * 1000.0 / n as f64);
+        }
+        let (o, b) = (median(ours), median(base));
+        let first = *first.get_or_insert(o);
+        println!(
+            "chain of {n} steps with 1 KB outputs: {o:.3} ms/step   baseline {b:.4} ms/step   ({:.2}× the 100-step chain's; target within 2×)",
+            o / first
+        );
+    }
+}
+
+/// Peak RSS of the process (VmHWM) since the last `reset_peak_rss`.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Makes the next `peak_rss_mb` report the peak from now on (Linux: `clear_refs` 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A 1 MB output followed by 100 and by 1,000 steps that read it, as a chain and as
+/// siblings all ready at once: the peak RSS must not grow with the step count. Baseline: the
+/// process's RSS before the run.
+async fn big_output_memory(dir: &tempfile::TempDir) {
+    let e = engine(dir, "big_output", &[]);
+    let big = "y".repeat(1 << 20);
+    for shape in ["chain", "siblings"] {
+        let mut line = format!("1 MB output, then {shape} of");
+        for n in [100usize, 1_000] {
+            let mut nodes =
+                vec![json!({ "id": "big", "type": "transform", "template": "{{ vars.BIG }}" })];
+            for i in 0..n {
+                let need = if shape == "chain" && i > 0 {
+                    format!("s{}", i - 1)
+                } else {
+                    "big".to_string()
+                };
+                nodes.push(json!({ "id": format!("s{i}"), "type": "transform", "needs": [need],
+                                   "template": "{{ nodes.big.status }} {{ nodes.big.output[:8] }}" }));
+            }
+            let b = bp(json!({ "name": "big", "variables": { "BIG": big }, "nodes": nodes }));
+            let before = memory_stats::memory_stats()
+                .map(|m| m.physical_mem as f64 / 1_048_576.0)
+                .unwrap_or(f64::NAN);
+            reset_peak_rss();
+            let t = Instant::now();
+            let o = e
+                .start(b, RunRequest::default())
+                .expect("start")
+                .wait()
+                .await;
+            assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            line.push_str(&format!(
+                "   {n} steps: peak RSS {:.1} MB in {ms:.0} ms (RSS before {before:.1} MB)",
+                peak_rss_mb()
+            ));
+        }
+        println!("{line}   (target: the peak does not grow with the steps)");
+    }
+}
+
 /// Pool throughput, bare and through the engine with persistence.
 async fn throughput(dir: &tempfile::TempDir, reps: usize) {
     const N: usize = 10_000;
-    let pool = Pool::new(
-        PoolOptions {
-            concurrency: 32,
-            ..PoolOptions::default()
-        },
-        EventBus::new(),
-    );
+    let pool = Pool::new(PoolOptions::default(), EventBus::new());
     let mut ours = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();
@@ -244,13 +369,7 @@ fn queued_memory(rt: &tokio::runtime::Runtime) {
     };
     let before = rss();
     let (queued, after) = rt.block_on(async {
-        let pool = Pool::new(
-            PoolOptions {
-                concurrency: 32,
-                ..PoolOptions::default()
-            },
-            EventBus::new(),
-        );
+        let pool = Pool::new(PoolOptions::default(), EventBus::new());
         pool.pause();
         let mut futs = Vec::with_capacity(N);
         for i in 0..N {
@@ -483,7 +602,7 @@ async fn rate_limited_fan_out(dir: &tempfile::TempDir, reps: usize) {
             ("OPENAI_RATE_LIMIT", "10/250ms"),
             ("CACHE_TTL", "0"),
         ],
-        8,
+        Some(8),
     );
     let topics: Vec<String> = (0..40).map(|i| format!("topic {i}")).collect();
     let fan = bp(json!({

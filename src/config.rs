@@ -280,7 +280,8 @@ impl Config {
             log_dir: get("LOG_DIR").unwrap_or_else(|| "./logs".into()).into(),
             supabase_url: get("SUPABASE_URL"),
             supabase_key: get("SUPABASE_KEY"),
-            concurrency: parse_u64("CONCURRENCY", 32, 1)?.min(4096) as usize,
+            concurrency: parse_u64("CONCURRENCY", crate::pool::DEFAULT_CONCURRENCY as u64, 1)?
+                .min(4096) as usize,
             memory_threshold_mb: parse_u64("MEMORY_THRESHOLD_MB", 500, 1)?,
             sandbox_latency: match get("SANDBOX_LATENCY_MS") {
                 None => None,
@@ -351,7 +352,7 @@ mod tests {
     #[test]
     fn defaults_match_the_design() {
         let c = Config::from_vars(&HashMap::new()).unwrap();
-        assert_eq!(c.concurrency, 32);
+        assert_eq!(c.concurrency, 40);
         assert_eq!(c.max_retries, 3);
         assert_eq!(c.request_timeout, Duration::from_secs(300));
         assert_eq!(c.memory_threshold_mb, 500);

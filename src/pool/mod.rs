@@ -85,10 +85,14 @@ pub struct PoolOptions {
     pub aging: Duration,
 }
 
+/// Workers when `CONCURRENCY` is not set: the original ran 25–40 agents at once, and a
+/// 40-way fan-out should take one round, not two.
+pub const DEFAULT_CONCURRENCY: usize = 40;
+
 impl Default for PoolOptions {
     fn default() -> Self {
         PoolOptions {
-            concurrency: 32,
+            concurrency: DEFAULT_CONCURRENCY,
             aging: Duration::from_secs(10),
         }
     }
