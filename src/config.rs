@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Everything OmniFlow reads from its environment.
-#[derive(Clone, Default)]
+/// Everything OmniFlow reads from its environment. `Config::default()` is the configuration
+/// of an empty environment: every documented default.
+#[derive(Clone)]
 pub struct Config {
     pub huggingface_token: Option<String>,
     pub hf_inference_url: String,
@@ -94,11 +95,17 @@ impl std::fmt::Debug for Config {
             .field("max_retries", &self.max_retries)
             .field("telegram_bot_token", &set(&self.telegram_bot_token))
             .field("telegram_chat_id", &self.telegram_chat_id)
+            .field("telegram_api_url", &self.telegram_api_url)
             .field("discord_webhook", &set(&self.discord_webhook))
             .field("db_file", &self.db_file)
             .field("log_dir", &self.log_dir)
             .field("concurrency", &self.concurrency)
             .field("memory_threshold_mb", &self.memory_threshold_mb)
+            .field("sandbox_latency", &self.sandbox_latency)
+            .field("time_scale", &self.time_scale)
+            .field("lease_timeout", &self.lease_timeout)
+            .field("max_takeovers", &self.max_takeovers)
+            .field("shutdown_grace", &self.shutdown_grace)
             .field("supabase_url", &self.supabase_url)
             .field("supabase_key", &set(&self.supabase_key))
             .field("notify_on_success", &self.notify_on_success)
@@ -106,6 +113,8 @@ impl std::fmt::Debug for Config {
             .field("notify_digest", &self.notify_digest)
             .field("schedule_missed", &self.schedule_missed)
             .field("model_fast", &self.model_fast)
+            .field("model_better", &self.model_better)
+            .field("model_powerful", &self.model_powerful)
             .field("ollama_model", &self.ollama_model)
             .field("openai_model", &self.openai_model)
             .field("cache_ttl", &self.cache_ttl)
@@ -113,7 +122,15 @@ impl std::fmt::Debug for Config {
             .field("hf_rate_limit", &self.hf_rate_limit)
             .field("ollama_rate_limit", &self.ollama_rate_limit)
             .field("openai_rate_limit", &self.openai_rate_limit)
-            .finish_non_exhaustive()
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // An empty environment holds no value that could be invalid.
+        Config::from_vars(&HashMap::new())
+            .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}"))
     }
 }
 
@@ -347,6 +364,46 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_default_config_is_the_empty_environment() {
+        let d = Config::default();
+        assert_eq!(d.concurrency, 40);
+        assert_eq!(d.time_scale, 1.0);
+        assert_eq!(
+            format!("{d:?}"),
+            format!("{:?}", Config::from_vars(&HashMap::new()).unwrap())
+        );
+    }
+
+    #[test]
+    fn debug_shows_every_setting_and_no_secret() {
+        let c = Config::from_vars(&vars(&[
+            ("HUGGINGFACE_TOKEN", "hf-secret-1"),
+            ("OPENAI_API_KEY", "sk-secret-2"),
+            ("TELEGRAM_BOT_TOKEN", "tg-secret-3"),
+            ("DISCORD_WEBHOOK", "https://discord.example/secret-4"),
+            ("SUPABASE_KEY", "sb-secret-5"),
+        ]))
+        .unwrap();
+        let text = format!("{c:?}");
+        for secret in ["secret-1", "secret-2", "secret-3", "secret-4", "secret-5"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        for field in [
+            "telegram_api_url",
+            "sandbox_latency",
+            "time_scale",
+            "lease_timeout",
+            "max_takeovers",
+            "shutdown_grace",
+            "model_better",
+            "model_powerful",
+        ] {
+            assert!(text.contains(field), "{field} missing from {text}");
+        }
+        assert!(!text.contains(".."), "{text}");
     }
 
     #[test]
