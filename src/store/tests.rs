@@ -71,7 +71,7 @@ fn open_temp() -> (tempfile::TempDir, Store) {
 fn a_store_can_be_shared_across_threads_and_tasks() {
     fn send_sync<T: Send + Sync + Clone + 'static>() {}
     send_sync::<Store>();
-    // Errors travel through anyhow at the binary's edge.
+    // Errors can be boxed and carried across threads at the binary's edge.
     fn error<T: std::error::Error + Send + Sync + 'static>() {}
     error::<StoreError>();
 }
