@@ -54,7 +54,7 @@ mod writer;
 
 pub use claims::{NotificationRecord, SlotClaim};
 pub use error::{BackupFailure, StoreError};
-pub use lease::{process_id, short_span, Claim, Health, ProcessRow};
+pub use lease::{owner_is_gone, process_id, short_span, Claim, Health, ProcessRow};
 pub use providers::CachedAnswer;
 pub use types::{
     AttemptRecord, AttemptRow, NewRun, NewStep, RunEnd, RunFilter, RunRow, StepEnd, StepRow,
