@@ -870,10 +870,15 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, Failure> {
             config.db_file.display()
         )));
     }
-    let store = open_store(&config)?;
-    store
-        .backup(&args.file)
-        .map_err(|e| Failure::input(e.to_string()))?;
+    match Store::open(&config.db_file) {
+        Ok(store) => store.backup(&args.file),
+        // A damaged file is not opened for writing; its pages are copied as they are.
+        Err(crate::store::StoreError::Malformed { .. }) => {
+            crate::store::backup_file(&config.db_file, &args.file)
+        }
+        Err(e) => Err(e),
+    }
+    .map_err(|e| Failure::input(e.to_string()))?;
     say_err!(
         "backed up {} to {}",
         config.db_file.display(),
@@ -990,6 +995,19 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         let n = s
             .count_runs(&RunFilter::default())
             .map_err(|e| Failure::input(e.to_string()))?;
+        let problems = s
+            .integrity_problems()
+            .map_err(|e| Failure::input(e.to_string()))?;
+        if !problems.is_empty() {
+            return Err(Failure::input(format!(
+                "damaged: integrity_check found {}{}. Copy out what can be read \
+                 (`omniflow backup rescued.db`, or `sqlite3 {} .recover > rescued.sql`), then \
+                 point DB_FILE at a fresh file",
+                problems.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
+                if problems.len() > 3 { "; …" } else { "" },
+                config.db_file.display()
+            )));
+        }
         Ok((v, n))
     });
     let lease = config.scaled(config.lease_timeout);
