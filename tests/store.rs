@@ -565,6 +565,10 @@ fn many_openers_of_a_new_database_all_succeed() {
             }
         }
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 12, "round {round}");
+        assert_eq!(
+            store.count_runs(&RunFilter::default()).unwrap(),
+            12,
+            "round {round}"
+        );
     }
 }

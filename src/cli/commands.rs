@@ -1003,7 +1003,12 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
                 "damaged: integrity_check found {}{}. Copy out what can be read \
                  (`omniflow backup rescued.db`, or `sqlite3 {} .recover > rescued.sql`), then \
                  point DB_FILE at a fresh file",
-                problems.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
+                problems
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 if problems.len() > 3 { "; …" } else { "" },
                 config.db_file.display()
             )));

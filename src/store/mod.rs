@@ -291,7 +291,9 @@ impl Store {
     /// `PRAGMA integrity_check` (every page and every index entry; linear in the file, so
     /// for `omniflow doctor`, not for every open): up to 20 problems, none when intact.
     pub fn integrity_problems(&self) -> Result<Vec<String>, StoreError> {
-        self.read("checking integrity", |c| schema::run_check(c, "integrity_check", 20))
+        self.read("checking integrity", |c| {
+            schema::run_check(c, "integrity_check", 20)
+        })
     }
 }
 

@@ -261,7 +261,8 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 /// which `integrity_check` adds; `omniflow doctor` runs that one). Linear in the file's size,
 /// read-only.
 fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let problems = run_check(conn, "quick_check", 5).map_err(|e| open_error(path, "checking its integrity", e))?;
+    let problems = run_check(conn, "quick_check", 5)
+        .map_err(|e| open_error(path, "checking its integrity", e))?;
     if problems.is_empty() {
         Ok(())
     } else {
