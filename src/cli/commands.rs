@@ -131,6 +131,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let all_active = args.all_active;
     let first = blueprints[0].clone();
     let (outcomes, interrupted) = rt.block_on(async move {
+        let signals = Signals::listen();
         let bus = EventBus::new();
         let engine = Engine::new(Arc::new(config), store, bus.clone());
         engine.set_role(if all_active { "all-active" } else { "run" });
@@ -178,7 +179,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             handles.push(handle);
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
-        let interrupted = watch_signals(engine.clone(), tokens);
+        let interrupted = watch_signals(engine.clone(), tokens, signals);
         let mut outcomes = Vec::new();
         for h in handles {
             let o = h.wait().await;
@@ -281,6 +282,34 @@ fn exit_code(outcomes: &[RunOutcome], interrupted: bool) -> ExitCode {
     }
 }
 
+/// SIGINT, SIGTERM and SIGHUP, listened for from the start of a command: a signal that
+/// comes while runs are being set up waits for [`watch_signals`] instead of killing the
+/// process with the default action.
+pub(super) struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Call on the runtime.
+    pub(super) fn listen() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for {name}");
+                None
+            }
+        };
+        Signals {
+            int: listen(SignalKind::interrupt(), "SIGINT"),
+            term: listen(SignalKind::terminate(), "SIGTERM"),
+            hup: listen(SignalKind::hangup(), "SIGHUP"),
+        }
+    }
+}
+
 /// Ctrl-C (SIGINT) cancels the runs (recorded `cancelled`); SIGTERM (systemd, Docker,
 /// `kill`) and SIGHUP (a dropped SSH session) are a graceful shutdown: steps in flight get
 /// `SHUTDOWN_GRACE` to finish, the rest is handed over for `omniflow resume`. A second signal
@@ -289,21 +318,16 @@ fn exit_code(outcomes: &[RunOutcome], interrupted: bool) -> ExitCode {
 fn watch_signals(
     engine: Engine,
     tokens: Vec<tokio_util::sync::CancellationToken>,
+    signals: Signals,
 ) -> Arc<std::sync::atomic::AtomicBool> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::signal::unix::{signal, SignalKind};
     let flag = Arc::new(AtomicBool::new(false));
     let interrupted = flag.clone();
-    let listen = |kind: SignalKind, name: &str| match signal(kind) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for {name}");
-            None
-        }
-    };
-    let mut term = listen(SignalKind::terminate(), "SIGTERM");
-    let mut hup = listen(SignalKind::hangup(), "SIGHUP");
-    let mut int = listen(SignalKind::interrupt(), "SIGINT");
+    let Signals {
+        mut int,
+        mut term,
+        mut hup,
+    } = signals;
     tokio::spawn(async move {
         tokio::select! {
             _ = next_signal(&mut int) => {
@@ -357,6 +381,7 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
     let rt = runtime()?;
     let json_out = args.json;
     let (outcomes, interrupted) = rt.block_on(async move {
+        let signals = Signals::listen();
         let bus = EventBus::new();
         let engine = Engine::new(Arc::new(config), store, bus.clone());
         engine.set_role("resume");
@@ -399,7 +424,7 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
             }
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
-        let interrupted = watch_signals(engine.clone(), tokens);
+        let interrupted = watch_signals(engine.clone(), tokens, signals);
         let mut outcomes = Vec::new();
         for h in handles {
             let o = h.wait().await;
@@ -871,14 +896,23 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, Failure> {
         )));
     }
     match Store::open(&config.db_file) {
-        Ok(store) => store.backup(&args.file),
+        Ok(store) => store
+            .backup(&args.file)
+            .map_err(|e| Failure::input(e.to_string())),
         // A damaged file is not opened for writing; its pages are copied as they are.
         Err(crate::store::StoreError::Malformed { .. }) => {
-            crate::store::backup_file(&config.db_file, &args.file)
+            crate::store::backup_file(&config.db_file, &args.file).map_err(|e| {
+                Failure::input(format!(
+                    "{} is damaged and cannot be copied page by page ({e}); recover what can \
+                     be read with `sqlite3 {} .recover > rescued.sql`, then point DB_FILE at a \
+                     fresh file",
+                    config.db_file.display(),
+                    config.db_file.display()
+                ))
+            })
         }
-        Err(e) => Err(e),
-    }
-    .map_err(|e| Failure::input(e.to_string()))?;
+        Err(e) => Err(Failure::input(e.to_string())),
+    }?;
     say_err!(
         "backed up {} to {}",
         config.db_file.display(),
