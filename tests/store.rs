@@ -534,3 +534,41 @@ fn ten_thousand_writes_then_flush_are_all_there() {
     assert_eq!(store.take_write_error(), None);
     eprintln!("{writes} writes committed in {took:?}");
 }
+
+/// Many processes (played here by threads with their own connections) creating one new
+/// database at the same moment: every open succeeds and every run each writes is there.
+#[test]
+fn many_openers_of_a_new_database_all_succeed() {
+    for round in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh").join("h.db");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(12));
+        let threads: Vec<_> = (0..12)
+            .map(|i| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let store = Store::open_as(&path, format!("test:{i}:0"))?;
+                    store.insert_run(new_run(&format!("r{round}-{i}"), "race", i));
+                    store.flush_blocking();
+                    match store.take_write_error() {
+                        Some(e) => Err(format!("write failed: {e}")),
+                        None => Ok(()),
+                    }
+                    .map_err(|e| StoreError::NotFound(e))
+                })
+            })
+            .collect();
+        for t in threads {
+            if let Err(e) = t.join().unwrap() {
+                panic!("round {round}: an opener failed: {e}");
+            }
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.count_runs(&RunFilter::default()).unwrap(),
+            12,
+            "round {round}"
+        );
+    }
+}

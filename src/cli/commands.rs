@@ -97,7 +97,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         let rt = runtime()?;
         let (found, bad) = gather_blueprints(&args.dir, args.source, &config, &rt, true)?;
         for b in &bad {
-            eprintln!("skipping invalid blueprint: {b}");
+            say_err!("skipping invalid blueprint: {b}");
         }
         found
     } else {
@@ -130,7 +130,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let seed = args.seed;
     let all_active = args.all_active;
     let first = blueprints[0].clone();
-    let outcomes = rt.block_on(async move {
+    let (outcomes, interrupted) = rt.block_on(async move {
+        let signals = Signals::listen();
         let bus = EventBus::new();
         let engine = Engine::new(Arc::new(config), store, bus.clone());
         engine.set_role(if all_active { "all-active" } else { "run" });
@@ -173,17 +174,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                 let p = Progress::new(&bp, &handle.run_id, tty, note);
                 progress = Some(tokio::spawn(p.follow(sub)));
             } else {
-                eprintln!("queued {} as run {}", bp.name, handle.run_id);
+                say_err!("queued {} as run {}", bp.name, handle.run_id);
             }
             handles.push(handle);
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
-        watch_signals(engine.clone(), tokens);
+        let interrupted = watch_signals(engine.clone(), tokens, signals);
         let mut outcomes = Vec::new();
         for h in handles {
             let o = h.wait().await;
             if all_active {
-                eprintln!(
+                say_err!(
                     "{} {}  {}  {:.1}s{}",
                     status_icon(o.status),
                     o.blueprint,
@@ -217,13 +218,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                 .collect();
             let http = reqwest::Client::new();
             for e in crate::notify::send_digest(&http, engine.config(), &runs).await {
-                eprintln!("warning: the digest was not sent: {e}");
+                say_err!("warning: the digest was not sent: {e}");
             }
         }
         maintenance.stop().await;
         for o in &outcomes {
             if o.status == RunStatus::Running {
-                eprintln!(
+                say_err!(
                     "■ {} handed over unfinished: `omniflow resume {}` (or a running console or daemon) continues it",
                     o.blueprint, o.run_id
                 );
@@ -232,9 +233,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         engine.stopped().await;
         engine.store().flush().await;
         if let Some(e) = engine.store().take_write_error() {
-            eprintln!("warning: the history database reported an error: {e}");
+            say_err!("warning: the history database reported an error: {e}");
         }
-        Ok::<_, Failure>(outcomes)
+        let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, Failure>((outcomes, interrupted))
     })?;
 
     let failed = outcomes
@@ -247,9 +249,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         } else {
             serde_json::to_value(&outcomes[0]).unwrap_or(Value::Null)
         };
-        println!("{}", serde_json::to_string(&v).unwrap_or_default());
+        say_out!("{}", serde_json::to_string(&v).unwrap_or_default());
     } else if all_active {
-        eprintln!(
+        say_err!(
             "{} blueprint{} ran, {} failed",
             outcomes.len(),
             if outcomes.len() == 1 { "" } else { "s" },
@@ -258,54 +260,114 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     } else {
         print_outcome(&outcomes[0], &first);
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
+    Ok(exit_code(&outcomes, interrupted))
+}
+
+/// Exit code 3: the run was interrupted or handed over (DESIGN.md's contract).
+pub(super) const EXIT_INTERRUPTED: u8 = 3;
+
+/// The exit code of `run` and `resume`: 3 when a signal interrupted them or a run was handed
+/// over unfinished (scripts and systemd must tell "done" from "resume later"), else 1 when a
+/// run failed, else 0.
+fn exit_code(outcomes: &[RunOutcome], interrupted: bool) -> ExitCode {
+    let handed_over = outcomes
+        .iter()
+        .any(|o| matches!(o.status, RunStatus::Running | RunStatus::Queued));
+    if interrupted || handed_over {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if outcomes.iter().any(|o| o.status != RunStatus::Success) {
         ExitCode::from(1)
-    })
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, listened for from the start of a command: a signal that
+/// comes while runs are being set up waits for [`watch_signals`] instead of killing the
+/// process with the default action.
+pub(super) struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Call on the runtime.
+    pub(super) fn listen() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for {name}");
+                None
+            }
+        };
+        Signals {
+            int: listen(SignalKind::interrupt(), "SIGINT"),
+            term: listen(SignalKind::terminate(), "SIGTERM"),
+            hup: listen(SignalKind::hangup(), "SIGHUP"),
+        }
+    }
 }
 
 /// Ctrl-C (SIGINT) cancels the runs (recorded `cancelled`); SIGTERM (systemd, Docker,
-/// `kill`) is a graceful shutdown: steps in flight get `SHUTDOWN_GRACE` to finish, the rest is
-/// handed over for `omniflow resume`. A second signal of either kind exits at once.
-fn watch_signals(engine: Engine, tokens: Vec<tokio_util::sync::CancellationToken>) {
+/// `kill`) and SIGHUP (a dropped SSH session) are a graceful shutdown: steps in flight get
+/// `SHUTDOWN_GRACE` to finish, the rest is handed over for `omniflow resume`. A second signal
+/// of any kind exits at once. Either way the command exits 3; the returned flag says a signal
+/// came.
+fn watch_signals(
+    engine: Engine,
+    tokens: Vec<tokio_util::sync::CancellationToken>,
+    signals: Signals,
+) -> Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = Arc::new(AtomicBool::new(false));
+    let interrupted = flag.clone();
+    let Signals {
+        mut int,
+        mut term,
+        mut hup,
+    } = signals;
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    None
-                }
-            };
         tokio::select! {
-            r = tokio::signal::ctrl_c() => {
-                if r.is_err() {
-                    return;
-                }
-                eprintln!("\ncancelling… (press Ctrl-C again to quit at once)");
+            _ = next_signal(&mut int) => {
+                interrupted.store(true, Ordering::SeqCst);
+                say("\ncancelling… (press Ctrl-C again to quit at once)");
                 for t in &tokens {
                     t.cancel();
                 }
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
-                }
             }
-            _ = next_term(&mut term) => {
+            name = async {
+                tokio::select! {
+                    _ = next_signal(&mut term) => "SIGTERM",
+                    _ = next_signal(&mut hup) => "SIGHUP",
+                }
+            } => {
+                interrupted.store(true, Ordering::SeqCst);
                 let grace = engine.config().shutdown_grace;
-                eprintln!("\nSIGTERM: finishing steps in flight (up to {}s), then handing the rest over; send it again to quit at once", grace.as_secs());
+                say(&format!("\n{name}: finishing steps in flight (up to {}s), then handing the rest over; send it again to quit at once", grace.as_secs()));
                 tokio::spawn(async move { engine.shutdown(grace).await });
-                next_term(&mut term).await;
-                std::process::exit(143);
             }
         }
+        tokio::select! {
+            _ = next_signal(&mut int) => {}
+            _ = next_signal(&mut term) => {}
+            _ = next_signal(&mut hup) => {}
+        }
+        std::process::exit(i32::from(EXIT_INTERRUPTED));
     });
+    flag
 }
 
-async fn next_term(term: &mut Option<tokio::signal::unix::Signal>) {
-    match term {
-        Some(t) => {
-            t.recv().await;
+/// A line on stderr that cannot panic when the terminal is gone (after SIGHUP it usually is).
+fn say(line: &str) {
+    say_err!("{line}");
+}
+
+async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
         }
         None => std::future::pending::<()>().await,
     }
@@ -318,7 +380,8 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         .map_err(|e| Failure::input(e.to_string()))?;
     let rt = runtime()?;
     let json_out = args.json;
-    let outcomes = rt.block_on(async move {
+    let (outcomes, interrupted) = rt.block_on(async move {
+        let signals = Signals::listen();
         let bus = EventBus::new();
         let engine = Engine::new(Arc::new(config), store, bus.clone());
         engine.set_role("resume");
@@ -334,18 +397,18 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
             vec![args.run_id.clone().unwrap_or_default()]
         };
         if ids.is_empty() {
-            eprintln!("no interrupted runs to resume");
+            say_err!("no interrupted runs to resume");
         }
         let mut handles = Vec::new();
         let mut refused = Vec::new();
         for id in &ids {
             match engine.resume(id).await {
                 Ok(h) => {
-                    eprintln!("resuming run {}", h.run_id);
+                    say_err!("resuming run {}", h.run_id);
                     handles.push(h);
                 }
                 Err(e) if args.all => {
-                    eprintln!("skipping {id}: {e}");
+                    say_err!("skipping {id}: {e}");
                     refused.push(e.to_string());
                 }
                 Err(e) => {
@@ -361,11 +424,11 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
             }
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
-        watch_signals(engine.clone(), tokens);
+        let interrupted = watch_signals(engine.clone(), tokens, signals);
         let mut outcomes = Vec::new();
         for h in handles {
             let o = h.wait().await;
-            eprintln!(
+            say_err!(
                 "{} {} {}  {}",
                 status_icon(o.status),
                 o.blueprint,
@@ -373,30 +436,35 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
                 o.status.as_str()
             );
             if let Some(e) = &o.error {
-                eprintln!("  {e}");
+                say_err!("  {e}");
             }
             outcomes.push(o);
         }
         maintenance.stop().await;
+        for o in &outcomes {
+            if matches!(o.status, RunStatus::Running | RunStatus::Queued) {
+                say(&format!(
+                    "■ {} handed over unfinished: `omniflow resume {}` (or a running console or daemon) continues it",
+                    o.blueprint, o.run_id
+                ));
+            }
+        }
         engine.stopped().await;
-        Ok::<_, Failure>(outcomes)
+        let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, Failure>((outcomes, interrupted))
     })?;
     let failed = outcomes
         .iter()
         .filter(|o| o.status != RunStatus::Success)
         .count();
     if json_out {
-        println!(
+        say_out!(
             "{}",
             serde_json::to_string(&json!({ "runs": outcomes, "failed": failed }))
                 .unwrap_or_default()
         );
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(exit_code(&outcomes, interrupted))
 }
 
 /// The active blueprints of `source` and the problems of those that cannot run (row ids for
@@ -505,7 +573,7 @@ fn status_icon(s: RunStatus) -> &'static str {
 /// The human summary: outcome on stderr, the final nodes' outputs on stdout.
 fn print_outcome(o: &RunOutcome, bp: &Blueprint) {
     let retries: u32 = o.steps.iter().map(|s| s.attempts.saturating_sub(1)).sum();
-    eprintln!(
+    say_err!(
         "{} {} {} in {:.1}s — {} steps, {} retr{}, {} tokens{}",
         status_icon(o.status),
         o.blueprint,
@@ -523,9 +591,9 @@ fn print_outcome(o: &RunOutcome, bp: &Blueprint) {
         o.seed.map(|s| format!(" (seed {s})")).unwrap_or_default()
     );
     if let Some(e) = &o.error {
-        eprintln!("  {e}");
+        say_err!("  {e}");
     }
-    eprintln!("  details: omniflow show {}", o.run_id);
+    say_err!("  details: omniflow show {}", o.run_id);
     // The results are the outputs of the final nodes (those no other node needs).
     let needed: std::collections::HashSet<&str> = bp
         .nodes
@@ -543,23 +611,52 @@ fn print_outcome(o: &RunOutcome, bp: &Blueprint) {
         let Some(v) = o.outputs.get(*id) else {
             continue;
         };
-        let text = match v {
-            Value::String(s) => s.clone(),
-            // A notification's record: show what was (or in a sandbox, would be) sent.
-            Value::Object(m) if m.contains_key("channel") && m["text"].is_string() => {
-                m["text"].as_str().unwrap_or_default().to_string()
-            }
-            other => serde_json::to_string_pretty(other).unwrap_or_default(),
-        };
-        eprintln!("── output of {id} ──");
-        println!("{text}");
+        let text = output_text(v);
+        say_err!("── output of {id} ──");
+        say_out!("{text}");
         shown += 1;
     }
     if shown == 0 && o.status == RunStatus::Success {
-        eprintln!(
+        say_err!(
             "  (no final output: the last steps ({}) were skipped)",
             finals.join(", ")
         );
+    }
+}
+
+/// A final node's output as the human summary prints it. Outputs come from providers,
+/// services and (on resume) the database, so nothing here may assume a key is present.
+fn output_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Object(m) if m.contains_key("channel") => {
+            let channel = m.get("channel").and_then(Value::as_str).unwrap_or("?");
+            // A sandbox record carries what would have been sent.
+            if let Some(text) = m.get("text").and_then(Value::as_str) {
+                return text.to_string();
+            }
+            match m.get("delivered") {
+                Some(Value::Bool(true)) => {
+                    let parts = m.get("parts").and_then(Value::as_u64).unwrap_or(1);
+                    let again = m.get("alreadySent").and_then(Value::as_u64).unwrap_or(0);
+                    let mut s = format!(
+                        "sent on {channel} ({parts} message{})",
+                        if parts == 1 { "" } else { "s" }
+                    );
+                    if again > 0 {
+                        s.push_str(&format!(
+                            ", {again} of them already sent by an earlier attempt"
+                        ));
+                    }
+                    s
+                }
+                _ => match m.get("note").and_then(Value::as_str) {
+                    Some(note) => format!("{channel}: {note}"),
+                    None => serde_json::to_string_pretty(v).unwrap_or_default(),
+                },
+            }
+        }
+        other => serde_json::to_string_pretty(other).unwrap_or_default(),
     }
 }
 
@@ -570,7 +667,7 @@ pub fn validate(args: ValidateArgs) -> Result<ExitCode, Failure> {
         match blueprint::load_file(file) {
             Ok(bp) => {
                 if !args.json {
-                    println!("{}: ok ({} nodes)", file.display(), bp.nodes.len());
+                    say_out!("{}: ok ({} nodes)", file.display(), bp.nodes.len());
                 }
                 report.push(json!({ "file": file, "ok": true, "problems": [] }));
             }
@@ -578,7 +675,7 @@ pub fn validate(args: ValidateArgs) -> Result<ExitCode, Failure> {
                 all_ok = false;
                 if !args.json {
                     for p in &problems {
-                        println!("{}: {p}", file.display());
+                        say_out!("{}: {p}", file.display());
                     }
                 }
                 let ps: Vec<Value> = problems
@@ -590,14 +687,14 @@ pub fn validate(args: ValidateArgs) -> Result<ExitCode, Failure> {
             Err(e) => {
                 all_ok = false;
                 if !args.json {
-                    println!("{e}");
+                    say_out!("{e}");
                 }
                 report.push(json!({ "file": file, "ok": false, "problems": [{ "path": "", "message": e.to_string() }] }));
             }
         }
     }
     if args.json {
-        println!(
+        say_out!(
             "{}",
             serde_json::to_string(&json!({ "ok": all_ok, "files": report })).unwrap_or_default()
         );
@@ -630,26 +727,31 @@ pub fn runs(args: RunsArgs) -> Result<ExitCode, Failure> {
         .list_runs(&filter)
         .map_err(|e| Failure::input(e.to_string()))?;
     if args.json {
-        println!(
+        say_out!(
             "{}",
             serde_json::to_string(&json!({ "runs": rows })).unwrap_or_default()
         );
         return Ok(ExitCode::SUCCESS);
     }
     if rows.is_empty() {
-        eprintln!(
+        say_err!(
             "no runs yet in {} — try: omniflow run tech-digest --sandbox",
             config.db_file.display()
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    say_out!(
         "{:<14} {:<20} {:<10} {:<20} {:>9} {:>7}  ERROR",
-        "ID", "BLUEPRINT", "STATUS", "STARTED (UTC)", "DURATION", "TOKENS"
+        "ID",
+        "BLUEPRINT",
+        "STATUS",
+        "STARTED (UTC)",
+        "DURATION",
+        "TOKENS"
     );
     for r in rows {
         let started = r.started_at.as_deref().unwrap_or(&r.queued_at);
-        println!(
+        say_out!(
             "{:<14} {:<20} {:<10} {:<20} {:>9} {:>7}  {}",
             r.id,
             clip(&r.blueprint_name, 20),
@@ -683,14 +785,14 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
         .run_attempts(&run.id)
         .map_err(|e| Failure::input(e.to_string()))?;
     if args.json {
-        println!(
+        say_out!(
             "{}",
             serde_json::to_string(&json!({ "run": run, "steps": steps, "attempts": attempts }))
                 .unwrap_or_default()
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    say_out!(
         "run {}  {}  {}{}",
         run.id,
         run.blueprint_name,
@@ -705,7 +807,7 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
             String::new()
         }
     );
-    println!(
+    say_out!(
         "started {}  finished {}  took {}  tokens {}  trigger {}",
         run.started_at.as_deref().unwrap_or("-"),
         run.finished_at.as_deref().unwrap_or("-"),
@@ -716,12 +818,17 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
         run.trigger
     );
     if let Some(e) = &run.error {
-        println!("error ({}): {e}", run.error_kind.as_deref().unwrap_or("?"));
+        say_out!("error ({}): {e}", run.error_kind.as_deref().unwrap_or("?"));
     }
-    println!();
-    println!(
+    say_out!();
+    say_out!(
         "{:<22} {:<10} {:>8} {:>9} {:>7}  {:<10} OUTPUT / ERROR",
-        "STEP", "STATUS", "ATTEMPTS", "DURATION", "TOKENS", "PROVIDER"
+        "STEP",
+        "STATUS",
+        "ATTEMPTS",
+        "DURATION",
+        "TOKENS",
+        "PROVIDER"
     );
     for s in &steps {
         let detail = match (&s.error, &s.output) {
@@ -730,7 +837,7 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
             (None, Some(v)) => v.to_string(),
             (None, None) => String::new(),
         };
-        println!(
+        say_out!(
             "{:<22} {:<10} {:>8} {:>9} {:>7}  {:<10} {}",
             clip(&s.step_key, 22),
             s.status.as_str(),
@@ -745,10 +852,10 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
     }
     let failed: Vec<_> = attempts.iter().filter(|a| !a.ok).collect();
     if !failed.is_empty() {
-        println!();
-        println!("failed attempts:");
+        say_out!();
+        say_out!("failed attempts:");
         for a in failed {
-            println!(
+            say_out!(
                 "  {} #{}  {}: {}{}",
                 a.step_key,
                 a.attempt,
@@ -763,17 +870,17 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
     // Issue 3: attempts answered by a fallback provider, and why the others were skipped.
     let fallbacks = store.run_fallbacks(&run.id).unwrap_or_default();
     if !fallbacks.is_empty() {
-        println!();
-        println!("provider fallbacks:");
+        say_out!();
+        say_out!("provider fallbacks:");
         for (step, attempt, note) in fallbacks {
-            println!("  {step} #{attempt}  {note}");
+            say_out!("  {step} #{attempt}  {note}");
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn schema() -> Result<ExitCode, Failure> {
-    println!(
+    say_out!(
         "{}",
         serde_json::to_string_pretty(&blueprint::schema()).unwrap_or_default()
     );
@@ -788,11 +895,25 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, Failure> {
             config.db_file.display()
         )));
     }
-    let store = open_store(&config)?;
-    store
-        .backup(&args.file)
-        .map_err(|e| Failure::input(e.to_string()))?;
-    eprintln!(
+    match Store::open(&config.db_file) {
+        Ok(store) => store
+            .backup(&args.file)
+            .map_err(|e| Failure::input(e.to_string())),
+        // A damaged file is not opened for writing; its pages are copied as they are.
+        Err(crate::store::StoreError::Malformed { .. }) => {
+            crate::store::backup_file(&config.db_file, &args.file).map_err(|e| {
+                Failure::input(format!(
+                    "{} is damaged and cannot be copied page by page ({e}); recover what can \
+                     be read with `sqlite3 {} .recover > rescued.sql`, then point DB_FILE at a \
+                     fresh file",
+                    config.db_file.display(),
+                    config.db_file.display()
+                ))
+            })
+        }
+        Err(e) => Err(Failure::input(e.to_string())),
+    }?;
+    say_err!(
         "backed up {} to {}",
         config.db_file.display(),
         args.file.display()
@@ -810,14 +931,14 @@ pub fn export(args: ExportArgs) -> Result<ExitCode, Failure> {
     let bp = load_blueprint(&args.blueprint, &args.dir)?;
     let files = crate::export::export(&bp, target, &args.out, args.force)
         .map_err(|e| Failure::input(e.to_string()))?;
-    eprintln!(
+    say_err!(
         "exported {} to {} ({}):",
         bp.name,
         args.out.display(),
         target.as_str()
     );
     for f in files {
-        println!("{}", f.display());
+        say_out!("{}", f.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -908,6 +1029,24 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         let n = s
             .count_runs(&RunFilter::default())
             .map_err(|e| Failure::input(e.to_string()))?;
+        let problems = s
+            .integrity_problems()
+            .map_err(|e| Failure::input(e.to_string()))?;
+        if !problems.is_empty() {
+            return Err(Failure::input(format!(
+                "damaged: integrity_check found {}{}. Copy out what can be read \
+                 (`omniflow backup rescued.db`, or `sqlite3 {} .recover > rescued.sql`), then \
+                 point DB_FILE at a fresh file",
+                problems
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                if problems.len() > 3 { "; …" } else { "" },
+                config.db_file.display()
+            )));
+        }
         Ok((v, n))
     });
     let lease = config.scaled(config.lease_timeout);
@@ -960,17 +1099,17 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
             }).collect::<Vec<_>>(),
             "orphanedRuns": orphaned,
         });
-        println!("{}", serde_json::to_string(&v).unwrap_or_default());
+        say_out!("{}", serde_json::to_string(&v).unwrap_or_default());
     } else {
-        println!("configuration (secrets are shown as set/unset only)");
+        say_out!("configuration (secrets are shown as set/unset only)");
         for (k, v) in &settings {
-            println!("  {k:<20} {v}");
+            say_out!("  {k:<20} {v}");
         }
-        println!();
+        say_out!();
         if chain.is_empty() {
-            println!("provider chain (auto): none configured — set HUGGINGFACE_TOKEN, or USE_OLLAMA=true, or OPENAI_BASE_URL; or run blueprints with --sandbox");
+            say_out!("provider chain (auto): none configured — set HUGGINGFACE_TOKEN, or USE_OLLAMA=true, or OPENAI_BASE_URL; or run blueprints with --sandbox");
         } else {
-            println!("provider chain (auto): {}", chain.join(" → "));
+            say_out!("provider chain (auto): {}", chain.join(" → "));
         }
         for c in &checks {
             let mark = match c.ok {
@@ -978,35 +1117,35 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
                 Some(false) => "✗",
                 None => "-",
             };
-            println!("  {mark} {:<12} {}", c.provider, c.detail);
+            say_out!("  {mark} {:<12} {}", c.provider, c.detail);
             if !c.configured {
-                println!("    needs: {}", c.needs);
+                say_out!("    needs: {}", c.needs);
             }
         }
-        println!();
+        say_out!();
         match &db {
-            Ok((v, n)) => println!(
+            Ok((v, n)) => say_out!(
                 "✓ database {}  schema v{v}, {n} run(s)",
                 config.db_file.display()
             ),
-            Err(e) => println!("✗ database {}  {}", config.db_file.display(), e.message),
+            Err(e) => say_out!("✗ database {}  {}", config.db_file.display(), e.message),
         }
         match &logs {
-            Ok(()) => println!("✓ log directory {} is writable", config.log_dir.display()),
-            Err(e) => println!(
+            Ok(()) => say_out!("✓ log directory {} is writable", config.log_dir.display()),
+            Err(e) => say_out!(
                 "✗ log directory {} is not writable ({e}); set LOG_DIR to a writable directory",
                 config.log_dir.display()
             ),
         }
         if db.is_ok() {
-            println!();
+            say_out!();
             let alive = processes.iter().filter(|p| p.alive).count();
-            println!(
+            say_out!(
                 "processes on this database: {alive} alive (each heartbeats every 10 s; silent for {}s = gone)",
                 lease.as_secs()
             );
             if shown.is_empty() {
-                println!("  none has run here yet (the console, `omniflow daemon` and `omniflow run` record themselves)");
+                say_out!("  none has run here yet (the console, `omniflow daemon` and `omniflow run` record themselves)");
             }
             let now = std::time::SystemTime::now();
             for p in &shown {
@@ -1015,17 +1154,17 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
                     "stopped" => "○",
                     _ => "✗",
                 };
-                println!("  {mark} {}", p.describe(now));
+                say_out!("  {mark} {}", p.describe(now));
             }
             if !orphaned.is_empty() {
-                println!(
+                say_out!(
                     "  ! {} unfinished run(s) whose process is gone: a console or daemon takes them over, or `omniflow resume --all`",
                     orphaned.len()
                 );
             }
         }
-        println!();
-        println!(
+        say_out!();
+        say_out!(
             "{}",
             if all_ok {
                 "everything configured works"
@@ -1058,20 +1197,23 @@ async fn pull(providers: &crate::providers::Providers, model: &str) -> Result<Ex
             _ => st.status.clone(),
         };
         if tty {
-            eprint!("\r\x1b[2K{line}");
+            {
+                use std::io::Write as _;
+                let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
+            }
         } else if st.status != last {
             // In a pipe, one line per status, not one per progress tick.
-            eprintln!("{line}");
+            say_err!("{line}");
         }
         last = st.status.clone();
     })
     .await;
     if tty {
-        eprintln!();
+        say_err!();
     }
     match result {
         Ok(()) => {
-            eprintln!("pulled {model} into Ollama at {url}");
+            say_err!("pulled {model} into Ollama at {url}");
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Err(Failure {

@@ -1,8 +1,8 @@
 //! `omniflow daemon`: headless, for systemd or Docker. Loads the active blueprints (from
 //! `--dir`, and from Supabase when configured), fires their schedules through the pool, logs to
-//! `LOG_DIR` and stderr. Adopts runs whose process died. SIGTERM or SIGINT: stop firing, give
-//! steps in flight `SHUTDOWN_GRACE` to finish, hand the rest over, exit 0; a second signal
-//! exits at once (130).
+//! `LOG_DIR` and stderr. Adopts runs whose process died. SIGTERM, SIGINT or SIGHUP: stop
+//! firing, give steps in flight `SHUTDOWN_GRACE` to finish, hand the rest over, exit 0 (a
+//! daemon stopped on request did its job); a second signal exits at once (3: interrupted).
 
 use super::commands::{load_config, open_store, runtime};
 use super::{DaemonArgs, Failure};
@@ -86,7 +86,7 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
         tokio::spawn(async move {
             signals.recv().await;
             tracing::warn!("daemon: second signal; quitting at once");
-            std::process::exit(130);
+            std::process::exit(i32::from(super::commands::EXIT_INTERRUPTED));
         });
         let handed_over = engine.shutdown(grace).await;
         if !handed_over.is_empty() {
@@ -104,12 +104,15 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
     Ok(code)
 }
 
-/// SIGTERM (systemd, `docker stop`) and SIGINT (Ctrl-C).
+/// SIGTERM (systemd, `docker stop`), SIGINT (Ctrl-C) and SIGHUP (the terminal of a daemon
+/// started by hand went away): each stops the daemon gracefully.
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -120,6 +123,7 @@ impl Signals {
             Ok(Signals {
                 term: signal(SignalKind::terminate())?,
                 int: signal(SignalKind::interrupt())?,
+                hup: signal(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
@@ -134,6 +138,7 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => {}
                 _ = self.int.recv() => {}
+                _ = self.hup.recv() => {}
             }
         }
         #[cfg(not(unix))]

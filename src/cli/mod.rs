@@ -1,6 +1,25 @@
-//! The `omniflow` command line. Exit codes: 0 success, 1 the run failed, 2 bad input.
+//! The `omniflow` command line. Exit codes: 0 success, 1 the run failed, 2 bad input or
+//! configuration, 3 interrupted or handed over (`omniflow resume` finishes the run).
 //! Diagnostics and progress go to stderr; stdout carries results (`--json`: exactly one JSON
 //! object).
+
+/// `eprintln!` that cannot panic: after SIGHUP the terminal is gone and a write to it fails,
+/// and a failed write must not turn an interrupted run into a crash.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that cannot panic (a closed pipe, `omniflow runs | head -1`, or a gone
+/// terminal).
+macro_rules! say_out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 mod commands;
 // `omniflow daemon` (issue 5).
@@ -16,7 +35,7 @@ use std::process::ExitCode;
     name = "omniflow",
     version,
     about = "Run LLM automations (blueprints) through a priority pool and watch them from a terminal.",
-    after_help = "Without a command, opens the console on blueprints/.\nConfiguration: environment variables or .env (see .env.example).",
+    after_help = "Without a command, opens the console on blueprints/.\nConfiguration: environment variables or .env (see .env.example).\n\nExit codes: 0 success · 1 the run failed · 2 bad input or configuration · 3 interrupted or handed over (SIGTERM, SIGHUP, Ctrl-C; `omniflow resume` finishes a handed-over run).",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -32,8 +51,15 @@ pub enum Command {
     /// Open the console (the default).
     Tui(TuiArgs),
     /// Run one blueprint (or every active one) headless, with progress on stderr.
+    ///
+    /// Exit codes: 0 every run succeeded · 1 a run failed · 2 bad input · 3 interrupted:
+    /// SIGTERM or SIGHUP handed the run over (`omniflow resume <id>` finishes it), or Ctrl-C
+    /// cancelled it.
     Run(RunArgs),
     /// Continue runs interrupted by a crash (or handed over by a shutdown).
+    ///
+    /// Exit codes: 0 every run succeeded · 1 a run failed · 2 bad input, or the run is held by
+    /// a live process · 3 interrupted again (SIGTERM, SIGHUP, Ctrl-C).
     Resume(ResumeArgs),
     /// Check blueprint files and report every problem with its path.
     Validate(ValidateArgs),
@@ -50,8 +76,8 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Export a blueprint as a standalone program: python, node, github-action or docker.
     Export(ExportArgs),
-    /// Headless: fire the active blueprints' schedules through the pool until SIGTERM/SIGINT
-    /// (for systemd or Docker).
+    /// Headless: fire the active blueprints' schedules through the pool until SIGTERM, SIGINT
+    /// or SIGHUP (for systemd or Docker); exits 0 after handing unfinished runs over.
     Daemon(DaemonArgs),
 }
 

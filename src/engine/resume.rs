@@ -20,8 +20,17 @@ use std::sync::Arc;
 pub enum ResumeError {
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("run {run_id} is being run by a live process ({owner}); it continues there")]
-    Live { run_id: String, owner: String },
+    #[error("{}", live_message(run_id, owner, role.as_deref(), *expires_in))]
+    Live {
+        run_id: String,
+        /// The holder's process id (`host:pid:start`), or "this process".
+        owner: String,
+        role: Option<String>,
+        /// How long its lease lasts if it stops heartbeating now; `None` for this process.
+        expires_in: Option<std::time::Duration>,
+    },
+    #[error("run {run_id} is already running in this process")]
+    Here { run_id: String },
     #[error("run {run_id} already ended ({status}); nothing to resume — `omniflow show {run_id}`")]
     Finished { run_id: String, status: String },
     #[error("no run with id {0} — see `omniflow runs`")]
@@ -32,6 +41,49 @@ pub enum ResumeError {
     BadSnapshot { run_id: String, reason: String },
     #[error("this process is shutting down and resumes nothing")]
     ShuttingDown,
+}
+
+/// Who holds a run, for how long, and what to do about it.
+fn live_message(
+    run_id: &str,
+    owner: &str,
+    role: Option<&str>,
+    expires_in: Option<std::time::Duration>,
+) -> String {
+    let mut parts = owner.rsplitn(3, ':');
+    let (_, pid, host) = (parts.next(), parts.next(), parts.next());
+    let who = match (host, pid) {
+        (Some(host), Some(pid)) => format!(
+            "{}process {pid} on {host}",
+            role.map(|r| format!("`omniflow {r}` ")).unwrap_or_default()
+        ),
+        _ => format!("process {owner}"),
+    };
+    let here = crate::store::process_id()
+        .rsplitn(3, ':')
+        .nth(2)
+        .map(str::to_string);
+    let stop = match (host, pid) {
+        (Some(h), Some(pid)) if here.as_deref() == Some(h) => {
+            format!("stop it with `kill {pid}` (it hands the run over) and resume")
+        }
+        (Some(h), Some(pid)) => {
+            format!("stop it on {h} with `kill {pid}` (it hands the run over) and resume")
+        }
+        _ => "stop that process and resume".to_string(),
+    };
+    let lease = expires_in
+        .map(|d| {
+            format!(
+                "; its lease expires in {} s unless it heartbeats again",
+                d.as_secs_f64().ceil() as u64
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "run {run_id} is held by {who} ({owner}), which is alive{lease}. It continues the run \
+         there; to take it over here, {stop}: `omniflow resume {run_id}`"
+    )
 }
 
 impl Engine {
@@ -55,10 +107,7 @@ impl Engine {
             })?;
         let id = row.id.clone();
         if self.active_runs().contains(&id) {
-            return Err(ResumeError::Live {
-                run_id: id,
-                owner: "this process".into(),
-            });
+            return Err(ResumeError::Here { run_id: id });
         }
         let config = &self.inner.config;
         match self
@@ -72,7 +121,18 @@ impl Engine {
             .await?
         {
             Claim::Claimed { .. } | Claim::Mine => {}
-            Claim::Live { owner } => return Err(ResumeError::Live { run_id: id, owner }),
+            Claim::Live {
+                owner,
+                role,
+                expires_in,
+            } => {
+                return Err(ResumeError::Live {
+                    run_id: id,
+                    owner,
+                    role,
+                    expires_in: Some(expires_in),
+                })
+            }
             Claim::Finished => {
                 return Err(ResumeError::Finished {
                     run_id: id,

@@ -45,6 +45,29 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
 
+    /// SQLite found damaged pages (`PRAGMA quick_check`): nothing is written into such a file.
+    #[error(
+        "{} is damaged ({detail}); nothing was written to it. Copy out what can still be read \
+         (`omniflow backup rescued.db`, or `sqlite3 {} .recover > rescued.sql`), then point \
+         DB_FILE at a fresh file (or move this one away)",
+        path.display(),
+        path.display()
+    )]
+    Malformed { path: PathBuf, detail: String },
+
+    /// The file system holding the database has no room left.
+    #[error(
+        "disk full: free space at {} (the history database {} cannot be written: {source})",
+        dir.display(),
+        path.display()
+    )]
+    DiskFull {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+
     /// No run has this id (and no run id starts with it).
     #[error("no run with id {0} — see `omniflow runs`")]
     NotFound(String),

@@ -34,6 +34,89 @@ pub fn process_id() -> &'static str {
     })
 }
 
+/// How much later than its recorded start a process with the owner's pid may have started
+/// and still be the owner: the id's time is taken when the store opens, shortly after the
+/// process started. A process with that pid started later than this is a newcomer that
+/// reused the pid, so the owner is gone.
+const START_SLACK_MS: i64 = 30_000;
+
+/// Whether the process `owner` (an id `host:pid:start_ms`, see [`process_id`]) is certainly
+/// gone: it ran on this host, and no process with its pid that started by its recorded start
+/// time is alive here (no such pid, a zombie, or a newer process that reused the pid). A
+/// process on another host, or one this platform cannot check, is never certainly gone: its
+/// lease decides.
+///
+/// One host name must mean one pid namespace: containers that share the host's name but not
+/// its pids must not share a database file (give each its own host name, the default).
+pub fn owner_is_gone(owner: &str) -> bool {
+    let mut parts = owner.rsplitn(3, ':');
+    let (Some(start), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let (Ok(start_ms), Ok(pid)) = (start.parse::<i64>(), pid.parse::<u32>()) else {
+        return false;
+    };
+    let here = super::transitions::hostname().unwrap_or_else(|| "localhost".into());
+    if host != here {
+        return false;
+    }
+    if owner == process_id() {
+        return false;
+    }
+    match process_started_ms(pid) {
+        Liveness::Gone => true,
+        Liveness::Started(ms) => ms > start_ms.saturating_add(START_SLACK_MS),
+        Liveness::Unknown => false,
+    }
+}
+
+enum Liveness {
+    /// No such process, or it is a zombie (dead, not yet reaped).
+    Gone,
+    /// Alive, started at this Unix time in milliseconds.
+    Started(i64),
+    /// Cannot tell (no `/proc`).
+    Unknown,
+}
+
+/// A live process's start time from `/proc/<pid>/stat` (field 22, clock ticks after boot)
+/// and the boot time in `/proc/stat`.
+fn process_started_ms(pid: u32) -> Liveness {
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        return Liveness::Unknown;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Liveness::Gone;
+    };
+    // The command name (field 2) is in parentheses and may hold spaces or parentheses.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Liveness::Unknown;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state).
+    match fields.first() {
+        Some(&"Z") | Some(&"X") | Some(&"x") => return Liveness::Gone,
+        None => return Liveness::Unknown,
+        _ => {}
+    }
+    let Some(ticks) = fields.get(19).and_then(|t| t.parse::<i64>().ok()) else {
+        return Liveness::Unknown;
+    };
+    let Some(btime) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    }) else {
+        return Liveness::Unknown;
+    };
+    // SAFETY: sysconf only reads a constant of the C library.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return Liveness::Unknown;
+    }
+    Liveness::Started(btime * 1000 + ticks * 1000 / hz)
+}
+
 pub(crate) fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -59,9 +142,12 @@ pub enum Claim {
     },
     /// Already ours.
     Mine,
-    /// Another live process holds it.
+    /// Another live process holds it: its heartbeat is fresh (and, on this host, its pid is
+    /// alive). `expires_in`: how long the lease lasts if that process stops heartbeating now.
     Live {
         owner: String,
+        role: Option<String>,
+        expires_in: Duration,
     },
     /// It already ended.
     Finished,
@@ -266,18 +352,27 @@ fn claim(
     }
     let stale_before = unix_ms(now) - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     if let Some(owner) = &owner {
-        let live: bool = tx
+        let row: Option<(bool, i64, String)> = tx
             .query_row(
-                "SELECT stopped_at IS NULL AND heartbeat_ms >= ?2 FROM runner_processes WHERE id = ?1",
+                "SELECT stopped_at IS NULL AND heartbeat_ms >= ?2, heartbeat_ms, role
+                 FROM runner_processes WHERE id = ?1",
                 params![owner, stale_before],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .optional()?
-            .unwrap_or(false);
-        if live {
-            return Ok(Claim::Live {
-                owner: owner.clone(),
-            });
+            .optional()?;
+        if let Some((true, beat_ms, role)) = row {
+            // A fresh heartbeat from a process that is gone (SIGKILL, crash) on this host
+            // does not hold the run: take it over now instead of waiting out the lease.
+            if owner_is_gone(owner) {
+                tracing::info!(run_id, owner = %owner, "the run's process is gone; taking it over without waiting for its lease");
+            } else {
+                let left = beat_ms.saturating_sub(stale_before).max(0);
+                return Ok(Claim::Live {
+                    owner: owner.clone(),
+                    role: Some(role),
+                    expires_in: Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+                });
+            }
         }
     }
     // A run released by a clean shutdown (owner NULL) was handed over, not taken over.
@@ -333,8 +428,12 @@ fn claim(
     Ok(if n == 1 {
         Claim::Claimed { takeovers }
     } else {
+        // Under BEGIN IMMEDIATE nobody can have changed the row since we read it; kept as a
+        // guard all the same.
         Claim::Live {
             owner: owner.unwrap_or_default(),
+            role: None,
+            expires_in: lease,
         }
     })
 }
@@ -401,18 +500,29 @@ impl Store {
     pub fn orphaned_runs(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
         let stale_before =
             unix_ms(SystemTime::now()) - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        self.read("listing orphaned runs", |c| {
-            let mut st = c.prepare_cached(
-                "SELECT r.id FROM runner_executions r
-                 LEFT JOIN runner_processes p ON p.id = r.owner
-                 WHERE r.status IN ('queued', 'running')
-                   AND (r.owner IS NULL OR p.id IS NULL OR p.stopped_at IS NOT NULL
-                        OR p.heartbeat_ms < ?1)
-                 ORDER BY r.queued_at",
-            )?;
-            let rows = st.query_map([stale_before], |r| r.get::<_, String>(0))?;
-            rows.collect()
-        })
+        let rows: Vec<(String, bool, Option<String>)> =
+            self.read("listing orphaned runs", |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT r.id,
+                            r.owner IS NULL OR p.id IS NULL OR p.stopped_at IS NOT NULL
+                                OR p.heartbeat_ms < ?1,
+                            r.owner
+                     FROM runner_executions r
+                     LEFT JOIN runner_processes p ON p.id = r.owner
+                     WHERE r.status IN ('queued', 'running')
+                     ORDER BY r.queued_at",
+                )?;
+                let rows =
+                    st.query_map([stale_before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect()
+            })?;
+        // A run whose lease looks fresh is orphaned all the same when its process is gone
+        // from this host (killed before its lease ran out).
+        Ok(rows
+            .into_iter()
+            .filter(|(_, stale, owner)| *stale || owner.as_deref().is_some_and(owner_is_gone))
+            .map(|(id, _, _)| id)
+            .collect())
     }
 
     /// Every process that heartbeated into this database, newest first.
@@ -447,7 +557,17 @@ impl Store {
                     alive: r.get(16)?,
                 })
             })?;
-            rows.collect()
+            let rows: Vec<ProcessRow> = rows.collect::<rusqlite::Result<_>>()?;
+            // A process killed on this host is not alive, however fresh its last heartbeat.
+            Ok(rows
+                .into_iter()
+                .map(|mut p| {
+                    if p.alive && owner_is_gone(&p.id) {
+                        p.alive = false;
+                    }
+                    p
+                })
+                .collect())
         })
     }
 }

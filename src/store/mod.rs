@@ -54,8 +54,9 @@ mod writer;
 
 pub use claims::{NotificationRecord, SlotClaim};
 pub use error::{BackupFailure, StoreError};
-pub use lease::{process_id, short_span, Claim, Health, ProcessRow};
+pub use lease::{owner_is_gone, process_id, short_span, Claim, Health, ProcessRow};
 pub use providers::CachedAnswer;
+pub use read::backup_file;
 pub use types::{
     AttemptRecord, AttemptRow, NewRun, NewStep, RunEnd, RunFilter, RunRow, StepEnd, StepRow,
 };
@@ -283,6 +284,16 @@ impl Store {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+}
+
+impl Store {
+    /// `PRAGMA integrity_check` (every page and every index entry; linear in the file, so
+    /// for `omniflow doctor`, not for every open): up to 20 problems, none when intact.
+    pub fn integrity_problems(&self) -> Result<Vec<String>, StoreError> {
+        self.read("checking integrity", |c| {
+            schema::run_check(c, "integrity_check", 20)
+        })
     }
 }
 

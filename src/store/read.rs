@@ -317,12 +317,35 @@ impl Store {
     /// old file or a complete backup, never half of one. An existing `dest` is replaced.
     /// Writes queued but not yet committed are not in the copy: `flush` first to include them.
     pub fn backup(&self, dest: &Path) -> Result<(), StoreError> {
+        backup_with(self.path(), dest, |copy| {
+            self.read("reading for a backup", |src| Ok(copy(src)))
+        })
+    }
+}
+
+/// [`Store::backup`] without opening the store: for a file the store refuses to open (a
+/// damaged one), whose pages are copied as they are, without writing to the file itself.
+pub fn backup_file(src: &Path, dest: &Path) -> Result<(), StoreError> {
+    backup_with(src, dest, |copy| {
+        let conn = open_reader(src)?;
+        Ok(copy(&conn))
+    })
+}
+
+fn backup_with(
+    src: &Path,
+    dest: &Path,
+    with_source: impl FnOnce(
+        &dyn Fn(&Connection) -> Result<(), BackupFailure>,
+    ) -> Result<Result<(), BackupFailure>, StoreError>,
+) -> Result<(), StoreError> {
+    {
         let fail = |source: BackupFailure| StoreError::Backup {
-            from: self.path().to_path_buf(),
+            from: src.to_path_buf(),
             dest: dest.to_path_buf(),
             source,
         };
-        if same_file(self.path(), dest) {
+        if same_file(src, dest) {
             return Err(fail(BackupFailure::SameFile));
         }
         let mut partial = dest.as_os_str().to_owned();
@@ -333,7 +356,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail(e.into())),
         }
-        let copied = self.read("reading for a backup", |src| Ok(copy_into(src, &partial)))?;
+        let copied = with_source(&|conn: &Connection| copy_into(conn, &partial))?;
         if let Err(e) = copied.and_then(|()| Ok(std::fs::rename(&partial, dest)?)) {
             // Best effort: a leftover .partial is harmless and replaced next time.
             let _ = std::fs::remove_file(&partial);

@@ -189,16 +189,36 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         })?;
     }
     check_header(path)?;
+    // Two processes creating or migrating one file at once (two cron jobs in the same
+    // minute) may see SQLITE_BUSY where SQLite does not call the busy handler (a lock
+    // upgrade inside an open read transaction): start over on a fresh connection, up to
+    // BUSY_TIMEOUT. Every step is idempotent, so a retry repeats nothing.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match open_writer_once(path) {
+            Err(StoreError::Sqlite { source, .. })
+                if is_busy(&source) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
 
+fn open_writer_once(path: &Path) -> Result<Connection, StoreError> {
     let mut conn = Connection::open(path).map_err(|e| open_error(path, "opening", e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| open_error(path, "setting busy_timeout", e))?;
     // A read: refuse a newer schema before anything (even the WAL switch) is written.
     check_version(&conn, path)?;
 
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-        .map_err(|e| open_error(path, "switching to WAL", e))?;
+    // Refuse a damaged file before anything (even the WAL switch) writes into it.
+    check_integrity(&conn, path)?;
+
+    let mode = switch_to_wal(&conn, path)?;
     if !mode.eq_ignore_ascii_case("wal") {
         // Some filesystems (network mounts) cannot do WAL; the store still works, only
         // readers then wait for the writer.
@@ -210,6 +230,62 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         .map_err(|e| open_error(path, "enabling foreign keys", e))?;
     migrate(&mut conn, path)?;
     Ok(conn)
+}
+
+/// Switches to WAL. Two processes creating the same new file at once race for the lock
+/// this needs, and SQLite answers the loser `SQLITE_BUSY` without waiting (the busy handler
+/// is not called for it): so wait and try again, up to `BUSY_TIMEOUT`.
+fn switch_to_wal(conn: &Connection, path: &Path) -> Result<String, StoreError> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)) {
+            Ok(mode) => return Ok(mode),
+            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(open_error(path, "switching to WAL", e)),
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+/// `PRAGMA quick_check`: SQLite's check of every page's structure (not of index contents,
+/// which `integrity_check` adds; `omniflow doctor` runs that one). Linear in the file's size,
+/// read-only.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let problems = run_check(conn, "quick_check", 5)
+        .map_err(|e| open_error(path, "checking its integrity", e))?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Malformed {
+            path: path.to_path_buf(),
+            detail: format!("quick_check: {}", problems.join("; ")),
+        })
+    }
+}
+
+/// Runs `PRAGMA quick_check(n)` or `integrity_check(n)`: the problems found, none when "ok".
+pub(crate) fn run_check(conn: &Connection, pragma: &str, n: u32) -> rusqlite::Result<Vec<String>> {
+    let mut st = conn.prepare(&format!("PRAGMA {pragma}({n})"))?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    let lines: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
+    // A problem may span lines, under a "*** in database main ***" heading.
+    Ok(lines
+        .iter()
+        .flat_map(|l| l.lines())
+        .map(str::trim)
+        .filter(|l| *l != "ok" && !l.is_empty() && !l.starts_with("***"))
+        .map(str::to_string)
+        .collect())
 }
 
 /// A read-only connection for queries and backups (never the writer's).
@@ -299,9 +375,20 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 
 /// Turns an SQLite failure while opening into the error a user can act on.
 pub(crate) fn open_error(path: &Path, doing: &'static str, e: rusqlite::Error) -> StoreError {
+    if let Some(dir) = out_of_space(path, &e) {
+        return StoreError::DiskFull {
+            path: path.to_path_buf(),
+            dir,
+            source: e,
+        };
+    }
     match e.sqlite_error_code() {
         Some(ErrorCode::NotADatabase) => StoreError::NotADatabase {
             path: path.to_path_buf(),
+        },
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::Malformed {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
         },
         Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => {
             StoreError::Unwritable {
@@ -315,4 +402,38 @@ pub(crate) fn open_error(path: &Path, doing: &'static str, e: rusqlite::Error) -
             source: e,
         },
     }
+}
+
+/// Below this much free space, an I/O error is read as "disk full": SQLite reports a full
+/// disk as `SQLITE_FULL` when a write fails, but as a plain I/O error when it cannot create
+/// or grow its `-shm` and `-wal` files.
+const NEARLY_FULL: u64 = 1 << 20;
+
+/// The directory of `path` when `e` means its file system has no room left.
+pub(crate) fn out_of_space(path: &Path, e: &rusqlite::Error) -> Option<std::path::PathBuf> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => std::path::PathBuf::from("."),
+    };
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => Some(dir),
+        Some(ErrorCode::SystemIoFailure) => {
+            (free_bytes(&dir).is_some_and(|free| free < NEARLY_FULL)).then_some(dir)
+        }
+        _ => None,
+    }
+}
+
+/// Free bytes for unprivileged users on the file system holding `dir`.
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }

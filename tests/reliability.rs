@@ -1,0 +1,744 @@
+//! What the user is told must be true, through the real binary: every node type's real
+//! output is printed (no panic, exit 0), signals exit 3 and hand the run over, a killed run
+//! is resumed at once, several processes create one new database, damaged or unusable
+//! database files are refused untouched, and a full disk is called a full disk.
+
+mod common;
+mod fake_provider;
+mod fakes;
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "7012345678:AAHsEcReTtOkEnVaLuE0123456789abcdefXYZ";
+const HOOK_TOKEN: &str = "wEbHoOkToKeN-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ";
+
+struct Env {
+    dir: tempfile::TempDir,
+    vars: Vec<(String, String)>,
+}
+
+impl Env {
+    fn new(extra: &[(&str, String)]) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vars = vec![
+            (
+                "DB_FILE".to_string(),
+                dir.path().join("h.db").display().to_string(),
+            ),
+            (
+                "LOG_DIR".to_string(),
+                dir.path().join("logs").display().to_string(),
+            ),
+        ];
+        for (k, v) in extra {
+            vars.retain(|(key, _)| key != k);
+            vars.push((k.to_string(), v.clone()));
+        }
+        Env { dir, vars }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn db(&self) -> PathBuf {
+        let v = self.vars.iter().find(|(k, _)| k == "DB_FILE").unwrap();
+        PathBuf::from(&v.1)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.cmd(args).spawn().unwrap()
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn write(&self, name: &str, v: &Value) -> String {
+        let p = self.path(name);
+        std::fs::write(&p, serde_json::to_string_pretty(v).unwrap()).unwrap();
+        p.display().to_string()
+    }
+
+    fn sql(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(self.db()).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+
+    /// Waits until the run's step `key` is recorded with `status`; returns the run id.
+    fn wait_step(&self, key: &str, status: &str) -> String {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(c) = rusqlite::Connection::open(self.db()) {
+                let found: Option<String> = c
+                    .query_row(
+                        "SELECT run_id FROM runner_steps WHERE step_key = ?1 AND status = ?2
+                         ORDER BY rowid DESC LIMIT 1",
+                        [key, status],
+                        |r| r.get(0),
+                    )
+                    .ok();
+                if let Some(run) = found {
+                    return run;
+                }
+            }
+            assert!(Instant::now() < until, "step {key} never became {status}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn status(&self, run: &str) -> (String, Option<String>) {
+        self.sql()
+            .query_row(
+                "SELECT status, owner FROM runner_executions WHERE id = ?1",
+                [run],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn kill(child: &Child, signal: &str) {
+    assert!(Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn no_panic(o: &Output) {
+    let err = stderr(o);
+    assert!(
+        !err.contains("panicked") && o.status.code() != Some(101),
+        "a panic: {err}"
+    );
+}
+
+/// A blueprint whose one slow step (`wait`, a 60 s delay) gives time to send signals.
+fn slow_blueprint(env: &Env) -> String {
+    env.write(
+        "slow.json",
+        &json!({ "name": "slow", "nodes": [
+            { "id": "wait", "type": "delay", "duration": "60s" },
+            { "id": "after", "type": "transform", "needs": ["wait"], "template": "done" }
+        ] }),
+    )
+}
+
+// ---- what is printed ---------------------------------------------------------------------
+
+/// A real (not sandboxed) run whose final steps are one of every node type: a model call,
+/// an HTTP call, a transform, a condition, a delay, and real Telegram and Discord messages.
+/// Before, printing a real notification's record panicked after the run had succeeded
+/// (exit 101), so cron and systemd counted a success as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_run_prints_every_node_types_output_and_exits_0() {
+    let tg = fakes::telegram(TOKEN).await;
+    let dc = fakes::discord().await;
+    let model = fake_provider::start(|req, _| {
+        if req.path.contains("chat/completions") {
+            fake_provider::Reply::completion("Rust compiles to fast code.", 12)
+        } else {
+            fake_provider::Reply::json(200, json!({ "page": "fetched from the fake" }))
+        }
+    })
+    .await;
+    let env = Env::new(&[
+        ("TELEGRAM_BOT_TOKEN", TOKEN.into()),
+        ("TELEGRAM_CHAT_ID", "42".into()),
+        ("TELEGRAM_API_URL", tg.url.clone()),
+        (
+            "DISCORD_WEBHOOK",
+            format!("{}/api/webhooks/123456789/{HOOK_TOKEN}", dc.url),
+        ),
+        ("OPENAI_BASE_URL", model.url.clone()),
+        ("OPENAI_API_KEY", "sk-test-key".into()),
+    ]);
+    let bp = env.write(
+        "every.json",
+        &json!({ "name": "every", "nodes": [
+            { "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+              "prompt": "Say something about Rust." },
+            { "id": "fetch", "type": "http", "url": format!("{}/page", model.url) },
+            { "id": "shape", "type": "transform", "template": "shaped" },
+            { "id": "check", "type": "condition", "expression": "1 == 1" },
+            { "id": "pause", "type": "delay", "duration": "10ms" },
+            { "id": "tell", "type": "notify", "channel": "telegram", "text": "to Telegram" },
+            { "id": "hook", "type": "notify", "channel": "discord", "text": "to Discord" }
+        ] }),
+    );
+    let o = {
+        let cmd = env.cmd(&["run", &bp]);
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = cmd;
+            cmd.output().unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    no_panic(&o);
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("every succeeded"), "{err}");
+    for id in ["ask", "fetch", "shape", "check", "pause", "tell", "hook"] {
+        assert!(
+            err.contains(&format!("── output of {id} ──")),
+            "{id}: {err}"
+        );
+    }
+    assert!(out.contains("Rust compiles to fast code."), "{out}");
+    assert!(out.contains("fetched from the fake"), "{out}");
+    assert!(out.contains("shaped"), "{out}");
+    assert!(out.contains("sent on telegram (1 message)"), "{out}");
+    assert!(out.contains("sent on discord (1 message)"), "{out}");
+    // The messages did go out, once each.
+    assert_eq!(tg.requests().len(), 1);
+    assert_eq!(dc.requests().len(), 1);
+
+    // The same through `--json`: one object, the notification records as they are.
+    let o = {
+        let cmd = env.cmd(&["run", &bp, "--json"]);
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = cmd;
+            cmd.output().unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["status"], "success");
+    assert_eq!(v["outputs"]["tell"]["delivered"], true);
+    // `show` prints the run, human and JSON, without a panic either.
+    let run = v["runId"].as_str().unwrap().to_string();
+    for args in [vec!["show", &run], vec!["show", &run, "--json"]] {
+        let o = env.output(&args);
+        no_panic(&o);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    }
+}
+
+// ---- signals and exit codes ----------------------------------------------------------------
+
+/// SIGTERM (systemd, `kill`) and SIGHUP (a dropped SSH session) hand a foreground run over
+/// and exit 3; the run is intact and `omniflow resume` finishes it at once.
+#[test]
+fn sigterm_and_sighup_hand_the_run_over_and_exit_3() {
+    for signal in ["TERM", "HUP"] {
+        let env = Env::new(&[("SHUTDOWN_GRACE", "0".into())]);
+        let bp = slow_blueprint(&env);
+        let child = env.spawn(&["run", &bp]);
+        let run = env.wait_step("wait", "running");
+        kill(&child, signal);
+        let o = child.wait_with_output().unwrap();
+        no_panic(&o);
+        assert_eq!(o.status.code(), Some(3), "SIG{signal}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("SIG{signal}: finishing steps in flight")),
+            "{}",
+            stderr(&o)
+        );
+        assert!(
+            stderr(&o).contains("`omniflow resume`") || stderr(&o).contains("omniflow resume"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(
+            env.status(&run),
+            ("running".to_string(), None),
+            "SIG{signal}: handed over"
+        );
+        // Resuming it is interrupted the same way: exit 3 again.
+        let child = env.spawn(&["resume", &run]);
+        let until = Instant::now() + Duration::from_secs(60);
+        while env.status(&run).1.is_none() {
+            assert!(Instant::now() < until, "the resume never claimed the run");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        env.wait_step("wait", "running");
+        std::thread::sleep(Duration::from_millis(200));
+        kill(&child, signal);
+        let o = child.wait_with_output().unwrap();
+        no_panic(&o);
+        assert_eq!(
+            o.status.code(),
+            Some(3),
+            "resume, SIG{signal}: {}",
+            stderr(&o)
+        );
+        assert_eq!(env.status(&run), ("running".to_string(), None));
+    }
+}
+
+/// Ctrl-C cancels a run (recorded `cancelled`), and says so with exit 3, never 0.
+#[test]
+fn sigint_cancels_and_exits_3() {
+    let env = Env::new(&[]);
+    let bp = slow_blueprint(&env);
+    let child = env.spawn(&["run", &bp]);
+    let run = env.wait_step("wait", "running");
+    kill(&child, "INT");
+    let o = child.wait_with_output().unwrap();
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cancelling"), "{}", stderr(&o));
+    assert_eq!(env.status(&run).0, "cancelled");
+}
+
+/// A daemon stops gracefully on SIGHUP as on SIGTERM (before, SIGHUP killed it outright):
+/// exit 0 and recorded as stopped.
+#[test]
+fn a_daemon_stops_gracefully_on_sighup() {
+    let env = Env::new(&[]);
+    std::fs::create_dir(env.path("blueprints")).unwrap();
+    let child = env.spawn(&["daemon"]);
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up: i64 = rusqlite::Connection::open(env.db())
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM runner_processes WHERE role = 'daemon'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap_or(0);
+        if up > 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "the daemon never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Past start-up: its signal handlers are installed before it records itself.
+    kill(&child, "HUP");
+    let o = child.wait_with_output().unwrap();
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let stopped: Option<String> = env
+        .sql()
+        .query_row(
+            "SELECT stopped_at FROM runner_processes WHERE role = 'daemon'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(stopped.is_some(), "the daemon recorded its stop");
+}
+
+// ---- a crash costs seconds -----------------------------------------------------------------
+
+/// After SIGKILL, with the default 30 s lease: `doctor` does not call the dead process
+/// alive, `resume --all` finds the run, and resuming it starts at once.
+#[test]
+fn a_killed_run_is_resumed_at_once_and_the_messages_are_true() {
+    let env = Env::new(&[("LEASE_TIMEOUT", "30".into())]);
+    let bp = env.write(
+        "short.json",
+        &json!({ "name": "short", "nodes": [
+            { "id": "wait", "type": "delay", "duration": "2s" },
+            { "id": "after", "type": "transform", "needs": ["wait"], "template": "done" }
+        ] }),
+    );
+    let mut child = env.spawn(&["run", &bp]);
+    let run = env.wait_step("wait", "running");
+    let pid = child.id();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let o = env.output(&["doctor"]);
+    no_panic(&o);
+    let report = stdout(&o);
+    assert!(
+        report.contains("0 alive"),
+        "the killed process is not alive: {report}"
+    );
+    assert!(
+        report.contains(&format!(":{pid}  silent since")) && report.contains("killed or crashed"),
+        "{report}"
+    );
+    assert!(
+        report.contains("1 unfinished run(s) whose process is gone"),
+        "{report}"
+    );
+
+    // Well within the 30 s lease, `resume --all` finds it and finishes it.
+    let o = env.output(&["resume", "--all"]);
+    no_panic(&o);
+    let err = stderr(&o);
+    assert!(!err.contains("no interrupted runs"), "{err}");
+    assert!(err.contains(&format!("resuming run {run}")), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(env.status(&run).0, "success");
+}
+
+/// A run held by a live process is refused with who holds it, how long its lease lasts,
+/// and what to do; once that process is killed, the same command takes the run over.
+#[test]
+fn a_live_holder_is_named_and_a_dead_one_is_taken_over() {
+    let env = Env::new(&[
+        ("LEASE_TIMEOUT", "30".into()),
+        ("SHUTDOWN_GRACE", "0".into()),
+    ]);
+    let bp = env.write(
+        "slow.json",
+        &json!({ "name": "slow", "nodes": [
+            { "id": "wait", "type": "delay", "duration": "2s" },
+            { "id": "after", "type": "transform", "needs": ["wait"], "template": "done" }
+        ] }),
+    );
+    let mut child = env.spawn(&["run", &bp]);
+    let run = env.wait_step("wait", "running");
+    let o = env.output(&["resume", &run]);
+    no_panic(&o);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let pid = child.id();
+    assert!(
+        err.contains(&format!("held by `omniflow run` process {pid} on ")),
+        "{err}"
+    );
+    assert!(
+        err.contains("which is alive; its lease expires in "),
+        "{err}"
+    );
+    assert!(err.contains(&format!("`kill {pid}`")), "{err}");
+    assert!(err.contains(&format!("`omniflow resume {run}`")), "{err}");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let o = env.output(&["resume", &run]);
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(env.status(&run).0, "success");
+}
+
+/// Two `omniflow resume` of one interrupted run at the same moment: exactly one runs it,
+/// the other says who has it.
+#[test]
+fn two_simultaneous_resumes_one_runs_the_other_says_who() {
+    let env = Env::new(&[
+        ("LEASE_TIMEOUT", "30".into()),
+        ("SHUTDOWN_GRACE", "0".into()),
+    ]);
+    // Long enough that the loser looks while the winner still runs it.
+    let bp = env.write(
+        "slow.json",
+        &json!({ "name": "slow", "nodes": [
+            { "id": "wait", "type": "delay", "duration": "4s" },
+            { "id": "after", "type": "transform", "needs": ["wait"], "template": "done" }
+        ] }),
+    );
+    let (mut ran, mut told) = (0, 0);
+    for round in 0..5 {
+        let child = env.spawn(&["run", &bp]);
+        let run = env.wait_step("wait", "running");
+        kill(&child, "TERM");
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        let a = env.spawn(&["resume", &run]);
+        let b = env.spawn(&["resume", &run]);
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        for o in [&a, &b] {
+            no_panic(o);
+            match o.status.code() {
+                Some(0) => ran += 1,
+                Some(2)
+                    if stderr(o).contains("process") && stderr(o).contains("which is alive") =>
+                {
+                    told += 1
+                }
+                other => panic!("round {round}: exit {other:?}: {}", stderr(o)),
+            }
+        }
+        assert_eq!(env.status(&run).0, "success", "round {round}");
+        let after: i64 = env
+            .sql()
+            .query_row(
+                "SELECT count(*) FROM runner_attempts WHERE run_id = ?1 AND step_key = 'after'",
+                [&run],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(after, 1, "round {round}: the run was continued once");
+    }
+    assert_eq!((ran, told), (5, 5));
+}
+
+// ---- the database ------------------------------------------------------------------------
+
+/// Five `omniflow run` at once on a database that does not exist yet (two cron jobs in the
+/// same minute on a fresh install): all five run, no busy/locked error, no row lost.
+#[test]
+fn five_runs_create_one_new_database_together() {
+    for round in 0..3 {
+        let env = Env::new(&[(
+            "DB_FILE",
+            tempfile::tempdir()
+                .unwrap()
+                .keep()
+                .join("new/h.db")
+                .display()
+                .to_string(),
+        )]);
+        let bp = env.write(
+            "quick.json",
+            &json!({ "name": "quick", "variables": { "ITEMS": [1, 2, 3] }, "nodes": [
+                { "id": "a", "type": "transform", "forEach": "{{ vars.ITEMS }}", "template": "{{ item }}" },
+                { "id": "b", "type": "transform", "needs": ["a"], "template": "ok" }
+            ] }),
+        );
+        let children: Vec<Child> = (0..5).map(|_| env.spawn(&["run", &bp])).collect();
+        for c in children {
+            let o = c.wait_with_output().unwrap();
+            no_panic(&o);
+            let err = stderr(&o).to_lowercase();
+            assert_eq!(o.status.code(), Some(0), "round {round}: {err}");
+            assert!(
+                !err.contains("locked") && !err.contains("busy"),
+                "round {round}: {err}"
+            );
+        }
+        let c = env.sql();
+        let runs: i64 = c
+            .query_row(
+                "SELECT count(*) FROM runner_executions WHERE status = 'success'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let steps: i64 = c
+            .query_row(
+                "SELECT count(*) FROM runner_steps WHERE status = 'success'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!((runs, steps), (5, 5 * 4), "round {round}");
+        let _ = std::fs::remove_dir_all(env.db().parent().unwrap().parent().unwrap());
+    }
+}
+
+/// A real database with some history, its WAL folded in.
+fn real_database(env: &Env) -> Vec<u8> {
+    let bp = env.write(
+        "quick.json",
+        &json!({ "name": "quick", "nodes": [
+            { "id": "a", "type": "transform", "template": "{{ 'x' * 300 }}" }
+        ] }),
+    );
+    for _ in 0..20 {
+        let o = env.output(&["run", &bp]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let c = env.sql();
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    drop(c);
+    std::fs::read(env.db()).unwrap()
+}
+
+/// Damaged and wrong database files: a clear error naming the fix, a non-zero exit, no
+/// panic, and the file byte for byte as it was (not even switched to WAL).
+#[test]
+fn damaged_or_wrong_database_files_are_refused_untouched() {
+    let env = Env::new(&[]);
+    let good = real_database(&env);
+    let pages = good.len() / 4096;
+    assert!(pages > 8, "{pages} pages");
+    let mut mid = good.clone();
+    // A whole page in the middle overwritten (a bad sector, a torn copy).
+    let page = 2;
+    for (i, b) in mid[page * 4096..(page + 1) * 4096].iter_mut().enumerate() {
+        *b = (i * 7 + 13) as u8;
+    }
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("mid-file", mid, "is damaged"),
+        ("truncated", good[..good.len() / 2].to_vec(), "is damaged"),
+        (
+            "random",
+            (0..50_000u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+            "is not an SQLite database",
+        ),
+    ];
+    let bp = env.write(
+        "t.json",
+        &json!({ "name": "t", "nodes": [ { "id": "a", "type": "transform", "template": "x" } ] }),
+    );
+    for (name, bytes, says) in cases {
+        let path = env.path(&format!("{name}.db"));
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Env::new(&[("DB_FILE", path.display().to_string())]);
+        for args in [
+            vec!["run", bp.as_str()],
+            vec!["runs"],
+            vec!["resume", "--all"],
+        ] {
+            let o = e.output(&args);
+            no_panic(&o);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{name} {args:?}: {err}");
+            assert!(err.contains(says), "{name}: {err}");
+            assert!(err.contains("DB_FILE"), "{name}: the fix is named: {err}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}: untouched");
+            assert!(
+                !Path::new(&format!("{}-wal", path.display())).exists(),
+                "{name}: not switched to WAL"
+            );
+        }
+        if says == "is damaged" {
+            assert!(
+                stderr(&e.output(&["run", bp.as_str()])).contains("omniflow backup"),
+                "{name}: points at backup"
+            );
+            // doctor says the same, and a backup copies what is there without touching it.
+            let o = e.output(&["doctor"]);
+            no_panic(&o);
+            assert!(stdout(&o).contains("is damaged"), "{}", stdout(&o));
+            assert_ne!(o.status.code(), Some(0));
+            let copy = env.path(&format!("{name}-rescued.db"));
+            let o = e.output(&["backup", copy.to_str().unwrap()]);
+            no_panic(&o);
+            if name == "mid-file" {
+                assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
+            } else {
+                // Missing pages cannot be copied: SQLite's own recovery is named instead.
+                assert!(
+                    o.status.code() == Some(0) || stderr(&o).contains(".recover > rescued.sql"),
+                    "{name}: {}",
+                    stderr(&o)
+                );
+            }
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}: untouched");
+        }
+    }
+
+    // A directory where the file should be.
+    let dir = env.path("a-directory.db");
+    std::fs::create_dir(&dir).unwrap();
+    let e = Env::new(&[("DB_FILE", dir.display().to_string())]);
+    let o = e.output(&["run", bp.as_str()]);
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("DB_FILE"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+
+    // A zero-length file is a new database (it is what a creating process leaves for a
+    // moment, so another process must not refuse it): it is set up and used.
+    let empty = env.path("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    let e = Env::new(&[("DB_FILE", empty.display().to_string())]);
+    let o = e.output(&["run", bp.as_str()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+/// Runs `f` with a small tmpfs mounted at a fresh directory (CI runs as root); `None` when
+/// this machine cannot mount one (not root).
+fn with_tmpfs<T>(size: &str, f: impl FnOnce(&Path) -> T) -> Option<T> {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        // SAFETY: geteuid has no preconditions.
+        assert_ne!(
+            unsafe { libc::geteuid() },
+            0,
+            "root must be able to mount a tmpfs"
+        );
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return None;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let guard = Unmount(dir.path().to_path_buf());
+    let r = f(dir.path());
+    drop(guard);
+    Some(r)
+}
+
+/// A database on a read-only file system, and an existing database on a full disk: each is
+/// named for what it is, with a non-zero exit and the file untouched.
+#[test]
+fn read_only_and_full_file_systems_are_named() {
+    let env = Env::new(&[]);
+    let good = real_database(&env);
+    let bp = env.write(
+        "t.json",
+        &json!({ "name": "t", "nodes": [ { "id": "a", "type": "transform", "template": "x" } ] }),
+    );
+    with_tmpfs("3m", |mnt| {
+        let db = mnt.join("h.db");
+        std::fs::write(&db, &good).unwrap();
+        assert!(Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(mnt)
+            .status()
+            .unwrap()
+            .success());
+        let e = Env::new(&[("DB_FILE", db.display().to_string())]);
+        let o = e.output(&["run", bp.as_str()]);
+        no_panic(&o);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("cannot open") && stderr(&o).contains("point DB_FILE elsewhere"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(std::fs::read(&db).unwrap(), good);
+        assert!(Command::new("mount")
+            .args(["-o", "remount,rw"])
+            .arg(mnt)
+            .status()
+            .unwrap()
+            .success());
+
+        // Fill the disk to the last byte.
+        let _ = std::fs::write(mnt.join("filler"), vec![0u8; 4 << 20]);
+        let o = e.output(&["run", bp.as_str()]);
+        no_panic(&o);
+        let err = stderr(&o);
+        assert_ne!(o.status.code(), Some(0), "{err}");
+        assert!(
+            err.contains(&format!("disk full: free space at {}", mnt.display())),
+            "{err}"
+        );
+        assert!(!err.contains("disk I/O error:"), "{err}");
+        assert_eq!(std::fs::read(&db).unwrap(), good);
+    });
+}
