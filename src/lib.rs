@@ -17,5 +17,6 @@ pub mod queue;
 pub mod schedule;
 pub mod store;
 pub mod supabase;
+pub mod limits;
 pub mod template;
 pub mod tui;

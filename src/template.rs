@@ -39,7 +39,11 @@
 // User input must never panic: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod checked;
+pub mod guard;
+
 use crate::error::{ErrorKind, StepError};
+use crate::limits::Limits;
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{
     Environment, Error as MjError, Output, State, UndefinedBehavior, Value as MjValue,
@@ -48,9 +52,9 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-/// Instructions one render may execute: far beyond any sensible prompt (a loop over 10,000
-/// items with a few filters each), far below "forever".
-pub const FUEL: u64 = 2_000_000;
+/// Instructions one render may execute by default: far beyond any sensible prompt (a loop
+/// over 10,000 items with a few filters each), far below "forever" (`TEMPLATE_FUEL`).
+pub const FUEL: u64 = crate::limits::DEFAULT_TEMPLATE_FUEL;
 
 /// Globals minijinja provides that are functions, not context: never reported as references.
 const BUILTIN_GLOBALS: [&str; 3] = ["range", "dict", "namespace"];
@@ -105,6 +109,7 @@ impl Context {
 #[derive(Clone)]
 pub struct Templates {
     env: Arc<Environment<'static>>,
+    limits: Arc<Limits>,
 }
 
 impl std::fmt::Debug for Templates {
@@ -120,19 +125,48 @@ impl Default for Templates {
 }
 
 impl Templates {
-    /// Builds the environment once: semi-strict undefined, fuel, our filters, no loader.
+    /// Builds the environment once with the default budgets ([`Limits::default`]).
     pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    /// Builds the environment once: semi-strict undefined, the budgets of `limits` (fuel,
+    /// output, value sizes), our filters, no loader.
+    pub fn with_limits(limits: Limits) -> Self {
+        let limits = Arc::new(limits);
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
-        env.set_fuel(Some(FUEL));
+        env.set_fuel(Some(limits.template_fuel));
         // Prompts are text, not HTML: never escape.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_keep_trailing_newline(true);
         env.remove_global("debug");
-        env.set_formatter(format_value);
+        let cap = limits.template_max_output;
+        env.set_formatter(move |out, state, value| format_value(out, state, value, cap));
         env.add_filter("truncate", truncate);
         env.add_filter("fromjson", fromjson);
-        Templates { env: Arc::new(env) }
+        checked::install(&mut env, &limits);
+        Templates {
+            env: Arc::new(env),
+            limits,
+        }
+    }
+
+    /// The budgets renders run under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A render's failure: the output budget's message when the writer stopped it.
+    fn render_error(&self, e: &MjError, over: bool, template: &str, ctx: &Context) -> StepError {
+        if over {
+            return StepError::new(ErrorKind::Template, checked::output_message(&self.limits));
+        }
+        let missing = self
+            .referenced(template)
+            .map(|refs| first_missing(&refs, &ctx.value))
+            .unwrap_or_default();
+        StepError::new(ErrorKind::Template, describe(e, missing.as_deref()))
     }
 
     /// Renders `template` against `ctx` (see the module docs for its shape).
@@ -146,15 +180,20 @@ impl Templates {
     /// Like [`Templates::render`], against a context converted once ([`Context`]): what the
     /// engine uses, so a 10,000-item fan-out does not convert its variables 10,000 times.
     pub fn render_in(&self, template: &str, ctx: &Context) -> Result<String, StepError> {
-        self.env
-            .render_str(template, ctx.value.clone())
-            .map_err(|e| {
-                let missing = self
-                    .referenced(template)
-                    .map(|refs| first_missing(&refs, &ctx.value))
-                    .unwrap_or_default();
-                StepError::new(ErrorKind::Template, describe(&e, missing.as_deref()))
-            })
+        let source = guard::rewrite_template(template)
+            .map_err(|msg| StepError::new(ErrorKind::Template, msg))?;
+        let _scope = checked::RenderScope::begin();
+        let compiled = self
+            .env
+            .template_from_str(&source)
+            .map_err(|e| self.render_error(&e, false, template, ctx))?;
+        let mut out = checked::CappedBytes::new(Vec::new(), self.limits.template_max_output);
+        compiled
+            .render_captured_to(ctx.value.clone(), &mut out)
+            .map_err(|e| self.render_error(&e, out.over, template, ctx))?;
+        String::from_utf8(out.inner).map_err(|_| {
+            StepError::new(ErrorKind::Template, "the template's output is not valid UTF-8")
+        })
     }
 
     /// Evaluates a Jinja expression (no braces), e.g. `nodes.classify.output == "urgent"`.
@@ -170,9 +209,13 @@ impl Templates {
                 format!("in expression `{expr}`: {}", describe(e, missing)),
             )
         };
+        let source = guard::rewrite_expr(expr).map_err(|msg| {
+            StepError::new(ErrorKind::Template, format!("in expression `{expr}`: {msg}"))
+        })?;
+        let _scope = checked::RenderScope::begin();
         let compiled = self
             .env
-            .compile_expression(expr)
+            .compile_expression(&source)
             .map_err(|e| template_err(&e, None))?;
         let value = compiled.eval(ctx.value.clone()).map_err(|e| {
             let refs = names_of(compiled.undeclared_variables(true), expr);
@@ -235,16 +278,18 @@ impl Templates {
 
     /// Checks a template's syntax without rendering it.
     pub fn check_syntax(&self, template: &str) -> Result<(), String> {
+        let source = guard::rewrite_template(template)?;
         self.env
-            .template_from_str(template)
+            .template_from_str(&source)
             .map(|_| ())
             .map_err(|e| describe(&e, None))
     }
 
     /// Checks an expression's syntax without evaluating it.
     pub fn check_expr_syntax(&self, expr: &str) -> Result<(), String> {
+        let source = guard::rewrite_expr(expr)?;
         self.env
-            .compile_expression(expr)
+            .compile_expression(&source)
             .map(|_| ())
             .map_err(|e| describe(&e, None))
     }
@@ -256,19 +301,24 @@ impl Templates {
     /// constant subscripts (`nodes['x'].output`, `vars["X"]`) are found by a scan of the
     /// template's tags and reported as `nodes.x` / `vars.X`. A dynamic subscript
     /// (`nodes[name]`) is reported as the bare `nodes` and cannot be checked.
+    ///
+    /// Nothing is evaluated: the growing operators are rewritten into calls first
+    /// ([`guard`]), so the compiler has no constant to fold.
     pub fn referenced(&self, template: &str) -> Result<BTreeSet<String>, String> {
+        let source = guard::rewrite_template(template)?;
         let compiled = self
             .env
-            .template_from_str(template)
+            .template_from_str(&source)
             .map_err(|e| describe(&e, None))?;
         Ok(names_of(compiled.undeclared_variables(true), template))
     }
 
     /// Like [`Templates::referenced`], for an expression (a condition).
     pub fn referenced_expr(&self, expr: &str) -> Result<BTreeSet<String>, String> {
+        let source = guard::rewrite_expr(expr)?;
         let compiled = self
             .env
-            .compile_expression(expr)
+            .compile_expression(&source)
             .map_err(|e| describe(&e, None))?;
         let mut names = names_of(compiled.undeclared_variables(true), "");
         names.extend(subscript_refs(expr));
@@ -283,7 +333,7 @@ fn names_of(found: std::collections::HashSet<String>, source: &str) -> BTreeSet<
         .into_iter()
         .filter(|n| {
             let head = n.split('.').next().unwrap_or(n);
-            !BUILTIN_GLOBALS.contains(&head)
+            !BUILTIN_GLOBALS.contains(&head) && !guard::HELPERS.contains(&head)
         })
         .collect();
     for tag in tags(source) {
@@ -292,22 +342,22 @@ fn names_of(found: std::collections::HashSet<String>, source: &str) -> BTreeSet<
     names
 }
 
-/// The insides of `{{ … }}` and `{% … %}` in a template.
+/// The insides of `{{ … }}` and `{% … %}` in a template, in one pass (each search starts
+/// where the last ended, so 100,000 tags cost 100,000 steps, not their square).
 fn tags(source: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = source;
-    loop {
-        let open = match (rest.find("{{"), rest.find("{%")) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => break,
-        };
-        let close = if rest[open..].starts_with("{{") {
+    while let Some(brace) = rest.find('{') {
+        let after = &rest[brace + 1..];
+        let close = if after.starts_with('{') {
             "}}"
-        } else {
+        } else if after.starts_with('%') {
             "%}"
+        } else {
+            rest = after;
+            continue;
         };
-        let body = &rest[open + 2..];
+        let body = &after[1..];
         match body.find(close) {
             Some(end) => {
                 out.push(&body[..end]);
@@ -437,17 +487,28 @@ fn short(s: &str) -> String {
 }
 
 /// Lists and maps print as compact JSON, `none` as nothing; the rest as minijinja does.
-fn format_value(out: &mut Output, state: &State, value: &MjValue) -> Result<(), MjError> {
+fn format_value(
+    out: &mut Output,
+    state: &State,
+    value: &MjValue,
+    cap: usize,
+) -> Result<(), MjError> {
     match value.kind() {
         ValueKind::None => Ok(()),
-        ValueKind::Seq | ValueKind::Map => {
-            let text = serde_json::to_string(value).map_err(|e| {
-                MjError::new(
-                    minijinja::ErrorKind::BadSerialization,
-                    format!("cannot print this value as JSON: {e}"),
-                )
-            })?;
-            out.write_str(&text).map_err(MjError::from)
+        ValueKind::Seq | ValueKind::Map | ValueKind::Iterable => {
+            // Printed into a bounded buffer: a large list stops at the output budget
+            // instead of being serialized whole first.
+            let mut buf = checked::CappedBytes::new(Vec::new(), cap);
+            if let Err(e) = serde_json::to_writer(&mut buf, value) {
+                let msg = if buf.over {
+                    format!("printing this value would exceed the output budget of {cap} bytes (TEMPLATE_MAX_OUTPUT)")
+                } else {
+                    format!("cannot print this value as JSON: {e}")
+                };
+                return Err(MjError::new(minijinja::ErrorKind::BadSerialization, msg));
+            }
+            out.write_str(&String::from_utf8_lossy(&buf.inner))
+                .map_err(MjError::from)
         }
         _ => minijinja::escape_formatter(out, state, value),
     }
@@ -484,11 +545,11 @@ fn truncate(
             format!("truncate: length {length} is shorter than the end marker {end:?}"),
         ));
     }
-    let chars: Vec<char> = s.chars().collect();
-    if chars.len() <= length + leeway {
+    // Counted without collecting: a length near usize::MAX must neither wrap nor allocate.
+    if s.chars().count() <= length.saturating_add(leeway) {
         return Ok(s);
     }
-    let head: String = chars[..length - end_len].iter().collect();
+    let head: String = s.chars().take(length - end_len).collect();
     if killwords {
         return Ok(head + &end);
     }
@@ -743,5 +804,176 @@ mod tests {
     fn templates_is_send_sync_clone() {
         fn assert_traits<T: Send + Sync + Clone>() {}
         assert_traits::<Templates>();
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    //! Hostile templates: each fails its render with the budget's name, quickly and without
+    //! taking memory (the test process would abort if one allocated gigabytes).
+    use super::*;
+    use serde_json::json;
+
+    fn small() -> Templates {
+        Templates::with_limits(Limits {
+            template_max_output: 1 << 20,
+            template_max_value: 1 << 20,
+            ..Limits::default()
+        })
+    }
+
+    fn fails_with(t: &Templates, template: &str, budget: &str) {
+        let c = json!({"vars": {"L": [1, 2, 3]}});
+        let e = t
+            .render(template, &c)
+            .expect_err(&format!("{template} should fail"));
+        assert!(
+            e.message.contains(budget),
+            "{template}: {} (expected {budget})",
+            e.message
+        );
+    }
+
+    #[test]
+    fn growing_values_fail_with_the_value_budget() {
+        let t = small();
+        for template in [
+            "{{ [1] | batch(1000000000000) | list | length }}x",
+            "{% set s = namespace(v='x') %}{% for i in range(40) %}{% set s.v = s.v ~ s.v %}{% endfor %}",
+            "{{ range(100000) | join(' ' * 100000) | length }}",
+            "{{ [1] * 2**31 }}",
+            "{{ 'a' ~ ([1] * 2**31) }}",
+            "{{ vars.L * 18446744073709551615 }}",
+            "{{ 'x' * 1000000000 }}",
+            "{{ 'ab' | indent(2**31) }}",
+            "{{ [1, 2] | slice(2**31) | length }}",
+            "{{ 'abc' | replace('', 'x' * 1000000) }}",
+            "{{ {'a': 1} | tojson(indent=2**31) }}",
+            "{{ '%2000000000s' | format('x') }}",
+            "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}",
+            "{% set s = namespace(v='x' * 1000) %}{% for i in range(40) %}{% set s.v = s.v + s.v %}{% endfor %}",
+        ] {
+            let e = t
+                .render(template, &json!({"vars": {"L": [1, 2, 3]}}))
+                .expect_err(template);
+            assert!(
+                e.message.contains("TEMPLATE_MAX_VALUE") || e.message.contains("at most"),
+                "{template}: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_list_repeated_forever_is_empty_at_once() {
+        let t = small();
+        assert_eq!(t.eval_expr("([] * 2**62) | length", &json!({})).unwrap(), json!(0));
+    }
+
+    #[test]
+    fn output_is_bounded_even_inside_captures() {
+        let t = small();
+        fails_with(
+            &t,
+            "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+            "TEMPLATE_MAX_OUTPUT",
+        );
+        fails_with(
+            &t,
+            "{% for i in range(100000) %}0123456789012345678901234567890123456789{% endfor %}",
+            "TEMPLATE_MAX_OUTPUT",
+        );
+        fails_with(
+            &t,
+            "{% set x %}{% for i in range(100000) %}0123456789012345678901234567890123456789{% endfor %}{% endset %}{{ x | length }}",
+            "TEMPLATE_MAX_OUTPUT",
+        );
+    }
+
+    #[test]
+    fn truncate_with_a_huge_length_keeps_the_text() {
+        let t = Templates::new();
+        assert_eq!(
+            t.render("{{ 'abc' | truncate(18446744073709551615) }}", &json!({}))
+                .unwrap(),
+            "abc"
+        );
+    }
+
+    #[test]
+    fn ordinary_arithmetic_and_text_still_work() {
+        let t = Templates::new();
+        let c = json!({"vars": {"L": [1, 2], "N": 3, "S": "ab"}});
+        let r = |s: &str| t.render(s, &c).unwrap();
+        assert_eq!(r("{{ 2 * 3 }}|{{ 1 + 2 }}|{{ 1.5 * 2 }}|{{ 'a' ~ 1 ~ true }}"), "6|3|3.0|a1True");
+        assert_eq!(r("{{ vars.S * 2 }}{{ 2 * vars.S }}{{ '-' * vars.N }}"), "abababab---");
+        assert_eq!(r("{{ vars.L * 2 }}{{ vars.L + [3] }}{{ (1 + 2) * 3 }}"), "[1,2,1,2][1,2,3]9");
+        assert_eq!(r("{{ ((vars.N)) * (2 + 1) ~ 'x' }}"), "9x");
+        assert_eq!(r("{{ ('a' ~ 'b') ~ 'c' }}|{{ 'a' ~ ('b' ~ 'c') ~ 'd' }}|{{ 2 * 3 + 4 * 5 }}"), "abc|abcd|26");
+        assert_eq!(r("{{ (1, 2) }}|{{ [1 + 1, 'a' ~ 'b'] }}|{{ {'k': 2 * 2} }}"), "[1,2]|[2,\"ab\"]|{\"k\":4}");
+        assert_eq!(r("{{ vars.L | join(', ') }}|{{ [1,2,3] | batch(2) | list }}"), "1, 2|[[1,2],[3]]");
+        assert_eq!(r("{{ 'a\nb\n\nc' | indent(2) }}"), "a\n  b\n\n  c");
+        assert_eq!(r("{{ 'a\nb' | indent(2, true) }}"), "  a\n  b");
+        assert_eq!(r("{{ 'aXbX' | replace('X', '--') }}"), "a--b--");
+        assert_eq!(r("{{ {'a': [1]} | tojson(indent=2) }}"), "{\n  \"a\": [\n    1\n  ]\n}");
+        assert_eq!(r("{{ '%05d' | format(42) }}"), "00042");
+        assert_eq!(r("{% set x %}hi {{ vars.S }}{% endset %}[{{ x }}]"), "[hi ab]");
+        assert_eq!(r("{% for i in [1, 2] -%}\n  {{ i * 2 }} {%- endfor %}"), "24");
+        assert_eq!(r("{% macro m(a, b=1 + 1) %}<{{ a ~ b }}>{% endmacro %}{{ m('x') }}"), "<x2>");
+        assert_eq!(r("{{ [1, 2] | slice(2) | list }}"), "[[1],[2]]");
+        assert_eq!(r("{{ 'x' if vars.N * 2 == 6 else 'y' }}"), "x");
+        assert_eq!(t.eval_expr("vars.N * 2 + 1", &c).unwrap(), json!(7));
+        // An undefined operand fails as before.
+        assert!(t.render("{{ vars.MISSING * 2 }}", &c).is_err());
+    }
+
+    #[test]
+    fn validation_refuses_oversized_or_too_deep_templates() {
+        let t = Templates::new();
+        let chain = format!("{{{{ 1{} }}}}", " ~ 1".repeat(30_000));
+        let e = t.referenced(&chain).unwrap_err();
+        assert!(e.contains("~, + and *"), "{e}");
+        let filters = format!("{{{{ 'x'{} }}}}", " | upper".repeat(100_000));
+        let e = t.referenced(&filters).unwrap_err();
+        assert!(e.contains("operators"), "{e}");
+        let big = "x".repeat(guard::MAX_TEMPLATE_BYTES + 1);
+        assert!(t.referenced(&big).unwrap_err().contains("MiB"));
+        // Up to the limit, the deepest chain still compiles on a small thread stack.
+        let deepest = format!(
+            "{{{{ 'x'{}{} }}}}",
+            " ~ 'x'".repeat(guard::MAX_TAG_GROWING),
+            " | upper".repeat(guard::MAX_TAG_OPERATORS - guard::MAX_TAG_GROWING)
+        );
+        let t2 = t.clone();
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                assert!(t2.referenced(&deepest).is_ok());
+                assert!(t2.render(&deepest, &json!({})).is_ok());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn validation_never_evaluates() {
+        let t = Templates::new();
+        // Compiling used to fold this constant, printing a 2^31-item list.
+        let refs = t.referenced("{{ 'a' ~ ([1] * 2**31) }}{{ vars.X }}").unwrap();
+        assert!(refs.contains("vars.X"), "{refs:?}");
+        assert!(t.check_expr_syntax("[] * 2**63").is_ok());
+    }
+
+    #[test]
+    fn fuel_is_a_setting() {
+        let t = Templates::with_limits(Limits {
+            template_fuel: 100,
+            ..Limits::default()
+        });
+        let e = t
+            .render("{% for i in range(1000) %}{{ i }}{% endfor %}", &json!({}))
+            .unwrap_err();
+        assert!(e.message.contains("fuel"), "{}", e.message);
     }
 }

@@ -1,0 +1,78 @@
+//! The size budgets of a run: how much one template render may do and build, how many items
+//! a fan-out may have, how large a blueprint and its variables may be.
+//!
+//! One process runs every user's blueprints side by side, so a single hostile or mistaken
+//! blueprint must fail its own run with a message naming the budget, never exhaust the
+//! process. Each budget has an environment setting (read in [`crate::config`]); the defaults
+//! are far above what a real automation needs.
+//!
+//! A leaf module: it depends on nothing else in the crate.
+
+/// Every size budget, with the defaults below.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Instructions one template render may execute (`TEMPLATE_FUEL`).
+    pub template_fuel: u64,
+    /// Bytes one render may output, counting text captured by `{% set %}` blocks and macros
+    /// (`TEMPLATE_MAX_OUTPUT`).
+    pub template_max_output: usize,
+    /// Bytes of any one value a template builds: a string made with `~`, `+`, `*` or a
+    /// filter, a list made with `*`, `+`, `batch`, `list` … (`TEMPLATE_MAX_VALUE`).
+    pub template_max_value: usize,
+    /// Items of one `forEach` (`MAX_ITEMS`).
+    pub max_items: usize,
+    /// Nodes of one blueprint (`MAX_NODES`).
+    pub max_nodes: usize,
+    /// Bytes of one variable's value, from the blueprint, `--var`, `vars` or `.env`
+    /// (`MAX_VARIABLE_BYTES`).
+    pub max_variable_bytes: usize,
+}
+
+pub const DEFAULT_TEMPLATE_FUEL: u64 = 2_000_000;
+pub const DEFAULT_TEMPLATE_MAX_OUTPUT: usize = 16 * 1024 * 1024;
+pub const DEFAULT_TEMPLATE_MAX_VALUE: usize = 16 * 1024 * 1024;
+pub const DEFAULT_MAX_ITEMS: usize = 10_000;
+pub const DEFAULT_MAX_NODES: usize = 10_000;
+pub const DEFAULT_MAX_VARIABLE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The longest duration a blueprint may set (a timeout, a delay, a retry backoff): 30 days.
+/// Longer is a typo, and near `u64::MAX` seconds it overflows the clock.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            template_fuel: DEFAULT_TEMPLATE_FUEL,
+            template_max_output: DEFAULT_TEMPLATE_MAX_OUTPUT,
+            template_max_value: DEFAULT_TEMPLATE_MAX_VALUE,
+            max_items: DEFAULT_MAX_ITEMS,
+            max_nodes: DEFAULT_MAX_NODES,
+            max_variable_bytes: DEFAULT_MAX_VARIABLE_BYTES,
+        }
+    }
+}
+
+/// `16777216` → `16 MiB`, `1500` → `1500 bytes`: sizes in messages.
+pub fn human_bytes(n: usize) -> String {
+    const MIB: usize = 1024 * 1024;
+    const KIB: usize = 1024;
+    if n >= MIB && n % MIB == 0 {
+        format!("{} MiB", n / MIB)
+    } else if n >= KIB && n % KIB == 0 {
+        format!("{} KiB", n / KIB)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human_bytes(16 * 1024 * 1024), "16 MiB");
+        assert_eq!(human_bytes(2048), "2 KiB");
+        assert_eq!(human_bytes(1500), "1500 bytes");
+    }
+}
