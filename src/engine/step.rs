@@ -508,6 +508,8 @@ fn finish(
             provider: out.provider.clone(),
             model: out.model.clone(),
             cached: out.cached,
+            reply_model: out.reply_model.clone(),
+            finish_reason: out.finish_reason.clone(),
             finished_at: SystemTime::now(),
             duration_ms,
         });

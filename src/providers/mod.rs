@@ -85,6 +85,39 @@ pub struct LlmReply {
     /// Links of the `auto` chain that were tried and skipped before this one answered, and
     /// why (`ollama: network: …`); `None` when the first link answered.
     pub fallback: Option<String>,
+    /// The model the server says answered, when it says (`model` is the one asked for): a
+    /// local server answers with its one loaded model whatever was asked.
+    pub reply_model: Option<String>,
+    /// Why generation stopped (`stop`, `length`, …), when the server says.
+    pub finish_reason: Option<String>,
+}
+
+impl LlmReply {
+    /// True when the answer was cut off: the server stopped at `maxTokens` or at its
+    /// context size (`finish_reason: "length"`).
+    pub fn truncated(&self) -> bool {
+        is_truncation(self.finish_reason.as_deref())
+    }
+
+    /// True when the server named a model other than the one asked for.
+    pub fn model_differs(&self) -> bool {
+        self.reply_model
+            .as_deref()
+            .is_some_and(|m| !same_model(&self.model, m))
+    }
+}
+
+/// `finish_reason` values that mean the answer was cut off (OpenAI's `length`; Ollama's
+/// `done_reason: "length"`).
+pub fn is_truncation(finish_reason: Option<&str>) -> bool {
+    finish_reason == Some("length")
+}
+
+/// Whether the model a server says answered is the one asked for. Ollama answers `llama3.2`
+/// for `llama3.2:latest` and the other way round; llama-server names its file path.
+pub fn same_model(requested: &str, answered: &str) -> bool {
+    let base = |m: &str| m.trim().strip_suffix(":latest").unwrap_or(m.trim()).to_string();
+    base(requested) == base(answered)
 }
 
 /// Which attempt of which step is calling: the sandbox derives its injected failures from it,
@@ -214,6 +247,21 @@ pub(crate) struct Chat<'a> {
 pub(crate) struct Answer {
     pub text: String,
     pub tokens: Option<u64>,
+    /// The model the reply says answered (`model` of an OpenAI reply, Ollama's `model`).
+    pub model: Option<String>,
+    /// Why generation stopped, as the server says it (`stop`, `length`, …).
+    pub finish_reason: Option<String>,
+}
+
+impl Answer {
+    pub fn new(text: String, tokens: Option<u64>) -> Answer {
+        Answer {
+            text,
+            tokens,
+            model: None,
+            finish_reason: None,
+        }
+    }
 }
 
 /// The rate limiters, one per provider (`hf-inference` shares Hugging Face's).
@@ -374,6 +422,8 @@ impl Providers {
                     model: hit.model,
                     cached: true,
                     fallback: None,
+                    reply_model: None,
+                    finish_reason: None,
                 });
             }
         }
@@ -401,17 +451,30 @@ impl Providers {
                                 .unwrap_or(0)
                             + sandbox::estimate_tokens(&answer.text)
                     });
-                    if let Some(k) = key {
+                    // A cut-off answer is not kept: the next call may well finish.
+                    if let Some(k) = key.filter(|_| !is_truncation(answer.finish_reason.as_deref()))
+                    {
                         self.cache_put(k, link, &model, &answer.text, tokens);
                     }
-                    return Ok(LlmReply {
+                    let reply = LlmReply {
                         text: answer.text,
                         tokens_used: Some(tokens),
                         provider: link.as_str().to_string(),
                         model,
                         cached: false,
                         fallback,
-                    });
+                        reply_model: answer.model,
+                        finish_reason: answer.finish_reason,
+                    };
+                    if reply.model_differs() {
+                        tracing::warn!(
+                            provider = link.as_str(),
+                            requested = %reply.model,
+                            answered = reply.reply_model.as_deref().unwrap_or(""),
+                            "the server answered with another model than the one asked for"
+                        );
+                    }
+                    return Ok(reply);
                 }
                 Err(e) if chain.len() > 1 && i + 1 < chain.len() && falls_through(e.kind) => {
                     tracing::warn!(provider = link.as_str(), kind = %e.kind, error = %e.message, "provider unavailable, trying the next one");
