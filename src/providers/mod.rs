@@ -9,6 +9,8 @@
 //!   server (SSE), also used for the HF router.
 //! - `wire.rs`: capped bodies, stream framing, error bodies → kinds with the fix.
 //! - `limiter.rs`: per-provider request rate, and the whole-provider pause after a 429.
+//! - `slots.rs`: per-provider cap on calls in flight (`*_CONCURRENCY`, or llama-server's
+//!   `/props` `total_slots`).
 //! - `library.rs`: `call_hugging_face_model`, the original's library call.
 //! - `doctor.rs`: the live checks of `omniflow doctor`.
 //! - `sandbox.rs`: the simulated model with seeded failure injection.
@@ -35,6 +37,7 @@ pub mod limiter;
 pub mod ollama;
 pub mod openai;
 pub mod sandbox;
+pub mod slots;
 pub(crate) mod wire;
 
 use crate::config::Config;
@@ -264,11 +267,15 @@ impl Answer {
     }
 }
 
-/// The rate limiters, one per provider (`hf-inference` shares Hugging Face's).
+/// The rate limiters and in-flight caps, one per provider (`hf-inference` shares Hugging
+/// Face's).
 struct Limits {
     ollama: Arc<Limiter>,
     hf: Arc<Limiter>,
     openai: Arc<Limiter>,
+    ollama_slots: slots::Slots,
+    hf_slots: slots::Slots,
+    openai_slots: slots::Slots,
 }
 
 /// A model call's place in its first provider's rate limit, taken before the call
@@ -278,6 +285,9 @@ struct Limits {
 pub struct Admission {
     link: Link,
     grant: limiter::Grant,
+    /// The call's place among the provider's calls in flight, taken ahead
+    /// ([`Providers::in_flight_limit`]); held until the call ends.
+    slot: Option<slots::Slot>,
 }
 
 impl Admission {
@@ -294,6 +304,11 @@ impl Admission {
     /// The provider whose limit holds the call back (for messages).
     pub fn provider(&self) -> &'static str {
         self.link.as_str()
+    }
+
+    /// Keeps `slot` (a place among the provider's calls in flight) until the call ends.
+    pub fn hold(&mut self, slot: slots::Slot) {
+        self.slot = Some(slot);
     }
 }
 
@@ -320,6 +335,9 @@ impl Providers {
             ollama: Arc::new(Limiter::new(config.ollama_rate_limit, scale)),
             hf: Arc::new(Limiter::new(config.hf_rate_limit, scale)),
             openai: Arc::new(Limiter::new(config.openai_rate_limit, scale)),
+            ollama_slots: slots::Slots::new(config.ollama_concurrency, false),
+            hf_slots: slots::Slots::new(config.hf_concurrency, false),
+            openai_slots: slots::Slots::new(config.openai_concurrency, true),
         });
         Providers {
             config,
@@ -346,6 +364,46 @@ impl Providers {
     /// How long `link` stays paused by a 429 (zero when it is not): every call to it waits.
     pub fn paused_for(&self, link: Link) -> Duration {
         self.limiter(link).paused_for()
+    }
+
+    /// The cap on `link`'s calls in flight (`None`: uncapped), asking the OpenAI-compatible
+    /// server for its slot count the first time when `OPENAI_CONCURRENCY` is unset.
+    pub async fn slot_limit(&self, link: Link) -> Option<slots::SlotLimit> {
+        let c = &self.config;
+        match link {
+            Link::Ollama => self.limits.ollama_slots.limit(&self.http, link, None, None).await,
+            Link::HuggingFace | Link::HfInference => {
+                self.limits.hf_slots.limit(&self.http, link, None, None).await
+            }
+            Link::OpenAi => {
+                let props = c.openai_base_url.as_deref().map(slots::props_url);
+                self.limits
+                    .openai_slots
+                    .limit(
+                        &self.http,
+                        link,
+                        props.as_deref(),
+                        c.openai_api_key.as_deref(),
+                    )
+                    .await
+            }
+        }
+    }
+
+    /// The cap on calls in flight of the provider `req` goes to first, with that provider
+    /// (`None`: uncapped, a sandbox call, or no provider configured). The engine takes its
+    /// slot before the pool ([`slots::SlotLimit::try_take`], else waits visibly) and hands it
+    /// over with [`Admission::hold`].
+    pub async fn in_flight_limit(
+        &self,
+        req: &LlmRequest,
+        use_ollama: Option<bool>,
+    ) -> Option<(Link, slots::SlotLimit)> {
+        if req.provider == "sandbox" {
+            return None;
+        }
+        let link = *self.chain(&req.provider, use_ollama).ok()?.first()?;
+        Some((link, self.slot_limit(link).await?))
     }
 
     fn limiter(&self, link: Link) -> &Arc<Limiter> {
@@ -379,6 +437,7 @@ impl Providers {
         Some(Admission {
             link,
             grant: self.limiter(link).reserve(),
+            slot: None,
         })
     }
 
@@ -431,9 +490,12 @@ impl Providers {
         let mut skipped: Vec<(Link, StepError)> = Vec::new();
         for (i, &link) in chain.iter().enumerate() {
             let model = self.model_for(link, &req.model, auto);
-            let admitted = admission.take_if(|a| a.link == link).map(|a| a.grant);
+            let (admitted, slot) = match admission.take_if(|a| a.link == link) {
+                Some(a) => (Some(a.grant), a.slot),
+                None => (None, None),
+            };
             match self
-                .call_link(link, req, &model, opts.progress, admitted)
+                .call_link(link, req, &model, opts.progress, admitted, slot)
                 .await
             {
                 Ok(answer) => {
@@ -577,6 +639,7 @@ impl Providers {
         model: &str,
         progress: Progress<'_>,
         admitted: Option<limiter::Grant>,
+        slot: Option<slots::Slot>,
     ) -> Result<Answer, StepError> {
         let c = &self.config;
         let chat = Chat {
@@ -601,6 +664,15 @@ impl Providers {
                  Ollama) in .env",
             ));
         }
+        // A call that took no place among the provider's calls in flight ahead (the library
+        // call, a fallback link) waits for one here.
+        let _slot = match slot {
+            Some(s) => Some(s),
+            None => match self.slot_limit(link).await {
+                Some(l) => l.take().await,
+                None => None,
+            },
+        };
         let limiter = self.limiter(link);
         // A place taken ahead is used if it still holds; otherwise wait here as usual.
         if !admitted.is_some_and(limiter::Grant::redeem) {
