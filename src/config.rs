@@ -78,6 +78,13 @@ pub struct Config {
     pub hf_rate_limit: Option<crate::providers::limiter::RateLimit>,
     pub ollama_rate_limit: Option<crate::providers::limiter::RateLimit>,
     pub openai_rate_limit: Option<crate::providers::limiter::RateLimit>,
+    /// Most calls in flight per provider (`OLLAMA_CONCURRENCY`, `HF_CONCURRENCY`,
+    /// `OPENAI_CONCURRENCY`): `None` = not set, `Some(0)` = unlimited. Unset means unlimited,
+    /// except on the OpenAI-compatible server, which is asked for its slot count (llama-server's
+    /// `GET /props` `total_slots`).
+    pub ollama_concurrency: Option<usize>,
+    pub hf_concurrency: Option<usize>,
+    pub openai_concurrency: Option<usize>,
 }
 
 impl std::fmt::Debug for Config {
@@ -122,6 +129,9 @@ impl std::fmt::Debug for Config {
             .field("hf_rate_limit", &self.hf_rate_limit)
             .field("ollama_rate_limit", &self.ollama_rate_limit)
             .field("openai_rate_limit", &self.openai_rate_limit)
+            .field("ollama_concurrency", &self.ollama_concurrency)
+            .field("hf_concurrency", &self.hf_concurrency)
+            .field("openai_concurrency", &self.openai_concurrency)
             .finish()
     }
 }
@@ -256,6 +266,17 @@ impl Config {
                 })?,
             },
         };
+        let in_flight = |k: &'static str| -> Result<Option<usize>, ConfigError> {
+            match get(k).map(|v| v.to_ascii_lowercase()) {
+                None => Ok(None),
+                Some(v) if ["off", "none", "unlimited"].contains(&v.as_str()) => Ok(Some(0)),
+                Some(v) => v.parse::<usize>().map(Some).map_err(|_| ConfigError {
+                    var: k,
+                    value: v,
+                    expected: "a number of calls in flight (0 or off = unlimited)",
+                }),
+            }
+        };
         let max_tokens_per_run = match get("MAX_TOKENS_PER_RUN") {
             None => None,
             Some(_) => Some(parse_u64("MAX_TOKENS_PER_RUN", 0, 1)?),
@@ -277,6 +298,9 @@ impl Config {
             )?,
             ollama_rate_limit: rate("OLLAMA_RATE_LIMIT", None)?,
             openai_rate_limit: rate("OPENAI_RATE_LIMIT", None)?,
+            ollama_concurrency: in_flight("OLLAMA_CONCURRENCY")?,
+            hf_concurrency: in_flight("HF_CONCURRENCY")?,
+            openai_concurrency: in_flight("OPENAI_CONCURRENCY")?,
             huggingface_token: get("HUGGINGFACE_TOKEN").or_else(|| get("HF_TOKEN")),
             hf_inference_url: get("HF_INFERENCE_URL")
                 .unwrap_or_else(|| "https://router.huggingface.co".into()),
@@ -449,6 +473,16 @@ mod tests {
         assert_eq!(c.max_tokens_per_run, Some(5000));
         assert_eq!(c.hf_rate_limit, None);
         assert_eq!(c.ollama_rate_limit.unwrap().requests, 10);
+        let c = Config::from_vars(&vars(&[
+            ("OPENAI_CONCURRENCY", "2"),
+            ("OLLAMA_CONCURRENCY", "off"),
+        ]))
+        .unwrap();
+        assert_eq!(c.openai_concurrency, Some(2));
+        assert_eq!(c.ollama_concurrency, Some(0));
+        assert_eq!(c.hf_concurrency, None);
+        let e = Config::from_vars(&vars(&[("HF_CONCURRENCY", "many")])).unwrap_err();
+        assert!(e.to_string().contains("HF_CONCURRENCY"), "{e}");
         let e = Config::from_vars(&vars(&[("HF_RATE_LIMIT", "fast")])).unwrap_err();
         assert!(e.to_string().contains("HF_RATE_LIMIT"), "{e}");
     }

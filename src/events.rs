@@ -186,6 +186,16 @@ pub enum Event {
         provider: String,
         wait_ms: u64,
     },
+    /// The step waits for a free place among its provider's calls in flight (`limit` of
+    /// them: `*_CONCURRENCY`, or the server's slot count), outside the pool: no worker is
+    /// held meanwhile. It ends with the step's `StepStarted` (or `StepFinished`).
+    StepWaitingSlot {
+        run_id: String,
+        step: String,
+        node: String,
+        provider: String,
+        limit: usize,
+    },
     StepFinished {
         run_id: String,
         step: String,
@@ -225,6 +235,7 @@ impl Event {
             | Event::StepRetrying { .. }
             | Event::StepFinished { .. } => true,
             Event::StepWaiting { .. }
+            | Event::StepWaitingSlot { .. }
             | Event::WorkerBusy { .. }
             | Event::WorkerIdle { .. }
             | Event::Pool(_)
@@ -242,6 +253,7 @@ impl Event {
             | Event::StepStarted { run_id, .. }
             | Event::StepRetrying { run_id, .. }
             | Event::StepWaiting { run_id, .. }
+            | Event::StepWaitingSlot { run_id, .. }
             | Event::StepFinished { run_id, .. }
             | Event::WorkerBusy { run_id, .. }
             | Event::Tokens { run_id, .. } => Some(run_id),

@@ -112,6 +112,8 @@ fn record_lifecycle(store: &Store, id: &str) {
             provider: Some("huggingface".into()),
             model: Some("mistralai/Mistral-7B-Instruct-v0.2".into()),
             cached: false,
+            reply_model: None,
+            finish_reason: None,
             finished_at: at(1100),
             duration_ms: 1080,
         });
@@ -131,6 +133,8 @@ fn record_lifecycle(store: &Store, id: &str) {
         provider: None,
         model: None,
         cached: false,
+        reply_model: None,
+        finish_reason: None,
         finished_at: at(1100),
         duration_ms: 0,
     });
@@ -510,6 +514,8 @@ fn ten_thousand_writes_then_flush_are_all_there() {
             provider: None,
             model: None,
             cached: true,
+            reply_model: None,
+            finish_reason: None,
             finished_at: at(4),
             duration_ms: 1,
         });

@@ -220,6 +220,10 @@ pub struct LlmNode {
     pub cache: Option<bool>,
     #[serde(default)]
     pub parse: Parse,
+    /// Fail the step when the answer was cut off (`finish_reason: length`: at `maxTokens` or
+    /// the server's context size) instead of passing on the partial text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_on_truncation: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

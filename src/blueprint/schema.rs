@@ -227,7 +227,9 @@ fn type_properties(ty: &str) -> (Value, Vec<&'static str>) {
                 "maxTokens": { "type": "integer", "minimum": 1, "maximum": 1_000_000,
                                "description": "Most tokens to generate." },
                 "cache": { "type": "boolean", "description": "Reuse an identical earlier answer." },
-                "parse": { "$ref": "#/$defs/parse" }
+                "parse": { "$ref": "#/$defs/parse" },
+                "failOnTruncation": { "type": "boolean",
+                                      "description": "Fail the step when the answer is cut off (finish_reason \"length\": at maxTokens or the server's context size) instead of passing the partial text on. Default false: the step succeeds and is marked truncated." }
             }),
             vec!["prompt"],
         ),
@@ -396,6 +398,7 @@ mod tests {
             "maxTokens",
             "cache",
             "parse",
+            "failOnTruncation",
         ] {
             assert!(
                 s["$defs"]["llmNode"]["properties"][key].is_object(),

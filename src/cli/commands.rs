@@ -837,6 +837,11 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
             (None, Some(v)) => v.to_string(),
             (None, None) => String::new(),
         };
+        let detail = if s.truncated() && s.error.is_none() {
+            format!("[truncated] {detail}")
+        } else {
+            detail
+        };
         say_out!(
             "{:<22} {:<10} {:>8} {:>9} {:>7}  {:<10} {}",
             clip(&s.step_key, 22),
@@ -864,6 +869,29 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
                 a.wait_ms
                     .map(|w| format!("  → waited {:.1}s", w as f64 / 1000.0))
                     .unwrap_or_default()
+            );
+        }
+    }
+    let truncated: Vec<_> = steps.iter().filter(|s| s.truncated()).collect();
+    if !truncated.is_empty() {
+        println!();
+        println!("answers cut off (finish_reason: length — raise maxTokens or the server's context size; \"failOnTruncation\": true makes it fail the step):");
+        for s in truncated {
+            println!("  {}", s.step_key);
+        }
+    }
+    let other_models: Vec<_> = steps
+        .iter()
+        .filter_map(|s| Some((s, s.other_reply_model()?)))
+        .collect();
+    if !other_models.is_empty() {
+        println!();
+        println!("warning: the server answered with another model than the one asked for:");
+        for (s, answered) in other_models {
+            println!(
+                "  {}  asked for {}, answered by {answered}",
+                s.step_key,
+                s.model.as_deref().unwrap_or("-")
             );
         }
     }

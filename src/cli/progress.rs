@@ -227,6 +227,22 @@ impl Progress {
                     ));
                 }
             }
+            Event::StepWaitingSlot {
+                node,
+                provider,
+                limit,
+                ..
+            } => {
+                let first = self
+                    .nodes
+                    .get_mut(&node)
+                    .is_some_and(|p| !std::mem::replace(&mut p.told_waiting, true));
+                if first {
+                    self.line(&format!(
+                        "  ⧗ {node}: waiting for a free {provider} slot ({limit} calls in flight at most; holding no worker)"
+                    ));
+                }
+            }
             Event::RunFinished { .. } | Event::RunReleased { .. } => return true,
             _ => {}
         }

@@ -20,6 +20,8 @@ pub(crate) enum Prepared {
         parse: Parse,
         /// Use the response cache (a node's `"cache": false` turns it off).
         cache: bool,
+        /// A cut-off answer (`finish_reason: length`) fails the step.
+        fail_on_truncation: bool,
     },
     Http {
         method: String,
@@ -48,6 +50,10 @@ pub(crate) struct StepOutput {
     pub cached: bool,
     /// Providers an `auto` chain skipped before one answered, and why.
     pub fallback: Option<String>,
+    /// The model the server says answered.
+    pub reply_model: Option<String>,
+    /// Why the model stopped (`length`: cut off).
+    pub finish_reason: Option<String>,
 }
 
 impl Prepared {
@@ -142,6 +148,7 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Context) -> Result<Pr
                 },
                 parse: l.parse,
                 cache: l.cache.unwrap_or(true),
+                fail_on_truncation: l.fail_on_truncation.unwrap_or(false),
             }
         }
         NodeKind::Http(h) => {
@@ -271,7 +278,12 @@ pub(crate) async fn execute(
                 ..Default::default()
             })
         }
-        Prepared::Llm { req, parse, cache } => {
+        Prepared::Llm {
+            req,
+            parse,
+            cache,
+            fail_on_truncation,
+        } => {
             // Token budget (issue 3): the step already waited for room in the budget
             // (`step::hold_budget`, counting the calls in flight); this is the last check
             // against the tokens the run's finished attempts spent.
@@ -325,6 +337,12 @@ pub(crate) async fn execute(
                     format!("the model {} returned an empty answer", reply.model),
                 ));
             }
+            if reply.truncated() {
+                if *fail_on_truncation {
+                    return Err(truncated(req.max_tokens, &reply.text));
+                }
+                tracing::warn!(run_id = %ctx.run_id, step, model = %reply.model, "the answer was cut off (finish_reason: length); raise maxTokens or the server's context size");
+            }
             let value = match parse {
                 Parse::Text => Value::String(reply.text.trim().to_string()),
                 Parse::Json => parse_model_json(&reply.text)?,
@@ -336,6 +354,8 @@ pub(crate) async fn execute(
                 model: Some(reply.model),
                 cached: reply.cached,
                 fallback: reply.fallback,
+                reply_model: reply.reply_model,
+                finish_reason: reply.finish_reason,
             })
         }
         Prepared::Http {
@@ -410,6 +430,24 @@ pub(crate) async fn execute(
 }
 
 /// Models often wrap JSON in a Markdown fence; accept that, refuse anything else.
+/// The error of a node with `"failOnTruncation": true` whose answer was cut off. Not retried:
+/// the same call stops at the same limit.
+fn truncated(max_tokens: Option<u32>, text: &str) -> StepError {
+    let limit = match max_tokens {
+        Some(n) => format!("its maxTokens ({n}) or the server's context size"),
+        None => "the server's context size (or its own token limit)".to_string(),
+    };
+    StepError::new(
+        ErrorKind::InvalidRequest,
+        format!(
+            "the model's answer was cut off after {} characters (finish_reason: length) at {limit}, \
+             and the node has \"failOnTruncation\": true; raise maxTokens, shorten the prompt, or \
+             give the server a larger context (llama-server: -c, shared among its -np slots)",
+            text.chars().count()
+        ),
+    )
+}
+
 fn parse_model_json(text: &str) -> Result<Value, StepError> {
     let t = text.trim();
     let t = t

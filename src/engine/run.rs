@@ -671,6 +671,8 @@ fn record_final(
         provider: None,
         model: None,
         cached: false,
+        reply_model: None,
+        finish_reason: None,
         finished_at: SystemTime::now(),
         duration_ms: 0,
     });

@@ -299,8 +299,9 @@ async fn hold_budget<'a>(
     }
 }
 
-/// Waits, outside the pool, for the place of a model call in its provider's rate limit
-/// (issue 3's limiter; a 429 pauses the whole provider). Only a real call to a provider is
+/// Waits, outside the pool, for the place of a model call among its provider's calls in
+/// flight (`*_CONCURRENCY`) and in its provider's rate limit (a 429 pauses the whole
+/// provider). Only a real call to a provider is
 /// admitted: a sandbox or replayed step goes straight to the pool. `Err` when the run is
 /// aborted meanwhile.
 async fn admit(
@@ -315,15 +316,40 @@ async fn admit(
         return Ok(None);
     }
     let providers = &ctx.inner.providers;
+    // First a place among the provider's calls in flight, so the rate-limit place below is
+    // not left to go stale while the step waits for a slot.
+    let slot = match providers.in_flight_limit(req, None).await {
+        None => None,
+        Some((link, limit)) => match limit.try_take() {
+            Some(s) => Some(s),
+            None => {
+                ctx.inner.bus.publish(Event::StepWaitingSlot {
+                    run_id: ctx.run_id.to_string(),
+                    step: step.to_string(),
+                    node: node_of(step).to_string(),
+                    provider: link.as_str().to_string(),
+                    limit: limit.limit,
+                });
+                tokio::select! {
+                    s = limit.take() => s,
+                    _ = ctx.abort.cancelled() => return Err(StepError::cancelled()),
+                }
+            }
+        },
+    };
+    let mut slot = slot;
     let mut admission = providers.admit(req, None);
     let mut told = false;
     loop {
-        let Some(a) = &admission else {
+        let Some(a) = &mut admission else {
             return Ok(None);
         };
         let wait = a.wait();
         if wait.is_zero() {
             if !a.voided() {
+                if let Some(s) = slot.take() {
+                    a.hold(s);
+                }
                 return Ok(admission);
             }
             // A 429 paused the provider after the place was taken: give it back, queue again.
@@ -508,6 +534,8 @@ fn finish(
             provider: out.provider.clone(),
             model: out.model.clone(),
             cached: out.cached,
+            reply_model: out.reply_model.clone(),
+            finish_reason: out.finish_reason.clone(),
             finished_at: SystemTime::now(),
             duration_ms,
         });

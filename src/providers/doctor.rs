@@ -1,7 +1,12 @@
 //! The live checks behind `omniflow doctor`: for each link of the chain, what it needs, whether
 //! it is configured, and whether it answers.
+//!
+//! A key is proven, not assumed: listing models proves nothing (llama-server and the Hugging
+//! Face router list them without a key), so a configured key is tried with a 1-token
+//! completion on the configured model. When that call cannot say (no answer in time, a
+//! server error), the detail says plainly that the key was not verified.
 
-use super::{huggingface, ollama, openai, wire, Link, Providers};
+use super::{huggingface, ollama, openai, wire, Chat, Link, Providers};
 use crate::error::{ErrorKind, StepError};
 use serde::Serialize;
 use serde_json::Value;
@@ -22,6 +27,9 @@ pub struct LinkCheck {
 
 /// A live check is given this long.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The 1-token completion that proves a key is given this long.
+pub const KEY_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Providers {
     /// Checks every link (configured ones live), in chain order.
@@ -99,17 +107,91 @@ impl Providers {
                 let token = huggingface::token(c.huggingface_token.as_deref())?;
                 let url = openai::models_url(&c.hf_inference_url);
                 let n = list_models(self, link, &url, Some(token)).await?;
+                let chat = openai::chat_url(&c.hf_inference_url);
+                let key = self.prove_key(link, &chat, Some(token), "token").await?;
                 Ok(format!(
-                    "token accepted by {}; {n} chat model(s) available",
+                    "reachable at {}; {n} chat model(s) available; {key}",
                     c.hf_inference_url
                 ))
             }
             Link::OpenAi => {
                 let base = c.openai_base_url.as_deref().unwrap_or_default();
                 let url = openai::models_url(base);
-                let n = list_models(self, link, &url, c.openai_api_key.as_deref()).await?;
-                Ok(format!("reachable at {base}; {n} model(s) listed"))
+                let bearer = c.openai_api_key.as_deref();
+                let n = list_models(self, link, &url, bearer).await?;
+                let key = self
+                    .prove_key(link, &openai::chat_url(base), bearer, "key")
+                    .await?;
+                let slots = match self.slot_limit(link).await {
+                    Some(l) if l.source == super::slots::SlotSource::ServerProps => format!(
+                        "; the server has {} slots (its /props total_slots): at most {} calls in \
+                         flight (OPENAI_CONCURRENCY overrides)",
+                        l.limit, l.limit
+                    ),
+                    Some(l) => format!(
+                        "; at most {} calls in flight (OPENAI_CONCURRENCY)",
+                        l.limit
+                    ),
+                    None => String::new(),
+                };
+                Ok(format!("reachable at {base}; {n} model(s) listed; {key}{slots}"))
             }
+        }
+    }
+
+    /// A 1-token completion on the configured model, which needs the key: `Err` when the key
+    /// (or the model) is refused; otherwise what it proved, or plainly that it proved nothing.
+    async fn prove_key(
+        &self,
+        link: Link,
+        url: &str,
+        bearer: Option<&str>,
+        what: &str,
+    ) -> Result<String, StepError> {
+        let model = self.model_for(link, "fast", true);
+        let chat = Chat {
+            model: &model,
+            system: None,
+            prompt: "Say OK.",
+            temperature: Some(0.0),
+            max_tokens: Some(1),
+        };
+        let call = openai::complete(self.http(), link, url, bearer, &chat, None);
+        let no_key = if bearer.is_none() {
+            format!("no {what} set, and none needed: ")
+        } else {
+            format!("{what} accepted: ")
+        };
+        match tokio::time::timeout(KEY_CHECK_TIMEOUT, call).await {
+            Ok(Ok(answer)) => {
+                let by = answer
+                    .model
+                    .filter(|m| !super::same_model(&model, m))
+                    .map(|m| format!(", answered by {m}"))
+                    .unwrap_or_default();
+                Ok(format!(
+                    "{no_key}a 1-token completion on model {model} answered{by}"
+                ))
+            }
+            Ok(Err(e))
+                if matches!(
+                    e.kind,
+                    ErrorKind::Auth | ErrorKind::ModelNotSupported | ErrorKind::CreditsExhausted
+                ) =>
+            {
+                Err(e)
+            }
+            Ok(Err(e)) => Ok(format!(
+                "the {what} was NOT verified: a 1-token completion on model {model} failed \
+                 ({}: {})",
+                e.kind,
+                wire::snippet(&e.message)
+            )),
+            Err(_) => Ok(format!(
+                "the {what} was NOT verified: a 1-token completion on model {model} got no \
+                 answer within {}s",
+                KEY_CHECK_TIMEOUT.as_secs()
+            )),
         }
     }
 }

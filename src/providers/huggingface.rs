@@ -117,7 +117,10 @@ pub(crate) async fn text_generation(
         .and_then(Value::as_u64)
         .map(|g| g + super::sandbox::estimate_tokens(&inputs));
     Ok(Answer {
-        text: generated.to_string(),
-        tokens,
+        finish_reason: v
+            .pointer("/0/details/finish_reason")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        ..Answer::new(generated.to_string(), tokens)
     })
 }

@@ -9,6 +9,8 @@
 //!   server (SSE), also used for the HF router.
 //! - `wire.rs`: capped bodies, stream framing, error bodies → kinds with the fix.
 //! - `limiter.rs`: per-provider request rate, and the whole-provider pause after a 429.
+//! - `slots.rs`: per-provider cap on calls in flight (`*_CONCURRENCY`, or llama-server's
+//!   `/props` `total_slots`).
 //! - `library.rs`: `call_hugging_face_model`, the original's library call.
 //! - `doctor.rs`: the live checks of `omniflow doctor`.
 //! - `sandbox.rs`: the simulated model with seeded failure injection.
@@ -35,6 +37,7 @@ pub mod limiter;
 pub mod ollama;
 pub mod openai;
 pub mod sandbox;
+pub mod slots;
 pub(crate) mod wire;
 
 use crate::config::Config;
@@ -85,6 +88,39 @@ pub struct LlmReply {
     /// Links of the `auto` chain that were tried and skipped before this one answered, and
     /// why (`ollama: network: …`); `None` when the first link answered.
     pub fallback: Option<String>,
+    /// The model the server says answered, when it says (`model` is the one asked for): a
+    /// local server answers with its one loaded model whatever was asked.
+    pub reply_model: Option<String>,
+    /// Why generation stopped (`stop`, `length`, …), when the server says.
+    pub finish_reason: Option<String>,
+}
+
+impl LlmReply {
+    /// True when the answer was cut off: the server stopped at `maxTokens` or at its
+    /// context size (`finish_reason: "length"`).
+    pub fn truncated(&self) -> bool {
+        is_truncation(self.finish_reason.as_deref())
+    }
+
+    /// True when the server named a model other than the one asked for.
+    pub fn model_differs(&self) -> bool {
+        self.reply_model
+            .as_deref()
+            .is_some_and(|m| !same_model(&self.model, m))
+    }
+}
+
+/// `finish_reason` values that mean the answer was cut off (OpenAI's `length`; Ollama's
+/// `done_reason: "length"`).
+pub fn is_truncation(finish_reason: Option<&str>) -> bool {
+    finish_reason == Some("length")
+}
+
+/// Whether the model a server says answered is the one asked for. Ollama answers `llama3.2`
+/// for `llama3.2:latest` and the other way round; llama-server names its file path.
+pub fn same_model(requested: &str, answered: &str) -> bool {
+    let base = |m: &str| m.trim().strip_suffix(":latest").unwrap_or(m.trim()).to_string();
+    base(requested) == base(answered)
 }
 
 /// Which attempt of which step is calling: the sandbox derives its injected failures from it,
@@ -214,13 +250,32 @@ pub(crate) struct Chat<'a> {
 pub(crate) struct Answer {
     pub text: String,
     pub tokens: Option<u64>,
+    /// The model the reply says answered (`model` of an OpenAI reply, Ollama's `model`).
+    pub model: Option<String>,
+    /// Why generation stopped, as the server says it (`stop`, `length`, …).
+    pub finish_reason: Option<String>,
 }
 
-/// The rate limiters, one per provider (`hf-inference` shares Hugging Face's).
+impl Answer {
+    pub fn new(text: String, tokens: Option<u64>) -> Answer {
+        Answer {
+            text,
+            tokens,
+            model: None,
+            finish_reason: None,
+        }
+    }
+}
+
+/// The rate limiters and in-flight caps, one per provider (`hf-inference` shares Hugging
+/// Face's).
 struct Limits {
     ollama: Arc<Limiter>,
     hf: Arc<Limiter>,
     openai: Arc<Limiter>,
+    ollama_slots: slots::Slots,
+    hf_slots: slots::Slots,
+    openai_slots: slots::Slots,
 }
 
 /// A model call's place in its first provider's rate limit, taken before the call
@@ -230,6 +285,9 @@ struct Limits {
 pub struct Admission {
     link: Link,
     grant: limiter::Grant,
+    /// The call's place among the provider's calls in flight, taken ahead
+    /// ([`Providers::in_flight_limit`]); held until the call ends.
+    slot: Option<slots::Slot>,
 }
 
 impl Admission {
@@ -246,6 +304,11 @@ impl Admission {
     /// The provider whose limit holds the call back (for messages).
     pub fn provider(&self) -> &'static str {
         self.link.as_str()
+    }
+
+    /// Keeps `slot` (a place among the provider's calls in flight) until the call ends.
+    pub fn hold(&mut self, slot: slots::Slot) {
+        self.slot = Some(slot);
     }
 }
 
@@ -272,6 +335,9 @@ impl Providers {
             ollama: Arc::new(Limiter::new(config.ollama_rate_limit, scale)),
             hf: Arc::new(Limiter::new(config.hf_rate_limit, scale)),
             openai: Arc::new(Limiter::new(config.openai_rate_limit, scale)),
+            ollama_slots: slots::Slots::new(config.ollama_concurrency, false),
+            hf_slots: slots::Slots::new(config.hf_concurrency, false),
+            openai_slots: slots::Slots::new(config.openai_concurrency, true),
         });
         Providers {
             config,
@@ -298,6 +364,46 @@ impl Providers {
     /// How long `link` stays paused by a 429 (zero when it is not): every call to it waits.
     pub fn paused_for(&self, link: Link) -> Duration {
         self.limiter(link).paused_for()
+    }
+
+    /// The cap on `link`'s calls in flight (`None`: uncapped), asking the OpenAI-compatible
+    /// server for its slot count the first time when `OPENAI_CONCURRENCY` is unset.
+    pub async fn slot_limit(&self, link: Link) -> Option<slots::SlotLimit> {
+        let c = &self.config;
+        match link {
+            Link::Ollama => self.limits.ollama_slots.limit(&self.http, link, None, None).await,
+            Link::HuggingFace | Link::HfInference => {
+                self.limits.hf_slots.limit(&self.http, link, None, None).await
+            }
+            Link::OpenAi => {
+                let props = c.openai_base_url.as_deref().map(slots::props_url);
+                self.limits
+                    .openai_slots
+                    .limit(
+                        &self.http,
+                        link,
+                        props.as_deref(),
+                        c.openai_api_key.as_deref(),
+                    )
+                    .await
+            }
+        }
+    }
+
+    /// The cap on calls in flight of the provider `req` goes to first, with that provider
+    /// (`None`: uncapped, a sandbox call, or no provider configured). The engine takes its
+    /// slot before the pool ([`slots::SlotLimit::try_take`], else waits visibly) and hands it
+    /// over with [`Admission::hold`].
+    pub async fn in_flight_limit(
+        &self,
+        req: &LlmRequest,
+        use_ollama: Option<bool>,
+    ) -> Option<(Link, slots::SlotLimit)> {
+        if req.provider == "sandbox" {
+            return None;
+        }
+        let link = *self.chain(&req.provider, use_ollama).ok()?.first()?;
+        Some((link, self.slot_limit(link).await?))
     }
 
     fn limiter(&self, link: Link) -> &Arc<Limiter> {
@@ -331,6 +437,7 @@ impl Providers {
         Some(Admission {
             link,
             grant: self.limiter(link).reserve(),
+            slot: None,
         })
     }
 
@@ -374,6 +481,8 @@ impl Providers {
                     model: hit.model,
                     cached: true,
                     fallback: None,
+                    reply_model: None,
+                    finish_reason: None,
                 });
             }
         }
@@ -381,9 +490,12 @@ impl Providers {
         let mut skipped: Vec<(Link, StepError)> = Vec::new();
         for (i, &link) in chain.iter().enumerate() {
             let model = self.model_for(link, &req.model, auto);
-            let admitted = admission.take_if(|a| a.link == link).map(|a| a.grant);
+            let (admitted, slot) = match admission.take_if(|a| a.link == link) {
+                Some(a) => (Some(a.grant), a.slot),
+                None => (None, None),
+            };
             match self
-                .call_link(link, req, &model, opts.progress, admitted)
+                .call_link(link, req, &model, opts.progress, admitted, slot)
                 .await
             {
                 Ok(answer) => {
@@ -401,17 +513,30 @@ impl Providers {
                                 .unwrap_or(0)
                             + sandbox::estimate_tokens(&answer.text)
                     });
-                    if let Some(k) = key {
+                    // A cut-off answer is not kept: the next call may well finish.
+                    if let Some(k) = key.filter(|_| !is_truncation(answer.finish_reason.as_deref()))
+                    {
                         self.cache_put(k, link, &model, &answer.text, tokens);
                     }
-                    return Ok(LlmReply {
+                    let reply = LlmReply {
                         text: answer.text,
                         tokens_used: Some(tokens),
                         provider: link.as_str().to_string(),
                         model,
                         cached: false,
                         fallback,
-                    });
+                        reply_model: answer.model,
+                        finish_reason: answer.finish_reason,
+                    };
+                    if reply.model_differs() {
+                        tracing::warn!(
+                            provider = link.as_str(),
+                            requested = %reply.model,
+                            answered = reply.reply_model.as_deref().unwrap_or(""),
+                            "the server answered with another model than the one asked for"
+                        );
+                    }
+                    return Ok(reply);
                 }
                 Err(e) if chain.len() > 1 && i + 1 < chain.len() && falls_through(e.kind) => {
                     tracing::warn!(provider = link.as_str(), kind = %e.kind, error = %e.message, "provider unavailable, trying the next one");
@@ -514,6 +639,7 @@ impl Providers {
         model: &str,
         progress: Progress<'_>,
         admitted: Option<limiter::Grant>,
+        slot: Option<slots::Slot>,
     ) -> Result<Answer, StepError> {
         let c = &self.config;
         let chat = Chat {
@@ -538,6 +664,15 @@ impl Providers {
                  Ollama) in .env",
             ));
         }
+        // A call that took no place among the provider's calls in flight ahead (the library
+        // call, a fallback link) waits for one here.
+        let _slot = match slot {
+            Some(s) => Some(s),
+            None => match self.slot_limit(link).await {
+                Some(l) => l.take().await,
+                None => None,
+            },
+        };
         let limiter = self.limiter(link);
         // A place taken ahead is used if it still holds; otherwise wait here as usual.
         if !admitted.is_some_and(limiter::Grant::redeem) {

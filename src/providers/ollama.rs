@@ -114,7 +114,12 @@ async fn read_ndjson(
                     (None, None) => None,
                     (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
                 };
-                return Ok(Answer { text, tokens });
+                let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+                return Ok(Answer {
+                    model: field("model"),
+                    finish_reason: field("done_reason"),
+                    ..Answer::new(text, tokens)
+                });
             }
         }
     }

@@ -122,10 +122,22 @@ pub(crate) fn parse_completion(
                 ),
             )
         })?;
-    Ok(Answer {
-        text: content.to_string(),
-        tokens: usage_tokens(&v),
-    })
+    let mut answer = Answer::new(content.to_string(), usage_tokens(&v));
+    note_reply(&v, &mut answer);
+    Ok(answer)
+}
+
+/// Keeps what a reply (or a stream chunk) says about itself: the model that answered and why
+/// it stopped.
+fn note_reply(v: &Value, answer: &mut Answer) {
+    if let Some(m) = v.get("model").and_then(Value::as_str) {
+        if answer.model.is_none() && !m.is_empty() {
+            answer.model = Some(m.to_string());
+        }
+    }
+    if let Some(r) = v.pointer("/choices/0/finish_reason").and_then(Value::as_str) {
+        answer.finish_reason = Some(r.to_string());
+    }
 }
 
 fn bad(link: Link, what: String) -> StepError {
@@ -175,6 +187,7 @@ async fn read_sse(
     let mut lines = Lines::default();
     let mut text = String::new();
     let mut tokens = None;
+    let mut seen = Answer::new(String::new(), None);
     let mut chunks: u64 = 0;
     let mut total = 0usize;
     loop {
@@ -194,7 +207,11 @@ async fn read_sse(
             };
             let data = data.trim();
             if data == "[DONE]" {
-                return Ok(Answer { text, tokens });
+                return Ok(Answer {
+                    text,
+                    tokens,
+                    ..seen
+                });
             }
             if data.is_empty() {
                 continue;
@@ -214,6 +231,7 @@ async fn read_sse(
             if let Some(t) = usage_tokens(&v) {
                 tokens = Some(t);
             }
+            note_reply(&v, &mut seen);
             if let Some(piece) = v
                 .pointer("/choices/0/delta/content")
                 .and_then(Value::as_str)

@@ -145,6 +145,8 @@ impl SimulatedModel {
                     model: req.model.clone(),
                     cached: false,
                     fallback: None,
+                    reply_model: None,
+                    finish_reason: None,
                 })
             }
         }

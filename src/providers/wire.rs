@@ -48,15 +48,31 @@ impl Reply {
 }
 
 /// Sends a request; a transport failure becomes a classified error without the URL's secrets.
+///
+/// A request whose connection closed before any byte of a reply came back is sent once more
+/// at once, on a connection of its own ([`closed_before_reply`]): that is the pooled
+/// keep-alive connection a server closed after its last reply (llama-server closes every
+/// connection after a streamed reply while announcing `Keep-Alive`), so the request never
+/// reached the model, and it costs neither a backoff nor one of the step's attempts.
 pub(crate) async fn send(
     rb: reqwest::RequestBuilder,
     link: Link,
     url: &str,
 ) -> Result<Reply, StepError> {
-    let resp = rb
-        .send()
-        .await
-        .map_err(|e| transport_error(&e, link, url))?;
+    let (client, request) = rb.build_split();
+    let request = request.map_err(|e| transport_error(&e, link, url))?;
+    let again = request.try_clone();
+    let resp = match (client.execute(request).await, again) {
+        (Ok(resp), _) => resp,
+        (Err(e), Some(again)) if closed_before_reply(&e) => {
+            tracing::debug!(provider = link.as_str(), error = %e, "connection closed before the reply; sending again on a new connection");
+            unpooled()
+                .execute(again)
+                .await
+                .map_err(|e| transport_error(&e, link, url))?
+        }
+        (Err(e), _) => return Err(transport_error(&e, link, url)),
+    };
     let content_type = resp
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
@@ -68,6 +84,49 @@ pub(crate) async fn send(
         retry_after: crate::notify::retry_after_header(resp.headers()),
         content_type,
         resp,
+    })
+}
+
+/// True when a request failed because its connection closed before any byte of the reply
+/// came back (not a connect failure, not a timeout, not a broken body): the server closed an
+/// idle keep-alive connection as the request went out on it.
+fn closed_before_reply(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() || e.is_body() || e.is_decode() || e.is_status() {
+        return false;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            ) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// A client that keeps no idle connection, for [`send`]'s second try: every request gets a
+/// new connection, so it cannot meet another closed one from the pool.
+fn unpooled() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .user_agent(concat!("omniflow/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap_or_default()
     })
 }
 
@@ -335,6 +394,16 @@ pub(crate) fn classify_status(
             e.retry_after = retry_after;
             e
         }
+        400 | 413 if exceeds_context(code, &lower) => StepError::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "{name} refused the prompt because it does not fit in the model's context \
+                 (HTTP {status}: {detail}); shorten the prompt (or what is templated into it) or \
+                 lower maxTokens, or give the server a larger context — for llama-server raise \
+                 -c, which is shared among its -np slots (each gets -c / -np tokens), or start \
+                 it with fewer slots"
+            ),
+        ),
         _ => StepError::new(
             ErrorKind::InvalidRequest,
             format!(
@@ -343,6 +412,16 @@ pub(crate) fn classify_status(
             ),
         ),
     }
+}
+
+/// A refusal because the prompt (plus the tokens asked for) is longer than the context:
+/// llama-server's `exceeds the available context size` (`exceed_context_size_error`),
+/// OpenAI's and vLLM's `context_length_exceeded` / `maximum context length`.
+fn exceeds_context(code: &str, lower: &str) -> bool {
+    code == "context_length_exceeded"
+        || lower.contains("context size")
+        || lower.contains("context length")
+        || lower.contains("context window")
 }
 
 fn auth_message(link: Link, status: u16, detail: &str) -> String {
@@ -522,6 +601,18 @@ mod tests {
             ErrorKind::ModelNotSupported
         );
         assert_eq!(k(400, r#"{"error":"bad temp"}"#), ErrorKind::InvalidRequest);
+        let overflow = classify_status(
+            Link::OpenAi,
+            400,
+            None,
+            "application/json",
+            r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}}"#,
+            "m",
+        );
+        assert_eq!(overflow.kind, ErrorKind::InvalidRequest);
+        assert!(overflow.message.contains("shorten the prompt"), "{}", overflow.message);
+        assert!(overflow.message.contains("raise -c"), "{}", overflow.message);
+        assert!(!overflow.message.contains("temperature"), "{}", overflow.message);
         assert_eq!(k(500, "boom"), ErrorKind::Server);
         let html = classify_status(
             Link::HuggingFace,

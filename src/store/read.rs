@@ -26,7 +26,7 @@ const RUN_COLUMNS: &str = "id, blueprint_name, status, priority, trigger, sandbo
 
 const STEP_COLUMNS: &str = "run_id, step_key, node_id, item_index, status, attempts, input,
     output, error_kind, error, tokens_used, cached, provider, model, queued_at, started_at,
-    finished_at, duration_ms";
+    finished_at, duration_ms, reply_model, finish_reason";
 
 /// A value the row holds that this build cannot decode.
 #[derive(Debug)]
@@ -116,6 +116,8 @@ fn step_row(row: &Row<'_>) -> rusqlite::Result<StepRow> {
         started_at: row.get(15)?,
         finished_at: row.get(16)?,
         duration_ms: u64_at(row, 17)?,
+        reply_model: row.get(18)?,
+        finish_reason: row.get(19)?,
     })
 }
 

@@ -172,6 +172,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX provider_cache_expires ON provider_cache (expires_at);
     ALTER TABLE runner_attempts ADD COLUMN fallback TEXT;
     "#,
+    // 5: what the server said about its answer: the model that answered (a local server
+    // answers with its one loaded model whatever was asked) and why it stopped (`length`: the
+    // answer was cut off).
+    r#"
+    ALTER TABLE runner_steps ADD COLUMN reply_model TEXT;
+    ALTER TABLE runner_steps ADD COLUMN finish_reason TEXT;
+    "#,
 ];
 
 /// The newest schema version this build knows.

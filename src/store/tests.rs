@@ -56,6 +56,8 @@ fn step_end(run: &str, key: &str, status: StepStatus) -> StepEnd {
         provider: None,
         model: None,
         cached: false,
+        reply_model: None,
+        finish_reason: None,
         finished_at: at(500),
         duration_ms: 100,
     }

@@ -397,8 +397,9 @@ fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
         .prepare_cached(
             "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
                  output, error_kind, error, tokens_used, cached, provider, model, queued_at,
-                 started_at, finished_at, duration_ms, seq)
+                 started_at, finished_at, duration_ms, reply_model, finish_reason, seq)
              SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?14, ?16,
+                    ?17, ?18,
                     COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
              WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
              ON CONFLICT (run_id, step_key) DO UPDATE SET
@@ -406,7 +407,8 @@ fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
                  output = excluded.output, error_kind = excluded.error_kind,
                  error = excluded.error, tokens_used = excluded.tokens_used,
                  cached = excluded.cached, provider = excluded.provider,
-                 model = excluded.model,
+                 model = excluded.model, reply_model = excluded.reply_model,
+                 finish_reason = excluded.finish_reason,
                  started_at = COALESCE(runner_steps.started_at, excluded.started_at),
                  finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
              WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
@@ -428,6 +430,8 @@ fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
             finished,
             started,
             saturating_i64(s.duration_ms),
+            s.reply_model,
+            s.finish_reason,
         ])?;
     guarded(n, || {
         "the run is unknown or the step already finished".into()

@@ -96,6 +96,10 @@ pub struct StepEnd {
     pub provider: Option<String>,
     pub model: Option<String>,
     pub cached: bool,
+    /// The model the server says answered, when it differs from what was asked or is known.
+    pub reply_model: Option<String>,
+    /// Why the model stopped (`stop`, `length` = cut off), when the server says.
+    pub finish_reason: Option<String>,
     pub finished_at: SystemTime,
     pub duration_ms: u64,
 }
@@ -176,11 +180,31 @@ pub struct StepRow {
     pub tokens_used: u64,
     pub cached: bool,
     pub provider: Option<String>,
+    /// The model asked for.
     pub model: Option<String>,
     pub queued_at: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub duration_ms: Option<u64>,
+    /// The model the server says answered (`None` when it did not say).
+    pub reply_model: Option<String>,
+    /// Why the model stopped: `stop`, or `length` when the answer was cut off.
+    pub finish_reason: Option<String>,
+}
+
+impl StepRow {
+    /// True when the answer was cut off (at maxTokens or the server's context size).
+    pub fn truncated(&self) -> bool {
+        self.finish_reason.as_deref() == Some("length")
+    }
+
+    /// The answering model when the server named another one than was asked for.
+    pub fn other_reply_model(&self) -> Option<&str> {
+        let asked = self.model.as_deref()?;
+        self.reply_model
+            .as_deref()
+            .filter(|m| !crate::providers::same_model(asked, m))
+    }
 }
 
 /// One `runner_attempts` row.

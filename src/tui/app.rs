@@ -457,7 +457,9 @@ impl App {
             self.status = None;
             self.dirty = true;
         }
-        self.retrying.retain(|r| r.until_ms + 30_000 > now);
+        // A slot wait has no deadline: it ends when its step starts or finishes.
+        self.retrying
+            .retain(|r| r.slots.is_some() || r.until_ms + 30_000 > now);
         let due = now.saturating_sub(self.history.last_query_ms) >= HISTORY_REFRESH_MS;
         if !self.history.loading && (self.history.stale || due) {
             self.refresh_history(fx);
@@ -590,6 +592,7 @@ impl App {
                     message,
                     until_ms: self.now_ms + wait_ms,
                     waiting: false,
+                    slots: None,
                 });
                 self.dirty = true;
             }
@@ -611,6 +614,30 @@ impl App {
                     message: "waiting for the provider's rate limit (no worker held)".into(),
                     until_ms: self.now_ms + wait_ms,
                     waiting: true,
+                    slots: None,
+                });
+                self.dirty = true;
+            }
+            Event::StepWaitingSlot {
+                run_id,
+                step,
+                provider,
+                limit,
+                ..
+            } => {
+                self.retrying
+                    .retain(|r| !(r.run_id == run_id && r.step == step));
+                self.retrying.push(Retrying {
+                    run_id,
+                    step,
+                    attempt: 0,
+                    message: format!(
+                        "waiting for one of {provider}'s {limit} slots (calls in flight; no worker held)"
+                    ),
+                    kind: provider,
+                    until_ms: self.now_ms,
+                    waiting: true,
+                    slots: Some(limit),
                 });
                 self.dirty = true;
             }

@@ -161,6 +161,8 @@ pub fn detail() -> RunDetail {
         started_at: Some(iso(T0 + at)),
         finished_at: Some(iso(T0 + at + took)),
         duration_ms: Some(took),
+        reply_model: None,
+        finish_reason: None,
     };
     let steps = vec![
         step("summarize[0]", Some(0), StepStatus::Success, 0, 900),

@@ -49,6 +49,9 @@ pub struct Retrying {
     pub until_ms: u64,
     /// Not a failure: the step waits for its provider's rate limit (`kind` is the provider).
     pub waiting: bool,
+    /// The step waits for a free place among its provider's calls in flight (this many of
+    /// them); no countdown: it lasts until the step starts.
+    pub slots: Option<usize>,
 }
 
 /// A run of this process, from the bus.

@@ -242,12 +242,7 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
                 if s.cached { " (cached)" } else { "" }
             )),
         ]),
-        Line::from(vec![
-            label("provider"),
-            Span::raw(s.provider.clone().unwrap_or_else(|| "—".into())),
-            label("  model"),
-            Span::raw(s.model.clone().unwrap_or_else(|| "—".into())),
-        ]),
+        model_line(s, th, label),
         Line::from(vec![
             label("queued"),
             Span::raw(
@@ -382,4 +377,30 @@ fn step_counts(d: &RunDetail) -> String {
         }
     }
     format!("{} ({})", d.steps.len(), parts.join(", "))
+}
+
+/// Provider and model; the model that answered when the server named another one, and a cut-off
+/// answer, both in the warning colour.
+fn model_line<'a>(
+    s: &crate::store::StepRow,
+    th: &crate::tui::theme::Theme,
+    label: impl Fn(&str) -> Span<'a>,
+) -> Line<'a> {
+    let mut spans = vec![
+        label("provider"),
+        Span::raw(s.provider.clone().unwrap_or_else(|| "—".into())),
+        label("  model"),
+        Span::raw(s.model.clone().unwrap_or_else(|| "—".into())),
+    ];
+    if let Some(m) = s.other_reply_model() {
+        spans.push(label("  answered by"));
+        spans.push(Span::styled(m.to_string(), th.level("WARN")));
+    }
+    if s.truncated() {
+        spans.push(Span::styled(
+            "  truncated (finish_reason: length)",
+            th.level("WARN"),
+        ));
+    }
+    Line::from(spans)
 }

@@ -333,14 +333,18 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
 pub fn workers(f: &mut Frame, app: &App, area: Rect) {
     let th = &app.theme;
     let busy = app.busy_workers();
-    let waiting = app.retrying.iter().filter(|r| r.waiting).count();
-    let retrying = app.retrying.len() - waiting;
+    let for_slot = app.retrying.iter().filter(|r| r.slots.is_some()).count();
+    let waiting = app.retrying.iter().filter(|r| r.waiting).count() - for_slot;
+    let retrying = app.retrying.len() - waiting - for_slot;
     let mut note = format!("{}/{} busy", busy.len(), app.workers.len());
     if retrying > 0 {
         note.push_str(&format!(" · {retrying} retrying"));
     }
     if waiting > 0 {
         note.push_str(&format!(" · {waiting} rate-limited"));
+    }
+    if for_slot > 0 {
+        note.push_str(&format!(" · {for_slot} wait for a slot"));
     }
     let block = pane_block(app, "Workers", Some(Focus::Workers), note);
     let inner = block.inner(area);
@@ -392,6 +396,29 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
     let selectable = items.len();
     let mut retrying: Vec<_> = app.retrying.iter().collect();
     retrying.sort_by_key(|r| r.until_ms);
+    // Steps waiting for a free place among a provider's calls in flight: one line per
+    // provider (they have no countdown).
+    let mut by_slots: Vec<(&str, usize, usize)> = Vec::new();
+    for r in retrying.iter() {
+        if let Some(limit) = r.slots {
+            match by_slots.iter_mut().find(|(p, _, _)| *p == r.kind) {
+                Some((_, _, n)) => *n += 1,
+                None => by_slots.push((r.kind.as_str(), limit, 1)),
+            }
+        }
+    }
+    for (provider, limit, n) in &by_slots {
+        let text = format!(
+            "⧗ {n} step{} wait{} for a free {provider} slot ({limit} in flight at most; no worker held)",
+            if *n == 1 { "" } else { "s" },
+            if *n == 1 { "s" } else { "" },
+        );
+        items.push(ListItem::new(Line::from(Span::styled(
+            clip(&text, w.saturating_sub(1)),
+            Style::default().fg(th.warn),
+        ))));
+    }
+    let retrying: Vec<_> = retrying.into_iter().filter(|r| r.slots.is_none()).collect();
     // A big fan-out behind a rate limit is one line per provider, not one per step.
     let mut by_provider: Vec<(&str, Vec<u64>)> = Vec::new();
     for r in retrying.iter().filter(|r| r.waiting) {
