@@ -18,4 +18,5 @@ pub mod schedule;
 pub mod store;
 pub mod supabase;
 pub mod template;
+pub mod text;
 pub mod tui;

@@ -382,6 +382,38 @@ fn process(
 }
 
 #[test]
+fn the_header_says_who_fires_the_schedules() {
+    let mut app = fixtures::busy_app();
+    let s = render(&app, 80, 24);
+    assert!(s.lines().next().unwrap().contains("schedules: off"), "{s}");
+    // Nobody fires them: no countdown promising a run.
+    let wide = render(&app, 160, 48);
+    let row = wide.lines().find(|l| l.contains("tech-digest")).unwrap();
+    assert!(
+        row.contains(" 17 */6 * * *") && !row.contains(" in "),
+        "{wide}"
+    );
+    app.schedules_here = true;
+    let s = render(&app, 80, 24);
+    assert!(
+        s.lines()
+            .next()
+            .unwrap()
+            .contains("schedules: this console"),
+        "{s}"
+    );
+    let wide = render(&app, 160, 48);
+    let row = wide.lines().find(|l| l.contains("tech-digest")).unwrap();
+    assert!(row.contains(" in 2h16m"), "the countdown: {wide}");
+    // A stopped daemon fires nothing.
+    app.schedules_here = false;
+    app.update(Msg::Bg(Bg::Processes(Ok(vec![process(
+        "web1:9:1", "daemon", 9, false, true,
+    )]))));
+    assert!(render(&app, 80, 24).contains("schedules: off"));
+}
+
+#[test]
 fn capital_p_lists_the_processes_on_the_database() {
     let mut app = fixtures::busy_app();
     let me = omniflow::store::process_id();
@@ -392,9 +424,12 @@ fn capital_p_lists_the_processes_on_the_database() {
         process("web1:5:1", "console", 5, false, true),
     ]))));
     let screen = render(&app, 160, 48);
+    assert!(screen.contains("1 other process (P)"), "{screen}");
+    // A live daemon fires the schedules, and the header says where it runs.
+    assert!(screen.contains("schedules: daemon on web1"), "{screen}");
     assert!(
-        screen.contains("1 other process on this DB (P)"),
-        "{screen}"
+        render(&app, 80, 24).contains("schedules: daemon on web1"),
+        "the header keeps who fires schedules at 80 columns"
     );
     ch(&mut app, 'P');
     assert!(matches!(app.overlay, Overlay::Processes(0)));

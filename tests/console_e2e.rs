@@ -543,3 +543,73 @@ fn child_of(parent: &str) -> String {
     }
     String::new()
 }
+
+/// A blueprint due at once: every minute, running once for missed slots, with a claimed slot
+/// ten minutes ago in `db`. It makes no network call (one transform step).
+fn due_schedule(dir: &Path, db: &Path) {
+    std::fs::create_dir_all(dir).expect("blueprints dir");
+    std::fs::write(
+        dir.join("every-minute.json"),
+        r#"{"name": "every-minute", "active": true, "schedule": "* * * * *",
+            "missedSlots": "runOnce",
+            "nodes": [{"id": "t", "type": "transform", "template": "tick"}]}"#,
+    )
+    .expect("write the blueprint");
+    let store = Store::open(db).expect("open the database");
+    let ago = std::time::SystemTime::now() - Duration::from_secs(600);
+    assert!(store.claim_slot("every-minute", ago).expect("claim a slot"));
+}
+
+/// Opening the console fires no schedule: schedules belong to the daemon, and to a console
+/// only when it is started with `--schedules`. The header says which.
+#[test]
+fn a_console_fires_schedules_only_when_started_with_schedules() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let db = tmp.path().join("h.db");
+    let dir = tmp.path().join("blueprints");
+    due_schedule(&dir, &db);
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let console = |flag: &str| {
+        format!(
+            "env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' tui --dir '{}' {flag}; \
+             echo CONSOLE-EXITED $?; sleep 60",
+            db.display(),
+            tmp.path().join("logs").display(),
+            dir.display()
+        )
+    };
+
+    // Without the flag: the header says so, and the due slot does not fire.
+    let t = Tmux::start("nosched", tmp.path(), 80, 24, &console(""));
+    t.wait_text("every-minute", 30);
+    let s = t.wait_text("schedules: off", 10);
+    assert!(!s.contains("this console"), "{s}");
+    // The same wait that sees the run start below, with `--schedules`.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        history_rows(&db).is_empty(),
+        "a console without --schedules started a run"
+    );
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
+    drop(t);
+
+    // With it: the header says this console fires them, and the missed slot runs.
+    let t = Tmux::start("sched", tmp.path(), 80, 24, &console("--schedules"));
+    t.wait_text("schedules: this console", 30);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while history_rows(&db).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rows = history_rows(&db);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0].trigger, "schedule");
+    t.keys(&["q"]);
+    let s = t.wait_for("exit or the quit question", 20, |s| {
+        s.contains("CONSOLE-EXITED") || s.contains("Quit?")
+    });
+    if s.contains("Quit?") {
+        t.keys(&["w"]);
+    }
+    t.wait_text("CONSOLE-EXITED 0", 20);
+}

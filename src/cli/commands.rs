@@ -54,6 +54,7 @@ pub fn tui(args: TuiArgs) -> Result<ExitCode, Failure> {
             theme: args.theme,
             dir: args.dir,
             themes_dir: "themes".into(),
+            schedules: args.schedules,
         },
     )
     .map_err(|message| Failure { code: 1, message })?;

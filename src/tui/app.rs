@@ -122,6 +122,27 @@ pub enum Effect {
     Quit,
 }
 
+/// Who fires the active blueprints' schedules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScheduleOwner {
+    /// A live `omniflow daemon` on this database, on this host.
+    Daemon(String),
+    /// This console (started with `--schedules`).
+    ThisConsole,
+    /// Nobody: schedules do not fire while only this console runs.
+    Off,
+}
+
+impl ScheduleOwner {
+    pub fn label(&self) -> String {
+        match self {
+            ScheduleOwner::Daemon(h) => format!("schedules: daemon on {h}"),
+            ScheduleOwner::ThisConsole => "schedules: this console".into(),
+            ScheduleOwner::Off => "schedules: off".into(),
+        }
+    }
+}
+
 /// What quitting does with the runs still in flight in this console (issue 7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QuitMode {
@@ -279,6 +300,8 @@ pub struct App {
     pub processes: Vec<crate::store::ProcessRow>,
     pub processes_problem: Option<String>,
     pub db_path: String,
+    /// This console fires the active blueprints' schedules (started with `--schedules`).
+    pub schedules_here: bool,
     pub quit: bool,
     /// What quitting does with runs still in flight.
     pub quit_mode: QuitMode,
@@ -334,6 +357,7 @@ impl App {
             processes: Vec::new(),
             processes_problem: None,
             db_path: String::new(),
+            schedules_here: false,
             quit: false,
             quit_mode: QuitMode::Cancel,
             dirty: true,
@@ -410,6 +434,21 @@ impl App {
         }
     }
 
+    /// Who fires the schedules, as the header says it: a live daemon on the database (from
+    /// the heartbeats in `runner_processes`), this console (`--schedules`), or nobody.
+    pub fn schedules_owner(&self) -> ScheduleOwner {
+        let me = crate::store::process_id();
+        let daemon = self
+            .processes
+            .iter()
+            .find(|p| p.alive && p.role == "daemon" && p.id != me);
+        match daemon {
+            Some(d) => ScheduleOwner::Daemon(d.host.clone().unwrap_or_else(|| d.id.clone())),
+            None if self.schedules_here => ScheduleOwner::ThisConsole,
+            None => ScheduleOwner::Off,
+        }
+    }
+
     fn say(&mut self, text: impl Into<String>) {
         self.status = Some(Status {
             text: text.into(),
@@ -457,7 +496,13 @@ impl App {
             self.status = None;
             self.dirty = true;
         }
-        self.retrying.retain(|r| r.until_ms + 30_000 > now);
+        // A retry that is due is back in the pool's queue (the header counts it there), so it
+        // leaves the Workers pane's countdowns: one place per figure.
+        let before = self.retrying.len();
+        self.retrying.retain(|r| r.until_ms > now);
+        if self.retrying.len() != before {
+            self.dirty = true;
+        }
         let due = now.saturating_sub(self.history.last_query_ms) >= HISTORY_REFRESH_MS;
         if !self.history.loading && (self.history.stale || due) {
             self.refresh_history(fx);

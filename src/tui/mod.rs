@@ -47,6 +47,9 @@ pub struct Options {
     pub dir: PathBuf,
     /// Where theme files are looked up.
     pub themes_dir: PathBuf,
+    /// Fire the active blueprints' schedules from this console (`--schedules`). Off by
+    /// default: a console opened to look around starts no run nobody asked for.
+    pub schedules: bool,
 }
 
 /// Every theme the theme key cycles through: the bundled ones, then other files in `dir`.
@@ -111,16 +114,20 @@ pub fn run(config: Config, opts: Options) -> Result<(), String> {
         .thread_name("omniflow-console")
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    // The active blueprints with a schedule fire while the console runs (issue 5).
-    let scheduled: Vec<Arc<crate::blueprint::Blueprint>> = crate::blueprint::load_dir(&opts.dir)
-        .map(|v| {
-            v.into_iter()
-                .filter_map(|(_, r)| r.ok())
-                .filter(|b| b.active)
-                .map(Arc::new)
-                .collect()
-        })
-        .unwrap_or_default();
+    // Only with `--schedules` do the active blueprints' schedules fire in this console.
+    let scheduled: Vec<Arc<crate::blueprint::Blueprint>> = if opts.schedules {
+        crate::blueprint::load_dir(&opts.dir)
+            .map(|v| {
+                v.into_iter()
+                    .filter_map(|(_, r)| r.ok())
+                    .filter(|b| b.active)
+                    .map(Arc::new)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let config = Arc::new(config);
     let result = rt.block_on(async {
         let bus = EventBus::new();
@@ -155,6 +162,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), String> {
         app.logs.problem = log_problem;
         app.history.banner = db_banner;
         app.db_path = store.path().display().to_string();
+        app.schedules_here = opts.schedules;
         app.startup_problems = problems;
         let ctx = runtime::Ctx {
             engine,
