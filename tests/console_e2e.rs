@@ -259,7 +259,7 @@ fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal()
         s.contains("CONSOLE-EXITED") || s.contains("Quit?")
     });
     if s.contains("Quit?") {
-        t.keys(&["y"]);
+        t.keys(&["c"]);
     }
     let s = t.wait_text("CONSOLE-EXITED 0", 20);
     assert!(

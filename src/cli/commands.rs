@@ -48,7 +48,7 @@ pub fn tui(args: TuiArgs) -> Result<ExitCode, Failure> {
              `omniflow runs` and `omniflow show`",
         ));
     }
-    crate::tui::run(
+    let interrupted = crate::tui::run(
         config,
         crate::tui::Options {
             theme: args.theme,
@@ -58,7 +58,12 @@ pub fn tui(args: TuiArgs) -> Result<ExitCode, Failure> {
         },
     )
     .map_err(|message| Failure { code: 1, message })?;
-    Ok(ExitCode::SUCCESS)
+    // Ctrl-C: interrupted (runs in flight were handed over, as the contract's exit 3 says).
+    Ok(if interrupted {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+pub mod bindings;
 mod forms;
 mod keys;
 
@@ -305,6 +306,13 @@ pub struct App {
     pub quit: bool,
     /// What quitting does with runs still in flight.
     pub quit_mode: QuitMode,
+    /// Why no model provider can answer (`None`: at least one is configured). Said before a
+    /// real run starts.
+    pub no_provider: Option<String>,
+    /// Left with Ctrl-C (the exit status says so).
+    pub interrupted: bool,
+    /// The sandbox failure rate last started per blueprint in this session (the form's text).
+    pub sandbox_rates: std::collections::HashMap<String, String>,
     /// Something visible changed since the last frame.
     pub dirty: bool,
 }
@@ -360,6 +368,9 @@ impl App {
             schedules_here: false,
             quit: false,
             quit_mode: QuitMode::Cancel,
+            interrupted: false,
+            no_provider: None,
+            sandbox_rates: std::collections::HashMap::new(),
             dirty: true,
         }
     }
@@ -432,6 +443,19 @@ impl App {
             }
             Focus::Blueprints => None,
         }
+    }
+
+    /// Whether the loaded blueprint `name` has a model step (unknown: assume it does).
+    pub fn uses_models(&self, name: &str) -> bool {
+        self.blueprints
+            .iter()
+            .find(|b| b.name == name)
+            .and_then(|b| b.blueprint.as_ref())
+            .is_none_or(|bp| {
+                bp.nodes
+                    .iter()
+                    .any(|n| matches!(n.kind, crate::blueprint::NodeKind::Llm(_)))
+            })
     }
 
     /// Who fires the schedules, as the header says it: a live daemon on the database (from
@@ -812,7 +836,11 @@ impl App {
                 self.clamp_selections();
             }
             Bg::Started { run_id, what } => {
-                self.say(format!("{what}: run {} queued", short(&run_id)));
+                // A run that failed at once has already said so (how and why): the late
+                // "queued" must not replace that.
+                if !self.history.finished.contains_key(&run_id) {
+                    self.say(format!("{what}: run {} queued", short(&run_id)));
+                }
                 self.history.stale = true;
             }
             Bg::Failed(e) => self.complain(e),

@@ -79,9 +79,23 @@ pub fn available_themes(dir: &Path) -> Vec<Theme> {
         .collect()
 }
 
-/// Opens the console and runs it until the user quits. Problems that leave the rest usable
-/// (logging, the database, the theme) are shown inside the console, not returned.
-pub fn run(config: Config, opts: Options) -> Result<(), String> {
+/// Why no model provider can answer a real run, or `None` when one is configured (the `auto`
+/// chain: Ollama when `USE_OLLAMA`, Hugging Face with a token, an OpenAI-compatible server).
+pub fn no_provider(config: &Config) -> Option<String> {
+    let any =
+        config.use_ollama || config.huggingface_token.is_some() || config.openai_base_url.is_some();
+    (!any).then(|| {
+        "set HUGGINGFACE_TOKEN in .env (a free read token from \
+         https://huggingface.co/settings/tokens), or USE_OLLAMA=true with `ollama serve`, or \
+         OPENAI_BASE_URL for an OpenAI-compatible server, then restart the console."
+            .to_string()
+    })
+}
+
+/// Opens the console and runs it until the user quits; `Ok(true)` when it was left with
+/// Ctrl-C. Problems that leave the rest usable (logging, the database, the theme) are shown
+/// inside the console, not returned.
+pub fn run(config: Config, opts: Options) -> Result<bool, String> {
     let mut problems = Vec::new();
     let (theme, theme_problem) =
         Theme::load(opts.theme.as_deref().unwrap_or("dark"), &opts.themes_dir);
@@ -163,6 +177,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), String> {
         app.history.banner = db_banner;
         app.db_path = store.path().display().to_string();
         app.schedules_here = opts.schedules;
+        app.no_provider = no_provider(&config);
         app.startup_problems = problems;
         let ctx = runtime::Ctx {
             engine,

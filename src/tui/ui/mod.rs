@@ -5,8 +5,6 @@ mod detail;
 mod overlays;
 mod panes;
 
-pub use overlays::HELP;
-
 use super::app::{App, Focus, Overlay, Screen};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -210,89 +208,48 @@ fn draw_status(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(Paragraph::new(line), area);
 }
 
-/// The one-line hint bar: the keys that matter where the focus is.
+/// The one-line hint bar: the keys that matter here, from the same tables that handle them.
+/// Whole hints only; when the bar is too narrow the last ones drop, but the keys to leave
+/// (`q`, `Esc`) stay.
 fn draw_hints(f: &mut Frame, app: &App, area: Rect) {
-    let keys: &[(&str, &str)] = match (&app.overlay, &app.screen, app.focus) {
-        (Overlay::Sandbox(_), _, _) => &[
-            ("Tab", "field"),
-            ("Ctrl-S", "start"),
-            ("Enter", "start (in rate)"),
-            ("Esc", "cancel"),
-        ],
-        (Overlay::Editor(_), _, _) => &[
-            ("Ctrl-S", "validate+save"),
-            ("Esc", "close"),
-            ("Ctrl-Z", "undo"),
-        ],
-        (Overlay::Search { .. }, _, _) => &[("Enter", "apply"), ("Esc", "clear")],
-        (Overlay::Help(_) | Overlay::Processes(_), _, _) => {
-            &[("↑↓", "scroll"), ("any other key", "close")]
-        }
-        (Overlay::Confirm(_), _, _) => &[("y/n", "answer"), ("Esc", "close")],
-        (_, Screen::Detail(_), _) => &[
-            ("↑↓", "step"),
-            ("PgUp/PgDn", "scroll"),
-            ("r", "retry"),
-            ("c", "cancel"),
-            ("+/-", "priority"),
-            ("t", "sandbox"),
-            ("o", "step logs"),
-            ("Esc", "back"),
-            ("?", "help"),
-        ],
-        (_, _, Focus::Blueprints) => &[
-            ("Enter", "run"),
-            ("t", "sandbox test"),
-            ("e", "edit"),
-            ("/", "filter"),
-            ("Tab", "pane"),
-            ("p", "pause"),
-            ("?", "help"),
-            ("q", "quit"),
-        ],
-        (_, _, Focus::Workers) => &[
-            ("Enter", "open run"),
-            ("c", "cancel"),
-            ("+/-", "priority"),
-            ("Tab", "pane"),
-            ("p", "pause"),
-            ("?", "help"),
-            ("q", "quit"),
-        ],
-        (_, _, Focus::History) => &[
-            ("Enter", "open"),
-            ("r", "retry"),
-            ("c", "cancel"),
-            ("s", "status"),
-            ("b", "blueprint"),
-            ("/", "name"),
-            ("PgDn", "older"),
-            ("?", "help"),
-        ],
-        (_, _, Focus::Logs) => &[
-            ("f", "follow/pause"),
-            ("v", "level"),
-            ("/", "search"),
-            ("o", "run filter"),
-            ("↑↓", "scroll"),
-            ("Tab", "pane"),
-            ("?", "help"),
-        ],
-    };
     let th = &app.theme;
-    let mut spans = Vec::new();
-    let mut used = 0;
-    for (k, what) in keys {
-        // Whole hints only: one that does not fit is left out rather than cut.
-        let n = k.chars().count() + what.chars().count() + 3;
-        if used + n > area.width as usize {
-            break;
-        }
-        used += n;
-        spans.push(Span::styled(format!(" {k}"), th.keycap()));
-        spans.push(Span::styled(format!(" {what} "), th.dimmed()));
+    let hints = app.hints();
+    let n = hints.len();
+    let mut parts = Vec::new();
+    for (i, (k, what, keep)) in hints.into_iter().enumerate() {
+        // Later hints matter less; the keys to leave never drop.
+        let rank = if keep { 0 } else { (1 + i).min(250) as u8 };
+        let _ = n;
+        parts.push(part(format!(" {k}"), th.keycap(), rank));
+        parts.push(part(format!(" {what} "), th.dimmed(), rank));
     }
-    f.render_widget(Paragraph::new(Line::from(spans)), area);
+    f.render_widget(Paragraph::new(fit_pairs(parts, area.width as usize)), area);
+}
+
+/// [`fit`] for hints given as (key, label) pairs of parts with the same rank: a pair is
+/// dropped whole.
+fn fit_pairs(parts: Vec<Part>, cols: usize) -> Line<'static> {
+    let mut pairs: Vec<(Part, Part)> = Vec::new();
+    let mut it = parts.into_iter();
+    while let (Some(a), Some(b)) = (it.next(), it.next()) {
+        pairs.push((a, b));
+    }
+    let w = |p: &(Part, Part)| crate::text::width(&p.0.text) + crate::text::width(&p.1.text);
+    while pairs.iter().map(w).sum::<usize>() > cols {
+        let worst = pairs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.0.rank > 0)
+            .max_by_key(|(i, p)| (p.0.rank, *i))
+            .map(|(i, _)| i);
+        match worst {
+            Some(i) => {
+                pairs.remove(i);
+            }
+            None => break,
+        }
+    }
+    fit(pairs.into_iter().flat_map(|(a, b)| [a, b]).collect(), cols)
 }
 
 /// A centred rectangle of at most `w`×`h` inside `area`, cleared.
