@@ -613,3 +613,108 @@ fn a_console_fires_schedules_only_when_started_with_schedules() {
     }
     t.wait_text("CONSOLE-EXITED 0", 20);
 }
+
+/// `q` then `h`: the steps in flight get the grace period the words promise (they finish and
+/// are recorded), the rest is handed over unfinished, and the next console takes the run over
+/// and finishes it without a single warning about writes it refused.
+#[test]
+fn hand_over_lets_steps_in_flight_finish_and_the_next_console_takes_over_cleanly() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let db = tmp.path().join("h.db");
+    let logs = tmp.path().join("logs");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    // Model calls take 2 s; 8 at once; 30 s of grace.
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' SANDBOX_LATENCY_MS=2000 CONCURRENCY=8 SHUTDOWN_GRACE=30 \
+         TERM=xterm-256color '{bin}' tui --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
+        db.display(),
+        logs.display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("handover", tmp.path(), 120, 40, &shell);
+    t.wait_text("tech-digest", 30);
+    t.keys(&["/"]);
+    t.literal("tech");
+    t.keys(&["Enter", "t"]);
+    t.wait_text("Sandbox test: tech-digest", 10);
+    // All 40 topics (the test variables cleared), no injected failures.
+    t.keys(&["C-k", "Tab", "C-k"]);
+    t.literal("0");
+    t.keys(&["C-s"]);
+    let s = t.wait_for("busy workers", 20, |s| s.contains("▶ summarize["));
+    let in_flight: Vec<String> = s
+        .lines()
+        .filter_map(|l| l.split("▶ ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert!(!in_flight.is_empty(), "{s}");
+    t.keys(&["q"]);
+    let s = t.wait_text("Quit?", 10);
+    assert!(s.contains("h hand over"), "{s}");
+    t.keys(&["h"]);
+    let s = t.wait_text("CONSOLE-EXITED", 60);
+    assert!(s.contains("steps in flight get up to 30s"), "{s}");
+    assert!(s.contains("CONSOLE-EXITED 0"), "{s}");
+
+    let run = history_rows(&db)
+        .into_iter()
+        .find(|r| r.blueprint_name == "tech-digest")
+        .expect("the run");
+    assert!(!run.status.is_final(), "handed over unfinished: {run:#?}");
+    let c = rusqlite::Connection::open(&db).expect("open the database");
+    for step in &in_flight {
+        let status: String = c
+            .query_row(
+                "SELECT status FROM runner_steps WHERE run_id = ?1 AND step_key = ?2",
+                [&run.id, step],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("{step}: {e}"));
+        assert_eq!(
+            status, "success",
+            "{step} was in flight at the hand-over and had the grace period to finish"
+        );
+    }
+    drop(c);
+    drop(t);
+
+    // The next console adopts the run and finishes it, and refuses no write on the way.
+    let t = Tmux::start("takeover", tmp.path(), 120, 40, &shell);
+    t.wait_text("tech-digest", 30);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let done = history_rows(&db)
+            .iter()
+            .any(|r| r.id == run.id && r.status.is_final());
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let run = history_rows(&db)
+        .into_iter()
+        .find(|r| r.id == run.id)
+        .expect("the run");
+    assert_eq!(run.status, RunStatus::Success, "{run:#?}");
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
+    let mut text = String::new();
+    for e in std::fs::read_dir(&logs).expect("log dir").flatten() {
+        text.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("store: ignored"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "refused writes:\n{}",
+        refused.join("\n")
+    );
+    assert!(
+        text.contains("resumed a run whose process had stopped"),
+        "the second console took the run over"
+    );
+}
