@@ -1490,3 +1490,28 @@ fn the_sandbox_form_starts_at_the_first_variable_clears_and_keeps_the_rate() {
     assert!(s.contains("TOPICS="), "{s}");
     assert!(s.contains("Ctrl-K clear field"), "{s}");
 }
+
+/// One source per figure: the header's busy count is the Workers pane's, and a retry that is
+/// due (back in the queue, counted there) leaves the countdowns instead of showing `0ms`.
+#[test]
+fn header_and_workers_agree_and_due_retries_leave_the_countdowns() {
+    let mut app = fixtures::busy_app();
+    // The pool's own counter says 1 while the workers list 2: the frame shows one number.
+    app.pool.running = 1;
+    let s = render(&app, 80, 24);
+    let busy = app.busy_workers().len();
+    assert!(
+        s.lines()
+            .next()
+            .unwrap()
+            .contains(&format!("{busy}/4 busy")),
+        "{s}"
+    );
+    assert!(s.contains(&format!("{busy}/4 busy · 1 retrying")), "{s}");
+    // Paused: the retry falls due and goes back to the queue.
+    ch(&mut app, 'p');
+    app.update(Msg::Tick(app.now_ms + 10_000));
+    let s = render(&app, 80, 24);
+    assert!(!s.contains("retry in 0ms"), "{s}");
+    assert!(!s.contains("· 1 retrying") && !s.contains("↻"), "{s}");
+}
