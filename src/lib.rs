@@ -19,4 +19,5 @@ pub mod store;
 pub mod supabase;
 pub mod limits;
 pub mod template;
+pub mod text;
 pub mod tui;

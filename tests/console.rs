@@ -3,7 +3,7 @@
 //! rendering snapshots of known states into ratatui's `TestBackend` at 80×24 and 160×48.
 
 use omniflow::events::{Event, RunStatus};
-use omniflow::tui::app::{Confirm, Effect, Focus, FormField, Overlay, Screen};
+use omniflow::tui::app::{bindings, Confirm, Effect, Focus, FormField, Overlay, Screen};
 use omniflow::tui::fixtures::{self, T0};
 use omniflow::tui::state::{LevelFilter, LogEntry, PAGE};
 use omniflow::tui::{ui, App, Bg, Msg};
@@ -86,8 +86,9 @@ fn q_quits_at_once_when_idle_and_asks_when_runs_are_in_flight() {
     ch(&mut app, 'n');
     assert!(!app.quit && matches!(app.overlay, Overlay::None));
     ch(&mut app, 'q');
-    assert!(matches!(ch(&mut app, 'y')[..], [Effect::Quit]));
+    assert!(matches!(ch(&mut app, 'c')[..], [Effect::Quit]));
     assert!(app.quit);
+    assert_eq!(app.quit_mode, omniflow::tui::app::QuitMode::Cancel);
 }
 
 #[test]
@@ -95,6 +96,9 @@ fn ctrl_c_quits_immediately() {
     let mut app = fixtures::busy_app();
     assert!(matches!(ctrl(&mut app, 'c')[..], [Effect::Quit]));
     assert!(app.quit);
+    // Interrupted (exit 3), and the run in flight is handed over, not cancelled.
+    assert!(app.interrupted);
+    assert_eq!(app.quit_mode, omniflow::tui::app::QuitMode::HandOver);
 }
 
 #[test]
@@ -168,7 +172,7 @@ fn x_exports_the_selected_blueprint_to_the_chosen_target() {
         &app.overlay,
         Overlay::Confirm(Confirm::Export { .. })
     ));
-    match &ch(&mut app, 'n')[..] {
+    match &ch(&mut app, 'o')[..] {
         [Effect::Export {
             blueprint,
             target,
@@ -382,6 +386,38 @@ fn process(
 }
 
 #[test]
+fn the_header_says_who_fires_the_schedules() {
+    let mut app = fixtures::busy_app();
+    let s = render(&app, 80, 24);
+    assert!(s.lines().next().unwrap().contains("schedules: off"), "{s}");
+    // Nobody fires them: no countdown promising a run.
+    let wide = render(&app, 160, 48);
+    let row = wide.lines().find(|l| l.contains("tech-digest")).unwrap();
+    assert!(
+        row.contains(" 17 */6 * * *") && !row.contains(" in "),
+        "{wide}"
+    );
+    app.schedules_here = true;
+    let s = render(&app, 80, 24);
+    assert!(
+        s.lines()
+            .next()
+            .unwrap()
+            .contains("schedules: this console"),
+        "{s}"
+    );
+    let wide = render(&app, 160, 48);
+    let row = wide.lines().find(|l| l.contains("tech-digest")).unwrap();
+    assert!(row.contains(" in 2h16m"), "the countdown: {wide}");
+    // A stopped daemon fires nothing.
+    app.schedules_here = false;
+    app.update(Msg::Bg(Bg::Processes(Ok(vec![process(
+        "web1:9:1", "daemon", 9, false, true,
+    )]))));
+    assert!(render(&app, 80, 24).contains("schedules: off"));
+}
+
+#[test]
 fn capital_p_lists_the_processes_on_the_database() {
     let mut app = fixtures::busy_app();
     let me = omniflow::store::process_id();
@@ -392,9 +428,12 @@ fn capital_p_lists_the_processes_on_the_database() {
         process("web1:5:1", "console", 5, false, true),
     ]))));
     let screen = render(&app, 160, 48);
+    assert!(screen.contains("1 other process (P)"), "{screen}");
+    // A live daemon fires the schedules, and the header says where it runs.
+    assert!(screen.contains("schedules: daemon on web1"), "{screen}");
     assert!(
-        screen.contains("1 other process on this DB (P)"),
-        "{screen}"
+        render(&app, 80, 24).contains("schedules: daemon on web1"),
+        "the header keeps who fires schedules at 80 columns"
     );
     ch(&mut app, 'P');
     assert!(matches!(app.overlay, Overlay::Processes(0)));
@@ -807,7 +846,7 @@ fn o_in_a_runs_detail_shows_only_the_selected_steps_log_lines() {
         ch(&mut app, 'j');
     }
     let s = render(&app, 80, 24);
-    assert!(s.contains("o in run detail"), "{s}");
+    assert!(s.contains("║run detail"), "{s}");
     assert!(s.contains("exactly that step: summarize[1], not"), "{s}");
 }
 
@@ -1018,18 +1057,19 @@ fn the_help_scrolls_to_its_last_key_with_long_lines_wrapped_under_their_text() {
         ch(&mut app, 'j');
     }
     let s = render(&app, 80, 24);
-    let last = ui::HELP
-        .last()
-        .and_then(|(_, ks)| ks.last())
-        .expect("a key");
+    let groups = bindings::help_groups();
+    let last = groups.last().and_then(|(_, ks)| ks.last()).expect("a key");
     assert!(s.contains(last.1), "the last key is reachable:\n{s}");
     // A wrapped description continues in its own column, not under the keys.
-    let export = s
+    let step = s
         .lines()
-        .position(|l| l.contains("export it as code (python, node, github-action,"))
-        .unwrap_or_else(|| panic!("X in the help:\n{s}"));
-    let cont = s.lines().nth(export + 1).unwrap_or_default();
-    assert!(cont.contains("║                         docker)"), "{s}");
+        .position(|l| l.contains("Logs: only the selected step's lines of the run"))
+        .unwrap_or_else(|| panic!("o in the help:\n{s}"));
+    let cont = s.lines().nth(step + 1).unwrap_or_default();
+    assert!(
+        cont.contains("║                         (again: all); exactly that step"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -1067,16 +1107,20 @@ fn a_too_small_terminal_says_so() {
 
 #[test]
 fn every_fixed_key_is_in_the_help() {
-    let keys: Vec<&str> = ui::HELP
-        .iter()
-        .flat_map(|(_, ks)| ks.iter().map(|(k, _)| *k))
+    let keys: Vec<String> = bindings::help_groups()
+        .into_iter()
+        .flat_map(|(_, ks)| ks.into_iter().map(|(k, _)| k))
         .collect();
     for k in [
         "?",
         "q",
         "Esc",
-        "Tab/Shift-Tab",
-        "↑↓ k j",
+        "Tab",
+        "Shift-Tab",
+        "↑",
+        "↓",
+        "k",
+        "j",
         "Enter",
         "/",
         "t",
@@ -1085,10 +1129,127 @@ fn every_fixed_key_is_in_the_help() {
         "p",
     ] {
         assert!(
-            keys.iter().any(|h| h.starts_with(k) || h.contains(k)),
-            "{k} missing from help"
+            keys.iter().any(|h| h.split(" / ").any(|x| x == k)),
+            "{k} missing from help: {keys:?}"
         );
     }
+}
+
+/// The hint bar and the key handling read one table: in every place, each hint's key does
+/// the thing the hint names (no earlier binding of the same key shadows it).
+#[test]
+fn every_hint_names_the_key_that_does_it() {
+    for detail in [false, true] {
+        for focus in Focus::ORDER {
+            for action in bindings::hint_actions(detail, focus) {
+                let b = bindings::binding_of(*action, detail, focus)
+                    .unwrap_or_else(|| panic!("{action:?} has no binding in {focus:?}"));
+                assert!(b.hint.is_some(), "{action:?} has no hint label");
+                for code in b.keys {
+                    let k = KeyEvent::new(*code, KeyModifiers::NONE);
+                    assert_eq!(
+                        bindings::action_of(&k, detail, focus),
+                        Some(*action),
+                        "{code:?} in {focus:?} (detail {detail})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Each dialog's hint names its own keys, and no dialog acts on Enter: the default neither
+/// destroys work nor writes files.
+#[test]
+fn dialogs_list_their_own_keys_and_enter_does_nothing() {
+    let mut app = fixtures::busy_app();
+    let open: [(&str, fn(&mut App)); 4] = [
+        ("Quit?", |a| {
+            ch(a, 'q');
+        }),
+        ("Run?", |a| {
+            focus(a, Focus::Blueprints);
+            key(a, KeyCode::Enter);
+        }),
+        ("Export as code", |a| {
+            focus(a, Focus::Blueprints);
+            ch(a, 'X');
+        }),
+        ("Retry run", |a| {
+            focus(a, Focus::History);
+            ch(a, 'j');
+            ch(a, 'r');
+        }),
+    ];
+    for (title, opener) in open {
+        opener(&mut app);
+        let s = render(&app, 80, 24);
+        assert!(s.contains(title), "{title}:\n{s}");
+        let Overlay::Confirm(c) = &app.overlay else {
+            panic!("{title}: no dialog")
+        };
+        let hint = s.lines().last().unwrap().to_string();
+        for (code, what, _) in bindings::confirm_keys(c) {
+            let k = bindings::key_name(code);
+            assert!(
+                s.contains(&format!("{k} {what}")),
+                "{title}: the dialog names {k} {what}:\n{s}"
+            );
+            if *code == KeyCode::Esc {
+                assert!(
+                    hint.contains("Esc"),
+                    "{title}: the hint bar keeps Esc: {hint}"
+                );
+            }
+        }
+        assert!(!hint.contains("y/n"), "{hint}");
+        assert!(
+            key(&mut app, KeyCode::Enter).is_empty(),
+            "{title}: Enter acts"
+        );
+        assert!(!app.quit);
+        assert!(
+            matches!(app.overlay, Overlay::Confirm(_)),
+            "{title}: Enter leaves the question open"
+        );
+        // `n` and `q` only ever close a dialog (no export target behind `n`).
+        assert!(ch(&mut app, 'n').is_empty(), "{title}: n acts");
+        assert!(matches!(app.overlay, Overlay::None));
+    }
+    // The quit dialog's hand-over is a key of its own; nothing defaults to cancelling.
+    ch(&mut app, 'q');
+    assert!(ch(&mut app, 'y').is_empty());
+    assert!(matches!(ch(&mut app, 'h')[..], [Effect::Quit]));
+    assert_eq!(app.quit_mode, omniflow::tui::app::QuitMode::HandOver);
+    let mut app = fixtures::busy_app();
+    ch(&mut app, 'q');
+    insta::assert_snapshot!("quit_80x24", render(&app, 80, 24));
+}
+
+/// The editor's hint says Ctrl-Z undoes and Ctrl-Y redoes: it does.
+#[test]
+fn the_editor_undoes_with_ctrl_z_and_redoes_with_ctrl_y() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, 'e');
+    app.update(Msg::Bg(Bg::EditorText {
+        path: "blueprints/tech-digest.json".into(),
+        result: Ok("{}".into()),
+    }));
+    let text = |app: &App| match &app.overlay {
+        Overlay::Editor(ed) => ed.text.as_ref().unwrap().lines().join("\n"),
+        _ => panic!("editor closed"),
+    };
+    typed(&mut app, "ab");
+    assert_eq!(text(&app), "ab{}");
+    ctrl(&mut app, 'z');
+    assert_ne!(text(&app), "ab{}", "Ctrl-Z undoes");
+    ctrl(&mut app, 'y');
+    assert_eq!(text(&app), "ab{}", "Ctrl-Y redoes");
+    let s = render(&app, 80, 24);
+    assert!(
+        s.contains("Ctrl-Z undo") && s.contains("Ctrl-Y redo"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -1247,4 +1408,110 @@ fn blueprints_load_with_their_problems() {
     assert!(list[1].is_valid());
     let e = omniflow::tui::runtime::load_blueprints(&dir.path().join("none")).unwrap_err();
     assert!(e.contains("pass --dir"), "{e}");
+}
+
+/// With no model provider configured, the run question says so and how to fix it, and
+/// offers the sandbox test; a run that fails at once says so on the status line, and the
+/// late "queued" does not replace that.
+#[test]
+fn running_without_a_provider_says_so_first_and_a_failed_run_says_why() {
+    let mut app = fixtures::busy_app();
+    app.no_provider = Some("set HUGGINGFACE_TOKEN in .env.".into());
+    key(&mut app, KeyCode::Enter);
+    let s = render(&app, 80, 24);
+    assert!(s.contains("No model provider is configured"), "{s}");
+    assert!(s.contains("HUGGINGFACE_TOKEN"), "{s}");
+    assert!(s.contains("t sandbox test instead"), "{s}");
+    insta::assert_snapshot!("no_provider_80x24", s);
+    // t: the sandbox form instead, nothing started.
+    assert!(ch(&mut app, 't').is_empty());
+    assert!(matches!(app.overlay, Overlay::Sandbox(_)));
+    key(&mut app, KeyCode::Esc);
+
+    // y anyway: the run fails in 0 ms; the engine's end arrives before the start's answer.
+    key(&mut app, KeyCode::Enter);
+    assert!(matches!(ch(&mut app, 'y')[..], [Effect::Start { .. }]));
+    let id = "0mwz0000zzzzz".to_string();
+    app.update(Msg::Engine(Event::RunQueued {
+        run_id: id.clone(),
+        blueprint: "tech-digest".into(),
+        priority: omniflow::blueprint::Priority::Normal,
+        sandbox: false,
+    }));
+    app.update(Msg::Engine(Event::RunFinished {
+        run_id: id.clone(),
+        blueprint: "tech-digest".into(),
+        status: RunStatus::Error,
+        total_time_ms: 0,
+        error: Some("summarize[0]: no model provider is configured: set HUGGINGFACE_TOKEN".into()),
+    }));
+    app.update(Msg::Bg(Bg::Started {
+        run_id: id,
+        what: "tech-digest".into(),
+    }));
+    let line = status_text(&app);
+    assert!(
+        line.contains("error") && line.contains("no model provider is configured"),
+        "{line}"
+    );
+}
+
+/// The sandbox form opens with the first variable in view, Ctrl-K clears a field, and the
+/// failure rate last used for a blueprint is kept for the session.
+#[test]
+fn the_sandbox_form_starts_at_the_first_variable_clears_and_keeps_the_rate() {
+    let mut app = fixtures::busy_app();
+    ch(&mut app, 't');
+    let Overlay::Sandbox(form) = &app.overlay else {
+        panic!("no form")
+    };
+    assert_eq!(form.vars.cursor(), (0, 0), "opens at the start");
+    ctrl(&mut app, 'k');
+    let Overlay::Sandbox(form) = &app.overlay else {
+        panic!("no form")
+    };
+    assert_eq!(form.vars.lines(), [""], "Ctrl-K cleared the variables");
+    key(&mut app, KeyCode::Tab);
+    ctrl(&mut app, 'k');
+    typed(&mut app, "55");
+    match &ctrl(&mut app, 's')[..] {
+        [Effect::Start { request, .. }] => {
+            assert!(request.variables.is_empty());
+            assert!((request.simulate_failures - 0.55).abs() < 1e-9);
+        }
+        other => panic!("{other:?}"),
+    }
+    ch(&mut app, 't');
+    let Overlay::Sandbox(form) = &app.overlay else {
+        panic!("no form")
+    };
+    assert_eq!(form.rate.lines(), ["55"], "the last rate is kept");
+    let s = render(&app, 80, 24);
+    assert!(s.contains("TOPICS="), "{s}");
+    assert!(s.contains("Ctrl-K clear field"), "{s}");
+}
+
+/// One source per figure: the header's busy count is the Workers pane's, and a retry that is
+/// due (back in the queue, counted there) leaves the countdowns instead of showing `0ms`.
+#[test]
+fn header_and_workers_agree_and_due_retries_leave_the_countdowns() {
+    let mut app = fixtures::busy_app();
+    // The pool's own counter says 1 while the workers list 2: the frame shows one number.
+    app.pool.running = 1;
+    let s = render(&app, 80, 24);
+    let busy = app.busy_workers().len();
+    assert!(
+        s.lines()
+            .next()
+            .unwrap()
+            .contains(&format!("{busy}/4 busy")),
+        "{s}"
+    );
+    assert!(s.contains(&format!("{busy}/4 busy · 1 retrying")), "{s}");
+    // Paused: the retry falls due and goes back to the queue.
+    ch(&mut app, 'p');
+    app.update(Msg::Tick(app.now_ms + 10_000));
+    let s = render(&app, 80, 24);
+    assert!(!s.contains("retry in 0ms"), "{s}");
+    assert!(!s.contains("· 1 retrying") && !s.contains("↻"), "{s}");
 }

@@ -259,7 +259,7 @@ fn the_console_runs_a_sandbox_test_retries_a_failure_and_restores_the_terminal()
         s.contains("CONSOLE-EXITED") || s.contains("Quit?")
     });
     if s.contains("Quit?") {
-        t.keys(&["y"]);
+        t.keys(&["c"]);
     }
     let s = t.wait_text("CONSOLE-EXITED 0", 20);
     assert!(
@@ -542,4 +542,179 @@ fn child_of(parent: &str) -> String {
         }
     }
     String::new()
+}
+
+/// A blueprint due at once: every minute, running once for missed slots, with a claimed slot
+/// ten minutes ago in `db`. It makes no network call (one transform step).
+fn due_schedule(dir: &Path, db: &Path) {
+    std::fs::create_dir_all(dir).expect("blueprints dir");
+    std::fs::write(
+        dir.join("every-minute.json"),
+        r#"{"name": "every-minute", "active": true, "schedule": "* * * * *",
+            "missedSlots": "runOnce",
+            "nodes": [{"id": "t", "type": "transform", "template": "tick"}]}"#,
+    )
+    .expect("write the blueprint");
+    let store = Store::open(db).expect("open the database");
+    let ago = std::time::SystemTime::now() - Duration::from_secs(600);
+    assert!(store.claim_slot("every-minute", ago).expect("claim a slot"));
+}
+
+/// Opening the console fires no schedule: schedules belong to the daemon, and to a console
+/// only when it is started with `--schedules`. The header says which.
+#[test]
+fn a_console_fires_schedules_only_when_started_with_schedules() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let db = tmp.path().join("h.db");
+    let dir = tmp.path().join("blueprints");
+    due_schedule(&dir, &db);
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let console = |flag: &str| {
+        format!(
+            "env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' tui --dir '{}' {flag}; \
+             echo CONSOLE-EXITED $?; sleep 60",
+            db.display(),
+            tmp.path().join("logs").display(),
+            dir.display()
+        )
+    };
+
+    // Without the flag: the header says so, and the due slot does not fire.
+    let t = Tmux::start("nosched", tmp.path(), 80, 24, &console(""));
+    t.wait_text("every-minute", 30);
+    let s = t.wait_text("schedules: off", 10);
+    assert!(!s.contains("this console"), "{s}");
+    // The same wait that sees the run start below, with `--schedules`.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        history_rows(&db).is_empty(),
+        "a console without --schedules started a run"
+    );
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
+    drop(t);
+
+    // With it: the header says this console fires them, and the missed slot runs.
+    let t = Tmux::start("sched", tmp.path(), 80, 24, &console("--schedules"));
+    t.wait_text("schedules: this console", 30);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while history_rows(&db).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rows = history_rows(&db);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0].trigger, "schedule");
+    t.keys(&["q"]);
+    let s = t.wait_for("exit or the quit question", 20, |s| {
+        s.contains("CONSOLE-EXITED") || s.contains("Quit?")
+    });
+    if s.contains("Quit?") {
+        t.keys(&["w"]);
+    }
+    t.wait_text("CONSOLE-EXITED 0", 20);
+}
+
+/// `q` then `h`: the steps in flight get the grace period the words promise (they finish and
+/// are recorded), the rest is handed over unfinished, and the next console takes the run over
+/// and finishes it without a single warning about writes it refused.
+#[test]
+fn hand_over_lets_steps_in_flight_finish_and_the_next_console_takes_over_cleanly() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let db = tmp.path().join("h.db");
+    let logs = tmp.path().join("logs");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    // Model calls take 2 s; 8 at once; 30 s of grace.
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' SANDBOX_LATENCY_MS=2000 CONCURRENCY=8 SHUTDOWN_GRACE=30 \
+         TERM=xterm-256color '{bin}' tui --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
+        db.display(),
+        logs.display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("handover", tmp.path(), 120, 40, &shell);
+    t.wait_text("tech-digest", 30);
+    t.keys(&["/"]);
+    t.literal("tech");
+    t.keys(&["Enter", "t"]);
+    t.wait_text("Sandbox test: tech-digest", 10);
+    // All 40 topics (the test variables cleared), no injected failures.
+    t.keys(&["C-k", "Tab", "C-k"]);
+    t.literal("0");
+    t.keys(&["C-s"]);
+    let s = t.wait_for("busy workers", 20, |s| s.contains("▶ summarize["));
+    let in_flight: Vec<String> = s
+        .lines()
+        .filter_map(|l| l.split("▶ ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert!(!in_flight.is_empty(), "{s}");
+    t.keys(&["q"]);
+    let s = t.wait_text("Quit?", 10);
+    assert!(s.contains("h hand over"), "{s}");
+    t.keys(&["h"]);
+    let s = t.wait_text("CONSOLE-EXITED", 60);
+    assert!(s.contains("steps in flight get up to 30s"), "{s}");
+    assert!(s.contains("CONSOLE-EXITED 0"), "{s}");
+
+    let run = history_rows(&db)
+        .into_iter()
+        .find(|r| r.blueprint_name == "tech-digest")
+        .expect("the run");
+    assert!(!run.status.is_final(), "handed over unfinished: {run:#?}");
+    let c = rusqlite::Connection::open(&db).expect("open the database");
+    for step in &in_flight {
+        let status: String = c
+            .query_row(
+                "SELECT status FROM runner_steps WHERE run_id = ?1 AND step_key = ?2",
+                [&run.id, step],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| panic!("{step}: {e}"));
+        assert_eq!(
+            status, "success",
+            "{step} was in flight at the hand-over and had the grace period to finish"
+        );
+    }
+    drop(c);
+    drop(t);
+
+    // The next console adopts the run and finishes it, and refuses no write on the way.
+    let t = Tmux::start("takeover", tmp.path(), 120, 40, &shell);
+    t.wait_text("tech-digest", 30);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let done = history_rows(&db)
+            .iter()
+            .any(|r| r.id == run.id && r.status.is_final());
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let run = history_rows(&db)
+        .into_iter()
+        .find(|r| r.id == run.id)
+        .expect("the run");
+    assert_eq!(run.status, RunStatus::Success, "{run:#?}");
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
+    let mut text = String::new();
+    for e in std::fs::read_dir(&logs).expect("log dir").flatten() {
+        text.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("store: ignored"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "refused writes:\n{}",
+        refused.join("\n")
+    );
+    assert!(
+        text.contains("resumed a run whose process had stopped"),
+        "the second console took the run over"
+    );
 }

@@ -48,16 +48,22 @@ pub fn tui(args: TuiArgs) -> Result<ExitCode, Failure> {
              `omniflow runs` and `omniflow show`",
         ));
     }
-    crate::tui::run(
+    let interrupted = crate::tui::run(
         config,
         crate::tui::Options {
             theme: args.theme,
             dir: args.dir,
             themes_dir: "themes".into(),
+            schedules: args.schedules,
         },
     )
     .map_err(|message| Failure { code: 1, message })?;
-    Ok(ExitCode::SUCCESS)
+    // Ctrl-C: interrupted (runs in flight were handed over, as the contract's exit 3 says).
+    Ok(if interrupted {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {

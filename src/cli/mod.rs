@@ -117,6 +117,10 @@ pub struct TuiArgs {
     /// Where the blueprints are.
     #[arg(long, default_value = "blueprints")]
     pub dir: PathBuf,
+    /// Fire the active blueprints' schedules from this console too. Off by default: schedules
+    /// belong to `omniflow daemon`, and opening a console never starts real runs by itself.
+    #[arg(long)]
+    pub schedules: bool,
 }
 
 #[derive(Args, Debug)]

@@ -202,7 +202,11 @@ impl Engine {
 
     /// Marks this process stopped in the store (a clean exit with nothing running).
     pub async fn stopped(&self) {
-        self.inner.store.process_stopped();
+        // After `shutdown` (which records the stop itself) there is nothing to add: a second
+        // record would only be refused with a warning.
+        if !self.inner.draining.load(Ordering::Relaxed) {
+            self.inner.store.process_stopped();
+        }
         self.inner.store.flush().await;
     }
 }

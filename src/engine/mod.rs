@@ -73,6 +73,11 @@ pub struct RunRequest {
     /// that step in an earlier run. An `llm` step found here answers with it instead of
     /// calling a model; other steps run as usual.
     pub replay: HashMap<String, Value>,
+    /// Resuming: steps of `reuse` already recorded `success` in this same run. They are not
+    /// written again (the store would refuse, and say so in a warning per step).
+    pub already_done: std::collections::HashSet<String>,
+    /// Resuming a run the store already has `running`: its start is not recorded again.
+    pub already_started: bool,
 }
 
 impl Default for RunRequest {
@@ -88,6 +93,8 @@ impl Default for RunRequest {
             reuse: HashMap::new(),
             attempts_before: HashMap::new(),
             replay: HashMap::new(),
+            already_done: Default::default(),
+            already_started: false,
         }
     }
 }

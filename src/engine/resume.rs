@@ -163,6 +163,7 @@ impl Engine {
             .map_err(|_| ResumeError::NotFound(id.clone()))??;
 
         let mut reuse = HashMap::new();
+        let mut already_done = std::collections::HashSet::new();
         let mut attempts_before = HashMap::new();
         for s in &steps {
             let is_notify = blueprint
@@ -171,6 +172,7 @@ impl Engine {
             match s.status {
                 StepStatus::Success => {
                     reuse.insert(s.step_key.clone(), s.output.clone().unwrap_or(Value::Null));
+                    already_done.insert(s.step_key.clone());
                 }
                 StepStatus::Running | StepStatus::Retrying | StepStatus::Pending
                     if is_notify && s.attempts > 0 && !row.sandbox =>
@@ -207,6 +209,8 @@ impl Engine {
             reuse,
             attempts_before,
             replay: HashMap::new(),
+            already_done,
+            already_started: row.status == crate::events::RunStatus::Running,
         };
         Ok(self.launch(
             id,

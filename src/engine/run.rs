@@ -32,10 +32,14 @@ pub(crate) struct RunCtx {
     pub abort: CancellationToken,
     pub priority: Arc<AtomicUsize>,
     pub reuse: HashMap<String, Value>,
+    /// Reused steps this run already recorded `success` (resuming): not written again.
+    pub already_done: std::collections::HashSet<String>,
     pub attempts_before: HashMap<String, u32>,
     pub is_sandbox: bool,
     /// Handed over unfinished: record nothing more (see `ActiveRun::released`).
     pub released: Arc<AtomicBool>,
+    /// Resuming a run already recorded `running`: its start is not recorded again.
+    pub already_started: bool,
     /// The run this one retries or resumes: notifications dedupe on the chain's root
     /// (issue 5).
     pub parent_run_id: Option<String>,
@@ -105,6 +109,8 @@ impl RunCtx {
             abort,
             priority,
             reuse: req.reuse,
+            already_done: req.already_done,
+            already_started: req.already_started,
             attempts_before: req.attempts_before,
             is_sandbox: req.sandbox,
             released,
@@ -221,9 +227,11 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     let bp = ctx.blueprint.clone();
     let inner = ctx.inner.clone();
     let run_id = ctx.run_id.to_string();
-    inner
-        .store
-        .run_started(&run_id, SystemTime::now(), bp.nodes.len() as u32);
+    if !ctx.already_started {
+        inner
+            .store
+            .run_started(&run_id, SystemTime::now(), bp.nodes.len() as u32);
+    }
     inner.bus.publish(Event::RunStarted {
         run_id: run_id.clone(),
         blueprint: bp.name.clone(),

@@ -519,7 +519,9 @@ fn finish(
     let duration_ms = started.elapsed().as_millis() as u64;
     // A step stopped by a handover stays unfinished in the store: the next owner runs it.
     let handed_over = ctx.is_released() && status == StepStatus::Cancelled;
-    if !handed_over {
+    // Resuming: a step this run already recorded as done is not recorded again.
+    let recorded = status == StepStatus::Success && ctx.already_done.contains(&spec.key);
+    if !handed_over && !recorded {
         ctx.inner.store.step_finished(StepEnd {
             run_id: ctx.run_id.to_string(),
             step_key: spec.key.clone(),
@@ -552,6 +554,9 @@ fn finish(
         });
     }
     match status {
+        _ if handed_over => {
+            tracing::info!(run_id = %ctx.run_id, step = %spec.key, "step handed over unfinished (the next owner runs it)")
+        }
         StepStatus::Success => {
             tracing::info!(run_id = %ctx.run_id, step = %spec.key, attempts, duration_ms, tokens = out.tokens, "step succeeded")
         }

@@ -88,7 +88,7 @@ impl SimulatedModel {
                     ErrorKind::ModelLoading,
                     format!(
                         "model {} is currently loading (simulated 503); this is normal for a \
-                         model that was not used recently — waiting {t:.1}s as the provider asks",
+                         model that was not used recently (the provider asks for a {t:.1}s wait)",
                         req.model
                     ),
                 )
@@ -99,8 +99,8 @@ impl SimulatedModel {
                 StepError::new(
                     ErrorKind::RateLimited,
                     format!(
-                        "rate limit reached (simulated 429), retry after {t}s; a local model \
-                         has no limit: USE_OLLAMA=true"
+                        "rate limit reached (simulated 429; the provider asks for a {t}s wait); \
+                         a local model has no limit: USE_OLLAMA=true"
                     ),
                 )
                 .with_retry_after(Duration::from_secs(t))
@@ -108,8 +108,8 @@ impl SimulatedModel {
             2 => StepError::new(
                 ErrorKind::Timeout,
                 format!(
-                    "the model call timed out after {}s (simulated); raise REQUEST_TIMEOUT if \
-                     the model is just slow",
+                    "the model call timed out (simulated at once: a real call gives up after \
+                     REQUEST_TIMEOUT={}s); raise REQUEST_TIMEOUT if the model is just slow",
                     self.request_timeout.as_secs()
                 ),
             ),

@@ -317,7 +317,7 @@ pub(crate) fn classify_status(
                 ErrorKind::ModelLoading,
                 format!(
                     "model {model} is currently loading on {name} (HTTP 503); this is normal for \
-                     a model that was not used recently — waiting {t:.1}s as the provider asks"
+                     a model that was not used recently (the provider asks for a {t:.1}s wait)"
                 ),
             )
             .with_retry_after(Duration::from_secs_f64(t))
@@ -331,7 +331,7 @@ pub(crate) fn classify_status(
         ),
         429 => {
             let wait = match retry_after {
-                Some(w) => format!("retry after {:.0}s as the provider asks", w.as_secs_f64()),
+                Some(w) => format!("the provider says retry after {:.0}s", w.as_secs_f64()),
                 None => format!(
                     "no Retry-After given, waiting {}s",
                     RATE_LIMIT_DEFAULT.as_secs()

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+pub mod bindings;
 mod forms;
 mod keys;
 
@@ -120,6 +121,27 @@ pub enum Effect {
         text: String,
     },
     Quit,
+}
+
+/// Who fires the active blueprints' schedules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScheduleOwner {
+    /// A live `omniflow daemon` on this database, on this host.
+    Daemon(String),
+    /// This console (started with `--schedules`).
+    ThisConsole,
+    /// Nobody: schedules do not fire while only this console runs.
+    Off,
+}
+
+impl ScheduleOwner {
+    pub fn label(&self) -> String {
+        match self {
+            ScheduleOwner::Daemon(h) => format!("schedules: daemon on {h}"),
+            ScheduleOwner::ThisConsole => "schedules: this console".into(),
+            ScheduleOwner::Off => "schedules: off".into(),
+        }
+    }
 }
 
 /// What quitting does with the runs still in flight in this console (issue 7).
@@ -279,9 +301,18 @@ pub struct App {
     pub processes: Vec<crate::store::ProcessRow>,
     pub processes_problem: Option<String>,
     pub db_path: String,
+    /// This console fires the active blueprints' schedules (started with `--schedules`).
+    pub schedules_here: bool,
     pub quit: bool,
     /// What quitting does with runs still in flight.
     pub quit_mode: QuitMode,
+    /// Why no model provider can answer (`None`: at least one is configured). Said before a
+    /// real run starts.
+    pub no_provider: Option<String>,
+    /// Left with Ctrl-C (the exit status says so).
+    pub interrupted: bool,
+    /// The sandbox failure rate last started per blueprint in this session (the form's text).
+    pub sandbox_rates: std::collections::HashMap<String, String>,
     /// Something visible changed since the last frame.
     pub dirty: bool,
 }
@@ -334,8 +365,12 @@ impl App {
             processes: Vec::new(),
             processes_problem: None,
             db_path: String::new(),
+            schedules_here: false,
             quit: false,
             quit_mode: QuitMode::Cancel,
+            interrupted: false,
+            no_provider: None,
+            sandbox_rates: std::collections::HashMap::new(),
             dirty: true,
         }
     }
@@ -410,6 +445,34 @@ impl App {
         }
     }
 
+    /// Whether the loaded blueprint `name` has a model step (unknown: assume it does).
+    pub fn uses_models(&self, name: &str) -> bool {
+        self.blueprints
+            .iter()
+            .find(|b| b.name == name)
+            .and_then(|b| b.blueprint.as_ref())
+            .is_none_or(|bp| {
+                bp.nodes
+                    .iter()
+                    .any(|n| matches!(n.kind, crate::blueprint::NodeKind::Llm(_)))
+            })
+    }
+
+    /// Who fires the schedules, as the header says it: a live daemon on the database (from
+    /// the heartbeats in `runner_processes`), this console (`--schedules`), or nobody.
+    pub fn schedules_owner(&self) -> ScheduleOwner {
+        let me = crate::store::process_id();
+        let daemon = self
+            .processes
+            .iter()
+            .find(|p| p.alive && p.role == "daemon" && p.id != me);
+        match daemon {
+            Some(d) => ScheduleOwner::Daemon(d.host.clone().unwrap_or_else(|| d.id.clone())),
+            None if self.schedules_here => ScheduleOwner::ThisConsole,
+            None => ScheduleOwner::Off,
+        }
+    }
+
     fn say(&mut self, text: impl Into<String>) {
         self.status = Some(Status {
             text: text.into(),
@@ -457,9 +520,15 @@ impl App {
             self.status = None;
             self.dirty = true;
         }
-        // A slot wait has no deadline: it ends when its step starts or finishes.
+        // A retry that is due is back in the pool's queue (the header counts it there), so it
+        // leaves the Workers pane's countdowns: one place per figure. A slot wait has no
+        // deadline: it ends when its step starts or finishes.
+        let before = self.retrying.len();
         self.retrying
-            .retain(|r| r.slots.is_some() || r.until_ms + 30_000 > now);
+            .retain(|r| r.slots.is_some() || r.until_ms > now);
+        if self.retrying.len() != before {
+            self.dirty = true;
+        }
         let due = now.saturating_sub(self.history.last_query_ms) >= HISTORY_REFRESH_MS;
         if !self.history.loading && (self.history.stale || due) {
             self.refresh_history(fx);
@@ -794,7 +863,11 @@ impl App {
                 self.clamp_selections();
             }
             Bg::Started { run_id, what } => {
-                self.say(format!("{what}: run {} queued", short(&run_id)));
+                // A run that failed at once has already said so (how and why): the late
+                // "queued" must not replace that.
+                if !self.history.finished.contains_key(&run_id) {
+                    self.say(format!("{what}: run {} queued", short(&run_id)));
+                }
                 self.history.stale = true;
             }
             Bg::Failed(e) => self.complain(e),

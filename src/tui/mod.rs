@@ -47,6 +47,9 @@ pub struct Options {
     pub dir: PathBuf,
     /// Where theme files are looked up.
     pub themes_dir: PathBuf,
+    /// Fire the active blueprints' schedules from this console (`--schedules`). Off by
+    /// default: a console opened to look around starts no run nobody asked for.
+    pub schedules: bool,
 }
 
 /// Every theme the theme key cycles through: the bundled ones, then other files in `dir`.
@@ -76,9 +79,23 @@ pub fn available_themes(dir: &Path) -> Vec<Theme> {
         .collect()
 }
 
-/// Opens the console and runs it until the user quits. Problems that leave the rest usable
-/// (logging, the database, the theme) are shown inside the console, not returned.
-pub fn run(config: Config, opts: Options) -> Result<(), String> {
+/// Why no model provider can answer a real run, or `None` when one is configured (the `auto`
+/// chain: Ollama when `USE_OLLAMA`, Hugging Face with a token, an OpenAI-compatible server).
+pub fn no_provider(config: &Config) -> Option<String> {
+    let any =
+        config.use_ollama || config.huggingface_token.is_some() || config.openai_base_url.is_some();
+    (!any).then(|| {
+        "set HUGGINGFACE_TOKEN in .env (a free read token from \
+         https://huggingface.co/settings/tokens), or USE_OLLAMA=true with `ollama serve`, or \
+         OPENAI_BASE_URL for an OpenAI-compatible server, then restart the console."
+            .to_string()
+    })
+}
+
+/// Opens the console and runs it until the user quits; `Ok(true)` when it was left with
+/// Ctrl-C. Problems that leave the rest usable (logging, the database, the theme) are shown
+/// inside the console, not returned.
+pub fn run(config: Config, opts: Options) -> Result<bool, String> {
     let mut problems = Vec::new();
     let (theme, theme_problem) =
         Theme::load(opts.theme.as_deref().unwrap_or("dark"), &opts.themes_dir);
@@ -111,16 +128,20 @@ pub fn run(config: Config, opts: Options) -> Result<(), String> {
         .thread_name("omniflow-console")
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    // The active blueprints with a schedule fire while the console runs (issue 5).
-    let scheduled: Vec<Arc<crate::blueprint::Blueprint>> = crate::blueprint::load_dir(&opts.dir)
-        .map(|v| {
-            v.into_iter()
-                .filter_map(|(_, r)| r.ok())
-                .filter(|b| b.active)
-                .map(Arc::new)
-                .collect()
-        })
-        .unwrap_or_default();
+    // Only with `--schedules` do the active blueprints' schedules fire in this console.
+    let scheduled: Vec<Arc<crate::blueprint::Blueprint>> = if opts.schedules {
+        crate::blueprint::load_dir(&opts.dir)
+            .map(|v| {
+                v.into_iter()
+                    .filter_map(|(_, r)| r.ok())
+                    .filter(|b| b.active)
+                    .map(Arc::new)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let config = Arc::new(config);
     let result = rt.block_on(async {
         let bus = EventBus::new();
@@ -155,6 +176,8 @@ pub fn run(config: Config, opts: Options) -> Result<(), String> {
         app.logs.problem = log_problem;
         app.history.banner = db_banner;
         app.db_path = store.path().display().to_string();
+        app.schedules_here = opts.schedules;
+        app.no_provider = no_provider(&config);
         app.startup_problems = problems;
         let ctx = runtime::Ctx {
             engine,

@@ -50,7 +50,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<Bg>,
     sub: Subscriber,
     sched_stop: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     let stop = Arc::new(AtomicBool::new(false));
     spawn_sampler(ctx.clone(), stop.clone());
     spawn_log_tailer(
@@ -203,7 +203,7 @@ pub async fn run(
         }
     }
     ctx.store.flush().await;
-    Ok(())
+    Ok(app.interrupted)
 }
 
 /// A line on stderr, if there still is one.

@@ -15,33 +15,47 @@ pub(super) fn editor_area(text: &str) -> TextArea<'static> {
     t
 }
 
+/// The test variables field: opened at its start, so the first `KEY=` is in view.
+pub(super) fn vars_area(lines: Vec<String>) -> TextArea<'static> {
+    let lines = if lines.is_empty() {
+        vec![String::new()]
+    } else {
+        lines
+    };
+    let mut vars = TextArea::new(lines);
+    vars.set_placeholder_text("KEY=VALUE, one per line (empty: the blueprint's variables)");
+    vars.move_cursor(CursorMove::Top);
+    vars.move_cursor(CursorMove::Head);
+    vars
+}
+
 impl SandboxForm {
     /// The form for `bp`, pre-filled from its `testConfig` (variables as `KEY=VALUE` lines,
     /// the failure rate in percent, 30 when absent).
     pub fn new(bp: Arc<Blueprint>) -> SandboxForm {
         let tc = bp.test_config.clone().unwrap_or_default();
-        let mut lines: Vec<String> = tc
+        let lines: Vec<String> = tc
             .variables
             .iter()
             .map(|v| format!("{}={}", v.key, v.value))
             .collect();
-        if lines.is_empty() {
-            lines.push(String::new());
-        }
         let rate = tc.simulate_failures.unwrap_or(0.3);
-        let mut vars = TextArea::new(lines);
-        vars.set_placeholder_text("KEY=VALUE, one per line (empty: the blueprint's variables)");
-        vars.move_cursor(CursorMove::Bottom);
-        vars.move_cursor(CursorMove::End);
-        let mut rate = TextArea::new(vec![format!("{}", (rate * 100.0).round())]);
-        rate.move_cursor(CursorMove::End);
-        SandboxForm {
+        let mut form = SandboxForm {
             blueprint: bp,
-            vars,
-            rate,
+            vars: vars_area(lines),
+            rate: TextArea::default(),
             field: FormField::Vars,
             error: None,
-        }
+        };
+        form.set_rate(&format!("{}", (rate * 100.0).round()));
+        form
+    }
+
+    /// Replaces the failure rate's text.
+    pub fn set_rate(&mut self, text: &str) {
+        let mut rate = TextArea::new(vec![text.to_string()]);
+        rate.move_cursor(CursorMove::End);
+        self.rate = rate;
     }
 
     /// The sandbox run this form describes, or what is wrong with it.

@@ -9,8 +9,12 @@ impl App {
     pub(super) fn on_key(&mut self, k: KeyEvent, fx: &mut Vec<Effect>) {
         let ctrl = k.modifiers.contains(KeyModifiers::CONTROL);
         if ctrl && k.code == KeyCode::Char('c') && !matches!(self.overlay, Overlay::Editor(_)) {
-            // Terminal habit: Ctrl-C leaves at once (runs in flight are cancelled on the way out).
+            // Terminal habit: Ctrl-C leaves at once. Runs in flight are handed over (as on a
+            // hang-up), not cancelled: a reflex must not destroy work. The exit status says
+            // the console was interrupted.
             self.quit = true;
+            self.quit_mode = QuitMode::HandOver;
+            self.interrupted = true;
             fx.push(Effect::Quit);
             return;
         }
@@ -42,24 +46,24 @@ impl App {
 
     fn on_main_key(&mut self, k: KeyEvent, fx: &mut Vec<Effect>) {
         let detail = matches!(self.screen, Screen::Detail(_));
-        match k.code {
-            KeyCode::Char('?') | KeyCode::F(1) => self.overlay = Overlay::Help(0),
-            KeyCode::Char('q') => self.ask_quit(fx),
-            KeyCode::Esc => self.back(fx),
-            KeyCode::Tab | KeyCode::Right | KeyCode::Char('l') if !detail => {
-                self.focus = self.focus.step(1)
-            }
-            KeyCode::BackTab | KeyCode::Left | KeyCode::Char('h') if !detail => {
-                self.focus = self.focus.step(-1)
-            }
-            KeyCode::Up | KeyCode::Char('k') => self.move_sel(-1, fx),
-            KeyCode::Down | KeyCode::Char('j') => self.move_sel(1, fx),
-            KeyCode::PageUp => self.page(-1, fx),
-            KeyCode::PageDown => self.page(1, fx),
-            KeyCode::Home | KeyCode::Char('g') => self.move_sel(-1_000_000, fx),
-            KeyCode::End | KeyCode::Char('G') => self.move_sel(1_000_000, fx),
-            KeyCode::Enter => self.open(fx),
-            KeyCode::Char('/') if !detail => {
+        let Some(action) = bindings::action_of(&k, detail, self.focus) else {
+            return;
+        };
+        use bindings::Action as A;
+        match action {
+            A::Help => self.overlay = Overlay::Help(0),
+            A::Quit => self.ask_quit(fx),
+            A::Back => self.back(fx),
+            A::NextPane => self.focus = self.focus.step(1),
+            A::PrevPane => self.focus = self.focus.step(-1),
+            A::Up => self.move_sel(-1, fx),
+            A::Down => self.move_sel(1, fx),
+            A::PageUp => self.page(-1, fx),
+            A::PageDown => self.page(1, fx),
+            A::Top => self.move_sel(-1_000_000, fx),
+            A::Bottom => self.move_sel(1_000_000, fx),
+            A::Open => self.open(fx),
+            A::Search => {
                 let text = match self.focus {
                     Focus::Blueprints => self.bp_filter.clone(),
                     Focus::History => self.history.blueprint.clone().unwrap_or_default(),
@@ -72,10 +76,10 @@ impl App {
                 };
                 self.overlay = Overlay::Search { target, text };
             }
-            KeyCode::Char('t') => self.sandbox_form(),
-            KeyCode::Char('r') => self.ask_retry(),
-            KeyCode::Char('c') => self.ask_cancel(),
-            KeyCode::Char('p') => {
+            A::Sandbox => self.sandbox_form(),
+            A::Retry => self.ask_retry(),
+            A::Cancel => self.ask_cancel(),
+            A::Pause => {
                 let pause = !self.pool.paused;
                 self.pool.paused = pause;
                 fx.push(Effect::SetPaused(pause));
@@ -85,24 +89,24 @@ impl App {
                     "pool resumed"
                 });
             }
-            KeyCode::Char('+') | KeyCode::Char('=') => self.bump_priority(1, fx),
-            KeyCode::Char('-') => self.bump_priority(-1, fx),
-            KeyCode::Char('e') => self.edit_blueprint(fx),
-            KeyCode::Char('x') => self.ask_run(),
-            KeyCode::Char('X') => self.ask_export(),
-            KeyCode::Char('R') => {
+            A::PriorityUp => self.bump_priority(1, fx),
+            A::PriorityDown => self.bump_priority(-1, fx),
+            A::Edit => self.edit_blueprint(fx),
+            A::Run => self.open(fx),
+            A::Export => self.ask_export(),
+            A::Reload => {
                 fx.push(Effect::LoadBlueprints);
                 self.say(format!("reloading blueprints from {}", self.dir.display()));
             }
-            KeyCode::Char('T') => self.cycle_theme(),
-            KeyCode::Char('P') => self.overlay = Overlay::Processes(0),
-            KeyCode::Char('s') => self.cycle_status_filter(fx),
-            KeyCode::Char('b') => self.toggle_blueprint_filter(fx),
-            KeyCode::Char('v') => {
+            A::Theme => self.cycle_theme(),
+            A::Processes => self.overlay = Overlay::Processes(0),
+            A::StatusFilter => self.cycle_status_filter(fx),
+            A::BlueprintFilter => self.toggle_blueprint_filter(fx),
+            A::Level => {
                 self.logs.level = self.logs.level.next();
                 self.say(format!("log level: {}", self.logs.level.label()));
             }
-            KeyCode::Char('f') | KeyCode::Char(' ') => {
+            A::Follow => {
                 self.logs.follow = !self.logs.follow;
                 self.logs.scroll = 0;
                 self.say(if self.logs.follow {
@@ -111,8 +115,7 @@ impl App {
                     "logs: paused (↑↓ PgUp PgDn scroll back, f follows again)"
                 });
             }
-            KeyCode::Char('o') => self.toggle_log_filter(),
-            _ => {}
+            A::LogFilter => self.toggle_log_filter(),
         }
     }
 
@@ -336,7 +339,16 @@ impl App {
                 }
             }
         };
-        self.overlay = Overlay::Sandbox(Box::new(SandboxForm::new(bp)));
+        self.open_sandbox(bp);
+    }
+
+    /// The sandbox form for `bp`, with the failure rate last used for it in this session.
+    pub(super) fn open_sandbox(&mut self, bp: Arc<Blueprint>) {
+        let mut form = SandboxForm::new(bp);
+        if let Some(rate) = self.sandbox_rates.get(&form.blueprint.name) {
+            form.set_rate(rate);
+        }
+        self.overlay = Overlay::Sandbox(Box::new(form));
     }
 
     fn ask_retry(&mut self) {
@@ -516,60 +528,74 @@ impl App {
     }
 
     fn on_confirm_key(&mut self, c: Confirm, k: KeyEvent, fx: &mut Vec<Effect>) {
-        let yes = matches!(k.code, KeyCode::Char('y') | KeyCode::Char('Y'));
-        let no = matches!(
-            k.code,
-            KeyCode::Char('n') | KeyCode::Esc | KeyCode::Char('q')
-        );
-        match c {
-            Confirm::Retry { run_id, blueprint } => match k.code {
-                KeyCode::Char('w') | KeyCode::Char('y') | KeyCode::Enter => {
-                    fx.push(Effect::Retry {
-                        run_id,
-                        only_failed: false,
-                    });
-                    self.say(format!("retrying {blueprint} (whole run)…"));
-                }
-                KeyCode::Char('f') => {
-                    fx.push(Effect::Retry {
-                        run_id,
-                        only_failed: true,
-                    });
-                    self.say(format!("retrying the failed steps of {blueprint}…"));
-                }
-                KeyCode::Esc | KeyCode::Char('n') | KeyCode::Char('q') => {}
-                _ => self.overlay = Overlay::Confirm(Confirm::Retry { run_id, blueprint }),
+        use bindings::Answer;
+        let Some(answer) = bindings::answer_of(&c, &k) else {
+            // Any other key (Enter too) leaves the question open.
+            self.overlay = Overlay::Confirm(c);
+            return;
+        };
+        let quit = |app: &mut App, fx: &mut Vec<Effect>, m: QuitMode| {
+            app.quit_mode = m;
+            app.quit = true;
+            fx.push(Effect::Quit);
+        };
+        match (answer, c) {
+            (Answer::Close, _) => {}
+            (Answer::QuitCancel, _) => quit(self, fx, QuitMode::Cancel),
+            (Answer::QuitHandOver, _) => quit(self, fx, QuitMode::HandOver),
+            (Answer::QuitWait, _) => quit(self, fx, QuitMode::Finish),
+            (Answer::CancelRun, Confirm::Cancel { run_id, .. }) => {
+                fx.push(Effect::Cancel {
+                    run_id: run_id.clone(),
+                });
+                self.say(format!("cancelling run {}…", short(&run_id)));
+            }
+            (Answer::RunIt, Confirm::Run { blueprint }) => match self.blueprint_named(&blueprint) {
+                Some(bp) => fx.push(Effect::Start {
+                    blueprint: bp,
+                    request: Box::new(RunRequest {
+                        trigger: "console".into(),
+                        ..RunRequest::default()
+                    }),
+                }),
+                None => self.complain(format!("{blueprint} is no longer loaded")),
             },
-            Confirm::Quit { in_flight } => {
-                let mode = match k.code {
-                    KeyCode::Char('y') | KeyCode::Char('c') | KeyCode::Enter => {
-                        Some(QuitMode::Cancel)
-                    }
-                    KeyCode::Char('h') => Some(QuitMode::HandOver),
-                    KeyCode::Char('w') => Some(QuitMode::Finish),
-                    _ => None,
-                };
-                match mode {
-                    Some(m) => {
-                        self.quit_mode = m;
-                        self.quit = true;
-                        fx.push(Effect::Quit);
-                    }
-                    None if no => {}
-                    None => self.overlay = Overlay::Confirm(Confirm::Quit { in_flight }),
+            (Answer::SandboxInstead, Confirm::Run { blueprint }) => {
+                match self.blueprint_named(&blueprint) {
+                    Some(bp) => self.open_sandbox(bp),
+                    None => self.complain(format!("{blueprint} is no longer loaded")),
                 }
             }
-            Confirm::Export { blueprint } => {
+            (Answer::RetryWhole, Confirm::Retry { run_id, blueprint }) => {
+                fx.push(Effect::Retry {
+                    run_id,
+                    only_failed: false,
+                });
+                self.say(format!("retrying {blueprint} (whole run)…"));
+            }
+            (Answer::RetryFailed, Confirm::Retry { run_id, blueprint }) => {
+                fx.push(Effect::Retry {
+                    run_id,
+                    only_failed: true,
+                });
+                self.say(format!("retrying the failed steps of {blueprint}…"));
+            }
+            (
+                a @ (Answer::ExportPython
+                | Answer::ExportNode
+                | Answer::ExportGithub
+                | Answer::ExportDocker),
+                Confirm::Export { blueprint },
+            ) => {
                 use crate::export::Target;
-                let target = match k.code {
-                    KeyCode::Char('p') => Some(Target::Python),
-                    KeyCode::Char('n') => Some(Target::Node),
-                    KeyCode::Char('g') => Some(Target::GithubAction),
-                    KeyCode::Char('d') => Some(Target::Docker),
-                    _ => None,
+                let target = match a {
+                    Answer::ExportPython => Target::Python,
+                    Answer::ExportNode => Target::Node,
+                    Answer::ExportGithub => Target::GithubAction,
+                    _ => Target::Docker,
                 };
-                match (target, self.blueprint_named(&blueprint)) {
-                    (Some(target), Some(bp)) => {
+                match self.blueprint_named(&blueprint) {
+                    Some(bp) => {
                         let out = PathBuf::from("exports").join(format!(
                             "{}-{}",
                             bp.name,
@@ -582,29 +608,11 @@ impl App {
                             out,
                         });
                     }
-                    (Some(_), None) => self.complain(format!("{blueprint} is no longer loaded")),
-                    (None, _) if no => {}
-                    (None, _) => self.overlay = Overlay::Confirm(Confirm::Export { blueprint }),
+                    None => self.complain(format!("{blueprint} is no longer loaded")),
                 }
             }
-            _ if no => {}
-            c if !yes && k.code != KeyCode::Enter => self.overlay = Overlay::Confirm(c),
-            Confirm::Cancel { run_id, .. } => {
-                fx.push(Effect::Cancel {
-                    run_id: run_id.clone(),
-                });
-                self.say(format!("cancelling run {}…", short(&run_id)));
-            }
-            Confirm::Run { blueprint } => match self.blueprint_named(&blueprint) {
-                Some(bp) => fx.push(Effect::Start {
-                    blueprint: bp,
-                    request: Box::new(RunRequest {
-                        trigger: "console".into(),
-                        ..RunRequest::default()
-                    }),
-                }),
-                None => self.complain(format!("{blueprint} is no longer loaded")),
-            },
+            // An answer of another dialog cannot come from `answer_of`.
+            (_, c) => self.overlay = Overlay::Confirm(c),
         }
     }
 
@@ -665,6 +673,14 @@ impl App {
                 };
             }
             KeyCode::Char('s') if ctrl => return self.submit_sandbox(form, fx),
+            KeyCode::Char('k') if ctrl => {
+                // Clears the field (the whole test variables, or the rate).
+                match form.field {
+                    FormField::Vars => form.vars = forms::vars_area(Vec::new()),
+                    FormField::Rate => form.set_rate(""),
+                }
+                form.error = None;
+            }
             KeyCode::Enter if form.field == FormField::Rate => {
                 return self.submit_sandbox(form, fx)
             }
@@ -688,6 +704,8 @@ impl App {
         match form.request() {
             Ok(req) => {
                 let name = form.blueprint.name.clone();
+                self.sandbox_rates
+                    .insert(name.clone(), form.rate.lines().join(""));
                 fx.push(Effect::Start {
                     blueprint: form.blueprint.clone(),
                     request: Box::new(req),
@@ -733,6 +751,16 @@ impl App {
                             ed.problems = problems.iter().map(ToString::to_string).collect();
                         }
                     }
+                }
+            }
+            KeyCode::Char('z') if ctrl => {
+                if let Some(t) = &mut ed.text {
+                    t.undo();
+                }
+            }
+            KeyCode::Char('y') if ctrl => {
+                if let Some(t) = &mut ed.text {
+                    t.redo();
                 }
             }
             _ => {

