@@ -440,3 +440,109 @@ fn above_the_memory_threshold_a_daemon_runs_one_step_at_a_time() {
         "without the hold the calls overlap: {steps:?}"
     );
 }
+
+fn log_text(d: &Dir) -> String {
+    std::fs::read_dir(d.dir.path().join("logs"))
+        .map(|r| {
+            r.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A run with retries writes every state change once and cleanly: the log has no "ignored"
+/// store write (each one would be a transition that found the row in an unexpected state), and
+/// the rows name this host.
+#[test]
+fn a_run_with_retries_records_every_transition_without_a_warning() {
+    let d = Dir::new();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let o = d.run(&[
+        "run",
+        "tech-digest",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--sandbox",
+        "--simulate-failures",
+        "0.3",
+        "--seed",
+        "7",
+        "--json",
+    ]);
+    assert!(
+        matches!(o.status.code(), Some(0 | 1)),
+        "{}",
+        text(&o.stderr)
+    );
+    let report: Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    let retried = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["attempts"].as_u64().unwrap_or(0) > 1)
+        .count();
+    assert!(retried > 0, "seed 7 at 30 % retries some steps");
+    let log = log_text(&d);
+    assert!(log.contains("attempt failed"), "the retries are logged");
+    assert!(
+        !log.contains("store: ignored"),
+        "a normal run's writes were refused: {}",
+        log.lines()
+            .filter(|l| l.contains("store: ignored"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    let db = rusqlite::Connection::open(d.db()).unwrap();
+    let recorded: String = db
+        .query_row("SELECT host FROM runner_executions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(recorded, host);
+    let proc_host: String = db
+        .query_row("SELECT host FROM runner_processes LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(proc_host, host);
+}
+
+/// While a step waits for its next attempt, `show` says `retrying`, not `running`.
+#[test]
+fn show_says_retrying_during_a_backoff() {
+    let d = Dir::new();
+    // Nothing listens on port 1; the backoff is a real 60 s (time scale 1), so the step sits
+    // in `retrying` until the test kills the run.
+    let f = d.blueprint(json!({ "name": "backoff", "nodes": [
+        { "id": "fetch", "type": "http", "url": "http://127.0.0.1:1/",
+          "retry": { "attempts": 3, "backoff": "60s" } }] }));
+    let mut child = d
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("OMNIFLOW_TIME_SCALE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = String::new();
+    wait_for("the step to be recorded as retrying", || {
+        let Some(run) = runs(&d, &[]).first().cloned() else {
+            return false;
+        };
+        let shown = d.json(&["show", run["id"].as_str().unwrap(), "--json"]);
+        status = shown["steps"][0]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        status == "retrying"
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(status, "retrying");
+    let run = &runs(&d, &[])[0];
+    let o = d.run(&["show", run["id"].as_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(text(&o.stdout).contains("retrying"), "{}", text(&o.stdout));
+}
