@@ -282,8 +282,18 @@ mod tests {
         assert_eq!(results.len(), 11);
         assert_eq!(q.stats().failed, 1);
         assert_eq!(q.stats().succeeded, 10);
-        let first = done.recv().await.unwrap();
-        assert!(first.name == "flaky" || first.name.starts_with('t'));
+        // Every task's completion reached the subscriber once, with its own result.
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..11 {
+            let c = done.recv().await.unwrap();
+            assert_eq!(c.runs, 1, "{}", c.name);
+            assert!(seen.insert(c.name.clone(), c.result).is_none());
+        }
+        let flaky = seen["flaky"].clone().unwrap_err();
+        assert!(flaky.contains("first run fails"), "{flaky}");
+        for i in 0..10 {
+            assert_eq!(seen[&format!("t{i}")], Ok(Value::from(i)));
+        }
 
         assert_eq!(q.retry_failed_tasks(), 1);
         let results = q.wait_for_tasks().await;

@@ -5,6 +5,7 @@
 //! every schedule parses.
 
 use omniflow::blueprint::{Blueprint, NodeKind};
+use omniflow::template::Templates;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -110,13 +111,14 @@ fn every_bundled_blueprint_is_sound() {
             }
         }
 
-        // Templates and expressions compile.
-        let env = minijinja::Environment::new();
+        // Templates and expressions compile in the engine's own environment (its filters, its
+        // undefined behaviour), not a bare minijinja one.
+        let env = Templates::new();
         for node in &bp.nodes {
             let raw_node = serde_json::to_value(node).expect("node serializes");
             for text in strings(&raw_node) {
                 if text.contains("{{") || text.contains("{%") {
-                    env.template_from_str(&text).unwrap_or_else(|e| {
+                    env.check_syntax(&text).unwrap_or_else(|e| {
                         panic!(
                             "{file}: {}: template does not compile: {e}\n{text}",
                             node.id
@@ -125,7 +127,7 @@ fn every_bundled_blueprint_is_sound() {
                 }
             }
             if let NodeKind::Condition(c) = &node.kind {
-                env.compile_expression(&c.expression).unwrap_or_else(|e| {
+                env.check_expr_syntax(&c.expression).unwrap_or_else(|e| {
                     panic!("{file}: {}: expression does not compile: {e}", node.id)
                 });
             }
@@ -240,8 +242,9 @@ fn node_references(raw_node: &Value) -> HashSet<String> {
     found
 }
 
-/// Renders one node's template the way the design describes the context: `vars.X`,
-/// `nodes.ID.output`, `item`.
+/// Renders one node's template as a run does: the production template environment (semi-strict
+/// undefined, OmniFlow's filters, the fuel limit) and the context a step gets (`vars.X`,
+/// `nodes.ID.output` and `.status`, `run`).
 fn render(bp: &Blueprint, node: &str, outputs: Value) -> String {
     let template = match &bp.node(node).expect("node exists").kind {
         NodeKind::Transform(t) => t.template.clone(),
@@ -252,14 +255,21 @@ fn render(bp: &Blueprint, node: &str, outputs: Value) -> String {
         .as_object()
         .expect("outputs by node id")
         .iter()
-        .map(|(id, out)| (id.clone(), serde_json::json!({ "output": out })))
+        .map(|(id, out)| {
+            (
+                id.clone(),
+                serde_json::json!({ "output": out, "status": "success" }),
+            )
+        })
         .collect();
-    minijinja::Environment::new()
-        .render_str(
-            &template,
-            serde_json::json!({ "vars": bp.variables, "nodes": nodes }),
-        )
-        .unwrap_or_else(|e| panic!("{}.{node}: {e}", bp.name))
+    let context = serde_json::json!({
+        "vars": bp.variables,
+        "nodes": nodes,
+        "run": { "id": "0test0000", "blueprint": bp.name, "sandbox": false },
+    });
+    Templates::new()
+        .render(&template, &context)
+        .unwrap_or_else(|e| panic!("{}.{node}: {}", bp.name, e.message))
 }
 
 fn bundled(name: &str) -> Blueprint {

@@ -65,7 +65,9 @@ async fn outputs_flow_along_needs_and_history_is_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_40_item_fan_out_puts_40_agents_in_flight_together() {
-    let env = engine(&[("SANDBOX_LATENCY_MS", "100000")], 64); // 100 s scaled ×0.001 = 100 ms
+    // 3,000 s scaled ×0.001 = 3 s: every call is still in flight when the last one starts, even
+    // on a machine that stalls for a second or two.
+    let env = engine(&[("SANDBOX_LATENCY_MS", "3000000")], 64);
     let topics: Vec<String> = (0..40).map(|i| format!("topic{i}")).collect();
     let bp = blueprint(json!({
         "name": "fan",

@@ -652,8 +652,15 @@ fn nothing_panics_on_strange_documents() {
         }
     }
     for text in ["", "{", "[", "nul", "{\"a\":}", "\u{0}"] {
-        assert!(load_str(text, Format::Json).is_err());
-        let _ = load_str(text, Format::Toml);
+        for format in [Format::Json, Format::Toml] {
+            match load_str(text, format) {
+                Err(problems) => assert!(
+                    !problems.is_empty() && problems.iter().all(|p| !p.message.is_empty()),
+                    "{text:?}: {problems:?}"
+                ),
+                Ok(bp) => panic!("{text:?} as {format:?} loaded as a blueprint: {bp:?}"),
+            }
+        }
     }
 }
 

@@ -71,13 +71,15 @@ impl Engine {
         let stop = CancellationToken::new();
         let engine = self.clone();
         let token = stop.clone();
+        // The first reading is taken before this returns: a process that starts above the
+        // threshold holds its pool before a schedule or an adopted run can submit work.
+        let mut held = self.check_memory(false);
         let join = tokio::spawn(async move {
             let config = engine.inner.config.clone();
             let beat_every = config.scaled(config.lease_timeout / 3);
             let mut tick = tokio::time::interval(config.scaled(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut last_beat = Instant::now();
-            let mut held = false;
             if adopt {
                 engine.adopt_orphans().await;
             }

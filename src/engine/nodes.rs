@@ -324,6 +324,7 @@ pub(crate) async fn execute(
             opts.sandbox = ctx.sandbox.as_ref();
             opts.progress = Some(&publish);
             opts.cache = *cache;
+            opts.json = matches!(parse, Parse::Json);
             // A retry goes to the model: the cached answer may be what failed.
             opts.refresh = attempt > 1;
             let reply = ctx
@@ -367,7 +368,7 @@ pub(crate) async fn execute(
         } => {
             if ctx.is_sandbox {
                 return Ok(StepOutput {
-                    value: simulated_page(url),
+                    value: simulated_reply(url, response),
                     provider: Some("sandbox".into()),
                     ..Default::default()
                 });
@@ -382,7 +383,7 @@ pub(crate) async fn execute(
             if ctx.is_sandbox {
                 tracing::info!(run_id = %ctx.run_id, step, channel = channel.as_str(), "sandbox: notification recorded, not sent");
                 return Ok(StepOutput {
-                    value: json!({ "channel": channel.as_str(), "text": text, "delivered": false, "sandbox": true }),
+                    value: crate::notify::sandbox_record(*channel, text, parse_mode.as_deref()),
                     provider: Some(channel.as_str().into()),
                     ..Default::default()
                 });
@@ -464,8 +465,17 @@ fn parse_model_json(text: &str) -> Result<Value, StepError> {
     })
 }
 
-/// The sandbox's answer to an HTTP node: nothing leaves the machine.
-fn simulated_page(url: &str) -> Value {
+/// The sandbox's answer to an HTTP node without a `sandboxOutput`: nothing leaves the
+/// machine, and the answer has the type the node would get (JSON for `response: "json"`, a page
+/// otherwise).
+fn simulated_reply(url: &str, response: &str) -> Value {
+    if response == "json" {
+        return json!({
+            "simulated": true,
+            "url": url,
+            "note": "simulated by the OmniFlow sandbox; give the node a sandboxOutput with a real reply's shape"
+        });
+    }
     Value::String(format!(
         "<html><head><title>Simulated page</title></head><body><h1>{url}</h1><p>This page was \
          simulated by the OmniFlow sandbox; nothing left the machine. A real run fetches {url}.</p>\

@@ -215,4 +215,58 @@ mod tests {
             "capped by maxDelay"
         );
     }
+
+    #[test]
+    fn the_node_wins_over_the_defaults_for_the_same_field() {
+        let defaults = RetrySpec {
+            attempts: Some(6),
+            backoff: Some("2s".into()),
+            factor: Some(4.0),
+            max_delay: Some("100s".into()),
+            jitter: Some(0.5),
+        };
+        let node = RetrySpec {
+            attempts: Some(2),
+            backoff: Some("3s".into()),
+            factor: Some(1.5),
+            max_delay: Some("4s".into()),
+            jitter: Some(0.0),
+        };
+        let p = RetryPolicy::resolve(Some(&node), Some(&defaults), 3);
+        assert_eq!(
+            p,
+            RetryPolicy {
+                attempts: 2,
+                backoff: Duration::from_secs(3),
+                factor: 1.5,
+                max_delay: Duration::from_secs(4),
+                jitter: 0.0,
+            }
+        );
+        // And the defaults win over MAX_RETRIES where the node says nothing.
+        let p = RetryPolicy::resolve(None, Some(&defaults), 3);
+        assert_eq!((p.attempts, p.backoff), (6, Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_hint_on_another_kind_is_capped_and_loading_keeps_its_own_cap() {
+        // release-notes sets maxDelay 60s: a loading model still waits at most 30 s, and a
+        // server error whose reply says "retry in an hour" waits at most the larger of the two.
+        let p = RetryPolicy {
+            max_delay: Duration::from_secs(60),
+            ..RetryPolicy::from_max_retries(3)
+        };
+        let loading = err(ErrorKind::ModelLoading).with_retry_after(Duration::from_secs(600));
+        assert_eq!(wait(p.decide(1, &loading, 0.0)), MODEL_LOADING_CAP);
+        let busy = err(ErrorKind::Server).with_retry_after(Duration::from_secs(3600));
+        assert_eq!(
+            p.decide(1, &busy, 0.0),
+            Decision::Retry {
+                wait: Duration::from_secs(60),
+                hinted: true
+            }
+        );
+        let p = RetryPolicy::from_max_retries(3); // maxDelay 30 s
+        assert_eq!(wait(p.decide(1, &busy, 0.0)), Duration::from_secs(30));
+    }
 }

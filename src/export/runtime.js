@@ -563,7 +563,7 @@ async function telegram(text, parseMode, timeout) {
     throw new StepError(kind, `Telegram error ${code}: ${desc} — ${hint}`, wait);
   }
   // The same record as `omniflow run` writes (no delivery history here: nothing "already sent").
-  return { channel: "telegram", delivered: true, parts: ids.length, alreadySent: 0, messageIds: ids };
+  return { channel: "telegram", delivered: true, parts: ids.length, alreadySent: 0, messageIds: ids, text };
 }
 
 async function discord(text, timeout) {
@@ -591,7 +591,7 @@ async function discord(text, timeout) {
     else if (r.status >= 500 && r.status <= 599) [kind, hint] = ["server", "Discord failed"];
     throw new StepError(kind, `Discord error ${r.status}: ${msg} — ${hint}`, wait);
   }
-  return { channel: "discord", delivered: true, parts: ids.length, alreadySent: 0, messageIds: ids };
+  return { channel: "discord", delivered: true, parts: ids.length, alreadySent: 0, messageIds: ids, text };
 }
 
 const notifyNode = (channel, text, parseMode, timeout) =>

@@ -729,7 +729,7 @@ def telegram(text_, parse_mode, timeout):
         raise StepError(kind, f"Telegram error {code}: {desc} — {hint}", wait_s)
     # The same record as `omniflow run` writes (this program keeps no delivery history, so
     # nothing is ever "already sent").
-    return {"channel": "telegram", "delivered": True, "parts": len(ids), "alreadySent": 0, "messageIds": ids}
+    return {"channel": "telegram", "delivered": True, "parts": len(ids), "alreadySent": 0, "messageIds": ids, "text": text_}
 
 
 def discord(text_, timeout):
@@ -763,7 +763,7 @@ def discord(text_, timeout):
         else:
             kind, hint = "invalid_request", "Discord refused the message"
         raise StepError(kind, f"Discord error {status}: {msg} — {hint}", wait_s)
-    return {"channel": "discord", "delivered": True, "parts": len(ids), "alreadySent": 0, "messageIds": ids}
+    return {"channel": "discord", "delivered": True, "parts": len(ids), "alreadySent": 0, "messageIds": ids, "text": text_}
 
 
 def notify_node(channel, text_, parse_mode, timeout):

@@ -148,6 +148,10 @@ pub async fn deliver(
         Channel::Telegram => telegram::credentials(config).map(|_| ())?,
         Channel::Discord => discord::webhook(config).map(|_| ())?,
     }
+    let sent_text = match msg {
+        Message::Text { text, .. } => Some(text),
+        _ => None,
+    };
     let parts = parts(channel, msg);
     let total = parts.len();
     let mut ids = Vec::with_capacity(total);
@@ -197,13 +201,38 @@ pub async fn deliver(
         }
         ids.push(id);
     }
-    Ok(json!({
+    Ok(record(channel, true, total, skipped, ids, sent_text))
+}
+
+/// What a `notify` node outputs. One shape for a real delivery, a sandbox run (nothing sent:
+/// `delivered` false, no message ids) and the exported programs, so a template reading
+/// `nodes.post.output.parts` or `.text` works the same in all of them.
+fn record(
+    channel: Channel,
+    delivered: bool,
+    parts: usize,
+    already_sent: usize,
+    message_ids: Vec<Value>,
+    text: Option<&str>,
+) -> Value {
+    let mut v = json!({
         "channel": channel.as_str(),
-        "delivered": true,
-        "parts": total,
-        "alreadySent": skipped,
-        "messageIds": ids,
-    }))
+        "delivered": delivered,
+        "parts": parts,
+        "alreadySent": already_sent,
+        "messageIds": message_ids,
+    });
+    if let (Some(t), Some(m)) = (text, v.as_object_mut()) {
+        m.insert("text".into(), Value::String(t.to_string()));
+    }
+    v
+}
+
+/// The record a sandbox run keeps for a `notify` node: what a real delivery would record,
+/// split into the parts the service would get, with nothing sent.
+pub fn sandbox_record(channel: Channel, text: &str, parse_mode: Option<&str>) -> Value {
+    let total = parts(channel, Message::Text { text, parse_mode }).len();
+    record(channel, false, total, 0, Vec::new(), Some(text))
 }
 
 /// Runs a store call off the async runtime. A store failure is logged and read as "nothing

@@ -150,6 +150,9 @@ pub struct CallOptions<'a> {
     pub refresh: bool,
     /// Overrides `USE_OLLAMA` for the `auto` chain (the library call's `use_ollama`).
     pub use_ollama: Option<bool>,
+    /// The node parses the answer as JSON (`parse: "json"`): a sandbox answers JSON then, as
+    /// a model told to would, so what follows the node can be tried offline.
+    pub json: bool,
 }
 
 impl<'a> CallOptions<'a> {
@@ -161,6 +164,7 @@ impl<'a> CallOptions<'a> {
             cache: true,
             refresh: false,
             use_ollama: None,
+            json: false,
         }
     }
 }
@@ -459,7 +463,11 @@ impl Providers {
         mut admission: Option<Admission>,
     ) -> Result<LlmReply, StepError> {
         if let Some(sim) = opts.sandbox {
-            return sim.complete(req, opts.key).await;
+            let mut reply = sim.complete(req, opts.key).await?;
+            if opts.json {
+                reply.text = sandbox::json_answer(req, &reply.text);
+            }
+            return Ok(reply);
         }
         if req.provider == "sandbox" {
             return SimulatedModel::new(0.0, 0, self.config.sandbox_latency)

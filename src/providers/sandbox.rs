@@ -218,6 +218,94 @@ pub fn answer_about(prompt: &str, model: &str, subject: Option<&str>, seed: u64)
     format!("{} {}", cap(a), b)
 }
 
+/// The simulated answer of a node that parses JSON. When the prompt (or system text) shows
+/// the object it wants, the answer has the same keys with values of the same types; otherwise
+/// it is `{"answer": text}`. Every other answer comes wrapped in a Markdown fence, as real
+/// models often do, so the fence stripping is exercised too.
+pub fn json_answer(req: &LlmRequest, text: &str) -> String {
+    let h = fnv(req.prompt.as_bytes()) ^ fnv(req.model.as_bytes());
+    let example = [Some(req.prompt.as_str()), req.system.as_deref()]
+        .into_iter()
+        .flatten()
+        .find_map(example_object);
+    let options = one_of(&req.prompt);
+    let value = match example {
+        Some(shape) => {
+            let mut rng = SplitMix::new(h);
+            fill_like(&shape, text, options.as_deref(), &mut rng, 0)
+        }
+        None => serde_json::json!({ "answer": text }),
+    };
+    let body = value.to_string();
+    if h & 1 == 1 {
+        format!("```json\n{body}\n```")
+    } else {
+        body
+    }
+}
+
+/// The first JSON object written out in `text`, if any (only the first few `{` are tried, so a
+/// prompt full of braces costs no more than a short one).
+fn example_object(text: &str) -> Option<serde_json::Value> {
+    text.match_indices('{').take(16).find_map(|(i, _)| {
+        let mut values =
+            serde_json::Deserializer::from_str(&text[i..]).into_iter::<serde_json::Value>();
+        match values.next() {
+            Some(Ok(v @ serde_json::Value::Object(_))) => Some(v),
+            _ => None,
+        }
+    })
+}
+
+/// A value shaped like `shape`: strings from the answer (or one of the prompt's options),
+/// numbers in the same range, the same keys and nesting.
+fn fill_like(
+    shape: &serde_json::Value,
+    text: &str,
+    options: Option<&[String]>,
+    rng: &mut SplitMix,
+    depth: usize,
+) -> serde_json::Value {
+    use serde_json::Value;
+    match shape {
+        _ if depth > 8 => Value::Null,
+        Value::Null => Value::Null,
+        Value::Bool(_) => Value::Bool(rng.below(2) == 1),
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(1.0).abs().max(1.0);
+            serde_json::json!((rng.unit() * f * 100.0).round() / 100.0)
+        }
+        Value::Number(n) => {
+            let top = n.as_u64().unwrap_or(10).clamp(1, 1_000_000);
+            serde_json::json!(rng.below(top + 1))
+        }
+        Value::String(_) => match options {
+            Some(o) if !o.is_empty() => {
+                Value::String(o[rng.below(o.len() as u64) as usize].clone())
+            }
+            _ => Value::String(
+                text.split_inclusive(". ")
+                    .next()
+                    .unwrap_or(text)
+                    .trim()
+                    .to_string(),
+            ),
+        },
+        Value::Array(items) => Value::Array(
+            items
+                .first()
+                .map(|first| fill_like(first, text, options, rng, depth + 1))
+                .into_iter()
+                .collect(),
+        ),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), fill_like(v, text, options, rng, depth + 1)))
+                .collect(),
+        ),
+    }
+}
+
 fn one_of(prompt: &str) -> Option<Vec<String>> {
     let lower = prompt.to_lowercase();
     let at = lower.find("one of")?;
@@ -405,5 +493,63 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_json_node_gets_the_object_its_prompt_shows() {
+        let mut r = req("Classify the ticket. Reply with JSON like {\"label\": \"bug\", \"score\": 0.5, \"n\": 3, \"tags\": [\"x\"], \"ok\": true}. Label is one of: bug, feature, question");
+        r.model = "m".into();
+        let text = json_answer(&r, "Some answer. More words.");
+        let body = text
+            .trim()
+            .trim_start_matches("```json")
+            .trim_end_matches("```")
+            .trim();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(
+            ["bug", "feature", "question"].contains(&v["label"].as_str().unwrap()),
+            "{v}"
+        );
+        assert!(
+            v["score"]
+                .as_f64()
+                .is_some_and(|f| (0.0..=1.0).contains(&f)),
+            "{v}"
+        );
+        assert!(v["n"].as_u64().is_some_and(|n| n <= 3), "{v}");
+        assert!(
+            v["tags"]
+                .as_array()
+                .is_some_and(|a| a.len() == 1 && a[0].is_string()),
+            "{v}"
+        );
+        assert!(v["ok"].is_boolean(), "{v}");
+        assert_eq!(
+            text,
+            json_answer(&r, "Some answer. More words."),
+            "deterministic"
+        );
+    }
+
+    #[test]
+    fn without_an_example_the_answer_is_wrapped_and_some_answers_are_fenced() {
+        let mut fenced = 0;
+        for i in 0..32 {
+            let r = req(&format!("Tell me about topic {i} in JSON"));
+            let text = json_answer(&r, "Plain words.");
+            if text.starts_with("```json\n") {
+                fenced += 1;
+            }
+            let body = text
+                .trim_start_matches("```json")
+                .trim_end_matches("```")
+                .trim();
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v, serde_json::json!({"answer": "Plain words."}));
+        }
+        assert!(
+            (1..32).contains(&fenced),
+            "both forms occur: {fenced} of 32 fenced"
+        );
     }
 }

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Mutation testing with cargo-mutants: change the code in small ways (a `==` becomes `!=`, a
+# function returns a default) and check that some test fails for each change. A mutant that
+# survives is behaviour no test pins down.
+#
+#   scripts/mutants.sh                  # the .rs files under src/ changed since main
+#   scripts/mutants.sh src/store/       # every file under these paths
+#   scripts/mutants.sh src/engine/retry.rs src/store/transitions.rs
+#
+# Too slow for CI on 2 cores (each mutant is a build and a test run): run it before asking for
+# review of a change to the store, the engine or the providers. The tests it runs are the unit
+# tests and the store, engine and provider integration tests (`.cargo/mutants.toml`), which is
+# where those modules' behaviour is pinned. Results land in mutants.out/ (missed.txt: the
+# survivors). Kill a survivor with a test, or, if it is truly equivalent (no behaviour changes),
+# add it to exclude_re in .cargo/mutants.toml with the reason.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v cargo-mutants >/dev/null 2>&1; then
+    echo "cargo-mutants is not installed: cargo install --locked cargo-mutants" >&2
+    exit 2
+fi
+
+files=()
+if [ "$#" -gt 0 ]; then
+    for p in "$@"; do
+        if [ -d "$p" ]; then
+            while IFS= read -r f; do files+=("$f"); done < <(find "$p" -name '*.rs' | sort)
+        else
+            files+=("$p")
+        fi
+    done
+else
+    base=$(git merge-base HEAD main 2>/dev/null || echo main)
+    while IFS= read -r f; do files+=("$f"); done \
+        < <(git diff --name-only "$base" -- 'src/*.rs' 'src/**/*.rs' | sort -u)
+fi
+# Test modules are not mutated.
+kept=()
+for f in "${files[@]}"; do
+    case "$f" in
+        */tests.rs | */tests/*) ;;
+        *) [ -f "$f" ] && kept+=("$f") ;;
+    esac
+done
+if [ "${#kept[@]}" -eq 0 ]; then
+    echo "no Rust source changed since main: nothing to mutate (name files or folders to test them)"
+    exit 0
+fi
+
+args=()
+for f in "${kept[@]}"; do args+=(--file "$f"); done
+echo "mutating ${#kept[@]} file(s): ${kept[*]}"
+exec cargo mutants --no-shuffle "${args[@]}"
