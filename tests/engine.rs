@@ -66,8 +66,15 @@ async fn outputs_flow_along_needs_and_history_is_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_40_item_fan_out_puts_40_agents_in_flight_together() {
     // 3,000 s scaled ×0.001 = 3 s: every call is still in flight when the last one starts, even
-    // on a machine that stalls for a second or two.
-    let env = engine(&[("SANDBOX_LATENCY_MS", "3000000")], 64);
+    // on a machine that stalls for a second or two (the request timeout is raised above it, or
+    // the sandbox would simulate a timeout).
+    let env = engine(
+        &[
+            ("SANDBOX_LATENCY_MS", "3000000"),
+            ("REQUEST_TIMEOUT", "10000"),
+        ],
+        64,
+    );
     let topics: Vec<String> = (0..40).map(|i| format!("topic{i}")).collect();
     let bp = blueprint(json!({
         "name": "fan",

@@ -546,3 +546,69 @@ fn show_says_retrying_during_a_backoff() {
     assert_eq!(o.status.code(), Some(0));
     assert!(text(&o.stdout).contains("retrying"), "{}", text(&o.stdout));
 }
+
+/// A running daemon adopts a run whose process was killed, by itself (no `resume` typed), and
+/// finishes it without running again the steps recorded as done.
+#[test]
+fn a_live_daemon_adopts_a_killed_run_by_itself() {
+    let d = Dir::new();
+    let f = d.blueprint(json!({
+        "name": "long",
+        "variables": { "T": (0..12).map(|i| format!("t{i}")).collect::<Vec<_>>() },
+        "nodes": [
+            { "id": "ask", "type": "llm", "forEach": "{{ vars.T }}", "prompt": "On {{ item }}." },
+            { "id": "join", "type": "transform", "needs": ["ask"], "template": "{{ nodes.ask.output | length }}" }
+        ]
+    }));
+    // One call at a time, 300 ms each (scaled): the kill lands mid-fan-out.
+    let mut run = d
+        .cmd(&["run", f.to_str().unwrap(), "--sandbox"])
+        .env("CONCURRENCY", "1")
+        .env("SANDBOX_LATENCY_MS", "300000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = Store::open(&d.db()).unwrap();
+    let done_before = |store: &Store| -> Vec<(String, Option<String>)> {
+        let Some(r) = store.list_runs(&all_runs()).unwrap().first().cloned() else {
+            return Vec::new();
+        };
+        store
+            .run_steps(&r.id)
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.status == omniflow::events::StepStatus::Success)
+            .map(|s| (s.step_key, s.started_at))
+            .collect()
+    };
+    wait_for("two steps done", || done_before(&store).len() >= 2);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let before = done_before(&store);
+    assert!(before.len() < 13, "the run was killed before its end");
+
+    // An idle daemon with no schedule: all it can do is adopt.
+    let daemon = d.daemon(&[], &[("SANDBOX_LATENCY_MS", "1000")]);
+    wait_for("the daemon to finish the killed run", || {
+        store
+            .list_runs(&all_runs())
+            .unwrap()
+            .first()
+            .is_some_and(|r| r.status.is_final())
+    });
+    sigterm(&daemon);
+    let out = daemon.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r = &store.list_runs(&all_runs()).unwrap()[0];
+    assert_eq!(r.status, omniflow::events::RunStatus::Success, "{r:?}");
+    let steps = store.run_steps(&r.id).unwrap();
+    assert_eq!(steps.len(), 13);
+    for (key, started) in &before {
+        let s = steps.iter().find(|s| &s.step_key == key).unwrap();
+        assert_eq!(&s.started_at, started, "{key} ran again after the takeover");
+        assert_eq!(s.attempts, 1, "{key}");
+    }
+    let shown = d.json(&["show", &r.id, "--json"]);
+    assert_eq!(shown["steps"].as_array().unwrap().len(), 13);
+}
