@@ -637,18 +637,13 @@ fn output_text(v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Object(m) if m.contains_key("channel") => {
             let channel = m.get("channel").and_then(Value::as_str).unwrap_or("?");
-            // A sandbox record carries what would have been sent.
-            if let Some(text) = m.get("text").and_then(Value::as_str) {
-                return text.to_string();
-            }
-            match m.get("delivered") {
+            let parts = m.get("parts").and_then(Value::as_u64).unwrap_or(1);
+            let messages = format!("{parts} message{}", if parts == 1 { "" } else { "s" });
+            // What happened first, then the text that was (or would have been) sent.
+            let head = match m.get("delivered") {
                 Some(Value::Bool(true)) => {
-                    let parts = m.get("parts").and_then(Value::as_u64).unwrap_or(1);
                     let again = m.get("alreadySent").and_then(Value::as_u64).unwrap_or(0);
-                    let mut s = format!(
-                        "sent on {channel} ({parts} message{})",
-                        if parts == 1 { "" } else { "s" }
-                    );
+                    let mut s = format!("sent on {channel} ({messages})");
                     if again > 0 {
                         s.push_str(&format!(
                             ", {again} of them already sent by an earlier attempt"
@@ -656,10 +651,17 @@ fn output_text(v: &Value) -> String {
                     }
                     s
                 }
+                Some(Value::Bool(false)) => {
+                    format!("not sent (a sandbox run): {channel} would get {messages}")
+                }
                 _ => match m.get("note").and_then(Value::as_str) {
                     Some(note) => format!("{channel}: {note}"),
-                    None => serde_json::to_string_pretty(v).unwrap_or_default(),
+                    None => return serde_json::to_string_pretty(v).unwrap_or_default(),
                 },
+            };
+            match m.get("text").and_then(Value::as_str) {
+                Some(text) => format!("{head}\n{text}"),
+                None => head,
             }
         }
         other => serde_json::to_string_pretty(other).unwrap_or_default(),
