@@ -43,7 +43,9 @@ fn server_bin() -> Option<PathBuf> {
         );
         return Some(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let default = home.join(DEFAULT_BIN);
     if default.is_file() {
         return Some(default);
@@ -395,11 +397,7 @@ fn a_fan_out_survives_a_killed_and_restarted_server() {
     let url = server.url();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.json");
-    std::fs::write(
-        &file,
-        fan_out(24, json!({ "maxTokens": 1500 })).to_string(),
-    )
-    .unwrap();
+    std::fs::write(&file, fan_out(24, json!({ "maxTokens": 1500 })).to_string()).unwrap();
     let env: Vec<(String, String)> = [
         ("OPENAI_BASE_URL", url.as_str()),
         ("OPENAI_CONCURRENCY", "4"),
@@ -417,7 +415,11 @@ fn a_fan_out_survives_a_killed_and_restarted_server() {
     // Kill once a few calls have started.
     let deadline = Instant::now() + READY_TIMEOUT;
     while server.log_text().matches("processing task").count() < 6 {
-        assert!(Instant::now() < deadline, "no calls came:\n{}", server.log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "no calls came:\n{}",
+            server.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     server.kill9();
@@ -430,8 +432,7 @@ fn a_fan_out_survives_a_killed_and_restarted_server() {
     let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = outcome["runId"].as_str().unwrap();
     let show: Value =
-        serde_json::from_slice(&omniflow(dir.path(), &["show", id, "--json"], &[]).stdout)
-            .unwrap();
+        serde_json::from_slice(&omniflow(dir.path(), &["show", id, "--json"], &[]).stdout).unwrap();
     let steps = show["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 24);
     assert!(steps.iter().all(|s| s["status"] == json!("success")));

@@ -392,7 +392,8 @@ async fn openai_compatible_sse_with_a_key_and_its_own_error_shape() {
     let p = providers(&[("OPENAI_BASE_URL", &base), ("OPENAI_API_KEY", "sk-local")]);
     let r = call(&p, &req("openai", "local")).await.unwrap();
     assert_eq!((r.text.as_str(), r.tokens_used), ("llama.cpp", Some(9)));
-    assert_eq!(fake.requests()[0].path, "/v1/chat/completions");
+    // (Before it, the client asked `/props` for llama-server's slot count.)
+    assert_eq!(fake.requests().last().unwrap().path, "/v1/chat/completions");
 
     let p = providers(&[("OPENAI_BASE_URL", &base), ("OPENAI_API_KEY", "wrong")]);
     let e = call(&p, &req("openai", "local")).await.unwrap_err();
@@ -1127,4 +1128,73 @@ async fn the_engines_attempt_timeout_stops_a_call_to_a_silent_server() {
         2,
         "each timed-out attempt closed its connection"
     );
+}
+
+// ---- a pooled connection the server closed --------------------------------------------------
+
+/// A server that keeps the first connection open after its first reply (it says keep-alive)
+/// but closes it, unanswered, when the second request comes on it — what llama-server does
+/// after a streamed reply, caught at the worst moment. Every later connection is answered.
+/// Returns the URL and the count of requests answered and dropped.
+async fn closes_the_pooled_connection() -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answered = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (a, d) = (answered.clone(), dropped.clone());
+    tokio::spawn(async move {
+        let body = json!({"model":"served","choices":[{"message":{"content":"fine"},
+                          "finish_reason":"stop"}],"usage":{"total_tokens":3}})
+        .to_string();
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Keep-Alive: timeout=5, max=100\r\n\r\n{body}",
+            body.len()
+        );
+        let mut first = true;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (a, d, reply) = (a.clone(), d.clone(), reply.clone());
+            let closes = std::mem::replace(&mut first, false);
+            tokio::spawn(async move {
+                let mut n = 0;
+                while common::http::read_request(&mut sock).await.is_some() {
+                    n += 1;
+                    if closes && n == 2 {
+                        d.fetch_add(1, Ordering::SeqCst);
+                        return; // dropped: closed without a byte of reply
+                    }
+                    a.fetch_add(1, Ordering::SeqCst);
+                    if sock.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, answered, dropped)
+}
+
+/// The second call goes out on the pooled connection, which the server closes unanswered:
+/// it is sent again at once on a new connection and succeeds, with no error to retry.
+#[tokio::test]
+async fn a_pooled_connection_closed_before_the_reply_is_replaced_at_once() {
+    let (url, answered, dropped) = closes_the_pooled_connection().await;
+    let p = providers(&[
+        ("OPENAI_BASE_URL", url.as_str()),
+        ("OPENAI_CONCURRENCY", "off"),
+    ]);
+    let r = req("openai", "asked");
+    let first = call(&p, &r).await.unwrap();
+    assert_eq!(first.text, "fine");
+    assert_eq!(first.reply_model.as_deref(), Some("served"));
+    assert_eq!(first.finish_reason.as_deref(), Some("stop"));
+    let second = call(&p, &r).await.unwrap();
+    assert_eq!(second.text, "fine");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the pooled connection was not reused"
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), 2);
 }

@@ -128,13 +128,14 @@ impl Providers {
                          flight (OPENAI_CONCURRENCY overrides)",
                         l.limit, l.limit
                     ),
-                    Some(l) => format!(
-                        "; at most {} calls in flight (OPENAI_CONCURRENCY)",
-                        l.limit
-                    ),
+                    Some(l) => {
+                        format!("; at most {} calls in flight (OPENAI_CONCURRENCY)", l.limit)
+                    }
                     None => String::new(),
                 };
-                Ok(format!("reachable at {base}; {n} model(s) listed; {key}{slots}"))
+                Ok(format!(
+                    "reachable at {base}; {n} model(s) listed; {key}{slots}"
+                ))
             }
         }
     }

@@ -119,7 +119,12 @@ pub fn is_truncation(finish_reason: Option<&str>) -> bool {
 /// Whether the model a server says answered is the one asked for. Ollama answers `llama3.2`
 /// for `llama3.2:latest` and the other way round; llama-server names its file path.
 pub fn same_model(requested: &str, answered: &str) -> bool {
-    let base = |m: &str| m.trim().strip_suffix(":latest").unwrap_or(m.trim()).to_string();
+    let base = |m: &str| {
+        m.trim()
+            .strip_suffix(":latest")
+            .unwrap_or(m.trim())
+            .to_string()
+    };
     base(requested) == base(answered)
 }
 
@@ -371,9 +376,17 @@ impl Providers {
     pub async fn slot_limit(&self, link: Link) -> Option<slots::SlotLimit> {
         let c = &self.config;
         match link {
-            Link::Ollama => self.limits.ollama_slots.limit(&self.http, link, None, None).await,
+            Link::Ollama => {
+                self.limits
+                    .ollama_slots
+                    .limit(&self.http, link, None, None)
+                    .await
+            }
             Link::HuggingFace | Link::HfInference => {
-                self.limits.hf_slots.limit(&self.http, link, None, None).await
+                self.limits
+                    .hf_slots
+                    .limit(&self.http, link, None, None)
+                    .await
             }
             Link::OpenAi => {
                 let props = c.openai_base_url.as_deref().map(slots::props_url);

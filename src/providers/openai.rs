@@ -135,7 +135,10 @@ fn note_reply(v: &Value, answer: &mut Answer) {
             answer.model = Some(m.to_string());
         }
     }
-    if let Some(r) = v.pointer("/choices/0/finish_reason").and_then(Value::as_str) {
+    if let Some(r) = v
+        .pointer("/choices/0/finish_reason")
+        .and_then(Value::as_str)
+    {
         answer.finish_reason = Some(r.to_string());
     }
 }

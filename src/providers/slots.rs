@@ -216,10 +216,7 @@ mod tests {
         assert_eq!(props_url("http://h:8080/v1"), "http://h:8080/props");
         assert_eq!(props_url("http://h:8080/v1/"), "http://h:8080/props");
         assert_eq!(props_url("http://h:8080"), "http://h:8080/props");
-        assert_eq!(
-            props_url("http://h/v1/chat/completions"),
-            "http://h/props"
-        );
+        assert_eq!(props_url("http://h/v1/chat/completions"), "http://h/props");
     }
 
     #[tokio::test]

@@ -610,9 +610,21 @@ mod tests {
             "m",
         );
         assert_eq!(overflow.kind, ErrorKind::InvalidRequest);
-        assert!(overflow.message.contains("shorten the prompt"), "{}", overflow.message);
-        assert!(overflow.message.contains("raise -c"), "{}", overflow.message);
-        assert!(!overflow.message.contains("temperature"), "{}", overflow.message);
+        assert!(
+            overflow.message.contains("shorten the prompt"),
+            "{}",
+            overflow.message
+        );
+        assert!(
+            overflow.message.contains("raise -c"),
+            "{}",
+            overflow.message
+        );
+        assert!(
+            !overflow.message.contains("temperature"),
+            "{}",
+            overflow.message
+        );
         assert_eq!(k(500, "boom"), ErrorKind::Server);
         let html = classify_status(
             Link::HuggingFace,

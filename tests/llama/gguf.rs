@@ -145,7 +145,10 @@ pub fn write(path: &Path) -> std::io::Result<()> {
         ("llama.attention.head_count", Val::U32(N_HEAD)),
         ("llama.attention.head_count_kv", Val::U32(N_HEAD)),
         ("llama.attention.layer_norm_rms_epsilon", Val::F32(1e-5)),
-        ("llama.rope.dimension_count", Val::U32(N_EMBD as u32 / N_HEAD)),
+        (
+            "llama.rope.dimension_count",
+            Val::U32(N_EMBD as u32 / N_HEAD),
+        ),
         ("llama.vocab_size", Val::U32(N_VOCAB as u32)),
         ("tokenizer.ggml.model", Val::Str("llama".into())),
         ("tokenizer.ggml.tokens", Val::Strs(tokens)),
@@ -176,9 +179,21 @@ pub fn write(path: &Path) -> std::io::Result<()> {
             tensors.push((p(n), vec![N_EMBD, N_EMBD], rng.fill(N_EMBD * N_EMBD, 0.02)));
         }
         tensors.push((p("ffn_norm"), vec![N_EMBD], vec![1.0; N_EMBD]));
-        tensors.push((p("ffn_gate"), vec![N_EMBD, N_FF], rng.fill(N_EMBD * N_FF, 0.02)));
-        tensors.push((p("ffn_up"), vec![N_EMBD, N_FF], rng.fill(N_EMBD * N_FF, 0.02)));
-        tensors.push((p("ffn_down"), vec![N_FF, N_EMBD], rng.fill(N_FF * N_EMBD, 0.02)));
+        tensors.push((
+            p("ffn_gate"),
+            vec![N_EMBD, N_FF],
+            rng.fill(N_EMBD * N_FF, 0.02),
+        ));
+        tensors.push((
+            p("ffn_up"),
+            vec![N_EMBD, N_FF],
+            rng.fill(N_EMBD * N_FF, 0.02),
+        ));
+        tensors.push((
+            p("ffn_down"),
+            vec![N_FF, N_EMBD],
+            rng.fill(N_FF * N_EMBD, 0.02),
+        ));
     }
     tensors.push(("output_norm.weight".into(), vec![N_EMBD], vec![1.0; N_EMBD]));
     // Output: the first component (about sqrt(N_EMBD) after the norm) lifts the printable bytes
