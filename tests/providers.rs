@@ -1198,3 +1198,78 @@ async fn a_pooled_connection_closed_before_the_reply_is_replaced_at_once() {
     );
     assert_eq!(answered.load(Ordering::SeqCst), 2);
 }
+
+// ---- calls in flight per provider -----------------------------------------------------------
+
+/// An OpenAI-compatible fake that answers `/props` with `total_slots` (when given) and every
+/// chat call after 150 ms, counting the calls it holds at once. Returns the URL and the most
+/// calls it held.
+async fn slotted_server(total_slots: Option<u64>) -> (String, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let most = Arc::new(AtomicU64::new(0));
+    let now = Arc::new(AtomicU64::new(0));
+    let m = most.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (most, now) = (m.clone(), now.clone());
+            tokio::spawn(async move {
+                let Some(r) = common::http::read_request(&mut sock).await else {
+                    return;
+                };
+                let json_header = [("Content-Type".to_string(), "application/json".to_string())];
+                if r.target.ends_with("/props") {
+                    let body = match total_slots {
+                        Some(n) => json!({ "total_slots": n }),
+                        None => json!({}),
+                    };
+                    common::http::write_reply(&mut sock, 200, &json_header, &body.to_string())
+                        .await;
+                    return;
+                }
+                let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(held, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                let body = json!({"model":"m","choices":[{"message":{"content":"ok"},
+                                  "finish_reason":"stop"}],"usage":{"total_tokens":2}});
+                common::http::write_reply(&mut sock, 200, &json_header, &body.to_string()).await;
+            });
+        }
+    });
+    (url, most)
+}
+
+/// A fan-out of 8 on a pool of 8: the provider's cap (`OPENAI_CONCURRENCY`, else the server's
+/// `/props` slot count) keeps the calls in flight at the cap; the others wait outside the pool
+/// and say so (`StepWaitingSlot`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_stay_within_the_providers_cap() {
+    for (configured, props, cap) in [(Some("2"), None, 2), (None, Some(3), 3)] {
+        let (url, most) = slotted_server(props).await;
+        let mut vars = vec![("OPENAI_BASE_URL", url.as_str())];
+        vars.extend(configured.map(|n| ("OPENAI_CONCURRENCY", n)));
+        let env = common::engine(&vars, 8);
+        let sub = env.bus.subscribe();
+        let bp = common::blueprint(json!({
+            "name": "capped",
+            "variables": { "TOPICS": ["a", "b", "c", "d", "e", "f", "g", "h"] },
+            "nodes": [ { "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                         "prompt": "about {{ item }}", "forEach": "{{ vars.TOPICS }}",
+                         "cache": false } ]
+        }));
+        let o = common::run(&env, &bp, RunRequest::default()).await;
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        assert_eq!(most.load(Ordering::SeqCst), cap, "cap {cap}");
+        let mut told = None;
+        while let Some(ev) = sub.try_recv() {
+            if let Event::StepWaitingSlot {
+                provider, limit, ..
+            } = ev
+            {
+                told = Some((provider, limit));
+            }
+        }
+        assert_eq!(told, Some(("openai".to_string(), cap as usize)));
+    }
+}
