@@ -1273,3 +1273,31 @@ async fn calls_in_flight_stay_within_the_providers_cap() {
         assert_eq!(told, Some(("openai".to_string(), cap as usize)));
     }
 }
+
+/// llama-server reports a failure that comes after its 200 head inside the stream (an error
+/// object instead of a chunk): the call fails as a server error with the server's words,
+/// not as a success with half an answer. (The real server cannot be made to do this on
+/// purpose, so the fake sends what it sends.)
+#[tokio::test]
+async fn an_error_inside_a_200_stream_fails_the_call_with_its_message() {
+    let fake = start(|s, _| {
+        if s.path.ends_with("/props") {
+            return Reply::json(404, json!({"error":"not found"}));
+        }
+        let mut r = Reply::sse(&["half an"], None, false);
+        if let Reply::Stream { pieces, .. } = &mut r {
+            pieces.push(format!(
+                "data: {}\n\n",
+                json!({"error":{"code":500,"message":"Context size has been exceeded.","type":"server_error"}})
+            ));
+            pieces.push("data: [DONE]\n\n".into());
+        }
+        r
+    })
+    .await;
+    let base = format!("{}/v1", fake.url);
+    let p = providers(&[("OPENAI_BASE_URL", &base)]);
+    let e = call(&p, &req("openai", "local")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Server, "{e}");
+    assert!(e.message.contains("Context size has been exceeded."), "{e}");
+}
