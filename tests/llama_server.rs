@@ -51,11 +51,13 @@ fn server_bin() -> Option<PathBuf> {
         return Some(default);
     }
     static SAID: std::sync::Once = std::sync::Once::new();
+    // Straight to stderr: the test harness would swallow `eprintln!` of a passing test.
     SAID.call_once(|| {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "skipped: no llama-server at {} (set {ENV_VAR}, or run .ci/run, which installs it)",
             default.display()
-        )
+        );
     });
     None
 }
