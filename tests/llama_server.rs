@@ -469,7 +469,7 @@ fn a_timeout_cancels_the_servers_task() {
     let url = server.url();
     let env = [
         ("OPENAI_BASE_URL", url.as_str()),
-        ("REQUEST_TIMEOUT", "2"),
+        ("REQUEST_TIMEOUT", "4"),
         ("MAX_RETRIES", "0"),
     ];
     let r = run(dir.path(), one(json!({ "maxTokens": 1_000_000 })), &env);
