@@ -62,12 +62,17 @@ fn server_bin() -> Option<PathBuf> {
     None
 }
 
-/// The tiny model, written once per test process.
+/// The tiny model, written once per test process to one shared file (same bytes every time:
+/// written beside it, then renamed over it, so a concurrent run never reads half a file and
+/// runs leave no files behind).
 fn model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("omniflow-tiny-{}.gguf", std::process::id()));
-        gguf::write(&p).expect("write the test model");
+        let dir = std::env::temp_dir();
+        let p = dir.join("omniflow-test-tiny-v1.gguf");
+        let part = dir.join(format!("omniflow-test-tiny-v1.{}.part", std::process::id()));
+        gguf::write(&part).expect("write the test model");
+        std::fs::rename(&part, &p).expect("move the test model in place");
         p
     })
 }
