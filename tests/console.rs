@@ -1515,3 +1515,72 @@ fn header_and_workers_agree_and_due_retries_leave_the_countdowns() {
     assert!(!s.contains("retry in 0ms"), "{s}");
     assert!(!s.contains("· 1 retrying") && !s.contains("↻"), "{s}");
 }
+
+#[test]
+fn steps_waiting_for_a_free_provider_slot_show_as_one_line_until_they_start() {
+    let mut app = fixtures::busy_app();
+    for i in 0..3u64 {
+        app.update(Msg::Engine(Event::StepWaitingSlot {
+            run_id: "0mwz00000live".into(),
+            step: format!("summarize[{}]", 10 + i),
+            node: "summarize".into(),
+            provider: "openai".into(),
+            limit: 4,
+        }));
+    }
+    let screen = render(&app, 160, 48);
+    assert!(
+        screen.contains(
+            "⧗ 3 steps wait for a free openai slot (4 in flight at most; no worker held)"
+        ),
+        "{screen}"
+    );
+    assert!(screen.contains("3 wait for a slot"), "{screen}");
+    assert!(!screen.contains("rate-limited"), "{screen}");
+    // No countdown runs out: still waiting a minute later.
+    app.update(Msg::Tick(app.now_ms + 60_000));
+    assert_eq!(app.retrying.iter().filter(|r| r.slots.is_some()).count(), 3);
+    app.update(Msg::Engine(Event::StepStarted {
+        run_id: "0mwz00000live".into(),
+        step: "summarize[10]".into(),
+        node: "summarize".into(),
+        attempt: 1,
+    }));
+    let screen = render(&app, 160, 48);
+    assert!(
+        screen.contains("⧗ 2 steps wait for a free openai slot"),
+        "{screen}"
+    );
+}
+
+#[test]
+fn the_step_detail_warns_of_another_answering_model_and_a_cut_off_answer() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    key(&mut app, KeyCode::Enter);
+    let mut d = fixtures::detail();
+    d.steps[0].reply_model = Some("llama-3.2-1b-q4".into());
+    d.steps[0].finish_reason = Some("length".into());
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(d)),
+    }));
+    let screen = render(&app, 160, 48);
+    assert!(screen.contains("answered by llama-3.2-1b-q4"), "{screen}");
+    assert!(
+        screen.contains("truncated (finish_reason: length)"),
+        "{screen}"
+    );
+    // The same model under another spelling is no warning.
+    let mut d = fixtures::detail();
+    d.steps[0].reply_model = d.steps[0].model.clone();
+    d.steps[0].finish_reason = Some("stop".into());
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(d)),
+    }));
+    let screen = render(&app, 160, 48);
+    assert!(!screen.contains("answered by"), "{screen}");
+    assert!(!screen.contains("truncated"), "{screen}");
+}

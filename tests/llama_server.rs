@@ -51,21 +51,28 @@ fn server_bin() -> Option<PathBuf> {
         return Some(default);
     }
     static SAID: std::sync::Once = std::sync::Once::new();
+    // Straight to stderr: the test harness would swallow `eprintln!` of a passing test.
     SAID.call_once(|| {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "skipped: no llama-server at {} (set {ENV_VAR}, or run .ci/run, which installs it)",
             default.display()
-        )
+        );
     });
     None
 }
 
-/// The tiny model, written once per test process.
+/// The tiny model, written once per test process to one shared file (same bytes every time:
+/// written beside it, then renamed over it, so a concurrent run never reads half a file and
+/// runs leave no files behind).
 fn model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("omniflow-tiny-{}.gguf", std::process::id()));
-        gguf::write(&p).expect("write the test model");
+        let dir = std::env::temp_dir();
+        let p = dir.join("omniflow-test-tiny-v1.gguf");
+        let part = dir.join(format!("omniflow-test-tiny-v1.{}.part", std::process::id()));
+        gguf::write(&part).expect("write the test model");
+        std::fs::rename(&part, &p).expect("move the test model in place");
         p
     })
 }
@@ -467,7 +474,7 @@ fn a_timeout_cancels_the_servers_task() {
     let url = server.url();
     let env = [
         ("OPENAI_BASE_URL", url.as_str()),
-        ("REQUEST_TIMEOUT", "2"),
+        ("REQUEST_TIMEOUT", "4"),
         ("MAX_RETRIES", "0"),
     ];
     let r = run(dir.path(), one(json!({ "maxTokens": 1_000_000 })), &env);

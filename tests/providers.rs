@@ -392,7 +392,8 @@ async fn openai_compatible_sse_with_a_key_and_its_own_error_shape() {
     let p = providers(&[("OPENAI_BASE_URL", &base), ("OPENAI_API_KEY", "sk-local")]);
     let r = call(&p, &req("openai", "local")).await.unwrap();
     assert_eq!((r.text.as_str(), r.tokens_used), ("llama.cpp", Some(9)));
-    assert_eq!(fake.requests()[0].path, "/v1/chat/completions");
+    // (Before it, the client asked `/props` for llama-server's slot count.)
+    assert_eq!(fake.requests().last().unwrap().path, "/v1/chat/completions");
 
     let p = providers(&[("OPENAI_BASE_URL", &base), ("OPENAI_API_KEY", "wrong")]);
     let e = call(&p, &req("openai", "local")).await.unwrap_err();
@@ -1127,4 +1128,176 @@ async fn the_engines_attempt_timeout_stops_a_call_to_a_silent_server() {
         2,
         "each timed-out attempt closed its connection"
     );
+}
+
+// ---- a pooled connection the server closed --------------------------------------------------
+
+/// A server that keeps the first connection open after its first reply (it says keep-alive)
+/// but closes it, unanswered, when the second request comes on it — what llama-server does
+/// after a streamed reply, caught at the worst moment. Every later connection is answered.
+/// Returns the URL and the count of requests answered and dropped.
+async fn closes_the_pooled_connection() -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answered = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (a, d) = (answered.clone(), dropped.clone());
+    tokio::spawn(async move {
+        let body = json!({"model":"served","choices":[{"message":{"content":"fine"},
+                          "finish_reason":"stop"}],"usage":{"total_tokens":3}})
+        .to_string();
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Keep-Alive: timeout=5, max=100\r\n\r\n{body}",
+            body.len()
+        );
+        let mut first = true;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (a, d, reply) = (a.clone(), d.clone(), reply.clone());
+            let closes = std::mem::replace(&mut first, false);
+            tokio::spawn(async move {
+                let mut n = 0;
+                while common::http::read_request(&mut sock).await.is_some() {
+                    n += 1;
+                    if closes && n == 2 {
+                        d.fetch_add(1, Ordering::SeqCst);
+                        return; // dropped: closed without a byte of reply
+                    }
+                    a.fetch_add(1, Ordering::SeqCst);
+                    if sock.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, answered, dropped)
+}
+
+/// The second call goes out on the pooled connection, which the server closes unanswered:
+/// it is sent again at once on a new connection and succeeds, with no error to retry.
+#[tokio::test]
+async fn a_pooled_connection_closed_before_the_reply_is_replaced_at_once() {
+    let (url, answered, dropped) = closes_the_pooled_connection().await;
+    let p = providers(&[
+        ("OPENAI_BASE_URL", url.as_str()),
+        ("OPENAI_CONCURRENCY", "off"),
+    ]);
+    let r = req("openai", "asked");
+    let first = call(&p, &r).await.unwrap();
+    assert_eq!(first.text, "fine");
+    assert_eq!(first.reply_model.as_deref(), Some("served"));
+    assert_eq!(first.finish_reason.as_deref(), Some("stop"));
+    let second = call(&p, &r).await.unwrap();
+    assert_eq!(second.text, "fine");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the pooled connection was not reused"
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), 2);
+}
+
+// ---- calls in flight per provider -----------------------------------------------------------
+
+/// An OpenAI-compatible fake that answers `/props` with `total_slots` (when given) and every
+/// chat call after 150 ms, counting the calls it holds at once. Returns the URL and the most
+/// calls it held.
+async fn slotted_server(total_slots: Option<u64>) -> (String, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let most = Arc::new(AtomicU64::new(0));
+    let now = Arc::new(AtomicU64::new(0));
+    let m = most.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (most, now) = (m.clone(), now.clone());
+            tokio::spawn(async move {
+                let Some(r) = common::http::read_request(&mut sock).await else {
+                    return;
+                };
+                let json_header = [("Content-Type".to_string(), "application/json".to_string())];
+                if r.target.ends_with("/props") {
+                    let body = match total_slots {
+                        Some(n) => json!({ "total_slots": n }),
+                        None => json!({}),
+                    };
+                    common::http::write_reply(&mut sock, 200, &json_header, &body.to_string())
+                        .await;
+                    return;
+                }
+                let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(held, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                let body = json!({"model":"m","choices":[{"message":{"content":"ok"},
+                                  "finish_reason":"stop"}],"usage":{"total_tokens":2}});
+                common::http::write_reply(&mut sock, 200, &json_header, &body.to_string()).await;
+            });
+        }
+    });
+    (url, most)
+}
+
+/// A fan-out of 8 on a pool of 8: the provider's cap (`OPENAI_CONCURRENCY`, else the server's
+/// `/props` slot count) keeps the calls in flight at the cap; the others wait outside the pool
+/// and say so (`StepWaitingSlot`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_stay_within_the_providers_cap() {
+    for (configured, props, cap) in [(Some("2"), None, 2), (None, Some(3), 3)] {
+        let (url, most) = slotted_server(props).await;
+        let mut vars = vec![("OPENAI_BASE_URL", url.as_str())];
+        vars.extend(configured.map(|n| ("OPENAI_CONCURRENCY", n)));
+        let env = common::engine(&vars, 8);
+        let sub = env.bus.subscribe();
+        let bp = common::blueprint(json!({
+            "name": "capped",
+            "variables": { "TOPICS": ["a", "b", "c", "d", "e", "f", "g", "h"] },
+            "nodes": [ { "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                         "prompt": "about {{ item }}", "forEach": "{{ vars.TOPICS }}",
+                         "cache": false } ]
+        }));
+        let o = common::run(&env, &bp, RunRequest::default()).await;
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        assert_eq!(most.load(Ordering::SeqCst), cap, "cap {cap}");
+        let mut told = None;
+        while let Some(ev) = sub.try_recv() {
+            if let Event::StepWaitingSlot {
+                provider, limit, ..
+            } = ev
+            {
+                told = Some((provider, limit));
+            }
+        }
+        assert_eq!(told, Some(("openai".to_string(), cap as usize)));
+    }
+}
+
+/// llama-server reports a failure that comes after its 200 head inside the stream (an error
+/// object instead of a chunk): the call fails as a server error with the server's words,
+/// not as a success with half an answer. (The real server cannot be made to do this on
+/// purpose, so the fake sends what it sends.)
+#[tokio::test]
+async fn an_error_inside_a_200_stream_fails_the_call_with_its_message() {
+    let fake = start(|s, _| {
+        if s.path.ends_with("/props") {
+            return Reply::json(404, json!({"error":"not found"}));
+        }
+        let mut r = Reply::sse(&["half an"], None, false);
+        if let Reply::Stream { pieces, .. } = &mut r {
+            pieces.push(format!(
+                "data: {}\n\n",
+                json!({"error":{"code":500,"message":"Context size has been exceeded.","type":"server_error"}})
+            ));
+            pieces.push("data: [DONE]\n\n".into());
+        }
+        r
+    })
+    .await;
+    let base = format!("{}/v1", fake.url);
+    let p = providers(&[("OPENAI_BASE_URL", &base)]);
+    let e = call(&p, &req("openai", "local")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Server, "{e}");
+    assert!(e.message.contains("Context size has been exceeded."), "{e}");
 }

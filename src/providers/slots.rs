@@ -127,9 +127,7 @@ impl Slots {
             Err(failed) if recent(failed) => return None,
             Err(_) => {}
         }
-        let Some(url) = props_url else {
-            return None;
-        };
+        let url = props_url?;
         let _one = self.asking.lock().await;
         match self.decided() {
             Ok(l) => return l,
