@@ -673,10 +673,11 @@ fn enter_opens_a_runs_detail_and_esc_goes_back() {
         Screen::Detail(d) => assert_eq!(d.data.as_ref().map(|x| x.steps.len()), Some(3)),
         Screen::Main => panic!("no detail"),
     }
-    ch(&mut app, 'j');
+    // It opens on the failed step; PgDn pages by the drawn pane (see the 80×24 test).
+    render(&app, 80, 24);
     key(&mut app, KeyCode::PageDown);
     match &app.screen {
-        Screen::Detail(d) => assert_eq!((d.selected, d.scroll), (1, 10)),
+        Screen::Detail(d) => assert_eq!((d.selected, d.scroll > 0), (1, true)),
         Screen::Main => panic!("no detail"),
     }
     // The run keys act on the open run.
@@ -792,9 +793,9 @@ fn o_in_a_runs_detail_shows_only_the_selected_steps_log_lines() {
         generation: 1,
         result: Ok(Box::new(fixtures::detail())),
     }));
-    // The second step, summarize[1], failed: o keeps its lines of this run only — not the
-    // other run's summarize[1], not summarize[0], not the node-level or run-level lines.
-    ch(&mut app, 'j');
+    // The second step, summarize[1], failed (the detail opens on it): o keeps its lines of
+    // this run only — not the other run's summarize[1], not summarize[0], not the node-level
+    // or run-level lines.
     ch(&mut app, 'o');
     assert_eq!(
         visible_messages(&app),
@@ -861,6 +862,7 @@ fn esc_in_the_logs_pane_clears_a_step_filter() {
         generation: 1,
         result: Ok(Box::new(fixtures::detail())),
     }));
+    ch(&mut app, 'g');
     ch(&mut app, 'o');
     assert_eq!(visible_messages(&app), ["step succeeded summarize[0]"]);
     key(&mut app, KeyCode::Esc);
@@ -877,7 +879,8 @@ fn esc_in_the_logs_pane_clears_a_step_filter() {
     ch(&mut app, 'o');
     key(&mut app, KeyCode::Esc);
     focus(&mut app, Focus::Logs);
-    assert_eq!(app.logs.visible().len(), 1);
+    // The failed step summarize[1] (where the detail opened): its two lines.
+    assert_eq!(app.logs.visible().len(), 2);
     key(&mut app, KeyCode::Esc);
     assert_eq!(app.logs.visible().len(), 3 + 8);
     let s = render(&app, 80, 24);
@@ -1028,7 +1031,6 @@ fn snapshot_run_detail() {
         generation: 1,
         result: Ok(Box::new(fixtures::detail())),
     }));
-    ch(&mut app, 'j');
     insta::assert_snapshot!("detail_80x24", render(&app, 80, 24));
     insta::assert_snapshot!("detail_160x48", render(&app, 160, 48));
 }
@@ -1514,4 +1516,100 @@ fn header_and_workers_agree_and_due_retries_leave_the_countdowns() {
     let s = render(&app, 80, 24);
     assert!(!s.contains("retry in 0ms"), "{s}");
     assert!(!s.contains("· 1 retrying") && !s.contains("↻"), "{s}");
+}
+
+/// Run detail at 80×24: it opens on the first failed step, the run's whole error is on
+/// screen (wrapped), PgDn moves by the step pane's height (one line kept for context) and
+/// reaches the end, so every attempt can be read; the footer keeps `Esc back`.
+#[test]
+fn run_detail_at_80x24_opens_on_the_failure_and_pages_by_the_pane() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    key(&mut app, KeyCode::Enter);
+    let mut d = fixtures::detail();
+    // Forty steps, the failure far down the list.
+    let template = d.steps[0].clone();
+    let mut steps = Vec::new();
+    for i in 0..40 {
+        let mut s = template.clone();
+        s.step_key = format!("summarize[{i}]");
+        steps.push(s);
+    }
+    let mut failed = d.steps[1].clone();
+    failed.step_key = "summarize[1]".into();
+    steps[27] = failed;
+    d.steps = steps;
+    let long =
+        "summarize[1]: rate limit reached (simulated 429; the provider asks for a 2s wait); \
+                a local model has no limit: USE_OLLAMA=true (gave up after 4 attempts)";
+    d.run.error = Some(long.into());
+    let prompt: String = (0..30)
+        .map(|i| format!("line {i} of the prompt\n"))
+        .collect();
+    d.steps[27].input = Some(serde_json::json!(prompt));
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(d)),
+    }));
+    let Screen::Detail(det) = &app.screen else {
+        panic!()
+    };
+    assert_eq!(det.selected, 27, "opens on the failed step");
+    let s = render(&app, 80, 24);
+    let flat: String = s
+        .lines()
+        .map(|l| l.trim_matches('"').trim_matches('│').trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        flat.contains("(gave up after 4 attempts)"),
+        "the whole error:\n{s}"
+    );
+    assert!(s.lines().last().unwrap().contains("Esc back"), "{s}");
+    insta::assert_snapshot!("detail_failed_80x24", s);
+
+    // Page through the step's text: consecutive pages overlap by one line, and the last
+    // page shows the end.
+    let pane = |s: &str| -> Vec<String> {
+        let lines: Vec<&str> = s.lines().collect();
+        let top = lines
+            .iter()
+            .position(|l| l.contains("┌ summarize[1] "))
+            .expect("the step pane");
+        lines[top + 1..]
+            .iter()
+            .take_while(|l| !l.contains("└"))
+            .map(|l| l.to_string())
+            .collect()
+    };
+    let mut page = pane(&s);
+    let rows = page.len();
+    assert!(rows >= 3, "{s}");
+    let mut seen = page.clone();
+    for _ in 0..20 {
+        key(&mut app, KeyCode::PageDown);
+        let next = pane(&render(&app, 80, 24));
+        if next == page {
+            break;
+        }
+        assert_eq!(next[0], page[rows - 1], "one line of context between pages");
+        seen.extend(next.iter().cloned());
+        page = next;
+    }
+    let all = seen.join("\n");
+    assert!(
+        all.contains("#1 ") && all.contains("#2 "),
+        "every attempt:\n{all}"
+    );
+    assert!(
+        all.contains("line 29 of the prompt"),
+        "the end of the input:\n{all}"
+    );
+    assert!(all.contains("output"), "{all}");
+    // PgUp comes back to the top.
+    for _ in 0..20 {
+        key(&mut app, KeyCode::PageUp);
+    }
+    assert_eq!(pane(&render(&app, 80, 24)), pane(&s));
 }

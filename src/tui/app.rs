@@ -783,6 +783,17 @@ impl App {
                         d.loaded_ms = self.now_ms;
                         match result {
                             Ok(data) => {
+                                // First load: open on the first step that failed, which is
+                                // what a failed run is opened for.
+                                if d.data.is_none() {
+                                    if let Some(i) = data
+                                        .steps
+                                        .iter()
+                                        .position(|s| s.status == StepStatus::Error)
+                                    {
+                                        d.selected = i;
+                                    }
+                                }
                                 d.data = Some(*data);
                                 d.problem = None;
                             }

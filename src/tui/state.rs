@@ -408,6 +408,11 @@ pub struct DetailState {
     pub selected: usize,
     /// Lines scrolled in the step's text panel.
     pub scroll: u16,
+    /// Rows of the step's text panel at the last frame, as the renderer reports them (like
+    /// ratatui's widget states): PgUp/PgDn move by this much.
+    pub text_rows: std::cell::Cell<u16>,
+    /// Rows of the step's text at the last frame (wrapped): scrolling stops at its end.
+    pub text_total: std::cell::Cell<u16>,
     pub generation: u64,
     pub loading: bool,
     /// An event about this run arrived since the last load.
@@ -415,6 +420,11 @@ pub struct DetailState {
     /// When the data last arrived (a run still in flight is re-read every 2 s, so a run of
     /// another process moves too).
     pub loaded_ms: u64,
+}
+
+/// Rows of the steps table when it is stacked above the step's text (narrow terminals).
+pub fn detail_steps_rows(body_h: u16, steps: usize) -> u16 {
+    (steps as u16 + 3).min(body_h * 2 / 5).max(4)
 }
 
 /// Process memory as the memory pane shows it.

@@ -198,10 +198,14 @@ impl App {
 
     fn page(&mut self, by: isize, fx: &mut Vec<Effect>) {
         if let Screen::Detail(d) = &mut self.screen {
+            // A page is the step pane's height (less a line kept for context); the last page
+            // ends at the text's last line.
+            let page = d.text_rows.get().saturating_sub(1).max(1);
+            let last_top = d.text_total.get().saturating_sub(d.text_rows.get());
             d.scroll = if by > 0 {
-                d.scroll.saturating_add(10)
+                d.scroll.saturating_add(page).min(last_top)
             } else {
-                d.scroll.saturating_sub(10)
+                d.scroll.min(last_top).saturating_sub(page)
             };
             return;
         }
@@ -267,6 +271,8 @@ impl App {
             problem: None,
             selected: 0,
             scroll: 0,
+            text_rows: std::cell::Cell::new(10),
+            text_total: std::cell::Cell::new(0),
             generation,
             loading: true,
             stale: false,

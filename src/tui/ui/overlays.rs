@@ -11,24 +11,7 @@ use ratatui::Frame;
 /// The help overlay's width on a wide terminal.
 const HELP_W: u16 = 96;
 
-/// `text` in rows of at most `w` characters, broken between words (a longer word gets a row
-/// of its own).
-fn wrap_words(text: &str, w: usize) -> Vec<String> {
-    let mut rows = Vec::new();
-    let mut row = String::new();
-    for word in text.split_whitespace() {
-        let n = row.chars().count();
-        if n > 0 && n + 1 + word.chars().count() > w {
-            rows.push(std::mem::take(&mut row));
-        }
-        if !row.is_empty() {
-            row.push(' ');
-        }
-        row.push_str(word);
-    }
-    rows.push(row);
-    rows
-}
+use crate::text::wrap as wrap_words;
 
 fn frame<'a>(app: &App, title: &'a str) -> Block<'a> {
     Block::default()
