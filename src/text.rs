@@ -31,6 +31,19 @@ pub fn clip(s: &str, cols: usize) -> String {
     out
 }
 
+/// `s` in at most `n` characters (not columns): for services whose limits count characters
+/// (Telegram, Discord), cut with `…` as the last one.
+pub fn clip_chars(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+    if n > 0 {
+        out.push('…');
+    }
+    out
+}
+
 /// `text` in rows of at most `cols` columns, broken between words (a longer word is cut
 /// into rows of its own).
 pub fn wrap(text: &str, cols: usize) -> Vec<String> {
@@ -81,6 +94,8 @@ mod tests {
         // Wide characters count twice and are never split.
         assert_eq!(clip("日本語テキスト", 7), "日本語…");
         assert!(width(&clip("日本語テキスト", 6)) <= 6);
+        assert_eq!(clip_chars("日本語テキスト", 4), "日本語…");
+        assert_eq!(clip_chars("abc", 3), "abc");
     }
 
     #[test]

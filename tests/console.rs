@@ -302,9 +302,9 @@ fn engine_events_fill_and_drain_the_live_panes() {
     let s = app
         .status
         .as_ref()
-        .map(|s| s.text.clone())
+        .map(|s| format!("{} {}", s.text, s.keys.clone().unwrap_or_default()))
         .unwrap_or_default();
-    assert!(s.contains("r to retry"), "{s}");
+    assert!(s.contains("failed") && s.contains("r retry"), "{s}");
 }
 
 #[test]
@@ -843,10 +843,11 @@ fn o_in_a_runs_detail_shows_only_the_selected_steps_log_lines() {
     );
     // The help says so, and that the match is exact.
     ch(&mut app, '?');
+    let mut s = String::new();
     for _ in 0..60 {
+        s.push_str(&render(&app, 80, 24));
         ch(&mut app, 'j');
     }
-    let s = render(&app, 80, 24);
     assert!(s.contains("║run detail"), "{s}");
     assert!(s.contains("exactly that step: summarize[1], not"), "{s}");
 }
@@ -1055,23 +1056,21 @@ fn snapshot_overlays() {
 fn the_help_scrolls_to_its_last_key_with_long_lines_wrapped_under_their_text() {
     let mut app = fixtures::busy_app();
     ch(&mut app, '?');
-    for _ in 0..60 {
+    for _ in 0..200 {
         ch(&mut app, 'j');
     }
     let s = render(&app, 80, 24);
     let groups = bindings::help_groups();
     let last = groups.last().and_then(|(_, ks)| ks.last()).expect("a key");
-    assert!(s.contains(last.1), "the last key is reachable:\n{s}");
+    let start: String = last.1.chars().take(30).collect();
+    assert!(s.contains(&start), "the last key is reachable:\n{s}");
     // A wrapped description continues in its own column, not under the keys.
-    let step = s
+    let pgdn = s
         .lines()
-        .position(|l| l.contains("Logs: only the selected step's lines of the run"))
-        .unwrap_or_else(|| panic!("o in the help:\n{s}"));
-    let cont = s.lines().nth(step + 1).unwrap_or_default();
-    assert!(
-        cont.contains("║                         (again: all); exactly that step"),
-        "{s}"
-    );
+        .position(|l| l.contains("scroll the step's text down a page (the pane's"))
+        .unwrap_or_else(|| panic!("PgDn in the help:\n{s}"));
+    let cont = s.lines().nth(pgdn + 1).unwrap_or_default();
+    assert!(cont.contains("║                         height)"), "{s}");
 }
 
 #[test]
@@ -1165,7 +1164,8 @@ fn every_hint_names_the_key_that_does_it() {
 #[test]
 fn dialogs_list_their_own_keys_and_enter_does_nothing() {
     let mut app = fixtures::busy_app();
-    let open: [(&str, fn(&mut App)); 4] = [
+    type Opener = fn(&mut App);
+    let open: [(&str, Opener); 4] = [
         ("Quit?", |a| {
             ch(a, 'q');
         }),
@@ -1453,7 +1453,7 @@ fn running_without_a_provider_says_so_first_and_a_failed_run_says_why() {
     }));
     let line = status_text(&app);
     assert!(
-        line.contains("error") && line.contains("no model provider is configured"),
+        line.contains("failed after 0ms") && line.contains("no model provider is configured"),
         "{line}"
     );
 }
@@ -1612,4 +1612,58 @@ fn run_detail_at_80x24_opens_on_the_failure_and_pages_by_the_pane() {
         key(&mut app, KeyCode::PageUp);
     }
     assert_eq!(pane(&render(&app, 80, 24)), pane(&s));
+}
+
+/// At 80 columns nothing is cut mid-unit: the failure figure keeps its `%`, a long status
+/// message keeps its start and says `m` shows it all, the theme name is dropped whole rather
+/// than cut, and the temporary-database warning shows the path.
+#[test]
+fn eighty_columns_cut_by_priority_and_m_shows_the_whole_message() {
+    let mut app = fixtures::busy_app();
+    app.spark.add_failed(app.now_ms);
+    let s = render(&app, 80, 24);
+    assert!(s.contains("failed 2/min (100%)"), "{s}");
+    assert!(
+        !s.contains("theme"),
+        "the theme part is dropped whole, not cut: {s}"
+    );
+    // A run fails with a long error.
+    let long = "model mistralai/Mistral-7B-Instruct-v0.2 is not supported by any provider \
+                configured: pick another model or set OPENAI_BASE_URL";
+    app.update(Msg::Engine(Event::RunFinished {
+        run_id: "0mwz00000abcd".into(),
+        blueprint: "tech-digest".into(),
+        status: RunStatus::Error,
+        total_time_ms: 12,
+        error: Some(long.into()),
+    }));
+    let s = render(&app, 80, 24);
+    let status = s.lines().nth(22).unwrap();
+    assert!(
+        status.contains("tech-digest 0mwz00000a failed after 12ms"),
+        "{status}"
+    );
+    assert!(
+        status.contains("(r retry · Enter details · m all)"),
+        "{status}"
+    );
+    ch(&mut app, 'm');
+    let s = render(&app, 80, 24);
+    let flat: String = s
+        .lines()
+        .map(|l| l.trim_matches('"').trim_matches('║').trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(flat.contains("OPENAI_BASE_URL"), "m shows it whole:\n{s}");
+    ch(&mut app, 'x');
+    assert!(matches!(app.overlay, Overlay::None));
+    // The unwritable database's warning ends with the temporary database's path.
+    app.history.banner = Some(
+        "cannot open the history database /srv/omniflow/history.db: attempt to write a readonly \
+         database — until then, runs go to a temporary database (/tmp/omniflow-console-4242.db)"
+            .into(),
+    );
+    let s = render(&app, 80, 24);
+    assert!(s.contains("/tmp/omniflow-console-4242.db)"), "{s}");
+    insta::assert_snapshot!("banner_80x24", s);
 }

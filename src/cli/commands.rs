@@ -828,15 +828,7 @@ pub fn export(args: ExportArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
+use crate::text::clip;
 
 /// `omniflow doctor` (issue 3): configuration, the provider chain with a live check of each
 /// configured link, the database and the log directory. Exit 0 when everything configured

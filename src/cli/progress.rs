@@ -162,7 +162,11 @@ impl Progress {
                     wait_ms as f64 / 1000.0
                 );
                 // On a terminal a wrapped line would break the redrawn block: keep it to one.
-                let text = if self.tty { shorten(&text, 100) } else { text };
+                let text = if self.tty {
+                    crate::text::clip(&text, 100)
+                } else {
+                    text
+                };
                 self.line(&text);
             }
             Event::StepFinished {
@@ -321,15 +325,5 @@ fn clear_block(w: &mut impl Write, lines: usize) {
     if lines > 0 {
         // Up `lines`, to column 0, clear to the end of the screen.
         let _ = write!(w, "\x1b[{lines}A\r\x1b[J");
-    }
-}
-
-fn shorten(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(max).collect();
-        t.push('…');
-        t
     }
 }

@@ -244,6 +244,8 @@ pub enum Overlay {
     Help(u16),
     /// The processes on the database (`P`), scrolled by this many lines.
     Processes(u16),
+    /// The status message and the start-up problems in full (`m`).
+    Message,
     Confirm(Confirm),
     /// Typing a search or filter for the focused pane.
     Search {
@@ -264,6 +266,9 @@ pub enum Screen {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
     pub text: String,
+    /// Keys that act on what the message is about (`r retry`): kept whole at the end of the
+    /// line when the text has to be cut.
+    pub keys: Option<String>,
     pub error: bool,
     pub until_ms: u64,
 }
@@ -294,6 +299,8 @@ pub struct App {
     pub screen: Screen,
     pub overlay: Overlay,
     pub status: Option<Status>,
+    /// The last status message, kept after it leaves the status line (`m` shows it in full).
+    pub last_status: Option<Status>,
     /// Problems found at start (database, logging, theme), shown until dismissed.
     pub startup_problems: Vec<String>,
     pub dropped_events: u64,
@@ -360,6 +367,7 @@ impl App {
             screen: Screen::Main,
             overlay: Overlay::None,
             status: None,
+            last_status: None,
             startup_problems: Vec::new(),
             dropped_events: 0,
             processes: Vec::new(),
@@ -476,17 +484,21 @@ impl App {
     fn say(&mut self, text: impl Into<String>) {
         self.status = Some(Status {
             text: text.into(),
+            keys: None,
             error: false,
             until_ms: self.now_ms + STATUS_MS,
         });
+        self.last_status.clone_from(&self.status);
     }
 
     fn complain(&mut self, text: impl Into<String>) {
         self.status = Some(Status {
             text: text.into(),
+            keys: None,
             error: true,
             until_ms: self.now_ms + STATUS_MS * 2,
         });
+        self.last_status.clone_from(&self.status);
     }
 
     /// The one place state changes.
@@ -612,12 +624,24 @@ impl App {
                     (RunStatus::Success, _) => {
                         self.say(format!("{blueprint} {} finished in {took}", short(&run_id)))
                     }
-                    (s, e) => self.complain(format!(
-                        "{blueprint} {} {} after {took}{} — Enter on it in history for details, r to retry",
-                        short(&run_id),
-                        s.as_str(),
-                        e.map(|e| format!(": {}", first_line(&e))).unwrap_or_default()
-                    )),
+                    // What happened first, the error after it (a narrow status line cuts
+                    // it there; m shows it whole), the keys kept at the end.
+                    (s, e) => {
+                        self.complain(format!(
+                            "{blueprint} {} {} after {took}{}",
+                            short(&run_id),
+                            if s == RunStatus::Error {
+                                "failed"
+                            } else {
+                                s.as_str()
+                            },
+                            e.map(|e| format!(": {}", first_line(&e)))
+                                .unwrap_or_default()
+                        ));
+                        if let Some(st) = &mut self.status {
+                            st.keys = Some("r retry · Enter details".into());
+                        }
+                    }
                 }
                 self.history.stale = true;
                 self.dirty = true;

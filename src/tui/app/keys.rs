@@ -37,6 +37,8 @@ impl App {
                     _ => Overlay::None,
                 };
             }
+            // Any key closes the full message.
+            Overlay::Message => {}
             Overlay::Confirm(c) => self.on_confirm_key(c, k, fx),
             Overlay::Search { target, text } => self.on_search_key(target, text, k, fx),
             Overlay::Sandbox(form) => self.on_sandbox_key(form, k, fx),
@@ -116,6 +118,7 @@ impl App {
                 });
             }
             A::LogFilter => self.toggle_log_filter(),
+            A::Message => self.overlay = Overlay::Message,
         }
     }
 

@@ -334,3 +334,35 @@ fn key_line(app: &App, keys: &[(&str, &str)]) -> Line<'static> {
     }
     Line::from(spans)
 }
+
+/// `m`: the last message and the start-up problems, whole.
+pub fn message(f: &mut Frame, app: &App, area: Rect) {
+    let th = &app.theme;
+    let w = 90.min(area.width.saturating_sub(2));
+    let text_w = (w as usize).saturating_sub(2).max(10);
+    let mut lines: Vec<Line> = Vec::new();
+    if let Some(s) = &app.last_status {
+        let style = if s.error {
+            Style::default().fg(th.error)
+        } else {
+            th.base()
+        };
+        for row in wrap_words(&s.text, text_w) {
+            lines.push(Line::from(Span::styled(row, style)));
+        }
+    }
+    for p in &app.startup_problems {
+        lines.push(Line::default());
+        for row in wrap_words(&format!("⚠ {p}"), text_w) {
+            lines.push(Line::from(Span::styled(row, Style::default().fg(th.warn))));
+        }
+    }
+    if lines.is_empty() {
+        lines.push(Line::from(Span::styled("no message yet", th.dimmed())));
+    }
+    let r = popup(f, area, w, lines.len() as u16 + 2);
+    f.render_widget(
+        Paragraph::new(lines).block(frame(app, "Message · any key closes")),
+        r,
+    );
+}

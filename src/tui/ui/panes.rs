@@ -190,7 +190,8 @@ fn schedule_span(app: &App, bp: &crate::blueprint::Blueprint, room: usize) -> Sp
 /// returns the rest of the area.
 fn warning_banner(f: &mut Frame, app: &App, area: Rect, text: &str, keep: u16) -> Rect {
     let text = format!("⚠ {text}");
-    let need = text.chars().count().div_ceil(area.width.max(1) as usize) as u16;
+    // Counted as the paragraph wraps it (between words), so the end — often a path — shows.
+    let need = crate::text::wrap(&text, area.width.max(1) as usize).len() as u16;
     let [top, rest] = Layout::vertical([
         Constraint::Length(need.min(area.height.saturating_sub(keep))),
         Constraint::Min(keep.saturating_sub(1)),
@@ -235,6 +236,8 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
         format!("queued {} ", p.queued_total()),
         th.dimmed(),
     )];
+    // By priority: the words when they fit (`crit 0 high 1 …`), else their initials.
+    let words = inner.width >= 38;
     for pr in [
         Priority::Critical,
         Priority::High,
@@ -242,7 +245,11 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
         Priority::Low,
     ] {
         let n = p.queued[pr.index()];
-        let tag = &prio_short(pr)[..1];
+        let tag = if words {
+            format!("{} ", prio_short(pr))
+        } else {
+            prio_short(pr)[..1].to_string()
+        };
         q.push(Span::styled(
             format!("{tag}{n} "),
             if n > 0 {
@@ -271,15 +278,19 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
             .style(Style::default().fg(th.spark_ok)),
         s1,
     );
+    // The figure keeps its units; the label gets shorter first.
+    let figure = format!("{failed}/min ({rate:.0}%)");
+    let cols = inner.width as usize;
+    let label = if 16 + figure.len() <= cols {
+        "attempts failed "
+    } else {
+        "failed "
+    };
     f.render_widget(
         Paragraph::new(Line::from(vec![
-            Span::styled("attempts failed ", th.dimmed()),
+            Span::styled(label, th.dimmed()),
             Span::styled(
-                if inner.width >= 30 {
-                    format!("{failed}/min ({rate:.0}%)")
-                } else {
-                    format!("{failed}/min {rate:.0}%")
-                },
+                figure,
                 Style::default().fg(if failed > 0 { th.spark_err } else { th.text }),
             ),
         ])),
