@@ -1667,3 +1667,140 @@ fn eighty_columns_cut_by_priority_and_m_shows_the_whole_message() {
     assert!(s.contains("/tmp/omniflow-console-4242.db)"), "{s}");
     insta::assert_snapshot!("banner_80x24", s);
 }
+
+fn log_line(second: u32, message: &str, run: &str, step: &str) -> String {
+    format!(
+        r#"{{"timestamp":"2026-11-27T10:{:02}:{:02}.000000Z","level":"WARN","target":"omniflow::engine","message":"{message}","run_id":"{run}","step":"{step}","kind":"rate_limited"}}"#,
+        second / 60,
+        second % 60
+    )
+}
+
+/// The Logs pane: g/Home shows a full first page, a filtered pane scrolls without going
+/// blank, and at 80 columns the step and the reason come before the run id.
+#[test]
+fn logs_scroll_to_the_top_fill_the_pane_and_show_the_step_first() {
+    let mut app = fixtures::app();
+    let _ = app.start();
+    let lines: Vec<LogEntry> = (0..60)
+        .map(|i| {
+            let run = if i % 2 == 0 {
+                "0mwz00001abcd"
+            } else {
+                "0mwz00002abcd"
+            };
+            LogEntry::from_line(&log_line(
+                i,
+                &format!("line {i}"),
+                run,
+                &format!("summarize[{i}]"),
+            ))
+        })
+        .collect();
+    app.update(Msg::Bg(Bg::Logs(lines)));
+    focus(&mut app, Focus::Logs);
+    render(&app, 80, 24);
+    let pane = |s: &str| -> Vec<String> {
+        let rows: Vec<&str> = s.lines().collect();
+        let top = rows.iter().position(|l| l.contains(" Logs ")).unwrap();
+        rows[top + 1..]
+            .iter()
+            .take_while(|l| !l.contains("┗") && !l.contains("└"))
+            .map(|l| l.to_string())
+            .collect()
+    };
+    ch(&mut app, 'g');
+    let s = render(&app, 80, 24);
+    let p = pane(&s);
+    assert!(p[0].contains("line 0 "), "the oldest line at the top:\n{s}");
+    assert!(
+        p.iter().all(|l| l.contains("line ")),
+        "a full pane, no blank rows:\n{s}"
+    );
+    // The step and the reason before the run id.
+    assert!(p[0].contains("line 0 summarize[0] kind=rate_limi"), "{s}");
+    let wide = render(&app, 160, 48);
+    assert!(
+        wide.contains("line 0 summarize[0] kind=rate_limited run=0mwz00001a"),
+        "{wide}"
+    );
+    // A run filter, then g and ↓↓: still a full pane of that run's lines.
+    app.logs.run_filter = Some("0mwz00002abcd".into());
+    render(&app, 80, 24);
+    ch(&mut app, 'g');
+    key(&mut app, KeyCode::Down);
+    key(&mut app, KeyCode::Down);
+    let s = render(&app, 80, 24);
+    let p = pane(&s);
+    assert!(p.iter().all(|l| l.contains("line ")), "{s}");
+    assert!(
+        p[0].contains("line 5 "),
+        "two lines down from the top:\n{s}"
+    );
+    // New lines while scrolled back keep the same lines on screen.
+    app.update(Msg::Bg(Bg::Logs(vec![
+        LogEntry::from_line(&log_line(100, "other run", "0mwz00001abcd", "x")),
+        LogEntry::from_line(&log_line(101, "this run", "0mwz00002abcd", "x")),
+    ])));
+    assert_eq!(pane(&render(&app, 80, 24)), p);
+    insta::assert_snapshot!("logs_top_80x24", s);
+}
+
+/// `o` on a run whose lines are older than the pane's tail reads them from the log files.
+#[test]
+fn o_on_an_older_run_reads_its_lines_from_the_log_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let old: String = (0..5)
+        .map(|i| log_line(i, &format!("old {i}"), "0mwz00001abcd", "summarize[0]") + "\n")
+        .collect::<String>()
+        + &log_line(9, "another run", "0mwz00009abcd", "x")
+        + "\n";
+    std::fs::write(dir.path().join("omniflow.log.2026-11-26"), old).unwrap();
+    std::fs::write(
+        dir.path().join("omniflow.log.2026-11-27"),
+        log_line(30, "old 5", "0mwz00001abcd", "digest") + "\n",
+    )
+    .unwrap();
+    let found = omniflow::tui::runtime::run_lines(dir.path(), "0mwz00001abcd").unwrap();
+    let msgs: Vec<&str> = found.iter().map(|l| l.message.as_str()).collect();
+    assert_eq!(msgs, ["old 0", "old 1", "old 2", "old 3", "old 4", "old 5"]);
+
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    let fx = ch(&mut app, 'o');
+    let mark = match &fx[..] {
+        [Effect::FindRunLogs { run_id, mark }] => {
+            assert_eq!(run_id, "0mwz00001abcd");
+            *mark
+        }
+        other => panic!("{other:?}"),
+    };
+    app.update(Msg::Bg(Bg::RunLogs {
+        run_id: "0mwz00001abcd".into(),
+        mark,
+        result: Ok(found),
+    }));
+    // A line that arrives afterwards is shown after them, once.
+    app.update(Msg::Bg(Bg::Logs(vec![LogEntry::from_line(&log_line(
+        200,
+        "new",
+        "0mwz00001abcd",
+        "digest",
+    ))])));
+    let msgs: Vec<String> = app
+        .logs
+        .visible()
+        .iter()
+        .map(|l| l.message.clone())
+        .collect();
+    assert_eq!(
+        msgs,
+        ["old 0", "old 1", "old 2", "old 3", "old 4", "old 5", "new"]
+    );
+    assert!(
+        status_text(&app).contains("6 lines from the log files"),
+        "{}",
+        status_text(&app)
+    );
+}

@@ -49,6 +49,12 @@ pub enum Bg {
         result: Result<Box<RunDetail>, String>,
     },
     Logs(Vec<LogEntry>),
+    /// A run's lines from the log files (`Effect::FindRunLogs`).
+    RunLogs {
+        run_id: String,
+        mark: u64,
+        result: Result<Vec<LogEntry>, String>,
+    },
     LogProblem(Option<String>),
     /// Pool state and process memory, sampled a few times a second.
     Sample {
@@ -114,6 +120,12 @@ pub enum Effect {
         priority: Priority,
     },
     SetPaused(bool),
+    /// Reads every line about `run_id` from the log files; `mark` is the number of the next
+    /// line the tailer will push (those are not read again).
+    FindRunLogs {
+        run_id: String,
+        mark: u64,
+    },
     ReadFile(PathBuf),
     /// Writes `text` to `path` after copying the old file to `path.bak`.
     SaveFile {
@@ -827,16 +839,35 @@ impl App {
                 }
             }
             Bg::Logs(lines) => {
-                let added = lines.len();
+                // Keep the same lines on screen while paused: move up by the new lines that
+                // pass the filters (only those are on screen).
+                let added = lines.iter().filter(|l| self.logs.admits(l)).count();
                 for l in lines {
                     self.logs.push(l);
                 }
                 if !self.logs.follow {
-                    // Keep the same lines on screen while paused.
                     self.logs.scroll += added;
                 }
                 self.logs.problem = None;
             }
+            Bg::RunLogs {
+                run_id,
+                mark,
+                result,
+            } => match result {
+                Ok(lines) => {
+                    if self.logs.run_filter.as_deref() == Some(run_id.as_str()) {
+                        let n = lines.len();
+                        self.logs.older = Some((run_id.clone(), lines, mark));
+                        self.say(format!(
+                            "logs: only run {} ({n} line{} from the log files)",
+                            short(&run_id),
+                            if n == 1 { "" } else { "s" }
+                        ));
+                    }
+                }
+                Err(e) => self.complain(format!("cannot read the log files: {e}")),
+            },
             Bg::LogProblem(p) => self.logs.problem = p,
             Bg::Sample {
                 rss,

@@ -364,6 +364,23 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
                     ctx.engine.pool().resume();
                 }
             }
+            Effect::FindRunLogs { run_id, mark } => {
+                tokio::spawn(async move {
+                    let dir = ctx.engine.config().log_dir.clone();
+                    let id = run_id.clone();
+                    let r = tokio::task::spawn_blocking(move || run_lines(&dir, &id))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx
+                        .tx
+                        .send(Bg::RunLogs {
+                            run_id,
+                            mark,
+                            result: r,
+                        })
+                        .await;
+                });
+            }
             Effect::ReadFile(path) => {
                 tokio::spawn(async move {
                     let p = path.clone();
@@ -548,6 +565,46 @@ fn spawn_sampler(ctx: Ctx, stop: Arc<AtomicBool>) {
             });
         }
     });
+}
+
+/// Most bytes of log files read to find one run's lines (newest files first).
+const RUN_LOG_SCAN: u64 = 256 << 20;
+/// Most lines of one run kept from the files.
+const RUN_LOG_LINES: usize = 20_000;
+
+/// Every line about `run_id` in the log files of `dir`, oldest first. Reads whole files,
+/// newest first, until [`RUN_LOG_SCAN`] bytes; lines are matched on the id's text before
+/// they are parsed, so the cost is one pass over the bytes.
+pub fn run_lines(dir: &Path, run_id: &str) -> Result<Vec<LogEntry>, String> {
+    use std::io::BufRead;
+    let mut files = crate::logging::log_files(dir);
+    files.reverse();
+    let mut read = 0u64;
+    let mut per_file: Vec<Vec<LogEntry>> = Vec::new();
+    for f in files {
+        if read >= RUN_LOG_SCAN {
+            break;
+        }
+        let file =
+            std::fs::File::open(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        read += file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut found = Vec::new();
+        for line in std::io::BufReader::new(file).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(run_id) {
+                let e = LogEntry::from_line(&line);
+                if e.run_id.as_deref() == Some(run_id) {
+                    found.push(e);
+                }
+            }
+        }
+        per_file.push(found);
+    }
+    let mut out: Vec<LogEntry> = per_file.into_iter().rev().flatten().collect();
+    if out.len() > RUN_LOG_LINES {
+        out.drain(..out.len() - RUN_LOG_LINES);
+    }
+    Ok(out)
 }
 
 /// How much of the newest log file is shown at start.

@@ -117,7 +117,7 @@ impl App {
                     "logs: paused (↑↓ PgUp PgDn scroll back, f follows again)"
                 });
             }
-            A::LogFilter => self.toggle_log_filter(),
+            A::LogFilter => self.toggle_log_filter(fx),
             A::Message => self.overlay = Overlay::Message,
         }
     }
@@ -188,10 +188,10 @@ impl App {
                 }
             }
             Focus::Logs => {
-                let n = self.logs.visible().len();
+                let max = self.logs.max_scroll();
                 self.logs.follow = false;
-                let s = self.logs.scroll as isize - by;
-                self.logs.scroll = s.clamp(0, n.saturating_sub(1) as isize) as usize;
+                let s = self.logs.scroll.min(max) as isize - by;
+                self.logs.scroll = s.clamp(0, max as isize) as usize;
                 if self.logs.scroll == 0 && by > 0 {
                     self.logs.follow = true;
                 }
@@ -492,7 +492,7 @@ impl App {
 
     /// `o`: in a run's detail, only the selected step's lines of that run (again on the same
     /// step: every line); elsewhere, only the selected run's lines (again: every line).
-    fn toggle_log_filter(&mut self) {
+    fn toggle_log_filter(&mut self, fx: &mut Vec<Effect>) {
         if let Screen::Detail(d) = &self.screen {
             let step = d
                 .data
@@ -510,8 +510,9 @@ impl App {
                         "logs: only {step} of run {} (Esc: back to the Logs pane)",
                         short(&run_id)
                     ));
-                    self.logs.run_filter = Some(run_id);
+                    self.logs.run_filter = Some(run_id.clone());
                     self.logs.step_filter = Some(step);
+                    self.find_run_logs(run_id, fx);
                 }
                 return;
             }
@@ -523,11 +524,32 @@ impl App {
         }
         match self.selected_run() {
             Some((id, _, _)) => {
-                self.say(format!("logs: only run {}", short(&id)));
-                self.logs.run_filter = Some(id);
+                self.say(format!(
+                    "logs: only run {} (reading its older lines from the log files…)",
+                    short(&id)
+                ));
+                self.logs.run_filter = Some(id.clone());
+                self.find_run_logs(id, fx);
             }
             None => self.say("select a run (History or Workers) to filter the logs by it"),
         }
+    }
+
+    /// Reads `run_id`'s lines from every log file (the pane keeps only the newest ones).
+    fn find_run_logs(&mut self, run_id: String, fx: &mut Vec<Effect>) {
+        if self
+            .logs
+            .older
+            .as_ref()
+            .is_some_and(|(id, _, _)| *id == run_id)
+        {
+            return;
+        }
+        self.logs.older = None;
+        fx.push(Effect::FindRunLogs {
+            run_id,
+            mark: self.logs.pushed,
+        });
     }
 
     fn clear_log_filter(&mut self) {

@@ -646,19 +646,36 @@ pub fn logs(f: &mut Frame, app: &App, area: Rect) {
         };
         return empty(f, app, inner, text, false);
     }
-    let end = visible
-        .len()
-        .saturating_sub(if l.follow { 0 } else { l.scroll });
+    // Scrolled back at most until the oldest line is at the top of a full pane.
+    l.rows.set(room);
+    let scroll = if l.follow {
+        0
+    } else {
+        l.scroll.min(visible.len().saturating_sub(room))
+    };
+    let end = visible.len().saturating_sub(scroll);
     let start = end.saturating_sub(room);
     let w = inner.width as usize;
     for e in &visible[start..end] {
         let head = format!("{} {:<5} ", e.time, e.level);
+        // What matters first — the message, the step, the reason — and the run id last, where
+        // a narrow pane cuts it.
+        let step = e
+            .step
+            .as_deref()
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default();
+        let rest = if e.rest.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", e.rest)
+        };
         let run = e
             .run_id
             .as_deref()
-            .map(|r| format!(" {}", short(r)))
+            .map(|r| format!(" run={}", short(r)))
             .unwrap_or_default();
-        let body = format!("{}{run} {}", e.message, e.rest);
+        let body = format!("{}{step}{rest}{run}", e.message);
         let rest = w.saturating_sub(head.chars().count());
         lines.push(Line::from(vec![
             Span::styled(head, th.level(&e.level)),
