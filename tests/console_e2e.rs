@@ -718,3 +718,34 @@ fn hand_over_lets_steps_in_flight_finish_and_the_next_console_takes_over_cleanly
         "the second console took the run over"
     );
 }
+
+/// The terminal grows while the console runs (80×24 → 160×48), then `q`: the shell's screen
+/// comes back clean, with nothing of the console's borders above the prompt.
+#[test]
+fn quitting_after_the_terminal_grew_leaves_no_borders_behind() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let shell = format!(
+        "printf 'BEFORE-CONSOLE\\n'; env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' tui --dir '{}'; \
+         echo CONSOLE-EXITED $?; sleep 60",
+        tmp.path().join("h.db").display(),
+        tmp.path().join("logs").display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("resize", tmp.path(), 80, 24, &shell);
+    t.wait_text("tech-digest", 30);
+    let out = t.cmd(&["resize-window", "-t", &t.session, "-x", "160", "-y", "48"]);
+    assert!(out.status.success(), "{out:?}");
+    // The console redraws at the new size (the wide layout's theme part appears).
+    t.wait_text("theme dark", 10);
+    t.keys(&["q"]);
+    let s = t.wait_text("CONSOLE-EXITED 0", 20);
+    let first = s.lines().next().unwrap_or_default();
+    assert_eq!(first.trim_end(), "BEFORE-CONSOLE", "the screen:\n{s}");
+    assert!(
+        !s.contains('┃') && !s.contains('│') && !s.contains("Blueprints"),
+        "borders left behind:\n{s}"
+    );
+    assert_eq!(t.screen_modes(), "0 1");
+}
