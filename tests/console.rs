@@ -602,12 +602,12 @@ fn history_filters_by_status_and_blueprint_and_pages_with_a_keyset_cursor() {
     key(&mut app, KeyCode::Esc);
     assert_eq!(app.history.status, None);
     assert_eq!(app.history.blueprint, None);
-    // '/' types an exact blueprint name, applied on Enter.
+    // '/' types part of a blueprint name, applied on Enter.
     ch(&mut app, '/');
-    typed(&mut app, "triage");
+    typed(&mut app, "tri");
     let fx = key(&mut app, KeyCode::Enter);
     assert!(
-        matches!(&fx[..], [Effect::QueryHistory { filter, .. }] if filter.blueprint.as_deref() == Some("triage"))
+        matches!(&fx[..], [Effect::QueryHistory { filter, .. }] if filter.name_contains.as_deref() == Some("tri") && filter.blueprint.is_none())
     );
     key(&mut app, KeyCode::Esc);
 
@@ -934,7 +934,7 @@ fn e_edits_a_blueprint_and_saves_only_a_valid_one() {
     assert!(matches!(&fx[..], [Effect::SaveFile { path: p, .. }] if *p == path));
     let fx = app.update(Msg::Bg(Bg::Saved {
         path: path.clone(),
-        result: Ok("blueprints/tech-digest.json.bak".into()),
+        result: Ok(Some("blueprints/tech-digest.json.bak".into())),
     }));
     assert!(
         matches!(fx[..], [Effect::LoadBlueprints]),
@@ -1011,7 +1011,10 @@ fn snapshot_empty_console() {
         s.contains("no blueprints in") && s.contains("see README"),
         "{s}"
     );
-    assert!(s.contains("no runs yet"), "{s}");
+    assert!(
+        s.contains("no runs yet in ./automation_runner.db"),
+        "the database it read:\n{s}"
+    );
     insta::assert_snapshot!("empty_80x24", s);
 }
 
@@ -1385,9 +1388,21 @@ fn saving_keeps_a_backup_of_the_previous_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.json");
     std::fs::write(&p, "old").unwrap();
-    let bak = omniflow::tui::runtime::save_with_backup(&p, "new").unwrap();
+    let bak = omniflow::tui::runtime::save_with_backup(&p, "new")
+        .unwrap()
+        .expect("a backup");
     assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
-    assert_eq!(std::fs::read_to_string(bak).unwrap(), "old");
+    assert_eq!(std::fs::read_to_string(&bak).unwrap(), "old");
+    // Saving the same text again writes nothing and leaves the backup as it was.
+    std::fs::remove_file(&bak).unwrap();
+    assert_eq!(
+        omniflow::tui::runtime::save_with_backup(&p, "new").unwrap(),
+        None
+    );
+    assert!(
+        !std::path::Path::new(&bak).exists(),
+        "no .bak for an unchanged file"
+    );
 }
 
 #[test]
@@ -1803,4 +1818,89 @@ fn o_on_an_older_run_reads_its_lines_from_the_log_files() {
         "{}",
         status_text(&app)
     );
+}
+
+/// History's `/` finds runs by part of their blueprint's name, in any case, in a real store.
+#[test]
+fn the_history_filter_matches_part_of_a_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = omniflow::store::Store::open(&dir.path().join("h.db")).unwrap();
+    for (i, name) in ["triage", "tech-digest", "Triage-EU"].iter().enumerate() {
+        store.insert_run(omniflow::store::NewRun {
+            id: format!("0run{i:09}"),
+            blueprint_name: name.to_string(),
+            priority: omniflow::blueprint::Priority::Normal,
+            trigger: "cli".into(),
+            sandbox: true,
+            seed: None,
+            simulate_failures: 0.0,
+            variables: serde_json::json!({}),
+            blueprint: serde_json::Value::Null,
+            parent_run_id: None,
+            queued_at: std::time::UNIX_EPOCH + std::time::Duration::from_millis(T0 + i as u64),
+        });
+    }
+    store.flush_blocking();
+    let filter = omniflow::store::RunFilter {
+        name_contains: Some("tri".into()),
+        ..omniflow::store::RunFilter::default()
+    };
+    let mut names: Vec<String> = store
+        .list_runs(&filter)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.blueprint_name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["Triage-EU", "triage"]);
+    assert_eq!(store.count_runs(&filter).unwrap(), 2);
+}
+
+/// A pane title never ends with a dangling separator (a filter with no rows).
+#[test]
+fn titles_have_no_stray_separator() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 's');
+    history_page(&mut app, vec![]);
+    let s = render(&app, 80, 24);
+    let title = s.lines().find(|l| l.contains(" History ")).unwrap();
+    assert!(title.contains(" error ┓"), "{title}");
+    assert!(!s.contains("· ┓") && !s.contains("· ┐"), "{s}");
+}
+
+/// `T` to the light theme on a dark terminal: every cell is painted on the theme's own light
+/// background, so black text is never drawn on the terminal's (possibly dark) background.
+#[test]
+fn the_light_theme_paints_its_own_background() {
+    use ratatui::style::Color;
+    let mut app = fixtures::busy_app();
+    while app.theme.name != "light" {
+        ch(&mut app, 'T');
+    }
+    for overlay in [None, Some('?'), Some('t')] {
+        if let Some(c) = overlay {
+            ch(&mut app, c);
+        }
+        for (w, h) in [(80, 24), (160, 48)] {
+            let mut t = Terminal::new(TestBackend::new(w, h)).expect("test terminal");
+            t.draw(|f| ui::draw(f, &app)).expect("draw");
+            let buf = t.backend().buffer();
+            let bare = buf
+                .content()
+                .iter()
+                .filter(|c| c.bg == Color::Reset)
+                .count();
+            assert_eq!(
+                bare, 0,
+                "{bare} cells on the terminal's background ({w}×{h}, {overlay:?})"
+            );
+        }
+        key(&mut app, KeyCode::Esc);
+    }
+    // The dark theme keeps the terminal's own background.
+    let mut app = fixtures::busy_app();
+    assert_eq!(app.theme.background, Color::Reset);
+    ch(&mut app, 'T');
+    assert_eq!(app.theme.name, "light");
 }

@@ -631,6 +631,7 @@ pub fn runs(args: RunsArgs) -> Result<ExitCode, Failure> {
         blueprint: args.blueprint.clone(),
         limit: args.limit.max(1),
         before: None,
+        ..RunFilter::default()
     };
     let rows = store
         .list_runs(&filter)

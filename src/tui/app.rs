@@ -74,10 +74,11 @@ pub enum Bg {
         path: PathBuf,
         result: Result<String, String>,
     },
-    /// A blueprint file was written; the text names the backup.
+    /// A blueprint file was written; the text names the backup (`None`: it was unchanged,
+    /// nothing written).
     Saved {
         path: PathBuf,
-        result: Result<String, String>,
+        result: Result<Option<String>, String>,
     },
     /// The event subscription lost lifecycle events (the console fell far behind).
     Lagged(u64),
@@ -930,16 +931,24 @@ impl App {
             Bg::Saved { path, result } => {
                 match result {
                     Ok(backup) => {
+                        let note = match &backup {
+                            Some(b) => format!("saved; previous version in {b}"),
+                            None => "no change: the file already says this (nothing written)"
+                                .to_string(),
+                        };
                         if let Overlay::Editor(ed) = &mut self.overlay {
                             if ed.path == path {
                                 if let Some(t) = &ed.text {
                                     ed.original = t.lines().join("\n");
                                 }
                                 ed.problems.clear();
-                                ed.note = Some(format!("saved; previous version in {backup}"));
+                                ed.note = Some(note);
                             }
                         }
-                        self.say(format!("saved {} (backup {backup})", path.display()));
+                        match backup {
+                            Some(b) => self.say(format!("saved {} (backup {b})", path.display())),
+                            None => self.say(format!("{} unchanged", path.display())),
+                        }
                         // Re-read the directory once the new text is on disk.
                         fx.push(Effect::LoadBlueprints);
                     }
@@ -969,6 +978,7 @@ impl App {
         RunFilter {
             status: self.history.status,
             blueprint: self.history.blueprint.clone(),
+            name_contains: self.history.name_contains.clone(),
             limit: PAGE,
             before: self
                 .history

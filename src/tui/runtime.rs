@@ -409,9 +409,13 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
 /// Every blueprint file of `dir`, valid or not.
 pub fn load_blueprints(dir: &Path) -> Result<Vec<BlueprintEntry>, String> {
     let files = blueprint::load_dir(dir).map_err(|e| {
+        // The full path: a relative `blueprints` says nothing about where it was looked for.
+        let full = std::env::current_dir()
+            .map(|cwd| cwd.join(dir))
+            .unwrap_or_else(|_| dir.to_path_buf());
         format!(
-            "cannot read {}: {e} — start omniflow where blueprints/ is, or pass --dir",
-            dir.display()
+            "cannot read the blueprints directory {}: {e} — start omniflow where blueprints/ is, or pass --dir",
+            full.display()
         )
     })?;
     Ok(files
@@ -507,8 +511,12 @@ pub fn retry_plan(
 }
 
 /// Writes `text` to `path` through a temporary file and a rename, after copying the current
-/// file to `path.bak`. Returns the backup's path.
-pub fn save_with_backup(path: &Path, text: &str) -> Result<String, String> {
+/// file to `path.bak`. Returns the backup's path, or `None` when the file already holds
+/// exactly `text` (then nothing is written, and no backup made).
+pub fn save_with_backup(path: &Path, text: &str) -> Result<Option<String>, String> {
+    if std::fs::read(path).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(None);
+    }
     let mut bak = path.as_os_str().to_owned();
     bak.push(".bak");
     let bak = PathBuf::from(bak);
@@ -526,7 +534,7 @@ pub fn save_with_backup(path: &Path, text: &str) -> Result<String, String> {
     let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
-    Ok(bak.display().to_string())
+    Ok(Some(bak.display().to_string()))
 }
 
 /// Samples process memory and the pool a few times a second for the panes.

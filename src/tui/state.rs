@@ -352,7 +352,10 @@ pub struct HistoryState {
     pub page: usize,
     pub selected: usize,
     pub status: Option<RunStatus>,
+    /// Exactly this blueprint (`b`).
     pub blueprint: Option<String>,
+    /// Blueprint names containing this text (`/`).
+    pub name_contains: Option<String>,
     /// A query is in flight.
     pub loading: bool,
     /// Results of older queries are ignored.
@@ -397,6 +400,7 @@ impl Default for HistoryState {
             selected: 0,
             status: None,
             blueprint: None,
+            name_contains: None,
             loading: false,
             generation: 0,
             problem: None,

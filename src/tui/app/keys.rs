@@ -68,7 +68,7 @@ impl App {
             A::Search => {
                 let text = match self.focus {
                     Focus::Blueprints => self.bp_filter.clone(),
-                    Focus::History => self.history.blueprint.clone().unwrap_or_default(),
+                    Focus::History => self.history.name_contains.clone().unwrap_or_default(),
                     Focus::Logs | Focus::Workers => self.logs.search.clone(),
                 };
                 let target = if self.focus == Focus::Workers {
@@ -141,9 +141,13 @@ impl App {
         match self.focus {
             Focus::Blueprints => self.bp_filter.clear(),
             Focus::History => {
-                if self.history.status.is_some() || self.history.blueprint.is_some() {
+                if self.history.status.is_some()
+                    || self.history.blueprint.is_some()
+                    || self.history.name_contains.is_some()
+                {
                     self.history.status = None;
                     self.history.blueprint = None;
+                    self.history.name_contains = None;
                     self.query_history(fx);
                 }
             }
@@ -683,10 +687,11 @@ impl App {
             }
             Focus::Logs | Focus::Workers => self.logs.search = text.to_string(),
             Focus::History => {
-                // The history filter is an exact blueprint name: query once, on Enter.
+                // Part of a blueprint name, any case: queried once, on Enter.
                 if done {
                     let t = text.trim();
-                    self.history.blueprint = (!t.is_empty()).then(|| t.to_string());
+                    self.history.name_contains = (!t.is_empty()).then(|| t.to_string());
+                    self.history.page = 0;
                     self.query_history(fx);
                 }
             }

@@ -20,6 +20,8 @@ pub const MIN_H: u16 = 16;
 pub fn draw(f: &mut Frame, app: &App) {
     let area = f.area();
     let th = &app.theme;
+    // The theme's canvas under everything (its own background, when it has one).
+    f.render_widget(Block::default().style(th.canvas()), area);
     if area.width < MIN_W || area.height < MIN_H {
         let msg = format!(
             "Terminal too small: {}×{}.\nOmniFlow needs at least {MIN_W}×{MIN_H} (80×24 is comfortable).\nEnlarge the window, or press q to quit.",
@@ -288,6 +290,14 @@ pub(crate) fn popup(f: &mut Frame, area: Rect, w: u16, h: u16) -> Rect {
         height: h,
     };
     f.render_widget(Clear, r);
+    r
+}
+
+/// [`popup`], painted with the theme's canvas (a cleared cell would show the terminal's own
+/// background through a theme that has one).
+pub(crate) fn popup_canvas(f: &mut Frame, app: &App, area: Rect, w: u16, h: u16) -> Rect {
+    let r = popup(f, area, w, h);
+    f.render_widget(Block::default().style(app.theme.canvas()), r);
     r
 }
 

@@ -1,6 +1,6 @@
 //! Overlays: help, confirmations, the search line, the sandbox-test form and the editor.
 
-use super::{clip, popup};
+use super::{clip, popup_canvas};
 use crate::tui::app::{short, App, Confirm, Editor, Focus, FormField, SandboxForm};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -70,7 +70,7 @@ pub fn processes(f: &mut Frame, app: &App, top: u16, area: Rect) {
     }
     let alive = app.processes.iter().filter(|p| p.alive).count();
     let total = lines.len() as u16;
-    let r = popup(f, area, w, total + 2);
+    let r = popup_canvas(f, app, area, w, total + 2);
     let room = r.height.saturating_sub(2);
     let top = top.min(total.saturating_sub(room));
     let title = format!("Processes on this database · {alive} alive · any key closes");
@@ -106,7 +106,7 @@ pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
         }
     }
     let total = lines.len() as u16;
-    let r = popup(f, area, HELP_W, total + 2);
+    let r = popup_canvas(f, app, area, HELP_W, total + 2);
     let room = r.height.saturating_sub(2);
     let top = top.min(total.saturating_sub(room));
     let title = if total > room {
@@ -180,7 +180,7 @@ pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
     // Tall enough for the question (wrapped), a blank line and the keys (wrapped).
     let inner_w = 64usize.min(area.width.saturating_sub(4) as usize).max(1);
     let rows = wrap_words(&text, inner_w).len() + 1 + wrap_words(&keys, inner_w).len();
-    let r = popup(f, area, 64, rows as u16 + 2);
+    let r = popup_canvas(f, app, area, 64, rows as u16 + 2);
     let lines = vec![
         Line::from(Span::styled(text, th.base())),
         Line::default(),
@@ -198,7 +198,7 @@ pub fn search(f: &mut Frame, app: &App, target: Focus, text: &str, line: Rect) {
     let th = &app.theme;
     let what = match target {
         Focus::Blueprints => "filter blueprints",
-        Focus::History => "history: blueprint name (Enter applies)",
+        Focus::History => "history: part of a blueprint name (Enter applies)",
         Focus::Logs | Focus::Workers => "search logs",
     };
     f.render_widget(
@@ -214,7 +214,7 @@ pub fn search(f: &mut Frame, app: &App, target: Focus, text: &str, line: Rect) {
 
 pub fn sandbox(f: &mut Frame, app: &App, form: &SandboxForm, area: Rect) {
     let th = &app.theme;
-    let r = popup(f, area, 90, 18);
+    let r = popup_canvas(f, app, area, 90, 18);
     let title = format!("Sandbox test: {}", form.blueprint.name);
     let outer = frame(app, &title);
     let inner = outer.inner(r);
@@ -269,8 +269,9 @@ pub fn sandbox(f: &mut Frame, app: &App, form: &SandboxForm, area: Rect) {
 
 pub fn editor(f: &mut Frame, app: &App, ed: &Editor, area: Rect) {
     let th = &app.theme;
-    let r = popup(
+    let r = popup_canvas(
         f,
+        app,
         area,
         area.width.saturating_sub(4),
         area.height.saturating_sub(2),
@@ -360,7 +361,7 @@ pub fn message(f: &mut Frame, app: &App, area: Rect) {
     if lines.is_empty() {
         lines.push(Line::from(Span::styled("no message yet", th.dimmed())));
     }
-    let r = popup(f, area, w, lines.len() as u16 + 2);
+    let r = popup_canvas(f, app, area, w, lines.len() as u16 + 2);
     f.render_widget(
         Paragraph::new(lines).block(frame(app, "Message · any key closes")),
         r,

@@ -514,11 +514,19 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
     if let Some(b) = &h.blueprint {
         filters.push(b.clone());
     }
+    if let Some(part) = &h.name_contains {
+        filters.push(format!("/{part}"));
+    }
+    // Parts joined by ` · `, none left dangling when a part is empty.
     if !filters.is_empty() {
-        note = format!("{} · {note}", filters.join(", "));
+        note = [filters.join(", "), note]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(" · ");
     }
     if h.loading && !h.loaded {
-        note = format!("loading… {note}");
+        note = format!("loading… {note}").trim_end().to_string();
     }
     let block = pane_block(app, "History", Some(Focus::History), note);
     let inner = block.inner(area);
@@ -534,10 +542,16 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
         let text = if !h.loaded {
             "reading the history…".to_string()
         } else if filters.is_empty() {
-            "no runs yet — press Enter on a blueprint or t to sandbox-test it".to_string()
+            format!(
+                "no runs yet in {} — press Enter on a blueprint or t to sandbox-test it \
+                 (DB_FILE sets where the history is)",
+                app.db_path
+            )
         } else {
-            "no runs match the filter — s changes the status, b the blueprint, Esc clears"
-                .to_string()
+            format!(
+                "no runs in {} match the filter — s changes the status, b the blueprint, Esc clears",
+                app.db_path
+            )
         };
         return empty(f, app, inner, text, false);
     }
