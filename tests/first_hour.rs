@@ -133,3 +133,30 @@ fn doctor_with_a_provider_configured_checks_it() {
     assert!(!out.contains("nothing can run a model"), "{out}");
     assert_eq!(o.status.code(), Some(1), "{out}");
 }
+
+/// Without a token, 40 steps fail for one reason: the fix is printed once, not once a step.
+#[test]
+fn one_missing_token_is_explained_once() {
+    let d = Dir::new();
+    let dir = bundled();
+    let o = d.run(&["run", "tech-digest", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    let step_lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("  ✗") && l.contains(" failed after "))
+        .collect();
+    assert!(step_lines.len() > 1, "{err}");
+    let with_fix = step_lines
+        .iter()
+        .filter(|l| l.contains("HUGGINGFACE_TOKEN"))
+        .count();
+    assert_eq!(with_fix, 1, "{err}");
+    assert!(
+        step_lines
+            .iter()
+            .skip(1)
+            .all(|l| l.contains("the same error as")),
+        "{err}"
+    );
+}

@@ -38,6 +38,9 @@ pub struct Progress {
     drawn_lines: usize,
     sandbox_note: String,
     frame: usize,
+    /// Errors already printed, with the step that had them first: the same fix is said once
+    /// (40 steps failing for one missing token are not 40 copies of its instructions).
+    said: HashMap<String, String>,
 }
 
 impl Progress {
@@ -65,6 +68,7 @@ impl Progress {
             drawn_lines: 0,
             sandbox_note,
             frame: 0,
+            said: HashMap::new(),
         }
     }
 
@@ -193,11 +197,20 @@ impl Progress {
                     let finished = p.skipped || p.done + p.failed + p.cancelled >= total;
                     p.finished = finished;
                     let line = match status {
-                        StepStatus::Error => Some(format!(
-                            "  ✗ {step} failed after {attempts} attempt{}: {}",
-                            if attempts == 1 { "" } else { "s" },
-                            error.as_deref().unwrap_or("")
-                        )),
+                        StepStatus::Error => {
+                            let e = error.as_deref().unwrap_or("");
+                            let what = match self.said.get(e) {
+                                Some(first) => format!("the same error as {first}"),
+                                None => {
+                                    self.said.insert(e.to_string(), step.clone());
+                                    e.to_string()
+                                }
+                            };
+                            Some(format!(
+                                "  ✗ {step} failed after {attempts} attempt{}: {what}",
+                                if attempts == 1 { "" } else { "s" },
+                            ))
+                        }
                         StepStatus::Skipped => Some(format!(
                             "  - {node}: {}",
                             error.as_deref().unwrap_or("skipped")
