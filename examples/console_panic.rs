@@ -21,6 +21,7 @@ fn main() -> std::io::Result<()> {
     let mut app = App::new(PathBuf::from("blueprints"), Theme::default(), Vec::new(), 2);
     app.status = Some(Status {
         text: "PANIC-EXAMPLE-DRAWN: press a key to panic".into(),
+        keys: None,
         error: false,
         until_ms: u64::MAX,
     });
@@ -42,6 +43,7 @@ fn main() -> std::io::Result<()> {
                 "BACKGROUND-PANIC-SURVIVED caught={caught} counted={}",
                 omniflow::tui::terminal::background_panics()
             ),
+            keys: None,
             error: false,
             until_ms: u64::MAX,
         });

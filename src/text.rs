@@ -31,6 +31,55 @@ pub fn clip(s: &str, cols: usize) -> String {
     out
 }
 
+/// `s` in at most `n` characters (not columns): for services whose limits count characters
+/// (Telegram, Discord), cut with `…` as the last one.
+pub fn clip_chars(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+    if n > 0 {
+        out.push('…');
+    }
+    out
+}
+
+/// `text` in rows of at most `cols` columns, broken between words (a longer word is cut
+/// into rows of its own).
+pub fn wrap(text: &str, cols: usize) -> Vec<String> {
+    let cols = cols.max(1);
+    let mut rows = Vec::new();
+    let mut row = String::new();
+    for word in text.split_whitespace() {
+        let n = width(&row);
+        let ww = width(word);
+        if n > 0 && n + 1 + ww > cols {
+            rows.push(std::mem::take(&mut row));
+        }
+        if ww > cols {
+            // A word longer than a row: cut it.
+            let mut piece = String::new();
+            for c in word.chars() {
+                let cw = c.width().unwrap_or(0);
+                if width(&row) + width(&piece) + cw > cols {
+                    row.push_str(&piece);
+                    rows.push(std::mem::take(&mut row));
+                    piece.clear();
+                }
+                piece.push(c);
+            }
+            row.push_str(&piece);
+            continue;
+        }
+        if !row.is_empty() {
+            row.push(' ');
+        }
+        row.push_str(word);
+    }
+    rows.push(row);
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +94,17 @@ mod tests {
         // Wide characters count twice and are never split.
         assert_eq!(clip("日本語テキスト", 7), "日本語…");
         assert!(width(&clip("日本語テキスト", 6)) <= 6);
+        assert_eq!(clip_chars("日本語テキスト", 4), "日本語…");
+        assert_eq!(clip_chars("abc", 3), "abc");
+    }
+
+    #[test]
+    fn wraps_between_words_and_cuts_only_a_longer_word() {
+        assert_eq!(
+            wrap("retry after 2s as asked", 11),
+            ["retry after", "2s as asked"]
+        );
+        assert_eq!(wrap("abcdefgh", 3), ["abc", "def", "gh"]);
+        assert_eq!(wrap("", 5), [""]);
     }
 }

@@ -302,9 +302,9 @@ fn engine_events_fill_and_drain_the_live_panes() {
     let s = app
         .status
         .as_ref()
-        .map(|s| s.text.clone())
+        .map(|s| format!("{} {}", s.text, s.keys.clone().unwrap_or_default()))
         .unwrap_or_default();
-    assert!(s.contains("r to retry"), "{s}");
+    assert!(s.contains("failed") && s.contains("r retry"), "{s}");
 }
 
 #[test]
@@ -602,12 +602,12 @@ fn history_filters_by_status_and_blueprint_and_pages_with_a_keyset_cursor() {
     key(&mut app, KeyCode::Esc);
     assert_eq!(app.history.status, None);
     assert_eq!(app.history.blueprint, None);
-    // '/' types an exact blueprint name, applied on Enter.
+    // '/' types part of a blueprint name, applied on Enter.
     ch(&mut app, '/');
-    typed(&mut app, "triage");
+    typed(&mut app, "tri");
     let fx = key(&mut app, KeyCode::Enter);
     assert!(
-        matches!(&fx[..], [Effect::QueryHistory { filter, .. }] if filter.blueprint.as_deref() == Some("triage"))
+        matches!(&fx[..], [Effect::QueryHistory { filter, .. }] if filter.name_contains.as_deref() == Some("tri") && filter.blueprint.is_none())
     );
     key(&mut app, KeyCode::Esc);
 
@@ -673,10 +673,11 @@ fn enter_opens_a_runs_detail_and_esc_goes_back() {
         Screen::Detail(d) => assert_eq!(d.data.as_ref().map(|x| x.steps.len()), Some(3)),
         Screen::Main => panic!("no detail"),
     }
-    ch(&mut app, 'j');
+    // It opens on the failed step; PgDn pages by the drawn pane (see the 80×24 test).
+    render(&app, 80, 24);
     key(&mut app, KeyCode::PageDown);
     match &app.screen {
-        Screen::Detail(d) => assert_eq!((d.selected, d.scroll), (1, 10)),
+        Screen::Detail(d) => assert_eq!((d.selected, d.scroll > 0), (1, true)),
         Screen::Main => panic!("no detail"),
     }
     // The run keys act on the open run.
@@ -792,9 +793,9 @@ fn o_in_a_runs_detail_shows_only_the_selected_steps_log_lines() {
         generation: 1,
         result: Ok(Box::new(fixtures::detail())),
     }));
-    // The second step, summarize[1], failed: o keeps its lines of this run only — not the
-    // other run's summarize[1], not summarize[0], not the node-level or run-level lines.
-    ch(&mut app, 'j');
+    // The second step, summarize[1], failed (the detail opens on it): o keeps its lines of
+    // this run only — not the other run's summarize[1], not summarize[0], not the node-level
+    // or run-level lines.
     ch(&mut app, 'o');
     assert_eq!(
         visible_messages(&app),
@@ -842,10 +843,11 @@ fn o_in_a_runs_detail_shows_only_the_selected_steps_log_lines() {
     );
     // The help says so, and that the match is exact.
     ch(&mut app, '?');
+    let mut s = String::new();
     for _ in 0..60 {
+        s.push_str(&render(&app, 80, 24));
         ch(&mut app, 'j');
     }
-    let s = render(&app, 80, 24);
     assert!(s.contains("║run detail"), "{s}");
     assert!(s.contains("exactly that step: summarize[1], not"), "{s}");
 }
@@ -861,6 +863,7 @@ fn esc_in_the_logs_pane_clears_a_step_filter() {
         generation: 1,
         result: Ok(Box::new(fixtures::detail())),
     }));
+    ch(&mut app, 'g');
     ch(&mut app, 'o');
     assert_eq!(visible_messages(&app), ["step succeeded summarize[0]"]);
     key(&mut app, KeyCode::Esc);
@@ -877,7 +880,8 @@ fn esc_in_the_logs_pane_clears_a_step_filter() {
     ch(&mut app, 'o');
     key(&mut app, KeyCode::Esc);
     focus(&mut app, Focus::Logs);
-    assert_eq!(app.logs.visible().len(), 1);
+    // The failed step summarize[1] (where the detail opened): its two lines.
+    assert_eq!(app.logs.visible().len(), 2);
     key(&mut app, KeyCode::Esc);
     assert_eq!(app.logs.visible().len(), 3 + 8);
     let s = render(&app, 80, 24);
@@ -930,7 +934,7 @@ fn e_edits_a_blueprint_and_saves_only_a_valid_one() {
     assert!(matches!(&fx[..], [Effect::SaveFile { path: p, .. }] if *p == path));
     let fx = app.update(Msg::Bg(Bg::Saved {
         path: path.clone(),
-        result: Ok("blueprints/tech-digest.json.bak".into()),
+        result: Ok(Some("blueprints/tech-digest.json.bak".into())),
     }));
     assert!(
         matches!(fx[..], [Effect::LoadBlueprints]),
@@ -1007,7 +1011,10 @@ fn snapshot_empty_console() {
         s.contains("no blueprints in") && s.contains("see README"),
         "{s}"
     );
-    assert!(s.contains("no runs yet"), "{s}");
+    assert!(
+        s.contains("no runs yet in ./automation_runner.db"),
+        "the database it read:\n{s}"
+    );
     insta::assert_snapshot!("empty_80x24", s);
 }
 
@@ -1028,7 +1035,6 @@ fn snapshot_run_detail() {
         generation: 1,
         result: Ok(Box::new(fixtures::detail())),
     }));
-    ch(&mut app, 'j');
     insta::assert_snapshot!("detail_80x24", render(&app, 80, 24));
     insta::assert_snapshot!("detail_160x48", render(&app, 160, 48));
 }
@@ -1053,23 +1059,21 @@ fn snapshot_overlays() {
 fn the_help_scrolls_to_its_last_key_with_long_lines_wrapped_under_their_text() {
     let mut app = fixtures::busy_app();
     ch(&mut app, '?');
-    for _ in 0..60 {
+    for _ in 0..200 {
         ch(&mut app, 'j');
     }
     let s = render(&app, 80, 24);
     let groups = bindings::help_groups();
     let last = groups.last().and_then(|(_, ks)| ks.last()).expect("a key");
-    assert!(s.contains(last.1), "the last key is reachable:\n{s}");
+    let start: String = last.1.chars().take(30).collect();
+    assert!(s.contains(&start), "the last key is reachable:\n{s}");
     // A wrapped description continues in its own column, not under the keys.
-    let step = s
+    let pgdn = s
         .lines()
-        .position(|l| l.contains("Logs: only the selected step's lines of the run"))
-        .unwrap_or_else(|| panic!("o in the help:\n{s}"));
-    let cont = s.lines().nth(step + 1).unwrap_or_default();
-    assert!(
-        cont.contains("║                         (again: all); exactly that step"),
-        "{s}"
-    );
+        .position(|l| l.contains("scroll the step's text down a page (the pane's"))
+        .unwrap_or_else(|| panic!("PgDn in the help:\n{s}"));
+    let cont = s.lines().nth(pgdn + 1).unwrap_or_default();
+    assert!(cont.contains("║                         height)"), "{s}");
 }
 
 #[test]
@@ -1163,7 +1167,8 @@ fn every_hint_names_the_key_that_does_it() {
 #[test]
 fn dialogs_list_their_own_keys_and_enter_does_nothing() {
     let mut app = fixtures::busy_app();
-    let open: [(&str, fn(&mut App)); 4] = [
+    type Opener = fn(&mut App);
+    let open: [(&str, Opener); 4] = [
         ("Quit?", |a| {
             ch(a, 'q');
         }),
@@ -1383,9 +1388,21 @@ fn saving_keeps_a_backup_of_the_previous_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.json");
     std::fs::write(&p, "old").unwrap();
-    let bak = omniflow::tui::runtime::save_with_backup(&p, "new").unwrap();
+    let bak = omniflow::tui::runtime::save_with_backup(&p, "new")
+        .unwrap()
+        .expect("a backup");
     assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
-    assert_eq!(std::fs::read_to_string(bak).unwrap(), "old");
+    assert_eq!(std::fs::read_to_string(&bak).unwrap(), "old");
+    // Saving the same text again writes nothing and leaves the backup as it was.
+    std::fs::remove_file(&bak).unwrap();
+    assert_eq!(
+        omniflow::tui::runtime::save_with_backup(&p, "new").unwrap(),
+        None
+    );
+    assert!(
+        !std::path::Path::new(&bak).exists(),
+        "no .bak for an unchanged file"
+    );
 }
 
 #[test]
@@ -1451,7 +1468,7 @@ fn running_without_a_provider_says_so_first_and_a_failed_run_says_why() {
     }));
     let line = status_text(&app);
     assert!(
-        line.contains("error") && line.contains("no model provider is configured"),
+        line.contains("failed after 0ms") && line.contains("no model provider is configured"),
         "{line}"
     );
 }
@@ -1514,6 +1531,378 @@ fn header_and_workers_agree_and_due_retries_leave_the_countdowns() {
     let s = render(&app, 80, 24);
     assert!(!s.contains("retry in 0ms"), "{s}");
     assert!(!s.contains("· 1 retrying") && !s.contains("↻"), "{s}");
+}
+
+/// Run detail at 80×24: it opens on the first failed step, the run's whole error is on
+/// screen (wrapped), PgDn moves by the step pane's height (one line kept for context) and
+/// reaches the end, so every attempt can be read; the footer keeps `Esc back`.
+#[test]
+fn run_detail_at_80x24_opens_on_the_failure_and_pages_by_the_pane() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    key(&mut app, KeyCode::Enter);
+    let mut d = fixtures::detail();
+    // Forty steps, the failure far down the list.
+    let template = d.steps[0].clone();
+    let mut steps = Vec::new();
+    for i in 0..40 {
+        let mut s = template.clone();
+        s.step_key = format!("summarize[{i}]");
+        steps.push(s);
+    }
+    let mut failed = d.steps[1].clone();
+    failed.step_key = "summarize[1]".into();
+    steps[27] = failed;
+    d.steps = steps;
+    let long =
+        "summarize[1]: rate limit reached (simulated 429; the provider asks for a 2s wait); \
+                a local model has no limit: USE_OLLAMA=true (gave up after 4 attempts)";
+    d.run.error = Some(long.into());
+    let prompt: String = (0..30)
+        .map(|i| format!("line {i} of the prompt\n"))
+        .collect();
+    d.steps[27].input = Some(serde_json::json!(prompt));
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(d)),
+    }));
+    let Screen::Detail(det) = &app.screen else {
+        panic!()
+    };
+    assert_eq!(det.selected, 27, "opens on the failed step");
+    let s = render(&app, 80, 24);
+    let flat: String = s
+        .lines()
+        .map(|l| l.trim_matches('"').trim_matches('│').trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        flat.contains("(gave up after 4 attempts)"),
+        "the whole error:\n{s}"
+    );
+    assert!(s.lines().last().unwrap().contains("Esc back"), "{s}");
+    insta::assert_snapshot!("detail_failed_80x24", s);
+
+    // Page through the step's text: consecutive pages overlap by one line, and the last
+    // page shows the end.
+    let pane = |s: &str| -> Vec<String> {
+        let lines: Vec<&str> = s.lines().collect();
+        let top = lines
+            .iter()
+            .position(|l| l.contains("┌ summarize[1] "))
+            .expect("the step pane");
+        lines[top + 1..]
+            .iter()
+            .take_while(|l| !l.contains("└"))
+            .map(|l| l.to_string())
+            .collect()
+    };
+    let mut page = pane(&s);
+    let rows = page.len();
+    assert!(rows >= 3, "{s}");
+    let mut seen = page.clone();
+    for _ in 0..20 {
+        key(&mut app, KeyCode::PageDown);
+        let next = pane(&render(&app, 80, 24));
+        if next == page {
+            break;
+        }
+        assert_eq!(next[0], page[rows - 1], "one line of context between pages");
+        seen.extend(next.iter().cloned());
+        page = next;
+    }
+    let all = seen.join("\n");
+    assert!(
+        all.contains("#1 ") && all.contains("#2 "),
+        "every attempt:\n{all}"
+    );
+    assert!(
+        all.contains("line 29 of the prompt"),
+        "the end of the input:\n{all}"
+    );
+    assert!(all.contains("output"), "{all}");
+    // PgUp comes back to the top.
+    for _ in 0..20 {
+        key(&mut app, KeyCode::PageUp);
+    }
+    assert_eq!(pane(&render(&app, 80, 24)), pane(&s));
+}
+
+/// At 80 columns nothing is cut mid-unit: the failure figure keeps its `%`, a long status
+/// message keeps its start and says `m` shows it all, the theme name is dropped whole rather
+/// than cut, and the temporary-database warning shows the path.
+#[test]
+fn eighty_columns_cut_by_priority_and_m_shows_the_whole_message() {
+    let mut app = fixtures::busy_app();
+    app.spark.add_failed(app.now_ms);
+    let s = render(&app, 80, 24);
+    assert!(s.contains("failed 2/min (100%)"), "{s}");
+    assert!(
+        !s.contains("theme"),
+        "the theme part is dropped whole, not cut: {s}"
+    );
+    // A run fails with a long error.
+    let long = "model mistralai/Mistral-7B-Instruct-v0.2 is not supported by any provider \
+                configured: pick another model or set OPENAI_BASE_URL";
+    app.update(Msg::Engine(Event::RunFinished {
+        run_id: "0mwz00000abcd".into(),
+        blueprint: "tech-digest".into(),
+        status: RunStatus::Error,
+        total_time_ms: 12,
+        error: Some(long.into()),
+    }));
+    let s = render(&app, 80, 24);
+    let status = s.lines().nth(22).unwrap();
+    assert!(
+        status.contains("tech-digest 0mwz00000a failed after 12ms"),
+        "{status}"
+    );
+    assert!(
+        status.contains("(r retry · Enter details · m all)"),
+        "{status}"
+    );
+    ch(&mut app, 'm');
+    let s = render(&app, 80, 24);
+    let flat: String = s
+        .lines()
+        .map(|l| l.trim_matches('"').trim_matches('║').trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(flat.contains("OPENAI_BASE_URL"), "m shows it whole:\n{s}");
+    ch(&mut app, 'x');
+    assert!(matches!(app.overlay, Overlay::None));
+    // The unwritable database's warning ends with the temporary database's path.
+    app.history.banner = Some(
+        "cannot open the history database /srv/omniflow/history.db: attempt to write a readonly \
+         database — until then, runs go to a temporary database (/tmp/omniflow-console-4242.db)"
+            .into(),
+    );
+    let s = render(&app, 80, 24);
+    assert!(s.contains("/tmp/omniflow-console-4242.db)"), "{s}");
+    insta::assert_snapshot!("banner_80x24", s);
+}
+
+fn log_line(second: u32, message: &str, run: &str, step: &str) -> String {
+    format!(
+        r#"{{"timestamp":"2026-11-27T10:{:02}:{:02}.000000Z","level":"WARN","target":"omniflow::engine","message":"{message}","run_id":"{run}","step":"{step}","kind":"rate_limited"}}"#,
+        second / 60,
+        second % 60
+    )
+}
+
+/// The Logs pane: g/Home shows a full first page, a filtered pane scrolls without going
+/// blank, and at 80 columns the step and the reason come before the run id.
+#[test]
+fn logs_scroll_to_the_top_fill_the_pane_and_show_the_step_first() {
+    let mut app = fixtures::app();
+    let _ = app.start();
+    let lines: Vec<LogEntry> = (0..60)
+        .map(|i| {
+            let run = if i % 2 == 0 {
+                "0mwz00001abcd"
+            } else {
+                "0mwz00002abcd"
+            };
+            LogEntry::from_line(&log_line(
+                i,
+                &format!("line {i}"),
+                run,
+                &format!("summarize[{i}]"),
+            ))
+        })
+        .collect();
+    app.update(Msg::Bg(Bg::Logs(lines)));
+    focus(&mut app, Focus::Logs);
+    render(&app, 80, 24);
+    let pane = |s: &str| -> Vec<String> {
+        let rows: Vec<&str> = s.lines().collect();
+        let top = rows.iter().position(|l| l.contains(" Logs ")).unwrap();
+        rows[top + 1..]
+            .iter()
+            .take_while(|l| !l.contains("┗") && !l.contains("└"))
+            .map(|l| l.to_string())
+            .collect()
+    };
+    ch(&mut app, 'g');
+    let s = render(&app, 80, 24);
+    let p = pane(&s);
+    assert!(p[0].contains("line 0 "), "the oldest line at the top:\n{s}");
+    assert!(
+        p.iter().all(|l| l.contains("line ")),
+        "a full pane, no blank rows:\n{s}"
+    );
+    // The step and the reason before the run id.
+    assert!(p[0].contains("line 0 summarize[0] kind=rate_limi"), "{s}");
+    let wide = render(&app, 160, 48);
+    assert!(
+        wide.contains("line 0 summarize[0] kind=rate_limited run=0mwz00001a"),
+        "{wide}"
+    );
+    // A run filter, then g and ↓↓: still a full pane of that run's lines.
+    app.logs.run_filter = Some("0mwz00002abcd".into());
+    render(&app, 80, 24);
+    ch(&mut app, 'g');
+    key(&mut app, KeyCode::Down);
+    key(&mut app, KeyCode::Down);
+    let s = render(&app, 80, 24);
+    let p = pane(&s);
+    assert!(p.iter().all(|l| l.contains("line ")), "{s}");
+    assert!(
+        p[0].contains("line 5 "),
+        "two lines down from the top:\n{s}"
+    );
+    // New lines while scrolled back keep the same lines on screen.
+    app.update(Msg::Bg(Bg::Logs(vec![
+        LogEntry::from_line(&log_line(100, "other run", "0mwz00001abcd", "x")),
+        LogEntry::from_line(&log_line(101, "this run", "0mwz00002abcd", "x")),
+    ])));
+    assert_eq!(pane(&render(&app, 80, 24)), p);
+    insta::assert_snapshot!("logs_top_80x24", s);
+}
+
+/// `o` on a run whose lines are older than the pane's tail reads them from the log files.
+#[test]
+fn o_on_an_older_run_reads_its_lines_from_the_log_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let old: String = (0..5)
+        .map(|i| log_line(i, &format!("old {i}"), "0mwz00001abcd", "summarize[0]") + "\n")
+        .collect::<String>()
+        + &log_line(9, "another run", "0mwz00009abcd", "x")
+        + "\n";
+    std::fs::write(dir.path().join("omniflow.log.2026-11-26"), old).unwrap();
+    std::fs::write(
+        dir.path().join("omniflow.log.2026-11-27"),
+        log_line(30, "old 5", "0mwz00001abcd", "digest") + "\n",
+    )
+    .unwrap();
+    let found = omniflow::tui::runtime::run_lines(dir.path(), "0mwz00001abcd").unwrap();
+    let msgs: Vec<&str> = found.iter().map(|l| l.message.as_str()).collect();
+    assert_eq!(msgs, ["old 0", "old 1", "old 2", "old 3", "old 4", "old 5"]);
+
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    let fx = ch(&mut app, 'o');
+    let mark = match &fx[..] {
+        [Effect::FindRunLogs { run_id, mark }] => {
+            assert_eq!(run_id, "0mwz00001abcd");
+            *mark
+        }
+        other => panic!("{other:?}"),
+    };
+    app.update(Msg::Bg(Bg::RunLogs {
+        run_id: "0mwz00001abcd".into(),
+        mark,
+        result: Ok(found),
+    }));
+    // A line that arrives afterwards is shown after them, once.
+    app.update(Msg::Bg(Bg::Logs(vec![LogEntry::from_line(&log_line(
+        200,
+        "new",
+        "0mwz00001abcd",
+        "digest",
+    ))])));
+    let msgs: Vec<String> = app
+        .logs
+        .visible()
+        .iter()
+        .map(|l| l.message.clone())
+        .collect();
+    assert_eq!(
+        msgs,
+        ["old 0", "old 1", "old 2", "old 3", "old 4", "old 5", "new"]
+    );
+    assert!(
+        status_text(&app).contains("6 lines from the log files"),
+        "{}",
+        status_text(&app)
+    );
+}
+
+/// History's `/` finds runs by part of their blueprint's name, in any case, in a real store.
+#[test]
+fn the_history_filter_matches_part_of_a_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = omniflow::store::Store::open(&dir.path().join("h.db")).unwrap();
+    for (i, name) in ["triage", "tech-digest", "Triage-EU"].iter().enumerate() {
+        store.insert_run(omniflow::store::NewRun {
+            id: format!("0run{i:09}"),
+            blueprint_name: name.to_string(),
+            priority: omniflow::blueprint::Priority::Normal,
+            trigger: "cli".into(),
+            sandbox: true,
+            seed: None,
+            simulate_failures: 0.0,
+            variables: serde_json::json!({}),
+            blueprint: serde_json::Value::Null,
+            parent_run_id: None,
+            queued_at: std::time::UNIX_EPOCH + std::time::Duration::from_millis(T0 + i as u64),
+        });
+    }
+    store.flush_blocking();
+    let filter = omniflow::store::RunFilter {
+        name_contains: Some("tri".into()),
+        ..omniflow::store::RunFilter::default()
+    };
+    let mut names: Vec<String> = store
+        .list_runs(&filter)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.blueprint_name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["Triage-EU", "triage"]);
+    assert_eq!(store.count_runs(&filter).unwrap(), 2);
+}
+
+/// A pane title never ends with a dangling separator (a filter with no rows).
+#[test]
+fn titles_have_no_stray_separator() {
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 's');
+    history_page(&mut app, vec![]);
+    let s = render(&app, 80, 24);
+    let title = s.lines().find(|l| l.contains(" History ")).unwrap();
+    assert!(title.contains(" error ┓"), "{title}");
+    assert!(!s.contains("· ┓") && !s.contains("· ┐"), "{s}");
+}
+
+/// `T` to the light theme on a dark terminal: every cell is painted on the theme's own light
+/// background, so black text is never drawn on the terminal's (possibly dark) background.
+#[test]
+fn the_light_theme_paints_its_own_background() {
+    use ratatui::style::Color;
+    let mut app = fixtures::busy_app();
+    while app.theme.name != "light" {
+        ch(&mut app, 'T');
+    }
+    for overlay in [None, Some('?'), Some('t')] {
+        if let Some(c) = overlay {
+            ch(&mut app, c);
+        }
+        for (w, h) in [(80, 24), (160, 48)] {
+            let mut t = Terminal::new(TestBackend::new(w, h)).expect("test terminal");
+            t.draw(|f| ui::draw(f, &app)).expect("draw");
+            let buf = t.backend().buffer();
+            let bare = buf
+                .content()
+                .iter()
+                .filter(|c| c.bg == Color::Reset)
+                .count();
+            assert_eq!(
+                bare, 0,
+                "{bare} cells on the terminal's background ({w}×{h}, {overlay:?})"
+            );
+        }
+        key(&mut app, KeyCode::Esc);
+    }
+    // The dark theme keeps the terminal's own background.
+    let mut app = fixtures::busy_app();
+    assert_eq!(app.theme.background, Color::Reset);
+    ch(&mut app, 'T');
+    assert_eq!(app.theme.name, "light");
 }
 
 #[test]

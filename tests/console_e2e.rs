@@ -653,6 +653,13 @@ fn hand_over_lets_steps_in_flight_finish_and_the_next_console_takes_over_cleanly
     t.keys(&["q"]);
     let s = t.wait_text("Quit?", 10);
     assert!(s.contains("h hand over"), "{s}");
+    // Enter is no answer: the question stays and nothing is cancelled.
+    t.keys(&["Enter"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        t.screen().contains("Quit?"),
+        "Enter answered the quit question"
+    );
     t.keys(&["h"]);
     let s = t.wait_text("CONSOLE-EXITED", 60);
     assert!(s.contains("steps in flight get up to 30s"), "{s}");
@@ -717,4 +724,84 @@ fn hand_over_lets_steps_in_flight_finish_and_the_next_console_takes_over_cleanly
         text.contains("resumed a run whose process had stopped"),
         "the second console took the run over"
     );
+}
+
+/// The terminal grows while the console runs (80×24 → 160×48), then `q`: the shell's screen
+/// comes back clean, with nothing of the console's borders above the prompt.
+#[test]
+fn quitting_after_the_terminal_grew_leaves_no_borders_behind() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let shell = format!(
+        "printf 'BEFORE-CONSOLE\\n'; env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' tui --dir '{}'; \
+         echo CONSOLE-EXITED $?; sleep 60",
+        tmp.path().join("h.db").display(),
+        tmp.path().join("logs").display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("resize", tmp.path(), 80, 24, &shell);
+    t.wait_text("tech-digest", 30);
+    let out = t.cmd(&["resize-window", "-t", &t.session, "-x", "160", "-y", "48"]);
+    assert!(out.status.success(), "{out:?}");
+    // The console redraws at the new size (the wide layout's theme part appears).
+    t.wait_text("theme dark", 10);
+    t.keys(&["q"]);
+    let s = t.wait_text("CONSOLE-EXITED 0", 20);
+    let first = s.lines().next().unwrap_or_default();
+    assert_eq!(first.trim_end(), "BEFORE-CONSOLE", "the screen:\n{s}");
+    assert!(
+        !s.contains('┃') && !s.contains('│') && !s.contains("Blueprints"),
+        "borders left behind:\n{s}"
+    );
+    assert_eq!(t.screen_modes(), "0 1");
+}
+
+/// A database that cannot be opened sends the session to a temporary one, which the console
+/// removes on its way out when no run was recorded in it.
+#[test]
+fn an_unused_temporary_database_is_removed_on_quit() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    // A database path under a file: it cannot be created.
+    std::fs::write(tmp.path().join("a-file"), "x").unwrap();
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' tui --dir '{}'; \
+         echo CONSOLE-EXITED $?; sleep 60",
+        tmp.path().join("a-file").join("h.db").display(),
+        tmp.path().join("logs").display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("fallback", tmp.path(), 160, 48, &shell);
+    let s = t.wait_text("temporary database", 30);
+    let pid = t.program_pid();
+    let db = std::env::temp_dir().join(format!("omniflow-console-{pid}.db"));
+    assert!(db.exists(), "the console runs on {}:\n{s}", db.display());
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
+    for suffix in ["", "-wal", "-shm"] {
+        let p = format!("{}{suffix}", db.display());
+        assert!(!Path::new(&p).exists(), "{p} is left behind");
+    }
+}
+
+/// Ctrl-C leaves at once and says so in the exit status: 3, interrupted (not 0).
+#[test]
+fn ctrl_c_exits_with_the_interrupted_status() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' tui --dir '{}'; \
+         echo CONSOLE-EXITED $?; sleep 60",
+        tmp.path().join("h.db").display(),
+        tmp.path().join("logs").display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("ctrlc", tmp.path(), 80, 24, &shell);
+    t.wait_text("tech-digest", 30);
+    t.keys(&["C-c"]);
+    t.wait_text("CONSOLE-EXITED 3", 20);
+    assert_eq!(t.screen_modes(), "0 1");
 }

@@ -730,6 +730,7 @@ pub fn runs(args: RunsArgs) -> Result<ExitCode, Failure> {
         blueprint: args.blueprint.clone(),
         limit: args.limit.max(1),
         before: None,
+        ..RunFilter::default()
     };
     let rows = store
         .list_runs(&filter)
@@ -979,15 +980,7 @@ pub fn export(args: ExportArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
+use crate::text::clip;
 
 /// `omniflow doctor` (issue 3): configuration, the provider chain with a live check of each
 /// configured link, the database and the log directory. Exit 0 when everything configured
@@ -1057,7 +1050,14 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
 
     // The database: opens (migrating if needed), schema version, run count; then the health
     // of every process on it (their heartbeats, issue 7) and runs left by a process that died.
-    let store = open_store(&config);
+    // A database that does not exist yet is not created just to be checked: the first run
+    // creates it (its directory must be writable).
+    let db_exists = config.db_file.exists();
+    let store = if db_exists {
+        open_store(&config)
+    } else {
+        Err(Failure::input("not created yet"))
+    };
     let db = store.as_ref().map_err(Failure::clone).and_then(|s| {
         let v = s
             .schema_version()
@@ -1102,30 +1102,35 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         .filter(|p| p.alive)
         .chain(processes.iter().filter(|p| !p.alive).take(5))
         .collect();
-    // The log directory: exists or can be created, and is writable.
-    let logs = (|| -> std::io::Result<()> {
-        std::fs::create_dir_all(&config.log_dir)?;
-        let probe = config
-            .log_dir
-            .join(format!(".omniflow-doctor-{}", std::process::id()));
-        std::fs::write(&probe, b"ok")?;
-        std::fs::remove_file(&probe)
-    })();
+    // The log directory is writable, or (when it does not exist yet) the directory it would
+    // be created in is: checked with a probe file that is removed, never by creating it.
+    let logs_exist = config.log_dir.is_dir();
+    let logs = writable(if logs_exist {
+        &config.log_dir
+    } else {
+        nearest_dir(&config.log_dir)
+    });
+    let db_dir_ok = db_exists || writable(nearest_dir(&config.db_file)).is_ok();
+    let db_ok = db.is_ok() || (!db_exists && db_dir_ok);
 
     let providers_ok = checks.iter().all(|c| c.ok != Some(false));
-    let all_ok = providers_ok && db.is_ok() && logs.is_ok();
+    // With no provider at all, nothing can run a model: that is not "everything works".
+    let can_run_models = !chain.is_empty();
+    let all_ok = can_run_models && providers_ok && db_ok && logs.is_ok();
     if args.json {
         let v = json!({
             "ok": all_ok,
             "settings": settings.iter().map(|(k, v)| (k.to_string(), Value::String(v.clone()))).collect::<Map<_, _>>(),
             "chain": chain,
             "providers": checks,
+            "canRunModels": can_run_models,
             "database": match &db {
                 Ok((v, n)) => json!({ "ok": true, "path": config.db_file, "schemaVersion": v, "runs": n }),
+                Err(_) if !db_exists => json!({ "ok": db_dir_ok, "path": config.db_file, "exists": false }),
                 Err(e) => json!({ "ok": false, "path": config.db_file, "error": e.message }),
             },
             "logDir": match &logs {
-                Ok(()) => json!({ "ok": true, "path": config.log_dir }),
+                Ok(()) => json!({ "ok": true, "path": config.log_dir, "exists": logs_exist }),
                 Err(e) => json!({ "ok": false, "path": config.log_dir, "error": e.to_string() }),
             },
             "processes": shown.iter().map(|p| {
@@ -1164,9 +1169,21 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
                 "✓ database {}  schema v{v}, {n} run(s)",
                 config.db_file.display()
             ),
+            Err(_) if !db_exists && db_dir_ok => say_out!(
+                "✓ database {}  does not exist yet: the first run creates it",
+                config.db_file.display()
+            ),
+            Err(_) if !db_exists => say_out!(
+                "✗ database {}  does not exist and its directory is not writable; set DB_FILE",
+                config.db_file.display()
+            ),
             Err(e) => say_out!("✗ database {}  {}", config.db_file.display(), e.message),
         }
         match &logs {
+            Ok(()) if !logs_exist => say_out!(
+                "✓ log directory {} does not exist yet: it is created on first use",
+                config.log_dir.display()
+            ),
             Ok(()) => say_out!("✓ log directory {} is writable", config.log_dir.display()),
             Err(e) => say_out!(
                 "✗ log directory {} is not writable ({e}); set LOG_DIR to a writable directory",
@@ -1202,7 +1219,12 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         say_out!();
         say_out!(
             "{}",
-            if all_ok {
+            if !can_run_models {
+                "nothing can run a model: no provider is configured — set HUGGINGFACE_TOKEN (a free \
+                 read token from https://huggingface.co/settings/tokens) in .env, or USE_OLLAMA=true \
+                 with `ollama serve`, or OPENAI_BASE_URL; until then only sandbox runs work \
+                 (`omniflow run NAME --sandbox`, `t` in the console)"
+            } else if all_ok {
                 "everything configured works"
             } else {
                 "something configured does not work: see ✗ above"
@@ -1211,9 +1233,32 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
     }
     Ok(if all_ok {
         ExitCode::SUCCESS
+    } else if !can_run_models {
+        // A configuration problem (exit 2), not a failed check of something configured.
+        ExitCode::from(2)
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The directory `path` is in, or would be created in: its nearest existing ancestor.
+fn nearest_dir(path: &Path) -> &Path {
+    let mut p = path;
+    loop {
+        match p.parent() {
+            Some(parent) if parent.as_os_str().is_empty() => return Path::new("."),
+            Some(parent) if parent.is_dir() => return parent,
+            Some(parent) => p = parent,
+            None => return Path::new("."),
+        }
+    }
+}
+
+/// Whether files can be written in `dir` (a probe file, removed at once).
+fn writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".omniflow-doctor-{}", std::process::id()));
+    std::fs::write(&probe, b"ok")?;
+    std::fs::remove_file(&probe)
 }
 
 /// `doctor --pull MODEL`: Ollama's `/api/pull` with a progress display on stderr.

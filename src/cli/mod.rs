@@ -72,7 +72,8 @@ pub enum Command {
     /// Copy the history database consistently while it is in use.
     Backup(BackupArgs),
     /// Check the configuration, the model providers (live), the database and the log
-    /// directory; exit 0 when everything configured works.
+    /// directory (creating neither); exit 0 when everything configured works, 2 when no
+    /// provider is configured (nothing can run a model).
     Doctor(DoctorArgs),
     /// Export a blueprint as a standalone program: python, node, github-action or docker.
     Export(ExportArgs),

@@ -38,6 +38,9 @@ pub struct Progress {
     drawn_lines: usize,
     sandbox_note: String,
     frame: usize,
+    /// Errors already printed, with the step that had them first: the same fix is said once
+    /// (40 steps failing for one missing token are not 40 copies of its instructions).
+    said: HashMap<String, String>,
 }
 
 impl Progress {
@@ -65,6 +68,7 @@ impl Progress {
             drawn_lines: 0,
             sandbox_note,
             frame: 0,
+            said: HashMap::new(),
         }
     }
 
@@ -162,7 +166,11 @@ impl Progress {
                     wait_ms as f64 / 1000.0
                 );
                 // On a terminal a wrapped line would break the redrawn block: keep it to one.
-                let text = if self.tty { shorten(&text, 100) } else { text };
+                let text = if self.tty {
+                    crate::text::clip(&text, 100)
+                } else {
+                    text
+                };
                 self.line(&text);
             }
             Event::StepFinished {
@@ -189,11 +197,20 @@ impl Progress {
                     let finished = p.skipped || p.done + p.failed + p.cancelled >= total;
                     p.finished = finished;
                     let line = match status {
-                        StepStatus::Error => Some(format!(
-                            "  ✗ {step} failed after {attempts} attempt{}: {}",
-                            if attempts == 1 { "" } else { "s" },
-                            error.as_deref().unwrap_or("")
-                        )),
+                        StepStatus::Error => {
+                            let e = error.as_deref().unwrap_or("");
+                            let what = match self.said.get(e) {
+                                Some(first) => format!("the same error as {first}"),
+                                None => {
+                                    self.said.insert(e.to_string(), step.clone());
+                                    e.to_string()
+                                }
+                            };
+                            Some(format!(
+                                "  ✗ {step} failed after {attempts} attempt{}: {what}",
+                                if attempts == 1 { "" } else { "s" },
+                            ))
+                        }
                         StepStatus::Skipped => Some(format!(
                             "  - {node}: {}",
                             error.as_deref().unwrap_or("skipped")
@@ -337,15 +354,5 @@ fn clear_block(w: &mut impl Write, lines: usize) {
     if lines > 0 {
         // Up `lines`, to column 0, clear to the end of the screen.
         let _ = write!(w, "\x1b[{lines}A\r\x1b[J");
-    }
-}
-
-fn shorten(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(max).collect();
-        t.push('…');
-        t
     }
 }

@@ -63,15 +63,8 @@ fn secs(ms: u64) -> String {
     format!("{:.1}s", ms as f64 / 1000.0)
 }
 
-/// Cuts to at most `n` characters, with an ellipsis.
-pub fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        return s.to_string();
-    }
-    let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
-    out.push('…');
-    out
-}
+/// Cuts to at most `n` characters (the services' limits count characters), with an ellipsis.
+pub use crate::text::clip_chars as clip;
 
 impl RunSummary {
     /// Telegram, `parse_mode: HTML`. The error is clipped so the message fits in one part.

@@ -152,6 +152,11 @@ fn filter_sql(f: &RunFilter, with_cursor: bool) -> (String, Vec<SqlValue>) {
         sql.push_str(" AND blueprint_name = ?");
         args.push(SqlValue::Text(bp.clone()));
     }
+    if let Some(part) = &f.name_contains {
+        // A literal substring (no wildcards to escape), any case.
+        sql.push_str(" AND instr(lower(blueprint_name), lower(?)) > 0");
+        args.push(SqlValue::Text(part.clone()));
+    }
     if let (true, Some((started_at, id))) = (with_cursor, &f.before) {
         // Row-value comparison: SQLite turns it into a range on the (…, started_at, id) index.
         sql.push_str(" AND (started_at, id) < (?, ?)");

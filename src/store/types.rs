@@ -111,6 +111,8 @@ pub struct RunFilter {
     pub status: Option<RunStatus>,
     /// Exact blueprint name.
     pub blueprint: Option<String>,
+    /// Part of the blueprint name, any case (`tri` finds `triage`).
+    pub name_contains: Option<String>,
     /// Page size (0 returns nothing). Ignored by `count_runs`.
     pub limit: usize,
     /// Keyset cursor: only runs strictly older than this `(started_at, id)`, i.e. the last row
@@ -123,6 +125,7 @@ impl Default for RunFilter {
         RunFilter {
             status: None,
             blueprint: None,
+            name_contains: None,
             limit: 50,
             before: None,
         }

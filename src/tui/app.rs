@@ -49,6 +49,12 @@ pub enum Bg {
         result: Result<Box<RunDetail>, String>,
     },
     Logs(Vec<LogEntry>),
+    /// A run's lines from the log files (`Effect::FindRunLogs`).
+    RunLogs {
+        run_id: String,
+        mark: u64,
+        result: Result<Vec<LogEntry>, String>,
+    },
     LogProblem(Option<String>),
     /// Pool state and process memory, sampled a few times a second.
     Sample {
@@ -68,10 +74,11 @@ pub enum Bg {
         path: PathBuf,
         result: Result<String, String>,
     },
-    /// A blueprint file was written; the text names the backup.
+    /// A blueprint file was written; the text names the backup (`None`: it was unchanged,
+    /// nothing written).
     Saved {
         path: PathBuf,
-        result: Result<String, String>,
+        result: Result<Option<String>, String>,
     },
     /// The event subscription lost lifecycle events (the console fell far behind).
     Lagged(u64),
@@ -114,6 +121,12 @@ pub enum Effect {
         priority: Priority,
     },
     SetPaused(bool),
+    /// Reads every line about `run_id` from the log files; `mark` is the number of the next
+    /// line the tailer will push (those are not read again).
+    FindRunLogs {
+        run_id: String,
+        mark: u64,
+    },
     ReadFile(PathBuf),
     /// Writes `text` to `path` after copying the old file to `path.bak`.
     SaveFile {
@@ -244,6 +257,8 @@ pub enum Overlay {
     Help(u16),
     /// The processes on the database (`P`), scrolled by this many lines.
     Processes(u16),
+    /// The status message and the start-up problems in full (`m`).
+    Message,
     Confirm(Confirm),
     /// Typing a search or filter for the focused pane.
     Search {
@@ -264,6 +279,9 @@ pub enum Screen {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
     pub text: String,
+    /// Keys that act on what the message is about (`r retry`): kept whole at the end of the
+    /// line when the text has to be cut.
+    pub keys: Option<String>,
     pub error: bool,
     pub until_ms: u64,
 }
@@ -294,6 +312,8 @@ pub struct App {
     pub screen: Screen,
     pub overlay: Overlay,
     pub status: Option<Status>,
+    /// The last status message, kept after it leaves the status line (`m` shows it in full).
+    pub last_status: Option<Status>,
     /// Problems found at start (database, logging, theme), shown until dismissed.
     pub startup_problems: Vec<String>,
     pub dropped_events: u64,
@@ -360,6 +380,7 @@ impl App {
             screen: Screen::Main,
             overlay: Overlay::None,
             status: None,
+            last_status: None,
             startup_problems: Vec::new(),
             dropped_events: 0,
             processes: Vec::new(),
@@ -476,17 +497,21 @@ impl App {
     fn say(&mut self, text: impl Into<String>) {
         self.status = Some(Status {
             text: text.into(),
+            keys: None,
             error: false,
             until_ms: self.now_ms + STATUS_MS,
         });
+        self.last_status.clone_from(&self.status);
     }
 
     fn complain(&mut self, text: impl Into<String>) {
         self.status = Some(Status {
             text: text.into(),
+            keys: None,
             error: true,
             until_ms: self.now_ms + STATUS_MS * 2,
         });
+        self.last_status.clone_from(&self.status);
     }
 
     /// The one place state changes.
@@ -614,12 +639,24 @@ impl App {
                     (RunStatus::Success, _) => {
                         self.say(format!("{blueprint} {} finished in {took}", short(&run_id)))
                     }
-                    (s, e) => self.complain(format!(
-                        "{blueprint} {} {} after {took}{} — Enter on it in history for details, r to retry",
-                        short(&run_id),
-                        s.as_str(),
-                        e.map(|e| format!(": {}", first_line(&e))).unwrap_or_default()
-                    )),
+                    // What happened first, the error after it (a narrow status line cuts
+                    // it there; m shows it whole), the keys kept at the end.
+                    (s, e) => {
+                        self.complain(format!(
+                            "{blueprint} {} {} after {took}{}",
+                            short(&run_id),
+                            if s == RunStatus::Error {
+                                "failed"
+                            } else {
+                                s.as_str()
+                            },
+                            e.map(|e| format!(": {}", first_line(&e)))
+                                .unwrap_or_default()
+                        ));
+                        if let Some(st) = &mut self.status {
+                            st.keys = Some("r retry · Enter details".into());
+                        }
+                    }
                 }
                 self.history.stale = true;
                 self.dirty = true;
@@ -810,6 +847,17 @@ impl App {
                         d.loaded_ms = self.now_ms;
                         match result {
                             Ok(data) => {
+                                // First load: open on the first step that failed, which is
+                                // what a failed run is opened for.
+                                if d.data.is_none() {
+                                    if let Some(i) = data
+                                        .steps
+                                        .iter()
+                                        .position(|s| s.status == StepStatus::Error)
+                                    {
+                                        d.selected = i;
+                                    }
+                                }
                                 d.data = Some(*data);
                                 d.problem = None;
                             }
@@ -819,16 +867,35 @@ impl App {
                 }
             }
             Bg::Logs(lines) => {
-                let added = lines.len();
+                // Keep the same lines on screen while paused: move up by the new lines that
+                // pass the filters (only those are on screen).
+                let added = lines.iter().filter(|l| self.logs.admits(l)).count();
                 for l in lines {
                     self.logs.push(l);
                 }
                 if !self.logs.follow {
-                    // Keep the same lines on screen while paused.
                     self.logs.scroll += added;
                 }
                 self.logs.problem = None;
             }
+            Bg::RunLogs {
+                run_id,
+                mark,
+                result,
+            } => match result {
+                Ok(lines) => {
+                    if self.logs.run_filter.as_deref() == Some(run_id.as_str()) {
+                        let n = lines.len();
+                        self.logs.older = Some((run_id.clone(), lines, mark));
+                        self.say(format!(
+                            "logs: only run {} ({n} line{} from the log files)",
+                            short(&run_id),
+                            if n == 1 { "" } else { "s" }
+                        ));
+                    }
+                }
+                Err(e) => self.complain(format!("cannot read the log files: {e}")),
+            },
             Bg::LogProblem(p) => self.logs.problem = p,
             Bg::Sample {
                 rss,
@@ -891,16 +958,24 @@ impl App {
             Bg::Saved { path, result } => {
                 match result {
                     Ok(backup) => {
+                        let note = match &backup {
+                            Some(b) => format!("saved; previous version in {b}"),
+                            None => "no change: the file already says this (nothing written)"
+                                .to_string(),
+                        };
                         if let Overlay::Editor(ed) = &mut self.overlay {
                             if ed.path == path {
                                 if let Some(t) = &ed.text {
                                     ed.original = t.lines().join("\n");
                                 }
                                 ed.problems.clear();
-                                ed.note = Some(format!("saved; previous version in {backup}"));
+                                ed.note = Some(note);
                             }
                         }
-                        self.say(format!("saved {} (backup {backup})", path.display()));
+                        match backup {
+                            Some(b) => self.say(format!("saved {} (backup {b})", path.display())),
+                            None => self.say(format!("{} unchanged", path.display())),
+                        }
                         // Re-read the directory once the new text is on disk.
                         fx.push(Effect::LoadBlueprints);
                     }
@@ -930,6 +1005,7 @@ impl App {
         RunFilter {
             status: self.history.status,
             blueprint: self.history.blueprint.clone(),
+            name_contains: self.history.name_contains.clone(),
             limit: PAGE,
             before: self
                 .history

@@ -205,6 +205,7 @@ pub fn app() -> App {
     let mut app = App::new(PathBuf::from("blueprints"), Theme::default(), themes, 4);
     app.now_ms = T0;
     app.memory.threshold_mb = 500;
+    app.db_path = "./automation_runner.db".into();
     app
 }
 

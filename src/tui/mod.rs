@@ -106,11 +106,10 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
     let log_problem = log_guard.as_ref().err().map(|e| e.to_string());
     problems.extend(log_problem.clone());
 
+    let tmp = std::env::temp_dir().join(format!("omniflow-console-{}.db", std::process::id()));
     let (store, db_banner) = match Store::open(&config.db_file) {
         Ok(s) => (s, None),
         Err(e) => {
-            let tmp =
-                std::env::temp_dir().join(format!("omniflow-console-{}.db", std::process::id()));
             let banner = format!(
                 "{e} — until then, runs go to a temporary database ({})",
                 tmp.display()
@@ -122,6 +121,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         }
     };
     problems.extend(db_banner.clone());
+    let on_fallback = db_banner.is_some();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -194,7 +194,31 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
     });
     // Workers and timers still parked are not waited for.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));
-    drop(store);
+    if on_fallback {
+        // The temporary database goes with the session, unless it holds runs worth keeping.
+        let runs = store
+            .count_runs(&crate::store::RunFilter::default())
+            .unwrap_or(0);
+        drop(store);
+        if runs == 0 {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = tmp.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        } else {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "omniflow: this session's {runs} run(s) are in the temporary database {}: \
+                 `DB_FILE={} omniflow runs` reads them; delete it when done",
+                tmp.display(),
+                tmp.display()
+            );
+        }
+    } else {
+        drop(store);
+    }
     drop(log_guard);
     result.map_err(|e| format!("terminal error: {e}"))
 }

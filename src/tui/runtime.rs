@@ -364,6 +364,23 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
                     ctx.engine.pool().resume();
                 }
             }
+            Effect::FindRunLogs { run_id, mark } => {
+                tokio::spawn(async move {
+                    let dir = ctx.engine.config().log_dir.clone();
+                    let id = run_id.clone();
+                    let r = tokio::task::spawn_blocking(move || run_lines(&dir, &id))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx
+                        .tx
+                        .send(Bg::RunLogs {
+                            run_id,
+                            mark,
+                            result: r,
+                        })
+                        .await;
+                });
+            }
             Effect::ReadFile(path) => {
                 tokio::spawn(async move {
                     let p = path.clone();
@@ -392,9 +409,13 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
 /// Every blueprint file of `dir`, valid or not.
 pub fn load_blueprints(dir: &Path) -> Result<Vec<BlueprintEntry>, String> {
     let files = blueprint::load_dir(dir).map_err(|e| {
+        // The full path: a relative `blueprints` says nothing about where it was looked for.
+        let full = std::env::current_dir()
+            .map(|cwd| cwd.join(dir))
+            .unwrap_or_else(|_| dir.to_path_buf());
         format!(
-            "cannot read {}: {e} — start omniflow where blueprints/ is, or pass --dir",
-            dir.display()
+            "cannot read the blueprints directory {}: {e} — start omniflow where blueprints/ is, or pass --dir",
+            full.display()
         )
     })?;
     Ok(files
@@ -490,8 +511,12 @@ pub fn retry_plan(
 }
 
 /// Writes `text` to `path` through a temporary file and a rename, after copying the current
-/// file to `path.bak`. Returns the backup's path.
-pub fn save_with_backup(path: &Path, text: &str) -> Result<String, String> {
+/// file to `path.bak`. Returns the backup's path, or `None` when the file already holds
+/// exactly `text` (then nothing is written, and no backup made).
+pub fn save_with_backup(path: &Path, text: &str) -> Result<Option<String>, String> {
+    if std::fs::read(path).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(None);
+    }
     let mut bak = path.as_os_str().to_owned();
     bak.push(".bak");
     let bak = PathBuf::from(bak);
@@ -509,7 +534,7 @@ pub fn save_with_backup(path: &Path, text: &str) -> Result<String, String> {
     let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
-    Ok(bak.display().to_string())
+    Ok(Some(bak.display().to_string()))
 }
 
 /// Samples process memory and the pool a few times a second for the panes.
@@ -548,6 +573,46 @@ fn spawn_sampler(ctx: Ctx, stop: Arc<AtomicBool>) {
             });
         }
     });
+}
+
+/// Most bytes of log files read to find one run's lines (newest files first).
+const RUN_LOG_SCAN: u64 = 256 << 20;
+/// Most lines of one run kept from the files.
+const RUN_LOG_LINES: usize = 20_000;
+
+/// Every line about `run_id` in the log files of `dir`, oldest first. Reads whole files,
+/// newest first, until [`RUN_LOG_SCAN`] bytes; lines are matched on the id's text before
+/// they are parsed, so the cost is one pass over the bytes.
+pub fn run_lines(dir: &Path, run_id: &str) -> Result<Vec<LogEntry>, String> {
+    use std::io::BufRead;
+    let mut files = crate::logging::log_files(dir);
+    files.reverse();
+    let mut read = 0u64;
+    let mut per_file: Vec<Vec<LogEntry>> = Vec::new();
+    for f in files {
+        if read >= RUN_LOG_SCAN {
+            break;
+        }
+        let file =
+            std::fs::File::open(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        read += file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut found = Vec::new();
+        for line in std::io::BufReader::new(file).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(run_id) {
+                let e = LogEntry::from_line(&line);
+                if e.run_id.as_deref() == Some(run_id) {
+                    found.push(e);
+                }
+            }
+        }
+        per_file.push(found);
+    }
+    let mut out: Vec<LogEntry> = per_file.into_iter().rev().flatten().collect();
+    if out.len() > RUN_LOG_LINES {
+        out.drain(..out.len() - RUN_LOG_LINES);
+    }
+    Ok(out)
 }
 
 /// How much of the newest log file is shown at start.

@@ -174,9 +174,8 @@ pub struct LogEntry {
     pub message: String,
     pub run_id: Option<String>,
     /// The step the line is about (its key, e.g. `summarize[1]`, or a node id), if any.
-    /// Still shown in `rest`.
     pub step: Option<String>,
-    /// The remaining fields as `key=value`.
+    /// The remaining fields as `key=value` (not the run id or the step).
     pub rest: String,
 }
 
@@ -203,7 +202,7 @@ impl LogEntry {
                 let rest = l
                     .fields
                     .iter()
-                    .filter(|(k, _)| k.as_str() != "run_id")
+                    .filter(|(k, _)| !matches!(k.as_str(), "run_id" | "step"))
                     .map(|(k, v)| match v.as_str() {
                         Some(s) => format!("{k}={s}"),
                         None => format!("{k}={v}"),
@@ -233,9 +232,10 @@ impl LogEntry {
     /// The text searched by `/`.
     pub fn haystack(&self) -> String {
         format!(
-            "{} {} {} {}",
+            "{} {} {} {} {}",
             self.level,
             self.message,
+            self.step.as_deref().unwrap_or(""),
             self.run_id.as_deref().unwrap_or(""),
             self.rest
         )
@@ -260,8 +260,16 @@ pub struct LogState {
     pub step_filter: Option<String>,
     /// Following new lines (false: paused, scrolled back).
     pub follow: bool,
-    /// Lines above the bottom when not following.
+    /// Visible lines above the bottom when not following.
     pub scroll: usize,
+    /// Rows of the pane at the last frame, as the renderer reports them: scrolling stops
+    /// with the oldest line at the top (a full pane), not with one line and blank rows.
+    pub rows: std::cell::Cell<usize>,
+    /// Lines pushed since the start (the newest line's number is `pushed - 1`).
+    pub pushed: u64,
+    /// Older lines of one run, read from the log files on `o` (the pane holds only the tail):
+    /// (run id, its lines, the number of the first pushed line not already among them).
+    pub older: Option<(String, Vec<LogEntry>, u64)>,
 }
 
 impl Default for LogState {
@@ -275,6 +283,9 @@ impl Default for LogState {
             step_filter: None,
             follow: true,
             scroll: 0,
+            rows: std::cell::Cell::new(0),
+            pushed: 0,
+            older: None,
         }
     }
 }
@@ -282,27 +293,51 @@ impl Default for LogState {
 impl LogState {
     pub fn push(&mut self, e: LogEntry) {
         self.lines.push_back(e);
+        self.pushed += 1;
         if self.lines.len() > LOG_KEEP {
             self.lines.pop_front();
         }
     }
 
-    /// The lines that pass the filters, oldest first.
-    pub fn visible(&self) -> Vec<&LogEntry> {
+    /// Whether a line passes the filters.
+    pub fn admits(&self, l: &LogEntry) -> bool {
         let needle = self.search.to_lowercase();
-        self.lines
-            .iter()
-            .filter(|l| self.level.admits(&l.level) || l.level == "RAW")
-            .filter(|l| match &self.run_filter {
+        (self.level.admits(&l.level) || l.level == "RAW")
+            && match &self.run_filter {
                 Some(r) => l.run_id.as_deref() == Some(r.as_str()),
                 None => true,
-            })
-            .filter(|l| match &self.step_filter {
+            }
+            && match &self.step_filter {
                 Some(s) => l.step.as_deref() == Some(s.as_str()),
                 None => true,
-            })
-            .filter(|l| needle.is_empty() || l.haystack().contains(&needle))
+            }
+            && (needle.is_empty() || l.haystack().contains(&needle))
+    }
+
+    /// The lines that pass the filters, oldest first: with a run filter, the run's older
+    /// lines read from the files, then the ones that arrived since.
+    pub fn visible(&self) -> Vec<&LogEntry> {
+        let first = self.pushed.saturating_sub(self.lines.len() as u64);
+        let (older, from): (&[LogEntry], u64) = match (&self.older, &self.run_filter) {
+            (Some((id, lines, mark)), Some(r)) if id == r => (lines.as_slice(), *mark),
+            _ => (&[], 0),
+        };
+        older
+            .iter()
+            .chain(
+                self.lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| first + *i as u64 >= from)
+                    .map(|(_, l)| l),
+            )
+            .filter(|l| self.admits(l))
             .collect()
+    }
+
+    /// The largest scroll that still fills the pane.
+    pub fn max_scroll(&self) -> usize {
+        self.visible().len().saturating_sub(self.rows.get().max(1))
     }
 }
 
@@ -320,7 +355,10 @@ pub struct HistoryState {
     pub page: usize,
     pub selected: usize,
     pub status: Option<RunStatus>,
+    /// Exactly this blueprint (`b`).
     pub blueprint: Option<String>,
+    /// Blueprint names containing this text (`/`).
+    pub name_contains: Option<String>,
     /// A query is in flight.
     pub loading: bool,
     /// Results of older queries are ignored.
@@ -365,6 +403,7 @@ impl Default for HistoryState {
             selected: 0,
             status: None,
             blueprint: None,
+            name_contains: None,
             loading: false,
             generation: 0,
             problem: None,
@@ -411,6 +450,11 @@ pub struct DetailState {
     pub selected: usize,
     /// Lines scrolled in the step's text panel.
     pub scroll: u16,
+    /// Rows of the step's text panel at the last frame, as the renderer reports them (like
+    /// ratatui's widget states): PgUp/PgDn move by this much.
+    pub text_rows: std::cell::Cell<u16>,
+    /// Rows of the step's text at the last frame (wrapped): scrolling stops at its end.
+    pub text_total: std::cell::Cell<u16>,
     pub generation: u64,
     pub loading: bool,
     /// An event about this run arrived since the last load.
@@ -418,6 +462,11 @@ pub struct DetailState {
     /// When the data last arrived (a run still in flight is re-read every 2 s, so a run of
     /// another process moves too).
     pub loaded_ms: u64,
+}
+
+/// Rows of the steps table when it is stacked above the step's text (narrow terminals).
+pub fn detail_steps_rows(body_h: u16, steps: usize) -> u16 {
+    (steps as u16 + 3).min(body_h * 2 / 5).max(4)
 }
 
 /// Process memory as the memory pane shows it.

@@ -54,7 +54,15 @@ pub fn restore() {
     if let Err(e) = disable_raw_mode() {
         tracing::warn!("cannot leave raw mode: {e}");
     }
-    if let Err(e) = execute!(stdout(), LeaveAlternateScreen, cursor::Show) {
+    // The alternate screen is cleared before it is left: after the terminal grew, tmux (and
+    // others) otherwise bring part of it back above the prompt.
+    if let Err(e) = execute!(
+        stdout(),
+        ratatui::crossterm::terminal::Clear(ratatui::crossterm::terminal::ClearType::All),
+        cursor::MoveTo(0, 0),
+        LeaveAlternateScreen,
+        cursor::Show
+    ) {
         tracing::warn!("cannot leave the alternate screen: {e}");
     }
 }

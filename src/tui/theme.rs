@@ -45,6 +45,9 @@ pub struct Theme {
     pub spark_ok: Color,
     pub spark_err: Color,
     pub key: Color,
+    /// The whole console's background. `Reset` keeps the terminal's own; a theme whose text
+    /// is dark (light) sets one, so it stays legible on a dark terminal too.
+    pub background: Color,
 }
 
 impl Default for Theme {
@@ -69,6 +72,7 @@ impl Default for Theme {
             spark_ok: Color::Green,
             spark_err: Color::LightRed,
             key: Color::Yellow,
+            background: Color::Reset,
         }
     }
 }
@@ -95,6 +99,7 @@ struct ThemePatch {
     spark_ok: Option<String>,
     spark_err: Option<String>,
     key: Option<String>,
+    background: Option<String>,
 }
 
 impl Theme {
@@ -137,6 +142,7 @@ impl Theme {
         set(&mut t.spark_ok, "spark_ok", &patch.spark_ok);
         set(&mut t.spark_err, "spark_err", &patch.spark_err);
         set(&mut t.key, "key", &patch.key);
+        set(&mut t.background, "background", &patch.background);
         if !bad.is_empty() {
             return Err(format!(
                 "theme \"{name}\": unknown colour {} (use a name such as light_red or \"#rrggbb\")",
@@ -174,6 +180,10 @@ impl Theme {
 
     pub fn base(&self) -> Style {
         Style::default().fg(self.text)
+    }
+    /// The console's canvas: the text colour on the theme's background.
+    pub fn canvas(&self) -> Style {
+        Style::default().fg(self.text).bg(self.background)
     }
     pub fn dimmed(&self) -> Style {
         Style::default().fg(self.dim)

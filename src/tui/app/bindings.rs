@@ -40,6 +40,7 @@ pub enum Action {
     Level,
     Follow,
     LogFilter,
+    Message,
 }
 
 /// Where a binding applies.
@@ -169,6 +170,7 @@ pub const BINDINGS: &[Binding] = &[
     b(&[K::Char('p')], A::Pause, W::Everywhere, Some("pause"), "pause / resume the pool"),
     b(&[K::Char('P')], A::Processes, W::Everywhere, None, "processes on this database: heartbeats, pools, memory"),
     b(&[K::Char('T')], A::Theme, W::Everywhere, None, "next theme"),
+    b(&[K::Char('m')], A::Message, W::Everywhere, None, "the last message and the start-up problems in full (a long one is cut on the status line)"),
 ];
 
 /// The hint bar, per place: these actions, in this order (each shown with its binding's keys
@@ -302,13 +304,26 @@ pub fn help_groups() -> Vec<(&'static str, Vec<(String, &'static str)>)> {
         if place == W::Everywhere {
             rows.push((
                 "Ctrl-C".into(),
-                "quit now, handing runs in flight over (as on a hang-up; exit status 130)",
+                "quit now, handing runs in flight over (as on a hang-up); exit status 3 (interrupted)",
             ));
         }
         if !rows.is_empty() {
             groups.push((place.title(), rows));
         }
     }
+    groups.push((
+        "reading the panes",
+        vec![
+            (
+                "c h n l".into(),
+                "Queue: queued steps by priority — critical, high, normal, low (the words on a wide pane)",
+            ),
+            (
+                "↻ ⧗".into(),
+                "Workers: a step waiting to retry / waiting for its provider's rate limit (no worker held)",
+            ),
+        ],
+    ));
     groups
 }
 
@@ -407,7 +422,7 @@ impl App {
             Overlay::Sandbox(_) => return fixed(SANDBOX_KEYS),
             Overlay::Editor(_) => return fixed(EDITOR_KEYS),
             Overlay::Search { .. } => return fixed(&[("Enter", "apply"), ("Esc", "clear")]),
-            Overlay::Help(_) | Overlay::Processes(_) => {
+            Overlay::Help(_) | Overlay::Processes(_) | Overlay::Message => {
                 return fixed(&[("↑↓", "scroll"), ("Esc", "close")])
             }
             Overlay::Confirm(c) => {

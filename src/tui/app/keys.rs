@@ -37,6 +37,8 @@ impl App {
                     _ => Overlay::None,
                 };
             }
+            // Any key closes the full message.
+            Overlay::Message => {}
             Overlay::Confirm(c) => self.on_confirm_key(c, k, fx),
             Overlay::Search { target, text } => self.on_search_key(target, text, k, fx),
             Overlay::Sandbox(form) => self.on_sandbox_key(form, k, fx),
@@ -66,7 +68,7 @@ impl App {
             A::Search => {
                 let text = match self.focus {
                     Focus::Blueprints => self.bp_filter.clone(),
-                    Focus::History => self.history.blueprint.clone().unwrap_or_default(),
+                    Focus::History => self.history.name_contains.clone().unwrap_or_default(),
                     Focus::Logs | Focus::Workers => self.logs.search.clone(),
                 };
                 let target = if self.focus == Focus::Workers {
@@ -115,7 +117,8 @@ impl App {
                     "logs: paused (↑↓ PgUp PgDn scroll back, f follows again)"
                 });
             }
-            A::LogFilter => self.toggle_log_filter(),
+            A::LogFilter => self.toggle_log_filter(fx),
+            A::Message => self.overlay = Overlay::Message,
         }
     }
 
@@ -138,9 +141,13 @@ impl App {
         match self.focus {
             Focus::Blueprints => self.bp_filter.clear(),
             Focus::History => {
-                if self.history.status.is_some() || self.history.blueprint.is_some() {
+                if self.history.status.is_some()
+                    || self.history.blueprint.is_some()
+                    || self.history.name_contains.is_some()
+                {
                     self.history.status = None;
                     self.history.blueprint = None;
+                    self.history.name_contains = None;
                     self.query_history(fx);
                 }
             }
@@ -185,10 +192,10 @@ impl App {
                 }
             }
             Focus::Logs => {
-                let n = self.logs.visible().len();
+                let max = self.logs.max_scroll();
                 self.logs.follow = false;
-                let s = self.logs.scroll as isize - by;
-                self.logs.scroll = s.clamp(0, n.saturating_sub(1) as isize) as usize;
+                let s = self.logs.scroll.min(max) as isize - by;
+                self.logs.scroll = s.clamp(0, max as isize) as usize;
                 if self.logs.scroll == 0 && by > 0 {
                     self.logs.follow = true;
                 }
@@ -198,10 +205,14 @@ impl App {
 
     fn page(&mut self, by: isize, fx: &mut Vec<Effect>) {
         if let Screen::Detail(d) = &mut self.screen {
+            // A page is the step pane's height (less a line kept for context); the last page
+            // ends at the text's last line.
+            let page = d.text_rows.get().saturating_sub(1).max(1);
+            let last_top = d.text_total.get().saturating_sub(d.text_rows.get());
             d.scroll = if by > 0 {
-                d.scroll.saturating_add(10)
+                d.scroll.saturating_add(page).min(last_top)
             } else {
-                d.scroll.saturating_sub(10)
+                d.scroll.min(last_top).saturating_sub(page)
             };
             return;
         }
@@ -267,6 +278,8 @@ impl App {
             problem: None,
             selected: 0,
             scroll: 0,
+            text_rows: std::cell::Cell::new(10),
+            text_total: std::cell::Cell::new(0),
             generation,
             loading: true,
             stale: false,
@@ -483,7 +496,7 @@ impl App {
 
     /// `o`: in a run's detail, only the selected step's lines of that run (again on the same
     /// step: every line); elsewhere, only the selected run's lines (again: every line).
-    fn toggle_log_filter(&mut self) {
+    fn toggle_log_filter(&mut self, fx: &mut Vec<Effect>) {
         if let Screen::Detail(d) = &self.screen {
             let step = d
                 .data
@@ -501,8 +514,9 @@ impl App {
                         "logs: only {step} of run {} (Esc: back to the Logs pane)",
                         short(&run_id)
                     ));
-                    self.logs.run_filter = Some(run_id);
+                    self.logs.run_filter = Some(run_id.clone());
                     self.logs.step_filter = Some(step);
+                    self.find_run_logs(run_id, fx);
                 }
                 return;
             }
@@ -514,11 +528,32 @@ impl App {
         }
         match self.selected_run() {
             Some((id, _, _)) => {
-                self.say(format!("logs: only run {}", short(&id)));
-                self.logs.run_filter = Some(id);
+                self.say(format!(
+                    "logs: only run {} (reading its older lines from the log files…)",
+                    short(&id)
+                ));
+                self.logs.run_filter = Some(id.clone());
+                self.find_run_logs(id, fx);
             }
             None => self.say("select a run (History or Workers) to filter the logs by it"),
         }
+    }
+
+    /// Reads `run_id`'s lines from every log file (the pane keeps only the newest ones).
+    fn find_run_logs(&mut self, run_id: String, fx: &mut Vec<Effect>) {
+        if self
+            .logs
+            .older
+            .as_ref()
+            .is_some_and(|(id, _, _)| *id == run_id)
+        {
+            return;
+        }
+        self.logs.older = None;
+        fx.push(Effect::FindRunLogs {
+            run_id,
+            mark: self.logs.pushed,
+        });
     }
 
     fn clear_log_filter(&mut self) {
@@ -652,10 +687,11 @@ impl App {
             }
             Focus::Logs | Focus::Workers => self.logs.search = text.to_string(),
             Focus::History => {
-                // The history filter is an exact blueprint name: query once, on Enter.
+                // Part of a blueprint name, any case: queried once, on Enter.
                 if done {
                     let t = text.trim();
-                    self.history.blueprint = (!t.is_empty()).then(|| t.to_string());
+                    self.history.name_contains = (!t.is_empty()).then(|| t.to_string());
+                    self.history.page = 0;
                     self.query_history(fx);
                 }
             }

@@ -43,9 +43,37 @@ pub fn draw(f: &mut Frame, app: &App, d: &DetailState, area: Rect) {
         );
         return;
     };
-    let r = &data.run;
+    let lines = summary_lines(app, data);
+    let summary_h = lines
+        .iter()
+        .map(|l| {
+            let t: String = l.spans.iter().map(|s| s.content.as_ref()).collect();
+            crate::text::wrap(&t, inner.width as usize).len() as u16
+        })
+        .sum::<u16>()
+        .min(8);
     let [summary, body] =
-        Layout::vertical([Constraint::Length(4), Constraint::Min(4)]).areas(inner);
+        Layout::vertical([Constraint::Length(summary_h), Constraint::Min(4)]).areas(inner);
+    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: true }), summary);
+
+    // Side by side when there is room; stacked (steps above, the step below) on 80 columns.
+    let (left, right) = if body.width >= 110 {
+        let [l, r] = Layout::horizontal([Constraint::Length(64), Constraint::Min(30)]).areas(body);
+        (l, r)
+    } else {
+        let steps_h = crate::tui::state::detail_steps_rows(body.height, data.steps.len());
+        let [l, r] =
+            Layout::vertical([Constraint::Length(steps_h), Constraint::Min(3)]).areas(body);
+        (l, r)
+    };
+    steps_table(f, app, d, data, left);
+    step_text(f, app, d, data, right);
+}
+
+/// The run's summary: title, figures, and the whole error.
+fn summary_lines(app: &App, data: &RunDetail) -> Vec<Line<'static>> {
+    let th = &app.theme;
+    let r = &data.run;
     let mut l1 = vec![
         Span::styled(r.blueprint_name.clone(), th.title(true)),
         Span::raw("  "),
@@ -85,38 +113,18 @@ pub fn draw(f: &mut Frame, app: &App, d: &DetailState, area: Rect) {
             th.dimmed(),
         ),
     ]);
+    // The whole error, wrapped (its rows are counted in `summary_rows`).
     let l3 = match &r.error {
         Some(e) => Line::from(vec![
             Span::styled(
                 "error ",
                 Style::default().fg(th.error).add_modifier(Modifier::BOLD),
             ),
-            Span::styled(
-                crate::tui::app::first_line(e).to_string(),
-                Style::default().fg(th.error),
-            ),
+            Span::styled(e.replace('\n', " "), Style::default().fg(th.error)),
         ]),
         None => Line::default(),
     };
-    f.render_widget(
-        Paragraph::new(vec![Line::from(l1), l2, l3]).wrap(Wrap { trim: true }),
-        summary,
-    );
-
-    // Side by side when there is room; stacked (steps above, the step below) on 80 columns.
-    let (left, right) = if body.width >= 110 {
-        let [l, r] = Layout::horizontal([Constraint::Length(64), Constraint::Min(30)]).areas(body);
-        (l, r)
-    } else {
-        let steps_h = (data.steps.len() as u16 + 3)
-            .min(body.height * 2 / 5)
-            .max(4);
-        let [l, r] =
-            Layout::vertical([Constraint::Length(steps_h), Constraint::Min(3)]).areas(body);
-        (l, r)
-    };
-    steps_table(f, app, d, data, left);
-    step_text(f, app, d, data, right);
+    vec![Line::from(l1), l2, l3]
 }
 
 fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: Rect) {
@@ -350,10 +358,22 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
     for l in pretty(&s.output) {
         lines.push(Line::from(Span::raw(l)));
     }
+    // Report the pane's size and the text's wrapped length, so PgUp/PgDn move by a page and
+    // stop at the end.
+    let total: usize = lines
+        .iter()
+        .map(|l| {
+            let t: String = l.spans.iter().map(|s| s.content.as_ref()).collect();
+            crate::text::wrap(&t, inner.width as usize).len()
+        })
+        .sum();
+    d.text_rows.set(inner.height.max(1));
+    d.text_total.set(total.min(u16::MAX as usize) as u16);
+    let last_top = (total as u16).saturating_sub(inner.height);
     f.render_widget(
         Paragraph::new(lines)
             .wrap(Wrap { trim: false })
-            .scroll((d.scroll, 0)),
+            .scroll((d.scroll.min(last_top), 0)),
         inner,
     );
 }

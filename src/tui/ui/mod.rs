@@ -20,6 +20,8 @@ pub const MIN_H: u16 = 16;
 pub fn draw(f: &mut Frame, app: &App) {
     let area = f.area();
     let th = &app.theme;
+    // The theme's canvas under everything (its own background, when it has one).
+    f.render_widget(Block::default().style(th.canvas()), area);
     if area.width < MIN_W || area.height < MIN_H {
         let msg = format!(
             "Terminal too small: {}×{}.\nOmniFlow needs at least {MIN_W}×{MIN_H} (80×24 is comfortable).\nEnlarge the window, or press q to quit.",
@@ -51,6 +53,7 @@ pub fn draw(f: &mut Frame, app: &App) {
         Overlay::None => {}
         Overlay::Help(top) => overlays::help(f, app, *top, area),
         Overlay::Processes(top) => overlays::processes(f, app, *top, area),
+        Overlay::Message => overlays::message(f, app, area),
         Overlay::Confirm(c) => overlays::confirm(f, app, c, area),
         Overlay::Search { target, text } => overlays::search(f, app, *target, text, status),
         Overlay::Sandbox(form) => overlays::sandbox(f, app, form, area),
@@ -180,27 +183,51 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
 
 fn draw_status(f: &mut Frame, app: &App, area: Rect) {
     let th = &app.theme;
+    let cols = area.width as usize;
+    // A message too long for the line keeps its start and its keys, and says how to read
+    // the rest.
     let line = if let Some(s) = &app.status {
-        Line::from(Span::styled(
-            format!(" {}", s.text),
-            if s.error {
-                Style::default().fg(th.error)
-            } else {
-                Style::default().fg(th.ok)
-            },
-        ))
+        let style = if s.error {
+            Style::default().fg(th.error)
+        } else {
+            Style::default().fg(th.ok)
+        };
+        let text = format!(" {}", s.text);
+        let keys = s
+            .keys
+            .as_deref()
+            .map(|k| format!(" ({k})"))
+            .unwrap_or_default();
+        if crate::text::width(&text) + crate::text::width(&keys) <= cols {
+            Line::from(vec![
+                Span::styled(text, style),
+                Span::styled(keys, th.dimmed()),
+            ])
+        } else {
+            let keys = match s.keys.as_deref() {
+                Some(k) => format!(" ({k} · m all)"),
+                None => " (m: all)".to_string(),
+            };
+            let room = cols.saturating_sub(crate::text::width(&keys));
+            Line::from(vec![
+                Span::styled(clip(&text, room), style),
+                Span::styled(keys, th.dimmed()),
+            ])
+        }
     } else if let Some(p) = app.startup_problems.first() {
+        let suffix = if app.startup_problems.len() > 1 {
+            format!(
+                " (+{} more; m shows all, Esc dismisses)",
+                app.startup_problems.len() - 1
+            )
+        } else {
+            " (m: all, Esc dismisses)".to_string()
+        };
+        let text = format!(" ⚠ {p}");
+        let room = cols.saturating_sub(crate::text::width(&suffix));
         Line::from(vec![
-            Span::styled(" ⚠ ", Style::default().fg(th.warn)),
-            Span::styled(p.clone(), Style::default().fg(th.warn)),
-            Span::styled(
-                if app.startup_problems.len() > 1 {
-                    format!(" (+{} more; Esc dismisses)", app.startup_problems.len() - 1)
-                } else {
-                    " (Esc dismisses)".to_string()
-                },
-                th.dimmed(),
-            ),
+            Span::styled(clip(&text, room), Style::default().fg(th.warn)),
+            Span::styled(suffix, th.dimmed()),
         ])
     } else {
         Line::default()
@@ -263,6 +290,14 @@ pub(crate) fn popup(f: &mut Frame, area: Rect, w: u16, h: u16) -> Rect {
         height: h,
     };
     f.render_widget(Clear, r);
+    r
+}
+
+/// [`popup`], painted with the theme's canvas (a cleared cell would show the terminal's own
+/// background through a theme that has one).
+pub(crate) fn popup_canvas(f: &mut Frame, app: &App, area: Rect, w: u16, h: u16) -> Rect {
+    let r = popup(f, area, w, h);
+    f.render_widget(Block::default().style(app.theme.canvas()), r);
     r
 }
 

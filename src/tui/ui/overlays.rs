@@ -1,6 +1,6 @@
 //! Overlays: help, confirmations, the search line, the sandbox-test form and the editor.
 
-use super::{clip, popup};
+use super::{clip, popup_canvas};
 use crate::tui::app::{short, App, Confirm, Editor, Focus, FormField, SandboxForm};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
@@ -11,24 +11,7 @@ use ratatui::Frame;
 /// The help overlay's width on a wide terminal.
 const HELP_W: u16 = 96;
 
-/// `text` in rows of at most `w` characters, broken between words (a longer word gets a row
-/// of its own).
-fn wrap_words(text: &str, w: usize) -> Vec<String> {
-    let mut rows = Vec::new();
-    let mut row = String::new();
-    for word in text.split_whitespace() {
-        let n = row.chars().count();
-        if n > 0 && n + 1 + word.chars().count() > w {
-            rows.push(std::mem::take(&mut row));
-        }
-        if !row.is_empty() {
-            row.push(' ');
-        }
-        row.push_str(word);
-    }
-    rows.push(row);
-    rows
-}
+use crate::text::wrap as wrap_words;
 
 fn frame<'a>(app: &App, title: &'a str) -> Block<'a> {
     Block::default()
@@ -87,7 +70,7 @@ pub fn processes(f: &mut Frame, app: &App, top: u16, area: Rect) {
     }
     let alive = app.processes.iter().filter(|p| p.alive).count();
     let total = lines.len() as u16;
-    let r = popup(f, area, w, total + 2);
+    let r = popup_canvas(f, app, area, w, total + 2);
     let room = r.height.saturating_sub(2);
     let top = top.min(total.saturating_sub(room));
     let title = format!("Processes on this database · {alive} alive · any key closes");
@@ -123,7 +106,7 @@ pub fn help(f: &mut Frame, app: &App, top: u16, area: Rect) {
         }
     }
     let total = lines.len() as u16;
-    let r = popup(f, area, HELP_W, total + 2);
+    let r = popup_canvas(f, app, area, HELP_W, total + 2);
     let room = r.height.saturating_sub(2);
     let top = top.min(total.saturating_sub(room));
     let title = if total > room {
@@ -197,7 +180,7 @@ pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
     // Tall enough for the question (wrapped), a blank line and the keys (wrapped).
     let inner_w = 64usize.min(area.width.saturating_sub(4) as usize).max(1);
     let rows = wrap_words(&text, inner_w).len() + 1 + wrap_words(&keys, inner_w).len();
-    let r = popup(f, area, 64, rows as u16 + 2);
+    let r = popup_canvas(f, app, area, 64, rows as u16 + 2);
     let lines = vec![
         Line::from(Span::styled(text, th.base())),
         Line::default(),
@@ -215,7 +198,7 @@ pub fn search(f: &mut Frame, app: &App, target: Focus, text: &str, line: Rect) {
     let th = &app.theme;
     let what = match target {
         Focus::Blueprints => "filter blueprints",
-        Focus::History => "history: blueprint name (Enter applies)",
+        Focus::History => "history: part of a blueprint name (Enter applies)",
         Focus::Logs | Focus::Workers => "search logs",
     };
     f.render_widget(
@@ -231,7 +214,7 @@ pub fn search(f: &mut Frame, app: &App, target: Focus, text: &str, line: Rect) {
 
 pub fn sandbox(f: &mut Frame, app: &App, form: &SandboxForm, area: Rect) {
     let th = &app.theme;
-    let r = popup(f, area, 90, 18);
+    let r = popup_canvas(f, app, area, 90, 18);
     let title = format!("Sandbox test: {}", form.blueprint.name);
     let outer = frame(app, &title);
     let inner = outer.inner(r);
@@ -286,8 +269,9 @@ pub fn sandbox(f: &mut Frame, app: &App, form: &SandboxForm, area: Rect) {
 
 pub fn editor(f: &mut Frame, app: &App, ed: &Editor, area: Rect) {
     let th = &app.theme;
-    let r = popup(
+    let r = popup_canvas(
         f,
+        app,
         area,
         area.width.saturating_sub(4),
         area.height.saturating_sub(2),
@@ -350,4 +334,36 @@ fn key_line(app: &App, keys: &[(&str, &str)]) -> Line<'static> {
         spans.push(Span::styled(format!(" {what}"), th.dimmed()));
     }
     Line::from(spans)
+}
+
+/// `m`: the last message and the start-up problems, whole.
+pub fn message(f: &mut Frame, app: &App, area: Rect) {
+    let th = &app.theme;
+    let w = 90.min(area.width.saturating_sub(2));
+    let text_w = (w as usize).saturating_sub(2).max(10);
+    let mut lines: Vec<Line> = Vec::new();
+    if let Some(s) = &app.last_status {
+        let style = if s.error {
+            Style::default().fg(th.error)
+        } else {
+            th.base()
+        };
+        for row in wrap_words(&s.text, text_w) {
+            lines.push(Line::from(Span::styled(row, style)));
+        }
+    }
+    for p in &app.startup_problems {
+        lines.push(Line::default());
+        for row in wrap_words(&format!("⚠ {p}"), text_w) {
+            lines.push(Line::from(Span::styled(row, Style::default().fg(th.warn))));
+        }
+    }
+    if lines.is_empty() {
+        lines.push(Line::from(Span::styled("no message yet", th.dimmed())));
+    }
+    let r = popup_canvas(f, app, area, w, lines.len() as u16 + 2);
+    f.render_widget(
+        Paragraph::new(lines).block(frame(app, "Message · any key closes")),
+        r,
+    );
 }

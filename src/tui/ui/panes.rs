@@ -190,7 +190,8 @@ fn schedule_span(app: &App, bp: &crate::blueprint::Blueprint, room: usize) -> Sp
 /// returns the rest of the area.
 fn warning_banner(f: &mut Frame, app: &App, area: Rect, text: &str, keep: u16) -> Rect {
     let text = format!("⚠ {text}");
-    let need = text.chars().count().div_ceil(area.width.max(1) as usize) as u16;
+    // Counted as the paragraph wraps it (between words), so the end — often a path — shows.
+    let need = crate::text::wrap(&text, area.width.max(1) as usize).len() as u16;
     let [top, rest] = Layout::vertical([
         Constraint::Length(need.min(area.height.saturating_sub(keep))),
         Constraint::Min(keep.saturating_sub(1)),
@@ -235,6 +236,8 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
         format!("queued {} ", p.queued_total()),
         th.dimmed(),
     )];
+    // By priority: the words when they fit (`crit 0 high 1 …`), else their initials.
+    let words = inner.width >= 38;
     for pr in [
         Priority::Critical,
         Priority::High,
@@ -242,7 +245,11 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
         Priority::Low,
     ] {
         let n = p.queued[pr.index()];
-        let tag = &prio_short(pr)[..1];
+        let tag = if words {
+            format!("{} ", prio_short(pr))
+        } else {
+            prio_short(pr)[..1].to_string()
+        };
         q.push(Span::styled(
             format!("{tag}{n} "),
             if n > 0 {
@@ -271,15 +278,19 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
             .style(Style::default().fg(th.spark_ok)),
         s1,
     );
+    // The figure keeps its units; the label gets shorter first.
+    let figure = format!("{failed}/min ({rate:.0}%)");
+    let cols = inner.width as usize;
+    let label = if 16 + figure.len() <= cols {
+        "attempts failed "
+    } else {
+        "failed "
+    };
     f.render_widget(
         Paragraph::new(Line::from(vec![
-            Span::styled("attempts failed ", th.dimmed()),
+            Span::styled(label, th.dimmed()),
             Span::styled(
-                if inner.width >= 30 {
-                    format!("{failed}/min ({rate:.0}%)")
-                } else {
-                    format!("{failed}/min {rate:.0}%")
-                },
+                figure,
                 Style::default().fg(if failed > 0 { th.spark_err } else { th.text }),
             ),
         ])),
@@ -530,11 +541,19 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
     if let Some(b) = &h.blueprint {
         filters.push(b.clone());
     }
+    if let Some(part) = &h.name_contains {
+        filters.push(format!("/{part}"));
+    }
+    // Parts joined by ` · `, none left dangling when a part is empty.
     if !filters.is_empty() {
-        note = format!("{} · {note}", filters.join(", "));
+        note = [filters.join(", "), note]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(" · ");
     }
     if h.loading && !h.loaded {
-        note = format!("loading… {note}");
+        note = format!("loading… {note}").trim_end().to_string();
     }
     let block = pane_block(app, "History", Some(Focus::History), note);
     let inner = block.inner(area);
@@ -550,10 +569,16 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
         let text = if !h.loaded {
             "reading the history…".to_string()
         } else if filters.is_empty() {
-            "no runs yet — press Enter on a blueprint or t to sandbox-test it".to_string()
+            format!(
+                "no runs yet in {} — press Enter on a blueprint or t to sandbox-test it \
+                 (DB_FILE sets where the history is)",
+                app.db_path
+            )
         } else {
-            "no runs match the filter — s changes the status, b the blueprint, Esc clears"
-                .to_string()
+            format!(
+                "no runs in {} match the filter — s changes the status, b the blueprint, Esc clears",
+                app.db_path
+            )
         };
         return empty(f, app, inner, text, false);
     }
@@ -662,19 +687,36 @@ pub fn logs(f: &mut Frame, app: &App, area: Rect) {
         };
         return empty(f, app, inner, text, false);
     }
-    let end = visible
-        .len()
-        .saturating_sub(if l.follow { 0 } else { l.scroll });
+    // Scrolled back at most until the oldest line is at the top of a full pane.
+    l.rows.set(room);
+    let scroll = if l.follow {
+        0
+    } else {
+        l.scroll.min(visible.len().saturating_sub(room))
+    };
+    let end = visible.len().saturating_sub(scroll);
     let start = end.saturating_sub(room);
     let w = inner.width as usize;
     for e in &visible[start..end] {
         let head = format!("{} {:<5} ", e.time, e.level);
+        // What matters first — the message, the step, the reason — and the run id last, where
+        // a narrow pane cuts it.
+        let step = e
+            .step
+            .as_deref()
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default();
+        let rest = if e.rest.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", e.rest)
+        };
         let run = e
             .run_id
             .as_deref()
-            .map(|r| format!(" {}", short(r)))
+            .map(|r| format!(" run={}", short(r)))
             .unwrap_or_default();
-        let body = format!("{}{run} {}", e.message, e.rest);
+        let body = format!("{}{step}{rest}{run}", e.message);
         let rest = w.saturating_sub(head.chars().count());
         lines.push(Line::from(vec![
             Span::styled(head, th.level(&e.level)),
