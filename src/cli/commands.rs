@@ -180,6 +180,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
         let interrupted = watch_signals(engine.clone(), tokens, signals);
+        let disk = watch_disk(engine.store().clone());
         let mut outcomes = Vec::new();
         for h in handles {
             let o = h.wait().await;
@@ -231,7 +232,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             }
         }
         engine.stopped().await;
-        engine.store().flush().await;
+        settle(engine.store(), &mut outcomes, &interrupted).await;
+        disk.abort();
         if let Some(e) = engine.store().take_write_error() {
             say_err!("warning: the history database reported an error: {e}");
         }
@@ -261,6 +263,78 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         print_outcome(&outcomes[0], &first);
     }
     Ok(exit_code(&outcomes, interrupted))
+}
+
+/// Prints "disk full: free space at PATH" when the history database's disk fills up during
+/// a run (the pool then holds new work), and again when there is room.
+fn watch_disk(store: crate::store::Store) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut was = None;
+        loop {
+            let now = store.disk_full();
+            if now != was {
+                match &now {
+                    Some(dir) => say(&format!(
+                        "disk full: free space at {} — the run waits (no new steps, no messages) until its history can be saved",
+                        dir.display()
+                    )),
+                    None => say("the disk has room again: the run continues"),
+                }
+                was = now;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    })
+}
+
+/// A run is reported as it is saved: waits for room on a full disk (until a signal), then
+/// compares each outcome with the history. A run whose end is not saved is reported as
+/// unfinished, for `omniflow resume` (exit 3), never as a success.
+async fn settle(
+    store: &crate::store::Store,
+    outcomes: &mut [RunOutcome],
+    interrupted: &std::sync::atomic::AtomicBool,
+) {
+    store.flush().await;
+    if let Some(dir) = store.disk_full() {
+        say(&format!(
+            "disk full: free space at {}: the history of this run is not saved yet; waiting for room (SIGTERM leaves it for `omniflow resume`)",
+            dir.display()
+        ));
+        tokio::select! {
+            _ = store.flush_durable() => {}
+            _ = async {
+                while !interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            } => {}
+        }
+    }
+    for o in outcomes.iter_mut() {
+        if matches!(o.status, RunStatus::Queued | RunStatus::Running) {
+            continue;
+        }
+        let (s, id) = (store.clone(), o.run_id.clone());
+        let saved = tokio::task::spawn_blocking(move || s.find_run(&id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|row| row.status);
+        if saved != Some(o.status) {
+            let why = match store.disk_full() {
+                Some(dir) => format!("disk full: free space at {}", dir.display()),
+                None => store
+                    .take_write_error()
+                    .unwrap_or_else(|| "the history database did not record it".into()),
+            };
+            o.error = Some(format!(
+                "the run ended {} but its history is not saved ({why}); `omniflow resume {}` finishes it once the database can be written",
+                o.status.as_str(),
+                o.run_id
+            ));
+            o.status = saved.unwrap_or(RunStatus::Running);
+        }
+    }
 }
 
 /// Exit code 3: the run was interrupted or handed over (DESIGN.md's contract).
@@ -425,6 +499,7 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
         let interrupted = watch_signals(engine.clone(), tokens, signals);
+        let disk = watch_disk(engine.store().clone());
         let mut outcomes = Vec::new();
         for h in handles {
             let o = h.wait().await;
@@ -450,6 +525,8 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
             }
         }
         engine.stopped().await;
+        settle(engine.store(), &mut outcomes, &interrupted).await;
+        disk.abort();
         let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
         Ok::<_, Failure>((outcomes, interrupted))
     })?;

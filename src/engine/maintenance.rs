@@ -78,6 +78,7 @@ impl Engine {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut last_beat = Instant::now();
             let mut held = false;
+            let mut full = None;
             if adopt {
                 engine.adopt_orphans().await;
             }
@@ -87,6 +88,7 @@ impl Engine {
                     _ = tick.tick() => {}
                 }
                 held = engine.check_memory(held);
+                full = engine.check_disk(full);
                 if last_beat.elapsed() >= beat_every {
                     last_beat = Instant::now();
                     engine.heartbeat();
@@ -126,6 +128,25 @@ impl Engine {
             }
         }
         hold
+    }
+
+    /// Holds the pool while the store cannot save (disk full). Returns the new state.
+    fn check_disk(&self, was: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+        let now = self.inner.store.disk_full();
+        if now != was {
+            self.inner
+                .pool
+                .set_store_hold(now.as_ref().map(|d| d.display().to_string()));
+            match &now {
+                Some(dir) => tracing::warn!(
+                    dir = %dir.display(),
+                    "disk full: free space at {}; the pool takes no new work until the history can be saved",
+                    dir.display()
+                ),
+                None => tracing::info!("the history database has room again: the pool takes work"),
+            }
+        }
+        now
     }
 
     /// Claims and resumes every run whose owner is gone.

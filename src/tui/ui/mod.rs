@@ -113,6 +113,11 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
             "PAUSED",
             Style::default().fg(th.warn).add_modifier(Modifier::BOLD),
         )
+    } else if let Some(dir) = &p.disk_full {
+        Span::styled(
+            format!("HOLDING (disk full: free space at {dir})"),
+            Style::default().fg(th.error).add_modifier(Modifier::BOLD),
+        )
     } else if p.memory_hold {
         Span::styled(
             "HOLDING (memory)",
