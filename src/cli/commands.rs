@@ -1040,7 +1040,16 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
     if let Some(model) = &args.pull {
         return rt.block_on(pull(&providers, model));
     }
-    let checks = rt.block_on(providers.doctor());
+    // A provider's error may quote the request back, headers and all: no secret is shown.
+    let redactor = crate::logging::Redactor::new(config.secrets());
+    let checks: Vec<_> = rt
+        .block_on(providers.doctor())
+        .into_iter()
+        .map(|mut c| {
+            c.detail = redactor.redact(&c.detail).into_owned();
+            c
+        })
+        .collect();
     let set = |o: &Option<String>| if o.is_some() { "set" } else { "unset" };
     let rate = |r: Option<crate::providers::limiter::RateLimit>| {
         r.map(|r| r.to_string())
