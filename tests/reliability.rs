@@ -1147,3 +1147,53 @@ async fn secrets_stay_out_of_everything_when_providers_fail() {
         outputs.len()
     );
 }
+
+/// A daemon adopts a run whose process was SIGKILLed on this host without waiting out its
+/// lease: the run is finished by the daemon long before the lease could have expired.
+#[test]
+fn a_daemon_adopts_a_killed_run_before_its_lease_expires() {
+    // An hour-long lease: only the dead pid can explain a takeover.
+    let env = Env::new(&[("LEASE_TIMEOUT", "3600".into())]);
+    std::fs::create_dir(env.path("blueprints")).unwrap();
+    let bp = env.write(
+        "short.json",
+        &json!({ "name": "short", "nodes": [
+            { "id": "wait", "type": "delay", "duration": "2s" },
+            { "id": "after", "type": "transform", "needs": ["wait"], "template": "done" }
+        ] }),
+    );
+    let mut daemon = env.spawn(&["daemon"]);
+    let mut child = env.spawn(&["run", &bp]);
+    let run = env.wait_step("wait", "running");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed_at = Instant::now();
+    // The lease would keep the run from anyone else for an hour; the daemon sees the process
+    // is gone and takes it over (a generous bound for a loaded machine, not a timing).
+    let adopted = loop {
+        let (status, _) = env.status(&run);
+        if status == "success" {
+            break true;
+        }
+        if killed_at.elapsed() > Duration::from_secs(120) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    kill(&daemon, "TERM");
+    let _ = daemon.wait();
+    let _ = daemon.stdout.take();
+    assert!(
+        adopted,
+        "the daemon did not take the run over before its lease expired"
+    );
+    let takeovers: i64 = env
+        .sql()
+        .query_row(
+            "SELECT takeovers FROM runner_executions WHERE id = ?1",
+            [&run],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(takeovers, 1);
+}

@@ -3,8 +3,8 @@
 //!   memory) and the proof that this process's run leases are alive;
 //! - the memory hold: above `MEMORY_THRESHOLD_MB` the pool takes no new work until memory
 //!   falls (checked every second, logged when it changes);
-//! - adoption (console and daemon only): runs orphaned by a dead process are claimed and
-//!   resumed;
+//! - adoption (console and daemon only, every second): runs orphaned by a dead process are
+//!   claimed and resumed;
 //! - graceful shutdown: stop taking work, let steps in flight finish within a grace period,
 //!   hand the rest over.
 
@@ -92,9 +92,12 @@ impl Engine {
                 if last_beat.elapsed() >= beat_every {
                     last_beat = Instant::now();
                     engine.heartbeat();
-                    if adopt {
-                        engine.adopt_orphans().await;
-                    }
+                }
+                // Every tick, not every heartbeat: a run whose process was killed on this
+                // host is orphaned at once (its pid is gone), and is taken over within a
+                // second.
+                if adopt {
+                    engine.adopt_orphans().await;
                 }
             }
         });
