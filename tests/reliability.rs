@@ -793,7 +793,9 @@ fn counting_fake() -> (
                     .and_then(|l| l.split(' ').nth(1))
                     .unwrap_or("")
                     .to_string();
-                std::thread::sleep(Duration::from_millis(10));
+                // Slow enough that the run is still going when the disk fills and the pool
+                // holds (the hold follows within a second).
+                std::thread::sleep(Duration::from_millis(50));
                 let body = if path.ends_with("/sendMessage") {
                     r#"{"ok":true,"result":{"message_id":7}}"#.to_string()
                 } else {

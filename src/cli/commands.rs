@@ -502,18 +502,7 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         let disk = watch_disk(engine.store().clone());
         let mut outcomes = Vec::new();
         for h in handles {
-            let o = h.wait().await;
-            say_err!(
-                "{} {} {}  {}",
-                status_icon(o.status),
-                o.blueprint,
-                o.run_id,
-                o.status.as_str()
-            );
-            if let Some(e) = &o.error {
-                say_err!("  {e}");
-            }
-            outcomes.push(o);
+            outcomes.push(h.wait().await);
         }
         maintenance.stop().await;
         for o in &outcomes {
@@ -527,6 +516,19 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         engine.stopped().await;
         settle(engine.store(), &mut outcomes, &interrupted).await;
         disk.abort();
+        // Each run as it is saved (after `settle`, so a success is only shown once it is).
+        for o in &outcomes {
+            say_err!(
+                "{} {} {}  {}",
+                status_icon(o.status),
+                o.blueprint,
+                o.run_id,
+                o.status.as_str()
+            );
+            if let Some(e) = &o.error {
+                say_err!("  {e}");
+            }
+        }
         let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
         Ok::<_, Failure>((outcomes, interrupted))
     })?;
