@@ -861,6 +861,17 @@ fn a_full_disk_mid_run_holds_the_run_until_there_is_room() {
             ] }),
         );
         let mut child = env.spawn(&["run", &bp]);
+        // A failed assertion must not leave the run waiting for room forever.
+        struct KillOnDrop(u32);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    // SAFETY: kill has no memory preconditions; the pid is our child's.
+                    unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        let _guard = KillOnDrop(child.id());
         let err = collect_stderr(&mut child);
         let fetched = || -> usize {
             calls
