@@ -118,6 +118,10 @@ pub struct PoolStats {
     pub paused: bool,
     /// True while the pool holds back because memory is above the threshold.
     pub memory_hold: bool,
+    /// While the pool holds back because the history database's disk is full: the
+    /// directory to free space in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_full: Option<String>,
     pub completed: u64,
     pub failed: u64,
 }

@@ -554,14 +554,14 @@ fn many_openers_of_a_new_database_all_succeed() {
                 let (path, barrier) = (path.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    let store = Store::open_as(&path, format!("test:{i}:0"))?;
+                    let store = Store::open_as(&path, format!("test:{i}:0"))
+                        .map_err(|e| format!("open failed: {e}"))?;
                     store.insert_run(new_run(&format!("r{round}-{i}"), "race", i));
                     store.flush_blocking();
                     match store.take_write_error() {
                         Some(e) => Err(format!("write failed: {e}")),
                         None => Ok(()),
                     }
-                    .map_err(|e| StoreError::NotFound(e))
                 })
             })
             .collect();

@@ -186,6 +186,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
         let interrupted = watch_signals(engine.clone(), tokens, signals);
+        let disk = watch_disk(engine.store().clone());
         let mut outcomes = Vec::new();
         for h in handles {
             let o = h.wait().await;
@@ -237,7 +238,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             }
         }
         engine.stopped().await;
-        engine.store().flush().await;
+        settle(engine.store(), &mut outcomes, &interrupted).await;
+        disk.abort();
         if let Some(e) = engine.store().take_write_error() {
             say_err!("warning: the history database reported an error: {e}");
         }
@@ -267,6 +269,78 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         print_outcome(&outcomes[0], &first);
     }
     Ok(exit_code(&outcomes, interrupted))
+}
+
+/// Prints "disk full: free space at PATH" when the history database's disk fills up during
+/// a run (the pool then holds new work), and again when there is room.
+fn watch_disk(store: crate::store::Store) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut was = None;
+        loop {
+            let now = store.disk_full();
+            if now != was {
+                match &now {
+                    Some(dir) => say(&format!(
+                        "disk full: free space at {} — the run waits (no new steps, no messages) until its history can be saved",
+                        dir.display()
+                    )),
+                    None => say("the disk has room again: the run continues"),
+                }
+                was = now;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    })
+}
+
+/// A run is reported as it is saved: waits for room on a full disk (until a signal), then
+/// compares each outcome with the history. A run whose end is not saved is reported as
+/// unfinished, for `omniflow resume` (exit 3), never as a success.
+async fn settle(
+    store: &crate::store::Store,
+    outcomes: &mut [RunOutcome],
+    interrupted: &std::sync::atomic::AtomicBool,
+) {
+    store.flush().await;
+    if let Some(dir) = store.disk_full() {
+        say(&format!(
+            "disk full: free space at {}: the history of this run is not saved yet; waiting for room (SIGTERM leaves it for `omniflow resume`)",
+            dir.display()
+        ));
+        tokio::select! {
+            _ = store.flush_durable() => {}
+            _ = async {
+                while !interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            } => {}
+        }
+    }
+    for o in outcomes.iter_mut() {
+        if matches!(o.status, RunStatus::Queued | RunStatus::Running) {
+            continue;
+        }
+        let (s, id) = (store.clone(), o.run_id.clone());
+        let saved = tokio::task::spawn_blocking(move || s.find_run(&id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|row| row.status);
+        if saved != Some(o.status) {
+            let why = match store.disk_full() {
+                Some(dir) => format!("disk full: free space at {}", dir.display()),
+                None => store
+                    .take_write_error()
+                    .unwrap_or_else(|| "the history database did not record it".into()),
+            };
+            o.error = Some(format!(
+                "the run ended {} but its history is not saved ({why}); `omniflow resume {}` finishes it once the database can be written",
+                o.status.as_str(),
+                o.run_id
+            ));
+            o.status = saved.unwrap_or(RunStatus::Running);
+        }
+    }
 }
 
 /// Exit code 3: the run was interrupted or handed over (DESIGN.md's contract).
@@ -431,20 +505,10 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         }
         let tokens: Vec<_> = handles.iter().map(|h| h.cancel_token()).collect();
         let interrupted = watch_signals(engine.clone(), tokens, signals);
+        let disk = watch_disk(engine.store().clone());
         let mut outcomes = Vec::new();
         for h in handles {
-            let o = h.wait().await;
-            say_err!(
-                "{} {} {}  {}",
-                status_icon(o.status),
-                o.blueprint,
-                o.run_id,
-                o.status.as_str()
-            );
-            if let Some(e) = &o.error {
-                say_err!("  {e}");
-            }
-            outcomes.push(o);
+            outcomes.push(h.wait().await);
         }
         maintenance.stop().await;
         for o in &outcomes {
@@ -456,6 +520,21 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
             }
         }
         engine.stopped().await;
+        settle(engine.store(), &mut outcomes, &interrupted).await;
+        disk.abort();
+        // Each run as it is saved (after `settle`, so a success is only shown once it is).
+        for o in &outcomes {
+            say_err!(
+                "{} {} {}  {}",
+                status_icon(o.status),
+                o.blueprint,
+                o.run_id,
+                o.status.as_str()
+            );
+            if let Some(e) = &o.error {
+                say_err!("  {e}");
+            }
+        }
         let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
         Ok::<_, Failure>((outcomes, interrupted))
     })?;
@@ -992,7 +1071,16 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
     if let Some(model) = &args.pull {
         return rt.block_on(pull(&providers, model));
     }
-    let checks = rt.block_on(providers.doctor());
+    // A provider's error may quote the request back, headers and all: no secret is shown.
+    let redactor = crate::logging::Redactor::new(config.secrets());
+    let checks: Vec<_> = rt
+        .block_on(providers.doctor())
+        .into_iter()
+        .map(|mut c| {
+            c.detail = redactor.redact(&c.detail).into_owned();
+            c
+        })
+        .collect();
     let set = |o: &Option<String>| if o.is_some() { "set" } else { "unset" };
     let rate = |r: Option<crate::providers::limiter::RateLimit>| {
         r.map(|r| r.to_string())

@@ -3,8 +3,8 @@
 //!   memory) and the proof that this process's run leases are alive;
 //! - the memory hold: above `MEMORY_THRESHOLD_MB` the pool takes no new work until memory
 //!   falls (checked every second, logged when it changes);
-//! - adoption (console and daemon only): runs orphaned by a dead process are claimed and
-//!   resumed;
+//! - adoption (console and daemon only, every second): runs orphaned by a dead process are
+//!   claimed and resumed;
 //! - graceful shutdown: stop taking work, let steps in flight finish within a grace period,
 //!   hand the rest over.
 
@@ -80,6 +80,7 @@ impl Engine {
             let mut tick = tokio::time::interval(config.scaled(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut last_beat = Instant::now();
+            let mut full = None;
             if adopt {
                 engine.adopt_orphans().await;
             }
@@ -89,12 +90,16 @@ impl Engine {
                     _ = tick.tick() => {}
                 }
                 held = engine.check_memory(held);
+                full = engine.check_disk(full);
                 if last_beat.elapsed() >= beat_every {
                     last_beat = Instant::now();
                     engine.heartbeat();
-                    if adopt {
-                        engine.adopt_orphans().await;
-                    }
+                }
+                // Every tick, not every heartbeat: a run whose process was killed on this
+                // host is orphaned at once (its pid is gone), and is taken over within a
+                // second.
+                if adopt {
+                    engine.adopt_orphans().await;
                 }
             }
         });
@@ -128,6 +133,25 @@ impl Engine {
             }
         }
         hold
+    }
+
+    /// Holds the pool while the store cannot save (disk full). Returns the new state.
+    fn check_disk(&self, was: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+        let now = self.inner.store.disk_full();
+        if now != was {
+            self.inner
+                .pool
+                .set_store_hold(now.as_ref().map(|d| d.display().to_string()));
+            match &now {
+                Some(dir) => tracing::warn!(
+                    dir = %dir.display(),
+                    "disk full: free space at {}; the pool takes no new work until the history can be saved",
+                    dir.display()
+                ),
+                None => tracing::info!("the history database has room again: the pool takes work"),
+            }
+        }
+        now
     }
 
     /// Claims and resumes every run whose owner is gone.

@@ -389,8 +389,9 @@ pub(crate) async fn execute(
                 });
             }
             // The step is durably `running` before anything is sent, so a resume after a
-            // crash knows the message may have left and does not send it twice.
-            ctx.inner.store.flush().await;
+            // crash knows the message may have left and does not send it twice. On a full
+            // disk this waits for room: no message goes out whose record cannot be saved.
+            ctx.inner.store.flush_durable().await;
             // Delivered parts are recorded under the retry chain's root, so neither a retried
             // attempt nor a retried run sends a part twice (issue 5, see notify/mod.rs).
             let store = ctx.inner.store.clone();

@@ -179,12 +179,19 @@ pub async fn deliver(
                 continue;
             }
         }
-        let id = match part {
+        let sent = match part {
             Part::Telegram { text, parse_mode } => {
-                telegram::send_part(http, config, text, parse_mode.as_deref()).await?
+                telegram::send_part(http, config, text, parse_mode.as_deref()).await
             }
-            Part::Discord(body) => discord::send_part(http, config, body).await?,
+            Part::Discord(body) => discord::send_part(http, config, body).await,
         };
+        // A service's error may quote the request back (Telegram's path holds the bot
+        // token, a webhook's URL is its secret): no secret goes into a step's error.
+        let id = sent.map_err(|mut e| {
+            let redactor = crate::logging::Redactor::new(config.secrets());
+            e.message = redactor.redact(&e.message).into_owned();
+            e
+        })?;
         if let (Some(d), Some(key)) = (dedupe, key) {
             let rec = NotificationRecord {
                 dedupe_key: key,

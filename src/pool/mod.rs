@@ -104,6 +104,8 @@ struct State {
     queue: PriorityQueue<Item>,
     paused: bool,
     memory_hold: bool,
+    /// The history cannot be saved (disk full): no new job at all until it can.
+    store_hold: Option<String>,
     shutdown: bool,
     running: usize,
     completed: u64,
@@ -152,6 +154,7 @@ impl Pool {
                 queue: PriorityQueue::new(),
                 paused: false,
                 memory_hold: false,
+                store_hold: None,
                 shutdown: false,
                 running: 0,
                 completed: 0,
@@ -236,6 +239,23 @@ impl Pool {
         if changed {
             self.inner.mark_dirty();
             if !hold {
+                self.resume_waiters();
+            }
+        }
+    }
+
+    /// While set (to the directory to free space in), workers take no new job: the history
+    /// of what they would do could not be saved.
+    pub fn set_store_hold(&self, dir: Option<String>) {
+        let changed = {
+            let mut st = self.inner.lock();
+            let changed = st.store_hold != dir;
+            st.store_hold = dir;
+            changed
+        };
+        if changed {
+            self.inner.mark_dirty();
+            if self.inner.lock().store_hold.is_none() {
                 self.resume_waiters();
             }
         }
@@ -330,6 +350,7 @@ impl Inner {
             concurrency: self.concurrency,
             paused: st.paused,
             memory_hold: st.memory_hold,
+            disk_full: st.store_hold.clone(),
             completed: st.completed,
             failed: st.failed,
         }
@@ -347,7 +368,8 @@ impl Inner {
                 if st.shutdown {
                     return None;
                 }
-                let held = st.paused || (st.memory_hold && st.running > 0);
+                let held =
+                    st.paused || st.store_hold.is_some() || (st.memory_hold && st.running > 0);
                 if !held {
                     while let Some(Queued { item, .. }) = st.queue.pop(Instant::now(), self.aging) {
                         if item.cancel.is_cancelled() {

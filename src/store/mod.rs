@@ -267,6 +267,28 @@ impl Store {
         }
     }
 
+    /// Resolves once every write queued before it is committed. Unlike [`Store::flush`], a
+    /// full disk does not end the wait: the writes are kept and tried again, and this resolves
+    /// when there is room and they are saved. For what must be on disk before a side effect
+    /// (a notification is sent only once its intent is recorded).
+    pub async fn flush_durable(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.send(Msg::Durable(Ack::Async(tx))) {
+            let _ = rx.await;
+        }
+    }
+
+    /// While the disk holding the database is full (writes are held back until there is
+    /// room): the directory to free space in.
+    pub fn disk_full(&self) -> Option<PathBuf> {
+        self.inner
+            .shared
+            .full
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Like [`Store::flush`], blocking the calling thread (not for use on the async runtime).
     pub fn flush_blocking(&self) {
         let (tx, rx) = mpsc::sync_channel(1);

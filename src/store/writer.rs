@@ -6,8 +6,10 @@
 
 use super::transitions::{coalesce, Op, ProcessInfo};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Most writes applied in one transaction; bounds how long a flush waits behind a burst.
 const MAX_BATCH: usize = 8192;
@@ -22,6 +24,9 @@ pub(crate) enum Msg {
     Txn(Box<dyn FnOnce(&mut Connection) + Send>),
     /// Acknowledged once every write queued before it is committed (or failed).
     Flush(Ack),
+    /// Acknowledged once every write queued before it is committed; while the disk is full,
+    /// not before there is room again and they are.
+    Durable(Ack),
 }
 
 /// How a flush waiter is woken: from async code or from a blocked thread.
@@ -44,11 +49,16 @@ impl Ack {
     }
 }
 
+/// How often writes held back by a full disk are tried again.
+const FULL_RETRY: Duration = Duration::from_millis(500);
+
 /// State shared between the writer thread and every `Store` clone.
 #[derive(Default)]
 pub(crate) struct Shared {
     /// The first write failure since the last `take_write_error`.
     pub(crate) write_error: Mutex<Option<String>>,
+    /// While writes wait for room on a full disk: the directory to free space in.
+    pub(crate) full: Mutex<Option<PathBuf>>,
 }
 
 impl Shared {
@@ -74,19 +84,42 @@ pub(crate) fn run(
     conn.set_prepared_statement_cache_capacity(64);
     let mut ops: Vec<Op> = Vec::new();
     let mut acks: Vec<Ack> = Vec::new();
+    // A full disk: the writes that could not be committed, kept in order (never dropped, so
+    // nothing done is forgotten and redone), with the durable flushes waiting for them.
+    let mut held = Held::default();
     // `recv` fails only once all senders are dropped *and* the queue is empty, so pending
     // writes are always applied before the thread ends.
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = if held.ops.is_empty() {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv_timeout(FULL_RETRY) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        if held.due() {
+            held.retry(&mut conn, &shared, &proc, &path);
+        }
+        // A timeout: only the retry was due.
+        let Some(first) = first else {
+            continue;
+        };
         let mut next = Some(first);
+        let mut durable: Vec<Ack> = Vec::new();
         while let Some(msg) = next {
             match msg {
                 Msg::Write(op) => ops.push(op),
                 Msg::Flush(ack) => acks.push(ack),
+                Msg::Durable(ack) => durable.push(ack),
                 Msg::Txn(f) => {
                     // Keep the order: what was queued before it is committed first.
                     if !ops.is_empty() {
-                        let batch = coalesce(std::mem::take(&mut ops));
-                        apply_batch(&mut conn, &batch, &shared, &proc, &path);
+                        held.apply(&mut conn, coalesce(std::mem::take(&mut ops)), &shared, &proc, &path);
                     }
                     f(&mut conn);
                 }
@@ -98,11 +131,31 @@ pub(crate) fn run(
             };
         }
         if !ops.is_empty() {
-            let batch = coalesce(std::mem::take(&mut ops));
-            apply_batch(&mut conn, &batch, &shared, &proc, &path);
+            held.apply(&mut conn, coalesce(std::mem::take(&mut ops)), &shared, &proc, &path);
         }
         for ack in acks.drain(..) {
             ack.send();
+        }
+        if held.ops.is_empty() {
+            for ack in durable {
+                ack.send();
+            }
+        } else {
+            held.acks.extend(durable);
+        }
+    }
+    if !held.ops.is_empty() {
+        // Closing with writes still held back by a full disk: one last try, then they are
+        // lost (reported), as the process is going away.
+        held.retry(&mut conn, &shared, &proc, &path);
+        if !held.ops.is_empty() {
+            fail(
+                &shared,
+                &path,
+                &held.ops[0].describe(),
+                held.ops.len(),
+                &"the disk is still full",
+            );
         }
     }
     if let Err((_, e)) = conn.close() {
@@ -110,13 +163,84 @@ pub(crate) fn run(
     }
 }
 
-fn apply_batch(conn: &mut Connection, ops: &[Op], shared: &Shared, proc: &ProcessInfo, path: &str) {
+/// Writes held back by a full disk.
+#[derive(Default)]
+struct Held {
+    ops: Vec<Op>,
+    acks: Vec<Ack>,
+    last_try: Option<Instant>,
+}
+
+impl Held {
+    /// Whether the held writes are due for another try.
+    fn due(&self) -> bool {
+        !self.ops.is_empty() && self.last_try.is_none_or(|t| t.elapsed() >= FULL_RETRY)
+    }
+
+    /// Applies `ops`, or holds them back (after any already held, to keep the order) when
+    /// the disk is full.
+    fn apply(
+        &mut self,
+        conn: &mut Connection,
+        ops: Vec<Op>,
+        shared: &Shared,
+        proc: &ProcessInfo,
+        path: &str,
+    ) {
+        if !self.ops.is_empty() {
+            self.ops.extend(ops);
+            return;
+        }
+        if let Err(full) = apply_batch(conn, &ops, shared, proc, path) {
+            tracing::error!(path, error = %full.source, dir = %full.dir.display(), writes = ops.len(), "disk full: the history cannot be saved; the pool holds new work and the writes are kept until there is room");
+            *shared.full.lock().unwrap_or_else(|e| e.into_inner()) = Some(full.dir);
+            self.ops = ops;
+            self.last_try = Some(Instant::now());
+        }
+    }
+
+    /// Tries the held writes again; on success the disk has room and the waiters go on.
+    fn retry(&mut self, conn: &mut Connection, shared: &Shared, proc: &ProcessInfo, path: &str) {
+        self.last_try = Some(Instant::now());
+        let ops = std::mem::take(&mut self.ops);
+        match apply_batch(conn, &ops, shared, proc, path) {
+            Ok(()) => {
+                tracing::info!(
+                    path,
+                    writes = ops.len(),
+                    "there is room again: the held writes are saved"
+                );
+                *shared.full.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                for ack in self.acks.drain(..) {
+                    ack.send();
+                }
+            }
+            Err(_) => self.ops = ops,
+        }
+    }
+}
+
+/// A batch that failed for lack of space.
+struct Full {
+    dir: PathBuf,
+    source: rusqlite::Error,
+}
+
+/// Applies a batch; a failure is logged and reported, except a full disk, which is handed
+/// back so the batch can be kept and tried again.
+fn apply_batch(
+    conn: &mut Connection,
+    ops: &[Op],
+    shared: &Shared,
+    proc: &ProcessInfo,
+    path: &str,
+) -> Result<(), Full> {
     let mut tries = 0;
     let err = loop {
         match try_apply(conn, ops, proc) {
             Ok(skipped) => {
                 log_skipped(&skipped);
-                return;
+                return Ok(());
             }
             Err(e) if is_busy(&e) && tries < BUSY_RETRIES => {
                 tries += 1;
@@ -125,6 +249,9 @@ fn apply_batch(conn: &mut Connection, ops: &[Op], shared: &Shared, proc: &Proces
             Err(e) => break e,
         }
     };
+    if let Some(dir) = super::schema::out_of_space(Path::new(path), &err) {
+        return Err(Full { dir, source: err });
+    }
     if ops.len() > 1 && is_per_row(&err) {
         // One bad write (a constraint it breaks) must not take the others down with it:
         // apply them one by one and lose only the bad one.
@@ -139,9 +266,10 @@ fn apply_batch(conn: &mut Connection, ops: &[Op], shared: &Shared, proc: &Proces
         let what = ops.first().map(Op::describe).unwrap_or_default();
         fail(shared, path, &what, ops.len(), &err);
     }
+    Ok(())
 }
 
-fn fail(shared: &Shared, path: &str, what: &str, lost: usize, e: &rusqlite::Error) {
+fn fail(shared: &Shared, path: &str, what: &str, lost: usize, e: &dyn std::fmt::Display) {
     tracing::error!(path, error = %e, writes_lost = lost, first = what, "could not save to the database");
     shared.record_error(format!(
         "could not save {lost} change(s) to {path} (first: {what}): {e}"

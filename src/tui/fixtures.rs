@@ -255,6 +255,7 @@ pub fn busy_app() -> App {
             concurrency: 4,
             paused: false,
             memory_hold: false,
+            disk_full: None,
             completed: 12,
             failed: 0,
         }),

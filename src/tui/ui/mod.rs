@@ -115,6 +115,12 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
             Style::default().fg(th.warn).add_modifier(Modifier::BOLD),
             0,
         )
+    } else if let Some(dir) = &p.disk_full {
+        part(
+            format!("HOLDING (disk full: free space at {dir})"),
+            Style::default().fg(th.error).add_modifier(Modifier::BOLD),
+            0,
+        )
     } else if p.memory_hold {
         part(
             "HOLDING (memory)",
