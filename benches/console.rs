@@ -7,7 +7,9 @@
 //!    coalesces: more events per frame than it can apply in one frame's time), and what a
 //!    full event bus costs the UI;
 //! 3. time to open the history pane (first page + count) on a database of 100,000 runs, and to
-//!    page deep into it with the keyset cursor.
+//!    page deep into it with the keyset cursor;
+//! 4. the run detail of a 10,000-step run: the queries that feed it and its frames, beside the
+//!    same for a 40-step run.
 
 use omniflow::blueprint::{Blueprint, Priority};
 use omniflow::config::Config;
@@ -35,6 +37,7 @@ fn main() {
     rt.block_on(fan_out_frames(&dir));
     update_rate();
     history_open(&dir, if quick { 20_000 } else { 100_000 });
+    rt.block_on(large_detail(&dir));
 }
 
 fn rss_mb() -> f64 {
@@ -320,4 +323,79 @@ fn history_open(dir: &tempfile::TempDir, runs: u64) {
         pct(&mut filtered, 0.5)
     );
     println!("   one PgDn (keyset page of 100)         {deep:.2} ms on average over 100 pages");
+}
+
+/// 4. The detail screen of a run with 10,000 steps (a forEach of 10,000 transforms, recorded by
+///    the real engine), beside a 40-step run's: load (run, steps, attempts) and frame time.
+async fn large_detail(dir: &tempfile::TempDir) {
+    let mut vars: HashMap<String, String> = HashMap::new();
+    vars.insert(
+        "DB_FILE".into(),
+        dir.path().join("detail.db").display().to_string(),
+    );
+    let config = Config::from_vars(&vars).expect("config");
+    let store = Store::open(&config.db_file).expect("store");
+    let options = EngineOptions::from_config(&config);
+    let engine = Engine::with_options(Arc::new(config), store.clone(), EventBus::new(), options);
+    let mut line = Vec::new();
+    for n in [40usize, 10_000] {
+        let b: Arc<Blueprint> = Arc::new(
+            serde_json::from_value(json!({
+                "name": "wide",
+                "variables": { "N": (0..n).collect::<Vec<_>>() },
+                "nodes": [ { "id": "each", "type": "transform", "forEach": "{{ vars.N }}",
+                             "template": "item {{ item }}" } ]
+            }))
+            .expect("blueprint"),
+        );
+        let o = engine
+            .start(b, RunRequest::default())
+            .expect("start")
+            .wait()
+            .await;
+        assert_eq!(o.status, RunStatus::Success);
+        let s = store.clone();
+        let id = o.run_id.clone();
+        let (load, detail) = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let run = s.find_run(&id).expect("run");
+            let steps = s.run_steps(&id).expect("steps");
+            let attempts = s.run_attempts(&id).expect("attempts");
+            (
+                t.elapsed().as_secs_f64() * 1000.0,
+                omniflow::tui::state::RunDetail {
+                    run,
+                    steps,
+                    attempts,
+                },
+            )
+        })
+        .await
+        .expect("load");
+        assert_eq!(detail.steps.len(), n);
+        // Opened as the console opens it: the detail screen, then its load's answer.
+        let mut app = fixtures::app();
+        let mut fx = Vec::new();
+        app.open_detail(o.run_id.clone(), &mut fx);
+        app.update(Msg::Bg(omniflow::tui::Bg::Detail {
+            generation: 1,
+            result: Ok(Box::new(detail)),
+        }));
+        let mut term = Terminal::new(TestBackend::new(160, 48)).expect("terminal");
+        let mut frames = Vec::new();
+        for i in 0..30 {
+            if let omniflow::tui::app::Screen::Detail(d) = &mut app.screen {
+                // Move through the steps: first, middle, last.
+                d.selected = i * n / 30;
+            }
+            let t = Instant::now();
+            term.draw(|f| ui::draw(f, &app)).expect("draw");
+            frames.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        line.push((n, load, pct(&mut frames, 0.5), pct(&mut frames, 1.0)));
+    }
+    println!("4. run detail (load = run + steps + attempts; frames 160×48, 30 positions)");
+    for (n, load, p50, max) in line {
+        println!("   {n:>6} steps   load {load:.1} ms   frame p50 {p50:.2} ms · max {max:.2} ms");
+    }
 }

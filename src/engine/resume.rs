@@ -165,10 +165,15 @@ impl Engine {
         let mut reuse = HashMap::new();
         let mut already_done = std::collections::HashSet::new();
         let mut attempts_before = HashMap::new();
+        // Looked up once per step: a set, not a scan of the nodes for each step.
+        let notify_nodes: std::collections::HashSet<&str> = blueprint
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.kind, NodeKind::Notify(_)))
+            .map(|n| n.id.as_str())
+            .collect();
         for s in &steps {
-            let is_notify = blueprint
-                .node(&s.node_id)
-                .is_some_and(|n| matches!(n.kind, NodeKind::Notify(_)));
+            let is_notify = notify_nodes.contains(s.node_id.as_str());
             match s.status {
                 StepStatus::Success => {
                     reuse.insert(s.step_key.clone(), s.output.clone().unwrap_or(Value::Null));

@@ -388,8 +388,8 @@ impl<'a> Program<'a> {
         src: &str,
         helpers: &mut String,
     ) -> Result<String, ExportError> {
-        let loc = format!("nodes[{}].{field}", self.index(node));
-        let stmts = jinja::parse_template(src).map_err(|e| self.unsupported(loc.clone(), e.0))?;
+        let stmts = jinja::parse_template(src)
+            .map_err(|e| self.unsupported(format!("nodes[{}].{field}", self.index(node)), e.0))?;
         let mut em = Emitter::new(self.lang);
         if Emitter::is_simple(&stmts) {
             return Ok(em.simple(&stmts));
@@ -409,11 +409,12 @@ impl<'a> Program<'a> {
     }
 
     fn expression(&self, node: &Node, field: &str, src: &str) -> Result<String, ExportError> {
-        let loc = format!("nodes[{}].{field}", self.index(node));
-        let e = jinja::parse_expr(src).map_err(|e| self.unsupported(loc, e.0))?;
+        let e = jinja::parse_expr(src)
+            .map_err(|e| self.unsupported(format!("nodes[{}].{field}", self.index(node)), e.0))?;
         Ok(Emitter::new(self.lang).expr(&e))
     }
 
+    /// The node's position, for error messages only (a scan of the nodes).
     fn index(&self, node: &Node) -> usize {
         self.bp
             .nodes

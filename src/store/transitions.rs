@@ -473,10 +473,8 @@ pub(crate) fn coalesce(ops: Vec<Op>) -> Vec<Op> {
         let mut ended_later: HashSet<&str> = HashSet::new();
         for (i, op) in ops.iter().enumerate().rev() {
             match op {
-                Op::RunProgress { run_id, .. } => {
-                    if !ended_later.insert(run_id) {
-                        drop[i] = true;
-                    }
+                Op::RunProgress { run_id, .. } if !ended_later.insert(run_id) => {
+                    drop[i] = true;
                 }
                 Op::RunFinished(e) => {
                     ended_later.insert(&e.run_id);
