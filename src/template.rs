@@ -110,6 +110,31 @@ impl Context {
     }
 }
 
+/// Counts bytes written to it and stops past a cap: the size of a value serialized, without
+/// building it.
+pub struct SizeCounter(checked::CappedBytes<std::io::Sink>);
+
+impl SizeCounter {
+    pub fn new(cap: usize) -> Self {
+        SizeCounter(checked::CappedBytes::new(std::io::sink(), cap))
+    }
+
+    /// Whether more than the cap was written.
+    pub fn over(&self) -> bool {
+        self.0.over
+    }
+}
+
+impl std::io::Write for SizeCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 pub struct Templates {
     env: Arc<Environment<'static>>,

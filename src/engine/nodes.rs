@@ -235,7 +235,10 @@ pub(crate) fn attempt_timeout(ctx: &RunCtx, node: &Node, prepared: &Prepared) ->
         .and_then(|t| humantime::parse_duration(t.trim()).ok())
         .unwrap_or(ctx.inner.config.request_timeout);
     match prepared {
-        Prepared::Delay(d) => base + *d,
+        // A delay's own `timeout` bounds the whole step, as on every other node; without
+        // one, the wait comes on top of the default.
+        Prepared::Delay(_) if node.timeout.is_some() => base,
+        Prepared::Delay(d) => base.saturating_add(*d),
         _ => base,
     }
 }
@@ -265,6 +268,16 @@ pub(crate) async fn execute(
             ..Default::default()
         }),
         Prepared::Delay(d) => {
+            struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            ctx.inner
+                .waiting
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _waiting = Waiting(&ctx.inner.waiting);
             tokio::time::sleep(ctx.inner.config.scaled(*d)).await;
             Ok(StepOutput {
                 value: json!({ "waitedMs": d.as_millis() as u64 }),
