@@ -476,6 +476,9 @@ fn describe(e: &MjError, missing: Option<&str>) -> String {
             msg.push_str(&format!(" (`{name}` is not defined)"));
         }
     }
+    if e.kind() == minijinja::ErrorKind::OutOfFuel {
+        msg.push_str(" (TEMPLATE_FUEL: do less in one template, or raise TEMPLATE_FUEL)");
+    }
     if let Some(line) = e.line() {
         msg.push_str(&format!(" at line {line}"));
     }
