@@ -35,6 +35,10 @@ pub const DEFAULT_MAX_ITEMS: usize = 10_000;
 pub const DEFAULT_MAX_NODES: usize = 10_000;
 pub const DEFAULT_MAX_VARIABLE_BYTES: usize = 16 * 1024 * 1024;
 
+/// The longest notification text: 16 Telegram messages. A longer one is a mistake (a whole
+/// page pasted into a chat), and would be sent as hundreds of messages.
+pub const MAX_NOTIFICATION_BYTES: usize = 64 * 1024;
+
 /// The longest duration a blueprint may set (a timeout, a delay, a retry backoff): 30 days.
 /// Longer is a typo, and near `u64::MAX` seconds it overflows the clock.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);

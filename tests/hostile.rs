@@ -277,3 +277,69 @@ fn a_fan_out_next_to_a_large_variable_finishes() {
     .unwrap();
     assert_eq!(out["outputs"]["fan"].as_array().map(Vec::len), Some(2000));
 }
+
+/// A server that answers every request with a body that claims 2 GB and never ends.
+fn endless_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sent = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                // Read the request head (small; one read is enough for these clients).
+                let _ = stream.read(&mut buf);
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                            content-length: 2147483648\r\n\r\n";
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 64 * 1024];
+                while stream.write_all(&chunk).is_ok() {
+                    counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (url, sent)
+}
+
+/// A 2 GB reply is refused while it streams, for the http node and a model call alike: the
+/// run fails with the cap's message, in an address space far smaller than the reply.
+#[test]
+fn a_two_gigabyte_reply_is_refused_while_streaming() {
+    let (url, sent) = endless_server();
+    let dir = tempfile::tempdir().unwrap();
+    let http = write(
+        dir.path(),
+        "http.json",
+        &json!({ "name": "big-reply", "nodes": [{ "id": "get", "type": "http", "url": url,
+                  "retry": { "attempts": 1 } }] }),
+    );
+    let o = omniflow(dir.path(), &["run", &http, "--json"], &[]);
+    assert_clean(&http, &o, 1, "MiB; refused");
+    let llm = write(
+        dir.path(),
+        "llm.json",
+        &json!({ "name": "big-model-reply", "nodes": [{ "id": "ask", "type": "llm",
+                  "provider": "openai", "model": "m", "prompt": "hi",
+                  "retry": { "attempts": 1 } }] }),
+    );
+    let base = format!("{url}/v1");
+    let o = omniflow(
+        dir.path(),
+        &["run", &llm, "--json"],
+        &[("OPENAI_BASE_URL", base.as_str()), ("OPENAI_API_KEY", "k")],
+    );
+    assert_clean(&llm, &o, 1, "refused");
+    // Both stopped reading early: far less than the 2 GB offered went out.
+    assert!(
+        sent.load(std::sync::atomic::Ordering::Relaxed) < 1 << 30,
+        "the clients read on"
+    );
+}

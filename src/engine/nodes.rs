@@ -187,13 +187,31 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Context) -> Result<Pr
                 .map_err(|e| named("expression", e))?;
             Prepared::Value(Value::Bool(Templates::is_truthy(&v)))
         }
-        NodeKind::Notify(n) => Prepared::Notify {
-            channel: n.channel,
-            text: t
+        NodeKind::Notify(n) => {
+            let text = t
                 .render_in(&n.text, context)
-                .map_err(|e| named("text", e))?,
-            parse_mode: n.parse_mode.clone(),
-        },
+                .map_err(|e| named("text", e))?;
+            // Split into 4,096-character messages, a long text would flood the chat.
+            if text.len() > crate::limits::MAX_NOTIFICATION_BYTES {
+                return Err(named(
+                    "text",
+                    StepError::new(
+                        ErrorKind::InvalidRequest,
+                        format!(
+                            "the notification text is {} bytes, more than {}; shorten it (e.g. \
+                             with the truncate filter) or send a summary",
+                            text.len(),
+                            crate::limits::human_bytes(crate::limits::MAX_NOTIFICATION_BYTES)
+                        ),
+                    ),
+                ));
+            }
+            Prepared::Notify {
+                channel: n.channel,
+                text,
+                parse_mode: n.parse_mode.clone(),
+            }
+        }
         NodeKind::Delay(d) => {
             Prepared::Delay(humantime::parse_duration(d.duration.trim()).map_err(|e| {
                 StepError::new(
