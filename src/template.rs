@@ -222,7 +222,10 @@ impl Templates {
             .render_captured_to(ctx.value.clone(), &mut out)
             .map_err(|e| self.render_error(&e, out.over, template, ctx))?;
         String::from_utf8(out.inner).map_err(|_| {
-            StepError::new(ErrorKind::Template, "the template's output is not valid UTF-8")
+            StepError::new(
+                ErrorKind::Template,
+                "the template's output is not valid UTF-8",
+            )
         })
     }
 
@@ -240,7 +243,10 @@ impl Templates {
             )
         };
         let source = guard::rewrite_expr(expr).map_err(|msg| {
-            StepError::new(ErrorKind::Template, format!("in expression `{expr}`: {msg}"))
+            StepError::new(
+                ErrorKind::Template,
+                format!("in expression `{expr}`: {msg}"),
+            )
         })?;
         let _scope = checked::RenderScope::begin();
         let compiled = self
@@ -899,7 +905,10 @@ mod budget_tests {
     #[test]
     fn an_empty_list_repeated_forever_is_empty_at_once() {
         let t = small();
-        assert_eq!(t.eval_expr("([] * 2**62) | length", &json!({})).unwrap(), json!(0));
+        assert_eq!(
+            t.eval_expr("([] * 2**62) | length", &json!({})).unwrap(),
+            json!(0)
+        );
     }
 
     #[test]
@@ -937,21 +946,51 @@ mod budget_tests {
         let t = Templates::new();
         let c = json!({"vars": {"L": [1, 2], "N": 3, "S": "ab"}});
         let r = |s: &str| t.render(s, &c).unwrap();
-        assert_eq!(r("{{ 2 * 3 }}|{{ 1 + 2 }}|{{ 1.5 * 2 }}|{{ 'a' ~ 1 ~ true }}"), "6|3|3.0|a1True");
-        assert_eq!(r("{{ vars.S * 2 }}{{ 2 * vars.S }}{{ '-' * vars.N }}"), "abababab---");
-        assert_eq!(r("{{ vars.L * 2 }}{{ vars.L + [3] }}{{ (1 + 2) * 3 }}"), "[1,2,1,2][1,2,3]9");
+        assert_eq!(
+            r("{{ 2 * 3 }}|{{ 1 + 2 }}|{{ 1.5 * 2 }}|{{ 'a' ~ 1 ~ true }}"),
+            "6|3|3.0|a1True"
+        );
+        assert_eq!(
+            r("{{ vars.S * 2 }}{{ 2 * vars.S }}{{ '-' * vars.N }}"),
+            "abababab---"
+        );
+        assert_eq!(
+            r("{{ vars.L * 2 }}{{ vars.L + [3] }}{{ (1 + 2) * 3 }}"),
+            "[1,2,1,2][1,2,3]9"
+        );
         assert_eq!(r("{{ ((vars.N)) * (2 + 1) ~ 'x' }}"), "9x");
-        assert_eq!(r("{{ ('a' ~ 'b') ~ 'c' }}|{{ 'a' ~ ('b' ~ 'c') ~ 'd' }}|{{ 2 * 3 + 4 * 5 }}"), "abc|abcd|26");
-        assert_eq!(r("{{ (1, 2) }}|{{ [1 + 1, 'a' ~ 'b'] }}|{{ {'k': 2 * 2} }}"), "[1,2]|[2,\"ab\"]|{\"k\":4}");
-        assert_eq!(r("{{ vars.L | join(', ') }}|{{ [1,2,3] | batch(2) | list }}"), "1, 2|[[1,2],[3]]");
+        assert_eq!(
+            r("{{ ('a' ~ 'b') ~ 'c' }}|{{ 'a' ~ ('b' ~ 'c') ~ 'd' }}|{{ 2 * 3 + 4 * 5 }}"),
+            "abc|abcd|26"
+        );
+        assert_eq!(
+            r("{{ (1, 2) }}|{{ [1 + 1, 'a' ~ 'b'] }}|{{ {'k': 2 * 2} }}"),
+            "[1,2]|[2,\"ab\"]|{\"k\":4}"
+        );
+        assert_eq!(
+            r("{{ vars.L | join(', ') }}|{{ [1,2,3] | batch(2) | list }}"),
+            "1, 2|[[1,2],[3]]"
+        );
         assert_eq!(r("{{ 'a\nb\n\nc' | indent(2) }}"), "a\n  b\n\n  c");
         assert_eq!(r("{{ 'a\nb' | indent(2, true) }}"), "  a\n  b");
         assert_eq!(r("{{ 'aXbX' | replace('X', '--') }}"), "a--b--");
-        assert_eq!(r("{{ {'a': [1]} | tojson(indent=2) }}"), "{\n  \"a\": [\n    1\n  ]\n}");
+        assert_eq!(
+            r("{{ {'a': [1]} | tojson(indent=2) }}"),
+            "{\n  \"a\": [\n    1\n  ]\n}"
+        );
         assert_eq!(r("{{ '%05d' | format(42) }}"), "00042");
-        assert_eq!(r("{% set x %}hi {{ vars.S }}{% endset %}[{{ x }}]"), "[hi ab]");
-        assert_eq!(r("{% for i in [1, 2] -%}\n  {{ i * 2 }} {%- endfor %}"), "24");
-        assert_eq!(r("{% macro m(a, b=1 + 1) %}<{{ a ~ b }}>{% endmacro %}{{ m('x') }}"), "<x2>");
+        assert_eq!(
+            r("{% set x %}hi {{ vars.S }}{% endset %}[{{ x }}]"),
+            "[hi ab]"
+        );
+        assert_eq!(
+            r("{% for i in [1, 2] -%}\n  {{ i * 2 }} {%- endfor %}"),
+            "24"
+        );
+        assert_eq!(
+            r("{% macro m(a, b=1 + 1) %}<{{ a ~ b }}>{% endmacro %}{{ m('x') }}"),
+            "<x2>"
+        );
         assert_eq!(r("{{ [1, 2] | slice(2) | list }}"), "[[1],[2]]");
         assert_eq!(r("{{ 'x' if vars.N * 2 == 6 else 'y' }}"), "x");
         assert_eq!(t.eval_expr("vars.N * 2 + 1", &c).unwrap(), json!(7));
@@ -992,7 +1031,9 @@ mod budget_tests {
     fn validation_never_evaluates() {
         let t = Templates::new();
         // Compiling used to fold this constant, printing a 2^31-item list.
-        let refs = t.referenced("{{ 'a' ~ ([1] * 2**31) }}{{ vars.X }}").unwrap();
+        let refs = t
+            .referenced("{{ 'a' ~ ([1] * 2**31) }}{{ vars.X }}")
+            .unwrap();
         assert!(refs.contains("vars.X"), "{refs:?}");
         assert!(t.check_expr_syntax("[] * 2**63").is_ok());
     }

@@ -460,7 +460,14 @@ async fn durations_beyond_the_clock_do_not_panic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_budgets_fail_the_run_with_their_setting() {
-    let env = engine(&[("MAX_ITEMS", "5"), ("MAX_NODES", "3"), ("MAX_VARIABLE_BYTES", "100")], 4);
+    let env = engine(
+        &[
+            ("MAX_ITEMS", "5"),
+            ("MAX_NODES", "3"),
+            ("MAX_VARIABLE_BYTES", "100"),
+        ],
+        4,
+    );
     let fan = blueprint(json!({
         "name": "fan",
         "nodes": [ { "id": "f", "type": "transform", "forEach": "{{ range(6) | list }}",
@@ -468,7 +475,11 @@ async fn size_budgets_fail_the_run_with_their_setting() {
     }));
     let o = run(&env, &fan, RunRequest::default()).await;
     assert_eq!(o.status, RunStatus::Error);
-    assert!(o.error.as_deref().unwrap().contains("MAX_ITEMS"), "{:?}", o.error);
+    assert!(
+        o.error.as_deref().unwrap().contains("MAX_ITEMS"),
+        "{:?}",
+        o.error
+    );
 
     let many = blueprint(json!({
         "name": "many",

@@ -110,7 +110,10 @@ fn template(r: &mut StdRng, depth: u32) -> String {
                 template_body(r, depth)
             ),
             2 => format!("{{% set ns.v = {} %}}", expr(r, depth)),
-            3 => format!("{{% set c %}}{}{{% endset %}}{{{{ c }}}}", template_body(r, depth)),
+            3 => format!(
+                "{{% set c %}}{}{{% endset %}}{{{{ c }}}}",
+                template_body(r, depth)
+            ),
             4 => format!(
                 "{{% macro m(a) %}}{}{{% endmacro %}}{{{{ m({}) }}}}",
                 template_body(r, depth),
@@ -195,10 +198,14 @@ fn node(r: &mut StdRng, i: usize, n: usize) -> Value {
     }
     let mut node = match r.gen_range(0..6) {
         0 => json!({ "type": "transform", "template": template(r, 2) }),
-        1 => json!({ "type": "llm", "prompt": template(r, 1), "retry": { "attempts": 3, "backoff": duration(r) } }),
+        1 => {
+            json!({ "type": "llm", "prompt": template(r, 1), "retry": { "attempts": 3, "backoff": duration(r) } })
+        }
         2 => json!({ "type": "delay", "duration": duration(r) }),
         3 => json!({ "type": "condition", "expression": expr(r, 2) }),
-        4 => json!({ "type": "transform", "template": "x", "forEach": format!("{{{{ {} }}}}", expr(r, 2)) }),
+        4 => {
+            json!({ "type": "transform", "template": "x", "forEach": format!("{{{{ {} }}}}", expr(r, 2)) })
+        }
         _ => json!({ "type": pick(r, &["http", "notify", "bogus"]), "url": "{{ vars.S }}" }),
     };
     node["id"] = json!(id);

@@ -76,11 +76,7 @@ fn omniflow(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Outcome {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let text = format!(
-        "{}\n{}",
-        reader.join().unwrap(),
-        err_reader.join().unwrap()
-    );
+    let text = format!("{}\n{}", reader.join().unwrap(), err_reader.join().unwrap());
     Outcome {
         code: status.code(),
         text,
@@ -162,7 +158,9 @@ fn validate_gives_a_verdict_on_huge_and_odd_input() {
         let prev = format!("n{}", i - 1);
         chain.push(transform(
             &format!("n{i}"),
-            "{{ nodes.n0.output }}{{ nodes.%P.output }}".replace("%P", &prev).as_str(),
+            "{{ nodes.n0.output }}{{ nodes.%P.output }}"
+                .replace("%P", &prev)
+                .as_str(),
             &[prev.as_str()],
         ));
     }

@@ -153,7 +153,6 @@ impl Graph {
         self.nodes.iter().filter_map(|n| n.id.as_deref())
     }
 
-
     fn check(&self, out: &mut Vec<(JPath, String)>) {
         let nodes = JPath::root().key("nodes");
         for (i, n) in self.nodes.iter().enumerate() {

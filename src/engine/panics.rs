@@ -30,20 +30,6 @@ pub fn install_hook() {
     }));
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_of_both_payload_kinds() {
-        let a = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
-        assert_eq!(message(&*a), "plain");
-        let n = 3;
-        let b = std::panic::catch_unwind(|| panic!("with {n}")).unwrap_err();
-        assert_eq!(message(&*b), "with 3");
-    }
-}
-
 /// Ends a run whose driver panicked: its steps are stopped, and it is recorded and
 /// announced as failed with the panic's message.
 pub(crate) fn driver_failed(
@@ -62,9 +48,7 @@ pub(crate) fn driver_failed(
          report it"
     );
     let total_time_ms = started.elapsed().as_millis() as u64;
-    let tokens = ctx
-        .tokens_spent
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let tokens = ctx.tokens_spent.load(std::sync::atomic::Ordering::Relaxed);
     if !ctx.is_released() {
         ctx.inner.store.run_finished(crate::store::RunEnd {
             run_id: run_id.clone(),
@@ -97,5 +81,19 @@ pub(crate) fn driver_failed(
         failed_step: None,
         tokens_used: tokens,
         seed: ctx.seed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_of_both_payload_kinds() {
+        let a = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert_eq!(message(&*a), "plain");
+        let n = 3;
+        let b = std::panic::catch_unwind(|| panic!("with {n}")).unwrap_err();
+        assert_eq!(message(&*b), "with 3");
     }
 }

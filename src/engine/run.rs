@@ -176,8 +176,8 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         .as_deref()
         .and_then(|t| humantime::parse_duration(t).ok());
     // Checked: a timeout too far away to represent is no deadline at all.
-    let deadline = run_timeout
-        .and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));
+    let deadline =
+        run_timeout.and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));
 
     loop {
         // Start every node whose needs are all final, until nothing changes.

@@ -59,9 +59,7 @@ pub fn output_message(limits: &Limits) -> String {
 
 /// Charges `bytes` to what this render has built in total.
 fn charge(limits: &Limits, bytes: usize) -> Result<(), Error> {
-    let total_cap = limits
-        .template_max_value
-        .saturating_mul(TOTAL_BUILT_FACTOR);
+    let total_cap = limits.template_max_value.saturating_mul(TOTAL_BUILT_FACTOR);
     let over = SPENT.with(|s| {
         let (built, captured) = s.get();
         let built = built.saturating_add(bytes);
@@ -398,7 +396,9 @@ pub fn install(env: &mut Environment<'static>, limits: &Arc<Limits>) {
         op: fn(&Limits, Value, Value) -> Result<Value, Error>,
     ) -> Result<Value, Error> {
         let mut items = values.0.into_iter();
-        let mut acc = items.next().ok_or_else(|| Error::from(ErrorKind::MissingArgument))?;
+        let mut acc = items
+            .next()
+            .ok_or_else(|| Error::from(ErrorKind::MissingArgument))?;
         for next in items {
             acc = op(limits, acc, next)?;
         }
@@ -416,10 +416,9 @@ pub fn install(env: &mut Environment<'static>, limits: &Arc<Limits>) {
     });
 
     let l = limits.clone();
-    env.add_filter(
-        "join",
-        move |value: &Value, joiner: Option<String>| join(&l, value, joiner),
-    );
+    env.add_filter("join", move |value: &Value, joiner: Option<String>| {
+        join(&l, value, joiner)
+    });
     let l = limits.clone();
     env.add_filter(
         "batch",
@@ -528,7 +527,9 @@ pub fn install(env: &mut Environment<'static>, limits: &Arc<Limits>) {
             if widest > 100_000 {
                 return Err(Error::new(
                     ErrorKind::InvalidOperation,
-                    format!("format: a width or precision of {widest} is too large (at most 100000)"),
+                    format!(
+                        "format: a width or precision of {widest} is too large (at most 100000)"
+                    ),
                 ));
             }
             for a in args.iter() {
