@@ -117,7 +117,7 @@ fn ws() -> WhitespaceConfig {
 /// minijinja's compiler to report.
 pub fn rewrite_template(source: &str) -> Result<Cow<'_, str>, String> {
     check_shape(source, false)?;
-    if !source.contains("{{") && !source.contains("{%") {
+    if !needs_rewrite(source) {
         return Ok(Cow::Borrowed(source));
     }
     let Ok(tree) = machinery::parse(source, "<template>", Default::default(), ws()) else {
@@ -128,9 +128,25 @@ pub fn rewrite_template(source: &str) -> Result<Cow<'_, str>, String> {
     Ok(edits.apply(source))
 }
 
+/// Whether a template can hold anything the rewrite changes: a growing operator, or a block
+/// that captures output. Most prompts (`{{ vars.X }}`) hold neither and skip the parse.
+fn needs_rewrite(source: &str) -> bool {
+    if !source.contains("{{") && !source.contains("{%") {
+        return false;
+    }
+    source.contains(['*', '+', '~'])
+        || (source.contains("{%")
+            && ["set", "filter", "macro", "call"]
+                .iter()
+                .any(|w| source.contains(w)))
+}
+
 /// Like [`rewrite_template`], for a bare expression (a condition, a `forEach`).
 pub fn rewrite_expr(source: &str) -> Result<Cow<'_, str>, String> {
     check_shape(source, true)?;
+    if !source.contains(['*', '+', '~']) {
+        return Ok(Cow::Borrowed(source));
+    }
     let Ok(expr) = machinery::parse_expr(source) else {
         return Ok(Cow::Borrowed(source));
     };
