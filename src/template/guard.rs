@@ -50,6 +50,20 @@ pub fn check_shape(source: &str, in_expr: bool) -> Result<(), String> {
     if !source.contains("{{") && !source.contains("{%") && !in_expr {
         return Ok(());
     }
+    // Every operator is at least a character: tags all shorter than the smallest limit
+    // cannot exceed one, and need no tokenizing (most templates).
+    let longest = if in_expr {
+        source.len()
+    } else {
+        super::tags(source)
+            .iter()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(0)
+    };
+    if longest <= MAX_TAG_GROWING {
+        return Ok(());
+    }
     let mut operators = 0usize;
     let mut growing = 0usize;
     for token in machinery::tokenize(source, in_expr, Default::default(), ws()) {
