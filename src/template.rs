@@ -3,7 +3,10 @@
 //! Templates are data, never code: the environment has no loader (so `{% include %}`,
 //! `{% import %}` and `{% extends %}` fail), no function that reads the environment, files or
 //! the network, and the `debug` global is removed. Every render is bounded by a fuel limit
-//! ([`FUEL`] instructions) and minijinja's recursion limit, so a template cannot loop forever.
+//! (`TEMPLATE_FUEL` instructions) and minijinja's recursion limit, so a template cannot loop
+//! forever, and by size budgets (`TEMPLATE_MAX_OUTPUT` for what it outputs,
+//! `TEMPLATE_MAX_VALUE` for any value it builds), so it cannot exhaust memory: see [`guard`]
+//! for how `*`, `+` and `~` are put under those checks, and `checked.rs` for the checks.
 //!
 //! # Context
 //! Templates read one JSON object:
