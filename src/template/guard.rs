@@ -6,7 +6,7 @@
 //! for minutes in one instruction when printed, and the compiler folds constant operands
 //! (`'a' ~ ([1] * 2**31)`) while it compiles, before any fuel is spent — which is why even
 //! `validate` used to hang on it. So before compiling, each template is parsed and its `*`,
-//! `+` and `~` are rewritten into calls of checked functions ([`super::checked`]):
+//! `+` and `~` are rewritten into calls of checked functions (`template/checked.rs`):
 //! `a ~ b * c` becomes `__of_cat(a, __of_mul(b, c))`. A call is never constant-folded, so
 //! compiling (and validating) never evaluates anything, and each operation checks the size
 //! of what it builds against `TEMPLATE_MAX_VALUE` first. Raw text inside blocks whose output
