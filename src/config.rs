@@ -85,6 +85,10 @@ pub struct Config {
     pub ollama_concurrency: Option<usize>,
     pub hf_concurrency: Option<usize>,
     pub openai_concurrency: Option<usize>,
+    /// Size budgets of templates, fan-outs, blueprints and variables (`TEMPLATE_FUEL`,
+    /// `TEMPLATE_MAX_OUTPUT`, `TEMPLATE_MAX_VALUE`, `MAX_ITEMS`, `MAX_NODES`,
+    /// `MAX_VARIABLE_BYTES`).
+    pub limits: crate::limits::Limits,
 }
 
 impl std::fmt::Debug for Config {
@@ -132,6 +136,7 @@ impl std::fmt::Debug for Config {
             .field("ollama_concurrency", &self.ollama_concurrency)
             .field("hf_concurrency", &self.hf_concurrency)
             .field("openai_concurrency", &self.openai_concurrency)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -281,7 +286,28 @@ impl Config {
             None => None,
             Some(_) => Some(parse_u64("MAX_TOKENS_PER_RUN", 0, 1)?),
         };
+        let size = |k: &'static str, default: usize| -> Result<usize, ConfigError> {
+            parse_u64(k, default as u64, 1).map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+        };
+        let limits = crate::limits::Limits {
+            template_fuel: parse_u64("TEMPLATE_FUEL", crate::limits::DEFAULT_TEMPLATE_FUEL, 1)?,
+            template_max_output: size(
+                "TEMPLATE_MAX_OUTPUT",
+                crate::limits::DEFAULT_TEMPLATE_MAX_OUTPUT,
+            )?,
+            template_max_value: size(
+                "TEMPLATE_MAX_VALUE",
+                crate::limits::DEFAULT_TEMPLATE_MAX_VALUE,
+            )?,
+            max_items: size("MAX_ITEMS", crate::limits::DEFAULT_MAX_ITEMS)?,
+            max_nodes: size("MAX_NODES", crate::limits::DEFAULT_MAX_NODES)?,
+            max_variable_bytes: size(
+                "MAX_VARIABLE_BYTES",
+                crate::limits::DEFAULT_MAX_VARIABLE_BYTES,
+            )?,
+        };
         Ok(Config {
+            limits,
             model_fast: get("MODEL_FAST")
                 .unwrap_or_else(|| crate::providers::MODEL_TABLE[0].1.into()),
             model_better: get("MODEL_BETTER")
@@ -374,7 +400,7 @@ impl Config {
         if self.time_scale == 1.0 {
             d
         } else {
-            d.mul_f64(self.time_scale)
+            crate::limits::scale(d, self.time_scale)
         }
     }
 }

@@ -35,6 +35,10 @@ pub const DEFAULT_MAX_ITEMS: usize = 10_000;
 pub const DEFAULT_MAX_NODES: usize = 10_000;
 pub const DEFAULT_MAX_VARIABLE_BYTES: usize = 16 * 1024 * 1024;
 
+/// The longest notification text: 16 Telegram messages. A longer one is a mistake (a whole
+/// page pasted into a chat), and would be sent as hundreds of messages.
+pub const MAX_NOTIFICATION_BYTES: usize = 64 * 1024;
+
 /// The longest duration a blueprint may set (a timeout, a delay, a retry backoff): 30 days.
 /// Longer is a typo, and near `u64::MAX` seconds it overflows the clock.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
@@ -50,6 +54,18 @@ impl Default for Limits {
             max_variable_bytes: DEFAULT_MAX_VARIABLE_BYTES,
         }
     }
+}
+
+/// Seconds as a `Duration`, saturating: negative and NaN give zero, too large gives
+/// `Duration::MAX` (`Duration::from_secs_f64` panics on those, and the seconds may come from
+/// a provider's reply or a blueprint).
+pub fn secs_f64(secs: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(std::time::Duration::MAX)
+}
+
+/// `d × factor`, saturating like [`secs_f64`].
+pub fn scale(d: std::time::Duration, factor: f64) -> std::time::Duration {
+    secs_f64(d.as_secs_f64() * factor)
 }
 
 /// `16777216` → `16 MiB`, `1500` → `1500 bytes`: sizes in messages.
@@ -68,6 +84,18 @@ pub fn human_bytes(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_saturate_instead_of_panicking() {
+        use std::time::Duration;
+        assert_eq!(secs_f64(1e300), Duration::MAX);
+        assert_eq!(secs_f64(f64::INFINITY), Duration::MAX);
+        assert_eq!(secs_f64(f64::NAN), Duration::ZERO);
+        assert_eq!(secs_f64(-3.0), Duration::ZERO);
+        assert_eq!(secs_f64(1.5), Duration::from_millis(1500));
+        assert_eq!(scale(Duration::MAX, 2.0), Duration::MAX);
+        assert_eq!(scale(Duration::from_secs(10), 0.5), Duration::from_secs(5));
+    }
 
     #[test]
     fn sizes_read_as_people_write_them() {

@@ -3,7 +3,10 @@
 //! Templates are data, never code: the environment has no loader (so `{% include %}`,
 //! `{% import %}` and `{% extends %}` fail), no function that reads the environment, files or
 //! the network, and the `debug` global is removed. Every render is bounded by a fuel limit
-//! ([`FUEL`] instructions) and minijinja's recursion limit, so a template cannot loop forever.
+//! (`TEMPLATE_FUEL` instructions) and minijinja's recursion limit, so a template cannot loop
+//! forever, and by size budgets (`TEMPLATE_MAX_OUTPUT` for what it outputs,
+//! `TEMPLATE_MAX_VALUE` for any value it builds), so it cannot exhaust memory: see [`guard`]
+//! for how `*`, `+` and `~` are put under those checks, and `checked.rs` for the checks.
 //!
 //! # Context
 //! Templates read one JSON object:
@@ -102,6 +105,31 @@ impl Context {
     /// The whole context as JSON (a full copy: for error messages and tests only).
     pub fn to_json(&self) -> Value {
         serde_json::to_value(&self.value).unwrap_or(Value::Null)
+    }
+}
+
+/// Counts bytes written to it and stops past a cap: the size of a value serialized, without
+/// building it.
+pub struct SizeCounter(checked::CappedBytes<std::io::Sink>);
+
+impl SizeCounter {
+    pub fn new(cap: usize) -> Self {
+        SizeCounter(checked::CappedBytes::new(std::io::sink(), cap))
+    }
+
+    /// Whether more than the cap was written.
+    pub fn over(&self) -> bool {
+        self.0.over
+    }
+}
+
+impl std::io::Write for SizeCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -452,6 +480,9 @@ fn describe(e: &MjError, missing: Option<&str>) -> String {
         if let Some(name) = missing {
             msg.push_str(&format!(" (`{name}` is not defined)"));
         }
+    }
+    if e.kind() == minijinja::ErrorKind::OutOfFuel {
+        msg.push_str(" (TEMPLATE_FUEL: do less in one template, or raise TEMPLATE_FUEL)");
     }
     if let Some(line) = e.line() {
         msg.push_str(&format!(" at line {line}"));

@@ -392,3 +392,117 @@ async fn template_errors_fail_the_step_with_a_clear_message() {
         o.error
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_honours_its_own_timeout() {
+    let env = engine(&[], 4);
+    let bp = blueprint(json!({
+        "name": "slow",
+        "nodes": [ { "id": "wait", "type": "delay", "duration": "1h", "timeout": "2s",
+                     "retry": { "attempts": 1 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Timeout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 4);
+    let bp = blueprint(json!({
+        "name": "long",
+        "nodes": [ { "id": "wait", "type": "delay", "duration": "1h" } ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
+            if step == "wait" {
+                break;
+            }
+        }
+    }
+    // A grace of an hour: only a delay that gives way lets this return.
+    let released = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        env.engine.shutdown(std::time::Duration::from_secs(3600)),
+    )
+    .await
+    .expect("the shutdown waited out its grace for a delay");
+    assert_eq!(released, vec![h.run_id.clone()]);
+    let o = h.wait().await;
+    assert_eq!(o.status, RunStatus::Running, "handed over, not finished");
+}
+
+/// Durations too large for the clock reach the engine only past validation (an old run
+/// resumed, a library caller): they must not panic. A run timeout that far is no deadline;
+/// a retry backoff that long waits until the run is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_beyond_the_clock_do_not_panic() {
+    // Real time: scaled down, the durations would fit the clock.
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 4);
+    let bp = blueprint(json!({
+        "name": "far",
+        "timeout": "213503982334601d",
+        "nodes": [ { "id": "a", "type": "transform", "template": "x" } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+
+    let server = fake_server(vec![Reply::json(500, "{}"); 4]).await;
+    let bp = blueprint(json!({
+        "name": "backoff",
+        "nodes": [ { "id": "get", "type": "http", "url": server.url.clone(),
+                     "retry": { "attempts": 3, "backoff": "213503982334601d" } } ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepRetrying { .. }) = sub.recv().await {
+            break;
+        }
+    }
+    h.cancel();
+    let o = h.wait().await;
+    assert_eq!(o.status, RunStatus::Cancelled, "{:?}", o.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_budgets_fail_the_run_with_their_setting() {
+    let env = engine(
+        &[
+            ("MAX_ITEMS", "5"),
+            ("MAX_NODES", "3"),
+            ("MAX_VARIABLE_BYTES", "100"),
+        ],
+        4,
+    );
+    let fan = blueprint(json!({
+        "name": "fan",
+        "nodes": [ { "id": "f", "type": "transform", "forEach": "{{ range(6) | list }}",
+                     "template": "{{ item }}" } ]
+    }));
+    let o = run(&env, &fan, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert!(
+        o.error.as_deref().unwrap().contains("MAX_ITEMS"),
+        "{:?}",
+        o.error
+    );
+
+    let many = blueprint(json!({
+        "name": "many",
+        "nodes": (0..4).map(|i| json!({ "id": format!("n{i}"), "type": "transform", "template": "x" }))
+            .collect::<Vec<_>>()
+    }));
+    let e = env.engine.start(many, RunRequest::default()).err().unwrap();
+    assert!(e.to_string().contains("MAX_NODES"), "{e}");
+
+    let big = blueprint(json!({
+        "name": "big",
+        "variables": { "TEXT": "x".repeat(200) },
+        "nodes": [ { "id": "a", "type": "transform", "template": "{{ vars.TEXT }}" } ]
+    }));
+    let e = env.engine.start(big, RunRequest::default()).err().unwrap();
+    assert!(e.to_string().contains("MAX_VARIABLE_BYTES"), "{e}");
+}

@@ -187,8 +187,12 @@ impl Engine {
     pub async fn shutdown(&self, grace: Duration) -> Vec<String> {
         self.inner.draining.store(true, Ordering::Relaxed);
         self.inner.pool.pause();
-        let deadline = Instant::now() + grace;
-        while self.inner.pool.stats().running > 0 && Instant::now() < deadline {
+        let deadline = Instant::now()
+            .checked_add(grace)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        while self.inner.pool.stats().running > self.inner.waiting.load(Ordering::Relaxed)
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Let the drivers record what the finished steps produced (and finish runs whose last

@@ -12,6 +12,7 @@
 mod context;
 mod maintenance;
 mod nodes;
+pub mod panics;
 mod resume;
 pub mod retry;
 mod run;
@@ -114,6 +115,9 @@ pub enum StartError {
     BadFailureRate(f64),
     #[error("this process is shutting down and starts no new runs")]
     ShuttingDown,
+    /// A budget of [`crate::limits::Limits`] the blueprint or its variables exceed.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// One step's result, as reported at the end of a run (`--json`'s `steps`).
@@ -240,6 +244,9 @@ pub(crate) struct Inner {
     pub draining: AtomicBool,
     /// `console`, `daemon`, `run`, `resume`, `api`: recorded with each heartbeat.
     pub role: Mutex<String>,
+    /// Attempts in flight that only wait (delay nodes): a shutdown does not give them its
+    /// grace period, it hands them over at once.
+    pub waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// The process's engine; cheap to clone.
@@ -267,6 +274,7 @@ impl Engine {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .unwrap_or_default();
+        let templates = Templates::with_limits(config.limits.clone());
         let engine = Engine {
             inner: Arc::new(Inner {
                 // The store keeps the providers' response cache.
@@ -275,12 +283,13 @@ impl Engine {
                 store,
                 bus,
                 pool,
-                templates: Templates::new(),
+                templates,
                 http,
                 runs: Mutex::new(HashMap::new()),
                 ids: options.ids,
                 draining: AtomicBool::new(false),
                 role: Mutex::new("api".into()),
+                waiting: std::sync::atomic::AtomicUsize::new(0),
             }),
         };
         // Registered before any run is inserted, so no other process ever sees our runs
@@ -315,6 +324,7 @@ impl Engine {
             return Err(StartError::ShuttingDown);
         }
         let variables = merge_variables(&blueprint, &req.variables)?;
+        check_sizes(&blueprint, &variables, &self.inner.config.limits)?;
         if !(0.0..=1.0).contains(&req.simulate_failures) || req.simulate_failures.is_nan() {
             return Err(StartError::BadFailureRate(req.simulate_failures));
         }
@@ -387,7 +397,18 @@ impl Engine {
         let inner = self.inner.clone();
         let id = run_id.clone();
         let join = tokio::spawn(async move {
-            let outcome = run::drive(ctx).await;
+            use futures_util::FutureExt;
+            let started = std::time::Instant::now();
+            let guarded = ctx.clone();
+            let outcome = match std::panic::AssertUnwindSafe(run::drive(ctx))
+                .catch_unwind()
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(payload) => {
+                    panics::driver_failed(&guarded, &panics::message(&*payload), started)
+                }
+            };
             inner.store.flush().await;
             inner
                 .runs
@@ -437,6 +458,35 @@ impl Engine {
     fn lock_runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveRun>> {
         self.inner.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Refuses a blueprint with more nodes than `MAX_NODES`, or a variable (from the blueprint,
+/// `--var` or a trigger) larger than `MAX_VARIABLE_BYTES`: every step's context holds the
+/// variables, so one huge value costs every step.
+pub fn check_sizes(
+    bp: &Blueprint,
+    variables: &Map<String, Value>,
+    limits: &crate::limits::Limits,
+) -> Result<(), StartError> {
+    if bp.nodes.len() > limits.max_nodes {
+        return Err(StartError::TooLarge(format!(
+            "blueprint \"{}\" has {} nodes, more than MAX_NODES ({}); split it, or raise MAX_NODES",
+            bp.name,
+            bp.nodes.len(),
+            limits.max_nodes
+        )));
+    }
+    for (k, v) in variables {
+        let mut counter = crate::template::SizeCounter::new(limits.max_variable_bytes);
+        if serde_json::to_writer(&mut counter, v).is_err() || counter.over() {
+            return Err(StartError::TooLarge(format!(
+                "variable {k} is larger than MAX_VARIABLE_BYTES ({}); pass a smaller value, or \
+                 raise MAX_VARIABLE_BYTES",
+                crate::limits::human_bytes(limits.max_variable_bytes)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The blueprint's variables with the overrides applied; an override of an undeclared

@@ -194,13 +194,31 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Context) -> Result<Pr
                 .map_err(|e| named("expression", e))?;
             Prepared::Value(Value::Bool(Templates::is_truthy(&v)))
         }
-        NodeKind::Notify(n) => Prepared::Notify {
-            channel: n.channel,
-            text: t
+        NodeKind::Notify(n) => {
+            let text = t
                 .render_in(&n.text, context)
-                .map_err(|e| named("text", e))?,
-            parse_mode: n.parse_mode.clone(),
-        },
+                .map_err(|e| named("text", e))?;
+            // Split into 4,096-character messages, a long text would flood the chat.
+            if text.len() > crate::limits::MAX_NOTIFICATION_BYTES {
+                return Err(named(
+                    "text",
+                    StepError::new(
+                        ErrorKind::InvalidRequest,
+                        format!(
+                            "the notification text is {} bytes, more than {}; shorten it (e.g. \
+                             with the truncate filter) or send a summary",
+                            text.len(),
+                            crate::limits::human_bytes(crate::limits::MAX_NOTIFICATION_BYTES)
+                        ),
+                    ),
+                ));
+            }
+            Prepared::Notify {
+                channel: n.channel,
+                text,
+                parse_mode: n.parse_mode.clone(),
+            }
+        }
         NodeKind::Delay(d) => {
             Prepared::Delay(humantime::parse_duration(d.duration.trim()).map_err(|e| {
                 StepError::new(
@@ -242,7 +260,10 @@ pub(crate) fn attempt_timeout(ctx: &RunCtx, node: &Node, prepared: &Prepared) ->
         .and_then(|t| humantime::parse_duration(t.trim()).ok())
         .unwrap_or(ctx.inner.config.request_timeout);
     match prepared {
-        Prepared::Delay(d) => base + *d,
+        // A delay's own `timeout` bounds the whole step, as on every other node; without
+        // one, the wait comes on top of the default.
+        Prepared::Delay(_) if node.timeout.is_some() => base,
+        Prepared::Delay(d) => base.saturating_add(*d),
         _ => base,
     }
 }
@@ -272,6 +293,16 @@ pub(crate) async fn execute(
             ..Default::default()
         }),
         Prepared::Delay(d) => {
+            struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            ctx.inner
+                .waiting
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _waiting = Waiting(&ctx.inner.waiting);
             tokio::time::sleep(ctx.inner.config.scaled(*d)).await;
             Ok(StepOutput {
                 value: json!({ "waitedMs": d.as_millis() as u64 }),

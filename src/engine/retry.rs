@@ -82,7 +82,7 @@ impl RetryPolicy {
     pub fn base_delay(&self, attempt: u32) -> Duration {
         let exp = self.factor.powi(attempt.saturating_sub(1).min(60) as i32);
         let secs = (self.backoff.as_secs_f64() * exp).min(self.max_delay.as_secs_f64());
-        Duration::from_secs_f64(secs.max(0.0))
+        crate::limits::secs_f64(secs)
     }
 
     /// Decides after attempt `attempt` (1-based) failed with `err`. `jitter_unit` is a random
@@ -111,7 +111,7 @@ impl RetryPolicy {
                 let base = self.base_delay(attempt).as_secs_f64();
                 let j = jitter_unit.clamp(-1.0, 1.0) * self.jitter;
                 Decision::Retry {
-                    wait: Duration::from_secs_f64((base * (1.0 + j)).max(0.0)),
+                    wait: crate::limits::secs_f64(base * (1.0 + j)),
                     hinted: false,
                 }
             }

@@ -259,7 +259,9 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         .timeout
         .as_deref()
         .and_then(|t| humantime::parse_duration(t).ok());
-    let deadline = run_timeout.map(|t| tokio::time::Instant::now() + inner.config.scaled(t));
+    // Checked: a timeout too far away to represent is no deadline at all.
+    let deadline =
+        run_timeout.and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));
 
     loop {
         // Start every node whose needs are all final: a node becomes ready when the last of
@@ -288,7 +290,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                             failed: None,
                         };
                         for spec in specs {
-                            inflight.push(Box::pin(step::run(ctx.clone(), spec)));
+                            inflight.push(Box::pin(step::run_guarded(ctx.clone(), spec)));
                         }
                     }
                     Err(e) => {
@@ -598,6 +600,17 @@ fn plan_node(ctx: &RunCtx, i: usize, base: &Context) -> Result<Vec<StepSpec>, St
         }]);
     };
     let items = ctx.templates().eval_list_in(for_each, base)?;
+    let max = ctx.inner.config.limits.max_items;
+    if items.len() > max {
+        return Err(StepError::new(
+            ErrorKind::Template,
+            format!(
+                "forEach yields {} items, more than MAX_ITEMS ({max}); split the list over \
+                 several runs, or raise MAX_ITEMS",
+                items.len()
+            ),
+        ));
+    }
     ctx.inner.bus.publish(Event::FanOut {
         run_id: ctx.run_id.to_string(),
         node: node.id.clone(),

@@ -38,6 +38,50 @@ struct AttemptDone {
     finished_at: SystemTime,
 }
 
+/// [`run`], with a panic anywhere in the step (rendering, preparing, recording) turned into
+/// the step's failure with the panic's message, recorded like any other.
+pub(crate) async fn run_guarded(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
+    use futures_util::FutureExt;
+    let (node, item, key, context) = (spec.node, spec.item, spec.key.clone(), spec.context.clone());
+    let started = Instant::now();
+    match std::panic::AssertUnwindSafe(run(ctx.clone(), spec))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = super::panics::message(&*payload);
+            tracing::error!(run_id = %ctx.run_id, step = %key, panic = %msg, "a step panicked");
+            let e = StepError::new(
+                ErrorKind::Internal,
+                format!("the step panicked: {msg}; this is a bug in OmniFlow — please report it"),
+            );
+            let spec = StepSpec {
+                node,
+                item,
+                key,
+                context,
+            };
+            let summary = finish(
+                &ctx,
+                &spec,
+                StepStatus::Error,
+                0,
+                None,
+                Some(&e),
+                &StepOutput::default(),
+                started,
+            );
+            StepResult {
+                node,
+                item,
+                result: Err(e),
+                summary,
+            }
+        }
+    }
+}
+
 /// Runs one step to its end, recording every attempt.
 pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
     let node = &ctx.blueprint.nodes[spec.node];
@@ -400,7 +444,7 @@ async fn attempt_job(
     let result = tokio::select! {
         biased;
         _ = ctx.abort.cancelled() => Err(StepError::cancelled()),
-        r = tokio::time::timeout(scaled, nodes::execute(&ctx, &prepared, &step, attempt, admission)) => match r {
+        r = tokio::time::timeout(scaled, guarded_execute(&ctx, &prepared, &step, attempt, admission)) => match r {
             Ok(r) => r,
             Err(_) => Err(StepError::new(
                 ErrorKind::Timeout,
@@ -413,6 +457,29 @@ async fn attempt_job(
         started_at,
         finished_at: SystemTime::now(),
     }
+}
+
+/// One attempt's work, with a panic turned into the attempt's failure (with its message).
+async fn guarded_execute(
+    ctx: &RunCtx,
+    prepared: &Prepared,
+    step: &str,
+    attempt: u32,
+    admission: Option<Admission>,
+) -> Result<StepOutput, StepError> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(nodes::execute(ctx, prepared, step, attempt, admission))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|payload| {
+            Err(StepError::new(
+                ErrorKind::Internal,
+                format!(
+                    "the attempt panicked: {}; this is a bug in OmniFlow — please report it",
+                    super::panics::message(&*payload)
+                ),
+            ))
+        })
 }
 
 fn timeout_message(prepared: &Prepared, timeout: Duration) -> String {

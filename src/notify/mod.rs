@@ -418,7 +418,7 @@ pub fn retry_after_header(h: &reqwest::header::HeaderMap) -> Option<Duration> {
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && secs >= 0.0).then(|| crate::limits::secs_f64(secs));
     }
     // IMF-fixdate is a subset of RFC 2822's date format.
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;

@@ -80,7 +80,7 @@ pub(crate) fn classify(status: u16, reply: &Value, header_wait: Option<Duration>
     let wait = reply["parameters"]["retry_after"]
         .as_f64()
         .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .map(crate::limits::secs_f64)
         .or(header_wait);
     let lower = desc.to_ascii_lowercase();
     let (kind, hint) = match code {

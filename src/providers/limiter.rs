@@ -136,7 +136,7 @@ impl Limiter {
     /// tests, like every other wait.
     pub fn new(limit: Option<RateLimit>, time_scale: f64) -> Limiter {
         let window = limit
-            .map(|l| l.per.mul_f64(time_scale.max(0.0)))
+            .map(|l| crate::limits::scale(l.per, time_scale))
             .unwrap_or_default();
         Limiter {
             limit,

@@ -92,7 +92,7 @@ impl SimulatedModel {
                         req.model
                     ),
                 )
-                .with_retry_after(Duration::from_secs_f64(t))
+                .with_retry_after(crate::limits::secs_f64(t))
             }
             1 => {
                 let t = 1 + rng.below(3);
@@ -130,7 +130,7 @@ impl SimulatedModel {
         req: &LlmRequest,
         key: AttemptKey<'_>,
     ) -> Result<LlmReply, StepError> {
-        let latency = self.latency_for(&req.prompt).mul_f64(self.time_scale);
+        let latency = crate::limits::scale(self.latency_for(&req.prompt), self.time_scale);
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }

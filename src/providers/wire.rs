@@ -320,7 +320,7 @@ pub(crate) fn classify_status(
                      a model that was not used recently (the provider asks for a {t:.1}s wait)"
                 ),
             )
-            .with_retry_after(Duration::from_secs_f64(t))
+            .with_retry_after(crate::limits::secs_f64(t))
         }
         503 if lower.contains("loading") => StepError::new(
             ErrorKind::ModelLoading,

@@ -273,6 +273,11 @@ fn of_add(limits: &Limits, a: Value, b: Value) -> Result<Value, Error> {
             return Err(value_error(limits, "a list made with +"));
         }
         charge(limits, wa + wb)?;
+        // Made at once: a lazy concatenation of concatenations would make every later
+        // walk over it pay for each level.
+        let mut out: Vec<Value> = a.try_iter()?.collect();
+        out.extend(b.try_iter()?);
+        return Ok(Value::from(out));
     }
     plain_op("a + b", a, b)
 }

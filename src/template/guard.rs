@@ -6,7 +6,7 @@
 //! for minutes in one instruction when printed, and the compiler folds constant operands
 //! (`'a' ~ ([1] * 2**31)`) while it compiles, before any fuel is spent — which is why even
 //! `validate` used to hang on it. So before compiling, each template is parsed and its `*`,
-//! `+` and `~` are rewritten into calls of checked functions ([`super::checked`]):
+//! `+` and `~` are rewritten into calls of checked functions (`template/checked.rs`):
 //! `a ~ b * c` becomes `__of_cat(a, __of_mul(b, c))`. A call is never constant-folded, so
 //! compiling (and validating) never evaluates anything, and each operation checks the size
 //! of what it builds against `TEMPLATE_MAX_VALUE` first. Raw text inside blocks whose output
@@ -48,6 +48,20 @@ pub fn check_shape(source: &str, in_expr: bool) -> Result<(), String> {
         ));
     }
     if !source.contains("{{") && !source.contains("{%") && !in_expr {
+        return Ok(());
+    }
+    // Every operator is at least a character: tags all shorter than the smallest limit
+    // cannot exceed one, and need no tokenizing (most templates).
+    let longest = if in_expr {
+        source.len()
+    } else {
+        super::tags(source)
+            .iter()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(0)
+    };
+    if longest <= MAX_TAG_GROWING {
         return Ok(());
     }
     let mut operators = 0usize;
@@ -117,7 +131,7 @@ fn ws() -> WhitespaceConfig {
 /// minijinja's compiler to report.
 pub fn rewrite_template(source: &str) -> Result<Cow<'_, str>, String> {
     check_shape(source, false)?;
-    if !source.contains("{{") && !source.contains("{%") {
+    if !needs_rewrite(source) {
         return Ok(Cow::Borrowed(source));
     }
     let Ok(tree) = machinery::parse(source, "<template>", Default::default(), ws()) else {
@@ -128,9 +142,25 @@ pub fn rewrite_template(source: &str) -> Result<Cow<'_, str>, String> {
     Ok(edits.apply(source))
 }
 
+/// Whether a template can hold anything the rewrite changes: a growing operator, or a block
+/// that captures output. Most prompts (`{{ vars.X }}`) hold neither and skip the parse.
+fn needs_rewrite(source: &str) -> bool {
+    if !source.contains("{{") && !source.contains("{%") {
+        return false;
+    }
+    source.contains(['*', '+', '~'])
+        || (source.contains("{%")
+            && ["set", "filter", "macro", "call"]
+                .iter()
+                .any(|w| source.contains(w)))
+}
+
 /// Like [`rewrite_template`], for a bare expression (a condition, a `forEach`).
 pub fn rewrite_expr(source: &str) -> Result<Cow<'_, str>, String> {
     check_shape(source, true)?;
+    if !source.contains(['*', '+', '~']) {
+        return Ok(Cow::Borrowed(source));
+    }
     let Ok(expr) = machinery::parse_expr(source) else {
         return Ok(Cow::Borrowed(source));
     };
