@@ -16,7 +16,7 @@ pub mod retry;
 mod run;
 mod step;
 
-pub use maintenance::Maintenance;
+pub use maintenance::{rss_mb, Maintenance};
 pub use resume::ResumeError;
 
 use crate::blueprint::{parse_var_value, Blueprint, Priority};
@@ -232,6 +232,8 @@ pub(crate) struct Inner {
     pub draining: AtomicBool,
     /// `console`, `daemon`, `run`, `resume`, `api`: recorded with each heartbeat.
     pub role: Mutex<String>,
+    /// When the maintenance loop last turned (ms since the Unix epoch; 0 = never): liveness.
+    pub loop_tick_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The process's engine; cheap to clone.
@@ -273,6 +275,7 @@ impl Engine {
                 ids: options.ids,
                 draining: AtomicBool::new(false),
                 role: Mutex::new("api".into()),
+                loop_tick_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         // Registered before any run is inserted, so no other process ever sees our runs

@@ -48,6 +48,8 @@ impl Ack {
 pub(crate) struct Shared {
     /// The first write failure since the last `take_write_error`.
     pub(crate) write_error: Mutex<Option<String>>,
+    /// The last batch's failure, cleared by the next batch that commits (readiness).
+    pub(crate) failing: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -107,12 +109,30 @@ pub(crate) fn run(
 }
 
 fn apply_batch(conn: &mut Connection, ops: &[Op], shared: &Shared, proc: &ProcessInfo, path: &str) {
+    let started = std::time::Instant::now();
+    let lost = apply_ops(conn, ops, shared, proc, path);
+    crate::telemetry::store_queued(-(ops.len() as i64));
+    crate::telemetry::store_batch(started.elapsed(), lost);
+    let mut failing = shared.failing.lock().unwrap_or_else(|e| e.into_inner());
+    if lost == 0 {
+        *failing = None;
+    }
+}
+
+/// Applies a batch; returns how many writes were lost.
+fn apply_ops(
+    conn: &mut Connection,
+    ops: &[Op],
+    shared: &Shared,
+    proc: &ProcessInfo,
+    path: &str,
+) -> u64 {
     let mut tries = 0;
     let err = loop {
         match try_apply(conn, ops, proc) {
             Ok(skipped) => {
                 log_skipped(&skipped);
-                return;
+                return 0;
             }
             Err(e) if is_busy(&e) && tries < BUSY_RETRIES => {
                 tries += 1;
@@ -125,20 +145,27 @@ fn apply_batch(conn: &mut Connection, ops: &[Op], shared: &Shared, proc: &Proces
         // One bad write (a constraint it breaks) must not take the others down with it:
         // apply them one by one and lose only the bad one.
         tracing::warn!(path, error = %err, writes = ops.len(), "batch failed; applying its writes one by one");
+        let mut lost = 0;
         for op in ops {
             match try_apply(conn, std::slice::from_ref(op), proc) {
                 Ok(skipped) => log_skipped(&skipped),
-                Err(e) => fail(shared, path, &op.describe(), 1, &e),
+                Err(e) => {
+                    lost += 1;
+                    fail(shared, path, &op.describe(), 1, &e);
+                }
             }
         }
+        lost
     } else {
         let what = ops.first().map(Op::describe).unwrap_or_default();
         fail(shared, path, &what, ops.len(), &err);
+        ops.len() as u64
     }
 }
 
 fn fail(shared: &Shared, path: &str, what: &str, lost: usize, e: &rusqlite::Error) {
     tracing::error!(path, error = %e, writes_lost = lost, first = what, "could not save to the database");
+    *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
     shared.record_error(format!(
         "could not save {lost} change(s) to {path} (first: {what}): {e}"
     ));

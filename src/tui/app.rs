@@ -663,7 +663,7 @@ impl App {
                     self.dirty = true;
                 }
             }
-            Event::Tokens { .. } => {}
+            Event::Tokens { .. } | Event::AttemptFinished(_) => {}
         }
         self.clamp_selections();
     }
