@@ -170,7 +170,7 @@ fn the_dockerfile_builds_in_a_rust_stage_and_runs_small_and_non_root() {
     assert!(runtime
         .iter()
         .any(|l| l.starts_with("ENV ") && l.contains("OMNIFLOW_LISTEN=0.0.0.0:9464")));
-    assert!(runtime.iter().any(|l| *l == "EXPOSE 9464"));
+    assert!(runtime.contains(&"EXPOSE 9464"));
     // Everything the build copies exists, and .dockerignore keeps target/ out.
     for p in ["Cargo.toml", "Cargo.lock", "src", "benches", "blueprints"] {
         assert!(std::path::Path::new(p).exists(), "{p}");

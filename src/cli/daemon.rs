@@ -2,7 +2,8 @@
 //! `--dir`, and from Supabase when configured), fires their schedules through the pool, logs to
 //! `LOG_DIR` and stderr. Adopts runs whose process died. SIGTERM or SIGINT: stop firing, give
 //! steps in flight `SHUTDOWN_GRACE` to finish, hand the rest over, exit 0; a second signal
-//! exits at once (130).
+//! exits at once (130). With `--listen` (or `OMNIFLOW_LISTEN`) it serves `/metrics`,
+//! `/healthz` and `/readyz` from before the first run until it stops.
 
 use super::commands::{load_config, open_store, runtime};
 use super::{DaemonArgs, Failure};

@@ -452,3 +452,143 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::events::{AttemptInfo, RunStatus};
+
+    fn engine(dir: &tempfile::TempDir) -> Engine {
+        let mut vars = std::collections::HashMap::new();
+        vars.insert(
+            "DB_FILE".to_string(),
+            dir.path().join("m.db").display().to_string(),
+        );
+        let config = crate::config::Config::from_vars(&vars).unwrap();
+        let store = crate::store::Store::open(&config.db_file).unwrap();
+        Engine::new(Arc::new(config), store, crate::events::EventBus::new())
+    }
+
+    fn attempt(kind: Option<ErrorKind>, wait: Option<u64>) -> Event {
+        Event::AttemptFinished(Box::new(AttemptInfo {
+            run_id: "0mrun0000abcd".into(),
+            step: "ask[7]".into(),
+            node: "ask".into(),
+            node_type: "llm",
+            attempt: 1,
+            error_kind: kind,
+            provider: kind.is_none().then(|| "huggingface".into()),
+            model: kind.is_none().then(|| "mistral".into()),
+            duration_ms: 1200,
+            tokens: if kind.is_none() { 42 } else { 0 },
+            cached: kind.is_none(),
+            retry_wait_ms: wait,
+        }))
+    }
+
+    /// Every family, once it has a sample, renders under the name the README, the dashboard
+    /// and the tests use; run ids and step keys never appear.
+    #[tokio::test]
+    async fn every_family_renders_and_the_dashboard_names_only_real_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metrics::new(engine(&dir), "web-1", "daemon");
+        for ev in [
+            Event::RunStarted {
+                run_id: "0mrun0000abcd".into(),
+                blueprint: "digest".into(),
+                nodes: 2,
+            },
+            Event::FanOut {
+                run_id: "0mrun0000abcd".into(),
+                node: "ask".into(),
+                items: 40,
+            },
+            attempt(Some(ErrorKind::RateLimited), Some(2000)),
+            attempt(None, None),
+            Event::StepWaiting {
+                run_id: "0mrun0000abcd".into(),
+                step: "ask[7]".into(),
+                node: "ask".into(),
+                provider: "huggingface".into(),
+                wait_ms: 1500,
+            },
+            Event::StepFinished {
+                run_id: "0mrun0000abcd".into(),
+                step: "ask[7]".into(),
+                node: "ask".into(),
+                node_type: "llm",
+                status: StepStatus::Error,
+                attempts: 2,
+                duration_ms: 3000,
+                error: Some("secret-ish message text".into()),
+                error_kind: Some(ErrorKind::Timeout),
+            },
+            Event::RunFinished {
+                run_id: "0mrun0000abcd".into(),
+                blueprint: "digest".into(),
+                status: RunStatus::Error,
+                total_time_ms: 4000,
+                error: Some("message text".into()),
+            },
+            Event::RunReleased {
+                run_id: "0mrun0000abcd".into(),
+                blueprint: "digest".into(),
+            },
+        ] {
+            m.counters.record(&ev);
+        }
+        crate::telemetry::notification("discord", "sent");
+        crate::telemetry::schedule_slots("digest", "fired", 1);
+        crate::telemetry::store_batch(std::time::Duration::from_millis(3), 0);
+        let text = m.render();
+        assert!(!text.contains("0mrun0000abcd") && !text.contains("ask[7]"));
+        assert!(!text.contains("message text"));
+        for line in [
+            r#"omniflow_runs_finished_total{host="web-1",role="daemon",blueprint="digest",status="error"} 1"#,
+            r#"omniflow_steps_total{host="web-1",role="daemon",node_type="llm",status="error",error_kind="timeout"} 1"#,
+            r#"omniflow_attempts_total{host="web-1",role="daemon",node_type="llm",provider="none",error_kind="rate_limited"} 1"#,
+            r#"omniflow_retries_total{host="web-1",role="daemon",node_type="llm",error_kind="rate_limited"} 1"#,
+            r#"omniflow_model_tokens_total{host="web-1",role="daemon",provider="huggingface",model="mistral"} 42"#,
+            r#"omniflow_model_cache_hits_total{host="web-1",role="daemon",provider="huggingface",model="mistral"} 1"#,
+            r#"omniflow_rate_limit_wait_seconds_total{host="web-1",role="daemon",provider="huggingface"} 1.5"#,
+            r#"omniflow_fan_out_items_total{host="web-1",role="daemon"} 40"#,
+        ] {
+            assert!(text.contains(line), "missing {line}\n{text}");
+        }
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let dash: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("deploy/grafana/omniflow.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut checked = 0;
+        for t in dash["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["targets"].as_array().unwrap())
+        {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("omniflow_") {
+                    continue;
+                }
+                let family = word.strip_suffix("_bucket").unwrap_or(word);
+                assert!(
+                    families.contains(&family),
+                    "{word} is not exposed: {families:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 14, "{checked}");
+    }
+}
