@@ -177,10 +177,12 @@ fn update_rate() {
                 run_id: "0mwz00000live".into(),
                 step: format!("summarize[{}]", i % 40),
                 node: "summarize".into(),
+                node_type: "llm",
                 status: omniflow::events::StepStatus::Success,
                 attempts: 1,
                 duration_ms: 300,
                 error: None,
+                error_kind: None,
             },
             _ => Event::WorkerIdle {
                 worker: (i % 4) as usize,

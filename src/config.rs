@@ -89,6 +89,12 @@ pub struct Config {
     /// `TEMPLATE_MAX_OUTPUT`, `TEMPLATE_MAX_VALUE`, `MAX_ITEMS`, `MAX_NODES`,
     /// `MAX_VARIABLE_BYTES`).
     pub limits: crate::limits::Limits,
+    // ---- metrics and health ---------------------------------------------------------------
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`OMNIFLOW_LISTEN`, or `--listen`);
+    /// `None` = off. A bare port means loopback; any other interface must be named.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Bearer token the listener requires (`OMNIFLOW_METRICS_TOKEN`); `None` = no token.
+    pub metrics_token: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -137,6 +143,8 @@ impl std::fmt::Debug for Config {
             .field("hf_concurrency", &self.hf_concurrency)
             .field("openai_concurrency", &self.openai_concurrency)
             .field("limits", &self.limits)
+            .field("listen", &self.listen)
+            .field("metrics_token", &set(&self.metrics_token))
             .finish()
     }
 }
@@ -306,8 +314,18 @@ impl Config {
                 crate::limits::DEFAULT_MAX_VARIABLE_BYTES,
             )?,
         };
+        let listen = match get("OMNIFLOW_LISTEN") {
+            None => None,
+            Some(v) => Some(parse_listen(&v).map_err(|expected| ConfigError {
+                var: "OMNIFLOW_LISTEN",
+                value: v,
+                expected,
+            })?),
+        };
         Ok(Config {
             limits,
+            listen,
+            metrics_token: get("OMNIFLOW_METRICS_TOKEN"),
             model_fast: get("MODEL_FAST")
                 .unwrap_or_else(|| crate::providers::MODEL_TABLE[0].1.into()),
             model_better: get("MODEL_BETTER")
@@ -377,6 +395,7 @@ impl Config {
             &self.telegram_bot_token,
             &self.discord_webhook,
             &self.supabase_key,
+            &self.metrics_token,
         ]
         .into_iter()
         .flatten()
@@ -403,6 +422,29 @@ impl Config {
             crate::limits::scale(d, self.time_scale)
         }
     }
+}
+
+/// What `parse_listen` accepts, for error messages.
+pub const LISTEN_EXPECTED: &str = "a port (9464, on loopback) or an address with a port \
+(127.0.0.1:9464, [::1]:9464, or 0.0.0.0:9464 to listen on every interface)";
+
+/// The listener's address: a bare port (`9464`, `:9464`) is loopback; `localhost:PORT` is
+/// 127.0.0.1; anything else must be an IP address with a port, so a non-loopback interface is
+/// only ever used when it is written out.
+pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, &'static str> {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    let s = s.trim();
+    let port = |p: &str| p.parse::<u16>().map_err(|_| LISTEN_EXPECTED);
+    if let Some(p) = s.strip_prefix(':') {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port(p)?));
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port(s)?));
+    }
+    if let Some(p) = s.strip_prefix("localhost:") {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port(p)?));
+    }
+    s.parse::<SocketAddr>().map_err(|_| LISTEN_EXPECTED)
 }
 
 #[cfg(test)]
@@ -511,6 +553,35 @@ mod tests {
         assert!(e.to_string().contains("HF_CONCURRENCY"), "{e}");
         let e = Config::from_vars(&vars(&[("HF_RATE_LIMIT", "fast")])).unwrap_err();
         assert!(e.to_string().contains("HF_RATE_LIMIT"), "{e}");
+    }
+
+    #[test]
+    fn the_listener_is_loopback_unless_an_address_is_written_out() {
+        let c = Config::from_vars(&HashMap::new()).unwrap();
+        assert_eq!(c.listen, None, "off by default");
+        for (given, want) in [
+            ("9464", "127.0.0.1:9464"),
+            (":9464", "127.0.0.1:9464"),
+            ("localhost:9464", "127.0.0.1:9464"),
+            ("[::1]:9464", "[::1]:9464"),
+            ("0.0.0.0:9464", "0.0.0.0:9464"),
+        ] {
+            assert_eq!(parse_listen(given).unwrap().to_string(), want, "{given}");
+        }
+        for bad in [
+            "",
+            "metrics",
+            "0.0.0.0",
+            "127.0.0.1:99999",
+            "host.example:9464",
+        ] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        let e = Config::from_vars(&vars(&[("OMNIFLOW_LISTEN", "everywhere")])).unwrap_err();
+        assert!(e.to_string().contains("OMNIFLOW_LISTEN"), "{e}");
+        let c = Config::from_vars(&vars(&[("OMNIFLOW_METRICS_TOKEN", "scrape-secret-1")])).unwrap();
+        assert!(c.secrets().contains(&"scrape-secret-1".to_string()));
+        assert!(!format!("{c:?}").contains("scrape-secret-1"));
     }
 
     #[test]

@@ -132,6 +132,27 @@ impl PoolStats {
     }
 }
 
+/// One finished attempt, as [`Event::AttemptFinished`] tells it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttemptInfo {
+    pub run_id: String,
+    pub step: String,
+    pub node: String,
+    /// The node's `type` (`llm`, `http`, …).
+    pub node_type: &'static str,
+    pub attempt: u32,
+    /// `None` when it succeeded.
+    pub error_kind: Option<ErrorKind>,
+    /// Who answered (a model provider, or a notification channel), when known.
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub duration_ms: u64,
+    pub tokens: u64,
+    pub cached: bool,
+    /// The wait before the next attempt, when the step is retried.
+    pub retry_wait_ms: Option<u64>,
+}
+
 /// Everything the engine and the pool tell their watchers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -204,11 +225,17 @@ pub enum Event {
         run_id: String,
         step: String,
         node: String,
+        /// The node's `type` (`llm`, `http`, …).
+        node_type: &'static str,
         status: StepStatus,
         attempts: u32,
         duration_ms: u64,
         error: Option<String>,
+        error_kind: Option<ErrorKind>,
     },
+    /// One attempt of a step ended (recorded in `runner_attempts`); what `/metrics` counts
+    /// attempts, retries, latency and tokens by. No prompt or output: labels only.
+    AttemptFinished(Box<AttemptInfo>),
     WorkerBusy {
         worker: usize,
         run_id: String,
@@ -237,7 +264,8 @@ impl Event {
             | Event::FanOut { .. }
             | Event::StepStarted { .. }
             | Event::StepRetrying { .. }
-            | Event::StepFinished { .. } => true,
+            | Event::StepFinished { .. }
+            | Event::AttemptFinished(_) => true,
             Event::StepWaiting { .. }
             | Event::StepWaitingSlot { .. }
             | Event::WorkerBusy { .. }
@@ -261,6 +289,7 @@ impl Event {
             | Event::StepFinished { run_id, .. }
             | Event::WorkerBusy { run_id, .. }
             | Event::Tokens { run_id, .. } => Some(run_id),
+            Event::AttemptFinished(a) => Some(&a.run_id),
             Event::WorkerIdle { .. } | Event::Pool(_) => None,
         }
     }

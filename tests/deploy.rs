@@ -1,5 +1,6 @@
 //! The deployment files parse and say what they must (no Docker engine or GitHub runner here):
-//! the GitHub Actions workflow, docker-compose.yml and the Dockerfile.
+//! the GitHub Actions workflow, docker-compose.yml, the Dockerfile, the systemd unit and the
+//! Grafana dashboard.
 
 use serde_json::Value;
 
@@ -86,6 +87,28 @@ fn compose_has_the_runner_and_an_optional_ollama() {
     for v in ["omniflow-data", "omniflow-logs", "ollama-models"] {
         assert!(c["volumes"].get(v).is_some(), "{v}");
     }
+    // Healthchecks: the runner through `omniflow health` (no curl in the image), which asks
+    // /healthz on OMNIFLOW_LISTEN; the port is published on the host's loopback only.
+    let hc = &runner["healthcheck"];
+    assert_eq!(hc["test"][0], "CMD");
+    assert_eq!(hc["test"][1], "omniflow");
+    assert_eq!(hc["test"][2], "health");
+    for k in ["interval", "timeout", "retries", "start_period"] {
+        assert!(hc.get(k).is_some(), "healthcheck.{k}");
+    }
+    let listen = runner["environment"]["OMNIFLOW_LISTEN"].as_str().unwrap();
+    let port = listen.rsplit(':').next().unwrap();
+    let ports: Vec<&str> = runner["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        ports.contains(&format!("127.0.0.1:{port}:{port}").as_str()),
+        "{ports:?}"
+    );
+    assert!(ollama["healthcheck"]["test"].is_array());
 }
 
 #[test]
@@ -134,6 +157,20 @@ fn the_dockerfile_builds_in_a_rust_stage_and_runs_small_and_non_root() {
         runtime.last().copied(),
         Some(r#"CMD ["omniflow", "daemon"]"#)
     );
+    // The runtime stage has no curl or wget; the healthcheck is the binary's own probe, and
+    // the listener it asks is configured in the image.
+    assert!(!runtime
+        .iter()
+        .any(|l| l.contains("curl") || l.contains("wget")));
+    let hc = runtime
+        .iter()
+        .find(|l| l.starts_with("HEALTHCHECK "))
+        .expect("a HEALTHCHECK");
+    assert!(hc.contains(r#"CMD ["omniflow", "health""#), "{hc}");
+    assert!(runtime
+        .iter()
+        .any(|l| l.starts_with("ENV ") && l.contains("OMNIFLOW_LISTEN=0.0.0.0:9464")));
+    assert!(runtime.contains(&"EXPOSE 9464"));
     // Everything the build copies exists, and .dockerignore keeps target/ out.
     for p in ["Cargo.toml", "Cargo.lock", "src", "benches", "blueprints"] {
         assert!(std::path::Path::new(p).exists(), "{p}");
@@ -141,4 +178,112 @@ fn the_dockerfile_builds_in_a_rust_stage_and_runs_small_and_non_root() {
     let ignore = std::fs::read_to_string(".dockerignore").unwrap();
     assert!(ignore.lines().any(|l| l.trim() == "target"));
     assert!(ignore.lines().any(|l| l.trim() == ".env"));
+}
+
+/// `[Section]` → key → values (a key may repeat, as `Environment=` does).
+fn unit_file(path: &str) -> std::collections::HashMap<String, Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut out: std::collections::HashMap<String, Vec<(String, String)>> = Default::default();
+    let mut section = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("{path}: not key=value: {line}"));
+        assert!(!section.is_empty(), "{path}: {line} outside a section");
+        out.entry(section.clone())
+            .or_default()
+            .push((k.trim().to_string(), v.trim().to_string()));
+    }
+    out
+}
+
+#[test]
+fn the_systemd_unit_restarts_on_failure_and_waits_out_the_shutdown_grace() {
+    let u = unit_file("deploy/systemd/omniflow.service");
+    let one = |section: &str, key: &str| -> String {
+        let vals: Vec<&String> = u[section]
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(vals.len(), 1, "[{section}] {key}: {vals:?}");
+        vals[0].clone()
+    };
+    assert_eq!(one("Service", "Restart"), "on-failure");
+    assert_eq!(one("Service", "KillSignal"), "SIGTERM");
+    assert_eq!(one("Install", "WantedBy"), "multi-user.target");
+    assert!(one("Service", "ExecStart").contains("omniflow daemon"));
+    assert!(!one("Service", "User").is_empty() && one("Service", "User") != "root");
+    let env: std::collections::HashMap<String, String> = u["Service"]
+        .iter()
+        .filter(|(k, _)| k == "Environment")
+        .filter_map(|(_, v)| v.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // The stop timeout covers the grace period plus the hand-over, so systemd's SIGKILL never
+    // comes while steps in flight may still finish.
+    let grace: u64 = env["SHUTDOWN_GRACE"].parse().unwrap();
+    let stop: u64 = one("Service", "TimeoutStopSec").parse().unwrap();
+    assert!(
+        stop > grace && stop <= grace + 60,
+        "TimeoutStopSec={stop}, SHUTDOWN_GRACE={grace}"
+    );
+    // Metrics on loopback.
+    assert!(env["OMNIFLOW_LISTEN"].starts_with("127.0.0.1:"), "{env:?}");
+}
+
+#[test]
+fn the_grafana_dashboard_imports_and_shows_what_operators_look_for() {
+    let text = std::fs::read_to_string("deploy/grafana/omniflow.json").unwrap();
+    let d: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(d["uid"], "omniflow");
+    assert!(
+        d["__inputs"][0]["pluginId"] == "prometheus",
+        "a data source to pick on import"
+    );
+    let panels = d["panels"].as_array().unwrap();
+    let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+    let exprs: Vec<&str> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    for e in &exprs {
+        assert!(e.contains("omniflow_"), "{e}");
+        assert_eq!(e.matches('(').count(), e.matches(')').count(), "{e}");
+        // Per-process series add up across a fleet: every query filters by host and role.
+        assert!(
+            e.contains("host=~\"$host\"") && e.contains("role=~\"$role\""),
+            "{e}"
+        );
+    }
+    // What the issue asks a dashboard to show.
+    for metric in [
+        "omniflow_runs_finished_total",
+        "omniflow_queue_depth",
+        "omniflow_workers",
+        "omniflow_retries_total",
+        "omniflow_model_call_duration_seconds_bucket",
+        "omniflow_memory_rss_bytes",
+        "omniflow_memory_threshold_bytes",
+    ] {
+        assert!(exprs.iter().any(|e| e.contains(metric)), "{metric}");
+    }
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["host", "role"]);
 }

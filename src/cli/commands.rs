@@ -41,7 +41,10 @@ fn load_blueprint(name: &str, dir: &Path) -> Result<Blueprint, Failure> {
 }
 
 pub fn tui(args: TuiArgs) -> Result<ExitCode, Failure> {
-    let config = load_config()?;
+    let mut config = load_config()?;
+    if args.listen.is_some() {
+        config.listen = args.listen;
+    }
     if !std::io::stdout().is_terminal() {
         return Err(Failure::input(
             "the console needs a terminal (stdout is not one); for scripts use `omniflow run`, \

@@ -3,6 +3,8 @@
 //! `LOG_DIR` and stderr. Adopts runs whose process died. SIGTERM, SIGINT or SIGHUP: stop
 //! firing, give steps in flight `SHUTDOWN_GRACE` to finish, hand the rest over, exit 0 (a
 //! daemon stopped on request did its job); a second signal exits at once (3: interrupted).
+//! With `--listen` (or `OMNIFLOW_LISTEN`) it serves `/metrics`, `/healthz` and `/readyz` from
+//! before the first run until it stops.
 
 use super::commands::{load_config, open_store, runtime};
 use super::{DaemonArgs, Failure};
@@ -36,6 +38,14 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
         tracing::warn!(problem = %b, "daemon: blueprint skipped");
     }
     let sandbox = args.sandbox;
+    let simulate_failures = args.simulate_failures.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&simulate_failures) {
+        return Err(Failure::input(format!(
+            "--simulate-failures {simulate_failures}: expected a fraction between 0 and 1 (0.3 = 30 %)"
+        )));
+    }
+    let listen = args.listen.or(config.listen);
+    let metrics_token = config.metrics_token.clone();
     let missed = config.schedule_missed;
     let code = rt.block_on(async move {
         // Listen before anything else: a SIGTERM during start-up must stop us gracefully,
@@ -49,6 +59,24 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
         };
         let engine = Engine::new(Arc::new(config), store.clone(), EventBus::new());
         engine.set_role("daemon");
+        // Before anything runs, so every run is counted.
+        let metrics = match listen {
+            Some(listen) => {
+                let opts = crate::metrics::Options {
+                    listen,
+                    token: metrics_token,
+                    sandbox,
+                };
+                match crate::metrics::serve(&engine, opts).await {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::error!(error = %e, "daemon: cannot serve metrics");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            None => None,
+        };
         // Heartbeats, the memory hold, and adopting runs whose process died (issue 7).
         let maintenance = engine.start_maintenance(true);
         let bps: Vec<Arc<Blueprint>> = blueprints.into_iter().map(Arc::new).collect();
@@ -68,6 +96,7 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
         let stop = CancellationToken::new();
         let base = RunRequest {
             sandbox,
+            simulate_failures,
             ..Default::default()
         };
         let runner = schedule::spawn(
@@ -94,6 +123,10 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
         }
         let started = runner.await.unwrap_or(0);
         maintenance.stop().await;
+        // Serving until here: probes see "not ready" (draining) while runs hand over.
+        if let Some(m) = metrics {
+            m.stop().await;
+        }
         engine.store().flush().await;
         if let Some(e) = engine.store().take_write_error() {
             tracing::error!(error = %e, "daemon: the history database reported an error");

@@ -24,6 +24,8 @@ macro_rules! say_out {
 mod commands;
 // `omniflow daemon` (issue 5).
 mod daemon;
+// `omniflow health`: the container healthcheck's probe.
+mod health;
 mod progress;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -80,6 +82,29 @@ pub enum Command {
     /// Headless: fire the active blueprints' schedules through the pool until SIGTERM, SIGINT
     /// or SIGHUP (for systemd or Docker); exits 0 after handing unfinished runs over.
     Daemon(DaemonArgs),
+    /// Probe a running daemon's or console's /healthz (or /readyz): exit 0 when it answers
+    /// 200, 1 otherwise. For container healthchecks on images without curl.
+    Health(HealthArgs),
+}
+
+/// `omniflow health`.
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// The URL to probe; default: /healthz on OMNIFLOW_LISTEN (0.0.0.0 is asked on 127.0.0.1).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Probe /readyz instead of /healthz.
+    #[arg(long, conflicts_with = "url")]
+    pub ready: bool,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5)]
+    pub timeout: u64,
+}
+
+/// `--listen`: where `/metrics`, `/healthz` and `/readyz` are served (overrides
+/// OMNIFLOW_LISTEN).
+fn listen_arg(s: &str) -> Result<std::net::SocketAddr, String> {
+    crate::config::parse_listen(s).map_err(|e| format!("expected {e}"))
 }
 
 /// Where `run --all-active` and `daemon` find the active blueprints (issue 5).
@@ -108,6 +133,13 @@ pub struct DaemonArgs {
     /// and not sent): to try schedules safely.
     #[arg(long)]
     pub sandbox: bool,
+    /// With --sandbox: make this fraction of model calls fail (0.3 = 30 %), to watch retries.
+    #[arg(long, value_name = "RATE", requires = "sandbox")]
+    pub simulate_failures: Option<f64>,
+    /// Serve /metrics, /healthz and /readyz here: a port (loopback) or an address with a port
+    /// (overrides OMNIFLOW_LISTEN; port 0 picks a free one, logged at start).
+    #[arg(long, value_name = "ADDR", value_parser = listen_arg)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -122,6 +154,10 @@ pub struct TuiArgs {
     /// belong to `omniflow daemon`, and opening a console never starts real runs by itself.
     #[arg(long)]
     pub schedules: bool,
+    /// Serve /metrics, /healthz and /readyz here while the console runs (overrides
+    /// OMNIFLOW_LISTEN).
+    #[arg(long, value_name = "ADDR", value_parser = listen_arg)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +310,7 @@ pub fn main() -> ExitCode {
         Some(Command::Export(a)) => commands::export(a),
         Some(Command::Daemon(a)) => daemon::daemon(a),
         Some(Command::Doctor(a)) => commands::doctor(a),
+        Some(Command::Health(a)) => health::health(a),
     };
     match result {
         Ok(code) => code,

@@ -58,6 +58,29 @@ impl Engine {
         });
     }
 
+    /// The role named by [`Engine::set_role`].
+    pub fn role(&self) -> String {
+        self.inner
+            .role
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// When the maintenance loop last turned (`None` before its first turn, or when it was
+    /// never started): the liveness signal of `/healthz`.
+    pub fn last_loop_turn(&self) -> Option<SystemTime> {
+        match self.inner.loop_tick_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    /// True once [`Engine::shutdown`] began: no new run starts.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
     /// Names this process's role in `runner_processes` (`console`, `daemon`, `run`, `resume`).
     pub fn set_role(&self, role: &str) {
         *self.inner.role.lock().unwrap_or_else(|e| e.into_inner()) = role.to_string();
@@ -89,6 +112,10 @@ impl Engine {
                     _ = token.cancelled() => break,
                     _ = tick.tick() => {}
                 }
+                let now_ms = SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_millis() as u64);
+                engine.inner.loop_tick_ms.store(now_ms, Ordering::Relaxed);
                 held = engine.check_memory(held);
                 full = engine.check_disk(full);
                 if last_beat.elapsed() >= beat_every {

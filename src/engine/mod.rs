@@ -18,7 +18,7 @@ pub mod retry;
 mod run;
 mod step;
 
-pub use maintenance::Maintenance;
+pub use maintenance::{rss_mb, Maintenance};
 pub use resume::ResumeError;
 
 use crate::blueprint::{parse_var_value, Blueprint, Priority};
@@ -247,6 +247,8 @@ pub(crate) struct Inner {
     /// Attempts in flight that only wait (delay nodes): a shutdown does not give them its
     /// grace period, it hands them over at once.
     pub waiting: std::sync::atomic::AtomicUsize,
+    /// When the maintenance loop last turned (ms since the Unix epoch; 0 = never): liveness.
+    pub loop_tick_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The process's engine; cheap to clone.
@@ -290,6 +292,7 @@ impl Engine {
                 draining: AtomicBool::new(false),
                 role: Mutex::new("api".into()),
                 waiting: std::sync::atomic::AtomicUsize::new(0),
+                loop_tick_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         // Registered before any run is inserted, so no other process ever sees our runs

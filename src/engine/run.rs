@@ -701,9 +701,11 @@ fn record_final(
         run_id: ctx.run_id.to_string(),
         step: node.id.clone(),
         node: node.id.clone(),
+        node_type: node.kind.type_name(),
         status,
         attempts: 0,
         duration_ms: 0,
         error,
+        error_kind: kind,
     });
 }

@@ -198,7 +198,15 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
         let times = (done.started_at, done.finished_at);
         let err = match done.result {
             Ok(out) => {
-                record_attempt(&ctx, &spec.key, attempt, times, None, &out);
+                record_attempt(
+                    &ctx,
+                    node.kind.type_name(),
+                    &spec.key,
+                    attempt,
+                    times,
+                    None,
+                    &out,
+                );
                 let value = out.value.clone();
                 last_ok = out;
                 break Ok(value);
@@ -208,12 +216,28 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
         // The call is over (its tokens, if any, are counted): its estimate is let go.
         drop(hold);
         if err.kind == ErrorKind::Cancelled {
-            record_attempt_err(&ctx, &spec.key, attempt, times, &err, None);
+            record_attempt_err(
+                &ctx,
+                node.kind.type_name(),
+                &spec.key,
+                attempt,
+                times,
+                &err,
+                None,
+            );
             break Err(err);
         }
         match policy.decide(attempt, &err, rand::random::<f64>() * 2.0 - 1.0) {
             Decision::GiveUp { exhausted } => {
-                record_attempt_err(&ctx, &spec.key, attempt, times, &err, None);
+                record_attempt_err(
+                    &ctx,
+                    node.kind.type_name(),
+                    &spec.key,
+                    attempt,
+                    times,
+                    &err,
+                    None,
+                );
                 let err = if exhausted && attempt > 1 {
                     StepError {
                         message: format!("{} (gave up after {attempt} attempts)", err.message),
@@ -226,7 +250,15 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             }
             Decision::Retry { wait, .. } => {
                 let wait_ms = wait.as_millis() as u64;
-                record_attempt_err(&ctx, &spec.key, attempt, times, &err, Some(wait_ms));
+                record_attempt_err(
+                    &ctx,
+                    node.kind.type_name(),
+                    &spec.key,
+                    attempt,
+                    times,
+                    &err,
+                    Some(wait_ms),
+                );
                 store.step_retrying(&run_id, &spec.key);
                 ctx.inner.bus.publish(Event::StepRetrying {
                     run_id: run_id.clone(),
@@ -501,6 +533,7 @@ pub(crate) fn node_of(step: &str) -> &str {
 
 fn record_attempt(
     ctx: &RunCtx,
+    node_type: &'static str,
     step: &str,
     attempt: u32,
     times: (SystemTime, SystemTime),
@@ -534,6 +567,7 @@ fn record_attempt(
             .store
             .attempt_fallback(&ctx.run_id, step, attempt, note);
     }
+    publish_attempt(ctx, node_type, step, attempt, times, None, wait_ms, out);
     if out.tokens > 0 {
         ctx.inner.bus.publish(Event::Tokens {
             run_id: ctx.run_id.to_string(),
@@ -545,6 +579,7 @@ fn record_attempt(
 
 fn record_attempt_err(
     ctx: &RunCtx,
+    node_type: &'static str,
     step: &str,
     attempt: u32,
     times: (SystemTime, SystemTime),
@@ -569,6 +604,52 @@ fn record_attempt_err(
         model: None,
         cached: false,
     });
+    let none = StepOutput::default();
+    publish_attempt(
+        ctx,
+        node_type,
+        step,
+        attempt,
+        times,
+        Some(err.kind),
+        wait_ms,
+        &none,
+    );
+}
+
+/// Tells the bus what was just recorded in `runner_attempts` (for `/metrics`).
+#[allow(clippy::too_many_arguments)]
+fn publish_attempt(
+    ctx: &RunCtx,
+    node_type: &'static str,
+    step: &str,
+    attempt: u32,
+    times: (SystemTime, SystemTime),
+    error_kind: Option<ErrorKind>,
+    retry_wait_ms: Option<u64>,
+    out: &StepOutput,
+) {
+    let node = node_of(step);
+    ctx.inner.bus.publish(Event::AttemptFinished(Box::new(
+        crate::events::AttemptInfo {
+            run_id: ctx.run_id.to_string(),
+            step: step.to_string(),
+            node: node.to_string(),
+            node_type,
+            attempt,
+            error_kind,
+            provider: out.provider.clone(),
+            model: out.model.clone(),
+            duration_ms: times
+                .1
+                .duration_since(times.0)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            tokens: out.tokens,
+            cached: out.cached,
+            retry_wait_ms,
+        },
+    )));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -614,10 +695,12 @@ fn finish(
             run_id: ctx.run_id.to_string(),
             step: spec.key.clone(),
             node: node.id.clone(),
+            node_type: node.kind.type_name(),
             status,
             attempts,
             duration_ms,
             error: error.map(|e| e.message.clone()),
+            error_kind: error.map(|e| e.kind),
         });
     }
     match status {

@@ -143,6 +143,23 @@ pub async fn deliver(
     msg: Message<'_>,
     dedupe: Option<&Dedupe>,
 ) -> Result<Value, StepError> {
+    let result = deliver_parts(http, config, channel, msg, dedupe).await;
+    let outcome = match &result {
+        Ok(v) if v["parts"] == v["alreadySent"] => "already_sent",
+        Ok(_) => "sent",
+        Err(e) => e.kind.as_str(),
+    };
+    crate::telemetry::notification(channel.as_str(), outcome);
+    result
+}
+
+async fn deliver_parts(
+    http: &reqwest::Client,
+    config: &Config,
+    channel: Channel,
+    msg: Message<'_>,
+    dedupe: Option<&Dedupe>,
+) -> Result<Value, StepError> {
     // Configuration problems first: nothing is sent when the channel cannot work.
     match channel {
         Channel::Telegram => telegram::credentials(config).map(|_| ())?,
@@ -333,6 +350,7 @@ pub async fn after_run(
     };
     for channel in channels {
         if sandbox {
+            crate::telemetry::notification(channel.as_str(), "sandbox");
             tracing::info!(run_id = %summary.run_id, channel = channel.as_str(), event, "sandbox: run notification recorded, not sent");
             continue;
         }

@@ -153,12 +153,20 @@ impl Scheduler {
             e.cursor = now;
             let Some(slot) = latest else { continue };
             let late = now.duration_since(slot).unwrap_or_default() > GRACE;
+            // Slots that did not fire on time; with `skip` they are let go, with `runOnce`
+            // the one run below stands for them.
+            let missed = if late { passed } else { passed - 1 };
+            crate::telemetry::schedule_slots(&e.bp.name, "missed", missed.into());
+            if e.missed == MissedSlots::Skip {
+                crate::telemetry::schedule_slots(&e.bp.name, "skipped", missed.into());
+            }
             if late && e.missed == MissedSlots::Skip {
                 tracing::info!(blueprint = %e.bp.name, missed = passed, "schedule: missed slot(s) skipped (missedSlots: skip)");
                 continue;
             }
             match self.store.claim_slot(&e.bp.name, slot) {
                 Ok(true) => {
+                    crate::telemetry::schedule_slots(&e.bp.name, "fired", 1);
                     if late || passed > 1 {
                         tracing::info!(blueprint = %e.bp.name, missed = passed, slot = %crate::store::iso8601(slot), "schedule: running once for missed slot(s)");
                     }
@@ -169,10 +177,12 @@ impl Scheduler {
                     });
                 }
                 Ok(false) => {
+                    crate::telemetry::schedule_slots(&e.bp.name, "claimed_elsewhere", 1);
                     tracing::debug!(blueprint = %e.bp.name, slot = %crate::store::iso8601(slot), "schedule: slot already claimed by another process")
                 }
                 // Not firing is the safe side: firing without a claim could run it twice.
                 Err(err) => {
+                    crate::telemetry::schedule_slots(&e.bp.name, "claim_failed", 1);
                     tracing::error!(blueprint = %e.bp.name, error = %err, "schedule: cannot claim the slot; not fired")
                 }
             }

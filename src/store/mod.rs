@@ -176,8 +176,16 @@ impl Store {
     /// Queues a message; false if the writer is gone (it only stops when the store is dropped,
     /// so this means it panicked).
     fn send(&self, msg: Msg) -> bool {
+        // Counted before it is sent, so the writer's decrement never comes first.
+        let write = matches!(msg, Msg::Write(_));
+        if write {
+            crate::telemetry::store_queued(1);
+        }
         let sent = self.inner.tx.as_ref().map(|tx| tx.send(msg).is_ok());
         if sent != Some(true) {
+            if write {
+                crate::telemetry::store_queued(-1);
+            }
             self.inner.shared.record_error(format!(
                 "the database writer for {} has stopped; changes are not being saved",
                 self.inner.path.display()
@@ -189,6 +197,17 @@ impl Store {
 
     fn write(&self, op: Op) {
         self.send(Msg::Write(op));
+    }
+
+    /// Why the last write batch failed, while no batch has committed since: the database is
+    /// not writable now (readiness). `None` when the last batch committed.
+    pub fn write_problem(&self) -> Option<String> {
+        self.inner
+            .shared
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     // ---- writes ------------------------------------------------------------------------

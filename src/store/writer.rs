@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) write_error: Mutex<Option<String>>,
     /// While writes wait for room on a full disk: the directory to free space in.
     pub(crate) full: Mutex<Option<PathBuf>>,
+    /// The last batch's failure, cleared by the next batch that commits (readiness).
+    pub(crate) failing: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -119,6 +121,7 @@ pub(crate) fn run(
                 Msg::Txn(f) => {
                     // Keep the order: what was queued before it is committed first.
                     if !ops.is_empty() {
+                        crate::telemetry::store_queued(-(ops.len() as i64));
                         held.apply(&mut conn, coalesce(std::mem::take(&mut ops)), &shared, &proc, &path);
                     }
                     f(&mut conn);
@@ -131,6 +134,7 @@ pub(crate) fn run(
             };
         }
         if !ops.is_empty() {
+            crate::telemetry::store_queued(-(ops.len() as i64));
             held.apply(&mut conn, coalesce(std::mem::take(&mut ops)), &shared, &proc, &path);
         }
         for ack in acks.drain(..) {
@@ -226,8 +230,8 @@ struct Full {
     source: rusqlite::Error,
 }
 
-/// Applies a batch; a failure is logged and reported, except a full disk, which is handed
-/// back so the batch can be kept and tried again.
+/// Applies a batch and counts it for the metrics; a failure is logged and reported, except a
+/// full disk, which is handed back so the batch can be kept and tried again.
 fn apply_batch(
     conn: &mut Connection,
     ops: &[Op],
@@ -235,12 +239,29 @@ fn apply_batch(
     proc: &ProcessInfo,
     path: &str,
 ) -> Result<(), Full> {
+    let started = std::time::Instant::now();
+    let lost = apply_ops(conn, ops, shared, proc, path)?;
+    crate::telemetry::store_batch(started.elapsed(), lost);
+    if lost == 0 {
+        *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    Ok(())
+}
+
+/// Applies a batch; returns how many writes were lost, or the full disk.
+fn apply_ops(
+    conn: &mut Connection,
+    ops: &[Op],
+    shared: &Shared,
+    proc: &ProcessInfo,
+    path: &str,
+) -> Result<u64, Full> {
     let mut tries = 0;
     let err = loop {
         match try_apply(conn, ops, proc) {
             Ok(skipped) => {
                 log_skipped(&skipped);
-                return Ok(());
+                return Ok(0);
             }
             Err(e) if is_busy(&e) && tries < BUSY_RETRIES => {
                 tries += 1;
@@ -256,21 +277,27 @@ fn apply_batch(
         // One bad write (a constraint it breaks) must not take the others down with it:
         // apply them one by one and lose only the bad one.
         tracing::warn!(path, error = %err, writes = ops.len(), "batch failed; applying its writes one by one");
+        let mut lost = 0;
         for op in ops {
             match try_apply(conn, std::slice::from_ref(op), proc) {
                 Ok(skipped) => log_skipped(&skipped),
-                Err(e) => fail(shared, path, &op.describe(), 1, &e),
+                Err(e) => {
+                    lost += 1;
+                    fail(shared, path, &op.describe(), 1, &e);
+                }
             }
         }
+        Ok(lost)
     } else {
         let what = ops.first().map(Op::describe).unwrap_or_default();
         fail(shared, path, &what, ops.len(), &err);
+        Ok(ops.len() as u64)
     }
-    Ok(())
 }
 
 fn fail(shared: &Shared, path: &str, what: &str, lost: usize, e: &dyn std::fmt::Display) {
     tracing::error!(path, error = %e, writes_lost = lost, first = what, "could not save to the database");
+    *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
     shared.record_error(format!(
         "could not save {lost} change(s) to {path} (first: {what}): {e}"
     ));

@@ -796,7 +796,7 @@ impl App {
                     self.dirty = true;
                 }
             }
-            Event::Tokens { .. } => {}
+            Event::Tokens { .. } | Event::AttemptFinished(_) => {}
         }
         self.clamp_selections();
     }

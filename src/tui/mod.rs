@@ -148,6 +148,24 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         let sub = bus.subscribe();
         let engine = Engine::new(config.clone(), store.clone(), bus);
         engine.set_role("console");
+        // `--listen`: this process's /metrics, /healthz and /readyz while the console runs.
+        let metrics = match config.listen {
+            Some(listen) => {
+                let opts = crate::metrics::Options {
+                    listen,
+                    token: config.metrics_token.clone(),
+                    sandbox: false,
+                };
+                match crate::metrics::serve(&engine, opts).await {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         // Heartbeats, the memory hold, and adopting runs whose process died (issue 7).
         let maintenance = engine.start_maintenance(true);
         let (sched, sched_problems) = crate::schedule::Scheduler::new(
@@ -189,6 +207,9 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         let r = runtime::run(app, ctx, rx, sub, sched_stop).await;
         drop(scheduler);
         maintenance.stop().await;
+        if let Some(m) = metrics {
+            m.stop().await;
+        }
         host.stopped().await;
         r
     });
