@@ -122,7 +122,13 @@ pub(crate) fn run(
                     // Keep the order: what was queued before it is committed first.
                     if !ops.is_empty() {
                         crate::telemetry::store_queued(-(ops.len() as i64));
-                        held.apply(&mut conn, coalesce(std::mem::take(&mut ops)), &shared, &proc, &path);
+                        held.apply(
+                            &mut conn,
+                            coalesce(std::mem::take(&mut ops)),
+                            &shared,
+                            &proc,
+                            &path,
+                        );
                     }
                     f(&mut conn);
                 }
@@ -135,7 +141,13 @@ pub(crate) fn run(
         }
         if !ops.is_empty() {
             crate::telemetry::store_queued(-(ops.len() as i64));
-            held.apply(&mut conn, coalesce(std::mem::take(&mut ops)), &shared, &proc, &path);
+            held.apply(
+                &mut conn,
+                coalesce(std::mem::take(&mut ops)),
+                &shared,
+                &proc,
+                &path,
+            );
         }
         for ack in acks.drain(..) {
             ack.send();
