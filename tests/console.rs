@@ -1955,6 +1955,8 @@ fn the_step_detail_warns_of_another_answering_model_and_a_cut_off_answer() {
         generation: 1,
         result: Ok(Box::new(d)),
     }));
+    // The detail opens on the failed step; the model's answer is the first step's.
+    key(&mut app, KeyCode::Home);
     let screen = render(&app, 160, 48);
     assert!(screen.contains("answered by llama-3.2-1b-q4"), "{screen}");
     assert!(
@@ -1969,6 +1971,8 @@ fn the_step_detail_warns_of_another_answering_model_and_a_cut_off_answer() {
         generation: 1,
         result: Ok(Box::new(d)),
     }));
+    // The detail opens on the failed step; the model's answer is the first step's.
+    key(&mut app, KeyCode::Home);
     let screen = render(&app, 160, 48);
     assert!(!screen.contains("answered by"), "{screen}");
     assert!(!screen.contains("truncated"), "{screen}");

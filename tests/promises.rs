@@ -159,6 +159,13 @@ fn priority_is_recorded_and_history_filters_by_blueprint_status_and_limit() {
         { "id": "a", "type": "http", "url": "http://127.0.0.1:1/", "retry": { "attempts": 1 } }] }));
     let o = d.run(&["run", ok.to_str().unwrap(), "--priority", "high"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // The run's id comes last, after its outputs, where a person's eye ends up.
+    let last = text(&o.stderr)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.starts_with("details: omniflow show "), "{last}");
     for _ in 0..2 {
         let o = d.run(&["run", ok.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
@@ -190,6 +197,11 @@ fn priority_is_recorded_and_history_filters_by_blueprint_status_and_limit() {
     assert_eq!(o.status.code(), Some(0));
     let table = text(&o.stdout);
     assert!(table.contains("bad") && table.contains("error"), "{table}");
+    let said = text(&o.stderr);
+    assert!(
+        said.contains(&format!("history: {}", d.db().display())),
+        "runs says which database it read: {said}"
+    );
     assert!(!table.contains(" ok "), "{table}");
 }
 

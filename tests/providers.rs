@@ -966,7 +966,15 @@ async fn doctor_checks_each_configured_provider_live() {
     assert!(text.contains("mistral:latest"), "{text}");
     assert!(text.contains("2 chat model(s)"), "{text}");
     assert!(text.contains("HUGGINGFACE_TOKEN    set"), "{text}");
-    assert!(text.contains("schema v"), "{text}");
+    // A fresh directory: doctor reports the database without creating it.
+    assert!(
+        text.contains("does not exist yet: the first run creates it"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("h.db").exists(),
+        "doctor created the database"
+    );
     assert!(
         !text.contains("hf_testtoken123"),
         "secrets only as set/unset"

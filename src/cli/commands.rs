@@ -681,7 +681,6 @@ fn print_outcome(o: &RunOutcome, bp: &Blueprint) {
     if let Some(e) = &o.error {
         say_err!("  {e}");
     }
-    say_err!("  details: omniflow show {}", o.run_id);
     // The results are the outputs of the final nodes (those no other node needs).
     let needed: std::collections::HashSet<&str> = bp
         .nodes
@@ -710,6 +709,8 @@ fn print_outcome(o: &RunOutcome, bp: &Blueprint) {
             finals.join(", ")
         );
     }
+    // Last, so a long output does not push the run's id out of sight.
+    say_err!("details: omniflow show {}", o.run_id);
 }
 
 /// A final node's output as the human summary prints it. Outputs come from providers,
@@ -831,6 +832,8 @@ pub fn runs(args: RunsArgs) -> Result<ExitCode, Failure> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    // Which history this is: `omniflow runs` from another directory reads another file.
+    say_err!("history: {}", config.db_file.display());
     say_out!(
         "{:<14} {:<20} {:<10} {:<20} {:>9} {:>7}  ERROR",
         "ID",

@@ -97,6 +97,11 @@ impl Engine {
         // The first reading is taken before this returns: a process that starts above the
         // threshold holds its pool before a schedule or an adopted run can submit work.
         let mut held = self.check_memory(false);
+        // That reading is the loop's first turn, as far as liveness goes.
+        let started_ms = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        self.inner.loop_tick_ms.store(started_ms, Ordering::Relaxed);
         let join = tokio::spawn(async move {
             let config = engine.inner.config.clone();
             let beat_every = config.scaled(config.lease_timeout / 3);
