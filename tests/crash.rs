@@ -1,94 +1,18 @@
 //! Crash safety with real processes: SIGKILL at random moments, SIGTERM drains, three
 //! processes on one database, leases taken over only when expired.
 
+mod common;
+
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A threaded HTTP server that counts requests by path and answers after `latency`.
-/// Telegram's `sendMessage` gets Telegram's reply; everything else `{"ok":true}`.
-struct Fake {
-    url: String,
-    calls: Arc<Mutex<HashMap<String, usize>>>,
-}
-
-fn fake(latency: Duration) -> Fake {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let calls = Arc::new(Mutex::new(HashMap::new()));
-    let c = calls.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let calls = c.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let head_end = loop {
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
-                while buf.len() < head_end + 4 + len {
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let mut path = head
-                    .lines()
-                    .next()
-                    .and_then(|l| l.split(' ').nth(1))
-                    .unwrap_or("")
-                    .to_string();
-                // Telegram messages are counted per run: the text starts "run <id>:".
-                if path.ends_with("/sendMessage") {
-                    let body = String::from_utf8_lossy(&buf[head_end + 4..]).to_string();
-                    let text = serde_json::from_str::<Value>(&body)
-                        .ok()
-                        .and_then(|v| v["text"].as_str().map(str::to_string))
-                        .unwrap_or_default();
-                    if let Some(run) = text.strip_prefix("run ").and_then(|t| t.split(':').next()) {
-                        path = format!("{path}/{run}");
-                    }
-                }
-                std::thread::sleep(latency);
-                let body = if path.contains("/sendMessage") {
-                    r#"{"ok":true,"result":{"message_id":1}}"#
-                } else {
-                    r#"{"ok":true}"#
-                };
-                // Count only what is answered: a call cut short by a kill did not happen.
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                if stream.write_all(reply.as_bytes()).is_ok() {
-                    *calls.lock().unwrap().entry(path).or_insert(0) += 1;
-                }
-            });
-        }
-    });
-    Fake { url, calls }
+/// The counting fake every crash test talks to (`tests/common/counting.rs`).
+fn fake(latency: Duration) -> common::counting::CountingFake {
+    common::counting::start(latency, r#"{"ok":true}"#.to_string())
 }
 
 struct Env {

@@ -745,72 +745,18 @@ fn read_only_and_full_file_systems_are_named() {
 
 // ---- a full disk in the middle of a run ----------------------------------------------------
 
-/// A threaded HTTP fake that counts requests by path: Telegram's `sendMessage` gets
-/// Telegram's reply, every other path a small JSON body.
+/// The shared counting fake, slow enough (50 ms a call) that the run is still going when the
+/// disk fills and the pool holds (the hold follows within a second); each fetched item gets a
+/// small JSON body.
 fn counting_fake() -> (
     String,
     std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 ) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let calls = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
-    let c = calls.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let calls = c.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let head_end = loop {
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
-                while buf.len() < head_end + 4 + len {
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let path = head
-                    .lines()
-                    .next()
-                    .and_then(|l| l.split(' ').nth(1))
-                    .unwrap_or("")
-                    .to_string();
-                // Slow enough that the run is still going when the disk fills and the pool
-                // holds (the hold follows within a second).
-                std::thread::sleep(Duration::from_millis(50));
-                let body = if path.ends_with("/sendMessage") {
-                    r#"{"ok":true,"result":{"message_id":7}}"#.to_string()
-                } else {
-                    json!({ "text": "y".repeat(200) }).to_string()
-                };
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                *calls.lock().unwrap().entry(path).or_insert(0) += 1;
-                let _ = stream.write_all(reply.as_bytes());
-            });
-        }
-    });
-    (url, calls)
+    let f = common::counting::start(
+        Duration::from_millis(50),
+        json!({ "text": "y".repeat(200) }).to_string(),
+    );
+    (f.url, f.calls)
 }
 
 /// Collects a child's stderr lines as they come.
@@ -917,7 +863,7 @@ fn a_full_disk_mid_run_holds_the_run_until_there_is_room() {
         let sent = |calls: &std::collections::HashMap<String, usize>| {
             calls
                 .iter()
-                .filter(|(p, _)| p.ends_with("/sendMessage"))
+                .filter(|(p, _)| p.contains("/sendMessage"))
                 .map(|(_, n)| *n)
                 .sum::<usize>()
         };

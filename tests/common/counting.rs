@@ -1,0 +1,89 @@
+//! A threaded HTTP fake for the tests that kill or starve the real binary: every request is
+//! answered after `latency` and counted by path once its answer was written (a call cut short
+//! by a kill did not happen). Telegram's `sendMessage` gets Telegram's reply and, when the
+//! message starts with "run <id>:", is counted under `…/sendMessage/<id>`, so a test can tell
+//! which run sent what; every other path gets `other_body`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct CountingFake {
+    pub url: String,
+    pub calls: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+pub fn start(latency: Duration, other_body: String) -> CountingFake {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let calls = Arc::new(Mutex::new(HashMap::new()));
+    let c = calls.clone();
+    let other_body = Arc::new(other_body);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let (calls, other_body) = (c.clone(), other_body.clone());
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while buf.len() < head_end + 4 + len {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let mut path = head
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split(' ').nth(1))
+                    .unwrap_or("")
+                    .to_string();
+                let telegram = path.ends_with("/sendMessage");
+                if telegram {
+                    let body = String::from_utf8_lossy(&buf[head_end + 4..]).to_string();
+                    let text = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["text"].as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    if let Some(run) = text.strip_prefix("run ").and_then(|t| t.split(':').next()) {
+                        path = format!("{path}/{run}");
+                    }
+                }
+                std::thread::sleep(latency);
+                let body = if telegram {
+                    r#"{"ok":true,"result":{"message_id":1}}"#
+                } else {
+                    other_body.as_str()
+                };
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(reply.as_bytes()).is_ok() {
+                    *calls.lock().unwrap().entry(path).or_insert(0) += 1;
+                }
+            });
+        }
+    });
+    CountingFake { url, calls }
+}
