@@ -45,6 +45,7 @@
 mod claims;
 mod error;
 mod lease;
+pub mod pg;
 mod providers;
 mod read;
 mod schema;

@@ -1,0 +1,511 @@
+//! Reaching PostgreSQL from `DATABASE_URL`: parsing, TLS as libpq's `sslmode` means it, and
+//! errors worded for the person who has to fix them. The password never leaves this module:
+//! everything shown (logs, errors, `doctor`, the console) uses [`PgTarget::shown`].
+
+use postgres::config::{Host, SslMode};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// How long a connection attempt may take before it is reported as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether and how the server's certificate is checked, with libpq's meaning of `sslmode`:
+/// `disable` no TLS; `prefer` (the default) and `require` encrypt without checking the
+/// certificate (a local server's self-signed one must work); `verify-ca` and `verify-full`
+/// check it against the public roots and `sslrootcert`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    Disable,
+    Prefer,
+    Require,
+    Verify { roots: Option<PathBuf> },
+}
+
+/// A parsed `DATABASE_URL`: what to connect to, and how to show it without the password.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: postgres::Config,
+    tls: Tls,
+    shown: String,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("shown", &self.shown)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl std::fmt::Display for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+/// True when `DATABASE_URL`'s value names PostgreSQL (a URL or libpq's `key=value` form).
+pub fn is_postgres_url(s: &str) -> bool {
+    let s = s.trim();
+    s.starts_with("postgres://") || s.starts_with("postgresql://") || s.contains("host=")
+}
+
+impl PgTarget {
+    /// Parses `postgres://user:password@host:port/db?sslmode=…&sslrootcert=…` or the
+    /// `host=… user=… dbname=…` form. The error never repeats the input (it may hold the
+    /// password).
+    pub fn parse(url: &str) -> Result<PgTarget, String> {
+        let url = url.trim();
+        let (rest, sslmode, rootcert) = if url.contains("://") {
+            split_url(url)?
+        } else {
+            split_pairs(url)
+        };
+        let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
+            // The parser's messages name the option, not its value.
+            format!(
+                "DATABASE_URL is not a valid PostgreSQL URL ({}): write it as \
+                 postgres://USER:PASSWORD@HOST:5432/DATABASE",
+                strip_source(&e)
+            )
+        })?;
+        let tls = match sslmode.as_deref() {
+            None | Some("prefer") | Some("allow") => Tls::Prefer,
+            Some("disable") => Tls::Disable,
+            Some("require") => match rootcert {
+                // libpq: a root certificate given with `require` means verify-ca.
+                Some(r) => Tls::Verify { roots: Some(r) },
+                None => Tls::Require,
+            },
+            Some("verify-ca") | Some("verify-full") => Tls::Verify { roots: rootcert },
+            Some(other) => {
+                return Err(format!(
+                    "DATABASE_URL has sslmode={other}, which is not one of disable, prefer, \
+                     require, verify-ca, verify-full"
+                ))
+            }
+        };
+        config.ssl_mode(match tls {
+            Tls::Disable => SslMode::Disable,
+            Tls::Prefer => SslMode::Prefer,
+            Tls::Require | Tls::Verify { .. } => SslMode::Require,
+        });
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("omniflow");
+        }
+        if config.get_hosts().is_empty() {
+            return Err("DATABASE_URL names no host: write it as \
+                 postgres://USER:PASSWORD@HOST:5432/DATABASE"
+                .into());
+        }
+        let shown = show(&config);
+        Ok(PgTarget { config, tls, shown })
+    }
+
+    /// `postgres://user:***@host:5432/db`: the target as every message shows it.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// The TLS mode in force.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
+    }
+
+    /// The database name (the user's name when the URL names none, as libpq does).
+    pub fn dbname(&self) -> String {
+        self.config
+            .get_dbname()
+            .or(self.config.get_user())
+            .unwrap_or("postgres")
+            .to_string()
+    }
+
+    /// The same server and credentials, another database (tests make scratch databases).
+    pub fn with_dbname(&self, db: &str) -> PgTarget {
+        let mut config = self.config.clone();
+        config.dbname(db);
+        let shown = show(&config);
+        PgTarget {
+            config,
+            tls: self.tls.clone(),
+            shown,
+        }
+    }
+
+    /// The driver's configuration (for connection pools).
+    pub fn config(&self) -> &postgres::Config {
+        &self.config
+    }
+
+    /// The TLS connector for this target's `sslmode`.
+    pub fn connector(&self) -> Result<MakeRustlsConnect, String> {
+        tls_connector(&self.tls)
+    }
+
+    /// One blocking connection. Must not be called on an async runtime's thread (the driver
+    /// runs its own); use `spawn_blocking` or a plain thread.
+    pub fn connect(&self) -> Result<postgres::Client, String> {
+        let tls = self.connector()?;
+        self.config
+            .connect(tls)
+            .map_err(|e| describe(&e, self, "connect"))
+    }
+}
+
+/// Pulls `sslmode` and `sslrootcert` out of a URL (the driver knows neither `verify-*` nor
+/// `sslrootcert`) and gives back the rest.
+fn split_url(url: &str) -> Result<(String, Option<String>, Option<PathBuf>), String> {
+    let mut parsed = url::Url::parse(url).map_err(|e| {
+        format!(
+            "DATABASE_URL is not a valid URL ({e}): write it as \
+             postgres://USER:PASSWORD@HOST:5432/DATABASE (percent-encode special characters \
+             in the password)"
+        )
+    })?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(format!(
+            "DATABASE_URL starts with {}://, not postgres://: OmniFlow's fleet database is \
+             PostgreSQL (leave DATABASE_URL unset to use SQLite at DB_FILE)",
+            parsed.scheme()
+        ));
+    }
+    let mut sslmode = None;
+    let mut rootcert = None;
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter_map(|(k, v)| match k.as_ref() {
+            "sslmode" => {
+                sslmode = Some(v.into_owned());
+                None
+            }
+            "sslrootcert" => {
+                rootcert = Some(PathBuf::from(v.as_ref()));
+                None
+            }
+            _ => Some((k.into_owned(), v.into_owned())),
+        })
+        .collect();
+    if kept.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    Ok((parsed.to_string(), sslmode, rootcert))
+}
+
+fn split_pairs(s: &str) -> (String, Option<String>, Option<PathBuf>) {
+    let mut sslmode = None;
+    let mut rootcert = None;
+    let rest: Vec<&str> = s
+        .split_whitespace()
+        .filter(|kv| {
+            if let Some(v) = kv.strip_prefix("sslmode=") {
+                sslmode = Some(v.to_string());
+                false
+            } else if let Some(v) = kv.strip_prefix("sslrootcert=") {
+                rootcert = Some(PathBuf::from(v));
+                false
+            } else {
+                true
+            }
+        })
+        .collect();
+    (rest.join(" "), sslmode, rootcert)
+}
+
+fn show(config: &postgres::Config) -> String {
+    let user = config.get_user().unwrap_or("");
+    let secret = if config.get_password().is_some() {
+        ":***"
+    } else {
+        ""
+    };
+    let at = if user.is_empty() && secret.is_empty() {
+        String::new()
+    } else {
+        format!("{user}{secret}@")
+    };
+    let host = host_port(config);
+    let db = config.get_dbname().unwrap_or("");
+    format!("postgres://{at}{host}/{db}")
+}
+
+fn host_port(config: &postgres::Config) -> String {
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    match config.get_hosts().first() {
+        Some(Host::Tcp(h)) if h.contains(':') => format!("[{h}]:{port}"),
+        Some(Host::Tcp(h)) => format!("{h}:{port}"),
+        Some(Host::Unix(p)) => format!("{}:{port}", p.display()),
+        None => format!("localhost:{port}"),
+    }
+}
+
+/// The innermost cause's words, without the driver's "invalid connection string" prefix.
+fn strip_source(e: &postgres::Error) -> String {
+    use std::error::Error;
+    let mut text = e.to_string();
+    let mut cur: Option<&dyn Error> = e.source();
+    while let Some(s) = cur {
+        text = s.to_string();
+        cur = s.source();
+    }
+    text
+}
+
+/// A driver error worded with its fix. `doing` says what was being done ("connect",
+/// "migrate", …). Never includes the password: only [`PgTarget::shown`] names the server.
+pub fn describe(e: &postgres::Error, target: &PgTarget, doing: &str) -> String {
+    use postgres::error::SqlState;
+    let at = target.shown();
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        let fix = if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            "check the user and password in DATABASE_URL"
+        } else if *code == SqlState::INVALID_CATALOG_NAME {
+            "create the database (`createdb NAME`, or CREATE DATABASE in psql) or fix its name in DATABASE_URL"
+        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            "grant the user CREATE and USAGE on the database's public schema, or use the database's owner in DATABASE_URL"
+        } else if *code == SqlState::TOO_MANY_CONNECTIONS {
+            "raise max_connections on the server or run fewer omniflow processes (each holds a few connections)"
+        } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+            "DATABASE_URL points at a read-only standby: point it at the primary"
+        } else {
+            "see the server's message above"
+        };
+        return format!(
+            "PostgreSQL at {at} refused to {doing}: {} ({}): {fix}",
+            db.message(),
+            code.code()
+        );
+    }
+    let cause = strip_source(e);
+    let lower = cause.to_ascii_lowercase();
+    let fix = if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
+        "for a server without TLS add ?sslmode=disable to DATABASE_URL; for a private CA add sslrootcert=/path/to/ca.pem"
+    } else if lower.contains("refused") || lower.contains("timed out") || lower.contains("timeout")
+    {
+        "is PostgreSQL running and listening there? check the host and port in DATABASE_URL"
+    } else if lower.contains("resolve")
+        || lower.contains("lookup")
+        || lower.contains("name or service")
+    {
+        "check the host name in DATABASE_URL"
+    } else if e.is_closed() {
+        "the connection was closed; OmniFlow reconnects, check the server if this repeats"
+    } else {
+        "check DATABASE_URL and that the server is up"
+    };
+    format!("cannot {doing} PostgreSQL at {at}: {cause}: {fix}")
+}
+
+/// The rustls connector for a TLS mode. `ring` is the provider (the one reqwest already
+/// builds); the public roots are webpki's.
+pub fn tls_connector(tls: &Tls) -> Result<MakeRustlsConnect, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS: {e}"))?;
+    let config = match tls {
+        Tls::Verify { roots } => {
+            let mut store = rustls::RootCertStore::empty();
+            store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            if let Some(path) = roots {
+                for cert in read_pem_certs(path)? {
+                    store.add(cert).map_err(|e| {
+                        format!(
+                            "sslrootcert {}: not a usable CA certificate: {e}",
+                            path.display()
+                        )
+                    })?;
+                }
+            }
+            builder.with_root_certificates(store).with_no_client_auth()
+        }
+        Tls::Disable | Tls::Prefer | Tls::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(MakeRustlsConnect::new(config))
+}
+
+fn read_pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?
+        .collect();
+    let certs = certs.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "sslrootcert {} holds no PEM certificate",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// `sslmode=require` as libpq means it: the channel is encrypted and the handshake's
+/// signatures are checked, but the certificate's issuer is not (hosted servers and local
+/// ones often use certificates no public root signed; `verify-ca` is the checked mode).
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_is_never_shown() {
+        let t =
+            PgTarget::parse("postgres://app:s3cr3t%21@db.example.com:6543/prod?sslmode=require")
+                .unwrap();
+        assert_eq!(t.shown(), "postgres://app:***@db.example.com:6543/prod");
+        assert!(!format!("{t:?}").contains("s3cr3t"));
+        assert_eq!(t.tls(), &Tls::Require);
+        assert_eq!(t.dbname(), "prod");
+    }
+
+    #[test]
+    fn sslmode_follows_libpq() {
+        let t = PgTarget::parse("postgres://u@h/d").unwrap();
+        assert_eq!(t.tls(), &Tls::Prefer);
+        let t = PgTarget::parse("postgres://u@h/d?sslmode=disable&application_name=x").unwrap();
+        assert_eq!(t.tls(), &Tls::Disable);
+        let t =
+            PgTarget::parse("postgres://u@h/d?sslmode=verify-full&sslrootcert=/ca.pem").unwrap();
+        assert_eq!(
+            t.tls(),
+            &Tls::Verify {
+                roots: Some("/ca.pem".into())
+            }
+        );
+        let t = PgTarget::parse("host=h user=u dbname=d sslmode=require").unwrap();
+        assert_eq!(t.tls(), &Tls::Require);
+        assert_eq!(t.shown(), "postgres://u@h:5432/d");
+    }
+
+    #[test]
+    fn bad_urls_name_the_problem_without_the_secret() {
+        let e = PgTarget::parse("mysql://root:hunter2@h/d").unwrap_err();
+        assert!(e.contains("mysql://") && !e.contains("hunter2"), "{e}");
+        let e = PgTarget::parse("postgres://u:hunter2@h/d?sslmode=sometimes").unwrap_err();
+        assert!(
+            e.contains("sslmode=sometimes") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = PgTarget::parse("postgres://u:hunter2@h/d?bogus_option=1").unwrap_err();
+        assert!(e.contains("bogus_option") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn an_unreachable_server_names_the_fix() {
+        // Port 1 on loopback: nothing listens there, the refusal is immediate.
+        let t = PgTarget::parse("postgres://u:hunter2@127.0.0.1:1/d?sslmode=disable").unwrap();
+        let e = t.connect().err().expect("nothing listens on port 1");
+        assert!(
+            e.contains("127.0.0.1:1") && e.contains("DATABASE_URL"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+    use crate::store::pg::testing::ScratchDb;
+
+    #[test]
+    fn a_scratch_database_answers_in_every_sslmode_the_server_allows() {
+        let Some(db) = ScratchDb::new("connect_modes") else {
+            return;
+        };
+        let mut c = db.target().connect().expect("connect");
+        let ssl: String = c.query_one("SHOW ssl", &[]).unwrap().get(0);
+        let row = c.query_one("SELECT current_database()", &[]).unwrap();
+        assert_eq!(row.get::<_, String>(0), db.name());
+        let modes: &[&str] = if ssl == "on" {
+            &["disable", "prefer", "require"]
+        } else {
+            &["disable", "prefer"]
+        };
+        for mode in modes {
+            let url = format!(
+                "{}?sslmode={mode}",
+                db.url().split('?').next().unwrap_or("")
+            );
+            let mut c = PgTarget::parse(&url)
+                .unwrap()
+                .connect()
+                .unwrap_or_else(|e| panic!("{mode}: {e}"));
+            let encrypted: bool = c
+                .query_one(
+                    "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                encrypted,
+                *mode != "disable" && ssl == "on",
+                "sslmode={mode}"
+            );
+        }
+    }
+}
