@@ -75,9 +75,9 @@ pub struct Config {
     pub max_tokens_per_run: Option<u64>,
     /// Request-rate limits per provider (`HF_RATE_LIMIT` default 60/min, `OLLAMA_RATE_LIMIT`
     /// and `OPENAI_RATE_LIMIT` default unlimited); `None` = unlimited.
-    pub hf_rate_limit: Option<crate::providers::limiter::RateLimit>,
-    pub ollama_rate_limit: Option<crate::providers::limiter::RateLimit>,
-    pub openai_rate_limit: Option<crate::providers::limiter::RateLimit>,
+    pub hf_rate_limit: Option<RateLimit>,
+    pub ollama_rate_limit: Option<RateLimit>,
+    pub openai_rate_limit: Option<RateLimit>,
     /// Most calls in flight per provider (`OLLAMA_CONCURRENCY`, `HF_CONCURRENCY`,
     /// `OPENAI_CONCURRENCY`): `None` = not set, `Some(0)` = unlimited. Unset means unlimited,
     /// except on the OpenAI-compatible server, which is asked for its slot count (llama-server's
@@ -254,16 +254,14 @@ impl Config {
             }
         };
         let rate = |k: &'static str,
-                    default: Option<crate::providers::limiter::RateLimit>|
-         -> Result<Option<crate::providers::limiter::RateLimit>, ConfigError> {
+                    default: Option<RateLimit>|
+         -> Result<Option<RateLimit>, ConfigError> {
             match get(k) {
                 None => Ok(default),
-                Some(v) => crate::providers::limiter::RateLimit::parse(&v).map_err(|expected| {
-                    ConfigError {
-                        var: k,
-                        value: v,
-                        expected,
-                    }
+                Some(v) => RateLimit::parse(&v).map_err(|expected| ConfigError {
+                    var: k,
+                    value: v,
+                    expected,
                 }),
             }
         };
@@ -326,20 +324,16 @@ impl Config {
             limits,
             listen,
             metrics_token: get("OMNIFLOW_METRICS_TOKEN"),
-            model_fast: get("MODEL_FAST")
-                .unwrap_or_else(|| crate::providers::MODEL_TABLE[0].1.into()),
+            model_fast: get("MODEL_FAST").unwrap_or_else(|| crate::models::MODEL_TABLE[0].1.into()),
             model_better: get("MODEL_BETTER")
-                .unwrap_or_else(|| crate::providers::MODEL_TABLE[1].1.into()),
+                .unwrap_or_else(|| crate::models::MODEL_TABLE[1].1.into()),
             model_powerful: get("MODEL_POWERFUL")
-                .unwrap_or_else(|| crate::providers::MODEL_TABLE[2].1.into()),
+                .unwrap_or_else(|| crate::models::MODEL_TABLE[2].1.into()),
             ollama_model: get("OLLAMA_MODEL").unwrap_or_else(|| "mistral".into()),
             openai_model: get("OPENAI_MODEL"),
             cache_ttl,
             max_tokens_per_run,
-            hf_rate_limit: rate(
-                "HF_RATE_LIMIT",
-                Some(crate::providers::limiter::RateLimit::per_minute(60)),
-            )?,
+            hf_rate_limit: rate("HF_RATE_LIMIT", Some(RateLimit::per_minute(60)))?,
             ollama_rate_limit: rate("OLLAMA_RATE_LIMIT", None)?,
             openai_rate_limit: rate("OPENAI_RATE_LIMIT", None)?,
             ollama_concurrency: in_flight("OLLAMA_CONCURRENCY")?,
@@ -447,6 +441,61 @@ pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, &'static str> {
     s.parse::<SocketAddr>().map_err(|_| LISTEN_EXPECTED)
 }
 
+/// "`requests` per `per`", e.g. 60 per minute. Parsed from `60/min`, `10/s`, `5/2s`, or a bare
+/// number (per minute); `0`, `none`, `off` or `unlimited` mean no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    pub fn per_minute(n: u32) -> RateLimit {
+        RateLimit {
+            requests: n,
+            per: Duration::from_secs(60),
+        }
+    }
+
+    /// `None` for "unlimited"; `Err` with what was expected.
+    pub fn parse(text: &str) -> Result<Option<RateLimit>, &'static str> {
+        const EXPECTED: &str =
+            "a rate such as 60/min, 10/s or 5/2s (a bare number is per minute; 0 or off = unlimited)";
+        let t = text.trim().to_ascii_lowercase();
+        if ["0", "none", "off", "unlimited", "false"].contains(&t.as_str()) {
+            return Ok(None);
+        }
+        let (n, unit) = t.split_once('/').unwrap_or((t.as_str(), "min"));
+        let requests: u32 = n.trim().parse().map_err(|_| EXPECTED)?;
+        if requests == 0 {
+            return Ok(None);
+        }
+        let unit = unit.trim();
+        let per = match unit {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
+            other => humantime::parse_duration(other).map_err(|_| EXPECTED)?,
+        };
+        if per.is_zero() {
+            return Err(EXPECTED);
+        }
+        Ok(Some(RateLimit { requests, per }))
+    }
+}
+
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            self.requests,
+            humantime::format_duration(self.per)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,10 +573,7 @@ mod tests {
         let c = Config::from_vars(&HashMap::new()).unwrap();
         assert_eq!(c.cache_ttl, Duration::from_secs(86_400));
         assert_eq!(c.max_tokens_per_run, None);
-        assert_eq!(
-            c.hf_rate_limit,
-            Some(crate::providers::limiter::RateLimit::per_minute(60))
-        );
+        assert_eq!(c.hf_rate_limit, Some(RateLimit::per_minute(60)));
         assert_eq!(c.ollama_rate_limit, None);
         assert_eq!(c.ollama_model, "mistral");
         let c = Config::from_vars(&vars(&[

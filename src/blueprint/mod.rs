@@ -17,6 +17,7 @@ mod problem;
 mod schema;
 mod validate;
 mod walk;
+mod zone;
 
 pub use load::{
     load_dir, load_file, load_str, load_value, parse_document, resolve, Format, LoadError,
@@ -25,6 +26,7 @@ pub use model::*;
 pub use problem::Problem;
 pub use schema::{schema, CHANNELS, HTTP_METHODS, ID_PATTERN, NODE_TYPES, PROVIDERS};
 pub use validate::{parse_duration, validate};
+pub use zone::{parse_timezone, Zone};
 // The scheduler (issue 5) checks a schedule the way the validator does, and suggests time
 // zone names the way the validator suggests field names.
 pub(crate) use problem::did_you_mean;

@@ -149,7 +149,7 @@ impl<'s> Walker<'s> {
             }
             // Issue 5: UTC, a fixed offset or an IANA name (see schedule::parse_timezone).
             Some("timezone") => {
-                if let Err(msg) = crate::schedule::parse_timezone(Some(text)) {
+                if let Err(msg) = super::parse_timezone(Some(text)) {
                     // The path already says `timezone`.
                     let msg = msg
                         .strip_prefix("timezone ")

@@ -1088,7 +1088,7 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         })
         .collect();
     let set = |o: &Option<String>| if o.is_some() { "set" } else { "unset" };
-    let rate = |r: Option<crate::providers::limiter::RateLimit>| {
+    let rate = |r: Option<crate::config::RateLimit>| {
         r.map(|r| r.to_string())
             .unwrap_or_else(|| "unlimited".into())
     };

@@ -7,14 +7,15 @@
 //! - `run.rs`: one run's driver (graph readiness, fan-out, skip, fail-fast, run timeout).
 //! - `step.rs`: one step's retry loop and its attempts on the pool.
 //! - `nodes.rs`: what each node type does (llm, http, transform, condition, notify, delay).
-//! - `retry.rs`: the retry policy and decision.
 
 mod context;
 mod maintenance;
 mod nodes;
 pub mod panics;
 mod resume;
-pub mod retry;
+// The retry semantics sit below the engine (providers and notifications use them too); the
+// old path stays valid.
+pub use crate::retry;
 mod run;
 mod step;
 

@@ -545,7 +545,7 @@ async fn http_call(
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("json"));
-    let retry_after = crate::notify::retry_after_header(resp.headers());
+    let retry_after = crate::retry::retry_after_header(resp.headers());
     let bytes = read_capped(resp, url).await?;
     let text = String::from_utf8_lossy(&bytes).to_string();
     if !status.is_success() {

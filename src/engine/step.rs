@@ -3,13 +3,13 @@
 //! retry delay on its own, so 40 agents waiting out a rate limit do not block other runs.
 
 use super::nodes::{self, Prepared, StepOutput};
-use super::retry::{Decision, RetryPolicy};
 use super::run::RunCtx;
 use super::StepSummary;
 use crate::error::{ErrorKind, StepError};
 use crate::events::{Event, StepStatus};
 use crate::pool::JobMeta;
 use crate::providers::Admission;
+use crate::retry::{Decision, RetryPolicy};
 use crate::store::{AttemptRecord, NewStep, StepEnd};
 use serde_json::Value;
 use std::sync::Arc;

@@ -39,10 +39,10 @@ pub use telegram::LIMIT as TELEGRAM_LIMIT;
 
 use crate::blueprint::{Blueprint, Channel};
 use crate::config::Config;
-use crate::engine::retry::{Decision, RetryPolicy};
 use crate::error::{ErrorKind, StepError};
 use crate::events::RunStatus;
 use crate::logging::Redactor;
+use crate::retry::{Decision, RetryPolicy};
 use crate::store::{NotificationRecord, Store};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -425,25 +425,6 @@ pub(crate) fn transport(service: &str, e: &reqwest::Error) -> StepError {
     StepError::new(kind, format!("could not reach {service} ({text}{source})"))
 }
 
-/// `Retry-After`, if present: seconds (integer or decimal), or an HTTP-date (RFC 9110, e.g.
-/// `Wed, 21 Oct 2026 07:28:00 GMT`) turned into the time left until then (zero if past).
-pub fn retry_after_header(h: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    parse_retry_after(v, std::time::SystemTime::now())
-}
-
-/// [`retry_after_header`]'s parser, with the clock passed in.
-pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    let v = value.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| crate::limits::secs_f64(secs));
-    }
-    // IMF-fixdate is a subset of RFC 2822's date format.
-    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let at = std::time::SystemTime::from(at);
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
 /// Splits plain text into pieces of at most `limit` characters, between words when possible.
 pub fn split_text(text: &str, limit: usize) -> Vec<String> {
     split(text, limit, Markup::Plain)
@@ -452,28 +433,6 @@ pub fn split_text(text: &str, limit: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_takes_seconds_or_an_http_date() {
-        let now = humantime::parse_rfc3339("2026-10-21T07:27:30Z").unwrap();
-        assert_eq!(parse_retry_after("35", now), Some(Duration::from_secs(35)));
-        assert_eq!(
-            parse_retry_after(" 1.5 ", now),
-            Some(Duration::from_millis(1500))
-        );
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT", now),
-            Some(Duration::from_secs(30))
-        );
-        // A date already past means "now", not an error.
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2026 07:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("-3", now), None);
-        assert_eq!(parse_retry_after("soon", now), None);
-        assert_eq!(parse_retry_after("NaN", now), None);
-    }
 
     #[test]
     fn content_hash_is_stable() {

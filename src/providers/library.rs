@@ -16,8 +16,8 @@
 
 use super::{AttemptKey, CallOptions, LlmRequest, Providers, DEFAULT_MODEL};
 use crate::config::Config;
-use crate::engine::retry::{Decision, RetryPolicy};
 use crate::error::{ErrorKind, StepError};
+use crate::retry::{Decision, RetryPolicy};
 use serde::Serialize;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -14,60 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// "`requests` per `per`", e.g. 60 per minute. Parsed from `60/min`, `10/s`, `5/2s`, or a bare
-/// number (per minute); `0`, `none`, `off` or `unlimited` mean no limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    pub requests: u32,
-    pub per: Duration,
-}
-
-impl RateLimit {
-    pub fn per_minute(n: u32) -> RateLimit {
-        RateLimit {
-            requests: n,
-            per: Duration::from_secs(60),
-        }
-    }
-
-    /// `None` for "unlimited"; `Err` with what was expected.
-    pub fn parse(text: &str) -> Result<Option<RateLimit>, &'static str> {
-        const EXPECTED: &str =
-            "a rate such as 60/min, 10/s or 5/2s (a bare number is per minute; 0 or off = unlimited)";
-        let t = text.trim().to_ascii_lowercase();
-        if ["0", "none", "off", "unlimited", "false"].contains(&t.as_str()) {
-            return Ok(None);
-        }
-        let (n, unit) = t.split_once('/').unwrap_or((t.as_str(), "min"));
-        let requests: u32 = n.trim().parse().map_err(|_| EXPECTED)?;
-        if requests == 0 {
-            return Ok(None);
-        }
-        let unit = unit.trim();
-        let per = match unit {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            "d" | "day" => Duration::from_secs(86_400),
-            other => humantime::parse_duration(other).map_err(|_| EXPECTED)?,
-        };
-        if per.is_zero() {
-            return Err(EXPECTED);
-        }
-        Ok(Some(RateLimit { requests, per }))
-    }
-}
-
-impl std::fmt::Display for RateLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            self.requests,
-            humantime::format_duration(self.per)
-        )
-    }
-}
+// The rate a setting names is a configuration value; the limiter enforces it.
+pub use crate::config::RateLimit;
 
 #[derive(Debug, Default)]
 struct State {

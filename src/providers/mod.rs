@@ -49,19 +49,8 @@ use std::time::{Duration, SystemTime};
 
 pub use library::{call_hugging_face_model, Request, Response};
 pub use sandbox::SimulatedModel;
-
-/// The default model when neither the node nor the blueprint's defaults name one
-/// (the original's "fast" choice).
-pub const DEFAULT_MODEL: &str = "mistralai/Mistral-7B-Instruct-v0.2";
-
-/// The original's model table: alias → Hugging Face id (overridable with `MODEL_FAST`,
-/// `MODEL_BETTER`, `MODEL_POWERFUL`) and the Ollama model each maps to when the call goes to
-/// Ollama.
-pub const MODEL_TABLE: [(&str, &str, &str); 3] = [
-    ("fast", "mistralai/Mistral-7B-Instruct-v0.2", "mistral"),
-    ("better", "meta-llama/Llama-2-7b-chat-hf", "llama2"),
-    ("powerful", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
-];
+// Model names are known below the providers (configuration and the store use them too).
+pub use crate::models::{same_model, DEFAULT_MODEL, MODEL_TABLE};
 
 /// One model call, after templates were rendered.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,18 +103,6 @@ impl LlmReply {
 /// `done_reason: "length"`).
 pub fn is_truncation(finish_reason: Option<&str>) -> bool {
     finish_reason == Some("length")
-}
-
-/// Whether the model a server says answered is the one asked for. Ollama answers `llama3.2`
-/// for `llama3.2:latest` and the other way round; llama-server names its file path.
-pub fn same_model(requested: &str, answered: &str) -> bool {
-    let base = |m: &str| {
-        m.trim()
-            .strip_suffix(":latest")
-            .unwrap_or(m.trim())
-            .to_string()
-    };
-    base(requested) == base(answered)
 }
 
 /// Which attempt of which step is calling: the sandbox derives its injected failures from it,
@@ -737,9 +714,7 @@ impl Providers {
             Err(e) if e.kind == ErrorKind::RateLimited => {
                 // The whole provider waits, not just this call: every other call to it queues
                 // in `acquire` instead of collecting its own 429.
-                let wait = e
-                    .retry_after
-                    .unwrap_or(crate::engine::retry::RATE_LIMIT_DEFAULT);
+                let wait = e.retry_after.unwrap_or(crate::retry::RATE_LIMIT_DEFAULT);
                 limiter.pause_for(c.scaled(wait));
                 Err(e)
             }

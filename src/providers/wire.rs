@@ -7,8 +7,8 @@
 //! URL removed.
 
 use super::Link;
-use crate::engine::retry::RATE_LIMIT_DEFAULT;
 use crate::error::{ErrorKind, StepError};
+use crate::retry::RATE_LIMIT_DEFAULT;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -81,7 +81,7 @@ pub(crate) async fn send(
         .to_ascii_lowercase();
     Ok(Reply {
         status: resp.status().as_u16(),
-        retry_after: crate::notify::retry_after_header(resp.headers()),
+        retry_after: crate::retry::retry_after_header(resp.headers()),
         content_type,
         resp,
     })

@@ -27,8 +27,9 @@
 mod clock;
 mod cron;
 
+pub use crate::blueprint::{parse_timezone, Zone};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use cron::{next_fire_time, parse_timezone, CronSchedule, Zone};
+pub use cron::{next_fire_time, CronSchedule};
 
 use crate::blueprint::{Blueprint, MissedSlots};
 use crate::engine::{Engine, RunRequest};

@@ -206,7 +206,7 @@ impl StepRow {
         let asked = self.model.as_deref()?;
         self.reply_model
             .as_deref()
-            .filter(|m| !crate::providers::same_model(asked, m))
+            .filter(|m| !crate::models::same_model(asked, m))
     }
 }
 

@@ -123,9 +123,50 @@ fn parse(s: &str) -> Option<Duration> {
     humantime::parse_duration(s.trim()).ok()
 }
 
+/// `Retry-After`, if present: seconds (integer or decimal), or an HTTP-date (RFC 9110, e.g.
+/// `Wed, 21 Oct 2026 07:28:00 GMT`) turned into the time left until then (zero if past).
+pub fn retry_after_header(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(v, std::time::SystemTime::now())
+}
+
+/// [`retry_after_header`]'s parser, with the clock passed in.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| crate::limits::secs_f64(secs));
+    }
+    // IMF-fixdate is a subset of RFC 2822's date format.
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let at = std::time::SystemTime::from(at);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = humantime::parse_rfc3339("2026-10-21T07:27:30Z").unwrap();
+        assert_eq!(parse_retry_after("35", now), Some(Duration::from_secs(35)));
+        assert_eq!(
+            parse_retry_after(" 1.5 ", now),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        // A date already past means "now", not an error.
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("-3", now), None);
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("NaN", now), None);
+    }
 
     fn err(kind: ErrorKind) -> StepError {
         StepError::new(kind, "x")
