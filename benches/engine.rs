@@ -7,7 +7,7 @@
 //! Engines and pools are built with the defaults a user gets (`CONCURRENCY`'s default pool),
 //! except where a line says otherwise.
 //!
-//! The provider lines (issue 3) run the real provider clients against a local fake
+//! The provider lines run the real provider clients against a local fake
 //! OpenAI-compatible server started here.
 
 use omniflow::blueprint::{Blueprint, Priority};
@@ -410,7 +410,7 @@ fn queued_memory(rt: &tokio::runtime::Runtime) {
     );
 }
 
-// ---- providers (issue 3) ------------------------------------------------------------------
+// ---- providers ------------------------------------------------------------------
 
 /// A local fake chat-completions server: every request gets a small JSON completion, or a 429
 /// when more than `quota` requests arrived in the last `window` (counted by arrival).

@@ -1,4 +1,4 @@
-//! Several processes on one SQLite file (issue 7), with the real binary:
+//! Several processes on one SQLite file, with the real binary:
 //! - throughput with 1, 2 and 3 `omniflow run` processes at once, each running a forEach of
 //!   1,000 no-op steps (every state change persisted), against one process alone;
 //! - recovery time after a SIGKILL: from starting `omniflow resume` (once the dead owner's

@@ -45,7 +45,7 @@ pub struct Config {
     pub max_takeovers: u32,
     /// On SIGTERM, how long steps in flight may take to finish (`SHUTDOWN_GRACE`, seconds).
     pub shutdown_grace: Duration,
-    // ---- notifications and schedules (issue 5) ----
+    // ---- notifications and schedules ----
     /// Channels told when a run succeeds, for blueprints without their own `notify`
     /// (`NOTIFY_ON_SUCCESS=telegram,discord`). Default: none.
     pub notify_on_success: Vec<Channel>,
@@ -56,7 +56,7 @@ pub struct Config {
     pub notify_digest: Vec<Channel>,
     /// Missed schedule slots, for blueprints that do not say (`SCHEDULE_MISSED=skip|run-once`).
     pub schedule_missed: MissedSlots,
-    // ---- providers (issue 3) ------------------------------------------------------------
+    // ---- providers ------------------------------------------------------------
     /// The model aliases `fast`, `better`, `powerful` (`MODEL_FAST`, `MODEL_BETTER`,
     /// `MODEL_POWERFUL`); defaults are the original's table.
     pub model_fast: String,
@@ -395,7 +395,7 @@ impl Config {
         .flatten()
         .cloned()
         // A webhook URL's last segment is its token: redact it alone too, in case a URL is
-        // shown re-encoded or with its query (issue 5).
+        // shown re-encoded or with its query.
         .chain(
             self.discord_webhook
                 .as_deref()

@@ -27,7 +27,7 @@ pub use problem::Problem;
 pub use schema::{schema, CHANNELS, HTTP_METHODS, ID_PATTERN, NODE_TYPES, PROVIDERS};
 pub use validate::{parse_duration, validate};
 pub use zone::{parse_timezone, Zone};
-// The scheduler (issue 5) checks a schedule the way the validator does, and suggests time
+// The scheduler checks a schedule the way the validator does, and suggests time
 // zone names the way the validator suggests field names.
 pub(crate) use problem::did_you_mean;
 pub(crate) use validate::check_cron;

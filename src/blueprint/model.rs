@@ -24,7 +24,7 @@ pub struct Blueprint {
     /// Zone of `schedule`: UTC, a fixed offset or an IANA name (see `schedule::parse_timezone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
-    /// What the scheduler does with slots that passed while nothing ran (issue 5); `None`
+    /// What the scheduler does with slots that passed while nothing ran; `None`
     /// follows `SCHEDULE_MISSED` (default skip).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missed_slots: Option<MissedSlots>,

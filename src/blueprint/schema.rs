@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 /// The node types, in the order messages list them.
 pub const NODE_TYPES: [&str; 6] = ["llm", "http", "transform", "condition", "notify", "delay"];
-/// LLM providers. (`hf-inference`, HF's text-generation path, was added last by issue 3 so
+/// LLM providers. (`hf-inference`, HF's text-generation path, was added last so
 /// existing messages keep their order.)
 pub const PROVIDERS: [&str; 6] = [
     "auto",
@@ -132,7 +132,7 @@ fn build() -> Value {
         },
         "$defs": defs
     });
-    // Added outside the json! above, which is at the macro recursion limit (issue 5).
+    // Added outside the json! above, which is at the macro recursion limit.
     if let Some(props) = root.get_mut("properties").and_then(Value::as_object_mut) {
         if let Some(tz) = props.get_mut("timezone").and_then(Value::as_object_mut) {
             tz.insert("format".into(), json!("timezone"));

@@ -102,7 +102,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                 "--var cannot be combined with --all-active (each blueprint has its own variables)",
             ));
         }
-        // Files or Supabase (issue 5); invalid ones are reported and skipped.
+        // Files or Supabase; invalid ones are reported and skipped.
         let rt = runtime()?;
         let (found, bad) = gather_blueprints(&args.dir, args.source, &config, &rt, true)?;
         for b in &bad {
@@ -211,7 +211,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         if let Some(p) = progress {
             let _ = p.await;
         }
-        // One digest of the whole batch, when NOTIFY_DIGEST names channels (issue 5).
+        // One digest of the whole batch, when NOTIFY_DIGEST names channels.
         if all_active && !sandbox && !engine.config().notify_digest.is_empty() {
             let runs: Vec<crate::notify::RunSummary> = outcomes
                 .iter()
@@ -624,7 +624,7 @@ pub(super) fn gather_blueprints(
     Ok((out, bad))
 }
 
-/// The recorded outputs of a run's successful steps, for `--replay` (issue 3).
+/// The recorded outputs of a run's successful steps, for `--replay`.
 fn replay_outputs(
     store: &Store,
     run_id: &str,
@@ -1067,7 +1067,7 @@ pub fn export(args: ExportArgs) -> Result<ExitCode, Failure> {
 
 use crate::text::clip;
 
-/// `omniflow doctor` (issue 3): configuration, the provider chain with a live check of each
+/// `omniflow doctor`: configuration, the provider chain with a live check of each
 /// configured link, the database and the log directory. Exit 0 when everything configured
 /// works, 1 otherwise.
 pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
@@ -1143,7 +1143,7 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         .collect();
 
     // The database: opens (migrating if needed), schema version, run count; then the health
-    // of every process on it (their heartbeats, issue 7) and runs left by a process that died.
+    // of every process on it (their heartbeats) and runs left by a process that died.
     // A database that does not exist yet is not created just to be checked: the first run
     // creates it (its directory must be writable).
     let db_exists = config.db_file.exists();

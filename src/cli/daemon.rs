@@ -77,7 +77,7 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
             }
             None => None,
         };
-        // Heartbeats, the memory hold, and adopting runs whose process died (issue 7).
+        // Heartbeats, the memory hold, and adopting runs whose process died.
         let maintenance = engine.start_maintenance(true);
         let bps: Vec<Arc<Blueprint>> = blueprints.into_iter().map(Arc::new).collect();
         let (sched, problems) = Scheduler::new(&bps, store, missed, SystemTime::now());

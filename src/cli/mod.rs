@@ -22,7 +22,7 @@ macro_rules! say_out {
 }
 
 mod commands;
-// `omniflow daemon` (issue 5).
+// `omniflow daemon`.
 mod daemon;
 // `omniflow health`: the container healthcheck's probe.
 mod health;
@@ -107,7 +107,7 @@ fn listen_arg(s: &str) -> Result<std::net::SocketAddr, String> {
     crate::config::parse_listen(s).map_err(|e| format!("expected {e}"))
 }
 
-/// Where `run --all-active` and `daemon` find the active blueprints (issue 5).
+/// Where `run --all-active` and `daemon` find the active blueprints.
 #[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Source {
     /// Supabase when SUPABASE_URL and SUPABASE_KEY are set, else --dir.

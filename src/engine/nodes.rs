@@ -315,7 +315,7 @@ pub(crate) async fn execute(
             cache,
             fail_on_truncation,
         } => {
-            // Token budget (issue 3): the step already waited for room in the budget
+            // Token budget: the step already waited for room in the budget
             // (`step::hold_budget`, counting the calls in flight); this is the last check
             // against the tokens the run's finished attempts spent.
             if let Some(budget) = ctx.token_budget {
@@ -424,7 +424,7 @@ pub(crate) async fn execute(
             // disk this waits for room: no message goes out whose record cannot be saved.
             ctx.inner.store.flush_durable().await;
             // Delivered parts are recorded under the retry chain's root, so neither a retried
-            // attempt nor a retried run sends a part twice (issue 5, see notify/mod.rs).
+            // attempt nor a retried run sends a part twice (see notify/mod.rs).
             let store = ctx.inner.store.clone();
             let start = ctx
                 .parent_run_id

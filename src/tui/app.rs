@@ -82,7 +82,7 @@ pub enum Bg {
     },
     /// The event subscription lost lifecycle events (the console fell far behind).
     Lagged(u64),
-    /// Every process on the database, from their heartbeats (issue 7's health checks).
+    /// Every process on the database, with its health from its heartbeats.
     Processes(Result<Vec<crate::store::ProcessRow>, String>),
 }
 
@@ -157,7 +157,7 @@ impl ScheduleOwner {
     }
 }
 
-/// What quitting does with the runs still in flight in this console (issue 7).
+/// What quitting does with the runs still in flight in this console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QuitMode {
     /// Cancel them (recorded `cancelled`).

@@ -1,7 +1,7 @@
 //! The console: a terminal UI that hosts the engine and its pool, shows live panes (blueprints,
 //! queue and throughput, workers, memory, logs, history) and drives runs from the keyboard.
 //!
-//! Shape (STYLE.md, after gitui and ratatui's templates):
+//! Shape (after gitui and ratatui's templates):
 //! - `state.rs` — what the panes show; `app.rs` — [`App`], the one `update` that turns a
 //!   [`Msg`] (key, engine event, background result, tick) into state changes and [`Effect`]s;
 //! - `ui/` — rendering, which only reads the `App`;
@@ -166,7 +166,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
             }
             None => None,
         };
-        // Heartbeats, the memory hold, and adopting runs whose process died (issue 7).
+        // Heartbeats, the memory hold, and adopting runs whose process died.
         let maintenance = engine.start_maintenance(true);
         let (sched, sched_problems) = crate::schedule::Scheduler::new(
             &scheduled,

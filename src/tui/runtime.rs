@@ -145,8 +145,7 @@ pub async fn run(
                 }
             },
             _ = terminal::recv(&mut sigterm) => {
-                // SIGTERM or SIGHUP: a graceful shutdown, runs in flight are handed over
-                // (issue 7).
+                // SIGTERM or SIGHUP: a graceful shutdown, runs in flight are handed over.
                 app.quit = true;
                 app.quit_mode = crate::tui::app::QuitMode::HandOver;
             },

@@ -21,7 +21,7 @@ fn frame<'a>(app: &App, title: &'a str) -> Block<'a> {
         .title(Span::styled(format!(" {title} "), app.theme.title(true)))
 }
 
-/// `P`: every process on the database, from their heartbeats (issue 7), this console first.
+/// `P`: every process on the database, from their heartbeats, this console first.
 pub fn processes(f: &mut Frame, app: &App, top: u16, area: Rect) {
     let th = &app.theme;
     let now = std::time::UNIX_EPOCH + std::time::Duration::from_millis(app.now_ms);

@@ -150,7 +150,7 @@ pub fn blueprints(f: &mut Frame, app: &App, area: Rect) {
     }
 }
 
-/// A blueprint's schedule in the Blueprints pane: when it fires next (issue 5), then the
+/// A blueprint's schedule in the Blueprints pane: when it fires next, then the
 /// cron text as room allows; `—` without one.
 fn schedule_span(app: &App, bp: &crate::blueprint::Blueprint, room: usize) -> Span<'static> {
     let th = &app.theme;
