@@ -12,7 +12,7 @@ pub mod emit;
 pub mod jinja;
 mod package;
 
-use crate::blueprint::{Blueprint, Node, NodeKind, Parse, RetrySpec};
+use crate::blueprint::{Blueprint, HttpNode, LlmNode, Node, NodeKind, Parse, RetrySpec};
 use crate::providers::DEFAULT_MODEL;
 use emit::{str_lit, value_lit, Emitter, Lang};
 use serde_json::Value;
@@ -454,140 +454,40 @@ impl<'a> Program<'a> {
 
     /// One node: its functions, and its entry in the NODES table.
     fn node(&self, i: usize, node: &Node) -> Result<(String, String), ExportError> {
-        let py = self.py();
+        let mut body = Body::new(self.py());
+        let extra_timeout = self.node_body(i, node, &mut body)?;
+        let for_each = self.for_each_items(i, node, &mut body.helpers)?;
+        let code = self.node_function(node, body);
+        let entry = self.table_entry(i, node, &for_each, extra_timeout)?;
+        Ok((code, entry))
+    }
+
+    /// The statements of the node's prepare function, by node type. Returns the time an
+    /// attempt needs beyond its timeout (a delay's own duration).
+    fn node_body(&self, i: usize, node: &Node, body: &mut Body) -> Result<f64, ExportError> {
         let id = &node.id;
-        let f = format!("node_{}", ident(id));
-        let mut helpers = String::new();
-        let mut lines: Vec<String> = Vec::new();
-        // `let` a field: Python `with field(..): x = code`, JS `const x = field(.., () => code)`.
-        let bind = |lines: &mut Vec<String>, var: &str, name: &str, code: &str| {
-            if py {
-                lines.push(format!("    with field({}):", str_lit(name)));
-                lines.push(format!("        {var} = {code}"));
-            } else {
-                lines.push(format!(
-                    "  const {var} = field({}, () => ({code}));",
-                    str_lit(name)
-                ));
-            }
-        };
-        let null = self.null();
-        let opt_f = |v: Option<f64>| v.map(float_lit).unwrap_or_else(|| null.into());
-        let ret = |call: String| -> String {
-            if py {
-                format!("    return lambda timeout: {call}")
-            } else {
-                format!("  return (timeout) => {call};")
-            }
-        };
-        let mut extra_timeout = 0.0;
-        let kind = node.kind.type_name();
         match &node.kind {
-            NodeKind::Llm(l) => {
-                let provider = l
-                    .provider
-                    .clone()
-                    .or_else(|| self.bp.defaults.provider.clone())
-                    .unwrap_or_else(|| "auto".into());
-                if !["auto", "huggingface", "ollama", "openai"].contains(&provider.as_str()) {
-                    return Err(self.unsupported(
-                        format!("nodes[{i}].provider"),
-                        format!("the provider {provider:?}"),
-                    ));
-                }
-                let model = l
-                    .model
-                    .clone()
-                    .or_else(|| self.bp.defaults.model.clone())
-                    .unwrap_or_else(|| DEFAULT_MODEL.into());
-                let system = match &l.system {
-                    Some(s) => {
-                        let code = self.template(node, "system", s, &mut helpers)?;
-                        bind(&mut lines, "system", &format!("{id}.system"), &code);
-                        "system".to_string()
-                    }
-                    None => null.into(),
-                };
-                let code = self.template(node, "prompt", &l.prompt, &mut helpers)?;
-                bind(&mut lines, "prompt", &format!("{id}.prompt"), &code);
-                let call = format!(
-                    "{}({}, {}, {system}, prompt, {}, {}, {}, timeout)",
-                    if py { "llm_node" } else { "llmNode" },
-                    str_lit(&provider),
-                    str_lit(&model),
-                    opt_f(l.temperature),
-                    l.max_tokens
-                        .map(|m| m.to_string())
-                        .unwrap_or_else(|| null.into()),
-                    str_lit(if l.parse == Parse::Json {
-                        "json"
-                    } else {
-                        "text"
-                    }),
-                );
-                lines.push(ret(call));
-            }
-            NodeKind::Http(h) => {
-                let code = self.template(node, "url", &h.url, &mut helpers)?;
-                bind(&mut lines, "url", &format!("{id}.url"), &code);
-                let mut hs = Vec::new();
-                for (k, v) in &h.headers {
-                    let code = match v {
-                        Value::String(s) => {
-                            self.template(node, &format!("headers.{k}"), s, &mut helpers)?
-                        }
-                        other => str_lit(&other.to_string()),
-                    };
-                    hs.push(format!("{}: {code}", str_lit(k)));
-                }
-                bind(
-                    &mut lines,
-                    "headers",
-                    &format!("{id}.headers"),
-                    &format!("{{{}}}", hs.join(", ")),
-                );
-                let body = match &h.body {
-                    Some(b) => {
-                        let code = self.value_template(node, "body", b, &mut helpers)?;
-                        bind(&mut lines, "body", &format!("{id}.body"), &code);
-                        "body".to_string()
-                    }
-                    None => null.into(),
-                };
-                let call = format!(
-                    "{}({}, url, headers, {body}, {}, timeout)",
-                    if py { "http_node" } else { "httpNode" },
-                    str_lit(&h.method.to_ascii_uppercase()),
-                    str_lit(h.response.as_deref().unwrap_or("auto")),
-                );
-                lines.push(ret(call));
-            }
+            NodeKind::Llm(l) => self.llm_body(i, node, l, body)?,
+            NodeKind::Http(h) => self.http_body(node, h, body)?,
             NodeKind::Transform(t) => {
-                let code = self.template(node, "template", &t.template, &mut helpers)?;
-                bind(&mut lines, "value", &format!("{id}.template"), &code);
-                if t.parse == Parse::Json {
-                    if py {
-                        lines.push(format!(
-                            "    value = parse_json_text({}, value)",
-                            str_lit(id)
-                        ));
-                    } else {
-                        lines.push(format!(
-                            "  const parsed = parseJsonText({}, value);",
-                            str_lit(id)
-                        ));
-                    }
-                }
-                let v = if !py && t.parse == Parse::Json {
-                    "parsed"
-                } else {
+                let code = self.template(node, "template", &t.template, &mut body.helpers)?;
+                body.bind("value", &format!("{id}.template"), &code);
+                let v = if t.parse != Parse::Json {
                     "value"
-                };
-                lines.push(if py {
-                    format!("    return lambda timeout: {v}")
+                } else if body.py {
+                    body.lines.push(format!(
+                        "    value = parse_json_text({}, value)",
+                        str_lit(id)
+                    ));
+                    "value"
                 } else {
-                    format!("  return (timeout) => {v};")
-                });
+                    body.lines.push(format!(
+                        "  const parsed = parseJsonText({}, value);",
+                        str_lit(id)
+                    ));
+                    "parsed"
+                };
+                body.ret_value(v);
             }
             NodeKind::Condition(c) => {
                 let code = format!(
@@ -595,93 +495,196 @@ impl<'a> Program<'a> {
                     self.expression(node, "expression", &c.expression)?
                 );
                 let name = format!("{id}.expression: in expression `{}`", c.expression);
-                bind(&mut lines, "value", &name, &code);
-                lines.push(if py {
-                    "    return lambda timeout: value".to_string()
-                } else {
-                    "  return (timeout) => value;".to_string()
-                });
+                body.bind("value", &name, &code);
+                body.ret_value("value");
             }
             NodeKind::Notify(n) => {
-                let code = self.template(node, "text", &n.text, &mut helpers)?;
-                bind(&mut lines, "message", &format!("{id}.text"), &code);
+                let code = self.template(node, "text", &n.text, &mut body.helpers)?;
+                body.bind("message", &format!("{id}.text"), &code);
                 let call = format!(
                     "{}({}, message, {}, timeout)",
-                    if py { "notify_node" } else { "notifyNode" },
+                    if body.py { "notify_node" } else { "notifyNode" },
                     str_lit(n.channel.as_str()),
                     n.parse_mode
                         .as_deref()
                         .map(str_lit)
-                        .unwrap_or_else(|| null.into())
+                        .unwrap_or_else(|| self.null().into())
                 );
-                lines.push(ret(call));
+                body.ret(call);
             }
             NodeKind::Delay(d) => {
                 let secs = self.duration(format!("nodes[{i}].duration"), &d.duration)?;
-                extra_timeout = secs;
-                lines.push(ret(format!(
+                body.ret(format!(
                     "{}({})",
-                    if py { "delay_node" } else { "delayNode" },
+                    if body.py { "delay_node" } else { "delayNode" },
                     float_lit(secs)
-                )));
+                ));
+                return Ok(secs);
             }
         }
+        Ok(0.0)
+    }
 
-        // forEach: the list of items.
-        let for_each = match &node.for_each {
-            None => null.to_string(),
-            Some(fe) => {
-                let items = match fe {
-                    Value::Array(_) => value_lit(self.lang, fe),
-                    Value::String(s) => {
-                        let inner = match jinja::single_expression(s) {
-                            Some(expr) => self.expression(node, "forEach", expr)?,
-                            None => self.template(node, "forEach", s, &mut helpers)?,
-                        };
-                        if py {
-                            format!("as_list({inner})")
-                        } else {
-                            format!("asList({inner})")
-                        }
-                    }
-                    _ => {
-                        return Err(self.unsupported(
-                            format!("nodes[{i}].forEach"),
-                            "a forEach that is neither a list nor a template",
-                        ))
-                    }
-                };
-                let fname = format!("{f}_items");
-                if py {
-                    let _ = writeln!(
-                        helpers,
-                        "def {fname}(ctx):\n    \"\"\"The items of {id}'s forEach: one step per item.\"\"\"\n    with field(None):\n        return {items}\n"
-                    );
-                } else {
-                    let _ = writeln!(
-                        helpers,
-                        "/** The items of {id}'s forEach: one step per item. */\nfunction {fname}(ctx) {{\n  return field(null, () => {items});\n}}\n"
-                    );
+    fn llm_body(
+        &self,
+        i: usize,
+        node: &Node,
+        l: &LlmNode,
+        body: &mut Body,
+    ) -> Result<(), ExportError> {
+        let id = &node.id;
+        let null = self.null();
+        let provider = l
+            .provider
+            .clone()
+            .or_else(|| self.bp.defaults.provider.clone())
+            .unwrap_or_else(|| "auto".into());
+        if !["auto", "huggingface", "ollama", "openai"].contains(&provider.as_str()) {
+            return Err(self.unsupported(
+                format!("nodes[{i}].provider"),
+                format!("the provider {provider:?}"),
+            ));
+        }
+        let model = l
+            .model
+            .clone()
+            .or_else(|| self.bp.defaults.model.clone())
+            .unwrap_or_else(|| DEFAULT_MODEL.into());
+        let system = match &l.system {
+            Some(s) => {
+                let code = self.template(node, "system", s, &mut body.helpers)?;
+                body.bind("system", &format!("{id}.system"), &code);
+                "system".to_string()
+            }
+            None => null.into(),
+        };
+        let code = self.template(node, "prompt", &l.prompt, &mut body.helpers)?;
+        body.bind("prompt", &format!("{id}.prompt"), &code);
+        let call = format!(
+            "{}({}, {}, {system}, prompt, {}, {}, {}, timeout)",
+            if body.py { "llm_node" } else { "llmNode" },
+            str_lit(&provider),
+            str_lit(&model),
+            l.temperature.map(float_lit).unwrap_or_else(|| null.into()),
+            l.max_tokens
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| null.into()),
+            str_lit(if l.parse == Parse::Json {
+                "json"
+            } else {
+                "text"
+            }),
+        );
+        body.ret(call);
+        Ok(())
+    }
+
+    fn http_body(&self, node: &Node, h: &HttpNode, body: &mut Body) -> Result<(), ExportError> {
+        let id = &node.id;
+        let code = self.template(node, "url", &h.url, &mut body.helpers)?;
+        body.bind("url", &format!("{id}.url"), &code);
+        let mut hs = Vec::new();
+        for (k, v) in &h.headers {
+            let code = match v {
+                Value::String(s) => {
+                    self.template(node, &format!("headers.{k}"), s, &mut body.helpers)?
                 }
-                fname
+                other => str_lit(&other.to_string()),
+            };
+            hs.push(format!("{}: {code}", str_lit(k)));
+        }
+        body.bind(
+            "headers",
+            &format!("{id}.headers"),
+            &format!("{{{}}}", hs.join(", ")),
+        );
+        let request_body = match &h.body {
+            Some(b) => {
+                let code = self.value_template(node, "body", b, &mut body.helpers)?;
+                body.bind("body", &format!("{id}.body"), &code);
+                "body".to_string()
+            }
+            None => self.null().into(),
+        };
+        let call = format!(
+            "{}({}, url, headers, {request_body}, {}, timeout)",
+            if body.py { "http_node" } else { "httpNode" },
+            str_lit(&h.method.to_ascii_uppercase()),
+            str_lit(h.response.as_deref().unwrap_or("auto")),
+        );
+        body.ret(call);
+        Ok(())
+    }
+
+    /// The name of the function listing the node's forEach items (written into `helpers`),
+    /// or the language's null when the node has no forEach.
+    fn for_each_items(
+        &self,
+        i: usize,
+        node: &Node,
+        helpers: &mut String,
+    ) -> Result<String, ExportError> {
+        let Some(fe) = &node.for_each else {
+            return Ok(self.null().to_string());
+        };
+        let py = self.py();
+        let items = match fe {
+            Value::Array(_) => value_lit(self.lang, fe),
+            Value::String(s) => {
+                let inner = match jinja::single_expression(s) {
+                    Some(expr) => self.expression(node, "forEach", expr)?,
+                    None => self.template(node, "forEach", s, helpers)?,
+                };
+                if py {
+                    format!("as_list({inner})")
+                } else {
+                    format!("asList({inner})")
+                }
+            }
+            _ => {
+                return Err(self.unsupported(
+                    format!("nodes[{i}].forEach"),
+                    "a forEach that is neither a list nor a template",
+                ))
             }
         };
+        let id = &node.id;
+        let fname = format!("node_{}_items", ident(id));
+        if py {
+            let _ = writeln!(
+                helpers,
+                "def {fname}(ctx):\n    \"\"\"The items of {id}'s forEach: one step per item.\"\"\"\n    with field(None):\n        return {items}\n"
+            );
+        } else {
+            let _ = writeln!(
+                helpers,
+                "/** The items of {id}'s forEach: one step per item. */\nfunction {fname}(ctx) {{\n  return field(null, () => {items});\n}}\n"
+            );
+        }
+        Ok(fname)
+    }
 
+    /// The node's section of the program: a heading, its helper functions, and its prepare
+    /// function.
+    fn node_function(&self, node: &Node, body: Body) -> String {
+        let id = &node.id;
+        let f = format!("node_{}", ident(id));
+        let py = self.py();
         let mut code = String::new();
-        let mut heading = format!("{id} · {kind}");
+        let mut heading = format!("{id} · {}", node.kind.type_name());
         if !node.needs.is_empty() {
             heading.push_str(&format!(" · needs {}", node.needs.join(", ")));
         }
         if node.for_each.is_some() {
             heading.push_str(" · one step per forEach item, all at once");
         }
-        let (c, bar) = if py { ("#", "─") } else { ("//", "─") };
+        let c = if py { "#" } else { "//" };
         let _ = writeln!(
             code,
             "{c} ── {heading} {}",
-            bar.repeat(80usize.saturating_sub(heading.chars().count()))
+            "─".repeat(80usize.saturating_sub(heading.chars().count()))
         );
-        code.push_str(&helpers);
+        code.push_str(&body.helpers);
         let doc = node.description.clone().unwrap_or_else(|| {
             format!("Prepares one step of {id}; the returned function is one attempt.")
         });
@@ -691,7 +694,7 @@ impl<'a> Program<'a> {
                 "def {f}(ctx):\n    \"\"\"{}\"\"\"",
                 doc.replace('\\', "\\\\").replace("\"\"\"", "\\\"\\\"\\\"")
             );
-            code.push_str(&lines.join("\n"));
+            code.push_str(&body.lines.join("\n"));
             code.push_str("\n\n\n");
         } else {
             let _ = writeln!(
@@ -699,18 +702,30 @@ impl<'a> Program<'a> {
                 "/** {} */\nfunction {f}(ctx) {{",
                 doc.replace("*/", "*\\/")
             );
-            code.push_str(&lines.join("\n"));
+            code.push_str(&body.lines.join("\n"));
             code.push_str("\n}\n\n");
         }
+        code
+    }
 
-        // The table entry.
+    /// The node's entry in the NODES table.
+    fn table_entry(
+        &self,
+        i: usize,
+        node: &Node,
+        for_each: &str,
+        extra_timeout: f64,
+    ) -> Result<String, ExportError> {
+        let id = &node.id;
+        let f = format!("node_{}", ident(id));
+        let kind = node.kind.type_name();
         let needs: Vec<String> = node.needs.iter().map(|n| str_lit(n)).collect();
         let retry = self.retry_lit(node.retry.as_ref(), &format!("nodes[{i}].retry"))?;
         let timeout = match &node.timeout {
             Some(t) => float_lit(self.duration(format!("nodes[{i}].timeout"), t)?),
-            None => null.into(),
+            None => self.null().into(),
         };
-        let entry = if py {
+        Ok(if self.py() {
             format!(
                 "    Node({}, {}, {f}, needs=[{}], for_each={for_each}, retry={retry}, timeout={timeout}, continue_on_error={}, extra_timeout={}),",
                 str_lit(id),
@@ -728,8 +743,54 @@ impl<'a> Program<'a> {
                 node.continue_on_error,
                 float_lit(extra_timeout)
             )
-        };
-        Ok((code, entry))
+        })
+    }
+}
+
+/// A node's prepare function as it is written: its statements, and the helper functions
+/// (templates too large for one expression) written above it.
+struct Body {
+    py: bool,
+    lines: Vec<String>,
+    helpers: String,
+}
+
+impl Body {
+    fn new(py: bool) -> Body {
+        Body {
+            py,
+            lines: Vec::new(),
+            helpers: String::new(),
+        }
+    }
+
+    /// Binds a field's value to a variable, with the field named in any error it raises:
+    /// Python `with field(..): x = code`, JavaScript `const x = field(.., () => code)`.
+    fn bind(&mut self, var: &str, name: &str, code: &str) {
+        if self.py {
+            self.lines
+                .push(format!("    with field({}):", str_lit(name)));
+            self.lines.push(format!("        {var} = {code}"));
+        } else {
+            self.lines.push(format!(
+                "  const {var} = field({}, () => ({code}));",
+                str_lit(name)
+            ));
+        }
+    }
+
+    /// Returns the attempt: a function of the timeout making `call`.
+    fn ret(&mut self, call: String) {
+        self.lines.push(if self.py {
+            format!("    return lambda timeout: {call}")
+        } else {
+            format!("  return (timeout) => {call};")
+        });
+    }
+
+    /// Returns an attempt that answers a value computed while preparing.
+    fn ret_value(&mut self, var: &str) {
+        self.ret(var.to_string());
     }
 }
 
