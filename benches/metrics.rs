@@ -101,7 +101,7 @@ async fn fan_out(engine: &Engine, bp: &Arc<Blueprint>) -> f64 {
 
 async fn run(dir: &tempfile::TempDir, reps: usize) {
     let engine = engine(dir);
-    engine.set_role("bench");
+    engine.set_role(omniflow::engine::Role::Daemon);
     let server = omniflow::metrics::serve(
         &engine,
         omniflow::metrics::Options {

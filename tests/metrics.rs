@@ -493,7 +493,7 @@ fn readyz_flips_with_the_memory_hold_and_names_a_missing_provider() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let env = common::engine(&[], 4);
-        env.engine.set_role("daemon");
+        env.engine.set_role(omniflow::engine::Role::Daemon);
         let m = omniflow::metrics::serve(
             &env.engine,
             omniflow::metrics::Options {

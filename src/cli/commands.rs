@@ -143,7 +143,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         let signals = Signals::listen();
         let bus = EventBus::new();
         let engine = Engine::new(Arc::new(config), store, bus.clone());
-        engine.set_role(if all_active { "all-active" } else { "run" });
+        engine.set_role(if all_active {
+            crate::engine::Role::AllActive
+        } else {
+            crate::engine::Role::Run
+        });
         // Heartbeats keep our runs ours; a cron'd run adopts nothing.
         let maintenance = engine.start_maintenance(false);
         let tty = std::io::stderr().is_terminal();
@@ -467,7 +471,7 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         let signals = Signals::listen();
         let bus = EventBus::new();
         let engine = Engine::new(Arc::new(config), store, bus.clone());
-        engine.set_role("resume");
+        engine.set_role(crate::engine::Role::Resume);
         let maintenance = engine.start_maintenance(false);
         let ids: Vec<String> = if args.all {
             let store = engine.store().clone();

@@ -58,7 +58,7 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
             }
         };
         let engine = Engine::new(Arc::new(config), store.clone(), EventBus::new());
-        engine.set_role("daemon");
+        engine.set_role(crate::engine::Role::Daemon);
         // Before anything runs, so every run is counted.
         let metrics = match listen {
             Some(listen) => {

@@ -41,17 +41,65 @@ pub fn rss_mb() -> Option<f64> {
     memory_stats::memory_stats().map(|m| m.physical_mem as f64 / 1_048_576.0)
 }
 
+/// What a process running an engine is, as `runner_processes.role` and the metrics' `role`
+/// label show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// Embedded through the library, with no role named.
+    Api,
+    /// `omniflow run` of one blueprint.
+    Run,
+    /// `omniflow run --all-active`.
+    AllActive,
+    /// `omniflow resume`.
+    Resume,
+    /// `omniflow daemon`.
+    Daemon,
+    /// The console.
+    Console,
+}
+
+impl Role {
+    const ALL: [Role; 6] = [
+        Role::Api,
+        Role::Run,
+        Role::AllActive,
+        Role::Resume,
+        Role::Daemon,
+        Role::Console,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Run => "run",
+            Role::AllActive => "all-active",
+            Role::Resume => "resume",
+            Role::Daemon => "daemon",
+            Role::Console => "console",
+        }
+    }
+
+    fn from_u8(v: u8) -> Role {
+        Role::ALL
+            .into_iter()
+            .find(|r| *r as u8 == v)
+            .unwrap_or(Role::Api)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Engine {
     /// Records a heartbeat now (also done once when the engine is created).
     pub fn heartbeat(&self) {
-        let role = self
-            .inner
-            .role
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         self.inner.store.heartbeat(Health {
-            role,
+            role: self.role().as_str().to_string(),
             at: SystemTime::now(),
             rss_mb: rss_mb(),
             pool: self.inner.pool.stats(),
@@ -59,12 +107,8 @@ impl Engine {
     }
 
     /// The role named by [`Engine::set_role`].
-    pub fn role(&self) -> String {
-        self.inner
-            .role
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    pub fn role(&self) -> Role {
+        Role::from_u8(self.inner.role.load(Ordering::Relaxed))
     }
 
     /// When the maintenance loop last turned (`None` before its first turn, or when it was
@@ -81,9 +125,9 @@ impl Engine {
         self.inner.draining.load(Ordering::Relaxed)
     }
 
-    /// Names this process's role in `runner_processes` (`console`, `daemon`, `run`, `resume`).
-    pub fn set_role(&self, role: &str) {
-        *self.inner.role.lock().unwrap_or_else(|e| e.into_inner()) = role.to_string();
+    /// Names this process's role in `runner_processes` and the metrics' `role` label.
+    pub fn set_role(&self, role: Role) {
+        self.inner.role.store(role as u8, Ordering::Relaxed);
         self.heartbeat();
     }
 

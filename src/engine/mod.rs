@@ -19,7 +19,7 @@ pub use crate::retry;
 mod run;
 mod step;
 
-pub use maintenance::{rss_mb, Maintenance};
+pub use maintenance::{rss_mb, Maintenance, Role};
 pub use resume::ResumeError;
 
 use crate::blueprint::{parse_var_value, Blueprint, Priority};
@@ -243,8 +243,8 @@ pub(crate) struct Inner {
     pub ids: Arc<dyn Fn() -> String + Send + Sync>,
     /// Set by `shutdown`: no new run starts.
     pub draining: AtomicBool,
-    /// `console`, `daemon`, `run`, `resume`, `api`: recorded with each heartbeat.
-    pub role: Mutex<String>,
+    /// What this process is ([`Role`]), recorded with each heartbeat.
+    pub role: std::sync::atomic::AtomicU8,
     /// Attempts in flight that only wait (delay nodes): a shutdown does not give them its
     /// grace period, it hands them over at once.
     pub waiting: std::sync::atomic::AtomicUsize,
@@ -291,7 +291,7 @@ impl Engine {
                 runs: Mutex::new(HashMap::new()),
                 ids: options.ids,
                 draining: AtomicBool::new(false),
-                role: Mutex::new("api".into()),
+                role: std::sync::atomic::AtomicU8::new(Role::Api as u8),
                 waiting: std::sync::atomic::AtomicUsize::new(0),
                 loop_tick_ms: std::sync::atomic::AtomicU64::new(0),
             }),

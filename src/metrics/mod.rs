@@ -90,7 +90,7 @@ pub async fn serve(engine: &Engine, opts: Options) -> Result<MetricsServer, Stri
             )
         })?;
     let addr = listener.local_addr().unwrap_or(opts.listen);
-    let metrics = registry::Metrics::new(engine.clone(), &host(), &engine.role());
+    let metrics = registry::Metrics::new(engine.clone(), &host(), engine.role().as_str());
     let counters = metrics.counters.clone();
     let dropped = metrics.dropped.clone();
     let stop = CancellationToken::new();

@@ -147,7 +147,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         let bus = EventBus::new();
         let sub = bus.subscribe();
         let engine = Engine::new(config.clone(), store.clone(), bus);
-        engine.set_role("console");
+        engine.set_role(crate::engine::Role::Console);
         // `--listen`: this process's /metrics, /healthz and /readyz while the console runs.
         let metrics = match config.listen {
             Some(listen) => {
