@@ -500,7 +500,8 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
                 }
                 Err(e) => {
                     let code = match e {
-                        crate::engine::ResumeError::Exhausted { .. } => 1,
+                        crate::engine::ResumeError::Exhausted { .. }
+                        | crate::engine::ResumeError::ReadFailed { .. } => 1,
                         _ => 2,
                     };
                     return Err(Failure {

@@ -41,6 +41,10 @@ pub enum ResumeError {
     BadSnapshot { run_id: String, reason: String },
     #[error("this process is shutting down and resumes nothing")]
     ShuttingDown,
+    /// The blocking read of the run panicked or was stopped: never a reason to say the run
+    /// does not exist.
+    #[error("reading run {run_id} from the database did not finish ({reason}); this is a bug in OmniFlow — please report it")]
+    ReadFailed { run_id: String, reason: String },
 }
 
 /// Who holds a run, for how long, and what to do about it.
@@ -100,7 +104,10 @@ impl Engine {
         let wanted = run_id.to_string();
         let row = tokio::task::spawn_blocking(move || store.find_run(&wanted))
             .await
-            .map_err(|_| ResumeError::NotFound(run_id.to_string()))?
+            .map_err(|e| ResumeError::ReadFailed {
+                run_id: run_id.to_string(),
+                reason: e.to_string(),
+            })?
             .map_err(|e| match e {
                 StoreError::NotFound(_) => ResumeError::NotFound(run_id.to_string()),
                 other => ResumeError::Store(other),
@@ -160,7 +167,10 @@ impl Engine {
         let sid = id.clone();
         let steps = tokio::task::spawn_blocking(move || store.run_steps(&sid))
             .await
-            .map_err(|_| ResumeError::NotFound(id.clone()))??;
+            .map_err(|e| ResumeError::ReadFailed {
+                run_id: id.clone(),
+                reason: e.to_string(),
+            })??;
 
         let mut reuse = HashMap::new();
         let mut already_done = std::collections::HashSet::new();
