@@ -355,7 +355,7 @@ async fn a_retried_run_does_not_resend_what_the_failed_run_delivered() {
     let retry = RunRequest {
         parent_run_id: Some(first.run_id.clone()),
         reuse,
-        trigger: "retry".into(),
+        trigger: omniflow::engine::Trigger::Retry,
         ..Default::default()
     };
     let second = run(&env, &bp, retry.clone()).await;

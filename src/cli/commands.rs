@@ -164,7 +164,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                 simulate_failures: simulate,
                 seed,
                 priority,
-                trigger: if all_active { "all-active" } else { "cli" }.into(),
+                trigger: if all_active {
+                    crate::engine::Trigger::AllActive
+                } else {
+                    crate::engine::Trigger::Cli
+                },
                 replay: replay.clone(),
                 ..Default::default()
             };

@@ -38,16 +38,63 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
-/// How a run came to be, recorded in history.
-pub const TRIGGERS: [&str; 7] = [
-    "cli",
-    "console",
-    "schedule",
-    "all-active",
-    "retry",
-    "resume",
-    "api",
-];
+/// How a run came to be, recorded in history (`runner_executions.trigger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// `omniflow run`.
+    Cli,
+    /// Started from the console.
+    Console,
+    /// A schedule slot fired.
+    Schedule,
+    /// `omniflow run --all-active`.
+    AllActive,
+    /// A failed run retried (its successful steps reused).
+    Retry,
+    /// An interrupted run taken up again.
+    Resume,
+    /// Started through the library.
+    Api,
+}
+
+impl Trigger {
+    pub const ALL: [Trigger; 7] = [
+        Trigger::Cli,
+        Trigger::Console,
+        Trigger::Schedule,
+        Trigger::AllActive,
+        Trigger::Retry,
+        Trigger::Resume,
+        Trigger::Api,
+    ];
+
+    /// The name recorded in history.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Cli => "cli",
+            Trigger::Console => "console",
+            Trigger::Schedule => "schedule",
+            Trigger::AllActive => "all-active",
+            Trigger::Retry => "retry",
+            Trigger::Resume => "resume",
+            Trigger::Api => "api",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Comparing with the recorded name, as tests and the console do.
+impl PartialEq<&str> for Trigger {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
 
 /// What to run and how.
 #[derive(Debug, Clone)]
@@ -62,8 +109,7 @@ pub struct RunRequest {
     pub seed: Option<u64>,
     /// Overrides the blueprint's priority.
     pub priority: Option<Priority>,
-    /// One of [`TRIGGERS`].
-    pub trigger: String,
+    pub trigger: Trigger,
     pub parent_run_id: Option<String>,
     /// Outputs of steps that already succeeded (retrying only the failed steps of a run, or
     /// resuming one): step key → output. These steps are recorded as done without running.
@@ -90,7 +136,7 @@ impl Default for RunRequest {
             simulate_failures: 0.0,
             seed: None,
             priority: None,
-            trigger: "api".into(),
+            trigger: Trigger::Api,
             parent_run_id: None,
             reuse: HashMap::new(),
             attempts_before: HashMap::new(),
@@ -342,7 +388,7 @@ impl Engine {
             id: run_id.clone(),
             blueprint_name: blueprint.name.clone(),
             priority,
-            trigger: req.trigger.clone(),
+            trigger: req.trigger.as_str().to_string(),
             sandbox: req.sandbox,
             seed,
             simulate_failures: if req.sandbox {

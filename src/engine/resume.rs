@@ -219,7 +219,7 @@ impl Engine {
             simulate_failures: row.simulate_failures,
             seed: row.seed,
             priority: Some(row.priority),
-            trigger: "resume".into(),
+            trigger: super::Trigger::Resume,
             parent_run_id: None,
             reuse,
             attempts_before,

@@ -236,7 +236,7 @@ pub fn spawn(
             .unwrap_or_default();
             for fire in fires {
                 let req = RunRequest {
-                    trigger: "schedule".into(),
+                    trigger: crate::engine::Trigger::Schedule,
                     ..base.clone()
                 };
                 match engine.start(fire.blueprint.clone(), req) {

@@ -183,7 +183,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
             sched_stop.clone(),
             std::time::Duration::from_secs(30),
             crate::engine::RunRequest {
-                trigger: "schedule".into(),
+                trigger: crate::engine::Trigger::Schedule,
                 ..Default::default()
             },
         );

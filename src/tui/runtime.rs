@@ -501,7 +501,7 @@ pub fn retry_plan(
             simulate_failures: run.simulate_failures,
             seed: None,
             priority: Some(run.priority),
-            trigger: "retry".into(),
+            trigger: crate::engine::Trigger::Retry,
             parent_run_id: Some(run.id.clone()),
             reuse,
             ..RunRequest::default()

@@ -99,7 +99,7 @@ impl SandboxForm {
             variables,
             sandbox: true,
             simulate_failures: rate,
-            trigger: "console".into(),
+            trigger: crate::engine::Trigger::Console,
             ..RunRequest::default()
         })
     }

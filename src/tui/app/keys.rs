@@ -589,7 +589,7 @@ impl App {
                 Some(bp) => fx.push(Effect::Start {
                     blueprint: bp,
                     request: Box::new(RunRequest {
-                        trigger: "console".into(),
+                        trigger: crate::engine::Trigger::Console,
                         ..RunRequest::default()
                     }),
                 }),
