@@ -24,7 +24,7 @@ pub use load::{
 };
 pub use model::*;
 pub use problem::Problem;
-pub use schema::{schema, CHANNELS, HTTP_METHODS, ID_PATTERN, NODE_TYPES, PROVIDERS};
+pub use schema::{schema, ProviderName, CHANNELS, HTTP_METHODS, ID_PATTERN, NODE_TYPES, PROVIDERS};
 pub use validate::{parse_duration, validate};
 pub use zone::{parse_timezone, Zone};
 // The scheduler checks a schedule the way the validator does, and suggests time

@@ -16,16 +16,71 @@ use std::sync::OnceLock;
 
 /// The node types, in the order messages list them.
 pub const NODE_TYPES: [&str; 6] = ["llm", "http", "transform", "condition", "notify", "delay"];
-/// LLM providers. (`hf-inference`, HF's text-generation path, was added last so
-/// existing messages keep their order.)
+/// LLM providers' names, in [`ProviderName::ALL`]'s order (the schema's enum and messages).
 pub const PROVIDERS: [&str; 6] = [
-    "auto",
-    "huggingface",
-    "ollama",
-    "openai",
-    "sandbox",
-    "hf-inference",
+    ProviderName::ALL[0].as_str(),
+    ProviderName::ALL[1].as_str(),
+    ProviderName::ALL[2].as_str(),
+    ProviderName::ALL[3].as_str(),
+    ProviderName::ALL[4].as_str(),
+    ProviderName::ALL[5].as_str(),
 ];
+
+/// Where a node's model calls go: the one list of provider names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProviderName {
+    /// Ollama when `USE_OLLAMA=true`, then Hugging Face, then the OpenAI-compatible server.
+    Auto,
+    /// Hugging Face's router (chat completions); `hf` is accepted too.
+    HuggingFace,
+    Ollama,
+    /// Any OpenAI-compatible server (`OPENAI_BASE_URL`).
+    OpenAi,
+    /// The simulated model.
+    Sandbox,
+    /// Hugging Face's text-generation path.
+    HfInference,
+}
+
+impl ProviderName {
+    /// Every provider, in the order messages list them (`hf-inference`, added last, keeps
+    /// the older messages' order).
+    pub const ALL: [ProviderName; 6] = [
+        ProviderName::Auto,
+        ProviderName::HuggingFace,
+        ProviderName::Ollama,
+        ProviderName::OpenAi,
+        ProviderName::Sandbox,
+        ProviderName::HfInference,
+    ];
+
+    /// The name blueprints and history use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProviderName::Auto => "auto",
+            ProviderName::HuggingFace => "huggingface",
+            ProviderName::Ollama => "ollama",
+            ProviderName::OpenAi => "openai",
+            ProviderName::Sandbox => "sandbox",
+            ProviderName::HfInference => "hf-inference",
+        }
+    }
+
+    /// A name as a blueprint writes it: exact, or `hf` for `huggingface`, or empty for
+    /// `auto`.
+    pub fn parse(name: &str) -> Option<ProviderName> {
+        match name {
+            "" => Some(ProviderName::Auto),
+            "hf" => Some(ProviderName::HuggingFace),
+            other => ProviderName::ALL.into_iter().find(|p| p.as_str() == other),
+        }
+    }
+
+    /// "auto, huggingface, …": every name, for messages.
+    pub fn list() -> String {
+        PROVIDERS.join(", ")
+    }
+}
 /// HTTP methods an `http` node may use.
 pub const HTTP_METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
 /// Notification channels.

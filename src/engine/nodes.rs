@@ -400,7 +400,7 @@ pub(crate) async fn execute(
             if ctx.is_sandbox {
                 return Ok(StepOutput {
                     value: simulated_reply(url, response),
-                    provider: Some("sandbox".into()),
+                    provider: Some(crate::blueprint::ProviderName::Sandbox.as_str().into()),
                     ..Default::default()
                 });
             }

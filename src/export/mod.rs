@@ -12,7 +12,9 @@ pub mod emit;
 pub mod jinja;
 mod package;
 
-use crate::blueprint::{Blueprint, HttpNode, LlmNode, Node, NodeKind, Parse, RetrySpec};
+use crate::blueprint::{
+    Blueprint, HttpNode, LlmNode, Node, NodeKind, Parse, ProviderName, RetrySpec,
+};
 use crate::providers::DEFAULT_MODEL;
 use emit::{str_lit, value_lit, Emitter, Lang};
 use serde_json::Value;
@@ -539,7 +541,17 @@ impl<'a> Program<'a> {
             .clone()
             .or_else(|| self.bp.defaults.provider.clone())
             .unwrap_or_else(|| "auto".into());
-        if !["auto", "huggingface", "ollama", "openai"].contains(&provider.as_str()) {
+        // The exported runtimes speak these; hf-inference and the simulated model are not
+        // ported.
+        if !matches!(
+            ProviderName::parse(&provider),
+            Some(
+                ProviderName::Auto
+                    | ProviderName::HuggingFace
+                    | ProviderName::Ollama
+                    | ProviderName::OpenAi
+            )
+        ) {
             return Err(self.unsupported(
                 format!("nodes[{i}].provider"),
                 format!("the provider {provider:?}"),

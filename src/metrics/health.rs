@@ -52,17 +52,18 @@ pub fn liveness(engine: &Engine, now: SystemTime) -> Verdict {
 pub fn providers(engine: &Engine, sandbox: bool) -> Vec<&'static str> {
     let c = engine.config();
     let mut out = Vec::new();
+    use crate::blueprint::ProviderName;
     if c.use_ollama {
-        out.push("ollama");
+        out.push(ProviderName::Ollama.as_str());
     }
     if c.huggingface_token.is_some() {
-        out.push("huggingface");
+        out.push(ProviderName::HuggingFace.as_str());
     }
     if c.openai_base_url.is_some() {
-        out.push("openai");
+        out.push(ProviderName::OpenAi.as_str());
     }
     if sandbox {
-        out.push("sandbox");
+        out.push(ProviderName::Sandbox.as_str());
     }
     out
 }

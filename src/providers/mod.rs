@@ -40,6 +40,7 @@ pub mod sandbox;
 pub mod slots;
 pub(crate) mod wire;
 
+use crate::blueprint::ProviderName;
 use crate::config::Config;
 use crate::error::{ErrorKind, RetryClass, StepError};
 use crate::store::{CachedAnswer, Store};
@@ -164,11 +165,12 @@ impl Link {
     /// The name recorded in history (`runner_steps.provider`).
     pub fn as_str(self) -> &'static str {
         match self {
-            Link::Ollama => "ollama",
-            Link::HuggingFace => "huggingface",
-            Link::HfInference => "hf-inference",
-            Link::OpenAi => "openai",
+            Link::Ollama => ProviderName::Ollama,
+            Link::HuggingFace => ProviderName::HuggingFace,
+            Link::HfInference => ProviderName::HfInference,
+            Link::OpenAi => ProviderName::OpenAi,
         }
+        .as_str()
     }
 
     /// The name in messages.
@@ -393,7 +395,7 @@ impl Providers {
         req: &LlmRequest,
         use_ollama: Option<bool>,
     ) -> Option<(Link, slots::SlotLimit)> {
-        if req.provider == "sandbox" {
+        if req.provider == ProviderName::Sandbox.as_str() {
             return None;
         }
         let link = *self.chain(&req.provider, use_ollama).ok()?.first()?;
@@ -424,7 +426,7 @@ impl Providers {
     /// goes to no real provider, or to none that is configured: the call itself says why).
     /// Wait [`Admission::wait`], then pass it to [`Providers::complete_admitted`].
     pub fn admit(&self, req: &LlmRequest, use_ollama: Option<bool>) -> Option<Admission> {
-        if req.provider == "sandbox" {
+        if req.provider == ProviderName::Sandbox.as_str() {
             return None;
         }
         let link = *self.chain(&req.provider, use_ollama).ok()?.first()?;
@@ -459,7 +461,7 @@ impl Providers {
             }
             return Ok(reply);
         }
-        if req.provider == "sandbox" {
+        if req.provider == ProviderName::Sandbox.as_str() {
             return SimulatedModel::new(0.0, 0, self.config.sandbox_latency)
                 .with_time_scale(self.config.time_scale)
                 .complete(req, opts.key)
@@ -561,8 +563,8 @@ impl Providers {
     /// `use_ollama` overrides `USE_OLLAMA`.
     pub fn chain(&self, provider: &str, use_ollama: Option<bool>) -> Result<Vec<Link>, StepError> {
         let c = &self.config;
-        match provider {
-            "auto" | "" => {
+        match ProviderName::parse(provider) {
+            Some(ProviderName::Auto) => {
                 let mut links = Vec::new();
                 if use_ollama.unwrap_or(c.use_ollama) {
                     links.push(Link::Ollama);
@@ -578,15 +580,16 @@ impl Providers {
                 }
                 Ok(links)
             }
-            "huggingface" | "hf" => Ok(vec![Link::HuggingFace]),
-            "hf-inference" => Ok(vec![Link::HfInference]),
-            "ollama" => Ok(vec![Link::Ollama]),
-            "openai" => Ok(vec![Link::OpenAi]),
-            other => Err(StepError::new(
+            Some(ProviderName::HuggingFace) => Ok(vec![Link::HuggingFace]),
+            Some(ProviderName::HfInference) => Ok(vec![Link::HfInference]),
+            Some(ProviderName::Ollama) => Ok(vec![Link::Ollama]),
+            Some(ProviderName::OpenAi) => Ok(vec![Link::OpenAi]),
+            // The simulated model never reaches a chain (it is answered before).
+            Some(ProviderName::Sandbox) | None => Err(StepError::new(
                 ErrorKind::InvalidRequest,
                 format!(
-                    "unknown provider {other:?}: use auto, huggingface, hf-inference, ollama, \
-                     openai or sandbox"
+                    "unknown provider {provider:?}: use one of {}",
+                    ProviderName::list()
                 ),
             )),
         }
