@@ -5,7 +5,7 @@
 //! at [`MODEL_LOADING_CAP`]); a rate limit waits `Retry-After` ([`RATE_LIMIT_DEFAULT`] when the
 //! provider gave none). Every other retryable failure waits an exponential backoff with jitter.
 
-use crate::blueprint::RetrySpec;
+use crate::blueprint::{DurationSpec, RetrySpec};
 use crate::error::{ErrorKind, RetryClass, StepError};
 use std::time::Duration;
 
@@ -50,8 +50,7 @@ impl RetryPolicy {
     }
 
     /// The node's own settings, field by field over the blueprint's defaults, over
-    /// [`RetryPolicy::from_max_retries`]. Durations were checked by the validator; one that
-    /// still does not parse keeps the inherited value.
+    /// [`RetryPolicy::from_max_retries`]. Durations were parsed when the blueprint loaded.
     pub fn resolve(
         node: Option<&RetrySpec>,
         defaults: Option<&RetrySpec>,
@@ -62,13 +61,13 @@ impl RetryPolicy {
             if let Some(a) = spec.attempts {
                 p.attempts = a.max(1);
             }
-            if let Some(d) = spec.backoff.as_deref().and_then(parse) {
+            if let Some(d) = spec.backoff.as_ref().map(DurationSpec::get) {
                 p.backoff = d;
             }
             if let Some(f) = spec.factor {
                 p.factor = f.max(1.0);
             }
-            if let Some(d) = spec.max_delay.as_deref().and_then(parse) {
+            if let Some(d) = spec.max_delay.as_ref().map(DurationSpec::get) {
                 p.max_delay = d;
             }
             if let Some(j) = spec.jitter {
@@ -117,10 +116,6 @@ impl RetryPolicy {
             }
         }
     }
-}
-
-fn parse(s: &str) -> Option<Duration> {
-    humantime::parse_duration(s.trim()).ok()
 }
 
 /// `Retry-After`, if present: seconds (integer or decimal), or an HTTP-date (RFC 9110, e.g.
@@ -238,12 +233,12 @@ mod tests {
     fn node_settings_override_defaults_field_by_field() {
         let defaults = RetrySpec {
             attempts: Some(5),
-            backoff: Some("500ms".into()),
+            backoff: Some(DurationSpec::parse("500ms").unwrap()),
             ..Default::default()
         };
         let node = RetrySpec {
             factor: Some(3.0),
-            max_delay: Some("2s".into()),
+            max_delay: Some(DurationSpec::parse("2s").unwrap()),
             ..Default::default()
         };
         let p = RetryPolicy::resolve(Some(&node), Some(&defaults), 3);
@@ -261,16 +256,16 @@ mod tests {
     fn the_node_wins_over_the_defaults_for_the_same_field() {
         let defaults = RetrySpec {
             attempts: Some(6),
-            backoff: Some("2s".into()),
+            backoff: Some(DurationSpec::parse("2s").unwrap()),
             factor: Some(4.0),
-            max_delay: Some("100s".into()),
+            max_delay: Some(DurationSpec::parse("100s").unwrap()),
             jitter: Some(0.5),
         };
         let node = RetrySpec {
             attempts: Some(2),
-            backoff: Some("3s".into()),
+            backoff: Some(DurationSpec::parse("3s").unwrap()),
             factor: Some(1.5),
-            max_delay: Some("4s".into()),
+            max_delay: Some(DurationSpec::parse("4s").unwrap()),
             jitter: Some(0.0),
         };
         let p = RetryPolicy::resolve(Some(&node), Some(&defaults), 3);

@@ -434,16 +434,26 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     assert_eq!(o.status, RunStatus::Running, "handed over, not finished");
 }
 
-/// Durations too large for the clock reach the engine only past validation (an old run
-/// resumed, a library caller): they must not panic. A run timeout that far is no deadline;
-/// a retry backoff that long waits until the run is cancelled.
+/// Durations are parsed once, when a blueprint loads: one too large for the clock is refused
+/// there with the validator's words (a library caller or an old run's snapshot cannot slip it
+/// past), and the longest allowed, 30 days, neither panics nor ends anything early: a run
+/// timeout that far is no deadline, a retry backoff that long waits until the run is cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durations_beyond_the_clock_do_not_panic() {
+    for field in [
+        json!({ "name": "far", "timeout": "213503982334601d", "nodes": [] }),
+        json!({ "name": "far", "nodes": [ { "id": "a", "type": "delay", "duration": "213503982334601d" } ] }),
+    ] {
+        let err = serde_json::from_value::<omniflow::blueprint::Blueprint>(field)
+            .expect_err("refused at load");
+        assert!(err.to_string().contains("longer than 30 days"), "{err}");
+    }
+
     // Real time: scaled down, the durations would fit the clock.
     let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 4);
     let bp = blueprint(json!({
         "name": "far",
-        "timeout": "213503982334601d",
+        "timeout": "30d",
         "nodes": [ { "id": "a", "type": "transform", "template": "x" } ]
     }));
     let o = run(&env, &bp, RunRequest::default()).await;
@@ -453,7 +463,7 @@ async fn durations_beyond_the_clock_do_not_panic() {
     let bp = blueprint(json!({
         "name": "backoff",
         "nodes": [ { "id": "get", "type": "http", "url": server.url.clone(),
-                     "retry": { "attempts": 3, "backoff": "213503982334601d" } } ]
+                     "retry": { "attempts": 3, "backoff": "30d", "maxDelay": "30d" } } ]
     }));
     let sub = env.bus.subscribe();
     let h = env.engine.start(bp, RunRequest::default()).unwrap();

@@ -35,7 +35,7 @@ pub struct Blueprint {
     pub defaults: Defaults,
     /// Wall-clock limit for the whole run ("30m").
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<DurationSpec>,
     /// Token budget of one run (model calls stop with `budget_exceeded` past it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens_per_run: Option<u64>,
@@ -112,7 +112,7 @@ pub struct Defaults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<DurationSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,13 +127,13 @@ pub struct RetrySpec {
     pub attempts: Option<u32>,
     /// First wait ("1s").
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backoff: Option<String>,
+    pub backoff: Option<DurationSpec>,
     /// Each wait is the previous one times this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<f64>,
     /// No wait is longer than this ("30s").
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_delay: Option<String>,
+    pub max_delay: Option<DurationSpec>,
     /// Randomise each wait by up to ± this fraction (default 0.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jitter: Option<f64>,
@@ -154,7 +154,7 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<DurationSpec>,
     /// A failure of this node does not fail the run; dependents see a null output.
     #[serde(default)]
     pub continue_on_error: bool,
@@ -291,7 +291,7 @@ impl Channel {
 #[serde(rename_all = "camelCase")]
 pub struct DelayNode {
     /// How long to wait ("2s").
-    pub duration: String,
+    pub duration: DurationSpec,
 }
 
 /// Schedule slots missed while no scheduler ran (the daemon or console was down).
@@ -365,4 +365,46 @@ pub fn parse_var_value(text: &str) -> Value {
         }
     }
     Value::String(text.to_string())
+}
+
+/// A duration as the blueprint writes it (`"30s"`, `"1h 30m"`), parsed once when the blueprint
+/// loads: an invalid one fails the load with the validator's message, never a silent default.
+/// Serialises back to the text as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationSpec {
+    text: String,
+    value: std::time::Duration,
+}
+
+impl DurationSpec {
+    /// Parses with the validator's rules (a unit is required; at most 30 days).
+    pub fn parse(text: &str) -> Result<DurationSpec, String> {
+        super::parse_duration(text).map(|value| DurationSpec {
+            text: text.to_string(),
+            value,
+        })
+    }
+
+    /// The duration.
+    pub fn get(&self) -> std::time::Duration {
+        self.value
+    }
+
+    /// The text as written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Serialize for DurationSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        DurationSpec::parse(&text).map_err(serde::de::Error::custom)
+    }
 }

@@ -2,7 +2,7 @@
 //! attempt); `execute` is one attempt (the part that may fail and be retried).
 
 use super::run::RunCtx;
-use crate::blueprint::{Channel, Node, NodeKind, Parse};
+use crate::blueprint::{Channel, DurationSpec, Node, NodeKind, Parse};
 use crate::error::{ErrorKind, StepError};
 use crate::providers::{Admission, AttemptKey, CallOptions, LlmRequest, DEFAULT_MODEL};
 use crate::template::{Context, Templates};
@@ -219,14 +219,7 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Context) -> Result<Pr
                 parse_mode: n.parse_mode.clone(),
             }
         }
-        NodeKind::Delay(d) => {
-            Prepared::Delay(humantime::parse_duration(d.duration.trim()).map_err(|e| {
-                StepError::new(
-                    ErrorKind::InvalidRequest,
-                    format!("{}.duration: {e}", node.id),
-                )
-            })?)
-        }
+        NodeKind::Delay(d) => Prepared::Delay(d.duration.get()),
     })
 }
 
@@ -255,9 +248,9 @@ fn render_value(t: &Templates, v: &Value, context: &Context) -> Result<Value, St
 pub(crate) fn attempt_timeout(ctx: &RunCtx, node: &Node, prepared: &Prepared) -> Duration {
     let base = node
         .timeout
-        .as_deref()
-        .or(ctx.blueprint.defaults.timeout.as_deref())
-        .and_then(|t| humantime::parse_duration(t.trim()).ok())
+        .as_ref()
+        .or(ctx.blueprint.defaults.timeout.as_ref())
+        .map(DurationSpec::get)
         .unwrap_or(ctx.inner.config.request_timeout);
     match prepared {
         // A delay's own `timeout` bounds the whole step, as on every other node; without

@@ -255,10 +255,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     let mut timed_out = false;
     let mut tokens: u64 = 0;
     let mut steps_done: u32 = 0;
-    let run_timeout = bp
-        .timeout
-        .as_deref()
-        .and_then(|t| humantime::parse_duration(t).ok());
+    let run_timeout = bp.timeout.as_ref().map(crate::blueprint::DurationSpec::get);
     // Checked: a timeout too far away to represent is no deadline at all.
     let deadline =
         run_timeout.and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));

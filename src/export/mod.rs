@@ -13,14 +13,13 @@ pub mod jinja;
 mod package;
 
 use crate::blueprint::{
-    Blueprint, HttpNode, LlmNode, Node, NodeKind, Parse, ProviderName, RetrySpec,
+    Blueprint, DurationSpec, HttpNode, LlmNode, Node, NodeKind, Parse, ProviderName, RetrySpec,
 };
 use crate::providers::DEFAULT_MODEL;
 use emit::{str_lit, value_lit, Emitter, Lang};
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 const PY_RUNTIME: &str = include_str!("runtime.py");
 const JS_RUNTIME: &str = include_str!("runtime.js");
@@ -186,12 +185,6 @@ struct Program<'a> {
     target: Target,
 }
 
-fn seconds(s: &str) -> Option<f64> {
-    humantime::parse_duration(s.trim())
-        .ok()
-        .map(|d: Duration| d.as_secs_f64())
-}
-
 fn float_lit(f: f64) -> String {
     format!("{f:?}")
 }
@@ -228,13 +221,13 @@ impl<'a> Program<'a> {
         }
     }
 
-    fn duration(&self, location: String, s: &str) -> Result<f64, ExportError> {
-        seconds(s).ok_or_else(|| self.unsupported(location, format!("the duration {s:?}")))
+    fn duration(&self, d: &DurationSpec) -> f64 {
+        d.get().as_secs_f64()
     }
 
-    fn retry_lit(&self, spec: Option<&RetrySpec>, location: &str) -> Result<String, ExportError> {
+    fn retry_lit(&self, spec: Option<&RetrySpec>) -> String {
         let Some(r) = spec else {
-            return Ok(self.null().into());
+            return self.null().into();
         };
         let mut parts = Vec::new();
         let (eq, names) = if self.py() {
@@ -252,24 +245,24 @@ impl<'a> Program<'a> {
             parts.push(format!("{}{eq}{a}", names[0]));
         }
         if let Some(b) = &r.backoff {
-            let s = self.duration(format!("{location}.backoff"), b)?;
+            let s = self.duration(b);
             parts.push(format!("{}{eq}{}", names[1], float_lit(s)));
         }
         if let Some(f) = r.factor {
             parts.push(format!("{}{eq}{}", names[2], float_lit(f)));
         }
         if let Some(m) = &r.max_delay {
-            let s = self.duration(format!("{location}.maxDelay"), m)?;
+            let s = self.duration(m);
             parts.push(format!("{}{eq}{}", names[3], float_lit(s)));
         }
         if let Some(j) = r.jitter {
             parts.push(format!("{}{eq}{}", names[4], float_lit(j)));
         }
-        Ok(if self.py() {
+        if self.py() {
             format!("Retry({})", parts.join(", "))
         } else {
             format!("{{ {} }}", parts.join(", "))
-        })
+        }
     }
 
     /// The whole program's source.
@@ -284,20 +277,17 @@ impl<'a> Program<'a> {
         }
         let snapshot = serde_json::to_string(bp).unwrap_or_default();
         let variables = Value::Object(bp.variables.clone());
-        let run_timeout = match &bp.timeout {
-            Some(t) => Some((
-                self.duration("timeout".into(), t)?,
-                humantime::parse_duration(t.trim())
-                    .map(|d| humantime::format_duration(d).to_string())
-                    .unwrap_or_default(),
-            )),
-            None => None,
-        };
+        let run_timeout = bp.timeout.as_ref().map(|t| {
+            (
+                self.duration(t),
+                humantime::format_duration(t.get()).to_string(),
+            )
+        });
         let default_timeout = match &bp.defaults.timeout {
-            Some(t) => float_lit(self.duration("defaults.timeout".into(), t)?),
+            Some(t) => float_lit(self.duration(t)),
             None => self.null().into(),
         };
-        let default_retry = self.retry_lit(bp.defaults.retry.as_ref(), "defaults.retry")?;
+        let default_retry = self.retry_lit(bp.defaults.retry.as_ref());
         let schema = crate::store::schema_v1_sql();
         let mut s = String::new();
         let py = self.py();
@@ -460,7 +450,7 @@ impl<'a> Program<'a> {
         let extra_timeout = self.node_body(i, node, &mut body)?;
         let for_each = self.for_each_items(i, node, &mut body.helpers)?;
         let code = self.node_function(node, body);
-        let entry = self.table_entry(i, node, &for_each, extra_timeout)?;
+        let entry = self.table_entry(node, &for_each, extra_timeout);
         Ok((code, entry))
     }
 
@@ -515,7 +505,7 @@ impl<'a> Program<'a> {
                 body.ret(call);
             }
             NodeKind::Delay(d) => {
-                let secs = self.duration(format!("nodes[{i}].duration"), &d.duration)?;
+                let secs = self.duration(&d.duration);
                 body.ret(format!(
                     "{}({})",
                     if body.py { "delay_node" } else { "delayNode" },
@@ -721,23 +711,17 @@ impl<'a> Program<'a> {
     }
 
     /// The node's entry in the NODES table.
-    fn table_entry(
-        &self,
-        i: usize,
-        node: &Node,
-        for_each: &str,
-        extra_timeout: f64,
-    ) -> Result<String, ExportError> {
+    fn table_entry(&self, node: &Node, for_each: &str, extra_timeout: f64) -> String {
         let id = &node.id;
         let f = format!("node_{}", ident(id));
         let kind = node.kind.type_name();
         let needs: Vec<String> = node.needs.iter().map(|n| str_lit(n)).collect();
-        let retry = self.retry_lit(node.retry.as_ref(), &format!("nodes[{i}].retry"))?;
+        let retry = self.retry_lit(node.retry.as_ref());
         let timeout = match &node.timeout {
-            Some(t) => float_lit(self.duration(format!("nodes[{i}].timeout"), t)?),
+            Some(t) => float_lit(self.duration(t)),
             None => self.null().into(),
         };
-        Ok(if self.py() {
+        if self.py() {
             format!(
                 "    Node({}, {}, {f}, needs=[{}], for_each={for_each}, retry={retry}, timeout={timeout}, continue_on_error={}, extra_timeout={}),",
                 str_lit(id),
@@ -755,7 +739,7 @@ impl<'a> Program<'a> {
                 node.continue_on_error,
                 float_lit(extra_timeout)
             )
-        })
+        }
     }
 }
 
