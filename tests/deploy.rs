@@ -112,6 +112,56 @@ fn compose_has_the_runner_and_an_optional_ollama() {
 }
 
 #[test]
+fn compose_has_a_postgres_profile_with_two_daemons_on_one_database() {
+    let c = yaml("docker-compose.yml");
+    let pg = &c["services"]["postgres"];
+    assert_eq!(pg["profiles"], serde_json::json!(["postgres"]));
+    assert!(pg["image"].as_str().unwrap().starts_with("postgres:"));
+    assert_eq!(pg["healthcheck"]["test"][1], "pg_isready");
+    assert!(
+        pg.get("ports").is_none(),
+        "the database is not published on the host"
+    );
+    let user = pg["environment"]["POSTGRES_USER"].as_str().unwrap();
+    let db = pg["environment"]["POSTGRES_DB"].as_str().unwrap();
+
+    let fleet = &c["services"]["omniflow-fleet"];
+    assert_eq!(fleet["profiles"], serde_json::json!(["postgres"]));
+    assert_eq!(fleet["command"], serde_json::json!(["omniflow", "daemon"]));
+    assert_eq!(fleet["deploy"]["replicas"], 2);
+    assert!(
+        fleet.get("container_name").is_none(),
+        "replicas cannot share a container name"
+    );
+    assert!(
+        fleet.get("ports").is_none(),
+        "two replicas cannot publish one port"
+    );
+    assert_eq!(
+        fleet["depends_on"]["postgres"]["condition"],
+        "service_healthy"
+    );
+    // The URL names the compose service, its user and database, and parses as OmniFlow
+    // parses DATABASE_URL (with compose's default for the password filled in).
+    let url = fleet["environment"]["DATABASE_URL"]
+        .as_str()
+        .unwrap()
+        .replace("${POSTGRES_PASSWORD:-omniflow}", "omniflow");
+    let target = omniflow::store::pg::PgTarget::parse(&url).expect("DATABASE_URL parses");
+    assert_eq!(
+        target.shown(),
+        format!("postgres://{user}:***@postgres:5432/{db}")
+    );
+    assert!(fleet.get("healthcheck").is_some());
+    // The single runner stays SQLite and out of the profile: the fleet is started by name.
+    assert!(c["services"]["omniflow-runner"].get("profiles").is_none());
+    assert!(c["services"]["omniflow-runner"]["environment"]
+        .get("DATABASE_URL")
+        .is_none());
+    assert!(c["volumes"].get("omniflow-postgres").is_some());
+}
+
+#[test]
 fn the_dockerfile_builds_in_a_rust_stage_and_runs_small_and_non_root() {
     let text = std::fs::read_to_string("Dockerfile").unwrap();
     // Instructions, with continuation lines joined.
