@@ -1,5 +1,7 @@
 //! The real `omniflow` binary: exit codes, `--json`, history, logs, and bad input.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -25,14 +27,12 @@ impl Sandbox {
 
     /// The binary with a private DB_FILE and LOG_DIR, fast waits, and no .env of ours.
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DB_FILE", self.db())
-            .env("LOG_DIR", self.logs())
-            .env("OMNIFLOW_TIME_SCALE", "0.01");
+        let mut c = common::bin::omniflow(
+            self.dir.path(),
+            args,
+            common::bin::private_files(self.dir.path(), "history.db"),
+        );
+        c.env("OMNIFLOW_TIME_SCALE", "0.01");
         c
     }
 

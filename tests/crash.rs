@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 /// The counting fake every crash test talks to (`tests/common/counting.rs`).
@@ -47,17 +47,7 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in &self.vars {
-            c.env(k, v);
-        }
-        c
+        common::bin::omniflow(self.dir.path(), args, self.vars.iter().cloned())
     }
 
     fn spawn(&self, args: &[&str]) -> Child {

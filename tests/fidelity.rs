@@ -99,14 +99,12 @@ impl Dir {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DB_FILE", self.dir.path().join("history.db"))
-            .env("LOG_DIR", self.dir.path().join("logs"))
-            .env("OMNIFLOW_TIME_SCALE", "0.001");
+        let mut c = common::bin::omniflow(
+            self.dir.path(),
+            args,
+            common::bin::private_files(self.dir.path(), "history.db"),
+        );
+        c.env("OMNIFLOW_TIME_SCALE", "0.001");
         c
     }
 

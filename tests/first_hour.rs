@@ -2,6 +2,8 @@
 //! contradict themselves, a doctor that says when nothing can run a model and leaves no files
 //! behind, and history commands that say which database they read.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -23,13 +25,8 @@ impl Dir {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
-        c.args(args)
-            .current_dir(self.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", self.path())
-            .env("OMNIFLOW_TIME_SCALE", "0.001");
+        let mut c = common::bin::omniflow(self.path(), args, [("HOME", self.path())]);
+        c.env("OMNIFLOW_TIME_SCALE", "0.001");
         c
     }
 

@@ -41,13 +41,8 @@ impl Dir {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DB_FILE", self.db())
-            .env("LOG_DIR", self.dir.path().join("logs"))
+        let mut c = common::bin::omniflow(self.dir.path(), args, [("DB_FILE", self.db())]);
+        c.env("LOG_DIR", self.dir.path().join("logs"))
             .env("OMNIFLOW_TIME_SCALE", "0.001");
         c
     }

@@ -9,7 +9,7 @@ mod fakes;
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "7012345678:AAHsEcReTtOkEnVaLuE0123456789abcdefXYZ";
@@ -50,18 +50,7 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in &self.vars {
-            c.env(k, v);
-        }
-        c
+        common::bin::omniflow(self.dir.path(), args, self.vars.iter().cloned())
     }
 
     fn spawn(&self, args: &[&str]) -> Child {
