@@ -1313,7 +1313,7 @@ async fn retrying_only_failed_steps_reuses_the_recorded_outputs() {
     let store = env.store.clone();
     let id = failed.run_id.clone();
     let (plan_bp, mut req) =
-        tokio::task::spawn_blocking(move || omniflow::tui::runtime::retry_plan(&store, &id, true))
+        tokio::task::spawn_blocking(move || omniflow::engine::retry_plan(&store, &id, true))
             .await
             .unwrap()
             .unwrap();
@@ -1335,8 +1335,8 @@ async fn retrying_only_failed_steps_reuses_the_recorded_outputs() {
     let (id, ok_id) = (failed.run_id.clone(), retried.run_id.clone());
     let (whole, refused) = tokio::task::spawn_blocking(move || {
         (
-            omniflow::tui::runtime::retry_plan(&store, &id, false),
-            omniflow::tui::runtime::retry_plan(&store, &ok_id, false),
+            omniflow::engine::retry_plan(&store, &id, false),
+            omniflow::engine::retry_plan(&store, &ok_id, false),
         )
     })
     .await

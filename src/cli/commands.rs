@@ -221,19 +221,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         }
         // One digest of the whole batch, when NOTIFY_DIGEST names channels.
         if all_active && !sandbox && !engine.config().notify_digest.is_empty() {
-            let runs: Vec<crate::notify::RunSummary> = outcomes
-                .iter()
-                .map(|o: &RunOutcome| crate::notify::RunSummary {
-                    run_id: o.run_id.clone(),
-                    blueprint: o.blueprint.clone(),
-                    status: o.status,
-                    total_time_ms: o.total_time_ms,
-                    steps: o.steps.len(),
-                    tokens_used: o.tokens_used,
-                    failed_step: o.failed_step.clone(),
-                    error: o.error.clone(),
-                })
-                .collect();
+            let runs: Vec<crate::notify::RunSummary> =
+                outcomes.iter().map(RunOutcome::summary).collect();
             let http = reqwest::Client::new();
             for e in crate::notify::send_digest(&http, engine.config(), &runs).await {
                 say_err!("warning: the digest was not sent: {e}");
@@ -648,14 +637,7 @@ fn replay_outputs(
             run.id, run.blueprint_name
         )));
     }
-    let steps = store
-        .run_steps(&run.id)
-        .map_err(|e| Failure::input(e.to_string()))?;
-    Ok(steps
-        .into_iter()
-        .filter(|s| s.status == crate::events::StepStatus::Success)
-        .filter_map(|s| Some((s.step_key, s.output?)))
-        .collect())
+    crate::engine::successful_outputs(store, &run.id).map_err(|e| Failure::input(e.to_string()))
 }
 
 fn status_icon(s: RunStatus) -> &'static str {

@@ -12,6 +12,7 @@ mod context;
 mod maintenance;
 mod nodes;
 pub mod panics;
+mod replay;
 mod resume;
 // The retry semantics sit below the engine (providers and notifications use them too); the
 // old path stays valid.
@@ -20,6 +21,7 @@ mod run;
 mod step;
 
 pub use maintenance::{rss_mb, Maintenance, Role};
+pub use replay::{recorded_blueprint, retry_plan, successful_outputs};
 pub use resume::ResumeError;
 
 use crate::blueprint::{parse_var_value, Blueprint, Priority};
@@ -204,6 +206,22 @@ pub struct RunOutcome {
     pub tokens_used: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+}
+
+impl RunOutcome {
+    /// What a run-level notification or the digest says about this run.
+    pub fn summary(&self) -> crate::notify::RunSummary {
+        crate::notify::RunSummary {
+            run_id: self.run_id.clone(),
+            blueprint: self.blueprint.clone(),
+            status: self.status,
+            total_time_ms: self.total_time_ms,
+            steps: self.steps.len(),
+            tokens_used: self.tokens_used,
+            failed_step: self.failed_step.clone(),
+            error: self.error.clone(),
+        }
+    }
 }
 
 /// A run in progress.

@@ -154,12 +154,8 @@ impl Engine {
                 })
             }
         }
-        let blueprint: Blueprint = row
-            .blueprint
-            .clone()
-            .ok_or_else(|| "no blueprint was recorded".to_string())
-            .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
-            .map_err(|reason| ResumeError::BadSnapshot {
+        let blueprint: Blueprint =
+            super::replay::recorded_blueprint(&row).map_err(|reason| ResumeError::BadSnapshot {
                 run_id: id.clone(),
                 reason,
             })?;

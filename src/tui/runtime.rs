@@ -12,13 +12,12 @@
 use super::app::{now_ms, App, Bg, Effect, Msg};
 use super::state::{BlueprintEntry, LogEntry, RunDetail};
 use super::terminal;
-use crate::blueprint::{self, Blueprint, LoadError};
-use crate::engine::{Engine, RunRequest};
-use crate::events::{RunStatus, StepStatus, Subscriber};
+use crate::blueprint::{self, LoadError};
+use crate::engine::Engine;
+use crate::events::Subscriber;
 use crate::store::Store;
 use futures_util::StreamExt;
 use ratatui::crossterm::event::{Event as TermEvent, EventStream};
-use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -312,10 +311,11 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
                 tokio::spawn(async move {
                     let store = ctx.store.clone();
                     let id = run_id.clone();
-                    let plan =
-                        tokio::task::spawn_blocking(move || retry_plan(&store, &id, only_failed))
-                            .await
-                            .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let plan = tokio::task::spawn_blocking(move || {
+                        crate::engine::retry_plan(&store, &id, only_failed)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
                     let msg = match plan {
                         Ok((bp, req)) => {
                             let reused = req.reuse.len();
@@ -457,56 +457,6 @@ fn load_detail(store: &Store, run_id: &str) -> Result<Box<RunDetail>, String> {
         steps,
         attempts,
     }))
-}
-
-/// The blueprint (as the run recorded it) and request of a retry. With `only_failed`, the
-/// outputs of the run's successful steps are reused (step keys are stable across runs of the
-/// same blueprint snapshot), so only the failed, cancelled and never-run steps run again.
-pub fn retry_plan(
-    store: &Store,
-    run_id: &str,
-    only_failed: bool,
-) -> Result<(Arc<Blueprint>, RunRequest), String> {
-    let run = store.find_run(run_id).map_err(|e| e.to_string())?;
-    if !matches!(run.status, RunStatus::Error | RunStatus::Cancelled) {
-        return Err(format!(
-            "run {} is {}: only a failed or cancelled run can be retried",
-            super::app::short(&run.id),
-            run.status.as_str()
-        ));
-    }
-    let snapshot = run
-        .blueprint
-        .clone()
-        .ok_or_else(|| format!("run {} has no blueprint snapshot to retry", run.id))?;
-    let bp: Blueprint = serde_json::from_value(snapshot)
-        .map_err(|e| format!("run {}'s blueprint snapshot no longer loads: {e}", run.id))?;
-    let mut reuse = HashMap::new();
-    if only_failed {
-        for s in store.run_steps(&run.id).map_err(|e| e.to_string())? {
-            if s.status == StepStatus::Success {
-                reuse.insert(s.step_key, s.output.unwrap_or(serde_json::Value::Null));
-            }
-        }
-    }
-    let variables = match run.variables {
-        serde_json::Value::Object(m) => m,
-        _ => serde_json::Map::new(),
-    };
-    Ok((
-        Arc::new(bp),
-        RunRequest {
-            variables,
-            sandbox: run.sandbox,
-            simulate_failures: run.simulate_failures,
-            seed: None,
-            priority: Some(run.priority),
-            trigger: crate::engine::Trigger::Retry,
-            parent_run_id: Some(run.id.clone()),
-            reuse,
-            ..RunRequest::default()
-        },
-    ))
 }
 
 /// Writes `text` to `path` through a temporary file and a rename, after copying the current
