@@ -618,49 +618,7 @@ impl App {
                 status,
                 total_time_ms,
                 error,
-            } => {
-                if let Some(r) = self.runs.get_mut(&run_id) {
-                    r.status = status;
-                }
-                // Finished runs leave the live list; history has them. The row on screen is
-                // updated now, so `r` works on it before the next history query lands.
-                self.runs.remove(&run_id);
-                // Best effort, bounded: a long session forgets the oldest of these at once.
-                if self.history.finished.len() >= 1024 {
-                    self.history.finished.clear();
-                }
-                self.history
-                    .finished
-                    .insert(run_id.clone(), (status, total_time_ms, error.clone()));
-                self.history.overlay_finished();
-                self.retrying.retain(|r| r.run_id != run_id);
-                let took = fmt_ms(total_time_ms);
-                match (status, error) {
-                    (RunStatus::Success, _) => {
-                        self.say(format!("{blueprint} {} finished in {took}", short(&run_id)))
-                    }
-                    // What happened first, the error after it (a narrow status line cuts
-                    // it there; m shows it whole), the keys kept at the end.
-                    (s, e) => {
-                        self.complain(format!(
-                            "{blueprint} {} {} after {took}{}",
-                            short(&run_id),
-                            if s == RunStatus::Error {
-                                "failed"
-                            } else {
-                                s.as_str()
-                            },
-                            e.map(|e| format!(": {}", first_line(&e)))
-                                .unwrap_or_default()
-                        ));
-                        if let Some(st) = &mut self.status {
-                            st.keys = Some("r retry · Enter details".into());
-                        }
-                    }
-                }
-                self.history.stale = true;
-                self.dirty = true;
-            }
+            } => self.on_run_finished(run_id, blueprint, status, total_time_ms, error),
             Event::RunReleased { run_id, blueprint } => {
                 // Handed over by a shutdown: another process (or `omniflow resume`) continues it.
                 self.runs.remove(&run_id);
@@ -674,8 +632,7 @@ impl App {
             }
             Event::FanOut { .. } => {}
             Event::StepStarted { run_id, step, .. } => {
-                self.retrying
-                    .retain(|r| !(r.run_id == run_id && r.step == step));
+                self.clear_retrying(&run_id, &step);
                 self.dirty = true;
             }
             Event::StepRetrying {
@@ -688,9 +645,7 @@ impl App {
                 ..
             } => {
                 self.spark.add_failed(self.now_ms);
-                self.retrying
-                    .retain(|r| !(r.run_id == run_id && r.step == step));
-                self.retrying.push(Retrying {
+                self.show_retrying(Retrying {
                     run_id,
                     step,
                     attempt,
@@ -710,9 +665,7 @@ impl App {
                 ..
             } => {
                 // Shown with the retry countdowns, but not counted as a failure.
-                self.retrying
-                    .retain(|r| !(r.run_id == run_id && r.step == step));
-                self.retrying.push(Retrying {
+                self.show_retrying(Retrying {
                     run_id,
                     step,
                     attempt: 0,
@@ -731,9 +684,7 @@ impl App {
                 limit,
                 ..
             } => {
-                self.retrying
-                    .retain(|r| !(r.run_id == run_id && r.step == step));
-                self.retrying.push(Retrying {
+                self.show_retrying(Retrying {
                     run_id,
                     step,
                     attempt: 0,
@@ -753,8 +704,7 @@ impl App {
                 status,
                 ..
             } => {
-                self.retrying
-                    .retain(|r| !(r.run_id == run_id && r.step == step));
+                self.clear_retrying(&run_id, &step);
                 match status {
                     StepStatus::Success => self.spark.add_done(self.now_ms),
                     StepStatus::Error => self.spark.add_failed(self.now_ms),
@@ -799,6 +749,70 @@ impl App {
             Event::Tokens { .. } | Event::AttemptFinished(_) => {}
         }
         self.clamp_selections();
+    }
+
+    /// A step's countdown (a retry's backoff, a rate limit's or a slot's wait) replaces the
+    /// one it had.
+    fn show_retrying(&mut self, r: Retrying) {
+        self.retrying
+            .retain(|x| !(x.run_id == r.run_id && x.step == r.step));
+        self.retrying.push(r);
+    }
+
+    fn clear_retrying(&mut self, run_id: &str, step: &str) {
+        self.retrying
+            .retain(|r| !(r.run_id == run_id && r.step == step));
+    }
+
+    fn on_run_finished(
+        &mut self,
+        run_id: String,
+        blueprint: String,
+        status: RunStatus,
+        total_time_ms: u64,
+        error: Option<String>,
+    ) {
+        if let Some(r) = self.runs.get_mut(&run_id) {
+            r.status = status;
+        }
+        // Finished runs leave the live list; history has them. The row on screen is
+        // updated now, so `r` works on it before the next history query lands.
+        self.runs.remove(&run_id);
+        // Best effort, bounded: a long session forgets the oldest of these at once.
+        if self.history.finished.len() >= 1024 {
+            self.history.finished.clear();
+        }
+        self.history
+            .finished
+            .insert(run_id.clone(), (status, total_time_ms, error.clone()));
+        self.history.overlay_finished();
+        self.retrying.retain(|r| r.run_id != run_id);
+        let took = fmt_ms(total_time_ms);
+        match (status, error) {
+            (RunStatus::Success, _) => {
+                self.say(format!("{blueprint} {} finished in {took}", short(&run_id)))
+            }
+            // What happened first, the error after it (a narrow status line cuts
+            // it there; m shows it whole), the keys kept at the end.
+            (s, e) => {
+                self.complain(format!(
+                    "{blueprint} {} {} after {took}{}",
+                    short(&run_id),
+                    if s == RunStatus::Error {
+                        "failed"
+                    } else {
+                        s.as_str()
+                    },
+                    e.map(|e| format!(": {}", first_line(&e)))
+                        .unwrap_or_default()
+                ));
+                if let Some(st) = &mut self.status {
+                    st.keys = Some("r retry · Enter details".into());
+                }
+            }
+        }
+        self.history.stale = true;
+        self.dirty = true;
     }
 
     // ---- background results ----------------------------------------------------------------
