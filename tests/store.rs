@@ -1,11 +1,16 @@
-//! The store against real SQLite files: a run's whole life, the original's monitoring
-//! queries verbatim, visibility to other connections, paging, lookups, backup and batching.
+//! The store's conformance suite: a run's whole life, the original's monitoring queries
+//! verbatim, visibility to other connections, paging, lookups, batching, leases and claims,
+//! each on both backends (`NAME::sqlite` on a temporary file, `NAME::postgres` on a scratch
+//! PostgreSQL database, skipped with a "skipped: no PostgreSQL at …" line when no server
+//! answers and `OMNIFLOW_TEST_PG` is unset). Then what only one backend has: SQLite's backup,
+//! PostgreSQL's migrations lock, reconnects and use from async code.
 
 use omniflow::blueprint::Priority;
 use omniflow::error::ErrorKind;
 use omniflow::events::{RunStatus, StepStatus};
+use omniflow::store::pg::testing::ScratchDb;
 use omniflow::store::{
-    iso8601, AttemptRecord, NewRun, NewStep, RunEnd, RunFilter, StepEnd, Store, StoreError,
+    AttemptRecord, NewRun, NewStep, RunEnd, RunFilter, StepEnd, Store, StoreError,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -50,6 +55,113 @@ fn temp_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("automation_runner.db")).unwrap();
     (dir, store)
+}
+
+/// The database a conformance test runs on, and a way to look at it as another client would.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(ScratchDb),
+}
+
+/// Rows as another client sees them: column names, then every value as text.
+type Raw = (Vec<String>, Vec<Vec<Option<String>>>);
+
+impl Db {
+    fn sqlite() -> Db {
+        Db::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres(test: &str) -> Option<Db> {
+        ScratchDb::new(test).map(Db::Postgres)
+    }
+
+    fn open_as(&self, owner: &str) -> Store {
+        match self {
+            Db::Sqlite(dir) => {
+                Store::open_as(&dir.path().join("automation_runner.db"), owner.into()).unwrap()
+            }
+            Db::Postgres(db) => Store::open_postgres_as(db.target(), owner.into()).unwrap(),
+        }
+    }
+
+    fn open(&self) -> Store {
+        self.open_as(&format!("{}:{}:0", "test-host", std::process::id()))
+    }
+
+    /// Runs `sql` verbatim on a connection of its own (`psql` or `sqlite3` would do the same).
+    fn raw(&self, sql: &str) -> Raw {
+        match self {
+            Db::Sqlite(dir) => {
+                let c =
+                    rusqlite::Connection::open(dir.path().join("automation_runner.db")).unwrap();
+                let mut q = c.prepare(sql).unwrap();
+                let names: Vec<String> = q.column_names().into_iter().map(String::from).collect();
+                let n = names.len();
+                let rows = q
+                    .query_map([], |r| {
+                        (0..n)
+                            .map(|i| {
+                                Ok(match r.get::<_, rusqlite::types::Value>(i)? {
+                                    rusqlite::types::Value::Null => None,
+                                    rusqlite::types::Value::Integer(v) => Some(v.to_string()),
+                                    rusqlite::types::Value::Real(v) => Some(v.to_string()),
+                                    rusqlite::types::Value::Text(v) => Some(v),
+                                    rusqlite::types::Value::Blob(_) => Some("<blob>".into()),
+                                })
+                            })
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .unwrap()
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .unwrap();
+                (names, rows)
+            }
+            Db::Postgres(db) => {
+                let mut c = db.target().connect().unwrap();
+                let mut names = Vec::new();
+                let mut rows = Vec::new();
+                for m in c.simple_query(sql).unwrap() {
+                    if let postgres::SimpleQueryMessage::Row(r) = m {
+                        if names.is_empty() {
+                            names = r.columns().iter().map(|c| c.name().to_string()).collect();
+                        }
+                        rows.push((0..r.len()).map(|i| r.get(i).map(String::from)).collect());
+                    }
+                }
+                (names, rows)
+            }
+        }
+    }
+}
+
+/// `NAME::sqlite` and `NAME::postgres`: one test body, both backends.
+macro_rules! on_both {
+    ($(#[$attr:meta])* fn $name:ident($db:ident, $store:ident) $body:block) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[allow(unused_variables)]
+            fn body($db: &Db, $store: Store) $body
+
+            #[test]
+            fn sqlite() {
+                let db = Db::sqlite();
+                let store = db.open();
+                body(&db, store);
+            }
+
+            #[test]
+            fn postgres() {
+                let Some(db) = Db::postgres(stringify!($name)) else {
+                    return;
+                };
+                let store = db.open();
+                body(&db, store);
+            }
+        }
+    };
 }
 
 fn is_iso_utc(s: &str) -> bool {
@@ -145,9 +257,8 @@ fn record_lifecycle(store: &Store, id: &str) {
     });
 }
 
-#[test]
-fn a_runs_whole_life_reads_back() {
-    let (_dir, store) = temp_store();
+on_both! {
+fn a_runs_whole_life_reads_back(db, store) {
     record_lifecycle(&store, "run-1");
     store.flush_blocking();
     assert_eq!(store.take_write_error(), None);
@@ -166,11 +277,16 @@ fn a_runs_whole_life_reads_back() {
     );
     assert_eq!((run.steps_total, run.steps_done), (Some(3), Some(3)));
     assert_eq!((run.total_time_ms, run.tokens_used), (Some(1200), 24));
-    assert_eq!(run.queued_at, "2026-11-27T09:44:38.000Z");
-    assert_eq!(run.started_at.as_deref(), Some("2026-11-27T09:44:38.010Z"));
-    assert_eq!(run.finished_at.as_deref(), Some("2026-11-27T09:44:39.200Z"));
-    for t in [&run.queued_at, run.started_at.as_ref().unwrap()] {
-        assert!(is_iso_utc(t), "{t}");
+    assert_eq!(run.queued_at, at(0));
+    assert_eq!(run.started_at, Some(at(10)));
+    assert_eq!(run.finished_at, Some(at(1200)));
+    // `--json` output shows times as ISO-8601 UTC with milliseconds, as it always has.
+    let shown = serde_json::to_value(&run).unwrap();
+    assert_eq!(shown["queued_at"], "2026-11-27T09:44:38.000Z");
+    assert_eq!(shown["started_at"], "2026-11-27T09:44:38.010Z");
+    assert_eq!(shown["finished_at"], "2026-11-27T09:44:39.200Z");
+    for t in [&shown["queued_at"], &shown["started_at"]] {
+        assert!(is_iso_utc(t.as_str().unwrap()), "{t}");
     }
     assert_eq!(store.list_runs(&RunFilter::default()).unwrap(), vec![run]);
 
@@ -180,18 +296,14 @@ fn a_runs_whole_life_reads_back() {
     let s1 = &steps[1];
     assert_eq!(s1.status, StepStatus::Success);
     assert_eq!((s1.attempts, s1.item_index), (2, Some(1)));
-    assert_eq!(
-        s1.started_at.as_deref(),
-        Some(iso8601(at(20)).as_str()),
-        "first attempt's start"
-    );
+    assert_eq!(s1.started_at, Some(at(20)), "first attempt's start");
     assert_eq!(s1.output, Some(json!("summary 1")));
     assert_eq!(s1.input, Some(json!({"item": 1})));
     assert_eq!(
         s1.model.as_deref(),
         Some("mistralai/Mistral-7B-Instruct-v0.2")
     );
-    assert!(s1.finished_at.as_deref().is_some_and(is_iso_utc));
+    assert_eq!(s1.finished_at, Some(at(1100)));
     assert_eq!(steps[2].status, StepStatus::Skipped);
 
     let attempts = store.run_attempts("run-1").unwrap();
@@ -210,13 +322,13 @@ fn a_runs_whole_life_reads_back() {
     let failed = &attempts[1];
     assert_eq!(failed.error_kind.as_deref(), Some("model_loading"));
     assert_eq!((failed.wait_ms, failed.duration_ms), (Some(1000), 40));
-    assert!(is_iso_utc(&failed.started_at) && is_iso_utc(&failed.finished_at));
+    assert_eq!((failed.started_at, failed.finished_at), (at(20), at(60)));
     assert_eq!(attempts[2].wait_ms, None);
 }
+}
 
-#[test]
-fn the_original_monitoring_queries_work_verbatim() {
-    let (dir, store) = temp_store();
+on_both! {
+fn the_original_monitoring_queries_work_verbatim(db, store) {
     store.insert_run(new_run("a", "alpha", 0));
     store.run_started("a", at(100), 1);
     store.run_finished(run_end("a", RunStatus::Success, 300));
@@ -226,78 +338,59 @@ fn the_original_monitoring_queries_work_verbatim() {
     store.insert_run(new_run("c", "gamma", 500)); // still queued: sorts by its queue time
     store.flush_blocking();
 
-    let c = rusqlite::Connection::open(dir.path().join("automation_runner.db")).unwrap();
-    let mut q = c
-        .prepare("SELECT blueprint_name, status, total_time_ms FROM runner_executions ORDER BY started_at DESC LIMIT 10;")
-        .unwrap();
-    let rows: Vec<(String, String, Option<i64>)> = q
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let (_, rows) = db.raw(
+        "SELECT blueprint_name, status, total_time_ms FROM runner_executions ORDER BY started_at DESC LIMIT 10;",
+    );
+    let s = |v: &str| Some(v.to_string());
     assert_eq!(
         rows,
         [
-            ("gamma".into(), "queued".into(), None),
-            ("beta".into(), "error".into(), Some(400)),
-            ("alpha".into(), "success".into(), Some(300)),
+            vec![s("gamma"), s("queued"), None],
+            vec![s("beta"), s("error"), s("400")],
+            vec![s("alpha"), s("success"), s("300")],
         ]
     );
 
-    let mut q = c
-        .prepare("SELECT * FROM runner_executions WHERE status = 'error';")
-        .unwrap();
-    let names: Vec<String> = q.column_names().into_iter().map(String::from).collect();
-    let rows: Vec<(String, String)> = q
-        .query_map([], |r| {
-            Ok((
-                r.get(names.iter().position(|n| n == "id").unwrap())?,
-                r.get(names.iter().position(|n| n == "error").unwrap())?,
-            ))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(rows, [("b".into(), "summarize[1]: server: 500".into())]);
-    for col in [
-        "id",
-        "blueprint_name",
-        "status",
-        "total_time_ms",
-        "started_at",
-        "finished_at",
-        "error",
+    for query in [
+        "SELECT * FROM runner_executions WHERE status='error';",
+        "SELECT * FROM runner_executions WHERE status = 'error';",
     ] {
-        assert!(names.iter().any(|n| n == col), "missing {col}");
+        let (names, rows) = db.raw(query);
+        let col = |name: &str| names.iter().position(|n| n == name).unwrap();
+        assert_eq!(rows.len(), 1, "{query}");
+        assert_eq!(rows[0][col("id")], s("b"));
+        assert_eq!(rows[0][col("error")], s("summarize[1]: server: 500"));
+        for c in [
+            "id",
+            "blueprint_name",
+            "status",
+            "total_time_ms",
+            "started_at",
+            "finished_at",
+            "error",
+        ] {
+            assert!(names.iter().any(|n| n == c), "missing {c}");
+        }
     }
 }
+}
 
-#[test]
-fn another_connection_sees_a_run_in_progress() {
-    let (dir, store) = temp_store();
+on_both! {
+fn another_connection_sees_a_run_in_progress(db, store) {
     store.insert_run(new_run("live", "alpha", 0));
     store.run_started("live", at(5), 4);
     store.run_progress("live", 1, 10);
     store.flush_blocking();
-    let c = rusqlite::Connection::open(dir.path().join("automation_runner.db")).unwrap();
-    let (status, done): (String, i64) = c
-        .query_row(
-            "SELECT status, steps_done FROM runner_executions WHERE id = 'live'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!((status.as_str(), done), ("running", 1));
-    // …and a plain reader does not block the writer (WAL).
-    let _read = c.prepare("SELECT * FROM runner_executions").unwrap();
+    let (_, rows) = db.raw("SELECT status, steps_done FROM runner_executions WHERE id = 'live'");
+    assert_eq!(rows, [vec![Some("running".to_string()), Some("1".to_string())]]);
     store.run_finished(run_end("live", RunStatus::Success, 50));
     store.flush_blocking();
     assert_eq!(store.find_run("live").unwrap().status, RunStatus::Success);
 }
+}
 
-#[test]
-fn keyset_paging_returns_every_run_once_newest_first() {
-    let (_dir, store) = temp_store();
+on_both! {
+fn keyset_paging_returns_every_run_once_newest_first(db, store) {
     let total = 1_200u64;
     for i in 0..total {
         let id = format!("run-{i:05}");
@@ -355,10 +448,11 @@ fn keyset_paging_returns_every_run_once_newest_first() {
 
     assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), total);
     assert_eq!(store.count_runs(&alpha_errors).unwrap(), 80);
+    let oldest = store.find_run(&all.last().unwrap().1).unwrap();
     let beta = RunFilter {
         blueprint: Some("beta".into()),
         limit: 1,
-        before: Some(("0".into(), "x".into())),
+        before: RunFilter::cursor_after(&oldest),
         ..RunFilter::default()
     };
     assert_eq!(
@@ -378,10 +472,10 @@ fn keyset_paging_returns_every_run_once_newest_first() {
         .unwrap()
         .is_empty());
 }
+}
 
-#[test]
-fn runs_are_found_by_id_or_unique_prefix() {
-    let (_dir, store) = temp_store();
+on_both! {
+fn runs_are_found_by_id_or_unique_prefix(db, store) {
     for id in ["abc123", "abc124", "abd999", "abc", "x*y", "xzy"] {
         store.insert_run(new_run(id, "alpha", 0));
     }
@@ -421,6 +515,7 @@ fn runs_are_found_by_id_or_unique_prefix() {
         panic!("ambiguous expected")
     };
     assert_eq!(ids.len(), 5, "at most five ids are listed");
+}
 }
 
 #[test]
@@ -474,7 +569,7 @@ fn a_backup_taken_while_writing_opens_and_holds_the_runs() {
     let copy = Store::open(&dest).unwrap();
     assert_eq!(copy.count_runs(&RunFilter::default()).unwrap(), 3_000);
 
-    let err = store.backup(store.path()).unwrap_err();
+    let err = store.backup(store.path().unwrap()).unwrap_err();
     assert!(matches!(err, StoreError::Backup { .. }), "{err:?}");
     let err = store
         .backup(&dir.path().join("missing-dir/x.db"))
@@ -482,9 +577,8 @@ fn a_backup_taken_while_writing_opens_and_holds_the_runs() {
     assert!(err.to_string().contains("cannot back up"), "{err}");
 }
 
-#[test]
-fn ten_thousand_writes_then_flush_are_all_there() {
-    let (_dir, store) = temp_store();
+on_both! {
+fn ten_thousand_writes_then_flush_are_all_there(db, store) {
     store.insert_run(new_run("big", "alpha", 0));
     store.run_started("big", at(1), 3_333);
     let mut writes = 2;
@@ -539,6 +633,7 @@ fn ten_thousand_writes_then_flush_are_all_there() {
     );
     assert_eq!(store.take_write_error(), None);
     eprintln!("{writes} writes committed in {took:?}");
+}
 }
 
 /// Many processes (played here by threads with their own connections) creating one new

@@ -844,18 +844,14 @@ pub fn runs(args: RunsArgs) -> Result<ExitCode, Failure> {
         "TOKENS"
     );
     for r in rows {
-        let started = r.started_at.as_deref().unwrap_or(&r.queued_at);
+        let started = r.started_at.unwrap_or(r.queued_at);
         say_out!(
             "{:<14} {:<20} {:<10} {:<20} {:>9} {:>7}  {}",
             r.id,
             clip(&r.blueprint_name, 20),
             r.status.as_str(),
             // To the second: `2026-11-27 13:24:56`.
-            started
-                .replace('T', " ")
-                .chars()
-                .take(19)
-                .collect::<String>(),
+            crate::store::utc_date_time(started),
             r.total_time_ms
                 .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_else(|| "-".into()),
@@ -903,8 +899,12 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
     );
     say_out!(
         "started {}  finished {}  took {}  tokens {}  trigger {}",
-        run.started_at.as_deref().unwrap_or("-"),
-        run.finished_at.as_deref().unwrap_or("-"),
+        run.started_at
+            .map(crate::store::iso8601)
+            .unwrap_or_else(|| "-".into()),
+        run.finished_at
+            .map(crate::store::iso8601)
+            .unwrap_or_else(|| "-".into()),
         run.total_time_ms
             .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
             .unwrap_or_else(|| "-".into()),

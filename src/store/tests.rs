@@ -118,8 +118,8 @@ fn a_finished_run_keeps_its_first_end_and_cannot_restart() {
 
     let run = store.find_run("r1").unwrap();
     assert_eq!(run.status, RunStatus::Success);
-    assert_eq!(run.finished_at.as_deref(), Some(iso8601(at(100)).as_str()));
-    assert_eq!(run.started_at.as_deref(), Some(iso8601(at(10)).as_str()));
+    assert_eq!(run.finished_at, Some(at(100)));
+    assert_eq!(run.started_at, Some(at(10)));
     assert_eq!(run.steps_total, Some(2));
     assert_eq!(run.tokens_used, 7);
     assert_eq!(run.error, None);
@@ -193,7 +193,7 @@ fn step_transitions_are_guarded() {
         a.attempts, 1,
         "the final record's count wins over the started one"
     );
-    assert_eq!(a.started_at.as_deref(), Some(iso8601(at(2)).as_str()));
+    assert_eq!(a.started_at, Some(at(2)));
     assert_eq!(a.input, Some(json!({"x": 1})));
     assert_eq!(a.output, Some(json!("out")));
     let b = &steps[1];
@@ -321,7 +321,7 @@ fn reopening_is_idempotent_and_records_the_version() {
     let path = dir.path().join("a/b/c/history.db");
     drop(Store::open(&path).unwrap());
     let store = Store::open(&path).unwrap();
-    let c = rusqlite::Connection::open(store.path()).unwrap();
+    let c = rusqlite::Connection::open(store.path().unwrap()).unwrap();
     let v: i64 = c
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();

@@ -193,7 +193,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         app.memory.threshold_mb = config.memory_threshold_mb;
         app.logs.problem = log_problem;
         app.history.banner = db_banner;
-        app.db_path = store.path().display().to_string();
+        app.db_path = store.place();
         app.schedules_here = opts.schedules;
         app.no_provider = no_provider(&config);
         app.startup_problems = problems;

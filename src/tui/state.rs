@@ -351,7 +351,7 @@ pub struct HistoryState {
     /// Runs matching the filter, when counted.
     pub total: Option<u64>,
     /// `cursors[i]` is the keyset cursor of page `i` (`None` for the first).
-    pub cursors: Vec<Option<(String, String)>>,
+    pub cursors: Vec<Option<crate::store::RunCursor>>,
     pub page: usize,
     pub selected: usize,
     pub status: Option<RunStatus>,
