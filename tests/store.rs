@@ -60,7 +60,7 @@ fn temp_store() -> (tempfile::TempDir, Store) {
 /// The database a conformance test runs on, and a way to look at it as another client would.
 enum Db {
     Sqlite(tempfile::TempDir),
-    Postgres(ScratchDb),
+    Postgres(Box<ScratchDb>),
 }
 
 /// Rows as another client sees them: column names, then every value as text.
@@ -72,7 +72,7 @@ impl Db {
     }
 
     fn postgres(test: &str) -> Option<Db> {
-        ScratchDb::new(test).map(Db::Postgres)
+        ScratchDb::new(test).map(|db| Db::Postgres(Box::new(db)))
     }
 
     fn open_as(&self, owner: &str) -> Store {
@@ -422,7 +422,7 @@ fn keyset_paging_returns_every_run_once_newest_first(db, store) {
     assert_eq!(all.len() as u64, total);
     let unique: HashSet<_> = all.iter().map(|r| r.1.clone()).collect();
     assert_eq!(unique.len() as u64, total);
-    let keys: Vec<_> = all.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
+    let keys: Vec<_> = all.iter().map(|r| (r.0, r.1.clone())).collect();
     let mut sorted = keys.clone();
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(keys, sorted, "newest first, then id descending");

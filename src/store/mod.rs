@@ -96,7 +96,7 @@ struct Inner {
 /// Each holds its writer's queue; the writer thread itself is [`Inner::writer`].
 pub(crate) enum Backend {
     Sqlite(SqliteBackend),
-    Postgres(pg::backend::PgBackend),
+    Postgres(Box<pg::backend::PgBackend>),
 }
 
 pub(crate) struct SqliteBackend {
@@ -145,7 +145,7 @@ impl std::fmt::Debug for Store {
 #[derive(Debug, Clone)]
 pub enum Location {
     Sqlite(PathBuf),
-    Postgres(PgTarget),
+    Postgres(Box<PgTarget>),
 }
 
 impl Store {
@@ -181,7 +181,7 @@ impl Store {
             pg::backend::PgBackend::open(target, owner.clone(), shared.clone())?;
         Ok(Store {
             inner: Arc::new(Inner {
-                backend: Backend::Postgres(backend),
+                backend: Backend::Postgres(Box::new(backend)),
                 writer: Some(writer),
                 shared,
                 owner,

@@ -138,7 +138,7 @@ fn a_queued_run_sorts_by_queue_time_until_it_starts() {
     store.flush_blocking();
     let run = store.find_run("r1").unwrap();
     assert_eq!(run.status, RunStatus::Queued);
-    assert_eq!(run.started_at, Some(run.queued_at.clone()));
+    assert_eq!(run.started_at, Some(run.queued_at));
     // A non-final "end" is refused.
     store.run_finished(end("r1", RunStatus::Running, 9));
     store.flush_blocking();
