@@ -673,3 +673,391 @@ fn many_openers_of_a_new_database_all_succeed() {
         );
     }
 }
+
+// ---- leases, claims and the provider cache, on both backends ------------------------------
+
+fn health(role: &str) -> omniflow::store::Health {
+    omniflow::store::Health {
+        role: role.into(),
+        at: SystemTime::now(),
+        rss_mb: Some(42.0),
+        pool: omniflow::events::PoolStats {
+            concurrency: 40,
+            ..Default::default()
+        },
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+on_both! {
+fn a_run_belongs_to_its_live_owner_and_moves_on_when_it_stops(db, store) {
+    use omniflow::store::Claim;
+    let lease = Duration::from_secs(60);
+    // Owners on another host: only their heartbeats (the lease) say whether they live.
+    let a = db.open_as("host-a:101:0");
+    let b = db.open_as("host-b:202:0");
+    a.heartbeat(health("daemon"));
+    b.heartbeat(health("console"));
+    a.insert_run(new_run("r1", "alpha", 0));
+    a.flush_blocking();
+    b.flush_blocking();
+
+    match block_on(b.claim_run("r1", lease, 3)).unwrap() {
+        Claim::Live { owner, role, expires_in } => {
+            assert_eq!(owner, "host-a:101:0");
+            assert_eq!(role.as_deref(), Some("daemon"));
+            assert!(expires_in <= lease);
+        }
+        other => panic!("expected a live owner, got {other:?}"),
+    }
+    assert_eq!(block_on(a.claim_run("r1", lease, 3)).unwrap(), Claim::Mine);
+    assert!(b.orphaned_runs(lease).unwrap().is_empty());
+
+    a.process_stopped();
+    a.flush_blocking();
+    assert_eq!(b.orphaned_runs(lease).unwrap(), ["r1"]);
+    assert_eq!(
+        block_on(b.claim_run("r1", lease, 3)).unwrap(),
+        Claim::Claimed { takeovers: 1 }
+    );
+    match block_on(a.claim_run("r1", lease, 3)).unwrap() {
+        Claim::Live { owner, role, .. } => {
+            assert_eq!((owner.as_str(), role.as_deref()), ("host-b:202:0", Some("console")));
+        }
+        other => panic!("expected b to hold it, got {other:?}"),
+    }
+    assert_eq!(block_on(b.claim_run("nope", lease, 3)).unwrap(), Claim::NotFound);
+
+    let procs = b.processes(lease).unwrap();
+    let state = |id: &str| procs.iter().find(|p| p.id == id).map(|p| p.state());
+    assert_eq!(state("host-a:101:0"), Some("stopped"));
+    assert_eq!(state("host-b:202:0"), Some("alive"));
+    let pa = procs.iter().find(|p| p.id == "host-a:101:0").unwrap();
+    assert_eq!((pa.role.as_str(), pa.concurrency, pa.rss_mb), ("daemon", Some(40), Some(42.0)));
+    assert!(pa.stopped_at.is_some_and(|s| s >= pa.started_at));
+
+    // A silent owner loses its runs once its lease runs out.
+    b.insert_run(new_run("r2", "alpha", 1));
+    b.flush_blocking();
+    std::thread::sleep(Duration::from_millis(300));
+    let short = Duration::from_millis(100);
+    assert_eq!(
+        block_on(a.claim_run("r2", short, 3)).unwrap(),
+        Claim::Claimed { takeovers: 1 }
+    );
+
+    // A run whose owners keep dying is failed instead of claimed again.
+    b.heartbeat(health("daemon"));
+    b.flush_blocking();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        block_on(b.claim_run("r2", short, 1)).unwrap(),
+        Claim::Exhausted { takeovers: 2 }
+    );
+    let r2 = store.find_run("r2").unwrap();
+    assert_eq!(r2.status, RunStatus::Error);
+    assert_eq!(r2.error_kind.as_deref(), Some("interrupted"));
+    assert_eq!(block_on(b.claim_run("r2", short, 1)).unwrap(), Claim::Finished);
+}
+}
+
+on_both! {
+fn a_schedule_slot_fires_once_among_processes_and_a_message_is_sent_once(db, store) {
+    use omniflow::store::NotificationRecord;
+    let slot = UNIX_EPOCH + Duration::from_secs(1_795_773_600);
+    let stores: Vec<Store> = (0..3).map(|i| db.open_as(&format!("host-{i}:{i}:0"))).collect();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let wins: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = stores
+            .iter()
+            .map(|st| {
+                let barrier = barrier.clone();
+                s.spawn(move || {
+                    barrier.wait();
+                    usize::from(st.claim_slot("nightly", slot).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(wins, 1, "exactly one process fires the slot");
+    assert!(!store.claim_slot("nightly", slot).unwrap());
+    store.slot_run("nightly", slot, "run-9").unwrap();
+    assert_eq!(store.last_slot("nightly").unwrap(), Some(slot));
+    assert_eq!(store.last_slot("other").unwrap(), None);
+    let slots = store.slots_of("nightly").unwrap();
+    assert_eq!(slots.len(), 1);
+    assert_eq!((slots[0].slot, slots[0].run_id.as_deref()), (slot, Some("run-9")));
+
+    store.insert_run(new_run("first", "alpha", 0));
+    store.insert_run(NewRun {
+        parent_run_id: Some("first".into()),
+        ..new_run("retry", "alpha", 1)
+    });
+    store.flush_blocking();
+    assert_eq!(store.root_run_id("retry").unwrap(), "first");
+    assert_eq!(store.root_run_id("unknown").unwrap(), "unknown");
+
+    assert_eq!(store.notification_sent("k1").unwrap(), None);
+    for (key, part) in [("k1", 1), ("k2", 2), ("k1", 1)] {
+        store
+            .record_notification(&NotificationRecord {
+                dedupe_key: key.into(),
+                run_id: "first".into(),
+                step_key: "post".into(),
+                channel: "telegram".into(),
+                part,
+                message_ids: json!([part]),
+            })
+            .unwrap();
+    }
+    assert_eq!(store.notification_sent("k1").unwrap(), Some(json!([1])));
+    assert_eq!(
+        store.notifications_of("first").unwrap(),
+        [
+            ("post".to_string(), "telegram".to_string(), 1),
+            ("post".to_string(), "telegram".to_string(), 2)
+        ]
+    );
+}
+}
+
+on_both! {
+fn cached_answers_expire_and_fallbacks_are_kept_per_attempt(db, store) {
+    use omniflow::store::CachedAnswer;
+    let t0 = at(0);
+    store.cache_put(CachedAnswer {
+        key: "k".into(),
+        provider: "ollama".into(),
+        model: "llama3".into(),
+        output: "hello".into(),
+        tokens_used: 5,
+        created_at: t0,
+        expires_at: t0 + Duration::from_secs(60),
+    });
+    record_lifecycle(&store, "run-1");
+    store.attempt_fallback("run-1", "summarize[1]", 2, "huggingface: rate limited");
+    store.attempt_fallback("run-1", "nope", 1, "ignored: no such attempt");
+    store.flush_blocking();
+    let hit = store.cache_get("k", t0 + Duration::from_secs(1)).unwrap().unwrap();
+    assert_eq!((hit.output.as_str(), hit.tokens_used), ("hello", 5));
+    assert_eq!((hit.created_at, hit.expires_at), (t0, t0 + Duration::from_secs(60)));
+    assert_eq!(store.cache_get("k", t0 + Duration::from_secs(61)).unwrap(), None);
+    assert_eq!(store.cache_get("other", t0).unwrap(), None);
+    assert_eq!(
+        store.run_fallbacks("run-1").unwrap(),
+        [("summarize[1]".to_string(), 2, "huggingface: rate limited".to_string())]
+    );
+    assert!(store.schema_version().unwrap() >= 1);
+    assert_eq!(store.take_write_error(), None, "guarded no-ops are not errors");
+}
+}
+
+// ---- from async code: never "Cannot start a runtime from within a runtime" ------------------
+
+async fn reads_and_writes_from_async_code(store: Store) {
+    store.heartbeat(health("console"));
+    store.insert_run(new_run("async-1", "alpha", 0));
+    store.run_started("async-1", at(1), 1);
+    store.flush().await;
+    // Blocking reads, called straight from a task (as careless code would).
+    assert_eq!(
+        store.find_run("async-1").unwrap().status,
+        RunStatus::Running
+    );
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 1);
+    assert!(store.claim_slot("bp", at(0)).unwrap());
+    assert_eq!(
+        store
+            .claim_run("async-1", Duration::from_secs(60), 3)
+            .await
+            .unwrap(),
+        omniflow::store::Claim::Mine
+    );
+    store.run_finished(run_end("async-1", RunStatus::Success, 5));
+    store.flush_durable().await;
+    let s = store.clone();
+    let status = tokio::task::spawn_blocking(move || s.find_run("async-1").unwrap().status)
+        .await
+        .unwrap();
+    assert_eq!(status, RunStatus::Success);
+    // The last clone dropped on the runtime: the writer finishes on its own thread.
+    drop(store);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn postgres_from_a_current_thread_runtime() {
+    let Some(db) = ScratchDb::new("async_current_thread") else {
+        return;
+    };
+    // Opening connects on a thread of the store's, not on this runtime.
+    let store = Store::open_postgres(db.target()).unwrap();
+    reads_and_writes_from_async_code(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_from_a_multi_thread_runtime() {
+    let Some(db) = ScratchDb::new("async_multi_thread") else {
+        return;
+    };
+    let store = Store::open_postgres(db.target()).unwrap();
+    reads_and_writes_from_async_code(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_a_multi_thread_runtime() {
+    let (_dir, store) = temp_store();
+    reads_and_writes_from_async_code(store).await;
+}
+
+// ---- what only PostgreSQL has ----------------------------------------------------------------
+
+/// Ends every other session on the scratch database, as a server restart or an operator's
+/// `pg_terminate_backend` would.
+fn terminate_sessions(db: &ScratchDb) -> u64 {
+    let mut c = db.target().connect().unwrap();
+    let rows = c
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name()],
+        )
+        .unwrap();
+    rows.len() as u64
+}
+
+#[test]
+fn a_dropped_connection_is_reconnected_and_no_write_is_lost() {
+    let Some(db) = ScratchDb::new("reconnect") else {
+        return;
+    };
+    let store = Store::open_postgres(db.target()).unwrap();
+    for i in 0..100 {
+        store.insert_run(new_run(&format!("a{i:04}"), "alpha", i));
+    }
+    store.flush_blocking();
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 100);
+    assert!(
+        terminate_sessions(&db) >= 1,
+        "the writer's session was ended"
+    );
+    // Writes and reads after the cut go through new connections.
+    for i in 0..100 {
+        store.insert_run(new_run(&format!("b{i:04}"), "beta", i));
+    }
+    store.flush_blocking();
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 200);
+
+    // Cut while a stream of writes is in flight, several times.
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for i in 0..3_000u64 {
+                store.insert_run(new_run(&format!("c{i:05}"), "gamma", i));
+                if i % 500 == 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            store.flush_blocking();
+        })
+    };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(30));
+        terminate_sessions(&db);
+    }
+    writer.join().unwrap();
+    store.flush_blocking();
+    let gamma = RunFilter {
+        blueprint: Some("gamma".into()),
+        ..RunFilter::default()
+    };
+    assert_eq!(
+        store.count_runs(&gamma).unwrap(),
+        3_000,
+        "nothing lost ({:?})",
+        store.take_write_error()
+    );
+    assert_eq!(store.take_write_error(), None);
+    assert_eq!(store.write_problem(), None);
+}
+
+#[test]
+fn a_postgres_database_migrated_by_a_newer_omniflow_is_refused() {
+    let Some(db) = ScratchDb::new("newer") else {
+        return;
+    };
+    drop(Store::open_postgres(db.target()).unwrap());
+    let mut c = db.target().connect().unwrap();
+    c.execute(
+        "INSERT INTO omniflow_migrations (version, description) VALUES (999, 'from the future')",
+        &[],
+    )
+    .unwrap();
+    let err = Store::open_postgres(db.target()).unwrap_err();
+    assert!(
+        matches!(err, StoreError::NewerMigrations { found: 999, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), omniflow::store::StoreErrorKind::Newer);
+    assert!(err.to_string().contains("upgrade omniflow"), "{err}");
+}
+
+#[test]
+fn processes_starting_together_on_a_new_postgres_database_all_succeed() {
+    let Some(db) = ScratchDb::new("openers") else {
+        return;
+    };
+    let target = db.target().clone();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let threads: Vec<_> = (0..6)
+        .map(|i| {
+            let (target, barrier) = (target.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let store = Store::open_postgres_as(&target, format!("host-{i}:{i}:0"))
+                    .map_err(|e| format!("open failed: {e}"))?;
+                store.insert_run(new_run(&format!("r{i}"), "race", i));
+                store.flush_blocking();
+                store.take_write_error().map_or(Ok(()), Err)
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    let store = Store::open_postgres(&target).unwrap();
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 6);
+    let mut c = target.connect().unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM omniflow_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n,
+        omniflow::store::pg::schema::LATEST,
+        "each migration applied once"
+    );
+}
+
+#[test]
+fn backup_on_postgres_says_to_use_pg_dump() {
+    let Some(db) = ScratchDb::new("backup") else {
+        return;
+    };
+    let store = Store::open_postgres(db.target()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = store.backup(&dir.path().join("copy.db")).unwrap_err();
+    assert!(err.to_string().contains("pg_dump"), "{err}");
+    assert_eq!(store.path(), None);
+    assert_eq!(
+        store.postgres().map(|t| t.shown()),
+        Some(db.target().shown())
+    );
+}

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 const MAX_BATCH: usize = 8192;
 /// Reader threads, each with its own connection.
 const READERS: usize = 3;
+/// How long a batch keeps trying new connections before it is held back.
+const RECONNECT_FOR: Duration = Duration::from_secs(15);
 /// How often writes held back by an unreachable server are tried again.
 const DOWN_RETRY: Duration = Duration::from_millis(500);
 
@@ -421,10 +423,20 @@ fn apply_batch(
     shown: &str,
 ) -> bool {
     let started = Instant::now();
-    let mut tries = 0;
+    // A lost connection (restart, failover, `pg_terminate_backend`) is retried on a fresh one
+    // for a while before the batch is held back: most cuts last well under this.
+    let deadline = started + RECONNECT_FOR;
+    let mut pause = Duration::from_millis(10);
+    let mut conflicts = 0;
     let err = loop {
         let client = match conn.client() {
             Ok(c) => c,
+            Err(message) if Instant::now() < deadline => {
+                tracing::debug!(database = shown, error = %message, "reconnecting");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(500));
+                continue;
+            }
             Err(message) => {
                 down(shared, shown, &message);
                 return false;
@@ -437,14 +449,13 @@ fn apply_batch(
                 *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 return true;
             }
-            Err(e) if lost(&e) && tries < 2 => {
-                tries += 1;
+            Err(e) if lost(&e) && Instant::now() < deadline => {
                 tracing::warn!(database = shown, error = %e, "PostgreSQL connection lost while writing; reconnecting and applying the batch again");
                 conn.client = None;
             }
-            Err(e) if retryable(&e) && tries < 5 => {
-                tries += 1;
-                tracing::warn!(database = shown, error = %e, tries, "write conflict; applying the batch again");
+            Err(e) if retryable(&e) && conflicts < 5 => {
+                conflicts += 1;
+                tracing::warn!(database = shown, error = %e, conflicts, "write conflict; applying the batch again");
             }
             Err(e) => break e,
         }
