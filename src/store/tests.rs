@@ -1,5 +1,7 @@
-//! Unit tests of the guards, the opening checks and the writer's failure handling, on real
-//! SQLite files in temporary directories.
+//! Unit tests of the guards, the opening checks and the writer's failure handling. The guards
+//! and the writer's handling run on both backends (`NAME::sqlite` on a real SQLite file,
+//! `NAME::postgres` on a scratch PostgreSQL database, skipped with a line when no server
+//! answers); the file checks are SQLite's own.
 
 use super::*;
 use crate::blueprint::Priority;
@@ -69,6 +71,70 @@ fn open_temp() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// Where a conformance test's store lives.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(Box<pg::testing::ScratchDb>),
+}
+
+impl Db {
+    fn open(&self) -> Store {
+        match self {
+            Db::Sqlite(dir) => Store::open(&dir.path().join("history.db")).unwrap(),
+            Db::Postgres(db) => Store::open_postgres(db.target()).unwrap(),
+        }
+    }
+
+    /// Runs statements as another client would; `sqlite` and `postgres` are the same change
+    /// in each dialect.
+    fn exec(&self, sqlite: &str, postgres: &str) {
+        match self {
+            Db::Sqlite(dir) => rusqlite::Connection::open(dir.path().join("history.db"))
+                .unwrap()
+                .execute_batch(sqlite)
+                .unwrap(),
+            Db::Postgres(db) => {
+                let target = db.target().clone();
+                let sql = postgres.to_string();
+                // The driver must not run on a test's async runtime.
+                std::thread::spawn(move || target.connect().unwrap().batch_execute(&sql).unwrap())
+                    .join()
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// One test body, both backends.
+macro_rules! on_both {
+    (fn $name:ident($db:ident, $store:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[allow(unused_variables)]
+            fn body($db: &Db, $store: Store) $body
+
+            #[test]
+            fn sqlite() {
+                let db = Db::Sqlite(tempfile::tempdir().unwrap());
+                let store = db.open();
+                body(&db, store);
+            }
+
+            #[test]
+            fn postgres() {
+                let Some(db) = pg::testing::ScratchDb::new(stringify!($name)) else {
+                    return;
+                };
+                let db = Db::Postgres(Box::new(db));
+                let store = db.open();
+                body(&db, store);
+            }
+        }
+    };
+}
+
 #[test]
 fn a_store_can_be_shared_across_threads_and_tasks() {
     fn send_sync<T: Send + Sync + Clone + 'static>() {}
@@ -78,17 +144,17 @@ fn a_store_can_be_shared_across_threads_and_tasks() {
     error::<StoreError>();
 }
 
-#[test]
-fn a_row_this_build_cannot_read_is_reported_as_corrupt() {
-    let (dir, store) = open_temp();
+on_both! {
+fn a_row_this_build_cannot_read_is_reported_as_corrupt(db, store) {
     store.insert_run(new_run("r1", 0));
     store.flush_blocking();
-    let raw = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
-    raw.execute("UPDATE runner_executions SET priority = 'urgent'", [])
-        .unwrap();
+    let sql = "UPDATE runner_executions SET priority = 'urgent'";
+    db.exec(sql, sql);
     let err = store.find_run("r1").unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt);
     assert!(err.to_string().contains("\"urgent\""), "{err}");
+}
 }
 
 #[test]
@@ -105,9 +171,8 @@ fn timestamps_are_iso8601_utc_with_millis_and_clamped() {
     assert_eq!(iso8601(far), "9999-12-31T23:59:59.999Z");
 }
 
-#[test]
-fn a_finished_run_keeps_its_first_end_and_cannot_restart() {
-    let (_dir, store) = open_temp();
+on_both! {
+fn a_finished_run_keeps_its_first_end_and_cannot_restart(db, store) {
     store.insert_run(new_run("r1", 0));
     store.run_started("r1", at(10), 2);
     store.run_finished(end("r1", RunStatus::Success, 100));
@@ -130,10 +195,10 @@ fn a_finished_run_keeps_its_first_end_and_cannot_restart() {
         "guarded no-ops are not errors"
     );
 }
+}
 
-#[test]
-fn a_queued_run_sorts_by_queue_time_until_it_starts() {
-    let (_dir, store) = open_temp();
+on_both! {
+fn a_queued_run_sorts_by_queue_time_until_it_starts(db, store) {
     store.insert_run(new_run("r1", 5));
     store.flush_blocking();
     let run = store.find_run("r1").unwrap();
@@ -148,10 +213,10 @@ fn a_queued_run_sorts_by_queue_time_until_it_starts() {
     store.flush_blocking();
     assert_eq!(store.find_run("r1").unwrap().status, RunStatus::Cancelled);
 }
+}
 
-#[test]
-fn step_transitions_are_guarded() {
-    let (_dir, store) = open_temp();
+on_both! {
+fn step_transitions_are_guarded(db, store) {
     store.insert_run(new_run("r1", 0));
     // Unknown run: no row, no error.
     store.step_queued(NewStep {
@@ -202,16 +267,21 @@ fn step_transitions_are_guarded() {
     assert!(store.run_steps("nope").unwrap().is_empty());
     assert_eq!(store.take_write_error(), None);
 }
+}
 
-#[test]
-fn one_bad_write_does_not_take_its_batch_down() {
-    let (dir, store) = open_temp();
-    let raw = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
-    raw.execute_batch(
+on_both! {
+fn one_bad_write_does_not_take_its_batch_down(db, store) {
+    db.exec(
         "CREATE TRIGGER boom BEFORE INSERT ON runner_executions WHEN NEW.id = 'bad'
          BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;",
-    )
-    .unwrap();
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
+             FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
     for id in ["ok1", "bad", "ok2"] {
         store.insert_run(new_run(id, 0));
     }
@@ -230,13 +300,11 @@ fn one_bad_write_does_not_take_its_batch_down() {
     store.flush_blocking();
     assert!(store.find_run("ok3").is_ok());
 }
+}
 
-#[test]
-fn dropping_the_last_clone_applies_pending_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("h.db");
+on_both! {
+fn dropping_the_last_clone_applies_pending_writes(db, store) {
     {
-        let store = Store::open(&path).unwrap();
         let clone = store.clone();
         for i in 0..500 {
             clone.insert_run(new_run(&format!("r{i:04}"), i));
@@ -245,8 +313,9 @@ fn dropping_the_last_clone_applies_pending_writes() {
         // `clone` still alive: the writer must still be serving.
         clone.insert_run(new_run("last", 0));
     }
-    let store = Store::open(&path).unwrap();
+    let store = db.open();
     assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 501);
+}
 }
 
 #[tokio::test]
