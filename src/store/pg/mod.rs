@@ -4,6 +4,7 @@
 pub(crate) mod backend;
 pub(crate) mod claims;
 pub mod connect;
+pub mod doctor;
 pub(crate) mod lease;
 pub(crate) mod ops;
 pub(crate) mod read;
