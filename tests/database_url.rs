@@ -33,17 +33,26 @@ impl Env {
     }
 
     fn run(&self, url: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_omniflow"))
-            .args(args)
+        let mut c = self.cmd(args);
+        c.env("DATABASE_URL", url);
+        c.output().unwrap()
+    }
+
+    /// Without DATABASE_URL: SQLite at DB_FILE.
+    fn run_sqlite(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
+        c.args(args)
             .current_dir(self.dir.path())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DB_FILE", self.sqlite())
             .env("LOG_DIR", self.dir.path().join("logs"))
-            .env("OMNIFLOW_TIME_SCALE", "0.01")
-            .env("DATABASE_URL", url)
-            .output()
-            .unwrap()
+            .env("OMNIFLOW_TIME_SCALE", "0.01");
+        c
     }
 
     fn sqlite(&self) -> PathBuf {
@@ -208,4 +217,46 @@ fn dump(db: &ScratchDb) -> String {
         }
     }
     all
+}
+
+#[test]
+fn migrate_copies_the_sqlite_history_once_and_resumes() {
+    let Some(db) = ScratchDb::new("migrate_cli") else {
+        return;
+    };
+    let url = with_password(db.url());
+    let env = Env::new();
+    for _ in 0..2 {
+        let out = env.run_sqlite(&["run", "url-check.json", "--sandbox"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
+    let sqlite_runs = env.run_sqlite(&["runs", "--json"]).stdout;
+
+    let out = env.run_sqlite(&["migrate", "--to", &url]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert_hidden("migrate", &all);
+    assert!(all.contains("runs") && all.contains("2 copied"), "{all}");
+
+    // The same history, read back from PostgreSQL.
+    let pg_runs = env.run(&url, &["runs", "--json"]).stdout;
+    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    assert_eq!(parse(&pg_runs), parse(&sqlite_runs));
+
+    // Again, after one more run: only the new one is copied.
+    env.run_sqlite(&["run", "url-check.json", "--sandbox"]);
+    let out = env.run_sqlite(&["migrate", "--to", &url, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let report = parse(&out.stdout);
+    let runs = &report["tables"][0];
+    assert_eq!(
+        (runs["read"].as_u64(), runs["written"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_hidden("migrate --json", &text(&out));
+    let out = env.run(&url, &["runs", "--json"]);
+    assert_eq!(parse(&out.stdout)["runs"].as_array().map(Vec::len), Some(3));
+
+    let out = env.run_sqlite(&["migrate"]);
+    assert_eq!(out.status.code(), Some(2), "no target: {}", text(&out));
 }

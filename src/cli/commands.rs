@@ -1062,6 +1062,56 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn migrate(args: super::MigrateArgs) -> Result<ExitCode, Failure> {
+    let config = load_config()?;
+    let url = args.to.clone().or_else(|| config.database_url.clone()).ok_or_else(|| {
+        Failure::input(
+            "migrate needs the PostgreSQL database to copy into: \
+             omniflow migrate --to postgres://USER:PASSWORD@HOST:5432/DATABASE (or set DATABASE_URL)",
+        )
+    })?;
+    let target = crate::store::PgTarget::parse(&url).map_err(Failure::input)?;
+    let from = args.from.unwrap_or_else(|| config.db_file.clone());
+    if !from.exists() {
+        return Err(Failure::input(format!(
+            "no SQLite history at {} (DB_FILE or --from): nothing to copy",
+            from.display()
+        )));
+    }
+    say_err!("copying {} into {} …", from.display(), target.shown());
+    let copied = crate::store::pg::import::import_sqlite(&from, &target)
+        .map_err(|e| Failure::input(e.to_string()))?;
+    if args.json {
+        say_out!(
+            "{}",
+            serde_json::to_string(&json!({
+                "from": from,
+                "to": target.shown(),
+                "tables": copied,
+            }))
+            .unwrap_or_default()
+        );
+    } else {
+        for c in &copied {
+            let already = c.read.saturating_sub(c.written);
+            say_out!(
+                "  {:<20} {:>8} copied{}",
+                c.label,
+                c.written,
+                if already > 0 {
+                    format!(" ({already} already there)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        say_out!(
+            "done: point every omniflow at it with DATABASE_URL (running it again copies only what is new)"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn export(args: ExportArgs) -> Result<ExitCode, Failure> {
     let target = crate::export::Target::parse(&args.target).ok_or_else(|| {
         Failure::input(format!(

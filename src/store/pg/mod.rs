@@ -5,6 +5,7 @@ pub(crate) mod backend;
 pub(crate) mod claims;
 pub mod connect;
 pub mod doctor;
+pub mod import;
 pub(crate) mod lease;
 pub(crate) mod ops;
 pub(crate) mod read;
