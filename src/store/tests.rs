@@ -570,3 +570,23 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
         .iter()
         .any(|l| l.starts_with("runner_steps") && l.contains("\"running\"")));
 }
+
+#[test]
+fn shown_times_agree_with_the_iso_text() {
+    for ms in [
+        0u64,
+        951_782_400_000,     // 2000-02-29
+        1_795_772_678_123,   // 2026-11-27T09:44:38.123Z
+        4_107_542_399_999,   // 2100-02-28T23:59:59.999Z
+        253_402_300_799_999, // 9999-12-31T23:59:59.999Z
+    ] {
+        let t = UNIX_EPOCH + Duration::from_millis(ms);
+        let iso = iso8601(t);
+        assert_eq!(utc_date_time(t), format!("{} {}", &iso[..10], &iso[11..19]));
+        assert_eq!(
+            utc_month_day_time(t),
+            format!("{} {}", &iso[5..10], &iso[11..19])
+        );
+        assert_eq!(utc_clock(t, true), iso[11..23]);
+    }
+}
