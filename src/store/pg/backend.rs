@@ -62,6 +62,8 @@ type Job = Box<dyn FnOnce(&mut Conn) + Send>;
 pub(crate) struct Conn {
     target: PgTarget,
     client: Option<Client>,
+    /// The writer's prepared statements on `client`.
+    statements: super::ops::Statements,
 }
 
 impl Conn {
@@ -69,6 +71,7 @@ impl Conn {
         Conn {
             target,
             client: None,
+            statements: Default::default(),
         }
     }
 
@@ -76,12 +79,22 @@ impl Conn {
     pub(crate) fn client(&mut self) -> Result<&mut Client, String> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
+            self.statements.clear();
             let c = self.target.connect()?;
             self.client = Some(c);
         }
         self.client
             .as_mut()
             .ok_or_else(|| "no connection".to_string())
+    }
+
+    /// The live client and its prepared statements.
+    fn parts(&mut self) -> Result<(&mut Client, &mut super::ops::Statements), String> {
+        self.client()?;
+        match self.client.as_mut() {
+            Some(c) => Ok((c, &mut self.statements)),
+            None => Err("no connection".into()),
+        }
     }
 
     /// Runs `f`, reconnecting and trying once more when the connection was lost.
@@ -429,7 +442,7 @@ fn apply_batch(
     let mut pause = Duration::from_millis(10);
     let mut conflicts = 0;
     let err = loop {
-        let client = match conn.client() {
+        let (client, statements) = match conn.parts() {
             Ok(c) => c,
             Err(message) if Instant::now() < deadline => {
                 tracing::debug!(database = shown, error = %message, "reconnecting");
@@ -442,7 +455,7 @@ fn apply_batch(
                 return false;
             }
         };
-        match try_apply(client, ops, proc) {
+        match try_apply(client, statements, ops, proc) {
             Ok(skipped) => {
                 log_skipped(&skipped);
                 crate::telemetry::store_batch(started.elapsed(), 0);
@@ -469,10 +482,10 @@ fn apply_batch(
     if ops.len() > 1 {
         tracing::warn!(database = shown, error = %err, writes = ops.len(), "batch failed; applying its writes one by one");
         for op in ops {
-            let Ok(client) = conn.client() else {
+            let Ok((client, statements)) = conn.parts() else {
                 return false;
             };
-            match try_apply(client, std::slice::from_ref(op), proc) {
+            match try_apply(client, statements, std::slice::from_ref(op), proc) {
                 Ok(skipped) => log_skipped(&skipped),
                 Err(e) if lost(&e) => {
                     conn.client = None;
@@ -513,13 +526,14 @@ fn retryable(e: &postgres::Error) -> bool {
 
 fn try_apply(
     client: &mut Client,
+    statements: &mut super::ops::Statements,
     ops: &[Op],
     proc: &ProcessInfo,
 ) -> Result<Vec<String>, postgres::Error> {
     let mut tx = client.transaction()?;
     let mut skipped = Vec::new();
     for op in ops {
-        if let Some(reason) = super::ops::apply(&mut tx, op, proc)? {
+        if let Some(reason) = super::ops::apply(&mut tx, statements, op, proc)? {
             skipped.push(format!("{}: {reason}", op.describe()));
         }
     }

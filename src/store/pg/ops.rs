@@ -9,10 +9,35 @@ use crate::events::StepStatus;
 use crate::store::transitions::{Op, ProcessInfo, StepRecord};
 use crate::store::types::{AttemptRecord, NewRun, NewStep, RunEnd, StepEnd};
 use crate::store::{from_unix_ms, unix_ms};
-use postgres::Transaction;
+use postgres::types::ToSql;
+use postgres::{Statement, Transaction};
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 type Applied = Result<u64, postgres::Error>;
+
+/// The writer's prepared statements, by their SQL: each transition's statement is parsed once
+/// per connection instead of once per write (a round trip saved on every write). Cleared when
+/// the connection is replaced: a statement belongs to the connection that prepared it.
+pub(crate) type Statements = HashMap<&'static str, Statement>;
+
+/// Runs `sql` as a prepared statement of this connection.
+fn exec(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    sql: &'static str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Applied {
+    let stmt = match st.get(sql) {
+        Some(s) => s.clone(),
+        None => {
+            let s = tx.prepare(sql)?;
+            st.insert(sql, s.clone());
+            s
+        }
+    };
+    tx.execute(&stmt, params)
+}
 
 /// Times are kept to the millisecond on both backends, so a history cursor taken from a row
 /// matches that row exactly.
@@ -31,6 +56,7 @@ fn json(v: &serde_json::Value) -> Option<String> {
 /// Applies `op`; `Ok(Some(reason))` is a guarded no-op.
 pub(crate) fn apply(
     tx: &mut Transaction<'_>,
+    st: &mut Statements,
     op: &Op,
     proc: &ProcessInfo,
 ) -> Result<Option<String>, postgres::Error> {
@@ -38,12 +64,14 @@ pub(crate) fn apply(
         return Ok(Some(reason));
     }
     let changed = match op {
-        Op::InsertRun(r) => insert_run(tx, r, proc),
+        Op::InsertRun(r) => insert_run(tx, st, r, proc),
         Op::RunStarted {
             run_id,
             at,
             steps_total,
-        } => tx.execute(
+        } => exec(
+            tx,
+            st,
             "UPDATE runner_executions
              SET status = 'running', started_at = $2, steps_total = $3,
                  steps_done = COALESCE(steps_done, 0), host = $4, pid = $5
@@ -56,38 +84,46 @@ pub(crate) fn apply(
                 &i64::from(proc.pid),
             ],
         ),
-        Op::RunFinished(e) => run_finished(tx, e),
-        Op::StepQueued(s) => step_queued(tx, s),
+        Op::RunFinished(e) => run_finished(tx, st, e),
+        Op::StepQueued(s) => step_queued(tx, st, s),
         Op::StepStarted {
             run_id,
             step_key,
             attempt,
             at,
-        } => tx.execute(
+        } => exec(
+            tx,
+            st,
             "UPDATE runner_steps
              SET status = 'running', attempts = $3, started_at = COALESCE(started_at, $4)
              WHERE run_id = $1 AND step_key = $2
                AND status IN ('pending', 'retrying', 'running')",
             &[run_id, step_key, &i64::from(*attempt), &ms_time(*at)],
         ),
-        Op::StepRetrying { run_id, step_key } => tx.execute(
+        Op::StepRetrying { run_id, step_key } => exec(
+            tx,
+            st,
             "UPDATE runner_steps SET status = 'retrying'
              WHERE run_id = $1 AND step_key = $2 AND status = 'running'",
             &[run_id, step_key],
         ),
-        Op::AttemptFinished(a) => attempt_finished(tx, a),
-        Op::StepFinished(s) => step_finished(tx, s),
-        Op::StepRecorded(r) => step_recorded(tx, r),
+        Op::AttemptFinished(a) => attempt_finished(tx, st, a),
+        Op::StepFinished(s) => step_finished(tx, st, s),
+        Op::StepRecorded(r) => step_recorded(tx, st, r),
         Op::RunProgress {
             run_id,
             steps_done,
             tokens_used,
-        } => tx.execute(
+        } => exec(
+            tx,
+            st,
             "UPDATE runner_executions SET steps_done = $2, tokens_used = $3
              WHERE id = $1 AND status IN ('queued', 'running')",
             &[run_id, &i64::from(*steps_done), &i(*tokens_used)],
         ),
-        Op::Heartbeat(h) => tx.execute(
+        Op::Heartbeat(h) => exec(
+            tx,
+            st,
             // The database's clock, never this host's: leases are compared across hosts.
             "INSERT INTO runner_processes (id, host, pid, role, version, started_at, heartbeat_at,
                  heartbeat_ms, rss_mb, memory_hold, paused, queued, running, completed, failed,
@@ -116,21 +152,29 @@ pub(crate) fn apply(
                 &(h.pool.concurrency as i64),
             ],
         ),
-        Op::ProcessStopped { .. } => tx.execute(
+        Op::ProcessStopped { .. } => exec(
+            tx,
+            st,
             "UPDATE runner_processes SET stopped_at = now() WHERE id = $1 AND stopped_at IS NULL",
             &[&proc.id],
         ),
-        Op::ReleaseRuns => tx.execute(
+        Op::ReleaseRuns => exec(
+            tx,
+            st,
             "UPDATE runner_executions SET owner = NULL
              WHERE owner = $1 AND status IN ('queued', 'running')",
             &[&proc.id],
         ),
         Op::CachePut(c) => {
-            tx.execute(
+            exec(
+                tx,
+                st,
                 "DELETE FROM provider_cache WHERE expires_at <= $1",
                 &[&ms_time(c.created_at)],
             )?;
-            tx.execute(
+            exec(
+                tx,
+                st,
                 "INSERT INTO provider_cache
                      (key, provider, model, output, tokens_used, created_at, expires_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -154,7 +198,9 @@ pub(crate) fn apply(
             step_key,
             attempt,
             note,
-        } => tx.execute(
+        } => exec(
+            tx,
+            st,
             "UPDATE runner_attempts SET fallback = $4
              WHERE run_id = $1 AND step_key = $2 AND attempt = $3",
             &[run_id, step_key, &i64::from(*attempt), note],
@@ -163,10 +209,17 @@ pub(crate) fn apply(
     Ok(op.verdict(changed))
 }
 
-fn insert_run(tx: &mut Transaction<'_>, r: &NewRun, proc: &ProcessInfo) -> Applied {
+fn insert_run(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    r: &NewRun,
+    proc: &ProcessInfo,
+) -> Applied {
     // Seeds are u64; BIGINT is i64. The same 64 bits, so a seed round-trips.
     let seed = r.seed.map(|s| s as i64);
-    tx.execute(
+    exec(
+        tx,
+        st,
         "INSERT INTO runner_executions (id, blueprint_name, status, priority, trigger, sandbox,
              seed, simulate_failures, variables, blueprint, parent_run_id, queued_at,
              started_at, tokens_used, host, pid, owner)
@@ -191,8 +244,10 @@ fn insert_run(tx: &mut Transaction<'_>, r: &NewRun, proc: &ProcessInfo) -> Appli
     )
 }
 
-fn run_finished(tx: &mut Transaction<'_>, e: &RunEnd) -> Applied {
-    tx.execute(
+fn run_finished(tx: &mut Transaction<'_>, st: &mut Statements, e: &RunEnd) -> Applied {
+    exec(
+        tx,
+        st,
         "UPDATE runner_executions
          SET status = $2, finished_at = $3, total_time_ms = $4, tokens_used = $5,
              steps_done = $6, error = $7, error_kind = $8, failed_step = $9
@@ -211,8 +266,10 @@ fn run_finished(tx: &mut Transaction<'_>, e: &RunEnd) -> Applied {
     )
 }
 
-fn step_queued(tx: &mut Transaction<'_>, s: &NewStep) -> Applied {
-    let n = tx.execute(
+fn step_queued(tx: &mut Transaction<'_>, st: &mut Statements, s: &NewStep) -> Applied {
+    let n = exec(
+        tx,
+        st,
         "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
              input, queued_at, seq)
          SELECT $1::text, $2::text, $3::text, $4::bigint, 'pending', 0, $5::text,
@@ -243,12 +300,14 @@ fn step_queued(tx: &mut Transaction<'_>, s: &NewStep) -> Applied {
     Ok(n)
 }
 
-fn attempt_finished(tx: &mut Transaction<'_>, a: &AttemptRecord) -> Applied {
+fn attempt_finished(tx: &mut Transaction<'_>, st: &mut Statements, a: &AttemptRecord) -> Applied {
     let duration = a
         .finished_at
         .duration_since(a.started_at)
         .unwrap_or_default();
-    tx.execute(
+    exec(
+        tx,
+        st,
         "INSERT INTO runner_attempts (run_id, step_key, attempt, status, error_kind, error,
              wait_ms, started_at, finished_at, duration_ms, tokens_used, provider, model, cached)
          SELECT $1::text, $2::text, $3::bigint, $4::text, $5::text, $6::text, $7::bigint,
@@ -286,8 +345,10 @@ fn implied_start(s: &StepEnd) -> Option<SystemTime> {
         .flatten()
 }
 
-fn step_finished(tx: &mut Transaction<'_>, s: &StepEnd) -> Applied {
-    tx.execute(
+fn step_finished(tx: &mut Transaction<'_>, st: &mut Statements, s: &StepEnd) -> Applied {
+    exec(
+        tx,
+        st,
         "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
              output, error_kind, error, tokens_used, cached, provider, model, queued_at,
              started_at, finished_at, duration_ms, reply_model, finish_reason, seq)
@@ -330,12 +391,14 @@ fn step_finished(tx: &mut Transaction<'_>, s: &StepEnd) -> Applied {
     )
 }
 
-fn step_recorded(tx: &mut Transaction<'_>, r: &StepRecord) -> Applied {
+fn step_recorded(tx: &mut Transaction<'_>, st: &mut Statements, r: &StepRecord) -> Applied {
     let q = &r.queued;
     let input = q.input.as_ref().and_then(json);
     let Some(s) = &r.end else {
         let (at, attempt) = r.started.unwrap_or((q.queued_at, 0));
-        return tx.execute(
+        return exec(
+            tx,
+            st,
             "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status,
                  attempts, input, queued_at, started_at, seq)
              SELECT $1::text, $2::text, $3::text, $4::bigint, 'running', $5::bigint, $6::text,
@@ -362,7 +425,9 @@ fn step_recorded(tx: &mut Transaction<'_>, r: &StepRecord) -> Applied {
         Some((at, _)) => Some(ms_time(at)),
         None => implied_start(s),
     };
-    tx.execute(
+    exec(
+        tx,
+        st,
         "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
              input, output, error_kind, error, tokens_used, cached, provider, model,
              queued_at, started_at, finished_at, duration_ms, reply_model, finish_reason, seq)
