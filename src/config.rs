@@ -26,6 +26,11 @@ pub struct Config {
     pub telegram_api_url: String,
     pub discord_webhook: Option<String>,
     pub db_file: PathBuf,
+    /// `DATABASE_URL` as given: `postgres://…` puts the history (and, for a fleet, the queue)
+    /// in PostgreSQL instead of `DB_FILE`. Kept raw so that a bad value is reported where the
+    /// store opens, with its fix; it may hold a password, so it is never printed (see
+    /// [`Config::database`] and [`crate::store::PgTarget::shown`]).
+    pub database_url: Option<String>,
     pub log_dir: PathBuf,
     pub supabase_url: Option<String>,
     pub supabase_key: Option<String>,
@@ -115,6 +120,14 @@ impl std::fmt::Debug for Config {
             .field("telegram_api_url", &self.telegram_api_url)
             .field("discord_webhook", &set(&self.discord_webhook))
             .field("db_file", &self.db_file)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(|u| {
+                    crate::store::PgTarget::parse(u)
+                        .map(|t| t.shown().to_string())
+                        .unwrap_or_else(|_| "<set, not a valid PostgreSQL URL>".into())
+                }),
+            )
             .field("log_dir", &self.log_dir)
             .field("concurrency", &self.concurrency)
             .field("memory_threshold_mb", &self.memory_threshold_mb)
@@ -167,6 +180,18 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// Where the history lives: PostgreSQL when `DATABASE_URL` is set, else SQLite at
+    /// `DB_FILE`. A `DATABASE_URL` that is set but unusable is an error worded with its fix
+    /// (never a quiet fall back to SQLite: a process on the wrong database would split the
+    /// fleet's history). The error never repeats the URL's password.
+    pub fn database(&self) -> Result<crate::store::Location, String> {
+        match &self.database_url {
+            None => Ok(crate::store::Location::Sqlite(self.db_file.clone())),
+            Some(url) => crate::store::PgTarget::parse(url)
+                .map(|t| crate::store::Location::Postgres(Box::new(t))),
+        }
+    }
+
     /// Reads `.env` (if present, without overriding variables already set) and the environment.
     pub fn load() -> Result<Config, ConfigError> {
         let _ = dotenvy::dotenv();
@@ -356,6 +381,7 @@ impl Config {
             db_file: get("DB_FILE")
                 .unwrap_or_else(|| "./automation_runner.db".into())
                 .into(),
+            database_url: get("DATABASE_URL"),
             log_dir: get("LOG_DIR").unwrap_or_else(|| "./logs".into()).into(),
             supabase_url: get("SUPABASE_URL"),
             supabase_key: get("SUPABASE_KEY"),

@@ -361,9 +361,7 @@ fn process(
     alive: bool,
     stopped: bool,
 ) -> omniflow::store::ProcessRow {
-    let at = |ms: u64| {
-        omniflow::store::iso8601(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-    };
+    let at = |ms: u64| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     omniflow::store::ProcessRow {
         id: id.into(),
         host: Some("web1".into()),
@@ -617,7 +615,7 @@ fn history_filters_by_status_and_blueprint_and_pages_with_a_keyset_cursor() {
     match &fx[..] {
         [Effect::QueryHistory { filter, .. }] => assert_eq!(
             filter.before,
-            Some((last.started_at.clone().unwrap_or_default(), last.id.clone()))
+            omniflow::store::RunFilter::cursor_after(&last)
         ),
         other => panic!("{other:?}"),
     }

@@ -41,7 +41,7 @@ async fn outputs_flow_along_needs_and_history_is_recorded() {
     assert_eq!(use_step.output, Some(json!("HELLO WORLD! in rust / a,b")));
 
     // The original's monitoring queries, verbatim, on the same file.
-    let conn = rusqlite::Connection::open(env.store.path()).unwrap();
+    let conn = rusqlite::Connection::open(env.store.path().unwrap()).unwrap();
     let rows: Vec<(String, String, Option<i64>)> = conn
         .prepare("SELECT blueprint_name, status, total_time_ms FROM runner_executions ORDER BY started_at DESC LIMIT 10;")
         .unwrap()

@@ -577,7 +577,7 @@ fn a_live_daemon_adopts_a_killed_run_by_itself() {
         .spawn()
         .unwrap();
     let store = Store::open(&d.db()).unwrap();
-    let done_before = |store: &Store| -> Vec<(String, Option<String>)> {
+    let done_before = |store: &Store| -> Vec<(String, Option<std::time::SystemTime>)> {
         let Some(r) = store.list_runs(&all_runs()).unwrap().first().cloned() else {
             return Vec::new();
         };

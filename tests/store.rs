@@ -1,11 +1,16 @@
-//! The store against real SQLite files: a run's whole life, the original's monitoring
-//! queries verbatim, visibility to other connections, paging, lookups, backup and batching.
+//! The store's conformance suite: a run's whole life, the original's monitoring queries
+//! verbatim, visibility to other connections, paging, lookups, batching, leases and claims,
+//! each on both backends (`NAME::sqlite` on a temporary file, `NAME::postgres` on a scratch
+//! PostgreSQL database, skipped with a "skipped: no PostgreSQL at …" line when no server
+//! answers and `OMNIFLOW_TEST_PG` is unset). Then what only one backend has: SQLite's backup,
+//! PostgreSQL's migrations lock, reconnects and use from async code.
 
 use omniflow::blueprint::Priority;
 use omniflow::error::ErrorKind;
 use omniflow::events::{RunStatus, StepStatus};
+use omniflow::store::pg::testing::ScratchDb;
 use omniflow::store::{
-    iso8601, AttemptRecord, NewRun, NewStep, RunEnd, RunFilter, StepEnd, Store, StoreError,
+    AttemptRecord, NewRun, NewStep, RunEnd, RunFilter, StepEnd, Store, StoreError,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -50,6 +55,113 @@ fn temp_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("automation_runner.db")).unwrap();
     (dir, store)
+}
+
+/// The database a conformance test runs on, and a way to look at it as another client would.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(Box<ScratchDb>),
+}
+
+/// Rows as another client sees them: column names, then every value as text.
+type Raw = (Vec<String>, Vec<Vec<Option<String>>>);
+
+impl Db {
+    fn sqlite() -> Db {
+        Db::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres(test: &str) -> Option<Db> {
+        ScratchDb::new(test).map(|db| Db::Postgres(Box::new(db)))
+    }
+
+    fn open_as(&self, owner: &str) -> Store {
+        match self {
+            Db::Sqlite(dir) => {
+                Store::open_as(&dir.path().join("automation_runner.db"), owner.into()).unwrap()
+            }
+            Db::Postgres(db) => Store::open_postgres_as(db.target(), owner.into()).unwrap(),
+        }
+    }
+
+    fn open(&self) -> Store {
+        self.open_as(&format!("{}:{}:0", "test-host", std::process::id()))
+    }
+
+    /// Runs `sql` verbatim on a connection of its own (`psql` or `sqlite3` would do the same).
+    fn raw(&self, sql: &str) -> Raw {
+        match self {
+            Db::Sqlite(dir) => {
+                let c =
+                    rusqlite::Connection::open(dir.path().join("automation_runner.db")).unwrap();
+                let mut q = c.prepare(sql).unwrap();
+                let names: Vec<String> = q.column_names().into_iter().map(String::from).collect();
+                let n = names.len();
+                let rows = q
+                    .query_map([], |r| {
+                        (0..n)
+                            .map(|i| {
+                                Ok(match r.get::<_, rusqlite::types::Value>(i)? {
+                                    rusqlite::types::Value::Null => None,
+                                    rusqlite::types::Value::Integer(v) => Some(v.to_string()),
+                                    rusqlite::types::Value::Real(v) => Some(v.to_string()),
+                                    rusqlite::types::Value::Text(v) => Some(v),
+                                    rusqlite::types::Value::Blob(_) => Some("<blob>".into()),
+                                })
+                            })
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .unwrap()
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .unwrap();
+                (names, rows)
+            }
+            Db::Postgres(db) => {
+                let mut c = db.target().connect().unwrap();
+                let mut names = Vec::new();
+                let mut rows = Vec::new();
+                for m in c.simple_query(sql).unwrap() {
+                    if let postgres::SimpleQueryMessage::Row(r) = m {
+                        if names.is_empty() {
+                            names = r.columns().iter().map(|c| c.name().to_string()).collect();
+                        }
+                        rows.push((0..r.len()).map(|i| r.get(i).map(String::from)).collect());
+                    }
+                }
+                (names, rows)
+            }
+        }
+    }
+}
+
+/// `NAME::sqlite` and `NAME::postgres`: one test body, both backends.
+macro_rules! on_both {
+    ($(#[$attr:meta])* fn $name:ident($db:ident, $store:ident) $body:block) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[allow(unused_variables)]
+            fn body($db: &Db, $store: Store) $body
+
+            #[test]
+            fn sqlite() {
+                let db = Db::sqlite();
+                let store = db.open();
+                body(&db, store);
+            }
+
+            #[test]
+            fn postgres() {
+                let Some(db) = Db::postgres(stringify!($name)) else {
+                    return;
+                };
+                let store = db.open();
+                body(&db, store);
+            }
+        }
+    };
 }
 
 fn is_iso_utc(s: &str) -> bool {
@@ -145,9 +257,8 @@ fn record_lifecycle(store: &Store, id: &str) {
     });
 }
 
-#[test]
-fn a_runs_whole_life_reads_back() {
-    let (_dir, store) = temp_store();
+on_both! {
+fn a_runs_whole_life_reads_back(db, store) {
     record_lifecycle(&store, "run-1");
     store.flush_blocking();
     assert_eq!(store.take_write_error(), None);
@@ -166,11 +277,16 @@ fn a_runs_whole_life_reads_back() {
     );
     assert_eq!((run.steps_total, run.steps_done), (Some(3), Some(3)));
     assert_eq!((run.total_time_ms, run.tokens_used), (Some(1200), 24));
-    assert_eq!(run.queued_at, "2026-11-27T09:44:38.000Z");
-    assert_eq!(run.started_at.as_deref(), Some("2026-11-27T09:44:38.010Z"));
-    assert_eq!(run.finished_at.as_deref(), Some("2026-11-27T09:44:39.200Z"));
-    for t in [&run.queued_at, run.started_at.as_ref().unwrap()] {
-        assert!(is_iso_utc(t), "{t}");
+    assert_eq!(run.queued_at, at(0));
+    assert_eq!(run.started_at, Some(at(10)));
+    assert_eq!(run.finished_at, Some(at(1200)));
+    // `--json` output shows times as ISO-8601 UTC with milliseconds, as it always has.
+    let shown = serde_json::to_value(&run).unwrap();
+    assert_eq!(shown["queued_at"], "2026-11-27T09:44:38.000Z");
+    assert_eq!(shown["started_at"], "2026-11-27T09:44:38.010Z");
+    assert_eq!(shown["finished_at"], "2026-11-27T09:44:39.200Z");
+    for t in [&shown["queued_at"], &shown["started_at"]] {
+        assert!(is_iso_utc(t.as_str().unwrap()), "{t}");
     }
     assert_eq!(store.list_runs(&RunFilter::default()).unwrap(), vec![run]);
 
@@ -180,18 +296,14 @@ fn a_runs_whole_life_reads_back() {
     let s1 = &steps[1];
     assert_eq!(s1.status, StepStatus::Success);
     assert_eq!((s1.attempts, s1.item_index), (2, Some(1)));
-    assert_eq!(
-        s1.started_at.as_deref(),
-        Some(iso8601(at(20)).as_str()),
-        "first attempt's start"
-    );
+    assert_eq!(s1.started_at, Some(at(20)), "first attempt's start");
     assert_eq!(s1.output, Some(json!("summary 1")));
     assert_eq!(s1.input, Some(json!({"item": 1})));
     assert_eq!(
         s1.model.as_deref(),
         Some("mistralai/Mistral-7B-Instruct-v0.2")
     );
-    assert!(s1.finished_at.as_deref().is_some_and(is_iso_utc));
+    assert_eq!(s1.finished_at, Some(at(1100)));
     assert_eq!(steps[2].status, StepStatus::Skipped);
 
     let attempts = store.run_attempts("run-1").unwrap();
@@ -210,13 +322,13 @@ fn a_runs_whole_life_reads_back() {
     let failed = &attempts[1];
     assert_eq!(failed.error_kind.as_deref(), Some("model_loading"));
     assert_eq!((failed.wait_ms, failed.duration_ms), (Some(1000), 40));
-    assert!(is_iso_utc(&failed.started_at) && is_iso_utc(&failed.finished_at));
+    assert_eq!((failed.started_at, failed.finished_at), (at(20), at(60)));
     assert_eq!(attempts[2].wait_ms, None);
 }
+}
 
-#[test]
-fn the_original_monitoring_queries_work_verbatim() {
-    let (dir, store) = temp_store();
+on_both! {
+fn the_original_monitoring_queries_work_verbatim(db, store) {
     store.insert_run(new_run("a", "alpha", 0));
     store.run_started("a", at(100), 1);
     store.run_finished(run_end("a", RunStatus::Success, 300));
@@ -226,78 +338,59 @@ fn the_original_monitoring_queries_work_verbatim() {
     store.insert_run(new_run("c", "gamma", 500)); // still queued: sorts by its queue time
     store.flush_blocking();
 
-    let c = rusqlite::Connection::open(dir.path().join("automation_runner.db")).unwrap();
-    let mut q = c
-        .prepare("SELECT blueprint_name, status, total_time_ms FROM runner_executions ORDER BY started_at DESC LIMIT 10;")
-        .unwrap();
-    let rows: Vec<(String, String, Option<i64>)> = q
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let (_, rows) = db.raw(
+        "SELECT blueprint_name, status, total_time_ms FROM runner_executions ORDER BY started_at DESC LIMIT 10;",
+    );
+    let s = |v: &str| Some(v.to_string());
     assert_eq!(
         rows,
         [
-            ("gamma".into(), "queued".into(), None),
-            ("beta".into(), "error".into(), Some(400)),
-            ("alpha".into(), "success".into(), Some(300)),
+            vec![s("gamma"), s("queued"), None],
+            vec![s("beta"), s("error"), s("400")],
+            vec![s("alpha"), s("success"), s("300")],
         ]
     );
 
-    let mut q = c
-        .prepare("SELECT * FROM runner_executions WHERE status = 'error';")
-        .unwrap();
-    let names: Vec<String> = q.column_names().into_iter().map(String::from).collect();
-    let rows: Vec<(String, String)> = q
-        .query_map([], |r| {
-            Ok((
-                r.get(names.iter().position(|n| n == "id").unwrap())?,
-                r.get(names.iter().position(|n| n == "error").unwrap())?,
-            ))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(rows, [("b".into(), "summarize[1]: server: 500".into())]);
-    for col in [
-        "id",
-        "blueprint_name",
-        "status",
-        "total_time_ms",
-        "started_at",
-        "finished_at",
-        "error",
+    for query in [
+        "SELECT * FROM runner_executions WHERE status='error';",
+        "SELECT * FROM runner_executions WHERE status = 'error';",
     ] {
-        assert!(names.iter().any(|n| n == col), "missing {col}");
+        let (names, rows) = db.raw(query);
+        let col = |name: &str| names.iter().position(|n| n == name).unwrap();
+        assert_eq!(rows.len(), 1, "{query}");
+        assert_eq!(rows[0][col("id")], s("b"));
+        assert_eq!(rows[0][col("error")], s("summarize[1]: server: 500"));
+        for c in [
+            "id",
+            "blueprint_name",
+            "status",
+            "total_time_ms",
+            "started_at",
+            "finished_at",
+            "error",
+        ] {
+            assert!(names.iter().any(|n| n == c), "missing {c}");
+        }
     }
 }
+}
 
-#[test]
-fn another_connection_sees_a_run_in_progress() {
-    let (dir, store) = temp_store();
+on_both! {
+fn another_connection_sees_a_run_in_progress(db, store) {
     store.insert_run(new_run("live", "alpha", 0));
     store.run_started("live", at(5), 4);
     store.run_progress("live", 1, 10);
     store.flush_blocking();
-    let c = rusqlite::Connection::open(dir.path().join("automation_runner.db")).unwrap();
-    let (status, done): (String, i64) = c
-        .query_row(
-            "SELECT status, steps_done FROM runner_executions WHERE id = 'live'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!((status.as_str(), done), ("running", 1));
-    // …and a plain reader does not block the writer (WAL).
-    let _read = c.prepare("SELECT * FROM runner_executions").unwrap();
+    let (_, rows) = db.raw("SELECT status, steps_done FROM runner_executions WHERE id = 'live'");
+    assert_eq!(rows, [vec![Some("running".to_string()), Some("1".to_string())]]);
     store.run_finished(run_end("live", RunStatus::Success, 50));
     store.flush_blocking();
     assert_eq!(store.find_run("live").unwrap().status, RunStatus::Success);
 }
+}
 
-#[test]
-fn keyset_paging_returns_every_run_once_newest_first() {
-    let (_dir, store) = temp_store();
+on_both! {
+fn keyset_paging_returns_every_run_once_newest_first(db, store) {
     let total = 1_200u64;
     for i in 0..total {
         let id = format!("run-{i:05}");
@@ -329,7 +422,7 @@ fn keyset_paging_returns_every_run_once_newest_first() {
     assert_eq!(all.len() as u64, total);
     let unique: HashSet<_> = all.iter().map(|r| r.1.clone()).collect();
     assert_eq!(unique.len() as u64, total);
-    let keys: Vec<_> = all.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
+    let keys: Vec<_> = all.iter().map(|r| (r.0, r.1.clone())).collect();
     let mut sorted = keys.clone();
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(keys, sorted, "newest first, then id descending");
@@ -355,10 +448,11 @@ fn keyset_paging_returns_every_run_once_newest_first() {
 
     assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), total);
     assert_eq!(store.count_runs(&alpha_errors).unwrap(), 80);
+    let oldest = store.find_run(&all.last().unwrap().1).unwrap();
     let beta = RunFilter {
         blueprint: Some("beta".into()),
         limit: 1,
-        before: Some(("0".into(), "x".into())),
+        before: RunFilter::cursor_after(&oldest),
         ..RunFilter::default()
     };
     assert_eq!(
@@ -378,10 +472,10 @@ fn keyset_paging_returns_every_run_once_newest_first() {
         .unwrap()
         .is_empty());
 }
+}
 
-#[test]
-fn runs_are_found_by_id_or_unique_prefix() {
-    let (_dir, store) = temp_store();
+on_both! {
+fn runs_are_found_by_id_or_unique_prefix(db, store) {
     for id in ["abc123", "abc124", "abd999", "abc", "x*y", "xzy"] {
         store.insert_run(new_run(id, "alpha", 0));
     }
@@ -421,6 +515,7 @@ fn runs_are_found_by_id_or_unique_prefix() {
         panic!("ambiguous expected")
     };
     assert_eq!(ids.len(), 5, "at most five ids are listed");
+}
 }
 
 #[test]
@@ -474,7 +569,7 @@ fn a_backup_taken_while_writing_opens_and_holds_the_runs() {
     let copy = Store::open(&dest).unwrap();
     assert_eq!(copy.count_runs(&RunFilter::default()).unwrap(), 3_000);
 
-    let err = store.backup(store.path()).unwrap_err();
+    let err = store.backup(store.path().unwrap()).unwrap_err();
     assert!(matches!(err, StoreError::Backup { .. }), "{err:?}");
     let err = store
         .backup(&dir.path().join("missing-dir/x.db"))
@@ -482,9 +577,8 @@ fn a_backup_taken_while_writing_opens_and_holds_the_runs() {
     assert!(err.to_string().contains("cannot back up"), "{err}");
 }
 
-#[test]
-fn ten_thousand_writes_then_flush_are_all_there() {
-    let (_dir, store) = temp_store();
+on_both! {
+fn ten_thousand_writes_then_flush_are_all_there(db, store) {
     store.insert_run(new_run("big", "alpha", 0));
     store.run_started("big", at(1), 3_333);
     let mut writes = 2;
@@ -540,6 +634,7 @@ fn ten_thousand_writes_then_flush_are_all_there() {
     assert_eq!(store.take_write_error(), None);
     eprintln!("{writes} writes committed in {took:?}");
 }
+}
 
 /// Many processes (played here by threads with their own connections) creating one new
 /// database at the same moment: every open succeeds and every run each writes is there.
@@ -577,4 +672,392 @@ fn many_openers_of_a_new_database_all_succeed() {
             "round {round}"
         );
     }
+}
+
+// ---- leases, claims and the provider cache, on both backends ------------------------------
+
+fn health(role: &str) -> omniflow::store::Health {
+    omniflow::store::Health {
+        role: role.into(),
+        at: SystemTime::now(),
+        rss_mb: Some(42.0),
+        pool: omniflow::events::PoolStats {
+            concurrency: 40,
+            ..Default::default()
+        },
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+on_both! {
+fn a_run_belongs_to_its_live_owner_and_moves_on_when_it_stops(db, store) {
+    use omniflow::store::Claim;
+    let lease = Duration::from_secs(60);
+    // Owners on another host: only their heartbeats (the lease) say whether they live.
+    let a = db.open_as("host-a:101:0");
+    let b = db.open_as("host-b:202:0");
+    a.heartbeat(health("daemon"));
+    b.heartbeat(health("console"));
+    a.insert_run(new_run("r1", "alpha", 0));
+    a.flush_blocking();
+    b.flush_blocking();
+
+    match block_on(b.claim_run("r1", lease, 3)).unwrap() {
+        Claim::Live { owner, role, expires_in } => {
+            assert_eq!(owner, "host-a:101:0");
+            assert_eq!(role.as_deref(), Some("daemon"));
+            assert!(expires_in <= lease);
+        }
+        other => panic!("expected a live owner, got {other:?}"),
+    }
+    assert_eq!(block_on(a.claim_run("r1", lease, 3)).unwrap(), Claim::Mine);
+    assert!(b.orphaned_runs(lease).unwrap().is_empty());
+
+    a.process_stopped();
+    a.flush_blocking();
+    assert_eq!(b.orphaned_runs(lease).unwrap(), ["r1"]);
+    assert_eq!(
+        block_on(b.claim_run("r1", lease, 3)).unwrap(),
+        Claim::Claimed { takeovers: 1 }
+    );
+    match block_on(a.claim_run("r1", lease, 3)).unwrap() {
+        Claim::Live { owner, role, .. } => {
+            assert_eq!((owner.as_str(), role.as_deref()), ("host-b:202:0", Some("console")));
+        }
+        other => panic!("expected b to hold it, got {other:?}"),
+    }
+    assert_eq!(block_on(b.claim_run("nope", lease, 3)).unwrap(), Claim::NotFound);
+
+    let procs = b.processes(lease).unwrap();
+    let state = |id: &str| procs.iter().find(|p| p.id == id).map(|p| p.state());
+    assert_eq!(state("host-a:101:0"), Some("stopped"));
+    assert_eq!(state("host-b:202:0"), Some("alive"));
+    let pa = procs.iter().find(|p| p.id == "host-a:101:0").unwrap();
+    assert_eq!((pa.role.as_str(), pa.concurrency, pa.rss_mb), ("daemon", Some(40), Some(42.0)));
+    assert!(pa.stopped_at.is_some_and(|s| s >= pa.started_at));
+
+    // A silent owner loses its runs once its lease runs out.
+    b.insert_run(new_run("r2", "alpha", 1));
+    b.flush_blocking();
+    std::thread::sleep(Duration::from_millis(300));
+    let short = Duration::from_millis(100);
+    assert_eq!(
+        block_on(a.claim_run("r2", short, 3)).unwrap(),
+        Claim::Claimed { takeovers: 1 }
+    );
+
+    // A run whose owners keep dying is failed instead of claimed again.
+    b.heartbeat(health("daemon"));
+    b.flush_blocking();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        block_on(b.claim_run("r2", short, 1)).unwrap(),
+        Claim::Exhausted { takeovers: 2 }
+    );
+    let r2 = store.find_run("r2").unwrap();
+    assert_eq!(r2.status, RunStatus::Error);
+    assert_eq!(r2.error_kind.as_deref(), Some("interrupted"));
+    assert_eq!(block_on(b.claim_run("r2", short, 1)).unwrap(), Claim::Finished);
+}
+}
+
+on_both! {
+fn a_schedule_slot_fires_once_among_processes_and_a_message_is_sent_once(db, store) {
+    use omniflow::store::NotificationRecord;
+    let slot = UNIX_EPOCH + Duration::from_secs(1_795_773_600);
+    let stores: Vec<Store> = (0..3).map(|i| db.open_as(&format!("host-{i}:{i}:0"))).collect();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let wins: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = stores
+            .iter()
+            .map(|st| {
+                let barrier = barrier.clone();
+                s.spawn(move || {
+                    barrier.wait();
+                    usize::from(st.claim_slot("nightly", slot).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(wins, 1, "exactly one process fires the slot");
+    assert!(!store.claim_slot("nightly", slot).unwrap());
+    store.slot_run("nightly", slot, "run-9").unwrap();
+    assert_eq!(store.last_slot("nightly").unwrap(), Some(slot));
+    assert_eq!(store.last_slot("other").unwrap(), None);
+    let slots = store.slots_of("nightly").unwrap();
+    assert_eq!(slots.len(), 1);
+    assert_eq!((slots[0].slot, slots[0].run_id.as_deref()), (slot, Some("run-9")));
+
+    store.insert_run(new_run("first", "alpha", 0));
+    store.insert_run(NewRun {
+        parent_run_id: Some("first".into()),
+        ..new_run("retry", "alpha", 1)
+    });
+    store.flush_blocking();
+    assert_eq!(store.root_run_id("retry").unwrap(), "first");
+    assert_eq!(store.root_run_id("unknown").unwrap(), "unknown");
+
+    assert_eq!(store.notification_sent("k1").unwrap(), None);
+    for (key, part) in [("k1", 1), ("k2", 2), ("k1", 1)] {
+        store
+            .record_notification(&NotificationRecord {
+                dedupe_key: key.into(),
+                run_id: "first".into(),
+                step_key: "post".into(),
+                channel: "telegram".into(),
+                part,
+                message_ids: json!([part]),
+            })
+            .unwrap();
+    }
+    assert_eq!(store.notification_sent("k1").unwrap(), Some(json!([1])));
+    assert_eq!(
+        store.notifications_of("first").unwrap(),
+        [
+            ("post".to_string(), "telegram".to_string(), 1),
+            ("post".to_string(), "telegram".to_string(), 2)
+        ]
+    );
+}
+}
+
+on_both! {
+fn cached_answers_expire_and_fallbacks_are_kept_per_attempt(db, store) {
+    use omniflow::store::CachedAnswer;
+    let t0 = at(0);
+    store.cache_put(CachedAnswer {
+        key: "k".into(),
+        provider: "ollama".into(),
+        model: "llama3".into(),
+        output: "hello".into(),
+        tokens_used: 5,
+        created_at: t0,
+        expires_at: t0 + Duration::from_secs(60),
+    });
+    record_lifecycle(&store, "run-1");
+    store.attempt_fallback("run-1", "summarize[1]", 2, "huggingface: rate limited");
+    store.attempt_fallback("run-1", "nope", 1, "ignored: no such attempt");
+    store.flush_blocking();
+    let hit = store.cache_get("k", t0 + Duration::from_secs(1)).unwrap().unwrap();
+    assert_eq!((hit.output.as_str(), hit.tokens_used), ("hello", 5));
+    assert_eq!((hit.created_at, hit.expires_at), (t0, t0 + Duration::from_secs(60)));
+    assert_eq!(store.cache_get("k", t0 + Duration::from_secs(61)).unwrap(), None);
+    assert_eq!(store.cache_get("other", t0).unwrap(), None);
+    assert_eq!(
+        store.run_fallbacks("run-1").unwrap(),
+        [("summarize[1]".to_string(), 2, "huggingface: rate limited".to_string())]
+    );
+    assert!(store.schema_version().unwrap() >= 1);
+    assert_eq!(store.take_write_error(), None, "guarded no-ops are not errors");
+}
+}
+
+// ---- from async code: never "Cannot start a runtime from within a runtime" ------------------
+
+async fn reads_and_writes_from_async_code(store: Store) {
+    store.heartbeat(health("console"));
+    store.insert_run(new_run("async-1", "alpha", 0));
+    store.run_started("async-1", at(1), 1);
+    store.flush().await;
+    // Blocking reads, called straight from a task (as careless code would).
+    assert_eq!(
+        store.find_run("async-1").unwrap().status,
+        RunStatus::Running
+    );
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 1);
+    assert!(store.claim_slot("bp", at(0)).unwrap());
+    assert_eq!(
+        store
+            .claim_run("async-1", Duration::from_secs(60), 3)
+            .await
+            .unwrap(),
+        omniflow::store::Claim::Mine
+    );
+    store.run_finished(run_end("async-1", RunStatus::Success, 5));
+    store.flush_durable().await;
+    let s = store.clone();
+    let status = tokio::task::spawn_blocking(move || s.find_run("async-1").unwrap().status)
+        .await
+        .unwrap();
+    assert_eq!(status, RunStatus::Success);
+    // The last clone dropped on the runtime: the writer finishes on its own thread.
+    drop(store);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn postgres_from_a_current_thread_runtime() {
+    let Some(db) = ScratchDb::new("async_current_thread") else {
+        return;
+    };
+    // Opening connects on a thread of the store's, not on this runtime.
+    let store = Store::open_postgres(db.target()).unwrap();
+    reads_and_writes_from_async_code(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_from_a_multi_thread_runtime() {
+    let Some(db) = ScratchDb::new("async_multi_thread") else {
+        return;
+    };
+    let store = Store::open_postgres(db.target()).unwrap();
+    reads_and_writes_from_async_code(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_from_a_multi_thread_runtime() {
+    let (_dir, store) = temp_store();
+    reads_and_writes_from_async_code(store).await;
+}
+
+// ---- what only PostgreSQL has ----------------------------------------------------------------
+
+/// Ends every other session on the scratch database, as a server restart or an operator's
+/// `pg_terminate_backend` would.
+fn terminate_sessions(db: &ScratchDb) -> u64 {
+    let mut c = db.target().connect().unwrap();
+    let rows = c
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name()],
+        )
+        .unwrap();
+    rows.len() as u64
+}
+
+#[test]
+fn a_dropped_connection_is_reconnected_and_no_write_is_lost() {
+    let Some(db) = ScratchDb::new("reconnect") else {
+        return;
+    };
+    let store = Store::open_postgres(db.target()).unwrap();
+    for i in 0..100 {
+        store.insert_run(new_run(&format!("a{i:04}"), "alpha", i));
+    }
+    store.flush_blocking();
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 100);
+    assert!(
+        terminate_sessions(&db) >= 1,
+        "the writer's session was ended"
+    );
+    // Writes and reads after the cut go through new connections.
+    for i in 0..100 {
+        store.insert_run(new_run(&format!("b{i:04}"), "beta", i));
+    }
+    store.flush_blocking();
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 200);
+
+    // Cut while a stream of writes is in flight, several times.
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for i in 0..3_000u64 {
+                store.insert_run(new_run(&format!("c{i:05}"), "gamma", i));
+                if i % 500 == 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            store.flush_blocking();
+        })
+    };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(30));
+        terminate_sessions(&db);
+    }
+    writer.join().unwrap();
+    store.flush_blocking();
+    let gamma = RunFilter {
+        blueprint: Some("gamma".into()),
+        ..RunFilter::default()
+    };
+    assert_eq!(
+        store.count_runs(&gamma).unwrap(),
+        3_000,
+        "nothing lost ({:?})",
+        store.take_write_error()
+    );
+    assert_eq!(store.take_write_error(), None);
+    assert_eq!(store.write_problem(), None);
+}
+
+#[test]
+fn a_postgres_database_migrated_by_a_newer_omniflow_is_refused() {
+    let Some(db) = ScratchDb::new("newer") else {
+        return;
+    };
+    drop(Store::open_postgres(db.target()).unwrap());
+    let mut c = db.target().connect().unwrap();
+    c.execute(
+        "INSERT INTO omniflow_migrations (version, description) VALUES (999, 'from the future')",
+        &[],
+    )
+    .unwrap();
+    let err = Store::open_postgres(db.target()).unwrap_err();
+    assert!(
+        matches!(err, StoreError::NewerMigrations { found: 999, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), omniflow::store::StoreErrorKind::Newer);
+    assert!(err.to_string().contains("upgrade omniflow"), "{err}");
+}
+
+#[test]
+fn processes_starting_together_on_a_new_postgres_database_all_succeed() {
+    let Some(db) = ScratchDb::new("openers") else {
+        return;
+    };
+    let target = db.target().clone();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let threads: Vec<_> = (0..6)
+        .map(|i| {
+            let (target, barrier) = (target.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let store = Store::open_postgres_as(&target, format!("host-{i}:{i}:0"))
+                    .map_err(|e| format!("open failed: {e}"))?;
+                store.insert_run(new_run(&format!("r{i}"), "race", i));
+                store.flush_blocking();
+                store.take_write_error().map_or(Ok(()), Err)
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    let store = Store::open_postgres(&target).unwrap();
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 6);
+    let mut c = target.connect().unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM omniflow_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n,
+        omniflow::store::pg::schema::LATEST,
+        "each migration applied once"
+    );
+}
+
+#[test]
+fn backup_on_postgres_says_to_use_pg_dump() {
+    let Some(db) = ScratchDb::new("backup") else {
+        return;
+    };
+    let store = Store::open_postgres(db.target()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = store.backup(&dir.path().join("copy.db")).unwrap_err();
+    assert!(err.to_string().contains("pg_dump"), "{err}");
+    assert_eq!(store.path(), None);
+    assert_eq!(
+        store.postgres().map(|t| t.shown()),
+        Some(db.target().shown())
+    );
 }

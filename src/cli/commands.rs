@@ -21,8 +21,11 @@ pub(super) fn load_config() -> Result<Config, Failure> {
     Config::load().map_err(|e| Failure::input(format!("{e} (check your environment or .env)")))
 }
 
+/// Opens the history every command shares: PostgreSQL when `DATABASE_URL` is set, else the
+/// SQLite file at `DB_FILE`. A bad or unreachable database is bad input (exit 2) with its fix.
 pub(super) fn open_store(config: &Config) -> Result<Store, Failure> {
-    Store::open(&config.db_file).map_err(|e| Failure::input(e.to_string()))
+    let at = config.database().map_err(Failure::input)?;
+    Store::open_at(&at).map_err(|e| Failure::input(e.to_string()))
 }
 
 pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -51,6 +54,13 @@ pub fn tui(args: TuiArgs) -> Result<ExitCode, Failure> {
              `omniflow runs` and `omniflow show`",
         ));
     }
+    // A shared PostgreSQL database is opened here, so that a bad or unreachable one ends the
+    // start with exit 2 and its fix, before the terminal is taken over (the console's
+    // temporary-database fallback is for a local file only: never for a fleet's database).
+    let shared = match config.database().map_err(Failure::input)? {
+        crate::store::Location::Postgres(_) => Some(open_store(&config)?),
+        crate::store::Location::Sqlite(_) => None,
+    };
     let interrupted = crate::tui::run(
         config,
         crate::tui::Options {
@@ -58,6 +68,7 @@ pub fn tui(args: TuiArgs) -> Result<ExitCode, Failure> {
             dir: args.dir,
             themes_dir: "themes".into(),
             schedules: args.schedules,
+            store: shared,
         },
     )
     .map_err(|message| Failure { code: 1, message })?;
@@ -819,12 +830,12 @@ pub fn runs(args: RunsArgs) -> Result<ExitCode, Failure> {
     if rows.is_empty() {
         say_err!(
             "no runs yet in {} — try: omniflow run tech-digest --sandbox",
-            config.db_file.display()
+            store.place()
         );
         return Ok(ExitCode::SUCCESS);
     }
     // Which history this is: `omniflow runs` from another directory reads another file.
-    say_err!("history: {}", config.db_file.display());
+    say_err!("history: {}", store.place());
     say_out!(
         "{:<14} {:<20} {:<10} {:<20} {:>9} {:>7}  ERROR",
         "ID",
@@ -835,18 +846,14 @@ pub fn runs(args: RunsArgs) -> Result<ExitCode, Failure> {
         "TOKENS"
     );
     for r in rows {
-        let started = r.started_at.as_deref().unwrap_or(&r.queued_at);
+        let started = r.started_at.unwrap_or(r.queued_at);
         say_out!(
             "{:<14} {:<20} {:<10} {:<20} {:>9} {:>7}  {}",
             r.id,
             clip(&r.blueprint_name, 20),
             r.status.as_str(),
             // To the second: `2026-11-27 13:24:56`.
-            started
-                .replace('T', " ")
-                .chars()
-                .take(19)
-                .collect::<String>(),
+            crate::store::utc_date_time(started),
             r.total_time_ms
                 .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_else(|| "-".into()),
@@ -894,8 +901,12 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
     );
     say_out!(
         "started {}  finished {}  took {}  tokens {}  trigger {}",
-        run.started_at.as_deref().unwrap_or("-"),
-        run.finished_at.as_deref().unwrap_or("-"),
+        run.started_at
+            .map(crate::store::iso8601)
+            .unwrap_or_else(|| "-".into()),
+        run.finished_at
+            .map(crate::store::iso8601)
+            .unwrap_or_else(|| "-".into()),
         run.total_time_ms
             .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
             .unwrap_or_else(|| "-".into()),
@@ -1002,6 +1013,14 @@ pub fn schema() -> Result<ExitCode, Failure> {
 
 pub fn backup(args: BackupArgs) -> Result<ExitCode, Failure> {
     let config = load_config()?;
+    if let crate::store::Location::Postgres(target) = config.database().map_err(Failure::input)? {
+        return Err(Failure::input(format!(
+            "omniflow backup copies the SQLite file at DB_FILE; this omniflow uses PostgreSQL \
+             at {} (DATABASE_URL): back it up with `pg_dump -Fc -f omniflow.dump \"$DATABASE_URL\"` \
+             and restore with `pg_restore -d \"$DATABASE_URL\" omniflow.dump`",
+            target.shown()
+        )));
+    }
     if !config.db_file.exists() {
         return Err(Failure::input(format!(
             "no history database at {} (DB_FILE); nothing to back up",
@@ -1034,6 +1053,56 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn migrate(args: super::MigrateArgs) -> Result<ExitCode, Failure> {
+    let config = load_config()?;
+    let url = args.to.clone().or_else(|| config.database_url.clone()).ok_or_else(|| {
+        Failure::input(
+            "migrate needs the PostgreSQL database to copy into: \
+             omniflow migrate --to postgres://USER:PASSWORD@HOST:5432/DATABASE (or set DATABASE_URL)",
+        )
+    })?;
+    let target = crate::store::PgTarget::parse(&url).map_err(Failure::input)?;
+    let from = args.from.unwrap_or_else(|| config.db_file.clone());
+    if !from.exists() {
+        return Err(Failure::input(format!(
+            "no SQLite history at {} (DB_FILE or --from): nothing to copy",
+            from.display()
+        )));
+    }
+    say_err!("copying {} into {} …", from.display(), target.shown());
+    let copied = crate::store::pg::import::import_sqlite(&from, &target)
+        .map_err(|e| Failure::input(e.to_string()))?;
+    if args.json {
+        say_out!(
+            "{}",
+            serde_json::to_string(&json!({
+                "from": from,
+                "to": target.shown(),
+                "tables": copied,
+            }))
+            .unwrap_or_default()
+        );
+    } else {
+        for c in &copied {
+            let already = c.read.saturating_sub(c.written);
+            say_out!(
+                "  {:<20} {:>8} copied{}",
+                c.label,
+                c.written,
+                if already > 0 {
+                    format!(" ({already} already there)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        say_out!(
+            "done: point every omniflow at it with DATABASE_URL (running it again copies only what is new)"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn export(args: ExportArgs) -> Result<ExitCode, Failure> {
     let target = crate::export::Target::parse(&args.target).ok_or_else(|| {
         Failure::input(format!(
@@ -1063,6 +1132,7 @@ use crate::text::clip;
 /// works, 1 otherwise.
 pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
     let config = Arc::new(load_config()?);
+    let location = config.database().map_err(Failure::input)?;
     let rt = runtime()?;
     let providers = crate::providers::Providers::new(config.clone());
     if let Some(model) = &args.pull {
@@ -1126,6 +1196,13 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         ("CONCURRENCY", config.concurrency.to_string()),
         ("TELEGRAM_BOT_TOKEN", set(&config.telegram_bot_token).into()),
         ("DISCORD_WEBHOOK", set(&config.discord_webhook).into()),
+        (
+            "DATABASE_URL",
+            match &location {
+                crate::store::Location::Postgres(t) => t.shown().to_string(),
+                crate::store::Location::Sqlite(_) => "unset (SQLite at DB_FILE)".into(),
+            },
+        ),
     ];
     let chain: Vec<&str> = checks
         .iter()
@@ -1137,7 +1214,16 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
     // of every process on it (their heartbeats) and runs left by a process that died.
     // A database that does not exist yet is not created just to be checked: the first run
     // creates it (its directory must be writable).
-    let db_exists = config.db_file.exists();
+    // On PostgreSQL: connection, server version, migrations and privileges, checked without
+    // migrating; the store is opened only when it can be.
+    let pg = match &location {
+        crate::store::Location::Postgres(t) => Some(crate::store::pg::doctor::check(t)),
+        crate::store::Location::Sqlite(_) => None,
+    };
+    let db_exists = match &pg {
+        Some(report) => report.usable(),
+        None => config.db_file.exists(),
+    };
     let store = if db_exists {
         open_store(&config)
     } else {
@@ -1196,7 +1282,10 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
         nearest_dir(&config.log_dir)
     });
     let db_dir_ok = db_exists || writable(nearest_dir(&config.db_file)).is_ok();
-    let db_ok = db.is_ok() || (!db_exists && db_dir_ok);
+    let db_ok = match &pg {
+        Some(report) => report.ok() && db.is_ok(),
+        None => db.is_ok() || (!db_exists && db_dir_ok),
+    };
 
     let providers_ok = checks.iter().all(|c| c.ok != Some(false));
     // With no provider at all, nothing can run a model: that is not "everything works".
@@ -1209,10 +1298,19 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
             "chain": chain,
             "providers": checks,
             "canRunModels": can_run_models,
-            "database": match &db {
-                Ok((v, n)) => json!({ "ok": true, "path": config.db_file, "schemaVersion": v, "runs": n }),
-                Err(_) if !db_exists => json!({ "ok": db_dir_ok, "path": config.db_file, "exists": false }),
-                Err(e) => json!({ "ok": false, "path": config.db_file, "error": e.message }),
+            "database": match (&pg, &db) {
+                (Some(report), db) => json!({
+                    "ok": db_ok,
+                    "url": report.database,
+                    "checks": report.checks,
+                    "migrations": report.migrated,
+                    "latestMigration": report.latest,
+                    "runs": db.as_ref().ok().map(|(_, n)| *n),
+                    "error": db.as_ref().err().filter(|_| report.usable()).map(|e| e.message.clone()),
+                }),
+                (None, Ok((v, n))) => json!({ "ok": true, "path": config.db_file, "schemaVersion": v, "runs": n }),
+                (None, Err(_)) if !db_exists => json!({ "ok": db_dir_ok, "path": config.db_file, "exists": false }),
+                (None, Err(e)) => json!({ "ok": false, "path": config.db_file, "error": e.message }),
             },
             "logDir": match &logs {
                 Ok(()) => json!({ "ok": true, "path": config.log_dir, "exists": logs_exist }),
@@ -1249,7 +1347,22 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
             }
         }
         say_out!();
+        if let Some(report) = &pg {
+            let mark = if db_ok { "✓" } else { "✗" };
+            match &db {
+                Ok((_, n)) => say_out!("{mark} database {}  {n} run(s)", report.database),
+                Err(e) if report.usable() => {
+                    say_out!("✗ database {}  {}", report.database, e.message)
+                }
+                Err(_) => say_out!("{mark} database {}", report.database),
+            }
+            for c in &report.checks {
+                let mark = if c.ok { "✓" } else { "✗" };
+                say_out!("  {mark} {:<12} {}", c.name, c.detail);
+            }
+        }
         match &db {
+            _ if pg.is_some() => {}
             Ok((v, n)) => say_out!(
                 "✓ database {}  schema v{v}, {n} run(s)",
                 config.db_file.display()

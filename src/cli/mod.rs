@@ -73,6 +73,10 @@ pub enum Command {
     Schema,
     /// Copy the history database consistently while it is in use.
     Backup(BackupArgs),
+    /// Copy the SQLite history (DB_FILE) into PostgreSQL, to move a setup onto a shared
+    /// database. Safe to run again: it adds only what is missing (and brings runs that were
+    /// still in flight up to date), so an interrupted copy resumes.
+    Migrate(MigrateArgs),
     /// Check the configuration, the model providers (live), the database and the log
     /// directory (creating neither); exit 0 when everything configured works, 2 when no
     /// provider is configured (nothing can run a model).
@@ -260,6 +264,20 @@ pub struct BackupArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The PostgreSQL database to copy into (`postgres://USER:PASSWORD@HOST:5432/DB`);
+    /// default: DATABASE_URL.
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+    /// The SQLite history to copy; default: DB_FILE.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    /// Print what was copied as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct ExportArgs {
     /// A blueprint file, or the name of one in --dir.
     pub blueprint: String,
@@ -307,6 +325,7 @@ pub fn main() -> ExitCode {
         Some(Command::Show(a)) => commands::show(a),
         Some(Command::Schema) => commands::schema(),
         Some(Command::Backup(a)) => commands::backup(a),
+        Some(Command::Migrate(a)) => commands::migrate(a),
         Some(Command::Export(a)) => commands::export(a),
         Some(Command::Daemon(a)) => daemon::daemon(a),
         Some(Command::Doctor(a)) => commands::doctor(a),

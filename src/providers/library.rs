@@ -63,12 +63,15 @@ pub struct Response {
 }
 
 /// Calls the model with the process's configuration (environment and `.env`); the response
-/// cache is kept in `DB_FILE` when it opens. Never panics: every failure is in `error`.
+/// cache is kept in the history database (`DB_FILE`, or `DATABASE_URL`) when it opens. Never panics: every failure is in `error`.
 pub async fn call_hugging_face_model(req: Request) -> Response {
     static PROVIDERS: OnceLock<Result<Providers, String>> = OnceLock::new();
     let providers = PROVIDERS.get_or_init(|| {
         let config = Config::load().map_err(|e| format!("config: {e}"))?;
-        let store = crate::store::Store::open(&config.db_file).ok();
+        let store = config
+            .database()
+            .ok()
+            .and_then(|at| crate::store::Store::open_at(&at).ok());
         let p = Providers::new(Arc::new(config));
         Ok(match store {
             Some(s) => p.with_store(s),

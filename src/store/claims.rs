@@ -52,22 +52,26 @@ fn from_ms(ms: i64) -> SystemTime {
 
 impl Store {
     fn claim_conn(&self, doing: &'static str) -> Result<Connection, StoreError> {
-        let conn = Connection::open(self.path()).map_err(|e| open_error(self.path(), doing, e))?;
+        let path = self.sqlite_path();
+        let conn = Connection::open(path).map_err(|e| open_error(path, doing, e))?;
         conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| open_error(self.path(), doing, e))?;
+            .map_err(|e| open_error(path, doing, e))?;
         Ok(conn)
     }
 
     fn sql_error(&self, doing: &'static str, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite {
-            path: self.path().to_path_buf(),
+        StoreError::Database {
+            place: self.place(),
             doing,
-            source,
+            source: source.into(),
         }
     }
 
     /// The message ids recorded for `dedupe_key` if that message part was already delivered.
     pub fn notification_sent(&self, dedupe_key: &str) -> Result<Option<Value>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.notification_sent(dedupe_key);
+        }
         const DOING: &str = "checking sent notifications";
         let conn = self.claim_conn(DOING)?;
         let found: Option<Option<String>> = conn
@@ -87,6 +91,9 @@ impl Store {
     /// Records a delivered message part (committed before this returns). A second record
     /// with the same key is ignored.
     pub fn record_notification(&self, rec: &NotificationRecord) -> Result<(), StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.record_notification(rec);
+        }
         const DOING: &str = "recording a sent notification";
         let conn = self.claim_conn(DOING)?;
         let ids = (!rec.message_ids.is_null()).then(|| rec.message_ids.to_string());
@@ -110,6 +117,9 @@ impl Store {
 
     /// Every delivered part recorded for a run, oldest first: (step key, channel, part).
     pub fn notifications_of(&self, run_id: &str) -> Result<Vec<(String, String, u32)>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.notifications_of(run_id);
+        }
         const DOING: &str = "reading sent notifications";
         let conn = self.claim_conn(DOING)?;
         let mut stmt = conn
@@ -129,6 +139,9 @@ impl Store {
     /// links, so a hand-edited cycle cannot loop). A run not (yet) in the database is its own
     /// root.
     pub fn root_run_id(&self, run_id: &str) -> Result<String, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.root_run_id(run_id);
+        }
         const DOING: &str = "following a run's parents";
         let conn = self.claim_conn(DOING)?;
         let mut current = run_id.to_string();
@@ -152,6 +165,9 @@ impl Store {
     /// Claims a schedule slot: `true` for exactly one caller per (blueprint, slot), across
     /// every process sharing the database.
     pub fn claim_slot(&self, blueprint: &str, slot: SystemTime) -> Result<bool, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.claim_slot(blueprint, slot);
+        }
         const DOING: &str = "claiming a schedule slot";
         let mut conn = self.claim_conn(DOING)?;
         let proc = ProcessInfo::current(super::lease::process_id().to_string());
@@ -184,6 +200,9 @@ impl Store {
         slot: SystemTime,
         run_id: &str,
     ) -> Result<(), StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.slot_run(blueprint, slot, run_id);
+        }
         const DOING: &str = "recording a schedule slot's run";
         let conn = self.claim_conn(DOING)?;
         conn.execute(
@@ -196,6 +215,9 @@ impl Store {
 
     /// The latest slot claimed for a blueprint (by any process).
     pub fn last_slot(&self, blueprint: &str) -> Result<Option<SystemTime>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.last_slot(blueprint);
+        }
         const DOING: &str = "reading the last schedule slot";
         let conn = self.claim_conn(DOING)?;
         let ms: Option<i64> = conn
@@ -210,6 +232,9 @@ impl Store {
 
     /// Every claimed slot of a blueprint, oldest first.
     pub fn slots_of(&self, blueprint: &str) -> Result<Vec<SlotClaim>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.slots_of(blueprint);
+        }
         const DOING: &str = "reading schedule slots";
         let conn = self.claim_conn(DOING)?;
         let mut stmt = conn

@@ -14,7 +14,7 @@
 
 use super::iso8601;
 use super::transitions::{Op, ProcessInfo};
-use super::{Msg, Store, StoreError};
+use super::{DbError, Msg, Store, StoreError, StoreErrorKind};
 use crate::events::PoolStats;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::Serialize;
@@ -167,9 +167,12 @@ pub struct ProcessRow {
     pub pid: u32,
     pub role: String,
     pub version: String,
-    pub started_at: String,
-    pub heartbeat_at: String,
-    pub stopped_at: Option<String>,
+    #[serde(serialize_with = "super::types::iso")]
+    pub started_at: SystemTime,
+    #[serde(serialize_with = "super::types::iso")]
+    pub heartbeat_at: SystemTime,
+    #[serde(serialize_with = "super::types::iso_opt")]
+    pub stopped_at: Option<SystemTime>,
     pub rss_mb: Option<f64>,
     pub memory_hold: bool,
     pub paused: bool,
@@ -197,14 +200,15 @@ impl ProcessRow {
 
     /// One line for people: role, where, how long, the pool and memory at its last heartbeat.
     pub fn describe(&self, now: SystemTime) -> String {
-        let at = |iso: &str| humantime::parse_rfc3339_weak(iso.trim_end_matches('Z')).ok();
-        let since = |iso: &str| {
-            at(iso)
-                .and_then(|t| now.duration_since(t).ok())
+        let since = |t: Option<SystemTime>| {
+            t.and_then(|t| now.duration_since(t).ok())
                 .map(short_span)
                 .unwrap_or_else(|| "?".into())
         };
-        let clock = |iso: &str| iso.get(11..19).unwrap_or(iso).to_string();
+        let clock = |t: Option<SystemTime>| {
+            t.map(|t| super::utc_clock(t, false))
+                .unwrap_or_else(|| "?".into())
+        };
         let who = format!(
             "{:<7} {}:{}",
             self.role,
@@ -215,8 +219,8 @@ impl ProcessRow {
             "alive" => {
                 let mut s = format!(
                     "{who}  up {}, heartbeat {} ago · {}/{} busy, {} queued",
-                    since(&self.started_at),
-                    since(&self.heartbeat_at),
+                    since(Some(self.started_at)),
+                    since(Some(self.heartbeat_at)),
                     self.running,
                     self.concurrency
                         .map(|c| c.to_string())
@@ -237,14 +241,14 @@ impl ProcessRow {
             }
             "stopped" => format!(
                 "{who}  stopped at {} UTC ({} ago)",
-                clock(self.stopped_at.as_deref().unwrap_or_default()),
-                since(self.stopped_at.as_deref().unwrap_or_default())
+                clock(self.stopped_at),
+                since(self.stopped_at)
             ),
             _ => format!(
                 "{who}  silent since {} UTC ({} ago) — killed or crashed; its unfinished runs can be \
                  taken over",
-                clock(&self.heartbeat_at),
-                since(&self.heartbeat_at)
+                clock(Some(self.heartbeat_at)),
+                since(Some(self.heartbeat_at))
             ),
         }
     }
@@ -266,7 +270,7 @@ pub(crate) fn heartbeat(
     tx: &Transaction<'_>,
     h: &Health,
     proc: &ProcessInfo,
-) -> rusqlite::Result<Option<String>> {
+) -> rusqlite::Result<usize> {
     let at = iso8601(h.at);
     tx.prepare_cached(
         "INSERT INTO runner_processes (id, host, pid, role, version, started_at, heartbeat_at,
@@ -294,34 +298,27 @@ pub(crate) fn heartbeat(
         h.pool.completed as i64,
         h.pool.failed as i64,
         h.pool.concurrency as i64,
-    ])?;
-    Ok(None)
+    ])
 }
 
 pub(crate) fn process_stopped(
     tx: &Transaction<'_>,
     at: SystemTime,
     proc: &ProcessInfo,
-) -> rusqlite::Result<Option<String>> {
-    let n = tx
-        .prepare_cached(
-            "UPDATE runner_processes SET stopped_at = ?2 WHERE id = ?1 AND stopped_at IS NULL",
-        )?
-        .execute(params![proc.id, iso8601(at)])?;
-    Ok((n == 0).then(|| "this process was not recorded as running".to_string()))
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "UPDATE runner_processes SET stopped_at = ?2 WHERE id = ?1 AND stopped_at IS NULL",
+    )?
+    .execute(params![proc.id, iso8601(at)])
 }
 
 /// Hands every unfinished run of ours to whoever adopts it next.
-pub(crate) fn release_runs(
-    tx: &Transaction<'_>,
-    proc: &ProcessInfo,
-) -> rusqlite::Result<Option<String>> {
+pub(crate) fn release_runs(tx: &Transaction<'_>, proc: &ProcessInfo) -> rusqlite::Result<usize> {
     tx.prepare_cached(
         "UPDATE runner_executions SET owner = NULL
          WHERE owner = ?1 AND status IN ('queued', 'running')",
     )?
-    .execute([&proc.id])?;
-    Ok(None)
+    .execute([&proc.id])
 }
 
 /// Claims `run_id` for `me` if its owner is gone (guarded: only one claimer can win).
@@ -465,39 +462,40 @@ impl Store {
         lease: Duration,
         max_takeovers: u32,
     ) -> Result<Claim, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg
+                .claim_run(run_id, self.owner(), lease, max_takeovers)
+                .await;
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (id, me, path) = (
-            run_id.to_string(),
-            self.owner().to_string(),
-            self.path().to_path_buf(),
-        );
+        let (id, me) = (run_id.to_string(), self.owner().to_string());
         let sent = self.send(Msg::Txn(Box::new(move |conn: &mut Connection| {
             let r = claim(conn, &id, &me, SystemTime::now(), lease, max_takeovers);
             let _ = tx.send(r);
         })));
+        let gone = || StoreError::Database {
+            place: self.place(),
+            doing: "claiming a run",
+            source: DbError::new(StoreErrorKind::Other, "the database writer has stopped"),
+        };
         if !sent {
-            return Err(StoreError::Sqlite {
-                path,
-                doing: "claiming a run",
-                source: rusqlite::Error::InvalidQuery,
-            });
+            return Err(gone());
         }
         match rx.await {
-            Ok(r) => r.map_err(|source| StoreError::Sqlite {
-                path: self.path().to_path_buf(),
+            Ok(r) => r.map_err(|source| StoreError::Database {
+                place: self.place(),
                 doing: "claiming a run",
-                source,
+                source: source.into(),
             }),
-            Err(_) => Err(StoreError::Sqlite {
-                path: self.path().to_path_buf(),
-                doing: "claiming a run",
-                source: rusqlite::Error::InvalidQuery,
-            }),
+            Err(_) => Err(gone()),
         }
     }
 
     /// Unfinished runs whose owner is gone (or that were released), oldest first.
     pub fn orphaned_runs(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.orphaned_runs(lease);
+        }
         let stale_before =
             unix_ms(SystemTime::now()) - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let rows: Vec<(String, bool, Option<String>)> =
@@ -527,6 +525,9 @@ impl Store {
 
     /// Every process that heartbeated into this database, newest first.
     pub fn processes(&self, lease: Duration) -> Result<Vec<ProcessRow>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.processes(lease);
+        }
         let stale_before =
             unix_ms(SystemTime::now()) - i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         self.read("listing processes", |c| {
@@ -543,9 +544,9 @@ impl Store {
                     pid: r.get(2)?,
                     role: r.get(3)?,
                     version: r.get(4)?,
-                    started_at: r.get(5)?,
-                    heartbeat_at: r.get(6)?,
-                    stopped_at: r.get(7)?,
+                    started_at: super::read::time_req(r, 5)?,
+                    heartbeat_at: super::read::time_req(r, 6)?,
+                    stopped_at: super::read::time_at(r, 7)?,
                     rss_mb: r.get(8)?,
                     memory_hold: r.get(9)?,
                     paused: r.get(10)?,

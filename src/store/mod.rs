@@ -54,12 +54,14 @@ mod types;
 mod writer;
 
 pub use claims::{NotificationRecord, SlotClaim};
-pub use error::{BackupFailure, StoreError};
+pub use error::{BackupFailure, DbError, StoreError, StoreErrorKind};
 pub use lease::{owner_is_gone, process_id, short_span, Claim, Health, ProcessRow};
+pub use pg::PgTarget;
 pub use providers::CachedAnswer;
 pub use read::backup_file;
 pub use types::{
-    AttemptRecord, AttemptRow, NewRun, NewStep, RunEnd, RunFilter, RunRow, StepEnd, StepRow,
+    AttemptRecord, AttemptRow, NewRun, NewStep, RunCursor, RunEnd, RunFilter, RunRow, StepEnd,
+    StepRow,
 };
 
 use rusqlite::Connection;
@@ -84,24 +86,48 @@ pub struct Store {
 }
 
 struct Inner {
+    backend: Backend,
+    writer: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    owner: String,
+}
+
+/// The database behind a [`Store`]: two known implementations, so an enum (static dispatch).
+/// Each holds its writer's queue; the writer thread itself is [`Inner::writer`].
+pub(crate) enum Backend {
+    Sqlite(SqliteBackend),
+    Postgres(Box<pg::backend::PgBackend>),
+}
+
+pub(crate) struct SqliteBackend {
     path: PathBuf,
     /// `None` only during drop, to close the channel before joining the writer.
     tx: Option<Sender<Msg>>,
-    writer: Option<JoinHandle<()>>,
-    shared: Arc<Shared>,
     /// Idle read-only connections.
     readers: Mutex<Vec<Connection>>,
-    owner: String,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the channel is the writer's signal to finish what is queued and stop.
-        drop(self.tx.take());
+        match &mut self.backend {
+            Backend::Sqlite(b) => drop(b.tx.take()),
+            Backend::Postgres(b) => b.close(),
+        }
         if let Some(handle) = self.writer.take() {
             if handle.join().is_err() {
-                tracing::error!(path = %self.path.display(), "the database writer thread panicked");
+                tracing::error!(database = %self.backend.place(), "the database writer thread panicked");
             }
+        }
+    }
+}
+
+impl Backend {
+    /// The database as shown to people: the file, or the PostgreSQL URL without its password.
+    fn place(&self) -> String {
+        match self {
+            Backend::Sqlite(b) => b.path.display().to_string(),
+            Backend::Postgres(b) => b.target().shown().to_string(),
         }
     }
 }
@@ -109,9 +135,17 @@ impl Drop for Inner {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.inner.path)
+            .field("database", &self.inner.backend.place())
             .finish()
     }
+}
+
+/// Which database a process uses: `DATABASE_URL` when it names PostgreSQL, else the SQLite
+/// file at `DB_FILE`.
+#[derive(Debug, Clone)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(Box<PgTarget>),
 }
 
 impl Store {
@@ -122,6 +156,37 @@ impl Store {
     /// database whose schema is newer than this build ([`SCHEMA_VERSION`]).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         Store::open_as(path, lease::process_id().to_string())
+    }
+
+    /// Opens whichever database `at` names (see [`Store::open`] and [`Store::open_postgres`]).
+    pub fn open_at(at: &Location) -> Result<Store, StoreError> {
+        match at {
+            Location::Sqlite(path) => Store::open(path),
+            Location::Postgres(target) => Store::open_postgres(target),
+        }
+    }
+
+    /// Connects to PostgreSQL, applies the migrations this build has and the database lacks
+    /// (under an advisory lock, so processes starting together do not race), and starts the
+    /// writer and reader threads. Refuses a database migrated by a newer omniflow.
+    pub fn open_postgres(target: &PgTarget) -> Result<Store, StoreError> {
+        Store::open_postgres_as(target, lease::process_id().to_string())
+    }
+
+    /// Like [`Store::open_postgres`], with runs owned by `owner` (tests play several
+    /// processes in one).
+    pub fn open_postgres_as(target: &PgTarget, owner: String) -> Result<Store, StoreError> {
+        let shared = Arc::new(Shared::default());
+        let (backend, writer) =
+            pg::backend::PgBackend::open(target, owner.clone(), shared.clone())?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                backend: Backend::Postgres(Box::new(backend)),
+                writer: Some(writer),
+                shared,
+                owner,
+            }),
+        })
     }
 
     /// Like [`Store::open`], with runs owned by `owner` instead of this process's id (tests
@@ -141,19 +206,21 @@ impl Store {
                 })
                 .map_err(|e| StoreError::Unwritable {
                     path: path.to_path_buf(),
-                    source: rusqlite::Error::SqliteFailure(
-                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-                        Some(format!("cannot start the writer thread: {e}")),
+                    source: DbError::new(
+                        StoreErrorKind::Unavailable,
+                        format!("cannot start the writer thread: {e}"),
                     ),
                 })?
         };
         Ok(Store {
             inner: Arc::new(Inner {
-                path: path.to_path_buf(),
-                tx: Some(tx),
+                backend: Backend::Sqlite(SqliteBackend {
+                    path: path.to_path_buf(),
+                    tx: Some(tx),
+                    readers: Mutex::new(Vec::new()),
+                }),
                 writer: Some(writer),
                 shared,
-                readers: Mutex::new(Vec::new()),
                 owner,
             }),
         })
@@ -164,14 +231,52 @@ impl Store {
         &self.inner.owner
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// The SQLite file; `None` on PostgreSQL.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.inner.backend {
+            Backend::Sqlite(b) => Some(&b.path),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL database this store uses; `None` on SQLite.
+    pub fn postgres(&self) -> Option<&PgTarget> {
+        match &self.inner.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => Some(b.target()),
+        }
+    }
+
+    /// The database as people should see it: the file, or the PostgreSQL URL without its
+    /// password.
+    pub fn place(&self) -> String {
+        self.inner.backend.place()
+    }
+
+    /// The PostgreSQL side, when that is the backend.
+    pub(crate) fn pg(&self) -> Option<&pg::backend::PgBackend> {
+        match &self.inner.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => Some(b),
+        }
+    }
+
+    /// The SQLite file. Only called on the SQLite paths (after `pg()` returned `None`).
+    pub(crate) fn sqlite_path(&self) -> &Path {
+        match &self.inner.backend {
+            Backend::Sqlite(b) => &b.path,
+            Backend::Postgres(_) => Path::new(""),
+        }
     }
 
     fn readers(&self) -> MutexGuard<'_, Vec<Connection>> {
+        static NONE: Mutex<Vec<Connection>> = Mutex::new(Vec::new());
+        let pool = match &self.inner.backend {
+            Backend::Sqlite(b) => &b.readers,
+            Backend::Postgres(_) => &NONE,
+        };
         // A panic while holding the pool leaves only whole connections in it.
-        self.inner.readers.lock().unwrap_or_else(|e| e.into_inner())
+        pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a message; false if the writer is gone (it only stops when the store is dropped,
@@ -182,14 +287,17 @@ impl Store {
         if write {
             crate::telemetry::store_queued(1);
         }
-        let sent = self.inner.tx.as_ref().map(|tx| tx.send(msg).is_ok());
+        let sent = match &self.inner.backend {
+            Backend::Sqlite(b) => b.tx.as_ref().map(|tx| tx.send(msg).is_ok()),
+            Backend::Postgres(b) => Some(b.send_common(msg)),
+        };
         if sent != Some(true) {
             if write {
                 crate::telemetry::store_queued(-1);
             }
             self.inner.shared.record_error(format!(
                 "the database writer for {} has stopped; changes are not being saved",
-                self.inner.path.display()
+                self.place()
             ));
             return false;
         }
@@ -333,6 +441,10 @@ impl Store {
     /// `PRAGMA integrity_check` (every page and every index entry; linear in the file, so
     /// for `omniflow doctor`, not for every open): up to 20 problems, none when intact.
     pub fn integrity_problems(&self) -> Result<Vec<String>, StoreError> {
+        if self.pg().is_some() {
+            // PostgreSQL checks its own pages; there is no file of ours to scan.
+            return Ok(Vec::new());
+        }
         self.read("checking integrity", |c| {
             schema::run_check(c, "integrity_check", 20)
         })
@@ -352,6 +464,64 @@ pub fn iso8601(t: SystemTime) -> String {
 /// `runner_executions` rows as OmniFlow (`omniflow export`).
 pub fn schema_v1_sql() -> &'static str {
     schema::MIGRATIONS[0]
+}
+
+/// Milliseconds since the Unix epoch (0 before it, clamped at `i64::MAX`).
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The inverse of [`unix_ms`] (negative values are the epoch).
+pub(crate) fn from_unix_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// The time of day in UTC, `13:24:56`, or `13:24:56.123` with `millis`: how the console and
+/// the CLI show a time of today.
+pub fn utc_clock(t: SystemTime, millis: bool) -> String {
+    let ms = unix_ms(t).rem_euclid(86_400_000);
+    let (h, m, s, f) = (
+        ms / 3_600_000,
+        (ms / 60_000) % 60,
+        (ms / 1000) % 60,
+        ms % 1000,
+    );
+    if millis {
+        format!("{h:02}:{m:02}:{s:02}.{f:03}")
+    } else {
+        format!("{h:02}:{m:02}:{s:02}")
+    }
+}
+
+/// Date and time in UTC to the second, `2026-11-27 13:24:56`.
+pub fn utc_date_time(t: SystemTime) -> String {
+    let days = unix_ms(t).div_euclid(86_400_000);
+    let (y, mo, d) = civil_from_days(days);
+    format!("{y:04}-{mo:02}-{d:02} {}", utc_clock(t, false))
+}
+
+/// Month and day in UTC with the time to the second, `11-27 13:24:56` (history rows).
+pub fn utc_month_day_time(t: SystemTime) -> String {
+    let days = unix_ms(t).div_euclid(86_400_000);
+    let (_, mo, d) = civil_from_days(days);
+    format!("{mo:02}-{d:02} {}", utc_clock(t, false))
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) (Howard Hinnant's
+/// well-known civil-from-days algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 /// SQLite integers are i64; counters beyond that are clamped rather than wrapped.

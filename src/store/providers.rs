@@ -28,10 +28,7 @@ fn unix_ms(t: SystemTime) -> i64 {
 }
 
 /// Inserts or replaces an entry, and prunes the expired ones (cheap: indexed).
-pub(crate) fn cache_put(
-    tx: &Transaction<'_>,
-    c: &CachedAnswer,
-) -> rusqlite::Result<Option<String>> {
+pub(crate) fn cache_put(tx: &Transaction<'_>, c: &CachedAnswer) -> rusqlite::Result<usize> {
     tx.prepare_cached("DELETE FROM provider_cache WHERE expires_at <= ?1")?
         .execute([unix_ms(c.created_at)])?;
     tx.prepare_cached(
@@ -47,8 +44,7 @@ pub(crate) fn cache_put(
         saturating_i64(c.tokens_used),
         iso8601(c.created_at),
         unix_ms(c.expires_at)
-    ])?;
-    Ok(None)
+    ])
 }
 
 pub(crate) fn attempt_fallback(
@@ -57,14 +53,12 @@ pub(crate) fn attempt_fallback(
     step_key: &str,
     attempt: u32,
     note: &str,
-) -> rusqlite::Result<Option<String>> {
-    let n = tx
-        .prepare_cached(
-            "UPDATE runner_attempts SET fallback = ?4
-             WHERE run_id = ?1 AND step_key = ?2 AND attempt = ?3",
-        )?
-        .execute(params![run_id, step_key, attempt, note])?;
-    Ok((n == 0).then(|| "no such attempt".to_string()))
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "UPDATE runner_attempts SET fallback = ?4
+         WHERE run_id = ?1 AND step_key = ?2 AND attempt = ?3",
+    )?
+    .execute(params![run_id, step_key, attempt, note])
 }
 
 impl Store {
@@ -79,6 +73,9 @@ impl Store {
         key: &str,
         now: SystemTime,
     ) -> Result<Option<CachedAnswer>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.cache_get(key, now);
+        }
         let now_ms = unix_ms(now);
         self.read("reading the response cache", |c| {
             c.prepare_cached(
@@ -116,6 +113,9 @@ impl Store {
 
     /// `(step_key, attempt, note)` of every attempt of a run answered by a fallback provider.
     pub fn run_fallbacks(&self, run_id: &str) -> Result<Vec<(String, u32, String)>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.run_fallbacks(run_id);
+        }
         self.read("reading a run's provider fallbacks", |c| {
             c.prepare_cached(
                 "SELECT step_key, attempt, fallback FROM runner_attempts
@@ -132,8 +132,12 @@ impl Store {
         })
     }
 
-    /// The schema version of the file (`PRAGMA user_version`), for `omniflow doctor`.
+    /// The schema version of the file (`PRAGMA user_version`), or on PostgreSQL the newest
+    /// migration applied (`omniflow_migrations`), for `omniflow doctor`.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.schema_version();
+        }
         self.read("reading the schema version", |c| {
             c.pragma_query_value(None, "user_version", |r| r.get(0))
         })

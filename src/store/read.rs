@@ -13,7 +13,7 @@ use rusqlite::types::{Type, Value as SqlValue};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Idle read connections kept for reuse.
 const POOL_KEEP: usize = 4;
@@ -63,6 +63,21 @@ fn json_at(row: &Row<'_>, col: usize) -> rusqlite::Result<Option<Value>> {
         .map(|text| serde_json::from_str(&text).unwrap_or(Value::String(text))))
 }
 
+/// Timestamps are ISO-8601 text in SQLite; a value that is not one (a hand edit) is reported
+/// as a value this build does not understand.
+pub(crate) fn time_at(row: &Row<'_>, col: usize) -> rusqlite::Result<Option<SystemTime>> {
+    match row.get::<_, Option<String>>(col)? {
+        None => Ok(None),
+        Some(text) => humantime::parse_rfc3339_weak(text.trim_end_matches('Z'))
+            .map(Some)
+            .map_err(|_| bad(col, format!("timestamp {text:?}"))),
+    }
+}
+
+pub(crate) fn time_req(row: &Row<'_>, col: usize) -> rusqlite::Result<SystemTime> {
+    time_at(row, col)?.ok_or_else(|| bad(col, "a missing timestamp".into()))
+}
+
 fn run_row(row: &Row<'_>) -> rusqlite::Result<RunRow> {
     let status: String = row.get(2)?;
     let priority: String = row.get(3)?;
@@ -81,9 +96,9 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<RunRow> {
         variables: json_at(row, 8)?.unwrap_or(Value::Null),
         blueprint: json_at(row, 9)?,
         parent_run_id: row.get(10)?,
-        queued_at: row.get(11)?,
-        started_at: row.get(12)?,
-        finished_at: row.get(13)?,
+        queued_at: time_req(row, 11)?,
+        started_at: time_at(row, 12)?,
+        finished_at: time_at(row, 13)?,
         total_time_ms: u64_at(row, 14)?,
         tokens_used: u64_at(row, 15)?.unwrap_or(0),
         steps_total: u32_at(row, 16)?,
@@ -112,9 +127,9 @@ fn step_row(row: &Row<'_>) -> rusqlite::Result<StepRow> {
         cached: row.get(11)?,
         provider: row.get(12)?,
         model: row.get(13)?,
-        queued_at: row.get(14)?,
-        started_at: row.get(15)?,
-        finished_at: row.get(16)?,
+        queued_at: time_at(row, 14)?,
+        started_at: time_at(row, 15)?,
+        finished_at: time_at(row, 16)?,
         duration_ms: u64_at(row, 17)?,
         reply_model: row.get(18)?,
         finish_reason: row.get(19)?,
@@ -130,8 +145,8 @@ fn attempt_row(row: &Row<'_>) -> rusqlite::Result<AttemptRow> {
         error_kind: row.get(3)?,
         error: row.get(4)?,
         wait_ms: u64_at(row, 5)?,
-        started_at: row.get(6)?,
-        finished_at: row.get(7)?,
+        started_at: time_req(row, 6)?,
+        finished_at: time_req(row, 7)?,
         duration_ms: u64_at(row, 8)?.unwrap_or(0),
         tokens_used: u64_at(row, 9)?.unwrap_or(0),
         provider: row.get(10)?,
@@ -157,11 +172,11 @@ fn filter_sql(f: &RunFilter, with_cursor: bool) -> (String, Vec<SqlValue>) {
         sql.push_str(" AND instr(lower(blueprint_name), lower(?)) > 0");
         args.push(SqlValue::Text(part.clone()));
     }
-    if let (true, Some((started_at, id))) = (with_cursor, &f.before) {
+    if let (true, Some(cursor)) = (with_cursor, &f.before) {
         // Row-value comparison: SQLite turns it into a range on the (…, started_at, id) index.
         sql.push_str(" AND (started_at, id) < (?, ?)");
-        args.push(SqlValue::Text(started_at.clone()));
-        args.push(SqlValue::Text(id.clone()));
+        args.push(SqlValue::Text(super::iso8601(cursor.started())));
+        args.push(SqlValue::Text(cursor.id.clone()));
     }
     (sql, args)
 }
@@ -193,7 +208,7 @@ impl Store {
         let pooled = self.readers().pop();
         let conn = match pooled {
             Some(c) => c,
-            None => open_reader(self.path())?,
+            None => open_reader(self.sqlite_path())?,
         };
         let result = f(&conn);
         {
@@ -208,13 +223,14 @@ impl Store {
     fn read_error(&self, doing: &'static str, e: rusqlite::Error) -> StoreError {
         match e {
             rusqlite::Error::FromSqlConversionFailure(_, _, inner) => StoreError::Corrupt {
-                path: self.path().to_path_buf(),
+                place: self.place(),
+                setting: "DB_FILE",
                 detail: inner.to_string(),
             },
-            e => StoreError::Sqlite {
-                path: self.path().to_path_buf(),
+            e => StoreError::Database {
+                place: self.place(),
                 doing,
-                source: e,
+                source: e.into(),
             },
         }
     }
@@ -223,6 +239,9 @@ impl Store {
     /// `f.before` when set. Pass [`RunFilter::cursor_after`] of the last row to get the next
     /// page: every run appears exactly once across pages, even while new runs arrive.
     pub fn list_runs(&self, f: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.list_runs(f);
+        }
         if f.limit == 0 {
             return Ok(Vec::new());
         }
@@ -243,6 +262,9 @@ impl Store {
 
     /// How many runs match `f.status` and `f.blueprint` (`limit` and `before` are ignored).
     pub fn count_runs(&self, f: &RunFilter) -> Result<u64, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.count_runs(f);
+        }
         let (filter, args) = filter_sql(f, false);
         let sql = format!("SELECT COUNT(*) FROM runner_executions{filter}");
         let n: i64 = self.read("counting runs", |c| {
@@ -259,21 +281,25 @@ impl Store {
             "SELECT {RUN_COLUMNS} FROM runner_executions WHERE id GLOB ?1 ORDER BY id LIMIT 6"
         );
         let pattern = glob_prefix(id_or_prefix);
-        let found = self.read("looking up a run", |c| {
-            if let Some(run) = c
-                .prepare_cached(&exact)?
-                .query_row([id_or_prefix], run_row)
-                .optional()?
-            {
-                return Ok(vec![run]);
-            }
-            if id_or_prefix.is_empty() {
-                return Ok(Vec::new());
-            }
-            c.prepare_cached(&by_prefix)?
-                .query_map([pattern], run_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })?;
+        let found = if let Some(pg) = self.pg() {
+            pg.find_runs(id_or_prefix)?
+        } else {
+            self.read("looking up a run", |c| {
+                if let Some(run) = c
+                    .prepare_cached(&exact)?
+                    .query_row([id_or_prefix], run_row)
+                    .optional()?
+                {
+                    return Ok(vec![run]);
+                }
+                if id_or_prefix.is_empty() {
+                    return Ok(Vec::new());
+                }
+                c.prepare_cached(&by_prefix)?
+                    .query_map([pattern], run_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })?
+        };
         let mut found = found.into_iter();
         match (found.next(), found.next()) {
             (None, _) => Err(StoreError::NotFound(id_or_prefix.to_string())),
@@ -292,6 +318,9 @@ impl Store {
 
     /// A run's steps in the order they were recorded (graph order). Empty for an unknown run.
     pub fn run_steps(&self, run_id: &str) -> Result<Vec<StepRow>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.run_steps(run_id);
+        }
         let sql = format!("SELECT {STEP_COLUMNS} FROM runner_steps WHERE run_id = ?1 ORDER BY seq");
         self.read("reading a run's steps", |c| {
             c.prepare_cached(&sql)?
@@ -302,6 +331,9 @@ impl Store {
 
     /// A run's attempts, grouped by step in step order, then by attempt number.
     pub fn run_attempts(&self, run_id: &str) -> Result<Vec<AttemptRow>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.run_attempts(run_id);
+        }
         self.read("reading a run's attempts", |c| {
             c.prepare_cached(
                 "SELECT a.step_key, a.attempt, a.status, a.error_kind, a.error, a.wait_ms,
@@ -324,7 +356,13 @@ impl Store {
     /// old file or a complete backup, never half of one. An existing `dest` is replaced.
     /// Writes queued but not yet committed are not in the copy: `flush` first to include them.
     pub fn backup(&self, dest: &Path) -> Result<(), StoreError> {
-        backup_with(self.path(), dest, |copy| {
+        if self.pg().is_some() {
+            return Err(StoreError::NotOnPostgres {
+                what: "omniflow backup",
+                instead: "copy the database with `pg_dump -Fc -f omniflow.dump \"$DATABASE_URL\"` (and `pg_restore` to bring it back)",
+            });
+        }
+        backup_with(self.sqlite_path(), dest, |copy| {
             self.read("reading for a backup", |src| Ok(copy(src)))
         })
     }
@@ -390,7 +428,7 @@ fn copy_into(src: &Connection, partial: &Path) -> Result<(), BackupFailure> {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 other => {
-                    return Err(BackupFailure::Sqlite(rusqlite::Error::SqliteFailure(
+                    return Err(BackupFailure::from(rusqlite::Error::SqliteFailure(
                         rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
                         Some(format!("the backup did not finish ({other:?})")),
                     )))
@@ -398,7 +436,7 @@ fn copy_into(src: &Connection, partial: &Path) -> Result<(), BackupFailure> {
             }
         }
     }
-    dst.close().map_err(|(_, e)| BackupFailure::Sqlite(e))?;
+    dst.close().map_err(|(_, e)| BackupFailure::from(e))?;
     Ok(())
 }
 

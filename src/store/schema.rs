@@ -5,7 +5,7 @@
 //! migrations applied, and the migrations run in one `BEGIN IMMEDIATE` transaction so a crash
 //! or a concurrent opener never leaves a half-migrated file.
 
-use super::error::StoreError;
+use super::error::{StoreError, StoreErrorKind};
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use std::io::Read;
 use std::path::Path;
@@ -204,8 +204,9 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let mut pause = Duration::from_millis(5);
     loop {
         match open_writer_once(path) {
-            Err(StoreError::Sqlite { source, .. })
-                if is_busy(&source) && std::time::Instant::now() < deadline =>
+            Err(StoreError::Database { source, .. })
+                if source.kind() == StoreErrorKind::Busy
+                    && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(100));
@@ -386,7 +387,7 @@ pub(crate) fn open_error(path: &Path, doing: &'static str, e: rusqlite::Error) -
         return StoreError::DiskFull {
             path: path.to_path_buf(),
             dir,
-            source: e,
+            source: e.into(),
         };
     }
     match e.sqlite_error_code() {
@@ -400,13 +401,13 @@ pub(crate) fn open_error(path: &Path, doing: &'static str, e: rusqlite::Error) -
         Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => {
             StoreError::Unwritable {
                 path: path.to_path_buf(),
-                source: e,
+                source: e.into(),
             }
         }
-        _ => StoreError::Sqlite {
-            path: path.to_path_buf(),
+        _ => StoreError::Database {
+            place: path.display().to_string(),
             doing,
-            source: e,
+            source: e.into(),
         },
     }
 }

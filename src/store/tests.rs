@@ -1,5 +1,7 @@
-//! Unit tests of the guards, the opening checks and the writer's failure handling, on real
-//! SQLite files in temporary directories.
+//! Unit tests of the guards, the opening checks and the writer's failure handling. The guards
+//! and the writer's handling run on both backends (`NAME::sqlite` on a real SQLite file,
+//! `NAME::postgres` on a scratch PostgreSQL database, skipped with a line when no server
+//! answers); the file checks are SQLite's own.
 
 use super::*;
 use crate::blueprint::Priority;
@@ -69,6 +71,70 @@ fn open_temp() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// Where a conformance test's store lives.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(Box<pg::testing::ScratchDb>),
+}
+
+impl Db {
+    fn open(&self) -> Store {
+        match self {
+            Db::Sqlite(dir) => Store::open(&dir.path().join("history.db")).unwrap(),
+            Db::Postgres(db) => Store::open_postgres(db.target()).unwrap(),
+        }
+    }
+
+    /// Runs statements as another client would; `sqlite` and `postgres` are the same change
+    /// in each dialect.
+    fn exec(&self, sqlite: &str, postgres: &str) {
+        match self {
+            Db::Sqlite(dir) => rusqlite::Connection::open(dir.path().join("history.db"))
+                .unwrap()
+                .execute_batch(sqlite)
+                .unwrap(),
+            Db::Postgres(db) => {
+                let target = db.target().clone();
+                let sql = postgres.to_string();
+                // The driver must not run on a test's async runtime.
+                std::thread::spawn(move || target.connect().unwrap().batch_execute(&sql).unwrap())
+                    .join()
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// One test body, both backends.
+macro_rules! on_both {
+    (fn $name:ident($db:ident, $store:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[allow(unused_variables)]
+            fn body($db: &Db, $store: Store) $body
+
+            #[test]
+            fn sqlite() {
+                let db = Db::Sqlite(tempfile::tempdir().unwrap());
+                let store = db.open();
+                body(&db, store);
+            }
+
+            #[test]
+            fn postgres() {
+                let Some(db) = pg::testing::ScratchDb::new(stringify!($name)) else {
+                    return;
+                };
+                let db = Db::Postgres(Box::new(db));
+                let store = db.open();
+                body(&db, store);
+            }
+        }
+    };
+}
+
 #[test]
 fn a_store_can_be_shared_across_threads_and_tasks() {
     fn send_sync<T: Send + Sync + Clone + 'static>() {}
@@ -78,17 +144,17 @@ fn a_store_can_be_shared_across_threads_and_tasks() {
     error::<StoreError>();
 }
 
-#[test]
-fn a_row_this_build_cannot_read_is_reported_as_corrupt() {
-    let (dir, store) = open_temp();
+on_both! {
+fn a_row_this_build_cannot_read_is_reported_as_corrupt(db, store) {
     store.insert_run(new_run("r1", 0));
     store.flush_blocking();
-    let raw = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
-    raw.execute("UPDATE runner_executions SET priority = 'urgent'", [])
-        .unwrap();
+    let sql = "UPDATE runner_executions SET priority = 'urgent'";
+    db.exec(sql, sql);
     let err = store.find_run("r1").unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt);
     assert!(err.to_string().contains("\"urgent\""), "{err}");
+}
 }
 
 #[test]
@@ -105,9 +171,8 @@ fn timestamps_are_iso8601_utc_with_millis_and_clamped() {
     assert_eq!(iso8601(far), "9999-12-31T23:59:59.999Z");
 }
 
-#[test]
-fn a_finished_run_keeps_its_first_end_and_cannot_restart() {
-    let (_dir, store) = open_temp();
+on_both! {
+fn a_finished_run_keeps_its_first_end_and_cannot_restart(db, store) {
     store.insert_run(new_run("r1", 0));
     store.run_started("r1", at(10), 2);
     store.run_finished(end("r1", RunStatus::Success, 100));
@@ -118,8 +183,8 @@ fn a_finished_run_keeps_its_first_end_and_cannot_restart() {
 
     let run = store.find_run("r1").unwrap();
     assert_eq!(run.status, RunStatus::Success);
-    assert_eq!(run.finished_at.as_deref(), Some(iso8601(at(100)).as_str()));
-    assert_eq!(run.started_at.as_deref(), Some(iso8601(at(10)).as_str()));
+    assert_eq!(run.finished_at, Some(at(100)));
+    assert_eq!(run.started_at, Some(at(10)));
     assert_eq!(run.steps_total, Some(2));
     assert_eq!(run.tokens_used, 7);
     assert_eq!(run.error, None);
@@ -130,15 +195,15 @@ fn a_finished_run_keeps_its_first_end_and_cannot_restart() {
         "guarded no-ops are not errors"
     );
 }
+}
 
-#[test]
-fn a_queued_run_sorts_by_queue_time_until_it_starts() {
-    let (_dir, store) = open_temp();
+on_both! {
+fn a_queued_run_sorts_by_queue_time_until_it_starts(db, store) {
     store.insert_run(new_run("r1", 5));
     store.flush_blocking();
     let run = store.find_run("r1").unwrap();
     assert_eq!(run.status, RunStatus::Queued);
-    assert_eq!(run.started_at, Some(run.queued_at.clone()));
+    assert_eq!(run.started_at, Some(run.queued_at));
     // A non-final "end" is refused.
     store.run_finished(end("r1", RunStatus::Running, 9));
     store.flush_blocking();
@@ -148,10 +213,10 @@ fn a_queued_run_sorts_by_queue_time_until_it_starts() {
     store.flush_blocking();
     assert_eq!(store.find_run("r1").unwrap().status, RunStatus::Cancelled);
 }
+}
 
-#[test]
-fn step_transitions_are_guarded() {
-    let (_dir, store) = open_temp();
+on_both! {
+fn step_transitions_are_guarded(db, store) {
     store.insert_run(new_run("r1", 0));
     // Unknown run: no row, no error.
     store.step_queued(NewStep {
@@ -193,7 +258,7 @@ fn step_transitions_are_guarded() {
         a.attempts, 1,
         "the final record's count wins over the started one"
     );
-    assert_eq!(a.started_at.as_deref(), Some(iso8601(at(2)).as_str()));
+    assert_eq!(a.started_at, Some(at(2)));
     assert_eq!(a.input, Some(json!({"x": 1})));
     assert_eq!(a.output, Some(json!("out")));
     let b = &steps[1];
@@ -202,16 +267,21 @@ fn step_transitions_are_guarded() {
     assert!(store.run_steps("nope").unwrap().is_empty());
     assert_eq!(store.take_write_error(), None);
 }
+}
 
-#[test]
-fn one_bad_write_does_not_take_its_batch_down() {
-    let (dir, store) = open_temp();
-    let raw = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
-    raw.execute_batch(
+on_both! {
+fn one_bad_write_does_not_take_its_batch_down(db, store) {
+    db.exec(
         "CREATE TRIGGER boom BEFORE INSERT ON runner_executions WHEN NEW.id = 'bad'
          BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;",
-    )
-    .unwrap();
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
+             FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
     for id in ["ok1", "bad", "ok2"] {
         store.insert_run(new_run(id, 0));
     }
@@ -230,13 +300,11 @@ fn one_bad_write_does_not_take_its_batch_down() {
     store.flush_blocking();
     assert!(store.find_run("ok3").is_ok());
 }
+}
 
-#[test]
-fn dropping_the_last_clone_applies_pending_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("h.db");
+on_both! {
+fn dropping_the_last_clone_applies_pending_writes(db, store) {
     {
-        let store = Store::open(&path).unwrap();
         let clone = store.clone();
         for i in 0..500 {
             clone.insert_run(new_run(&format!("r{i:04}"), i));
@@ -245,8 +313,9 @@ fn dropping_the_last_clone_applies_pending_writes() {
         // `clone` still alive: the writer must still be serving.
         clone.insert_run(new_run("last", 0));
     }
-    let store = Store::open(&path).unwrap();
+    let store = db.open();
     assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 501);
+}
 }
 
 #[tokio::test]
@@ -321,7 +390,7 @@ fn reopening_is_idempotent_and_records_the_version() {
     let path = dir.path().join("a/b/c/history.db");
     drop(Store::open(&path).unwrap());
     let store = Store::open(&path).unwrap();
-    let c = rusqlite::Connection::open(store.path()).unwrap();
+    let c = rusqlite::Connection::open(store.path().unwrap()).unwrap();
     let v: i64 = c
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
@@ -500,4 +569,24 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
     assert!(want
         .iter()
         .any(|l| l.starts_with("runner_steps") && l.contains("\"running\"")));
+}
+
+#[test]
+fn shown_times_agree_with_the_iso_text() {
+    for ms in [
+        0u64,
+        951_782_400_000,     // 2000-02-29
+        1_795_772_678_123,   // 2026-11-27T09:44:38.123Z
+        4_107_542_399_999,   // 2100-02-28T23:59:59.999Z
+        253_402_300_799_999, // 9999-12-31T23:59:59.999Z
+    ] {
+        let t = UNIX_EPOCH + Duration::from_millis(ms);
+        let iso = iso8601(t);
+        assert_eq!(utc_date_time(t), format!("{} {}", &iso[..10], &iso[11..19]));
+        assert_eq!(
+            utc_month_day_time(t),
+            format!("{} {}", &iso[5..10], &iso[11..19])
+        );
+        assert_eq!(utc_clock(t, true), iso[11..23]);
+    }
 }

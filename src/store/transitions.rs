@@ -99,14 +99,57 @@ impl Op {
         }
     }
 
-    /// Applies the transition. `Ok(Some(reason))` is a guarded no-op: the row was not in the
-    /// expected state. Never an error, only worth a warning.
+    /// A transition refused before it reaches the database: an "end" whose status is not
+    /// final. The same on every backend.
+    pub(crate) fn refused(&self) -> Option<String> {
+        match self {
+            Op::RunFinished(e) if !e.status.is_final() => {
+                Some(format!("{} is not a final status", e.status.as_str()))
+            }
+            Op::StepFinished(s) if !s.status.is_final() => {
+                Some(format!("{} is not a final status", s.status.as_str()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The guard's verdict, shared by every backend: `changed` is how many rows the
+    /// transition's guarded statement changed; none means the row was not in the state the
+    /// transition expects, a no-op worth a warning (`Some(reason)`), never an error.
+    pub(crate) fn verdict(&self, changed: u64) -> Option<String> {
+        if changed > 0 {
+            return None;
+        }
+        let reason = match self {
+            Op::InsertRun(_) => "a run with this id is already recorded",
+            Op::RunStarted { .. } => "the run is not queued (unknown, or already started)",
+            Op::RunFinished(_) | Op::RunProgress { .. } => "the run is unknown or already finished",
+            Op::StepQueued(_) => "unknown run",
+            Op::StepStarted { .. } => "the step is unknown or already finished",
+            Op::StepRetrying { .. } => "the step is not running",
+            Op::AttemptFinished(_) => "the step is unknown, or this attempt is already recorded",
+            Op::StepFinished(_) | Op::StepRecorded(_) => {
+                "the run is unknown or the step already finished"
+            }
+            Op::ProcessStopped { .. } => "this process was not recorded as running",
+            Op::AttemptFallback { .. } => "no such attempt",
+            // Unguarded: upserts and bulk releases that may rightly touch nothing.
+            Op::Heartbeat(_) | Op::ReleaseRuns | Op::CachePut(_) => return None,
+        };
+        Some(reason.to_string())
+    }
+
+    /// Applies the transition on SQLite. `Ok(Some(reason))` is a guarded no-op: the row was
+    /// not in the expected state. Never an error, only worth a warning.
     pub(crate) fn apply(
         &self,
         tx: &Transaction<'_>,
         proc: &ProcessInfo,
     ) -> rusqlite::Result<Option<String>> {
-        match self {
+        if let Some(reason) = self.refused() {
+            return Ok(Some(reason));
+        }
+        let changed = match self {
             Op::InsertRun(r) => insert_run(tx, r, proc),
             Op::RunStarted {
                 run_id,
@@ -140,7 +183,8 @@ impl Op {
                 attempt,
                 note,
             } => super::providers::attempt_fallback(tx, run_id, step_key, *attempt, note),
-        }
+        }?;
+        Ok(self.verdict(changed as u64))
     }
 }
 
@@ -180,11 +224,8 @@ pub(crate) fn hostname() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-type Applied = rusqlite::Result<Option<String>>;
-
-fn guarded(changed: usize, reason: impl FnOnce() -> String) -> Applied {
-    Ok(if changed == 0 { Some(reason()) } else { None })
-}
+/// How many rows a transition's guarded statement changed (0: the guard held it back).
+type Applied = rusqlite::Result<usize>;
 
 fn run_exists(tx: &Transaction<'_>, run_id: &str) -> rusqlite::Result<bool> {
     tx.prepare_cached("SELECT 1 FROM runner_executions WHERE id = ?1")?
@@ -230,7 +271,7 @@ fn insert_run(tx: &Transaction<'_>, r: &NewRun, proc: &ProcessInfo) -> Applied {
             proc.pid,
             proc.id,
         ])?;
-    guarded(n, || "a run with this id is already recorded".into())
+    Ok(n)
 }
 
 /// `queued` → `running`.
@@ -255,16 +296,11 @@ fn run_started(
             proc.host,
             proc.pid
         ])?;
-    guarded(n, || {
-        "the run is not queued (unknown, or already started)".into()
-    })
+    Ok(n)
 }
 
 /// `queued`/`running` → a final status. The first end wins.
 fn run_finished(tx: &Transaction<'_>, e: &RunEnd) -> Applied {
-    if !e.status.is_final() {
-        return Ok(Some(format!("{} is not a final status", e.status.as_str())));
-    }
     let n = tx
         .prepare_cached(
             "UPDATE runner_executions
@@ -283,7 +319,7 @@ fn run_finished(tx: &Transaction<'_>, e: &RunEnd) -> Applied {
             e.error_kind.map(|k| k.as_str()),
             e.failed_step,
         ])?;
-    guarded(n, || "the run is unknown or already finished".into())
+    Ok(n)
 }
 
 /// A new step, `pending`. Queuing a step that exists already is a no-op (resume re-plans).
@@ -305,10 +341,11 @@ fn step_queued(tx: &Transaction<'_>, s: &NewStep) -> Applied {
             s.input.as_ref().and_then(json),
             iso8601(s.queued_at),
         ])?;
-    if n == 0 && !run_exists(tx, &s.run_id)? {
-        return Ok(Some("unknown run".into()));
+    // Already queued (a resumed run re-plans) is fine; only an unknown run is refused.
+    if n == 0 && run_exists(tx, &s.run_id)? {
+        return Ok(1);
     }
-    Ok(None)
+    Ok(n)
 }
 
 /// `pending`/`retrying`/`running` → `running` with the attempt number.
@@ -327,7 +364,7 @@ fn step_started(
                AND status IN ('pending', 'retrying', 'running')",
         )?
         .execute(params![run_id, step_key, attempt, iso8601(at)])?;
-    guarded(n, || "the step is unknown or already finished".into())
+    Ok(n)
 }
 
 /// `running` → `retrying` (waiting for the backoff).
@@ -338,7 +375,7 @@ fn step_retrying(tx: &Transaction<'_>, run_id: &str, step_key: &str) -> Applied 
              WHERE run_id = ?1 AND step_key = ?2 AND status = 'running'",
         )?
         .execute(params![run_id, step_key])?;
-    guarded(n, || "the step is not running".into())
+    Ok(n)
 }
 
 /// One attempt's record, once, for a known step.
@@ -372,17 +409,12 @@ fn attempt_finished(tx: &Transaction<'_>, a: &AttemptRecord) -> Applied {
             a.model,
             a.cached,
         ])?;
-    guarded(n, || {
-        "the step is unknown, or this attempt is already recorded".into()
-    })
+    Ok(n)
 }
 
 /// A non-final step (or none yet) → its final status. Creating the row covers steps that
 /// never ran (skipped because a condition was false or a dependency failed).
 fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
-    if !s.status.is_final() {
-        return Ok(Some(format!("{} is not a final status", s.status.as_str())));
-    }
     let finished = iso8601(s.finished_at);
     // A step that ran but was never reported as started still gets a plausible start.
     let started = (s.attempts > 0 && s.status != StepStatus::Skipped)
@@ -433,9 +465,7 @@ fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
             s.reply_model,
             s.finish_reason,
         ])?;
-    guarded(n, || {
-        "the run is unknown or the step already finished".into()
-    })
+    Ok(n)
 }
 
 /// Counters of a run in flight.
@@ -446,7 +476,7 @@ fn run_progress(tx: &Transaction<'_>, run_id: &str, steps_done: u32, tokens_used
              WHERE id = ?1 AND status IN ('queued', 'running')",
         )?
         .execute(params![run_id, steps_done, saturating_i64(tokens_used)])?;
-    guarded(n, || "the run is unknown or already finished".into())
+    Ok(n)
 }
 
 /// Folds a batch's transitions so that each row is written once:
@@ -587,9 +617,7 @@ fn step_recorded(tx: &Transaction<'_>, r: &StepRecord) -> Applied {
                 queued_at,
                 iso8601(at),
             ])?;
-        return guarded(n, || {
-            "the run is unknown or the step already finished".into()
-        });
+        return Ok(n);
     };
     let started = match r.started {
         Some((at, _)) => Some(iso8601(at)),
@@ -639,7 +667,5 @@ fn step_recorded(tx: &Transaction<'_>, r: &StepRecord) -> Applied {
             iso8601(s.finished_at),
             saturating_i64(s.duration_ms),
         ])?;
-    guarded(n, || {
-        "the run is unknown or the step already finished".into()
-    })
+    Ok(n)
 }

@@ -115,9 +115,23 @@ pub struct RunFilter {
     pub name_contains: Option<String>,
     /// Page size (0 returns nothing). Ignored by `count_runs`.
     pub limit: usize,
-    /// Keyset cursor: only runs strictly older than this `(started_at, id)`, i.e. the last row
-    /// of the previous page. Ignored by `count_runs`.
-    pub before: Option<(String, String)>,
+    /// Keyset cursor: only runs strictly older than the last row of the previous page
+    /// ([`RunFilter::cursor_after`]). Ignored by `count_runs`.
+    pub before: Option<RunCursor>,
+}
+
+/// Where a history page ends: a run's `(started_at, id)`, opaque to callers. Times are kept
+/// to the millisecond, as both backends store them, so a cursor matches its row exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCursor {
+    pub(crate) started_ms: i64,
+    pub(crate) id: String,
+}
+
+impl RunCursor {
+    pub(crate) fn started(&self) -> SystemTime {
+        super::from_unix_ms(self.started_ms)
+    }
 }
 
 impl Default for RunFilter {
@@ -134,13 +148,16 @@ impl Default for RunFilter {
 
 impl RunFilter {
     /// The cursor that continues after `row` (pass it as `before` for the next page).
-    pub fn cursor_after(row: &RunRow) -> Option<(String, String)> {
-        row.started_at.as_ref().map(|s| (s.clone(), row.id.clone()))
+    pub fn cursor_after(row: &RunRow) -> Option<RunCursor> {
+        row.started_at.map(|t| RunCursor {
+            started_ms: super::unix_ms(t),
+            id: row.id.clone(),
+        })
     }
 }
 
-/// One `runner_executions` row. Timestamps are ISO-8601 UTC with milliseconds
-/// (`2026-11-27T09:44:38.123Z`).
+/// One `runner_executions` row. Times are kept to the millisecond; as JSON they are ISO-8601
+/// UTC with milliseconds (`2026-11-27T09:44:38.123Z`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunRow {
     pub id: String,
@@ -154,10 +171,13 @@ pub struct RunRow {
     pub variables: Value,
     pub blueprint: Option<Value>,
     pub parent_run_id: Option<String>,
-    pub queued_at: String,
+    #[serde(serialize_with = "iso")]
+    pub queued_at: SystemTime,
     /// The queue time until the run starts, then the start time.
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
+    #[serde(serialize_with = "iso_opt")]
+    pub started_at: Option<SystemTime>,
+    #[serde(serialize_with = "iso_opt")]
+    pub finished_at: Option<SystemTime>,
     pub total_time_ms: Option<u64>,
     pub tokens_used: u64,
     pub steps_total: Option<u32>,
@@ -185,9 +205,12 @@ pub struct StepRow {
     pub provider: Option<String>,
     /// The model asked for.
     pub model: Option<String>,
-    pub queued_at: Option<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
+    #[serde(serialize_with = "iso_opt")]
+    pub queued_at: Option<SystemTime>,
+    #[serde(serialize_with = "iso_opt")]
+    pub started_at: Option<SystemTime>,
+    #[serde(serialize_with = "iso_opt")]
+    pub finished_at: Option<SystemTime>,
     pub duration_ms: Option<u64>,
     /// The model the server says answered (`None` when it did not say).
     pub reply_model: Option<String>,
@@ -219,11 +242,28 @@ pub struct AttemptRow {
     pub error_kind: Option<String>,
     pub error: Option<String>,
     pub wait_ms: Option<u64>,
-    pub started_at: String,
-    pub finished_at: String,
+    #[serde(serialize_with = "iso")]
+    pub started_at: SystemTime,
+    #[serde(serialize_with = "iso")]
+    pub finished_at: SystemTime,
     pub duration_ms: u64,
     pub tokens_used: u64,
     pub provider: Option<String>,
     pub model: Option<String>,
     pub cached: bool,
+}
+
+/// Times serialise as the store's ISO-8601 text, as they always have in `--json` output.
+pub(crate) fn iso<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&super::iso8601(*t))
+}
+
+pub(crate) fn iso_opt<S: serde::Serializer>(
+    t: &Option<SystemTime>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&super::iso8601(*t)),
+        None => s.serialize_none(),
+    }
 }

@@ -36,7 +36,7 @@ pub(crate) enum Ack {
 }
 
 impl Ack {
-    fn send(self) {
+    pub(crate) fn send(self) {
         // The waiter may have given up (dropped future); nothing to do then.
         match self {
             Ack::Async(tx) => {

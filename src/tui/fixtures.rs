@@ -90,8 +90,8 @@ pub fn entries() -> Vec<BlueprintEntry> {
     ]
 }
 
-fn iso(ms: u64) -> String {
-    crate::store::iso8601(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+fn iso(ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
 }
 
 /// A history row; `i` makes the id and the start time.

@@ -50,6 +50,9 @@ pub struct Options {
     /// Fire the active blueprints' schedules from this console (`--schedules`). Off by
     /// default: a console opened to look around starts no run nobody asked for.
     pub schedules: bool,
+    /// The history already opened by the caller (a shared PostgreSQL database); `None`
+    /// opens the SQLite file at `DB_FILE`.
+    pub store: Option<Store>,
 }
 
 /// Every theme the theme key cycles through: the bundled ones, then other files in `dir`.
@@ -107,7 +110,11 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
     problems.extend(log_problem.clone());
 
     let tmp = std::env::temp_dir().join(format!("omniflow-console-{}.db", std::process::id()));
-    let (store, db_banner) = match Store::open(&config.db_file) {
+    let (store, db_banner) = match opts
+        .store
+        .clone()
+        .map_or_else(|| Store::open(&config.db_file), Ok)
+    {
         Ok(s) => (s, None),
         Err(e) => {
             let banner = format!(
@@ -193,7 +200,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         app.memory.threshold_mb = config.memory_threshold_mb;
         app.logs.problem = log_problem;
         app.history.banner = db_banner;
-        app.db_path = store.path().display().to_string();
+        app.db_path = store.place();
         app.schedules_here = opts.schedules;
         app.no_provider = no_provider(&config);
         app.startup_problems = problems;

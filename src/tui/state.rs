@@ -184,11 +184,10 @@ impl LogEntry {
     pub fn from_line(line: &str) -> LogEntry {
         match LogLine::parse(line) {
             Some(l) => {
-                let time = l
-                    .timestamp
-                    .get(11..19)
-                    .map(str::to_string)
-                    .unwrap_or(l.timestamp.clone());
+                // Parsed, not cut by offsets: a timestamp in another shape is shown whole.
+                let time = humantime::parse_rfc3339_weak(l.timestamp.trim_end_matches('Z'))
+                    .map(|t| crate::store::utc_clock(t, false))
+                    .unwrap_or_else(|_| l.timestamp.clone());
                 let run_id = l
                     .fields
                     .get("run_id")
@@ -351,7 +350,7 @@ pub struct HistoryState {
     /// Runs matching the filter, when counted.
     pub total: Option<u64>,
     /// `cursors[i]` is the keyset cursor of page `i` (`None` for the first).
-    pub cursors: Vec<Option<(String, String)>>,
+    pub cursors: Vec<Option<crate::store::RunCursor>>,
     pub page: usize,
     pub selected: usize,
     pub status: Option<RunStatus>,

@@ -1,7 +1,15 @@
 //! The PostgreSQL side of the store (`DATABASE_URL=postgres://…`): the same tables and
 //! transitions as SQLite, for a fleet of processes on one database.
 
+pub(crate) mod backend;
+pub(crate) mod claims;
 pub mod connect;
+pub mod doctor;
+pub mod import;
+pub(crate) mod lease;
+pub(crate) mod ops;
+pub(crate) mod read;
+pub mod schema;
 #[doc(hidden)]
 pub mod testing;
 

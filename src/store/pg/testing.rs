@@ -58,7 +58,9 @@ impl ScratchDb {
             rand::random::<u16>()
         );
         let create = format!("CREATE DATABASE \"{name}\"");
-        std::thread::scope(|s| s.spawn(|| client.batch_execute(&create)).join())
+        // Moved into the thread so that it is also dropped there (dropping a client drives
+        // the driver's runtime too).
+        std::thread::scope(|s| s.spawn(move || client.batch_execute(&create)).join())
             .expect("CREATE DATABASE did not panic")
             .unwrap_or_else(|e| panic!("cannot create the scratch database {name}: {e}"));
         let target = admin.with_dbname(&name);

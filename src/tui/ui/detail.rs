@@ -11,10 +11,8 @@ use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState, Wrap};
 use ratatui::Frame;
 use std::time::UNIX_EPOCH;
 
-fn ms_of(ts: &str) -> Option<u64> {
-    humantime::parse_rfc3339(ts)
-        .ok()?
-        .duration_since(UNIX_EPOCH)
+fn ms_of(t: std::time::SystemTime) -> Option<u64> {
+    t.duration_since(UNIX_EPOCH)
         .ok()
         .map(|d| d.as_millis() as u64)
 }
@@ -98,7 +96,7 @@ fn summary_lines(app: &App, data: &RunDetail) -> Vec<Line<'static>> {
     }
     let l2 = Line::from(vec![
         Span::styled("started ", th.dimmed()),
-        Span::raw(r.started_at.clone().unwrap_or_else(|| r.queued_at.clone())),
+        Span::raw(crate::store::iso8601(r.started_at.unwrap_or(r.queued_at))),
         Span::styled("  took ", th.dimmed()),
         Span::raw(r.total_time_ms.map(fmt_ms).unwrap_or_else(|| "—".into())),
         Span::styled("  steps ", th.dimmed()),
@@ -147,12 +145,12 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
     let t0 = data
         .steps
         .iter()
-        .filter_map(|s| s.started_at.as_deref().and_then(ms_of))
+        .filter_map(|s| s.started_at.and_then(ms_of))
         .min();
     let t1 = data
         .steps
         .iter()
-        .filter_map(|s| s.finished_at.as_deref().and_then(ms_of))
+        .filter_map(|s| s.finished_at.and_then(ms_of))
         .max();
     // step, status 9, attempts 3, took 6, [tokens 5], timeline: the name and the timeline
     // share what is left.
@@ -169,13 +167,9 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
         .steps
         .iter()
         .map(|s| {
-            let bar = match (span, s.started_at.as_deref().and_then(ms_of)) {
+            let bar = match (span, s.started_at.and_then(ms_of)) {
                 (Some((a, total)), Some(st)) => {
-                    let en = s
-                        .finished_at
-                        .as_deref()
-                        .and_then(ms_of)
-                        .unwrap_or(a + total);
+                    let en = s.finished_at.and_then(ms_of).unwrap_or(a + total);
                     let x0 = ((st.saturating_sub(a)) as f64 / total as f64 * bar_w as f64) as usize;
                     let x1 = ((en.saturating_sub(a)) as f64 / total as f64 * bar_w as f64).ceil()
                         as usize;
@@ -255,26 +249,20 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
             label("queued"),
             Span::raw(
                 s.queued_at
-                    .as_deref()
-                    .map(|t| t.get(11..23).unwrap_or(t))
-                    .unwrap_or("—")
-                    .to_string(),
+                    .map(|t| crate::store::utc_clock(t, true))
+                    .unwrap_or_else(|| "—".into()),
             ),
             label("  started"),
             Span::raw(
                 s.started_at
-                    .as_deref()
-                    .map(|t| t.get(11..23).unwrap_or(t))
-                    .unwrap_or("—")
-                    .to_string(),
+                    .map(|t| crate::store::utc_clock(t, true))
+                    .unwrap_or_else(|| "—".into()),
             ),
             label("  finished"),
             Span::raw(
                 s.finished_at
-                    .as_deref()
-                    .map(|t| t.get(11..23).unwrap_or(t))
-                    .unwrap_or("—")
-                    .to_string(),
+                    .map(|t| crate::store::utc_clock(t, true))
+                    .unwrap_or_else(|| "—".into()),
             ),
             label("  took"),
             Span::raw(s.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into())),

@@ -506,14 +506,11 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
 }
 
 /// `2026-11-27T09:44:38.123Z` → `11-27 09:44:38` (or just the time when narrow).
-fn when(ts: &str, narrow: bool) -> String {
+fn when(t: std::time::SystemTime, narrow: bool) -> String {
     if narrow {
-        ts.get(11..19).unwrap_or(ts).to_string()
+        crate::store::utc_clock(t, false)
     } else {
-        match (ts.get(5..10), ts.get(11..19)) {
-            (Some(d), Some(t)) => format!("{d} {t}"),
-            _ => ts.to_string(),
-        }
+        crate::store::utc_month_day_time(t)
     }
 }
 
@@ -593,10 +590,7 @@ pub fn history(f: &mut Frame, app: &App, area: Rect) {
                 Cell::from(short(&r.id).to_string()).style(th.dimmed()),
                 Cell::from(r.blueprint_name.clone()),
                 Cell::from(r.status.as_str()).style(th.run_status(r.status)),
-                Cell::from(when(
-                    r.started_at.as_deref().unwrap_or(&r.queued_at),
-                    narrow,
-                )),
+                Cell::from(when(r.started_at.unwrap_or(r.queued_at), narrow)),
                 Cell::from(took),
                 Cell::from(steps),
             ];

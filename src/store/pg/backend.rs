@@ -1,0 +1,566 @@
+//! The PostgreSQL backend's threads: one writer that applies batched transitions in one
+//! transaction each, and a few readers that each own a connection and run the queries sent
+//! to them as closures.
+//!
+//! Every PostgreSQL call happens on these store-owned threads, never on the caller's: the
+//! blocking `postgres::Client` drives a tokio runtime of its own, and entering it from a
+//! tokio worker thread panics ("Cannot start a runtime from within a runtime"). So a read
+//! called from async code only blocks on a channel, like an SQLite read blocks on its file.
+//!
+//! A dropped connection (a server restart, `pg_terminate_backend`) is reconnected and the
+//! batch or query tried again. The transitions are guarded, so a batch whose commit was lost
+//! with the connection can be replayed: what it already did is a no-op the second time.
+
+use super::super::error::{DbError, StoreError, StoreErrorKind};
+use super::super::transitions::{coalesce, Op, ProcessInfo};
+use super::super::writer::{Ack, Msg, Shared};
+use super::connect::{describe, PgTarget};
+use postgres::error::SqlState;
+use postgres::Client;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Most writes applied in one transaction (as on SQLite).
+const MAX_BATCH: usize = 8192;
+/// Reader threads, each with its own connection.
+const READERS: usize = 3;
+/// How long a batch keeps trying new connections before it is held back.
+const RECONNECT_FOR: Duration = Duration::from_secs(15);
+/// How often writes held back by an unreachable server are tried again.
+const DOWN_RETRY: Duration = Duration::from_millis(500);
+
+/// A failure inside a closure run on a PostgreSQL connection.
+pub(crate) enum Fail {
+    Pg(postgres::Error),
+    /// A value this build cannot decode (a hand edit).
+    Corrupt(String),
+}
+
+impl From<postgres::Error> for Fail {
+    fn from(e: postgres::Error) -> Fail {
+        Fail::Pg(e)
+    }
+}
+
+pub(crate) type PgResult<T> = Result<T, Fail>;
+
+/// A message to the PostgreSQL writer thread.
+pub(crate) enum PgMsg {
+    Write(Op),
+    /// A read-modify-write that needs an answer (claiming a run): on the writer's connection
+    /// after every write queued before it.
+    Txn(Box<dyn FnOnce(&mut Conn) + Send>),
+    Flush(Ack),
+    Durable(Ack),
+}
+
+type Job = Box<dyn FnOnce(&mut Conn) + Send>;
+
+/// A connection that comes back after it was dropped.
+pub(crate) struct Conn {
+    target: PgTarget,
+    client: Option<Client>,
+    /// The writer's prepared statements on `client`.
+    statements: super::ops::Statements,
+}
+
+impl Conn {
+    fn new(target: PgTarget) -> Conn {
+        Conn {
+            target,
+            client: None,
+            statements: Default::default(),
+        }
+    }
+
+    /// The live client, connecting first if needed.
+    pub(crate) fn client(&mut self) -> Result<&mut Client, String> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = None;
+            self.statements.clear();
+            let c = self.target.connect()?;
+            self.client = Some(c);
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| "no connection".to_string())
+    }
+
+    /// The live client and its prepared statements.
+    fn parts(&mut self) -> Result<(&mut Client, &mut super::ops::Statements), String> {
+        self.client()?;
+        match self.client.as_mut() {
+            Some(c) => Ok((c, &mut self.statements)),
+            None => Err("no connection".into()),
+        }
+    }
+
+    /// Runs `f`, reconnecting and trying once more when the connection was lost.
+    pub(crate) fn run<T>(
+        &mut self,
+        doing: &'static str,
+        mut f: impl FnMut(&mut Client) -> PgResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut tries = 0;
+        loop {
+            let client = self
+                .client()
+                .map_err(|message| StoreError::Unavailable { message })?;
+            match f(client) {
+                Ok(v) => return Ok(v),
+                Err(Fail::Pg(e)) if lost(&e) && tries < 2 => {
+                    tries += 1;
+                    tracing::warn!(database = %self.target.shown(), error = %describe(&e, &self.target, doing), "PostgreSQL connection lost; reconnecting");
+                    self.client = None;
+                }
+                Err(Fail::Pg(e)) => return Err(pg_error(&self.target, doing, e)),
+                Err(Fail::Corrupt(detail)) => {
+                    return Err(StoreError::Corrupt {
+                        place: self.target.shown().to_string(),
+                        setting: "DATABASE_URL",
+                        detail,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Whether `e` means the connection is gone (not that the statement was wrong).
+pub(crate) fn lost(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        // The server ended our session (pg_terminate_backend, shutdown, crash).
+        Some(c) => {
+            *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || c.code().starts_with("08")
+        }
+        // No SQL state: an I/O error on the socket.
+        None => e.as_db_error().is_none(),
+    }
+}
+
+/// A driver error as a store error, worded with its fix and never with the password.
+pub(crate) fn pg_error(target: &PgTarget, doing: &'static str, e: postgres::Error) -> StoreError {
+    let kind = match e.code() {
+        Some(c) if *c == SqlState::DISK_FULL => StoreErrorKind::Full,
+        Some(c)
+            if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::LOCK_NOT_AVAILABLE =>
+        {
+            StoreErrorKind::Busy
+        }
+        _ if lost(&e) => StoreErrorKind::Unavailable,
+        _ => StoreErrorKind::Other,
+    };
+    if kind == StoreErrorKind::Unavailable {
+        return StoreError::Unavailable {
+            message: describe(&e, target, doing),
+        };
+    }
+    StoreError::Database {
+        place: target.shown().to_string(),
+        doing,
+        source: DbError::new(kind, describe(&e, target, doing)),
+    }
+}
+
+/// The PostgreSQL side of a `Store`.
+pub(crate) struct PgBackend {
+    target: PgTarget,
+    /// `None` once closing.
+    tx: Option<Sender<PgMsg>>,
+    /// `None` once closing.
+    jobs: Option<async_channel::Sender<Job>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl PgBackend {
+    /// Connects, migrates and starts the threads. The returned handle is the writer's.
+    pub(crate) fn open(
+        target: &PgTarget,
+        owner: String,
+        shared: Arc<Shared>,
+    ) -> Result<(PgBackend, JoinHandle<()>), StoreError> {
+        // Connect and migrate on a thread of our own: the caller may be on a tokio runtime.
+        let t = target.clone();
+        let client = std::thread::Builder::new()
+            .name("omniflow-pg-open".into())
+            .spawn(move || -> Result<Client, StoreError> {
+                let mut client = t
+                    .connect()
+                    .map_err(|message| StoreError::Unavailable { message })?;
+                super::schema::migrate(&mut client, &t)?;
+                Ok(client)
+            })
+            .map_err(|e| thread_error(target, e))?
+            .join()
+            .map_err(|_| StoreError::Unavailable {
+                message: format!("opening PostgreSQL at {} panicked", target.shown()),
+            })??;
+        let (tx, rx) = mpsc::channel();
+        let writer = {
+            let mut conn = Conn::new(target.clone());
+            conn.client = Some(client);
+            std::thread::Builder::new()
+                .name("omniflow-pg-writer".into())
+                .spawn(move || write_loop(conn, rx, shared, owner))
+                .map_err(|e| thread_error(target, e))?
+        };
+        let (jobs, queue) = async_channel::unbounded::<Job>();
+        let mut readers = Vec::new();
+        for i in 0..READERS {
+            let queue = queue.clone();
+            let mut conn = Conn::new(target.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("omniflow-pg-read-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = queue.recv_blocking() {
+                        job(&mut conn);
+                    }
+                })
+                .map_err(|e| thread_error(target, e))?;
+            readers.push(handle);
+        }
+        Ok((
+            PgBackend {
+                target: target.clone(),
+                tx: Some(tx),
+                jobs: Some(jobs),
+                readers,
+            },
+            writer,
+        ))
+    }
+
+    pub(crate) fn target(&self) -> &PgTarget {
+        &self.target
+    }
+
+    /// Closes the queues: the writer finishes what is queued and stops; readers stop.
+    pub(crate) fn close(&mut self) {
+        self.tx = None;
+        self.jobs = None;
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    pub(crate) fn send(&self, msg: PgMsg) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(msg).is_ok())
+    }
+
+    /// The store's writer messages; an SQLite transaction closure cannot run here.
+    pub(crate) fn send_common(&self, msg: Msg) -> bool {
+        match msg {
+            Msg::Write(op) => self.send(PgMsg::Write(op)),
+            Msg::Flush(ack) => self.send(PgMsg::Flush(ack)),
+            Msg::Durable(ack) => self.send(PgMsg::Durable(ack)),
+            Msg::Txn(_) => {
+                tracing::error!("an SQLite transaction was sent to the PostgreSQL writer");
+                false
+            }
+        }
+    }
+
+    /// Runs `f` on a reader thread's connection and waits for its answer. Blocking, like an
+    /// SQLite read; safe on any thread, async ones included (the driver runs on the reader).
+    pub(crate) fn read<T: Send + 'static>(
+        &self,
+        doing: &'static str,
+        f: impl FnMut(&mut Client) -> PgResult<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |conn: &mut Conn| {
+            let _ = tx.send(conn.run(doing, f));
+        });
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send_blocking(job).is_ok());
+        let gone = || StoreError::Database {
+            place: self.target.shown().to_string(),
+            doing,
+            source: DbError::new(StoreErrorKind::Other, "the store's readers have stopped"),
+        };
+        if !sent {
+            return Err(gone());
+        }
+        rx.recv().unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+fn thread_error(target: &PgTarget, e: std::io::Error) -> StoreError {
+    StoreError::Unavailable {
+        message: format!(
+            "cannot start a thread for PostgreSQL at {}: {e}",
+            target.shown()
+        ),
+    }
+}
+
+/// The writer thread: gathers what is queued, folds it (`coalesce`, as on SQLite) and applies
+/// it in one transaction. While the server cannot be reached the writes are held, in order,
+/// and tried again; plain flushes are answered (the failure is reported), durable ones wait.
+fn write_loop(mut conn: Conn, rx: Receiver<PgMsg>, shared: Arc<Shared>, owner: String) {
+    let proc = ProcessInfo::current(owner);
+    let shown = conn.target.shown().to_string();
+    let mut held: Vec<Op> = Vec::new();
+    let mut held_acks: Vec<Ack> = Vec::new();
+    let mut last_try = Instant::now();
+    loop {
+        let first = if held.is_empty() {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv_timeout(DOWN_RETRY) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        if !held.is_empty() && last_try.elapsed() >= DOWN_RETRY {
+            last_try = Instant::now();
+            if apply_batch(&mut conn, &held, &shared, &proc, &shown) {
+                tracing::info!(database = %shown, writes = held.len(), "PostgreSQL answers again: the held writes are saved");
+                held.clear();
+                for ack in held_acks.drain(..) {
+                    ack.send();
+                }
+            }
+        }
+        let Some(first) = first else { continue };
+        let mut ops: Vec<Op> = Vec::new();
+        let mut acks: Vec<Ack> = Vec::new();
+        let mut durable: Vec<Ack> = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                PgMsg::Write(op) => ops.push(op),
+                PgMsg::Flush(a) => acks.push(a),
+                PgMsg::Durable(a) => durable.push(a),
+                PgMsg::Txn(f) => {
+                    if !ops.is_empty() {
+                        crate::telemetry::store_queued(-(ops.len() as i64));
+                        apply_or_hold(
+                            &mut conn,
+                            std::mem::take(&mut ops),
+                            &mut held,
+                            &shared,
+                            &proc,
+                            &shown,
+                        );
+                    }
+                    f(&mut conn);
+                }
+            }
+            next = if ops.len() < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !ops.is_empty() {
+            crate::telemetry::store_queued(-(ops.len() as i64));
+            apply_or_hold(&mut conn, ops, &mut held, &shared, &proc, &shown);
+            last_try = Instant::now();
+        }
+        for a in acks {
+            a.send();
+        }
+        if held.is_empty() {
+            for a in durable {
+                a.send();
+            }
+        } else {
+            held_acks.extend(durable);
+        }
+    }
+    if !held.is_empty() {
+        // Closing while the server is away: a last few tries, then the writes are lost
+        // (reported), as the process is going away.
+        for _ in 0..6 {
+            if apply_batch(&mut conn, &held, &shared, &proc, &shown) {
+                held.clear();
+                break;
+            }
+            std::thread::sleep(DOWN_RETRY);
+        }
+        if !held.is_empty() {
+            fail(
+                &shared,
+                &shown,
+                &held[0].describe(),
+                held.len(),
+                &"PostgreSQL cannot be reached",
+            );
+        }
+    }
+    for a in held_acks {
+        a.send();
+    }
+}
+
+fn apply_or_hold(
+    conn: &mut Conn,
+    ops: Vec<Op>,
+    held: &mut Vec<Op>,
+    shared: &Shared,
+    proc: &ProcessInfo,
+    shown: &str,
+) {
+    let ops = coalesce(ops);
+    if !held.is_empty() {
+        held.extend(ops);
+        return;
+    }
+    if !apply_batch(conn, &ops, shared, proc, shown) {
+        *held = ops;
+    }
+}
+
+/// Applies a batch; false when the server cannot be reached (the batch is to be kept).
+/// Per-row failures lose only their row; the rest is reported and dropped as on SQLite.
+fn apply_batch(
+    conn: &mut Conn,
+    ops: &[Op],
+    shared: &Shared,
+    proc: &ProcessInfo,
+    shown: &str,
+) -> bool {
+    let started = Instant::now();
+    // A lost connection (restart, failover, `pg_terminate_backend`) is retried on a fresh one
+    // for a while before the batch is held back: most cuts last well under this.
+    let deadline = started + RECONNECT_FOR;
+    let mut pause = Duration::from_millis(10);
+    let mut conflicts = 0;
+    let err = loop {
+        let (client, statements) = match conn.parts() {
+            Ok(c) => c,
+            Err(message) if Instant::now() < deadline => {
+                tracing::debug!(database = shown, error = %message, "reconnecting");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(500));
+                continue;
+            }
+            Err(message) => {
+                down(shared, shown, &message);
+                return false;
+            }
+        };
+        match try_apply(client, statements, ops, proc) {
+            Ok(skipped) => {
+                log_skipped(&skipped);
+                crate::telemetry::store_batch(started.elapsed(), 0);
+                *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                return true;
+            }
+            Err(e) if lost(&e) && Instant::now() < deadline => {
+                tracing::warn!(database = shown, error = %e, "PostgreSQL connection lost while writing; reconnecting and applying the batch again");
+                conn.client = None;
+            }
+            Err(e) if retryable(&e) && conflicts < 5 => {
+                conflicts += 1;
+                tracing::warn!(database = shown, error = %e, conflicts, "write conflict; applying the batch again");
+            }
+            Err(e) => break e,
+        }
+    };
+    if lost(&err) {
+        conn.client = None;
+        down(shared, shown, &describe(&err, &conn.target, "write to"));
+        return false;
+    }
+    let mut lost_rows = 0;
+    if ops.len() > 1 {
+        tracing::warn!(database = shown, error = %err, writes = ops.len(), "batch failed; applying its writes one by one");
+        for op in ops {
+            let Ok((client, statements)) = conn.parts() else {
+                return false;
+            };
+            match try_apply(client, statements, std::slice::from_ref(op), proc) {
+                Ok(skipped) => log_skipped(&skipped),
+                Err(e) if lost(&e) => {
+                    conn.client = None;
+                    return false;
+                }
+                Err(e) => {
+                    lost_rows += 1;
+                    fail(
+                        shared,
+                        shown,
+                        &op.describe(),
+                        1,
+                        &describe(&e, &conn.target, "write to"),
+                    );
+                }
+            }
+        }
+    } else {
+        lost_rows = ops.len() as u64;
+        let what = ops.first().map(Op::describe).unwrap_or_default();
+        fail(
+            shared,
+            shown,
+            &what,
+            ops.len(),
+            &describe(&err, &conn.target, "write to"),
+        );
+    }
+    crate::telemetry::store_batch(started.elapsed(), lost_rows);
+    true
+}
+
+fn retryable(e: &postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    })
+}
+
+fn try_apply(
+    client: &mut Client,
+    statements: &mut super::ops::Statements,
+    ops: &[Op],
+    proc: &ProcessInfo,
+) -> Result<Vec<String>, postgres::Error> {
+    let mut tx = client.transaction()?;
+    let mut skipped = Vec::new();
+    for op in ops {
+        if let Some(reason) = super::ops::apply(&mut tx, statements, op, proc)? {
+            skipped.push(format!("{}: {reason}", op.describe()));
+        }
+    }
+    tx.commit()?;
+    Ok(skipped)
+}
+
+fn down(shared: &Shared, shown: &str, message: &str) {
+    tracing::error!(
+        database = shown,
+        error = message,
+        "PostgreSQL cannot be reached; writes are kept and tried again"
+    );
+    *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.to_string());
+    shared.record_error(message.to_string());
+}
+
+fn fail(shared: &Shared, shown: &str, what: &str, lost: usize, e: &dyn std::fmt::Display) {
+    tracing::error!(database = shown, error = %e, writes_lost = lost, first = what, "could not save to the database");
+    *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+    shared.record_error(format!(
+        "could not save {lost} change(s) to {shown} (first: {what}): {e}"
+    ));
+}
+
+fn log_skipped(skipped: &[String]) {
+    for reason in skipped {
+        tracing::warn!("store: ignored {reason}");
+    }
+}

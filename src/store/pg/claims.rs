@@ -1,0 +1,161 @@
+//! Sent notifications and schedule slots on PostgreSQL (see `store/claims.rs`): each call is
+//! one statement committed before it returns. A slot is claimed by inserting its row under
+//! the unique key `(blueprint_name, slot_ms)` with `ON CONFLICT DO NOTHING`: of every process
+//! of the fleet, the one whose insert landed runs it.
+
+use super::backend::PgBackend;
+use super::ops::ms_time;
+use crate::store::claims::{NotificationRecord, SlotClaim};
+use crate::store::error::StoreError;
+use crate::store::transitions::ProcessInfo;
+use crate::store::{from_unix_ms, unix_ms};
+use serde_json::Value;
+use std::time::SystemTime;
+
+impl PgBackend {
+    pub(crate) fn notification_sent(&self, key: &str) -> Result<Option<Value>, StoreError> {
+        let key = key.to_string();
+        let found: Option<Option<String>> = self.read("checking sent notifications", move |c| {
+            Ok(c.query_opt(
+                "SELECT message_ids FROM notifications_sent WHERE dedupe_key = $1",
+                &[&key],
+            )?
+            .map(|r| r.try_get(0))
+            .transpose()?)
+        })?;
+        Ok(found.map(|ids| {
+            ids.and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(Value::Null)
+        }))
+    }
+
+    pub(crate) fn record_notification(&self, rec: &NotificationRecord) -> Result<(), StoreError> {
+        let rec = rec.clone();
+        self.read("recording a sent notification", move |c| {
+            let ids = (!rec.message_ids.is_null()).then(|| rec.message_ids.to_string());
+            c.execute(
+                "INSERT INTO notifications_sent
+                     (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids)
+                 VALUES ($1, $2, $3, $4, $5, date_trunc('milliseconds', now()), $6)
+                 ON CONFLICT (dedupe_key) DO NOTHING",
+                &[
+                    &rec.dedupe_key,
+                    &rec.run_id,
+                    &rec.step_key,
+                    &rec.channel,
+                    &i64::from(rec.part),
+                    &ids,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn notifications_of(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<(String, String, u32)>, StoreError> {
+        let id = run_id.to_string();
+        self.read("reading sent notifications", move |c| {
+            c.query(
+                "SELECT step_key, channel, part FROM notifications_sent WHERE run_id = $1
+                 ORDER BY sent_at, seq",
+                &[&id],
+            )?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    u32::try_from(r.try_get::<_, i64>(2)?).unwrap_or(0),
+                ))
+            })
+            .collect()
+        })
+    }
+
+    pub(crate) fn root_run_id(&self, run_id: &str) -> Result<String, StoreError> {
+        let start = run_id.to_string();
+        self.read("following a run's parents", move |c| {
+            let mut current = start.clone();
+            // At most 100 links, so a hand-edited cycle cannot loop.
+            for _ in 0..100 {
+                let parent: Option<Option<String>> = c
+                    .query_opt(
+                        "SELECT parent_run_id FROM runner_executions WHERE id = $1",
+                        &[&current],
+                    )?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+                match parent.flatten() {
+                    Some(p) if !p.is_empty() && p != current => current = p,
+                    _ => break,
+                }
+            }
+            Ok(current)
+        })
+    }
+
+    pub(crate) fn claim_slot(&self, blueprint: &str, slot: SystemTime) -> Result<bool, StoreError> {
+        let blueprint = blueprint.to_string();
+        let proc = ProcessInfo::current(crate::store::lease::process_id().to_string());
+        let (host, pid) = (proc.host().map(str::to_string), i64::from(proc.pid()));
+        self.read("claiming a schedule slot", move |c| {
+            let n = c.execute(
+                "INSERT INTO schedule_slots (blueprint_name, slot_ms, slot, claimed_at, host, pid)
+                 VALUES ($1, $2, $3, now(), $4, $5)
+                 ON CONFLICT (blueprint_name, slot_ms) DO NOTHING",
+                &[&blueprint, &unix_ms(slot), &ms_time(slot), &host, &pid],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    pub(crate) fn slot_run(
+        &self,
+        blueprint: &str,
+        slot: SystemTime,
+        run_id: &str,
+    ) -> Result<(), StoreError> {
+        let (blueprint, run_id) = (blueprint.to_string(), run_id.to_string());
+        self.read("recording a schedule slot's run", move |c| {
+            c.execute(
+                "UPDATE schedule_slots SET run_id = $3 WHERE blueprint_name = $1 AND slot_ms = $2",
+                &[&blueprint, &unix_ms(slot), &run_id],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn last_slot(&self, blueprint: &str) -> Result<Option<SystemTime>, StoreError> {
+        let blueprint = blueprint.to_string();
+        let ms: Option<i64> = self.read("reading the last schedule slot", move |c| {
+            Ok(c.query_one(
+                "SELECT MAX(slot_ms) FROM schedule_slots WHERE blueprint_name = $1",
+                &[&blueprint],
+            )?
+            .try_get(0)?)
+        })?;
+        Ok(ms.map(from_unix_ms))
+    }
+
+    pub(crate) fn slots_of(&self, blueprint: &str) -> Result<Vec<SlotClaim>, StoreError> {
+        let blueprint = blueprint.to_string();
+        self.read("reading schedule slots", move |c| {
+            c.query(
+                "SELECT blueprint_name, slot_ms, run_id FROM schedule_slots
+                 WHERE blueprint_name = $1 ORDER BY slot_ms",
+                &[&blueprint],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(SlotClaim {
+                    blueprint: r.try_get(0)?,
+                    slot: from_unix_ms(r.try_get(1)?),
+                    run_id: r.try_get(2)?,
+                })
+            })
+            .collect()
+        })
+    }
+}

@@ -1,0 +1,473 @@
+//! Every transition of `store/transitions.rs` in PostgreSQL's dialect, with the same guard
+//! (the same `WHERE` on the state it expects). The guard's row count goes back to the shared
+//! [`Op::verdict`], so "applied" and "ignored" mean the same on both backends.
+//!
+//! Parameters carry explicit casts: in `INSERT … SELECT $1, …` PostgreSQL cannot infer a
+//! parameter's type from the target column.
+
+use crate::events::StepStatus;
+use crate::store::transitions::{Op, ProcessInfo, StepRecord};
+use crate::store::types::{AttemptRecord, NewRun, NewStep, RunEnd, StepEnd};
+use crate::store::{from_unix_ms, unix_ms};
+use postgres::types::ToSql;
+use postgres::{Statement, Transaction};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+type Applied = Result<u64, postgres::Error>;
+
+/// The writer's prepared statements, by their SQL: each transition's statement is parsed once
+/// per connection instead of once per write (a round trip saved on every write). Cleared when
+/// the connection is replaced: a statement belongs to the connection that prepared it.
+pub(crate) type Statements = HashMap<&'static str, Statement>;
+
+/// Runs `sql` as a prepared statement of this connection.
+fn exec(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    sql: &'static str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Applied {
+    let stmt = match st.get(sql) {
+        Some(s) => s.clone(),
+        None => {
+            let s = tx.prepare(sql)?;
+            st.insert(sql, s.clone());
+            s
+        }
+    };
+    tx.execute(&stmt, params)
+}
+
+/// Times are kept to the millisecond on both backends, so a history cursor taken from a row
+/// matches that row exactly.
+pub(crate) fn ms_time(t: SystemTime) -> SystemTime {
+    from_unix_ms(unix_ms(t))
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn json(v: &serde_json::Value) -> Option<String> {
+    (!v.is_null()).then(|| v.to_string())
+}
+
+/// Applies `op`; `Ok(Some(reason))` is a guarded no-op.
+pub(crate) fn apply(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    op: &Op,
+    proc: &ProcessInfo,
+) -> Result<Option<String>, postgres::Error> {
+    if let Some(reason) = op.refused() {
+        return Ok(Some(reason));
+    }
+    let changed = match op {
+        Op::InsertRun(r) => insert_run(tx, st, r, proc),
+        Op::RunStarted {
+            run_id,
+            at,
+            steps_total,
+        } => exec(
+            tx,
+            st,
+            "UPDATE runner_executions
+             SET status = 'running', started_at = $2, steps_total = $3,
+                 steps_done = COALESCE(steps_done, 0), host = $4, pid = $5
+             WHERE id = $1 AND status = 'queued'",
+            &[
+                run_id,
+                &ms_time(*at),
+                &i64::from(*steps_total),
+                &proc.host,
+                &i64::from(proc.pid),
+            ],
+        ),
+        Op::RunFinished(e) => run_finished(tx, st, e),
+        Op::StepQueued(s) => step_queued(tx, st, s),
+        Op::StepStarted {
+            run_id,
+            step_key,
+            attempt,
+            at,
+        } => exec(
+            tx,
+            st,
+            "UPDATE runner_steps
+             SET status = 'running', attempts = $3, started_at = COALESCE(started_at, $4)
+             WHERE run_id = $1 AND step_key = $2
+               AND status IN ('pending', 'retrying', 'running')",
+            &[run_id, step_key, &i64::from(*attempt), &ms_time(*at)],
+        ),
+        Op::StepRetrying { run_id, step_key } => exec(
+            tx,
+            st,
+            "UPDATE runner_steps SET status = 'retrying'
+             WHERE run_id = $1 AND step_key = $2 AND status = 'running'",
+            &[run_id, step_key],
+        ),
+        Op::AttemptFinished(a) => attempt_finished(tx, st, a),
+        Op::StepFinished(s) => step_finished(tx, st, s),
+        Op::StepRecorded(r) => step_recorded(tx, st, r),
+        Op::RunProgress {
+            run_id,
+            steps_done,
+            tokens_used,
+        } => exec(
+            tx,
+            st,
+            "UPDATE runner_executions SET steps_done = $2, tokens_used = $3
+             WHERE id = $1 AND status IN ('queued', 'running')",
+            &[run_id, &i64::from(*steps_done), &i(*tokens_used)],
+        ),
+        Op::Heartbeat(h) => exec(
+            tx,
+            st,
+            // The database's clock, never this host's: leases are compared across hosts.
+            "INSERT INTO runner_processes (id, host, pid, role, version, started_at, heartbeat_at,
+                 heartbeat_ms, rss_mb, memory_hold, paused, queued, running, completed, failed,
+                 concurrency)
+             VALUES ($1, $2, $3, $4, $5, now(), now(),
+                     (extract(epoch FROM now()) * 1000)::bigint, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (id) DO UPDATE SET role = excluded.role,
+                 heartbeat_at = excluded.heartbeat_at, heartbeat_ms = excluded.heartbeat_ms,
+                 rss_mb = excluded.rss_mb, memory_hold = excluded.memory_hold,
+                 paused = excluded.paused, queued = excluded.queued, running = excluded.running,
+                 completed = excluded.completed, failed = excluded.failed,
+                 concurrency = excluded.concurrency, stopped_at = NULL",
+            &[
+                &proc.id,
+                &proc.host,
+                &i64::from(proc.pid),
+                &h.role,
+                &env!("CARGO_PKG_VERSION"),
+                &h.rss_mb,
+                &h.pool.memory_hold,
+                &h.pool.paused,
+                &(h.pool.queued_total() as i64),
+                &(h.pool.running as i64),
+                &(h.pool.completed as i64),
+                &(h.pool.failed as i64),
+                &(h.pool.concurrency as i64),
+            ],
+        ),
+        Op::ProcessStopped { .. } => exec(
+            tx,
+            st,
+            "UPDATE runner_processes SET stopped_at = now() WHERE id = $1 AND stopped_at IS NULL",
+            &[&proc.id],
+        ),
+        Op::ReleaseRuns => exec(
+            tx,
+            st,
+            "UPDATE runner_executions SET owner = NULL
+             WHERE owner = $1 AND status IN ('queued', 'running')",
+            &[&proc.id],
+        ),
+        Op::CachePut(c) => {
+            exec(
+                tx,
+                st,
+                "DELETE FROM provider_cache WHERE expires_at <= $1",
+                &[&ms_time(c.created_at)],
+            )?;
+            exec(
+                tx,
+                st,
+                "INSERT INTO provider_cache
+                     (key, provider, model, output, tokens_used, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (key) DO UPDATE SET provider = excluded.provider,
+                     model = excluded.model, output = excluded.output,
+                     tokens_used = excluded.tokens_used, created_at = excluded.created_at,
+                     expires_at = excluded.expires_at",
+                &[
+                    &c.key,
+                    &c.provider,
+                    &c.model,
+                    &c.output,
+                    &i(c.tokens_used),
+                    &ms_time(c.created_at),
+                    &ms_time(c.expires_at),
+                ],
+            )
+        }
+        Op::AttemptFallback {
+            run_id,
+            step_key,
+            attempt,
+            note,
+        } => exec(
+            tx,
+            st,
+            "UPDATE runner_attempts SET fallback = $4
+             WHERE run_id = $1 AND step_key = $2 AND attempt = $3",
+            &[run_id, step_key, &i64::from(*attempt), note],
+        ),
+    }?;
+    Ok(op.verdict(changed))
+}
+
+fn insert_run(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    r: &NewRun,
+    proc: &ProcessInfo,
+) -> Applied {
+    // Seeds are u64; BIGINT is i64. The same 64 bits, so a seed round-trips.
+    let seed = r.seed.map(|s| s as i64);
+    exec(
+        tx,
+        st,
+        "INSERT INTO runner_executions (id, blueprint_name, status, priority, trigger, sandbox,
+             seed, simulate_failures, variables, blueprint, parent_run_id, queued_at,
+             started_at, tokens_used, host, pid, owner)
+         VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 0, $12, $13, $14)
+         ON CONFLICT (id) DO NOTHING",
+        &[
+            &r.id,
+            &r.blueprint_name,
+            &r.priority.as_str(),
+            &r.trigger,
+            &r.sandbox,
+            &seed,
+            &r.simulate_failures,
+            &r.variables.to_string(),
+            &json(&r.blueprint),
+            &r.parent_run_id,
+            &ms_time(r.queued_at),
+            &proc.host,
+            &i64::from(proc.pid),
+            &proc.id,
+        ],
+    )
+}
+
+fn run_finished(tx: &mut Transaction<'_>, st: &mut Statements, e: &RunEnd) -> Applied {
+    exec(
+        tx,
+        st,
+        "UPDATE runner_executions
+         SET status = $2, finished_at = $3, total_time_ms = $4, tokens_used = $5,
+             steps_done = $6, error = $7, error_kind = $8, failed_step = $9
+         WHERE id = $1 AND status IN ('queued', 'running')",
+        &[
+            &e.run_id,
+            &e.status.as_str(),
+            &ms_time(e.finished_at),
+            &i(e.total_time_ms),
+            &i(e.tokens_used),
+            &i64::from(e.steps_done),
+            &e.error,
+            &e.error_kind.map(|k| k.as_str()),
+            &e.failed_step,
+        ],
+    )
+}
+
+fn step_queued(tx: &mut Transaction<'_>, st: &mut Statements, s: &NewStep) -> Applied {
+    let n = exec(
+        tx,
+        st,
+        "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
+             input, queued_at, seq)
+         SELECT $1::text, $2::text, $3::text, $4::bigint, 'pending', 0, $5::text,
+                $6::timestamptz,
+                COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = $1::text), 0) + 1
+         WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = $1::text)
+         ON CONFLICT (run_id, step_key) DO NOTHING",
+        &[
+            &s.run_id,
+            &s.step_key,
+            &s.node_id,
+            &s.item_index.map(i64::from),
+            &s.input.as_ref().and_then(json),
+            &ms_time(s.queued_at),
+        ],
+    )?;
+    // Already queued (a resumed run re-plans) is fine; only an unknown run is refused.
+    if n == 0
+        && tx
+            .query_opt(
+                "SELECT 1 FROM runner_executions WHERE id = $1",
+                &[&s.run_id],
+            )?
+            .is_some()
+    {
+        return Ok(1);
+    }
+    Ok(n)
+}
+
+fn attempt_finished(tx: &mut Transaction<'_>, st: &mut Statements, a: &AttemptRecord) -> Applied {
+    let duration = a
+        .finished_at
+        .duration_since(a.started_at)
+        .unwrap_or_default();
+    exec(
+        tx,
+        st,
+        "INSERT INTO runner_attempts (run_id, step_key, attempt, status, error_kind, error,
+             wait_ms, started_at, finished_at, duration_ms, tokens_used, provider, model, cached)
+         SELECT $1::text, $2::text, $3::bigint, $4::text, $5::text, $6::text, $7::bigint,
+                $8::timestamptz, $9::timestamptz, $10::bigint, $11::bigint, $12::text,
+                $13::text, $14::boolean
+         WHERE EXISTS (SELECT 1 FROM runner_steps WHERE run_id = $1::text AND step_key = $2::text)
+         ON CONFLICT (run_id, step_key, attempt) DO NOTHING",
+        &[
+            &a.run_id,
+            &a.step_key,
+            &i64::from(a.attempt),
+            &if a.ok { "success" } else { "error" },
+            &a.error_kind.map(|k| k.as_str()),
+            &a.error,
+            &a.wait_ms.map(i),
+            &ms_time(a.started_at),
+            &ms_time(a.finished_at),
+            &i(duration.as_millis() as u64),
+            &i(a.tokens_used),
+            &a.provider,
+            &a.model,
+            &a.cached,
+        ],
+    )
+}
+
+/// A step that ran but was never reported as started still gets a plausible start.
+fn implied_start(s: &StepEnd) -> Option<SystemTime> {
+    (s.attempts > 0 && s.status != StepStatus::Skipped)
+        .then(|| {
+            s.finished_at
+                .checked_sub(Duration::from_millis(s.duration_ms))
+                .map(ms_time)
+        })
+        .flatten()
+}
+
+fn step_finished(tx: &mut Transaction<'_>, st: &mut Statements, s: &StepEnd) -> Applied {
+    exec(
+        tx,
+        st,
+        "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
+             output, error_kind, error, tokens_used, cached, provider, model, queued_at,
+             started_at, finished_at, duration_ms, reply_model, finish_reason, seq)
+         SELECT $1::text, $2::text, $3::text, $4::bigint, $5::text, $6::bigint, $7::text,
+                $8::text, $9::text, $10::bigint, $11::boolean, $12::text, $13::text,
+                $14::timestamptz, $15::timestamptz, $14::timestamptz, $16::bigint, $17::text,
+                $18::text,
+                COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = $1::text), 0) + 1
+         WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = $1::text)
+         ON CONFLICT (run_id, step_key) DO UPDATE SET
+             status = excluded.status, attempts = excluded.attempts,
+             output = excluded.output, error_kind = excluded.error_kind,
+             error = excluded.error, tokens_used = excluded.tokens_used,
+             cached = excluded.cached, provider = excluded.provider,
+             model = excluded.model, reply_model = excluded.reply_model,
+             finish_reason = excluded.finish_reason,
+             started_at = COALESCE(runner_steps.started_at, excluded.started_at),
+             finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
+         WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
+        &[
+            &s.run_id,
+            &s.step_key,
+            &s.node_id,
+            &s.item_index.map(i64::from),
+            &s.status.as_str(),
+            &i64::from(s.attempts),
+            &s.output.as_ref().and_then(json),
+            &s.error_kind.map(|k| k.as_str()),
+            &s.error,
+            &i(s.tokens_used),
+            &s.cached,
+            &s.provider,
+            &s.model,
+            &ms_time(s.finished_at),
+            &implied_start(s),
+            &i(s.duration_ms),
+            &s.reply_model,
+            &s.finish_reason,
+        ],
+    )
+}
+
+fn step_recorded(tx: &mut Transaction<'_>, st: &mut Statements, r: &StepRecord) -> Applied {
+    let q = &r.queued;
+    let input = q.input.as_ref().and_then(json);
+    let Some(s) = &r.end else {
+        let (at, attempt) = r.started.unwrap_or((q.queued_at, 0));
+        return exec(
+            tx,
+            st,
+            "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status,
+                 attempts, input, queued_at, started_at, seq)
+             SELECT $1::text, $2::text, $3::text, $4::bigint, 'running', $5::bigint, $6::text,
+                    $7::timestamptz, $8::timestamptz,
+                    COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = $1::text), 0) + 1
+             WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = $1::text)
+             ON CONFLICT (run_id, step_key) DO UPDATE SET
+                 status = 'running', attempts = excluded.attempts,
+                 started_at = COALESCE(runner_steps.started_at, excluded.started_at)
+             WHERE runner_steps.status IN ('pending', 'retrying', 'running')",
+            &[
+                &q.run_id,
+                &q.step_key,
+                &q.node_id,
+                &q.item_index.map(i64::from),
+                &i64::from(attempt),
+                &input,
+                &ms_time(q.queued_at),
+                &ms_time(at),
+            ],
+        );
+    };
+    let started = match r.started {
+        Some((at, _)) => Some(ms_time(at)),
+        None => implied_start(s),
+    };
+    exec(
+        tx,
+        st,
+        "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
+             input, output, error_kind, error, tokens_used, cached, provider, model,
+             queued_at, started_at, finished_at, duration_ms, reply_model, finish_reason, seq)
+         SELECT $1::text, $2::text, $3::text, $4::bigint, $5::text, $6::bigint, $7::text,
+                $8::text, $9::text, $10::text, $11::bigint, $12::boolean, $13::text, $14::text,
+                $15::timestamptz, $16::timestamptz, $17::timestamptz, $18::bigint, $19::text,
+                $20::text,
+                COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = $1::text), 0) + 1
+         WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = $1::text)
+         ON CONFLICT (run_id, step_key) DO UPDATE SET
+             status = excluded.status, attempts = excluded.attempts,
+             output = excluded.output, error_kind = excluded.error_kind,
+             error = excluded.error, tokens_used = excluded.tokens_used,
+             cached = excluded.cached, provider = excluded.provider,
+             model = excluded.model, reply_model = excluded.reply_model,
+             finish_reason = excluded.finish_reason,
+             started_at = COALESCE(runner_steps.started_at, excluded.started_at),
+             finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
+         WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
+        &[
+            &q.run_id,
+            &q.step_key,
+            &q.node_id,
+            &q.item_index.map(i64::from),
+            &s.status.as_str(),
+            &i64::from(s.attempts),
+            &input,
+            &s.output.as_ref().and_then(json),
+            &s.error_kind.map(|k| k.as_str()),
+            &s.error,
+            &i(s.tokens_used),
+            &s.cached,
+            &s.provider,
+            &s.model,
+            &ms_time(q.queued_at),
+            &started,
+            &ms_time(s.finished_at),
+            &i(s.duration_ms),
+            &s.reply_model,
+            &s.finish_reason,
+        ],
+    )
+}

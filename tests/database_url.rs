@@ -1,0 +1,262 @@
+//! `DATABASE_URL` through the real binary: PostgreSQL is used by every command that reads or
+//! writes the history; a bad or unreachable URL is exit 2 with its fix, never a quiet fall
+//! back to SQLite; and the URL's password shows nowhere — not on stdout or stderr, not in the
+//! log files, not in the database.
+
+use omniflow::store::pg::testing::ScratchDb;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const SECRET: &str = "Pa55w0rdNeverShown";
+
+const BLUEPRINT: &str = r#"{
+  "name": "url-check",
+  "nodes": [
+    { "id": "ask", "type": "llm", "forEach": "{{ vars.ITEMS }}", "prompt": "About {{ item }}." },
+    { "id": "join", "type": "transform", "needs": ["ask"],
+      "template": "{{ nodes.ask.output | join(', ') }}" }
+  ],
+  "variables": { "ITEMS": ["a", "b", "c"] }
+}"#;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::write(env.dir.path().join("url-check.json"), BLUEPRINT).unwrap();
+        env
+    }
+
+    fn run(&self, url: &str, args: &[&str]) -> Output {
+        let mut c = self.cmd(args);
+        c.env("DATABASE_URL", url);
+        c.output().unwrap()
+    }
+
+    /// Without DATABASE_URL: SQLite at DB_FILE.
+    fn run_sqlite(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DB_FILE", self.sqlite())
+            .env("LOG_DIR", self.dir.path().join("logs"))
+            .env("OMNIFLOW_TIME_SCALE", "0.01");
+        c
+    }
+
+    fn sqlite(&self) -> PathBuf {
+        self.dir.path().join("history.db")
+    }
+
+    /// Every log line written so far.
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("logs")) {
+            for e in entries.flatten() {
+                all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        all
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn with_password(url: &str) -> String {
+    url.replacen("postgres@", &format!("postgres:{SECRET}@"), 1)
+}
+
+fn assert_hidden(what: &str, s: &str) {
+    assert!(!s.contains(SECRET), "{what} shows the password:\n{s}");
+}
+
+#[test]
+fn an_unreachable_or_bad_database_url_is_exit_2_with_its_fix_and_never_sqlite() {
+    let env = Env::new();
+    // Nothing listens on port 1.
+    let closed = format!("postgres://postgres:{SECRET}@127.0.0.1:1/omniflow");
+    for args in [
+        &["runs"][..],
+        &["show", "abc"],
+        &["run", "url-check.json", "--sandbox"],
+        &["resume", "abc"],
+        &["daemon"],
+        &["backup", "copy.db"],
+    ] {
+        let out = env.run(&closed, args);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {all}");
+        assert_hidden(&format!("{args:?}"), &all);
+        if args[0] != "backup" {
+            assert!(
+                all.contains("postgres://postgres:***@127.0.0.1:1/omniflow")
+                    && all.contains("check the host and port in DATABASE_URL"),
+                "{args:?} names the server and the fix: {all}"
+            );
+        } else {
+            assert!(all.contains("pg_dump"), "{all}");
+        }
+    }
+    let out = env.run(&closed, &["doctor"]);
+    let all = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("✗ connection"), "{all}");
+    assert_hidden("doctor", &all);
+    assert_hidden("logs", &env.logs());
+    assert!(
+        !env.sqlite().exists(),
+        "no SQLite database was made instead"
+    );
+
+    let out = env.run(&format!("mysql://root:{SECRET}@db/omniflow"), &["runs"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(all.contains("not postgres://"), "{all}");
+    assert_hidden("a bad scheme", &all);
+    assert!(!env.sqlite().exists());
+}
+
+#[test]
+fn every_command_uses_postgres_and_the_password_shows_nowhere() {
+    let Some(db) = ScratchDb::new("database_url_cli") else {
+        return;
+    };
+    let url = with_password(db.url());
+    assert!(
+        url.contains(SECRET),
+        "the test's URL carries a password: {url}"
+    );
+    let env = Env::new();
+
+    let out = env.run(&url, &["run", "url-check.json", "--sandbox", "--json"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert_hidden("run", &all);
+    let out = env.run(&url, &["runs", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = runs["runs"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(runs["runs"][0]["status"], "success");
+    assert!(
+        runs["runs"][0]["started_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{runs}"
+    );
+
+    for args in [
+        &["runs"][..],
+        &["show", id.as_str()],
+        &["show", id.as_str(), "--json"],
+        &["doctor"],
+        &["doctor", "--json"],
+    ] {
+        let out = env.run(&url, args);
+        let all = text(&out);
+        assert_hidden(&format!("{args:?}"), &all);
+        if args[0] != "doctor" {
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {all}");
+        }
+    }
+    let doctor = text(&env.run(&url, &["doctor"]));
+    for check in ["✓ connection", "✓ server", "✓ migrations", "✓ privileges"] {
+        assert!(doctor.contains(check), "{check}: {doctor}");
+    }
+    assert!(doctor.contains("postgres://postgres:***@"), "{doctor}");
+    let out = env.run(&url, &["backup", "copy.db"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("pg_dump"));
+    assert_hidden("backup", &text(&out));
+
+    assert_hidden("logs", &env.logs());
+    assert!(!env.sqlite().exists(), "nothing went to SQLite");
+    assert_hidden("the database", &dump(&db));
+    // The run is in PostgreSQL, where the monitoring query finds it.
+    assert!(dump(&db).contains("url-check"));
+}
+
+/// Every table's rows as text.
+fn dump(db: &ScratchDb) -> String {
+    let mut c = db.target().connect().unwrap();
+    let mut all = String::new();
+    for table in [
+        "runner_executions",
+        "runner_steps",
+        "runner_attempts",
+        "runner_processes",
+        "notifications_sent",
+        "schedule_slots",
+        "provider_cache",
+        "omniflow_migrations",
+    ] {
+        for m in c.simple_query(&format!("SELECT * FROM {table}")).unwrap() {
+            if let postgres::SimpleQueryMessage::Row(r) = m {
+                for i in 0..r.len() {
+                    all.push_str(r.get(i).unwrap_or(""));
+                    all.push('\t');
+                }
+                all.push('\n');
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn migrate_copies_the_sqlite_history_once_and_resumes() {
+    let Some(db) = ScratchDb::new("migrate_cli") else {
+        return;
+    };
+    let url = with_password(db.url());
+    let env = Env::new();
+    for _ in 0..2 {
+        let out = env.run_sqlite(&["run", "url-check.json", "--sandbox"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
+    let sqlite_runs = env.run_sqlite(&["runs", "--json"]).stdout;
+
+    let out = env.run_sqlite(&["migrate", "--to", &url]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert_hidden("migrate", &all);
+    assert!(all.contains("runs") && all.contains("2 copied"), "{all}");
+
+    // The same history, read back from PostgreSQL.
+    let pg_runs = env.run(&url, &["runs", "--json"]).stdout;
+    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    assert_eq!(parse(&pg_runs), parse(&sqlite_runs));
+
+    // Again, after one more run: only the new one is copied.
+    env.run_sqlite(&["run", "url-check.json", "--sandbox"]);
+    let out = env.run_sqlite(&["migrate", "--to", &url, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let report = parse(&out.stdout);
+    let runs = &report["tables"][0];
+    assert_eq!(
+        (runs["read"].as_u64(), runs["written"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_hidden("migrate --json", &text(&out));
+    let out = env.run(&url, &["runs", "--json"]);
+    assert_eq!(parse(&out.stdout)["runs"].as_array().map(Vec::len), Some(3));
+
+    let out = env.run_sqlite(&["migrate"]);
+    assert_eq!(out.status.code(), Some(2), "no target: {}", text(&out));
+}
