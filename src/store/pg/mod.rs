@@ -2,6 +2,8 @@
 //! transitions as SQLite, for a fleet of processes on one database.
 
 pub mod connect;
+pub mod limits;
+pub mod queue;
 #[doc(hidden)]
 pub mod testing;
 
