@@ -95,6 +95,13 @@ pub struct Config {
     pub listen: Option<std::net::SocketAddr>,
     /// Bearer token the listener requires (`OMNIFLOW_METRICS_TOKEN`); `None` = no token.
     pub metrics_token: Option<String>,
+    // ---- the fleet ----------------------------------------------------------------------
+    /// `DATABASE_URL`: a `postgres://…` URL puts this process in a fleet sharing that
+    /// database (see `fleet::target`, the one reader); `None` = SQLite at `DB_FILE` alone.
+    pub database_url: Option<String>,
+    /// Which tagged steps this process takes (`OMNIFLOW_TAGS=gpu,eu`): a step whose every tag
+    /// is here. Untagged steps go to any process. Sorted, lowercase, without duplicates.
+    pub tags: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -145,6 +152,9 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("listen", &self.listen)
             .field("metrics_token", &set(&self.metrics_token))
+            // The URL may hold a password: only whether it is set.
+            .field("database_url", &set(&self.database_url))
+            .field("tags", &self.tags)
             .finish()
     }
 }
@@ -322,7 +332,17 @@ impl Config {
                 expected,
             })?),
         };
+        let tags = match get("OMNIFLOW_TAGS") {
+            None => Vec::new(),
+            Some(v) => parse_tags(&v).map_err(|expected| ConfigError {
+                var: "OMNIFLOW_TAGS",
+                value: v,
+                expected,
+            })?,
+        };
         Ok(Config {
+            database_url: get("DATABASE_URL"),
+            tags,
             limits,
             listen,
             metrics_token: get("OMNIFLOW_METRICS_TOKEN"),
@@ -388,6 +408,8 @@ impl Config {
     }
 
     /// Every secret value in the configuration, for redaction of logs and messages.
+    ///
+    /// `DATABASE_URL`'s password is kept out by construction (`PgTarget` never shows it).
     pub fn secrets(&self) -> Vec<String> {
         [
             &self.huggingface_token,
@@ -445,6 +467,26 @@ pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, &'static str> {
         return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port(p)?));
     }
     s.parse::<SocketAddr>().map_err(|_| LISTEN_EXPECTED)
+}
+
+/// `gpu, EU` → `["eu", "gpu"]`: tags are names of letters, digits, `-` and `_`.
+pub fn parse_tags(text: &str) -> Result<Vec<String>, &'static str> {
+    const EXPECTED: &str =
+        "comma-separated tags of letters, digits, - and _ (e.g. gpu,eu), at most 64 characters each";
+    let mut tags = Vec::new();
+    for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let ok = t.len() <= 64
+            && t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(EXPECTED);
+        }
+        tags.push(t.to_ascii_lowercase());
+    }
+    tags.sort();
+    tags.dedup();
+    Ok(tags)
 }
 
 #[cfg(test)]

@@ -11,12 +11,12 @@
 
 mod context;
 mod maintenance;
-mod nodes;
+pub(crate) mod nodes;
 pub mod panics;
 mod resume;
 pub mod retry;
-mod run;
-mod step;
+pub(crate) mod run;
+pub(crate) mod step;
 
 pub use maintenance::{rss_mb, Maintenance};
 pub use resume::ResumeError;
@@ -249,6 +249,8 @@ pub(crate) struct Inner {
     pub waiting: std::sync::atomic::AtomicUsize,
     /// When the maintenance loop last turned (ms since the Unix epoch; 0 = never): liveness.
     pub loop_tick_ms: std::sync::atomic::AtomicU64,
+    /// The fleet's shared queue (`DATABASE_URL=postgres://…`); `None`: the local pool alone.
+    pub fleet: Option<crate::fleet::FleetHandle>,
 }
 
 /// The process's engine; cheap to clone.
@@ -277,10 +279,19 @@ impl Engine {
             .build()
             .unwrap_or_default();
         let templates = Templates::with_limits(config.limits.clone());
+        let fleet = crate::fleet::Fleet::new(&config);
+        let mut providers = Providers::new(config.clone()).with_store(store.clone());
+        if let Some(f) = &fleet {
+            // A provider's rate limit is one budget for the whole fleet.
+            providers = providers.with_fleet_rates(crate::fleet::rates::FleetRates::new(
+                f.queue().clone(),
+            ));
+        }
         let engine = Engine {
             inner: Arc::new(Inner {
                 // The store keeps the providers' response cache.
-                providers: Providers::new(config.clone()).with_store(store.clone()),
+                providers,
+                fleet: fleet.clone().map(crate::fleet::FleetHandle),
                 config,
                 store,
                 bus,
@@ -295,6 +306,9 @@ impl Engine {
                 loop_tick_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         };
+        if let Some(f) = &fleet {
+            f.start(Arc::downgrade(&engine.inner));
+        }
         // Registered before any run is inserted, so no other process ever sees our runs
         // without a live owner.
         engine.heartbeat();

@@ -30,6 +30,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -138,8 +139,23 @@ pub struct Rescued {
 /// The queue of one process: a small pool of connections to the fleet's database.
 #[derive(Clone)]
 pub struct Queue {
-    pool: r2d2_postgres::r2d2::Pool<Manager>,
+    pool: Arc<OffRuntime>,
     target: PgTarget,
+}
+
+/// The connection pool, dropped on a plain thread: closing a blocking client runs the
+/// driver's own runtime, which panics on an async runtime's thread (where the last handle
+/// may well go).
+struct OffRuntime(Option<r2d2_postgres::r2d2::Pool<Manager>>);
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("queue-close".into())
+                .spawn(move || drop(pool));
+        }
+    }
 }
 
 impl std::fmt::Debug for Queue {
@@ -167,7 +183,7 @@ impl Queue {
             .test_on_check_out(false)
             .build_unchecked(manager);
         Ok(Queue {
-            pool,
+            pool: Arc::new(OffRuntime(Some(pool))),
             target: target.clone(),
         })
     }
@@ -177,7 +193,10 @@ impl Queue {
     }
 
     fn conn(&self) -> Result<r2d2_postgres::r2d2::PooledConnection<Manager>> {
-        self.pool.get().map_err(|e| {
+        let Some(pool) = &self.pool.0 else {
+            return Err(QueueError("the queue is closed".into()));
+        };
+        pool.get().map_err(|e| {
             QueueError(format!(
                 "cannot reach the fleet database at {} ({e}); check DATABASE_URL and that the \
                  server is up",
@@ -366,6 +385,27 @@ impl Queue {
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
+    /// Gives a claimed row back to the queue untouched (its worker stopped before running
+    /// it); fenced like a completion, and not counted as a rescue.
+    pub fn release(&self, id: i64, token: &str) -> Result<bool> {
+        let mut c = self.conn()?;
+        let mut tx = c.transaction().map_err(self.fail("give a step back"))?;
+        let n = tx
+            .execute(
+                "UPDATE runner_queue SET state = 'queued', locked_by = NULL, claim_token = NULL,
+                     lease_until = NULL
+                 WHERE id = $1 AND claim_token = $2 AND state = 'running'",
+                &[&id, &token],
+            )
+            .map_err(self.fail("give a step back"))?;
+        if n > 0 {
+            tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])
+                .map_err(self.fail("give a step back"))?;
+        }
+        tx.commit().map_err(self.fail("give a step back"))?;
+        Ok(n > 0)
+    }
+
     /// Puts running rows whose lease passed back in the queue (`rescues + 1`), or fails those
     /// already rescued `max_rescues` times; wakes claimers and drivers. Only one process of
     /// the fleet sweeps at a time; the others return at once with `swept: false`.
@@ -473,6 +513,23 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
         let mut c = self.conn()?;
         c.execute("DELETE FROM runner_queue WHERE id = ANY($1)", &[&ids])
             .map_err(self.fail("withdraw steps"))
+    }
+
+    /// Takes a place in `provider`'s fleet-wide rate limit (see [`super::limits`]).
+    pub fn take_rate(
+        &self,
+        provider: &str,
+        limit: u32,
+        per: Duration,
+    ) -> Result<super::limits::Take> {
+        let mut c = self.conn()?;
+        super::limits::take(&mut c, &self.target, provider, limit, per).map_err(QueueError)
+    }
+
+    /// Deletes rate-limit windows that are over.
+    pub fn prune_rates(&self) -> Result<u64> {
+        let mut c = self.conn()?;
+        super::limits::prune(&mut c, &self.target).map_err(QueueError)
     }
 
     /// Rows waiting to be claimed, by priority (indexed like `Priority::index`).
