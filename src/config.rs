@@ -476,8 +476,7 @@ pub fn parse_tags(text: &str) -> Result<Vec<String>, &'static str> {
     let mut tags = Vec::new();
     for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         let ok = t.len() <= 64
-            && t
-                .chars()
+            && t.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !ok {
             return Err(EXPECTED);
@@ -538,6 +537,22 @@ mod tests {
             assert!(text.contains(field), "{field} missing from {text}");
         }
         assert!(!text.contains(".."), "{text}");
+    }
+
+    #[test]
+    fn tags_are_read_sorted_lowercase_and_checked() {
+        let c = Config::from_vars(&vars(&[("OMNIFLOW_TAGS", " GPU, eu,gpu ,")])).unwrap();
+        assert_eq!(c.tags, ["eu", "gpu"]);
+        assert!(Config::default().tags.is_empty());
+        let e = Config::from_vars(&vars(&[("OMNIFLOW_TAGS", "gpu box")])).unwrap_err();
+        assert!(e.to_string().contains("OMNIFLOW_TAGS"), "{e}");
+        // The fleet's URL never shows in debug output (it may hold a password).
+        let c = Config::from_vars(&vars(&[(
+            "DATABASE_URL",
+            "postgres://u:hunter2@db.example/x",
+        )]))
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

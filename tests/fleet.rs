@@ -109,7 +109,9 @@ impl Fleet {
         for ((path, prompt), n) in self.fake.prompts.lock().unwrap().iter() {
             let host = path.trim_start_matches('/').split('/').next().unwrap_or("");
             for _ in 0..*n {
-                out.entry(prompt.clone()).or_default().push(host.to_string());
+                out.entry(prompt.clone())
+                    .or_default()
+                    .push(host.to_string());
             }
         }
         out
@@ -186,8 +188,10 @@ fn three_daemons_share_two_thousand_steps_and_run_each_exactly_once() {
     // Every step ran exactly once, in the whole fleet.
     let by_prompt = fleet.calls_by_prompt();
     assert_eq!(by_prompt.len(), 2000, "every step was answered");
-    let twice: Vec<(&String, &Vec<String>)> =
-        by_prompt.iter().filter(|(_, hosts)| hosts.len() > 1).collect();
+    let twice: Vec<(&String, &Vec<String>)> = by_prompt
+        .iter()
+        .filter(|(_, hosts)| hosts.len() > 1)
+        .collect();
     assert!(twice.is_empty(), "steps answered more than once: {twice:?}");
 
     // Each daemon ran a share, with its own provider.
@@ -199,11 +203,17 @@ fn three_daemons_share_two_thousand_steps_and_run_each_exactly_once() {
     // The driver's history holds every run and step as done.
     let h = fleet.history("driver");
     assert_eq!(
-        count(&h, "SELECT count(*) FROM runner_executions WHERE status = 'success'"),
+        count(
+            &h,
+            "SELECT count(*) FROM runner_executions WHERE status = 'success'"
+        ),
         20
     );
     assert_eq!(
-        count(&h, "SELECT count(*) FROM runner_steps WHERE status = 'success'"),
+        count(
+            &h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
         2000
     );
     assert_eq!(
@@ -269,7 +279,10 @@ fn a_killed_daemons_steps_run_elsewhere_after_its_lease_and_done_steps_do_not_re
     );
     let h = fleet.history("driver");
     assert_eq!(
-        count(&h, "SELECT count(*) FROM runner_steps WHERE status = 'success'"),
+        count(
+            &h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
         60
     );
     assert_eq!(
@@ -327,7 +340,11 @@ fn a_tagged_node_runs_only_on_a_process_with_its_tags() {
     std::fs::write(&path, bp.to_string()).unwrap();
     // The driver has no tags: it may run the untagged steps, never the gpu ones.
     let driver = fleet
-        .cmd("driver", &["run", path.to_str().unwrap()], &[("CONCURRENCY", "4")])
+        .cmd(
+            "driver",
+            &["run", path.to_str().unwrap()],
+            &[("CONCURRENCY", "4")],
+        )
         .spawn()
         .unwrap();
     let (ok, out, err) = finish(driver, Duration::from_secs(300));

@@ -220,7 +220,10 @@ fn common_properties() -> Map<String, Value> {
     });
     match common {
         Value::Object(mut m) => {
-            m.insert("tags".into(), tags("this node's steps (on top of the blueprint's tags)"));
+            m.insert(
+                "tags".into(),
+                tags("this node's steps (on top of the blueprint's tags)"),
+            );
             m
         }
         _ => Map::new(),

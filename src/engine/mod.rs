@@ -283,9 +283,8 @@ impl Engine {
         let mut providers = Providers::new(config.clone()).with_store(store.clone());
         if let Some(f) = &fleet {
             // A provider's rate limit is one budget for the whole fleet.
-            providers = providers.with_fleet_rates(crate::fleet::rates::FleetRates::new(
-                f.queue().clone(),
-            ));
+            providers =
+                providers.with_fleet_rates(crate::fleet::rates::FleetRates::new(f.queue().clone()));
         }
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -463,6 +462,9 @@ impl Engine {
         };
         if found {
             self.inner.pool.set_run_priority(run_id, priority);
+            if let Some(f) = &self.inner.fleet {
+                f.0.set_run_priority(run_id, priority);
+            }
         }
         found
     }

@@ -155,7 +155,10 @@ impl Fleet {
 /// Creates the queue's tables (retrying until the database answers), then inserts what the
 /// drivers enqueue, in batches: everything waiting when a batch starts goes in one
 /// transaction.
-pub(crate) async fn schema_then_enqueue(fleet: Arc<Fleet>, mut rx: mpsc::UnboundedReceiver<Enqueue>) {
+pub(crate) async fn schema_then_enqueue(
+    fleet: Arc<Fleet>,
+    mut rx: mpsc::UnboundedReceiver<Enqueue>,
+) {
     let mut wait = Duration::from_millis(200);
     loop {
         let q = fleet.queue.clone();

@@ -235,6 +235,21 @@ impl Fleet {
     pub(crate) fn queue(&self) -> &Queue {
         &self.queue
     }
+
+    /// Moves the run's queued attempts in the shared queue too (in the background: the
+    /// console's key press does not wait for the database).
+    pub(crate) fn set_run_priority(&self, run_id: &str, priority: crate::blueprint::Priority) {
+        let (q, run) = (self.queue.clone(), run_id.to_string());
+        let p = u8::try_from(priority.index()).unwrap_or(1);
+        // A plain thread: callers may be on the runtime or not.
+        let _ = std::thread::Builder::new()
+            .name("fleet-priority".into())
+            .spawn(move || {
+                if let Err(e) = q.set_run_priority(&run, p) {
+                    tracing::warn!(error = %e, "fleet: cannot change the priority of queued steps");
+                }
+            });
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -31,7 +31,11 @@ impl FleetRates {
                 Ok(Take::Full(wait)) => {
                     if !told {
                         told = true;
-                        tracing::debug!(provider, wait_ms = wait.as_millis() as u64, "fleet: rate limit reached for the fleet; waiting for the next window");
+                        tracing::debug!(
+                            provider,
+                            wait_ms = wait.as_millis() as u64,
+                            "fleet: rate limit reached for the fleet; waiting for the next window"
+                        );
                     }
                     tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
                 }

@@ -26,7 +26,8 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
         let Some(inner) = engine.upgrade() else {
             return;
         };
-        let free = if inner.draining.load(Ordering::Relaxed) || !fleet.ready.load(Ordering::Relaxed) {
+        let free = if inner.draining.load(Ordering::Relaxed) || !fleet.ready.load(Ordering::Relaxed)
+        {
             0
         } else {
             inner.pool.free_workers()
@@ -221,7 +222,10 @@ pub(crate) async fn completer(
                     }
                     // A driver in this process is told at once, not by the notification's
                     // round trip.
-                    if recorded.iter().any(|id| lock(&fleet.waiters).contains_key(id)) {
+                    if recorded
+                        .iter()
+                        .any(|id| lock(&fleet.waiters).contains_key(id))
+                    {
                         fleet.results_wake.notify_one();
                     }
                     break;
@@ -306,8 +310,15 @@ pub(crate) async fn sweeper(fleet: Arc<Fleet>) {
             Ok(r) => {
                 let n = r.requeued.len() + r.failed.len();
                 if n > 0 {
-                    fleet.counters.rescued.fetch_add(n as u64, Ordering::Relaxed);
-                    tracing::warn!(requeued = r.requeued.len(), given_up = r.failed.len(), "fleet: steps of workers that stopped answering went back to the queue");
+                    fleet
+                        .counters
+                        .rescued
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    tracing::warn!(
+                        requeued = r.requeued.len(),
+                        given_up = r.failed.len(),
+                        "fleet: steps of workers that stopped answering went back to the queue"
+                    );
                 }
             }
             Err(e) => tracing::warn!(error = %e, "fleet: cannot sweep expired leases"),

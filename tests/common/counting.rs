@@ -93,7 +93,11 @@ pub fn start(latency: Duration, other_body: String) -> CountingFake {
                 );
                 if stream.write_all(reply.as_bytes()).is_ok() {
                     if let Some(p) = prompt {
-                        *prompts.lock().unwrap().entry((path.clone(), p)).or_insert(0) += 1;
+                        *prompts
+                            .lock()
+                            .unwrap()
+                            .entry((path.clone(), p))
+                            .or_insert(0) += 1;
                     }
                     *calls.lock().unwrap().entry(path).or_insert(0) += 1;
                 }

@@ -98,10 +98,7 @@ mod tests {
         let Some(db) = ScratchDb::new("rate_race") else {
             return;
         };
-        Queue::new(db.target(), 1)
-            .unwrap()
-            .ensure_schema()
-            .unwrap();
+        Queue::new(db.target(), 1).unwrap().ensure_schema().unwrap();
         // A window of an hour: the test cannot cross its edge by being slow.
         let per = Duration::from_secs(3600);
         let granted: Vec<usize> = std::thread::scope(|s| {

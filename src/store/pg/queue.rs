@@ -160,7 +160,9 @@ impl Drop for OffRuntime {
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue").field("target", &self.target).finish()
+        f.debug_struct("Queue")
+            .field("target", &self.target)
+            .finish()
     }
 }
 
@@ -251,7 +253,14 @@ impl Queue {
                  ON CONFLICT (run_id, step_key, attempt)
                      DO UPDATE SET priority = EXCLUDED.priority
                  RETURNING id, run_id, step_key, attempt",
-                &[&runs as &(dyn ToSql + Sync), &steps as &(dyn ToSql + Sync), &attempts as &(dyn ToSql + Sync), &prios as &(dyn ToSql + Sync), &tags as &(dyn ToSql + Sync), &payloads as &(dyn ToSql + Sync)],
+                &[
+                    &runs as &(dyn ToSql + Sync),
+                    &steps as &(dyn ToSql + Sync),
+                    &attempts as &(dyn ToSql + Sync),
+                    &prios as &(dyn ToSql + Sync),
+                    &tags as &(dyn ToSql + Sync),
+                    &payloads as &(dyn ToSql + Sync),
+                ],
             )
             .map_err(self.fail("enqueue steps"))?;
         tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])
@@ -308,7 +317,12 @@ impl Queue {
                  FROM next WHERE q.id = next.id
                  RETURNING q.id, q.claim_token, q.run_id, q.step_key, q.attempt, q.priority,
                            q.payload, q.rescues",
-                &[&worker as &(dyn ToSql + Sync), &limit as &(dyn ToSql + Sync), &tags as &(dyn ToSql + Sync), &secs(lease) as &(dyn ToSql + Sync)],
+                &[
+                    &worker as &(dyn ToSql + Sync),
+                    &limit as &(dyn ToSql + Sync),
+                    &tags as &(dyn ToSql + Sync),
+                    &secs(lease) as &(dyn ToSql + Sync),
+                ],
             )
             .map_err(self.fail("claim steps"))?;
         let mut jobs: Vec<ClaimedJob> = rows
@@ -351,7 +365,12 @@ impl Queue {
                  WHERE q.id = h.id AND q.claim_token = h.token AND q.locked_by = $1
                    AND q.state = 'running'
                  RETURNING q.id",
-                &[&worker as &(dyn ToSql + Sync), &ids as &(dyn ToSql + Sync), &tokens as &(dyn ToSql + Sync), &secs(lease) as &(dyn ToSql + Sync)],
+                &[
+                    &worker as &(dyn ToSql + Sync),
+                    &ids as &(dyn ToSql + Sync),
+                    &tokens as &(dyn ToSql + Sync),
+                    &secs(lease) as &(dyn ToSql + Sync),
+                ],
             )
             .map_err(self.fail("extend leases"))?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
@@ -379,7 +398,12 @@ impl Queue {
                      RETURNING q.id
                  )
                  SELECT id, pg_notify($4, id::text) FROM d",
-                &[&ids as &(dyn ToSql + Sync), &tokens as &(dyn ToSql + Sync), &results as &(dyn ToSql + Sync), &DONE_CHANNEL as &(dyn ToSql + Sync)],
+                &[
+                    &ids as &(dyn ToSql + Sync),
+                    &tokens as &(dyn ToSql + Sync),
+                    &results as &(dyn ToSql + Sync),
+                    &DONE_CHANNEL as &(dyn ToSql + Sync),
+                ],
             )
             .map_err(self.fail("record step results"))?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
@@ -412,7 +436,9 @@ impl Queue {
     pub fn rescue_expired(&self, max_rescues: u32) -> Result<Rescued> {
         let limit = i32::try_from(max_rescues).unwrap_or(i32::MAX);
         let mut c = self.conn()?;
-        let mut tx = c.transaction().map_err(self.fail("rescue expired leases"))?;
+        let mut tx = c
+            .transaction()
+            .map_err(self.fail("rescue expired leases"))?;
         let locked: bool = tx
             .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&SWEEP_LOCK])
             .map_err(self.fail("rescue expired leases"))?
@@ -459,8 +485,11 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
                 .map_err(self.fail("rescue expired leases"))?;
         }
         for id in &out.failed {
-            tx.execute("SELECT pg_notify($1, $2)", &[&DONE_CHANNEL, &id.to_string() as &(dyn ToSql + Sync)])
-                .map_err(self.fail("rescue expired leases"))?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&DONE_CHANNEL, &id.to_string() as &(dyn ToSql + Sync)],
+            )
+            .map_err(self.fail("rescue expired leases"))?;
         }
         // Finished rows nobody took within a day: their driver is gone for good.
         tx.execute(
@@ -530,6 +559,18 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
     pub fn prune_rates(&self) -> Result<u64> {
         let mut c = self.conn()?;
         super::limits::prune(&mut c, &self.target).map_err(QueueError)
+    }
+
+    /// Moves the queued rows of `run_id` to `priority` (running rows keep theirs); returns
+    /// how many moved.
+    pub fn set_run_priority(&self, run_id: &str, priority: u8) -> Result<u64> {
+        let p = i16::from(priority.min(3));
+        let mut c = self.conn()?;
+        c.execute(
+            "UPDATE runner_queue SET priority = $2 WHERE run_id = $1 AND state = 'queued'",
+            &[&run_id, &p],
+        )
+        .map_err(self.fail("change a run's priority"))
     }
 
     /// Rows waiting to be claimed, by priority (indexed like `Priority::index`).
@@ -681,7 +722,11 @@ mod tests {
 
         // A batch claim returns the same order.
         let ids = q
-            .enqueue(&[job("s", "a", 1, &[]), job("s", "b", 3, &[]), job("s", "c", 1, &[])])
+            .enqueue(&[
+                job("s", "a", 1, &[]),
+                job("s", "b", 3, &[]),
+                job("s", "c", 1, &[]),
+            ])
             .unwrap();
         let got: Vec<String> = q
             .claim("w", &[], 10, lease())
@@ -858,7 +903,10 @@ mod tests {
         let [(_, Outcome::Failed(why))] = taken.as_slice() else {
             panic!("{taken:?}");
         };
-        assert!(why.contains("3 times") && why.contains("MAX_TAKEOVERS"), "{why}");
+        assert!(
+            why.contains("3 times") && why.contains("MAX_TAKEOVERS"),
+            "{why}"
+        );
     }
 
     #[test]
@@ -898,6 +946,8 @@ mod tests {
         let b = q.enqueue(&[job("r", "x", 1, &[])]).unwrap();
         assert_eq!(a, b);
         assert_eq!(q.depth().unwrap(), [0, 1, 0, 0]);
+        assert_eq!(q.set_run_priority("r", 3).unwrap(), 1);
+        assert_eq!(q.depth().unwrap(), [0, 0, 0, 1]);
         assert_eq!(q.cancel(&a).unwrap(), 1);
         assert_eq!(q.depth().unwrap(), [0, 0, 0, 0]);
     }
