@@ -182,6 +182,9 @@ pub(crate) async fn schema_then_enqueue(
             r = rx.recv() => match r { Some(e) => e, None => return },
             _ = fleet.stop.cancelled() => return,
         };
+        // A fan-out's steps are sent in one turn of their driver, which may run on another
+        // thread: let it finish sending, so they share one transaction.
+        tokio::task::yield_now().await;
         let mut batch = vec![first];
         while batch.len() < 1000 {
             match rx.try_recv() {
@@ -207,6 +210,8 @@ pub(crate) async fn schema_then_enqueue(
                 }
                 // A result may have come before its waiter was registered.
                 fleet.results_wake.notify_one();
+                // This process's own claimer need not wait for the notification's round trip.
+                fleet.jobs_wake.notify_one();
             }
             Err(e) => {
                 for en in batch {

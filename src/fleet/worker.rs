@@ -195,6 +195,7 @@ pub(crate) async fn completer(
             r = rx.recv() => match r { Some(x) => x, None => return },
             _ = fleet.stop.cancelled() => return,
         };
+        tokio::task::yield_now().await;
         let mut batch = vec![first];
         while batch.len() < 1000 {
             match rx.try_recv() {
