@@ -100,6 +100,10 @@ pub struct Config {
     pub listen: Option<std::net::SocketAddr>,
     /// Bearer token the listener requires (`OMNIFLOW_METRICS_TOKEN`); `None` = no token.
     pub metrics_token: Option<String>,
+    // ---- the fleet ----------------------------------------------------------------------
+    /// Which tagged steps this process takes (`OMNIFLOW_TAGS=gpu,eu`): a step whose every tag
+    /// is here. Untagged steps go to any process. Sorted, lowercase, without duplicates.
+    pub tags: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -158,6 +162,7 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("listen", &self.listen)
             .field("metrics_token", &set(&self.metrics_token))
+            .field("tags", &self.tags)
             .finish()
     }
 }
@@ -345,7 +350,17 @@ impl Config {
                 expected,
             })?),
         };
+        let tags = match get("OMNIFLOW_TAGS") {
+            None => Vec::new(),
+            Some(v) => parse_tags(&v).map_err(|expected| ConfigError {
+                var: "OMNIFLOW_TAGS",
+                value: v,
+                expected,
+            })?,
+        };
         Ok(Config {
+            database_url: get("DATABASE_URL"),
+            tags,
             limits,
             listen,
             metrics_token: get("OMNIFLOW_METRICS_TOKEN"),
@@ -381,7 +396,6 @@ impl Config {
             db_file: get("DB_FILE")
                 .unwrap_or_else(|| "./automation_runner.db".into())
                 .into(),
-            database_url: get("DATABASE_URL"),
             log_dir: get("LOG_DIR").unwrap_or_else(|| "./logs".into()).into(),
             supabase_url: get("SUPABASE_URL"),
             supabase_key: get("SUPABASE_KEY"),
@@ -408,6 +422,8 @@ impl Config {
     }
 
     /// Every secret value in the configuration, for redaction of logs and messages.
+    ///
+    /// `DATABASE_URL`'s password is kept out by construction (`PgTarget` never shows it).
     pub fn secrets(&self) -> Vec<String> {
         [
             &self.huggingface_token,
@@ -522,6 +538,25 @@ impl std::fmt::Display for RateLimit {
     }
 }
 
+/// `gpu, EU` → `["eu", "gpu"]`: tags are names of letters, digits, `-` and `_`.
+pub fn parse_tags(text: &str) -> Result<Vec<String>, &'static str> {
+    const EXPECTED: &str =
+        "comma-separated tags of letters, digits, - and _ (e.g. gpu,eu), at most 64 characters each";
+    let mut tags = Vec::new();
+    for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let ok = t.len() <= 64
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(EXPECTED);
+        }
+        tags.push(t.to_ascii_lowercase());
+    }
+    tags.sort();
+    tags.dedup();
+    Ok(tags)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,6 +606,22 @@ mod tests {
             assert!(text.contains(field), "{field} missing from {text}");
         }
         assert!(!text.contains(".."), "{text}");
+    }
+
+    #[test]
+    fn tags_are_read_sorted_lowercase_and_checked() {
+        let c = Config::from_vars(&vars(&[("OMNIFLOW_TAGS", " GPU, eu,gpu ,")])).unwrap();
+        assert_eq!(c.tags, ["eu", "gpu"]);
+        assert!(Config::default().tags.is_empty());
+        let e = Config::from_vars(&vars(&[("OMNIFLOW_TAGS", "gpu box")])).unwrap_err();
+        assert!(e.to_string().contains("OMNIFLOW_TAGS"), "{e}");
+        // The fleet's URL never shows in debug output (it may hold a password).
+        let c = Config::from_vars(&vars(&[(
+            "DATABASE_URL",
+            "postgres://u:hunter2@db.example/x",
+        )]))
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

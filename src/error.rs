@@ -139,7 +139,7 @@ impl fmt::Display for ErrorKind {
 
 /// The failure of one attempt: a kind, a message that says what to do, and an optional wait
 /// the provider asked for (503 `estimated_time`, 429 `Retry-After`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepError {
     pub kind: ErrorKind,
     pub message: String,

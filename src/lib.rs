@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod fleet;
 pub mod ids;
 pub mod limits;
 pub mod logging;

@@ -835,3 +835,32 @@ fn deep_nesting_is_an_error_not_a_crash() {
     assert!(t.check_syntax(&deep_tpl).is_err());
     assert!(t.render(&deep_tpl, &json!({})).is_err());
 }
+
+#[test]
+fn tags_say_which_fleet_processes_run_a_step() {
+    let bp = load_str(
+        r#"{"name":"t","tags":["gpu"],"nodes":[{"id":"a","type":"transform","template":"x","tags":["eu"]}]}"#,
+        Format::Json,
+    )
+    .unwrap();
+    assert_eq!(bp.tags, ["gpu"]);
+    assert_eq!(bp.nodes[0].tags, ["eu"]);
+    let e = load_str(
+        r#"{"name":"t","nodes":[{"id":"a","type":"transform","template":"x","tags":["gpu box"]}]}"#,
+        Format::Json,
+    )
+    .unwrap_err()
+    .iter()
+    .map(|p| p.to_string())
+    .collect::<Vec<_>>()
+    .join("\n");
+    assert!(
+        e.contains("nodes[0].tags[0]") && e.contains("invalid tag"),
+        "{e}"
+    );
+    // `omniflow schema` documents them.
+    assert!(schema()["properties"]["tags"].is_object());
+    assert!(serde_json::to_string(&schema())
+        .unwrap()
+        .contains("OMNIFLOW_TAGS"));
+}

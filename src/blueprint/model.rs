@@ -44,6 +44,10 @@ pub struct Blueprint {
     pub notify: Option<RunNotify>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_config: Option<TestConfig>,
+    /// In a fleet, only processes with every one of these tags (`OMNIFLOW_TAGS`) run this
+    /// blueprint's steps; each node may add its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -161,6 +165,10 @@ pub struct Node {
     /// In a sandbox run, the node's output instead of running it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_output: Option<Value>,
+    /// In a fleet, only processes with every one of these tags (and the blueprint's) run
+    /// this node's steps: `["gpu"]` keeps a 70B model on the GPU box.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     #[serde(flatten)]
     pub kind: NodeKind,
 }

@@ -87,6 +87,8 @@ pub const HTTP_METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "H
 pub const CHANNELS: [&str; 2] = ["telegram", "discord"];
 /// Node ids must be identifiers so `nodes.ID.output` works in templates.
 pub const ID_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
+/// What a fleet tag may be (as `OMNIFLOW_TAGS` reads them).
+pub const TAG_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
 
 /// The blueprint JSON Schema.
 pub fn schema() -> Value {
@@ -197,8 +199,17 @@ fn build() -> Value {
             json!({ "enum": ["skip", "runOnce"],
                     "description": "Schedule slots that passed while no scheduler ran: skip them (like cron), or run once at start-up. Default: SCHEDULE_MISSED, else skip." }),
         );
+        props.insert("tags".into(), tags("this blueprint's steps"));
     }
     root
+}
+
+/// Fleet tags: which processes (`OMNIFLOW_TAGS`) run `what`.
+fn tags(what: &str) -> Value {
+    json!({ "type": "array",
+            "items": { "type": "string", "pattern": TAG_PATTERN },
+            "x-expected": "an array of tags such as [\"gpu\"]",
+            "description": format!("In a fleet (DATABASE_URL=postgres://…), only processes whose OMNIFLOW_TAGS include every one of these run {what}; untagged steps run anywhere. Without a fleet, tags change nothing.") })
 }
 
 fn duration() -> Value {
@@ -263,7 +274,13 @@ fn common_properties() -> Map<String, Value> {
         "sandboxOutput": { "description": "In a sandbox run, the node's output instead of running it (any JSON): e.g. a realistic API reply for an http node, so what follows can be tried offline." }
     });
     match common {
-        Value::Object(m) => m,
+        Value::Object(mut m) => {
+            m.insert(
+                "tags".into(),
+                tags("this node's steps (on top of the blueprint's tags)"),
+            );
+            m
+        }
         _ => Map::new(),
     }
 }

@@ -291,7 +291,7 @@ impl<'s> Walker<'s> {
 
 /// The patterns the schema uses; a test checks the schema uses no other, so a pattern can
 /// never be silently ignored.
-pub(crate) const KNOWN_PATTERNS: [&str; 1] = [ID_PATTERN];
+pub(crate) const KNOWN_PATTERNS: [&str; 2] = [ID_PATTERN, super::schema::TAG_PATTERN];
 
 fn check_pattern(pattern: &str, text: &str) -> Result<(), String> {
     debug_assert!(
@@ -303,6 +303,18 @@ fn check_pattern(pattern: &str, text: &str) -> Result<(), String> {
             "invalid id \"{text}\": use letters, digits and _ (not starting with a digit), \
              because templates read it as nodes.{text}.output"
         ));
+    }
+    if pattern == super::schema::TAG_PATTERN {
+        let ok = (1..=64).contains(&text.len())
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(format!(
+                "invalid tag \"{text}\": use letters, digits, - and _ (at most 64), as in \
+                 OMNIFLOW_TAGS=gpu,eu"
+            ));
+        }
     }
     Ok(())
 }

@@ -10,15 +10,15 @@
 
 mod context;
 mod maintenance;
-mod nodes;
+pub(crate) mod nodes;
 pub mod panics;
 mod replay;
 mod resume;
 // The retry semantics sit below the engine (providers and notifications use them too); the
 // old path stays valid.
 pub use crate::retry;
-mod run;
-mod step;
+pub(crate) mod run;
+pub(crate) mod step;
 
 pub use maintenance::{rss_mb, Maintenance, Role};
 pub use replay::{recorded_blueprint, retry_plan, successful_outputs};
@@ -314,6 +314,8 @@ pub(crate) struct Inner {
     pub waiting: std::sync::atomic::AtomicUsize,
     /// When the maintenance loop last turned (ms since the Unix epoch; 0 = never): liveness.
     pub loop_tick_ms: std::sync::atomic::AtomicU64,
+    /// The fleet's shared queue (`DATABASE_URL=postgres://…`); `None`: the local pool alone.
+    pub fleet: Option<crate::fleet::FleetHandle>,
 }
 
 /// The process's engine; cheap to clone.
@@ -342,10 +344,18 @@ impl Engine {
             .build()
             .unwrap_or_default();
         let templates = Templates::with_limits(config.limits.clone());
+        let fleet = crate::fleet::Fleet::new(&config);
+        let mut providers = Providers::new(config.clone()).with_store(store.clone());
+        if let Some(f) = &fleet {
+            // A provider's rate limit is one budget for the whole fleet.
+            providers =
+                providers.with_fleet_rates(crate::fleet::rates::FleetRates::new(f.queue().clone()));
+        }
         let engine = Engine {
             inner: Arc::new(Inner {
                 // The store keeps the providers' response cache.
-                providers: Providers::new(config.clone()).with_store(store.clone()),
+                providers,
+                fleet: fleet.clone().map(crate::fleet::FleetHandle),
                 config,
                 store,
                 bus,
@@ -360,6 +370,9 @@ impl Engine {
                 loop_tick_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         };
+        if let Some(f) = &fleet {
+            f.start(Arc::downgrade(&engine.inner));
+        }
         // Registered before any run is inserted, so no other process ever sees our runs
         // without a live owner.
         engine.heartbeat();
@@ -514,6 +527,9 @@ impl Engine {
         };
         if found {
             self.inner.pool.set_run_priority(run_id, priority);
+            if let Some(f) = &self.inner.fleet {
+                f.0.set_run_priority(run_id, priority);
+            }
         }
         found
     }

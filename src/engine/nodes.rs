@@ -12,8 +12,9 @@ use std::time::Duration;
 /// Replies larger than this are refused rather than held in memory.
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 
-/// A step with its templates rendered.
-#[derive(Debug)]
+/// A step with its templates rendered. Serialisable: a fleet worker on another host runs it
+/// from its queue row.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Prepared {
     Llm {
         req: LlmRequest,
@@ -41,7 +42,7 @@ pub(crate) enum Prepared {
 }
 
 /// What a successful attempt produced.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct StepOutput {
     pub value: Value,
     pub tokens: u64,
@@ -272,9 +273,40 @@ pub(crate) fn budget_spent(spent: u64, budget: u64) -> StepError {
     )
 }
 
+/// What one attempt needs besides its prepared input: the process's engine parts (its
+/// providers, its HTTP client, its store) and the few facts of the run an attempt reads. A
+/// run's driver makes it from its [`RunCtx`]; a fleet worker makes it from a queue row, with
+/// its own host's engine (so a claimed model call goes to that host's providers).
+pub(crate) struct AttemptEnv<'a> {
+    pub inner: &'a super::Inner,
+    pub run_id: &'a str,
+    pub parent_run_id: Option<&'a str>,
+    pub sandbox: Option<&'a crate::providers::SimulatedModel>,
+    pub is_sandbox: bool,
+    pub replay: Option<&'a std::collections::HashMap<String, Value>>,
+    /// The run's token budget and what it spent so far (the driver's last check; a fleet
+    /// worker has neither, its driver checked before enqueueing).
+    pub budget: Option<(u64, &'a std::sync::atomic::AtomicU64)>,
+}
+
+impl RunCtx {
+    /// The attempt environment of this run's steps, in this process.
+    pub(crate) fn env(&self) -> AttemptEnv<'_> {
+        AttemptEnv {
+            inner: &self.inner,
+            run_id: &self.run_id,
+            parent_run_id: self.parent_run_id.as_deref(),
+            sandbox: self.sandbox.as_ref(),
+            is_sandbox: self.is_sandbox,
+            replay: Some(&self.replay),
+            budget: self.token_budget.map(|b| (b, &self.tokens_spent)),
+        }
+    }
+}
+
 /// One attempt of a prepared step.
 pub(crate) async fn execute(
-    ctx: &RunCtx,
+    ctx: &AttemptEnv<'_>,
     prepared: &Prepared,
     step: &str,
     attempt: u32,
@@ -311,14 +343,14 @@ pub(crate) async fn execute(
             // Token budget: the step already waited for room in the budget
             // (`step::hold_budget`, counting the calls in flight); this is the last check
             // against the tokens the run's finished attempts spent.
-            if let Some(budget) = ctx.token_budget {
-                let spent = ctx.tokens_spent.load(std::sync::atomic::Ordering::Relaxed);
+            if let Some((budget, spent)) = ctx.budget {
+                let spent = spent.load(std::sync::atomic::Ordering::Relaxed);
                 if spent >= budget {
                     return Err(budget_spent(spent, budget));
                 }
             }
             // Record and replay: a recorded answer stands in for the model.
-            if let Some(recorded) = ctx.replay.get(step) {
+            if let Some(recorded) = ctx.replay.and_then(|r| r.get(step)) {
                 let text = match recorded {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
@@ -345,7 +377,7 @@ pub(crate) async fn execute(
                 })
             };
             let mut opts = CallOptions::new(AttemptKey { step, attempt });
-            opts.sandbox = ctx.sandbox.as_ref();
+            opts.sandbox = ctx.sandbox;
             opts.progress = Some(&publish);
             opts.cache = *cache;
             opts.json = matches!(parse, Parse::Json);
@@ -421,13 +453,13 @@ pub(crate) async fn execute(
             let store = ctx.inner.store.clone();
             let start = ctx
                 .parent_run_id
-                .clone()
+                .map(str::to_string)
                 .unwrap_or_else(|| ctx.run_id.to_string());
             let root = tokio::task::spawn_blocking(move || store.root_run_id(&start))
                 .await
                 .ok()
                 .and_then(Result::ok)
-                .or_else(|| ctx.parent_run_id.clone())
+                .or_else(|| ctx.parent_run_id.map(str::to_string))
                 .unwrap_or_else(|| ctx.run_id.to_string());
             let dedupe = crate::notify::Dedupe {
                 store: ctx.inner.store.clone(),
@@ -509,7 +541,7 @@ fn simulated_reply(url: &str, response: &str) -> Value {
 }
 
 async fn http_call(
-    ctx: &RunCtx,
+    ctx: &AttemptEnv<'_>,
     method: &str,
     url: &str,
     headers: &[(String, String)],

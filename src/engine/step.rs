@@ -2,7 +2,7 @@
 //! good, or the run is aborted. Between attempts the step holds no pool slot: it waits the
 //! retry delay on its own, so 40 agents waiting out a rate limit do not block other runs.
 
-use super::nodes::{self, Prepared, StepOutput};
+use super::nodes::{self, AttemptEnv, Prepared, StepOutput};
 use super::run::RunCtx;
 use super::StepSummary;
 use crate::error::{ErrorKind, StepError};
@@ -14,6 +14,7 @@ use crate::store::{AttemptRecord, NewStep, StepEnd};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
 
 /// A step to run: a node, or one item of a `forEach` node.
 pub(crate) struct StepSpec {
@@ -32,10 +33,24 @@ pub(crate) struct StepResult {
     pub summary: StepSummary,
 }
 
-struct AttemptDone {
-    result: Result<StepOutput, StepError>,
-    started_at: SystemTime,
-    finished_at: SystemTime,
+/// One attempt's outcome. Serialisable: a fleet worker sends it back through the queue.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct AttemptDone {
+    pub result: Result<StepOutput, StepError>,
+    pub started_at: SystemTime,
+    pub finished_at: SystemTime,
+}
+
+impl AttemptDone {
+    /// An attempt that failed before it could start.
+    pub fn failed_now(e: StepError) -> AttemptDone {
+        let now = SystemTime::now();
+        AttemptDone {
+            result: Err(e),
+            started_at: now,
+            finished_at: now,
+        }
+    }
 }
 
 /// [`run`], with a panic anywhere in the step (rendering, preparing, recording) turned into
@@ -148,6 +163,9 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
     );
     let timeout = nodes::attempt_timeout(&ctx, node, &prepared);
     let step_key: Arc<str> = spec.key.clone().into();
+    // With a fleet queue, each attempt is a queue row that any host may run; the row carries
+    // the prepared input, rendered once here.
+    let fleet = crate::fleet::dispatcher(&ctx, &spec.key, node, &prepared, timeout);
     // A resumed step continues its numbering (and its retry budget) where the crash left it.
     let mut attempt: u32 = ctx.attempts_before.get(&spec.key).copied().unwrap_or(0);
     let mut last_ok = StepOutput::default();
@@ -162,9 +180,13 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             Ok(h) => h,
             Err(e) => break Err(e),
         };
-        let admission = match admit(&ctx, &prepared, &spec.key).await {
-            Ok(a) => a,
-            Err(e) => break Err(e),
+        // In the fleet, the host that claims the attempt admits it to its own providers.
+        let admission = match &fleet {
+            Some(_) => None,
+            None => match admit(&ctx.env(), &ctx.abort, &prepared, &spec.key).await {
+                Ok(a) => a,
+                Err(e) => break Err(e),
+            },
         };
         let meta = JobMeta {
             run_id: ctx.run_id.clone(),
@@ -172,15 +194,21 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             attempt,
             priority: ctx.priority(),
         };
-        let job = attempt_job(
-            ctx.clone(),
-            step_key.clone(),
-            prepared.clone(),
-            attempt,
-            timeout,
-            admission,
-        );
-        let done = match ctx.inner.pool.submit(meta, ctx.abort.clone(), job).await {
+        let submitted = match &fleet {
+            Some(d) => d.dispatch(meta, &ctx.abort).await,
+            None => {
+                let job = attempt_job(
+                    ctx.clone(),
+                    step_key.clone(),
+                    prepared.clone(),
+                    attempt,
+                    timeout,
+                    admission,
+                );
+                ctx.inner.pool.submit(meta, ctx.abort.clone(), job).await
+            }
+        };
+        let done = match submitted {
             Ok(d) => d,
             Err(_) => {
                 // Dropped unstarted (the run was aborted) or the attempt panicked.
@@ -380,15 +408,16 @@ async fn hold_budget<'a>(
 /// provider). Only a real call to a provider is
 /// admitted: a sandbox or replayed step goes straight to the pool. `Err` when the run is
 /// aborted meanwhile.
-async fn admit(
-    ctx: &RunCtx,
+pub(crate) async fn admit(
+    ctx: &AttemptEnv<'_>,
+    abort: &CancellationToken,
     prepared: &Prepared,
     step: &str,
 ) -> Result<Option<Admission>, StepError> {
     let Prepared::Llm { req, .. } = prepared else {
         return Ok(None);
     };
-    if ctx.sandbox.is_some() || ctx.replay.contains_key(step) {
+    if ctx.sandbox.is_some() || ctx.replay.is_some_and(|r| r.contains_key(step)) {
         return Ok(None);
     }
     let providers = &ctx.inner.providers;
@@ -408,7 +437,7 @@ async fn admit(
                 });
                 tokio::select! {
                     s = limit.take() => s,
-                    _ = ctx.abort.cancelled() => return Err(StepError::cancelled()),
+                    _ = abort.cancelled() => return Err(StepError::cancelled()),
                 }
             }
         },
@@ -446,7 +475,7 @@ async fn admit(
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = ctx.abort.cancelled() => return Err(StepError::cancelled()),
+            _ = abort.cancelled() => return Err(StepError::cancelled()),
         }
     }
 }
@@ -462,25 +491,49 @@ async fn attempt_job(
     timeout: Duration,
     admission: Option<Admission>,
 ) -> AttemptDone {
+    run_attempt(
+        &ctx.env(),
+        &ctx.abort,
+        &step,
+        &prepared,
+        attempt,
+        timeout,
+        admission,
+    )
+    .await
+}
+
+/// One attempt on this host, wherever its run is driven: marks the step running, runs the
+/// node under the attempt's timeout and `abort` (either really stops the work: the node's
+/// future is dropped).
+pub(crate) async fn run_attempt(
+    ctx: &AttemptEnv<'_>,
+    abort: &CancellationToken,
+    step: &str,
+    prepared: &Prepared,
+    attempt: u32,
+    timeout: Duration,
+    admission: Option<Admission>,
+) -> AttemptDone {
     let started_at = SystemTime::now();
     ctx.inner
         .store
-        .step_started(&ctx.run_id, &step, attempt, started_at);
+        .step_started(ctx.run_id, step, attempt, started_at);
     ctx.inner.bus.publish(Event::StepStarted {
         run_id: ctx.run_id.to_string(),
         step: step.to_string(),
-        node: node_of(&step).to_string(),
+        node: node_of(step).to_string(),
         attempt,
     });
     let scaled = ctx.inner.config.scaled(timeout);
     let result = tokio::select! {
         biased;
-        _ = ctx.abort.cancelled() => Err(StepError::cancelled()),
-        r = tokio::time::timeout(scaled, guarded_execute(&ctx, &prepared, &step, attempt, admission)) => match r {
+        _ = abort.cancelled() => Err(StepError::cancelled()),
+        r = tokio::time::timeout(scaled, guarded_execute(ctx, prepared, step, attempt, admission)) => match r {
             Ok(r) => r,
             Err(_) => Err(StepError::new(
                 ErrorKind::Timeout,
-                timeout_message(&prepared, timeout),
+                timeout_message(prepared, timeout),
             )),
         },
     };
@@ -493,7 +546,7 @@ async fn attempt_job(
 
 /// One attempt's work, with a panic turned into the attempt's failure (with its message).
 async fn guarded_execute(
-    ctx: &RunCtx,
+    ctx: &AttemptEnv<'_>,
     prepared: &Prepared,
     step: &str,
     attempt: u32,

@@ -278,6 +278,23 @@ impl Pool {
         self.inner.lock().workers.clone()
     }
 
+    /// Workers that would take a job now and have none waiting for them: what a fleet
+    /// process may claim from the shared queue. Zero while the pool is paused or held.
+    pub fn free_workers(&self) -> usize {
+        let st = self.inner.lock();
+        if st.shutdown || st.paused || st.store_hold.is_some() {
+            return 0;
+        }
+        if st.memory_hold {
+            return usize::from(st.running == 0 && st.queue.depths().iter().sum::<usize>() == 0);
+        }
+        let queued: usize = st.queue.depths().iter().sum();
+        self.inner
+            .concurrency
+            .saturating_sub(st.running)
+            .saturating_sub(queued)
+    }
+
     pub fn concurrency(&self) -> usize {
         self.inner.concurrency
     }

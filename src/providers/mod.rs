@@ -54,7 +54,7 @@ pub use sandbox::SimulatedModel;
 pub use crate::models::{same_model, DEFAULT_MODEL, MODEL_TABLE};
 
 /// One model call, after templates were rendered.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LlmRequest {
     pub provider: String,
     pub model: String,
@@ -307,6 +307,8 @@ pub struct Providers {
     http: reqwest::Client,
     store: Option<Store>,
     limits: Arc<Limits>,
+    /// With a fleet: the rate limits are the fleet's, taken from its database.
+    fleet_rates: Option<Arc<crate::fleet::rates::FleetRates>>,
 }
 
 impl Providers {
@@ -332,7 +334,25 @@ impl Providers {
             http,
             store: None,
             limits,
+            fleet_rates: None,
         }
+    }
+
+    /// Counts the rate limits fleet-wide in `rates` instead of in this process: the local
+    /// limiters keep only the pauses a 429 asks for.
+    pub fn with_fleet_rates(mut self, rates: crate::fleet::rates::FleetRates) -> Providers {
+        let c = &self.config;
+        let scale = c.time_scale;
+        self.limits = Arc::new(Limits {
+            ollama: Arc::new(Limiter::new(None, scale)),
+            hf: Arc::new(Limiter::new(None, scale)),
+            openai: Arc::new(Limiter::new(None, scale)),
+            ollama_slots: slots::Slots::new(c.ollama_concurrency, false),
+            hf_slots: slots::Slots::new(c.hf_concurrency, false),
+            openai_slots: slots::Slots::new(c.openai_concurrency, true),
+        });
+        self.fleet_rates = Some(Arc::new(rates));
+        self
     }
 
     /// Keeps the response cache in `store`.
@@ -678,6 +698,17 @@ impl Providers {
         // A place taken ahead is used if it still holds; otherwise wait here as usual.
         if !admitted.is_some_and(limiter::Grant::redeem) {
             limiter.acquire().await;
+        }
+        if let Some(rates) = &self.fleet_rates {
+            let (name, limit) = match link {
+                Link::Ollama => ("ollama", c.ollama_rate_limit),
+                Link::HuggingFace | Link::HfInference => ("huggingface", c.hf_rate_limit),
+                Link::OpenAi => ("openai", c.openai_rate_limit),
+            };
+            if let Some(limit) = limit {
+                let per = crate::limits::scale(limit.per, c.time_scale);
+                rates.acquire(name, limit, per).await;
+            }
         }
         let result = match link {
             Link::Ollama => ollama::complete(&self.http, &c.ollama_url, &chat, progress).await,

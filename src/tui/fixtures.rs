@@ -61,6 +61,7 @@ fn blueprint_default() -> Blueprint {
             notify: None,
             test_config: None,
             missed_slots: None,
+            tags: Vec::new(),
         }
     })
 }

@@ -2,7 +2,9 @@
 //! answered after `latency` and counted by path once its answer was written (a call cut short
 //! by a kill did not happen). Telegram's `sendMessage` gets Telegram's reply and, when the
 //! message starts with "run <id>:", is counted under `…/sendMessage/<id>`, so a test can tell
-//! which run sent what; every other path gets `other_body`.
+//! which run sent what; every other path gets `other_body`. A chat completion (a body with
+//! `messages`) is also counted under its path and last message in `prompts`, so a test can
+//! tell which step was answered where, and how often.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -13,18 +15,22 @@ use std::time::Duration;
 pub struct CountingFake {
     pub url: String,
     pub calls: Arc<Mutex<HashMap<String, usize>>>,
+    /// `(path, prompt)` → answers written.
+    pub prompts: Arc<Mutex<HashMap<(String, String), usize>>>,
 }
 
 pub fn start(latency: Duration, other_body: String) -> CountingFake {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let calls = Arc::new(Mutex::new(HashMap::new()));
+    let prompts = Arc::new(Mutex::new(HashMap::new()));
     let c = calls.clone();
+    let pr = prompts.clone();
     let other_body = Arc::new(other_body);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let (calls, other_body) = (c.clone(), other_body.clone());
+            let (calls, other_body, prompts) = (c.clone(), other_body.clone(), pr.clone());
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -69,6 +75,12 @@ pub fn start(latency: Duration, other_body: String) -> CountingFake {
                         path = format!("{path}/{run}");
                     }
                 }
+                let prompt = serde_json::from_slice::<serde_json::Value>(&buf[head_end + 4..])
+                    .ok()
+                    .and_then(|v| {
+                        let last = v["messages"].as_array()?.last()?.clone();
+                        last["content"].as_str().map(str::to_string)
+                    });
                 std::thread::sleep(latency);
                 let body = if telegram {
                     r#"{"ok":true,"result":{"message_id":1}}"#
@@ -80,10 +92,21 @@ pub fn start(latency: Duration, other_body: String) -> CountingFake {
                     body.len()
                 );
                 if stream.write_all(reply.as_bytes()).is_ok() {
+                    if let Some(p) = prompt {
+                        *prompts
+                            .lock()
+                            .unwrap()
+                            .entry((path.clone(), p))
+                            .or_insert(0) += 1;
+                    }
                     *calls.lock().unwrap().entry(path).or_insert(0) += 1;
                 }
             });
         }
     });
-    CountingFake { url, calls }
+    CountingFake {
+        url,
+        calls,
+        prompts,
+    }
 }

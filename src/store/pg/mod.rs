@@ -10,6 +10,8 @@ pub(crate) mod lease;
 pub(crate) mod ops;
 pub(crate) mod read;
 pub mod schema;
+pub mod limits;
+pub mod queue;
 #[doc(hidden)]
 pub mod testing;
 

@@ -1,0 +1,257 @@
+//! The driver's side: a step attempt becomes a queue row, and its result comes back.
+
+use super::{blocking, lock, Enqueue, Fleet};
+use crate::blueprint::Node;
+use crate::engine::nodes::Prepared;
+use crate::engine::run::RunCtx;
+use crate::engine::step::AttemptDone;
+use crate::error::{ErrorKind, StepError};
+use crate::pool::{JobMeta, PoolError};
+use crate::store::pg::queue::{NewJob, Outcome};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// What a queue row carries for the host that runs it: everything an attempt needs that
+/// the worker's own engine does not have.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Work {
+    pub prepared: Prepared,
+    /// The attempt's timeout (unscaled; the worker scales it by its own time scale).
+    pub timeout_ms: u64,
+    /// The run this one retries or resumes: notifications dedupe on the chain's root.
+    #[serde(default)]
+    pub parent_run_id: Option<String>,
+}
+
+/// Sends one step's attempts through the fleet's queue.
+pub(crate) struct Dispatcher {
+    fleet: Arc<Fleet>,
+    run_id: String,
+    step: String,
+    tags: Vec<String>,
+    payload: serde_json::Value,
+}
+
+/// The dispatcher of a step when its run goes through the fleet's queue: a fleet is on, the
+/// run is not a sandbox (its simulated model is the run's own) and the step is not replayed.
+pub(crate) fn dispatcher(
+    ctx: &RunCtx,
+    step: &str,
+    node: &Node,
+    prepared: &Prepared,
+    timeout: Duration,
+) -> Option<Dispatcher> {
+    let fleet = ctx.inner.fleet.as_ref()?.0.clone();
+    if ctx.is_sandbox || ctx.replay.contains_key(step) {
+        return None;
+    }
+    let work = serde_json::json!({
+        "prepared": prepared,
+        "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        "parent_run_id": ctx.parent_run_id,
+    });
+    let mut tags: Vec<String> = ctx
+        .blueprint
+        .tags
+        .iter()
+        .chain(node.tags.iter())
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
+    tags.sort();
+    tags.dedup();
+    Some(Dispatcher {
+        fleet,
+        run_id: ctx.run_id.to_string(),
+        step: step.to_string(),
+        tags,
+        payload: work,
+    })
+}
+
+impl Dispatcher {
+    /// Enqueues attempt `meta.attempt` and waits for its result. `Err` when `abort` fired
+    /// first (the row is withdrawn; a worker running it stops at its next heartbeat). A queue
+    /// that cannot be reached fails the attempt with a `network` error, which the retry policy
+    /// treats like any other network failure.
+    pub(crate) async fn dispatch(
+        &self,
+        meta: JobMeta,
+        abort: &CancellationToken,
+    ) -> Result<AttemptDone, PoolError> {
+        let fleet = &self.fleet;
+        let job = NewJob {
+            run_id: self.run_id.clone(),
+            step_key: self.step.clone(),
+            attempt: meta.attempt,
+            priority: u8::try_from(meta.priority.index()).unwrap_or(1),
+            tags: self.tags.clone(),
+            payload: self.payload.clone(),
+        };
+        let (reply, queued) = oneshot::channel();
+        if fleet.enqueue_tx.send(Enqueue { job, reply }).is_err() {
+            return Err(PoolError::Dropped);
+        }
+        let mut queued = queued;
+        let (id, outcome) = tokio::select! {
+            r = &mut queued => match r {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    return Ok(AttemptDone::failed_now(StepError::new(
+                        ErrorKind::Network,
+                        format!("the step could not be queued in the fleet database: {e}"),
+                    )))
+                }
+                Err(_) => return Err(PoolError::Dropped),
+            },
+            _ = abort.cancelled() => {
+                // The row may be inserted after all: withdraw it once its id is known.
+                let fleet = fleet.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok((id, _))) = queued.await {
+                        fleet.withdraw(id).await;
+                    }
+                });
+                return Err(PoolError::Dropped);
+            }
+        };
+        tokio::select! {
+            o = outcome => match o {
+                Ok(Outcome::Done(v)) => Ok(serde_json::from_value(v).unwrap_or_else(|e| {
+                    AttemptDone::failed_now(StepError::new(
+                        ErrorKind::Internal,
+                        format!("the attempt's result in the queue cannot be read ({e}); are all \
+                                 hosts on the same OmniFlow version?"),
+                    ))
+                })),
+                Ok(Outcome::Failed(why)) => Ok(AttemptDone::failed_now(StepError::new(
+                    ErrorKind::Interrupted,
+                    why,
+                ))),
+                Err(_) => Err(PoolError::Dropped),
+            },
+            _ = abort.cancelled() => {
+                fleet.withdraw(id).await;
+                Err(PoolError::Dropped)
+            }
+        }
+    }
+}
+
+impl Fleet {
+    /// Stops waiting for row `id` and takes it out of the queue.
+    async fn withdraw(self: &Arc<Self>, id: i64) {
+        lock(&self.waiters).remove(&id);
+        let q = self.queue.clone();
+        if let Err(e) = blocking(move || q.cancel(&[id])).await {
+            tracing::warn!(error = %e, row = id, "fleet: cannot withdraw a cancelled step; a worker may still run it, its result is ignored");
+        }
+    }
+}
+
+/// Creates the queue's tables (retrying until the database answers), then inserts what the
+/// drivers enqueue, in batches: everything waiting when a batch starts goes in one
+/// transaction.
+pub(crate) async fn schema_then_enqueue(
+    fleet: Arc<Fleet>,
+    mut rx: mpsc::UnboundedReceiver<Enqueue>,
+) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let q = fleet.queue.clone();
+        match blocking(move || q.ensure_schema()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet: the queue's database does not answer yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = fleet.stop.cancelled() => return,
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    // Claimers wait for the tables.
+    fleet.ready.store(true, Ordering::Relaxed);
+    fleet.jobs_wake.notify_one();
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r { Some(e) => e, None => return },
+            _ = fleet.stop.cancelled() => return,
+        };
+        // A fan-out's steps are sent in one turn of their driver, which may run on another
+        // thread: let it finish sending, so they share one transaction.
+        tokio::task::yield_now().await;
+        let mut batch = vec![first];
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let jobs: Vec<NewJob> = batch.iter().map(|e| e.job.clone()).collect();
+        let q = fleet.queue.clone();
+        match blocking(move || q.enqueue(&jobs)).await {
+            Ok(ids) => {
+                fleet
+                    .counters
+                    .enqueued
+                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                for (e, id) in batch.into_iter().zip(ids) {
+                    let (tx, rx) = oneshot::channel();
+                    lock(&fleet.waiters).insert(id, tx);
+                    if e.reply.send(Ok((id, rx))).is_err() {
+                        // Its driver stopped waiting meanwhile.
+                        fleet.withdraw(id).await;
+                    }
+                }
+                // A result may have come before its waiter was registered.
+                fleet.results_wake.notify_one();
+                // This process's own claimer need not wait for the notification's round trip.
+                fleet.jobs_wake.notify_one();
+            }
+            Err(e) => {
+                for en in batch {
+                    let _ = en.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Hands finished rows to their drivers: woken by `NOTIFY omniflow_done` or a local
+/// completion, and every [`super::POLL`] in case a notification was missed.
+pub(crate) async fn collector(fleet: Arc<Fleet>) {
+    loop {
+        tokio::select! {
+            _ = fleet.results_wake.notified() => {}
+            _ = tokio::time::sleep(super::POLL) => {}
+            _ = fleet.stop.cancelled() => return,
+        }
+        let ids: Vec<i64> = lock(&fleet.waiters).keys().copied().collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let q = fleet.queue.clone();
+        match blocking(move || q.take_results(&ids)).await {
+            Ok(done) => {
+                let mut waiters = lock(&fleet.waiters);
+                for (id, outcome) in done {
+                    if let Some(tx) = waiters.remove(&id) {
+                        let _ = tx.send(outcome);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet: cannot read step results; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = fleet.stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The fleet: several `omniflow` processes, on one host or many, sharing one PostgreSQL
+//! database (`DATABASE_URL=postgres://…`) as one pool of workers.
+//!
+//! - **Driver side** ([`dispatch`]): a run's driver keeps its readiness, fan-out, retry
+//!   decisions and backoff, but instead of handing an attempt to the local pool it enqueues a
+//!   row of `runner_queue` and awaits its result (woken by `NOTIFY omniflow_done`, by this
+//!   process when it ran the attempt itself, or by a slow poll).
+//! - **Worker side** ([`worker`]): every process claims rows into its local pool's free
+//!   workers (`CONCURRENCY`), runs each with its own providers (its Ollama), heartbeats the
+//!   leases, and records results with the fenced completion.
+//! - **Wake-ups:** one dedicated `LISTEN` connection per process on a plain thread (the
+//!   blocking client runs its own runtime), reconnecting when it drops; a slow poll covers
+//!   what a dropped connection missed. An idle fleet costs a poll per [`POLL`] per process.
+//! - **Fleet-wide rate limits** ([`rates`]): a provider's `*_RATE_LIMIT` is one budget for
+//!   every host.
+//!
+//! With `DATABASE_URL` unset nothing here runs: the engine's local pool path is unchanged.
+//! Sandbox runs and replayed steps stay on the process that drives them (they call no real
+//! provider, and their simulated model is the run's own).
+
+pub(crate) mod dispatch;
+pub(crate) mod rates;
+pub(crate) mod worker;
+
+pub(crate) use dispatch::dispatcher;
+
+use crate::config::Config;
+use crate::store::pg::queue::{self, Outcome, Queue};
+use crate::store::pg::PgTarget;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// The slow poll: how often an idle process looks at the queue without being told to (a
+/// `NOTIFY` missed while the listening connection was down is found this late at worst).
+pub const POLL: Duration = Duration::from_secs(2);
+
+/// Connections of one process's queue pool (claims, completions, enqueues, sweeps; the
+/// `LISTEN` connection comes on top). Three hosts use 3 × (4 + 1) of PostgreSQL's default
+/// `max_connections` of 100.
+pub const CONNECTIONS: u32 = 4;
+
+/// The fleet database of this configuration, or `None` (no fleet, the local pool alone) when
+/// `DATABASE_URL` is unset or is not a PostgreSQL URL. The one place that decides whether the
+/// queue is on.
+pub fn target(config: &Config) -> Option<PgTarget> {
+    let url = config.database_url.as_deref()?;
+    if !crate::store::pg::is_postgres_url(url) {
+        return None;
+    }
+    match PgTarget::parse(url) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            // The message never holds the password (see `PgTarget::parse`).
+            tracing::error!(error = %e, "fleet: DATABASE_URL cannot be used; this process runs its steps locally");
+            None
+        }
+    }
+}
+
+/// A row whose attempt this process runs: its token (for the fenced completion) and what
+/// stops it when the lease is lost.
+struct Held {
+    token: String,
+    cancel: CancellationToken,
+}
+
+/// An attempt to enqueue, and where its row id (with its result's receiver) goes.
+pub(crate) struct Enqueue {
+    job: queue::NewJob,
+    reply: oneshot::Sender<Result<(i64, oneshot::Receiver<Outcome>), String>>,
+}
+
+/// Counters for logs and measurements.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub enqueued: AtomicU64,
+    pub claimed: AtomicU64,
+    pub completed: AtomicU64,
+    /// Results dropped because the lease was lost first (a zombie's late answer).
+    pub fenced: AtomicU64,
+    pub rescued: AtomicU64,
+}
+
+/// One process's membership in the fleet.
+pub(crate) struct Fleet {
+    queue: Queue,
+    /// `locked_by` of the rows this process claims: `host:pid:start`, as in
+    /// `runner_processes`.
+    worker_id: String,
+    tags: Vec<String>,
+    lease: Duration,
+    max_rescues: u32,
+    /// Drivers waiting for rows to finish.
+    waiters: Mutex<HashMap<i64, oneshot::Sender<Outcome>>>,
+    /// Rows this process claimed and is running.
+    held: Mutex<HashMap<i64, Held>>,
+    /// Something finished (a `NOTIFY omniflow_done`, a local completion): look for results.
+    results_wake: Notify,
+    /// Rows may be claimable (a `NOTIFY omniflow_jobs`, a reconnect).
+    jobs_wake: Notify,
+    /// A local worker freed up: claim again.
+    slot_freed: Notify,
+    enqueue_tx: mpsc::UnboundedSender<Enqueue>,
+    complete_tx: mpsc::UnboundedSender<(i64, String, serde_json::Value)>,
+    receivers: Mutex<Option<Receivers>>,
+    stop: CancellationToken,
+    listener_stop: Arc<AtomicBool>,
+    /// The queue's tables exist (claims and sweeps wait for them).
+    ready: AtomicBool,
+    pub(crate) counters: Counters,
+}
+
+struct Receivers {
+    enqueue: mpsc::UnboundedReceiver<Enqueue>,
+    complete: mpsc::UnboundedReceiver<(i64, String, serde_json::Value)>,
+}
+
+/// The engine's hold on its fleet: when the engine goes, every fleet task and the listening
+/// thread stop.
+pub(crate) struct FleetHandle(pub Arc<Fleet>);
+
+impl Drop for FleetHandle {
+    fn drop(&mut self) {
+        self.0.stop.cancel();
+        self.0.listener_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Fleet {
+    /// The fleet of `config`, if it has one. Connects nothing yet ([`Fleet::start`] does, in
+    /// the background, retrying: a database that is down delays steps, it does not stop the
+    /// process).
+    pub(crate) fn new(config: &Config) -> Option<Arc<Fleet>> {
+        let target = target(config)?;
+        let queue = match Queue::new(&target, CONNECTIONS) {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::error!(error = %e, "fleet: cannot use DATABASE_URL; this process runs its steps locally");
+                return None;
+            }
+        };
+        let (enqueue_tx, enqueue) = mpsc::unbounded_channel();
+        let (complete_tx, complete) = mpsc::unbounded_channel();
+        Some(Arc::new(Fleet {
+            queue,
+            worker_id: crate::store::process_id().to_string(),
+            tags: config.tags.clone(),
+            lease: config.lease_timeout,
+            max_rescues: config.max_takeovers,
+            waiters: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            results_wake: Notify::new(),
+            jobs_wake: Notify::new(),
+            slot_freed: Notify::new(),
+            enqueue_tx,
+            complete_tx,
+            receivers: Mutex::new(Some(Receivers { enqueue, complete })),
+            stop: CancellationToken::new(),
+            listener_stop: Arc::new(AtomicBool::new(false)),
+            ready: AtomicBool::new(false),
+            counters: Counters::default(),
+        }))
+    }
+
+    /// Starts the fleet's tasks on the current tokio runtime and its listening thread; the
+    /// claimer runs attempts on `engine`'s pool for as long as the engine lives.
+    pub(crate) fn start(self: &Arc<Self>, engine: std::sync::Weak<crate::engine::Inner>) {
+        let Some(rx) = lock(&self.receivers).take() else {
+            return; // started already
+        };
+        let tags = if self.tags.is_empty() {
+            "none (untagged steps only)".to_string()
+        } else {
+            self.tags.join(",")
+        };
+        tracing::info!(database = %self.queue.target().shown(), worker = %self.worker_id, tags = %tags, "fleet: steps go through the shared queue");
+        self.spawn_listener();
+        tokio::spawn(dispatch::schema_then_enqueue(self.clone(), rx.enqueue));
+        tokio::spawn(dispatch::collector(self.clone()));
+        tokio::spawn(worker::completer(self.clone(), rx.complete));
+        tokio::spawn(worker::claimer(self.clone(), engine));
+        tokio::spawn(worker::heartbeats(self.clone()));
+        tokio::spawn(worker::sweeper(self.clone()));
+    }
+
+    fn spawn_listener(self: &Arc<Self>) {
+        let target = self.queue.target().clone();
+        let stop = self.listener_stop.clone();
+        // Weak: the thread must not keep the fleet alive.
+        let fleet = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("fleet-listen".into())
+            .spawn(move || {
+                let mut lost_once = false;
+                queue::listen(
+                    &target,
+                    &[queue::JOBS_CHANNEL, queue::DONE_CHANNEL],
+                    Duration::from_millis(250),
+                    Duration::from_secs(1),
+                    &|| stop.load(Ordering::Relaxed),
+                    &mut |heard| {
+                        let Some(f) = fleet.upgrade() else { return };
+                        match heard {
+                            queue::Heard::Notice(n) if n.channel == queue::DONE_CHANNEL => {
+                                f.results_wake.notify_one()
+                            }
+                            queue::Heard::Notice(_) => f.jobs_wake.notify_one(),
+                            queue::Heard::Connected => {
+                                if lost_once {
+                                    tracing::info!("fleet: listening again");
+                                }
+                                f.jobs_wake.notify_one();
+                                f.results_wake.notify_one();
+                            }
+                            queue::Heard::Lost(e) => {
+                                // Said once per outage, not once per retry.
+                                if !lost_once {
+                                    tracing::warn!(error = %e, "fleet: lost the listening connection; polling every 2 s until it is back");
+                                }
+                                lost_once = true;
+                            }
+                        }
+                    },
+                )
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "fleet: cannot start the listening thread; polling only");
+        }
+    }
+
+    pub(crate) fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Moves the run's queued attempts in the shared queue too (in the background: the
+    /// console's key press does not wait for the database).
+    pub(crate) fn set_run_priority(&self, run_id: &str, priority: crate::blueprint::Priority) {
+        let (q, run) = (self.queue.clone(), run_id.to_string());
+        let p = u8::try_from(priority.index()).unwrap_or(1);
+        // A plain thread: callers may be on the runtime or not.
+        let _ = std::thread::Builder::new()
+            .name("fleet-priority".into())
+            .spawn(move || {
+                if let Err(e) = q.set_run_priority(&run, p) {
+                    tracing::warn!(error = %e, "fleet: cannot change the priority of queued steps");
+                }
+            });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Only short, non-panicking sections hold these locks.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs blocking queue work off the async runtime's threads (the driver runs its own
+/// runtime and must not be entered from a tokio worker).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, queue::QueueError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| e.0),
+        Err(e) => Err(format!("a queue operation stopped abnormally ({e})")),
+    }
+}

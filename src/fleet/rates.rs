@@ -1,0 +1,49 @@
+//! Fleet-wide rate limits: with a fleet, a provider's `*_RATE_LIMIT` is one budget shared by
+//! every host, taken from the database one place at a time (`store::pg::limits`). The
+//! per-process limiter then keeps only the 429 pauses.
+
+use super::blocking;
+use crate::providers::limiter::RateLimit;
+use crate::store::pg::limits::Take;
+use crate::store::pg::queue::Queue;
+use std::time::Duration;
+
+/// The fleet's rate budgets, through the queue's connections.
+pub struct FleetRates {
+    queue: Queue,
+}
+
+impl FleetRates {
+    pub fn new(queue: Queue) -> FleetRates {
+        FleetRates { queue }
+    }
+
+    /// Waits until `provider` has a place in its fleet-wide window (`per` already scaled).
+    /// When the database does not answer the call goes ahead: a 429 from the provider still
+    /// pauses it, and stopping every model call of the host for a database hiccup would be
+    /// worse.
+    pub async fn acquire(&self, provider: &'static str, limit: RateLimit, per: Duration) {
+        let mut told = false;
+        loop {
+            let q = self.queue.clone();
+            match blocking(move || q.take_rate(provider, limit.requests, per)).await {
+                Ok(Take::Granted) => return,
+                Ok(Take::Full(wait)) => {
+                    if !told {
+                        told = true;
+                        tracing::debug!(
+                            provider,
+                            wait_ms = wait.as_millis() as u64,
+                            "fleet: rate limit reached for the fleet; waiting for the next window"
+                        );
+                    }
+                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                }
+                Err(e) => {
+                    tracing::warn!(provider, error = %e, "fleet: cannot take a place in the fleet-wide rate limit; calling anyway");
+                    return;
+                }
+            }
+        }
+    }
+}

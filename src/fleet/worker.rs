@@ -1,0 +1,328 @@
+//! The worker's side: claim rows into the local pool's free workers, run them with this
+//! host's providers, keep their leases, record their results (fenced), and sweep the leases
+//! of hosts that died.
+
+use super::dispatch::Work;
+use super::{blocking, lock, Fleet, Held};
+use crate::blueprint::Priority;
+use crate::engine::nodes::AttemptEnv;
+use crate::engine::step::{self, AttemptDone};
+use crate::engine::Inner;
+use crate::error::{ErrorKind, StepError};
+use crate::pool::JobMeta;
+use crate::store::pg::queue::ClaimedJob;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Fills the local pool's free workers from the queue, whenever rows may be claimable (a
+/// `NOTIFY`), a local worker frees up, or the slow poll comes.
+pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let Some(inner) = engine.upgrade() else {
+            return;
+        };
+        let free = if inner.draining.load(Ordering::Relaxed) || !fleet.ready.load(Ordering::Relaxed)
+        {
+            0
+        } else {
+            inner.pool.free_workers()
+        };
+        let mut full_batch = false;
+        if free > 0 {
+            let (q, worker, tags, lease) = (
+                fleet.queue.clone(),
+                fleet.worker_id.clone(),
+                fleet.tags.clone(),
+                fleet.lease,
+            );
+            match blocking(move || q.claim(&worker, &tags, free, lease)).await {
+                Ok(jobs) => {
+                    backoff = Duration::from_millis(250);
+                    full_batch = jobs.len() == free;
+                    fleet
+                        .counters
+                        .claimed
+                        .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                    for job in jobs {
+                        start(&inner, &fleet, job);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "fleet: cannot claim steps; retrying");
+                    drop(inner);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = fleet.stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        drop(inner);
+        if full_batch {
+            continue; // there may be more: look again while workers are free
+        }
+        tokio::select! {
+            _ = fleet.jobs_wake.notified() => {}
+            _ = fleet.slot_freed.notified() => {}
+            _ = tokio::time::sleep(super::POLL) => {}
+            _ = fleet.stop.cancelled() => return,
+        }
+    }
+}
+
+/// Puts one claimed row on the local pool.
+fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
+    let ClaimedJob {
+        id,
+        token,
+        run_id,
+        step_key,
+        attempt,
+        priority,
+        payload,
+        ..
+    } = job;
+    let work: Work = match serde_json::from_value(payload) {
+        Ok(w) => w,
+        Err(e) => {
+            // Written by another version of OmniFlow: the attempt fails with the reason
+            // rather than bouncing between hosts.
+            let done = AttemptDone::failed_now(StepError::new(
+                ErrorKind::Internal,
+                format!(
+                    "host {} cannot read this queued step ({e}); are all hosts on the same \
+                     OmniFlow version?",
+                    fleet.worker_id
+                ),
+            ));
+            let _ = fleet.complete_tx.send((id, token, to_json(&done)));
+            return;
+        }
+    };
+    let cancel = CancellationToken::new();
+    lock(&fleet.held).insert(
+        id,
+        Held {
+            token: token.clone(),
+            cancel: cancel.clone(),
+        },
+    );
+    let meta = JobMeta {
+        run_id: run_id.as_str().into(),
+        step: step_key.as_str().into(),
+        attempt,
+        priority: Priority::from_index(usize::from(priority)),
+    };
+    let (inner2, fleet2, cancel2) = (inner.clone(), fleet.clone(), cancel.clone());
+    let job = async move {
+        let env = AttemptEnv {
+            inner: &inner2,
+            run_id: &run_id,
+            parent_run_id: work.parent_run_id.as_deref(),
+            sandbox: None,
+            is_sandbox: false,
+            replay: None,
+            budget: None,
+        };
+        let timeout = Duration::from_millis(work.timeout_ms);
+        // This host's providers admit the call: its in-flight caps, its rate limits.
+        let done = match step::admit(&env, &cancel2, &work.prepared, &step_key).await {
+            Ok(admission) => {
+                step::run_attempt(
+                    &env,
+                    &cancel2,
+                    &step_key,
+                    &work.prepared,
+                    attempt,
+                    timeout,
+                    admission,
+                )
+                .await
+            }
+            Err(e) => AttemptDone::failed_now(e),
+        };
+        // Still ours? A lost lease (rescued, or the driver withdrew the row) drops the result.
+        if lock(&fleet2.held).remove(&id).is_some() {
+            let _ = fleet2.complete_tx.send((id, token, to_json(&done)));
+        } else {
+            fleet2.counters.fenced.fetch_add(1, Ordering::Relaxed);
+        }
+        fleet2.slot_freed.notify_one();
+    };
+    let submitted = inner.pool.submit(meta, cancel, job);
+    let fleet = fleet.clone();
+    tokio::spawn(async move {
+        if submitted.await.is_err() {
+            // Dropped unstarted (shutdown) or the attempt panicked: give the row back at
+            // once rather than when its lease runs out.
+            let held = lock(&fleet.held).remove(&id);
+            if let Some(h) = held {
+                let q = fleet.queue.clone();
+                if let Err(e) = blocking(move || q.release(id, &h.token)).await {
+                    tracing::warn!(error = %e, row = id, "fleet: cannot give a step back; it returns to the queue when its lease expires");
+                }
+            }
+            fleet.slot_freed.notify_one();
+        }
+    });
+}
+
+fn to_json(done: &AttemptDone) -> serde_json::Value {
+    serde_json::to_value(done).unwrap_or_else(|e| {
+        serde_json::to_value(AttemptDone::failed_now(StepError::new(
+            ErrorKind::Internal,
+            format!("the attempt's result cannot be written to the queue ({e})"),
+        )))
+        .unwrap_or_default()
+    })
+}
+
+/// Records results in batches, each fenced by its claim token; retries while the database
+/// does not answer (the lease still covers the row meanwhile).
+pub(crate) async fn completer(
+    fleet: Arc<Fleet>,
+    mut rx: mpsc::UnboundedReceiver<(i64, String, serde_json::Value)>,
+) {
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r { Some(x) => x, None => return },
+            _ = fleet.stop.cancelled() => return,
+        };
+        tokio::task::yield_now().await;
+        let mut batch = vec![first];
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(x) => batch.push(x),
+                Err(_) => break,
+            }
+        }
+        let mut wait = Duration::from_millis(100);
+        for round in 0.. {
+            let (q, b) = (fleet.queue.clone(), batch.clone());
+            match blocking(move || q.complete(&b)).await {
+                Ok(recorded) => {
+                    let n = recorded.len();
+                    fleet
+                        .counters
+                        .completed
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    if n < batch.len() {
+                        let lost = batch.len() - n;
+                        fleet
+                            .counters
+                            .fenced
+                            .fetch_add(lost as u64, Ordering::Relaxed);
+                        tracing::warn!(lost, "fleet: results of steps whose lease was taken over were dropped (another host runs them)");
+                    }
+                    // A driver in this process is told at once, not by the notification's
+                    // round trip.
+                    if recorded
+                        .iter()
+                        .any(|id| lock(&fleet.waiters).contains_key(id))
+                    {
+                        fleet.results_wake.notify_one();
+                    }
+                    break;
+                }
+                Err(e) if round < 20 => {
+                    tracing::warn!(error = %e, "fleet: cannot record step results; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = fleet.stop.cancelled() => return,
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, steps = batch.len(), "fleet: giving up recording step results; they rerun when their leases expire");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Extends the leases of the rows this process runs, every third of `LEASE_TIMEOUT`; a row
+/// no longer ours (rescued, withdrawn) has its attempt stopped.
+pub(crate) async fn heartbeats(fleet: Arc<Fleet>) {
+    let every = (fleet.lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = fleet.stop.cancelled() => return,
+        }
+        let held: Vec<(i64, String)> = lock(&fleet.held)
+            .iter()
+            .map(|(id, h)| (*id, h.token.clone()))
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        let (q, worker, lease, asked) = (
+            fleet.queue.clone(),
+            fleet.worker_id.clone(),
+            fleet.lease,
+            held.clone(),
+        );
+        match blocking(move || q.heartbeat(&worker, &asked, lease)).await {
+            Ok(alive) => {
+                let alive: HashSet<i64> = alive.into_iter().collect();
+                let mut h = lock(&fleet.held);
+                for (id, token) in held {
+                    if alive.contains(&id) {
+                        continue;
+                    }
+                    // Only the claim we asked about: a finished attempt left already.
+                    if h.get(&id).is_some_and(|x| x.token == token) {
+                        if let Some(lost) = h.remove(&id) {
+                            lost.cancel.cancel();
+                            tracing::warn!(row = id, "fleet: lost a step's lease (taken over or withdrawn); stopping it here");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet: cannot extend leases; retrying");
+            }
+        }
+    }
+}
+
+/// Every half `LEASE_TIMEOUT`, puts the rows of workers whose lease expired back in the queue
+/// (one process of the fleet sweeps at a time), and prunes spent rate-limit windows.
+pub(crate) async fn sweeper(fleet: Arc<Fleet>) {
+    let every = (fleet.lease / 2).max(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = fleet.stop.cancelled() => return,
+        }
+        if !fleet.ready.load(Ordering::Relaxed) {
+            continue;
+        }
+        let (q, max) = (fleet.queue.clone(), fleet.max_rescues);
+        match blocking(move || q.rescue_expired(max)).await {
+            Ok(r) => {
+                let n = r.requeued.len() + r.failed.len();
+                if n > 0 {
+                    fleet
+                        .counters
+                        .rescued
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    tracing::warn!(
+                        requeued = r.requeued.len(),
+                        given_up = r.failed.len(),
+                        "fleet: steps of workers that stopped answering went back to the queue"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "fleet: cannot sweep expired leases"),
+        }
+    }
+}

@@ -1,0 +1,1009 @@
+//! The fleet's queue of step attempts in PostgreSQL (`runner_queue`), and every statement that
+//! moves a row through it. Each transition is one function guarded by the state it expects:
+//!
+//! ```text
+//! enqueue ──► queued ──claim──► running ──complete (fenced)──► done ──take_results──► (deleted)
+//!               ▲                  │
+//!               └──── rescue ◄─────┘ lease expired (rescues < limit; else ──► failed)
+//! ```
+//!
+//! - **Claims** take up to N rows in one statement, `FOR UPDATE SKIP LOCKED`, in priority order
+//!   (critical → high → normal → low), then by age. A claim gives the row a fresh
+//!   `claim_token` and a lease computed from the server's `now()`: host clocks never decide who
+//!   owns a row.
+//! - **Tags:** a process takes a row when it has every tag of the row. A row without tags goes
+//!   to any process; a process without `OMNIFLOW_TAGS` takes only rows without tags.
+//! - **Fencing:** completion and heartbeats match `id` *and* `claim_token`; a worker whose lease
+//!   was rescued (a "zombie") matches nothing, and its late result is dropped.
+//! - **Rescue:** a running row whose lease passed goes back to `queued` with `rescues + 1`; a
+//!   row already rescued `limit` times is `failed` instead, so an attempt that kills every
+//!   process it reaches cannot loop through the fleet.
+//! - **Wake-ups:** `NOTIFY omniflow_jobs` when rows become claimable, `NOTIFY omniflow_done`
+//!   (payload: the row id) when a row is finished; both inside the transition's transaction,
+//!   so they fire at commit. Payloads are ids, never data (PostgreSQL caps them at 8,000 bytes).
+//!
+//! Until the PostgreSQL store owns the migrations, the table is created here, idempotently,
+//! under an advisory lock ([`QUEUE_SCHEMA`]).
+
+use super::connect::{describe, PgTarget};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The queue's tables, applied by [`Queue::ensure_schema`]; safe to run any number of times.
+pub const QUEUE_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS runner_queue (
+    id           bigserial PRIMARY KEY,
+    run_id       text NOT NULL,
+    step_key     text NOT NULL,
+    attempt      integer NOT NULL,
+    -- 3 critical, 2 high, 1 normal, 0 low: claims take the highest first.
+    priority     smallint NOT NULL,
+    -- A process takes the row only when it has every one of these (OMNIFLOW_TAGS).
+    tags         text[] NOT NULL DEFAULT '{}',
+    -- What the attempt needs to run on any host (the rendered input, the node, the run).
+    payload      jsonb NOT NULL,
+    state        text NOT NULL DEFAULT 'queued'
+                 CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    available_at timestamptz NOT NULL DEFAULT now(),
+    locked_by    text,
+    claim_token  text,
+    claimed_at   timestamptz,
+    lease_until  timestamptz,
+    -- Times the row went back to the queue because its worker's lease expired.
+    rescues      integer NOT NULL DEFAULT 0,
+    -- `done`: the attempt's outcome as the engine wrote it; `failed`: `error` says why.
+    result       jsonb,
+    error        text,
+    finished_at  timestamptz,
+    UNIQUE (run_id, step_key, attempt)
+);
+CREATE INDEX IF NOT EXISTS runner_queue_next
+    ON runner_queue (priority DESC, available_at, id) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS runner_queue_leases
+    ON runner_queue (lease_until) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS runner_queue_finished
+    ON runner_queue (finished_at) WHERE state IN ('done', 'failed');
+"#;
+
+/// The channel told when rows become claimable.
+pub const JOBS_CHANNEL: &str = "omniflow_jobs";
+/// The channel told (payload: the row id) when a row is finished, done or failed.
+pub const DONE_CHANNEL: &str = "omniflow_done";
+
+/// Serialises schema creation between processes starting together (`CREATE … IF NOT EXISTS`
+/// alone races on the catalog).
+const SCHEMA_LOCK: i64 = 0x6f6d_6e69_0001;
+/// Held (for one transaction) by the process sweeping expired leases, so a fleet sweeps once.
+const SWEEP_LOCK: i64 = 0x6f6d_6e69_0002;
+
+/// A queue operation that failed; the text says what was being done and never shows the
+/// password.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct QueueError(pub String);
+
+type Result<T> = std::result::Result<T, QueueError>;
+type Manager = r2d2_postgres::PostgresConnectionManager<MakeRustlsConnect>;
+
+/// A step attempt to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub run_id: String,
+    pub step_key: String,
+    pub attempt: u32,
+    /// `Priority::index`: 3 critical … 0 low.
+    pub priority: u8,
+    pub tags: Vec<String>,
+    pub payload: Value,
+}
+
+/// A row this process claimed: run it, heartbeat it, complete it with its token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedJob {
+    pub id: i64,
+    pub token: String,
+    pub run_id: String,
+    pub step_key: String,
+    pub attempt: u32,
+    pub priority: u8,
+    pub payload: Value,
+    /// How many times the row was rescued before this claim.
+    pub rescues: u32,
+}
+
+/// A finished row, as its driver takes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The worker's result, as it wrote it.
+    Done(Value),
+    /// The queue gave the attempt up (its workers' leases kept expiring): why.
+    Failed(String),
+}
+
+/// What one sweep of expired leases did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Rescued {
+    /// Back in the queue.
+    pub requeued: Vec<i64>,
+    /// Given up after too many rescues.
+    pub failed: Vec<i64>,
+    /// False when another process held the sweep lock: it sweeps this time.
+    pub swept: bool,
+}
+
+/// The queue of one process: a small pool of connections to the fleet's database.
+#[derive(Clone)]
+pub struct Queue {
+    pool: Arc<OffRuntime>,
+    target: PgTarget,
+}
+
+/// The connection pool, dropped on a plain thread: closing a blocking client runs the
+/// driver's own runtime, which panics on an async runtime's thread (where the last handle
+/// may well go).
+struct OffRuntime(Option<r2d2_postgres::r2d2::Pool<Manager>>);
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("queue-close".into())
+                .spawn(move || drop(pool));
+        }
+    }
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(0.001)
+}
+
+impl Queue {
+    /// A pool of at most `connections` connections, opened as they are needed (nothing is
+    /// connected here). Blocking: call it off the async runtime's threads, like every method.
+    pub fn new(target: &PgTarget, connections: u32) -> Result<Queue> {
+        let tls = target.connector().map_err(QueueError)?;
+        let manager = Manager::new(target.config().clone(), tls);
+        let pool = r2d2_postgres::r2d2::Pool::builder()
+            .max_size(connections.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(Duration::from_secs(10))
+            // A dropped connection (server restart, pg_terminate_backend) is replaced, not
+            // handed out again.
+            .test_on_check_out(false)
+            .build_unchecked(manager);
+        Ok(Queue {
+            pool: Arc::new(OffRuntime(Some(pool))),
+            target: target.clone(),
+        })
+    }
+
+    pub fn target(&self) -> &PgTarget {
+        &self.target
+    }
+
+    fn conn(&self) -> Result<r2d2_postgres::r2d2::PooledConnection<Manager>> {
+        let Some(pool) = &self.pool.0 else {
+            return Err(QueueError("the queue is closed".into()));
+        };
+        pool.get().map_err(|e| {
+            QueueError(format!(
+                "cannot reach the fleet database at {} ({e}); check DATABASE_URL and that the \
+                 server is up",
+                self.target.shown()
+            ))
+        })
+    }
+
+    fn fail(&self, doing: &str) -> impl Fn(postgres::Error) -> QueueError + '_ {
+        let doing = doing.to_string();
+        move |e| QueueError(describe(&e, &self.target, &doing))
+    }
+
+    /// Creates the queue's tables if they are missing.
+    pub fn ensure_schema(&self) -> Result<()> {
+        let mut c = self.conn()?;
+        let mut tx = c.transaction().map_err(self.fail("create the queue"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .map_err(self.fail("create the queue"))?;
+        tx.batch_execute(QUEUE_SCHEMA)
+            .map_err(self.fail("create the queue"))?;
+        crate::store::pg::limits::create(&mut tx).map_err(self.fail("create the queue"))?;
+        tx.commit().map_err(self.fail("create the queue"))
+    }
+
+    /// Inserts `jobs` and wakes idle claimers; returns each job's row id, in order. A job
+    /// whose (run, step, attempt) is already queued keeps its row (a driver that took a run
+    /// over waits for the attempt its predecessor enqueued instead of running it twice).
+    pub fn enqueue(&self, jobs: &[NewJob]) -> Result<Vec<i64>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let runs: Vec<&str> = jobs.iter().map(|j| j.run_id.as_str()).collect();
+        let steps: Vec<&str> = jobs.iter().map(|j| j.step_key.as_str()).collect();
+        let attempts: Vec<i32> = jobs
+            .iter()
+            .map(|j| i32::try_from(j.attempt).unwrap_or(i32::MAX))
+            .collect();
+        let prios: Vec<i16> = jobs.iter().map(|j| i16::from(j.priority.min(3))).collect();
+        // Tags travel as one comma-joined text per job: PostgreSQL has no ragged arrays.
+        let tags: Vec<String> = jobs.iter().map(|j| j.tags.join(",")).collect();
+        let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
+        let mut c = self.conn()?;
+        let mut tx = c.transaction().map_err(self.fail("enqueue steps"))?;
+        let rows = tx
+            .query(
+                "INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload)
+                 SELECT r, s, a, p, CASE WHEN t = '' THEN '{}'::text[]
+                                         ELSE string_to_array(t, ',') END, j
+                 FROM unnest($1::text[], $2::text[], $3::int[], $4::smallint[], $5::text[],
+                             $6::jsonb[]) AS u(r, s, a, p, t, j)
+                 ON CONFLICT (run_id, step_key, attempt)
+                     DO UPDATE SET priority = EXCLUDED.priority
+                 RETURNING id, run_id, step_key, attempt",
+                &[
+                    &runs as &(dyn ToSql + Sync),
+                    &steps as &(dyn ToSql + Sync),
+                    &attempts as &(dyn ToSql + Sync),
+                    &prios as &(dyn ToSql + Sync),
+                    &tags as &(dyn ToSql + Sync),
+                    &payloads as &(dyn ToSql + Sync),
+                ],
+            )
+            .map_err(self.fail("enqueue steps"))?;
+        tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])
+            .map_err(self.fail("enqueue steps"))?;
+        tx.commit().map_err(self.fail("enqueue steps"))?;
+        let mut ids = std::collections::HashMap::new();
+        for r in rows {
+            let key: (String, String, i32) = (r.get(1), r.get(2), r.get(3));
+            ids.insert(key, r.get::<_, i64>(0));
+        }
+        jobs.iter()
+            .zip(&attempts)
+            .map(|(j, &a)| {
+                ids.get(&(j.run_id.clone(), j.step_key.clone(), a))
+                    .copied()
+                    .ok_or_else(|| {
+                        QueueError(format!(
+                            "the queue returned no row for {} {} — a bug, please report it",
+                            j.run_id, j.step_key
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// Claims up to `n` claimable rows for `worker` in one statement: highest priority first,
+    /// then oldest; rows locked by a concurrent claim are skipped, never waited for. Only rows
+    /// whose tags are all in `tags` are taken. Each claimed row gets a new token and a lease
+    /// of `lease` from the server's clock.
+    pub fn claim(
+        &self,
+        worker: &str,
+        tags: &[String],
+        n: usize,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedJob>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(n).unwrap_or(i64::MAX);
+        let mut c = self.conn()?;
+        let rows = c
+            .query(
+                "WITH next AS (
+                     SELECT id FROM runner_queue
+                     WHERE state = 'queued' AND available_at <= now() AND tags <@ $3::text[]
+                     ORDER BY priority DESC, available_at, id
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE runner_queue q
+                 SET state = 'running', locked_by = $1, claim_token = gen_random_uuid()::text,
+                     claimed_at = now(), lease_until = now() + make_interval(secs => $4)
+                 FROM next WHERE q.id = next.id
+                 RETURNING q.id, q.claim_token, q.run_id, q.step_key, q.attempt, q.priority,
+                           q.payload, q.rescues",
+                &[
+                    &worker as &(dyn ToSql + Sync),
+                    &limit as &(dyn ToSql + Sync),
+                    &tags as &(dyn ToSql + Sync),
+                    &secs(lease) as &(dyn ToSql + Sync),
+                ],
+            )
+            .map_err(self.fail("claim steps"))?;
+        let mut jobs: Vec<ClaimedJob> = rows
+            .into_iter()
+            .map(|r| ClaimedJob {
+                id: r.get(0),
+                token: r.get(1),
+                run_id: r.get(2),
+                step_key: r.get(3),
+                attempt: u32::try_from(r.get::<_, i32>(4)).unwrap_or(0),
+                priority: u8::try_from(r.get::<_, i16>(5)).unwrap_or(1),
+                payload: r.get(6),
+                rescues: u32::try_from(r.get::<_, i32>(7)).unwrap_or(0),
+            })
+            .collect();
+        // RETURNING keeps no order: start the most urgent, oldest first.
+        jobs.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
+        Ok(jobs)
+    }
+
+    /// Extends the leases of the rows `worker` holds (`(id, token)`), from the server's clock;
+    /// returns the ids still held. A missing id was rescued or cancelled: its attempt should
+    /// stop, its result would be dropped anyway.
+    pub fn heartbeat(
+        &self,
+        worker: &str,
+        held: &[(i64, String)],
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
+        let tokens: Vec<&str> = held.iter().map(|h| h.1.as_str()).collect();
+        let mut c = self.conn()?;
+        let rows = c
+            .query(
+                "UPDATE runner_queue q SET lease_until = now() + make_interval(secs => $4)
+                 FROM unnest($2::bigint[], $3::text[]) AS h(id, token)
+                 WHERE q.id = h.id AND q.claim_token = h.token AND q.locked_by = $1
+                   AND q.state = 'running'
+                 RETURNING q.id",
+                &[
+                    &worker as &(dyn ToSql + Sync),
+                    &ids as &(dyn ToSql + Sync),
+                    &tokens as &(dyn ToSql + Sync),
+                    &secs(lease) as &(dyn ToSql + Sync),
+                ],
+            )
+            .map_err(self.fail("extend leases"))?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Records the results of claimed rows (`(id, token, result)`), fenced by their tokens,
+    /// and tells the drivers; returns the ids recorded. A row whose lease was taken (another
+    /// token, or no longer running) is not touched: its late result is dropped.
+    pub fn complete(&self, done: &[(i64, String, Value)]) -> Result<Vec<i64>> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = done.iter().map(|d| d.0).collect();
+        let tokens: Vec<&str> = done.iter().map(|d| d.1.as_str()).collect();
+        let results: Vec<&Value> = done.iter().map(|d| &d.2).collect();
+        let mut c = self.conn()?;
+        let rows = c
+            .query(
+                "WITH d AS (
+                     UPDATE runner_queue q
+                     SET state = 'done', result = h.result, finished_at = now(),
+                         lease_until = NULL
+                     FROM unnest($1::bigint[], $2::text[], $3::jsonb[]) AS h(id, token, result)
+                     WHERE q.id = h.id AND q.claim_token = h.token AND q.state = 'running'
+                     RETURNING q.id
+                 )
+                 SELECT id, pg_notify($4, id::text) FROM d",
+                &[
+                    &ids as &(dyn ToSql + Sync),
+                    &tokens as &(dyn ToSql + Sync),
+                    &results as &(dyn ToSql + Sync),
+                    &DONE_CHANNEL as &(dyn ToSql + Sync),
+                ],
+            )
+            .map_err(self.fail("record step results"))?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Gives a claimed row back to the queue untouched (its worker stopped before running
+    /// it); fenced like a completion, and not counted as a rescue.
+    pub fn release(&self, id: i64, token: &str) -> Result<bool> {
+        let mut c = self.conn()?;
+        let mut tx = c.transaction().map_err(self.fail("give a step back"))?;
+        let n = tx
+            .execute(
+                "UPDATE runner_queue SET state = 'queued', locked_by = NULL, claim_token = NULL,
+                     lease_until = NULL
+                 WHERE id = $1 AND claim_token = $2 AND state = 'running'",
+                &[&id, &token],
+            )
+            .map_err(self.fail("give a step back"))?;
+        if n > 0 {
+            tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])
+                .map_err(self.fail("give a step back"))?;
+        }
+        tx.commit().map_err(self.fail("give a step back"))?;
+        Ok(n > 0)
+    }
+
+    /// Puts running rows whose lease passed back in the queue (`rescues + 1`), or fails those
+    /// already rescued `max_rescues` times; wakes claimers and drivers. Only one process of
+    /// the fleet sweeps at a time; the others return at once with `swept: false`.
+    pub fn rescue_expired(&self, max_rescues: u32) -> Result<Rescued> {
+        let limit = i32::try_from(max_rescues).unwrap_or(i32::MAX);
+        let mut c = self.conn()?;
+        let mut tx = c
+            .transaction()
+            .map_err(self.fail("rescue expired leases"))?;
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&SWEEP_LOCK])
+            .map_err(self.fail("rescue expired leases"))?
+            .get(0);
+        if !locked {
+            return Ok(Rescued::default());
+        }
+        let rows = tx
+            .query(
+                "WITH expired AS (
+                     SELECT id FROM runner_queue
+                     WHERE state = 'running' AND lease_until < now()
+                     FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE runner_queue q
+                 SET state = CASE WHEN q.rescues >= $1 THEN 'failed' ELSE 'queued' END,
+                     error = CASE WHEN q.rescues >= $1 THEN format(
+                         'the attempt''s worker stopped answering %s times (its lease of \
+LEASE_TIMEOUT expired each time: the host died, or the attempt kills the process that runs \
+it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts that ran it \
+(last: %s)', q.rescues + 1, $1, q.locked_by) END,
+                     finished_at = CASE WHEN q.rescues >= $1 THEN now() END,
+                     rescues = q.rescues + 1,
+                     locked_by = NULL, claim_token = NULL, lease_until = NULL
+                 FROM expired WHERE q.id = expired.id
+                 RETURNING q.id, q.state",
+                &[&limit],
+            )
+            .map_err(self.fail("rescue expired leases"))?;
+        let mut out = Rescued {
+            swept: true,
+            ..Rescued::default()
+        };
+        for r in rows {
+            let id: i64 = r.get(0);
+            if r.get::<_, &str>(1) == "queued" {
+                out.requeued.push(id);
+            } else {
+                out.failed.push(id);
+            }
+        }
+        if !out.requeued.is_empty() {
+            tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])
+                .map_err(self.fail("rescue expired leases"))?;
+        }
+        for id in &out.failed {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&DONE_CHANNEL, &id.to_string() as &(dyn ToSql + Sync)],
+            )
+            .map_err(self.fail("rescue expired leases"))?;
+        }
+        // Finished rows nobody took within a day: their driver is gone for good.
+        tx.execute(
+            "DELETE FROM runner_queue WHERE state IN ('done', 'failed')
+               AND finished_at < now() - interval '1 day'",
+            &[],
+        )
+        .map_err(self.fail("prune the queue"))?;
+        tx.commit().map_err(self.fail("rescue expired leases"))?;
+        Ok(out)
+    }
+
+    /// Takes the finished rows among `ids` out of the queue and returns their outcomes; the
+    /// others (still queued or running) are left alone.
+    pub fn take_results(&self, ids: &[i64]) -> Result<Vec<(i64, Outcome)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn()?;
+        let rows = c
+            .query(
+                "DELETE FROM runner_queue WHERE id = ANY($1) AND state IN ('done', 'failed')
+                 RETURNING id, state, result, error",
+                &[&ids],
+            )
+            .map_err(self.fail("read step results"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let id: i64 = r.get(0);
+                let outcome = if r.get::<_, &str>(1) == "done" {
+                    Outcome::Done(r.get::<_, Option<Value>>(2).unwrap_or(Value::Null))
+                } else {
+                    Outcome::Failed(
+                        r.get::<_, Option<String>>(3)
+                            .unwrap_or_else(|| "the queue gave the attempt up".into()),
+                    )
+                };
+                (id, outcome)
+            })
+            .collect())
+    }
+
+    /// Withdraws rows (their driver no longer waits: the run was cancelled or failed fast).
+    /// A worker running one loses it at its next heartbeat, and its result is dropped.
+    pub fn cancel(&self, ids: &[i64]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.conn()?;
+        c.execute("DELETE FROM runner_queue WHERE id = ANY($1)", &[&ids])
+            .map_err(self.fail("withdraw steps"))
+    }
+
+    /// Takes a place in `provider`'s fleet-wide rate limit (see [`super::limits`]).
+    pub fn take_rate(
+        &self,
+        provider: &str,
+        limit: u32,
+        per: Duration,
+    ) -> Result<super::limits::Take> {
+        let mut c = self.conn()?;
+        super::limits::take(&mut c, &self.target, provider, limit, per).map_err(QueueError)
+    }
+
+    /// Deletes rate-limit windows that are over.
+    pub fn prune_rates(&self) -> Result<u64> {
+        let mut c = self.conn()?;
+        super::limits::prune(&mut c, &self.target).map_err(QueueError)
+    }
+
+    /// Moves the queued rows of `run_id` to `priority` (running rows keep theirs); returns
+    /// how many moved.
+    pub fn set_run_priority(&self, run_id: &str, priority: u8) -> Result<u64> {
+        let p = i16::from(priority.min(3));
+        let mut c = self.conn()?;
+        c.execute(
+            "UPDATE runner_queue SET priority = $2 WHERE run_id = $1 AND state = 'queued'",
+            &[&run_id, &p],
+        )
+        .map_err(self.fail("change a run's priority"))
+    }
+
+    /// Rows waiting to be claimed, by priority (indexed like `Priority::index`).
+    pub fn depth(&self) -> Result<[u64; 4]> {
+        let mut c = self.conn()?;
+        let rows = c
+            .query(
+                "SELECT priority, count(*) FROM runner_queue WHERE state = 'queued'
+                 GROUP BY priority",
+                &[],
+            )
+            .map_err(self.fail("count the queue"))?;
+        let mut out = [0u64; 4];
+        for r in rows {
+            let p = usize::try_from(r.get::<_, i16>(0)).unwrap_or(1).min(3);
+            out[p] = u64::try_from(r.get::<_, i64>(1)).unwrap_or(0);
+        }
+        Ok(out)
+    }
+}
+
+/// One notification received on a [`listen`] connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub channel: String,
+    pub payload: String,
+}
+
+/// What [`listen`] tells its caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Heard {
+    Notice(Notice),
+    /// The connection was (re)established: notifications may have been missed meanwhile, so
+    /// look at the queue once.
+    Connected,
+    /// The connection dropped; the error, then a reconnect after a pause.
+    Lost(String),
+}
+
+/// Listens on `channels` over one dedicated connection until `stop` says so, calling `heard`
+/// for each notification; reconnects (after `retry`) whenever the connection drops. Blocking:
+/// run it on its own thread. `stop` is checked at least every `tick`.
+pub fn listen(
+    target: &PgTarget,
+    channels: &[&str],
+    tick: Duration,
+    retry: Duration,
+    stop: &dyn Fn() -> bool,
+    heard: &mut dyn FnMut(Heard),
+) {
+    let sql: String = channels
+        .iter()
+        .map(|c| format!("LISTEN {c};"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    while !stop() {
+        let mut client = match target.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                heard(Heard::Lost(e));
+                pause(retry, tick, stop);
+                continue;
+            }
+        };
+        if let Err(e) = client.batch_execute(&sql) {
+            heard(Heard::Lost(describe(&e, target, "listen for new steps")));
+            pause(retry, tick, stop);
+            continue;
+        }
+        heard(Heard::Connected);
+        let lost = loop {
+            if stop() {
+                return;
+            }
+            let next = client.notifications().timeout_iter(tick).next();
+            match next {
+                Ok(Some(n)) => heard(Heard::Notice(Notice {
+                    channel: n.channel().to_string(),
+                    payload: n.payload().to_string(),
+                })),
+                Ok(None) => {
+                    // A quiet tick: a closed connection reads as quiet too, so look.
+                    if client.is_closed() {
+                        break "the connection closed".to_string();
+                    }
+                }
+                Err(e) => break describe(&e, target, "listen for new steps"),
+            }
+        };
+        heard(Heard::Lost(lost));
+        pause(retry, tick, stop);
+    }
+}
+
+fn pause(total: Duration, tick: Duration, stop: &dyn Fn() -> bool) {
+    let until = std::time::Instant::now() + total;
+    while !stop() && std::time::Instant::now() < until {
+        std::thread::sleep(tick.min(total));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::pg::testing::ScratchDb;
+    use serde_json::json;
+    use std::collections::HashSet;
+
+    fn queue(name: &str) -> Option<(ScratchDb, Queue)> {
+        let db = ScratchDb::new(name)?;
+        let q = Queue::new(db.target(), 4).unwrap();
+        q.ensure_schema().unwrap();
+        // Twice: a second process starting finds the tables there.
+        q.ensure_schema().unwrap();
+        Some((db, q))
+    }
+
+    fn job(run: &str, step: &str, priority: u8, tags: &[&str]) -> NewJob {
+        NewJob {
+            run_id: run.into(),
+            step_key: step.into(),
+            attempt: 1,
+            priority,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            payload: json!({ "step": step }),
+        }
+    }
+
+    fn lease() -> Duration {
+        Duration::from_secs(30)
+    }
+
+    #[test]
+    fn claims_go_by_priority_then_age() {
+        let Some((_db, q)) = queue("priority") else {
+            return;
+        };
+        q.enqueue(&[job("r", "low", 0, &[]), job("r", "normal1", 1, &[])])
+            .unwrap();
+        q.enqueue(&[job("r", "critical", 3, &[]), job("r", "normal2", 1, &[])])
+            .unwrap();
+        q.enqueue(&[job("r", "high", 2, &[])]).unwrap();
+        let mut order = Vec::new();
+        while let Some(j) = q.claim("w", &[], 1, lease()).unwrap().pop() {
+            order.push(j.step_key);
+        }
+        assert_eq!(order, ["critical", "high", "normal1", "normal2", "low"]);
+
+        // A batch claim returns the same order.
+        let ids = q
+            .enqueue(&[
+                job("s", "a", 1, &[]),
+                job("s", "b", 3, &[]),
+                job("s", "c", 1, &[]),
+            ])
+            .unwrap();
+        let got: Vec<String> = q
+            .claim("w", &[], 10, lease())
+            .unwrap()
+            .into_iter()
+            .map(|j| j.step_key)
+            .collect();
+        assert_eq!(got, ["b", "a", "c"]);
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn concurrent_claimers_never_take_a_row_twice() {
+        let Some((_db, q)) = queue("skip_locked") else {
+            return;
+        };
+        let jobs: Vec<NewJob> = (0..400)
+            .map(|i| job("r", &format!("s[{i}]"), (i % 4) as u8, &[]))
+            .collect();
+        q.enqueue(&jobs).unwrap();
+        let claimed: Vec<Vec<i64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|w| {
+                    let q = q.clone();
+                    s.spawn(move || {
+                        let mut mine = Vec::new();
+                        loop {
+                            let got = q.claim(&format!("w{w}"), &[], 7, lease()).unwrap();
+                            if got.is_empty() {
+                                break mine;
+                            }
+                            mine.extend(got.into_iter().map(|j| j.id));
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let all: Vec<i64> = claimed.iter().flatten().copied().collect();
+        let unique: HashSet<i64> = all.iter().copied().collect();
+        assert_eq!(all.len(), 400, "every row claimed");
+        assert_eq!(unique.len(), 400, "no row claimed twice");
+    }
+
+    #[test]
+    fn a_zombie_after_rescue_cannot_complete() {
+        let Some((db, q)) = queue("fencing") else {
+            return;
+        };
+        let id = q.enqueue(&[job("r", "a", 1, &[])]).unwrap()[0];
+        let zombie = q.claim("host-a", &[], 1, lease()).unwrap().remove(0);
+        // Host A stops answering: its lease runs out (written directly, no waiting).
+        let mut c = db.target().connect().unwrap();
+        c.execute(
+            "UPDATE runner_queue SET lease_until = now() - interval '1 second' WHERE id = $1",
+            &[&id],
+        )
+        .unwrap();
+        let swept = q.rescue_expired(3).unwrap();
+        assert_eq!(swept.requeued, vec![id]);
+        let fresh = q.claim("host-b", &[], 1, lease()).unwrap().remove(0);
+        assert_eq!(fresh.id, id);
+        assert_eq!(fresh.rescues, 1);
+        assert_ne!(fresh.token, zombie.token);
+
+        // The zombie wakes up: its heartbeat holds nothing, its result is dropped.
+        let held = q
+            .heartbeat("host-a", &[(id, zombie.token.clone())], lease())
+            .unwrap();
+        assert!(held.is_empty());
+        let recorded = q
+            .complete(&[(id, zombie.token, json!({ "by": "zombie" }))])
+            .unwrap();
+        assert!(recorded.is_empty());
+        assert!(q.take_results(&[id]).unwrap().is_empty(), "still running");
+
+        // The rightful worker's result is the one the driver gets.
+        assert_eq!(
+            q.heartbeat("host-b", &[(id, fresh.token.clone())], lease())
+                .unwrap(),
+            vec![id]
+        );
+        assert_eq!(
+            q.complete(&[(id, fresh.token.clone(), json!({ "by": "b" }))])
+                .unwrap(),
+            vec![id]
+        );
+        // A second completion (a retried write) changes nothing.
+        assert!(q
+            .complete(&[(id, fresh.token, json!({ "by": "again" }))])
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            q.take_results(&[id]).unwrap(),
+            vec![(id, Outcome::Done(json!({ "by": "b" })))]
+        );
+        assert!(q.take_results(&[id]).unwrap().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn an_expired_lease_written_directly_is_rescued_exactly_once() {
+        let Some((db, q)) = queue("rescue_once") else {
+            return;
+        };
+        let ids = q
+            .enqueue(&[job("r", "dead", 1, &[]), job("r", "alive", 1, &[])])
+            .unwrap();
+        let mut c = db.target().connect().unwrap();
+        // One row claimed by a host that died long ago; one held by a live host.
+        c.execute(
+            "UPDATE runner_queue SET state = 'running', locked_by = 'gone', claim_token = 't',
+                 lease_until = now() - interval '5 minutes' WHERE id = $1",
+            &[&ids[0]],
+        )
+        .unwrap();
+        c.execute(
+            "UPDATE runner_queue SET state = 'running', locked_by = 'live', claim_token = 'u',
+                 lease_until = now() + interval '5 minutes' WHERE id = $1",
+            &[&ids[1]],
+        )
+        .unwrap();
+        // Three sweepers at once, as three daemons would: the row goes back once.
+        let results: Vec<Rescued> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|_| {
+                    let q = q.clone();
+                    s.spawn(move || q.rescue_expired(3).unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let requeued: Vec<i64> = results.iter().flat_map(|r| r.requeued.clone()).collect();
+        assert_eq!(requeued, vec![ids[0]]);
+        assert!(q.rescue_expired(3).unwrap().requeued.is_empty());
+        let row = c
+            .query_one(
+                "SELECT state, rescues, locked_by FROM runner_queue WHERE id = $1",
+                &[&ids[0]],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, &str>(0), "queued");
+        assert_eq!(row.get::<_, i32>(1), 1);
+        assert_eq!(row.get::<_, Option<String>>(2), None);
+        let live = c
+            .query_one("SELECT state FROM runner_queue WHERE id = $1", &[&ids[1]])
+            .unwrap();
+        assert_eq!(live.get::<_, &str>(0), "running");
+    }
+
+    #[test]
+    fn a_row_that_keeps_losing_its_worker_is_given_up() {
+        let Some((db, q)) = queue("rescue_limit") else {
+            return;
+        };
+        let id = q.enqueue(&[job("r", "killer", 1, &[])]).unwrap()[0];
+        let mut c = db.target().connect().unwrap();
+        for round in 0..=2 {
+            let j = q.claim("w", &[], 1, lease()).unwrap();
+            assert_eq!(j.len(), 1, "round {round}");
+            c.execute(
+                "UPDATE runner_queue SET lease_until = now() - interval '1 second'",
+                &[],
+            )
+            .unwrap();
+            let r = q.rescue_expired(2).unwrap();
+            if round < 2 {
+                assert_eq!(r.requeued, vec![id]);
+            } else {
+                assert_eq!(r.failed, vec![id]);
+            }
+        }
+        assert!(q.claim("w", &[], 1, lease()).unwrap().is_empty());
+        let taken = q.take_results(&[id]).unwrap();
+        let [(_, Outcome::Failed(why))] = taken.as_slice() else {
+            panic!("{taken:?}");
+        };
+        assert!(
+            why.contains("3 times") && why.contains("MAX_TAKEOVERS"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn tags_decide_who_takes_a_row() {
+        let Some((_db, q)) = queue("tags") else {
+            return;
+        };
+        q.enqueue(&[
+            job("r", "plain", 1, &[]),
+            job("r", "gpu", 1, &["gpu"]),
+            job("r", "gpu-eu", 1, &["gpu", "eu"]),
+            job("r", "us", 1, &["us"]),
+        ])
+        .unwrap();
+        let steps = |v: Vec<ClaimedJob>| -> Vec<String> {
+            let mut s: Vec<String> = v.into_iter().map(|j| j.step_key).collect();
+            s.sort();
+            s
+        };
+        // No tags: only untagged rows.
+        let none = q.claim("untagged", &[], 10, lease()).unwrap();
+        assert_eq!(steps(none), ["plain"]);
+        // gpu,eu: rows whose every tag it has; not the `us` row.
+        let tags = vec!["eu".to_string(), "gpu".to_string()];
+        let got = q.claim("gpu-box", &tags, 10, lease()).unwrap();
+        assert_eq!(steps(got), ["gpu", "gpu-eu"]);
+        let us = q.claim("us-box", &["us".into()], 10, lease()).unwrap();
+        assert_eq!(steps(us), ["us"]);
+    }
+
+    #[test]
+    fn enqueueing_an_attempt_twice_keeps_one_row() {
+        let Some((_db, q)) = queue("enqueue_twice") else {
+            return;
+        };
+        let a = q.enqueue(&[job("r", "x", 1, &[])]).unwrap();
+        let b = q.enqueue(&[job("r", "x", 1, &[])]).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(q.depth().unwrap(), [0, 1, 0, 0]);
+        assert_eq!(q.set_run_priority("r", 3).unwrap(), 1);
+        assert_eq!(q.depth().unwrap(), [0, 0, 0, 1]);
+        assert_eq!(q.cancel(&a).unwrap(), 1);
+        assert_eq!(q.depth().unwrap(), [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_listener_hears_new_steps_and_reconnects() {
+        let Some((db, q)) = queue("listen") else {
+            return;
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let target = db.target().clone();
+        let s2 = stop.clone();
+        let t = std::thread::spawn(move || {
+            listen(
+                &target,
+                &[JOBS_CHANNEL, DONE_CHANNEL],
+                Duration::from_millis(50),
+                Duration::from_millis(100),
+                &|| s2.load(std::sync::atomic::Ordering::Relaxed),
+                &mut |h| {
+                    let _ = tx.send(h);
+                },
+            )
+        });
+        let wait = |want: &dyn Fn(&Heard) -> bool| loop {
+            let h = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            if want(&h) {
+                break h;
+            }
+        };
+        wait(&|h| *h == Heard::Connected);
+        q.enqueue(&[job("r", "a", 1, &[])]).unwrap();
+        wait(&|h| matches!(h, Heard::Notice(n) if n.channel == JOBS_CHANNEL));
+        // The server drops the listening connection: the listener says so and comes back.
+        let mut c = db.target().connect().unwrap();
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND query LIKE 'LISTEN%'",
+            &[],
+        )
+        .unwrap();
+        wait(&|h| matches!(h, Heard::Lost(_)));
+        wait(&|h| *h == Heard::Connected);
+        let j = q.claim("w", &[], 1, lease()).unwrap().remove(0);
+        q.complete(&[(j.id, j.token, json!(1))]).unwrap();
+        let heard = wait(&|h| matches!(h, Heard::Notice(n) if n.channel == DONE_CHANNEL));
+        assert_eq!(
+            heard,
+            Heard::Notice(Notice {
+                channel: DONE_CHANNEL.into(),
+                payload: j.id.to_string()
+            })
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+    }
+}

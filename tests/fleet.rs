@@ -1,0 +1,361 @@
+//! A fleet of real `omniflow` processes on one PostgreSQL database (`DATABASE_URL`): the
+//! steps of runs driven by one process are claimed and run by all of them, each with its own
+//! provider (its own path at the counting fake, as each host would have its own Ollama), and a
+//! killed process's attempts run elsewhere once its lease expires. Each test has its own
+//! scratch database and skips (saying so) without a PostgreSQL server.
+
+mod common;
+
+use omniflow::store::pg::testing::ScratchDb;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ANSWER: &str = r#"{"choices":[{"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    db: ScratchDb,
+    fake: common::counting::CountingFake,
+    children: Vec<Child>,
+}
+
+impl Fleet {
+    fn new(name: &str, latency: Duration) -> Option<Fleet> {
+        let db = ScratchDb::new(name)?;
+        Some(Fleet {
+            dir: tempfile::tempdir().unwrap(),
+            db,
+            fake: common::counting::start(latency, ANSWER.to_string()),
+            children: Vec::new(),
+        })
+    }
+
+    /// A process of the fleet; `host` names its history file, its log directory and its
+    /// provider's path at the fake.
+    fn cmd(&self, host: &str, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
+        let d = self.dir.path();
+        c.args(args)
+            .current_dir(d)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", self.db.url())
+            .env("DB_FILE", d.join(format!("{host}.db")))
+            .env("LOG_DIR", d.join(format!("logs-{host}")))
+            .env("OPENAI_BASE_URL", format!("{}/{host}/v1", self.fake.url))
+            // No question to the fake about its slots, no cached answers.
+            .env("OPENAI_CONCURRENCY", "0")
+            .env("CACHE_TTL", "0")
+            .env("LEASE_TIMEOUT", "2")
+            .env("MAX_RETRIES", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn daemon(&mut self, host: &str, concurrency: &str) {
+        let empty = self.dir.path().join("none");
+        std::fs::create_dir_all(&empty).unwrap();
+        let child = self
+            .cmd(
+                host,
+                &["daemon", "--dir", empty.to_str().unwrap()],
+                &[("CONCURRENCY", concurrency)],
+            )
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// Writes `runs` blueprints of `items` model calls each, with prompts unique in the
+    /// fleet, into a directory of their own.
+    fn blueprints(&self, runs: usize, items: usize) -> PathBuf {
+        let dir = self.dir.path().join("bps");
+        std::fs::create_dir_all(&dir).unwrap();
+        for r in 0..runs {
+            let list: Vec<String> = (0..items).map(|i| format!("r{r}i{i}")).collect();
+            let bp = json!({
+                "name": format!("fan{r}"),
+                "variables": { "ITEMS": list },
+                "nodes": [{
+                    "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                    "forEach": "{{ vars.ITEMS }}", "prompt": "say {{ item }}"
+                }]
+            });
+            std::fs::write(dir.join(format!("fan{r}.json")), bp.to_string()).unwrap();
+        }
+        dir
+    }
+
+    /// Answers per host (the path prefix at the fake).
+    fn calls_by_host(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for ((path, _), n) in self.fake.prompts.lock().unwrap().iter() {
+            let host = path.trim_start_matches('/').split('/').next().unwrap_or("");
+            *out.entry(host.to_string()).or_insert(0) += n;
+        }
+        out
+    }
+
+    /// Answers per prompt, wherever they came from.
+    fn calls_by_prompt(&self) -> HashMap<String, Vec<String>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for ((path, prompt), n) in self.fake.prompts.lock().unwrap().iter() {
+            let host = path.trim_start_matches('/').split('/').next().unwrap_or("");
+            for _ in 0..*n {
+                out.entry(prompt.clone())
+                    .or_default()
+                    .push(host.to_string());
+            }
+        }
+        out
+    }
+
+    fn history(&self, host: &str) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(self.dir.path().join(format!("{host}.db"))).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(child: Child, timeout: Duration) -> (bool, String, String) {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(o)) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        ),
+        _ => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("the driving process did not finish within {timeout:?}");
+        }
+    }
+}
+
+fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
+    c.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn three_daemons_share_two_thousand_steps_and_run_each_exactly_once() {
+    let Some(mut fleet) = Fleet::new("share", Duration::from_millis(5)) else {
+        return;
+    };
+    for host in ["d1", "d2", "d3"] {
+        fleet.daemon(host, "8");
+    }
+    let bps = fleet.blueprints(20, 100);
+    // The driver takes little work itself: the daemons do most of it.
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", "--all-active", "--dir", bps.to_str().unwrap()],
+            &[("CONCURRENCY", "2")],
+        )
+        .spawn()
+        .unwrap();
+    let (ok, out, err) = finish(driver, Duration::from_secs(600));
+    assert!(ok, "{out}\n{err}");
+
+    // Every step ran exactly once, in the whole fleet.
+    let by_prompt = fleet.calls_by_prompt();
+    assert_eq!(by_prompt.len(), 2000, "every step was answered");
+    let twice: Vec<(&String, &Vec<String>)> = by_prompt
+        .iter()
+        .filter(|(_, hosts)| hosts.len() > 1)
+        .collect();
+    assert!(twice.is_empty(), "steps answered more than once: {twice:?}");
+
+    // Each daemon ran a share, with its own provider.
+    let by_host = fleet.calls_by_host();
+    for host in ["d1", "d2", "d3"] {
+        assert!(by_host.get(host).copied().unwrap_or(0) > 0, "{by_host:?}");
+    }
+
+    // The driver's history holds every run and step as done.
+    let h = fleet.history("driver");
+    assert_eq!(
+        count(
+            &h,
+            "SELECT count(*) FROM runner_executions WHERE status = 'success'"
+        ),
+        20
+    );
+    assert_eq!(
+        count(
+            &h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        2000
+    );
+    assert_eq!(
+        count(&h, "SELECT count(*) FROM runner_attempts"),
+        2000,
+        "one attempt per step"
+    );
+    // Nothing is left in the queue.
+    let mut c = fleet.db.target().connect().unwrap();
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM runner_queue", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn a_killed_daemons_steps_run_elsewhere_after_its_lease_and_done_steps_do_not_rerun() {
+    // Calls take long enough that the daemon dies with attempts in flight.
+    let Some(mut fleet) = Fleet::new("sigkill", Duration::from_millis(400)) else {
+        return;
+    };
+    for host in ["d1", "d2", "d3"] {
+        fleet.daemon(host, "4");
+    }
+    let bps = fleet.blueprints(1, 60);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "1")],
+        )
+        .spawn()
+        .unwrap();
+    // d1 has answered some calls: it is mid-fan-out, holding more.
+    wait_for("d1 to run steps", Duration::from_secs(120), || {
+        fleet.calls_by_host().get("d1").copied().unwrap_or(0) >= 4
+    });
+    let d1 = &mut fleet.children[0];
+    d1.kill().unwrap(); // SIGKILL: no goodbye, its leases just stop being renewed
+    d1.wait().unwrap();
+    // Calls d1 sent before it died may still be answered (into a closed socket) and counted:
+    // wait out the fake's latency before taking d1's count.
+    std::thread::sleep(Duration::from_secs(1));
+    let answered_by_d1 = fleet.calls_by_host().get("d1").copied().unwrap_or(0);
+
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+
+    let by_prompt = fleet.calls_by_prompt();
+    assert_eq!(by_prompt.len(), 60, "every step was answered");
+    // A prompt answered twice was first answered to d1 (which died before recording it);
+    // no step another host recorded reran.
+    for (prompt, hosts) in &by_prompt {
+        if hosts.len() > 1 {
+            assert!(
+                hosts.iter().filter(|h| *h != "d1").count() == 1,
+                "{prompt} ran on {hosts:?}"
+            );
+        }
+    }
+    assert_eq!(
+        fleet.calls_by_host().get("d1").copied().unwrap_or(0),
+        answered_by_d1,
+        "nothing reached d1 after it died"
+    );
+    let h = fleet.history("driver");
+    assert_eq!(
+        count(
+            &h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        60
+    );
+    assert_eq!(
+        count(&h, "SELECT count(*) FROM runner_attempts"),
+        60,
+        "a rescued attempt is the same attempt, not a retry"
+    );
+    // The survivors said they took the dead host's steps back.
+    let logs: String = ["d2", "d3"]
+        .iter()
+        .flat_map(|h| {
+            std::fs::read_dir(fleet.dir.path().join(format!("logs-{h}")))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        })
+        .collect();
+    assert!(
+        logs.contains("went back to the queue"),
+        "no rescue logged by d2/d3"
+    );
+}
+
+/// The processes' tags decide who runs a tagged step.
+#[test]
+fn a_tagged_node_runs_only_on_a_process_with_its_tags() {
+    let Some(mut fleet) = Fleet::new("tags", Duration::from_millis(5)) else {
+        return;
+    };
+    let empty = fleet.dir.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    let gpu = fleet
+        .cmd(
+            "gpu",
+            &["daemon", "--dir", empty.to_str().unwrap()],
+            &[("OMNIFLOW_TAGS", "gpu"), ("CONCURRENCY", "4")],
+        )
+        .spawn()
+        .unwrap();
+    fleet.children.push(gpu);
+    let dir = fleet.dir.path().join("bps");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bp: Value = json!({
+        "name": "tagged",
+        "variables": { "ITEMS": (0..10).map(|i| format!("t{i}")).collect::<Vec<_>>() },
+        "nodes": [
+            { "id": "big", "type": "llm", "provider": "openai", "model": "m", "tags": ["gpu"],
+              "forEach": "{{ vars.ITEMS }}", "prompt": "big {{ item }}" },
+            { "id": "small", "type": "llm", "provider": "openai", "model": "m",
+              "forEach": "{{ vars.ITEMS }}", "prompt": "small {{ item }}" }
+        ]
+    });
+    let path = dir.join("tagged.json");
+    std::fs::write(&path, bp.to_string()).unwrap();
+    // The driver has no tags: it may run the untagged steps, never the gpu ones.
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", path.to_str().unwrap()],
+            &[("CONCURRENCY", "4")],
+        )
+        .spawn()
+        .unwrap();
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    for (prompt, hosts) in fleet.calls_by_prompt() {
+        assert_eq!(hosts.len(), 1, "{prompt}: {hosts:?}");
+        if prompt.starts_with("big") {
+            assert_eq!(hosts, ["gpu"], "{prompt}");
+        }
+    }
+}
