@@ -117,10 +117,9 @@ impl Fleet {
         out
     }
 
-    fn history(&self, host: &str) -> rusqlite::Connection {
-        let c = rusqlite::Connection::open(self.dir.path().join(format!("{host}.db"))).unwrap();
-        c.busy_timeout(Duration::from_secs(5)).unwrap();
-        c
+    /// The fleet's one history, in its PostgreSQL database.
+    fn history(&self) -> postgres::Client {
+        self.db.target().connect().unwrap()
     }
 }
 
@@ -160,8 +159,8 @@ fn finish(child: Child, timeout: Duration) -> (bool, String, String) {
     }
 }
 
-fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
-    c.query_row(sql, [], |r| r.get(0)).unwrap()
+fn count(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
 }
 
 #[test]
@@ -201,23 +200,23 @@ fn three_daemons_share_two_thousand_steps_and_run_each_exactly_once() {
     }
 
     // The driver's history holds every run and step as done.
-    let h = fleet.history("driver");
+    let mut h = fleet.history();
     assert_eq!(
         count(
-            &h,
+            &mut h,
             "SELECT count(*) FROM runner_executions WHERE status = 'success'"
         ),
         20
     );
     assert_eq!(
         count(
-            &h,
+            &mut h,
             "SELECT count(*) FROM runner_steps WHERE status = 'success'"
         ),
         2000
     );
     assert_eq!(
-        count(&h, "SELECT count(*) FROM runner_attempts"),
+        count(&mut h, "SELECT count(*) FROM runner_attempts"),
         2000,
         "one attempt per step"
     );
@@ -280,16 +279,16 @@ fn a_killed_daemons_steps_run_elsewhere_after_its_lease_and_done_steps_do_not_re
         answered_by_d1,
         "nothing reached d1 after it died"
     );
-    let h = fleet.history("driver");
+    let mut h = fleet.history();
     assert_eq!(
         count(
-            &h,
+            &mut h,
             "SELECT count(*) FROM runner_steps WHERE status = 'success'"
         ),
         60
     );
     assert_eq!(
-        count(&h, "SELECT count(*) FROM runner_attempts"),
+        count(&mut h, "SELECT count(*) FROM runner_attempts"),
         60,
         "a rescued attempt is the same attempt, not a retry"
     );

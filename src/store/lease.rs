@@ -439,6 +439,9 @@ impl Store {
     /// Records this process's heartbeat: its pool and memory (a health check), and the proof
     /// that its runs' leases are alive. Call it before the first run is inserted.
     pub fn heartbeat(&self, h: Health) {
+        if let Some(pg) = self.pg() {
+            return pg.heartbeat_now(&h, self.owner());
+        }
         self.send(Msg::Write(Op::Heartbeat(Box::new(h))));
     }
 

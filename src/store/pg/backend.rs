@@ -270,6 +270,26 @@ impl PgBackend {
 
     /// Runs `f` on a reader thread's connection and waits for its answer. Blocking, like an
     /// SQLite read; safe on any thread, async ones included (the driver runs on the reader).
+    /// A heartbeat on a reader's connection, not waited for: the process's liveness must not
+    /// queue behind the writer's backlog (a long batch of history would make the fleet take
+    /// this process for dead and adopt its runs). A heartbeat that cannot be sent is logged;
+    /// the next one comes a third of a lease later.
+    pub(crate) fn heartbeat_now(&self, h: &crate::store::Health, owner: &str) {
+        let row = super::ops::HeartbeatRow::new(h, &ProcessInfo::current(owner.to_string()));
+        let job: Job = Box::new(move |conn: &mut Conn| {
+            let r = conn.run("recording a heartbeat in", |c| {
+                c.execute(super::ops::HEARTBEAT, &row.params())?;
+                Ok(())
+            });
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "heartbeat not recorded");
+            }
+        });
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.try_send(job);
+        }
+    }
+
     pub(crate) fn read<T: Send + 'static>(
         &self,
         doing: &'static str,

@@ -7,11 +7,11 @@ pub mod connect;
 pub mod doctor;
 pub mod import;
 pub(crate) mod lease;
+pub mod limits;
 pub(crate) mod ops;
+pub mod queue;
 pub(crate) mod read;
 pub mod schema;
-pub mod limits;
-pub mod queue;
 #[doc(hidden)]
 pub mod testing;
 

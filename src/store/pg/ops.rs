@@ -121,37 +121,7 @@ pub(crate) fn apply(
              WHERE id = $1 AND status IN ('queued', 'running')",
             &[run_id, &i64::from(*steps_done), &i(*tokens_used)],
         ),
-        Op::Heartbeat(h) => exec(
-            tx,
-            st,
-            // The database's clock, never this host's: leases are compared across hosts.
-            "INSERT INTO runner_processes (id, host, pid, role, version, started_at, heartbeat_at,
-                 heartbeat_ms, rss_mb, memory_hold, paused, queued, running, completed, failed,
-                 concurrency)
-             VALUES ($1, $2, $3, $4, $5, now(), now(),
-                     (extract(epoch FROM now()) * 1000)::bigint, $6, $7, $8, $9, $10, $11, $12, $13)
-             ON CONFLICT (id) DO UPDATE SET role = excluded.role,
-                 heartbeat_at = excluded.heartbeat_at, heartbeat_ms = excluded.heartbeat_ms,
-                 rss_mb = excluded.rss_mb, memory_hold = excluded.memory_hold,
-                 paused = excluded.paused, queued = excluded.queued, running = excluded.running,
-                 completed = excluded.completed, failed = excluded.failed,
-                 concurrency = excluded.concurrency, stopped_at = NULL",
-            &[
-                &proc.id,
-                &proc.host,
-                &i64::from(proc.pid),
-                &h.role,
-                &env!("CARGO_PKG_VERSION"),
-                &h.rss_mb,
-                &h.pool.memory_hold,
-                &h.pool.paused,
-                &(h.pool.queued_total() as i64),
-                &(h.pool.running as i64),
-                &(h.pool.completed as i64),
-                &(h.pool.failed as i64),
-                &(h.pool.concurrency as i64),
-            ],
-        ),
+        Op::Heartbeat(h) => exec(tx, st, HEARTBEAT, &HeartbeatRow::new(h, proc).params()),
         Op::ProcessStopped { .. } => exec(
             tx,
             st,
@@ -215,6 +185,23 @@ fn insert_run(
     r: &NewRun,
     proc: &ProcessInfo,
 ) -> Applied {
+    // Heartbeats go on a reader's connection, beside this writer: the run's owner must
+    // exist (alive now) by the time the run does, or another process would take the run for
+    // an orphan before the first heartbeat lands.
+    exec(
+        tx,
+        st,
+        "INSERT INTO runner_processes (id, host, pid, role, version, started_at, heartbeat_at,
+             heartbeat_ms)
+         VALUES ($1, $2, $3, 'api', $4, now(), now(), (extract(epoch FROM now()) * 1000)::bigint)
+         ON CONFLICT (id) DO NOTHING",
+        &[
+            &proc.id,
+            &proc.host,
+            &i64::from(proc.pid),
+            &env!("CARGO_PKG_VERSION"),
+        ],
+    )?;
     // Seeds are u64; BIGINT is i64. The same 64 bits, so a seed round-trips.
     let seed = r.seed.map(|s| s as i64);
     exec(
@@ -470,4 +457,70 @@ fn step_recorded(tx: &mut Transaction<'_>, st: &mut Statements, r: &StepRecord) 
             &s.finish_reason,
         ],
     )
+}
+
+/// A process's heartbeat: the database's clock, never this host's, since leases are compared
+/// across hosts.
+pub(crate) const HEARTBEAT: &str =
+    "INSERT INTO runner_processes (id, host, pid, role, version, started_at, heartbeat_at,
+         heartbeat_ms, rss_mb, memory_hold, paused, queued, running, completed, failed,
+         concurrency)
+     VALUES ($1, $2, $3, $4, $5, now(), now(),
+             (extract(epoch FROM now()) * 1000)::bigint, $6, $7, $8, $9, $10, $11, $12, $13)
+     ON CONFLICT (id) DO UPDATE SET role = excluded.role,
+         heartbeat_at = excluded.heartbeat_at, heartbeat_ms = excluded.heartbeat_ms,
+         rss_mb = excluded.rss_mb, memory_hold = excluded.memory_hold,
+         paused = excluded.paused, queued = excluded.queued, running = excluded.running,
+         completed = excluded.completed, failed = excluded.failed,
+         concurrency = excluded.concurrency, stopped_at = NULL";
+
+/// A heartbeat's parameters, owned, so a reader thread can send one as well as the writer.
+pub(crate) struct HeartbeatRow {
+    id: String,
+    host: Option<String>,
+    pid: i64,
+    role: String,
+    rss_mb: Option<f64>,
+    memory_hold: bool,
+    paused: bool,
+    counts: [i64; 5],
+}
+
+impl HeartbeatRow {
+    pub(crate) fn new(h: &crate::store::Health, proc: &ProcessInfo) -> HeartbeatRow {
+        HeartbeatRow {
+            id: proc.id.clone(),
+            host: proc.host.clone(),
+            pid: i64::from(proc.pid),
+            role: h.role.clone(),
+            rss_mb: h.rss_mb,
+            memory_hold: h.pool.memory_hold,
+            paused: h.pool.paused,
+            counts: [
+                h.pool.queued_total() as i64,
+                h.pool.running as i64,
+                h.pool.completed as i64,
+                h.pool.failed as i64,
+                h.pool.concurrency as i64,
+            ],
+        }
+    }
+
+    pub(crate) fn params(&self) -> [&(dyn ToSql + Sync); 13] {
+        [
+            &self.id,
+            &self.host,
+            &self.pid,
+            &self.role,
+            &env!("CARGO_PKG_VERSION"),
+            &self.rss_mb,
+            &self.memory_hold,
+            &self.paused,
+            &self.counts[0],
+            &self.counts[1],
+            &self.counts[2],
+            &self.counts[3],
+            &self.counts[4],
+        ]
+    }
 }
