@@ -255,12 +255,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         .filter(|o| o.status != RunStatus::Success)
         .count();
     if json_out {
-        let v = if all_active {
-            json!({ "runs": outcomes, "failed": failed })
+        if all_active {
+            print_json(&AllRuns {
+                runs: &outcomes,
+                failed,
+            });
         } else {
-            serde_json::to_value(&outcomes[0]).unwrap_or(Value::Null)
-        };
-        say_out!("{}", serde_json::to_string(&v).unwrap_or_default());
+            print_json(&outcomes[0]);
+        }
     } else if all_active {
         say_err!(
             "{} blueprint{} ran, {} failed",
@@ -546,13 +548,31 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         .filter(|o| o.status != RunStatus::Success)
         .count();
     if json_out {
-        say_out!(
-            "{}",
-            serde_json::to_string(&json!({ "runs": outcomes, "failed": failed }))
-                .unwrap_or_default()
-        );
+        print_json(&AllRuns {
+            runs: &outcomes,
+            failed,
+        });
     }
     Ok(exit_code(&outcomes, interrupted))
+}
+
+/// `--json` of several runs: `{"runs": [...], "failed": N}`.
+#[derive(serde::Serialize)]
+struct AllRuns<'a> {
+    runs: &'a [RunOutcome],
+    failed: usize,
+}
+
+/// Writes `v` as one line of JSON on stdout, serialized straight into the output: a run of
+/// 10,000 steps is not first built as a JSON tree (about 1 KB per step) and then as a string.
+fn print_json<T: serde::Serialize>(v: &T) {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    // As `say_out!`: a closed stdout (a pipe whose reader left) is not an error worth a panic.
+    if serde_json::to_writer(&mut out, v).is_ok() {
+        let _ = writeln!(out);
+    }
+    let _ = out.flush();
 }
 
 /// The active blueprints of `source` and the problems of those that cannot run (row ids for
