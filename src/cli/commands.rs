@@ -130,7 +130,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             replay_outputs(&store, id, &blueprints[0].name)?
         }
     };
-    let _log = logging::init(&config.log_dir, config.secrets(), "info", None)
+    let log = logging::init(&config.log_dir, config.secrets(), "info", None)
         .map_err(|e| Failure::input(e.to_string()))?;
     let rt = runtime()?;
     let simulate = args.simulate_failures.unwrap_or(0.0);
@@ -249,6 +249,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
         Ok::<_, Failure>((outcomes, interrupted))
     })?;
+    if let Some(p) = log.write_problem() {
+        say_err!("warning: {p}");
+    }
 
     let failed = outcomes
         .iter()
@@ -461,7 +464,7 @@ async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
 pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
     let config = load_config()?;
     let store = open_store(&config)?;
-    let _log = logging::init(&config.log_dir, config.secrets(), "info", None)
+    let log = logging::init(&config.log_dir, config.secrets(), "info", None)
         .map_err(|e| Failure::input(e.to_string()))?;
     let rt = runtime()?;
     let json_out = args.json;
@@ -543,6 +546,9 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
         Ok::<_, Failure>((outcomes, interrupted))
     })?;
+    if let Some(p) = log.write_problem() {
+        say_err!("warning: {p}");
+    }
     let failed = outcomes
         .iter()
         .filter(|o| o.status != RunStatus::Success)
@@ -1219,11 +1225,16 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
     // The log directory is writable, or (when it does not exist yet) the directory it would
     // be created in is: checked with a probe file that is removed, never by creating it.
     let logs_exist = config.log_dir.is_dir();
-    let logs = writable(if logs_exist {
-        &config.log_dir
+    let logs = if !logs_exist && config.log_dir.exists() {
+        // A file (or something else) where the directory should be: it cannot be created.
+        Err(std::io::Error::other("it is a file, not a directory"))
     } else {
-        nearest_dir(&config.log_dir)
-    });
+        writable(if logs_exist {
+            &config.log_dir
+        } else {
+            nearest_dir(&config.log_dir)
+        })
+    };
     let db_dir_ok = db_exists || writable(nearest_dir(&config.db_file)).is_ok();
     let db_ok = db.is_ok() || (!db_exists && db_dir_ok);
 
