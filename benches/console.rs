@@ -8,8 +8,8 @@
 //!    full event bus costs the UI;
 //! 3. time to open the history pane (first page + count) on a database of 100,000 runs, and to
 //!    page deep into it with the keyset cursor;
-//! 4. the run detail of a 10,000-step run: the queries that feed it and its frames, beside the
-//!    same for a 40-step run.
+//! 4. the run detail of runs with 100, 1,000 and 10,000 steps: the queries that feed it and its
+//!    frames (only the rows on screen are built, so a frame should not grow with the run).
 
 use omniflow::blueprint::{Blueprint, Priority};
 use omniflow::config::Config;
@@ -327,8 +327,8 @@ fn history_open(dir: &tempfile::TempDir, runs: u64) {
     println!("   one PgDn (keyset page of 100)         {deep:.2} ms on average over 100 pages");
 }
 
-/// 4. The detail screen of a run with 10,000 steps (a forEach of 10,000 transforms, recorded by
-///    the real engine), beside a 40-step run's: load (run, steps, attempts) and frame time.
+/// 4. The detail screen of runs with 100, 1,000 and 10,000 steps (a forEach of transforms,
+///    recorded by the real engine): load (run, steps, attempts) and frame time.
 async fn large_detail(dir: &tempfile::TempDir) {
     let mut vars: HashMap<String, String> = HashMap::new();
     vars.insert(
@@ -340,7 +340,7 @@ async fn large_detail(dir: &tempfile::TempDir) {
     let options = EngineOptions::from_config(&config);
     let engine = Engine::with_options(Arc::new(config), store.clone(), EventBus::new(), options);
     let mut line = Vec::new();
-    for n in [40usize, 10_000] {
+    for n in [100usize, 1_000, 10_000] {
         let b: Arc<Blueprint> = Arc::new(
             serde_json::from_value(json!({
                 "name": "wide",

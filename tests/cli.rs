@@ -373,6 +373,34 @@ fn an_unwritable_log_dir_is_refused_before_anything_runs() {
 }
 
 #[test]
+fn a_log_dir_that_is_a_file_is_named_with_its_fix_by_every_command() {
+    let s = Sandbox::new();
+    let file = s.write("not-a-dir", "x");
+    for args in [&["resume", "0abc"][..], &["daemon"][..]] {
+        let o = s.cmd(args).env("LOG_DIR", &file).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("set LOG_DIR to a writable directory"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    // doctor reports it as a problem, not as a directory that does not exist yet.
+    let o = s.cmd(&["doctor"]).env("LOG_DIR", &file).output().unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stdout(&o).contains("is not writable (it is a file, not a directory); set LOG_DIR"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "x",
+        "left untouched"
+    );
+}
+
+#[test]
 fn secrets_never_reach_logs_or_history() {
     let s = Sandbox::new();
     let token = "hf_SuperSecretToken1234567890";

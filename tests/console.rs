@@ -1038,6 +1038,89 @@ fn snapshot_run_detail() {
 }
 
 #[test]
+fn a_long_run_detail_shows_the_rows_around_the_selection_in_order() {
+    // 2,000 steps: the table shows a screenful that keeps the selection on screen, scrolled as
+    // little as possible, the rows in graph order.
+    let mut detail = fixtures::detail();
+    let template = detail.steps[0].clone();
+    detail.steps = (0..2000)
+        .map(|i| {
+            let mut s = template.clone();
+            s.step_key = format!("each[{i}]");
+            s.node_id = "each".into();
+            s.item_index = Some(i);
+            s
+        })
+        .collect();
+    let mut app = fixtures::busy_app();
+    focus(&mut app, Focus::History);
+    ch(&mut app, 'j');
+    key(&mut app, KeyCode::Enter);
+    app.update(Msg::Bg(Bg::Detail {
+        generation: 1,
+        result: Ok(Box::new(detail)),
+    }));
+    let select = |app: &mut App, i: usize| {
+        if let omniflow::tui::app::Screen::Detail(d) = &mut app.screen {
+            d.selected = i;
+        }
+    };
+    // The table's rows on screen (a key followed by its status), top to bottom, and the one
+    // marked selected; the selected step's own pane names it too, without a status after it.
+    let shown = |screen: &str| -> (Vec<u32>, Option<u32>) {
+        let mut keys = Vec::new();
+        let mut marked = None;
+        for line in screen.lines() {
+            let Some(at) = line.find("each[") else {
+                continue;
+            };
+            let rest = &line[at + 5..];
+            let cell = rest.split('│').next().unwrap_or_default();
+            let Some(n) = rest.split(']').next().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if !cell.contains("success") {
+                continue;
+            }
+            if line[..at].contains('▸') {
+                marked = Some(n);
+            }
+            keys.push(n);
+        }
+        (keys, marked)
+    };
+    for (pick, w, h) in [
+        (0, 160, 48),
+        (1500, 160, 48),
+        (1999, 160, 48),
+        (1234, 80, 24),
+    ] {
+        select(&mut app, pick);
+        let screen = render(&app, w, h);
+        let (rows, marked) = shown(&screen);
+        assert_eq!(
+            marked,
+            Some(pick as u32),
+            "{w}x{h}, selected {pick}:\n{screen}"
+        );
+        assert!(rows.len() >= 3, "{w}x{h}: a screenful of rows:\n{screen}");
+        assert!(
+            rows.windows(2).all(|p| p[1] == p[0] + 1),
+            "{w}x{h}: contiguous, in order: {rows:?}"
+        );
+        if pick > 100 {
+            assert_eq!(
+                rows.last(),
+                Some(&(pick as u32)),
+                "{w}x{h}: past the first screen, the selection is the last row:\n{screen}"
+            );
+        } else {
+            assert_eq!(rows.first(), Some(&0), "{w}x{h}: the top when near it");
+        }
+    }
+}
+
+#[test]
 fn snapshot_overlays() {
     let mut app = fixtures::busy_app();
     ch(&mut app, '?');

@@ -120,6 +120,106 @@ async fn a_40_item_fan_out_puts_40_agents_in_flight_together() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_becomes_steps_as_workers_free_up() {
+    // 2 workers: at most 2 × 2 of the run's steps are queued or running at any moment, however
+    // many items the fan-out has; every item still runs, in order, and is recorded.
+    let env = engine(
+        &[
+            ("SANDBOX_LATENCY_MS", "20000"),
+            ("REQUEST_TIMEOUT", "10000"),
+        ],
+        2,
+    );
+    let bp = blueprint(json!({
+        "name": "wide",
+        "variables": { "N": (0..30).collect::<Vec<_>>() },
+        "nodes": [
+            { "id": "ask", "type": "llm", "forEach": "{{ vars.N }}", "prompt": "item {{ item }}" },
+            { "id": "count", "type": "transform", "needs": ["ask"], "template": "{{ nodes.ask.output | length }}" }
+        ]
+    }));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (p, s, pool) = (peak.clone(), stop.clone(), env.engine.pool().clone());
+    let sampler = tokio::spawn(async move {
+        while !s.load(Ordering::Relaxed) {
+            let st = pool.stats();
+            p.fetch_max(
+                st.queued.iter().sum::<usize>() + st.running,
+                Ordering::Relaxed,
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    });
+    let o = run(&env, &bp, sandbox(0.0, 7)).await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    let most = peak.load(Ordering::Relaxed);
+    assert!(
+        (1..=4).contains(&most),
+        "at most 2 steps per worker in the pool, saw {most}"
+    );
+    assert_eq!(o.outputs["count"], json!("30"));
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    let items: Vec<Option<u32>> = steps
+        .iter()
+        .filter(|s| s.node_id == "ask")
+        .map(|s| s.item_index)
+        .collect();
+    assert_eq!(
+        items,
+        (0..30).map(Some).collect::<Vec<_>>(),
+        "every item recorded, in order"
+    );
+    assert!(steps.iter().all(|s| s.status == StepStatus::Success));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_run_queues_beside_a_large_fan_out_not_behind_it() {
+    // One worker, a 40-item fan-out of slow steps, then a one-step run of the same priority:
+    // the second run waits for the few items already queued, not for all forty.
+    let env = engine(
+        &[
+            ("SANDBOX_LATENCY_MS", "20000"),
+            ("REQUEST_TIMEOUT", "10000"),
+        ],
+        1,
+    );
+    let sub = env.bus.subscribe();
+    let wide = blueprint(json!({
+        "name": "wide",
+        "variables": { "N": (0..40).collect::<Vec<_>>() },
+        "nodes": [ { "id": "ask", "type": "llm", "forEach": "{{ vars.N }}", "prompt": "item {{ item }}" } ]
+    }));
+    let small = blueprint(json!({
+        "name": "small",
+        "nodes": [ { "id": "hello", "type": "transform", "template": "hi" } ]
+    }));
+    let first = env.engine.start(wide, sandbox(0.0, 3)).unwrap();
+    loop {
+        if let Some(Event::StepStarted { .. }) = sub.recv().await {
+            break;
+        }
+    }
+    let second = run(&env, &small, RunRequest::default()).await;
+    assert_eq!(second.status, RunStatus::Success);
+    let mut wide_done_before = 0;
+    while let Some(ev) = sub.try_recv() {
+        match ev {
+            Event::RunFinished { run_id, .. } if run_id == second.run_id => break,
+            Event::StepFinished { run_id, .. } if run_id != second.run_id => wide_done_before += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        wide_done_before < 10,
+        "the small run waited for {wide_done_before} of the fan-out's 40 items"
+    );
+    assert_eq!(first.wait().await.status, RunStatus::Success);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_false_condition_skips_what_depends_on_it() {
     let env = engine(&[], 8);
     let bp = blueprint(json!({

@@ -223,6 +223,31 @@ async fn server_errors_are_retried_and_client_errors_explained() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_any_real_one_is_refused_not_read() {
+    // A 2 MiB answer (a wrong TELEGRAM_API_URL, a proxy's page): the attempt fails with what
+    // happened and the setting to check, instead of reading it all into memory.
+    let fake = telegram(TOKEN).await;
+    fake.push(fakes::Reply::json(
+        200,
+        json!({ "ok": true, "result": { "message_id": 1, "text": "x".repeat(2 << 20) } }),
+    ));
+    let env = tg_env(&fake, &[]);
+    let o = run(
+        &env,
+        &notify_bp("telegram", "hello", None),
+        RunRequest::default(),
+    )
+    .await;
+    let attempts = env.store.run_attempts(&o.run_id).unwrap();
+    let first = attempts[0].error.as_deref().unwrap_or_default();
+    assert!(
+        first.contains("larger than 1 MiB") && first.contains("TELEGRAM_API_URL"),
+        "{attempts:?}"
+    );
+    assert_eq!(attempts[0].error_kind.as_deref(), Some("bad_response"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_chat_id_and_malformed_webhook_are_clear_errors() {
     let env = engine(
         &[

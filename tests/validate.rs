@@ -306,6 +306,33 @@ fn needs_must_name_other_existing_nodes() {
 }
 
 #[test]
+fn thousands_of_misspelt_needs_are_all_reported_in_order() {
+    // 3,000 nodes, each needing a node that does not exist but is one letter from a real one:
+    // every problem is reported, in document order; suggestions stop once the validation has
+    // compared its budget of names (comparing every pair would take minutes at 10,000 nodes).
+    let nodes: Vec<Value> = (0..3000)
+        .map(|i| {
+            json!({ "id": format!("step{i}"), "type": "transform", "template": "x",
+                          "needs": [format!("stepp{i}")] })
+        })
+        .collect();
+    let found = problems(&json!({ "name": "many", "nodes": nodes }));
+    assert_eq!(found.len(), 3000, "{:?}", &found[..3]);
+    for (i, p) in found.iter().enumerate() {
+        assert!(
+            p.starts_with(&format!("nodes[{i}].needs[0]: unknown node \"stepp{i}\"")),
+            "{p}"
+        );
+    }
+    assert!(
+        found[0].contains("did you mean \"step0\"?"),
+        "the first ones still carry a suggestion: {}",
+        found[0]
+    );
+    assert!(!found[2999].contains("did you mean"), "{}", found[2999]);
+}
+
+#[test]
 fn cycles_are_reported_with_their_nodes_in_order() {
     let doc = json!({
         "name": "loop",

@@ -102,6 +102,37 @@ pub(crate) fn is_identifier(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// How many candidates the suggestions of one validation may look at in all. A blueprint of
+/// 10,000 nodes that names 10,000 missing ones would otherwise compare every pair (10^8 edit
+/// distances: most of a minute); past the budget its problems are still all reported, only
+/// without a "did you mean". A usual blueprint looks at a few thousand.
+const SUGGESTION_BUDGET: usize = 250_000;
+
+thread_local! {
+    /// Looks left in the validation running on this thread; `None` outside one (no limit).
+    static LOOKS_LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (one validation) with its own [`SUGGESTION_BUDGET`].
+pub(crate) fn with_suggestion_budget<T>(f: impl FnOnce() -> T) -> T {
+    let before = LOOKS_LEFT.with(|l| l.replace(Some(SUGGESTION_BUDGET)));
+    let out = f();
+    LOOKS_LEFT.with(|l| l.set(before));
+    out
+}
+
+/// Takes one look from the running validation's budget; false once it is spent.
+fn take_look() -> bool {
+    LOOKS_LEFT.with(|l| match l.get() {
+        None => true,
+        Some(0) => false,
+        Some(n) => {
+            l.set(Some(n - 1));
+            true
+        }
+    })
+}
+
 /// The candidate closest to `word`, if it is close enough to be a likely typo.
 ///
 /// Case, `_` and `-` differences count as an exact match (`max_tokens` → `maxTokens`).
@@ -115,15 +146,27 @@ where
             .flat_map(char::to_lowercase)
             .collect()
     };
+    // Characters that count, without building the normalised text: candidates whose length
+    // alone puts them out of reach are passed over cheaply.
+    let counted = |s: &str| {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .flat_map(char::to_lowercase)
+            .count()
+    };
     let w = norm(word);
-    let limit = match w.chars().count() {
+    let w_len = w.chars().count();
+    let limit = match w_len {
         0..=3 => 1,
         4..=8 => 2,
         _ => 3,
     };
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
-        if c == word {
+        if !take_look() {
+            break;
+        }
+        if c == word || counted(c).abs_diff(w_len) > limit {
             continue;
         }
         let d = levenshtein(&w, &norm(c));

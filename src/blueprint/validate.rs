@@ -20,6 +20,10 @@ const NODE_FIELDS: [&str; 2] = ["output", "status"];
 
 /// Every problem of `doc`, in document order.
 pub fn validate(doc: &Value) -> Vec<Problem> {
+    super::problem::with_suggestion_budget(|| validate_within_budget(doc))
+}
+
+fn validate_within_budget(doc: &Value) -> Vec<Problem> {
     let mut walker = Walker::new(schema_ref());
     walker.run(doc);
     let mut found = walker.problems;
@@ -448,27 +452,51 @@ fn check_test_variables(
 /// Sorts problems by where their path first appears in the document (a preorder walk); a path
 /// that does not exist (a missing field) sorts at its nearest existing ancestor. Stable, so
 /// problems at one place keep the order they were found in.
+///
+/// Only the places on the way to a problem are numbered (the walk enters no other subtree), so
+/// the cost follows the problems, not the document: a valid 4 MB blueprint costs nothing here.
 fn in_document_order(doc: &Value, found: Vec<(JPath, String)>) -> Vec<Problem> {
+    if found.is_empty() {
+        return Vec::new();
+    }
+    // Every problem's path and its ancestors.
+    let mut wanted: HashSet<JPath> = HashSet::new();
+    for (p, _) in &found {
+        let mut cur = Some(p.clone());
+        while let Some(c) = cur {
+            cur = c.parent();
+            if !wanted.insert(c) {
+                break; // its ancestors are in already
+            }
+        }
+    }
     let mut order: HashMap<JPath, usize> = HashMap::new();
     let mut todo = vec![(JPath::root(), doc)];
     while let Some((path, v)) = todo.pop() {
-        let n = order.len();
-        order.insert(path.clone(), n);
-        // Push children in reverse so they pop in document order.
+        // Push children in reverse so they pop in document order; numbering only the visited
+        // places keeps their relative document order, which is all the sort needs.
         match v {
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate().rev() {
-                    todo.push((path.index(i), item));
+                    let child = path.index(i);
+                    if wanted.contains(&child) {
+                        todo.push((child, item));
+                    }
                 }
             }
             Value::Object(obj) => {
                 let children: Vec<_> = obj.iter().collect();
                 for (k, item) in children.into_iter().rev() {
-                    todo.push((path.key(k), item));
+                    let child = path.key(k);
+                    if wanted.contains(&child) {
+                        todo.push((child, item));
+                    }
                 }
             }
             _ => {}
         }
+        let n = order.len();
+        order.insert(path, n);
     }
     let rank = |p: &JPath| -> usize {
         let mut cur = Some(p.clone());

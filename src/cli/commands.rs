@@ -141,7 +141,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             replay_outputs(&store, id, &blueprints[0].name)?
         }
     };
-    let _log = logging::init(&config.log_dir, config.secrets(), "info", None)
+    let log = logging::init(&config.log_dir, config.secrets(), "info", None)
         .map_err(|e| Failure::input(e.to_string()))?;
     let rt = runtime()?;
     let simulate = args.simulate_failures.unwrap_or(0.0);
@@ -257,18 +257,23 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
         Ok::<_, Failure>((outcomes, interrupted))
     })?;
+    if let Some(p) = log.write_problem() {
+        say_err!("warning: {p}");
+    }
 
     let failed = outcomes
         .iter()
         .filter(|o| o.status != RunStatus::Success)
         .count();
     if json_out {
-        let v = if all_active {
-            json!({ "runs": outcomes, "failed": failed })
+        if all_active {
+            print_json(&AllRuns {
+                runs: &outcomes,
+                failed,
+            });
         } else {
-            serde_json::to_value(&outcomes[0]).unwrap_or(Value::Null)
-        };
-        say_out!("{}", serde_json::to_string(&v).unwrap_or_default());
+            print_json(&outcomes[0]);
+        }
     } else if all_active {
         say_err!(
             "{} blueprint{} ran, {} failed",
@@ -467,7 +472,7 @@ async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
 pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
     let config = load_config()?;
     let store = open_store(&config)?;
-    let _log = logging::init(&config.log_dir, config.secrets(), "info", None)
+    let log = logging::init(&config.log_dir, config.secrets(), "info", None)
         .map_err(|e| Failure::input(e.to_string()))?;
     let rt = runtime()?;
     let json_out = args.json;
@@ -550,18 +555,39 @@ pub fn resume(args: ResumeArgs) -> Result<ExitCode, Failure> {
         let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
         Ok::<_, Failure>((outcomes, interrupted))
     })?;
+    if let Some(p) = log.write_problem() {
+        say_err!("warning: {p}");
+    }
     let failed = outcomes
         .iter()
         .filter(|o| o.status != RunStatus::Success)
         .count();
     if json_out {
-        say_out!(
-            "{}",
-            serde_json::to_string(&json!({ "runs": outcomes, "failed": failed }))
-                .unwrap_or_default()
-        );
+        print_json(&AllRuns {
+            runs: &outcomes,
+            failed,
+        });
     }
     Ok(exit_code(&outcomes, interrupted))
+}
+
+/// `--json` of several runs: `{"runs": [...], "failed": N}`.
+#[derive(serde::Serialize)]
+struct AllRuns<'a> {
+    runs: &'a [RunOutcome],
+    failed: usize,
+}
+
+/// Writes `v` as one line of JSON on stdout, serialized straight into the output: a run of
+/// 10,000 steps is not first built as a JSON tree (about 1 KB per step) and then as a string.
+fn print_json<T: serde::Serialize>(v: &T) {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    // As `say_out!`: a closed stdout (a pipe whose reader left) is not an error worth a panic.
+    if serde_json::to_writer(&mut out, v).is_ok() {
+        let _ = writeln!(out);
+    }
+    let _ = out.flush();
 }
 
 /// The active blueprints of `source` and the problems of those that cannot run (row ids for
@@ -1276,11 +1302,16 @@ pub fn doctor(args: DoctorArgs) -> Result<ExitCode, Failure> {
     // The log directory is writable, or (when it does not exist yet) the directory it would
     // be created in is: checked with a probe file that is removed, never by creating it.
     let logs_exist = config.log_dir.is_dir();
-    let logs = writable(if logs_exist {
-        &config.log_dir
+    let logs = if !logs_exist && config.log_dir.exists() {
+        // A file (or something else) where the directory should be: it cannot be created.
+        Err(std::io::Error::other("it is a file, not a directory"))
     } else {
-        nearest_dir(&config.log_dir)
-    });
+        writable(if logs_exist {
+            &config.log_dir
+        } else {
+            nearest_dir(&config.log_dir)
+        })
+    };
     let db_dir_ok = db_exists || writable(nearest_dir(&config.db_file)).is_ok();
     let db_ok = match &pg {
         Some(report) => report.ok() && db.is_ok(),

@@ -13,7 +13,7 @@ use crate::store::{RunEnd, StepEnd};
 use crate::template::{Context, Templates};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -59,6 +59,51 @@ pub(crate) struct RunCtx {
     pub replay: HashMap<String, Value>,
     /// `vars` and `run` as templates see them, converted once for every step of the run.
     pub values: RunValues,
+    /// Which of the run's steps hold a place in its window (see [`STEPS_PER_WORKER`]).
+    pub window: Window,
+}
+
+/// How many of a run's steps may be under way at once, per worker of the pool: queued in the
+/// pool, running, or waiting for their provider (a step sleeping out a retry's backoff does
+/// not count). A `forEach` item becomes a step only when there is room, so a 10,000-item
+/// fan-out holds the state of 80 steps (with the default 40 workers), not of 10,000; two per
+/// worker keep the next item queued when a worker frees up. The pool still orders what is
+/// queued by priority and age, and another run's steps queue beside these instead of behind
+/// every item of a large fan-out.
+pub(crate) const STEPS_PER_WORKER: usize = 2;
+
+/// The least a run keeps under way when its steps go through the fleet's shared queue
+/// (`DATABASE_URL`): enough for the workers of many hosts, still a bounded amount of state.
+pub(crate) const FLEET_WINDOW: usize = 1024;
+
+/// The steps of a run that are away from its window: sleeping out a retry's backoff.
+#[derive(Default)]
+pub(crate) struct Window {
+    away: AtomicUsize,
+    /// Woken when a step goes away, so the driver can start another in its place.
+    left: tokio::sync::Notify,
+}
+
+impl Window {
+    fn away(&self) -> usize {
+        self.away.load(Ordering::SeqCst)
+    }
+
+    /// Leaves the window until the guard is dropped.
+    pub(crate) fn step_away(&self) -> AwayGuard<'_> {
+        self.away.fetch_add(1, Ordering::SeqCst);
+        self.left.notify_one();
+        AwayGuard(self)
+    }
+}
+
+/// A step's absence from its run's window (see [`Window::step_away`]).
+pub(crate) struct AwayGuard<'a>(&'a Window);
+
+impl Drop for AwayGuard<'_> {
+    fn drop(&mut self) {
+        self.0.away.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl RunCtx {
@@ -94,6 +139,7 @@ impl RunCtx {
         );
         Arc::new(RunCtx {
             values,
+            window: Window::default(),
             tokens_spent: AtomicU64::new(0),
             token_budget,
             tokens_held: AtomicU64::new(0),
@@ -150,6 +196,77 @@ enum NodeState {
 impl NodeState {
     fn is_final(&self) -> bool {
         !matches!(self, NodeState::Pending | NodeState::Running { .. })
+    }
+}
+
+/// A ready node's steps that have not started yet.
+enum Planned {
+    /// A node without `forEach`: its one step.
+    One(StepSpec),
+    /// A `forEach` node's items, each with its index, in order.
+    Items {
+        node: usize,
+        base: Context,
+        items: std::iter::Enumerate<std::vec::IntoIter<Value>>,
+    },
+}
+
+impl Planned {
+    fn len(&self) -> usize {
+        match self {
+            Planned::One(_) => 1,
+            Planned::Items { items, .. } => items.len(),
+        }
+    }
+}
+
+/// The planned steps of a run not started yet, in the order their nodes became ready; each
+/// becomes a step (its future, its rendered input, its place in the pool) only when the
+/// run's window has room.
+#[derive(Default)]
+struct Backlog(VecDeque<Planned>);
+
+impl Backlog {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn next(&mut self, bp: &Blueprint) -> Option<StepSpec> {
+        loop {
+            match self.0.front_mut()? {
+                Planned::One(_) => {
+                    if let Some(Planned::One(spec)) = self.0.pop_front() {
+                        return Some(spec);
+                    }
+                }
+                Planned::Items { node, base, items } => match items.next() {
+                    Some((n, item)) => {
+                        let node = *node;
+                        return Some(StepSpec {
+                            node,
+                            item: Some(n),
+                            key: format!("{}[{n}]", bp.nodes[node].id),
+                            context: base.with_item(item, n),
+                        });
+                    }
+                    None => {
+                        self.0.pop_front();
+                    }
+                },
+            }
+        }
+    }
+}
+
+type Inflight = FuturesUnordered<futures_util::future::BoxFuture<'static, StepResult>>;
+
+/// Starts planned steps while the run's window has room.
+fn start_steps(ctx: &Arc<RunCtx>, backlog: &mut Backlog, inflight: &mut Inflight, window: usize) {
+    while inflight.len().saturating_sub(ctx.window.away()) < window {
+        let Some(spec) = backlog.next(&ctx.blueprint) else {
+            break;
+        };
+        inflight.push(Box::pin(step::run_guarded(ctx.clone(), spec)));
     }
 }
 
@@ -249,8 +366,20 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     let mut graph = Readiness::new(&bp, &index);
     let finished = Finished::new(&bp);
     let mut summaries: Vec<StepSummary> = Vec::new();
-    let mut inflight: FuturesUnordered<futures_util::future::BoxFuture<'static, StepResult>> =
-        FuturesUnordered::new();
+    let mut inflight = Inflight::new();
+    let mut backlog = Backlog::default();
+    let local = inner
+        .pool
+        .concurrency()
+        .saturating_mul(STEPS_PER_WORKER)
+        .max(1);
+    // With a fleet, the steps go to the shared queue and every host's workers take them: the
+    // driver's own CONCURRENCY must not starve the others.
+    let window = if inner.fleet.is_some() {
+        local.max(FLEET_WINDOW)
+    } else {
+        local
+    };
     let mut failure: Option<(String, StepError)> = None;
     let mut timed_out = false;
     let mut tokens: u64 = 0;
@@ -274,21 +403,19 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                 }
                 let base = finished.context(&ctx.values);
                 match plan_node(&ctx, i, &base) {
-                    Ok(specs) if specs.is_empty() => {
+                    Ok(planned) if planned.len() == 0 => {
                         // A forEach over an empty list: done, with an empty output.
                         states[i] = NodeState::Done(Value::Array(Vec::new()));
                         graph.settle(i, &states[i], &finished);
                     }
-                    Ok(specs) => {
-                        let n = specs.len();
+                    Ok(planned) => {
+                        let n = planned.len();
                         states[i] = NodeState::Running {
                             remaining: n,
                             outputs: vec![Value::Null; n],
                             failed: None,
                         };
-                        for spec in specs {
-                            inflight.push(Box::pin(step::run_guarded(ctx.clone(), spec)));
-                        }
+                        backlog.0.push_back(planned);
                     }
                     Err(e) => {
                         let key = node.id.clone();
@@ -310,6 +437,9 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                 }
             }
         }
+        // What was planned starts as the window has room; once the run is stopping, the rest
+        // still pass through here and end at once as cancelled, recorded like before.
+        start_steps(&ctx, &mut backlog, &mut inflight, window);
         if inflight.is_empty() {
             break;
         }
@@ -326,6 +456,8 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                 inner.pool.remove_run(&run_id);
                 continue;
             }
+            // A step went to sleep out a backoff: another may take its place.
+            _ = ctx.window.left.notified(), if !backlog.is_empty() => continue,
         };
         let res = match res {
             Some(Some(r)) => r,
@@ -335,8 +467,12 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                 timed_out = true;
                 ctx.abort.cancel();
                 inner.pool.remove_run(&run_id);
-                // Drain what is in flight without a deadline.
-                while let Some(r) = inflight.next().await {
+                // Drain what is in flight, and what was planned, without a deadline.
+                loop {
+                    start_steps(&ctx, &mut backlog, &mut inflight, window);
+                    let Some(r) = inflight.next().await else {
+                        break;
+                    };
                     finish_step(
                         &ctx,
                         &mut states,
@@ -586,15 +722,15 @@ fn skip_reason(bp: &Blueprint, states: &[NodeState], needs: &[usize]) -> Option<
 }
 
 /// The steps of a ready node: one, or one per item of its `forEach`.
-fn plan_node(ctx: &RunCtx, i: usize, base: &Context) -> Result<Vec<StepSpec>, StepError> {
+fn plan_node(ctx: &RunCtx, i: usize, base: &Context) -> Result<Planned, StepError> {
     let node = &ctx.blueprint.nodes[i];
     let Some(for_each) = &node.for_each else {
-        return Ok(vec![StepSpec {
+        return Ok(Planned::One(StepSpec {
             node: i,
             item: None,
             key: node.id.clone(),
             context: base.clone(),
-        }]);
+        }));
     };
     let items = ctx.templates().eval_list_in(for_each, base)?;
     let max = ctx.inner.config.limits.max_items;
@@ -613,16 +749,11 @@ fn plan_node(ctx: &RunCtx, i: usize, base: &Context) -> Result<Vec<StepSpec>, St
         node: node.id.clone(),
         items: items.len(),
     });
-    Ok(items
-        .into_iter()
-        .enumerate()
-        .map(|(n, item)| StepSpec {
-            node: i,
-            item: Some(n),
-            key: format!("{}[{n}]", node.id),
-            context: base.with_item(item, n),
-        })
-        .collect())
+    Ok(Planned::Items {
+        node: i,
+        base: base.clone(),
+        items: items.into_iter().enumerate(),
+    })
 }
 
 fn record_skip(ctx: &RunCtx, i: usize, reason: &str, summaries: &mut Vec<StepSummary>) {

@@ -299,6 +299,8 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
                 });
                 tracing::warn!(run_id = %run_id, step = %spec.key, attempt, kind = %err.kind, wait_ms, error = %err.message, "attempt failed, retrying");
                 let scaled = ctx.inner.config.scaled(wait);
+                // Asleep, the step leaves its place in the run's window to another item.
+                let _away = ctx.window.step_away();
                 tokio::select! {
                     _ = tokio::time::sleep(scaled) => {}
                     _ = ctx.abort.cancelled() => break Err(StepError::cancelled()),

@@ -77,12 +77,55 @@ const KEEP_FILES: usize = 14;
 pub struct LogGuard {
     _worker: WorkerGuard,
     dir: PathBuf,
+    problem: Problem,
 }
 
 impl LogGuard {
     /// The directory the log files are written to.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The first failure to write a log line since logging started (a full disk, a `LOG_DIR`
+    /// taken away), worded with its fix: those lines are lost, and the user should hear so.
+    pub fn write_problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+type Problem = Arc<std::sync::Mutex<Option<String>>>;
+
+/// The log file writer, keeping its first failure for [`LogGuard::write_problem`]: the
+/// background thread that drives it drops a failed line without a word.
+struct Reporting<W> {
+    inner: W,
+    dir: PathBuf,
+    problem: Problem,
+}
+
+impl<W> Reporting<W> {
+    fn note(&self, e: &io::Error) {
+        let mut slot = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(format!(
+                "could not write logs to {} ({}): lines were lost; free space there, or set LOG_DIR to a writable directory",
+                self.dir.display(),
+                io_reason(e)
+            ));
+        }
+    }
+}
+
+impl<W: Write> Write for Reporting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|e| self.note(e))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|e| self.note(e))
     }
 }
 
@@ -214,9 +257,14 @@ where
             dir: log_dir.to_path_buf(),
             reason: e.to_string(),
         })?;
+    let problem = Problem::default();
     let (file_writer, worker) = NonBlockingBuilder::default()
         .thread_name("omniflow-log")
-        .finish(appender);
+        .finish(Reporting {
+            inner: appender,
+            dir: log_dir.to_path_buf(),
+            problem: problem.clone(),
+        });
 
     let redactor = Arc::new(Redactor::new(secrets));
     let file_layer = tracing_subscriber::fmt::layer()
@@ -237,6 +285,7 @@ where
     let guard = LogGuard {
         _worker: worker,
         dir: log_dir.to_path_buf(),
+        problem,
     };
     Ok((subscriber, guard))
 }

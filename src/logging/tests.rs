@@ -233,3 +233,36 @@ fn stderr_gets_redacted_human_lines_at_its_level() {
         "human-readable: {text}"
     );
 }
+
+#[test]
+fn a_failed_log_write_is_kept_with_log_dir_and_its_fix() {
+    struct Full;
+    impl std::io::Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(28)) // ENOSPC
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    use std::io::Write as _;
+    let problem = super::Problem::default();
+    let mut w = super::Reporting {
+        inner: Full,
+        dir: std::path::PathBuf::from("/var/log/omniflow"),
+        problem: problem.clone(),
+    };
+    assert!(w.write(b"a line\n").is_err());
+    assert!(w.write(b"another\n").is_err());
+    let told = problem
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the failure is kept");
+    assert!(told.contains("/var/log/omniflow"), "{told}");
+    assert!(told.contains("No space left on device"), "{told}");
+    assert!(
+        told.contains("set LOG_DIR to a writable directory"),
+        "{told}"
+    );
+}

@@ -74,7 +74,7 @@ pub(crate) async fn send_part(
         .map_err(|e| transport("Discord", &e))?;
     let status = resp.status().as_u16();
     let header_wait = crate::retry::retry_after_header(resp.headers());
-    let reply: Value = resp.json().await.unwrap_or(Value::Null);
+    let reply = super::read_reply(resp, "Discord", "DISCORD_WEBHOOK").await?;
     if (200..300).contains(&status) {
         return Ok(reply.get("id").cloned().unwrap_or(Value::Null));
     }

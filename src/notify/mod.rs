@@ -425,6 +425,50 @@ pub(crate) fn transport(service: &str, e: &reqwest::Error) -> StepError {
     StepError::new(kind, format!("could not reach {service} ({text}{source})"))
 }
 
+/// The most of a Telegram or Discord reply that is read. Theirs are a few KB (the message
+/// echoed back, at most a few thousand characters); anything larger is not from them (a wrong
+/// `TELEGRAM_API_URL`, a proxy's page) and must not fill the process's memory.
+pub(crate) const MAX_REPLY_BYTES: usize = 1024 * 1024;
+
+/// Reads a service's JSON reply, at most [`MAX_REPLY_BYTES`]: `Null` for a body that is not
+/// JSON or breaks off (the caller judges by the status), an error for a larger one, refused
+/// as soon as it is known to be (its `Content-Length`, or the byte past the cap).
+pub(crate) async fn read_reply(
+    mut resp: reqwest::Response,
+    service: &str,
+    setting: &str,
+) -> Result<Value, StepError> {
+    let too_big = || {
+        StepError::new(
+            ErrorKind::BadResponse,
+            format!(
+                "{service} sent a reply larger than {} MiB, which no {service} reply is; refused — check {setting}",
+                MAX_REPLY_BYTES >> 20
+            ),
+        )
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_REPLY_BYTES as u64)
+    {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_REPLY_BYTES {
+                    return Err(too_big());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(_) => return Ok(Value::Null),
+        }
+    }
+    Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
 /// Splits plain text into pieces of at most `limit` characters, between words when possible.
 pub fn split_text(text: &str, limit: usize) -> Vec<String> {
     split(text, limit, Markup::Plain)

@@ -52,7 +52,7 @@ pub(crate) async fn send_part(
         .map_err(|e| transport("Telegram", &e))?;
     let status = resp.status().as_u16();
     let header_wait = crate::retry::retry_after_header(resp.headers());
-    let reply: Value = resp.json().await.unwrap_or(Value::Null);
+    let reply = super::read_reply(resp, "Telegram", "TELEGRAM_API_URL").await?;
     if reply["ok"].as_bool() == Some(true) {
         return Ok(reply["result"]["message_id"].clone());
     }

@@ -164,25 +164,38 @@ pub(crate) fn too_big(link: Link, url: &str) -> StepError {
 
 /// Splits a byte stream into lines (`\n`, with an optional `\r` before it), whatever the
 /// chunk boundaries: a chunk may end in the middle of a line or of a UTF-8 character.
+///
+/// Linear in the bytes pushed: each byte is looked at once for a newline (a long line
+/// arriving in many chunks is not rescanned from its start), and the lines a chunk completes
+/// are cut from the buffer in one move.
 #[derive(Debug, Default)]
 pub(crate) struct Lines {
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline.
+    scanned: usize,
 }
 
 impl Lines {
     pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
-        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=i).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+        let mut start = 0;
+        let mut from = self.scanned;
+        while let Some(off) = self.buf[from..].iter().position(|&b| b == b'\n') {
+            let end = from + off;
+            let text = String::from_utf8_lossy(&self.buf[start..end]);
             out.push(text.trim_end_matches('\r').to_string());
+            start = end + 1;
+            from = start;
         }
+        self.buf.drain(..start);
+        self.scanned = self.buf.len();
         out
     }
 
     /// What is left after the last newline (a last line without one).
     pub fn rest(&mut self) -> Option<String> {
+        self.scanned = 0;
         let t = String::from_utf8_lossy(&std::mem::take(&mut self.buf))
             .trim()
             .to_string();
@@ -570,6 +583,27 @@ mod tests {
             );
             assert_eq!(l.rest().as_deref(), Some("tail"));
         }
+    }
+
+    #[test]
+    fn a_long_line_in_many_chunks_and_many_lines_in_one_chunk() {
+        // A 1 MB line arriving 1 KB at a time, then 10,000 short lines in one chunk.
+        let long = "x".repeat(1 << 20);
+        let mut l = Lines::default();
+        let mut got = Vec::new();
+        for piece in long.as_bytes().chunks(1024) {
+            got.extend(l.push(piece));
+        }
+        assert!(got.is_empty(), "no newline yet");
+        got.extend(l.push(b"\r\n"));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].len(), long.len());
+        let many: String = (0..10_000).map(|i| format!("line {i}\n")).collect();
+        let got = l.push(format!("{many}half").as_bytes());
+        assert_eq!(got.len(), 10_000);
+        assert_eq!(got[9_999], "line 9999");
+        assert_eq!(l.push(b" a line\n"), vec!["half a line"]);
+        assert_eq!(l.rest(), None);
     }
 
     #[test]

@@ -484,6 +484,8 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
     let finished = |key: &str, status: StepStatus, out: &str| {
         let mut e = step_end("r", key, status);
         e.output = Some(json!(out));
+        e.reply_model = Some(format!("model-{key}"));
+        e.finish_reason = Some("stop".into());
         Op::StepFinished(Box::new(e))
     };
     let progress = |n: u32| Op::RunProgress {
@@ -503,6 +505,10 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
             },
             queued("done", 60),
             finished("done", StepStatus::Success, "first"),
+            // Queued by an earlier batch, as a fan-out queues all its items first.
+            queued("e", 61),
+            queued("f", 62),
+            queued("g", 63),
         ]
     };
     let batch = || {
@@ -534,6 +540,14 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
             queued("done", 170),
             started("done", 1, 175),
             finished("done", StepStatus::Success, "second"),
+            // Queued before: its start and end become one write, its attempt stays.
+            started("e", 1, 180),
+            attempt("e", 1, true),
+            finished("e", StepStatus::Error, "E"),
+            // Queued and started before: only its end.
+            finished("f", StepStatus::Success, "F"),
+            // Queued before, still running.
+            started("g", 1, 185),
             progress(3),
             Op::RunFinished(Box::new(end("r", RunStatus::Success, 900))),
         ]
@@ -554,8 +568,8 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
     }
     apply(&mut coalesced, &setup());
     let folded = coalesce(batch());
-    // a: 3 writes → 1; b: 2 → 1; done: 3 → 1; progress: 3 → 0.
-    assert_eq!(folded.len(), batch().len() - 2 - 1 - 2 - 3, "{}", {
+    // a: 3 writes → 1; b: 2 → 1; done: 3 → 1; e: 2 → 1; progress: 3 → 0.
+    assert_eq!(folded.len(), batch().len() - 2 - 1 - 2 - 1 - 3, "{}", {
         folded
             .iter()
             .map(Op::describe)
@@ -566,6 +580,11 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
     let (want, got) = (dump(&one_by_one), dump(&coalesced));
     assert_eq!(want, got);
     assert!(want.iter().any(|l| l.contains("first")), "{want:#?}");
+    assert!(
+        want.iter()
+            .any(|l| l.contains("model-a") && l.contains("\"stop\"")),
+        "a coalesced step keeps what the server said about its answer: {want:#?}"
+    );
     assert!(want
         .iter()
         .any(|l| l.starts_with("runner_steps") && l.contains("\"running\"")));

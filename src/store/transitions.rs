@@ -43,6 +43,14 @@ pub(crate) enum Op {
     /// Several transitions of one step that arrived in the same batch, written as one row
     /// (see [`coalesce`]); never queued by the store itself.
     StepRecorded(Box<StepRecord>),
+    /// A step's start and end that arrived in one batch after its queuing had been written by
+    /// an earlier one: one write instead of two (see [`coalesce`]); never queued by the store
+    /// itself.
+    StepRan {
+        /// The first start in the batch, and the last attempt number seen.
+        started: (SystemTime, u32),
+        end: Box<StepEnd>,
+    },
     RunProgress {
         run_id: String,
         steps_done: u32,
@@ -85,6 +93,7 @@ impl Op {
             Op::StepRecorded(r) => {
                 format!("step_recorded {} {}", r.queued.run_id, r.queued.step_key)
             }
+            Op::StepRan { end, .. } => format!("step_ran {} {}", end.run_id, end.step_key),
             Op::RunProgress { run_id, .. } => format!("run_progress {run_id}"),
             Op::Heartbeat(_) => "heartbeat".into(),
             Op::ProcessStopped { .. } => "process_stopped".into(),
@@ -128,7 +137,7 @@ impl Op {
             Op::StepStarted { .. } => "the step is unknown or already finished",
             Op::StepRetrying { .. } => "the step is not running",
             Op::AttemptFinished(_) => "the step is unknown, or this attempt is already recorded",
-            Op::StepFinished(_) | Op::StepRecorded(_) => {
+            Op::StepFinished(_) | Op::StepRecorded(_) | Op::StepRan { .. } => {
                 "the run is unknown or the step already finished"
             }
             Op::ProcessStopped { .. } => "this process was not recorded as running",
@@ -168,6 +177,7 @@ impl Op {
             Op::AttemptFinished(a) => attempt_finished(tx, a),
             Op::StepFinished(s) => step_finished(tx, s),
             Op::StepRecorded(r) => step_recorded(tx, r),
+            Op::StepRan { started, end } => step_ran(tx, *started, end),
             Op::RunProgress {
                 run_id,
                 steps_done,
@@ -424,7 +434,14 @@ fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
                 .map(iso8601)
         })
         .flatten();
-    // The SELECT needs its WHERE for SQLite to parse the upsert clause unambiguously.
+    // The usual case, a step recorded before and not final yet, is one update by key.
+    let n = finish_existing(tx, s, started.as_deref())?;
+    if n > 0 {
+        return Ok(n);
+    }
+    // No row yet (a step that never ran: skipped, or failed before it started), or a final
+    // one, which the upsert's guard leaves alone. The SELECT needs its WHERE for SQLite to
+    // parse the upsert clause unambiguously.
     let n = tx
         .prepare_cached(
             "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
@@ -468,6 +485,57 @@ fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
     Ok(n)
 }
 
+/// A step that is recorded and not final yet → its final state, `started_at` kept when set,
+/// else `started`. The number of rows changed: 0 when the row is missing or final.
+fn finish_existing(
+    tx: &Transaction<'_>,
+    s: &StepEnd,
+    started: Option<&str>,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "UPDATE runner_steps
+         SET status = ?3, attempts = ?4, output = ?5, error_kind = ?6, error = ?7,
+             tokens_used = ?8, cached = ?9, provider = ?10, model = ?11, reply_model = ?12,
+             finish_reason = ?13, started_at = COALESCE(started_at, ?14), finished_at = ?15,
+             duration_ms = ?16
+         WHERE run_id = ?1 AND step_key = ?2 AND status IN ('pending', 'running', 'retrying')",
+    )?
+    .execute(params![
+        s.run_id,
+        s.step_key,
+        s.status.as_str(),
+        s.attempts,
+        s.output.as_ref().and_then(json),
+        s.error_kind.map(|k| k.as_str()),
+        s.error,
+        saturating_i64(s.tokens_used),
+        s.cached,
+        s.provider,
+        s.model,
+        s.reply_model,
+        s.finish_reason,
+        started,
+        iso8601(s.finished_at),
+        saturating_i64(s.duration_ms),
+    ])
+}
+
+/// A step's start and its end, written as one: where the step's row exists and is not
+/// final, what `step_started` and then `step_finished` leave. Where it is missing or final,
+/// the start alone would have changed nothing, so this is `step_finished` exactly.
+fn step_ran(tx: &Transaction<'_>, (started, attempt): (SystemTime, u32), s: &StepEnd) -> Applied {
+    if !s.status.is_final() {
+        // Never built so by `coalesce`; kept correct anyway.
+        step_started(tx, &s.run_id, &s.step_key, attempt, started)?;
+        return step_finished(tx, s);
+    }
+    let n = finish_existing(tx, s, Some(&iso8601(started)))?;
+    if n > 0 {
+        return Ok(n);
+    }
+    step_finished(tx, s)
+}
+
 /// Counters of a run in flight.
 fn run_progress(tx: &Transaction<'_>, run_id: &str, steps_done: u32, tokens_used: u64) -> Applied {
     let n = tx
@@ -484,8 +552,12 @@ fn run_progress(tx: &Transaction<'_>, run_id: &str, steps_done: u32, tokens_used
 ///   when the run's end (which carries the same counters) follows in the batch;
 /// - a step queued in this batch whose later transitions (start, end) are in the batch too
 ///   becomes one [`Op::StepRecorded`] at the place of its queuing, so the attempts that
-///   follow still find their step. A step that retried, or whose transitions arrive in an
-///   unusual order, is left alone.
+///   follow still find their step;
+/// - a step queued by an earlier batch whose start and end are both in this one becomes one
+///   [`Op::StepRan`] at the place of its end (a fan-out queues all its steps first, so this
+///   is how most of its steps end).
+///
+/// A step that retried, or whose transitions arrive in an unusual order, is left alone.
 ///
 /// The batch is one transaction, so nobody can see the states in between: the database ends
 /// in the same state either way. Linear in the batch.
@@ -525,7 +597,7 @@ pub(crate) fn coalesce(ops: Vec<Op>) -> Vec<Op> {
                     run_id, step_key, ..
                 } => {
                     let e = steps.entry((run_id, step_key)).or_default();
-                    if e.queued.is_none() || e.finished.is_some() {
+                    if e.finished.is_some() {
                         e.mixed = true;
                     }
                     e.started.push(i);
@@ -535,7 +607,7 @@ pub(crate) fn coalesce(ops: Vec<Op>) -> Vec<Op> {
                 }
                 Op::StepFinished(s) => {
                     let e = steps.entry((&s.run_id, &s.step_key)).or_default();
-                    if e.queued.is_none() || e.finished.is_some() || !s.status.is_final() {
+                    if e.finished.is_some() || !s.status.is_final() {
                         e.mixed = true;
                     }
                     e.finished = Some(i);
@@ -544,24 +616,23 @@ pub(crate) fn coalesce(ops: Vec<Op>) -> Vec<Op> {
             }
         }
     }
-    let mut merge: Vec<(usize, Vec<usize>, Option<usize>)> = Vec::new();
-    for e in steps.into_values() {
-        if let (Some(q), false) = (e.queued, e.mixed) {
-            if !e.started.is_empty() || e.finished.is_some() {
-                merge.push((q, e.started, e.finished));
-            }
-        }
-    }
+    let mut merge: Vec<StepOps> = steps
+        .into_values()
+        .filter(|e| {
+            !e.mixed
+                && match e.queued {
+                    Some(_) => !e.started.is_empty() || e.finished.is_some(),
+                    None => !e.started.is_empty() && e.finished.is_some(),
+                }
+        })
+        .collect();
     if merge.is_empty() && !drop.contains(&true) {
         return ops;
     }
     let mut slots: Vec<Option<Op>> = ops.into_iter().map(Some).collect();
-    for (q, started, finished) in merge {
-        let Some(Op::StepQueued(queued)) = slots[q].take() else {
-            continue;
-        };
+    for e in merge.drain(..) {
         let mut first: Option<(SystemTime, u32)> = None;
-        for i in started {
+        for i in e.started {
             if let Some(Op::StepStarted { attempt, at, .. }) = slots[i].take() {
                 first = Some(match first {
                     Some((t, _)) => (t, attempt),
@@ -569,15 +640,28 @@ pub(crate) fn coalesce(ops: Vec<Op>) -> Vec<Op> {
                 });
             }
         }
-        let end = finished.and_then(|i| match slots[i].take() {
-            Some(Op::StepFinished(end)) => Some(*end),
+        let end = e.finished.and_then(|i| match slots[i].take() {
+            Some(Op::StepFinished(end)) => Some(end),
             _ => None,
         });
-        slots[q] = Some(Op::StepRecorded(Box::new(StepRecord {
-            queued: *queued,
-            started: first,
-            end,
-        })));
+        match (e.queued, e.finished) {
+            (Some(q), _) => {
+                let Some(Op::StepQueued(queued)) = slots[q].take() else {
+                    continue;
+                };
+                slots[q] = Some(Op::StepRecorded(Box::new(StepRecord {
+                    queued: *queued,
+                    started: first,
+                    end: end.map(|e| *e),
+                })));
+            }
+            (None, Some(f)) => {
+                if let (Some(started), Some(end)) = (first, end) {
+                    slots[f] = Some(Op::StepRan { started, end });
+                }
+            }
+            (None, None) => {}
+        }
     }
     slots
         .into_iter()
@@ -633,16 +717,19 @@ fn step_recorded(tx: &Transaction<'_>, r: &StepRecord) -> Applied {
         .prepare_cached(
             "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
                  input, output, error_kind, error, tokens_used, cached, provider, model,
-                 queued_at, started_at, finished_at, duration_ms, seq)
+                 queued_at, started_at, finished_at, duration_ms, reply_model, finish_reason,
+                 seq)
              SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                    ?18, COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
+                    ?18, ?19, ?20,
+                    COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
              WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
              ON CONFLICT (run_id, step_key) DO UPDATE SET
                  status = excluded.status, attempts = excluded.attempts,
                  output = excluded.output, error_kind = excluded.error_kind,
                  error = excluded.error, tokens_used = excluded.tokens_used,
                  cached = excluded.cached, provider = excluded.provider,
-                 model = excluded.model,
+                 model = excluded.model, reply_model = excluded.reply_model,
+                 finish_reason = excluded.finish_reason,
                  started_at = COALESCE(runner_steps.started_at, excluded.started_at),
                  finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
              WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
@@ -666,6 +753,8 @@ fn step_recorded(tx: &Transaction<'_>, r: &StepRecord) -> Applied {
             started,
             iso8601(s.finished_at),
             saturating_i64(s.duration_ms),
+            s.reply_model,
+            s.finish_reason,
         ])?;
     Ok(n)
 }

@@ -465,7 +465,12 @@ pub struct DetailState {
 
 /// Rows of the steps table when it is stacked above the step's text (narrow terminals).
 pub fn detail_steps_rows(body_h: u16, steps: usize) -> u16 {
-    (steps as u16 + 3).min(body_h * 2 / 5).max(4)
+    // Saturating: a run of more than 65,532 steps must not wrap to a tiny table.
+    u16::try_from(steps)
+        .unwrap_or(u16::MAX)
+        .saturating_add(3)
+        .min(body_h * 2 / 5)
+        .max(4)
 }
 
 /// Process memory as the memory pane shows it.

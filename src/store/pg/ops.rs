@@ -94,10 +94,7 @@ pub(crate) fn apply(
         } => exec(
             tx,
             st,
-            "UPDATE runner_steps
-             SET status = 'running', attempts = $3, started_at = COALESCE(started_at, $4)
-             WHERE run_id = $1 AND step_key = $2
-               AND status IN ('pending', 'retrying', 'running')",
+            STEP_STARTED,
             &[run_id, step_key, &i64::from(*attempt), &ms_time(*at)],
         ),
         Op::StepRetrying { run_id, step_key } => exec(
@@ -109,6 +106,25 @@ pub(crate) fn apply(
         ),
         Op::AttemptFinished(a) => attempt_finished(tx, st, a),
         Op::StepFinished(s) => step_finished(tx, st, s),
+        // The SQLite writer folds these into one UPDATE; here the start and the end are
+        // applied in turn, with the same guards.
+        Op::StepRan {
+            started: (at, attempt),
+            end,
+        } => {
+            exec(
+                tx,
+                st,
+                STEP_STARTED,
+                &[
+                    &end.run_id,
+                    &end.step_key,
+                    &i64::from(*attempt),
+                    &ms_time(*at),
+                ],
+            )?;
+            step_finished(tx, st, end)
+        }
         Op::StepRecorded(r) => step_recorded(tx, st, r),
         Op::RunProgress {
             run_id,
@@ -524,3 +540,8 @@ impl HeartbeatRow {
         ]
     }
 }
+
+/// A non-final step → `running`; its first start is kept.
+const STEP_STARTED: &str = "UPDATE runner_steps
+     SET status = 'running', attempts = $3, started_at = COALESCE(started_at, $4)
+     WHERE run_id = $1 AND step_key = $2 AND status IN ('pending', 'retrying', 'running')";

@@ -142,6 +142,9 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
         );
         return;
     }
+    // The store's timestamps sort like time (ISO-8601 UTC, fixed width), so the run's first
+    // start and last end are found without parsing every step's: a frame of a 10,000-step
+    // run parses two timestamps here, and those of the rows it shows.
     let t0 = data
         .steps
         .iter()
@@ -163,9 +166,15 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
         (Some(a), Some(b)) if b > a => Some((a, b - a)),
         _ => None,
     };
+    // Only the rows the table shows are built: the window ratatui's table would scroll to
+    // with the selection on screen (the header takes one row, every step row one).
+    let selected = d.selected.min(data.steps.len() - 1);
+    let (first, shown) = visible_rows(selected, inner.height.saturating_sub(1) as usize);
     let rows: Vec<Row> = data
         .steps
         .iter()
+        .skip(first)
+        .take(shown)
         .map(|s| {
             let bar = match (span, s.started_at.and_then(ms_of)) {
                 (Some((a, total)), Some(st)) => {
@@ -214,8 +223,16 @@ fn steps_table(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area
         .header(Row::new(header).style(th.dimmed()))
         .row_highlight_style(th.selected())
         .highlight_symbol("▸");
-    let mut state = TableState::default().with_selected(Some(d.selected.min(data.steps.len() - 1)));
+    let mut state = TableState::default().with_selected(Some(selected - first));
     f.render_stateful_widget(table, inner, &mut state);
+}
+
+/// The first row and the number of rows a table `height` rows high shows with `selected` on
+/// screen, scrolled as little as possible from the top (as ratatui's table scrolls from a
+/// fresh state): the selection on the last line once it is past the first screen.
+fn visible_rows(selected: usize, height: usize) -> (usize, usize) {
+    let height = height.max(1);
+    (selected.saturating_sub(height - 1), height)
 }
 
 fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: Rect) {
@@ -369,8 +386,7 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
 /// `3 (1 ok, 1 error, 1 cancelled)`.
 fn step_counts(d: &RunDetail) -> String {
     use crate::events::StepStatus;
-    let mut parts = Vec::new();
-    for (st, label) in [
+    const SHOWN: [(StepStatus, &str); 7] = [
         (StepStatus::Success, "ok"),
         (StepStatus::Error, "error"),
         (StepStatus::Running, "running"),
@@ -378,8 +394,16 @@ fn step_counts(d: &RunDetail) -> String {
         (StepStatus::Pending, "pending"),
         (StepStatus::Skipped, "skipped"),
         (StepStatus::Cancelled, "cancelled"),
-    ] {
-        let n = d.steps.iter().filter(|s| s.status == st).count();
+    ];
+    // One pass over the steps, whatever their number.
+    let mut counts = [0usize; SHOWN.len()];
+    for s in &d.steps {
+        if let Some(i) = SHOWN.iter().position(|(st, _)| *st == s.status) {
+            counts[i] += 1;
+        }
+    }
+    let mut parts = Vec::new();
+    for ((_, label), n) in SHOWN.iter().zip(counts) {
         if n > 0 {
             parts.push(format!("{n} {label}"));
         }
