@@ -76,7 +76,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
         started_at    TIMESTAMPTZ,
         finished_at   TIMESTAMPTZ,
         duration_ms   BIGINT,
-        seq           BIGINT NOT NULL,
+        -- Insertion order: graph order for display. One sequence for the whole table (not
+        -- MAX(seq) + 1 per run as on SQLite): no lookup per insert, and processes inserting
+        -- steps of one run at once still get distinct, ordered values.
+        seq           BIGSERIAL,
         reply_model   TEXT,
         finish_reason TEXT,
         PRIMARY KEY (run_id, step_key)
