@@ -62,6 +62,9 @@ type Job = Box<dyn FnOnce(&mut Conn) + Send>;
 pub(crate) struct Conn {
     target: PgTarget,
     client: Option<Client>,
+    /// Readers plan each query with its parameters (see [`tune`]); the writer keeps
+    /// PostgreSQL's plan cache for its few fixed statements.
+    custom_plans: bool,
     /// The writer's prepared statements on `client`.
     statements: super::ops::Statements,
 }
@@ -71,6 +74,7 @@ impl Conn {
         Conn {
             target,
             client: None,
+            custom_plans: true,
             statements: Default::default(),
         }
     }
@@ -81,7 +85,9 @@ impl Conn {
             self.client = None;
             self.statements.clear();
             let mut c = self.target.connect()?;
-            tune(&mut c);
+            if self.custom_plans {
+                tune(&mut c);
+            }
             self.client = Some(c);
         }
         self.client
@@ -129,11 +135,11 @@ impl Conn {
     }
 }
 
-/// Plans every statement with its parameters and the table's current size. A prepared
-/// statement's generic plan is fixed when the tables are still small (a new database, right
-/// after its migration) and would scan whole tables once they have grown, until an autovacuum
-/// analyze happens to invalidate it; planning each time costs microseconds. PostgreSQL 11 has
-/// no such setting and keeps its default.
+/// Plans every query with its parameters and the tables' current size: the history's
+/// filtered pages differ a lot in which index suits them, and a generic plan fixed while the
+/// tables were small would stay. For readers only (planning costs a little on every query;
+/// the writer's statements each have one right plan, see the schema). PostgreSQL 11 has no
+/// such setting and keeps its default.
 fn tune(c: &mut Client) {
     if let Err(e) = c.batch_execute("SET plan_cache_mode = force_custom_plan") {
         tracing::debug!(error = %e, "plan_cache_mode is not available; keeping the default");
@@ -208,8 +214,6 @@ impl PgBackend {
                     .connect()
                     .map_err(|message| StoreError::Unavailable { message })?;
                 super::schema::migrate(&mut client, &t)?;
-                // Here, not on the caller's thread: the caller may be on a tokio runtime.
-                tune(&mut client);
                 Ok(client)
             })
             .map_err(|e| thread_error(target, e))?
@@ -220,6 +224,7 @@ impl PgBackend {
         let (tx, rx) = mpsc::channel();
         let writer = {
             let mut conn = Conn::new(target.clone());
+            conn.custom_plans = false;
             conn.client = Some(client);
             std::thread::Builder::new()
                 .name("omniflow-pg-writer".into())

@@ -84,7 +84,9 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
         finish_reason TEXT,
         PRIMARY KEY (run_id, step_key)
     );
-    CREATE INDEX runner_steps_seq ON runner_steps (run_id, seq);
+    -- No (run_id, seq) index, unlike SQLite: the primary key serves a run's steps (sorted by
+    -- seq after), and a second index led by run_id lets a plan made while the table was empty
+    -- look a step up by run_id alone, scanning all of a large run's steps for each write.
 
     CREATE TABLE runner_attempts (
         run_id      TEXT COLLATE "C" NOT NULL,
