@@ -403,14 +403,10 @@ fn write_loop(mut conn: Conn, rx: Receiver<PgMsg>, shared: Arc<Shared>, owner: S
         }
     }
     if !held.is_empty() {
-        // Closing while the server is away: a last few tries, then the writes are lost
-        // (reported), as the process is going away.
-        for _ in 0..6 {
-            if apply_batch(&mut conn, &held, &shared, &proc, &shown) {
-                held.clear();
-                break;
-            }
-            std::thread::sleep(DOWN_RETRY);
+        // Closing while the server is away: one last try (itself reconnecting for up to
+        // RECONNECT_FOR), then the writes are lost (reported), as the process is going away.
+        if apply_batch(&mut conn, &held, &shared, &proc, &shown) {
+            held.clear();
         }
         if !held.is_empty() {
             fail(
