@@ -489,7 +489,7 @@ mod tests {
         let c = Config::from_vars(&vars(&[("DB_FILE", "h.db")])).unwrap();
         assert!(matches!(
             c.database(),
-            Ok(crate::store::Location::Sqlite(p)) if p == PathBuf::from("h.db")
+            Ok(crate::store::Location::Sqlite(p)) if p == std::path::Path::new("h.db")
         ));
         let c = Config::from_vars(&vars(&[(
             "DATABASE_URL",
