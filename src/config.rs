@@ -569,6 +569,35 @@ mod tests {
     }
 
     #[test]
+    fn database_url_selects_postgres_and_never_shows_its_password() {
+        let c = Config::from_vars(&vars(&[("DB_FILE", "h.db")])).unwrap();
+        assert!(matches!(
+            c.database(),
+            Ok(crate::store::Location::Sqlite(p)) if p == std::path::Path::new("h.db")
+        ));
+        let c = Config::from_vars(&vars(&[(
+            "DATABASE_URL",
+            "postgres://fleet:Hunter2Secret@db.example:5432/omniflow",
+        )]))
+        .unwrap();
+        let Ok(crate::store::Location::Postgres(t)) = c.database() else {
+            panic!("a postgres:// URL means PostgreSQL");
+        };
+        assert_eq!(t.shown(), "postgres://fleet:***@db.example:5432/omniflow");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("Hunter2Secret"), "{shown}");
+        assert!(shown.contains("postgres://fleet:***@db.example"), "{shown}");
+
+        // Set but not PostgreSQL: an error naming the fix, never SQLite, never the password.
+        let c =
+            Config::from_vars(&vars(&[("DATABASE_URL", "mysql://u:Hunter2Secret@h/db")])).unwrap();
+        let err = c.database().unwrap_err();
+        assert!(err.contains("not postgres://"), "{err}");
+        assert!(!err.contains("Hunter2Secret"), "{err}");
+        assert!(!format!("{c:?}").contains("Hunter2Secret"));
+    }
+
+    #[test]
     fn the_default_config_is_the_empty_environment() {
         let d = Config::default();
         assert_eq!(d.concurrency, 40);

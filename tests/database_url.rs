@@ -260,3 +260,48 @@ fn migrate_copies_the_sqlite_history_once_and_resumes() {
     let out = env.run_sqlite(&["migrate"]);
     assert_eq!(out.status.code(), Some(2), "no target: {}", text(&out));
 }
+
+#[test]
+fn a_user_who_may_not_create_tables_is_told_the_grant() {
+    let Some(db) = ScratchDb::new("database_url_grant") else {
+        return;
+    };
+    let role = format!("omniflow_t_nocreate_{}", std::process::id());
+    let mut admin = db.target().connect().unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{SECRET}';
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+             REVOKE CREATE ON SCHEMA public FROM {role};"
+        ))
+        .unwrap();
+    let url = db
+        .url()
+        .replacen("postgres@", &format!("{role}:{SECRET}@"), 1);
+    let env = Env::new();
+
+    let doctor = env.run(&url, &["doctor"]);
+    let all = text(&doctor);
+    assert_ne!(doctor.status.code(), Some(0), "{all}");
+    assert!(all.contains("✓ connection"), "{all}");
+    assert!(all.contains("✗ privileges"), "{all}");
+    assert!(
+        all.contains(&format!("GRANT USAGE, CREATE ON SCHEMA public TO {role}")),
+        "{all}"
+    );
+    assert_hidden("doctor", &all);
+
+    let out = env.run(&url, &["runs"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(all.contains("grant the user CREATE"), "{all}");
+    assert_hidden("runs", &all);
+
+    drop(admin);
+    drop(db);
+    // The role outlives the database; remove it so the server is left as found.
+    let server = ScratchDb::new("database_url_grant_cleanup").unwrap();
+    let mut c = server.target().connect().unwrap();
+    c.batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+        .unwrap();
+}

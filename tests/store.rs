@@ -1061,3 +1061,31 @@ fn backup_on_postgres_says_to_use_pg_dump() {
         Some(db.target().shown())
     );
 }
+
+#[test]
+fn on_postgres_a_host_whose_clock_is_wrong_still_holds_its_runs() {
+    use omniflow::store::Claim;
+    let Some(db) = ScratchDb::new("db_clock") else {
+        return;
+    };
+    let lease = Duration::from_secs(60);
+    let a = Store::open_postgres_as(db.target(), "skewed-host:7:0".into()).unwrap();
+    let b = Store::open_postgres_as(db.target(), "other-host:8:0".into()).unwrap();
+    // A's clock says 1970: the heartbeat's time is the database's, not A's.
+    a.heartbeat(omniflow::store::Health {
+        at: UNIX_EPOCH,
+        ..health("daemon")
+    });
+    a.insert_run(new_run("r1", "alpha", 0));
+    a.flush_blocking();
+    let procs = b.processes(lease).unwrap();
+    assert!(
+        procs.iter().any(|p| p.id == "skewed-host:7:0" && p.alive),
+        "{procs:?}"
+    );
+    assert!(b.orphaned_runs(lease).unwrap().is_empty());
+    assert!(matches!(
+        block_on(b.claim_run("r1", lease, 3)).unwrap(),
+        Claim::Live { .. }
+    ));
+}

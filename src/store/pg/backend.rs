@@ -62,6 +62,9 @@ type Job = Box<dyn FnOnce(&mut Conn) + Send>;
 pub(crate) struct Conn {
     target: PgTarget,
     client: Option<Client>,
+    /// Readers plan each query with its parameters (see [`tune`]); the writer keeps
+    /// PostgreSQL's plan cache for its few fixed statements.
+    custom_plans: bool,
     /// The writer's prepared statements on `client`.
     statements: super::ops::Statements,
 }
@@ -71,6 +74,7 @@ impl Conn {
         Conn {
             target,
             client: None,
+            custom_plans: true,
             statements: Default::default(),
         }
     }
@@ -80,7 +84,10 @@ impl Conn {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
             self.statements.clear();
-            let c = self.target.connect()?;
+            let mut c = self.target.connect()?;
+            if self.custom_plans {
+                tune(&mut c);
+            }
             self.client = Some(c);
         }
         self.client
@@ -125,6 +132,17 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+/// Plans every query with its parameters and the tables' current size: the history's
+/// filtered pages differ a lot in which index suits them, and a generic plan fixed while the
+/// tables were small would stay. For readers only (planning costs a little on every query;
+/// the writer's statements each have one right plan, see the schema). PostgreSQL 11 has no
+/// such setting and keeps its default.
+fn tune(c: &mut Client) {
+    if let Err(e) = c.batch_execute("SET plan_cache_mode = force_custom_plan") {
+        tracing::debug!(error = %e, "plan_cache_mode is not available; keeping the default");
     }
 }
 
@@ -206,6 +224,7 @@ impl PgBackend {
         let (tx, rx) = mpsc::channel();
         let writer = {
             let mut conn = Conn::new(target.clone());
+            conn.custom_plans = false;
             conn.client = Some(client);
             std::thread::Builder::new()
                 .name("omniflow-pg-writer".into())
@@ -404,14 +423,10 @@ fn write_loop(mut conn: Conn, rx: Receiver<PgMsg>, shared: Arc<Shared>, owner: S
         }
     }
     if !held.is_empty() {
-        // Closing while the server is away: a last few tries, then the writes are lost
-        // (reported), as the process is going away.
-        for _ in 0..6 {
-            if apply_batch(&mut conn, &held, &shared, &proc, &shown) {
-                held.clear();
-                break;
-            }
-            std::thread::sleep(DOWN_RETRY);
+        // Closing while the server is away: one last try (itself reconnecting for up to
+        // RECONNECT_FOR), then the writes are lost (reported), as the process is going away.
+        if apply_batch(&mut conn, &held, &shared, &proc, &shown) {
+            held.clear();
         }
         if !held.is_empty() {
             fail(

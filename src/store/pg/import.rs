@@ -268,6 +268,13 @@ pub fn import_sqlite(src: &Path, target: &PgTarget) -> Result<Vec<Copied>, Store
             }
             txn.commit().map_err(|e| pg_error(&t, "copy into", e))?;
         }
+        // Steps recorded from now on sort after the copied ones.
+        client
+            .batch_execute(
+                "SELECT setval(pg_get_serial_sequence('runner_steps', 'seq'),
+                               GREATEST((SELECT MAX(seq) FROM runner_steps), 1))",
+            )
+            .map_err(|e| pg_error(&t, "copy into", e))?;
         drop(client);
         Ok(written)
     });

@@ -274,10 +274,9 @@ fn step_queued(tx: &mut Transaction<'_>, st: &mut Statements, s: &NewStep) -> Ap
         tx,
         st,
         "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
-             input, queued_at, seq)
+             input, queued_at)
          SELECT $1::text, $2::text, $3::text, $4::bigint, 'pending', 0, $5::text,
-                $6::timestamptz,
-                COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = $1::text), 0) + 1
+                $6::timestamptz
          WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = $1::text)
          ON CONFLICT (run_id, step_key) DO NOTHING",
         &[
@@ -354,12 +353,11 @@ fn step_finished(tx: &mut Transaction<'_>, st: &mut Statements, s: &StepEnd) -> 
         st,
         "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
              output, error_kind, error, tokens_used, cached, provider, model, queued_at,
-             started_at, finished_at, duration_ms, reply_model, finish_reason, seq)
+             started_at, finished_at, duration_ms, reply_model, finish_reason)
          SELECT $1::text, $2::text, $3::text, $4::bigint, $5::text, $6::bigint, $7::text,
                 $8::text, $9::text, $10::bigint, $11::boolean, $12::text, $13::text,
                 $14::timestamptz, $15::timestamptz, $14::timestamptz, $16::bigint, $17::text,
-                $18::text,
-                COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = $1::text), 0) + 1
+                $18::text
          WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = $1::text)
          ON CONFLICT (run_id, step_key) DO UPDATE SET
              status = excluded.status, attempts = excluded.attempts,
@@ -403,10 +401,9 @@ fn step_recorded(tx: &mut Transaction<'_>, st: &mut Statements, r: &StepRecord) 
             tx,
             st,
             "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status,
-                 attempts, input, queued_at, started_at, seq)
+                 attempts, input, queued_at, started_at)
              SELECT $1::text, $2::text, $3::text, $4::bigint, 'running', $5::bigint, $6::text,
-                    $7::timestamptz, $8::timestamptz,
-                    COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = $1::text), 0) + 1
+                    $7::timestamptz, $8::timestamptz
              WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = $1::text)
              ON CONFLICT (run_id, step_key) DO UPDATE SET
                  status = 'running', attempts = excluded.attempts,
@@ -433,12 +430,11 @@ fn step_recorded(tx: &mut Transaction<'_>, st: &mut Statements, r: &StepRecord) 
         st,
         "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
              input, output, error_kind, error, tokens_used, cached, provider, model,
-             queued_at, started_at, finished_at, duration_ms, reply_model, finish_reason, seq)
+             queued_at, started_at, finished_at, duration_ms, reply_model, finish_reason)
          SELECT $1::text, $2::text, $3::text, $4::bigint, $5::text, $6::bigint, $7::text,
                 $8::text, $9::text, $10::text, $11::bigint, $12::boolean, $13::text, $14::text,
                 $15::timestamptz, $16::timestamptz, $17::timestamptz, $18::bigint, $19::text,
-                $20::text,
-                COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = $1::text), 0) + 1
+                $20::text
          WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = $1::text)
          ON CONFLICT (run_id, step_key) DO UPDATE SET
              status = excluded.status, attempts = excluded.attempts,

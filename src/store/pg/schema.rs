@@ -76,12 +76,17 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
         started_at    TIMESTAMPTZ,
         finished_at   TIMESTAMPTZ,
         duration_ms   BIGINT,
-        seq           BIGINT NOT NULL,
+        -- Insertion order: graph order for display. One sequence for the whole table (not
+        -- MAX(seq) + 1 per run as on SQLite): no lookup per insert, and processes inserting
+        -- steps of one run at once still get distinct, ordered values.
+        seq           BIGSERIAL,
         reply_model   TEXT,
         finish_reason TEXT,
         PRIMARY KEY (run_id, step_key)
     );
-    CREATE INDEX runner_steps_seq ON runner_steps (run_id, seq);
+    -- No (run_id, seq) index, unlike SQLite: the primary key serves a run's steps (sorted by
+    -- seq after), and a second index led by run_id lets a plan made while the table was empty
+    -- look a step up by run_id alone, scanning all of a large run's steps for each write.
 
     CREATE TABLE runner_attempts (
         run_id      TEXT COLLATE "C" NOT NULL,
