@@ -358,3 +358,97 @@ fn a_tagged_node_runs_only_on_a_process_with_its_tags() {
         }
     }
 }
+
+/// The driver of a run is leased too: when the process that started a run dies, a daemon of
+/// the fleet adopts the run from the shared history and finishes it, and no step the history
+/// already recorded as done is asked again.
+#[test]
+fn a_dead_drivers_run_is_finished_by_a_daemon_without_repeating_done_steps() {
+    let Some(mut fleet) = Fleet::new("driver_dies", Duration::from_millis(300)) else {
+        return;
+    };
+    for host in ["d1", "d2"] {
+        fleet.daemon(host, "4");
+    }
+    let bps = fleet.blueprints(1, 40);
+    let mut driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "2")],
+        )
+        .spawn()
+        .unwrap();
+    let mut h = fleet.history();
+    // The tables appear when the first process has migrated the database.
+    wait_for(
+        "some steps to be recorded done",
+        Duration::from_secs(120),
+        || {
+            h.query_one(
+                "SELECT count(*) FROM runner_steps WHERE status = 'success'",
+                &[],
+            )
+            .is_ok_and(|r| r.get::<_, i64>(0) >= 5)
+        },
+    );
+    driver.kill().unwrap(); // SIGKILL: the run is left `running`, owned by a dead process
+    driver.wait().unwrap();
+    let done_before: Vec<String> = h
+        .query(
+            "SELECT step_key FROM runner_steps WHERE status = 'success'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(done_before.len() >= 5);
+
+    wait_for(
+        "a daemon to finish the run",
+        Duration::from_secs(180),
+        || {
+            count(
+                &mut h,
+                "SELECT count(*) FROM runner_executions WHERE status = 'success'",
+            ) == 1
+        },
+    );
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        40
+    );
+    let owner: String = h
+        .query_one("SELECT owner FROM runner_executions", &[])
+        .unwrap()
+        .get(0);
+    assert!(!owner.is_empty());
+    // A step recorded done before the driver died was not asked again; a step in flight when
+    // it died may have been (at least once, never lost).
+    let by_prompt = fleet.calls_by_prompt();
+    assert_eq!(by_prompt.len(), 40, "every step was answered");
+    let keys: Vec<(String, String)> = h
+        .query("SELECT step_key, output FROM runner_steps", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
+        .collect();
+    assert_eq!(keys.len(), 40);
+    for key in &done_before {
+        // The prompt of item i is "say r0i{i}"; the step key names the item.
+        let item: usize = key
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .find(|s| !s.is_empty())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("an item index in {key}"));
+        let asked = by_prompt
+            .get(&format!("say r0i{item}"))
+            .map(Vec::len)
+            .unwrap_or(0);
+        assert_eq!(asked, 1, "{key} was recorded done and then asked again");
+    }
+}
