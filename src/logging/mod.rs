@@ -261,7 +261,10 @@ where
     let (file_writer, worker) = NonBlockingBuilder::default()
         .thread_name("omniflow-log")
         .finish(Reporting {
-            inner: appender,
+            // Lines are written in blocks: the background thread flushes whenever it has
+            // written all it was sent, so a line still reaches the file (and the console's
+            // log pane) as soon as the thread is idle, without a system call per line.
+            inner: io::BufWriter::with_capacity(64 * 1024, appender),
             dir: log_dir.to_path_buf(),
             problem: problem.clone(),
         });
