@@ -40,8 +40,7 @@ pub(crate) struct RunCtx {
     pub released: Arc<AtomicBool>,
     /// Resuming a run already recorded `running`: its start is not recorded again.
     pub already_started: bool,
-    /// The run this one retries or resumes: notifications dedupe on the chain's root
-    /// (issue 5).
+    /// The run this one retries or resumes: notifications dedupe on the chain's root.
     pub parent_run_id: Option<String>,
     /// Tokens spent by the run's model calls so far (added as each attempt ends), checked
     /// against `token_budget` before every model call.
@@ -599,7 +598,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
             tracing::warn!(run_id = %run_id, blueprint = %bp.name, status = status.as_str(), error = error.as_deref().unwrap_or(""), "run did not succeed")
         }
     }
-    // Run-level notifications (issue 5): `notify.onSuccess/onFailure`, else the global
+    // Run-level notifications: `notify.onSuccess/onFailure`, else the global
     // defaults. Before `wait` returns, so a CLI run does not exit before they are sent.
     let summary = crate::notify::RunSummary {
         run_id: run_id.clone(),

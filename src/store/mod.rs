@@ -1,6 +1,6 @@
 //! The history database: every run, step and attempt, in SQLite at `DB_FILE`.
 //!
-//! Shape (STYLE.md guideline 4): all SQL of OmniFlow lives in this module.
+//! Shape: all SQL of OmniFlow lives in this module.
 //! - Writes are state transitions ([`Store::run_started`], [`Store::step_finished`], …). Each
 //!   is queued to **one writer thread** and returns at once, so the async runtime never blocks
 //!   on SQLite. The writer applies everything pending in one `BEGIN IMMEDIATE` transaction
@@ -41,7 +41,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-// Notifications sent and schedule slots claimed (issue 5): synchronous, committed at once.
+// Notifications sent and schedule slots claimed: synchronous, committed at once.
 mod claims;
 mod error;
 mod lease;

@@ -1,4 +1,4 @@
-//! What the providers layer keeps in the store (issue 3): the model-answer cache
+//! What the providers layer keeps in the store: the model-answer cache
 //! (`provider_cache`) and, per attempt, the providers an `auto` chain skipped before one
 //! answered (`runner_attempts.fallback`). Writes go through the writer thread like every
 //! other transition; reads use the pooled read-only connections.

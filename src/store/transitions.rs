@@ -61,7 +61,7 @@ pub(crate) enum Op {
         at: SystemTime,
     },
     ReleaseRuns,
-    // Providers (issue 3): see `store/providers.rs`.
+    // Providers: see `store/providers.rs`.
     CachePut(Box<super::providers::CachedAnswer>),
     AttemptFallback {
         run_id: String,
