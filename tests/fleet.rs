@@ -359,3 +359,73 @@ fn a_tagged_node_runs_only_on_a_process_with_its_tags() {
         }
     }
 }
+
+#[test]
+fn a_daemon_stopped_with_sigterm_gives_its_steps_back_at_once() {
+    let Some(mut fleet) = Fleet::new("sigterm", Duration::from_millis(400)) else {
+        return;
+    };
+    let empty = fleet.dir.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    // A lease far longer than the test: only a handover can move d1's steps in time.
+    for host in ["d1", "d2"] {
+        let child = fleet
+            .cmd(
+                host,
+                &["daemon", "--dir", empty.to_str().unwrap()],
+                &[
+                    ("CONCURRENCY", "4"),
+                    ("LEASE_TIMEOUT", "600"),
+                    ("SHUTDOWN_GRACE", "0"),
+                ],
+            )
+            .spawn()
+            .unwrap();
+        fleet.children.push(child);
+    }
+    let bps = fleet.blueprints(1, 40);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "1"), ("LEASE_TIMEOUT", "600")],
+        )
+        .spawn()
+        .unwrap();
+    wait_for("d1 to run steps", Duration::from_secs(120), || {
+        fleet.calls_by_host().get("d1").copied().unwrap_or(0) >= 2
+    });
+    let d1 = fleet.children[0].id();
+    assert!(Command::new("kill")
+        .args(["-TERM", &d1.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    let h = fleet.history("driver");
+    assert_eq!(
+        count(
+            &h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        40
+    );
+    let log = |host: &str| -> String {
+        std::fs::read_dir(fleet.dir.path().join(format!("logs-{host}")))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    };
+    assert!(
+        log("d1").contains("gave a step back to the queue"),
+        "{}",
+        log("d1")
+    );
+    assert!(
+        !log("d2").contains("went back to the queue"),
+        "no lease expired"
+    );
+}

@@ -218,6 +218,9 @@ impl Queue {
         let mut tx = c.transaction().map_err(self.fail("create the queue"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .map_err(self.fail("create the queue"))?;
+        // "already exists, skipping" is the normal case, not news for the log.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .map_err(self.fail("create the queue"))?;
         tx.batch_execute(QUEUE_SCHEMA)
             .map_err(self.fail("create the queue"))?;
         crate::store::pg::limits::create(&mut tx).map_err(self.fail("create the queue"))?;
