@@ -27,7 +27,7 @@
 
 use super::connect::{describe, PgTarget};
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 
 use serde_json::Value;
 use std::sync::Arc;
@@ -248,7 +248,7 @@ impl Queue {
         // One statement (its own transaction): the notification fires when the rows commit,
         // and a fan-out costs one round trip, not six.
         let rows = c
-            .query(
+            .query_typed(
                 "WITH ins AS (
                      INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload)
                      SELECT r, s, a, p, CASE WHEN t = '' THEN '{}'::text[]
@@ -262,13 +262,13 @@ impl Queue {
                  SELECT ins.id, ins.run_id, ins.step_key, ins.attempt
                  FROM ins CROSS JOIN (SELECT pg_notify($7, '')) AS woken",
                 &[
-                    &runs as &(dyn ToSql + Sync),
-                    &steps,
-                    &attempts,
-                    &prios,
-                    &tags,
-                    &payloads,
-                    &JOBS_CHANNEL,
+                    (&runs as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                    (&steps, Type::TEXT_ARRAY),
+                    (&attempts, Type::INT4_ARRAY),
+                    (&prios, Type::INT2_ARRAY),
+                    (&tags, Type::TEXT_ARRAY),
+                    (&payloads, Type::JSONB_ARRAY),
+                    (&JOBS_CHANNEL, Type::TEXT),
                 ],
             )
             .map_err(self.fail("enqueue steps"))?;
@@ -309,7 +309,7 @@ impl Queue {
         let limit = i64::try_from(n).unwrap_or(i64::MAX);
         let mut c = self.conn()?;
         let rows = c
-            .query(
+            .query_typed(
                 "WITH next AS (
                      SELECT id FROM runner_queue
                      WHERE state = 'queued' AND available_at <= now() AND tags <@ $3::text[]
@@ -324,10 +324,10 @@ impl Queue {
                  RETURNING q.id, q.claim_token, q.run_id, q.step_key, q.attempt, q.priority,
                            q.payload, q.rescues",
                 &[
-                    &worker as &(dyn ToSql + Sync),
-                    &limit as &(dyn ToSql + Sync),
-                    &tags as &(dyn ToSql + Sync),
-                    &secs(lease) as &(dyn ToSql + Sync),
+                    (&worker as &(dyn ToSql + Sync), Type::TEXT),
+                    (&limit as &(dyn ToSql + Sync), Type::INT8),
+                    (&tags as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                    (&secs(lease) as &(dyn ToSql + Sync), Type::FLOAT8),
                 ],
             )
             .map_err(self.fail("claim steps"))?;
@@ -365,17 +365,17 @@ impl Queue {
         let tokens: Vec<&str> = held.iter().map(|h| h.1.as_str()).collect();
         let mut c = self.conn()?;
         let rows = c
-            .query(
+            .query_typed(
                 "UPDATE runner_queue q SET lease_until = now() + make_interval(secs => $4)
                  FROM unnest($2::bigint[], $3::text[]) AS h(id, token)
                  WHERE q.id = h.id AND q.claim_token = h.token AND q.locked_by = $1
                    AND q.state = 'running'
                  RETURNING q.id",
                 &[
-                    &worker as &(dyn ToSql + Sync),
-                    &ids as &(dyn ToSql + Sync),
-                    &tokens as &(dyn ToSql + Sync),
-                    &secs(lease) as &(dyn ToSql + Sync),
+                    (&worker as &(dyn ToSql + Sync), Type::TEXT),
+                    (&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY),
+                    (&tokens as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                    (&secs(lease) as &(dyn ToSql + Sync), Type::FLOAT8),
                 ],
             )
             .map_err(self.fail("extend leases"))?;
@@ -394,7 +394,7 @@ impl Queue {
         let results: Vec<&Value> = done.iter().map(|d| &d.2).collect();
         let mut c = self.conn()?;
         let rows = c
-            .query(
+            .query_typed(
                 "WITH d AS (
                      UPDATE runner_queue q
                      SET state = 'done', result = h.result, finished_at = now(),
@@ -405,10 +405,10 @@ impl Queue {
                  )
                  SELECT id, pg_notify($4, id::text) FROM d",
                 &[
-                    &ids as &(dyn ToSql + Sync),
-                    &tokens as &(dyn ToSql + Sync),
-                    &results as &(dyn ToSql + Sync),
-                    &DONE_CHANNEL as &(dyn ToSql + Sync),
+                    (&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY),
+                    (&tokens as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                    (&results as &(dyn ToSql + Sync), Type::JSONB_ARRAY),
+                    (&DONE_CHANNEL as &(dyn ToSql + Sync), Type::TEXT),
                 ],
             )
             .map_err(self.fail("record step results"))?;
@@ -516,10 +516,10 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
         }
         let mut c = self.conn()?;
         let rows = c
-            .query(
+            .query_typed(
                 "DELETE FROM runner_queue WHERE id = ANY($1) AND state IN ('done', 'failed')
                  RETURNING id, state, result, error",
-                &[&ids],
+                &[(&ids, Type::INT8_ARRAY)],
             )
             .map_err(self.fail("read step results"))?;
         Ok(rows
