@@ -429,3 +429,41 @@ fn a_daemon_stopped_with_sigterm_gives_its_steps_back_at_once() {
         "no lease expired"
     );
 }
+
+#[test]
+fn a_rate_limit_is_one_budget_for_the_whole_fleet() {
+    let Some(mut fleet) = Fleet::new("rates", Duration::from_millis(5)) else {
+        return;
+    };
+    // 4 calls an hour for the whole fleet: per process, the three processes would make 12.
+    let limit = [("OPENAI_RATE_LIMIT", "4/h"), ("CONCURRENCY", "4")];
+    let empty = fleet.dir.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    for host in ["d1", "d2"] {
+        let child = fleet
+            .cmd(host, &["daemon", "--dir", empty.to_str().unwrap()], &limit)
+            .spawn()
+            .unwrap();
+        fleet.children.push(child);
+    }
+    let dir = fleet.dir.path().join("bps");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bp = json!({
+        "name": "limited",
+        // The run stops at its deadline, with the calls past the budget still waiting.
+        "timeout": "8s",
+        "variables": { "ITEMS": (0..20).map(|i| format!("q{i}")).collect::<Vec<_>>() },
+        "nodes": [{ "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                    "forEach": "{{ vars.ITEMS }}", "prompt": "say {{ item }}" }]
+    });
+    let path = dir.join("limited.json");
+    std::fs::write(&path, bp.to_string()).unwrap();
+    let driver = fleet
+        .cmd("driver", &["run", path.to_str().unwrap()], &limit)
+        .spawn()
+        .unwrap();
+    let (ok, _, err) = finish(driver, Duration::from_secs(300));
+    assert!(!ok, "the run cannot finish within the budget: {err}");
+    let calls: usize = fleet.calls_by_host().values().sum();
+    assert_eq!(calls, 4, "{:?}", fleet.calls_by_host());
+}
