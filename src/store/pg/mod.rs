@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod limits;
+pub mod listen;
 pub mod queue;
 #[doc(hidden)]
 pub mod testing;

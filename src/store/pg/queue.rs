@@ -26,7 +26,6 @@
 //! under an advisory lock ([`QUEUE_SCHEMA`]).
 
 use super::connect::{describe, PgTarget};
-use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
 
 use serde_json::Value;
@@ -88,6 +87,8 @@ const SWEEP_LOCK: i64 = 0x6f6d_6e69_0002;
 pub struct QueueError(pub String);
 
 type Result<T> = std::result::Result<T, QueueError>;
+
+pub use super::listen::{listen, Heard, Notice};
 type Manager = r2d2_postgres::PostgresConnectionManager<MakeRustlsConnect>;
 
 /// A step attempt to enqueue.
@@ -595,86 +596,6 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
             out[p] = u64::try_from(r.get::<_, i64>(1)).unwrap_or(0);
         }
         Ok(out)
-    }
-}
-
-/// One notification received on a [`listen`] connection.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Notice {
-    pub channel: String,
-    pub payload: String,
-}
-
-/// What [`listen`] tells its caller.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Heard {
-    Notice(Notice),
-    /// The connection was (re)established: notifications may have been missed meanwhile, so
-    /// look at the queue once.
-    Connected,
-    /// The connection dropped; the error, then a reconnect after a pause.
-    Lost(String),
-}
-
-/// Listens on `channels` over one dedicated connection until `stop` says so, calling `heard`
-/// for each notification; reconnects (after `retry`) whenever the connection drops. Blocking:
-/// run it on its own thread. `stop` is checked at least every `tick`.
-pub fn listen(
-    target: &PgTarget,
-    channels: &[&str],
-    tick: Duration,
-    retry: Duration,
-    stop: &dyn Fn() -> bool,
-    heard: &mut dyn FnMut(Heard),
-) {
-    let sql: String = channels
-        .iter()
-        .map(|c| format!("LISTEN {c};"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    while !stop() {
-        let mut client = match target.connect() {
-            Ok(c) => c,
-            Err(e) => {
-                heard(Heard::Lost(e));
-                pause(retry, tick, stop);
-                continue;
-            }
-        };
-        if let Err(e) = client.batch_execute(&sql) {
-            heard(Heard::Lost(describe(&e, target, "listen for new steps")));
-            pause(retry, tick, stop);
-            continue;
-        }
-        heard(Heard::Connected);
-        let lost = loop {
-            if stop() {
-                return;
-            }
-            let next = client.notifications().timeout_iter(tick).next();
-            match next {
-                Ok(Some(n)) => heard(Heard::Notice(Notice {
-                    channel: n.channel().to_string(),
-                    payload: n.payload().to_string(),
-                })),
-                Ok(None) => {
-                    // A quiet tick: a closed connection reads as quiet too, so look.
-                    if client.is_closed() {
-                        break "the connection closed".to_string();
-                    }
-                }
-                Err(e) => break describe(&e, target, "listen for new steps"),
-            }
-        };
-        heard(Heard::Lost(lost));
-        pause(retry, tick, stop);
-    }
-}
-
-fn pause(total: Duration, tick: Duration, stop: &dyn Fn() -> bool) {
-    let until = std::time::Instant::now() + total;
-    while !stop() && std::time::Instant::now() < until {
-        std::thread::sleep(tick.min(total));
     }
 }
 
