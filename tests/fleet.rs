@@ -292,21 +292,28 @@ fn a_killed_daemons_steps_run_elsewhere_after_its_lease_and_done_steps_do_not_re
         60,
         "a rescued attempt is the same attempt, not a retry"
     );
-    // The survivors said they took the dead host's steps back: whichever survivor held the sweep said so (the driver sweeps too); log lines reach
-    // their file when the log thread is next idle.
-    let logged = || -> bool {
-        ["d2", "d3", "driver"]
-            .iter()
-            .flat_map(|h| {
-                std::fs::read_dir(fleet.dir.path().join(format!("logs-{h}")))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            })
-            .any(|text| text.contains("went back to the queue"))
-    };
-    wait_for("a survivor to log the rescue", Duration::from_secs(30), logged);
+    // The fleet said it took the dead host's steps back (whichever process swept); the
+    // survivors stop first, so their logs are complete.
+    for c in &mut fleet.children[1..] {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    let logs: String = ["d2", "d3", "driver"]
+        .iter()
+        .flat_map(|h| {
+            std::fs::read_dir(fleet.dir.path().join(format!("logs-{h}")))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        })
+        .collect();
+    assert!(
+        logs.contains("went back to the queue"),
+        "no rescue logged by d2, d3 or the driver"
+    );
 }
 
 /// The processes' tags decide who runs a tagged step.
@@ -357,6 +364,114 @@ fn a_tagged_node_runs_only_on_a_process_with_its_tags() {
             assert_eq!(hosts, ["gpu"], "{prompt}");
         }
     }
+}
+
+#[test]
+fn a_daemon_stopped_with_sigterm_gives_its_steps_back_at_once() {
+    let Some(mut fleet) = Fleet::new("sigterm", Duration::from_millis(400)) else {
+        return;
+    };
+    let empty = fleet.dir.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    // A lease far longer than the test: only a handover can move d1's steps in time.
+    for host in ["d1", "d2"] {
+        let child = fleet
+            .cmd(
+                host,
+                &["daemon", "--dir", empty.to_str().unwrap()],
+                &[
+                    ("CONCURRENCY", "4"),
+                    ("LEASE_TIMEOUT", "600"),
+                    ("SHUTDOWN_GRACE", "0"),
+                ],
+            )
+            .spawn()
+            .unwrap();
+        fleet.children.push(child);
+    }
+    let bps = fleet.blueprints(1, 40);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "1"), ("LEASE_TIMEOUT", "600")],
+        )
+        .spawn()
+        .unwrap();
+    wait_for("d1 to run steps", Duration::from_secs(120), || {
+        fleet.calls_by_host().get("d1").copied().unwrap_or(0) >= 2
+    });
+    let d1 = fleet.children[0].id();
+    assert!(Command::new("kill")
+        .args(["-TERM", &d1.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    let mut h = fleet.history();
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        40
+    );
+    let log = |host: &str| -> String {
+        std::fs::read_dir(fleet.dir.path().join(format!("logs-{host}")))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    };
+    assert!(
+        log("d1").contains("gave a step back to the queue"),
+        "{}",
+        log("d1")
+    );
+    assert!(
+        !log("d2").contains("went back to the queue"),
+        "no lease expired"
+    );
+}
+
+#[test]
+fn a_rate_limit_is_one_budget_for_the_whole_fleet() {
+    let Some(mut fleet) = Fleet::new("rates", Duration::from_millis(5)) else {
+        return;
+    };
+    // 4 calls an hour for the whole fleet: per process, the three processes would make 12.
+    let limit = [("OPENAI_RATE_LIMIT", "4/h"), ("CONCURRENCY", "4")];
+    let empty = fleet.dir.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    for host in ["d1", "d2"] {
+        let child = fleet
+            .cmd(host, &["daemon", "--dir", empty.to_str().unwrap()], &limit)
+            .spawn()
+            .unwrap();
+        fleet.children.push(child);
+    }
+    let dir = fleet.dir.path().join("bps");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bp = json!({
+        "name": "limited",
+        // The run stops at its deadline, with the calls past the budget still waiting.
+        "timeout": "8s",
+        "variables": { "ITEMS": (0..20).map(|i| format!("q{i}")).collect::<Vec<_>>() },
+        "nodes": [{ "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                    "forEach": "{{ vars.ITEMS }}", "prompt": "say {{ item }}" }]
+    });
+    let path = dir.join("limited.json");
+    std::fs::write(&path, bp.to_string()).unwrap();
+    let driver = fleet
+        .cmd("driver", &["run", path.to_str().unwrap()], &limit)
+        .spawn()
+        .unwrap();
+    let (ok, _, err) = finish(driver, Duration::from_secs(300));
+    assert!(!ok, "the run cannot finish within the budget: {err}");
+    let calls: usize = fleet.calls_by_host().values().sum();
+    assert_eq!(calls, 4, "{:?}", fleet.calls_by_host());
 }
 
 /// The driver of a run is leased too: when the process that started a run dies, a daemon of

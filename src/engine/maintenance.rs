@@ -271,6 +271,10 @@ impl Engine {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Steps this process ran for the fleet: results written, the rest given back.
+        if let Some(f) = &self.inner.fleet {
+            f.0.finish().await;
+        }
         // Let the drivers record what the finished steps produced (and finish runs whose last
         // step just completed) before handing over the rest.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -311,6 +315,11 @@ impl Engine {
         // After `shutdown` (which records the stop itself) there is nothing to add: a second
         // record would only be refused with a warning.
         if !self.inner.draining.load(Ordering::Relaxed) {
+            if let Some(f) = &self.inner.fleet {
+                // No more claims; what this process runs for others goes back to the queue.
+                self.inner.draining.store(true, Ordering::Relaxed);
+                f.0.finish().await;
+            }
             self.inner.store.process_stopped();
         }
         self.inner.store.flush().await;

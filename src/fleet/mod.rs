@@ -111,6 +111,13 @@ pub(crate) struct Fleet {
     listener_stop: Arc<AtomicBool>,
     /// The queue's tables exist (claims and sweeps wait for them).
     ready: AtomicBool,
+    /// Set when the process stops: no more claims.
+    closing: AtomicBool,
+    /// Held by the claimer from a claim until its rows are in `held`, so [`Fleet::finish`]
+    /// cannot miss rows a claim in flight brings back.
+    claiming: tokio::sync::Mutex<()>,
+    /// Results sent to the completer and not yet written (a stopping process waits for them).
+    pending: std::sync::atomic::AtomicUsize,
     pub(crate) counters: Counters,
 }
 
@@ -162,6 +169,9 @@ impl Fleet {
             stop: CancellationToken::new(),
             listener_stop: Arc::new(AtomicBool::new(false)),
             ready: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            claiming: tokio::sync::Mutex::new(()),
+            pending: std::sync::atomic::AtomicUsize::new(0),
             counters: Counters::default(),
         }))
     }
@@ -229,6 +239,33 @@ impl Fleet {
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "fleet: cannot start the listening thread; polling only");
+        }
+    }
+
+    /// Before the process exits: the results of finished attempts are written, and the rows
+    /// of attempts still running here go back to the queue at once (not when their lease
+    /// runs out), their attempts stopped. Waits at most a few seconds.
+    pub(crate) async fn finish(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        // A claim in flight lands its rows in `held` first.
+        let _no_claims = self.claiming.lock().await;
+        let held: Vec<(i64, Held)> = lock(&self.held).drain().collect();
+        for (id, h) in held {
+            h.cancel.cancel();
+            let q = self.queue.clone();
+            match blocking(move || q.release(id, &h.token)).await {
+                Ok(true) => {
+                    tracing::info!(row = id, "fleet: gave a step back to the queue (stopping)")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, row = id, "fleet: cannot give a step back; it returns to the queue when its lease expires")
+                }
+            }
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while self.pending.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -26,7 +26,10 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
         let Some(inner) = engine.upgrade() else {
             return;
         };
-        let free = if inner.draining.load(Ordering::Relaxed) || !fleet.ready.load(Ordering::Relaxed)
+        let claiming = fleet.claiming.lock().await;
+        let free = if inner.draining.load(Ordering::Relaxed)
+            || fleet.closing.load(Ordering::SeqCst)
+            || !fleet.ready.load(Ordering::Relaxed)
         {
             0
         } else {
@@ -54,6 +57,7 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "fleet: cannot claim steps; retrying");
+                    drop(claiming);
                     drop(inner);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -64,6 +68,7 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
                 }
             }
         }
+        drop(claiming);
         drop(inner);
         if full_batch {
             continue; // there may be more: look again while workers are free
@@ -102,7 +107,10 @@ fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
                     fleet.worker_id
                 ),
             ));
-            let _ = fleet.complete_tx.send((id, token, to_json(&done)));
+            fleet.pending.fetch_add(1, Ordering::SeqCst);
+            if fleet.complete_tx.send((id, token, to_json(&done))).is_err() {
+                fleet.pending.fetch_sub(1, Ordering::SeqCst);
+            }
             return;
         }
     };
@@ -150,7 +158,14 @@ fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
         };
         // Still ours? A lost lease (rescued, or the driver withdrew the row) drops the result.
         if lock(&fleet2.held).remove(&id).is_some() {
-            let _ = fleet2.complete_tx.send((id, token, to_json(&done)));
+            fleet2.pending.fetch_add(1, Ordering::SeqCst);
+            if fleet2
+                .complete_tx
+                .send((id, token, to_json(&done)))
+                .is_err()
+            {
+                fleet2.pending.fetch_sub(1, Ordering::SeqCst);
+            }
         } else {
             fleet2.counters.fenced.fetch_add(1, Ordering::Relaxed);
         }
@@ -204,6 +219,7 @@ pub(crate) async fn completer(
             }
         }
         let mut wait = Duration::from_millis(100);
+        let n_batch = batch.len();
         for round in 0.. {
             let (q, b) = (fleet.queue.clone(), batch.clone());
             match blocking(move || q.complete(&b)).await {
@@ -245,6 +261,7 @@ pub(crate) async fn completer(
                 }
             }
         }
+        fleet.pending.fetch_sub(n_batch, Ordering::SeqCst);
     }
 }
 

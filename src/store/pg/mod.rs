@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod import;
 pub(crate) mod lease;
 pub mod limits;
+pub mod listen;
 pub(crate) mod ops;
 pub mod queue;
 pub(crate) mod read;

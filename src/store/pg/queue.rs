@@ -26,8 +26,7 @@
 //! under an advisory lock ([`QUEUE_SCHEMA`]).
 
 use super::connect::{describe, PgTarget};
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 
 use serde_json::Value;
 use std::sync::Arc;
@@ -88,6 +87,8 @@ const SWEEP_LOCK: i64 = 0x6f6d_6e69_0002;
 pub struct QueueError(pub String);
 
 type Result<T> = std::result::Result<T, QueueError>;
+
+pub use super::listen::{listen, Heard, Notice};
 type Manager = r2d2_postgres::PostgresConnectionManager<MakeRustlsConnect>;
 
 /// A step attempt to enqueue.
@@ -218,6 +219,9 @@ impl Queue {
         let mut tx = c.transaction().map_err(self.fail("create the queue"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .map_err(self.fail("create the queue"))?;
+        // "already exists, skipping" is the normal case, not news for the log.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .map_err(self.fail("create the queue"))?;
         tx.batch_execute(QUEUE_SCHEMA)
             .map_err(self.fail("create the queue"))?;
         crate::store::pg::limits::create(&mut tx).map_err(self.fail("create the queue"))?;
@@ -242,30 +246,33 @@ impl Queue {
         let tags: Vec<String> = jobs.iter().map(|j| j.tags.join(",")).collect();
         let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
         let mut c = self.conn()?;
-        let mut tx = c.transaction().map_err(self.fail("enqueue steps"))?;
-        let rows = tx
-            .query(
-                "INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload)
-                 SELECT r, s, a, p, CASE WHEN t = '' THEN '{}'::text[]
-                                         ELSE string_to_array(t, ',') END, j
-                 FROM unnest($1::text[], $2::text[], $3::int[], $4::smallint[], $5::text[],
-                             $6::jsonb[]) AS u(r, s, a, p, t, j)
-                 ON CONFLICT (run_id, step_key, attempt)
-                     DO UPDATE SET priority = EXCLUDED.priority
-                 RETURNING id, run_id, step_key, attempt",
+        // One statement (its own transaction): the notification fires when the rows commit,
+        // and a fan-out costs one round trip, not six.
+        let rows = c
+            .query_typed(
+                "WITH ins AS (
+                     INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload)
+                     SELECT r, s, a, p, CASE WHEN t = '' THEN '{}'::text[]
+                                             ELSE string_to_array(t, ',') END, j
+                     FROM unnest($1::text[], $2::text[], $3::int[], $4::smallint[], $5::text[],
+                                 $6::jsonb[]) AS u(r, s, a, p, t, j)
+                     ON CONFLICT (run_id, step_key, attempt)
+                         DO UPDATE SET priority = EXCLUDED.priority
+                     RETURNING id, run_id, step_key, attempt
+                 )
+                 SELECT ins.id, ins.run_id, ins.step_key, ins.attempt
+                 FROM ins CROSS JOIN (SELECT pg_notify($7, '')) AS woken",
                 &[
-                    &runs as &(dyn ToSql + Sync),
-                    &steps as &(dyn ToSql + Sync),
-                    &attempts as &(dyn ToSql + Sync),
-                    &prios as &(dyn ToSql + Sync),
-                    &tags as &(dyn ToSql + Sync),
-                    &payloads as &(dyn ToSql + Sync),
+                    (&runs as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                    (&steps, Type::TEXT_ARRAY),
+                    (&attempts, Type::INT4_ARRAY),
+                    (&prios, Type::INT2_ARRAY),
+                    (&tags, Type::TEXT_ARRAY),
+                    (&payloads, Type::JSONB_ARRAY),
+                    (&JOBS_CHANNEL, Type::TEXT),
                 ],
             )
             .map_err(self.fail("enqueue steps"))?;
-        tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])
-            .map_err(self.fail("enqueue steps"))?;
-        tx.commit().map_err(self.fail("enqueue steps"))?;
         let mut ids = std::collections::HashMap::new();
         for r in rows {
             let key: (String, String, i32) = (r.get(1), r.get(2), r.get(3));
@@ -303,7 +310,7 @@ impl Queue {
         let limit = i64::try_from(n).unwrap_or(i64::MAX);
         let mut c = self.conn()?;
         let rows = c
-            .query(
+            .query_typed(
                 "WITH next AS (
                      SELECT id FROM runner_queue
                      WHERE state = 'queued' AND available_at <= now() AND tags <@ $3::text[]
@@ -318,10 +325,10 @@ impl Queue {
                  RETURNING q.id, q.claim_token, q.run_id, q.step_key, q.attempt, q.priority,
                            q.payload, q.rescues",
                 &[
-                    &worker as &(dyn ToSql + Sync),
-                    &limit as &(dyn ToSql + Sync),
-                    &tags as &(dyn ToSql + Sync),
-                    &secs(lease) as &(dyn ToSql + Sync),
+                    (&worker as &(dyn ToSql + Sync), Type::TEXT),
+                    (&limit as &(dyn ToSql + Sync), Type::INT8),
+                    (&tags as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                    (&secs(lease) as &(dyn ToSql + Sync), Type::FLOAT8),
                 ],
             )
             .map_err(self.fail("claim steps"))?;
@@ -359,17 +366,17 @@ impl Queue {
         let tokens: Vec<&str> = held.iter().map(|h| h.1.as_str()).collect();
         let mut c = self.conn()?;
         let rows = c
-            .query(
+            .query_typed(
                 "UPDATE runner_queue q SET lease_until = now() + make_interval(secs => $4)
                  FROM unnest($2::bigint[], $3::text[]) AS h(id, token)
                  WHERE q.id = h.id AND q.claim_token = h.token AND q.locked_by = $1
                    AND q.state = 'running'
                  RETURNING q.id",
                 &[
-                    &worker as &(dyn ToSql + Sync),
-                    &ids as &(dyn ToSql + Sync),
-                    &tokens as &(dyn ToSql + Sync),
-                    &secs(lease) as &(dyn ToSql + Sync),
+                    (&worker as &(dyn ToSql + Sync), Type::TEXT),
+                    (&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY),
+                    (&tokens as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                    (&secs(lease) as &(dyn ToSql + Sync), Type::FLOAT8),
                 ],
             )
             .map_err(self.fail("extend leases"))?;
@@ -388,7 +395,7 @@ impl Queue {
         let results: Vec<&Value> = done.iter().map(|d| &d.2).collect();
         let mut c = self.conn()?;
         let rows = c
-            .query(
+            .query_typed(
                 "WITH d AS (
                      UPDATE runner_queue q
                      SET state = 'done', result = h.result, finished_at = now(),
@@ -399,10 +406,10 @@ impl Queue {
                  )
                  SELECT id, pg_notify($4, id::text) FROM d",
                 &[
-                    &ids as &(dyn ToSql + Sync),
-                    &tokens as &(dyn ToSql + Sync),
-                    &results as &(dyn ToSql + Sync),
-                    &DONE_CHANNEL as &(dyn ToSql + Sync),
+                    (&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY),
+                    (&tokens as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                    (&results as &(dyn ToSql + Sync), Type::JSONB_ARRAY),
+                    (&DONE_CHANNEL as &(dyn ToSql + Sync), Type::TEXT),
                 ],
             )
             .map_err(self.fail("record step results"))?;
@@ -510,10 +517,10 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
         }
         let mut c = self.conn()?;
         let rows = c
-            .query(
+            .query_typed(
                 "DELETE FROM runner_queue WHERE id = ANY($1) AND state IN ('done', 'failed')
                  RETURNING id, state, result, error",
-                &[&ids],
+                &[(&ids, Type::INT8_ARRAY)],
             )
             .map_err(self.fail("read step results"))?;
         Ok(rows
@@ -589,86 +596,6 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
             out[p] = u64::try_from(r.get::<_, i64>(1)).unwrap_or(0);
         }
         Ok(out)
-    }
-}
-
-/// One notification received on a [`listen`] connection.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Notice {
-    pub channel: String,
-    pub payload: String,
-}
-
-/// What [`listen`] tells its caller.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Heard {
-    Notice(Notice),
-    /// The connection was (re)established: notifications may have been missed meanwhile, so
-    /// look at the queue once.
-    Connected,
-    /// The connection dropped; the error, then a reconnect after a pause.
-    Lost(String),
-}
-
-/// Listens on `channels` over one dedicated connection until `stop` says so, calling `heard`
-/// for each notification; reconnects (after `retry`) whenever the connection drops. Blocking:
-/// run it on its own thread. `stop` is checked at least every `tick`.
-pub fn listen(
-    target: &PgTarget,
-    channels: &[&str],
-    tick: Duration,
-    retry: Duration,
-    stop: &dyn Fn() -> bool,
-    heard: &mut dyn FnMut(Heard),
-) {
-    let sql: String = channels
-        .iter()
-        .map(|c| format!("LISTEN {c};"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    while !stop() {
-        let mut client = match target.connect() {
-            Ok(c) => c,
-            Err(e) => {
-                heard(Heard::Lost(e));
-                pause(retry, tick, stop);
-                continue;
-            }
-        };
-        if let Err(e) = client.batch_execute(&sql) {
-            heard(Heard::Lost(describe(&e, target, "listen for new steps")));
-            pause(retry, tick, stop);
-            continue;
-        }
-        heard(Heard::Connected);
-        let lost = loop {
-            if stop() {
-                return;
-            }
-            let next = client.notifications().timeout_iter(tick).next();
-            match next {
-                Ok(Some(n)) => heard(Heard::Notice(Notice {
-                    channel: n.channel().to_string(),
-                    payload: n.payload().to_string(),
-                })),
-                Ok(None) => {
-                    // A quiet tick: a closed connection reads as quiet too, so look.
-                    if client.is_closed() {
-                        break "the connection closed".to_string();
-                    }
-                }
-                Err(e) => break describe(&e, target, "listen for new steps"),
-            }
-        };
-        heard(Heard::Lost(lost));
-        pause(retry, tick, stop);
-    }
-}
-
-fn pause(total: Duration, tick: Duration, stop: &dyn Fn() -> bool) {
-    let until = std::time::Instant::now() + total;
-    while !stop() && std::time::Instant::now() < until {
-        std::thread::sleep(tick.min(total));
     }
 }
 

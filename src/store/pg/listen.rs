@@ -1,0 +1,86 @@
+//! Wake-ups: one dedicated connection per process `LISTEN`ing on the queue's channels, on a
+//! plain thread (the blocking client runs its own runtime), reconnecting when it drops.
+
+use super::connect::{describe, PgTarget};
+use postgres::fallible_iterator::FallibleIterator;
+use std::time::Duration;
+
+/// One notification received on a [`listen`] connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub channel: String,
+    pub payload: String,
+}
+
+/// What [`listen`] tells its caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Heard {
+    Notice(Notice),
+    /// The connection was (re)established: notifications may have been missed meanwhile, so
+    /// look at the queue once.
+    Connected,
+    /// The connection dropped; the error, then a reconnect after a pause.
+    Lost(String),
+}
+
+/// Listens on `channels` over one dedicated connection until `stop` says so, calling `heard`
+/// for each notification; reconnects (after `retry`) whenever the connection drops. Blocking:
+/// run it on its own thread. `stop` is checked at least every `tick`.
+pub fn listen(
+    target: &PgTarget,
+    channels: &[&str],
+    tick: Duration,
+    retry: Duration,
+    stop: &dyn Fn() -> bool,
+    heard: &mut dyn FnMut(Heard),
+) {
+    let sql: String = channels
+        .iter()
+        .map(|c| format!("LISTEN {c};"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    while !stop() {
+        let mut client = match target.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                heard(Heard::Lost(e));
+                pause(retry, tick, stop);
+                continue;
+            }
+        };
+        if let Err(e) = client.batch_execute(&sql) {
+            heard(Heard::Lost(describe(&e, target, "listen for new steps")));
+            pause(retry, tick, stop);
+            continue;
+        }
+        heard(Heard::Connected);
+        let lost = loop {
+            if stop() {
+                return;
+            }
+            let next = client.notifications().timeout_iter(tick).next();
+            match next {
+                Ok(Some(n)) => heard(Heard::Notice(Notice {
+                    channel: n.channel().to_string(),
+                    payload: n.payload().to_string(),
+                })),
+                Ok(None) => {
+                    // A quiet tick: a closed connection reads as quiet too, so look.
+                    if client.is_closed() {
+                        break "the connection closed".to_string();
+                    }
+                }
+                Err(e) => break describe(&e, target, "listen for new steps"),
+            }
+        };
+        heard(Heard::Lost(lost));
+        pause(retry, tick, stop);
+    }
+}
+
+fn pause(total: Duration, tick: Duration, stop: &dyn Fn() -> bool) {
+    let until = std::time::Instant::now() + total;
+    while !stop() && std::time::Instant::now() < until {
+        std::thread::sleep(tick.min(total));
+    }
+}
