@@ -8,7 +8,6 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod export;
-pub mod fleet;
 pub mod ids;
 pub mod limits;
 pub mod logging;

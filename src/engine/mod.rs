@@ -9,14 +9,14 @@
 //! - `nodes.rs`: what each node type does (llm, http, transform, condition, notify, delay).
 
 mod context;
+// The fleet's side of the engine: attempts dispatched through the shared PostgreSQL queue
+// and the claimer that runs other processes' attempts here.
+pub(crate) mod fleet;
 mod maintenance;
 pub(crate) mod nodes;
 pub mod panics;
 mod replay;
 mod resume;
-// The retry semantics sit below the engine (providers and notifications use them too); the
-// old path stays valid.
-pub use crate::retry;
 pub(crate) mod run;
 pub(crate) mod step;
 
@@ -315,7 +315,7 @@ pub(crate) struct Inner {
     /// When the maintenance loop last turned (ms since the Unix epoch; 0 = never): liveness.
     pub loop_tick_ms: std::sync::atomic::AtomicU64,
     /// The fleet's shared queue (`DATABASE_URL=postgres://…`); `None`: the local pool alone.
-    pub fleet: Option<crate::fleet::FleetHandle>,
+    pub fleet: Option<crate::engine::fleet::FleetHandle>,
 }
 
 /// The process's engine; cheap to clone.
@@ -344,18 +344,19 @@ impl Engine {
             .build()
             .unwrap_or_default();
         let templates = Templates::with_limits(config.limits.clone());
-        let fleet = crate::fleet::Fleet::new(&config);
+        let fleet = crate::engine::fleet::Fleet::new(&config);
         let mut providers = Providers::new(config.clone()).with_store(store.clone());
         if let Some(f) = &fleet {
             // A provider's rate limit is one budget for the whole fleet.
-            providers =
-                providers.with_fleet_rates(crate::fleet::rates::FleetRates::new(f.queue().clone()));
+            providers = providers.with_fleet_rates(crate::providers::fleet_rates::FleetRates::new(
+                f.queue().clone(),
+            ));
         }
         let engine = Engine {
             inner: Arc::new(Inner {
                 // The store keeps the providers' response cache.
                 providers,
-                fleet: fleet.clone().map(crate::fleet::FleetHandle),
+                fleet: fleet.clone().map(crate::engine::fleet::FleetHandle),
                 config,
                 store,
                 bus,

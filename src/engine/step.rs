@@ -165,7 +165,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
     let step_key: Arc<str> = spec.key.clone().into();
     // With a fleet queue, each attempt is a queue row that any host may run; the row carries
     // the prepared input, rendered once here.
-    let fleet = crate::fleet::dispatcher(&ctx, &spec.key, node, &prepared, timeout);
+    let fleet = crate::engine::fleet::dispatcher(&ctx, &spec.key, node, &prepared, timeout);
     // A resumed step continues its numbering (and its retry budget) where the crash left it.
     let mut attempt: u32 = ctx.attempts_before.get(&spec.key).copied().unwrap_or(0);
     let mut last_ok = StepOutput::default();

@@ -31,6 +31,7 @@
 )]
 
 pub mod doctor;
+pub mod fleet_rates;
 pub mod huggingface;
 pub mod library;
 pub mod limiter;
@@ -308,7 +309,7 @@ pub struct Providers {
     store: Option<Store>,
     limits: Arc<Limits>,
     /// With a fleet: the rate limits are the fleet's, taken from its database.
-    fleet_rates: Option<Arc<crate::fleet::rates::FleetRates>>,
+    fleet_rates: Option<Arc<crate::providers::fleet_rates::FleetRates>>,
 }
 
 impl Providers {
@@ -340,7 +341,10 @@ impl Providers {
 
     /// Counts the rate limits fleet-wide in `rates` instead of in this process: the local
     /// limiters keep only the pauses a 429 asks for.
-    pub fn with_fleet_rates(mut self, rates: crate::fleet::rates::FleetRates) -> Providers {
+    pub fn with_fleet_rates(
+        mut self,
+        rates: crate::providers::fleet_rates::FleetRates,
+    ) -> Providers {
         let c = &self.config;
         let scale = c.time_scale;
         self.limits = Arc::new(Limits {

@@ -599,6 +599,17 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
     }
 }
 
+/// Runs blocking queue work off the async runtime's threads (the driver runs its own
+/// runtime and must not be entered from a tokio worker).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::result::Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| e.0),
+        Err(e) => Err(format!("a queue operation stopped abnormally ({e})")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

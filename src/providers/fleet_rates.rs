@@ -2,9 +2,9 @@
 //! every host, taken from the database one place at a time (`store::pg::limits`). The
 //! per-process limiter then keeps only the 429 pauses.
 
-use super::blocking;
-use crate::providers::limiter::RateLimit;
+use crate::config::RateLimit;
 use crate::store::pg::limits::Take;
+use crate::store::pg::queue::blocking;
 use crate::store::pg::queue::Queue;
 use std::time::Duration;
 

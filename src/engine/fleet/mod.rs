@@ -19,13 +19,12 @@
 //! provider, and their simulated model is the run's own).
 
 pub(crate) mod dispatch;
-pub(crate) mod rates;
 pub(crate) mod worker;
 
 pub(crate) use dispatch::dispatcher;
 
 use crate::config::Config;
-use crate::store::pg::queue::{self, Outcome, Queue};
+use crate::store::pg::queue::{self, blocking, Outcome, Queue};
 use crate::store::pg::PgTarget;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -292,15 +291,4 @@ impl Fleet {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Only short, non-panicking sections hold these locks.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs blocking queue work off the async runtime's threads (the driver runs its own
-/// runtime and must not be entered from a tokio worker).
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, queue::QueueError> + Send + 'static,
-) -> Result<T, String> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|e| e.0),
-        Err(e) => Err(format!("a queue operation stopped abnormally ({e})")),
-    }
 }
