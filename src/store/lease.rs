@@ -439,8 +439,12 @@ impl Store {
     /// Records this process's heartbeat: its pool and memory (a health check), and the proof
     /// that its runs' leases are alive. Call it before the first run is inserted.
     pub fn heartbeat(&self, h: Health) {
+        // On PostgreSQL the heartbeat also goes at once on a reader's connection: behind a long
+        // batch of history, the queued one alone could land after the lease ran out and make
+        // the fleet adopt this live process's runs. The queued copy keeps `flush` meaning
+        // "every write before it is in".
         if let Some(pg) = self.pg() {
-            return pg.heartbeat_now(&h, self.owner());
+            pg.heartbeat_now(&h, self.owner());
         }
         self.send(Msg::Write(Op::Heartbeat(Box::new(h))));
     }

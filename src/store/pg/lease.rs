@@ -142,8 +142,10 @@ fn claim(
         let row = tx.query_opt(
             "SELECT stopped_at IS NULL
                     AND heartbeat_at >= now() - make_interval(secs => $2::bigint / 1000.0),
-                    GREATEST(0, (extract(epoch FROM
-                        heartbeat_at + make_interval(secs => $2::bigint / 1000.0) - now()) * 1000)::bigint),
+                    -- now() is this transaction's start: a heartbeat committed since may be
+                    -- later than it, and a lease never has more than its length left.
+                    LEAST($2::bigint, GREATEST(0, (extract(epoch FROM
+                        heartbeat_at + make_interval(secs => $2::bigint / 1000.0) - now()) * 1000)::bigint)),
                     role
              FROM runner_processes WHERE id = $1",
             &[owner, &ms],
