@@ -600,26 +600,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     }
     // Run-level notifications: `notify.onSuccess/onFailure`, else the global
     // defaults. Before `wait` returns, so a CLI run does not exit before they are sent.
-    let summary = crate::notify::RunSummary {
-        run_id: run_id.clone(),
-        blueprint: bp.name.clone(),
-        status,
-        total_time_ms,
-        steps: summaries.len(),
-        tokens_used: tokens,
-        failed_step: failed_step.clone(),
-        error: error.clone(),
-    };
-    crate::notify::after_run(
-        &inner.http,
-        &inner.config,
-        &inner.store,
-        &bp,
-        &summary,
-        ctx.is_sandbox,
-    )
-    .await;
-    RunOutcome {
+    let outcome = RunOutcome {
         run_id,
         blueprint: bp.name.clone(),
         status,
@@ -631,7 +612,17 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         failed_step,
         tokens_used: tokens,
         seed: ctx.seed,
-    }
+    };
+    crate::notify::after_run(
+        &inner.http,
+        &inner.config,
+        &inner.store,
+        &bp,
+        &outcome.summary(),
+        ctx.is_sandbox,
+    )
+    .await;
+    outcome
 }
 
 /// Folds a finished step into its node. Returns the node and error when the run must fail.
