@@ -268,7 +268,7 @@ async fn a_failed_step_fails_the_run_unless_it_continues_on_error() {
     let row = env.store.find_run(&o.run_id).unwrap();
     assert_eq!(row.status, RunStatus::Error);
     assert_eq!(row.failed_step.as_deref(), Some("fetch"));
-    assert_eq!(row.error_kind.as_deref(), Some("invalid_request"));
+    assert_eq!(row.error_kind.map(|k| k.as_str()), Some("invalid_request"));
 
     let o = run(&env, &mk(true), RunRequest::default()).await;
     assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
@@ -301,12 +301,15 @@ async fn server_errors_are_retried_and_every_attempt_is_recorded() {
     let attempts = env.store.run_attempts(&o.run_id).unwrap();
     let fetch: Vec<_> = attempts.iter().filter(|a| a.step_key == "fetch").collect();
     assert_eq!(fetch.len(), 3);
-    assert_eq!(fetch[0].error_kind.as_deref(), Some("server"));
+    assert_eq!(fetch[0].error_kind.map(|k| k.as_str()), Some("server"));
     assert!(
         (900..=1100).contains(&fetch[0].wait_ms.unwrap()),
         "1 s backoff ± jitter"
     );
-    assert_eq!(fetch[1].error_kind.as_deref(), Some("rate_limited"));
+    assert_eq!(
+        fetch[1].error_kind.map(|k| k.as_str()),
+        Some("rate_limited")
+    );
     assert_eq!(fetch[1].wait_ms, Some(2000), "Retry-After wins");
     assert!(fetch[2].ok);
     assert_eq!(server.seen.lock().unwrap().len(), 3);
@@ -355,8 +358,10 @@ async fn injected_failures_recover_and_are_recorded_per_attempt() {
             "each recovered failure records its wait"
         );
     }
-    let kinds: std::collections::HashSet<_> =
-        failed.iter().filter_map(|a| a.error_kind.clone()).collect();
+    let kinds: std::collections::HashSet<_> = failed
+        .iter()
+        .filter_map(|a| a.error_kind.map(|k| k.as_str()))
+        .collect();
     assert!(kinds.len() >= 3, "several kinds injected: {kinds:?}");
 
     // The same seed injects the same failures.
@@ -365,7 +370,13 @@ async fn injected_failures_recover_and_are_recorded_per_attempt() {
     let sig = |v: &Vec<omniflow::store::AttemptRow>| {
         let mut s: Vec<_> = v
             .iter()
-            .map(|a| (a.step_key.clone(), a.attempt, a.error_kind.clone()))
+            .map(|a| {
+                (
+                    a.step_key.clone(),
+                    a.attempt,
+                    a.error_kind.map(|k| k.as_str()),
+                )
+            })
             .collect();
         s.sort();
         s
@@ -397,7 +408,7 @@ async fn a_step_timeout_really_stops_the_work() {
     assert_eq!(attempts.len(), 2);
     assert!(attempts
         .iter()
-        .all(|a| a.error_kind.as_deref() == Some("timeout")));
+        .all(|a| a.error_kind.map(|k| k.as_str()) == Some("timeout")));
     assert!(attempts[0].error.as_deref().unwrap().contains("timeout"));
 }
 

@@ -783,7 +783,7 @@ async fn a_spent_budget_stops_the_run_with_budget_exceeded() {
     assert!(o.error.unwrap().contains("maxTokensPerRun"));
     assert_eq!(fake.count(), 1, "the second call was never made");
     let run = env.store.find_run(&o.run_id).unwrap();
-    assert_eq!(run.error_kind.as_deref(), Some("budget_exceeded"));
+    assert_eq!(run.error_kind.map(|k| k.as_str()), Some("budget_exceeded"));
     assert_eq!(run.tokens_used, 50);
 
     // The global default applies when the blueprint sets none.

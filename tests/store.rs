@@ -320,7 +320,7 @@ fn a_runs_whole_life_reads_back(db, store) {
         ]
     );
     let failed = &attempts[1];
-    assert_eq!(failed.error_kind.as_deref(), Some("model_loading"));
+    assert_eq!(failed.error_kind.map(|k| k.as_str()), Some("model_loading"));
     assert_eq!((failed.wait_ms, failed.duration_ms), (Some(1000), 40));
     assert_eq!((failed.started_at, failed.finished_at), (at(20), at(60)));
     assert_eq!(attempts[2].wait_ms, None);
@@ -763,7 +763,7 @@ fn a_run_belongs_to_its_live_owner_and_moves_on_when_it_stops(db, store) {
     );
     let r2 = store.find_run("r2").unwrap();
     assert_eq!(r2.status, RunStatus::Error);
-    assert_eq!(r2.error_kind.as_deref(), Some("interrupted"));
+    assert_eq!(r2.error_kind.map(|k| k.as_str()), Some("interrupted"));
     assert_eq!(block_on(b.claim_run("r2", short, 1)).unwrap(), Claim::Finished);
 }
 }

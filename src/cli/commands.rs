@@ -940,7 +940,10 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
         run.trigger
     );
     if let Some(e) = &run.error {
-        say_out!("error ({}): {e}", run.error_kind.as_deref().unwrap_or("?"));
+        say_out!(
+            "error ({}): {e}",
+            run.error_kind.map_or("?", |k| k.as_str())
+        );
     }
     say_out!();
     say_out!(
@@ -954,7 +957,7 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
     );
     for s in &steps {
         let detail = match (&s.error, &s.output) {
-            (Some(e), _) => format!("{}: {e}", s.error_kind.as_deref().unwrap_or("error")),
+            (Some(e), _) => format!("{}: {e}", s.error_kind.map_or("error", |k| k.as_str())),
             (None, Some(Value::String(t))) => t.replace('\n', " "),
             (None, Some(v)) => v.to_string(),
             (None, None) => String::new(),
@@ -986,7 +989,7 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
                 "  {} #{}  {}: {}{}",
                 a.step_key,
                 a.attempt,
-                a.error_kind.as_deref().unwrap_or("error"),
+                a.error_kind.map_or("error", |k| k.as_str()),
                 a.error.as_deref().unwrap_or(""),
                 a.wait_ms
                     .map(|w| format!("  → waited {:.1}s", w as f64 / 1000.0))

@@ -104,7 +104,7 @@ fn run_row(row: &Row<'_>) -> rusqlite::Result<RunRow> {
         steps_total: u32_at(row, 16)?,
         steps_done: u32_at(row, 17)?,
         error: row.get(18)?,
-        error_kind: row.get(19)?,
+        error_kind: super::types::error_kind(row.get(19)?),
         failed_step: row.get(20)?,
     })
 }
@@ -121,7 +121,7 @@ fn step_row(row: &Row<'_>) -> rusqlite::Result<StepRow> {
         attempts: u32_at(row, 5)?.unwrap_or(0),
         input: json_at(row, 6)?,
         output: json_at(row, 7)?,
-        error_kind: row.get(8)?,
+        error_kind: super::types::error_kind(row.get(8)?),
         error: row.get(9)?,
         tokens_used: u64_at(row, 10)?.unwrap_or(0),
         cached: row.get(11)?,
@@ -142,7 +142,7 @@ fn attempt_row(row: &Row<'_>) -> rusqlite::Result<AttemptRow> {
         step_key: row.get(0)?,
         attempt: u32_at(row, 1)?.unwrap_or(0),
         ok: status == "success",
-        error_kind: row.get(3)?,
+        error_kind: super::types::error_kind(row.get(3)?),
         error: row.get(4)?,
         wait_ms: u64_at(row, 5)?,
         started_at: time_req(row, 6)?,

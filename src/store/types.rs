@@ -183,7 +183,7 @@ pub struct RunRow {
     pub steps_total: Option<u32>,
     pub steps_done: Option<u32>,
     pub error: Option<String>,
-    pub error_kind: Option<String>,
+    pub error_kind: Option<ErrorKind>,
     pub failed_step: Option<String>,
 }
 
@@ -198,7 +198,7 @@ pub struct StepRow {
     pub attempts: u32,
     pub input: Option<Value>,
     pub output: Option<Value>,
-    pub error_kind: Option<String>,
+    pub error_kind: Option<ErrorKind>,
     pub error: Option<String>,
     pub tokens_used: u64,
     pub cached: bool,
@@ -239,7 +239,7 @@ pub struct AttemptRow {
     pub step_key: String,
     pub attempt: u32,
     pub ok: bool,
-    pub error_kind: Option<String>,
+    pub error_kind: Option<ErrorKind>,
     pub error: Option<String>,
     pub wait_ms: Option<u64>,
     #[serde(serialize_with = "iso")]
@@ -266,4 +266,10 @@ pub(crate) fn iso_opt<S: serde::Serializer>(
         Some(t) => s.serialize_str(&super::iso8601(*t)),
         None => s.serialize_none(),
     }
+}
+
+/// A recorded error kind. A name this build does not know (written by a newer OmniFlow, or by
+/// hand) reads as none rather than failing the whole row.
+pub(crate) fn error_kind(name: Option<String>) -> Option<ErrorKind> {
+    name.as_deref().and_then(ErrorKind::parse)
 }

@@ -119,7 +119,7 @@ pub fn run_row(i: u64, blueprint: &str, status: RunStatus) -> RunRow {
         steps_done: Some(3),
         error: (status == RunStatus::Error)
             .then(|| "summarize[1]: rate limit reached (simulated 429)".to_string()),
-        error_kind: (status == RunStatus::Error).then(|| "rate_limited".to_string()),
+        error_kind: (status == RunStatus::Error).then_some(crate::error::ErrorKind::RateLimited),
         failed_step: (status == RunStatus::Error).then(|| "summarize[1]".to_string()),
     }
 }
@@ -152,7 +152,7 @@ pub fn detail() -> RunDetail {
                 "A short simulated answer that wraps when the panel is narrow enough to need it."
             )
         }),
-        error_kind: (status == StepStatus::Error).then(|| "rate_limited".into()),
+        error_kind: (status == StepStatus::Error).then_some(crate::error::ErrorKind::RateLimited),
         error: (status == StepStatus::Error).then(|| "rate limit reached (simulated 429)".into()),
         tokens_used: 80,
         cached: false,
@@ -174,7 +174,7 @@ pub fn detail() -> RunDetail {
         step_key: key.into(),
         attempt: n,
         ok,
-        error_kind: (!ok).then(|| "rate_limited".into()),
+        error_kind: (!ok).then_some(crate::error::ErrorKind::RateLimited),
         error: (!ok).then(|| "rate limit reached (simulated 429)".into()),
         wait_ms: wait,
         started_at: iso(T0),

@@ -64,7 +64,7 @@ pub(crate) fn run_row(row: &Row) -> PgResult<RunRow> {
         steps_total: u32_at(row, 16)?,
         steps_done: u32_at(row, 17)?,
         error: row.try_get(18)?,
-        error_kind: row.try_get(19)?,
+        error_kind: crate::store::types::error_kind(row.try_get(19)?),
         failed_step: row.try_get(20)?,
     })
 }
@@ -81,7 +81,7 @@ fn step_row(row: &Row) -> PgResult<StepRow> {
         attempts: u32_at(row, 5)?.unwrap_or(0),
         input: json_at(row, 6)?,
         output: json_at(row, 7)?,
-        error_kind: row.try_get(8)?,
+        error_kind: crate::store::types::error_kind(row.try_get(8)?),
         error: row.try_get(9)?,
         tokens_used: u64_at(row, 10)?.unwrap_or(0),
         cached: row.try_get(11)?,
@@ -102,7 +102,7 @@ fn attempt_row(row: &Row) -> PgResult<AttemptRow> {
         step_key: row.try_get(0)?,
         attempt: u32_at(row, 1)?.unwrap_or(0),
         ok: status == "success",
-        error_kind: row.try_get(3)?,
+        error_kind: crate::store::types::error_kind(row.try_get(3)?),
         error: row.try_get(4)?,
         wait_ms: u64_at(row, 5)?,
         started_at: row.try_get(6)?,

@@ -295,8 +295,7 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
                 format!(
                     "{}{e}",
                     s.error_kind
-                        .as_deref()
-                        .map(|k| format!("{k}: "))
+                        .map(|k| format!("{}: ", k.as_str()))
                         .unwrap_or_default()
                 ),
                 Style::default().fg(th.error),
@@ -316,7 +315,7 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
             Span::styled(
                 format!(
                     "{}: {}",
-                    a.error_kind.as_deref().unwrap_or("error"),
+                    a.error_kind.map_or("error", |k| k.as_str()),
                     a.error.as_deref().unwrap_or("")
                 ),
                 Style::default().fg(th.error),
