@@ -567,3 +567,81 @@ fn a_dead_drivers_run_is_finished_by_a_daemon_without_repeating_done_steps() {
         assert_eq!(asked, 1, "{key} was recorded done and then asked again");
     }
 }
+
+/// A driver that was paused past its lease comes back to find its run taken over: it stops
+/// driving it (and says so) instead of racing the new owner, and the run still ends once.
+#[test]
+fn a_driver_paused_past_its_lease_lets_go_of_its_run() {
+    let Some(mut fleet) = Fleet::new("driver_paused", Duration::from_millis(300)) else {
+        return;
+    };
+    for host in ["d1", "d2"] {
+        fleet.daemon(host, "4");
+    }
+    let bps = fleet.blueprints(1, 40);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "2")],
+        )
+        .spawn()
+        .unwrap();
+    let pid = driver.id().to_string();
+    let mut h = fleet.history();
+    wait_for(
+        "some steps to be recorded done",
+        Duration::from_secs(120),
+        || {
+            h.query_one(
+                "SELECT count(*) FROM runner_steps WHERE status = 'success'",
+                &[],
+            )
+            .is_ok_and(|r| r.get::<_, i64>(0) >= 3)
+        },
+    );
+    let first_owner: String = h
+        .query_one("SELECT owner FROM runner_executions", &[])
+        .unwrap()
+        .get(0);
+    // Paused, alive: only its lease (2 s, by the database's clock) can say it is gone.
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    wait_for(
+        "a daemon to take the run over",
+        Duration::from_secs(60),
+        || {
+            h.query_one("SELECT owner FROM runner_executions", &[])
+                .is_ok_and(|r| {
+                    r.get::<_, Option<String>>(0)
+                        .is_some_and(|o| o != first_owner)
+                })
+        },
+    );
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let (_, out, err) = finish(driver, Duration::from_secs(120));
+    wait_for("the run to end", Duration::from_secs(180), || {
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_executions WHERE status = 'success'",
+        ) == 1
+    });
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        40
+    );
+    let logged = || {
+        std::fs::read_dir(fleet.dir.path().join("logs-driver"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .contains("another process took this run over")
+            })
+    };
+    assert!(logged(), "the driver did not say it let go\n{out}\n{err}");
+}

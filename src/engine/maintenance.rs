@@ -170,6 +170,7 @@ impl Engine {
                 if last_beat.elapsed() >= beat_every {
                     last_beat = Instant::now();
                     engine.heartbeat();
+                    engine.let_go_of_lost_runs().await;
                 }
                 // Every tick, not every heartbeat: a run whose process was killed on this
                 // host is orphaned at once (its pid is gone), and is taken over within a
@@ -228,6 +229,38 @@ impl Engine {
             }
         }
         now
+    }
+
+    /// Stops driving the runs another process has taken over: this one missed its lease (it
+    /// was paused, or its heartbeats did not reach the database), and the new owner drives
+    /// them from the history now. Nothing more about them is recorded here.
+    async fn let_go_of_lost_runs(&self) {
+        let ids = self.active_runs();
+        if ids.is_empty() {
+            return;
+        }
+        let store = self.inner.store.clone();
+        let lost = match tokio::task::spawn_blocking(move || store.runs_taken_over(ids)).await {
+            Ok(Ok(lost)) => lost,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not check that this process still owns its runs");
+                return;
+            }
+            Err(_) => return,
+        };
+        for (id, owner) in lost {
+            let found = {
+                let runs = self.lock_runs();
+                runs.get(&id).map(|r| {
+                    r.released.store(true, Ordering::Relaxed);
+                    r.abort.cancel();
+                })
+            };
+            if found.is_some() {
+                self.inner.pool.remove_run(&id);
+                tracing::warn!(run_id = %id, owner = %owner, "another process took this run over (this one missed its lease); stopping it here, the new owner continues it");
+            }
+        }
     }
 
     /// Claims and resumes every run whose owner is gone.

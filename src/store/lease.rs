@@ -498,6 +498,30 @@ impl Store {
         }
     }
 
+    /// Which of `ids` (runs this process drives) another process has taken over, with the
+    /// new owner: this process missed its lease (it was paused, or its heartbeats could not
+    /// reach the database) and must stop driving them.
+    pub fn runs_taken_over(&self, ids: Vec<String>) -> Result<Vec<(String, String)>, StoreError> {
+        let me = self.owner().to_string();
+        if let Some(pg) = self.pg() {
+            return pg.runs_taken_over(me, ids);
+        }
+        self.read("checking which runs are still ours", move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT owner FROM runner_executions
+                 WHERE id = ?1 AND status IN ('queued', 'running') AND owner IS NOT NULL",
+            )?;
+            let mut lost = Vec::new();
+            for id in &ids {
+                let owner: Option<String> = st.query_row([id], |r| r.get(0)).optional()?;
+                if let Some(owner) = owner.filter(|o| *o != me) {
+                    lost.push((id.clone(), owner));
+                }
+            }
+            Ok(lost)
+        })
+    }
+
     /// Unfinished runs whose owner is gone (or that were released), oldest first.
     pub fn orphaned_runs(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
         if let Some(pg) = self.pg() {

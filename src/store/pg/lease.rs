@@ -40,6 +40,24 @@ impl PgBackend {
         rx.await.unwrap_or_else(|_| Err(gone()))
     }
 
+    pub(crate) fn runs_taken_over(
+        &self,
+        me: String,
+        ids: Vec<String>,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.read("checking which runs are still ours", move |c| {
+            let rows = c.query(
+                "SELECT id, owner FROM runner_executions
+                 WHERE id = ANY($1) AND status IN ('queued', 'running')
+                   AND owner IS NOT NULL AND owner <> $2",
+                &[&ids, &me],
+            )?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+    }
+
     pub(crate) fn orphaned_runs(&self, lease: Duration) -> Result<Vec<String>, StoreError> {
         let ms = lease_ms(lease);
         let rows: Vec<(String, bool, Option<String>)> =
