@@ -77,23 +77,46 @@ pub(crate) async fn run_guarded(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult 
                 key,
                 context,
             };
-            let summary = finish(
-                &ctx,
-                &spec,
-                StepStatus::Error,
-                0,
-                None,
-                Some(&e),
-                &StepOutput::default(),
-                started,
-            );
-            StepResult {
-                node,
-                item,
-                result: Err(e),
-                summary,
-            }
+            ended_without_attempt(&ctx, &spec, Err(e), started)
         }
+    }
+}
+
+/// A step that ends before any attempt (reused from an earlier run, or failed while being
+/// prepared): recorded with no attempt.
+fn ended_without_attempt(
+    ctx: &RunCtx,
+    spec: &StepSpec,
+    result: Result<Value, StepError>,
+    started: Instant,
+) -> StepResult {
+    let summary = match &result {
+        Ok(output) => finish(
+            ctx,
+            spec,
+            StepStatus::Success,
+            0,
+            Some(output.clone()),
+            None,
+            &StepOutput::default(),
+            started,
+        ),
+        Err(e) => finish(
+            ctx,
+            spec,
+            StepStatus::Error,
+            0,
+            None,
+            Some(e),
+            &StepOutput::default(),
+            started,
+        ),
+    };
+    StepResult {
+        node: spec.node,
+        item: spec.item,
+        result,
+        summary,
     }
 }
 
@@ -106,23 +129,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
 
     // A step recorded as done by an earlier run (retry of failed steps, resume) is reused.
     if let Some(output) = ctx.reuse.get(&spec.key) {
-        let output = output.clone();
-        let summary = finish(
-            &ctx,
-            &spec,
-            StepStatus::Success,
-            0,
-            Some(output.clone()),
-            None,
-            &StepOutput::default(),
-            started,
-        );
-        return StepResult {
-            node: spec.node,
-            item: spec.item,
-            result: Ok(output),
-            summary,
-        };
+        return ended_without_attempt(&ctx, &spec, Ok(output.clone()), started);
     }
 
     let prepared = nodes::prepare(&ctx, node, &spec.context);
@@ -136,24 +143,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
     });
     let prepared = match prepared {
         Ok(p) => Arc::new(p),
-        Err(e) => {
-            let summary = finish(
-                &ctx,
-                &spec,
-                StepStatus::Error,
-                0,
-                None,
-                Some(&e),
-                &StepOutput::default(),
-                started,
-            );
-            return StepResult {
-                node: spec.node,
-                item: spec.item,
-                result: Err(e),
-                summary,
-            };
-        }
+        Err(e) => return ended_without_attempt(&ctx, &spec, Err(e), started),
     };
 
     let policy = RetryPolicy::resolve(
