@@ -566,6 +566,18 @@ fn a_dead_drivers_run_is_finished_by_a_daemon_without_repeating_done_steps() {
             .unwrap_or(0);
         assert_eq!(asked, 1, "{key} was recorded done and then asked again");
     }
+    // What the dead driver left in the queue goes once the run has ended (the sweep runs
+    // every half lease).
+    wait_for(
+        "the dead driver's rows to be pruned",
+        Duration::from_secs(30),
+        || {
+            count(
+                &mut h,
+                "SELECT count(*) FROM runner_queue WHERE state IN ('done', 'failed')",
+            ) == 0
+        },
+    );
 }
 
 /// A driver that was paused past its lease comes back to find its run taken over: it stops

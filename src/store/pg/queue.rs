@@ -505,6 +505,21 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
             &[],
         )
         .map_err(self.fail("prune the queue"))?;
+        // Rows of runs that have ended: a driver that died left them, and the run's new
+        // driver asked again. Only where the history is in this database too.
+        let history: bool = tx
+            .query_one("SELECT to_regclass('runner_executions') IS NOT NULL", &[])
+            .map_err(self.fail("prune the queue"))?
+            .get(0);
+        if history {
+            tx.execute(
+                "DELETE FROM runner_queue q WHERE q.state IN ('done', 'failed')
+                   AND EXISTS (SELECT 1 FROM runner_executions r WHERE r.id = q.run_id
+                               AND r.status IN ('success', 'error', 'cancelled'))",
+                &[],
+            )
+            .map_err(self.fail("prune the queue"))?;
+        }
         tx.commit().map_err(self.fail("rescue expired leases"))?;
         Ok(out)
     }
