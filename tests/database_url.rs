@@ -3,6 +3,8 @@
 //! back to SQLite; and the URL's password shows nowhere — not on stdout or stderr, not in the
 //! log files, not in the database.
 
+mod common;
+
 use omniflow::store::pg::testing::ScratchDb;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -44,13 +46,8 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DB_FILE", self.sqlite())
-            .env("LOG_DIR", self.dir.path().join("logs"))
+        let mut c = common::bin::omniflow(self.dir.path(), args, [("DB_FILE", self.sqlite())]);
+        c.env("LOG_DIR", self.dir.path().join("logs"))
             .env("OMNIFLOW_TIME_SCALE", "0.01");
         c
     }

@@ -10,7 +10,7 @@ use omniflow::store::pg::testing::ScratchDb;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const ANSWER: &str = r#"{"choices":[{"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
@@ -36,23 +36,16 @@ impl Fleet {
     /// A process of the fleet; `host` names its history file, its log directory and its
     /// provider's path at the fake.
     fn cmd(&self, host: &str, args: &[&str], extra: &[(&str, &str)]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
         let d = self.dir.path();
-        c.args(args)
-            .current_dir(d)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", self.db.url())
-            .env("DB_FILE", d.join(format!("{host}.db")))
+        let mut c = common::bin::omniflow(d, args, [("DATABASE_URL", self.db.url())]);
+        c.env("DB_FILE", d.join(format!("{host}.db")))
             .env("LOG_DIR", d.join(format!("logs-{host}")))
             .env("OPENAI_BASE_URL", format!("{}/{host}/v1", self.fake.url))
             // No question to the fake about its slots, no cached answers.
             .env("OPENAI_CONCURRENCY", "0")
             .env("CACHE_TTL", "0")
             .env("LEASE_TIMEOUT", "2")
-            .env("MAX_RETRIES", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("MAX_RETRIES", "0");
         for (k, v) in extra {
             c.env(k, v);
         }
