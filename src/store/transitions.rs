@@ -442,47 +442,7 @@ fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
     // No row yet (a step that never ran: skipped, or failed before it started), or a final
     // one, which the upsert's guard leaves alone. The SELECT needs its WHERE for SQLite to
     // parse the upsert clause unambiguously.
-    let n = tx
-        .prepare_cached(
-            "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
-                 output, error_kind, error, tokens_used, cached, provider, model, queued_at,
-                 started_at, finished_at, duration_ms, reply_model, finish_reason, seq)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?14, ?16,
-                    ?17, ?18,
-                    COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
-             WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
-             ON CONFLICT (run_id, step_key) DO UPDATE SET
-                 status = excluded.status, attempts = excluded.attempts,
-                 output = excluded.output, error_kind = excluded.error_kind,
-                 error = excluded.error, tokens_used = excluded.tokens_used,
-                 cached = excluded.cached, provider = excluded.provider,
-                 model = excluded.model, reply_model = excluded.reply_model,
-                 finish_reason = excluded.finish_reason,
-                 started_at = COALESCE(runner_steps.started_at, excluded.started_at),
-                 finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
-             WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
-        )?
-        .execute(params![
-            s.run_id,
-            s.step_key,
-            s.node_id,
-            s.item_index,
-            s.status.as_str(),
-            s.attempts,
-            s.output.as_ref().and_then(json),
-            s.error_kind.map(|k| k.as_str()),
-            s.error,
-            saturating_i64(s.tokens_used),
-            s.cached,
-            s.provider,
-            s.model,
-            finished,
-            started,
-            saturating_i64(s.duration_ms),
-            s.reply_model,
-            s.finish_reason,
-        ])?;
-    Ok(n)
+    upsert_final_step(tx, s, None, &finished, started.as_deref())
 }
 
 /// A step that is recorded and not final yet → its final state, `started_at` kept when set,
@@ -713,48 +673,59 @@ fn step_recorded(tx: &Transaction<'_>, r: &StepRecord) -> Applied {
             })
             .flatten(),
     };
-    let n = tx
-        .prepare_cached(
-            "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
-                 input, output, error_kind, error, tokens_used, cached, provider, model,
-                 queued_at, started_at, finished_at, duration_ms, reply_model, finish_reason,
-                 seq)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                    ?18, ?19, ?20,
-                    COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
-             WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
-             ON CONFLICT (run_id, step_key) DO UPDATE SET
-                 status = excluded.status, attempts = excluded.attempts,
-                 output = excluded.output, error_kind = excluded.error_kind,
-                 error = excluded.error, tokens_used = excluded.tokens_used,
-                 cached = excluded.cached, provider = excluded.provider,
-                 model = excluded.model, reply_model = excluded.reply_model,
-                 finish_reason = excluded.finish_reason,
-                 started_at = COALESCE(runner_steps.started_at, excluded.started_at),
-                 finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
-             WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
-        )?
-        .execute(params![
-            q.run_id,
-            q.step_key,
-            q.node_id,
-            q.item_index,
-            s.status.as_str(),
-            s.attempts,
-            input,
-            s.output.as_ref().and_then(json),
-            s.error_kind.map(|k| k.as_str()),
-            s.error,
-            saturating_i64(s.tokens_used),
-            s.cached,
-            s.provider,
-            s.model,
-            queued_at,
-            started,
-            iso8601(s.finished_at),
-            saturating_i64(s.duration_ms),
-            s.reply_model,
-            s.finish_reason,
-        ])?;
-    Ok(n)
+    upsert_final_step(tx, s, input.as_deref(), &queued_at, started.as_deref())
+}
+
+/// Inserts a step in its final state (the run's next `seq`), or brings a recorded step that is
+/// not final yet to it, keeping its `started_at` when set. A final row is left alone (the
+/// guard). The number of rows changed.
+fn upsert_final_step(
+    tx: &Transaction<'_>,
+    s: &StepEnd,
+    input: Option<&str>,
+    queued_at: &str,
+    started: Option<&str>,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status, attempts,
+             input, output, error_kind, error, tokens_used, cached, provider, model,
+             queued_at, started_at, finished_at, duration_ms, reply_model, finish_reason,
+             seq)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                ?18, ?19, ?20,
+                COALESCE((SELECT MAX(seq) FROM runner_steps WHERE run_id = ?1), 0) + 1
+         WHERE EXISTS (SELECT 1 FROM runner_executions WHERE id = ?1)
+         ON CONFLICT (run_id, step_key) DO UPDATE SET
+             status = excluded.status, attempts = excluded.attempts,
+             output = excluded.output, error_kind = excluded.error_kind,
+             error = excluded.error, tokens_used = excluded.tokens_used,
+             cached = excluded.cached, provider = excluded.provider,
+             model = excluded.model, reply_model = excluded.reply_model,
+             finish_reason = excluded.finish_reason,
+             started_at = COALESCE(runner_steps.started_at, excluded.started_at),
+             finished_at = excluded.finished_at, duration_ms = excluded.duration_ms
+         WHERE runner_steps.status IN ('pending', 'running', 'retrying')",
+    )?
+    .execute(params![
+        s.run_id,
+        s.step_key,
+        s.node_id,
+        s.item_index,
+        s.status.as_str(),
+        s.attempts,
+        input,
+        s.output.as_ref().and_then(json),
+        s.error_kind.map(|k| k.as_str()),
+        s.error,
+        saturating_i64(s.tokens_used),
+        s.cached,
+        s.provider,
+        s.model,
+        queued_at,
+        started,
+        iso8601(s.finished_at),
+        saturating_i64(s.duration_ms),
+        s.reply_model,
+        s.finish_reason,
+    ])
 }
