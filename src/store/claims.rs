@@ -1,8 +1,8 @@
-//! Claims that must be decided at once, not queued: "was this message already delivered?"
-//! and "does this process fire this schedule slot?". Each call opens a short-lived connection
-//! and commits before it returns (the writer thread's queue would answer too late). Both are
-//! rare (one per message part, one per slot), so a connection per call costs nothing that
-//! matters. Blocking: call them from `spawn_blocking` or plain threads.
+//! Claims that must be decided at once, not merely queued: "was this message already
+//! delivered?" and "does this process fire this schedule slot?". The writes are asks to the
+//! writer thread (`asks.rs`): applied after what was queued before them, committed in their
+//! own transaction before the call returns. The checks are reads on the readers'
+//! connections. Blocking: call them from `spawn_blocking` or plain threads.
 //!
 //! - `notifications_sent`: checked before a message part is sent, recorded right after the
 //!   service accepted it. The window between the service's reply and the commit (a few
@@ -12,8 +12,8 @@
 //! - `schedule_slots`: `INSERT OR IGNORE` on `(blueprint_name, slot_ms)` inside
 //!   `BEGIN IMMEDIATE`: of any number of processes on one database, exactly one gets `true`.
 
+use super::asks::{Ask, Reply};
 use super::error::StoreError;
-use super::schema::{open_error, BUSY_TIMEOUT};
 use super::transitions::ProcessInfo;
 use super::{iso8601, Store};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -51,20 +51,32 @@ fn from_ms(ms: i64) -> SystemTime {
 }
 
 impl Store {
-    fn claim_conn(&self, doing: &'static str) -> Result<Connection, StoreError> {
-        let path = self.sqlite_path();
-        let conn = Connection::open(path).map_err(|e| open_error(path, doing, e))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| open_error(path, doing, e))?;
-        Ok(conn)
+    /// Sends an ask to the writer and waits, blocking this thread, for its answer.
+    pub(super) fn ask_blocking<T>(
+        &self,
+        ask: impl FnOnce(Reply<T>) -> Ask,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let ask = ask(Reply::Blocking(tx));
+        let doing = ask.doing();
+        if !self.send(super::Msg::Ask(ask)) {
+            return Err(super::asks::writer_stopped(self.place(), doing));
+        }
+        // The writer dropped the reply without answering: it stopped (panicked) meanwhile.
+        rx.recv()
+            .unwrap_or_else(|_| Err(super::asks::writer_stopped(self.place(), doing)))
     }
 
-    fn sql_error(&self, doing: &'static str, source: rusqlite::Error) -> StoreError {
-        StoreError::Database {
-            place: self.place(),
-            doing,
-            source: source.into(),
+    /// Like [`Store::ask_blocking`], waiting without blocking the thread.
+    pub(super) async fn ask<T>(&self, ask: impl FnOnce(Reply<T>) -> Ask) -> Result<T, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let ask = ask(Reply::Async(tx));
+        let doing = ask.doing();
+        if !self.send(super::Msg::Ask(ask)) {
+            return Err(super::asks::writer_stopped(self.place(), doing));
         }
+        rx.await
+            .unwrap_or_else(|_| Err(super::asks::writer_stopped(self.place(), doing)))
     }
 
     /// The message ids recorded for `dedupe_key` if that message part was already delivered.
@@ -72,16 +84,14 @@ impl Store {
         if let Some(pg) = self.pg() {
             return pg.notification_sent(dedupe_key);
         }
-        const DOING: &str = "checking sent notifications";
-        let conn = self.claim_conn(DOING)?;
-        let found: Option<Option<String>> = conn
-            .query_row(
+        let found: Option<Option<String>> = self.read("checking sent notifications", |conn| {
+            conn.query_row(
                 "SELECT message_ids FROM notifications_sent WHERE dedupe_key = ?1",
                 [dedupe_key],
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|e| self.sql_error(DOING, e))?;
+        })?;
         Ok(found.map(|ids| {
             ids.and_then(|t| serde_json::from_str(&t).ok())
                 .unwrap_or(Value::Null)
@@ -91,28 +101,8 @@ impl Store {
     /// Records a delivered message part (committed before this returns). A second record
     /// with the same key is ignored.
     pub fn record_notification(&self, rec: &NotificationRecord) -> Result<(), StoreError> {
-        if let Some(pg) = self.pg() {
-            return pg.record_notification(rec);
-        }
-        const DOING: &str = "recording a sent notification";
-        let conn = self.claim_conn(DOING)?;
-        let ids = (!rec.message_ids.is_null()).then(|| rec.message_ids.to_string());
-        conn.execute(
-            "INSERT OR IGNORE INTO notifications_sent
-                 (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                rec.dedupe_key,
-                rec.run_id,
-                rec.step_key,
-                rec.channel,
-                rec.part,
-                iso8601(SystemTime::now()),
-                ids
-            ],
-        )
-        .map_err(|e| self.sql_error(DOING, e))?;
-        Ok(())
+        let rec = Box::new(rec.clone());
+        self.ask_blocking(|reply| Ask::RecordNotification { rec, reply })
     }
 
     /// Every delivered part recorded for a run, oldest first: (step key, channel, part).
@@ -120,19 +110,14 @@ impl Store {
         if let Some(pg) = self.pg() {
             return pg.notifications_of(run_id);
         }
-        const DOING: &str = "reading sent notifications";
-        let conn = self.claim_conn(DOING)?;
-        let mut stmt = conn
-            .prepare(
+        self.read("reading sent notifications", |conn| {
+            let mut stmt = conn.prepare(
                 "SELECT step_key, channel, part FROM notifications_sent WHERE run_id = ?1
                  ORDER BY sent_at, rowid",
-            )
-            .map_err(|e| self.sql_error(DOING, e))?;
-        let rows = stmt
-            .query_map([run_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(|e| self.sql_error(DOING, e))?;
-        Ok(rows)
+            )?;
+            let rows = stmt.query_map([run_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
     }
 
     /// The first run of a retry chain: follows `parent_run_id` from `run_id` (at most 100
@@ -142,55 +127,34 @@ impl Store {
         if let Some(pg) = self.pg() {
             return pg.root_run_id(run_id);
         }
-        const DOING: &str = "following a run's parents";
-        let conn = self.claim_conn(DOING)?;
-        let mut current = run_id.to_string();
-        for _ in 0..100 {
-            let parent: Option<Option<String>> = conn
-                .query_row(
-                    "SELECT parent_run_id FROM runner_executions WHERE id = ?1",
-                    [&current],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(|e| self.sql_error(DOING, e))?;
-            match parent.flatten() {
-                Some(p) if !p.is_empty() && p != current => current = p,
-                _ => break,
+        self.read("following a run's parents", |conn| {
+            let mut current = run_id.to_string();
+            for _ in 0..100 {
+                let parent: Option<Option<String>> = conn
+                    .query_row(
+                        "SELECT parent_run_id FROM runner_executions WHERE id = ?1",
+                        [&current],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                match parent.flatten() {
+                    Some(p) if !p.is_empty() && p != current => current = p,
+                    _ => break,
+                }
             }
-        }
-        Ok(current)
+            Ok(current)
+        })
     }
 
     /// Claims a schedule slot: `true` for exactly one caller per (blueprint, slot), across
     /// every process sharing the database.
     pub fn claim_slot(&self, blueprint: &str, slot: SystemTime) -> Result<bool, StoreError> {
-        if let Some(pg) = self.pg() {
-            return pg.claim_slot(blueprint, slot);
-        }
-        const DOING: &str = "claiming a schedule slot";
-        let mut conn = self.claim_conn(DOING)?;
-        let proc = ProcessInfo::current(super::lease::process_id().to_string());
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.sql_error(DOING, e))?;
-        let n = tx
-            .execute(
-                "INSERT OR IGNORE INTO schedule_slots
-                     (blueprint_name, slot_ms, slot, claimed_at, host, pid)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    blueprint,
-                    to_ms(slot),
-                    iso8601(slot),
-                    iso8601(SystemTime::now()),
-                    proc.host(),
-                    proc.pid()
-                ],
-            )
-            .map_err(|e| self.sql_error(DOING, e))?;
-        tx.commit().map_err(|e| self.sql_error(DOING, e))?;
-        Ok(n == 1)
+        let blueprint = blueprint.to_string();
+        self.ask_blocking(|reply| Ask::ClaimSlot {
+            blueprint,
+            slot,
+            reply,
+        })
     }
 
     /// Notes which run a claimed slot started.
@@ -200,17 +164,13 @@ impl Store {
         slot: SystemTime,
         run_id: &str,
     ) -> Result<(), StoreError> {
-        if let Some(pg) = self.pg() {
-            return pg.slot_run(blueprint, slot, run_id);
-        }
-        const DOING: &str = "recording a schedule slot's run";
-        let conn = self.claim_conn(DOING)?;
-        conn.execute(
-            "UPDATE schedule_slots SET run_id = ?3 WHERE blueprint_name = ?1 AND slot_ms = ?2",
-            params![blueprint, to_ms(slot), run_id],
-        )
-        .map_err(|e| self.sql_error(DOING, e))?;
-        Ok(())
+        let (blueprint, run_id) = (blueprint.to_string(), run_id.to_string());
+        self.ask_blocking(|reply| Ask::SlotRun {
+            blueprint,
+            slot,
+            run_id,
+            reply,
+        })
     }
 
     /// The latest slot claimed for a blueprint (by any process).
@@ -218,15 +178,13 @@ impl Store {
         if let Some(pg) = self.pg() {
             return pg.last_slot(blueprint);
         }
-        const DOING: &str = "reading the last schedule slot";
-        let conn = self.claim_conn(DOING)?;
-        let ms: Option<i64> = conn
-            .query_row(
+        let ms: Option<i64> = self.read("reading the last schedule slot", |conn| {
+            conn.query_row(
                 "SELECT MAX(slot_ms) FROM schedule_slots WHERE blueprint_name = ?1",
                 [blueprint],
                 |r| r.get(0),
             )
-            .map_err(|e| self.sql_error(DOING, e))?;
+        })?;
         Ok(ms.map(from_ms))
     }
 
@@ -235,24 +193,80 @@ impl Store {
         if let Some(pg) = self.pg() {
             return pg.slots_of(blueprint);
         }
-        const DOING: &str = "reading schedule slots";
-        let conn = self.claim_conn(DOING)?;
-        let mut stmt = conn
-            .prepare(
+        self.read("reading schedule slots", |conn| {
+            let mut stmt = conn.prepare(
                 "SELECT blueprint_name, slot_ms, run_id FROM schedule_slots
                  WHERE blueprint_name = ?1 ORDER BY slot_ms",
-            )
-            .map_err(|e| self.sql_error(DOING, e))?;
-        let rows = stmt
-            .query_map([blueprint], |r| {
+            )?;
+            let rows = stmt.query_map([blueprint], |r| {
                 Ok(SlotClaim {
                     blueprint: r.get(0)?,
                     slot: from_ms(r.get(1)?),
                     run_id: r.get(2)?,
                 })
-            })
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(|e| self.sql_error(DOING, e))?;
-        Ok(rows)
+            })?;
+            rows.collect()
+        })
     }
+}
+
+// ---- the writes, applied by the writer thread (`writer::answer`) -------------------------
+
+pub(super) fn record_notification(
+    conn: &Connection,
+    rec: &NotificationRecord,
+) -> rusqlite::Result<()> {
+    let ids = (!rec.message_ids.is_null()).then(|| rec.message_ids.to_string());
+    conn.execute(
+        "INSERT OR IGNORE INTO notifications_sent
+             (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            rec.dedupe_key,
+            rec.run_id,
+            rec.step_key,
+            rec.channel,
+            rec.part,
+            iso8601(SystemTime::now()),
+            ids
+        ],
+    )?;
+    Ok(())
+}
+
+pub(super) fn claim_slot(
+    conn: &mut Connection,
+    blueprint: &str,
+    slot: SystemTime,
+    proc: &ProcessInfo,
+) -> rusqlite::Result<bool> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let n = tx.execute(
+        "INSERT OR IGNORE INTO schedule_slots
+             (blueprint_name, slot_ms, slot, claimed_at, host, pid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            blueprint,
+            to_ms(slot),
+            iso8601(slot),
+            iso8601(SystemTime::now()),
+            proc.host(),
+            proc.pid()
+        ],
+    )?;
+    tx.commit()?;
+    Ok(n == 1)
+}
+
+pub(super) fn slot_run(
+    conn: &Connection,
+    blueprint: &str,
+    slot: SystemTime,
+    run_id: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE schedule_slots SET run_id = ?3 WHERE blueprint_name = ?1 AND slot_ms = ?2",
+        params![blueprint, to_ms(slot), run_id],
+    )?;
+    Ok(())
 }

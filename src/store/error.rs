@@ -201,6 +201,17 @@ pub enum StoreError {
         instead: &'static str,
     },
 
+    /// The store's writer thread is gone (it stops only when the store is dropped, so it
+    /// panicked): nothing more can be saved by this process.
+    #[error(
+        "database {place} failed while {doing}: the store's writer thread has stopped (the log says why), so nothing more is saved: restart omniflow"
+    )]
+    WriterStopped {
+        /// The file, or the PostgreSQL database as shown (without its password).
+        place: String,
+        doing: &'static str,
+    },
+
     /// Any other database failure, with what the store was doing.
     #[error("database {place} failed while {doing}: {source}")]
     Database {
@@ -226,7 +237,9 @@ impl StoreError {
             StoreError::CreateDir { .. } | StoreError::Unwritable { .. } => {
                 StoreErrorKind::Unavailable
             }
-            StoreError::Unavailable { .. } => StoreErrorKind::Unavailable,
+            StoreError::Unavailable { .. } | StoreError::WriterStopped { .. } => {
+                StoreErrorKind::Unavailable
+            }
             StoreError::DiskFull { .. } => StoreErrorKind::Full,
             StoreError::NotFound(_) | StoreError::Ambiguous { .. } => StoreErrorKind::NotFound,
             StoreError::NotOnPostgres { .. } => StoreErrorKind::Unsupported,

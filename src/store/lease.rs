@@ -12,9 +12,10 @@
 //! instead of resumed: a run that keeps killing its process must not crash every process
 //! that picks it up.
 
+use super::asks::Ask;
 use super::iso8601;
 use super::transitions::{Op, ProcessInfo};
-use super::{DbError, Msg, Store, StoreError, StoreErrorKind};
+use super::{Msg, Store, StoreError};
 use crate::events::PoolStats;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::Serialize;
@@ -322,7 +323,7 @@ pub(crate) fn release_runs(tx: &Transaction<'_>, proc: &ProcessInfo) -> rusqlite
 }
 
 /// Claims `run_id` for `me` if its owner is gone (guarded: only one claimer can win).
-fn claim(
+pub(super) fn claim(
     conn: &mut Connection,
     run_id: &str,
     me: &str,
@@ -469,33 +470,14 @@ impl Store {
         lease: Duration,
         max_takeovers: u32,
     ) -> Result<Claim, StoreError> {
-        if let Some(pg) = self.pg() {
-            return pg
-                .claim_run(run_id, self.owner(), lease, max_takeovers)
-                .await;
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (id, me) = (run_id.to_string(), self.owner().to_string());
-        let sent = self.send(Msg::Txn(Box::new(move |conn: &mut Connection| {
-            let r = claim(conn, &id, &me, SystemTime::now(), lease, max_takeovers);
-            let _ = tx.send(r);
-        })));
-        let gone = || StoreError::Database {
-            place: self.place(),
-            doing: "claiming a run",
-            source: DbError::new(StoreErrorKind::Other, "the database writer has stopped"),
-        };
-        if !sent {
-            return Err(gone());
-        }
-        match rx.await {
-            Ok(r) => r.map_err(|source| StoreError::Database {
-                place: self.place(),
-                doing: "claiming a run",
-                source: source.into(),
-            }),
-            Err(_) => Err(gone()),
-        }
+        let run_id = run_id.to_string();
+        self.ask(|reply| Ask::ClaimRun {
+            run_id,
+            lease,
+            max_takeovers,
+            reply,
+        })
+        .await
     }
 
     /// Which of `ids` (runs this process drives) another process has taken over, with the

@@ -41,6 +41,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+// Writes that are answered (claims, sent notifications), typed, for the one writer.
+mod asks;
 // Notifications sent and schedule slots claimed: synchronous, committed at once.
 mod claims;
 mod error;
@@ -289,7 +291,7 @@ impl Store {
         }
         let sent = match &self.inner.backend {
             Backend::Sqlite(b) => b.tx.as_ref().map(|tx| tx.send(msg).is_ok()),
-            Backend::Postgres(b) => Some(b.send_common(msg)),
+            Backend::Postgres(b) => Some(b.send(msg)),
         };
         if sent != Some(true) {
             if write {

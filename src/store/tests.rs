@@ -609,3 +609,54 @@ fn shown_times_agree_with_the_iso_text() {
         assert_eq!(utc_clock(t, true), iso[11..23]);
     }
 }
+
+/// A store whose writer is gone, as after a panic of its thread: its queue is read by a
+/// stand-in that takes each message and drops it unanswered (or by nobody at all).
+fn with_stopped_writer(path: &Path, reads_then_drops: bool) -> Store {
+    let (tx, rx) = mpsc::channel::<Msg>();
+    if reads_then_drops {
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+    } else {
+        drop(rx);
+    }
+    Store {
+        inner: Arc::new(Inner {
+            backend: Backend::Sqlite(SqliteBackend {
+                path: path.to_path_buf(),
+                tx: Some(tx),
+                readers: Mutex::new(Vec::new()),
+            }),
+            writer: None,
+            shared: Arc::new(Shared::default()),
+            owner: "me".into(),
+        }),
+    }
+}
+
+#[test]
+fn an_answered_write_without_its_writer_says_the_writer_stopped() {
+    let (_dir, store) = open_temp();
+    let path = store.path().unwrap().to_path_buf();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for reads_then_drops in [false, true] {
+        let gone = with_stopped_writer(&path, reads_then_drops);
+        let errors = [
+            gone.claim_slot("nightly", at(0)).unwrap_err(),
+            gone.slot_run("nightly", at(0), "r1").unwrap_err(),
+            rt.block_on(gone.claim_run("r1", Duration::from_secs(30), 3))
+                .unwrap_err(),
+        ];
+        for e in errors {
+            assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("writer thread has stopped") && text.contains("restart omniflow"),
+                "{text}"
+            );
+            assert!(text.contains(&path.display().to_string()), "{text}");
+        }
+    }
+}

@@ -2,8 +2,11 @@
 //! transitions over a channel and applies everything pending in one `BEGIN IMMEDIATE`
 //! transaction (batching), after folding the transitions that touch the same row into one
 //! write (see `transitions::coalesce`). A batch that fails on one bad row is replayed write by write so
-//! only that row is lost; any failure is logged and kept for `take_write_error`.
+//! only that row is lost; any failure is logged and kept for `take_write_error`. Writes whose
+//! caller needs the answer (`asks.rs`) come the same way and are applied in order, each in its
+//! own transaction.
 
+use super::asks::Ask;
 use super::transitions::{coalesce, Op, ProcessInfo};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -19,9 +22,9 @@ const BUSY_RETRIES: usize = 3;
 /// A message to the writer thread.
 pub(crate) enum Msg {
     Write(Op),
-    /// A read-modify-write that needs an answer (claiming a lease): run on the writer's
-    /// connection after every write queued before it, in its own transaction.
-    Txn(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// A write that is answered (a claim, a delivered notification): applied after every
+    /// write queued before it, in its own transaction.
+    Ask(Ask),
     /// Acknowledged once every write queued before it is committed (or failed).
     Flush(Ack),
     /// Acknowledged once every write queued before it is committed; while the disk is full,
@@ -118,7 +121,7 @@ pub(crate) fn run(
                 Msg::Write(op) => ops.push(op),
                 Msg::Flush(ack) => acks.push(ack),
                 Msg::Durable(ack) => durable.push(ack),
-                Msg::Txn(f) => {
+                Msg::Ask(ask) => {
                     // Keep the order: what was queued before it is committed first.
                     if !ops.is_empty() {
                         crate::telemetry::store_queued(-(ops.len() as i64));
@@ -130,7 +133,7 @@ pub(crate) fn run(
                             &path,
                         );
                     }
-                    f(&mut conn);
+                    answer(&mut conn, ask, &proc, &path);
                 }
             }
             next = if ops.len() < MAX_BATCH {
@@ -176,6 +179,42 @@ pub(crate) fn run(
     }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(path, error = %e, "closing the database writer failed");
+    }
+}
+
+/// Applies an ask in its own transaction and answers it; a failure is the answer.
+fn answer(conn: &mut Connection, ask: Ask, proc: &ProcessInfo, path: &str) {
+    let doing = ask.doing();
+    let error = |e: rusqlite::Error| super::StoreError::Database {
+        place: path.to_string(),
+        doing,
+        source: e.into(),
+    };
+    match ask {
+        Ask::ClaimRun {
+            run_id,
+            lease,
+            max_takeovers,
+            reply,
+        } => {
+            let now = std::time::SystemTime::now();
+            let r = super::lease::claim(conn, &run_id, &proc.id, now, lease, max_takeovers);
+            reply.send(r.map_err(error))
+        }
+        Ask::ClaimSlot {
+            blueprint,
+            slot,
+            reply,
+        } => reply.send(super::claims::claim_slot(conn, &blueprint, slot, proc).map_err(error)),
+        Ask::SlotRun {
+            blueprint,
+            slot,
+            run_id,
+            reply,
+        } => reply.send(super::claims::slot_run(conn, &blueprint, slot, &run_id).map_err(error)),
+        Ask::RecordNotification { rec, reply } => {
+            reply.send(super::claims::record_notification(conn, &rec).map_err(error))
+        }
     }
 }
 

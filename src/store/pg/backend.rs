@@ -11,6 +11,7 @@
 //! batch or query tried again. The transitions are guarded, so a batch whose commit was lost
 //! with the connection can be replayed: what it already did is a no-op the second time.
 
+use super::super::asks::Ask;
 use super::super::error::{DbError, StoreError, StoreErrorKind};
 use super::super::transitions::{coalesce, Op, ProcessInfo};
 use super::super::writer::{Ack, Msg, Shared};
@@ -45,16 +46,6 @@ impl From<postgres::Error> for Fail {
 }
 
 pub(crate) type PgResult<T> = Result<T, Fail>;
-
-/// A message to the PostgreSQL writer thread.
-pub(crate) enum PgMsg {
-    Write(Op),
-    /// A read-modify-write that needs an answer (claiming a run): on the writer's connection
-    /// after every write queued before it.
-    Txn(Box<dyn FnOnce(&mut Conn) + Send>),
-    Flush(Ack),
-    Durable(Ack),
-}
 
 type Job = Box<dyn FnOnce(&mut Conn) + Send>;
 
@@ -192,7 +183,7 @@ pub(crate) fn pg_error(target: &PgTarget, doing: &'static str, e: postgres::Erro
 pub(crate) struct PgBackend {
     target: PgTarget,
     /// `None` once closing.
-    tx: Option<Sender<PgMsg>>,
+    tx: Option<Sender<Msg>>,
     /// `None` once closing.
     jobs: Option<async_channel::Sender<Job>>,
     readers: Vec<JoinHandle<()>>,
@@ -270,21 +261,9 @@ impl PgBackend {
         }
     }
 
-    pub(crate) fn send(&self, msg: PgMsg) -> bool {
+    /// Queues a message to the writer thread; false if it is gone.
+    pub(crate) fn send(&self, msg: Msg) -> bool {
         self.tx.as_ref().is_some_and(|tx| tx.send(msg).is_ok())
-    }
-
-    /// The store's writer messages; an SQLite transaction closure cannot run here.
-    pub(crate) fn send_common(&self, msg: Msg) -> bool {
-        match msg {
-            Msg::Write(op) => self.send(PgMsg::Write(op)),
-            Msg::Flush(ack) => self.send(PgMsg::Flush(ack)),
-            Msg::Durable(ack) => self.send(PgMsg::Durable(ack)),
-            Msg::Txn(_) => {
-                tracing::error!("an SQLite transaction was sent to the PostgreSQL writer");
-                false
-            }
-        }
     }
 
     /// Runs `f` on a reader thread's connection and waits for its answer. Blocking, like an
@@ -346,7 +325,7 @@ fn thread_error(target: &PgTarget, e: std::io::Error) -> StoreError {
 /// The writer thread: gathers what is queued, folds it (`coalesce`, as on SQLite) and applies
 /// it in one transaction. While the server cannot be reached the writes are held, in order,
 /// and tried again; plain flushes are answered (the failure is reported), durable ones wait.
-fn write_loop(mut conn: Conn, rx: Receiver<PgMsg>, shared: Arc<Shared>, owner: String) {
+fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: String) {
     let proc = ProcessInfo::current(owner);
     let shown = conn.target.shown().to_string();
     let mut held: Vec<Op> = Vec::new();
@@ -382,10 +361,10 @@ fn write_loop(mut conn: Conn, rx: Receiver<PgMsg>, shared: Arc<Shared>, owner: S
         let mut next = Some(first);
         while let Some(msg) = next {
             match msg {
-                PgMsg::Write(op) => ops.push(op),
-                PgMsg::Flush(a) => acks.push(a),
-                PgMsg::Durable(a) => durable.push(a),
-                PgMsg::Txn(f) => {
+                Msg::Write(op) => ops.push(op),
+                Msg::Flush(a) => acks.push(a),
+                Msg::Durable(a) => durable.push(a),
+                Msg::Ask(ask) => {
                     if !ops.is_empty() {
                         crate::telemetry::store_queued(-(ops.len() as i64));
                         apply_or_hold(
@@ -397,7 +376,7 @@ fn write_loop(mut conn: Conn, rx: Receiver<PgMsg>, shared: Arc<Shared>, owner: S
                             &shown,
                         );
                     }
-                    f(&mut conn);
+                    answer(&mut conn, ask, &proc);
                 }
             }
             next = if ops.len() < MAX_BATCH {
@@ -440,6 +419,41 @@ fn write_loop(mut conn: Conn, rx: Receiver<PgMsg>, shared: Arc<Shared>, owner: S
     }
     for a in held_acks {
         a.send();
+    }
+}
+
+/// Applies an ask in its own transaction (reconnecting once if the connection was lost)
+/// and answers it; a failure is the answer.
+fn answer(conn: &mut Conn, ask: Ask, proc: &ProcessInfo) {
+    let doing = ask.doing();
+    match ask {
+        Ask::ClaimRun {
+            run_id,
+            lease,
+            max_takeovers,
+            reply,
+            // Worded for `describe`: "PostgreSQL at … refused to claim a run in".
+        } => reply.send(conn.run("claim a run in", |c| {
+            super::lease::claim(c, &run_id, &proc.id, lease, max_takeovers)
+        })),
+        Ask::ClaimSlot {
+            blueprint,
+            slot,
+            reply,
+        } => reply.send(conn.run(doing, |c| {
+            super::claims::claim_slot(c, &blueprint, slot, proc)
+        })),
+        Ask::SlotRun {
+            blueprint,
+            slot,
+            run_id,
+            reply,
+        } => reply.send(conn.run(doing, |c| {
+            super::claims::slot_run(c, &blueprint, slot, &run_id)
+        })),
+        Ask::RecordNotification { rec, reply } => {
+            reply.send(conn.run(doing, |c| super::claims::record_notification(c, &rec)))
+        }
     }
 }
 

@@ -1,14 +1,16 @@
-//! Sent notifications and schedule slots on PostgreSQL (see `store/claims.rs`): each call is
-//! one statement committed before it returns. A slot is claimed by inserting its row under
-//! the unique key `(blueprint_name, slot_ms)` with `ON CONFLICT DO NOTHING`: of every process
-//! of the fleet, the one whose insert landed runs it.
+//! Sent notifications and schedule slots on PostgreSQL (see `store/claims.rs`): each write is
+//! one statement, applied by the writer thread as an ask (`asks.rs`) and committed before it
+//! returns. A slot is claimed by inserting its row under the unique key
+//! `(blueprint_name, slot_ms)` with `ON CONFLICT DO NOTHING`: of every process of the fleet,
+//! the one whose insert landed runs it.
 
-use super::backend::PgBackend;
+use super::backend::{PgBackend, PgResult};
 use super::ops::ms_time;
 use crate::store::claims::{NotificationRecord, SlotClaim};
 use crate::store::error::StoreError;
 use crate::store::transitions::ProcessInfo;
 use crate::store::{from_unix_ms, unix_ms};
+use postgres::Client;
 use serde_json::Value;
 use std::time::SystemTime;
 
@@ -27,28 +29,6 @@ impl PgBackend {
             ids.and_then(|t| serde_json::from_str(&t).ok())
                 .unwrap_or(Value::Null)
         }))
-    }
-
-    pub(crate) fn record_notification(&self, rec: &NotificationRecord) -> Result<(), StoreError> {
-        let rec = rec.clone();
-        self.read("recording a sent notification", move |c| {
-            let ids = (!rec.message_ids.is_null()).then(|| rec.message_ids.to_string());
-            c.execute(
-                "INSERT INTO notifications_sent
-                     (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids)
-                 VALUES ($1, $2, $3, $4, $5, date_trunc('milliseconds', now()), $6)
-                 ON CONFLICT (dedupe_key) DO NOTHING",
-                &[
-                    &rec.dedupe_key,
-                    &rec.run_id,
-                    &rec.step_key,
-                    &rec.channel,
-                    &i64::from(rec.part),
-                    &ids,
-                ],
-            )?;
-            Ok(())
-        })
     }
 
     pub(crate) fn notifications_of(
@@ -96,37 +76,6 @@ impl PgBackend {
         })
     }
 
-    pub(crate) fn claim_slot(&self, blueprint: &str, slot: SystemTime) -> Result<bool, StoreError> {
-        let blueprint = blueprint.to_string();
-        let proc = ProcessInfo::current(crate::store::lease::process_id().to_string());
-        let (host, pid) = (proc.host().map(str::to_string), i64::from(proc.pid()));
-        self.read("claiming a schedule slot", move |c| {
-            let n = c.execute(
-                "INSERT INTO schedule_slots (blueprint_name, slot_ms, slot, claimed_at, host, pid)
-                 VALUES ($1, $2, $3, now(), $4, $5)
-                 ON CONFLICT (blueprint_name, slot_ms) DO NOTHING",
-                &[&blueprint, &unix_ms(slot), &ms_time(slot), &host, &pid],
-            )?;
-            Ok(n == 1)
-        })
-    }
-
-    pub(crate) fn slot_run(
-        &self,
-        blueprint: &str,
-        slot: SystemTime,
-        run_id: &str,
-    ) -> Result<(), StoreError> {
-        let (blueprint, run_id) = (blueprint.to_string(), run_id.to_string());
-        self.read("recording a schedule slot's run", move |c| {
-            c.execute(
-                "UPDATE schedule_slots SET run_id = $3 WHERE blueprint_name = $1 AND slot_ms = $2",
-                &[&blueprint, &unix_ms(slot), &run_id],
-            )?;
-            Ok(())
-        })
-    }
-
     pub(crate) fn last_slot(&self, blueprint: &str) -> Result<Option<SystemTime>, StoreError> {
         let blueprint = blueprint.to_string();
         let ms: Option<i64> = self.read("reading the last schedule slot", move |c| {
@@ -158,4 +107,54 @@ impl PgBackend {
             .collect()
         })
     }
+}
+
+// ---- the writes, applied by the writer thread (`backend::answer`) ------------------------
+
+pub(super) fn record_notification(c: &mut Client, rec: &NotificationRecord) -> PgResult<()> {
+    let ids = (!rec.message_ids.is_null()).then(|| rec.message_ids.to_string());
+    c.execute(
+        "INSERT INTO notifications_sent
+             (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids)
+         VALUES ($1, $2, $3, $4, $5, date_trunc('milliseconds', now()), $6)
+         ON CONFLICT (dedupe_key) DO NOTHING",
+        &[
+            &rec.dedupe_key,
+            &rec.run_id,
+            &rec.step_key,
+            &rec.channel,
+            &i64::from(rec.part),
+            &ids,
+        ],
+    )?;
+    Ok(())
+}
+
+pub(super) fn claim_slot(
+    c: &mut Client,
+    blueprint: &str,
+    slot: SystemTime,
+    proc: &ProcessInfo,
+) -> PgResult<bool> {
+    let (host, pid) = (proc.host(), i64::from(proc.pid()));
+    let n = c.execute(
+        "INSERT INTO schedule_slots (blueprint_name, slot_ms, slot, claimed_at, host, pid)
+         VALUES ($1, $2, $3, now(), $4, $5)
+         ON CONFLICT (blueprint_name, slot_ms) DO NOTHING",
+        &[&blueprint, &unix_ms(slot), &ms_time(slot), &host, &pid],
+    )?;
+    Ok(n == 1)
+}
+
+pub(super) fn slot_run(
+    c: &mut Client,
+    blueprint: &str,
+    slot: SystemTime,
+    run_id: &str,
+) -> PgResult<()> {
+    c.execute(
+        "UPDATE schedule_slots SET run_id = $3 WHERE blueprint_name = $1 AND slot_ms = $2",
+        &[&blueprint, &unix_ms(slot), &run_id],
+    )?;
+    Ok(())
 }

@@ -2,8 +2,8 @@
 //! matters across hosts: freshness is always judged by the database's clock (`now()`), never
 //! by a host's, so hosts whose clocks disagree still agree on whose run is whose.
 
-use super::backend::{Conn, PgBackend, PgMsg, PgResult};
-use crate::store::error::{DbError, StoreError, StoreErrorKind};
+use super::backend::{PgBackend, PgResult};
+use crate::store::error::StoreError;
 use crate::store::lease::{owner_is_gone, Claim, ProcessRow};
 use postgres::Client;
 use std::time::Duration;
@@ -13,33 +13,6 @@ fn lease_ms(lease: Duration) -> i64 {
 }
 
 impl PgBackend {
-    /// Claims an orphaned run on the writer's connection, after every write queued before it.
-    pub(crate) async fn claim_run(
-        &self,
-        run_id: &str,
-        me: &str,
-        lease: Duration,
-        max_takeovers: u32,
-    ) -> Result<Claim, StoreError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (id, me) = (run_id.to_string(), me.to_string());
-        let sent = self.send(PgMsg::Txn(Box::new(move |conn: &mut Conn| {
-            let r = conn.run("claim a run in", |c| {
-                claim(c, &id, &me, lease, max_takeovers)
-            });
-            let _ = tx.send(r);
-        })));
-        let gone = || StoreError::Database {
-            place: self.target().shown().to_string(),
-            doing: "claiming a run",
-            source: DbError::new(StoreErrorKind::Other, "the database writer has stopped"),
-        };
-        if !sent {
-            return Err(gone());
-        }
-        rx.await.unwrap_or_else(|_| Err(gone()))
-    }
-
     pub(crate) fn runs_taken_over(
         &self,
         me: String,
@@ -129,9 +102,9 @@ impl PgBackend {
     }
 }
 
-/// The claim of `store/lease.rs`, with the row locked (`FOR UPDATE`) instead of SQLite's
+/// The claim of `store/lease.rs` (applied by the writer thread, `backend::answer`), with the row locked (`FOR UPDATE`) instead of SQLite's
 /// database-wide write lock, and the lease judged by `now()` on the server.
-fn claim(
+pub(super) fn claim(
     c: &mut Client,
     run_id: &str,
     me: &str,
