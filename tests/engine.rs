@@ -545,6 +545,72 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     assert_eq!(o.status, RunStatus::Running, "handed over, not finished");
 }
 
+/// A shutdown gives its grace to the work in flight and returns when that ends, not later:
+/// here the run's last step is done and its driver is sending the run's notification when
+/// the shutdown begins. The notification is held by the fake Telegram; once it is answered,
+/// the run finishes (it is not handed over half-notified) and the shutdown, with a grace of
+/// an hour, returns at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_returns_when_the_work_in_flight_ends() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let req = http::read_request(&mut sock).await;
+        let _ = got_tx.send(req);
+        let _ = answer_rx.await;
+        let ok = r#"{"ok":true,"result":{"message_id":7}}"#;
+        http::write_reply(&mut sock, 200, &[], ok).await;
+    });
+    let env = engine(
+        &[
+            ("TELEGRAM_BOT_TOKEN", "123:secret"),
+            ("TELEGRAM_CHAT_ID", "42"),
+            ("TELEGRAM_API_URL", url.as_str()),
+        ],
+        2,
+    );
+    let bp = blueprint(json!({
+        "name": "told",
+        "notify": { "onSuccess": ["telegram"] },
+        "nodes": [ { "id": "a", "type": "transform", "template": "x" } ]
+    }));
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    let req = got_rx
+        .await
+        .unwrap()
+        .expect("the run's notification is sent");
+    assert!(req.body.contains("told"), "{}", req.body);
+
+    let engine = env.engine.clone();
+    let mut shutdown =
+        tokio::spawn(async move { engine.shutdown(std::time::Duration::from_secs(3600)).await });
+    // Held, the notification keeps the shutdown waiting (it cannot end before it).
+    let early = tokio::time::timeout(std::time::Duration::from_secs(1), &mut shutdown).await;
+    assert!(
+        early.is_err(),
+        "the shutdown returned while the run was still notifying: {early:?}"
+    );
+    answer_tx.send(()).unwrap();
+    let released = tokio::time::timeout(std::time::Duration::from_secs(120), shutdown)
+        .await
+        .expect("the shutdown waited out its grace")
+        .unwrap();
+    assert!(
+        released.is_empty(),
+        "a finished run was handed over: {released:?}"
+    );
+    let o = h.wait().await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(
+        env.store.find_run(&o.run_id).unwrap().status,
+        RunStatus::Success
+    );
+    assert_eq!(env.store.notifications_of(&o.run_id).unwrap().len(), 1);
+}
+
 /// Durations are parsed once, when a blueprint loads: one too large for the clock is refused
 /// there with the validator's words (a library caller or an old run's snapshot cannot slip it
 /// past), and the longest allowed, 30 days, neither panics nor ends anything early: a run

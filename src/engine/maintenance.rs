@@ -296,21 +296,23 @@ impl Engine {
     pub async fn shutdown(&self, grace: Duration) -> Vec<String> {
         self.inner.draining.store(true, Ordering::Relaxed);
         self.inner.pool.pause();
-        let deadline = Instant::now()
+        let now = tokio::time::Instant::now();
+        let deadline = now
             .checked_add(grace)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
-        while self.inner.pool.stats().running > self.inner.waiting.load(Ordering::Relaxed)
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
+        // The attempts in flight, and what their runs' drivers do with their results
+        // (recording them, finishing a run whose last step this was), end within the grace
+        // or are handed over with their runs below.
+        if !self.inner.in_flight.wait_until(deadline).await {
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown: the grace period ended with attempts still in flight"
+            );
         }
         // Steps this process ran for the fleet: results written, the rest given back.
         if let Some(f) = &self.inner.fleet {
             f.0.finish().await;
         }
-        // Let the drivers record what the finished steps produced (and finish runs whose last
-        // step just completed) before handing over the rest.
-        tokio::time::sleep(Duration::from_millis(20)).await;
         let released: Vec<String> = {
             let runs = self.lock_runs();
             for r in runs.values() {
@@ -329,10 +331,10 @@ impl Engine {
             self.inner.pool.remove_run(id);
         }
         // Wait for the drivers to see the handover.
-        let until = Instant::now() + Duration::from_secs(5);
-        while !self.active_runs().is_empty() && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.inner
+            .drivers
+            .wait_until(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
         self.inner.store.flush().await;
         if !released.is_empty() {
             tracing::info!(

@@ -9,6 +9,7 @@
 //! - `nodes.rs`: what each node type does (llm, http, transform, condition, notify, delay).
 
 mod context;
+mod drain;
 // The fleet's side of the engine: attempts dispatched through the shared PostgreSQL queue
 // and the claimer that runs other processes' attempts here.
 pub(crate) mod fleet;
@@ -309,9 +310,13 @@ pub(crate) struct Inner {
     pub draining: AtomicBool,
     /// What this process is ([`Role`]), recorded with each heartbeat.
     pub role: std::sync::atomic::AtomicU8,
-    /// Attempts in flight that only wait (delay nodes): a shutdown does not give them its
-    /// grace period, it hands them over at once.
-    pub waiting: std::sync::atomic::AtomicUsize,
+    /// What a shutdown gives its grace period to: every attempt running on this host (except
+    /// one that only waits, a delay, which is handed over at once), and a driver's handling
+    /// of a step's result up to its next wait (recording it, planning what follows, and the
+    /// end of the run when it was the last).
+    pub in_flight: drain::Tracker,
+    /// Every run's driver, until it has ended: a shutdown waits for them to see the handover.
+    pub drivers: drain::Tracker,
     /// When the maintenance loop last turned (ms since the Unix epoch; 0 = never): liveness.
     pub loop_tick_ms: std::sync::atomic::AtomicU64,
     /// The fleet's shared queue (`DATABASE_URL=postgres://…`); `None`: the local pool alone.
@@ -367,7 +372,8 @@ impl Engine {
                 ids: options.ids,
                 draining: AtomicBool::new(false),
                 role: std::sync::atomic::AtomicU8::new(Role::Api as u8),
-                waiting: std::sync::atomic::AtomicUsize::new(0),
+                in_flight: drain::Tracker::new(),
+                drivers: drain::Tracker::new(),
                 loop_tick_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         };
@@ -478,18 +484,22 @@ impl Engine {
         );
         let inner = self.inner.clone();
         let id = run_id.clone();
+        let driving = self.inner.drivers.hold();
         let join = tokio::spawn(async move {
             use futures_util::FutureExt;
+            // Held until the run is off the active list.
+            let _driving = driving;
             let started = std::time::Instant::now();
             let guarded = ctx.clone();
-            let outcome = match std::panic::AssertUnwindSafe(run::drive(ctx))
+            let (outcome, handling) = match std::panic::AssertUnwindSafe(run::drive(ctx))
                 .catch_unwind()
                 .await
             {
-                Ok(outcome) => outcome,
-                Err(payload) => {
-                    panics::driver_failed(&guarded, &panics::message(&*payload), started)
-                }
+                Ok(done) => done,
+                Err(payload) => (
+                    panics::driver_failed(&guarded, &panics::message(&*payload), started),
+                    None,
+                ),
             };
             inner.store.flush().await;
             inner
@@ -497,6 +507,9 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
+            // Only now, with the run saved and off the active list, may a shutdown that waits
+            // for it go on (it would hand over a run still on the list).
+            drop(handling);
             outcome
         });
         RunHandle {

@@ -318,16 +318,7 @@ pub(crate) async fn execute(
             ..Default::default()
         }),
         Prepared::Delay(d) => {
-            struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-            impl Drop for Waiting<'_> {
-                fn drop(&mut self) {
-                    self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-            ctx.inner
-                .waiting
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let _waiting = Waiting(&ctx.inner.waiting);
+            // Holds no place in a shutdown's wait (see `step::run_attempt`).
             tokio::time::sleep(ctx.inner.config.scaled(*d)).await;
             Ok(StepOutput {
                 value: json!({ "waitedMs": d.as_millis() as u64 }),

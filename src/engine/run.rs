@@ -337,8 +337,10 @@ impl Readiness {
     }
 }
 
-/// Runs the blueprint to its end and records the outcome.
-pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
+/// Runs the blueprint to its end and records the outcome. Returns with it the hold on a
+/// shutdown's wait of the step result that ended the run, if one did (see
+/// `StepResult::in_flight`), for the caller to drop once the run is off the active list.
+pub(crate) async fn drive(ctx: Arc<RunCtx>) -> (RunOutcome, Option<super::drain::Busy>) {
     let started = Instant::now();
     let bp = ctx.blueprint.clone();
     let inner = ctx.inner.clone();
@@ -387,6 +389,9 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     // Checked: a timeout too far away to represent is no deadline at all.
     let deadline =
         run_timeout.and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));
+    // The hold of the step result being handled (see `StepResult::in_flight`): kept until the
+    // driver waits again, or to the end of the run when that result was its last.
+    let mut handling = None;
 
     loop {
         // Start every node whose needs are all final: a node becomes ready when the last of
@@ -442,6 +447,8 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         if inflight.is_empty() {
             break;
         }
+        // Waiting for the next result, the driver has nothing in flight.
+        drop(handling.take());
         let next = async {
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, inflight.next()).await.ok(),
@@ -458,7 +465,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
             // A step went to sleep out a backoff: another may take its place.
             _ = ctx.window.left.notified(), if !backlog.is_empty() => continue,
         };
-        let res = match res {
+        let mut res = match res {
             Some(Some(r)) => r,
             Some(None) => break,
             None => {
@@ -469,9 +476,11 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                 // Drain what is in flight, and what was planned, without a deadline.
                 loop {
                     start_steps(&ctx, &mut backlog, &mut inflight, window);
-                    let Some(r) = inflight.next().await else {
+                    drop(handling.take());
+                    let Some(mut r) = inflight.next().await else {
                         break;
                     };
+                    handling = r.in_flight.take();
                     finish_step(
                         &ctx,
                         &mut states,
@@ -485,6 +494,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
                 break;
             }
         };
+        handling = res.in_flight.take();
         let node = res.node;
         let failed = finish_step(
             &ctx,
@@ -555,7 +565,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
             blueprint: bp.name.clone(),
         });
         tracing::info!(run_id = %run_id, blueprint = %bp.name, "run released unfinished for another process to resume");
-        return RunOutcome {
+        let outcome = RunOutcome {
             run_id,
             blueprint: bp.name.clone(),
             status: RunStatus::Running,
@@ -571,6 +581,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
             tokens_used: tokens,
             seed: ctx.seed,
         };
+        return (outcome, handling);
     }
     inner.store.run_finished(RunEnd {
         run_id: run_id.clone(),
@@ -622,7 +633,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         ctx.is_sandbox,
     )
     .await;
-    outcome
+    (outcome, handling)
 }
 
 /// Folds a finished step into its node. Returns the node and error when the run must fail.

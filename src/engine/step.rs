@@ -31,6 +31,9 @@ pub(crate) struct StepResult {
     pub item: Option<usize>,
     pub result: Result<Value, StepError>,
     pub summary: StepSummary,
+    /// The last attempt's hold on a shutdown's wait, passed on to the driver, which keeps it
+    /// while it handles this result (see `Inner::in_flight`).
+    pub in_flight: Option<super::drain::Busy>,
 }
 
 /// One attempt's outcome. Serialisable: a fleet worker sends it back through the queue.
@@ -117,6 +120,7 @@ fn ended_without_attempt(
         item: spec.item,
         result,
         summary,
+        in_flight: None,
     }
 }
 
@@ -159,6 +163,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
     // A resumed step continues its numbering (and its retry budget) where the crash left it.
     let mut attempt: u32 = ctx.attempts_before.get(&spec.key).copied().unwrap_or(0);
     let mut last_ok = StepOutput::default();
+    let mut in_flight = None;
     let outcome: Result<Value, StepError> = loop {
         attempt += 1;
         if ctx.abort.is_cancelled() {
@@ -185,7 +190,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             priority: ctx.priority(),
         };
         let submitted = match &fleet {
-            Some(d) => d.dispatch(meta, &ctx.abort).await,
+            Some(d) => d.dispatch(meta, &ctx.abort).await.map(|done| (done, None)),
             None => {
                 let job = attempt_job(
                     ctx.clone(),
@@ -199,7 +204,10 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             }
         };
         let done = match submitted {
-            Ok(d) => d,
+            Ok((d, busy)) => {
+                in_flight = busy;
+                d
+            }
             Err(_) => {
                 // Dropped unstarted (the run was aborted) or the attempt panicked.
                 let e = if ctx.abort.is_cancelled() {
@@ -289,7 +297,9 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
                 });
                 tracing::warn!(run_id = %run_id, step = %spec.key, attempt, kind = %err.kind, wait_ms, error = %err.message, "attempt failed, retrying");
                 let scaled = ctx.inner.config.scaled(wait);
-                // Asleep, the step leaves its place in the run's window to another item.
+                // Asleep, the step is not in flight (a shutdown does not wait for it), and
+                // it leaves its place in the run's window to another item.
+                in_flight = None;
                 let _away = ctx.window.step_away();
                 tokio::select! {
                     _ = tokio::time::sleep(scaled) => {}
@@ -312,6 +322,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
         item: spec.item,
         result: outcome,
         summary,
+        in_flight,
     }
 }
 
@@ -474,7 +485,7 @@ pub(crate) async fn admit(
 
 /// One attempt, as the pool runs it: marks the step running, runs the node under the
 /// attempt's timeout and the run's abort signal (either really stops the work: the node's
-/// future is dropped).
+/// future is dropped). Returns the attempt's hold on a shutdown's wait with its outcome.
 async fn attempt_job(
     ctx: Arc<RunCtx>,
     step: Arc<str>,
@@ -482,7 +493,7 @@ async fn attempt_job(
     attempt: u32,
     timeout: Duration,
     admission: Option<Admission>,
-) -> AttemptDone {
+) -> (AttemptDone, Option<super::drain::Busy>) {
     run_attempt(
         &ctx.env(),
         &ctx.abort,
@@ -497,7 +508,9 @@ async fn attempt_job(
 
 /// One attempt on this host, wherever its run is driven: marks the step running, runs the
 /// node under the attempt's timeout and `abort` (either really stops the work: the node's
-/// future is dropped).
+/// future is dropped). Returns, with the outcome, the attempt's hold on a shutdown's wait
+/// (`Inner::in_flight`), for the caller to keep until the outcome is handled; an attempt that
+/// only waits (a delay) has none: a shutdown hands it over at once.
 pub(crate) async fn run_attempt(
     ctx: &AttemptEnv<'_>,
     abort: &CancellationToken,
@@ -506,7 +519,11 @@ pub(crate) async fn run_attempt(
     attempt: u32,
     timeout: Duration,
     admission: Option<Admission>,
-) -> AttemptDone {
+) -> (AttemptDone, Option<super::drain::Busy>) {
+    let in_flight = match prepared {
+        Prepared::Delay(_) => None,
+        _ => ctx.inner.in_flight.hold(),
+    };
     let started_at = SystemTime::now();
     ctx.inner
         .store
@@ -529,11 +546,12 @@ pub(crate) async fn run_attempt(
             )),
         },
     };
-    AttemptDone {
+    let done = AttemptDone {
         result,
         started_at,
         finished_at: SystemTime::now(),
-    }
+    };
+    (done, in_flight)
 }
 
 /// One attempt's work, with a panic turned into the attempt's failure (with its message).

@@ -141,7 +141,9 @@ fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
         };
         let timeout = Duration::from_millis(work.timeout_ms);
         // This host's providers admit the call: its in-flight caps, its rate limits.
-        let done = match step::admit(&env, &cancel2, &work.prepared, &step_key).await {
+        // A shutdown waits for the attempt until its result is on its way back.
+        let (done, _in_flight) = match step::admit(&env, &cancel2, &work.prepared, &step_key).await
+        {
             Ok(admission) => {
                 step::run_attempt(
                     &env,
@@ -154,7 +156,7 @@ fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
                 )
                 .await
             }
-            Err(e) => AttemptDone::failed_now(e),
+            Err(e) => (AttemptDone::failed_now(e), None),
         };
         // Still ours? A lost lease (rescued, or the driver withdrew the row) drops the result.
         if lock(&fleet2.held).remove(&id).is_some() {
