@@ -341,114 +341,200 @@ impl Readiness {
 /// shutdown's wait of the step result that ended the run, if one did (see
 /// `StepResult::in_flight`), for the caller to drop once the run is off the active list.
 pub(crate) async fn drive(ctx: Arc<RunCtx>) -> (RunOutcome, Option<super::drain::Busy>) {
-    let started = Instant::now();
-    let bp = ctx.blueprint.clone();
-    let inner = ctx.inner.clone();
-    let run_id = ctx.run_id.to_string();
-    if !ctx.already_started {
-        inner
-            .store
-            .run_started(&run_id, SystemTime::now(), bp.nodes.len() as u32);
-    }
-    inner.bus.publish(Event::RunStarted {
-        run_id: run_id.clone(),
-        blueprint: bp.name.clone(),
-        nodes: bp.nodes.len(),
-    });
-    tracing::info!(run_id = %run_id, blueprint = %bp.name, "run started");
-
-    let index: HashMap<&str, usize> = bp
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.id.as_str(), i))
-        .collect();
-    let mut states: Vec<NodeState> = vec![NodeState::Pending; bp.nodes.len()];
-    let mut graph = Readiness::new(&bp, &index);
-    let finished = Finished::new(&bp);
-    let mut summaries: Vec<StepSummary> = Vec::new();
-    let mut inflight = Inflight::new();
-    let mut backlog = Backlog::default();
-    let local = inner
-        .pool
-        .concurrency()
-        .saturating_mul(STEPS_PER_WORKER)
-        .max(1);
-    // With a fleet, the steps go to the shared queue and every host's workers take them: the
-    // driver's own CONCURRENCY must not starve the others.
-    let window = if inner.fleet.is_some() {
-        local.max(FLEET_WINDOW)
-    } else {
-        local
-    };
-    let mut failure: Option<(String, StepError)> = None;
-    let mut timed_out = false;
-    let mut tokens: u64 = 0;
-    let mut steps_done: u32 = 0;
-    let run_timeout = bp.timeout.as_ref().map(crate::blueprint::DurationSpec::get);
-    // Checked: a timeout too far away to represent is no deadline at all.
-    let deadline =
-        run_timeout.and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));
-    // The hold of the step result being handled (see `StepResult::in_flight`): kept until the
-    // driver waits again, or to the end of the run when that result was its last.
-    let mut handling = None;
-
+    let mut d = Driver::start(ctx);
     loop {
-        // Start every node whose needs are all final: a node becomes ready when the last of
-        // its needs settles (dependency counters), so planning costs O(nodes + edges) a run.
-        if failure.is_none() && !ctx.abort.is_cancelled() {
-            while let Some(i) = graph.next_ready() {
-                let node = &bp.nodes[i];
-                if let Some(reason) = skip_reason(&bp, &states, graph.needs(i)) {
-                    record_skip(&ctx, i, &reason, &mut summaries);
-                    states[i] = NodeState::Skipped;
-                    graph.settle(i, &states[i], &finished);
-                    continue;
+        d.plan_ready();
+        // What was planned starts as the window has room; once the run is stopping, the rest
+        // still pass through here and end at once as cancelled, recorded like before.
+        start_steps(&d.ctx, &mut d.backlog, &mut d.inflight, d.window);
+        if d.inflight.is_empty() {
+            break;
+        }
+        match d.next_result().await {
+            Next::Step(res) => d.on_finished(res),
+            Next::Again => continue,
+            Next::Ended => break,
+            Next::TimedOut => {
+                d.time_out().await;
+                break;
+            }
+        }
+    }
+    d.end().await
+}
+
+/// What the driver's wait for the next result brought.
+// Only ever returned and matched at once, never stored: boxing the result would cost an
+// allocation per step for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    /// A step ended.
+    Step(StepResult),
+    /// The user cancelled, or a step went to sleep out a backoff: plan and start again.
+    Again,
+    /// Nothing is in flight any more.
+    Ended,
+    /// The run's deadline passed.
+    TimedOut,
+}
+
+/// One run's driver, from its start to its end (see [`drive`]).
+struct Driver {
+    ctx: Arc<RunCtx>,
+    started: Instant,
+    states: Vec<NodeState>,
+    graph: Readiness,
+    finished: Arc<Finished>,
+    summaries: Vec<StepSummary>,
+    inflight: Inflight,
+    backlog: Backlog,
+    window: usize,
+    failure: Option<(String, StepError)>,
+    timed_out: bool,
+    tokens: u64,
+    steps_done: u32,
+    run_timeout: Option<std::time::Duration>,
+    deadline: Option<tokio::time::Instant>,
+    /// The hold of the step result being handled (see `StepResult::in_flight`): kept until
+    /// the driver waits again, or to the end of the run when that result was its last.
+    handling: Option<super::drain::Busy>,
+}
+
+impl Driver {
+    /// Records the run's start and sets up its readiness counters and window.
+    fn start(ctx: Arc<RunCtx>) -> Driver {
+        let started = Instant::now();
+        let bp = ctx.blueprint.clone();
+        let inner = ctx.inner.clone();
+        let run_id = ctx.run_id.to_string();
+        if !ctx.already_started {
+            inner
+                .store
+                .run_started(&run_id, SystemTime::now(), bp.nodes.len() as u32);
+        }
+        inner.bus.publish(Event::RunStarted {
+            run_id: run_id.clone(),
+            blueprint: bp.name.clone(),
+            nodes: bp.nodes.len(),
+        });
+        tracing::info!(run_id = %run_id, blueprint = %bp.name, "run started");
+
+        let index: HashMap<&str, usize> = bp
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id.as_str(), i))
+            .collect();
+        let states: Vec<NodeState> = vec![NodeState::Pending; bp.nodes.len()];
+        let graph = Readiness::new(&bp, &index);
+        let finished = Finished::new(&bp);
+        let summaries: Vec<StepSummary> = Vec::new();
+        let inflight = Inflight::new();
+        let backlog = Backlog::default();
+        let local = inner
+            .pool
+            .concurrency()
+            .saturating_mul(STEPS_PER_WORKER)
+            .max(1);
+        // With a fleet, the steps go to the shared queue and every host's workers take them: the
+        // driver's own CONCURRENCY must not starve the others.
+        let window = if inner.fleet.is_some() {
+            local.max(FLEET_WINDOW)
+        } else {
+            local
+        };
+        let failure: Option<(String, StepError)> = None;
+        let timed_out = false;
+        let tokens: u64 = 0;
+        let steps_done: u32 = 0;
+        let run_timeout = bp.timeout.as_ref().map(crate::blueprint::DurationSpec::get);
+        // Checked: a timeout too far away to represent is no deadline at all.
+        let deadline = run_timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));
+
+        Driver {
+            ctx,
+            started,
+            states,
+            graph,
+            finished,
+            summaries,
+            inflight,
+            backlog,
+            window,
+            failure,
+            timed_out,
+            tokens,
+            steps_done,
+            run_timeout,
+            deadline,
+            handling: None,
+        }
+    }
+
+    /// Readiness: every node whose needs are all final starts (a node becomes ready when the
+    /// last of its needs settles, dependency counters, so planning costs O(nodes + edges) a
+    /// run): skipped, settled at once (an empty forEach), failed in planning, or planned into
+    /// the backlog.
+    fn plan_ready(&mut self) {
+        let ctx = &self.ctx;
+        let bp = &ctx.blueprint;
+        if self.failure.is_some() || ctx.abort.is_cancelled() {
+            return;
+        }
+        while let Some(i) = self.graph.next_ready() {
+            let node = &bp.nodes[i];
+            if let Some(reason) = skip_reason(bp, &self.states, self.graph.needs(i)) {
+                record_skip(ctx, i, &reason, &mut self.summaries);
+                self.states[i] = NodeState::Skipped;
+                self.graph.settle(i, &self.states[i], &self.finished);
+                continue;
+            }
+            let base = self.finished.context(&ctx.values);
+            match plan_node(ctx, i, &base) {
+                Ok(planned) if planned.len() == 0 => {
+                    // A forEach over an empty list: done, with an empty output.
+                    self.states[i] = NodeState::Done(Value::Array(Vec::new()));
+                    self.graph.settle(i, &self.states[i], &self.finished);
                 }
-                let base = finished.context(&ctx.values);
-                match plan_node(&ctx, i, &base) {
-                    Ok(planned) if planned.len() == 0 => {
-                        // A forEach over an empty list: done, with an empty output.
-                        states[i] = NodeState::Done(Value::Array(Vec::new()));
-                        graph.settle(i, &states[i], &finished);
-                    }
-                    Ok(planned) => {
-                        let n = planned.len();
-                        states[i] = NodeState::Running {
-                            remaining: n,
-                            outputs: vec![Value::Null; n],
-                            failed: None,
-                        };
-                        backlog.0.push_back(planned);
-                    }
-                    Err(e) => {
-                        let key = node.id.clone();
-                        record_plan_failure(&ctx, i, &e, &mut summaries);
-                        if node.continue_on_error {
-                            states[i] = NodeState::FailedContinue(e);
-                            graph.settle(i, &states[i], &finished);
-                        } else if failure.is_none() {
-                            // What is ready already still starts, and stops at once (its
-                            // steps see the abort); nothing after it starts.
-                            states[i] = NodeState::Failed;
-                            failure = Some((key, e));
-                            ctx.abort.cancel();
-                            inner.pool.remove_run(&run_id);
-                        } else {
-                            states[i] = NodeState::Failed;
-                        }
+                Ok(planned) => {
+                    let n = planned.len();
+                    self.states[i] = NodeState::Running {
+                        remaining: n,
+                        outputs: vec![Value::Null; n],
+                        failed: None,
+                    };
+                    self.backlog.0.push_back(planned);
+                }
+                Err(e) => {
+                    let key = node.id.clone();
+                    record_plan_failure(ctx, i, &e, &mut self.summaries);
+                    if node.continue_on_error {
+                        self.states[i] = NodeState::FailedContinue(e);
+                        self.graph.settle(i, &self.states[i], &self.finished);
+                    } else if self.failure.is_none() {
+                        // What is ready already still starts, and stops at once (its
+                        // steps see the abort); nothing after it starts.
+                        self.states[i] = NodeState::Failed;
+                        self.failure = Some((key, e));
+                        ctx.abort.cancel();
+                        ctx.inner.pool.remove_run(&ctx.run_id);
+                    } else {
+                        self.states[i] = NodeState::Failed;
                     }
                 }
             }
         }
-        // What was planned starts as the window has room; once the run is stopping, the rest
-        // still pass through here and end at once as cancelled, recorded like before.
-        start_steps(&ctx, &mut backlog, &mut inflight, window);
-        if inflight.is_empty() {
-            break;
-        }
+    }
+
+    /// Dispatch: waits for the next step to end, for the user's cancel, for a step going to
+    /// sleep (another may take its place), or for the run's deadline.
+    async fn next_result(&mut self) -> Next {
         // Waiting for the next result, the driver has nothing in flight.
-        drop(handling.take());
+        drop(self.handling.take());
+        let ctx = &self.ctx;
+        let deadline = self.deadline;
+        let inflight = &mut self.inflight;
         let next = async {
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, inflight.next()).await.ok(),
@@ -459,181 +545,211 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> (RunOutcome, Option<super::drain:
             r = next => r,
             _ = ctx.cancel.cancelled(), if !ctx.abort.is_cancelled() => {
                 // The user cancelled: steps see `abort` (a child) and queued ones are dropped.
-                inner.pool.remove_run(&run_id);
-                continue;
+                ctx.inner.pool.remove_run(&ctx.run_id);
+                return Next::Again;
             }
             // A step went to sleep out a backoff: another may take its place.
-            _ = ctx.window.left.notified(), if !backlog.is_empty() => continue,
+            _ = ctx.window.left.notified(), if !self.backlog.is_empty() => return Next::Again,
         };
-        let mut res = match res {
-            Some(Some(r)) => r,
-            Some(None) => break,
-            None => {
-                // The run's deadline passed: stop everything still going.
-                timed_out = true;
-                ctx.abort.cancel();
-                inner.pool.remove_run(&run_id);
-                // Drain what is in flight, and what was planned, without a deadline.
-                loop {
-                    start_steps(&ctx, &mut backlog, &mut inflight, window);
-                    drop(handling.take());
-                    let Some(mut r) = inflight.next().await else {
-                        break;
-                    };
-                    handling = r.in_flight.take();
-                    finish_step(
-                        &ctx,
-                        &mut states,
-                        &mut summaries,
-                        &mut tokens,
-                        &mut steps_done,
-                        r,
-                    );
-                }
-                // Nothing is planned any more: no node needs to learn what settled.
-                break;
-            }
-        };
-        handling = res.in_flight.take();
+        match res {
+            Some(Some(r)) => Next::Step(r),
+            Some(None) => Next::Ended,
+            None => Next::TimedOut,
+        }
+    }
+
+    /// On finished: a step's result is folded into its node; a node that settled lets its
+    /// dependents know; the first failure (without `continueOnError`) stops the run.
+    fn on_finished(&mut self, mut res: StepResult) {
+        let ctx = &self.ctx;
+        self.handling = res.in_flight.take();
         let node = res.node;
         let failed = finish_step(
-            &ctx,
-            &mut states,
-            &mut summaries,
-            &mut tokens,
-            &mut steps_done,
+            ctx,
+            &mut self.states,
+            &mut self.summaries,
+            &mut self.tokens,
+            &mut self.steps_done,
             res,
         );
-        if states[node].is_final() {
-            graph.settle(node, &states[node], &finished);
+        if self.states[node].is_final() {
+            self.graph.settle(node, &self.states[node], &self.finished);
         }
-        inner.store.run_progress(&run_id, steps_done, tokens);
+        ctx.inner
+            .store
+            .run_progress(&ctx.run_id, self.steps_done, self.tokens);
         if let Some((node, err)) = failed {
-            if failure.is_none() && !ctx.abort.is_cancelled() {
-                failure = Some((node, err));
+            if self.failure.is_none() && !ctx.abort.is_cancelled() {
+                self.failure = Some((node, err));
                 // Fail fast: every other step of this run stops.
                 ctx.abort.cancel();
-                inner.pool.remove_run(&run_id);
+                ctx.inner.pool.remove_run(&ctx.run_id);
             }
         }
     }
 
-    // Outputs of the nodes that produced one.
-    let mut outputs = Map::new();
-    for (i, st) in states.into_iter().enumerate() {
-        if let NodeState::Done(v) = st {
-            outputs.insert(bp.nodes[i].id.clone(), v);
+    /// The run's deadline passed: stop everything still going, then drain what is in flight,
+    /// and what was planned, without a deadline.
+    async fn time_out(&mut self) {
+        let ctx = &self.ctx;
+        self.timed_out = true;
+        ctx.abort.cancel();
+        ctx.inner.pool.remove_run(&ctx.run_id);
+        loop {
+            start_steps(ctx, &mut self.backlog, &mut self.inflight, self.window);
+            drop(self.handling.take());
+            let Some(mut r) = self.inflight.next().await else {
+                break;
+            };
+            self.handling = r.in_flight.take();
+            finish_step(
+                ctx,
+                &mut self.states,
+                &mut self.summaries,
+                &mut self.tokens,
+                &mut self.steps_done,
+                r,
+            );
         }
+        // Nothing is planned any more: no node needs to learn what settled.
     }
-    let (status, error, error_kind, failed_step) = if timed_out {
-        let t = run_timeout.map(|t| humantime::format_duration(t).to_string());
-        (
-            RunStatus::Error,
-            Some(format!(
-                "the run exceeded its timeout of {} and was stopped; raise the blueprint's \"timeout\"",
-                t.unwrap_or_default()
-            )),
-            Some(ErrorKind::Timeout),
-            None,
-        )
-    } else if let Some((node, e)) = failure {
-        (
-            RunStatus::Error,
-            Some(format!("step {node} failed: {}", e.message)),
-            Some(e.kind),
-            Some(node),
-        )
-    } else if ctx.cancel.is_cancelled() {
-        (
-            RunStatus::Cancelled,
-            Some("cancelled by the user".to_string()),
-            Some(ErrorKind::Cancelled),
-            None,
-        )
-    } else {
-        (RunStatus::Success, None, None, None)
-    };
-    if !ctx.is_released() {
-        // A run is finished when its history is: its time includes committing its steps.
-        inner.store.flush().await;
-    }
-    let total_time_ms = started.elapsed().as_millis() as u64;
-    if ctx.is_released() {
-        // Another process resumes it from what the store holds; say so and stop here.
-        inner.bus.publish(Event::RunReleased {
+
+    /// End of run: the outcome from the nodes' states, recorded once the run's history is
+    /// saved, published, and notified; or, for a run handed over, only announced.
+    async fn end(self) -> (RunOutcome, Option<super::drain::Busy>) {
+        let Driver {
+            ctx,
+            started,
+            states,
+            summaries,
+            failure,
+            timed_out,
+            tokens,
+            steps_done,
+            run_timeout,
+            handling,
+            ..
+        } = self;
+        let bp = ctx.blueprint.clone();
+        let inner = ctx.inner.clone();
+        let run_id = ctx.run_id.to_string();
+        // Outputs of the nodes that produced one.
+        let mut outputs = Map::new();
+        for (i, st) in states.into_iter().enumerate() {
+            if let NodeState::Done(v) = st {
+                outputs.insert(bp.nodes[i].id.clone(), v);
+            }
+        }
+        let (status, error, error_kind, failed_step) = if timed_out {
+            let t = run_timeout.map(|t| humantime::format_duration(t).to_string());
+            (
+                RunStatus::Error,
+                Some(format!(
+                    "the run exceeded its timeout of {} and was stopped; raise the blueprint's \"timeout\"",
+                    t.unwrap_or_default()
+                )),
+                Some(ErrorKind::Timeout),
+                None,
+            )
+        } else if let Some((node, e)) = failure {
+            (
+                RunStatus::Error,
+                Some(format!("step {node} failed: {}", e.message)),
+                Some(e.kind),
+                Some(node),
+            )
+        } else if ctx.cancel.is_cancelled() {
+            (
+                RunStatus::Cancelled,
+                Some("cancelled by the user".to_string()),
+                Some(ErrorKind::Cancelled),
+                None,
+            )
+        } else {
+            (RunStatus::Success, None, None, None)
+        };
+        if !ctx.is_released() {
+            // A run is finished when its history is: its time includes committing its steps.
+            inner.store.flush().await;
+        }
+        let total_time_ms = started.elapsed().as_millis() as u64;
+        if ctx.is_released() {
+            // Another process resumes it from what the store holds; say so and stop here.
+            inner.bus.publish(Event::RunReleased {
+                run_id: run_id.clone(),
+                blueprint: bp.name.clone(),
+            });
+            tracing::info!(run_id = %run_id, blueprint = %bp.name, "run released unfinished for another process to resume");
+            let outcome = RunOutcome {
+                run_id,
+                blueprint: bp.name.clone(),
+                status: RunStatus::Running,
+                total_time_ms,
+                outputs,
+                steps: summaries,
+                error: Some(
+                    "released unfinished by a shutdown; `omniflow resume` or a daemon continues it"
+                        .into(),
+                ),
+                error_kind: None,
+                failed_step: None,
+                tokens_used: tokens,
+                seed: ctx.seed,
+            };
+            return (outcome, handling);
+        }
+        inner.store.run_finished(RunEnd {
+            run_id: run_id.clone(),
+            status,
+            finished_at: SystemTime::now(),
+            total_time_ms,
+            tokens_used: tokens,
+            steps_done,
+            error: error.clone(),
+            error_kind,
+            failed_step: failed_step.clone(),
+        });
+        inner.bus.publish(Event::RunFinished {
             run_id: run_id.clone(),
             blueprint: bp.name.clone(),
+            status,
+            total_time_ms,
+            error: error.clone(),
         });
-        tracing::info!(run_id = %run_id, blueprint = %bp.name, "run released unfinished for another process to resume");
+        match status {
+            RunStatus::Success => {
+                tracing::info!(run_id = %run_id, blueprint = %bp.name, total_time_ms, tokens, "run succeeded")
+            }
+            _ => {
+                tracing::warn!(run_id = %run_id, blueprint = %bp.name, status = status.as_str(), error = error.as_deref().unwrap_or(""), "run did not succeed")
+            }
+        }
+        // Run-level notifications: `notify.onSuccess/onFailure`, else the global
+        // defaults. Before `wait` returns, so a CLI run does not exit before they are sent.
         let outcome = RunOutcome {
             run_id,
             blueprint: bp.name.clone(),
-            status: RunStatus::Running,
+            status,
             total_time_ms,
             outputs,
             steps: summaries,
-            error: Some(
-                "released unfinished by a shutdown; `omniflow resume` or a daemon continues it"
-                    .into(),
-            ),
-            error_kind: None,
-            failed_step: None,
+            error,
+            error_kind,
+            failed_step,
             tokens_used: tokens,
             seed: ctx.seed,
         };
-        return (outcome, handling);
+        crate::notify::after_run(
+            &inner.http,
+            &inner.config,
+            &inner.store,
+            &bp,
+            &outcome.summary(),
+            ctx.is_sandbox,
+        )
+        .await;
+        (outcome, handling)
     }
-    inner.store.run_finished(RunEnd {
-        run_id: run_id.clone(),
-        status,
-        finished_at: SystemTime::now(),
-        total_time_ms,
-        tokens_used: tokens,
-        steps_done,
-        error: error.clone(),
-        error_kind,
-        failed_step: failed_step.clone(),
-    });
-    inner.bus.publish(Event::RunFinished {
-        run_id: run_id.clone(),
-        blueprint: bp.name.clone(),
-        status,
-        total_time_ms,
-        error: error.clone(),
-    });
-    match status {
-        RunStatus::Success => {
-            tracing::info!(run_id = %run_id, blueprint = %bp.name, total_time_ms, tokens, "run succeeded")
-        }
-        _ => {
-            tracing::warn!(run_id = %run_id, blueprint = %bp.name, status = status.as_str(), error = error.as_deref().unwrap_or(""), "run did not succeed")
-        }
-    }
-    // Run-level notifications: `notify.onSuccess/onFailure`, else the global
-    // defaults. Before `wait` returns, so a CLI run does not exit before they are sent.
-    let outcome = RunOutcome {
-        run_id,
-        blueprint: bp.name.clone(),
-        status,
-        total_time_ms,
-        outputs,
-        steps: summaries,
-        error,
-        error_kind,
-        failed_step,
-        tokens_used: tokens,
-        seed: ctx.seed,
-    };
-    crate::notify::after_run(
-        &inner.http,
-        &inner.config,
-        &inner.store,
-        &bp,
-        &outcome.summary(),
-        ctx.is_sandbox,
-    )
-    .await;
-    (outcome, handling)
 }
 
 /// Folds a finished step into its node. Returns the node and error when the run must fail.
