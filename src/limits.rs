@@ -81,6 +81,62 @@ pub fn human_bytes(n: usize) -> String {
     }
 }
 
+/// The memory emergency, seen from a step: when the process's RSS is above
+/// `MEMORY_THRESHOLD_MB`, the pool already holds new work (`engine/maintenance.rs`), but a
+/// step already running can keep growing until the kernel kills the whole process with every
+/// other run in it. The places where one step grows a buffer of its own (a template render's
+/// values and output, an HTTP or model response body) report their size here as it grows;
+/// once one of them holds more than a share of the threshold while the process is above it,
+/// that step fails with [`memory::grown`]'s error instead.
+pub mod memory {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// `MEMORY_THRESHOLD_MB` in bytes; 0 until an engine is built (nothing is checked).
+    static THRESHOLD: AtomicU64 = AtomicU64::new(0);
+
+    /// A step is told apart as the growing one once its buffer passes this fraction of the
+    /// threshold: a quarter (125 MB at the default 500 MB) is far above what any budget lets
+    /// a normal step hold (16 MiB outputs, 10 MiB bodies), and far below what takes the
+    /// process down.
+    pub const SHARE: u64 = 4;
+
+    /// Sets the threshold the checks compare with (every engine of the process has the same).
+    pub fn watch(threshold_mb: u64) {
+        THRESHOLD.store(threshold_mb.saturating_mul(1 << 20), Ordering::Relaxed);
+    }
+
+    /// A step's buffer grew from `before` to `after` bytes: `Err` (the message for the step)
+    /// when it is past the threshold's share and the process is above the threshold. Reads
+    /// the RSS only when the buffer crosses another sixteenth of the threshold, so a
+    /// growing buffer pays for a handful of reads, and a small one for none.
+    pub fn grown(before: usize, after: usize) -> Result<(), String> {
+        let threshold = THRESHOLD.load(Ordering::Relaxed);
+        let share = threshold / SHARE;
+        let (before, after) = (before as u64, after as u64);
+        if threshold == 0 || after < share {
+            return Ok(());
+        }
+        let step = (threshold / 16).max(1);
+        if before >= share && before / step == after / step {
+            return Ok(());
+        }
+        let Some(rss) = memory_stats::memory_stats().map(|m| m.physical_mem as u64) else {
+            return Ok(());
+        };
+        if rss <= threshold {
+            return Ok(());
+        }
+        Err(format!(
+            "memory emergency: the process is above MEMORY_THRESHOLD_MB={} (RSS {} MB) and this \
+             step alone has grown to {} MB, so it is failed to keep the process and its other \
+             runs alive; make the step build or fetch less, or raise MEMORY_THRESHOLD_MB",
+            threshold >> 20,
+            rss >> 20,
+            after >> 20
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,7 +114,8 @@ pub struct SizeCounter(checked::CappedBytes<std::io::Sink>);
 
 impl SizeCounter {
     pub fn new(cap: usize) -> Self {
-        SizeCounter(checked::CappedBytes::new(std::io::sink(), cap))
+        // Holds nothing: not a measure of memory.
+        SizeCounter(checked::CappedBytes::new(std::io::sink(), cap).holding_nothing())
     }
 
     /// Whether more than the cap was written.
@@ -216,9 +217,12 @@ impl Templates {
             .template_from_str(&source)
             .map_err(|e| self.render_error(&e, false, template, ctx))?;
         let mut out = checked::CappedBytes::new(Vec::new(), self.limits.template_max_output);
-        compiled
-            .render_captured_to(ctx.value.clone(), &mut out)
-            .map_err(|e| self.render_error(&e, out.over, template, ctx))?;
+        if let Err(e) = compiled.render_captured_to(ctx.value.clone(), &mut out) {
+            if let Some(m) = out.memory.take() {
+                return Err(StepError::new(ErrorKind::Template, m));
+            }
+            return Err(self.render_error(&e, out.over, template, ctx));
+        }
         String::from_utf8(out.inner).map_err(|_| {
             StepError::new(
                 ErrorKind::Template,

@@ -805,3 +805,69 @@ fn ctrl_c_exits_with_the_interrupted_status() {
     t.wait_text("CONSOLE-EXITED 3", 20);
     assert_eq!(t.screen_modes(), "0 1");
 }
+
+/// The disk under `LOG_DIR` fills while the console is open: the console says so on its
+/// status line (log lines are being lost, and the log pane cannot show what was never
+/// written), at 80×24, and keeps running.
+#[test]
+fn the_console_says_when_its_logs_stop_being_written() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&logs)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        // SAFETY: geteuid has no preconditions.
+        assert_ne!(
+            unsafe { libc::geteuid() },
+            0,
+            "root must be able to mount a tmpfs"
+        );
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(logs.clone());
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' OMNIFLOW_TIME_SCALE=0.05 TERM=xterm-256color '{bin}' \
+         tui --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
+        tmp.path().join("history.db").display(),
+        logs.display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("logsfull", tmp.path(), 80, 24, &shell);
+    t.wait_text("tech-digest", 30);
+    // Fill the disk to the last byte, then give the console something to log.
+    let _ = std::fs::write(logs.join("filler"), vec![0u8; 2 << 20]);
+    // (The last page of the log file is already allocated: a run's lines may still fit, so
+    // runs are started until lines are lost, at most five.)
+    t.keys(&["/"]);
+    t.literal("tech");
+    t.keys(&["Enter"]);
+    let mut told = None;
+    for n in 1..=5 {
+        t.keys(&["t"]);
+        t.wait_text("Sandbox test: tech-digest", 10);
+        t.keys(&["C-s"]);
+        let s = t.wait_for("the run to end or the loss to show", 60, |s| {
+            s.contains("could not write logs") || s.contains(&format!("1–{n} of {n}"))
+        });
+        if s.contains("could not write logs") {
+            told = Some(s);
+            break;
+        }
+    }
+    let s = told.unwrap_or_else(|| t.wait_text("could not write logs", 10));
+    assert!(!s.contains("CONSOLE-EXITED"), "{s}");
+    t.keys(&["q"]);
+}

@@ -341,3 +341,57 @@ fn a_two_gigabyte_reply_is_refused_while_streaming() {
         "the clients read on"
     );
 }
+
+/// A render that keeps what it builds (a list of 8 MB strings, 320 MB in all, within budgets
+/// raised on purpose) while the process is above a low MEMORY_THRESHOLD_MB: that step fails
+/// with the setting's name, long before it holds it all, and nothing else does (with
+/// `continueOnError`, its sibling and the run succeed).
+#[test]
+fn the_step_growing_past_the_memory_threshold_is_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "grow.json",
+        &json!({ "name": "grow", "nodes": [
+            transform("small", "fine", &[]),
+            { "id": "big", "type": "transform", "continueOnError": true,
+              "template": "{% set ns = namespace(l=[]) %}{% for i in range(40) %}\
+                 {% set ns.l = ns.l + [('x' * 8000000) ~ i] %}{% endfor %}{{ ns.l | length }}" },
+        ] }),
+    );
+    let gib = (1u64 << 30).to_string();
+    let o = omniflow(
+        dir.path(),
+        &["run", &path, "--sandbox", "--json"],
+        &[
+            ("MEMORY_THRESHOLD_MB", "64"),
+            ("TEMPLATE_MAX_VALUE", &gib),
+            ("TEMPLATE_MAX_OUTPUT", &gib),
+            ("TEMPLATE_FUEL", "100000000"),
+        ],
+    );
+    assert_clean(&path, &o, 0, "MEMORY_THRESHOLD_MB=64");
+    let out: Value = serde_json::from_str(
+        o.text
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON outcome"),
+    )
+    .unwrap();
+    let step = |id: &str| {
+        out["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["node"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(step("small")["status"], "success", "{out}");
+    assert_eq!(step("big")["status"], "error", "{out}");
+    let err = step("big")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("memory emergency"), "{err}");
+}

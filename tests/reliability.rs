@@ -1145,3 +1145,80 @@ fn a_daemon_adopts_a_killed_run_before_its_lease_expires() {
         .unwrap();
     assert_eq!(takeovers, 1);
 }
+
+/// The log files stop being written after the daemon started (its `LOG_DIR` fills up): the
+/// daemon says so once on stderr, where systemd and Docker collect it, and `/readyz` shows it
+/// under `checks.logs`, while the daemon goes on working (it adopts and finishes a run).
+#[test]
+fn a_daemon_says_once_when_its_logs_stop_being_written() {
+    with_tmpfs("1m", |mnt| {
+        let env = Env::new(&[("LEASE_TIMEOUT", "3600".into())]);
+        std::fs::create_dir(env.path("blueprints")).unwrap();
+        // After the wait, 100 steps: more log lines than the last page of the log file
+        // (already allocated on the tmpfs) can hold.
+        let bp = env.write(
+            "short.json",
+            &json!({ "name": "short", "nodes": [
+                { "id": "wait", "type": "delay", "duration": "2s" },
+                { "id": "after", "type": "transform", "needs": ["wait"],
+                  "forEach": "{{ range(100) | list }}", "template": "done {{ item }}" }
+            ] }),
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut daemon = env
+            .cmd(&["daemon", "--listen", &listen])
+            .env("LOG_DIR", mnt)
+            .spawn()
+            .unwrap();
+        let seen = collect_stderr(&mut daemon);
+        let until = Instant::now() + Duration::from_secs(120);
+        while !seen.lock().unwrap().contains("daemon started") {
+            assert!(Instant::now() < until, "the daemon never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The disk under LOG_DIR fills to the last byte.
+        let _ = std::fs::write(mnt.join("filler"), vec![0u8; 2 << 20]);
+        // Work for the daemon, so it has lines to log: a run whose process was killed.
+        let mut child = env.spawn(&["run", &bp]);
+        let run = env.wait_step("wait", "running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let told = loop {
+            let s = seen.lock().unwrap().clone();
+            if s.contains("could not write logs to") {
+                break s;
+            }
+            assert!(
+                Instant::now() < until,
+                "the daemon never said its logs are lost:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(told.contains(&mnt.display().to_string()), "{told}");
+        // It keeps working: the run is adopted and finished.
+        while env.status(&run).0 != "success" {
+            assert!(Instant::now() < until, "the daemon stopped working");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let raw = "GET /readyz HTTP/1.1\r\nHost: omniflow\r\nConnection: close\r\n\r\n";
+        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        use std::io::{Read, Write};
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        assert!(body.contains("could not write logs to"), "/readyz: {body}");
+        kill(&daemon, "TERM");
+        let _ = daemon.wait();
+        let all = seen.lock().unwrap().clone();
+        assert_eq!(
+            all.matches("could not write logs to").count(),
+            1,
+            "said once, not per line:\n{all}"
+        );
+    });
+}

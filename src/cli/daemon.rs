@@ -79,6 +79,7 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
         };
         // Heartbeats, the memory hold, and adopting runs whose process died.
         let maintenance = engine.start_maintenance(true);
+        let log_watch = tokio::spawn(watch_log_writes());
         let bps: Vec<Arc<Blueprint>> = blueprints.into_iter().map(Arc::new).collect();
         let (sched, problems) = Scheduler::new(&bps, store, missed, SystemTime::now());
         for p in &problems {
@@ -122,6 +123,7 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
             tracing::info!(runs = handed_over.len(), "daemon: unfinished runs handed over; the next daemon, console or `omniflow resume --all` continues them");
         }
         let started = runner.await.unwrap_or(0);
+        log_watch.abort();
         maintenance.stop().await;
         // Serving until here: probes see "not ready" (draining) while runs hand over.
         if let Some(m) = metrics {
@@ -135,6 +137,20 @@ pub fn daemon(args: DaemonArgs) -> Result<ExitCode, Failure> {
         ExitCode::SUCCESS
     });
     Ok(code)
+}
+
+/// Says once on stderr (where systemd and Docker collect it) when the log files stop being
+/// written after start: a full disk or a removed `LOG_DIR` would otherwise lose every line
+/// without a word. `/readyz` shows it too (`checks.logs`).
+async fn watch_log_writes() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Some(p) = logging::write_problem() {
+            tracing::error!("daemon: {p}");
+            return;
+        }
+    }
 }
 
 /// SIGTERM (systemd, `docker stop`), SIGINT (Ctrl-C) and SIGHUP (the terminal of a daemon

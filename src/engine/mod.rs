@@ -342,6 +342,7 @@ impl Engine {
         bus: EventBus,
         options: EngineOptions,
     ) -> Engine {
+        crate::limits::memory::watch(config.memory_threshold_mb);
         let pool = Pool::new(options.pool.clone(), bus.clone());
         let http = reqwest::Client::builder()
             .user_agent(concat!("omniflow/", env!("CARGO_PKG_VERSION")))

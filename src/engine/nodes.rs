@@ -601,7 +601,10 @@ async fn read_capped(mut resp: reqwest::Response, url: &str) -> Result<Vec<u8>, 
                 ),
             ));
         }
+        let before = out.len();
         out.extend_from_slice(&chunk);
+        crate::limits::memory::grown(before, out.len())
+            .map_err(|m| StepError::new(ErrorKind::InvalidRequest, format!("{url}: {m}")))?;
     }
     Ok(out)
 }

@@ -3,15 +3,17 @@
 //! - steps recorded `success` are reused, never run again (their outputs feed what follows);
 //! - steps recorded as started but unfinished run again, their attempt numbers (and retry
 //!   budget) continuing from the record;
-//! - a notification whose sending had started is NOT sent again: the process may have died
-//!   after Telegram or Discord accepted it, and no notification may arrive twice. Its step is
-//!   recorded as done with `"delivered": null` and a note; the log says why.
+//! - a notification step that was being sent runs again, and its parts follow their records
+//!   (`notify/mod.rs`): parts delivered are skipped, parts never started are sent, and the one
+//!   part whose intent is recorded without an outcome (the process may have died after
+//!   Telegram or Discord accepted it) is NOT sent again, since no message may arrive twice. The
+//!   step then says `"delivered": null` with a note; the log says why.
 
 use super::{Engine, RunHandle, RunRequest};
-use crate::blueprint::{Blueprint, NodeKind};
+use crate::blueprint::Blueprint;
 use crate::events::StepStatus;
 use crate::store::{Claim, StoreError};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -171,31 +173,11 @@ impl Engine {
         let mut reuse = HashMap::new();
         let mut already_done = std::collections::HashSet::new();
         let mut attempts_before = HashMap::new();
-        // Looked up once per step: a set, not a scan of the nodes for each step.
-        let notify_nodes: std::collections::HashSet<&str> = blueprint
-            .nodes
-            .iter()
-            .filter(|n| matches!(n.kind, NodeKind::Notify(_)))
-            .map(|n| n.id.as_str())
-            .collect();
         for s in &steps {
-            let is_notify = notify_nodes.contains(s.node_id.as_str());
             match s.status {
                 StepStatus::Success => {
                     reuse.insert(s.step_key.clone(), s.output.clone().unwrap_or(Value::Null));
                     already_done.insert(s.step_key.clone());
-                }
-                StepStatus::Running | StepStatus::Retrying | StepStatus::Pending
-                    if is_notify && s.attempts > 0 && !row.sandbox =>
-                {
-                    tracing::warn!(run_id = %id, step = %s.step_key, "a notification was being sent when the process stopped; not sending it again, so it cannot arrive twice");
-                    reuse.insert(
-                        s.step_key.clone(),
-                        json!({
-                            "delivered": null,
-                            "note": "the process stopped while this notification was being sent; it was not sent again so it cannot arrive twice"
-                        }),
-                    );
                 }
                 _ => {
                     if s.attempts > 0 {

@@ -98,6 +98,19 @@ impl LogGuard {
 
 type Problem = Arc<std::sync::Mutex<Option<String>>>;
 
+/// The problem slot of the process's logging, for the long-lived processes (the daemon, the
+/// console, `/readyz`) that must say so when logs stop being written after start.
+static PROCESS_PROBLEM: std::sync::OnceLock<Problem> = std::sync::OnceLock::new();
+
+/// [`LogGuard::write_problem`] of the process's logging (none before [`init`]).
+pub fn write_problem() -> Option<String> {
+    PROCESS_PROBLEM
+        .get()?
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 /// The log file writer, keeping its first failure for [`LogGuard::write_problem`]: the
 /// background thread that drives it drops a failed line without a word.
 struct Reporting<W> {
@@ -207,6 +220,7 @@ pub fn init(
     subscriber
         .try_init()
         .map_err(|_| LogError::AlreadyInitialized)?;
+    let _ = PROCESS_PROBLEM.set(guard.problem.clone());
     Ok(guard)
 }
 

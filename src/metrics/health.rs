@@ -124,6 +124,9 @@ pub async fn readiness(engine: &Engine, sandbox: bool) -> Verdict {
                 "store": store_check,
                 "pool": pool_check,
                 "providers": provider_check,
+                // Lost log lines do not stop work, so they do not make the process unready;
+                // an operator probing it still sees them.
+                "logs": crate::logging::write_problem().unwrap_or_else(|| "ok".to_string()),
             },
             "providers": providers,
         }),

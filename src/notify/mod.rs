@@ -10,13 +10,16 @@
 //!   webhook URL.
 //! - `summary.rs`: a run's summary as Telegram HTML and as a Discord embed; the digest.
 //!
-//! **Never twice.** With a [`Dedupe`], every message part is checked in the store before it is
-//! sent and recorded right after the service accepted it, under a key that a retry of the run
-//! (or a resume) computes again: the root of the retry chain, the step, the channel, the
-//! part's index and a hash of its text. So an attempt that sent part 1 and hit a 429 on part 2
-//! resends only part 2, and a retried run skips what the failed run already delivered. The one
-//! gap is a crash between the service's reply and the store's commit (milliseconds): that part
-//! is sent again on resume (at-least-once; Telegram offers no idempotency key).
+//! **Never twice.** With a [`Dedupe`], every message part is looked up in the store before it
+//! is sent, its intent is committed before it is sent, and its message id right after the
+//! service accepted it, under a key that a retry of the run (or a resume) computes again: the
+//! root of the retry chain, the step, the channel, the part's index and a hash of its text.
+//! So an attempt that sent part 1 and hit a 429 on part 2 resends only part 2 (a refused
+//! part's intent is removed), a retried run skips what the failed run already delivered, and
+//! a resume after a crash between parts sends only the parts never started. A part whose
+//! intent is recorded and whose outcome is not (the crash hit while it was being sent) may
+//! have arrived: it is not sent again (better one part lost than the same part twice; Telegram
+//! offers no idempotency key), and the step says so (`"delivered": null`, `unknown`, a note).
 //!
 //! This module decides nothing about whether a run notifies: the engine calls
 //! [`after_run`] at the end of each run, and `notify` nodes are ordinary steps.
@@ -43,7 +46,7 @@ use crate::error::{ErrorKind, StepError};
 use crate::events::RunStatus;
 use crate::logging::Redactor;
 use crate::retry::{Decision, RetryPolicy};
-use crate::store::{NotificationRecord, Store};
+use crate::store::{NotificationRecord, PartState, Store};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -173,27 +176,38 @@ async fn deliver_parts(
     let total = parts.len();
     let mut ids = Vec::with_capacity(total);
     let mut skipped = 0;
+    // Parts (1-based) whose sending a crash interrupted.
+    let mut unknown: Vec<usize> = Vec::new();
     for (i, part) in parts.iter().enumerate() {
-        let key = dedupe.map(|d| {
-            format!(
+        let rec = dedupe.map(|d| NotificationRecord {
+            dedupe_key: format!(
                 "{}|{}|{}|{i}|{:016x}",
                 d.root,
                 d.step_key,
                 channel.as_str(),
                 fnv64(&part.content())
-            )
+            ),
+            run_id: d.run_id.clone(),
+            step_key: d.step_key.clone(),
+            channel: channel.as_str().into(),
+            part: i as u32,
+            message_ids: Value::Null,
         });
-        if let (Some(d), Some(key)) = (dedupe, &key) {
-            if let Some(prev) = blocking(d.store.clone(), {
-                let key = key.clone();
-                move |s| s.notification_sent(&key)
-            })
-            .await
-            {
-                tracing::info!(run_id = %d.run_id, step = %d.step_key, channel = channel.as_str(), part = i + 1, "notification part already delivered; not sent again");
-                ids.push(prev);
-                skipped += 1;
-                continue;
+        if let (Some(d), Some(rec)) = (dedupe, &rec) {
+            match intent(d, rec).await? {
+                Intent::Send => {}
+                Intent::Sent(prev) => {
+                    tracing::info!(run_id = %d.run_id, step = %d.step_key, channel = channel.as_str(), part = i + 1, "notification part already delivered; not sent again");
+                    ids.push(prev);
+                    skipped += 1;
+                    continue;
+                }
+                Intent::Unknown => {
+                    tracing::warn!(run_id = %d.run_id, step = %d.step_key, channel = channel.as_str(), part = i + 1, "the process stopped while this notification part was being sent; not sending it again, so it cannot arrive twice");
+                    ids.push(Value::Null);
+                    unknown.push(i + 1);
+                    continue;
+                }
             }
         }
         let sent = match part {
@@ -202,28 +216,53 @@ async fn deliver_parts(
             }
             Part::Discord(body) => discord::send_part(http, config, body).await,
         };
-        // A service's error may quote the request back (Telegram's path holds the bot
-        // token, a webhook's URL is its secret): no secret goes into a step's error.
-        let id = sent.map_err(|mut e| {
-            let redactor = crate::logging::Redactor::new(config.secrets());
-            e.message = redactor.redact(&e.message).into_owned();
-            e
-        })?;
-        if let (Some(d), Some(key)) = (dedupe, key) {
-            let rec = NotificationRecord {
-                dedupe_key: key,
-                run_id: d.run_id.clone(),
-                step_key: d.step_key.clone(),
-                channel: channel.as_str().into(),
-                part: i as u32,
-                message_ids: id.clone(),
-            };
+        let id = match sent {
+            Ok(id) => id,
+            Err(mut e) => {
+                // The service refused the part or never got it: its intent goes, so the next
+                // attempt sends it.
+                if let (Some(d), Some(rec)) = (dedupe, &rec) {
+                    let key = rec.dedupe_key.clone();
+                    blocking(d.store.clone(), move |s| {
+                        s.clear_notification_intent(&key).map(Some)
+                    })
+                    .await;
+                }
+                // A service's error may quote the request back (Telegram's path holds the bot
+                // token, a webhook's URL is its secret): no secret goes into a step's error.
+                let redactor = crate::logging::Redactor::new(config.secrets());
+                e.message = redactor.redact(&e.message).into_owned();
+                return Err(e);
+            }
+        };
+        if let (Some(d), Some(mut rec)) = (dedupe, rec) {
+            rec.message_ids = id.clone();
             blocking(d.store.clone(), move |s| {
                 s.record_notification(&rec).map(Some)
             })
             .await;
         }
         ids.push(id);
+    }
+    if !unknown.is_empty() {
+        let mut v = record(channel, true, total, skipped, ids, sent_text);
+        let which = unknown
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Some(m) = v.as_object_mut() {
+            m.insert("delivered".into(), Value::Null);
+            m.insert("unknownParts".into(), json!(unknown));
+            m.insert(
+                "note".into(),
+                json!(format!(
+                    "the process stopped while part {which} of {total} was being sent; it was not \
+                     sent again so it cannot arrive twice (the other parts were sent once)"
+                )),
+            );
+        }
+        return Ok(v);
     }
     Ok(record(channel, true, total, skipped, ids, sent_text))
 }
@@ -257,6 +296,50 @@ fn record(
 pub fn sandbox_record(channel: Channel, text: &str, parse_mode: Option<&str>) -> Value {
     let total = parts(channel, Message::Text { text, parse_mode }).len();
     record(channel, false, total, 0, Vec::new(), Some(text))
+}
+
+/// What to do with one message part, from its record.
+enum Intent {
+    /// Nothing recorded: its intent is now recorded; send it.
+    Send,
+    /// Delivered earlier, with these message ids.
+    Sent(Value),
+    /// An earlier attempt recorded its intent and never its outcome (the process stopped
+    /// while sending it): it may have arrived, so it is not sent again.
+    Unknown,
+}
+
+/// Looks a part up and, when nothing is recorded, records its intent (committed before the
+/// part is sent). When the intent cannot be recorded the part is not sent: the attempt fails
+/// and is retried, so nothing leaves whose record could be lost.
+async fn intent(d: &Dedupe, rec: &NotificationRecord) -> Result<Intent, StepError> {
+    let store = d.store.clone();
+    let rec = rec.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<Intent, crate::store::StoreError> {
+        match store.notification_part(&rec.dedupe_key)? {
+            Some(PartState::Sent(ids)) => return Ok(Intent::Sent(ids)),
+            Some(PartState::Sending) => return Ok(Intent::Unknown),
+            None => {}
+        }
+        Ok(match store.record_notification_intent(&rec)? {
+            true => Intent::Send,
+            // Another attempt recorded it between the two statements.
+            false => match store.notification_part(&rec.dedupe_key)? {
+                Some(PartState::Sent(ids)) => Intent::Sent(ids),
+                _ => Intent::Unknown,
+            },
+        })
+    })
+    .await;
+    let why = match r {
+        Ok(Ok(i)) => return Ok(i),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    Err(StepError::new(
+        ErrorKind::Server,
+        format!("could not record that a notification part is about to be sent ({why}); it was not sent, so it cannot arrive twice — retrying"),
+    ))
 }
 
 /// Runs a store call off the async runtime. A store failure is logged and read as "nothing

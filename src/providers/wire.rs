@@ -145,7 +145,14 @@ pub(crate) async fn read_capped(
         if out.len() + chunk.len() > MAX_REPLY_BYTES {
             return Err(too_big(link, url));
         }
+        let before = out.len();
         out.extend_from_slice(&chunk);
+        crate::limits::memory::grown(before, out.len()).map_err(|m| {
+            StepError::new(
+                ErrorKind::InvalidRequest,
+                format!("{} at {url}: {m}", link.label()),
+            )
+        })?;
     }
     Ok(out)
 }

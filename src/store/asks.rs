@@ -1,5 +1,5 @@
 //! Writes whose caller needs the answer before going on: claiming a run or a schedule slot,
-//! noting a slot's run, recording a delivered notification part. They are typed messages to
+//! noting a slot's run, recording a notification part's intent and its delivery. They are typed messages to
 //! the same writer thread as every other write (never a closure, never a connection of their
 //! own), so on either backend there is one write path: the writer applies an ask after every
 //! write queued before it, in a transaction of its own, and answers through the ask's reply
@@ -36,7 +36,17 @@ pub(crate) enum Ask {
         run_id: String,
         reply: Reply<()>,
     },
-    /// Record a delivered message part (a second record of the same key is ignored).
+    /// Record that a message part is about to be sent: `true` when this call recorded it,
+    /// `false` when the part already has a record (and must not be sent).
+    NotificationIntent {
+        rec: Box<NotificationRecord>,
+        reply: Reply<bool>,
+    },
+    /// Remove the intent of a part the service refused or never got (a part recorded as
+    /// sent is left alone).
+    ClearNotificationIntent { dedupe_key: String, reply: Reply<()> },
+    /// Record a delivered message part: its intent becomes `sent` with the message ids (a
+    /// part already recorded as sent is left alone).
     RecordNotification {
         rec: Box<NotificationRecord>,
         reply: Reply<()>,
@@ -50,6 +60,8 @@ impl Ask {
             Ask::ClaimRun { .. } => "claiming a run",
             Ask::ClaimSlot { .. } => "claiming a schedule slot",
             Ask::SlotRun { .. } => "recording a schedule slot's run",
+            Ask::NotificationIntent { .. } => "recording a notification about to be sent",
+            Ask::ClearNotificationIntent { .. } => "clearing a notification that was not sent",
             Ask::RecordNotification { .. } => "recording a sent notification",
         }
     }

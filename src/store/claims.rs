@@ -4,11 +4,12 @@
 //! own transaction before the call returns. The checks are reads on the readers'
 //! connections. Blocking: call them from `spawn_blocking` or plain threads.
 //!
-//! - `notifications_sent`: checked before a message part is sent, recorded right after the
-//!   service accepted it. The window between the service's reply and the commit (a few
-//!   milliseconds) is the only way a message can go out twice: if the process dies exactly
-//!   there, a resumed run sends that part again (at-least-once; Telegram has no idempotency
-//!   key that would let us do better).
+//! - `notifications_sent`: one row per message part. Its intent (`state = 'sending'`) is
+//!   committed before the part is sent; the service's message id (`state = 'sent'`) right
+//!   after it accepted it; a part the service refused or never got has its intent removed, so
+//!   the next attempt sends it. A part left `sending` by a crash may or may not have arrived
+//!   (Telegram has no idempotency key to ask): it is never sent again (at-most-once for that
+//!   one part; the other parts of the message are sent or skipped as recorded).
 //! - `schedule_slots`: `INSERT OR IGNORE` on `(blueprint_name, slot_ms)` inside
 //!   `BEGIN IMMEDIATE`: of any number of processes on one database, exactly one gets `true`.
 
@@ -32,6 +33,15 @@ pub struct NotificationRecord {
     pub message_ids: Value,
 }
 
+/// What the store knows about one message part.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PartState {
+    /// Its intent is recorded and its outcome is not: the process stopped while sending it.
+    Sending,
+    /// The service accepted it; the message id(s) it returned (null when it returns none).
+    Sent(Value),
+}
+
 /// A schedule slot as claimed in the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SlotClaim {
@@ -48,6 +58,19 @@ fn to_ms(t: SystemTime) -> i64 {
 
 fn from_ms(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// A row's `state` and `message_ids` as a [`PartState`] (an unknown state reads as sending:
+/// the safe side, never sent again).
+pub(crate) fn part_state(state: &str, ids: Option<String>) -> PartState {
+    if state == "sent" {
+        PartState::Sent(
+            ids.and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(Value::Null),
+        )
+    } else {
+        PartState::Sending
+    }
 }
 
 impl Store {
@@ -81,39 +104,61 @@ impl Store {
 
     /// The message ids recorded for `dedupe_key` if that message part was already delivered.
     pub fn notification_sent(&self, dedupe_key: &str) -> Result<Option<Value>, StoreError> {
-        if let Some(pg) = self.pg() {
-            return pg.notification_sent(dedupe_key);
-        }
-        let found: Option<Option<String>> = self.read("checking sent notifications", |conn| {
-            conn.query_row(
-                "SELECT message_ids FROM notifications_sent WHERE dedupe_key = ?1",
-                [dedupe_key],
-                |r| r.get(0),
-            )
-            .optional()
-        })?;
-        Ok(found.map(|ids| {
-            ids.and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or(Value::Null)
-        }))
+        Ok(match self.notification_part(dedupe_key)? {
+            Some(PartState::Sent(ids)) => Some(ids),
+            _ => None,
+        })
     }
 
-    /// Records a delivered message part (committed before this returns). A second record
-    /// with the same key is ignored.
+    /// What is recorded for one message part: nothing, its intent, or its delivery.
+    pub fn notification_part(&self, dedupe_key: &str) -> Result<Option<PartState>, StoreError> {
+        if let Some(pg) = self.pg() {
+            return pg.notification_part(dedupe_key);
+        }
+        let found: Option<(String, Option<String>)> =
+            self.read("checking sent notifications", |conn| {
+                conn.query_row(
+                    "SELECT state, message_ids FROM notifications_sent WHERE dedupe_key = ?1",
+                    [dedupe_key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+            })?;
+        Ok(found.map(|(state, ids)| part_state(&state, ids)))
+    }
+
+    /// Records that a message part is about to be sent (committed before this returns):
+    /// `false` when the part already has a record (sent, or being sent by an attempt that did
+    /// not say how it ended), and then it must not be sent.
+    pub fn record_notification_intent(&self, rec: &NotificationRecord) -> Result<bool, StoreError> {
+        let rec = Box::new(rec.clone());
+        self.ask_blocking(|reply| Ask::NotificationIntent { rec, reply })
+    }
+
+    /// Removes the intent of a part the service refused or never got, so the next attempt
+    /// sends it. A part recorded as sent is left alone.
+    pub fn clear_notification_intent(&self, dedupe_key: &str) -> Result<(), StoreError> {
+        let dedupe_key = dedupe_key.to_string();
+        self.ask_blocking(|reply| Ask::ClearNotificationIntent { dedupe_key, reply })
+    }
+
+    /// Records a delivered message part (committed before this returns): its intent becomes
+    /// `sent` with the service's message ids. A part already recorded as sent is left alone.
     pub fn record_notification(&self, rec: &NotificationRecord) -> Result<(), StoreError> {
         let rec = Box::new(rec.clone());
         self.ask_blocking(|reply| Ask::RecordNotification { rec, reply })
     }
 
     /// Every delivered part recorded for a run, oldest first: (step key, channel, part).
+    /// Intents whose outcome is unknown are not listed.
     pub fn notifications_of(&self, run_id: &str) -> Result<Vec<(String, String, u32)>, StoreError> {
         if let Some(pg) = self.pg() {
             return pg.notifications_of(run_id);
         }
         self.read("reading sent notifications", |conn| {
             let mut stmt = conn.prepare(
-                "SELECT step_key, channel, part FROM notifications_sent WHERE run_id = ?1
-                 ORDER BY sent_at, rowid",
+                "SELECT step_key, channel, part FROM notifications_sent
+                 WHERE run_id = ?1 AND state = 'sent' ORDER BY sent_at, rowid",
             )?;
             let rows = stmt.query_map([run_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
@@ -212,15 +257,46 @@ impl Store {
 
 // ---- the writes, applied by the writer thread (`writer::answer`) -------------------------
 
+pub(super) fn record_notification_intent(
+    conn: &Connection,
+    rec: &NotificationRecord,
+) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        "INSERT OR IGNORE INTO notifications_sent
+             (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, 'sending')",
+        params![
+            rec.dedupe_key,
+            rec.run_id,
+            rec.step_key,
+            rec.channel,
+            rec.part,
+            iso8601(SystemTime::now()),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+pub(super) fn clear_notification_intent(conn: &Connection, key: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM notifications_sent WHERE dedupe_key = ?1 AND state = 'sending'",
+        [key],
+    )?;
+    Ok(())
+}
+
 pub(super) fn record_notification(
     conn: &Connection,
     rec: &NotificationRecord,
 ) -> rusqlite::Result<()> {
     let ids = (!rec.message_ids.is_null()).then(|| rec.message_ids.to_string());
     conn.execute(
-        "INSERT OR IGNORE INTO notifications_sent
-             (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO notifications_sent
+             (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'sent')
+         ON CONFLICT (dedupe_key) DO UPDATE
+             SET state = 'sent', sent_at = excluded.sent_at, message_ids = excluded.message_ids
+             WHERE notifications_sent.state = 'sending'",
         params![
             rec.dedupe_key,
             rec.run_id,

@@ -55,7 +55,7 @@ mod transitions;
 mod types;
 mod writer;
 
-pub use claims::{NotificationRecord, SlotClaim};
+pub use claims::{NotificationRecord, PartState, SlotClaim};
 pub use error::{BackupFailure, DbError, StoreError, StoreErrorKind};
 pub use lease::{owner_is_gone, process_id, short_span, Claim, Health, ProcessRow};
 pub use pg::PgTarget;

@@ -179,6 +179,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE runner_steps ADD COLUMN reply_model TEXT;
     ALTER TABLE runner_steps ADD COLUMN finish_reason TEXT;
     "#,
+    // 6: a notification part's intent is recorded before it is sent (`sending`), its delivery
+    // after (`sent`): a crash between two parts of a long message resends neither the parts
+    // that arrived nor the one whose outcome is unknown. Rows from before were all delivered.
+    r#"
+    ALTER TABLE notifications_sent ADD COLUMN state TEXT NOT NULL DEFAULT 'sent';
+    "#,
 ];
 
 /// The newest schema version this build knows.

@@ -212,6 +212,12 @@ fn answer(conn: &mut Connection, ask: Ask, proc: &ProcessInfo, path: &str) {
             run_id,
             reply,
         } => reply.send(super::claims::slot_run(conn, &blueprint, slot, &run_id).map_err(error)),
+        Ask::NotificationIntent { rec, reply } => {
+            reply.send(super::claims::record_notification_intent(conn, &rec).map_err(error))
+        }
+        Ask::ClearNotificationIntent { dedupe_key, reply } => reply.send(
+            super::claims::clear_notification_intent(conn, &dedupe_key).map_err(error),
+        ),
         Ask::RecordNotification { rec, reply } => {
             reply.send(super::claims::record_notification(conn, &rec).map_err(error))
         }

@@ -60,12 +60,16 @@ pub fn output_message(limits: &Limits) -> String {
 /// Charges `bytes` to what this render has built in total.
 fn charge(limits: &Limits, bytes: usize) -> Result<(), Error> {
     let total_cap = limits.template_max_value.saturating_mul(TOTAL_BUILT_FACTOR);
-    let over = SPENT.with(|s| {
+    let (before, now) = SPENT.with(|s| {
         let (built, captured) = s.get();
-        let built = built.saturating_add(bytes);
-        s.set((built, captured));
-        built > total_cap
+        let now = built.saturating_add(bytes);
+        s.set((now, captured));
+        (built, now)
     });
+    let over = now > total_cap;
+    // What a render builds is what it may hold: the measure of a growing render.
+    crate::limits::memory::grown(before, now)
+        .map_err(|m| Error::new(ErrorKind::InvalidOperation, m))?;
     if over {
         return Err(Error::new(
             ErrorKind::InvalidOperation,
@@ -82,12 +86,15 @@ fn charge(limits: &Limits, bytes: usize) -> Result<(), Error> {
 
 /// Charges raw text emitted inside a captured block to the output budget.
 fn charge_captured(limits: &Limits, bytes: usize) -> Result<(), Error> {
-    let over = SPENT.with(|s| {
+    let (before, now) = SPENT.with(|s| {
         let (built, captured) = s.get();
-        let captured = captured.saturating_add(bytes);
-        s.set((built, captured));
-        captured > limits.template_max_output
+        let now = captured.saturating_add(bytes);
+        s.set((built, now));
+        (captured, now)
     });
+    let over = now > limits.template_max_output;
+    crate::limits::memory::grown(before, now)
+        .map_err(|m| Error::new(ErrorKind::InvalidOperation, m))?;
     if over {
         return Err(Error::new(
             ErrorKind::InvalidOperation,
@@ -167,6 +174,10 @@ pub struct CappedBytes<W> {
     written: usize,
     cap: usize,
     pub over: bool,
+    /// Set when the memory emergency stopped the writer (the message for the step).
+    pub memory: Option<String>,
+    /// Whether what is written stays in memory (not for a sink that only counts).
+    holds: bool,
 }
 
 impl<W> CappedBytes<W> {
@@ -176,7 +187,15 @@ impl<W> CappedBytes<W> {
             written: 0,
             cap,
             over: false,
+            memory: None,
+            holds: true,
         }
+    }
+
+    /// For a writer that keeps nothing (a size count): its size says nothing about memory.
+    pub fn holding_nothing(mut self) -> Self {
+        self.holds = false;
+        self
     }
 }
 
@@ -186,7 +205,17 @@ impl<W: std::io::Write> std::io::Write for CappedBytes<W> {
             self.over = true;
             return Err(std::io::Error::other("output budget exceeded"));
         }
+        let before = self.written;
         self.written += buf.len();
+        let grown = if self.holds {
+            crate::limits::memory::grown(before, self.written)
+        } else {
+            Ok(())
+        };
+        if let Err(m) = grown {
+            self.memory = Some(m);
+            return Err(std::io::Error::other("memory emergency"));
+        }
         self.inner.write_all(buf)?;
         Ok(buf.len())
     }

@@ -56,6 +56,8 @@ pub enum Bg {
         result: Result<Vec<LogEntry>, String>,
     },
     LogProblem(Option<String>),
+    /// Writing the log files failed after start: lines are being lost.
+    LogWriteFailed(String),
     /// Pool state and process memory, sampled a few times a second.
     Sample {
         rss: Option<u64>,
@@ -911,6 +913,11 @@ impl App {
                 Err(e) => self.complain(format!("cannot read the log files: {e}")),
             },
             Bg::LogProblem(p) => self.logs.problem = p,
+            Bg::LogWriteFailed(p) => {
+                self.complain(p.clone());
+                // Kept on the status line (like a start-up problem) until dismissed.
+                self.startup_problems.push(p);
+            }
             Bg::Sample {
                 rss,
                 stats,

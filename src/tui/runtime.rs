@@ -496,8 +496,16 @@ fn spawn_sampler(ctx: Ctx, stop: Arc<AtomicBool>) {
             c.scaled(c.lease_timeout)
         };
         let mut n: u64 = 0;
+        let mut log_failure_told = false;
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
+            // Logs that stop being written after start (a full disk, LOG_DIR removed): said
+            // once, since the log pane cannot show what was never written.
+            if !log_failure_told {
+                if let Some(p) = crate::logging::write_problem() {
+                    log_failure_told = ctx.tx.send(Bg::LogWriteFailed(p)).await.is_ok();
+                }
+            }
             // Every 2 s: the processes on the database (a SQLite read, off the async workers).
             if n % 8 == 0 {
                 let store = ctx.store.clone();

@@ -451,6 +451,12 @@ fn answer(conn: &mut Conn, ask: Ask, proc: &ProcessInfo) {
         } => reply.send(conn.run(doing, |c| {
             super::claims::slot_run(c, &blueprint, slot, &run_id)
         })),
+        Ask::NotificationIntent { rec, reply } => reply.send(conn.run(doing, |c| {
+            super::claims::record_notification_intent(c, &rec)
+        })),
+        Ask::ClearNotificationIntent { dedupe_key, reply } => reply.send(conn.run(doing, |c| {
+            super::claims::clear_notification_intent(c, &dedupe_key)
+        })),
         Ask::RecordNotification { rec, reply } => {
             reply.send(conn.run(doing, |c| super::claims::record_notification(c, &rec)))
         }

@@ -6,29 +6,26 @@
 
 use super::backend::{PgBackend, PgResult};
 use super::ops::ms_time;
-use crate::store::claims::{NotificationRecord, SlotClaim};
+use crate::store::claims::{part_state, NotificationRecord, PartState, SlotClaim};
 use crate::store::error::StoreError;
 use crate::store::transitions::ProcessInfo;
 use crate::store::{from_unix_ms, unix_ms};
 use postgres::Client;
-use serde_json::Value;
 use std::time::SystemTime;
 
 impl PgBackend {
-    pub(crate) fn notification_sent(&self, key: &str) -> Result<Option<Value>, StoreError> {
+    pub(crate) fn notification_part(&self, key: &str) -> Result<Option<PartState>, StoreError> {
         let key = key.to_string();
-        let found: Option<Option<String>> = self.read("checking sent notifications", move |c| {
-            Ok(c.query_opt(
-                "SELECT message_ids FROM notifications_sent WHERE dedupe_key = $1",
-                &[&key],
-            )?
-            .map(|r| r.try_get(0))
-            .transpose()?)
-        })?;
-        Ok(found.map(|ids| {
-            ids.and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or(Value::Null)
-        }))
+        let found: Option<(String, Option<String>)> =
+            self.read("checking sent notifications", move |c| {
+                c.query_opt(
+                    "SELECT state, message_ids FROM notifications_sent WHERE dedupe_key = $1",
+                    &[&key],
+                )?
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .transpose()
+            })?;
+        Ok(found.map(|(state, ids)| part_state(&state, ids)))
     }
 
     pub(crate) fn notifications_of(
@@ -38,8 +35,8 @@ impl PgBackend {
         let id = run_id.to_string();
         self.read("reading sent notifications", move |c| {
             c.query(
-                "SELECT step_key, channel, part FROM notifications_sent WHERE run_id = $1
-                 ORDER BY sent_at, seq",
+                "SELECT step_key, channel, part FROM notifications_sent
+                 WHERE run_id = $1 AND state = 'sent' ORDER BY sent_at, seq",
                 &[&id],
             )?
             .iter()
@@ -111,13 +108,43 @@ impl PgBackend {
 
 // ---- the writes, applied by the writer thread (`backend::answer`) ------------------------
 
+pub(super) fn record_notification_intent(
+    c: &mut Client,
+    rec: &NotificationRecord,
+) -> PgResult<bool> {
+    let n = c.execute(
+        "INSERT INTO notifications_sent
+             (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids, state)
+         VALUES ($1, $2, $3, $4, $5, date_trunc('milliseconds', now()), NULL, 'sending')
+         ON CONFLICT (dedupe_key) DO NOTHING",
+        &[
+            &rec.dedupe_key,
+            &rec.run_id,
+            &rec.step_key,
+            &rec.channel,
+            &i64::from(rec.part),
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+pub(super) fn clear_notification_intent(c: &mut Client, key: &str) -> PgResult<()> {
+    c.execute(
+        "DELETE FROM notifications_sent WHERE dedupe_key = $1 AND state = 'sending'",
+        &[&key],
+    )?;
+    Ok(())
+}
+
 pub(super) fn record_notification(c: &mut Client, rec: &NotificationRecord) -> PgResult<()> {
     let ids = (!rec.message_ids.is_null()).then(|| rec.message_ids.to_string());
     c.execute(
-        "INSERT INTO notifications_sent
-             (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids)
-         VALUES ($1, $2, $3, $4, $5, date_trunc('milliseconds', now()), $6)
-         ON CONFLICT (dedupe_key) DO NOTHING",
+        "INSERT INTO notifications_sent AS n
+             (dedupe_key, run_id, step_key, channel, part, sent_at, message_ids, state)
+         VALUES ($1, $2, $3, $4, $5, date_trunc('milliseconds', now()), $6, 'sent')
+         ON CONFLICT (dedupe_key) DO UPDATE
+             SET state = 'sent', sent_at = excluded.sent_at, message_ids = excluded.message_ids
+             WHERE n.state = 'sending'",
         &[
             &rec.dedupe_key,
             &rec.run_id,

@@ -144,6 +144,7 @@ const TABLES: &[Table] = &[
             ("part", Int),
             ("sent_at", Time),
             ("message_ids", Text),
+            ("state", Text),
         ],
         update_while: None,
     },
