@@ -339,7 +339,15 @@ fn workers_are_grouped_by_host_and_a_remote_attempt_is_selectable() {
         let s = render(&app, w, h);
         assert!(s.contains(&format!("{my_host} · console")), "{w}x{h}:\n{s}");
         assert!(s.contains("gpu-box · daemon 4300 1/8"), "{w}x{h}:\n{s}");
-        assert!(s.contains("fleet queue 7"), "{w}x{h}:\n{s}");
+        // The shared queue's depth (narrow: without the word "queue").
+        assert!(
+            s.contains(if w < 100 {
+                "fleet 7 c0 h2 n5 l0"
+            } else {
+                "fleet queue 7 crit 0 high 2 norm 5"
+            }),
+            "{w}x{h}:\n{s}"
+        );
         assert!(s.contains("2/4 busy here"), "{w}x{h}:\n{s}");
     }
     let s = render(&app, 160, 48);
@@ -365,4 +373,38 @@ fn on_sqlite_the_panes_say_what_they_said() {
         "{s}"
     );
     assert!(s.contains("4 queued"), "{s}");
+}
+
+#[test]
+fn a_page_read_before_an_announced_end_does_not_bring_the_run_back_as_running() {
+    let mut app = with_remote_daemon();
+    app.update(Msg::Tick(T0 + 2000)); // a page query goes out…
+    assert!(app.history.loading);
+    let id = app.history.rows[1].id.clone();
+    let before = app.history.rows.clone();
+    // …the run ends meanwhile, announced and re-read…
+    app.update(Msg::Bg(Bg::Live(runs(&[&id]))));
+    let mut done = before[1].clone();
+    done.status = RunStatus::Success;
+    done.total_time_ms = Some(9000);
+    app.update(Msg::Bg(Bg::RunsReloaded(Ok(vec![done]))));
+    // …and the page, read before that, lands: the row stays ended.
+    let generation = app.history.generation;
+    app.update(Msg::Bg(Bg::History {
+        generation,
+        result: Ok((before.clone(), Some(6))),
+    }));
+    assert_eq!(app.history.rows[1].status, RunStatus::Success);
+    // A later page that agrees is taken as it is (the overlay is forgotten).
+    let mut agreed = before.clone();
+    agreed[1].status = RunStatus::Success;
+    agreed[1].total_time_ms = Some(9100);
+    app.history.loading = false;
+    app.update(Msg::Tick(T0 + 20_000));
+    let generation = app.history.generation;
+    app.update(Msg::Bg(Bg::History {
+        generation,
+        result: Ok((agreed, Some(6))),
+    }));
+    assert_eq!(app.history.rows[1].total_time_ms, Some(9100));
 }

@@ -873,6 +873,7 @@ impl App {
                         let keep = self.history.selected_row().map(|r| r.id.clone());
                         self.history.rows = rows;
                         self.history.overlay_finished();
+                        self.overlay_fresh();
                         if total.is_some() {
                             self.history.total = total;
                         }

@@ -498,6 +498,9 @@ pub struct FleetState {
     pub reloading: bool,
     /// Runs re-read because another process announced them (for the curious and the tests).
     pub reloaded: u64,
+    /// The rows re-read last, laid over a page that was read before them (see
+    /// `App::overlay_fresh`).
+    pub fresh: std::collections::HashMap<String, crate::store::RunRow>,
     /// The shared queue's rows waiting to be claimed, by `Priority::index` (`Queue::depth`).
     pub depth: Option<[u64; 4]>,
     /// Attempts running on every process, oldest claim first.

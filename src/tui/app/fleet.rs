@@ -120,9 +120,37 @@ impl App {
     /// is not there yet (a run another process just started), has the page read again.
     fn lay_run(&mut self, row: RunRow) {
         if let Some(slot) = self.history.rows.iter_mut().find(|r| r.id == row.id) {
+            if let Some(fl) = &mut self.fleet {
+                // Bounded: a long session forgets the oldest of these at once.
+                if fl.fresh.len() >= 1024 {
+                    fl.fresh.clear();
+                }
+                fl.fresh.insert(row.id.clone(), row.clone());
+            }
             *slot = row;
         } else if self.belongs_on_page(&row) {
             self.history.stale = true;
+        }
+    }
+
+    /// Lays rows re-read after an announcement over a page whose query was already under
+    /// way when they were read (it would bring a finished run back as `running`), and
+    /// forgets those the page has caught up with.
+    pub(super) fn overlay_fresh(&mut self) {
+        let Some(fl) = &mut self.fleet else {
+            return;
+        };
+        for row in &mut self.history.rows {
+            let Some(fresh) = fl.fresh.get(&row.id) else {
+                continue;
+            };
+            let ahead = !row.status.is_final()
+                && (fresh.status.is_final() || fresh.steps_done > row.steps_done);
+            if ahead {
+                *row = fresh.clone();
+            } else {
+                fl.fresh.remove(&row.id);
+            }
         }
     }
 

@@ -244,9 +244,14 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
             .map_or_else(|| "?".to_string(), |n| n.to_string()),
         None => p.queued_total().to_string(),
     };
-    let mut q = vec![Span::styled(format!("{label} {total} "), th.dimmed())];
     // By priority: the words when they fit (`crit 0 high 1 …`), else their initials.
     let words = inner.width >= 38 + if app.fleet.is_some() { 6 } else { 0 };
+    let label = if words {
+        label
+    } else {
+        label.trim_end_matches(" queue")
+    };
+    let mut q = vec![Span::styled(format!("{label} {total} "), th.dimmed())];
     for pr in [
         Priority::Critical,
         Priority::High,
@@ -271,7 +276,15 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(Paragraph::new(Line::from(q)), queue);
     f.render_widget(
         Paragraph::new(Line::from(vec![
-            Span::styled("steps done      ", th.dimmed()),
+            // The sparklines count this process's steps (its event bus), named so with a fleet.
+            Span::styled(
+                if app.fleet.is_some() {
+                    "done here       "
+                } else {
+                    "steps done      "
+                },
+                th.dimmed(),
+            ),
             Span::styled(format!("{done}/min"), Style::default().fg(th.spark_ok)),
         ])),
         l1,
@@ -291,7 +304,11 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
     let figure = format!("{failed}/min ({rate:.0}%)");
     let cols = inner.width as usize;
     let label = if 16 + figure.len() <= cols {
-        "attempts failed "
+        if app.fleet.is_some() {
+            "failed here     "
+        } else {
+            "attempts failed "
+        }
     } else {
         "failed "
     };
