@@ -5,6 +5,8 @@
 //!
 //! Needs tmux (CI's .ci/run installs it); without it this test fails and says so.
 
+mod common;
+
 use omniflow::events::RunStatus;
 use omniflow::store::{RunFilter, Store};
 use std::path::Path;
@@ -870,4 +872,159 @@ fn the_console_says_when_its_logs_stop_being_written() {
     let s = told.unwrap_or_else(|| t.wait_text("could not write logs", 10));
     assert!(!s.contains("CONSOLE-EXITED"), "{s}");
     t.keys(&["q"]);
+}
+
+/// A fake OpenAI-compatible reply.
+const ANSWER: &str = r#"{"choices":[{"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+/// A console on a shared PostgreSQL database, and another `omniflow` process on it (`run`,
+/// as on another host: its steps are tagged so the console's own pool takes none). The
+/// console shows that process's steps as they run (Workers, by host), the run in History,
+/// its steps in the run detail, and cancels another run of that process (`c`), which ends
+/// `cancelled` in the database. Skips (saying so) without a PostgreSQL server.
+#[test]
+fn a_console_on_postgres_shows_another_process_s_steps_live_and_cancels_its_run() {
+    let Some(db) = omniflow::store::pg::testing::ScratchDb::new("console_fleet") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let fake = common::counting::start(Duration::from_millis(1500), ANSWER.to_string());
+    let bps = tmp.path().join("bps");
+    std::fs::create_dir_all(&bps).unwrap();
+    for (name, items) in [("far-fan", 4), ("long-fan", 60)] {
+        let list: Vec<String> = (0..items).map(|i| format!("{name}{i}")).collect();
+        let bp = serde_json::json!({
+            "name": name,
+            "tags": ["far"],
+            "variables": { "ITEMS": list },
+            "nodes": [{
+                "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                "forEach": "{{ vars.ITEMS }}", "prompt": "say {{ item }}"
+            }]
+        });
+        std::fs::write(bps.join(format!("{name}.json")), bp.to_string()).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let shell = format!(
+        "env DATABASE_URL='{}' LOG_DIR='{}' DB_FILE='{}' OPENAI_BASE_URL='{}/console/v1' \
+         LEASE_TIMEOUT=2 CONCURRENCY=4 TERM=xterm-256color '{bin}' tui --dir '{}'; \
+         echo CONSOLE-EXITED $?; sleep 60",
+        db.url(),
+        tmp.path().join("logs-console").display(),
+        tmp.path().join("console.db").display(),
+        fake.url,
+        bps.display()
+    );
+    let t = Tmux::start("fleet", tmp.path(), 160, 48, &shell);
+    t.wait_text("far-fan", 30);
+    t.wait_text("queued in the fleet", 30);
+
+    // The other process: it drives the run and takes its tagged steps, two at a time.
+    let remote = |file: &str| {
+        common::bin::omniflow(
+            tmp.path(),
+            &["run", bps.join(file).to_str().unwrap()],
+            [
+                ("DATABASE_URL", db.url().to_string()),
+                ("OMNIFLOW_TAGS", "far".into()),
+                ("CONCURRENCY", "2".into()),
+                ("OPENAI_BASE_URL", format!("{}/remote/v1", fake.url)),
+                ("OPENAI_CONCURRENCY", "0".into()),
+                ("CACHE_TTL", "0".into()),
+                ("MAX_RETRIES", "0".into()),
+                ("LEASE_TIMEOUT", "2".into()),
+                (
+                    "LOG_DIR",
+                    tmp.path().join("logs-remote").display().to_string(),
+                ),
+            ],
+        )
+        .spawn()
+        .expect("start the other process")
+    };
+    let mut first = remote("far-fan.json");
+    let pid = first.id().to_string();
+    // Its steps, live, under its host in Workers: `p<pid> ▶ ask[…]`.
+    t.wait_for("the other process's steps in Workers", 60, |s| {
+        s.lines()
+            .any(|l| l.contains(&format!("p{pid}")) && l.contains("▶ ask["))
+    });
+    t.wait_for("the other process in its host's line", 10, |s| {
+        s.contains(&format!("run {pid} "))
+    });
+    let mut pg = db.target().connect().expect("connect");
+    let run_of = |pg: &mut postgres::Client, name: &str| -> Option<(String, String)> {
+        pg.query_opt(
+            "SELECT id, status FROM runner_executions WHERE blueprint_name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+    };
+    let (far, _) = run_of(&mut pg, "far-fan").expect("the run is recorded");
+    let short = far[..10].to_string();
+    let row = |s: &str, status: &str| {
+        s.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.windows(3)
+                .any(|x| x[0].ends_with(&short) && x[1] == "far-fan" && x[2] == status)
+        })
+    };
+    t.wait_for("the run in History, running", 30, |s| row(s, "running"));
+    let status = first.wait().expect("the other process ends");
+    assert!(status.success(), "{status:?}");
+    t.wait_for("the run in History, done", 30, |s| row(s, "success"));
+    // Its steps, from the database, in the run's detail.
+    t.keys(&["Tab", "Tab", "g"]);
+    t.wait_for("the run selected", 10, |s| {
+        s.lines().any(|l| l.contains(&format!("▸{short}")))
+    });
+    t.keys(&["Enter"]);
+    t.wait_for("the remote steps in the detail", 20, |s| {
+        (0..4).all(|i| s.contains(&format!("ask[{i}]")))
+    });
+    t.keys(&["Escape"]);
+
+    // Another run of that process, cancelled from this console.
+    let mut second = remote("long-fan.json");
+    let long = loop {
+        if let Some((id, _)) = run_of(&mut pg, "long-fan") {
+            break id;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let long_short = long[..10].to_string();
+    t.wait_for("the long run in History", 30, |s| {
+        s.lines()
+            .any(|l| l.contains(&long_short) && l.contains("long-fan") && l.contains("running"))
+    });
+    t.keys(&["g"]);
+    t.wait_for("the long run selected", 10, |s| {
+        s.lines().any(|l| l.contains(&format!("▸{long_short}")))
+    });
+    t.keys(&["c"]);
+    t.wait_text("Another process drives it", 10);
+    t.keys(&["y"]);
+    t.wait_text("for cancel of run", 20);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, status) = run_of(&mut pg, "long-fan").unwrap();
+        if status == "cancelled" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run is still {status}; screen:\n{}",
+            t.screen()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let done = second.wait().expect("the other process ends");
+    assert!(!done.success(), "a cancelled run does not exit 0: {done:?}");
+    t.wait_for("the cancelled run in History", 30, |s| {
+        s.lines()
+            .any(|l| l.contains(&long_short) && l.contains("cancelled"))
+    });
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
 }

@@ -549,6 +549,12 @@ impl Engine {
         found
     }
 
+    /// The fleet's shared queue, when this process is in one (`DATABASE_URL=postgres://…`):
+    /// the console reads its depth. Blocking calls: use it off the async threads.
+    pub fn fleet_queue(&self) -> Option<crate::store::pg::queue::Queue> {
+        self.inner.fleet.as_ref().map(|f| f.0.queue().clone())
+    }
+
     /// Ids of the runs in flight in this process.
     pub fn active_runs(&self) -> Vec<String> {
         self.lock_runs().keys().cloned().collect()

@@ -20,8 +20,11 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 pub mod bindings;
+mod fleet;
 mod forms;
 mod keys;
+
+pub use fleet::{host_of, pid_of};
 
 use forms::editor_area;
 pub use forms::{parse_rate, DISCARD_NOTE};
@@ -86,6 +89,13 @@ pub enum Bg {
     Lagged(u64),
     /// Every process on the database, with its health from its heartbeats.
     Processes(Result<Vec<crate::store::ProcessRow>, String>),
+    /// From the fleet's `LISTEN` connection: runs another process changed, or the
+    /// connection's state.
+    Live(crate::store::pg::events::Live),
+    /// The rows of runs another process announced, read again (`Effect::ReloadRuns`).
+    RunsReloaded(Result<Vec<RunRow>, String>),
+    /// The shared queue: its depth by priority and the attempts every process runs.
+    Fleet(Result<([u64; 4], Vec<crate::store::pg::fleet_view::RunningAttempt>), String>),
 }
 
 /// Work for the runtime (never done by `update` itself).
@@ -135,6 +145,10 @@ pub enum Effect {
         path: PathBuf,
         text: String,
     },
+    /// Reads these runs' rows again (other processes announced changes to them).
+    ReloadRuns(Vec<String>),
+    /// Reads the shared queue's depth and the attempts every process runs.
+    LoadFleet,
     Quit,
 }
 
@@ -337,6 +351,8 @@ pub struct App {
     pub sandbox_rates: std::collections::HashMap<String, String>,
     /// Something visible changed since the last frame.
     pub dirty: bool,
+    /// The fleet beyond this process, when the history is a shared PostgreSQL database.
+    pub fleet: Option<FleetState>,
 }
 
 /// How often the history is re-read (runs from other processes appear).
@@ -395,6 +411,7 @@ impl App {
             no_provider: None,
             sandbox_rates: std::collections::HashMap::new(),
             dirty: true,
+            fleet: None,
         }
     }
 
@@ -456,12 +473,25 @@ impl App {
                 .map(|r| (r.id.clone(), r.blueprint_name.clone(), Some(r.status))),
             Focus::Workers => {
                 let busy = self.busy_workers();
-                let (_, w) = busy.get(self.worker_selected)?;
-                let live = self.runs.get(&w.run_id);
+                let run_id = match busy.get(self.worker_selected) {
+                    Some((_, w)) => w.run_id.clone(),
+                    // Past this process's workers: the attempts other processes run.
+                    None => self
+                        .remote_attempts()
+                        .get(self.worker_selected - busy.len())?
+                        .run_id
+                        .clone(),
+                };
+                let live = self.runs.get(&run_id);
+                let row = self.history.rows.iter().find(|r| r.id == run_id);
                 Some((
-                    w.run_id.clone(),
-                    live.map(|r| r.blueprint.clone()).unwrap_or_default(),
-                    live.map(|r| r.status).or(Some(RunStatus::Running)),
+                    run_id.clone(),
+                    live.map(|r| r.blueprint.clone())
+                        .or_else(|| row.map(|r| r.blueprint_name.clone()))
+                        .unwrap_or_default(),
+                    live.map(|r| r.status)
+                        .or(row.map(|r| r.status))
+                        .or(Some(RunStatus::Running)),
                 ))
             }
             Focus::Blueprints => None,
@@ -556,13 +586,15 @@ impl App {
         if self.retrying.len() != before {
             self.dirty = true;
         }
-        let due = now.saturating_sub(self.history.last_query_ms) >= HISTORY_REFRESH_MS;
+        let every = self.refresh_ms();
+        let due = now.saturating_sub(self.history.last_query_ms) >= every;
         if !self.history.loading && (self.history.stale || due) {
             self.refresh_history(fx);
         }
+        self.fleet_tick(now, fx);
         if let Screen::Detail(d) = &mut self.screen {
             let live = d.data.as_ref().is_some_and(|x| !x.run.status.is_final());
-            if live && now.saturating_sub(d.loaded_ms) >= HISTORY_REFRESH_MS {
+            if live && now.saturating_sub(d.loaded_ms) >= every {
                 d.stale = true;
             }
             if d.stale && !d.loading {
@@ -843,6 +875,7 @@ impl App {
                         let keep = self.history.selected_row().map(|r| r.id.clone());
                         self.history.rows = rows;
                         self.history.overlay_finished();
+                        self.overlay_fresh();
                         if total.is_some() {
                             self.history.total = total;
                         }
@@ -1017,6 +1050,9 @@ impl App {
                 self.processes_problem = None;
             }
             Bg::Processes(Err(e)) => self.processes_problem = Some(e),
+            Bg::Live(live) => self.on_live(live, fx),
+            Bg::RunsReloaded(result) => self.on_runs_reloaded(result, fx),
+            Bg::Fleet(result) => self.on_fleet_sample(result),
         }
     }
 
@@ -1063,7 +1099,7 @@ impl App {
     }
 
     fn clamp_selections(&mut self) {
-        let n = self.busy_workers().len();
+        let n = self.selectable_workers();
         if self.worker_selected >= n {
             self.worker_selected = n.saturating_sub(1);
         }

@@ -203,6 +203,9 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         app.db_path = store.place();
         app.schedules_here = opts.schedules;
         app.no_provider = no_provider(&config);
+        if store.postgres().is_some() {
+            app.fleet = Some(state::FleetState::default());
+        }
         app.startup_problems = problems;
         let ctx = runtime::Ctx {
             engine,

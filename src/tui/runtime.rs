@@ -15,6 +15,7 @@ use super::terminal;
 use crate::blueprint::{self, LoadError};
 use crate::engine::Engine;
 use crate::events::Subscriber;
+use crate::store::pg::fleet_view::{Request, Requested};
 use crate::store::Store;
 use futures_util::StreamExt;
 use ratatui::crossterm::event::{Event as TermEvent, EventStream};
@@ -57,6 +58,9 @@ pub async fn run(
         ctx.tx.clone(),
         stop.clone(),
     );
+    if let Some(target) = ctx.store.postgres() {
+        spawn_fleet_listener(target.clone(), ctx.tx.clone(), stop.clone());
+    }
     let mut term = terminal::Terminal::enter()?;
     let mut keys = EventStream::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -341,7 +345,10 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
                 });
             }
             Effect::Cancel { run_id } => {
-                if !ctx.engine.cancel(&run_id) {
+                if ctx.engine.cancel(&run_id) {
+                } else if ctx.store.postgres().is_some() {
+                    tokio::spawn(ask_driver(ctx, run_id, Request::Cancel));
+                } else {
                     let _ = ctx.tx.try_send(Bg::Failed(format!(
                         "run {} is not active in this console any more",
                         super::app::short(&run_id)
@@ -349,12 +356,43 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
                 }
             }
             Effect::SetPriority { run_id, priority } => {
-                if !ctx.engine.set_priority(&run_id, priority) {
+                if ctx.engine.set_priority(&run_id, priority) {
+                } else if ctx.store.postgres().is_some() {
+                    tokio::spawn(ask_driver(ctx, run_id, Request::Priority(priority)));
+                } else {
                     let _ = ctx.tx.try_send(Bg::Failed(format!(
                         "run {} is not active in this console any more",
                         super::app::short(&run_id)
                     )));
                 }
+            }
+            Effect::ReloadRuns(ids) => {
+                tokio::spawn(async move {
+                    let store = ctx.store.clone();
+                    let r = tokio::task::spawn_blocking(move || {
+                        store.runs_by_id(ids).map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx.tx.send(Bg::RunsReloaded(r)).await;
+                });
+            }
+            Effect::LoadFleet => {
+                tokio::spawn(async move {
+                    let (store, queue) = (ctx.store.clone(), ctx.engine.fleet_queue());
+                    let r = tokio::task::spawn_blocking(move || {
+                        // One source per figure: the depth is the shared queue's own count.
+                        let depth = match queue {
+                            Some(q) => q.depth().map_err(|e| e.to_string())?,
+                            None => return Err("this process is not in a fleet".to_string()),
+                        };
+                        let running = store.running_attempts().map_err(|e| e.to_string())?;
+                        Ok((depth, running))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                    let _ = ctx.tx.send(Bg::Fleet(r)).await;
+                });
             }
             Effect::SetPaused(p) => {
                 if p {
@@ -402,6 +440,68 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
                 });
             }
         }
+    }
+}
+
+/// Asks the process driving another process's run to cancel it or change its priority
+/// (through the shared database), and says how that went.
+async fn ask_driver(ctx: Ctx, run_id: String, request: Request) {
+    let store = ctx.store.clone();
+    let id = run_id.clone();
+    let r = tokio::task::spawn_blocking(move || store.request(&id, request))
+        .await
+        .map_err(|e| format!("internal error: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let short = super::app::short(&run_id);
+    let what = match request {
+        Request::Cancel => "cancel".to_string(),
+        Request::Priority(p) => format!("priority {}", p.as_str()),
+    };
+    let msg = match r {
+        Ok(Requested::Sent { owner: Some(owner) }) => Bg::Notice(format!(
+            "asked {} (pid {}) for {what} of run {short}: it acts within a second",
+            super::app::host_of(&owner),
+            super::app::pid_of(&owner)
+        )),
+        Ok(Requested::Sent { owner: None }) => Bg::Notice(format!(
+            "{what} of run {short} recorded; no process drives it now: the one that takes it over acts on it"
+        )),
+        Ok(Requested::NotActive) => Bg::Failed(format!(
+            "run {short} is not queued or running any more: nothing to {what}"
+        )),
+        Ok(Requested::NotShared) => Bg::Failed(format!(
+            "run {short} is not active in this console any more"
+        )),
+        Err(e) => Bg::Failed(format!("could not ask for {what} of run {short}: {e}")),
+    };
+    let _ = ctx.tx.send(msg).await;
+}
+
+/// Listens to the fleet's announcements of changed runs on a thread of its own (the
+/// blocking client runs its own runtime); this process's own are skipped (the event bus
+/// has them).
+fn spawn_fleet_listener(
+    target: crate::store::pg::PgTarget,
+    tx: mpsc::Sender<Bg>,
+    stop: Arc<AtomicBool>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("console-fleet-listen".into())
+        .spawn(move || {
+            let me = crate::store::process_id();
+            crate::store::pg::events::follow(
+                &target,
+                me,
+                &|| stop.load(Ordering::Relaxed) || tx.is_closed(),
+                // Waits when the UI is behind: the server keeps the notifications meanwhile,
+                // and the UI takes a backlog in one frame.
+                &mut |live| {
+                    let _ = tx.blocking_send(Bg::Live(live));
+                },
+            );
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot listen to the fleet: {e}; other processes' runs show on the clock");
     }
 }
 

@@ -480,3 +480,43 @@ pub struct Memory {
     pub rss: Option<u64>,
     pub threshold_mb: u64,
 }
+
+/// What the console knows of the fleet beyond its own process (`DATABASE_URL=postgres://…`;
+/// absent on SQLite): runs other processes announced, the shared queue, the attempts every
+/// process is running.
+#[derive(Debug, Clone, Default)]
+pub struct FleetState {
+    /// The `LISTEN` connection is up: other processes' changes arrive as they commit, and the
+    /// periodic re-reads slow down.
+    pub listening: bool,
+    /// Why it is not, when it dropped.
+    pub listen_problem: Option<String>,
+    /// Runs announced by other processes and not re-read yet (coalesced: one read for all
+    /// that arrived while the previous one was in flight).
+    pub pending: std::collections::BTreeSet<String>,
+    /// A re-read of single runs is in flight.
+    pub reloading: bool,
+    /// Runs re-read because another process announced them (for the curious and the tests).
+    pub reloaded: u64,
+    /// The rows re-read last, laid over a page that was read before them (see
+    /// `App::overlay_fresh`).
+    pub fresh: std::collections::HashMap<String, crate::store::RunRow>,
+    /// The shared queue's rows waiting to be claimed, by `Priority::index` (`Queue::depth`).
+    pub depth: Option<[u64; 4]>,
+    /// Attempts running on every process, oldest claim first.
+    pub running: Vec<crate::store::pg::fleet_view::RunningAttempt>,
+    /// Why the shared queue cannot be read, if so.
+    pub problem: Option<String>,
+    /// A read of the queue is in flight.
+    pub loading: bool,
+    /// Something was announced since the last read of the queue.
+    pub stale: bool,
+    /// When the queue was last read (ms since the epoch).
+    pub loaded_ms: u64,
+}
+
+impl FleetState {
+    pub fn depth_total(&self) -> Option<u64> {
+        self.depth.map(|d| d.iter().sum())
+    }
+}

@@ -19,11 +19,13 @@
 //! provider, and their simulated model is the run's own).
 
 pub(crate) mod dispatch;
+pub(crate) mod requests;
 pub(crate) mod worker;
 
 pub(crate) use dispatch::dispatcher;
 
 use crate::config::Config;
+use crate::store::pg::events::REQUESTS_CHANNEL;
 use crate::store::pg::queue::{self, blocking, Outcome, Queue};
 use crate::store::pg::PgTarget;
 use std::collections::HashMap;
@@ -103,6 +105,8 @@ pub(crate) struct Fleet {
     jobs_wake: Notify,
     /// A local worker freed up: claim again.
     slot_freed: Notify,
+    /// A console asked something of a run's driver (`NOTIFY omniflow_requests`).
+    requests_wake: Notify,
     enqueue_tx: mpsc::UnboundedSender<Enqueue>,
     complete_tx: mpsc::UnboundedSender<(i64, String, serde_json::Value)>,
     receivers: Mutex<Option<Receivers>>,
@@ -162,6 +166,7 @@ impl Fleet {
             results_wake: Notify::new(),
             jobs_wake: Notify::new(),
             slot_freed: Notify::new(),
+            requests_wake: Notify::new(),
             enqueue_tx,
             complete_tx,
             receivers: Mutex::new(Some(Receivers { enqueue, complete })),
@@ -191,9 +196,10 @@ impl Fleet {
         tokio::spawn(dispatch::schema_then_enqueue(self.clone(), rx.enqueue));
         tokio::spawn(dispatch::collector(self.clone()));
         tokio::spawn(worker::completer(self.clone(), rx.complete));
-        tokio::spawn(worker::claimer(self.clone(), engine));
+        tokio::spawn(worker::claimer(self.clone(), engine.clone()));
         tokio::spawn(worker::heartbeats(self.clone()));
         tokio::spawn(worker::sweeper(self.clone()));
+        tokio::spawn(requests::watcher(self.clone(), engine));
     }
 
     fn spawn_listener(self: &Arc<Self>) {
@@ -207,7 +213,7 @@ impl Fleet {
                 let mut lost_once = false;
                 queue::listen(
                     &target,
-                    &[queue::JOBS_CHANNEL, queue::DONE_CHANNEL],
+                    &[queue::JOBS_CHANNEL, queue::DONE_CHANNEL, REQUESTS_CHANNEL],
                     Duration::from_millis(250),
                     Duration::from_secs(1),
                     &|| stop.load(Ordering::Relaxed),
@@ -217,6 +223,9 @@ impl Fleet {
                             queue::Heard::Notice(n) if n.channel == queue::DONE_CHANNEL => {
                                 f.results_wake.notify_one()
                             }
+                            queue::Heard::Notice(n) if n.channel == REQUESTS_CHANNEL => {
+                                f.requests_wake.notify_one()
+                            }
                             queue::Heard::Notice(_) => f.jobs_wake.notify_one(),
                             queue::Heard::Connected => {
                                 if lost_once {
@@ -224,6 +233,7 @@ impl Fleet {
                                 }
                                 f.jobs_wake.notify_one();
                                 f.results_wake.notify_one();
+                                f.requests_wake.notify_one();
                             }
                             queue::Heard::Lost(e) => {
                                 // Said once per outage, not once per retry.

@@ -592,6 +592,8 @@ fn try_apply(
             skipped.push(format!("{}: {reason}", op.describe()));
         }
     }
+    // Consoles on other hosts learn which runs changed, at commit (one notification a batch).
+    super::events::announce(&mut tx, &proc.id, ops)?;
     tx.commit()?;
     Ok(skipped)
 }

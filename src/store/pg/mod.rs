@@ -5,6 +5,8 @@ pub(crate) mod backend;
 pub(crate) mod claims;
 pub mod connect;
 pub mod doctor;
+pub mod events;
+pub mod fleet_view;
 pub mod import;
 pub(crate) mod lease;
 pub mod limits;

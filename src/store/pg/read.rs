@@ -14,7 +14,7 @@ use postgres::Row;
 use serde_json::Value;
 use std::time::SystemTime;
 
-const RUN_COLUMNS: &str = "id, blueprint_name, status, priority, trigger, sandbox, seed,
+pub(super) const RUN_COLUMNS: &str = "id, blueprint_name, status, priority, trigger, sandbox, seed,
     simulate_failures, variables, blueprint, parent_run_id, queued_at, started_at, finished_at,
     total_time_ms, tokens_used, steps_total, steps_done, error, error_kind, failed_step";
 

@@ -177,6 +177,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         CHECK (state IN ('sending', 'sent'));
     "#,
     ),
+    (
+        "requests to a run's driver: cancel, priority",
+        super::fleet_view::MIGRATION,
+    ),
 ];
 
 /// The newest migration this build knows.

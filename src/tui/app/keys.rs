@@ -175,7 +175,7 @@ impl App {
                 self.bp_selected = add_clamped(self.bp_selected, by, n);
             }
             Focus::Workers => {
-                let n = self.busy_workers().len();
+                let n = self.selectable_workers();
                 self.worker_selected = add_clamped(self.worker_selected, by, n);
             }
             Focus::History => {
@@ -393,26 +393,44 @@ impl App {
                 short(&run_id),
                 status.map(RunStatus::as_str).unwrap_or("")
             ));
-        } else if !self.runs.contains_key(&run_id) {
+        } else if !self.runs.contains_key(&run_id) && self.fleet.is_none() {
             self.complain(format!(
                 "run {} is not running in this console (another process owns it)",
                 short(&run_id)
             ));
         } else {
+            // With a shared PostgreSQL history, another process's run is cancelled by its
+            // driver, asked through the database.
             self.overlay = Overlay::Confirm(Confirm::Cancel { run_id, blueprint });
         }
     }
 
     fn bump_priority(&mut self, by: isize, fx: &mut Vec<Effect>) {
-        let Some((run_id, _, _)) = self.selected_run() else {
+        let Some((run_id, _, status)) = self.selected_run() else {
             self.say("select a queued or running run to change its priority");
             return;
         };
         let Some(live) = self.runs.get_mut(&run_id) else {
-            self.say(format!(
-                "run {} is not queued or running in this console",
-                short(&run_id)
-            ));
+            // Another process's run: its driver is asked (through the shared database).
+            match (&self.fleet, self.known_priority(&run_id), status) {
+                (Some(_), Some(now), Some(RunStatus::Queued | RunStatus::Running)) => {
+                    let p = Priority::from_index((now.index() as isize + by).clamp(0, 3) as usize);
+                    self.show_priority(&run_id, p);
+                    fx.push(Effect::SetPriority {
+                        run_id: run_id.clone(),
+                        priority: p,
+                    });
+                    self.say(format!(
+                        "run {} priority → {} (asked of its process)",
+                        short(&run_id),
+                        p.as_str()
+                    ));
+                }
+                _ => self.say(format!(
+                    "run {} is not queued or running in this console",
+                    short(&run_id)
+                )),
+            }
             return;
         };
         let i = (live.priority.index() as isize + by).clamp(0, 3) as usize;

@@ -2,6 +2,7 @@
 //! 80×24 up, and a smaller terminal gets a message instead of a garbled screen.
 
 mod detail;
+mod fleet;
 mod overlays;
 mod panes;
 
@@ -146,11 +147,28 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
         part(" pool ", th.base(), 3),
         state,
         part(
-            format!(" · {busy}/{} busy", app.workers.len()),
+            format!(
+                " · {busy}/{} busy{}",
+                app.workers.len(),
+                if app.fleet.is_some() { " here" } else { "" }
+            ),
             th.base(),
             0,
         ),
-        part(format!(" · {} queued", p.queued_total()), th.base(), 1),
+        // With a fleet, the queue is the shared one; this pool's own queue (claimed rows
+        // waiting for a worker, sandbox steps) is named apart, and only when it has any.
+        match &app.fleet {
+            Some(fl) => part(
+                format!(
+                    " · {} queued in the fleet",
+                    fl.depth_total()
+                        .map_or_else(|| "?".to_string(), |n| n.to_string())
+                ),
+                th.base(),
+                1,
+            ),
+            None => part(format!(" · {} queued", p.queued_total()), th.base(), 1),
+        },
         part(
             format!(
                 " · {in_flight} run{} in flight",
@@ -174,6 +192,13 @@ fn draw_header(f: &mut Frame, app: &App, area: Rect) {
             ),
             th.dimmed(),
             4,
+        ));
+    }
+    if app.fleet.is_some() && p.queued_total() > 0 {
+        parts.push(part(
+            format!(" · {} queued here", p.queued_total()),
+            th.base(),
+            3,
         ));
     }
     if app.dropped_events > 0 {

@@ -141,7 +141,15 @@ pub fn confirm(f: &mut Frame, app: &App, c: &Confirm, area: Rect) {
         ),
         Confirm::Cancel { run_id, blueprint } => (
             "Cancel run?",
-            format!("Cancel {blueprint} run {}? Its running steps stop now.", short(run_id)),
+            if app.runs.contains_key(run_id) {
+                format!("Cancel {blueprint} run {}? Its running steps stop now.", short(run_id))
+            } else {
+                // Another process drives it: the request goes through the shared database.
+                format!(
+                    "Cancel {blueprint} run {}? Another process drives it: it is asked to, and stops its steps.",
+                    short(run_id)
+                )
+            },
         ),
         Confirm::Run { blueprint } => (
             "Run?",

@@ -232,19 +232,33 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
     ])
     .areas(inner);
     let _ = summary;
-    let mut q = vec![Span::styled(
-        format!("queued {} ", p.queued_total()),
-        th.dimmed(),
-    )];
+    // With a fleet, the shared queue (one source per figure: `Queue::depth`); this pool's
+    // own queue is in the header when it has any.
+    let (label, queued) = match &app.fleet {
+        Some(fl) => ("fleet queue", fl.depth.unwrap_or_default()),
+        None => ("queued", p.queued.map(|n| n as u64)),
+    };
+    let total = match &app.fleet {
+        Some(fl) => fl
+            .depth_total()
+            .map_or_else(|| "?".to_string(), |n| n.to_string()),
+        None => p.queued_total().to_string(),
+    };
     // By priority: the words when they fit (`crit 0 high 1 …`), else their initials.
-    let words = inner.width >= 38;
+    let words = inner.width >= 38 + if app.fleet.is_some() { 6 } else { 0 };
+    let label = if words {
+        label
+    } else {
+        label.trim_end_matches(" queue")
+    };
+    let mut q = vec![Span::styled(format!("{label} {total} "), th.dimmed())];
     for pr in [
         Priority::Critical,
         Priority::High,
         Priority::Normal,
         Priority::Low,
     ] {
-        let n = p.queued[pr.index()];
+        let n = queued[pr.index()];
         let tag = if words {
             format!("{} ", prio_short(pr))
         } else {
@@ -262,7 +276,15 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
     f.render_widget(Paragraph::new(Line::from(q)), queue);
     f.render_widget(
         Paragraph::new(Line::from(vec![
-            Span::styled("steps done      ", th.dimmed()),
+            // The sparklines count this process's steps (its event bus), named so with a fleet.
+            Span::styled(
+                if app.fleet.is_some() {
+                    "done here       "
+                } else {
+                    "steps done      "
+                },
+                th.dimmed(),
+            ),
             Span::styled(format!("{done}/min"), Style::default().fg(th.spark_ok)),
         ])),
         l1,
@@ -282,7 +304,11 @@ pub fn pool(f: &mut Frame, app: &App, area: Rect) {
     let figure = format!("{failed}/min ({rate:.0}%)");
     let cols = inner.width as usize;
     let label = if 16 + figure.len() <= cols {
-        "attempts failed "
+        if app.fleet.is_some() {
+            "failed here     "
+        } else {
+            "attempts failed "
+        }
     } else {
         "failed "
     };
@@ -351,7 +377,12 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
     let for_slot = app.retrying.iter().filter(|r| r.slots.is_some()).count();
     let waiting = app.retrying.iter().filter(|r| r.waiting).count() - for_slot;
     let retrying = app.retrying.len() - waiting - for_slot;
-    let mut note = format!("{}/{} busy", busy.len(), app.workers.len());
+    let fleet = app.fleet.is_some();
+    let mut note = if fleet {
+        super::fleet::note(app)
+    } else {
+        format!("{}/{} busy", busy.len(), app.workers.len())
+    };
     if retrying > 0 {
         note.push_str(&format!(" · {retrying} retrying"));
     }
@@ -364,7 +395,7 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
     let block = pane_block(app, "Workers", Some(Focus::Workers), note);
     let inner = block.inner(area);
     f.render_widget(block, area);
-    if busy.is_empty() && app.retrying.is_empty() {
+    if busy.is_empty() && app.retrying.is_empty() && !fleet {
         let text = if app.pool.queued_total() > 0 && app.pool.paused {
             "pool paused: work is queued — p resumes".to_string()
         } else {
@@ -376,39 +407,49 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
         return empty(f, app, inner, text, false);
     }
     let w = inner.width as usize;
-    let mut items: Vec<ListItem> = busy
-        .iter()
-        .map(|(i, s)| {
-            let elapsed = app.now_ms.saturating_sub(s.since_ms);
-            let bp = app
-                .runs
-                .get(&s.run_id)
-                .map(|r| r.blueprint.as_str())
-                .unwrap_or("");
-            let wide = w >= 70;
-            let step_w = w.saturating_sub(if wide { 44 } else { 30 }).clamp(8, 30);
-            let mut spans = vec![
-                Span::styled(format!("w{i:<3}"), th.dimmed()),
-                Span::styled("▶ ", Style::default().fg(th.running)),
-                Span::styled(format!("{:<step_w$} ", clip(&s.step, step_w)), th.base()),
-                Span::styled(
-                    format!("#{:<2} ", s.attempt),
-                    if s.attempt > 1 {
-                        Style::default().fg(th.warn)
-                    } else {
-                        th.dimmed()
-                    },
-                ),
-                Span::styled(format!("{:>6} ", fmt_ms(elapsed)), th.base()),
-                Span::styled(short(&s.run_id).to_string(), th.dimmed()),
-            ];
-            if wide {
-                spans.push(Span::styled(format!(" {}", clip(bp, 13)), th.dimmed()));
-            }
-            ListItem::new(Line::from(spans))
-        })
-        .collect();
-    let selectable = items.len();
+    // With a fleet, this process's workers come under their host's line.
+    let mut items: Vec<ListItem> = Vec::new();
+    if fleet {
+        items.push(super::fleet::my_host_line(app, w));
+    }
+    let first = items.len();
+    items.extend(busy.iter().map(|(i, s)| {
+        let elapsed = app.now_ms.saturating_sub(s.since_ms);
+        let bp = app
+            .runs
+            .get(&s.run_id)
+            .map(|r| r.blueprint.as_str())
+            .unwrap_or("");
+        let wide = w >= 70;
+        let step_w = w.saturating_sub(if wide { 44 } else { 30 }).clamp(8, 30);
+        let mut spans = vec![
+            Span::styled(format!("w{i:<3}"), th.dimmed()),
+            Span::styled("▶ ", Style::default().fg(th.running)),
+            Span::styled(format!("{:<step_w$} ", clip(&s.step, step_w)), th.base()),
+            Span::styled(
+                format!("#{:<2} ", s.attempt),
+                if s.attempt > 1 {
+                    Style::default().fg(th.warn)
+                } else {
+                    th.dimmed()
+                },
+            ),
+            Span::styled(format!("{:>6} ", fmt_ms(elapsed)), th.base()),
+            Span::styled(short(&s.run_id).to_string(), th.dimmed()),
+        ];
+        if wide {
+            spans.push(Span::styled(format!(" {}", clip(bp, 13)), th.dimmed()));
+        }
+        ListItem::new(Line::from(spans))
+    }));
+    let selectable = items.len() - first;
+    // The other processes' attempts, under their hosts, selectable after this process's;
+    // the waits below hold no worker, so they come after every host's workers.
+    let remote = if fleet {
+        super::fleet::remote_lines(app, w, &mut items)
+    } else {
+        Vec::new()
+    };
     let mut retrying: Vec<_> = app.retrying.iter().collect();
     retrying.sort_by_key(|r| r.until_ms);
     // Steps waiting for a free place among a provider's calls in flight: one line per
@@ -486,15 +527,23 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
         .filter(|(_, w)| w.is_none())
         .map(|(i, _)| format!("w{i}"))
         .collect();
-    if !idle.is_empty() && items.len() + 1 < inner.height as usize {
+    // (With a fleet, each host's line counts its busy workers instead.)
+    if !fleet && !idle.is_empty() && items.len() + 1 < inner.height as usize {
         items.push(ListItem::new(Line::from(Span::styled(
             clip(&format!("idle: {}", idle.join(" ")), w.saturating_sub(1)),
             th.dimmed(),
         ))));
     }
     let mut state = ListState::default();
-    if selectable > 0 && app.focus == Focus::Workers {
-        state.select(Some(app.worker_selected.min(selectable - 1)));
+    let sel = app.worker_selected;
+    if app.focus == Focus::Workers {
+        if sel < selectable {
+            state.select(Some(first + sel));
+        } else if let Some(i) = remote.get(sel - selectable).or(remote.last()) {
+            state.select(Some(*i));
+        } else if selectable > 0 {
+            state.select(Some(first + selectable - 1));
+        }
     }
     f.render_stateful_widget(
         List::new(items)
