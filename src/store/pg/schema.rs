@@ -17,9 +17,10 @@ const MIGRATION_LOCK: i64 = 0x6f6d_6e69_666c_6f77;
 
 /// Migration `i` (0-based) is version `i + 1`. Append only: a released migration is never
 /// edited, because databases in the field already ran it.
-pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
-    "runs, steps, attempts, processes, notifications, schedule slots, provider cache",
-    r#"
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "runs, steps, attempts, processes, notifications, schedule slots, provider cache",
+        r#"
     CREATE TABLE runner_executions (
         id                TEXT COLLATE "C" PRIMARY KEY,
         blueprint_name    TEXT NOT NULL,
@@ -166,7 +167,12 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[(
     );
     CREATE INDEX provider_cache_expires ON provider_cache (expires_at);
     "#,
-)];
+    ),
+    (
+        "the fleet's queue of step attempts and its rate-limit windows",
+        super::queue::MIGRATION,
+    ),
+];
 
 /// The newest migration this build knows.
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
