@@ -61,6 +61,9 @@ impl Fleet {
                 &["daemon", "--dir", empty.to_str().unwrap()],
                 &[("CONCURRENCY", concurrency)],
             )
+            // Logs go to LOG_DIR: a pipe nobody reads would stop a chatty daemon once full.
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         self.children.push(child);
@@ -108,6 +111,16 @@ impl Fleet {
             }
         }
         out
+    }
+
+    /// Everything `host` logged so far (its LOG_DIR).
+    fn log(&self, host: &str) -> String {
+        std::fs::read_dir(self.dir.path().join(format!("logs-{host}")))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
     }
 
     /// The fleet's one history, in its PostgreSQL database.
@@ -649,4 +662,357 @@ fn a_driver_paused_past_its_lease_lets_go_of_its_run() {
             })
     };
     assert!(logged(), "the driver did not say it let go\n{out}\n{err}");
+}
+
+/// Three daemons, each with the same schedule, on one database: every slot (the missed one
+/// each daemon finds at start, and the live ones after) starts one run in the whole fleet, and
+/// its model call is made once.
+#[test]
+fn a_schedule_slot_with_three_daemons_up_fires_once() {
+    let Some(mut fleet) = Fleet::new("schedule", Duration::from_millis(5)) else {
+        return;
+    };
+    let bps = fleet.dir.path().join("bps");
+    std::fs::create_dir_all(&bps).unwrap();
+    let bp = json!({
+        "name": "tick", "schedule": "* * * * *", "missedSlots": "runOnce",
+        "nodes": [{ "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                    "prompt": "tick {{ run.id }}" }]
+    });
+    std::fs::write(bps.join("tick.json"), bp.to_string()).unwrap();
+    {
+        // The last slot fired two hours ago: every daemon finds the slots since missed, and
+        // each tries to run them once, at the same time as the others.
+        let store = omniflow::store::Store::open_postgres(fleet.db.target()).unwrap();
+        let past = std::time::SystemTime::now() - Duration::from_secs(7200);
+        assert!(store.claim_slot("tick", past).unwrap());
+    }
+    for host in ["d1", "d2", "d3"] {
+        let child = fleet
+            .cmd(
+                host,
+                &["daemon", "--dir", bps.to_str().unwrap()],
+                // A daemon that finds a slot taken says so (at debug level).
+                &[
+                    ("CONCURRENCY", "2"),
+                    ("RUST_LOG", "info,omniflow::schedule=debug"),
+                ],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        fleet.children.push(child);
+    }
+    let mut h = fleet.history();
+    let slots = |h: &mut postgres::Client| -> Vec<String> {
+        h.query(
+            "SELECT slot::text FROM schedule_slots WHERE slot > now() - interval '1 hour'
+             ORDER BY slot",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    // The missed slot, then a live one (the next minute), which all three daemons reach at
+    // the same moment.
+    let started = Instant::now();
+    wait_for("a missed and a live slot", Duration::from_secs(150), || {
+        slots(&mut h).len() >= 2
+    });
+    // Every daemon tried each of them: one ran it, the two others found it taken.
+    let taken_elsewhere = |f: &Fleet| -> usize {
+        ["d1", "d2", "d3"]
+            .iter()
+            .map(|d| {
+                f.log(d)
+                    .matches("slot already claimed by another process")
+                    .count()
+            })
+            .sum()
+    };
+    wait_for(
+        "the two other daemons to find each slot taken",
+        Duration::from_secs(60),
+        || taken_elsewhere(&fleet) >= 4,
+    );
+    wait_for("the runs to end", Duration::from_secs(60), || {
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_executions WHERE status IN ('queued', 'running')",
+        ) == 0
+    });
+    let fired = slots(&mut h);
+    assert!(fired.len() >= 2, "{fired:?}");
+    // One run per slot, each its own.
+    let runs: Vec<(String, String)> = h
+        .query(
+            "SELECT id, status FROM runner_executions WHERE trigger = 'schedule'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(runs.len(), fired.len(), "runs {runs:?} for slots {fired:?}");
+    assert!(runs.iter().all(|(_, s)| s == "success"), "{runs:?}");
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(DISTINCT run_id) FROM schedule_slots WHERE run_id IS NOT NULL"
+        ),
+        runs.len() as i64
+    );
+    // One model call per run, wherever it ran.
+    let by_prompt = fleet.calls_by_prompt();
+    assert_eq!(by_prompt.len(), runs.len(), "{by_prompt:?}");
+    for (id, _) in &runs {
+        let hosts = by_prompt
+            .get(&format!("tick {id}"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(hosts.len(), 1, "run {id} asked {hosts:?}");
+    }
+    eprintln!(
+        "{} slots fired once each with 3 daemons up ({:?})",
+        fired.len(),
+        started.elapsed()
+    );
+}
+
+/// The server drops every connection of the fleet, several times, while 3 daemons and a
+/// driver run four fan-outs that end with a notification: every process reconnects, every
+/// step runs once, every run ends, and each notification is sent once.
+#[test]
+fn the_fleet_survives_its_database_connections_being_killed_mid_run() {
+    let Some(mut fleet) = Fleet::new("pg_terminate", Duration::from_millis(150)) else {
+        return;
+    };
+    // Every process can send the notification: its step runs wherever it is claimed.
+    let telegram = [
+        ("TELEGRAM_API_URL", fleet.fake.url.clone()),
+        ("TELEGRAM_BOT_TOKEN", "123456:TESTtoken".to_string()),
+        ("TELEGRAM_CHAT_ID", "42".to_string()),
+    ];
+    let with = |concurrency: &'static str| -> Vec<(&str, String)> {
+        let mut v: Vec<(&str, String)> = telegram.to_vec();
+        v.push(("CONCURRENCY", concurrency.to_string()));
+        v
+    };
+    let empty = fleet.dir.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    for host in ["d1", "d2", "d3"] {
+        let env = with("3");
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let child = fleet
+            .cmd(host, &["daemon", "--dir", empty.to_str().unwrap()], &env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        fleet.children.push(child);
+    }
+    let dir = fleet.dir.path().join("bps");
+    std::fs::create_dir_all(&dir).unwrap();
+    const RUNS: usize = 4;
+    const ITEMS: usize = 50;
+    for r in 0..RUNS {
+        let bp = json!({
+            "name": format!("cut{r}"),
+            "variables": { "ITEMS": (0..ITEMS).map(|i| format!("r{r}i{i}")).collect::<Vec<_>>() },
+            "nodes": [
+                { "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                  "forEach": "{{ vars.ITEMS }}", "prompt": "say {{ item }}" },
+                { "id": "post", "type": "notify", "needs": ["ask"], "channel": "telegram",
+                  "text": "run {{ run.id }}: {{ nodes.ask.output | length }} answers" }
+            ]
+        });
+        std::fs::write(dir.join(format!("cut{r}.json")), bp.to_string()).unwrap();
+    }
+    let env = with("1");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", "--all-active", "--dir", dir.to_str().unwrap()],
+            &env,
+        )
+        .spawn()
+        .unwrap();
+    let mut h = fleet.history();
+    let total = RUNS * ITEMS;
+    let mut cuts = 0;
+    // At three points of the work (answers given so far), with calls in flight each time.
+    for at in [total / 8, total * 3 / 8, total * 5 / 8] {
+        wait_for("steps to be answered", Duration::from_secs(180), || {
+            fleet.calls_by_host().values().sum::<usize>() >= at
+        });
+        // Every connection to the fleet's database but this one: the store's writer and
+        // readers, the queue's pool and the LISTEN connection of each process.
+        let killed: i64 = h
+            .query_one(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()) AS t",
+                &[&fleet.db.name()],
+            )
+            .unwrap()
+            .get(0);
+        assert!(killed > 0);
+        cuts += 1;
+    }
+    let by_host_after_cuts = fleet.calls_by_host();
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    assert!(ok, "the driver failed after {cuts} cuts:\n{out}\n{err}");
+
+    // Every run ended well, with every step recorded once.
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_executions WHERE status = 'success'"
+        ),
+        RUNS as i64
+    );
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        (total + RUNS) as i64
+    );
+    // Every step was asked once in the whole fleet: none lost, none asked twice.
+    let by_prompt = fleet.calls_by_prompt();
+    assert_eq!(by_prompt.len(), RUNS * ITEMS, "every step was answered");
+    let twice: Vec<_> = by_prompt.iter().filter(|(_, h)| h.len() > 1).collect();
+    assert!(twice.is_empty(), "steps asked more than once: {twice:?}");
+    // Each run's notification went out once.
+    let runs: Vec<String> = h
+        .query("SELECT id FROM runner_executions", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let calls = fleet.fake.calls.lock().unwrap().clone();
+    for run in &runs {
+        let sent: usize = calls
+            .iter()
+            .filter(|(path, _)| path.ends_with(&format!("/sendMessage/{run}")))
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(sent, 1, "notifications of {run}: {calls:?}");
+    }
+    // Each daemon came back after the last cut and took more work.
+    let by_host = fleet.calls_by_host();
+    for d in ["d1", "d2", "d3"] {
+        assert!(
+            by_host.get(d).copied().unwrap_or(0) > by_host_after_cuts.get(d).copied().unwrap_or(0),
+            "{d} did no work after the last cut: {by_host_after_cuts:?} then {by_host:?}"
+        );
+    }
+    // Nothing is left in the queue.
+    assert_eq!(count(&mut h, "SELECT count(*) FROM runner_queue"), 0);
+}
+
+/// A driver that dies after some of its queued steps finished, before it took their results:
+/// the daemon that adopts the run takes those results from the queue instead of asking the
+/// provider again.
+#[test]
+fn an_adopted_run_uses_the_results_its_dead_driver_left_in_the_queue() {
+    let Some(mut fleet) = Fleet::new("driver_left_results", Duration::from_millis(300)) else {
+        return;
+    };
+    for host in ["d1", "d2"] {
+        fleet.daemon(host, "4");
+    }
+    let bps = fleet.blueprints(1, 40);
+    let mut driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "1")],
+        )
+        .spawn()
+        .unwrap();
+    let pid = driver.id().to_string();
+    let mut h = fleet.history();
+    wait_for("the run to be under way", Duration::from_secs(120), || {
+        h.query_one(
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'",
+            &[],
+        )
+        .is_ok_and(|r| r.get::<_, i64>(0) >= 2)
+    });
+    // Frozen: the daemons finish the steps they hold, and nobody takes their results.
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let left = |h: &mut postgres::Client| -> Vec<String> {
+        h.query(
+            "SELECT step_key FROM runner_queue WHERE state = 'done' ORDER BY step_key",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    wait_for(
+        "finished results in the queue",
+        Duration::from_secs(60),
+        || left(&mut h).len() >= 4,
+    );
+    driver.kill().unwrap(); // SIGKILL (a stopped process dies too)
+    driver.wait().unwrap();
+    let finished_unrecorded = left(&mut h);
+    assert!(
+        !finished_unrecorded.is_empty(),
+        "the steps were finished in the queue, not recorded"
+    );
+
+    wait_for(
+        "a daemon to finish the run",
+        Duration::from_secs(180),
+        || {
+            count(
+                &mut h,
+                "SELECT count(*) FROM runner_executions WHERE status = 'success'",
+            ) == 1
+        },
+    );
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        40
+    );
+    let by_prompt = fleet.calls_by_prompt();
+    assert_eq!(by_prompt.len(), 40, "every step was answered");
+    for key in &finished_unrecorded {
+        let item: usize = key
+            .trim_start_matches("ask[")
+            .trim_end_matches(']')
+            .parse()
+            .unwrap_or_else(|_| panic!("an item index in {key}"));
+        let asked = by_prompt
+            .get(&format!("say r0i{item}"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            asked.len(),
+            1,
+            "{key} had its result in the queue when its driver died, and was asked again: {asked:?}"
+        );
+        // Recorded as the attempt that ran, not as a second one.
+        let attempts = count(
+            &mut h,
+            &format!(
+                "SELECT count(*) FROM runner_attempts WHERE step_key = '{key}' AND attempt = 1"
+            ),
+        );
+        assert_eq!(attempts, 1, "{key}");
+    }
+    // The adopting driver took the rows it used: none is left for the sweep.
+    wait_for("the queue to be empty", Duration::from_secs(30), || {
+        count(&mut h, "SELECT count(*) FROM runner_queue") == 0
+    });
 }

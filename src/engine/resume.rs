@@ -186,6 +186,30 @@ impl Engine {
                 }
             }
         }
+        // In a fleet, a step whose attempt the history shows started but not finished may
+        // have its row still in the queue: queued, running on a live host, or done with its
+        // result never taken because the driver died first. That attempt is the one to wait
+        // for (its result is used, the provider is not asked again).
+        if let Some(fleet) = &self.inner.fleet {
+            if !attempts_before.is_empty() && !row.sandbox {
+                let q = fleet.0.queue().clone();
+                let rid = id.clone();
+                match crate::store::pg::queue::blocking(move || q.attempts_of(&rid)).await {
+                    Ok(left) => {
+                        for (step, attempt) in left {
+                            if let Some(n) = attempts_before.get_mut(&step) {
+                                if attempt >= *n && attempt > 0 {
+                                    *n = attempt - 1;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(run_id = %id, error = %e, "cannot read the run's steps left in the fleet's queue; the steps in flight are asked again");
+                    }
+                }
+            }
+        }
         let variables: Map<String, Value> = match &row.variables {
             Value::Object(m) => m.clone(),
             _ => blueprint.variables.clone(),

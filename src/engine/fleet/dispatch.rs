@@ -236,13 +236,30 @@ pub(crate) async fn collector(fleet: Arc<Fleet>) {
             continue;
         }
         let q = fleet.queue.clone();
-        match blocking(move || q.take_results(&ids)).await {
+        match blocking(move || q.finished(&ids)).await {
             Ok(done) => {
-                let mut waiters = lock(&fleet.waiters);
-                for (id, outcome) in done {
-                    if let Some(tx) = waiters.remove(&id) {
-                        let _ = tx.send(outcome);
+                let taken: Vec<i64> = done.iter().map(|d| d.0).collect();
+                {
+                    let mut waiters = lock(&fleet.waiters);
+                    for (id, outcome) in done {
+                        if let Some(tx) = waiters.remove(&id) {
+                            let _ = tx.send(outcome);
+                        }
                     }
+                }
+                // The drivers have their results: the rows go after, off their path. (The
+                // next look asks only for rows still awaited, so these are not read again.)
+                if !taken.is_empty() {
+                    // Counted as pending: a process stopping deletes them before it goes.
+                    fleet.pending.fetch_add(1, Ordering::SeqCst);
+                    let f = fleet.clone();
+                    tokio::spawn(async move {
+                        let q = f.queue.clone();
+                        if let Err(e) = blocking(move || q.forget(&taken)).await {
+                            tracing::debug!(error = %e, "fleet: finished steps stay in the queue until their run ends");
+                        }
+                        f.pending.fetch_sub(1, Ordering::SeqCst);
+                    });
                 }
             }
             Err(e) => {

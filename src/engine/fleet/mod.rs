@@ -119,7 +119,8 @@ pub(crate) struct Fleet {
     /// Held by the claimer from a claim until its rows are in `held`, so [`Fleet::finish`]
     /// cannot miss rows a claim in flight brings back.
     claiming: tokio::sync::Mutex<()>,
-    /// Results sent to the completer and not yet written (a stopping process waits for them).
+    /// Results sent to the completer and not yet written, and taken results whose rows are
+    /// not yet deleted (a stopping process waits for both).
     pending: std::sync::atomic::AtomicUsize,
     pub(crate) counters: Counters,
 }

@@ -6,26 +6,11 @@
 //! racing for the last place serialise on the row; exactly one gets it. Unlike the
 //! per-process sliding window, fixed windows let up to N calls through on each side of a
 //! window's edge (so up to 2N within one `per` across the edge); a quota that cannot take that
-//! should be configured at half.
+//! should be configured at half. The table, `runner_rate_windows`, comes with the queue's
+//! migration (`queue::MIGRATION`).
 
 use super::connect::{describe, PgTarget};
 use std::time::Duration;
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS runner_rate_windows (
-    provider     text NOT NULL,
-    window_start timestamptz NOT NULL,
-    window_end   timestamptz NOT NULL,
-    used         integer NOT NULL,
-    PRIMARY KEY (provider, window_start)
-);
-CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (window_end);
-"#;
-
-/// Creates the table (inside the queue's schema transaction).
-pub(crate) fn create(tx: &mut postgres::Transaction<'_>) -> Result<(), postgres::Error> {
-    tx.batch_execute(SCHEMA)
-}
 
 /// The answer to one take.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -22,8 +22,8 @@
 //!   (payload: the row id) when a row is finished; both inside the transition's transaction,
 //!   so they fire at commit. Payloads are ids, never data (PostgreSQL caps them at 8,000 bytes).
 //!
-//! Until the PostgreSQL store owns the migrations, the table is created here, idempotently,
-//! under an advisory lock ([`QUEUE_SCHEMA`]).
+//! The tables are created by the store's versioned migrations (`omniflow_migrations`, see
+//! [`super::schema`]) from [`MIGRATION`].
 
 use super::connect::{describe, PgTarget};
 use postgres::types::{ToSql, Type};
@@ -33,8 +33,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// The queue's tables, applied by [`Queue::ensure_schema`]; safe to run any number of times.
-pub const QUEUE_SCHEMA: &str = r#"
+/// The store's migration that creates the queue's tables (and the fleet's rate-limit
+/// windows). Written to be a no-op where they exist: an earlier version of OmniFlow created
+/// them itself, with these same statements, outside the versioned migrations, under the
+/// advisory lock taken first here (so a process of that version starting at the same moment
+/// cannot race this one on the catalog).
+pub const MIGRATION: &str = r#"
+SELECT pg_advisory_xact_lock(122515794493441);
+SET LOCAL client_min_messages = warning;
 CREATE TABLE IF NOT EXISTS runner_queue (
     id           bigserial PRIMARY KEY,
     run_id       text NOT NULL,
@@ -67,6 +73,14 @@ CREATE INDEX IF NOT EXISTS runner_queue_leases
     ON runner_queue (lease_until) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS runner_queue_finished
     ON runner_queue (finished_at) WHERE state IN ('done', 'failed');
+CREATE TABLE IF NOT EXISTS runner_rate_windows (
+    provider     text NOT NULL,
+    window_start timestamptz NOT NULL,
+    window_end   timestamptz NOT NULL,
+    used         integer NOT NULL,
+    PRIMARY KEY (provider, window_start)
+);
+CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (window_end);
 "#;
 
 /// The channel told when rows become claimable.
@@ -74,8 +88,9 @@ pub const JOBS_CHANNEL: &str = "omniflow_jobs";
 /// The channel told (payload: the row id) when a row is finished, done or failed.
 pub const DONE_CHANNEL: &str = "omniflow_done";
 
-/// Serialises schema creation between processes starting together (`CREATE … IF NOT EXISTS`
-/// alone races on the catalog).
+/// The lock an earlier version took to create the queue's tables itself (see [`MIGRATION`],
+/// which spells it in decimal).
+#[cfg(test)]
 const SCHEMA_LOCK: i64 = 0x6f6d_6e69_0001;
 /// Held (for one transaction) by the process sweeping expired leases, so a fleet sweeps once.
 const SWEEP_LOCK: i64 = 0x6f6d_6e69_0002;
@@ -142,6 +157,8 @@ pub struct Rescued {
 pub struct Queue {
     pool: Arc<OffRuntime>,
     target: PgTarget,
+    /// The pool's size: how many dropped connections one call may meet.
+    size: u32,
 }
 
 /// The connection pool, dropped on a plain thread: closing a blocking client runs the
@@ -188,6 +205,7 @@ impl Queue {
         Ok(Queue {
             pool: Arc::new(OffRuntime(Some(pool))),
             target: target.clone(),
+            size: connections.max(1),
         })
     }
 
@@ -208,24 +226,34 @@ impl Queue {
         })
     }
 
-    fn fail(&self, doing: &str) -> impl Fn(postgres::Error) -> QueueError + '_ {
-        let doing = doing.to_string();
-        move |e| QueueError(describe(&e, &self.target, &doing))
+    /// Runs `f` on a pooled connection. A connection the server dropped (a restart,
+    /// `pg_terminate_backend`) fails the statement before it runs: `f` is tried again on
+    /// another connection (each pooled one may have been dropped too, hence a few tries).
+    /// Every statement here may run twice: each is guarded by the row states it expects.
+    fn with<T>(
+        &self,
+        doing: &str,
+        mut f: impl FnMut(&mut postgres::Client) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        let mut tries: u32 = 0;
+        loop {
+            let mut c = self.conn()?;
+            match f(&mut c) {
+                Ok(v) => return Ok(v),
+                Err(e) if super::backend::lost(&e) && tries <= self.size => {
+                    tries += 1;
+                    tracing::debug!(error = %describe(&e, &self.target, doing), "fleet: a queue connection was dropped; trying another");
+                }
+                Err(e) => return Err(QueueError(describe(&e, &self.target, doing))),
+            }
+        }
     }
 
-    /// Creates the queue's tables if they are missing.
+    /// Brings the database's tables, the queue's included, up to this build's migrations
+    /// (a no-op when the store did it already at open, as it does in every process).
     pub fn ensure_schema(&self) -> Result<()> {
         let mut c = self.conn()?;
-        let mut tx = c.transaction().map_err(self.fail("create the queue"))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
-            .map_err(self.fail("create the queue"))?;
-        // "already exists, skipping" is the normal case, not news for the log.
-        tx.batch_execute("SET LOCAL client_min_messages = warning")
-            .map_err(self.fail("create the queue"))?;
-        tx.batch_execute(QUEUE_SCHEMA)
-            .map_err(self.fail("create the queue"))?;
-        crate::store::pg::limits::create(&mut tx).map_err(self.fail("create the queue"))?;
-        tx.commit().map_err(self.fail("create the queue"))
+        super::schema::migrate(&mut c, &self.target).map_err(|e| QueueError(e.to_string()))
     }
 
     /// Inserts `jobs` and wakes idle claimers; returns each job's row id, in order. A job
@@ -245,11 +273,10 @@ impl Queue {
         // Tags travel as one comma-joined text per job: PostgreSQL has no ragged arrays.
         let tags: Vec<String> = jobs.iter().map(|j| j.tags.join(",")).collect();
         let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
-        let mut c = self.conn()?;
         // One statement (its own transaction): the notification fires when the rows commit,
-        // and a fan-out costs one round trip, not six.
-        let rows = c
-            .query_typed(
+        // and a fan-out costs one round trip, not six. Run twice, it finds its rows there.
+        let rows = self.with("enqueue steps", |c| {
+            c.query_typed(
                 "WITH ins AS (
                      INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload)
                      SELECT r, s, a, p, CASE WHEN t = '' THEN '{}'::text[]
@@ -272,7 +299,7 @@ impl Queue {
                     (&JOBS_CHANNEL, Type::TEXT),
                 ],
             )
-            .map_err(self.fail("enqueue steps"))?;
+        })?;
         let mut ids = std::collections::HashMap::new();
         for r in rows {
             let key: (String, String, i32) = (r.get(1), r.get(2), r.get(3));
@@ -308,9 +335,10 @@ impl Queue {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(n).unwrap_or(i64::MAX);
-        let mut c = self.conn()?;
-        let rows = c
-            .query_typed(
+        // Run twice after a reply lost with its connection, the first claim's rows stay
+        // running under a token nobody holds: their lease expires and they are rescued.
+        let rows = self.with("claim steps", |c| {
+            c.query_typed(
                 "WITH next AS (
                      SELECT id FROM runner_queue
                      WHERE state = 'queued' AND available_at <= now() AND tags <@ $3::text[]
@@ -331,7 +359,7 @@ impl Queue {
                     (&secs(lease) as &(dyn ToSql + Sync), Type::FLOAT8),
                 ],
             )
-            .map_err(self.fail("claim steps"))?;
+        })?;
         let mut jobs: Vec<ClaimedJob> = rows
             .into_iter()
             .map(|r| ClaimedJob {
@@ -364,9 +392,8 @@ impl Queue {
         }
         let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
         let tokens: Vec<&str> = held.iter().map(|h| h.1.as_str()).collect();
-        let mut c = self.conn()?;
-        let rows = c
-            .query_typed(
+        let rows = self.with("extend leases", |c| {
+            c.query_typed(
                 "UPDATE runner_queue q SET lease_until = now() + make_interval(secs => $4)
                  FROM unnest($2::bigint[], $3::text[]) AS h(id, token)
                  WHERE q.id = h.id AND q.claim_token = h.token AND q.locked_by = $1
@@ -379,13 +406,14 @@ impl Queue {
                     (&secs(lease) as &(dyn ToSql + Sync), Type::FLOAT8),
                 ],
             )
-            .map_err(self.fail("extend leases"))?;
+        })?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
     /// Records the results of claimed rows (`(id, token, result)`), fenced by their tokens,
-    /// and tells the drivers; returns the ids recorded. A row whose lease was taken (another
-    /// token, or no longer running) is not touched: its late result is dropped.
+    /// and tells the drivers; returns the ids recorded (now, or by an earlier call with the
+    /// same claim). A row whose lease was taken (another token, or no longer running) is not
+    /// touched: its late result is dropped.
     pub fn complete(&self, done: &[(i64, String, Value)]) -> Result<Vec<i64>> {
         if done.is_empty() {
             return Ok(Vec::new());
@@ -393,18 +421,27 @@ impl Queue {
         let ids: Vec<i64> = done.iter().map(|d| d.0).collect();
         let tokens: Vec<&str> = done.iter().map(|d| d.1.as_str()).collect();
         let results: Vec<&Value> = done.iter().map(|d| &d.2).collect();
-        let mut c = self.conn()?;
-        let rows = c
-            .query_typed(
-                "WITH d AS (
+        let rows = self.with("record step results", |c| {
+            c.query_typed(
+                "WITH h AS (
+                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::jsonb[])
+                         AS h(id, token, result)
+                 ), d AS (
                      UPDATE runner_queue q
                      SET state = 'done', result = h.result, finished_at = now(),
                          lease_until = NULL
-                     FROM unnest($1::bigint[], $2::text[], $3::jsonb[]) AS h(id, token, result)
+                     FROM h
                      WHERE q.id = h.id AND q.claim_token = h.token AND q.state = 'running'
                      RETURNING q.id
+                 ), told AS (
+                     SELECT id, pg_notify($4, id::text) FROM d
                  )
-                 SELECT id, pg_notify($4, id::text) FROM d",
+                 SELECT id FROM told
+                 UNION ALL
+                 -- Recorded by this very claim before (a reply lost with its connection, then
+                 -- this retry): recorded, not dropped. (The statement's snapshot predates d.)
+                 SELECT q.id FROM runner_queue q JOIN h ON q.id = h.id
+                 WHERE q.claim_token = h.token AND q.state = 'done'",
                 &[
                     (&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY),
                     (&tokens as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
@@ -412,29 +449,27 @@ impl Queue {
                     (&DONE_CHANNEL as &(dyn ToSql + Sync), Type::TEXT),
                 ],
             )
-            .map_err(self.fail("record step results"))?;
+        })?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
     /// Gives a claimed row back to the queue untouched (its worker stopped before running
     /// it); fenced like a completion, and not counted as a rescue.
     pub fn release(&self, id: i64, token: &str) -> Result<bool> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction().map_err(self.fail("give a step back"))?;
-        let n = tx
-            .execute(
+        self.with("give a step back", |c| {
+            let mut tx = c.transaction()?;
+            let n = tx.execute(
                 "UPDATE runner_queue SET state = 'queued', locked_by = NULL, claim_token = NULL,
                      lease_until = NULL
                  WHERE id = $1 AND claim_token = $2 AND state = 'running'",
                 &[&id, &token],
-            )
-            .map_err(self.fail("give a step back"))?;
-        if n > 0 {
-            tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])
-                .map_err(self.fail("give a step back"))?;
-        }
-        tx.commit().map_err(self.fail("give a step back"))?;
-        Ok(n > 0)
+            )?;
+            if n > 0 {
+                tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
     }
 
     /// Puts running rows whose lease passed back in the queue (`rescues + 1`), or fails those
@@ -442,19 +477,15 @@ impl Queue {
     /// the fleet sweeps at a time; the others return at once with `swept: false`.
     pub fn rescue_expired(&self, max_rescues: u32) -> Result<Rescued> {
         let limit = i32::try_from(max_rescues).unwrap_or(i32::MAX);
-        let mut c = self.conn()?;
-        let mut tx = c
-            .transaction()
-            .map_err(self.fail("rescue expired leases"))?;
-        let locked: bool = tx
-            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&SWEEP_LOCK])
-            .map_err(self.fail("rescue expired leases"))?
-            .get(0);
-        if !locked {
-            return Ok(Rescued::default());
-        }
-        let rows = tx
-            .query(
+        self.with("rescue expired leases", |c| {
+            let mut tx = c.transaction()?;
+            let locked: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&SWEEP_LOCK])?
+                .get(0);
+            if !locked {
+                return Ok(Rescued::default());
+            }
+            let rows = tx.query(
                 "WITH expired AS (
                      SELECT id FROM runner_queue
                      WHERE state = 'running' AND lease_until < now()
@@ -473,71 +504,73 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
                  FROM expired WHERE q.id = expired.id
                  RETURNING q.id, q.state",
                 &[&limit],
-            )
-            .map_err(self.fail("rescue expired leases"))?;
-        let mut out = Rescued {
-            swept: true,
-            ..Rescued::default()
-        };
-        for r in rows {
-            let id: i64 = r.get(0);
-            if r.get::<_, &str>(1) == "queued" {
-                out.requeued.push(id);
-            } else {
-                out.failed.push(id);
+            )?;
+            let mut out = Rescued {
+                swept: true,
+                ..Rescued::default()
+            };
+            for r in rows {
+                let id: i64 = r.get(0);
+                if r.get::<_, &str>(1) == "queued" {
+                    out.requeued.push(id);
+                } else {
+                    out.failed.push(id);
+                }
             }
-        }
-        if !out.requeued.is_empty() {
-            tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])
-                .map_err(self.fail("rescue expired leases"))?;
-        }
-        for id in &out.failed {
+            if !out.requeued.is_empty() {
+                tx.execute("SELECT pg_notify($1, '')", &[&JOBS_CHANNEL])?;
+            }
+            for id in &out.failed {
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&DONE_CHANNEL, &id.to_string() as &(dyn ToSql + Sync)],
+                )?;
+            }
+            // Finished rows nobody took within a day: their driver is gone for good.
             tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&DONE_CHANNEL, &id.to_string() as &(dyn ToSql + Sync)],
-            )
-            .map_err(self.fail("rescue expired leases"))?;
-        }
-        // Finished rows nobody took within a day: their driver is gone for good.
-        tx.execute(
-            "DELETE FROM runner_queue WHERE state IN ('done', 'failed')
-               AND finished_at < now() - interval '1 day'",
-            &[],
-        )
-        .map_err(self.fail("prune the queue"))?;
-        // Rows of runs that have ended: a driver that died left them, and the run's new
-        // driver asked again. Only where the history is in this database too.
-        let history: bool = tx
-            .query_one("SELECT to_regclass('runner_executions') IS NOT NULL", &[])
-            .map_err(self.fail("prune the queue"))?
-            .get(0);
-        if history {
+                "DELETE FROM runner_queue WHERE state IN ('done', 'failed')
+                   AND finished_at < now() - interval '1 day'",
+                &[],
+            )?;
+            // Rows of runs that have ended: a driver died after the row finished and before
+            // it took the result, and the run ended without it (cancelled, failed), or a
+            // taken result's row outlived a dropped connection.
             tx.execute(
                 "DELETE FROM runner_queue q WHERE q.state IN ('done', 'failed')
                    AND EXISTS (SELECT 1 FROM runner_executions r WHERE r.id = q.run_id
                                AND r.status IN ('success', 'error', 'cancelled'))",
                 &[],
-            )
-            .map_err(self.fail("prune the queue"))?;
-        }
-        tx.commit().map_err(self.fail("rescue expired leases"))?;
-        Ok(out)
+            )?;
+            tx.commit()?;
+            Ok(out)
+        })
     }
 
-    /// Takes the finished rows among `ids` out of the queue and returns their outcomes; the
-    /// others (still queued or running) are left alone.
+    /// Returns the outcomes of the finished rows among `ids` and takes them out of the queue;
+    /// the others (still queued or running) are left alone. [`Queue::finished`], then
+    /// [`Queue::forget`].
     pub fn take_results(&self, ids: &[i64]) -> Result<Vec<(i64, Outcome)>> {
+        let done = self.finished(ids)?;
+        let taken: Vec<i64> = done.iter().map(|d| d.0).collect();
+        self.forget(&taken)?;
+        Ok(done)
+    }
+
+    /// The outcomes of the finished rows among `ids` (still queued or running: not listed).
+    /// Read only: the rows go with [`Queue::forget`] once their driver has them, so a
+    /// connection dropped in between never loses a result (the rows left are pruned once
+    /// their run has ended).
+    pub fn finished(&self, ids: &[i64]) -> Result<Vec<(i64, Outcome)>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut c = self.conn()?;
-        let rows = c
-            .query_typed(
-                "DELETE FROM runner_queue WHERE id = ANY($1) AND state IN ('done', 'failed')
-                 RETURNING id, state, result, error",
+        let rows = self.with("read step results", |c| {
+            c.query_typed(
+                "SELECT id, state, result, error FROM runner_queue
+                 WHERE id = ANY($1) AND state IN ('done', 'failed')",
                 &[(&ids, Type::INT8_ARRAY)],
             )
-            .map_err(self.fail("read step results"))?;
+        })?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -555,15 +588,44 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
             .collect())
     }
 
+    /// Deletes finished rows whose results their driver has.
+    pub fn forget(&self, ids: &[i64]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.with("take step results", |c| {
+            c.execute(
+                "DELETE FROM runner_queue WHERE id = ANY($1) AND state IN ('done', 'failed')",
+                &[&ids],
+            )
+        })
+    }
+
+    /// The attempts of `run_id` still in the queue, whatever their state: `(step, attempt)`.
+    /// A driver adopting the run waits for these (or takes their results) instead of asking
+    /// again.
+    pub fn attempts_of(&self, run_id: &str) -> Result<Vec<(String, u32)>> {
+        let rows = self.with("read a run's queued steps", |c| {
+            c.query(
+                "SELECT step_key, attempt FROM runner_queue WHERE run_id = $1",
+                &[&run_id],
+            )
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), u32::try_from(r.get::<_, i32>(1)).unwrap_or(0)))
+            .collect())
+    }
+
     /// Withdraws rows (their driver no longer waits: the run was cancelled or failed fast).
     /// A worker running one loses it at its next heartbeat, and its result is dropped.
     pub fn cancel(&self, ids: &[i64]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut c = self.conn()?;
-        c.execute("DELETE FROM runner_queue WHERE id = ANY($1)", &[&ids])
-            .map_err(self.fail("withdraw steps"))
+        self.with("withdraw steps", |c| {
+            c.execute("DELETE FROM runner_queue WHERE id = ANY($1)", &[&ids])
+        })
     }
 
     /// Takes a place in `provider`'s fleet-wide rate limit (see [`super::limits`]).
@@ -587,24 +649,23 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
     /// how many moved.
     pub fn set_run_priority(&self, run_id: &str, priority: u8) -> Result<u64> {
         let p = i16::from(priority.min(3));
-        let mut c = self.conn()?;
-        c.execute(
-            "UPDATE runner_queue SET priority = $2 WHERE run_id = $1 AND state = 'queued'",
-            &[&run_id, &p],
-        )
-        .map_err(self.fail("change a run's priority"))
+        self.with("change a run's priority", |c| {
+            c.execute(
+                "UPDATE runner_queue SET priority = $2 WHERE run_id = $1 AND state = 'queued'",
+                &[&run_id, &p],
+            )
+        })
     }
 
     /// Rows waiting to be claimed, by priority (indexed like `Priority::index`).
     pub fn depth(&self) -> Result<[u64; 4]> {
-        let mut c = self.conn()?;
-        let rows = c
-            .query(
+        let rows = self.with("count the queue", |c| {
+            c.query(
                 "SELECT priority, count(*) FROM runner_queue WHERE state = 'queued'
                  GROUP BY priority",
                 &[],
             )
-            .map_err(self.fail("count the queue"))?;
+        })?;
         let mut out = [0u64; 4];
         for r in rows {
             let p = usize::try_from(r.get::<_, i16>(0)).unwrap_or(1).min(3);
@@ -655,6 +716,97 @@ mod tests {
 
     fn lease() -> Duration {
         Duration::from_secs(30)
+    }
+
+    /// What the previous version of OmniFlow ran at start, outside the migrations: its text,
+    /// kept here as that version shipped it.
+    const PREVIOUS_QUEUE_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS runner_queue (
+    id bigserial PRIMARY KEY, run_id text NOT NULL, step_key text NOT NULL,
+    attempt integer NOT NULL, priority smallint NOT NULL, tags text[] NOT NULL DEFAULT '{}',
+    payload jsonb NOT NULL,
+    state text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    available_at timestamptz NOT NULL DEFAULT now(), locked_by text, claim_token text,
+    claimed_at timestamptz, lease_until timestamptz, rescues integer NOT NULL DEFAULT 0,
+    result jsonb, error text, finished_at timestamptz, UNIQUE (run_id, step_key, attempt)
+);
+CREATE INDEX IF NOT EXISTS runner_queue_next
+    ON runner_queue (priority DESC, available_at, id) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS runner_queue_leases
+    ON runner_queue (lease_until) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS runner_queue_finished
+    ON runner_queue (finished_at) WHERE state IN ('done', 'failed');
+CREATE TABLE IF NOT EXISTS runner_rate_windows (
+    provider text NOT NULL, window_start timestamptz NOT NULL,
+    window_end timestamptz NOT NULL, used integer NOT NULL,
+    PRIMARY KEY (provider, window_start)
+);
+CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (window_end);
+"#;
+
+    #[test]
+    fn a_database_whose_queue_the_previous_version_created_is_migrated_in_place() {
+        let Some(db) = ScratchDb::new("queue_upgrade") else {
+            return;
+        };
+        // The previous version: migration 1 recorded, the queue's tables made by the queue
+        // itself, and a step waiting in it.
+        let mut c = db.target().connect().unwrap();
+        c.batch_execute(
+            "CREATE TABLE omniflow_migrations (version BIGINT PRIMARY KEY,
+                 description TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .unwrap();
+        c.batch_execute(crate::store::pg::schema::MIGRATIONS[0].1)
+            .unwrap();
+        c.execute(
+            "INSERT INTO omniflow_migrations (version, description) VALUES (1, 'first')",
+            &[],
+        )
+        .unwrap();
+        c.batch_execute(PREVIOUS_QUEUE_SCHEMA).unwrap();
+        let old = Queue::new(db.target(), 2).unwrap();
+        let id = old.enqueue(&[job("r", "waiting", 1, &[])]).unwrap()[0];
+        drop(old);
+
+        // This version opens it: the migration finds the tables and records itself.
+        let store = crate::store::Store::open_postgres(db.target()).unwrap();
+        drop(store);
+        let versions: Vec<i64> = c
+            .query(
+                "SELECT version FROM omniflow_migrations ORDER BY version",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(versions, [1, 2]);
+        // The waiting step is still there, and the queue works.
+        let q = Queue::new(db.target(), 2).unwrap();
+        q.ensure_schema().unwrap();
+        let got = q.claim("w", &[], 10, lease()).unwrap();
+        assert_eq!(got.iter().map(|j| j.id).collect::<Vec<_>>(), [id]);
+        let id2 = q.enqueue(&[job("r", "new", 1, &[])]).unwrap()[0];
+        assert!(id2 > id);
+        assert_eq!(
+            q.take_rate("openai", 1, Duration::from_secs(3600)).unwrap(),
+            crate::store::pg::limits::Take::Granted
+        );
+    }
+
+    #[test]
+    fn a_fresh_database_gets_the_queue_from_the_migrations() {
+        let Some(db) = ScratchDb::new("queue_fresh") else {
+            return;
+        };
+        drop(crate::store::Store::open_postgres(db.target()).unwrap());
+        let q = Queue::new(db.target(), 1).unwrap();
+        q.enqueue(&[job("r", "a", 1, &[])]).unwrap();
+        assert_eq!(q.depth().unwrap(), [0, 1, 0, 0]);
+        // The migration takes the lock the previous version's processes take to create the
+        // queue themselves, so the two cannot race during a rolling upgrade.
+        assert!(MIGRATION.contains(&format!("pg_advisory_xact_lock({SCHEMA_LOCK})")));
     }
 
     #[test]
@@ -767,11 +919,13 @@ mod tests {
                 .unwrap(),
             vec![id]
         );
-        // A second completion (a retried write) changes nothing.
-        assert!(q
-            .complete(&[(id, fresh.token, json!({ "by": "again" }))])
-            .unwrap()
-            .is_empty());
+        // A second completion (a write retried after its reply was lost) is told the result
+        // is recorded, and changes nothing.
+        assert_eq!(
+            q.complete(&[(id, fresh.token, json!({ "by": "again" }))])
+                .unwrap(),
+            vec![id]
+        );
         assert_eq!(
             q.take_results(&[id]).unwrap(),
             vec![(id, Outcome::Done(json!({ "by": "b" })))]

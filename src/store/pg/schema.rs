@@ -169,6 +169,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     "#,
     ),
     (
+        "the fleet's queue of step attempts and its rate-limit windows",
+        super::queue::MIGRATION,
+    ),
+    (
         "notification parts: intent recorded before sending (state)",
         // A part's intent (`sending`) is committed before it is sent, its delivery (`sent`)
         // after; rows from before were all delivered.
