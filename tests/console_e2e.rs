@@ -861,6 +861,45 @@ fn a_live_console_adopts_a_killed_run_by_itself_and_finishes_it() {
     );
 }
 
+/// `--theme` picks the console's theme, with or without the `tui` word; an unknown name says
+/// so on the status line and the console goes on in the dark theme.
+#[test]
+fn the_theme_flag_picks_the_theme_and_an_unknown_one_is_named() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let console = |name: &str, args: &str| {
+        let shell = format!(
+            "env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' {args} --dir '{}'; \
+             echo CONSOLE-EXITED $?; sleep 60",
+            tmp.path().join("h.db").display(),
+            tmp.path().join("logs").display(),
+            blueprints.display()
+        );
+        Tmux::start(name, tmp.path(), 160, 48, &shell)
+    };
+    for (name, args, theme) in [
+        ("theme-light", "--theme light", "theme light"),
+        (
+            "theme-hc",
+            "tui --theme high-contrast",
+            "theme high-contrast",
+        ),
+    ] {
+        let t = console(name, args);
+        t.wait_text("tech-digest", 30);
+        t.wait_text(theme, 10);
+        t.keys(&["q"]);
+        t.wait_text("CONSOLE-EXITED 0", 20);
+    }
+    let t = console("theme-unknown", "tui --theme nosuch");
+    let s = t.wait_text("no theme \"nosuch\"", 30);
+    assert!(s.contains("using dark"), "{s}");
+    t.wait_text("theme dark", 10);
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
+}
+
 /// The terminal grows while the console runs (80×24 → 160×48), then `q`: the shell's screen
 /// comes back clean, with nothing of the console's borders above the prompt.
 #[test]
