@@ -716,11 +716,35 @@ fn a_write_that_lands_logs_nothing_and_one_held_back_says_why(db, store) {
     });
     store.step_started(id, "b", 1, at(7));
     store.step_finished(step_end(id, "b", StepStatus::Success));
+    store.flush_blocking();
+    // Queued in one batch, started and finished in the next (how a fan-out's steps end).
+    store.step_queued(NewStep {
+        run_id: id.into(),
+        step_key: "c".into(),
+        node_id: "c".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(8),
+    });
+    store.flush_blocking();
+    store.step_started(id, "c", 1, at(9));
+    store.step_finished(step_end(id, "c", StepStatus::Success));
+    store.flush_blocking();
+    // A resumed run plans its steps again: queuing a recorded step is no news.
+    store.step_queued(NewStep {
+        run_id: id.into(),
+        step_key: "a".into(),
+        node_id: "a".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(10),
+    });
+    store.flush_blocking();
     store.run_finished(end(id, RunStatus::Success, 900));
     store.flush_blocking();
     assert_eq!(warnings_about(id), Vec::<String>::new());
     let steps = store.run_steps(id).unwrap();
-    assert_eq!(steps.len(), 2);
+    assert_eq!(steps.len(), 3);
     assert!(steps.iter().all(|s| s.status == StepStatus::Success), "{steps:?}");
 
     // Late and repeated events: each is held back, and the warning names it and says why.
@@ -729,6 +753,16 @@ fn a_write_that_lands_logs_nothing_and_one_held_back_says_why(db, store) {
     store.step_finished(step_end(id, "a", StepStatus::Error));
     store.flush_blocking();
     store.step_retrying(id, "b");
+    store.flush_blocking();
+    let ghost = format!("{id}-gone");
+    store.step_queued(NewStep {
+        run_id: ghost.clone(),
+        step_key: "a".into(),
+        node_id: "a".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(11),
+    });
     store.flush_blocking();
     assert_eq!(
         warnings_about(id),
@@ -739,6 +773,7 @@ fn a_write_that_lands_logs_nothing_and_one_held_back_says_why(db, store) {
                  finished"
             ),
             format!("store: ignored step_retrying {id} b: the step is not running"),
+            format!("store: ignored step_queued {ghost} a: unknown run"),
         ]
     );
     let run = store.find_run(id).unwrap();
