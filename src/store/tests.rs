@@ -754,6 +754,9 @@ fn a_write_that_lands_logs_nothing_and_one_held_back_says_why(db, store) {
     store.flush_blocking();
     store.step_retrying(id, "b");
     store.flush_blocking();
+    // An "end" that is not final is a caller's mistake: held back before the database.
+    store.step_finished(step_end(id, "c", StepStatus::Running));
+    store.flush_blocking();
     let ghost = format!("{id}-gone");
     store.step_queued(NewStep {
         run_id: ghost.clone(),
@@ -773,6 +776,7 @@ fn a_write_that_lands_logs_nothing_and_one_held_back_says_why(db, store) {
                  finished"
             ),
             format!("store: ignored step_retrying {id} b: the step is not running"),
+            format!("store: ignored step_finished {id} c: running is not a final status"),
             format!("store: ignored step_queued {ghost} a: unknown run"),
         ]
     );
