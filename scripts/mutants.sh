@@ -5,7 +5,8 @@
 #
 #   scripts/mutants.sh                  # the .rs files under src/ changed since main
 #   scripts/mutants.sh src/store/       # every file under these paths
-#   scripts/mutants.sh src/engine/retry.rs src/store/transitions.rs
+#   scripts/mutants.sh src/retry.rs src/store/transitions.rs
+#   scripts/mutants.sh src/store/ -- --in-place    # options after -- go to cargo-mutants
 #
 # Too slow for CI on 2 cores (each mutant is a build and a test run): run it before asking for
 # review of a change to the store, the engine or the providers. The tests it runs are the unit
@@ -22,8 +23,19 @@ if ! command -v cargo-mutants >/dev/null 2>&1; then
 fi
 
 files=()
-if [ "$#" -gt 0 ]; then
-    for p in "$@"; do
+paths=()
+extra=()
+while [ "$#" -gt 0 ]; do
+    if [ "$1" = "--" ]; then
+        shift
+        extra=("$@")
+        break
+    fi
+    paths+=("$1")
+    shift
+done
+if [ "${#paths[@]}" -gt 0 ]; then
+    for p in "${paths[@]}"; do
         if [ -d "$p" ]; then
             while IFS= read -r f; do files+=("$f"); done < <(find "$p" -name '*.rs' | sort)
         else
@@ -51,4 +63,4 @@ fi
 args=()
 for f in "${kept[@]}"; do args+=(--file "$f"); done
 echo "mutating ${#kept[@]} file(s): ${kept[*]}"
-exec cargo mutants --no-shuffle "${args[@]}"
+exec cargo mutants --no-shuffle "${args[@]}" "${extra[@]}"

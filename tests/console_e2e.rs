@@ -7,7 +7,7 @@
 
 mod common;
 
-use omniflow::events::RunStatus;
+use omniflow::events::{RunStatus, StepStatus};
 use omniflow::store::{RunFilter, Store};
 use std::path::Path;
 use std::process::Command;
@@ -726,6 +726,178 @@ fn hand_over_lets_steps_in_flight_finish_and_the_next_console_takes_over_cleanly
         text.contains("resumed a run whose process had stopped"),
         "the second console took the run over"
     );
+}
+
+/// A console left open adopts, by itself, a run whose `omniflow run` was SIGKILLed mid-run on
+/// the same database, and finishes it: the screen shows the run done, the history has every
+/// step once, and the model server answered each step once (the call in flight at the kill
+/// may have been answered to the dead process too, and is asked again).
+#[test]
+fn a_live_console_adopts_a_killed_run_by_itself_and_finishes_it() {
+    const ANSWER: &str = r#"{"choices":[{"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    const ITEMS: usize = 8;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let db = tmp.path().join("h.db");
+    let logs = tmp.path().join("logs");
+    let bps = tmp.path().join("bps");
+    std::fs::create_dir_all(&bps).unwrap();
+    let topics: Vec<String> = (0..ITEMS).map(|i| format!("t{i}")).collect();
+    let bp = serde_json::json!({
+        "name": "orphan",
+        "variables": { "T": topics },
+        "nodes": [{ "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                    "forEach": "{{ vars.T }}", "prompt": "say {{ item }}" }]
+    });
+    let file = bps.join("orphan.json");
+    std::fs::write(&file, bp.to_string()).unwrap();
+    // Every answer takes 300 ms: the kill lands mid-fan-out.
+    let fake = common::counting::start(Duration::from_millis(300), ANSWER.to_string());
+    let settings = [
+        ("DB_FILE", db.display().to_string()),
+        ("LOG_DIR", logs.display().to_string()),
+        ("OPENAI_BASE_URL", format!("{}/v1", fake.url)),
+        ("OPENAI_CONCURRENCY", "0".into()),
+        ("CACHE_TTL", "0".into()),
+        ("MAX_RETRIES", "0".into()),
+        ("CONCURRENCY", "1".into()),
+    ];
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let env: String = settings
+        .iter()
+        .map(|(k, v)| format!("{k}='{v}' "))
+        .collect();
+    let shell = format!(
+        "env {env}TERM=xterm-256color '{bin}' tui --dir '{}'; echo CONSOLE-EXITED $?; sleep 60",
+        bps.display()
+    );
+    let t = Tmux::start("adopt", tmp.path(), 120, 40, &shell);
+    t.wait_text("no runs yet", 30);
+
+    let mut run = common::bin::omniflow(tmp.path(), &["run", file.to_str().unwrap()], settings)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start omniflow run");
+    let store = Store::open(&db).expect("open the database");
+    let done = |store: &Store| -> Vec<(String, Option<std::time::SystemTime>)> {
+        let Some(r) = history_rows(&db).into_iter().next() else {
+            return Vec::new();
+        };
+        store
+            .run_steps(&r.id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.status == StepStatus::Success)
+            .map(|s| (s.step_key, s.started_at))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done(&store).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two steps of the run never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run.kill().expect("SIGKILL the run");
+    run.wait().expect("reap the run");
+    let before = done(&store);
+    assert!(before.len() < ITEMS, "the run was killed before its end");
+    let id = history_rows(&db)[0].id.clone();
+    assert!(
+        !history_rows(&db)[0].status.is_final(),
+        "the killed run is left unfinished"
+    );
+
+    // Nobody types anything: the console notices the dead process and finishes its run.
+    let short = id[..10].to_string();
+    let s = t.wait_for("the adopted run done in History", 60, |s| {
+        s.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.windows(3)
+                .any(|x| x[0].ends_with(&short) && x[1] == "orphan" && x[2] == "success")
+        })
+    });
+    let r = history_rows(&db).into_iter().find(|r| r.id == id).unwrap();
+    assert_eq!(r.status, RunStatus::Success, "{r:#?}\n{s}");
+    let steps = store.run_steps(&id).unwrap();
+    assert_eq!(steps.len(), ITEMS, "{steps:#?}");
+    for s in &steps {
+        assert_eq!(s.status, StepStatus::Success, "{s:#?}");
+    }
+    for (key, started) in &before {
+        let s = steps.iter().find(|s| &s.step_key == key).unwrap();
+        assert_eq!(&s.started_at, started, "{key} ran again after the adoption");
+        assert_eq!(s.attempts, 1, "{key}");
+    }
+    // At the model server: every step answered, the ones done before the kill once, and at
+    // most one (the call in flight at the kill) twice.
+    let prompts = fake.prompts.lock().unwrap().clone();
+    let answered = |i: usize| -> usize {
+        prompts
+            .iter()
+            .filter(|((_, p), _)| p == &format!("say t{i}"))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let counts: Vec<usize> = (0..ITEMS).map(answered).collect();
+    assert!(counts.iter().all(|&n| n >= 1), "{counts:?}");
+    assert!(counts.iter().sum::<usize>() <= ITEMS + 1, "{counts:?}");
+    for (key, _) in &before {
+        let s = steps.iter().find(|s| &s.step_key == key).unwrap();
+        let i = s.item_index.expect("a fan-out step") as usize;
+        assert_eq!(counts[i], 1, "{key} was answered again: {counts:?}");
+    }
+
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
+    let mut text = String::new();
+    for e in std::fs::read_dir(&logs).expect("log dir").flatten() {
+        text.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    assert!(
+        text.contains("resumed a run whose process had stopped"),
+        "the console says it took the run over"
+    );
+}
+
+/// `--theme` picks the console's theme, with or without the `tui` word; an unknown name says
+/// so on the status line and the console goes on in the dark theme.
+#[test]
+fn the_theme_flag_picks_the_theme_and_an_unknown_one_is_named() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    let console = |name: &str, args: &str| {
+        let shell = format!(
+            "env DB_FILE='{}' LOG_DIR='{}' TERM=xterm-256color '{bin}' {args} --dir '{}'; \
+             echo CONSOLE-EXITED $?; sleep 60",
+            tmp.path().join("h.db").display(),
+            tmp.path().join("logs").display(),
+            blueprints.display()
+        );
+        Tmux::start(name, tmp.path(), 160, 48, &shell)
+    };
+    for (name, args, theme) in [
+        ("theme-light", "--theme light", "theme light"),
+        (
+            "theme-hc",
+            "tui --theme high-contrast",
+            "theme high-contrast",
+        ),
+    ] {
+        let t = console(name, args);
+        t.wait_text("tech-digest", 30);
+        t.wait_text(theme, 10);
+        t.keys(&["q"]);
+        t.wait_text("CONSOLE-EXITED 0", 20);
+    }
+    let t = console("theme-unknown", "tui --theme nosuch");
+    let s = t.wait_text("no theme \"nosuch\"", 30);
+    assert!(s.contains("using dark"), "{s}");
+    t.wait_text("theme dark", 10);
+    t.keys(&["q"]);
+    t.wait_text("CONSOLE-EXITED 0", 20);
 }
 
 /// The terminal grows while the console runs (80×24 → 160×48), then `q`: the shell's screen

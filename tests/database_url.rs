@@ -302,3 +302,43 @@ fn a_user_who_may_not_create_tables_is_told_the_grant() {
     c.batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
         .unwrap();
 }
+
+/// `migrate --from FILE` copies that SQLite file, not the one `DB_FILE` names.
+#[test]
+fn migrate_from_copies_the_named_file() {
+    let Some(db) = ScratchDb::new("migrate_from") else {
+        return;
+    };
+    let url = db.url().to_string();
+    let env = Env::new();
+    let other = env.dir.path().join("elsewhere.db");
+    let out = env
+        .cmd(&["run", "url-check.json", "--sandbox", "--json"])
+        .env("DB_FILE", &other)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["runId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // DB_FILE's own history has a run of its own, which must stay behind.
+    let out = env.run_sqlite(&["run", "url-check.json", "--sandbox"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let out = env.run_sqlite(&["migrate", "--to", &url, "--from", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = env.run(&url, &["runs", "--json"]);
+    let runs = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    let ids: Vec<&str> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    assert_eq!(ids, [id.as_str()], "{runs:#}");
+
+    let out = env.run_sqlite(&["migrate", "--to", &url, "--from", "missing.db"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("missing.db"), "{}", text(&out));
+}

@@ -540,23 +540,29 @@ async fn an_identical_second_call_is_answered_by_the_cache() {
 }
 
 /// 40 parallel calls through a provider whose fake enforces a quota and answers 429 beyond
-/// it: with the limiter configured to the quota, not one 429.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// it: with the limiter configured to the quota, not one 429, and the calls arrive in four
+/// windows of ten.
+///
+/// On tokio's paused clock, and time moves only when the test moves it: a blocking task
+/// holds off tokio's automatic advance, and the test advances one window once the fake has
+/// seen the whole of the previous one. So an arrival is stamped with the exact time of its
+/// grant, however slow or fast the machine, and a limit not applied shows as more than ten
+/// calls at one instant.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn forty_parallel_calls_with_the_limit_matching_the_quota_get_no_429() {
     const QUOTA: usize = 10;
     const WINDOW: Duration = Duration::from_millis(500);
-    let log: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Default::default();
+    let log: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>> = Default::default();
     let rejected = Arc::new(AtomicU64::new(0));
+    let (arrived_tx, mut arrived) = tokio::sync::watch::channel(0usize);
     let (l, rj) = (log.clone(), rejected.clone());
     let fake = start(move |seen, _| {
         let mut log = l.lock().unwrap();
-        // The fake measures arrivals, the limiter grants: the fake's window is a quarter
-        // shorter, to absorb the scheduling jitter between a grant and its request's arrival
-        // on a busy 2-core machine (not a timing assertion: only the order of arrivals).
         let in_window = log
             .iter()
-            .filter(|t| seen.at.duration_since(**t) < WINDOW - WINDOW / 4)
+            .filter(|t| seen.at.duration_since(**t) < WINDOW)
             .count();
+        arrived_tx.send_modify(|n| *n += 1);
         if in_window >= QUOTA {
             rj.fetch_add(1, Ordering::SeqCst);
             return Reply::json(429, json!({"error":"Rate limit reached"}));
@@ -565,12 +571,19 @@ async fn forty_parallel_calls_with_the_limit_matching_the_quota_get_no_429() {
         Reply::completion("ok", 2)
     })
     .await;
+    // Holds off the automatic advance while it runs (tokio does not advance a paused clock
+    // while a blocking task is in progress); it returns when told to, or after a minute of
+    // real time, which fails the test instead of hanging it.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let mut watchdog =
+        tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(60)).is_ok());
     let p = Providers::new(Arc::new(config(&[
         ("OMNIFLOW_TIME_SCALE", "1"),
         ("HF_TOKEN", "hf_testtoken123"),
         ("HF_INFERENCE_URL", &fake.url),
         ("HF_RATE_LIMIT", "10/500ms"),
     ])));
+    let t0 = tokio::time::Instant::now();
     let mut hs = Vec::new();
     for i in 0..40 {
         let p = p.clone();
@@ -582,13 +595,39 @@ async fn forty_parallel_calls_with_the_limit_matching_the_quota_get_no_429() {
             call(&p, &r).await
         }));
     }
+    for window in 1..=4 {
+        tokio::select! {
+            r = arrived.wait_for(|n| *n >= window * QUOTA) => { r.unwrap(); }
+            _ = &mut watchdog => panic!(
+                "window {window}: {} calls arrived in a minute, {} expected",
+                fake.count(),
+                window * QUOTA
+            ),
+        }
+        if window < 4 {
+            tokio::time::advance(WINDOW).await;
+        }
+    }
     for h in hs {
         if let Err(e) = h.await.unwrap() {
             panic!("{e}");
         }
     }
+    stop.send(()).unwrap();
+    assert!(watchdog.await.unwrap(), "the watchdog ran out");
     assert_eq!(rejected.load(Ordering::SeqCst), 0, "no 429 from the fake");
     assert_eq!(fake.count(), 40);
+    // Ten calls at the start of each window, none in between.
+    let mut per_window = std::collections::BTreeMap::new();
+    for s in fake.requests() {
+        *per_window
+            .entry(s.at.duration_since(t0).as_millis())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_window.into_iter().collect::<Vec<_>>(),
+        vec![(0, 10), (500, 10), (1000, 10), (1500, 10)]
+    );
 }
 
 /// A fan-out held back by its provider's rate limit waits *outside* the pool: with two

@@ -302,6 +302,71 @@ fn sigint_cancels_and_exits_3() {
     assert_eq!(env.status(&run).0, "cancelled");
 }
 
+/// A second signal quits at once: after SIGTERM the run waits for its step in flight (a
+/// server that never answers, with ten minutes of grace), and a Ctrl-C then ends the process
+/// with 3 (interrupted), leaving the run unfinished for `omniflow resume`.
+#[test]
+fn a_second_signal_quits_at_once() {
+    use std::io::BufRead;
+    // Connections queue in the backlog and are never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/slow", silent.local_addr().unwrap());
+    let env = Env::new(&[
+        ("SHUTDOWN_GRACE", "600".into()),
+        ("REQUEST_TIMEOUT", "600".into()),
+        ("MAX_RETRIES", "0".into()),
+    ]);
+    let bp = env.write(
+        "hang.json",
+        &json!({ "name": "hang", "nodes": [ { "id": "fetch", "type": "http", "url": url } ] }),
+    );
+    let mut child = env.spawn(&["run", &bp]);
+    let err = child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
+    let run = env.wait_step("fetch", "running");
+    kill(&child, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("the first signal is answered on stderr");
+        if line.contains("send it again to quit at once") {
+            break;
+        }
+    }
+    kill(&child, "INT");
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("still running a minute after the second signal (its step had ten minutes)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = reader.join().unwrap();
+    assert_eq!(status.code(), Some(3), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    let (status, _) = env.status(&run);
+    assert!(
+        status == "running" || status == "queued",
+        "left unfinished for resume: {status}"
+    );
+    drop(silent);
+}
+
 /// A daemon stops gracefully on SIGHUP as on SIGTERM (before, SIGHUP killed it outright):
 /// exit 0 and recorded as stopped.
 #[test]

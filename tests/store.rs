@@ -769,6 +769,30 @@ fn a_run_belongs_to_its_live_owner_and_moves_on_when_it_stops(db, store) {
 }
 
 on_both! {
+/// Which host and process wrote a run, and claimed a slot, is in the history for whoever
+/// looks (`omniflow show`, or SQL when several hosts share one database).
+fn runs_and_slots_name_the_host_and_process_that_wrote_them(db, store) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    let pid = std::process::id().to_string();
+    store.insert_run(new_run("hosted", "alpha", 0));
+    store.flush_blocking();
+    let (_, rows) = db.raw("SELECT host, pid FROM runner_executions WHERE id = 'hosted'");
+    assert_eq!(rows, [[Some(host.clone()), Some(pid.clone())]]);
+    store.run_started("hosted", at(1), 1);
+    store.flush_blocking();
+    let (_, rows) = db.raw("SELECT host, pid FROM runner_executions WHERE id = 'hosted'");
+    assert_eq!(rows, [[Some(host.clone()), Some(pid.clone())]]);
+    let slot = UNIX_EPOCH + Duration::from_secs(1_795_773_600);
+    assert!(store.claim_slot("hourly", slot).unwrap());
+    let (_, rows) = db.raw("SELECT host, pid FROM schedule_slots WHERE blueprint_name = 'hourly'");
+    assert_eq!(rows, [[Some(host), Some(pid)]]);
+}
+}
+
+on_both! {
 fn a_schedule_slot_fires_once_among_processes_and_a_message_is_sent_once(db, store) {
     use omniflow::store::NotificationRecord;
     let slot = UNIX_EPOCH + Duration::from_secs(1_795_773_600);

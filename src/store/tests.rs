@@ -660,3 +660,178 @@ fn an_answered_write_without_its_writer_says_the_writer_stopped() {
         }
     }
 }
+
+/// Every warning logged in this test binary, from any thread (the writer has its own), as
+/// the text a log line carries.
+fn warnings() -> &'static std::sync::Mutex<Vec<String>> {
+    use std::sync::{Mutex, OnceLock};
+    static LINES: OnceLock<&'static Mutex<Vec<String>>> = OnceLock::new();
+    LINES.get_or_init(|| {
+        let lines: &'static Mutex<Vec<String>> = Box::leak(Box::default());
+        struct Line(&'static Mutex<Vec<String>>);
+        impl std::io::Write for Line {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let text = String::from_utf8_lossy(buf).trim_end().to_string();
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).push(text);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || Line(lines))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in the unit tests");
+        lines
+    })
+}
+
+/// The warnings that name `id`, from the words "store: …" on (the level and the module
+/// before them differ between backends).
+fn warnings_about(id: &str) -> Vec<String> {
+    warnings()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(id))
+        .map(|l| {
+            l.find("store: ")
+                .map_or(l.as_str(), |i| &l[i..])
+                .to_string()
+        })
+        .collect()
+}
+
+on_both! {
+fn a_write_that_lands_logs_nothing_and_one_held_back_says_why(db, store) {
+    // What an operator reads in the log: a warning is a write the store held back, never a
+    // write that did its job.
+    let id = match db {
+        Db::Sqlite(_) => "quiet-sqlite",
+        Db::Postgres(_) => "quiet-postgres",
+    };
+    let _ = warnings();
+    store.insert_run(new_run(id, 0));
+    store.flush_blocking();
+    store.run_started(id, at(1), 2);
+    store.flush_blocking();
+    // Each transition in a batch of its own, then a batch that folds a step's whole life.
+    store.step_queued(NewStep {
+        run_id: id.into(),
+        step_key: "a".into(),
+        node_id: "a".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(2),
+    });
+    store.flush_blocking();
+    store.step_started(id, "a", 1, at(3));
+    store.flush_blocking();
+    store.attempt_finished(AttemptRecord {
+        run_id: id.into(),
+        step_key: "a".into(),
+        attempt: 1,
+        ok: false,
+        error_kind: Some(ErrorKind::Server),
+        error: Some("503".into()),
+        wait_ms: Some(10),
+        started_at: at(3),
+        finished_at: at(4),
+        tokens_used: 0,
+        provider: None,
+        model: None,
+        cached: false,
+    });
+    store.step_retrying(id, "a");
+    store.flush_blocking();
+    store.step_started(id, "a", 2, at(5));
+    store.flush_blocking();
+    store.step_finished(StepEnd {
+        attempts: 2,
+        ..step_end(id, "a", StepStatus::Success)
+    });
+    store.run_progress(id, 1, 3);
+    store.flush_blocking();
+    store.step_queued(NewStep {
+        run_id: id.into(),
+        step_key: "b".into(),
+        node_id: "b".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(6),
+    });
+    store.step_started(id, "b", 1, at(7));
+    store.step_finished(step_end(id, "b", StepStatus::Success));
+    store.flush_blocking();
+    // Queued in one batch, started and finished in the next (how a fan-out's steps end).
+    store.step_queued(NewStep {
+        run_id: id.into(),
+        step_key: "c".into(),
+        node_id: "c".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(8),
+    });
+    store.flush_blocking();
+    store.step_started(id, "c", 1, at(9));
+    store.step_finished(step_end(id, "c", StepStatus::Success));
+    store.flush_blocking();
+    // A resumed run plans its steps again: queuing a recorded step is no news.
+    store.step_queued(NewStep {
+        run_id: id.into(),
+        step_key: "a".into(),
+        node_id: "a".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(10),
+    });
+    store.flush_blocking();
+    store.run_finished(end(id, RunStatus::Success, 900));
+    store.flush_blocking();
+    assert_eq!(warnings_about(id), Vec::<String>::new());
+    let steps = store.run_steps(id).unwrap();
+    assert_eq!(steps.len(), 3);
+    assert!(steps.iter().all(|s| s.status == StepStatus::Success), "{steps:?}");
+
+    // Late and repeated events: each is held back, and the warning names it and says why.
+    store.run_finished(end(id, RunStatus::Error, 950));
+    store.flush_blocking();
+    store.step_finished(step_end(id, "a", StepStatus::Error));
+    store.flush_blocking();
+    store.step_retrying(id, "b");
+    store.flush_blocking();
+    // An "end" that is not final is a caller's mistake: held back before the database.
+    store.step_finished(step_end(id, "c", StepStatus::Running));
+    store.flush_blocking();
+    let ghost = format!("{id}-gone");
+    store.step_queued(NewStep {
+        run_id: ghost.clone(),
+        step_key: "a".into(),
+        node_id: "a".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(11),
+    });
+    store.flush_blocking();
+    assert_eq!(
+        warnings_about(id),
+        [
+            format!("store: ignored run_finished {id}: the run is unknown or already finished"),
+            format!(
+                "store: ignored step_finished {id} a: the run is unknown or the step already \
+                 finished"
+            ),
+            format!("store: ignored step_retrying {id} b: the step is not running"),
+            format!("store: ignored step_finished {id} c: running is not a final status"),
+            format!("store: ignored step_queued {ghost} a: unknown run"),
+        ]
+    );
+    let run = store.find_run(id).unwrap();
+    assert_eq!(run.status, RunStatus::Success, "the first end stays");
+}
+}

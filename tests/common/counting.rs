@@ -14,23 +14,49 @@ use std::time::Duration;
 
 pub struct CountingFake {
     pub url: String,
+    /// The most requests open at the fake at one moment.
+    pub peak: Arc<std::sync::atomic::AtomicUsize>,
     pub calls: Arc<Mutex<HashMap<String, usize>>>,
     /// `(path, prompt)` → answers written.
     pub prompts: Arc<Mutex<HashMap<(String, String), usize>>>,
 }
 
 pub fn start(latency: Duration, other_body: String) -> CountingFake {
+    serve(Hold::For(latency), other_body)
+}
+
+/// Holds every request until `n` are open at once, then answers them all (and every later
+/// one at once): a client that never has `n` calls in flight together gets no answer, for a
+/// minute (then the held ones are answered, and `peak` tells how many there were).
+pub fn start_gathering(n: usize, other_body: String) -> CountingFake {
+    serve(Hold::Until(n), other_body)
+}
+
+#[derive(Clone, Copy)]
+enum Hold {
+    For(Duration),
+    Until(usize),
+}
+
+/// Requests open now, and whether the gathering is over.
+type Gate = Arc<(Mutex<(usize, bool)>, std::sync::Condvar)>;
+
+fn serve(hold: Hold, other_body: String) -> CountingFake {
+    let gate: Gate = Arc::default();
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let calls = Arc::new(Mutex::new(HashMap::new()));
     let prompts = Arc::new(Mutex::new(HashMap::new()));
     let c = calls.clone();
     let pr = prompts.clone();
+    let pk = peak.clone();
     let other_body = Arc::new(other_body);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             let (calls, other_body, prompts) = (c.clone(), other_body.clone(), pr.clone());
+            let (gate, peak) = (gate.clone(), pk.clone());
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -81,7 +107,28 @@ pub fn start(latency: Duration, other_body: String) -> CountingFake {
                         let last = v["messages"].as_array()?.last()?.clone();
                         last["content"].as_str().map(str::to_string)
                     });
-                std::thread::sleep(latency);
+                {
+                    let (open, cv) = &*gate;
+                    let mut g = open.lock().unwrap();
+                    g.0 += 1;
+                    peak.fetch_max(g.0, std::sync::atomic::Ordering::SeqCst);
+                    match hold {
+                        Hold::For(latency) => {
+                            drop(g);
+                            std::thread::sleep(latency);
+                        }
+                        Hold::Until(n) => {
+                            if g.0 >= n {
+                                g.1 = true;
+                                cv.notify_all();
+                            }
+                            let (g2, _) = cv
+                                .wait_timeout_while(g, Duration::from_secs(60), |g| !g.1)
+                                .unwrap();
+                            drop(g2);
+                        }
+                    }
+                }
                 let body = if telegram {
                     r#"{"ok":true,"result":{"message_id":1}}"#
                 } else {
@@ -91,7 +138,9 @@ pub fn start(latency: Duration, other_body: String) -> CountingFake {
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
-                if stream.write_all(reply.as_bytes()).is_ok() {
+                let written = stream.write_all(reply.as_bytes()).is_ok();
+                gate.0.lock().unwrap().0 -= 1;
+                if written {
                     if let Some(p) = prompt {
                         *prompts
                             .lock()
@@ -106,6 +155,7 @@ pub fn start(latency: Duration, other_body: String) -> CountingFake {
     });
     CountingFake {
         url,
+        peak,
         calls,
         prompts,
     }
