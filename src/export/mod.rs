@@ -11,18 +11,17 @@
 pub mod emit;
 pub mod jinja;
 mod package;
+mod syntax;
 
 use crate::blueprint::{
     Blueprint, DurationSpec, HttpNode, LlmNode, Node, NodeKind, Parse, ProviderName, RetrySpec,
 };
 use crate::providers::DEFAULT_MODEL;
-use emit::{str_lit, value_lit, Emitter, Lang};
+use emit::{str_lit, value_lit, Emitter};
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-
-const PY_RUNTIME: &str = include_str!("runtime.py");
-const JS_RUNTIME: &str = include_str!("runtime.js");
+use syntax::{Entry, JavaScript, Python, Syntax};
 
 /// What to export to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +53,12 @@ impl Target {
         Target::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
-    fn lang(self) -> Lang {
+    /// The language of the program: JavaScript for Node, else Python (the workflow and the
+    /// image run the Python program).
+    fn syntax(self) -> &'static dyn Syntax {
         match self {
-            Target::Node => Lang::Js,
-            _ => Lang::Python,
+            Target::Node => &JavaScript,
+            _ => &Python,
         }
     }
 }
@@ -181,7 +182,7 @@ pub fn export(
 /// The program of one blueprint in one language.
 struct Program<'a> {
     bp: &'a Blueprint,
-    lang: Lang,
+    syn: &'static dyn Syntax,
     target: Target,
 }
 
@@ -193,32 +194,21 @@ impl<'a> Program<'a> {
     fn new(bp: &'a Blueprint, target: Target) -> Result<Self, ExportError> {
         Ok(Program {
             bp,
-            lang: target.lang(),
+            syn: target.syntax(),
             target,
         })
-    }
-
-    fn py(&self) -> bool {
-        self.lang == Lang::Python
     }
 
     fn unsupported(&self, location: String, what: impl Into<String>) -> ExportError {
         ExportError::Unsupported {
             location,
             what: what.into(),
-            target: match self.target {
-                Target::Node => "node",
-                _ => "python",
-            },
+            target: self.syn.name(),
         }
     }
 
     fn null(&self) -> &'static str {
-        if self.py() {
-            "None"
-        } else {
-            "null"
-        }
+        self.syn.null()
     }
 
     fn duration(&self, d: &DurationSpec) -> f64 {
@@ -229,40 +219,23 @@ impl<'a> Program<'a> {
         let Some(r) = spec else {
             return self.null().into();
         };
-        let mut parts = Vec::new();
-        let (eq, names) = if self.py() {
-            (
-                "=",
-                ["attempts", "backoff", "factor", "max_delay", "jitter"],
-            )
-        } else {
-            (
-                ": ",
-                ["attempts", "backoff", "factor", "maxDelay", "jitter"],
-            )
-        };
+        let mut fields: Vec<(&str, String)> = Vec::new();
         if let Some(a) = r.attempts {
-            parts.push(format!("{}{eq}{a}", names[0]));
+            fields.push(("attempts", a.to_string()));
         }
         if let Some(b) = &r.backoff {
-            let s = self.duration(b);
-            parts.push(format!("{}{eq}{}", names[1], float_lit(s)));
+            fields.push(("backoff", float_lit(self.duration(b))));
         }
         if let Some(f) = r.factor {
-            parts.push(format!("{}{eq}{}", names[2], float_lit(f)));
+            fields.push(("factor", float_lit(f)));
         }
         if let Some(m) = &r.max_delay {
-            let s = self.duration(m);
-            parts.push(format!("{}{eq}{}", names[3], float_lit(s)));
+            fields.push(("max_delay", float_lit(self.duration(m))));
         }
         if let Some(j) = r.jitter {
-            parts.push(format!("{}{eq}{}", names[4], float_lit(j)));
+            fields.push(("jitter", float_lit(j)));
         }
-        if self.py() {
-            format!("Retry({})", parts.join(", "))
-        } else {
-            format!("{{ {} }}", parts.join(", "))
-        }
+        self.syn.retry(&fields)
     }
 
     /// The whole program's source.
@@ -290,14 +263,9 @@ impl<'a> Program<'a> {
         let default_retry = self.retry_lit(bp.defaults.retry.as_ref());
         let schema = crate::store::schema_v1_sql();
         let mut s = String::new();
-        let py = self.py();
-        let (c, decl) = if py { ("#", "") } else { ("//", "const ") };
-        let end = if py { "" } else { ";" };
-        if py {
-            s.push_str("#!/usr/bin/env python3\n");
-        } else {
-            s.push_str("#!/usr/bin/env node\n");
-        }
+        let syn = self.syn;
+        let c = syn.comment();
+        s.push_str(syn.shebang());
         let _ = writeln!(
             s,
             "{c} {} — exported from OmniFlow (`omniflow export {} --target {}`).",
@@ -311,64 +279,52 @@ impl<'a> Program<'a> {
         let _ = writeln!(
             s,
             "{c}\n{c} Run: {} [--var KEY=VALUE]... [--json]   (exit 0 success, 1 the run failed, 2 bad input)\n{c} Configuration comes from the environment or .env (see .env.example); no secret is stored here.",
-            if py { "python3 main.py" } else { "node main.js" }
+            syn.run_command()
         );
-        if py {
-            s.push_str("\nfrom __future__ import annotations\n\n");
-            s.push_str(PY_RUNTIME);
-        } else {
-            s.push('\n');
-            s.push_str(JS_RUNTIME);
-        }
+        s.push_str(&syn.runtime());
         let bar = "─".repeat(93);
         let _ = writeln!(s, "\n\n{c} {bar}\n{c} Blueprint: {}\n{c} {bar}\n", bp.name);
-        let _ = writeln!(s, "{decl}BLUEPRINT_NAME = {}{end}", str_lit(&bp.name));
-        let _ = writeln!(s, "{decl}PRIORITY = {}{end}", str_lit(bp.priority.as_str()));
+        let _ = writeln!(s, "{}", syn.constant("BLUEPRINT_NAME", &str_lit(&bp.name)));
+        let _ = writeln!(
+            s,
+            "{}",
+            syn.constant("PRIORITY", &str_lit(bp.priority.as_str()))
+        );
         let _ = writeln!(
             s,
             "{c} Variables and their defaults; --var KEY=VALUE overrides them."
         );
         let _ = writeln!(
             s,
-            "{decl}VARIABLES = {}{end}",
-            value_lit(self.lang, &variables)
+            "{}",
+            syn.constant("VARIABLES", &value_lit(syn.lang(), &variables))
         );
-        let _ = writeln!(s, "{decl}DEFAULT_RETRY = {default_retry}{end}");
+        let _ = writeln!(s, "{}", syn.constant("DEFAULT_RETRY", &default_retry));
         let _ = writeln!(
             s,
             "{c} Seconds per attempt when a node sets none ({} = REQUEST_TIMEOUT).",
             self.null()
         );
-        let _ = writeln!(s, "{decl}DEFAULT_TIMEOUT = {default_timeout}{end}");
-        match run_timeout {
-            Some((secs, text)) => {
-                let _ = writeln!(s, "{decl}RUN_TIMEOUT = {}{end}", float_lit(secs));
-                let _ = writeln!(s, "{decl}RUN_TIMEOUT_TEXT = {}{end}", str_lit(&text));
-            }
-            None => {
-                let _ = writeln!(s, "{decl}RUN_TIMEOUT = {}{end}", self.null());
-                let _ = writeln!(s, "{decl}RUN_TIMEOUT_TEXT = \"\"{end}");
-            }
-        }
+        let _ = writeln!(s, "{}", syn.constant("DEFAULT_TIMEOUT", &default_timeout));
+        let (secs, text) = match run_timeout {
+            Some((secs, text)) => (float_lit(secs), str_lit(&text)),
+            None => (self.null().to_string(), "\"\"".to_string()),
+        };
+        let _ = writeln!(s, "{}", syn.constant("RUN_TIMEOUT", &secs));
+        let _ = writeln!(s, "{}", syn.constant("RUN_TIMEOUT_TEXT", &text));
         let _ = writeln!(
             s,
             "{c} The blueprint as OmniFlow records it in runner_executions.blueprint."
         );
-        let _ = writeln!(s, "{decl}BLUEPRINT_JSON = {}{end}", str_lit(&snapshot));
+        let _ = writeln!(s, "{}", syn.constant("BLUEPRINT_JSON", &str_lit(&snapshot)));
         let _ = writeln!(
             s,
             "{c} OmniFlow's history schema (version 1), created when DB_FILE is new."
         );
-        let _ = writeln!(s, "{decl}SCHEMA = {}{end}\n", str_lit(schema));
+        let _ = writeln!(s, "{}\n", syn.constant("SCHEMA", &str_lit(schema)));
         s.push_str(&nodes_code);
         let _ = writeln!(s, "\n{c} The graph, in the blueprint's order.");
-        if py {
-            let _ = writeln!(s, "NODES = [\n{}\n]\n", table.join("\n"));
-            s.push_str("\nif __name__ == \"__main__\":\n    sys.exit(main())\n");
-        } else {
-            let _ = writeln!(s, "const NODES = [\n{}\n];\n", table.join("\n"));
-            s.push_str("\nprocess.exitCode = await main();\n");
-        }
+        s.push_str(&syn.program_end(&table));
         Ok(s)
     }
 
@@ -382,28 +338,20 @@ impl<'a> Program<'a> {
     ) -> Result<String, ExportError> {
         let stmts = jinja::parse_template(src)
             .map_err(|e| self.unsupported(format!("nodes[{}].{field}", self.index(node)), e.0))?;
-        let mut em = Emitter::new(self.lang);
+        let mut em = Emitter::new(self.syn.lang());
         if Emitter::is_simple(&stmts) {
             return Ok(em.simple(&stmts));
         }
         let fname = format!("{}__{}", ident(&node.id), ident(field));
         let body = em.body(&stmts, 4);
-        if self.py() {
-            let _ = writeln!(helpers, "def {fname}(ctx):\n{}\n", body.join("\n"));
-        } else {
-            let _ = writeln!(
-                helpers,
-                "function {fname}(ctx) {{\n{}\n}}\n",
-                body.join("\n")
-            );
-        }
+        helpers.push_str(&self.syn.template_function(&fname, &body));
         Ok(format!("{fname}(ctx)"))
     }
 
     fn expression(&self, node: &Node, field: &str, src: &str) -> Result<String, ExportError> {
         let e = jinja::parse_expr(src)
             .map_err(|e| self.unsupported(format!("nodes[{}].{field}", self.index(node)), e.0))?;
-        Ok(Emitter::new(self.lang).expr(&e))
+        Ok(Emitter::new(self.syn.lang()).expr(&e))
     }
 
     /// The node's position, for error messages only (a scan of the nodes).
@@ -440,13 +388,13 @@ impl<'a> Program<'a> {
                 }
                 format!("{{{}}}", items.join(", "))
             }
-            other => value_lit(self.lang, other),
+            other => value_lit(self.syn.lang(), other),
         })
     }
 
     /// One node: its functions, and its entry in the NODES table.
     fn node(&self, i: usize, node: &Node) -> Result<(String, String), ExportError> {
-        let mut body = Body::new(self.py());
+        let mut body = Body::new(self.syn);
         let extra_timeout = self.node_body(i, node, &mut body)?;
         let for_each = self.for_each_items(i, node, &mut body.helpers)?;
         let code = self.node_function(node, body);
@@ -466,18 +414,10 @@ impl<'a> Program<'a> {
                 body.bind("value", &format!("{id}.template"), &code);
                 let v = if t.parse != Parse::Json {
                     "value"
-                } else if body.py {
-                    body.lines.push(format!(
-                        "    value = parse_json_text({}, value)",
-                        str_lit(id)
-                    ));
-                    "value"
                 } else {
-                    body.lines.push(format!(
-                        "  const parsed = parseJsonText({}, value);",
-                        str_lit(id)
-                    ));
-                    "parsed"
+                    let (line, var) = self.syn.parse_json_text(id);
+                    body.lines.push(line);
+                    var
                 };
                 body.ret_value(v);
             }
@@ -495,7 +435,7 @@ impl<'a> Program<'a> {
                 body.bind("message", &format!("{id}.text"), &code);
                 let call = format!(
                     "{}({}, message, {}, timeout)",
-                    if body.py { "notify_node" } else { "notifyNode" },
+                    self.syn.name_of("notify_node"),
                     str_lit(n.channel.as_str()),
                     n.parse_mode
                         .as_deref()
@@ -508,7 +448,7 @@ impl<'a> Program<'a> {
                 let secs = self.duration(&d.duration);
                 body.ret(format!(
                     "{}({})",
-                    if body.py { "delay_node" } else { "delayNode" },
+                    self.syn.name_of("delay_node"),
                     float_lit(secs)
                 ));
                 return Ok(secs);
@@ -564,7 +504,7 @@ impl<'a> Program<'a> {
         body.bind("prompt", &format!("{id}.prompt"), &code);
         let call = format!(
             "{}({}, {}, {system}, prompt, {}, {}, {}, timeout)",
-            if body.py { "llm_node" } else { "llmNode" },
+            self.syn.name_of("llm_node"),
             str_lit(&provider),
             str_lit(&model),
             l.temperature.map(float_lit).unwrap_or_else(|| null.into()),
@@ -610,7 +550,7 @@ impl<'a> Program<'a> {
         };
         let call = format!(
             "{}({}, url, headers, {request_body}, {}, timeout)",
-            if body.py { "http_node" } else { "httpNode" },
+            self.syn.name_of("http_node"),
             str_lit(&h.method.to_ascii_uppercase()),
             str_lit(h.response.as_deref().unwrap_or("auto")),
         );
@@ -629,19 +569,14 @@ impl<'a> Program<'a> {
         let Some(fe) = &node.for_each else {
             return Ok(self.null().to_string());
         };
-        let py = self.py();
         let items = match fe {
-            Value::Array(_) => value_lit(self.lang, fe),
+            Value::Array(_) => value_lit(self.syn.lang(), fe),
             Value::String(s) => {
                 let inner = match jinja::single_expression(s) {
                     Some(expr) => self.expression(node, "forEach", expr)?,
                     None => self.template(node, "forEach", s, helpers)?,
                 };
-                if py {
-                    format!("as_list({inner})")
-                } else {
-                    format!("asList({inner})")
-                }
+                format!("{}({inner})", self.syn.name_of("as_list"))
             }
             _ => {
                 return Err(self.unsupported(
@@ -652,17 +587,7 @@ impl<'a> Program<'a> {
         };
         let id = &node.id;
         let fname = format!("node_{}_items", ident(id));
-        if py {
-            let _ = writeln!(
-                helpers,
-                "def {fname}(ctx):\n    \"\"\"The items of {id}'s forEach: one step per item.\"\"\"\n    with field(None):\n        return {items}\n"
-            );
-        } else {
-            let _ = writeln!(
-                helpers,
-                "/** The items of {id}'s forEach: one step per item. */\nfunction {fname}(ctx) {{\n  return field(null, () => {items});\n}}\n"
-            );
-        }
+        helpers.push_str(&self.syn.items_function(&fname, id, &items));
         Ok(fname)
     }
 
@@ -671,7 +596,6 @@ impl<'a> Program<'a> {
     fn node_function(&self, node: &Node, body: Body) -> String {
         let id = &node.id;
         let f = format!("node_{}", ident(id));
-        let py = self.py();
         let mut code = String::new();
         let mut heading = format!("{id} · {}", node.kind.type_name());
         if !node.needs.is_empty() {
@@ -680,7 +604,7 @@ impl<'a> Program<'a> {
         if node.for_each.is_some() {
             heading.push_str(" · one step per forEach item, all at once");
         }
-        let c = if py { "#" } else { "//" };
+        let c = self.syn.comment();
         let _ = writeln!(
             code,
             "{c} ── {heading} {}",
@@ -690,23 +614,7 @@ impl<'a> Program<'a> {
         let doc = node.description.clone().unwrap_or_else(|| {
             format!("Prepares one step of {id}; the returned function is one attempt.")
         });
-        if py {
-            let _ = writeln!(
-                code,
-                "def {f}(ctx):\n    \"\"\"{}\"\"\"",
-                doc.replace('\\', "\\\\").replace("\"\"\"", "\\\"\\\"\\\"")
-            );
-            code.push_str(&body.lines.join("\n"));
-            code.push_str("\n\n\n");
-        } else {
-            let _ = writeln!(
-                code,
-                "/** {} */\nfunction {f}(ctx) {{",
-                doc.replace("*/", "*\\/")
-            );
-            code.push_str(&body.lines.join("\n"));
-            code.push_str("\n}\n\n");
-        }
+        code.push_str(&self.syn.prepare_function(&f, &doc, &body.lines));
         code
     }
 
@@ -721,40 +629,32 @@ impl<'a> Program<'a> {
             Some(t) => float_lit(self.duration(t)),
             None => self.null().into(),
         };
-        if self.py() {
-            format!(
-                "    Node({}, {}, {f}, needs=[{}], for_each={for_each}, retry={retry}, timeout={timeout}, continue_on_error={}, extra_timeout={}),",
-                str_lit(id),
-                str_lit(kind),
-                needs.join(", "),
-                if node.continue_on_error { "True" } else { "False" },
-                float_lit(extra_timeout)
-            )
-        } else {
-            format!(
-                "  {{ id: {}, kind: {}, prepare: {f}, needs: [{}], forEach: {for_each}, retry: {retry}, timeout: {timeout}, continueOnError: {}, extraTimeout: {} }},",
-                str_lit(id),
-                str_lit(kind),
-                needs.join(", "),
-                node.continue_on_error,
-                float_lit(extra_timeout)
-            )
-        }
+        self.syn.table_entry(&Entry {
+            id,
+            kind,
+            prepare: &f,
+            needs: &needs,
+            for_each,
+            retry: &retry,
+            timeout: &timeout,
+            continue_on_error: node.continue_on_error,
+            extra_timeout: &float_lit(extra_timeout),
+        })
     }
 }
 
 /// A node's prepare function as it is written: its statements, and the helper functions
 /// (templates too large for one expression) written above it.
 struct Body {
-    py: bool,
+    syn: &'static dyn Syntax,
     lines: Vec<String>,
     helpers: String,
 }
 
 impl Body {
-    fn new(py: bool) -> Body {
+    fn new(syn: &'static dyn Syntax) -> Body {
         Body {
-            py,
+            syn,
             lines: Vec::new(),
             helpers: String::new(),
         }
@@ -763,25 +663,14 @@ impl Body {
     /// Binds a field's value to a variable, with the field named in any error it raises:
     /// Python `with field(..): x = code`, JavaScript `const x = field(.., () => code)`.
     fn bind(&mut self, var: &str, name: &str, code: &str) {
-        if self.py {
-            self.lines
-                .push(format!("    with field({}):", str_lit(name)));
-            self.lines.push(format!("        {var} = {code}"));
-        } else {
-            self.lines.push(format!(
-                "  const {var} = field({}, () => ({code}));",
-                str_lit(name)
-            ));
-        }
+        let lines = self.syn.bind(var, name, code);
+        self.lines.extend(lines);
     }
 
     /// Returns the attempt: a function of the timeout making `call`.
     fn ret(&mut self, call: String) {
-        self.lines.push(if self.py {
-            format!("    return lambda timeout: {call}")
-        } else {
-            format!("  return (timeout) => {call};")
-        });
+        let line = self.syn.ret(&call);
+        self.lines.push(line);
     }
 
     /// Returns an attempt that answers a value computed while preparing.
