@@ -257,6 +257,29 @@ impl Backlog {
     }
 }
 
+/// How often a run's progress counters reach its row while its steps finish in a burst.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// When a run's counters (`steps_done`, tokens) are written. SQLite rewrites a whole row to
+/// change one column of it, and a run's row holds its variables and blueprint: written after
+/// every step, a fan-out next to a 1 MB variable rewrote that megabyte for every batch of
+/// steps. So a burst writes them at most every [`PROGRESS_EVERY`]; a step after a quiet spell
+/// (or the last one in flight) writes them at once, and the run's end carries the final ones.
+#[derive(Default)]
+struct ProgressGate {
+    last: Option<Instant>,
+}
+
+impl ProgressGate {
+    fn due(&mut self, nothing_in_flight: bool) -> bool {
+        let due = nothing_in_flight || self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        if due {
+            self.last = Some(Instant::now());
+        }
+        due
+    }
+}
+
 type Inflight = FuturesUnordered<futures_util::future::BoxFuture<'static, StepResult>>;
 
 /// Starts planned steps while the run's window has room.
@@ -383,6 +406,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
     let mut timed_out = false;
     let mut tokens: u64 = 0;
     let mut steps_done: u32 = 0;
+    let mut progress = ProgressGate::default();
     let run_timeout = bp.timeout.as_ref().map(crate::blueprint::DurationSpec::get);
     // Checked: a timeout too far away to represent is no deadline at all.
     let deadline =
@@ -497,7 +521,9 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> RunOutcome {
         if states[node].is_final() {
             graph.settle(node, &states[node], &finished);
         }
-        inner.store.run_progress(&run_id, steps_done, tokens);
+        if progress.due(inflight.is_empty()) {
+            inner.store.run_progress(&run_id, steps_done, tokens);
+        }
         if let Some((node, err)) = failed {
             if failure.is_none() && !ctx.abort.is_cancelled() {
                 failure = Some((node, err));
