@@ -257,6 +257,29 @@ impl Backlog {
     }
 }
 
+/// How often a run's progress counters reach its row while its steps finish in a burst.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// When a run's counters (`steps_done`, tokens) are written. SQLite rewrites a whole row to
+/// change one column of it, and a run's row holds its variables and blueprint: written after
+/// every step, a fan-out next to a 1 MB variable rewrote that megabyte for every batch of
+/// steps. So a burst writes them at most every [`PROGRESS_EVERY`]; a step after a quiet spell
+/// (or the last one in flight) writes them at once, and the run's end carries the final ones.
+#[derive(Default)]
+struct ProgressGate {
+    last: Option<Instant>,
+}
+
+impl ProgressGate {
+    fn due(&mut self, nothing_in_flight: bool) -> bool {
+        let due = nothing_in_flight || self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        if due {
+            self.last = Some(Instant::now());
+        }
+        due
+    }
+}
+
 type Inflight = FuturesUnordered<futures_util::future::BoxFuture<'static, StepResult>>;
 
 /// Starts planned steps while the run's window has room.
@@ -393,6 +416,7 @@ struct Driver {
     timed_out: bool,
     tokens: u64,
     steps_done: u32,
+    progress: ProgressGate,
     run_timeout: Option<std::time::Duration>,
     deadline: Option<tokio::time::Instant>,
     /// The hold of the step result being handled (see `StepResult::in_flight`): kept until
@@ -466,6 +490,7 @@ impl Driver {
             timed_out,
             tokens,
             steps_done,
+            progress: ProgressGate::default(),
             run_timeout,
             deadline,
             handling: None,
@@ -575,9 +600,11 @@ impl Driver {
         if self.states[node].is_final() {
             self.graph.settle(node, &self.states[node], &self.finished);
         }
-        ctx.inner
-            .store
-            .run_progress(&ctx.run_id, self.steps_done, self.tokens);
+        if self.progress.due(self.inflight.is_empty()) {
+            ctx.inner
+                .store
+                .run_progress(&ctx.run_id, self.steps_done, self.tokens);
+        }
         if let Some((node, err)) = failed {
             if self.failure.is_none() && !ctx.abort.is_cancelled() {
                 self.failure = Some((node, err));
