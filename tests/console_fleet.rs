@@ -408,3 +408,28 @@ fn a_page_read_before_an_announced_end_does_not_bring_the_run_back_as_running() 
     }));
     assert_eq!(app.history.rows[1].total_time_ms, Some(9100));
 }
+
+#[test]
+fn the_detail_says_which_process_runs_a_step_now() {
+    let mut app = with_remote_daemon();
+    let run = app.history.rows[1].id.clone();
+    app.update(Msg::Bg(Bg::Fleet(Ok((
+        [0, 0, 0, 0],
+        vec![attempt(GPU, &run, "summarize[1]")],
+    )))));
+    app.focus = Focus::History;
+    app.history.selected = 1;
+    key(&mut app, KeyCode::Enter);
+    let generation = match &app.screen {
+        Screen::Detail(d) => d.generation,
+        _ => panic!("detail open"),
+    };
+    app.update(Msg::Bg(Bg::Detail {
+        generation,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    for (w, h) in [(160, 48), (80, 24)] {
+        let s = render(&app, w, h);
+        assert!(s.contains("running on gpu-box (pid 4300)"), "{w}x{h}:\n{s}");
+    }
+}
