@@ -408,3 +408,69 @@ fn a_page_read_before_an_announced_end_does_not_bring_the_run_back_as_running() 
     }));
     assert_eq!(app.history.rows[1].total_time_ms, Some(9100));
 }
+
+#[test]
+fn the_detail_says_which_process_runs_a_step_now() {
+    let mut app = with_remote_daemon();
+    let run = app.history.rows[1].id.clone();
+    app.update(Msg::Bg(Bg::Fleet(Ok((
+        [0, 0, 0, 0],
+        vec![attempt(GPU, &run, "summarize[1]")],
+    )))));
+    app.focus = Focus::History;
+    app.history.selected = 1;
+    key(&mut app, KeyCode::Enter);
+    let generation = match &app.screen {
+        Screen::Detail(d) => d.generation,
+        _ => panic!("detail open"),
+    };
+    app.update(Msg::Bg(Bg::Detail {
+        generation,
+        result: Ok(Box::new(fixtures::detail())),
+    }));
+    for (w, h) in [(160, 48), (80, 24)] {
+        let s = render(&app, w, h);
+        assert!(s.contains("running on gpu-box (pid 4300)"), "{w}x{h}:\n{s}");
+    }
+}
+
+#[test]
+fn the_highlighted_remote_line_is_the_run_the_keys_act_on() {
+    let mut app = with_remote_daemon();
+    let me = process_id();
+    let my_host = me.rsplitn(3, ':').nth(2).unwrap().to_string();
+    let sibling = format!("{my_host}:9999:1");
+    // A host whose name sorts before this one, this host's other process, and the GPU box.
+    app.update(Msg::Bg(Bg::Processes(Ok(vec![
+        process(me, "console", 4),
+        process(GPU, "daemon", 8),
+        process("aaa-box:7777:1", "daemon", 2),
+        process(&sibling, "daemon", 2),
+    ]))));
+    app.update(Msg::Bg(Bg::Fleet(Ok((
+        [0, 0, 0, 0],
+        vec![
+            attempt(GPU, "0mwzgpu000001", "g[0]"),
+            attempt("aaa-box:7777:1", "0mwzaaa000001", "a[0]"),
+            attempt(&sibling, "0mwzsib000001", "s[0]"),
+        ],
+    )))));
+    app.focus = Focus::Workers;
+    // Past this process's two workers: this host first, then by host name.
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        app.worker_selected = i;
+        let (run, _, _) = app.selected_run().unwrap();
+        let s = render(&app, 160, 48);
+        let line = s
+            .lines()
+            .find(|l| l.contains('▸') && l.contains(" ▶ "))
+            .unwrap_or("");
+        assert!(
+            line.contains(&run[..10]),
+            "selection {i} is {run}, highlighted: {line}\n{s}"
+        );
+        seen.push(run[..7].to_string());
+    }
+    assert_eq!(&seen[2..], ["0mwzsib", "0mwzaaa", "0mwzgpu"]);
+}

@@ -208,21 +208,26 @@ impl App {
         self.clamp_selections();
     }
 
-    /// Attempts other processes are running, by worker id (`host:pid:start`, so by host),
-    /// then oldest first: the Workers pane lists them in this order after this process's.
+    /// Attempts other processes are running: this host's first, then by host name, by
+    /// process, oldest first. The Workers pane lists them in this order after this process's
+    /// own, so the line selected is the run the keys act on.
     pub fn remote_attempts(&self) -> Vec<&RunningAttempt> {
         let me = crate::store::process_id();
+        let my_host = host_of(me);
         let mut v: Vec<&RunningAttempt> = match &self.fleet {
             Some(fl) => fl.running.iter().filter(|a| a.worker != me).collect(),
             None => Vec::new(),
         };
-        v.sort_by(|a, b| {
-            (host_of(&a.worker), &a.worker, a.claimed_at).cmp(&(
-                host_of(&b.worker),
-                &b.worker,
-                b.claimed_at,
-            ))
-        });
+        let key = |a: &RunningAttempt| {
+            let host = host_of(&a.worker);
+            (
+                host != my_host,
+                host.to_string(),
+                a.worker.clone(),
+                a.claimed_at,
+            )
+        };
+        v.sort_by_key(|a| key(a));
         v
     }
 

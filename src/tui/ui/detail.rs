@@ -262,29 +262,51 @@ fn step_text(f: &mut Frame, app: &App, d: &DetailState, data: &RunDetail, area: 
             )),
         ]),
         model_line(s, th, label),
-        Line::from(vec![
-            label("queued"),
-            Span::raw(
-                s.queued_at
-                    .map(|t| crate::store::utc_clock(t, true))
-                    .unwrap_or_else(|| "—".into()),
-            ),
-            label("  started"),
-            Span::raw(
-                s.started_at
-                    .map(|t| crate::store::utc_clock(t, true))
-                    .unwrap_or_else(|| "—".into()),
-            ),
-            label("  finished"),
-            Span::raw(
-                s.finished_at
-                    .map(|t| crate::store::utc_clock(t, true))
-                    .unwrap_or_else(|| "—".into()),
-            ),
-            label("  took"),
-            Span::raw(s.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into())),
-        ]),
     ];
+    // With a fleet: which process runs the step now (the queue's claimed row).
+    let running_on = app.fleet.as_ref().and_then(|fl| {
+        fl.running
+            .iter()
+            .find(|a| a.run_id == s.run_id && a.step_key == s.step_key)
+    });
+    if let Some(a) = running_on {
+        let here = a.worker == crate::store::process_id();
+        lines.push(Line::from(vec![
+            label("running on"),
+            Span::styled(
+                format!(
+                    "{} (pid {}{}) · attempt {}",
+                    crate::tui::app::host_of(&a.worker),
+                    crate::tui::app::pid_of(&a.worker),
+                    if here { ", this console" } else { "" },
+                    a.attempt
+                ),
+                Style::default().fg(th.running),
+            ),
+        ]));
+    }
+    lines.extend([Line::from(vec![
+        label("queued"),
+        Span::raw(
+            s.queued_at
+                .map(|t| crate::store::utc_clock(t, true))
+                .unwrap_or_else(|| "—".into()),
+        ),
+        label("  started"),
+        Span::raw(
+            s.started_at
+                .map(|t| crate::store::utc_clock(t, true))
+                .unwrap_or_else(|| "—".into()),
+        ),
+        label("  finished"),
+        Span::raw(
+            s.finished_at
+                .map(|t| crate::store::utc_clock(t, true))
+                .unwrap_or_else(|| "—".into()),
+        ),
+        label("  took"),
+        Span::raw(s.duration_ms.map(fmt_ms).unwrap_or_else(|| "—".into())),
+    ])]);
     if let Some(e) = &s.error {
         lines.push(Line::from(vec![
             Span::styled(
