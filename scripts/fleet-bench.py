@@ -4,7 +4,11 @@
 the same work on SQLite alone.
 
     cargo build --release
-    python3 scripts/fleet-bench.py target/release/omniflow [lat] [fan] [fanlocal] [tput]
+    python3 scripts/fleet-bench.py target/release/omniflow [lat] [fan] [fanlocal] [fanprof] [tput]
+
+`fanprof` interleaves the fan-out on SQLite alone, over 1 and over 3 processes (ROUNDS rounds,
+default 3) and says per step where the time beyond the call goes (the queue rows' times kept by a
+trigger, beside the history's).
 
 Needs PostgreSQL at 127.0.0.1:5432 (user postgres, trust) and psql; creates and drops its own
 databases (fleet_bench_*). A fake OpenAI-compatible server in this process answers the calls.
@@ -182,6 +186,73 @@ def fanout(n_procs, reps=5):
     return res
 
 
+STAGES = [("enqueue", "q.available_at - s.queued_at"), ("claim", "q.claimed_at - q.available_at"),
+          ("start", "s.started_at - q.claimed_at"), ("call+complete", "q.finished_at - s.started_at"),
+          ("collect+record", "s.finished_at - q.finished_at")]
+
+
+def fanout_profile(n_procs, reps=5):
+    """The fan-out with each queue row's times kept (a trigger copies a row as its driver deletes
+    it) beside the step's times in the history: where the time beyond the 200 ms call goes.
+    Also the CPU time (user + system) of all the processes of each repetition."""
+    LAT["s"] = 0.2
+    res = []
+    for r in range(reps):
+        d = tempfile.mkdtemp()
+        url = fresh_db("fleet_bench_prof")
+        # Migrates the database (the queue's table is one of the migrations).
+        run(d, url, {"name": "init", "nodes": [WARM]}, {"CONCURRENCY": "1"})
+        psql("fleet_bench_prof", "CREATE TABLE lat (id bigint, step_key text, available_at timestamptz, "
+             "claimed_at timestamptz, finished_at timestamptz, locked_by text);"
+             "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO lat VALUES "
+             "(OLD.id, OLD.step_key, OLD.available_at, OLD.claimed_at, OLD.finished_at, OLD.locked_by); "
+             "RETURN OLD; END $$;"
+             "CREATE TRIGGER keep BEFORE DELETE ON runner_queue FOR EACH ROW EXECUTE FUNCTION keep();")
+        cpu0 = os.times()
+        ds = [daemon(d, f"d{i}", url, {"CONCURRENCY": "40"}) for i in range(n_procs - 1)]
+        wait_idle(3 if ds else 0)
+        bp = {"name": "fan", "variables": {"ITEMS": [f"p{r}i{i}" for i in range(40)]},
+              "nodes": [WARM, {"id": "ask", "type": "llm", "provider": "openai", "model": "m", "needs": ["warm"],
+                         "forEach": "{{ vars.ITEMS }}", "prompt": "say {{ item }}"}]}
+        c, rid, total, wall = run(d, url, bp, {"CONCURRENCY": "40"})
+        stop(ds)
+        cpu1 = os.times()
+        cpu = (cpu1.children_user - cpu0.children_user + cpu1.children_system - cpu0.children_system) * 1000
+        span_ms = span(c, rid, "ask") * 1000
+        cols = ", ".join(f"percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM {e})*1000), "
+                         f"max(extract(epoch FROM {e})*1000)" for _, e in STAGES)
+        row = c.one(f"SELECT {cols}, count(DISTINCT q.locked_by), "
+                    "extract(epoch FROM max(q.available_at) - min(s.queued_at))*1000, "
+                    "extract(epoch FROM max(s.finished_at) - max(q.finished_at))*1000 "
+                    "FROM lat q JOIN runner_steps s ON s.step_key = q.step_key "
+                    f"WHERE s.run_id = '{rid}' AND s.node_id = 'ask'")
+        vals = [float(x) for x in row]
+        stages = ", ".join(f"{name} {vals[2*i]:.1f}/{vals[2*i+1]:.1f}" for i, (name, _) in enumerate(STAGES))
+        print(f"  {n_procs} proc, rep {r}: span {span_ms:.0f} ms, cpu {cpu:.0f} ms; per step median/max ms: {stages}; "
+              f"claimed by {int(vals[10])} process(es); last enqueue {vals[11]:.1f} ms after the first queued; "
+              f"last recorded {vals[12]:.1f} ms after the last finished in the queue", flush=True)
+        res.append((span_ms, cpu))
+    LAT["s"] = 0.0
+    return res
+
+
+def fanlocal(reps=5):
+    LAT["s"] = 0.2
+    r = []
+    for k in range(reps):
+        d = tempfile.mkdtemp()
+        bp = {"name": "fan", "variables": {"ITEMS": [f"y{k}i{i}" for i in range(40)]},
+              "nodes": [WARM, {"id": "ask", "type": "llm", "provider": "openai", "model": "m", "needs": ["warm"],
+                         "forEach": "{{ vars.ITEMS }}", "prompt": "say {{ item }}"}]}
+        cpu0 = os.times()
+        c, rid, total, wall = run(d, None, bp, {"CONCURRENCY": "40"})
+        cpu1 = os.times()
+        cpu = (cpu1.children_user - cpu0.children_user + cpu1.children_system - cpu0.children_system) * 1000
+        r.append((span(c, rid, "ask") * 1000, cpu))
+    LAT["s"] = 0.0
+    return r
+
+
 def throughput(workers, n=2000, local=False):
     d = tempfile.mkdtemp()
     url = None if local else fresh_db("fleet_bench_tput")
@@ -219,13 +290,22 @@ if "tput" in what:
         print(f"steps/s fleet, {w} worker process(es) + driver, 2000 transform steps: {sps:.0f} (run {total} ms)")
 print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 if "fanlocal" in what:
-    LAT["s"] = 0.2
-    r = []
-    for k in range(5):
-        d = tempfile.mkdtemp()
-        bp = {"name": "fan", "variables": {"ITEMS": [f"y{k}i{i}" for i in range(40)]},
-              "nodes": [WARM, {"id": "ask", "type": "llm", "provider": "openai", "model": "m", "needs": ["warm"],
-                         "forEach": "{{ vars.ITEMS }}", "prompt": "say {{ item }}"}]}
-        c, rid, total, wall = run(d, None, bp, {"CONCURRENCY": "40"})
-        r.append(span(c, rid, "ask") * 1000)
+    r = [x for x, _ in fanlocal()]
     print(f"fan-out 40 x 200 ms, SQLite only (no fleet), 1 process: {', '.join(f'{x:.0f}' for x in r)} ms")
+if "fanprof" in what:
+    # Interleaved rounds (baseline, 1 process, 3 processes), so load that comes and goes during
+    # the measurement hits all three alike.
+    rounds = int(os.environ.get("ROUNDS", "3"))
+    out = {"sqlite": [], 1: [], 3: []}
+    for k in range(rounds):
+        print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+        out["sqlite"] += fanlocal(reps=2)
+        out[1] += fanout_profile(1, reps=2)
+        out[3] += fanout_profile(3, reps=2)
+    for key, label in (("sqlite", "SQLite only (no fleet), 1 process"), (1, "fleet, 1 process"),
+                       (3, "fleet, 3 processes")):
+        spans = [x for x, _ in out[key]]
+        cpus = [c for _, c in out[key]]
+        print(f"fan-out 40 x 200 ms, {label}: span median {statistics.median(spans):.0f} ms "
+              f"({', '.join(f'{x:.0f}' for x in spans)}); CPU median {statistics.median(cpus):.0f} ms")
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

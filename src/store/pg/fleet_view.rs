@@ -4,7 +4,7 @@
 //! priority) that a console cannot carry out itself.
 //!
 //! Requests are columns of the run's row (`cancel_requested_at`, `priority_requested`,
-//! migration 2), set with a `NOTIFY omniflow_requests` in the same transaction. The driver
+//! migration 4), set with a `NOTIFY omniflow_requests` in the same transaction. The driver
 //! looks at them when told and on a slow poll (`engine/fleet/requests.rs`), so a request
 //! is not lost when the notification is, and a run adopted by another host after its driver
 //! died is cancelled by its new driver.
