@@ -474,3 +474,18 @@ fn the_highlighted_remote_line_is_the_run_the_keys_act_on() {
     }
     assert_eq!(&seen[2..], ["0mwzsib", "0mwzaaa", "0mwzgpu"]);
 }
+
+#[test]
+fn a_queue_that_cannot_be_read_is_said_once() {
+    let mut app = fleet_app();
+    let e = "cannot reach the fleet database at postgres://x@db/omniflow".to_string();
+    app.update(Msg::Bg(Bg::Fleet(Err(e.clone()))));
+    let said = app.status.clone().expect("said");
+    assert!(said.error && said.text.contains(&e), "{said:?}");
+    app.status = None;
+    app.update(Msg::Bg(Bg::Fleet(Err(e))));
+    assert_eq!(app.status, None, "not again for the same problem");
+    app.update(Msg::Bg(Bg::Fleet(Ok(([1, 0, 0, 0], Vec::new())))));
+    assert_eq!(app.fleet.as_ref().unwrap().depth_total(), Some(1));
+    assert_eq!(app.fleet.as_ref().unwrap().problem, None);
+}

@@ -7,7 +7,9 @@
 //!
 //! The loop never touches SQLite, the network or files: [`Effect`]s go to tasks on the tokio
 //! runtime (reads through `spawn_blocking`), the log tailer and the sampler are threads/tasks
-//! of their own, and all of them answer over one bounded channel.
+//! of their own — and, on a shared PostgreSQL history, the thread listening to other
+//! processes' announcements (`NOTIFY omniflow_events`) — and all of them answer over one
+//! bounded channel.
 
 use super::app::{now_ms, App, Bg, Effect, Msg};
 use super::state::{BlueprintEntry, LogEntry, RunDetail};

@@ -203,7 +203,15 @@ impl App {
                 fl.running = running;
                 fl.problem = None;
             }
-            Err(e) => fl.problem = Some(e),
+            Err(e) => {
+                // Said once per problem, not at every read.
+                if fl.problem.as_ref() != Some(&e) {
+                    fl.problem = Some(e.clone());
+                    self.complain(format!(
+                        "cannot read the fleet's queue (Workers and the queue depth wait): {e}"
+                    ));
+                }
+            }
         }
         self.clamp_selections();
     }
