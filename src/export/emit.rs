@@ -16,6 +16,190 @@ pub enum Lang {
     Js,
 }
 
+impl Lang {
+    /// How this language writes the translated templates.
+    fn dialect(self) -> &'static dyn Dialect {
+        match self {
+            Lang::Python => &Py,
+            Lang::Js => &Js,
+        }
+    }
+}
+
+/// What differs between the languages in a translated template: literals, the operators
+/// that short-circuit, and statements. The helpers called (`get`, `text`, `truthy`, …) have
+/// the same names in both runtimes.
+trait Dialect: Sync {
+    fn none(&self) -> &'static str;
+    /// A filter argument left out before one that is given.
+    fn not_given(&self) -> &'static str;
+    fn bool(&self, b: bool) -> &'static str;
+    /// A float as Rust prints it (`1`, `1.5`, `1e20`), written as a float literal.
+    fn float(&self, s: String) -> String;
+    fn and(&self, l: &str, r: &str) -> String;
+    fn or(&self, l: &str, r: &str) -> String;
+    fn not(&self, x: &str) -> String;
+    fn cond(&self, c: &str, a: &str, b: &str) -> String;
+    fn negate(&self, call: &str) -> String;
+    /// The first and last lines of a template's function body.
+    fn body_start(&self, pad: &str) -> String;
+    fn body_end(&self, pad: &str) -> String;
+    fn push(&self, pad: &str, code: &str) -> String;
+    fn assign(&self, pad: &str, ident: &str, code: &str) -> String;
+    fn declare(&self, pad: &str, ident: &str, code: &str) -> String;
+    /// The head of the `i`th branch of an `if`.
+    fn if_head(&self, pad: &str, i: usize, c: &str) -> String;
+    fn else_head(&self, pad: &str) -> String;
+    /// What closes a block, if the language closes blocks.
+    fn block_end(&self, pad: &str) -> Option<String>;
+    fn for_head(&self, pad: &str, loop_ident: &str, v: &str, it: &str) -> String;
+    /// What an empty body must hold, if anything.
+    fn empty_body(&self, pad: &str) -> Option<String>;
+}
+
+struct Py;
+struct Js;
+
+impl Dialect for Py {
+    fn none(&self) -> &'static str {
+        "None"
+    }
+    fn not_given(&self) -> &'static str {
+        "None"
+    }
+    fn bool(&self, b: bool) -> &'static str {
+        if b {
+            "True"
+        } else {
+            "False"
+        }
+    }
+    fn float(&self, s: String) -> String {
+        if !s.contains('.') && !s.contains('e') {
+            format!("{s}.0")
+        } else {
+            s
+        }
+    }
+    fn and(&self, l: &str, r: &str) -> String {
+        format!("({l} and {r})")
+    }
+    fn or(&self, l: &str, r: &str) -> String {
+        format!("({l} or {r})")
+    }
+    fn not(&self, x: &str) -> String {
+        format!("(not truthy({x}))")
+    }
+    fn cond(&self, c: &str, a: &str, b: &str) -> String {
+        format!("({a} if truthy({c}) else {b})")
+    }
+    fn negate(&self, call: &str) -> String {
+        format!("(not {call})")
+    }
+    fn body_start(&self, pad: &str) -> String {
+        format!("{pad}out = []")
+    }
+    fn body_end(&self, pad: &str) -> String {
+        format!("{pad}return \"\".join(out)")
+    }
+    fn push(&self, pad: &str, code: &str) -> String {
+        format!("{pad}out.append({code})")
+    }
+    fn assign(&self, pad: &str, ident: &str, code: &str) -> String {
+        format!("{pad}{ident} = {code}")
+    }
+    fn declare(&self, pad: &str, ident: &str, code: &str) -> String {
+        format!("{pad}{ident} = {code}")
+    }
+    fn if_head(&self, pad: &str, i: usize, c: &str) -> String {
+        if i == 0 {
+            format!("{pad}if truthy({c}):")
+        } else {
+            format!("{pad}elif truthy({c}):")
+        }
+    }
+    fn else_head(&self, pad: &str) -> String {
+        format!("{pad}else:")
+    }
+    fn block_end(&self, _pad: &str) -> Option<String> {
+        None
+    }
+    fn for_head(&self, pad: &str, loop_ident: &str, v: &str, it: &str) -> String {
+        format!("{pad}for {loop_ident}, {v} in with_loop({it}):")
+    }
+    fn empty_body(&self, pad: &str) -> Option<String> {
+        Some(format!("{pad}pass"))
+    }
+}
+
+impl Dialect for Js {
+    fn none(&self) -> &'static str {
+        "null"
+    }
+    fn not_given(&self) -> &'static str {
+        "undefined"
+    }
+    fn bool(&self, b: bool) -> &'static str {
+        if b {
+            "true"
+        } else {
+            "false"
+        }
+    }
+    fn float(&self, s: String) -> String {
+        s
+    }
+    fn and(&self, l: &str, r: &str) -> String {
+        format!("and(() => {l}, () => {r})")
+    }
+    fn or(&self, l: &str, r: &str) -> String {
+        format!("or(() => {l}, () => {r})")
+    }
+    fn not(&self, x: &str) -> String {
+        format!("!truthy({x})")
+    }
+    fn cond(&self, c: &str, a: &str, b: &str) -> String {
+        format!("(truthy({c}) ? {a} : {b})")
+    }
+    fn negate(&self, call: &str) -> String {
+        format!("!{call}")
+    }
+    fn body_start(&self, pad: &str) -> String {
+        format!("{pad}const out = [];")
+    }
+    fn body_end(&self, pad: &str) -> String {
+        format!("{pad}return out.join(\"\");")
+    }
+    fn push(&self, pad: &str, code: &str) -> String {
+        format!("{pad}out.push({code});")
+    }
+    fn assign(&self, pad: &str, ident: &str, code: &str) -> String {
+        format!("{pad}{ident} = {code};")
+    }
+    fn declare(&self, pad: &str, ident: &str, code: &str) -> String {
+        format!("{pad}let {ident} = {code};")
+    }
+    fn if_head(&self, pad: &str, i: usize, c: &str) -> String {
+        if i == 0 {
+            format!("{pad}if (truthy({c})) {{")
+        } else {
+            format!("{pad}}} else if (truthy({c})) {{")
+        }
+    }
+    fn else_head(&self, pad: &str) -> String {
+        format!("{pad}}} else {{")
+    }
+    fn block_end(&self, pad: &str) -> Option<String> {
+        Some(format!("{pad}}}"))
+    }
+    fn for_head(&self, pad: &str, loop_ident: &str, v: &str, it: &str) -> String {
+        format!("{pad}for (const [{loop_ident}, {v}] of withLoop({it})) {{")
+    }
+    fn empty_body(&self, _pad: &str) -> Option<String> {
+        None
+    }
+}
+
 /// A string literal valid in both Python and JavaScript (JSON escaping).
 pub fn str_lit(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
@@ -23,18 +207,16 @@ pub fn str_lit(s: &str) -> String {
 
 /// A JSON value as a literal of the language.
 pub fn value_lit(lang: Lang, v: &Value) -> String {
-    match (lang, v) {
-        (Lang::Python, Value::Null) => "None".into(),
-        (Lang::Python, Value::Bool(b)) => if *b { "True" } else { "False" }.into(),
-        (_, Value::Null) => "null".into(),
-        (_, Value::Bool(b)) => b.to_string(),
-        (_, Value::Number(n)) => n.to_string(),
-        (_, Value::String(s)) => str_lit(s),
-        (_, Value::Array(a)) => {
+    match v {
+        Value::Null => lang.dialect().none().into(),
+        Value::Bool(b) => lang.dialect().bool(*b).into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => str_lit(s),
+        Value::Array(a) => {
             let items: Vec<String> = a.iter().map(|x| value_lit(lang, x)).collect();
             format!("[{}]", items.join(", "))
         }
-        (_, Value::Object(o)) => {
+        Value::Object(o) => {
             let items: Vec<String> = o
                 .iter()
                 .map(|(k, x)| format!("{}: {}", str_lit(k), value_lit(lang, x)))
@@ -46,7 +228,7 @@ pub fn value_lit(lang: Lang, v: &Value) -> String {
 
 /// Generates code for one template or expression, tracking local names.
 pub struct Emitter {
-    lang: Lang,
+    d: &'static dyn Dialect,
     scopes: Vec<HashMap<String, String>>,
     counter: usize,
     /// Loop nesting depth: `loop` of depth d is `loop{d}`.
@@ -56,7 +238,7 @@ pub struct Emitter {
 impl Emitter {
     pub fn new(lang: Lang) -> Self {
         Emitter {
-            lang,
+            d: lang.dialect(),
             scopes: vec![HashMap::new()],
             counter: 0,
             depth: 0,
@@ -84,10 +266,6 @@ impl Emitter {
         ident
     }
 
-    fn py(&self) -> bool {
-        self.lang == Lang::Python
-    }
-
     /// An expression's code.
     pub fn expr(&self, e: &Expr) -> String {
         match e {
@@ -113,7 +291,7 @@ impl Emitter {
                 format!("get({base_code}, {})", args.join(", "))
             }
             Expr::Slice(base, start, stop) => {
-                let none = if self.py() { "None" } else { "null" };
+                let none = self.d.none();
                 format!(
                     "slice_of({}, {}, {})",
                     self.expr(base),
@@ -123,26 +301,15 @@ impl Emitter {
             }
             Expr::Str(s) => str_lit(s),
             Expr::Int(i) => i.to_string(),
-            Expr::Float(f) => {
-                let s = f.to_string();
-                if self.py() && !s.contains('.') && !s.contains('e') {
-                    format!("{s}.0")
-                } else {
-                    s
-                }
-            }
-            Expr::Bool(b) => match (self.py(), b) {
-                (true, true) => "True".into(),
-                (true, false) => "False".into(),
-                (false, b) => b.to_string(),
-            },
-            Expr::None => if self.py() { "None" } else { "null" }.into(),
+            Expr::Float(f) => self.d.float(f.to_string()),
+            Expr::Bool(b) => self.d.bool(*b).into(),
+            Expr::None => self.d.none().into(),
             Expr::List(items) => {
                 let items: Vec<String> = items.iter().map(|i| self.expr(i)).collect();
                 format!("[{}]", items.join(", "))
             }
             Expr::Filter(base, name, args) => {
-                let none = if self.py() { "None" } else { "undefined" };
+                let none = self.d.not_given();
                 let mut parts = vec![self.expr(base)];
                 // Trailing missing arguments are left out; a gap before a given one is passed
                 // as "not given".
@@ -182,45 +349,11 @@ impl Emitter {
                 };
                 format!("{f}({x}, {y})")
             }
-            Expr::And(l, r) => {
-                if self.py() {
-                    format!("({} and {})", self.expr(l), self.expr(r))
-                } else {
-                    format!("and(() => {}, () => {})", self.expr(l), self.expr(r))
-                }
-            }
-            Expr::Or(l, r) => {
-                if self.py() {
-                    format!("({} or {})", self.expr(l), self.expr(r))
-                } else {
-                    format!("or(() => {}, () => {})", self.expr(l), self.expr(r))
-                }
-            }
-            Expr::Not(x) => {
-                if self.py() {
-                    format!("(not truthy({}))", self.expr(x))
-                } else {
-                    format!("!truthy({})", self.expr(x))
-                }
-            }
+            Expr::And(l, r) => self.d.and(&self.expr(l), &self.expr(r)),
+            Expr::Or(l, r) => self.d.or(&self.expr(l), &self.expr(r)),
+            Expr::Not(x) => self.d.not(&self.expr(x)),
             Expr::Neg(x) => format!("neg({})", self.expr(x)),
-            Expr::Cond(c, a, b) => {
-                if self.py() {
-                    format!(
-                        "({} if truthy({}) else {})",
-                        self.expr(a),
-                        self.expr(c),
-                        self.expr(b)
-                    )
-                } else {
-                    format!(
-                        "(truthy({}) ? {} : {})",
-                        self.expr(c),
-                        self.expr(a),
-                        self.expr(b)
-                    )
-                }
-            }
+            Expr::Cond(c, a, b) => self.d.cond(&self.expr(c), &self.expr(a), &self.expr(b)),
             Expr::Test(x, test, negated) => {
                 let f = match test.as_str() {
                     "defined" => "is_defined",
@@ -228,10 +361,10 @@ impl Emitter {
                     _ => "is_none",
                 };
                 let call = format!("{f}({})", self.expr(x));
-                match (negated, self.py()) {
-                    (false, _) => call,
-                    (true, true) => format!("(not {call})"),
-                    (true, false) => format!("!{call}"),
+                if *negated {
+                    self.d.negate(&call)
+                } else {
+                    call
                 }
             }
         }
@@ -265,73 +398,47 @@ impl Emitter {
     pub fn body(&mut self, stmts: &[Stmt], indent: usize) -> Vec<String> {
         let mut out = Vec::new();
         let pad = " ".repeat(indent);
-        if self.py() {
-            out.push(format!("{pad}out = []"));
-        } else {
-            out.push(format!("{pad}const out = [];"));
-        }
+        out.push(self.d.body_start(&pad));
         self.stmts(stmts, indent, &mut out);
-        if self.py() {
-            out.push(format!("{pad}return \"\".join(out)"));
-        } else {
-            out.push(format!("{pad}return out.join(\"\");"));
-        }
+        out.push(self.d.body_end(&pad));
         out
     }
 
     fn stmts(&mut self, stmts: &[Stmt], indent: usize, out: &mut Vec<String>) {
         let pad = " ".repeat(indent);
-        let py = self.py();
-        let semi = if py { "" } else { ";" };
-        let push = if py { "out.append" } else { "out.push" };
+        let d = self.d;
         let mut wrote = false;
         for s in stmts {
             wrote = true;
             match s {
-                Stmt::Text(t) => out.push(format!("{pad}{push}({}){semi}", str_lit(t))),
-                Stmt::Out(e) => out.push(format!("{pad}{push}(text({})){semi}", self.expr(e))),
+                Stmt::Text(t) => out.push(d.push(&pad, &str_lit(t))),
+                Stmt::Out(e) => out.push(d.push(&pad, &format!("text({})", self.expr(e)))),
                 Stmt::Set(name, e) => {
                     let code = self.expr(e);
                     let existing = self.scopes.last().and_then(|s| s.get(name)).cloned();
                     match existing {
-                        Some(ident) => out.push(format!("{pad}{ident} = {code}{semi}")),
+                        Some(ident) => out.push(d.assign(&pad, &ident, &code)),
                         None => {
                             let ident = self.bind(name);
-                            if py {
-                                out.push(format!("{pad}{ident} = {code}"));
-                            } else {
-                                out.push(format!("{pad}let {ident} = {code};"));
-                            }
+                            out.push(d.declare(&pad, &ident, &code));
                         }
                     }
                 }
                 Stmt::If(branches, other) => {
                     for (i, (cond, body)) in branches.iter().enumerate() {
                         let c = self.expr(cond);
-                        let head = match (py, i) {
-                            (true, 0) => format!("{pad}if truthy({c}):"),
-                            (true, _) => format!("{pad}elif truthy({c}):"),
-                            (false, 0) => format!("{pad}if (truthy({c})) {{"),
-                            (false, _) => format!("{pad}}} else if (truthy({c})) {{"),
-                        };
-                        out.push(head);
+                        out.push(d.if_head(&pad, i, &c));
                         self.scopes.push(HashMap::new());
                         self.stmts(body, indent + 4, out);
                         self.scopes.pop();
                     }
                     if let Some(body) = other {
-                        out.push(if py {
-                            format!("{pad}else:")
-                        } else {
-                            format!("{pad}}} else {{")
-                        });
+                        out.push(d.else_head(&pad));
                         self.scopes.push(HashMap::new());
                         self.stmts(body, indent + 4, out);
                         self.scopes.pop();
                     }
-                    if !py {
-                        out.push(format!("{pad}}}"));
-                    }
+                    out.extend(d.block_end(&pad));
                 }
                 Stmt::For(var, iter, body) => {
                     let it = self.expr(iter);
@@ -346,22 +453,16 @@ impl Emitter {
                         s.insert("loop".into(), loop_ident.clone());
                     }
                     let v = self.bind(var);
-                    out.push(if py {
-                        format!("{pad}for {loop_ident}, {v} in with_loop({it}):")
-                    } else {
-                        format!("{pad}for (const [{loop_ident}, {v}] of withLoop({it})) {{")
-                    });
+                    out.push(d.for_head(&pad, &loop_ident, &v, &it));
                     self.stmts(body, indent + 4, out);
-                    if !py {
-                        out.push(format!("{pad}}}"));
-                    }
+                    out.extend(d.block_end(&pad));
                     self.scopes.pop();
                     self.depth -= 1;
                 }
             }
         }
-        if !wrote && py {
-            out.push(format!("{pad}pass"));
+        if !wrote {
+            out.extend(d.empty_body(&pad));
         }
     }
 }
