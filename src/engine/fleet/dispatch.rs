@@ -82,7 +82,6 @@ impl Dispatcher {
         meta: JobMeta,
         abort: &CancellationToken,
     ) -> Result<AttemptDone, PoolError> {
-        let fleet = &self.fleet;
         let job = NewJob {
             run_id: self.run_id.clone(),
             step_key: self.step.clone(),
@@ -91,6 +90,30 @@ impl Dispatcher {
             tags: self.tags.clone(),
             payload: self.payload.clone(),
         };
+        // A row that vanishes before its result is taken is enqueued again (a few times).
+        for round in 0.. {
+            match self.enqueue_and_wait(job.clone(), abort).await? {
+                Some(done) => return Ok(done),
+                None if round < 3 => {
+                    tracing::warn!(run_id = %self.run_id, step = %self.step, attempt = job.attempt, "fleet: the step's row left the queue before its result was taken (another driver of the run took or withdrew it); queueing it again");
+                }
+                None => break,
+            }
+        }
+        Ok(AttemptDone::failed_now(StepError::new(
+            ErrorKind::Interrupted,
+            "the step's row kept leaving the fleet's queue before its result was taken (another \
+             process drives this run too?)",
+        )))
+    }
+
+    /// One enqueue of `job` and the wait for its outcome; `None` when its row vanished.
+    async fn enqueue_and_wait(
+        &self,
+        job: NewJob,
+        abort: &CancellationToken,
+    ) -> Result<Option<AttemptDone>, PoolError> {
+        let fleet = &self.fleet;
         let (reply, queued) = oneshot::channel();
         if fleet.enqueue_tx.send(Enqueue { job, reply }).is_err() {
             return Err(PoolError::Dropped);
@@ -100,10 +123,10 @@ impl Dispatcher {
             r = &mut queued => match r {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
-                    return Ok(AttemptDone::failed_now(StepError::new(
+                    return Ok(Some(AttemptDone::failed_now(StepError::new(
                         ErrorKind::Network,
                         format!("the step could not be queued in the fleet database: {e}"),
-                    )))
+                    ))))
                 }
                 Err(_) => return Err(PoolError::Dropped),
             },
@@ -120,17 +143,18 @@ impl Dispatcher {
         };
         tokio::select! {
             o = outcome => match o {
-                Ok(Outcome::Done(v)) => Ok(serde_json::from_value(v).unwrap_or_else(|e| {
+                Ok(Outcome::Done(v)) => Ok(Some(serde_json::from_value(v).unwrap_or_else(|e| {
                     AttemptDone::failed_now(StepError::new(
                         ErrorKind::Internal,
                         format!("the attempt's result in the queue cannot be read ({e}); are all \
                                  hosts on the same OmniFlow version?"),
                     ))
-                })),
-                Ok(Outcome::Failed(why)) => Ok(AttemptDone::failed_now(StepError::new(
+                }))),
+                Ok(Outcome::Failed(why)) => Ok(Some(AttemptDone::failed_now(StepError::new(
                     ErrorKind::Interrupted,
                     why,
-                ))),
+                )))),
+                Ok(Outcome::Vanished) => Ok(None),
                 Err(_) => Err(PoolError::Dropped),
             },
             _ = abort.cancelled() => {
@@ -238,7 +262,11 @@ pub(crate) async fn collector(fleet: Arc<Fleet>) {
         let q = fleet.queue.clone();
         match blocking(move || q.finished(&ids)).await {
             Ok(done) => {
-                let taken: Vec<i64> = done.iter().map(|d| d.0).collect();
+                let taken: Vec<i64> = done
+                    .iter()
+                    .filter(|d| d.1 != Outcome::Vanished)
+                    .map(|d| d.0)
+                    .collect();
                 {
                     let mut waiters = lock(&fleet.waiters);
                     for (id, outcome) in done {

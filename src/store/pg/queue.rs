@@ -139,6 +139,10 @@ pub enum Outcome {
     Done(Value),
     /// The queue gave the attempt up (its workers' leases kept expiring): why.
     Failed(String),
+    /// The row is gone before its result was taken: another driver of the run took or
+    /// withdrew it (a driver paused past its lease, and the one that adopted the run, both
+    /// waited for it). The attempt is to be enqueued again.
+    Vanished,
 }
 
 /// What one sweep of expired leases did.
@@ -550,13 +554,18 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
     /// the others (still queued or running) are left alone. [`Queue::finished`], then
     /// [`Queue::forget`].
     pub fn take_results(&self, ids: &[i64]) -> Result<Vec<(i64, Outcome)>> {
-        let done = self.finished(ids)?;
+        let done: Vec<(i64, Outcome)> = self
+            .finished(ids)?
+            .into_iter()
+            .filter(|d| d.1 != Outcome::Vanished)
+            .collect();
         let taken: Vec<i64> = done.iter().map(|d| d.0).collect();
         self.forget(&taken)?;
         Ok(done)
     }
 
-    /// The outcomes of the finished rows among `ids` (still queued or running: not listed).
+    /// The outcomes of the finished rows among `ids` (still queued or running: not listed;
+    /// no longer in the queue: [`Outcome::Vanished`]).
     /// Read only: the rows go with [`Queue::forget`] once their driver has them, so a
     /// connection dropped in between never loses a result (the rows left are pruned once
     /// their run has ended).
@@ -566,13 +575,19 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
         }
         let rows = self.with("read step results", |c| {
             c.query_typed(
-                "SELECT id, state, result, error FROM runner_queue
-                 WHERE id = ANY($1) AND state IN ('done', 'failed')",
+                "SELECT id, state, result, error FROM runner_queue WHERE id = ANY($1)",
                 &[(&ids, Type::INT8_ARRAY)],
             )
         })?;
+        let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let vanished: Vec<(i64, Outcome)> = ids
+            .iter()
+            .filter(|id| !present.contains(id))
+            .map(|id| (*id, Outcome::Vanished))
+            .collect();
         Ok(rows
             .into_iter()
+            .filter(|r| matches!(r.get::<_, &str>(1), "done" | "failed"))
             .map(|r| {
                 let id: i64 = r.get(0);
                 let outcome = if r.get::<_, &str>(1) == "done" {
@@ -585,6 +600,7 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
                 };
                 (id, outcome)
             })
+            .chain(vanished)
             .collect())
     }
 
