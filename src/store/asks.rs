@@ -44,7 +44,10 @@ pub(crate) enum Ask {
     },
     /// Remove the intent of a part the service refused or never got (a part recorded as
     /// sent is left alone).
-    ClearNotificationIntent { dedupe_key: String, reply: Reply<()> },
+    ClearNotificationIntent {
+        dedupe_key: String,
+        reply: Reply<()>,
+    },
     /// Record a delivered message part: its intent becomes `sent` with the message ids (a
     /// part already recorded as sent is left alone).
     RecordNotification {

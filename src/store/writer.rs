@@ -215,9 +215,9 @@ fn answer(conn: &mut Connection, ask: Ask, proc: &ProcessInfo, path: &str) {
         Ask::NotificationIntent { rec, reply } => {
             reply.send(super::claims::record_notification_intent(conn, &rec).map_err(error))
         }
-        Ask::ClearNotificationIntent { dedupe_key, reply } => reply.send(
-            super::claims::clear_notification_intent(conn, &dedupe_key).map_err(error),
-        ),
+        Ask::ClearNotificationIntent { dedupe_key, reply } => {
+            reply.send(super::claims::clear_notification_intent(conn, &dedupe_key).map_err(error))
+        }
         Ask::RecordNotification { rec, reply } => {
             reply.send(super::claims::record_notification(conn, &rec).map_err(error))
         }
