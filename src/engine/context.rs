@@ -27,6 +27,11 @@ impl RunValues {
             run: MjValue::from_serialize(run),
         }
     }
+
+    /// The run's variables (they serialize as the JSON recorded with the run).
+    pub(crate) fn vars(&self) -> &MjValue {
+        &self.vars
+    }
 }
 
 /// The finished nodes of one run, in blueprint order. Written by the run's driver only, each

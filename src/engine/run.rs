@@ -257,27 +257,83 @@ impl Backlog {
     }
 }
 
-/// How often a run's progress counters reach its row while its steps finish in a burst.
+/// The least time between two writes of a run's progress counters.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How many bytes of run row a second of progress writes may rewrite (see [`ProgressGate`]).
+const PROGRESS_BYTES_PER_SEC: u64 = 10 << 20;
 
 /// When a run's counters (`steps_done`, tokens) are written. SQLite rewrites a whole row to
 /// change one column of it, and a run's row holds its variables and blueprint: written after
 /// every step, a fan-out next to a 1 MB variable rewrote that megabyte for every batch of
-/// steps. So a burst writes them at most every [`PROGRESS_EVERY`]; a step after a quiet spell
-/// (or the last one in flight) writes them at once, and the run's end carries the final ones.
-#[derive(Default)]
+/// steps, and a 10,000-node chain (an 11 MB blueprint) rewrote 11 MB per step, so a run's
+/// cost grew with the square of its size. So the counters are written at most every
+/// [`PROGRESS_EVERY`], and for a big row at most [`PROGRESS_BYTES_PER_SEC`] a second: the
+/// cost is per second of run time, whatever its size. A step that ends between two writes
+/// leaves the counters pending; the driver writes them when the interval is up even if no
+/// other step ends (`Driver::next_result`), and the run's end carries the final ones.
 struct ProgressGate {
-    last: Option<Instant>,
+    every: std::time::Duration,
+    last: Option<tokio::time::Instant>,
+    pending: bool,
 }
 
 impl ProgressGate {
-    fn due(&mut self, nothing_in_flight: bool) -> bool {
-        let due = nothing_in_flight || self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+    /// A gate for a run whose row holds about `row_bytes` of snapshot.
+    fn new(row_bytes: u64) -> ProgressGate {
+        let every =
+            std::time::Duration::from_secs_f64(row_bytes as f64 / PROGRESS_BYTES_PER_SEC as f64)
+                .max(PROGRESS_EVERY);
+        ProgressGate {
+            every,
+            last: None,
+            pending: false,
+        }
+    }
+
+    /// A step ended: whether to write the counters now (else they are pending).
+    fn due(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let due = self.last.is_none_or(|t| now >= t + self.every);
         if due {
-            self.last = Some(Instant::now());
+            self.last = Some(now);
+            self.pending = false;
+        } else {
+            self.pending = true;
         }
         due
     }
+
+    /// When pending counters are to be written.
+    fn flush_at(&self) -> Option<tokio::time::Instant> {
+        match (self.pending, self.last) {
+            (true, Some(t)) => Some(t + self.every),
+            _ => None,
+        }
+    }
+
+    /// The pending counters are being written now.
+    fn flushed(&mut self) {
+        self.last = Some(tokio::time::Instant::now());
+        self.pending = false;
+    }
+}
+
+/// The bytes a writer would produce for `value` as JSON, without keeping them.
+fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, value);
+    c.0
 }
 
 type Inflight = FuturesUnordered<futures_util::future::BoxFuture<'static, StepResult>>;
@@ -475,6 +531,8 @@ impl Driver {
         // Checked: a timeout too far away to represent is no deadline at all.
         let deadline = run_timeout
             .and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));
+        // What a write of the run's row rewrites: its snapshot of blueprint and variables.
+        let progress = ProgressGate::new(json_len(&*bp) + json_len(ctx.values.vars()));
 
         Driver {
             ctx,
@@ -490,7 +548,7 @@ impl Driver {
             timed_out,
             tokens,
             steps_done,
-            progress: ProgressGate::default(),
+            progress,
             run_timeout,
             deadline,
             handling: None,
@@ -559,6 +617,7 @@ impl Driver {
         drop(self.handling.take());
         let ctx = &self.ctx;
         let deadline = self.deadline;
+        let flush_at = self.progress.flush_at();
         let inflight = &mut self.inflight;
         let next = async {
             match deadline {
@@ -575,6 +634,13 @@ impl Driver {
             }
             // A step went to sleep out a backoff: another may take its place.
             _ = ctx.window.left.notified(), if !self.backlog.is_empty() => return Next::Again,
+            // Counters left pending by a step that ended between two writes.
+            _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)),
+                if flush_at.is_some() => {
+                self.progress.flushed();
+                ctx.inner.store.run_progress(&ctx.run_id, self.steps_done, self.tokens);
+                return Next::Again;
+            }
         };
         match res {
             Some(Some(r)) => Next::Step(r),
@@ -600,7 +666,7 @@ impl Driver {
         if self.states[node].is_final() {
             self.graph.settle(node, &self.states[node], &self.finished);
         }
-        if self.progress.due(self.inflight.is_empty()) {
+        if self.progress.due() {
             ctx.inner
                 .store
                 .run_progress(&ctx.run_id, self.steps_done, self.tokens);
@@ -980,4 +1046,54 @@ fn record_final(
         error,
         error_kind: kind,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{json_len, ProgressGate, PROGRESS_EVERY};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_small_row_is_written_at_most_every_200_ms_and_never_left_behind() {
+        let mut gate = ProgressGate::new(2_000);
+        assert!(gate.due(), "the first end is written at once");
+        assert!(!gate.due(), "a second end right after waits");
+        let at = gate.flush_at().expect("the counters are pending");
+        assert_eq!(at - tokio::time::Instant::now(), PROGRESS_EVERY);
+        tokio::time::advance(PROGRESS_EVERY).await;
+        gate.flushed();
+        assert_eq!(gate.flush_at(), None, "nothing is pending once written");
+        tokio::time::advance(PROGRESS_EVERY).await;
+        assert!(gate.due(), "an end after a quiet spell is written at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_big_row_is_rewritten_at_a_bounded_rate() {
+        // An 11 MB snapshot (a 10,000-node chain with 1 KB templates): about one write a
+        // second, so the rewrites cost per second of run time, not per step.
+        let mut gate = ProgressGate::new(11 << 20);
+        assert!(gate.due());
+        let mut written = 1;
+        for _ in 0..10_000 {
+            tokio::time::advance(Duration::from_micros(100)).await;
+            if gate.due() {
+                written += 1;
+            }
+        }
+        // One second of steps: the first write and at most one more.
+        assert!(
+            written <= 2,
+            "{written} writes of an 11 MB row in one second"
+        );
+        assert!(
+            gate.flush_at().is_some(),
+            "the last counters are still pending"
+        );
+    }
+
+    #[test]
+    fn json_len_counts_what_serde_json_writes() {
+        let v = serde_json::json!({"a": [1, 2, 3], "b": "x\"y"});
+        assert_eq!(json_len(&v), serde_json::to_vec(&v).unwrap().len() as u64);
+    }
 }
