@@ -20,6 +20,8 @@ struct Fleet {
     db: ScratchDb,
     fake: common::counting::CountingFake,
     children: Vec<Child>,
+    /// Every process's `LEASE_TIMEOUT`: short, so the tests that kill a process wait little.
+    lease: &'static str,
 }
 
 impl Fleet {
@@ -30,6 +32,7 @@ impl Fleet {
             db,
             fake: common::counting::start(latency, ANSWER.to_string()),
             children: Vec::new(),
+            lease: "2",
         })
     }
 
@@ -44,7 +47,7 @@ impl Fleet {
             // No question to the fake about its slots, no cached answers.
             .env("OPENAI_CONCURRENCY", "0")
             .env("CACHE_TTL", "0")
-            .env("LEASE_TIMEOUT", "2")
+            .env("LEASE_TIMEOUT", self.lease)
             .env("MAX_RETRIES", "0");
         for (k, v) in extra {
             c.env(k, v);
@@ -174,6 +177,9 @@ fn three_daemons_share_two_thousand_steps_and_run_each_exactly_once() {
     let Some(mut fleet) = Fleet::new("share", Duration::from_millis(5)) else {
         return;
     };
+    // Nobody dies here: a lease long enough that a process starved of CPU by a loaded
+    // machine (2 s of no heartbeat) is not taken for dead, which would rerun its steps.
+    fleet.lease = "30";
     for host in ["d1", "d2", "d3"] {
         fleet.daemon(host, "8");
     }
