@@ -80,7 +80,8 @@ pub(crate) fn check_cron(expr: &str) -> Result<(), String> {
     let cron = croner::Cron::new(t)
         .parse()
         .map_err(|e| format!("invalid cron expression \"{expr}\": {e}; expected {EXAMPLE}"))?;
-    // Issue 5: a valid expression that names no real date ("0 0 30 2 *") would never fire.
+    // A well-formed expression can name no real date ("0 0 30 2 *"): such a schedule would
+    // never fire, silently, so it is refused here.
     let start = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
     if cron.find_next_occurrence(&start, false).is_err() {
         return Err(format!(

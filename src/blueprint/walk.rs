@@ -147,7 +147,8 @@ impl<'s> Walker<'s> {
                 }
                 return;
             }
-            // Issue 5: UTC, a fixed offset or an IANA name (see schedule::parse_timezone).
+            // UTC, a fixed offset or an IANA name, parsed the way the scheduler will parse it
+            // (`blueprint::zone`), so a zone that loads is a zone that fires.
             Some("timezone") => {
                 if let Err(msg) = super::parse_timezone(Some(text)) {
                     // The path already says `timezone`.

@@ -618,7 +618,8 @@ fn record_attempt(
         model: out.model.clone(),
         cached: out.cached,
     });
-    // Issue 3: the run's spent tokens (for its budget), and which providers were skipped.
+    // The run's spent tokens, checked against its budget before each model call, and which
+    // providers the chain skipped (recorded so `show` can say why another one answered).
     ctx.tokens_spent
         .fetch_add(out.tokens, std::sync::atomic::Ordering::SeqCst);
     if out.tokens > 0 {

@@ -199,7 +199,8 @@ pub fn show(args: ShowArgs) -> Result<ExitCode, Failure> {
             );
         }
     }
-    // Issue 3: attempts answered by a fallback provider, and why the others were skipped.
+    // A step answered by a later provider in its chain says so, with why the earlier ones
+    // were skipped: otherwise the answering model looks like the one the blueprint asked for.
     let fallbacks = store.run_fallbacks(&run.id).unwrap_or_default();
     if !fallbacks.is_empty() {
         say_out!();
