@@ -9,7 +9,7 @@ mod common;
 
 use omniflow::store::pg::testing::ScratchDb;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -41,10 +41,10 @@ fn fake_telegram(hold: usize) -> FakeTelegram {
             let (texts, arrived_tx, release_rx) =
                 (t.clone(), arrived_tx.clone(), release_rx.clone());
             std::thread::spawn(move || {
-                let Some(body) = read_request(&mut stream) else {
+                let Some(req) = common::http::read_request_blocking(&mut stream) else {
                     return;
                 };
-                let text = serde_json::from_slice::<Value>(&body)
+                let text = serde_json::from_str::<Value>(&req.body)
                     .ok()
                     .and_then(|v| v["text"].as_str().map(str::to_string))
                     .unwrap_or_default();
@@ -77,36 +77,6 @@ fn fake_telegram(hold: usize) -> FakeTelegram {
         arrived,
         release,
     }
-}
-
-fn read_request(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + 4 + len {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    Some(buf[head_end + 4..head_end + 4 + len].to_vec())
 }
 
 fn cmd(dir: &Path, fake: &str, database_url: Option<&str>, args: &[&str]) -> Command {

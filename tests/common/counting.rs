@@ -7,7 +7,7 @@
 //! tell which step was answered where, and how often.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,55 +58,24 @@ fn serve(hold: Hold, other_body: String) -> CountingFake {
             let (calls, other_body, prompts) = (c.clone(), other_body.clone(), pr.clone());
             let (gate, peak) = (gate.clone(), pk.clone());
             std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let head_end = loop {
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i;
-                    }
+                let Some(req) = super::http::read_request_blocking(&mut stream) else {
+                    return;
                 };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
-                while buf.len() < head_end + 4 + len {
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let mut path = head
-                    .lines()
-                    .next()
-                    .and_then(|l| l.split(' ').nth(1))
-                    .unwrap_or("")
-                    .to_string();
+                let mut path = req.target.clone();
                 let telegram = path.ends_with("/sendMessage");
                 if telegram {
-                    let body = String::from_utf8_lossy(&buf[head_end + 4..]).to_string();
-                    let text = serde_json::from_str::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v["text"].as_str().map(str::to_string))
-                        .unwrap_or_default();
+                    let text = req.json()["text"].as_str().unwrap_or_default().to_string();
                     if let Some(run) = text.strip_prefix("run ").and_then(|t| t.split(':').next()) {
                         path = format!("{path}/{run}");
                     }
                 }
-                let prompt = serde_json::from_slice::<serde_json::Value>(&buf[head_end + 4..])
-                    .ok()
-                    .and_then(|v| {
-                        let last = v["messages"].as_array()?.last()?.clone();
-                        last["content"].as_str().map(str::to_string)
-                    });
+                let prompt = {
+                    let v = req.json();
+                    v["messages"]
+                        .as_array()
+                        .and_then(|m| m.last())
+                        .and_then(|last| last["content"].as_str().map(str::to_string))
+                };
                 {
                     let (open, cv) = &*gate;
                     let mut g = open.lock().unwrap();

@@ -32,20 +32,58 @@ impl Request {
 pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Request> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
-    let end = loop {
+    loop {
         let n = sock.read(&mut chunk).await.ok()?;
         if n == 0 {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end;
+        match parse(&buf) {
+            Parsed::Incomplete => continue,
+            Parsed::Bad => return None,
+            Parsed::Whole(r) => return Some(r),
         }
+    }
+}
+
+/// [`read_request`] for the fakes that serve each connection on a plain thread.
+pub fn read_request_blocking(sock: &mut std::net::TcpStream) -> Option<Request> {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = sock.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match parse(&buf) {
+            Parsed::Incomplete => continue,
+            Parsed::Bad => return None,
+            Parsed::Whole(r) => return Some(r),
+        }
+    }
+}
+
+enum Parsed {
+    /// The head or the body is not all there yet.
+    Incomplete,
+    /// Not a request line.
+    Bad,
+    Whole(Request),
+}
+
+/// The request in `buf` once its head and `Content-Length` bytes of body have arrived.
+fn parse(buf: &[u8]) -> Parsed {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Parsed::Incomplete;
     };
     let head = String::from_utf8_lossy(&buf[..end]).to_string();
     let mut lines = head.lines();
-    let mut first = lines.next()?.split_whitespace();
-    let (method, target) = (first.next()?.to_string(), first.next()?.to_string());
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let (Some(method), Some(target)) = (first.next(), first.next()) else {
+        return Parsed::Bad;
+    };
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -57,16 +95,12 @@ pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Request> {
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.parse::<usize>().ok())
         .unwrap_or(0);
-    while buf.len() < end + 4 + len {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+    if buf.len() < end + 4 + len {
+        return Parsed::Incomplete;
     }
-    Some(Request {
-        method,
-        target,
+    Parsed::Whole(Request {
+        method: method.to_string(),
+        target: target.to_string(),
         headers,
         body: String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string(),
     })
