@@ -688,3 +688,45 @@ async fn size_budgets_fail_the_run_with_their_setting() {
     let e = env.engine.start(big, RunRequest::default()).err().unwrap();
     assert!(e.to_string().contains("MAX_VARIABLE_BYTES"), "{e}");
 }
+
+/// The history's progress counters do not wait for the next step's end: two steps that end
+/// together write the first count at once and the second when the write interval is up,
+/// while a long step after them is still running (`show` and other processes' consoles read
+/// these counters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_counters_reach_the_history_while_a_long_step_runs() {
+    let env = engine(&[], 4);
+    let bp = blueprint(json!({
+        "name": "progress",
+        "nodes": [
+            { "id": "a", "type": "transform", "template": "a" },
+            { "id": "b", "type": "transform", "template": "b" },
+            // An hour scaled down 1000×: 3.6 s, far beyond the 200 ms write interval.
+            { "id": "wait", "type": "delay", "duration": "1h", "needs": ["a", "b"] }
+        ]
+    }));
+    let handle = env.engine.start(bp, RunRequest::default()).unwrap();
+    let id = handle.run_id.clone();
+    let mut seen_while_running = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        env.store.flush().await;
+        let row = env.store.find_run(&id).unwrap();
+        if row.status != RunStatus::Running && row.status != RunStatus::Queued {
+            break;
+        }
+        if row.steps_done == Some(2) {
+            seen_while_running = Some(row.steps_done);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen_while_running,
+        Some(Some(2)),
+        "both quick steps were counted in the history before the long step ended"
+    );
+    let o = handle.wait().await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(env.store.find_run(&id).unwrap().steps_done, Some(3));
+}
