@@ -450,12 +450,19 @@ fn a_fan_out_survives_a_killed_and_restarted_server() {
         .filter(|a| a["ok"] == json!(false))
         .map(|a| a["error_kind"].as_str().unwrap())
         .collect();
+    let messages: Vec<&str> = show["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["ok"] == json!(false))
+        .filter_map(|a| a["error"].as_str())
+        .collect();
     assert!(!failed.is_empty(), "the kill cost no attempt at all?");
     assert!(
         failed
             .iter()
             .all(|k| ["network", "model_loading", "truncated_stream"].contains(k)),
-        "{failed:?}"
+        "{failed:?}\n{messages:#?}"
     );
     eprintln!("killed mid-fan-out: failed attempts by kind {failed:?}");
 }

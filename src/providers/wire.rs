@@ -503,7 +503,11 @@ pub(crate) fn transport_error(e: &reqwest::Error, link: Link, url: &str) -> Step
         text = format!("{}: {}", text.trim(), strip(d));
     }
     let what = text.trim().to_string();
-    if e.is_timeout() {
+    // A connect that timed out is a server not reachable, like a refused one: it is not the
+    // model being slow, so it must not read as REQUEST_TIMEOUT's and it falls through an
+    // `auto` chain. The client has no other timeout (the engine's attempt timeout drops the
+    // future), so the branch below is for a timeout from elsewhere in the stack.
+    if e.is_timeout() && !e.is_connect() {
         return StepError::new(
             ErrorKind::Timeout,
             format!("{} at {url} timed out ({what})", link.label()),
@@ -611,6 +615,38 @@ mod tests {
         assert_eq!(got[9_999], "line 9999");
         assert_eq!(l.push(b" a line\n"), vec!["half a line"]);
         assert_eq!(l.rest(), None);
+    }
+
+    /// A server whose accept queue is full never finishes the TCP handshake (the kernel drops
+    /// the SYN): the connect times out, and that is a server not reached (`network`, which an
+    /// `auto` chain falls through), not a slow model (`timeout`, REQUEST_TIMEOUT's advice).
+    #[tokio::test]
+    async fn a_connect_that_times_out_is_a_network_failure() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        // Backlog 0 and nobody accepting: after a connection or two the queue is full.
+        let _listener = socket.listen(0).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            if let Ok(c) = std::net::TcpStream::connect_timeout(
+                &addr,
+                Duration::from_millis(200),
+            ) {
+                held.push(c);
+            }
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let url = format!("http://{addr}/v1/chat/completions");
+        let e = client.get(&url).send().await.unwrap_err();
+        assert!(e.is_connect() && e.is_timeout(), "{e:?}");
+        let got = transport_error(&e, Link::OpenAi, &url);
+        assert_eq!(got.kind, ErrorKind::Network, "{}", got.message);
+        assert!(got.message.contains("could not connect"), "{}", got.message);
+        assert!(crate::providers::falls_through(got.kind));
     }
 
     #[test]
