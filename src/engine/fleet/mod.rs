@@ -194,7 +194,11 @@ impl Fleet {
         };
         tracing::info!(database = %self.queue.target().shown(), worker = %self.worker_id, tags = %tags, "fleet: steps go through the shared queue");
         self.spawn_listener();
-        tokio::spawn(dispatch::schema_then_enqueue(self.clone(), rx.enqueue));
+        tokio::spawn(dispatch::schema_then_enqueue(
+            self.clone(),
+            engine.clone(),
+            rx.enqueue,
+        ));
         tokio::spawn(dispatch::collector(self.clone()));
         tokio::spawn(worker::completer(self.clone(), rx.complete));
         tokio::spawn(worker::claimer(self.clone(), engine.clone()));
