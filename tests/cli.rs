@@ -158,6 +158,30 @@ fn sandbox_run_with_failures_succeeds_and_is_recorded() {
     let parsed: Value = serde_json::from_str(line).unwrap();
     assert_eq!(parsed["run_id"], id);
     assert!(parsed["step"].as_str().unwrap().starts_with("summarize["));
+    // A fan-out is one info line when it ends, not one per item (its items' successes are
+    // debug lines, below the default level); other steps say each.
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let said =
+        |msg: &str| -> Vec<&Value> { lines.iter().filter(|l| l["message"] == msg).collect() };
+    let fan = said("fan-out finished");
+    assert_eq!(fan.len(), 1, "{text}");
+    assert_eq!(fan[0]["step"], "summarize");
+    assert_eq!(fan[0]["items"], 40);
+    assert_eq!(fan[0]["status"], "succeeded");
+    let succeeded = said("step succeeded");
+    assert!(
+        succeeded
+            .iter()
+            .all(|l| !l["step"].as_str().unwrap().contains('[')),
+        "{succeeded:?}"
+    );
+    assert!(
+        succeeded.iter().any(|l| l["step"] == "digest"),
+        "{succeeded:?}"
+    );
 
     // `show` and `runs` read it back.
     let shown = s.run(&["show", &id[..8], "--json"]);

@@ -884,6 +884,15 @@ fn finish_step(
     }
     let outputs = std::mem::take(outputs);
     let failed = failed.take();
+    if node.for_each.is_some() {
+        let status = match &failed {
+            None => "succeeded",
+            Some(e) if e.kind == ErrorKind::Cancelled => "cancelled",
+            Some(_) if node.continue_on_error => "failed, continuing",
+            Some(_) => "failed",
+        };
+        tracing::info!(run_id = %ctx.run_id, step = %node.id, items = outputs.len(), status, "fan-out finished");
+    }
     let output = if node.for_each.is_some() {
         Value::Array(outputs)
     } else {

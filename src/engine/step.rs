@@ -771,6 +771,12 @@ fn finish(
         _ if handed_over => {
             tracing::info!(run_id = %ctx.run_id, step = %spec.key, "step handed over unfinished (the next owner runs it)")
         }
+        // A fan-out item's success is a debug line: its node's end is the info line (see
+        // `run::finish_step`), so 10,000 items are one line in the log pane, not 10,000 (and
+        // not a sixth of the run's CPU). Its failures stay warnings, each.
+        StepStatus::Success if spec.item.is_some() => {
+            tracing::debug!(run_id = %ctx.run_id, step = %spec.key, attempts, duration_ms, tokens = out.tokens, "step succeeded")
+        }
         StepStatus::Success => {
             tracing::info!(run_id = %ctx.run_id, step = %spec.key, attempts, duration_ms, tokens = out.tokens, "step succeeded")
         }
