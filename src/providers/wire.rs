@@ -629,10 +629,7 @@ mod tests {
         let _listener = socket.listen(0).unwrap();
         let mut held = Vec::new();
         for _ in 0..8 {
-            if let Ok(c) = std::net::TcpStream::connect_timeout(
-                &addr,
-                Duration::from_millis(200),
-            ) {
+            if let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
                 held.push(c);
             }
         }

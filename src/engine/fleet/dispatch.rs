@@ -181,6 +181,7 @@ impl Fleet {
 /// transaction.
 pub(crate) async fn schema_then_enqueue(
     fleet: Arc<Fleet>,
+    engine: std::sync::Weak<crate::engine::Inner>,
     mut rx: mpsc::UnboundedReceiver<Enqueue>,
 ) {
     let mut wait = Duration::from_millis(200);
@@ -217,6 +218,10 @@ pub(crate) async fn schema_then_enqueue(
             }
         }
         let jobs: Vec<NewJob> = batch.iter().map(|e| e.job.clone()).collect();
+        // The steps' `pending` rows (and a retried step's `retrying`) were queued to this
+        // process's writer before their attempts came here: committed first, so the host
+        // that claims a row finds its step recorded when it marks it running.
+        super::history_committed(&engine).await;
         let q = fleet.queue.clone();
         match blocking(move || q.enqueue(&jobs)).await {
             Ok(ids) => {

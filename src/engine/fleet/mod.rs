@@ -62,6 +62,18 @@ pub fn target(config: &Config) -> Option<PgTarget> {
     }
 }
 
+/// Resolves once every history write this process queued so far is committed (at once when
+/// the engine is gone). A queue row is inserted, and a result handed back, only after the
+/// history writes that precede it: another process acts on the row at once, and its own
+/// writes about the step (`step_started` on the worker, `step_finished` on the driver) must
+/// find the step in the state they expect, not race this process's writer.
+async fn history_committed(engine: &std::sync::Weak<crate::engine::Inner>) {
+    let store = engine.upgrade().map(|inner| inner.store.clone());
+    if let Some(store) = store {
+        store.flush().await;
+    }
+}
+
 /// A row whose attempt this process runs: its token (for the fenced completion) and what
 /// stops it when the lease is lost.
 struct Held {
@@ -194,9 +206,13 @@ impl Fleet {
         };
         tracing::info!(database = %self.queue.target().shown(), worker = %self.worker_id, tags = %tags, "fleet: steps go through the shared queue");
         self.spawn_listener();
-        tokio::spawn(dispatch::schema_then_enqueue(self.clone(), rx.enqueue));
+        tokio::spawn(dispatch::schema_then_enqueue(
+            self.clone(),
+            engine.clone(),
+            rx.enqueue,
+        ));
         tokio::spawn(dispatch::collector(self.clone()));
-        tokio::spawn(worker::completer(self.clone(), rx.complete));
+        tokio::spawn(worker::completer(self.clone(), engine.clone(), rx.complete));
         tokio::spawn(worker::claimer(self.clone(), engine.clone()));
         tokio::spawn(worker::heartbeats(self.clone()));
         tokio::spawn(worker::sweeper(self.clone()));

@@ -205,6 +205,7 @@ fn to_json(done: &AttemptDone) -> serde_json::Value {
 /// does not answer (the lease still covers the row meanwhile).
 pub(crate) async fn completer(
     fleet: Arc<Fleet>,
+    engine: Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<(i64, String, serde_json::Value)>,
 ) {
     loop {
@@ -220,6 +221,9 @@ pub(crate) async fn completer(
                 Err(_) => break,
             }
         }
+        // Each attempt's `running` was queued to this process's writer when it started:
+        // committed before its result is visible, so its driver's `finished` lands after it.
+        super::history_committed(&engine).await;
         let mut wait = Duration::from_millis(100);
         let n_batch = batch.len();
         for round in 0.. {
