@@ -1143,3 +1143,106 @@ fn a_fan_out_over_three_processes_writes_every_step_in_order() {
         200
     );
 }
+
+/// Terminates every backend of the fleet's database but the caller's own, every `every`,
+/// until `stop` is set; returns how many it terminated.
+fn keep_cutting(
+    db: &ScratchDb,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<i64> {
+    let (target, name) = (db.target().clone(), db.name().to_string());
+    std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        let mut killed = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(every);
+            killed += c
+                .query_one(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid()) AS t",
+                    &[&name],
+                )
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0);
+        }
+        killed
+    })
+}
+
+/// The fleet-wide rate limit keeps its budget while the server keeps dropping the fleet's
+/// connections: a place is taken on another connection when its own was dropped, never
+/// skipped ("calling anyway") and never counted twice, and no step fails for it.
+#[test]
+fn a_rate_limited_fan_out_keeps_its_budget_while_connections_are_killed() {
+    // The harness's short lease: a claim whose reply was lost with its connection leaves
+    // its rows to be rescued when their lease expires.
+    let Some(mut fleet) = Fleet::new("rates_cut", Duration::from_millis(20)) else {
+        return;
+    };
+    let limit = [("OPENAI_RATE_LIMIT", "10/s"), ("CONCURRENCY", "4")];
+    let empty = fleet.dir.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    for host in ["d1", "d2"] {
+        let child = fleet
+            .cmd(host, &["daemon", "--dir", empty.to_str().unwrap()], &limit)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        fleet.children.push(child);
+    }
+    const ITEMS: usize = 60;
+    let bps = fleet.blueprints(1, ITEMS);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &limit,
+        )
+        .spawn()
+        .unwrap();
+    wait_for("the first calls", Duration::from_secs(120), || {
+        fleet.calls_by_host().values().sum::<usize>() >= 5
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutter = keep_cutting(&fleet.db, Duration::from_millis(300), stop.clone());
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let killed = cutter.join().unwrap();
+    assert!(killed > 0);
+    assert!(
+        ok,
+        "a step failed while connections were cut:\n{out}\n{err}"
+    );
+    for c in &mut fleet.children {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    // Every call the fake answered took one place, and no window gave more than 10.
+    let mut h = fleet.history();
+    let calls: usize = fleet.calls_by_host().values().sum();
+    assert!(calls >= ITEMS, "{calls}");
+    let (places, fullest): (i64, i32) = h
+        .query_one(
+            "SELECT COALESCE(sum(used), 0)::bigint, COALESCE(max(used), 0)
+             FROM runner_rate_windows WHERE provider = 'openai'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        places, calls as i64,
+        "calls made without a place, or places counted twice ({killed} backends killed)"
+    );
+    assert!(fullest <= 10, "a window gave {fullest} places");
+    for host in ["d1", "d2", "driver"] {
+        let skipped: Vec<String> = warnings(&fleet, host)
+            .into_iter()
+            .filter(|m| m.contains("rate limit"))
+            .collect();
+        assert!(skipped.is_empty(), "{host}: {skipped:?}");
+    }
+}

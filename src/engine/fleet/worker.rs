@@ -332,6 +332,14 @@ pub(crate) async fn sweeper(fleet: Arc<Fleet>) {
         let (q, max) = (fleet.queue.clone(), fleet.max_rescues);
         match blocking(move || q.rescue_expired(max)).await {
             Ok(r) => {
+                if r.swept {
+                    // The sweeping process also drops the rate-limit windows that are over
+                    // (and the places taken in them: one row per call).
+                    let q = fleet.queue.clone();
+                    if let Err(e) = blocking(move || q.prune_rates()).await {
+                        tracing::debug!(error = %e, "fleet: cannot prune rate-limit windows; the next sweep does");
+                    }
+                }
                 let n = r.requeued.len() + r.failed.len();
                 if n > 0 {
                     fleet

@@ -651,14 +651,17 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
         limit: u32,
         per: Duration,
     ) -> Result<super::limits::Take> {
-        let mut c = self.conn()?;
-        super::limits::take(&mut c, &self.target, provider, limit, per).map_err(QueueError)
+        // One token for every try: a take whose reply was lost with its connection, sent
+        // again, is told its place instead of taking a second one.
+        let token = super::limits::token();
+        self.with("take a place in a rate limit", |c| {
+            super::limits::take(c, provider, limit, per, &token)
+        })
     }
 
     /// Deletes rate-limit windows that are over.
     pub fn prune_rates(&self) -> Result<u64> {
-        let mut c = self.conn()?;
-        super::limits::prune(&mut c, &self.target).map_err(QueueError)
+        self.with("prune rate-limit windows", super::limits::prune)
     }
 
     /// Moves the queued rows of `run_id` to `priority` (running rows keep theirs); returns

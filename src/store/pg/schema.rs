@@ -185,6 +185,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "requests to a run's driver: cancel, priority",
         super::fleet_view::MIGRATION,
     ),
+    (
+        "fleet rate-limit places by token (a take sent again counts once)",
+        super::limits::MIGRATION,
+    ),
 ];
 
 /// The newest migration this build knows.
