@@ -1246,3 +1246,97 @@ fn a_rate_limited_fan_out_keeps_its_budget_while_connections_are_killed() {
         assert!(skipped.is_empty(), "{host}: {skipped:?}");
     }
 }
+
+/// The writer's connection drops right after the server committed a batch, before the
+/// writer heard so: the writer finds the batch committed (its number is recorded in the same
+/// transaction) and says so once, at debug level, instead of applying it again and warning
+/// that each of its writes was "already recorded".
+#[test]
+fn a_batch_whose_commit_reply_was_lost_is_not_applied_again() {
+    let Some(db) = ScratchDb::new("commit_lost") else {
+        return;
+    };
+    let mut url = url::Url::parse(db.url()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    // The first transaction that records an attempt: the writer's batch.
+    let proxy = common::pgcut::start(&upstream, "INSERT INTO runner_attempts");
+    let (host, port) = proxy.addr.split_once(':').unwrap();
+    url.set_host(Some(host)).unwrap();
+    url.set_port(Some(port.parse().unwrap())).unwrap();
+    url.set_query(Some("sslmode=disable"));
+    let dir = tempfile::tempdir().unwrap();
+    let bp = json!({
+        "name": "cut-commit",
+        "variables": { "ITEMS": (0..40).map(|i| format!("i{i}")).collect::<Vec<_>>() },
+        "nodes": [
+            { "id": "each", "type": "transform", "forEach": "{{ vars.ITEMS }}",
+              "template": "{{ item }}!" },
+            { "id": "all", "type": "transform", "needs": ["each"],
+              "template": "{{ nodes.each.output | join(',') }}" }
+        ]
+    });
+    let path = dir.path().join("cut.json");
+    std::fs::write(&path, bp.to_string()).unwrap();
+    let logs = dir.path().join("logs");
+    let run = common::bin::omniflow(
+        dir.path(),
+        &["run", path.to_str().unwrap(), "--sandbox", "--json"],
+        [
+            ("DATABASE_URL", url.to_string()),
+            ("LOG_DIR", logs.display().to_string()),
+            ("RUST_LOG", "info,omniflow::store=debug".to_string()),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let (ok, out, err) = finish(run, Duration::from_secs(120));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let lines: Vec<Value> = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let said = |level: &str, text: &str| -> usize {
+        lines
+            .iter()
+            .filter(|v| v["level"] == level && v["message"].as_str().unwrap_or("").contains(text))
+            .count()
+    };
+    let warned: Vec<&Value> = lines.iter().filter(|v| v["level"] == "WARN").collect();
+    assert_eq!(
+        said("WARN", "ignored"),
+        0,
+        "{} warnings, first: {:?}",
+        warned.len(),
+        warned.first()
+    );
+    assert_eq!(
+        said("DEBUG", "committed before its connection dropped"),
+        1,
+        "{warned:?}"
+    );
+    // Everything is there, once.
+    let mut h = db.target().connect().unwrap();
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        41
+    );
+    assert_eq!(count(&mut h, "SELECT count(*) FROM runner_attempts"), 41);
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_executions WHERE status = 'success'"
+        ),
+        1
+    );
+}

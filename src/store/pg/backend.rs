@@ -8,8 +8,11 @@
 //! called from async code only blocks on a channel, like an SQLite read blocks on its file.
 //!
 //! A dropped connection (a server restart, `pg_terminate_backend`) is reconnected and the
-//! batch or query tried again. The transitions are guarded, so a batch whose commit was lost
-//! with the connection can be replayed: what it already did is a no-op the second time.
+//! batch or query tried again. A batch whose connection dropped while it committed may have
+//! committed: each of the writer's transactions records its number in
+//! `runner_writer_batches`, and the writer reads it back before applying the batch again
+//! (committed: said once, at debug level, and not applied again). The transitions are guarded
+//! anyway, so a replay would be a no-op, but one warning per write.
 
 use super::super::asks::Ask;
 use super::super::error::{DbError, StoreError, StoreErrorKind};
@@ -58,6 +61,21 @@ pub(crate) struct Conn {
     custom_plans: bool,
     /// The writer's prepared statements on `client`.
     statements: super::ops::Statements,
+    /// The writer's transaction numbers.
+    batches: Batches,
+}
+
+/// What the writer knows of its transactions' numbers (see the module's comment).
+#[derive(Default)]
+struct Batches {
+    /// This writer's row of `runner_writer_batches`: the process and a random part, so two
+    /// stores of one process (tests) keep apart.
+    key: String,
+    /// The last number given to a transaction.
+    seq: i64,
+    /// A transaction whose connection dropped before its end was heard: its number and how
+    /// many writes it held (the first ones of the batch applied next).
+    unsure: Option<(i64, usize)>,
 }
 
 impl Conn {
@@ -67,6 +85,7 @@ impl Conn {
             client: None,
             custom_plans: true,
             statements: Default::default(),
+            batches: Batches::default(),
         }
     }
 
@@ -86,11 +105,13 @@ impl Conn {
             .ok_or_else(|| "no connection".to_string())
     }
 
-    /// The live client and its prepared statements.
-    fn parts(&mut self) -> Result<(&mut Client, &mut super::ops::Statements), String> {
+    /// The live client, its prepared statements and the writer's transaction numbers.
+    fn parts(
+        &mut self,
+    ) -> Result<(&mut Client, &mut super::ops::Statements, &mut Batches), String> {
         self.client()?;
         match self.client.as_mut() {
-            Some(c) => Ok((c, &mut self.statements)),
+            Some(c) => Ok((c, &mut self.statements, &mut self.batches)),
             None => Err("no connection".into()),
         }
     }
@@ -327,6 +348,7 @@ fn thread_error(target: &PgTarget, e: std::io::Error) -> StoreError {
 /// and tried again; plain flushes are answered (the failure is reported), durable ones wait.
 fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: String) {
     let proc = ProcessInfo::current(owner);
+    conn.batches.key = format!("{}#{:08x}", proc.id, rand::random::<u32>());
     let shown = conn.target.shown().to_string();
     let mut held: Vec<Op> = Vec::new();
     let mut held_acks: Vec<Ack> = Vec::new();
@@ -420,6 +442,14 @@ fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: Str
     for a in held_acks {
         a.send();
     }
+    // This writer's transaction number is of no more use (a connection already lost is not
+    // opened again for it: the sweep prunes rows a day old).
+    if let Some(c) = conn.client.as_mut().filter(|c| !c.is_closed()) {
+        let _ = c.execute(
+            "DELETE FROM runner_writer_batches WHERE writer = $1",
+            &[&conn.batches.key],
+        );
+    }
 }
 
 /// Applies an ask in its own transaction (reconnecting once if the connection was lost)
@@ -496,8 +526,9 @@ fn apply_batch(
     let deadline = started + RECONNECT_FOR;
     let mut pause = Duration::from_millis(10);
     let mut conflicts = 0;
+    let mut ops = ops;
     let err = loop {
-        let (client, statements) = match conn.parts() {
+        let (client, statements, batches) = match conn.parts() {
             Ok(c) => c,
             Err(message) if Instant::now() < deadline => {
                 tracing::debug!(database = shown, error = %message, "reconnecting");
@@ -510,7 +541,36 @@ fn apply_batch(
                 return false;
             }
         };
-        match try_apply(client, statements, ops, proc) {
+        if let Some((n, writes)) = batches.unsure {
+            match committed(client, &batches.key, n) {
+                Ok(done) => {
+                    batches.unsure = None;
+                    if done {
+                        tracing::debug!(
+                            database = shown,
+                            writes,
+                            "store: the batch was committed before its connection dropped; not applied again"
+                        );
+                        if writes >= ops.len() {
+                            crate::telemetry::store_batch(started.elapsed(), 0);
+                            *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                            return true;
+                        }
+                        ops = &ops[writes..];
+                    }
+                }
+                Err(e) if lost(&e) && Instant::now() < deadline => {
+                    conn.client = None;
+                    continue;
+                }
+                Err(e) => {
+                    // Cannot tell: applied again, the guarded transitions keep it right.
+                    batches.unsure = None;
+                    tracing::debug!(database = shown, error = %e, "store: cannot read whether the batch was committed; applying it again");
+                }
+            }
+        }
+        match try_apply(client, statements, batches, ops, proc) {
             Ok(skipped) => {
                 log_skipped(&skipped);
                 crate::telemetry::store_batch(started.elapsed(), 0);
@@ -518,7 +578,9 @@ fn apply_batch(
                 return true;
             }
             Err(e) if lost(&e) && Instant::now() < deadline => {
-                tracing::warn!(database = shown, error = %e, "PostgreSQL connection lost while writing; reconnecting and applying the batch again");
+                tracing::warn!(database = shown, error = %e, "PostgreSQL connection lost while writing; reconnecting, then applying the batch again unless it was committed");
+                // It may have committed all the same: looked up before it is applied again.
+                batches.unsure = Some((batches.seq, ops.len()));
                 conn.client = None;
             }
             Err(e) if retryable(&e) && conflicts < 5 => {
@@ -529,6 +591,8 @@ fn apply_batch(
         }
     };
     if lost(&err) {
+        // Held: the held writes start with this batch's.
+        conn.batches.unsure = Some((conn.batches.seq, ops.len()));
         conn.client = None;
         down(shared, shown, &describe(&err, &conn.target, "write to"));
         return false;
@@ -537,10 +601,10 @@ fn apply_batch(
     if ops.len() > 1 {
         tracing::warn!(database = shown, error = %err, writes = ops.len(), "batch failed; applying its writes one by one");
         for op in ops {
-            let Ok((client, statements)) = conn.parts() else {
+            let Ok((client, statements, batches)) = conn.parts() else {
                 return false;
             };
-            match try_apply(client, statements, std::slice::from_ref(op), proc) {
+            match try_apply(client, statements, batches, std::slice::from_ref(op), proc) {
                 Ok(skipped) => log_skipped(&skipped),
                 Err(e) if lost(&e) => {
                     conn.client = None;
@@ -579,13 +643,42 @@ fn retryable(e: &postgres::Error) -> bool {
     })
 }
 
+/// Whether the writer's transaction number `n` was committed. `FOR UPDATE` waits for a
+/// transaction of this writer that the server may still be finishing (when the connection
+/// was lost on this side only).
+fn committed(client: &mut Client, key: &str, n: i64) -> Result<bool, postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT batch FROM runner_writer_batches WHERE writer = $1 FOR UPDATE",
+            &[&key],
+        )?
+        .is_some_and(|r| r.get::<_, i64>(0) == n))
+}
+
+/// Records the transaction's number in the transaction itself.
+const MARK_BATCH: &str = "INSERT INTO runner_writer_batches (writer, batch) VALUES ($1, $2)
+     ON CONFLICT (writer) DO UPDATE SET batch = excluded.batch, at = now()";
+
 fn try_apply(
     client: &mut Client,
     statements: &mut super::ops::Statements,
+    batches: &mut Batches,
     ops: &[Op],
     proc: &ProcessInfo,
 ) -> Result<Vec<String>, postgres::Error> {
+    // Numbered before anything is sent: a transaction that fails at its BEGIN is unsure too,
+    // and must not be taken for the last one committed.
+    batches.seq += 1;
     let mut tx = client.transaction()?;
+    let mark = match statements.get(MARK_BATCH) {
+        Some(s) => s.clone(),
+        None => {
+            let s = tx.prepare(MARK_BATCH)?;
+            statements.insert(MARK_BATCH, s.clone());
+            s
+        }
+    };
+    tx.execute(&mark, &[&batches.key, &batches.seq])?;
     let mut skipped = Vec::new();
     for op in ops {
         if let Some(reason) = super::ops::apply(&mut tx, statements, op, proc)? {

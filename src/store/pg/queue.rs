@@ -536,6 +536,11 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
                    AND finished_at < now() - interval '1 day'",
                 &[],
             )?;
+            // History writers' transaction numbers left by processes that died.
+            tx.execute(
+                "DELETE FROM runner_writer_batches WHERE at < now() - interval '1 day'",
+                &[],
+            )?;
             // Rows of runs that have ended: a driver died after the row finished and before
             // it took the result, and the run ended without it (cancelled, failed), or a
             // taken result's row outlived a dropped connection.
