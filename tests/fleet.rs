@@ -1340,3 +1340,113 @@ fn a_batch_whose_commit_reply_was_lost_is_not_applied_again() {
         1
     );
 }
+
+/// Each process names its connections (`omniflow <command> <host>:<pid>`), and holds no more
+/// than the history writer, the `LISTEN` connection and its shared pool (sized from
+/// `CONCURRENCY`), idle or in the middle of a 200-item fan-out spread over three processes.
+#[test]
+fn each_process_holds_a_few_named_connections() {
+    let Some(mut fleet) = Fleet::new("connections", Duration::from_millis(50)) else {
+        return;
+    };
+    fleet.lease = "30";
+    for host in ["d1", "d2"] {
+        fleet.daemon(host, "40");
+    }
+    let pids: Vec<u32> = fleet.children.iter().map(Child::id).collect();
+    let name = fleet.db.name().to_string();
+    let per_name = |c: &mut postgres::Client| -> HashMap<String, i64> {
+        c.query(
+            "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = $1
+             AND pid <> pg_backend_pid() GROUP BY 1",
+            &[&name],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
+    let mut h = fleet.history();
+    wait_for("the daemons to start", Duration::from_secs(60), || {
+        ["d1", "d2"]
+            .iter()
+            .all(|d| fleet.log(d).contains("daemon started"))
+    });
+    let idle = per_name(&mut h);
+    let bps = fleet.blueprints(1, 200);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "40")],
+        )
+        .spawn()
+        .unwrap();
+    let driver_pid = driver.id();
+    // The most connections each name held at once while the fan-out ran.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (target, stop, name) = (fleet.db.target().clone(), stop.clone(), name.clone());
+        std::thread::spawn(move || {
+            let mut c = target.connect().unwrap();
+            let mut peak: HashMap<String, i64> = HashMap::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for r in c
+                    .query(
+                        "SELECT application_name, count(*) FROM pg_stat_activity
+                         WHERE datname = $1 AND pid <> pg_backend_pid() GROUP BY 1",
+                        &[&name],
+                    )
+                    .unwrap()
+                {
+                    let n: i64 = r.get(1);
+                    let e = peak.entry(r.get(0)).or_insert(0);
+                    *e = (*e).max(n);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    assert!(ok, "{out}\n{err}");
+    let by_host = fleet.calls_by_host();
+    assert!(
+        ["d1", "d2", "driver"]
+            .iter()
+            .all(|d| by_host.get(*d).copied().unwrap_or(0) > 0),
+        "every process ran steps: {by_host:?}"
+    );
+    // The writer, the LISTEN connection and the pool.
+    let bound = i64::from(omniflow::store::pg::connect::pool_size(40)) + 2;
+    let named = |pid: u32, command: &str| -> Vec<(String, i64)> {
+        let suffix = format!(":{pid}");
+        peak.iter()
+            .filter(|(n, _)| n.starts_with(&format!("omniflow {command} ")) && n.ends_with(&suffix))
+            .map(|(n, c)| (n.clone(), *c))
+            .collect()
+    };
+    for (pid, command) in [
+        (pids[0], "daemon"),
+        (pids[1], "daemon"),
+        (driver_pid, "run"),
+    ] {
+        let held = named(pid, command);
+        assert_eq!(
+            held.len(),
+            1,
+            "{command} {pid}'s connections by name: {peak:?}"
+        );
+        assert!(
+            held[0].1 >= 2 && held[0].1 <= bound,
+            "{command} {pid} held {} connections during the fan-out (at most {bound}): {peak:?}",
+            held[0].1
+        );
+    }
+    for (n, c) in &idle {
+        assert!(*c <= bound, "{n} held {c} connections idle: {idle:?}");
+    }
+    eprintln!("connections: idle {idle:?}; peak during a 200-item fan-out {peak:?}");
+}

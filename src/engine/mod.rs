@@ -350,7 +350,7 @@ impl Engine {
             .build()
             .unwrap_or_default();
         let templates = Templates::with_limits(config.limits.clone());
-        let fleet = crate::engine::fleet::Fleet::new(&config);
+        let fleet = crate::engine::fleet::Fleet::new(&config, &store);
         let mut providers = Providers::new(config.clone()).with_store(store.clone());
         if let Some(f) = &fleet {
             // A provider's rate limit is one budget for the whole fleet.

@@ -39,11 +39,6 @@ use tokio_util::sync::CancellationToken;
 /// `NOTIFY` missed while the listening connection was down is found this late at worst).
 pub const POLL: Duration = Duration::from_secs(2);
 
-/// Connections of one process's queue pool (claims, completions, enqueues, sweeps; the
-/// `LISTEN` connection comes on top). Three hosts use 3 × (4 + 1) of PostgreSQL's default
-/// `max_connections` of 100.
-pub const CONNECTIONS: u32 = 4;
-
 /// The fleet database of this configuration, or `None` (no fleet, the local pool alone) when
 /// `DATABASE_URL` is unset or is not a PostgreSQL URL. The one place that decides whether the
 /// queue is on.
@@ -53,7 +48,7 @@ pub fn target(config: &Config) -> Option<PgTarget> {
         return None;
     }
     match PgTarget::parse(url) {
-        Ok(t) => Some(t),
+        Ok(t) => Some(t.with_pool_size(crate::store::pg::connect::pool_size(config.concurrency))),
         Err(e) => {
             // The message never holds the password (see `PgTarget::parse`).
             tracing::error!(error = %e, "fleet: DATABASE_URL cannot be used; this process runs its steps locally");
@@ -157,14 +152,22 @@ impl Fleet {
     /// The fleet of `config`, if it has one. Connects nothing yet ([`Fleet::start`] does, in
     /// the background, retrying: a database that is down delays steps, it does not stop the
     /// process).
-    pub(crate) fn new(config: &Config) -> Option<Arc<Fleet>> {
+    /// Its statements run on the store's pool when the store is on the same database (as
+    /// it is whenever both come from `DATABASE_URL`): one pool per process.
+    pub(crate) fn new(config: &Config, store: &crate::store::Store) -> Option<Arc<Fleet>> {
         let target = target(config)?;
-        let queue = match Queue::new(&target, CONNECTIONS) {
-            Ok(q) => q,
-            Err(e) => {
-                tracing::error!(error = %e, "fleet: cannot use DATABASE_URL; this process runs its steps locally");
-                return None;
-            }
+        let shared = store
+            .pg_pool()
+            .filter(|p| p.target().shown() == target.shown());
+        let queue = match shared {
+            Some(pool) => Queue::on(pool),
+            None => match Queue::new(&target, target.pool_size()) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(error = %e, "fleet: cannot use DATABASE_URL; this process runs its steps locally");
+                    return None;
+                }
+            },
         };
         let (enqueue_tx, enqueue) = mpsc::unbounded_channel();
         let (complete_tx, complete) = mpsc::unbounded_channel();

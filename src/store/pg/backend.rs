@@ -1,6 +1,6 @@
-//! The PostgreSQL backend's threads: one writer that applies batched transitions in one
-//! transaction each, and a few readers that each own a connection and run the queries sent
-//! to them as closures.
+//! The PostgreSQL backend's threads: one writer, on a connection of its own, that applies
+//! batched transitions in one transaction each, and a few readers that run the queries sent
+//! to them as closures on connections of the process's shared pool ([`super::pool`]).
 //!
 //! Every PostgreSQL call happens on these store-owned threads, never on the caller's: the
 //! blocking `postgres::Client` drives a tokio runtime of its own, and entering it from a
@@ -19,6 +19,7 @@ use super::super::error::{DbError, StoreError, StoreErrorKind};
 use super::super::transitions::{coalesce, Op, ProcessInfo};
 use super::super::writer::{Ack, Msg, Shared};
 use super::connect::{describe, PgTarget};
+use super::pool::PgPool;
 use postgres::error::SqlState;
 use postgres::Client;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 
 /// Most writes applied in one transaction (as on SQLite).
 const MAX_BATCH: usize = 8192;
-/// Reader threads, each with its own connection.
+/// Reader threads; their connections come from the shared pool, one per query.
 const READERS: usize = 3;
 /// How long a batch keeps trying new connections before it is held back.
 const RECONNECT_FOR: Duration = Duration::from_secs(15);
@@ -50,15 +51,13 @@ impl From<postgres::Error> for Fail {
 
 pub(crate) type PgResult<T> = Result<T, Fail>;
 
-type Job = Box<dyn FnOnce(&mut Conn) + Send>;
+type Job = Box<dyn FnOnce(&PgPool) + Send>;
 
-/// A connection that comes back after it was dropped.
+/// The writer's connection, which comes back after it was dropped. It keeps PostgreSQL's
+/// plan cache for its few fixed statements (the pool's connections plan each query afresh).
 pub(crate) struct Conn {
     target: PgTarget,
     client: Option<Client>,
-    /// Readers plan each query with its parameters (see [`tune`]); the writer keeps
-    /// PostgreSQL's plan cache for its few fixed statements.
-    custom_plans: bool,
     /// The writer's prepared statements on `client`.
     statements: super::ops::Statements,
     /// The writer's transaction numbers.
@@ -83,7 +82,6 @@ impl Conn {
         Conn {
             target,
             client: None,
-            custom_plans: true,
             statements: Default::default(),
             batches: Batches::default(),
         }
@@ -94,11 +92,7 @@ impl Conn {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
             self.statements.clear();
-            let mut c = self.target.connect()?;
-            if self.custom_plans {
-                tune(&mut c);
-            }
-            self.client = Some(c);
+            self.client = Some(self.target.connect()?);
         }
         self.client
             .as_mut()
@@ -147,14 +141,35 @@ impl Conn {
     }
 }
 
-/// Plans every query with its parameters and the tables' current size: the history's
-/// filtered pages differ a lot in which index suits them, and a generic plan fixed while the
-/// tables were small would stay. For readers only (planning costs a little on every query;
-/// the writer's statements each have one right plan, see the schema). PostgreSQL 11 has no
-/// such setting and keeps its default.
-fn tune(c: &mut Client) {
-    if let Err(e) = c.batch_execute("SET plan_cache_mode = force_custom_plan") {
-        tracing::debug!(error = %e, "plan_cache_mode is not available; keeping the default");
+/// Runs `f` on a connection of `pool`; a connection the server dropped (a restart,
+/// `pg_terminate_backend`) is let go and `f` tried on another (each pooled one may have been
+/// dropped too, hence up to the pool's size and one more). Reads only: safe to run twice.
+fn run_pooled<T>(
+    pool: &PgPool,
+    doing: &'static str,
+    mut f: impl FnMut(&mut Client) -> PgResult<T>,
+) -> Result<T, StoreError> {
+    let target = pool.target();
+    let mut tries = 0;
+    loop {
+        let mut c = pool
+            .get()
+            .map_err(|message| StoreError::Unavailable { message })?;
+        match f(&mut c) {
+            Ok(v) => return Ok(v),
+            Err(Fail::Pg(e)) if lost(&e) && tries <= pool.size() => {
+                tries += 1;
+                tracing::debug!(database = %target.shown(), error = %describe(&e, target, doing), "PostgreSQL connection lost; trying another");
+            }
+            Err(Fail::Pg(e)) => return Err(pg_error(target, doing, e)),
+            Err(Fail::Corrupt(detail)) => {
+                return Err(StoreError::Corrupt {
+                    place: target.shown().to_string(),
+                    setting: "DATABASE_URL",
+                    detail,
+                })
+            }
+        }
     }
 }
 
@@ -203,6 +218,8 @@ pub(crate) fn pg_error(target: &PgTarget, doing: &'static str, e: postgres::Erro
 /// The PostgreSQL side of a `Store`.
 pub(crate) struct PgBackend {
     target: PgTarget,
+    /// Shared by the readers and the fleet's queue.
+    pool: PgPool,
     /// `None` once closing.
     tx: Option<Sender<Msg>>,
     /// `None` once closing.
@@ -236,23 +253,23 @@ impl PgBackend {
         let (tx, rx) = mpsc::channel();
         let writer = {
             let mut conn = Conn::new(target.clone());
-            conn.custom_plans = false;
             conn.client = Some(client);
             std::thread::Builder::new()
                 .name("omniflow-pg-writer".into())
                 .spawn(move || write_loop(conn, rx, shared, owner))
                 .map_err(|e| thread_error(target, e))?
         };
+        let pool = PgPool::new(target).map_err(|message| StoreError::Unavailable { message })?;
         let (jobs, queue) = async_channel::unbounded::<Job>();
         let mut readers = Vec::new();
         for i in 0..READERS {
             let queue = queue.clone();
-            let mut conn = Conn::new(target.clone());
+            let pool = pool.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("omniflow-pg-read-{i}"))
                 .spawn(move || {
                     while let Ok(job) = queue.recv_blocking() {
-                        job(&mut conn);
+                        job(&pool);
                     }
                 })
                 .map_err(|e| thread_error(target, e))?;
@@ -261,6 +278,7 @@ impl PgBackend {
         Ok((
             PgBackend {
                 target: target.clone(),
+                pool,
                 tx: Some(tx),
                 jobs: Some(jobs),
                 readers,
@@ -271,6 +289,11 @@ impl PgBackend {
 
     pub(crate) fn target(&self) -> &PgTarget {
         &self.target
+    }
+
+    /// The process's shared pool (the fleet's queue runs its statements on it too).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Closes the queues: the writer finishes what is queued and stops; readers stop.
@@ -295,8 +318,8 @@ impl PgBackend {
     /// the next one comes a third of a lease later.
     pub(crate) fn heartbeat_now(&self, h: &crate::store::Health, owner: &str) {
         let row = super::ops::HeartbeatRow::new(h, &ProcessInfo::current(owner.to_string()));
-        let job: Job = Box::new(move |conn: &mut Conn| {
-            let r = conn.run("recording a heartbeat in", |c| {
+        let job: Job = Box::new(move |pool: &PgPool| {
+            let r = run_pooled(pool, "recording a heartbeat in", |c| {
                 c.execute(super::ops::HEARTBEAT, &row.params())?;
                 Ok(())
             });
@@ -315,8 +338,8 @@ impl PgBackend {
         f: impl FnMut(&mut Client) -> PgResult<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let job: Job = Box::new(move |conn: &mut Conn| {
-            let _ = tx.send(conn.run(doing, f));
+        let job: Job = Box::new(move |pool: &PgPool| {
+            let _ = tx.send(run_pooled(pool, doing, f));
         });
         let sent = self
             .jobs

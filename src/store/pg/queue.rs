@@ -28,10 +28,9 @@
 use super::connect::{describe, PgTarget};
 use postgres::types::{ToSql, Type};
 
+use super::pool::PgPool;
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The store's migration that creates the queue's tables (and the fleet's rate-limit
 /// windows). Written to be a no-op where they exist: an earlier version of OmniFlow created
@@ -104,7 +103,6 @@ pub struct QueueError(pub String);
 type Result<T> = std::result::Result<T, QueueError>;
 
 pub use super::listen::{listen, Heard, Notice};
-type Manager = r2d2_postgres::PostgresConnectionManager<MakeRustlsConnect>;
 
 /// A step attempt to enqueue.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,36 +154,12 @@ pub struct Rescued {
     pub swept: bool,
 }
 
-/// The queue of one process: a small pool of connections to the fleet's database.
-#[derive(Clone)]
+/// The queue of one process, on the process's shared pool of connections (the store's
+/// reads use it too: [`super::pool`]).
+#[derive(Clone, Debug)]
 pub struct Queue {
-    pool: Arc<OffRuntime>,
+    pool: PgPool,
     target: PgTarget,
-    /// The pool's size: how many dropped connections one call may meet.
-    size: u32,
-}
-
-/// The connection pool, dropped on a plain thread: closing a blocking client runs the
-/// driver's own runtime, which panics on an async runtime's thread (where the last handle
-/// may well go).
-struct OffRuntime(Option<r2d2_postgres::r2d2::Pool<Manager>>);
-
-impl Drop for OffRuntime {
-    fn drop(&mut self) {
-        if let Some(pool) = self.0.take() {
-            let _ = std::thread::Builder::new()
-                .name("queue-close".into())
-                .spawn(move || drop(pool));
-        }
-    }
-}
-
-impl std::fmt::Debug for Queue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue")
-            .field("target", &self.target)
-            .finish()
-    }
 }
 
 fn secs(d: Duration) -> f64 {
@@ -193,41 +167,29 @@ fn secs(d: Duration) -> f64 {
 }
 
 impl Queue {
-    /// A pool of at most `connections` connections, opened as they are needed (nothing is
-    /// connected here). Blocking: call it off the async runtime's threads, like every method.
+    /// A queue on a pool of its own of at most `connections` connections, opened as they
+    /// are needed (nothing is connected here). Blocking: call it off the async runtime's
+    /// threads, like every method.
     pub fn new(target: &PgTarget, connections: u32) -> Result<Queue> {
-        let tls = target.connector().map_err(QueueError)?;
-        let manager = Manager::new(target.config().clone(), tls);
-        let pool = r2d2_postgres::r2d2::Pool::builder()
-            .max_size(connections.max(1))
-            .min_idle(Some(0))
-            .connection_timeout(Duration::from_secs(10))
-            // A dropped connection (server restart, pg_terminate_backend) is replaced, not
-            // handed out again.
-            .test_on_check_out(false)
-            .build_unchecked(manager);
-        Ok(Queue {
-            pool: Arc::new(OffRuntime(Some(pool))),
-            target: target.clone(),
-            size: connections.max(1),
-        })
+        Ok(Queue::on(
+            PgPool::sized(target, connections).map_err(QueueError)?,
+        ))
+    }
+
+    /// A queue on `pool`, shared with whatever else uses it (the store's reads).
+    pub fn on(pool: PgPool) -> Queue {
+        Queue {
+            target: pool.target().clone(),
+            pool,
+        }
     }
 
     pub fn target(&self) -> &PgTarget {
         &self.target
     }
 
-    fn conn(&self) -> Result<r2d2_postgres::r2d2::PooledConnection<Manager>> {
-        let Some(pool) = &self.pool.0 else {
-            return Err(QueueError("the queue is closed".into()));
-        };
-        pool.get().map_err(|e| {
-            QueueError(format!(
-                "cannot reach the fleet database at {} ({e}); check DATABASE_URL and that the \
-                 server is up",
-                self.target.shown()
-            ))
-        })
+    fn conn(&self) -> Result<super::pool::Pooled> {
+        self.pool.get().map_err(QueueError)
     }
 
     /// Runs `f` on a pooled connection. A connection the server dropped (a restart,
@@ -244,7 +206,7 @@ impl Queue {
             let mut c = self.conn()?;
             match f(&mut c) {
                 Ok(v) => return Ok(v),
-                Err(e) if super::backend::lost(&e) && tries <= self.size => {
+                Err(e) if super::backend::lost(&e) && tries <= self.pool.size() => {
                     tries += 1;
                     tracing::debug!(error = %describe(&e, &self.target, doing), "fleet: a queue connection was dropped; trying another");
                 }
