@@ -555,6 +555,14 @@ impl Engine {
         self.inner.fleet.as_ref().map(|f| f.0.queue().clone())
     }
 
+    /// The fleet's announcements of runs other processes changed, heard on this process's
+    /// `LISTEN` connection (no connection of their own); `None` without a fleet.
+    pub fn follow_fleet_events(
+        &self,
+    ) -> Option<std::sync::mpsc::Receiver<crate::store::pg::events::Live>> {
+        self.inner.fleet.as_ref().map(|f| f.0.follow_events())
+    }
+
     /// Ids of the runs in flight in this process.
     pub fn active_runs(&self) -> Vec<String> {
         self.lock_runs().keys().cloned().collect()

@@ -25,7 +25,7 @@ pub(crate) mod worker;
 pub(crate) use dispatch::dispatcher;
 
 use crate::config::Config;
-use crate::store::pg::events::REQUESTS_CHANNEL;
+use crate::store::pg::events::{Live, EVENTS_CHANNEL, REQUESTS_CHANNEL};
 use crate::store::pg::queue::{self, blocking, Outcome, Queue};
 use crate::store::pg::PgTarget;
 use std::collections::HashMap;
@@ -119,6 +119,11 @@ pub(crate) struct Fleet {
     receivers: Mutex<Option<Receivers>>,
     stop: CancellationToken,
     listener_stop: Arc<AtomicBool>,
+    /// A console's subscription to the fleet's announcements of changed runs, heard on this
+    /// process's one `LISTEN` connection (only a console asks: a daemon would discard them).
+    events: Mutex<Option<std::sync::mpsc::Sender<Live>>>,
+    /// Set once a console subscribed: the listener adds `EVENTS_CHANNEL`.
+    events_on: Arc<AtomicBool>,
     /// The queue's tables exist (claims and sweeps wait for them).
     ready: AtomicBool,
     /// Set when the process stops: no more claims.
@@ -188,6 +193,8 @@ impl Fleet {
             receivers: Mutex::new(Some(Receivers { enqueue, complete })),
             stop: CancellationToken::new(),
             listener_stop: Arc::new(AtomicBool::new(false)),
+            events: Mutex::new(None),
+            events_on: Arc::new(AtomicBool::new(false)),
             ready: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             claiming: tokio::sync::Mutex::new(()),
@@ -222,18 +229,53 @@ impl Fleet {
         tokio::spawn(requests::watcher(self.clone(), engine));
     }
 
+    /// The fleet's announcements of runs other processes changed, from now on (a console
+    /// follows them), on the process's `LISTEN` connection rather than one more of its own.
+    /// [`Live::Connected`] comes first once the connection listens to them.
+    pub(crate) fn follow_events(&self) -> std::sync::mpsc::Receiver<Live> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *lock(&self.events) = Some(tx);
+        self.events_on.store(true, Ordering::Relaxed);
+        rx
+    }
+
+    /// Hands `live` to the subscribed console, if any (one that went away unsubscribes).
+    fn tell_console(&self, live: Live) {
+        let mut events = lock(&self.events);
+        if events.as_ref().is_some_and(|tx| tx.send(live).is_err()) {
+            *events = None;
+        }
+    }
+
     fn spawn_listener(self: &Arc<Self>) {
         let target = self.queue.target().clone();
         let stop = self.listener_stop.clone();
+        let events_on = self.events_on.clone();
+        let me = crate::store::process_id().to_string();
         // Weak: the thread must not keep the fleet alive.
         let fleet = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("fleet-listen".into())
             .spawn(move || {
                 let mut lost_once = false;
-                queue::listen(
+                // Whether the channels last asked for (those the connection listens to when it
+                // says it is connected) include the console's.
+                let asked_events = std::cell::Cell::new(false);
+                let channels = || {
+                    let mut c: Vec<String> = [queue::JOBS_CHANNEL, queue::DONE_CHANNEL, REQUESTS_CHANNEL]
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect();
+                    let events = events_on.load(Ordering::Relaxed);
+                    asked_events.set(events);
+                    if events {
+                        c.push(EVENTS_CHANNEL.to_string());
+                    }
+                    c
+                };
+                crate::store::pg::listen::listen_growing(
                     &target,
-                    &[queue::JOBS_CHANNEL, queue::DONE_CHANNEL, REQUESTS_CHANNEL],
+                    &channels,
                     Duration::from_millis(250),
                     Duration::from_secs(1),
                     &|| stop.load(Ordering::Relaxed),
@@ -246,6 +288,13 @@ impl Fleet {
                             queue::Heard::Notice(n) if n.channel == REQUESTS_CHANNEL => {
                                 f.requests_wake.notify_one()
                             }
+                            queue::Heard::Notice(n) if n.channel == EVENTS_CHANNEL => {
+                                if let Some(live) =
+                                    crate::store::pg::events::heard_runs(&n.payload, &me)
+                                {
+                                    f.tell_console(live);
+                                }
+                            }
                             queue::Heard::Notice(_) => f.jobs_wake.notify_one(),
                             queue::Heard::Connected => {
                                 if lost_once {
@@ -254,6 +303,9 @@ impl Fleet {
                                 f.jobs_wake.notify_one();
                                 f.results_wake.notify_one();
                                 f.requests_wake.notify_one();
+                                if asked_events.get() {
+                                    f.tell_console(Live::Connected);
+                                }
                             }
                             queue::Heard::Lost(e) => {
                                 // Said once per outage, not once per retry.
@@ -261,6 +313,7 @@ impl Fleet {
                                     tracing::warn!(error = %e, "fleet: lost the listening connection; polling every 2 s until it is back");
                                 }
                                 lost_once = true;
+                                f.tell_console(Live::Lost(e));
                             }
                         }
                     },
