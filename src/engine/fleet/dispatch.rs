@@ -5,12 +5,13 @@ use crate::blueprint::Node;
 use crate::engine::nodes::Prepared;
 use crate::engine::run::RunCtx;
 use crate::engine::step::AttemptDone;
+use crate::engine::Inner;
 use crate::error::{ErrorKind, StepError};
 use crate::pool::{JobMeta, PoolError};
-use crate::store::pg::queue::{NewJob, Outcome};
+use crate::store::pg::queue::{Claimer, NewJob, Outcome};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -181,7 +182,7 @@ impl Fleet {
 /// transaction.
 pub(crate) async fn schema_then_enqueue(
     fleet: Arc<Fleet>,
-    engine: std::sync::Weak<crate::engine::Inner>,
+    engine: Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<Enqueue>,
 ) {
     let mut wait = Duration::from_millis(200);
@@ -222,25 +223,70 @@ pub(crate) async fn schema_then_enqueue(
         // process's writer before their attempts came here: committed first, so the host
         // that claims a row finds its step recorded when it marks it running.
         super::history_committed(&engine).await;
-        let q = fleet.queue.clone();
-        match blocking(move || q.enqueue(&jobs)).await {
-            Ok(ids) => {
+        // This process's free workers take what a claim right after the insert would give
+        // them, in the insert itself. The claimer waits meanwhile, so no worker is counted
+        // twice; the claimed rows are started before it goes on.
+        let inner = engine.upgrade();
+        let claiming = fleet.claiming.lock().await;
+        let free = inner
+            .as_ref()
+            .map_or(0, |inner| super::worker::free_workers(inner, &fleet));
+        let (q, worker, tags, lease) = (
+            fleet.queue.clone(),
+            fleet.worker_id.clone(),
+            fleet.tags.clone(),
+            fleet.lease,
+        );
+        let inserted = blocking(move || {
+            let me = Claimer {
+                worker: &worker,
+                tags: &tags,
+                free,
+                lease,
+            };
+            q.enqueue_claiming(&jobs, (free > 0).then_some(&me))
+        })
+        .await;
+        match inserted {
+            Ok(rows) => {
                 fleet
                     .counters
                     .enqueued
-                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
-                for (e, id) in batch.into_iter().zip(ids) {
+                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                let mut claimed = Vec::new();
+                let left_queued = rows.iter().any(|(_, claim)| claim.is_none());
+                for (e, (id, claim)) in batch.into_iter().zip(rows) {
                     let (tx, rx) = oneshot::channel();
                     lock(&fleet.waiters).insert(id, tx);
                     if e.reply.send(Ok((id, rx))).is_err() {
-                        // Its driver stopped waiting meanwhile.
+                        // Its driver stopped waiting meanwhile (a row claimed here is
+                        // withdrawn unstarted).
                         fleet.withdraw(id).await;
+                        continue;
+                    }
+                    claimed.extend(claim);
+                }
+                // The waiters are in place before any claimed row runs.
+                if let Some(inner) = &inner {
+                    // A row the claimer holds already (a retried insert found it) is not
+                    // started twice.
+                    claimed.retain(|c| !lock(&fleet.held).contains_key(&c.id));
+                    fleet
+                        .counters
+                        .claimed
+                        .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+                    for job in claimed {
+                        super::worker::start(inner, &fleet, job);
                     }
                 }
+                drop(claiming);
                 // A result may have come before its waiter was registered.
                 fleet.results_wake.notify_one();
-                // This process's own claimer need not wait for the notification's round trip.
-                fleet.jobs_wake.notify_one();
+                // Rows left queued (no free worker here, or rows ahead of them): this
+                // process's own claimer need not wait for the notification's round trip.
+                if left_queued {
+                    fleet.jobs_wake.notify_one();
+                }
             }
             Err(e) => {
                 for en in batch {
@@ -266,35 +312,7 @@ pub(crate) async fn collector(fleet: Arc<Fleet>) {
         }
         let q = fleet.queue.clone();
         match blocking(move || q.finished(&ids)).await {
-            Ok(done) => {
-                let taken: Vec<i64> = done
-                    .iter()
-                    .filter(|d| d.1 != Outcome::Vanished)
-                    .map(|d| d.0)
-                    .collect();
-                {
-                    let mut waiters = lock(&fleet.waiters);
-                    for (id, outcome) in done {
-                        if let Some(tx) = waiters.remove(&id) {
-                            let _ = tx.send(outcome);
-                        }
-                    }
-                }
-                // The drivers have their results: the rows go after, off their path. (The
-                // next look asks only for rows still awaited, so these are not read again.)
-                if !taken.is_empty() {
-                    // Counted as pending: a process stopping deletes them before it goes.
-                    fleet.pending.fetch_add(1, Ordering::SeqCst);
-                    let f = fleet.clone();
-                    tokio::spawn(async move {
-                        let q = f.queue.clone();
-                        if let Err(e) = blocking(move || q.forget(&taken)).await {
-                            tracing::debug!(error = %e, "fleet: finished steps stay in the queue until their run ends");
-                        }
-                        f.pending.fetch_sub(1, Ordering::SeqCst);
-                    });
-                }
-            }
+            Ok(done) => deliver(&fleet, done),
             Err(e) => {
                 tracing::warn!(error = %e, "fleet: cannot read step results; retrying");
                 tokio::select! {
@@ -303,5 +321,35 @@ pub(crate) async fn collector(fleet: Arc<Fleet>) {
                 }
             }
         }
+    }
+}
+
+/// Hands finished rows' outcomes to the drivers awaiting them, then deletes the rows taken,
+/// off the drivers' path. (A row nobody here awaits is left for its driver.)
+pub(super) fn deliver(fleet: &Arc<Fleet>, done: Vec<(i64, Outcome)>) {
+    let mut taken = Vec::new();
+    {
+        let mut waiters = lock(&fleet.waiters);
+        for (id, outcome) in done {
+            if let Some(tx) = waiters.remove(&id) {
+                if outcome != Outcome::Vanished {
+                    taken.push(id);
+                }
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+    // The next look asks only for rows still awaited, so these are not read again.
+    if !taken.is_empty() {
+        // Counted as pending: a process stopping deletes them before it goes.
+        fleet.pending.fetch_add(1, Ordering::SeqCst);
+        let f = fleet.clone();
+        tokio::spawn(async move {
+            let q = f.queue.clone();
+            if let Err(e) = blocking(move || q.forget(&taken)).await {
+                tracing::debug!(error = %e, "fleet: finished steps stay in the queue until their run ends");
+            }
+            f.pending.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }

@@ -10,7 +10,7 @@ use crate::engine::step::{self, AttemptDone};
 use crate::engine::Inner;
 use crate::error::{ErrorKind, StepError};
 use crate::pool::JobMeta;
-use crate::store::pg::queue::ClaimedJob;
+use crate::store::pg::queue::{ClaimedJob, Outcome};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -22,19 +22,17 @@ use tokio_util::sync::CancellationToken;
 /// `NOTIFY`), a local worker frees up, or the slow poll comes.
 pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
     let mut backoff = Duration::from_millis(250);
+    // Whether claimable rows may be waiting: set by a notice, a poll or a claim that took all
+    // it asked for, cleared by a claim that took less. A worker freeing up claims only then:
+    // otherwise every finished step would cost an empty claim, and hold up an enqueue that
+    // waits for the claimer.
+    let mut maybe_rows = true;
     loop {
         let Some(inner) = engine.upgrade() else {
             return;
         };
         let claiming = fleet.claiming.lock().await;
-        let free = if inner.draining.load(Ordering::Relaxed)
-            || fleet.closing.load(Ordering::SeqCst)
-            || !fleet.ready.load(Ordering::Relaxed)
-        {
-            0
-        } else {
-            inner.pool.free_workers()
-        };
+        let free = free_workers(&inner, &fleet);
         let mut full_batch = false;
         if free > 0 {
             let (q, worker, tags, lease) = (
@@ -47,6 +45,7 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
                 Ok(jobs) => {
                     backoff = Duration::from_millis(250);
                     full_batch = jobs.len() == free;
+                    maybe_rows = full_batch;
                     fleet
                         .counters
                         .claimed
@@ -73,17 +72,43 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
         if full_batch {
             continue; // there may be more: look again while workers are free
         }
-        tokio::select! {
-            _ = fleet.jobs_wake.notified() => {}
-            _ = fleet.slot_freed.notified() => {}
-            _ = tokio::time::sleep(super::POLL) => {}
-            _ = fleet.stop.cancelled() => return,
+        // With no free worker, the claim above did not look: rows may be waiting still.
+        maybe_rows |= free == 0;
+        let poll = tokio::time::sleep(super::POLL);
+        tokio::pin!(poll);
+        loop {
+            tokio::select! {
+                _ = fleet.jobs_wake.notified() => {}
+                _ = fleet.slot_freed.notified() => {
+                    if !maybe_rows {
+                        continue;
+                    }
+                }
+                _ = &mut poll => {}
+                _ = fleet.stop.cancelled() => return,
+            }
+            break;
         }
+        maybe_rows = true;
+    }
+}
+
+/// How many rows this process may claim now: its pool's free workers, none while it stops
+/// or before the queue's tables exist. Read with [`Fleet::claiming`] held, and the rows
+/// claimed started before it is let go, so two claims never count the same worker.
+pub(super) fn free_workers(inner: &Inner, fleet: &Fleet) -> usize {
+    if inner.draining.load(Ordering::Relaxed)
+        || fleet.closing.load(Ordering::SeqCst)
+        || !fleet.ready.load(Ordering::Relaxed)
+    {
+        0
+    } else {
+        inner.pool.free_workers()
     }
 }
 
 /// Puts one claimed row on the local pool.
-fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
+pub(super) fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
     let ClaimedJob {
         id,
         token,
@@ -208,9 +233,21 @@ pub(crate) async fn completer(
     engine: Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<(i64, String, serde_json::Value)>,
 ) {
+    // Batches are written side by side, on the pool's connections but one (left for
+    // enqueues and claims): results that come while a batch is being written do not wait for
+    // its commit.
+    let writers = Arc::new(tokio::sync::Semaphore::new(
+        (fleet.queue.connections() as usize)
+            .saturating_sub(1)
+            .max(1),
+    ));
     loop {
         let first = tokio::select! {
             r = rx.recv() => match r { Some(x) => x, None => return },
+            _ = fleet.stop.cancelled() => return,
+        };
+        let permit = tokio::select! {
+            p = writers.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = fleet.stop.cancelled() => return,
         };
         tokio::task::yield_now().await;
@@ -221,53 +258,70 @@ pub(crate) async fn completer(
                 Err(_) => break,
             }
         }
-        // Each attempt's `running` was queued to this process's writer when it started:
-        // committed before its result is visible, so its driver's `finished` lands after it.
-        super::history_committed(&engine).await;
-        let mut wait = Duration::from_millis(100);
-        let n_batch = batch.len();
-        for round in 0.. {
-            let (q, b) = (fleet.queue.clone(), batch.clone());
-            match blocking(move || q.complete(&b)).await {
-                Ok(recorded) => {
-                    let n = recorded.len();
+        let (fleet, engine) = (fleet.clone(), engine.clone());
+        tokio::spawn(async move {
+            let n_batch = batch.len();
+            // Each attempt's `running` was queued to this process's writer when it started:
+            // committed before its result is visible, so its driver's `finished` lands after
+            // it.
+            super::history_committed(&engine).await;
+            record(&fleet, batch).await;
+            fleet.pending.fetch_sub(n_batch, Ordering::SeqCst);
+            drop(permit);
+        });
+    }
+}
+
+/// Writes one batch of results, retrying while the database does not answer (the lease
+/// still covers the rows meanwhile), and hands this process's drivers theirs.
+async fn record(fleet: &Arc<Fleet>, batch: Vec<(i64, String, serde_json::Value)>) {
+    let mut wait = Duration::from_millis(100);
+    for round in 0.. {
+        let (q, b) = (fleet.queue.clone(), batch.clone());
+        match blocking(move || q.complete(&b)).await {
+            Ok(recorded) => {
+                let n = recorded.len();
+                fleet
+                    .counters
+                    .completed
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                if n < batch.len() {
+                    let lost = batch.len() - n;
                     fleet
                         .counters
-                        .completed
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    if n < batch.len() {
-                        let lost = batch.len() - n;
-                        fleet
-                            .counters
-                            .fenced
-                            .fetch_add(lost as u64, Ordering::Relaxed);
-                        tracing::warn!(lost, "fleet: results of steps whose lease was taken over were dropped (another host runs them)");
-                    }
-                    // A driver in this process is told at once, not by the notification's
-                    // round trip.
-                    if recorded
-                        .iter()
-                        .any(|id| lock(&fleet.waiters).contains_key(id))
-                    {
-                        fleet.results_wake.notify_one();
-                    }
-                    break;
+                        .fenced
+                        .fetch_add(lost as u64, Ordering::Relaxed);
+                    tracing::warn!(lost, "fleet: results of steps whose lease was taken over were dropped (another host runs them)");
                 }
-                Err(e) if round < 20 => {
-                    tracing::warn!(error = %e, "fleet: cannot record step results; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = fleet.stop.cancelled() => return,
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(2));
+                // A driver in this process gets its result from here, now that it is
+                // recorded: no notification's round trip, no read of the row.
+                let recorded: HashSet<i64> = recorded.into_iter().collect();
+                let local: Vec<(i64, Outcome)> = {
+                    let waiters = lock(&fleet.waiters);
+                    batch
+                        .into_iter()
+                        .filter(|(id, ..)| recorded.contains(id) && waiters.contains_key(id))
+                        .map(|(id, _, result)| (id, Outcome::Done(result)))
+                        .collect()
+                };
+                if !local.is_empty() {
+                    super::dispatch::deliver(fleet, local);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, steps = batch.len(), "fleet: giving up recording step results; they rerun when their leases expire");
-                    break;
+                return;
+            }
+            Err(e) if round < 20 => {
+                tracing::warn!(error = %e, "fleet: cannot record step results; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = fleet.stop.cancelled() => return,
                 }
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, steps = batch.len(), "fleet: giving up recording step results; they rerun when their leases expire");
+                return;
             }
         }
-        fleet.pending.fetch_sub(n_batch, Ordering::SeqCst);
     }
 }
 

@@ -60,6 +60,26 @@ impl r2d2::CustomizeConnection<postgres::Client, postgres::Error> for CustomPlan
     }
 }
 
+/// The pool's connections commit without waiting for the WAL to reach the disk
+/// (`synchronous_commit = off`, a setting PostgreSQL allows per session). What they write is
+/// coordination, not history — queue rows, process heartbeats, a console's cancel or
+/// priority request; the history, claims of runs and slots, and sent notifications go
+/// through the writer's connection. A queue statement: a server crash can lose the last fraction of a second of
+/// them, and each such loss is one the queue already recovers from — a lost insert reads as
+/// a vanished row and is enqueued again, a lost claim or completion leaves the row to its
+/// lease and it runs again, exactly like a reply lost with its connection. The history's
+/// writer keeps the server's setting. Waiting for the disk made every enqueue and every
+/// completion one flush long (several milliseconds on a busy disk), on a fan-out's path.
+fn coordination(config: &postgres::Config) -> postgres::Config {
+    let mut c = config.clone();
+    let options = match config.get_options() {
+        Some(o) if !o.trim().is_empty() => format!("{o} -c synchronous_commit=off"),
+        _ => "-c synchronous_commit=off".to_string(),
+    };
+    c.options(&options);
+    c
+}
+
 impl PgPool {
     /// A pool of at most `target.pool_size()` connections to `target`; nothing is connected
     /// here. Blocking use only: call its connections off the async runtime's threads.
@@ -70,7 +90,7 @@ impl PgPool {
     /// A pool of at most `connections` connections.
     pub fn sized(target: &PgTarget, connections: u32) -> Result<PgPool, String> {
         let size = connections.max(1);
-        let manager = Manager::new(target.config().clone(), target.connector()?);
+        let manager = Manager::new(coordination(target.config()), target.connector()?);
         let pool = r2d2::Pool::builder()
             .max_size(size)
             .min_idle(Some(0))

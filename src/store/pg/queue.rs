@@ -130,6 +130,19 @@ pub struct ClaimedJob {
     pub rescues: u32,
 }
 
+/// The process enqueuing, when it may claim some of its new rows at once
+/// ([`Queue::enqueue_claiming`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Claimer<'a> {
+    /// `locked_by` of its claims.
+    pub worker: &'a str,
+    /// Its `OMNIFLOW_TAGS`: it takes a row when it has every tag of the row.
+    pub tags: &'a [String],
+    /// Its free workers: at most this many rows are claimed.
+    pub free: usize,
+    pub lease: Duration,
+}
+
 /// A finished row, as its driver takes it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -188,6 +201,11 @@ impl Queue {
         &self.target
     }
 
+    /// The most connections its pool opens.
+    pub fn connections(&self) -> u32 {
+        self.pool.size()
+    }
+
     fn conn(&self) -> Result<super::pool::Pooled> {
         self.pool.get().map_err(QueueError)
     }
@@ -226,6 +244,26 @@ impl Queue {
     /// whose (run, step, attempt) is already queued keeps its row (a driver that took a run
     /// over waits for the attempt its predecessor enqueued instead of running it twice).
     pub fn enqueue(&self, jobs: &[NewJob]) -> Result<Vec<i64>> {
+        Ok(self
+            .enqueue_claiming(jobs, None)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// [`Queue::enqueue`], where the enqueuing process also claims, in the same statement,
+    /// what a claim right after the insert would give it: up to `me.free` of the new rows it
+    /// may run (tags), minus the claimable rows already queued ahead of them (priority, then
+    /// age), which its claimer takes next. A fan-out whose driver has free workers so starts
+    /// without the round trips of a notification and a claim; the claim order of the fleet
+    /// is the same. Returns each job's row id, in order, with the claim of the rows taken
+    /// (the other rows are left to any process, woken by the notification, which is sent
+    /// only when such rows exist).
+    pub fn enqueue_claiming(
+        &self,
+        jobs: &[NewJob],
+        me: Option<&Claimer<'_>>,
+    ) -> Result<Vec<(i64, Option<ClaimedJob>)>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -239,22 +277,60 @@ impl Queue {
         // Tags travel as one comma-joined text per job: PostgreSQL has no ragged arrays.
         let tags: Vec<String> = jobs.iter().map(|j| j.tags.join(",")).collect();
         let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
+        // Each job this process may run gets its rank in claim order (priority, then the
+        // order of the batch, which is the ids' order); the others none.
+        let mut ranks: Vec<Option<i32>> = vec![None; jobs.len()];
+        let (worker, my_tags, free, lease) = match me {
+            Some(m) => (m.worker, m.tags, m.free, m.lease),
+            None => ("", &[][..], 0, Duration::ZERO),
+        };
+        let mut eligible: Vec<usize> = (0..jobs.len())
+            .filter(|&i| free > 0 && jobs[i].tags.iter().all(|t| my_tags.contains(t)))
+            .collect();
+        eligible.sort_by_key(|&i| (std::cmp::Reverse(prios[i]), i));
+        for (rank, &i) in eligible.iter().enumerate() {
+            ranks[i] = Some(i32::try_from(rank + 1).unwrap_or(i32::MAX));
+        }
+        let lowest = eligible.iter().map(|&i| prios[i]).min().unwrap_or(0);
+        let free = i32::try_from(free).unwrap_or(i32::MAX);
         // One statement (its own transaction): the notification fires when the rows commit,
-        // and a fan-out costs one round trip, not six. Run twice, it finds its rows there.
+        // and a fan-out costs one round trip, not six. Run twice (a reply lost with its
+        // connection), it finds its rows there, claimed or not, and returns them as they are.
         let rows = self.with("enqueue steps", |c| {
             c.query_typed(
-                "WITH ins AS (
-                     INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload)
+                "WITH ahead AS (
+                     SELECT count(*)::int AS n FROM (
+                         SELECT 1 FROM runner_queue
+                         WHERE state = 'queued' AND available_at <= now()
+                           AND tags <@ $9::text[] AND priority >= $10
+                         LIMIT $8
+                     ) x
+                 ), v AS (
+                     SELECT r, s, a, p, t, j, (k IS NOT NULL AND k <= $8 - (SELECT n FROM ahead))
+                                                  AS mine
+                     FROM unnest($1::text[], $2::text[], $3::int[], $4::smallint[],
+                                 $5::text[], $6::jsonb[], $7::int[]) AS u(r, s, a, p, t, j, k)
+                 ), ins AS (
+                     INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload,
+                                               state, locked_by, claim_token, claimed_at,
+                                               lease_until)
                      SELECT r, s, a, p, CASE WHEN t = '' THEN '{}'::text[]
-                                             ELSE string_to_array(t, ',') END, j
-                     FROM unnest($1::text[], $2::text[], $3::int[], $4::smallint[], $5::text[],
-                                 $6::jsonb[]) AS u(r, s, a, p, t, j)
+                                             ELSE string_to_array(t, ',') END, j,
+                            CASE WHEN mine THEN 'running' ELSE 'queued' END,
+                            CASE WHEN mine THEN $11 END,
+                            CASE WHEN mine THEN gen_random_uuid()::text END,
+                            CASE WHEN mine THEN now() END,
+                            CASE WHEN mine THEN now() + make_interval(secs => $12) END
+                     FROM v
                      ON CONFLICT (run_id, step_key, attempt)
                          DO UPDATE SET priority = EXCLUDED.priority
-                     RETURNING id, run_id, step_key, attempt
+                     RETURNING id, run_id, step_key, attempt, state, locked_by, claim_token,
+                               priority, payload, rescues
+                 ), told AS (
+                     SELECT pg_notify($13, '') WHERE EXISTS (
+                         SELECT 1 FROM ins WHERE state = 'queued')
                  )
-                 SELECT ins.id, ins.run_id, ins.step_key, ins.attempt
-                 FROM ins CROSS JOIN (SELECT pg_notify($7, '')) AS woken",
+                 SELECT ins.* FROM ins CROSS JOIN (SELECT count(*) FROM told) AS woken",
                 &[
                     (&runs as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
                     (&steps, Type::TEXT_ARRAY),
@@ -262,20 +338,41 @@ impl Queue {
                     (&prios, Type::INT2_ARRAY),
                     (&tags, Type::TEXT_ARRAY),
                     (&payloads, Type::JSONB_ARRAY),
+                    (&ranks, Type::INT4_ARRAY),
+                    (&free, Type::INT4),
+                    (&my_tags, Type::TEXT_ARRAY),
+                    (&lowest, Type::INT2),
+                    (&worker, Type::TEXT),
+                    (&secs(lease), Type::FLOAT8),
                     (&JOBS_CHANNEL, Type::TEXT),
                 ],
             )
         })?;
-        let mut ids = std::collections::HashMap::new();
+        let mut got = std::collections::HashMap::new();
         for r in rows {
             let key: (String, String, i32) = (r.get(1), r.get(2), r.get(3));
-            ids.insert(key, r.get::<_, i64>(0));
+            let id: i64 = r.get(0);
+            // Running under this process's name: claimed by this statement (or by its first
+            // try, whose reply was lost). The caller skips a row its claimer already holds.
+            let claimed = (me.is_some()
+                && r.get::<_, &str>(4) == "running"
+                && r.get::<_, Option<&str>>(5) == Some(worker))
+            .then(|| ClaimedJob {
+                id,
+                token: r.get::<_, Option<String>>(6).unwrap_or_default(),
+                run_id: key.0.clone(),
+                step_key: key.1.clone(),
+                attempt: u32::try_from(key.2).unwrap_or(0),
+                priority: u8::try_from(r.get::<_, i16>(7)).unwrap_or(1),
+                payload: r.get(8),
+                rescues: u32::try_from(r.get::<_, i32>(9)).unwrap_or(0),
+            });
+            got.insert(key, (id, claimed));
         }
         jobs.iter()
             .zip(&attempts)
             .map(|(j, &a)| {
-                ids.get(&(j.run_id.clone(), j.step_key.clone(), a))
-                    .copied()
+                got.remove(&(j.run_id.clone(), j.step_key.clone(), a))
                     .ok_or_else(|| {
                         QueueError(format!(
                             "the queue returned no row for {} {} — a bug, please report it",
@@ -1045,6 +1142,128 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
         assert_eq!(q.depth().unwrap(), [0, 0, 0, 1]);
         assert_eq!(q.cancel(&a).unwrap(), 1);
         assert_eq!(q.depth().unwrap(), [0, 0, 0, 0]);
+    }
+
+    /// The enqueuing process claims, in the insert, what a claim right after it would give
+    /// it: its free workers' worth of the rows its tags allow, in claim order, less the
+    /// claimable rows already ahead of them; the rest stay queued for anyone.
+    #[test]
+    fn an_enqueue_claims_for_the_free_workers_of_its_process() {
+        let Some((_db, q)) = queue("enqueue_claiming") else {
+            return;
+        };
+        let gpu = vec!["gpu".to_string()];
+        let me = Claimer {
+            worker: "host-a:1:1",
+            tags: &gpu,
+            free: 3,
+            lease: lease(),
+        };
+        let got = q
+            .enqueue_claiming(
+                &[
+                    job("r", "low", 0, &[]),
+                    job("r", "n1", 1, &[]),
+                    job("r", "cpu-only", 1, &["cpu"]),
+                    job("r", "n2", 1, &["gpu"]),
+                    job("r", "critical", 3, &[]),
+                ],
+                Some(&me),
+            )
+            .unwrap();
+        let claimed: Vec<&str> = got
+            .iter()
+            .filter_map(|(_, c)| c.as_ref().map(|c| c.step_key.as_str()))
+            .collect();
+        // Claim order: critical, then the normal ones in the batch's order; "cpu-only" is not
+        // this process's to take; three workers.
+        assert_eq!(claimed, ["n1", "n2", "critical"]);
+        for (id, c) in &got {
+            if let Some(c) = c {
+                assert_eq!(c.id, *id);
+                assert!(!c.token.is_empty());
+            }
+        }
+        // The other two wait for anyone, and the claimed ones complete with their tokens.
+        assert_eq!(q.depth().unwrap(), [1, 1, 0, 0]);
+        let done: Vec<(i64, String, Value)> = got
+            .iter()
+            .filter_map(|(_, c)| c.as_ref().map(|c| (c.id, c.token.clone(), json!("ok"))))
+            .collect();
+        assert_eq!(q.complete(&done).unwrap().len(), 3);
+
+        // Two claimable rows already queued ahead (the low one is behind a normal row): with
+        // three free workers, one new row is claimed in the insert, and the claimer takes the
+        // two older ones next.
+        let older = q
+            .enqueue(&[job("r2", "old1", 1, &[]), job("r2", "old2", 2, &[])])
+            .unwrap();
+        let got = q
+            .enqueue_claiming(
+                &[job("r3", "new1", 1, &[]), job("r3", "new2", 1, &[])],
+                Some(&me),
+            )
+            .unwrap();
+        assert!(got[0].1.is_some() && got[1].1.is_none(), "{got:?}");
+        let next: Vec<i64> = q
+            .claim("host-a:1:1", &gpu, 2, lease())
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(next, [older[1], older[0]]);
+
+        // Sent again after a reply lost with its connection: the same rows and claims.
+        let again = q
+            .enqueue_claiming(
+                &[job("r3", "new1", 1, &[]), job("r3", "new2", 1, &[])],
+                Some(&me),
+            )
+            .unwrap();
+        assert_eq!(again, got);
+        // Without a claimer (or no free worker) nothing is claimed.
+        let none = q.enqueue_claiming(&[job("r4", "x", 1, &[])], None).unwrap();
+        assert!(none[0].1.is_none());
+    }
+
+    /// Claimers elsewhere are woken only when the insert leaves rows for them: a fan-out its
+    /// own process takes whole wakes nobody.
+    #[test]
+    fn an_enqueue_that_leaves_no_row_queued_wakes_nobody() {
+        let Some((db, q)) = queue("enqueue_quiet") else {
+            return;
+        };
+        let mut listener = db.target().connect().unwrap();
+        listener
+            .batch_execute(&format!("LISTEN {JOBS_CHANNEL}"))
+            .unwrap();
+        let me = Claimer {
+            worker: "w",
+            tags: &[],
+            free: 2,
+            lease: lease(),
+        };
+        q.enqueue_claiming(&[job("r", "a", 1, &[]), job("r", "b", 1, &[])], Some(&me))
+            .unwrap();
+        q.enqueue_claiming(
+            &[
+                job("r", "c", 1, &[]),
+                job("r", "d", 1, &[]),
+                job("r", "e", 1, &[]),
+            ],
+            Some(&me),
+        )
+        .unwrap();
+        // Notifications reach a listener at its next exchange with the server.
+        listener.batch_execute("SELECT 1").unwrap();
+        let heard =
+            postgres::fallible_iterator::FallibleIterator::count(listener.notifications().iter())
+                .unwrap();
+        assert_eq!(
+            heard, 1,
+            "one wake-up, for the insert that left a row queued"
+        );
+        assert_eq!(q.depth().unwrap(), [0, 1, 0, 0]);
     }
 
     #[test]
