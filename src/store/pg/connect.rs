@@ -41,8 +41,9 @@ pub struct PgTarget {
 /// heartbeats, result reads, rate-limit takes) share it, beside the history writer and the
 /// `LISTEN` connection, which stay dedicated. Each of those statements takes a millisecond or
 /// two and is batched per claim or per fan-out, so two connections carry a pool of 40 (a
-/// 200-item fan-out over 3 processes waited on the pool for no measurable time); one more per
-/// 40 steps in flight is for the per-call rate-limit takes, which are not batched. At most 8.
+/// 200-item fan-out over 3 processes took as long as with the seven connections each held
+/// before the pool was shared); one more per 40 steps in flight is for the per-call
+/// rate-limit takes, which are not batched. At most 8.
 pub fn pool_size(concurrency: usize) -> u32 {
     let extra = u32::try_from(concurrency.saturating_sub(1) / 40).unwrap_or(u32::MAX);
     2u32.saturating_add(extra).min(8)
