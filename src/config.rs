@@ -192,8 +192,10 @@ impl Config {
     pub fn database(&self) -> Result<crate::store::Location, String> {
         match &self.database_url {
             None => Ok(crate::store::Location::Sqlite(self.db_file.clone())),
-            Some(url) => crate::store::PgTarget::parse(url)
-                .map(|t| crate::store::Location::Postgres(Box::new(t))),
+            Some(url) => crate::store::PgTarget::parse(url).map(|t| {
+                let t = t.with_pool_size(crate::store::pg::connect::pool_size(self.concurrency));
+                crate::store::Location::Postgres(Box::new(t))
+            }),
         }
     }
 

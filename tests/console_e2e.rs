@@ -1146,6 +1146,21 @@ fn a_console_on_postgres_shows_another_process_s_steps_live_and_cancels_its_run(
     let status = first.wait().expect("the other process ends");
     assert!(status.success(), "{status:?}");
     t.wait_for("the run in History, done", 30, |s| row(s, "success"));
+    // The console names its connections and holds its writer's, one listening (for the
+    // fleet's wake-ups and the announcements it shows alike) and its pool's.
+    let held: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name LIKE 'omniflow tui %'",
+            &[&db.name()],
+        )
+        .unwrap()
+        .get(0);
+    let bound = i64::from(omniflow::store::pg::connect::pool_size(4)) + 2;
+    assert!(
+        (2..=bound).contains(&held),
+        "the console holds {held} connections (at most {bound})"
+    );
     // Its steps, from the database, in the run's detail.
     t.keys(&["Tab", "Tab", "g"]);
     t.wait_for("the run selected", 10, |s| {

@@ -1072,3 +1072,381 @@ fn an_adopted_run_uses_the_results_its_dead_driver_left_in_the_queue() {
         count(&mut h, "SELECT count(*) FROM runner_queue") == 0
     });
 }
+
+/// The warnings `host` logged (JSON lines in its LOG_DIR), as their messages.
+fn warnings(fleet: &Fleet, host: &str) -> Vec<String> {
+    fleet
+        .log(host)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["level"] == "WARN")
+        .map(|v| v["message"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A worker on another host marks a step running as soon as it claims its row; the driver
+/// recorded the step `pending` just before. In an ordinary fan-out over three processes every
+/// history write finds its step in the state it expects: none is ignored (logged as
+/// "store: ignored …"), and each step's start is the one its worker recorded.
+#[test]
+fn a_fan_out_over_three_processes_writes_every_step_in_order() {
+    let Some(mut fleet) = Fleet::new("in_order", Duration::from_millis(20)) else {
+        return;
+    };
+    fleet.lease = "30";
+    for host in ["d1", "d2"] {
+        fleet.daemon(host, "8");
+    }
+    let bps = fleet.blueprints(1, 200);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "8")],
+        )
+        .spawn()
+        .unwrap();
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    assert!(ok, "{out}\n{err}");
+    // The daemons' last writes are in before their logs are read.
+    for c in &mut fleet.children {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    let by_host = fleet.calls_by_host();
+    assert!(
+        ["d1", "d2"]
+            .iter()
+            .all(|d| by_host.get(*d).copied().unwrap_or(0) > 0),
+        "the daemons ran steps: {by_host:?}"
+    );
+    for host in ["d1", "d2", "driver"] {
+        let ignored: Vec<String> = warnings(&fleet, host)
+            .into_iter()
+            .filter(|m| m.contains("ignored"))
+            .collect();
+        assert!(
+            ignored.is_empty(),
+            "{host} logged {} ignored writes, first: {:?}",
+            ignored.len(),
+            ignored.first()
+        );
+    }
+    let mut h = fleet.history();
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success' AND attempts = 1"
+        ),
+        200
+    );
+}
+
+/// Terminates every backend of the fleet's database but the caller's own, every `every`,
+/// until `stop` is set; returns how many it terminated.
+fn keep_cutting(
+    db: &ScratchDb,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<i64> {
+    let (target, name) = (db.target().clone(), db.name().to_string());
+    std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        let mut killed = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(every);
+            killed += c
+                .query_one(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid()) AS t",
+                    &[&name],
+                )
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0);
+        }
+        killed
+    })
+}
+
+/// The fleet-wide rate limit keeps its budget while the server keeps dropping the fleet's
+/// connections: a place is taken on another connection when its own was dropped, never
+/// skipped ("calling anyway") and never counted twice, and no step fails for it.
+#[test]
+fn a_rate_limited_fan_out_keeps_its_budget_while_connections_are_killed() {
+    // The harness's short lease: a claim whose reply was lost with its connection leaves
+    // its rows to be rescued when their lease expires.
+    let Some(mut fleet) = Fleet::new("rates_cut", Duration::from_millis(20)) else {
+        return;
+    };
+    let limit = [("OPENAI_RATE_LIMIT", "10/s"), ("CONCURRENCY", "4")];
+    let empty = fleet.dir.path().join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    for host in ["d1", "d2"] {
+        let child = fleet
+            .cmd(host, &["daemon", "--dir", empty.to_str().unwrap()], &limit)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        fleet.children.push(child);
+    }
+    const ITEMS: usize = 60;
+    let bps = fleet.blueprints(1, ITEMS);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &limit,
+        )
+        .spawn()
+        .unwrap();
+    wait_for("the first calls", Duration::from_secs(120), || {
+        fleet.calls_by_host().values().sum::<usize>() >= 5
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutter = keep_cutting(&fleet.db, Duration::from_millis(300), stop.clone());
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let killed = cutter.join().unwrap();
+    assert!(killed > 0);
+    assert!(
+        ok,
+        "a step failed while connections were cut:\n{out}\n{err}"
+    );
+    for c in &mut fleet.children {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    // Every call the fake answered took one place, and no window gave more than 10.
+    let mut h = fleet.history();
+    let calls: usize = fleet.calls_by_host().values().sum();
+    assert!(calls >= ITEMS, "{calls}");
+    let (places, fullest): (i64, i32) = h
+        .query_one(
+            "SELECT COALESCE(sum(used), 0)::bigint, COALESCE(max(used), 0)
+             FROM runner_rate_windows WHERE provider = 'openai'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        places, calls as i64,
+        "calls made without a place, or places counted twice ({killed} backends killed)"
+    );
+    assert!(fullest <= 10, "a window gave {fullest} places");
+    for host in ["d1", "d2", "driver"] {
+        let skipped: Vec<String> = warnings(&fleet, host)
+            .into_iter()
+            .filter(|m| m.contains("rate limit"))
+            .collect();
+        assert!(skipped.is_empty(), "{host}: {skipped:?}");
+    }
+}
+
+/// The writer's connection drops right after the server committed a batch, before the
+/// writer heard so: the writer finds the batch committed (its number is recorded in the same
+/// transaction) and says so once, at debug level, instead of applying it again and warning
+/// that each of its writes was "already recorded".
+#[test]
+fn a_batch_whose_commit_reply_was_lost_is_not_applied_again() {
+    let Some(db) = ScratchDb::new("commit_lost") else {
+        return;
+    };
+    let mut url = url::Url::parse(db.url()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    // The first transaction that records an attempt: the writer's batch.
+    let proxy = common::pgcut::start(&upstream, "INSERT INTO runner_attempts");
+    let (host, port) = proxy.addr.split_once(':').unwrap();
+    url.set_host(Some(host)).unwrap();
+    url.set_port(Some(port.parse().unwrap())).unwrap();
+    url.set_query(Some("sslmode=disable"));
+    let dir = tempfile::tempdir().unwrap();
+    let bp = json!({
+        "name": "cut-commit",
+        "variables": { "ITEMS": (0..40).map(|i| format!("i{i}")).collect::<Vec<_>>() },
+        "nodes": [
+            { "id": "each", "type": "transform", "forEach": "{{ vars.ITEMS }}",
+              "template": "{{ item }}!" },
+            { "id": "all", "type": "transform", "needs": ["each"],
+              "template": "{{ nodes.each.output | join(',') }}" }
+        ]
+    });
+    let path = dir.path().join("cut.json");
+    std::fs::write(&path, bp.to_string()).unwrap();
+    let logs = dir.path().join("logs");
+    let run = common::bin::omniflow(
+        dir.path(),
+        &["run", path.to_str().unwrap(), "--sandbox", "--json"],
+        [
+            ("DATABASE_URL", url.to_string()),
+            ("LOG_DIR", logs.display().to_string()),
+            ("RUST_LOG", "info,omniflow::store=debug".to_string()),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let (ok, out, err) = finish(run, Duration::from_secs(120));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let lines: Vec<Value> = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let said = |level: &str, text: &str| -> usize {
+        lines
+            .iter()
+            .filter(|v| v["level"] == level && v["message"].as_str().unwrap_or("").contains(text))
+            .count()
+    };
+    let warned: Vec<&Value> = lines.iter().filter(|v| v["level"] == "WARN").collect();
+    assert_eq!(
+        said("WARN", "ignored"),
+        0,
+        "{} warnings, first: {:?}",
+        warned.len(),
+        warned.first()
+    );
+    assert_eq!(
+        said("DEBUG", "committed before its connection dropped"),
+        1,
+        "{warned:?}"
+    );
+    // Everything is there, once.
+    let mut h = db.target().connect().unwrap();
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_steps WHERE status = 'success'"
+        ),
+        41
+    );
+    assert_eq!(count(&mut h, "SELECT count(*) FROM runner_attempts"), 41);
+    assert_eq!(
+        count(
+            &mut h,
+            "SELECT count(*) FROM runner_executions WHERE status = 'success'"
+        ),
+        1
+    );
+}
+
+/// Each process names its connections (`omniflow <command> <host>:<pid>`), and holds no more
+/// than the history writer, the `LISTEN` connection and its shared pool (sized from
+/// `CONCURRENCY`), idle or in the middle of a 200-item fan-out spread over three processes.
+#[test]
+fn each_process_holds_a_few_named_connections() {
+    let Some(mut fleet) = Fleet::new("connections", Duration::from_millis(50)) else {
+        return;
+    };
+    fleet.lease = "30";
+    for host in ["d1", "d2"] {
+        fleet.daemon(host, "40");
+    }
+    let pids: Vec<u32> = fleet.children.iter().map(Child::id).collect();
+    let name = fleet.db.name().to_string();
+    let per_name = |c: &mut postgres::Client| -> HashMap<String, i64> {
+        c.query(
+            "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = $1
+             AND pid <> pg_backend_pid() GROUP BY 1",
+            &[&name],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
+    let mut h = fleet.history();
+    wait_for("the daemons to start", Duration::from_secs(60), || {
+        ["d1", "d2"]
+            .iter()
+            .all(|d| fleet.log(d).contains("daemon started"))
+    });
+    let idle = per_name(&mut h);
+    let bps = fleet.blueprints(1, 200);
+    let driver = fleet
+        .cmd(
+            "driver",
+            &["run", bps.join("fan0.json").to_str().unwrap()],
+            &[("CONCURRENCY", "40")],
+        )
+        .spawn()
+        .unwrap();
+    let driver_pid = driver.id();
+    // The most connections each name held at once while the fan-out ran.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (target, stop, name) = (fleet.db.target().clone(), stop.clone(), name.clone());
+        std::thread::spawn(move || {
+            let mut c = target.connect().unwrap();
+            let mut peak: HashMap<String, i64> = HashMap::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for r in c
+                    .query(
+                        "SELECT application_name, count(*) FROM pg_stat_activity
+                         WHERE datname = $1 AND pid <> pg_backend_pid() GROUP BY 1",
+                        &[&name],
+                    )
+                    .unwrap()
+                {
+                    let n: i64 = r.get(1);
+                    let e = peak.entry(r.get(0)).or_insert(0);
+                    *e = (*e).max(n);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
+    let (ok, out, err) = finish(driver, Duration::from_secs(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    assert!(ok, "{out}\n{err}");
+    let by_host = fleet.calls_by_host();
+    assert!(
+        ["d1", "d2", "driver"]
+            .iter()
+            .all(|d| by_host.get(*d).copied().unwrap_or(0) > 0),
+        "every process ran steps: {by_host:?}"
+    );
+    // The writer, the LISTEN connection and the pool.
+    let bound = i64::from(omniflow::store::pg::connect::pool_size(40)) + 2;
+    let named = |pid: u32, command: &str| -> Vec<(String, i64)> {
+        let suffix = format!(":{pid}");
+        peak.iter()
+            .filter(|(n, _)| n.starts_with(&format!("omniflow {command} ")) && n.ends_with(&suffix))
+            .map(|(n, c)| (n.clone(), *c))
+            .collect()
+    };
+    for (pid, command) in [
+        (pids[0], "daemon"),
+        (pids[1], "daemon"),
+        (driver_pid, "run"),
+    ] {
+        let held = named(pid, command);
+        assert_eq!(
+            held.len(),
+            1,
+            "{command} {pid}'s connections by name: {peak:?}"
+        );
+        assert!(
+            held[0].1 >= 2 && held[0].1 <= bound,
+            "{command} {pid} held {} connections during the fan-out (at most {bound}): {peak:?}",
+            held[0].1
+        );
+    }
+    for (n, c) in &idle {
+        assert!(*c <= bound, "{n} held {c} connections idle: {idle:?}");
+    }
+    eprintln!("connections: idle {idle:?}; peak during a 200-item fan-out {peak:?}");
+}

@@ -224,3 +224,76 @@ fn on_sqlite_there_is_no_fleet_to_ask() {
     assert!(store.running_attempts().unwrap().is_empty());
     assert_eq!(store.runs_by_id(vec!["r1".into()]).unwrap().len(), 1);
 }
+
+/// A console in a fleet hears the announcements on its engine's one `LISTEN` connection (the
+/// one that wakes its claims), not on a connection of its own: other processes' runs come
+/// through, its own do not, and the process holds no extra connection for them.
+#[test]
+fn a_fleet_engine_hears_announcements_on_its_one_listening_connection() {
+    let Some(db) = ScratchDb::new("events_engine") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vars: std::collections::HashMap<String, String> = [
+        ("DATABASE_URL", db.url().to_string()),
+        ("LOG_DIR", dir.path().join("logs").display().to_string()),
+        ("CONCURRENCY", "4".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = omniflow::config::Config::from_vars(&vars).unwrap();
+    let store = Store::open_postgres(db.target()).unwrap();
+    let engine = {
+        let _in = rt.enter();
+        omniflow::engine::Engine::new(
+            std::sync::Arc::new(config),
+            store.clone(),
+            omniflow::events::EventBus::new(),
+        )
+    };
+    let heard = engine.follow_fleet_events().expect("a fleet");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let next = |what: &str| -> Live {
+        let left = deadline.saturating_duration_since(Instant::now());
+        heard
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    };
+    assert_eq!(next("listening"), Live::Connected);
+    // This process's own writes are not announced to it; another process's are.
+    store.insert_run(new_run("run-own"));
+    store.flush_blocking();
+    let other = Store::open_postgres_as(db.target(), "far-host:9:9".into()).unwrap();
+    other.insert_run(new_run("run-far"));
+    other.flush_blocking();
+    loop {
+        match next("the other process's run") {
+            Live::Runs { runs, .. } => {
+                assert_eq!(runs, vec!["run-far".to_string()]);
+                break;
+            }
+            Live::Connected => continue,
+            Live::Lost(e) => panic!("lost: {e}"),
+        }
+    }
+    // One LISTEN connection in this process: the fleet's, now on the events channel too.
+    let mut c = db.target().connect().unwrap();
+    let listening: Vec<String> = c
+        .query(
+            "SELECT query FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN%'",
+            &[&db.name()],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(listening.len(), 1, "{listening:?}");
+    drop(engine);
+    drop(rt);
+}

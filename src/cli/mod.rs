@@ -315,6 +315,22 @@ impl Failure {
 /// Parses the arguments and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Names this process's PostgreSQL connections (`pg_stat_activity.application_name`).
+    crate::store::pg::connect::set_command(match &cli.command {
+        None | Some(Command::Tui(_)) => "tui",
+        Some(Command::Run(_)) => "run",
+        Some(Command::Resume(_)) => "resume",
+        Some(Command::Validate(_)) => "validate",
+        Some(Command::Runs(_)) => "runs",
+        Some(Command::Show(_)) => "show",
+        Some(Command::Schema) => "schema",
+        Some(Command::Backup(_)) => "backup",
+        Some(Command::Migrate(_)) => "migrate",
+        Some(Command::Export(_)) => "export",
+        Some(Command::Daemon(_)) => "daemon",
+        Some(Command::Doctor(_)) => "doctor",
+        Some(Command::Health(_)) => "health",
+    });
     let result = match cli.command {
         None => commands::tui(cli.tui),
         Some(Command::Tui(a)) => commands::tui(a),

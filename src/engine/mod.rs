@@ -350,7 +350,7 @@ impl Engine {
             .build()
             .unwrap_or_default();
         let templates = Templates::with_limits(config.limits.clone());
-        let fleet = crate::engine::fleet::Fleet::new(&config);
+        let fleet = crate::engine::fleet::Fleet::new(&config, &store);
         let mut providers = Providers::new(config.clone()).with_store(store.clone());
         if let Some(f) = &fleet {
             // A provider's rate limit is one budget for the whole fleet.
@@ -553,6 +553,14 @@ impl Engine {
     /// the console reads its depth. Blocking calls: use it off the async threads.
     pub fn fleet_queue(&self) -> Option<crate::store::pg::queue::Queue> {
         self.inner.fleet.as_ref().map(|f| f.0.queue().clone())
+    }
+
+    /// The fleet's announcements of runs other processes changed, heard on this process's
+    /// `LISTEN` connection (no connection of their own); `None` without a fleet.
+    pub fn follow_fleet_events(
+        &self,
+    ) -> Option<std::sync::mpsc::Receiver<crate::store::pg::events::Live>> {
+        self.inner.fleet.as_ref().map(|f| f.0.follow_events())
     }
 
     /// Ids of the runs in flight in this process.

@@ -263,6 +263,12 @@ impl Store {
         }
     }
 
+    /// The process's shared pool of PostgreSQL connections (the store's reads use it; the
+    /// fleet's queue shares it), when that is the backend.
+    pub fn pg_pool(&self) -> Option<pg::pool::PgPool> {
+        self.pg().map(|b| b.pool().clone())
+    }
+
     /// The SQLite file. Only called on the SQLite paths (after `pg()` returned `None`).
     pub(crate) fn sqlite_path(&self) -> &Path {
         match &self.inner.backend {

@@ -61,7 +61,10 @@ pub async fn run(
         stop.clone(),
     );
     if let Some(target) = ctx.store.postgres() {
-        spawn_fleet_listener(target.clone(), ctx.tx.clone(), stop.clone());
+        match ctx.engine.follow_fleet_events() {
+            Some(heard) => forward_fleet_events(heard, ctx.tx.clone(), stop.clone()),
+            None => spawn_fleet_listener(target.clone(), ctx.tx.clone(), stop.clone()),
+        }
     }
     let mut term = terminal::Terminal::enter()?;
     let mut keys = EventStream::new();
@@ -477,6 +480,36 @@ async fn ask_driver(ctx: Ctx, run_id: String, request: Request) {
         Err(e) => Bg::Failed(format!("could not ask for {what} of run {short}: {e}")),
     };
     let _ = ctx.tx.send(msg).await;
+}
+
+/// Passes the fleet's announcements of changed runs, heard on the engine's `LISTEN`
+/// connection, to the UI; on a thread of its own, which waits when the UI is behind (the
+/// listening thread never does: it also wakes the fleet's claims and results).
+fn forward_fleet_events(
+    heard: std::sync::mpsc::Receiver<crate::store::pg::events::Live>,
+    tx: mpsc::Sender<Bg>,
+    stop: Arc<AtomicBool>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("console-fleet-events".into())
+        .spawn(move || loop {
+            match heard.recv_timeout(Duration::from_millis(200)) {
+                Ok(live) => {
+                    if tx.blocking_send(Bg::Live(live)).is_err() {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::Relaxed) || tx.is_closed() {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot follow the fleet: {e}; other processes' runs show on the clock");
+    }
 }
 
 /// Listens to the fleet's announcements of changed runs on a thread of its own (the

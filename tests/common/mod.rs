@@ -6,6 +6,7 @@
 pub mod bin;
 pub mod counting;
 pub mod http;
+pub mod pgcut;
 
 use omniflow::blueprint::Blueprint;
 use omniflow::config::Config;

@@ -219,6 +219,10 @@ pub(crate) async fn schema_then_enqueue(
             }
         }
         let jobs: Vec<NewJob> = batch.iter().map(|e| e.job.clone()).collect();
+        // The steps' `pending` rows (and a retried step's `retrying`) were queued to this
+        // process's writer before their attempts came here: committed first, so the host
+        // that claims a row finds its step recorded when it marks it running.
+        super::history_committed(&engine).await;
         // This process's free workers take what a claim right after the insert would give
         // them, in the insert itself. The claimer waits meanwhile, so no worker is counted
         // twice; the claimed rows are started before it goes on.

@@ -25,7 +25,7 @@ pub(crate) mod worker;
 pub(crate) use dispatch::dispatcher;
 
 use crate::config::Config;
-use crate::store::pg::events::REQUESTS_CHANNEL;
+use crate::store::pg::events::{Live, EVENTS_CHANNEL, REQUESTS_CHANNEL};
 use crate::store::pg::queue::{self, blocking, Outcome, Queue};
 use crate::store::pg::PgTarget;
 use std::collections::HashMap;
@@ -39,11 +39,6 @@ use tokio_util::sync::CancellationToken;
 /// `NOTIFY` missed while the listening connection was down is found this late at worst).
 pub const POLL: Duration = Duration::from_secs(2);
 
-/// Connections of one process's queue pool (claims, completions, enqueues, sweeps; the
-/// `LISTEN` connection comes on top). Three hosts use 3 × (4 + 1) of PostgreSQL's default
-/// `max_connections` of 100.
-pub const CONNECTIONS: u32 = 4;
-
 /// The fleet database of this configuration, or `None` (no fleet, the local pool alone) when
 /// `DATABASE_URL` is unset or is not a PostgreSQL URL. The one place that decides whether the
 /// queue is on.
@@ -53,12 +48,24 @@ pub fn target(config: &Config) -> Option<PgTarget> {
         return None;
     }
     match PgTarget::parse(url) {
-        Ok(t) => Some(t),
+        Ok(t) => Some(t.with_pool_size(crate::store::pg::connect::pool_size(config.concurrency))),
         Err(e) => {
             // The message never holds the password (see `PgTarget::parse`).
             tracing::error!(error = %e, "fleet: DATABASE_URL cannot be used; this process runs its steps locally");
             None
         }
+    }
+}
+
+/// Resolves once every history write this process queued so far is committed (at once when
+/// the engine is gone). A queue row is inserted, and a result handed back, only after the
+/// history writes that precede it: another process acts on the row at once, and its own
+/// writes about the step (`step_started` on the worker, `step_finished` on the driver) must
+/// find the step in the state they expect, not race this process's writer.
+async fn history_committed(engine: &std::sync::Weak<crate::engine::Inner>) {
+    let store = engine.upgrade().map(|inner| inner.store.clone());
+    if let Some(store) = store {
+        store.flush().await;
     }
 }
 
@@ -112,6 +119,11 @@ pub(crate) struct Fleet {
     receivers: Mutex<Option<Receivers>>,
     stop: CancellationToken,
     listener_stop: Arc<AtomicBool>,
+    /// A console's subscription to the fleet's announcements of changed runs, heard on this
+    /// process's one `LISTEN` connection (only a console asks: a daemon would discard them).
+    events: Mutex<Option<std::sync::mpsc::Sender<Live>>>,
+    /// Set once a console subscribed: the listener adds `EVENTS_CHANNEL`.
+    events_on: Arc<AtomicBool>,
     /// The queue's tables exist (claims and sweeps wait for them).
     ready: AtomicBool,
     /// Set when the process stops: no more claims.
@@ -145,14 +157,22 @@ impl Fleet {
     /// The fleet of `config`, if it has one. Connects nothing yet ([`Fleet::start`] does, in
     /// the background, retrying: a database that is down delays steps, it does not stop the
     /// process).
-    pub(crate) fn new(config: &Config) -> Option<Arc<Fleet>> {
+    /// Its statements run on the store's pool when the store is on the same database (as
+    /// it is whenever both come from `DATABASE_URL`): one pool per process.
+    pub(crate) fn new(config: &Config, store: &crate::store::Store) -> Option<Arc<Fleet>> {
         let target = target(config)?;
-        let queue = match Queue::new(&target, CONNECTIONS) {
-            Ok(q) => q,
-            Err(e) => {
-                tracing::error!(error = %e, "fleet: cannot use DATABASE_URL; this process runs its steps locally");
-                return None;
-            }
+        let shared = store
+            .pg_pool()
+            .filter(|p| p.target().shown() == target.shown());
+        let queue = match shared {
+            Some(pool) => Queue::on(pool),
+            None => match Queue::new(&target, target.pool_size()) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(error = %e, "fleet: cannot use DATABASE_URL; this process runs its steps locally");
+                    return None;
+                }
+            },
         };
         let (enqueue_tx, enqueue) = mpsc::unbounded_channel();
         let (complete_tx, complete) = mpsc::unbounded_channel();
@@ -173,6 +193,8 @@ impl Fleet {
             receivers: Mutex::new(Some(Receivers { enqueue, complete })),
             stop: CancellationToken::new(),
             listener_stop: Arc::new(AtomicBool::new(false)),
+            events: Mutex::new(None),
+            events_on: Arc::new(AtomicBool::new(false)),
             ready: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             claiming: tokio::sync::Mutex::new(()),
@@ -200,25 +222,60 @@ impl Fleet {
             rx.enqueue,
         ));
         tokio::spawn(dispatch::collector(self.clone()));
-        tokio::spawn(worker::completer(self.clone(), rx.complete));
+        tokio::spawn(worker::completer(self.clone(), engine.clone(), rx.complete));
         tokio::spawn(worker::claimer(self.clone(), engine.clone()));
         tokio::spawn(worker::heartbeats(self.clone()));
         tokio::spawn(worker::sweeper(self.clone()));
         tokio::spawn(requests::watcher(self.clone(), engine));
     }
 
+    /// The fleet's announcements of runs other processes changed, from now on (a console
+    /// follows them), on the process's `LISTEN` connection rather than one more of its own.
+    /// [`Live::Connected`] comes first once the connection listens to them.
+    pub(crate) fn follow_events(&self) -> std::sync::mpsc::Receiver<Live> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *lock(&self.events) = Some(tx);
+        self.events_on.store(true, Ordering::Relaxed);
+        rx
+    }
+
+    /// Hands `live` to the subscribed console, if any (one that went away unsubscribes).
+    fn tell_console(&self, live: Live) {
+        let mut events = lock(&self.events);
+        if events.as_ref().is_some_and(|tx| tx.send(live).is_err()) {
+            *events = None;
+        }
+    }
+
     fn spawn_listener(self: &Arc<Self>) {
         let target = self.queue.target().clone();
         let stop = self.listener_stop.clone();
+        let events_on = self.events_on.clone();
+        let me = crate::store::process_id().to_string();
         // Weak: the thread must not keep the fleet alive.
         let fleet = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("fleet-listen".into())
             .spawn(move || {
                 let mut lost_once = false;
-                queue::listen(
+                // Whether the channels last asked for (those the connection listens to when it
+                // says it is connected) include the console's.
+                let asked_events = std::cell::Cell::new(false);
+                let channels = || {
+                    let mut c: Vec<String> = [queue::JOBS_CHANNEL, queue::DONE_CHANNEL, REQUESTS_CHANNEL]
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect();
+                    let events = events_on.load(Ordering::Relaxed);
+                    asked_events.set(events);
+                    if events {
+                        c.push(EVENTS_CHANNEL.to_string());
+                    }
+                    c
+                };
+                crate::store::pg::listen::listen_growing(
                     &target,
-                    &[queue::JOBS_CHANNEL, queue::DONE_CHANNEL, REQUESTS_CHANNEL],
+                    &channels,
                     Duration::from_millis(250),
                     Duration::from_secs(1),
                     &|| stop.load(Ordering::Relaxed),
@@ -231,6 +288,13 @@ impl Fleet {
                             queue::Heard::Notice(n) if n.channel == REQUESTS_CHANNEL => {
                                 f.requests_wake.notify_one()
                             }
+                            queue::Heard::Notice(n) if n.channel == EVENTS_CHANNEL => {
+                                if let Some(live) =
+                                    crate::store::pg::events::heard_runs(&n.payload, &me)
+                                {
+                                    f.tell_console(live);
+                                }
+                            }
                             queue::Heard::Notice(_) => f.jobs_wake.notify_one(),
                             queue::Heard::Connected => {
                                 if lost_once {
@@ -239,6 +303,9 @@ impl Fleet {
                                 f.jobs_wake.notify_one();
                                 f.results_wake.notify_one();
                                 f.requests_wake.notify_one();
+                                if asked_events.get() {
+                                    f.tell_console(Live::Connected);
+                                }
                             }
                             queue::Heard::Lost(e) => {
                                 // Said once per outage, not once per retry.
@@ -246,6 +313,7 @@ impl Fleet {
                                     tracing::warn!(error = %e, "fleet: lost the listening connection; polling every 2 s until it is back");
                                 }
                                 lost_once = true;
+                                f.tell_console(Live::Lost(e));
                             }
                         }
                     },

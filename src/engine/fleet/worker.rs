@@ -230,13 +230,16 @@ fn to_json(done: &AttemptDone) -> serde_json::Value {
 /// does not answer (the lease still covers the row meanwhile).
 pub(crate) async fn completer(
     fleet: Arc<Fleet>,
+    engine: Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<(i64, String, serde_json::Value)>,
 ) {
     // Batches are written side by side, on the pool's connections but one (left for
     // enqueues and claims): results that come while a batch is being written do not wait for
     // its commit.
     let writers = Arc::new(tokio::sync::Semaphore::new(
-        (super::CONNECTIONS as usize).saturating_sub(1).max(1),
+        (fleet.queue.connections() as usize)
+            .saturating_sub(1)
+            .max(1),
     ));
     loop {
         let first = tokio::select! {
@@ -255,9 +258,13 @@ pub(crate) async fn completer(
                 Err(_) => break,
             }
         }
-        let fleet = fleet.clone();
+        let (fleet, engine) = (fleet.clone(), engine.clone());
         tokio::spawn(async move {
             let n_batch = batch.len();
+            // Each attempt's `running` was queued to this process's writer when it started:
+            // committed before its result is visible, so its driver's `finished` lands after
+            // it.
+            super::history_committed(&engine).await;
             record(&fleet, batch).await;
             fleet.pending.fetch_sub(n_batch, Ordering::SeqCst);
             drop(permit);
@@ -379,6 +386,14 @@ pub(crate) async fn sweeper(fleet: Arc<Fleet>) {
         let (q, max) = (fleet.queue.clone(), fleet.max_rescues);
         match blocking(move || q.rescue_expired(max)).await {
             Ok(r) => {
+                if r.swept {
+                    // The sweeping process also drops the rate-limit windows that are over
+                    // (and the places taken in them: one row per call).
+                    let q = fleet.queue.clone();
+                    if let Err(e) = blocking(move || q.prune_rates()).await {
+                        tracing::debug!(error = %e, "fleet: cannot prune rate-limit windows; the next sweep does");
+                    }
+                }
                 let n = r.requeued.len() + r.failed.len();
                 if n > 0 {
                     fleet

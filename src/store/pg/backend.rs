@@ -1,6 +1,6 @@
-//! The PostgreSQL backend's threads: one writer that applies batched transitions in one
-//! transaction each, and a few readers that each own a connection and run the queries sent
-//! to them as closures.
+//! The PostgreSQL backend's threads: one writer, on a connection of its own, that applies
+//! batched transitions in one transaction each, and a few readers that run the queries sent
+//! to them as closures on connections of the process's shared pool ([`super::pool`]).
 //!
 //! Every PostgreSQL call happens on these store-owned threads, never on the caller's: the
 //! blocking `postgres::Client` drives a tokio runtime of its own, and entering it from a
@@ -8,14 +8,18 @@
 //! called from async code only blocks on a channel, like an SQLite read blocks on its file.
 //!
 //! A dropped connection (a server restart, `pg_terminate_backend`) is reconnected and the
-//! batch or query tried again. The transitions are guarded, so a batch whose commit was lost
-//! with the connection can be replayed: what it already did is a no-op the second time.
+//! batch or query tried again. A batch whose connection dropped while it committed may have
+//! committed: each of the writer's transactions records its number in
+//! `runner_writer_batches`, and the writer reads it back before applying the batch again
+//! (committed: said once, at debug level, and not applied again). The transitions are guarded
+//! anyway, so a replay would be a no-op, but one warning per write.
 
 use super::super::asks::Ask;
 use super::super::error::{DbError, StoreError, StoreErrorKind};
 use super::super::transitions::{coalesce, Op, ProcessInfo};
 use super::super::writer::{Ack, Msg, Shared};
 use super::connect::{describe, PgTarget};
+use super::pool::PgPool;
 use postgres::error::SqlState;
 use postgres::Client;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 
 /// Most writes applied in one transaction (as on SQLite).
 const MAX_BATCH: usize = 8192;
-/// Reader threads, each with its own connection.
+/// Reader threads; their connections come from the shared pool, one per query.
 const READERS: usize = 3;
 /// How long a batch keeps trying new connections before it is held back.
 const RECONNECT_FOR: Duration = Duration::from_secs(15);
@@ -47,17 +51,30 @@ impl From<postgres::Error> for Fail {
 
 pub(crate) type PgResult<T> = Result<T, Fail>;
 
-type Job = Box<dyn FnOnce(&mut Conn) + Send>;
+type Job = Box<dyn FnOnce(&PgPool) + Send>;
 
-/// A connection that comes back after it was dropped.
+/// The writer's connection, which comes back after it was dropped. It keeps PostgreSQL's
+/// plan cache for its few fixed statements (the pool's connections plan each query afresh).
 pub(crate) struct Conn {
     target: PgTarget,
     client: Option<Client>,
-    /// Readers plan each query with its parameters (see [`tune`]); the writer keeps
-    /// PostgreSQL's plan cache for its few fixed statements.
-    custom_plans: bool,
     /// The writer's prepared statements on `client`.
     statements: super::ops::Statements,
+    /// The writer's transaction numbers.
+    batches: Batches,
+}
+
+/// What the writer knows of its transactions' numbers (see the module's comment).
+#[derive(Default)]
+struct Batches {
+    /// This writer's row of `runner_writer_batches`: the process and a random part, so two
+    /// stores of one process (tests) keep apart.
+    key: String,
+    /// The last number given to a transaction.
+    seq: i64,
+    /// A transaction whose connection dropped before its end was heard: its number and how
+    /// many writes it held (the first ones of the batch applied next).
+    unsure: Option<(i64, usize)>,
 }
 
 impl Conn {
@@ -65,8 +82,8 @@ impl Conn {
         Conn {
             target,
             client: None,
-            custom_plans: true,
             statements: Default::default(),
+            batches: Batches::default(),
         }
     }
 
@@ -75,22 +92,20 @@ impl Conn {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
             self.statements.clear();
-            let mut c = self.target.connect()?;
-            if self.custom_plans {
-                tune(&mut c);
-            }
-            self.client = Some(c);
+            self.client = Some(self.target.connect()?);
         }
         self.client
             .as_mut()
             .ok_or_else(|| "no connection".to_string())
     }
 
-    /// The live client and its prepared statements.
-    fn parts(&mut self) -> Result<(&mut Client, &mut super::ops::Statements), String> {
+    /// The live client, its prepared statements and the writer's transaction numbers.
+    fn parts(
+        &mut self,
+    ) -> Result<(&mut Client, &mut super::ops::Statements, &mut Batches), String> {
         self.client()?;
         match self.client.as_mut() {
-            Some(c) => Ok((c, &mut self.statements)),
+            Some(c) => Ok((c, &mut self.statements, &mut self.batches)),
             None => Err("no connection".into()),
         }
     }
@@ -126,14 +141,35 @@ impl Conn {
     }
 }
 
-/// Plans every query with its parameters and the tables' current size: the history's
-/// filtered pages differ a lot in which index suits them, and a generic plan fixed while the
-/// tables were small would stay. For readers only (planning costs a little on every query;
-/// the writer's statements each have one right plan, see the schema). PostgreSQL 11 has no
-/// such setting and keeps its default.
-fn tune(c: &mut Client) {
-    if let Err(e) = c.batch_execute("SET plan_cache_mode = force_custom_plan") {
-        tracing::debug!(error = %e, "plan_cache_mode is not available; keeping the default");
+/// Runs `f` on a connection of `pool`; a connection the server dropped (a restart,
+/// `pg_terminate_backend`) is let go and `f` tried on another (each pooled one may have been
+/// dropped too, hence up to the pool's size and one more). Reads only: safe to run twice.
+fn run_pooled<T>(
+    pool: &PgPool,
+    doing: &'static str,
+    mut f: impl FnMut(&mut Client) -> PgResult<T>,
+) -> Result<T, StoreError> {
+    let target = pool.target();
+    let mut tries = 0;
+    loop {
+        let mut c = pool
+            .get()
+            .map_err(|message| StoreError::Unavailable { message })?;
+        match f(&mut c) {
+            Ok(v) => return Ok(v),
+            Err(Fail::Pg(e)) if lost(&e) && tries <= pool.size() => {
+                tries += 1;
+                tracing::debug!(database = %target.shown(), error = %describe(&e, target, doing), "PostgreSQL connection lost; trying another");
+            }
+            Err(Fail::Pg(e)) => return Err(pg_error(target, doing, e)),
+            Err(Fail::Corrupt(detail)) => {
+                return Err(StoreError::Corrupt {
+                    place: target.shown().to_string(),
+                    setting: "DATABASE_URL",
+                    detail,
+                })
+            }
+        }
     }
 }
 
@@ -182,6 +218,8 @@ pub(crate) fn pg_error(target: &PgTarget, doing: &'static str, e: postgres::Erro
 /// The PostgreSQL side of a `Store`.
 pub(crate) struct PgBackend {
     target: PgTarget,
+    /// Shared by the readers and the fleet's queue.
+    pool: PgPool,
     /// `None` once closing.
     tx: Option<Sender<Msg>>,
     /// `None` once closing.
@@ -215,23 +253,23 @@ impl PgBackend {
         let (tx, rx) = mpsc::channel();
         let writer = {
             let mut conn = Conn::new(target.clone());
-            conn.custom_plans = false;
             conn.client = Some(client);
             std::thread::Builder::new()
                 .name("omniflow-pg-writer".into())
                 .spawn(move || write_loop(conn, rx, shared, owner))
                 .map_err(|e| thread_error(target, e))?
         };
+        let pool = PgPool::new(target).map_err(|message| StoreError::Unavailable { message })?;
         let (jobs, queue) = async_channel::unbounded::<Job>();
         let mut readers = Vec::new();
         for i in 0..READERS {
             let queue = queue.clone();
-            let mut conn = Conn::new(target.clone());
+            let pool = pool.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("omniflow-pg-read-{i}"))
                 .spawn(move || {
                     while let Ok(job) = queue.recv_blocking() {
-                        job(&mut conn);
+                        job(&pool);
                     }
                 })
                 .map_err(|e| thread_error(target, e))?;
@@ -240,6 +278,7 @@ impl PgBackend {
         Ok((
             PgBackend {
                 target: target.clone(),
+                pool,
                 tx: Some(tx),
                 jobs: Some(jobs),
                 readers,
@@ -250,6 +289,11 @@ impl PgBackend {
 
     pub(crate) fn target(&self) -> &PgTarget {
         &self.target
+    }
+
+    /// The process's shared pool (the fleet's queue runs its statements on it too).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Closes the queues: the writer finishes what is queued and stops; readers stop.
@@ -274,8 +318,8 @@ impl PgBackend {
     /// the next one comes a third of a lease later.
     pub(crate) fn heartbeat_now(&self, h: &crate::store::Health, owner: &str) {
         let row = super::ops::HeartbeatRow::new(h, &ProcessInfo::current(owner.to_string()));
-        let job: Job = Box::new(move |conn: &mut Conn| {
-            let r = conn.run("recording a heartbeat in", |c| {
+        let job: Job = Box::new(move |pool: &PgPool| {
+            let r = run_pooled(pool, "recording a heartbeat in", |c| {
                 c.execute(super::ops::HEARTBEAT, &row.params())?;
                 Ok(())
             });
@@ -294,8 +338,8 @@ impl PgBackend {
         f: impl FnMut(&mut Client) -> PgResult<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let job: Job = Box::new(move |conn: &mut Conn| {
-            let _ = tx.send(conn.run(doing, f));
+        let job: Job = Box::new(move |pool: &PgPool| {
+            let _ = tx.send(run_pooled(pool, doing, f));
         });
         let sent = self
             .jobs
@@ -327,6 +371,7 @@ fn thread_error(target: &PgTarget, e: std::io::Error) -> StoreError {
 /// and tried again; plain flushes are answered (the failure is reported), durable ones wait.
 fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: String) {
     let proc = ProcessInfo::current(owner);
+    conn.batches.key = format!("{}#{:08x}", proc.id, rand::random::<u32>());
     let shown = conn.target.shown().to_string();
     let mut held: Vec<Op> = Vec::new();
     let mut held_acks: Vec<Ack> = Vec::new();
@@ -420,6 +465,14 @@ fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: Str
     for a in held_acks {
         a.send();
     }
+    // This writer's transaction number is of no more use (a connection already lost is not
+    // opened again for it: the sweep prunes rows a day old).
+    if let Some(c) = conn.client.as_mut().filter(|c| !c.is_closed()) {
+        let _ = c.execute(
+            "DELETE FROM runner_writer_batches WHERE writer = $1",
+            &[&conn.batches.key],
+        );
+    }
 }
 
 /// Applies an ask in its own transaction (reconnecting once if the connection was lost)
@@ -496,8 +549,9 @@ fn apply_batch(
     let deadline = started + RECONNECT_FOR;
     let mut pause = Duration::from_millis(10);
     let mut conflicts = 0;
+    let mut ops = ops;
     let err = loop {
-        let (client, statements) = match conn.parts() {
+        let (client, statements, batches) = match conn.parts() {
             Ok(c) => c,
             Err(message) if Instant::now() < deadline => {
                 tracing::debug!(database = shown, error = %message, "reconnecting");
@@ -510,7 +564,36 @@ fn apply_batch(
                 return false;
             }
         };
-        match try_apply(client, statements, ops, proc) {
+        if let Some((n, writes)) = batches.unsure {
+            match committed(client, &batches.key, n) {
+                Ok(done) => {
+                    batches.unsure = None;
+                    if done {
+                        tracing::debug!(
+                            database = shown,
+                            writes,
+                            "store: the batch was committed before its connection dropped; not applied again"
+                        );
+                        if writes >= ops.len() {
+                            crate::telemetry::store_batch(started.elapsed(), 0);
+                            *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                            return true;
+                        }
+                        ops = &ops[writes..];
+                    }
+                }
+                Err(e) if lost(&e) && Instant::now() < deadline => {
+                    conn.client = None;
+                    continue;
+                }
+                Err(e) => {
+                    // Cannot tell: applied again, the guarded transitions keep it right.
+                    batches.unsure = None;
+                    tracing::debug!(database = shown, error = %e, "store: cannot read whether the batch was committed; applying it again");
+                }
+            }
+        }
+        match try_apply(client, statements, batches, ops, proc) {
             Ok(skipped) => {
                 log_skipped(&skipped);
                 crate::telemetry::store_batch(started.elapsed(), 0);
@@ -518,7 +601,9 @@ fn apply_batch(
                 return true;
             }
             Err(e) if lost(&e) && Instant::now() < deadline => {
-                tracing::warn!(database = shown, error = %e, "PostgreSQL connection lost while writing; reconnecting and applying the batch again");
+                tracing::warn!(database = shown, error = %e, "PostgreSQL connection lost while writing; reconnecting, then applying the batch again unless it was committed");
+                // It may have committed all the same: looked up before it is applied again.
+                batches.unsure = Some((batches.seq, ops.len()));
                 conn.client = None;
             }
             Err(e) if retryable(&e) && conflicts < 5 => {
@@ -529,6 +614,8 @@ fn apply_batch(
         }
     };
     if lost(&err) {
+        // Held: the held writes start with this batch's.
+        conn.batches.unsure = Some((conn.batches.seq, ops.len()));
         conn.client = None;
         down(shared, shown, &describe(&err, &conn.target, "write to"));
         return false;
@@ -537,10 +624,10 @@ fn apply_batch(
     if ops.len() > 1 {
         tracing::warn!(database = shown, error = %err, writes = ops.len(), "batch failed; applying its writes one by one");
         for op in ops {
-            let Ok((client, statements)) = conn.parts() else {
+            let Ok((client, statements, batches)) = conn.parts() else {
                 return false;
             };
-            match try_apply(client, statements, std::slice::from_ref(op), proc) {
+            match try_apply(client, statements, batches, std::slice::from_ref(op), proc) {
                 Ok(skipped) => log_skipped(&skipped),
                 Err(e) if lost(&e) => {
                     conn.client = None;
@@ -579,13 +666,42 @@ fn retryable(e: &postgres::Error) -> bool {
     })
 }
 
+/// Whether the writer's transaction number `n` was committed. `FOR UPDATE` waits for a
+/// transaction of this writer that the server may still be finishing (when the connection
+/// was lost on this side only).
+fn committed(client: &mut Client, key: &str, n: i64) -> Result<bool, postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT batch FROM runner_writer_batches WHERE writer = $1 FOR UPDATE",
+            &[&key],
+        )?
+        .is_some_and(|r| r.get::<_, i64>(0) == n))
+}
+
+/// Records the transaction's number in the transaction itself.
+const MARK_BATCH: &str = "INSERT INTO runner_writer_batches (writer, batch) VALUES ($1, $2)
+     ON CONFLICT (writer) DO UPDATE SET batch = excluded.batch, at = now()";
+
 fn try_apply(
     client: &mut Client,
     statements: &mut super::ops::Statements,
+    batches: &mut Batches,
     ops: &[Op],
     proc: &ProcessInfo,
 ) -> Result<Vec<String>, postgres::Error> {
+    // Numbered before anything is sent: a transaction that fails at its BEGIN is unsure too,
+    // and must not be taken for the last one committed.
+    batches.seq += 1;
     let mut tx = client.transaction()?;
+    let mark = match statements.get(MARK_BATCH) {
+        Some(s) => s.clone(),
+        None => {
+            let s = tx.prepare(MARK_BATCH)?;
+            statements.insert(MARK_BATCH, s.clone());
+            s
+        }
+    };
+    tx.execute(&mark, &[&batches.key, &batches.seq])?;
     let mut skipped = Vec::new();
     for op in ops {
         if let Some(reason) = super::ops::apply(&mut tx, statements, op, proc)? {

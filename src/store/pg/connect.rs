@@ -32,6 +32,45 @@ pub struct PgTarget {
     config: postgres::Config,
     tls: Tls,
     shown: String,
+    /// Connections of the process's shared pool (see [`pool_size`]).
+    pool: u32,
+}
+
+/// The shared pool's size for a process whose pool runs `concurrency` steps at once: the
+/// history's reads and every queue statement (claims, completions, enqueues, lease
+/// heartbeats, result reads, rate-limit takes) share it, beside the history writer and the
+/// `LISTEN` connection, which stay dedicated. Each of those statements takes a millisecond or
+/// two and is batched per claim or per fan-out, so two connections carry a pool of 40 (a
+/// 200-item fan-out over 3 processes took as long as with the seven connections each held
+/// before the pool was shared); one more per 40 steps in flight is for the per-call
+/// rate-limit takes, which are not batched. At most 8.
+pub fn pool_size(concurrency: usize) -> u32 {
+    let extra = u32::try_from(concurrency.saturating_sub(1) / 40).unwrap_or(u32::MAX);
+    2u32.saturating_add(extra).min(8)
+}
+
+/// The command this process runs, in its connections' `application_name` (set once, by the
+/// CLI, before anything connects).
+static COMMAND: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Names this process's connections in `pg_stat_activity` after `command` (`daemon`, `tui`,
+/// `run`, …): `omniflow daemon web-1:4242`. A URL's own `application_name` wins.
+pub fn set_command(command: &str) {
+    let _ = COMMAND.set(command.to_string());
+}
+
+/// `omniflow [command] host:pid`, within PostgreSQL's 63 bytes (the host is shortened).
+fn application_name() -> String {
+    let host = crate::store::transitions::hostname().unwrap_or_else(|| "localhost".into());
+    let host: String = host.chars().take(32).collect();
+    let pid = std::process::id();
+    match COMMAND.get() {
+        Some(c) => format!(
+            "omniflow {} {host}:{pid}",
+            c.chars().take(12).collect::<String>()
+        ),
+        None => format!("omniflow {host}:{pid}"),
+    }
 }
 
 impl std::fmt::Debug for PgTarget {
@@ -99,7 +138,7 @@ impl PgTarget {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         if config.get_application_name().is_none() {
-            config.application_name("omniflow");
+            config.application_name(&application_name());
         }
         if config.get_hosts().is_empty() {
             return Err("DATABASE_URL names no host: write it as \
@@ -107,7 +146,24 @@ impl PgTarget {
                 .into());
         }
         let shown = show(&config);
-        Ok(PgTarget { config, tls, shown })
+        Ok(PgTarget {
+            config,
+            tls,
+            shown,
+            // `CONCURRENCY`'s default; `Config::database` sets the configured one.
+            pool: pool_size(40),
+        })
+    }
+
+    /// The same target with a shared pool of `connections` (at least 1).
+    pub fn with_pool_size(mut self, connections: u32) -> PgTarget {
+        self.pool = connections.max(1);
+        self
+    }
+
+    /// Connections of the process's shared pool.
+    pub fn pool_size(&self) -> u32 {
+        self.pool
     }
 
     /// `postgres://user:***@host:5432/db`: the target as every message shows it.
@@ -138,6 +194,7 @@ impl PgTarget {
             config,
             tls: self.tls.clone(),
             shown,
+            pool: self.pool,
         }
     }
 
@@ -451,6 +508,30 @@ mod tests {
         );
         let e = PgTarget::parse("postgres://u:hunter2@h/d?bogus_option=1").unwrap_err();
         assert!(e.contains("bogus_option") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn the_shared_pool_grows_with_concurrency_within_bounds() {
+        assert_eq!(pool_size(1), 2);
+        assert_eq!(pool_size(40), 2);
+        assert_eq!(pool_size(41), 3);
+        assert_eq!(pool_size(120), 4);
+        assert_eq!(pool_size(4096), 8);
+        let t = PgTarget::parse("postgres://u@h/d")
+            .unwrap()
+            .with_pool_size(0);
+        assert_eq!(t.pool_size(), 1);
+        // A URL's own application_name is kept; otherwise the process names itself.
+        let own = PgTarget::parse("postgres://u@h/d?application_name=mine").unwrap();
+        assert_eq!(own.config().get_application_name(), Some("mine"));
+        let ours = PgTarget::parse("postgres://u@h/d").unwrap();
+        let name = ours.config().get_application_name().unwrap_or("");
+        assert!(name.starts_with("omniflow "), "{name}");
+        assert!(
+            name.ends_with(&format!(":{}", std::process::id())),
+            "{name}"
+        );
+        assert!(name.len() < 64, "{name}");
     }
 
     #[test]

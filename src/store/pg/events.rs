@@ -139,8 +139,19 @@ pub enum Live {
     Lost(String),
 }
 
+/// What a notification on [`EVENTS_CHANNEL`] tells process `me`: `None` for its own
+/// announcements (its event bus has them) and for text that is not an announcement.
+pub fn heard_runs(payload: &str, me: &str) -> Option<Live> {
+    let ev = RunEvents::parse(payload)?;
+    (ev.from != me).then_some(Live::Runs {
+        runs: ev.runs,
+        more: ev.more,
+    })
+}
+
 /// Listens on [`EVENTS_CHANNEL`] over one dedicated connection until `stop`, skipping the
-/// notifications of process `me`. Blocking: run it on a plain thread of its own.
+/// notifications of process `me`. Blocking: run it on a plain thread of its own. (A process
+/// in a fleet listens on the fleet's connection instead: `Engine::follow_fleet_events`.)
 pub fn follow(
     target: &super::PgTarget,
     me: &str,
@@ -155,13 +166,8 @@ pub fn follow(
         stop,
         &mut |h| match h {
             super::listen::Heard::Notice(n) => {
-                if let Some(ev) = RunEvents::parse(&n.payload) {
-                    if ev.from != me {
-                        heard(Live::Runs {
-                            runs: ev.runs,
-                            more: ev.more,
-                        });
-                    }
+                if let Some(live) = heard_runs(&n.payload, me) {
+                    heard(live);
                 }
             }
             super::listen::Heard::Connected => heard(Live::Connected),

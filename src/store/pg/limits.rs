@@ -8,9 +8,22 @@
 //! window's edge (so up to 2N within one `per` across the edge); a quota that cannot take that
 //! should be configured at half. The table, `runner_rate_windows`, comes with the queue's
 //! migration (`queue::MIGRATION`).
+//!
+//! Each take carries a token, recorded with the place in the same statement
+//! (`runner_rate_grants`, [`MIGRATION`]): a take sent again after its connection dropped
+//! (the first may have committed, its reply lost) finds its token and counts once.
 
-use super::connect::{describe, PgTarget};
 use std::time::Duration;
+
+/// The store's migration that records each place taken by its token.
+pub const MIGRATION: &str = r#"
+CREATE TABLE runner_rate_grants (
+    token      text PRIMARY KEY,
+    provider   text NOT NULL,
+    window_end timestamptz NOT NULL
+);
+CREATE INDEX runner_rate_grants_end ON runner_rate_grants (window_end);
+"#;
 
 /// The answer to one take.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,33 +34,48 @@ pub enum Take {
     Full(Duration),
 }
 
+/// A new take's token: run [`take`] again with the same one after a dropped connection.
+pub fn token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 /// Takes one place in `provider`'s window of `per` (at most `limit` places per window), or
-/// says how long until the next window. Blocking: call it off the async runtime's threads.
+/// says how long until the next window. Safe to run again with the same `token` (a place it
+/// took already is the answer, not a second place). Blocking: call it off the async
+/// runtime's threads.
 pub fn take(
     client: &mut postgres::Client,
-    target: &PgTarget,
     provider: &str,
     limit: u32,
     per: Duration,
-) -> Result<Take, String> {
+    token: &str,
+) -> Result<Take, postgres::Error> {
     let per_s = per.as_secs_f64().max(0.001);
     let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-    let fail = |e: postgres::Error| describe(&e, target, "take a place in a rate limit");
-    let granted = client
-        .query_opt(
-            "WITH w AS (
+    let places: i64 = client
+        .query_one(
+            "WITH prior AS (
+                 SELECT 1 FROM runner_rate_grants WHERE token = $4
+             ), w AS (
                  SELECT to_timestamp(floor(extract(epoch FROM now())::float8 / $2) * $2) AS s
+             ), taken AS (
+                 INSERT INTO runner_rate_windows (provider, window_start, window_end, used)
+                 SELECT $1, w.s, w.s + make_interval(secs => $2), 1 FROM w
+                 WHERE NOT EXISTS (SELECT 1 FROM prior)
+                 ON CONFLICT (provider, window_start)
+                     DO UPDATE SET used = runner_rate_windows.used + 1
+                     WHERE runner_rate_windows.used < $3
+                 RETURNING window_end
+             ), granted AS (
+                 INSERT INTO runner_rate_grants (token, provider, window_end)
+                 SELECT $4, $1, window_end FROM taken
+                 RETURNING 1
              )
-             INSERT INTO runner_rate_windows (provider, window_start, window_end, used)
-             SELECT $1, w.s, w.s + make_interval(secs => $2), 1 FROM w
-             ON CONFLICT (provider, window_start)
-                 DO UPDATE SET used = runner_rate_windows.used + 1
-                 WHERE runner_rate_windows.used < $3
-             RETURNING used",
-            &[&provider, &per_s, &limit],
-        )
-        .map_err(fail)?;
-    if granted.is_some() {
+             SELECT (SELECT count(*) FROM granted) + (SELECT count(*) FROM prior)",
+            &[&provider, &per_s, &limit, &token],
+        )?
+        .get(0);
+    if places > 0 {
         return Ok(Take::Granted);
     }
     let left: f64 = client
@@ -55,20 +83,21 @@ pub fn take(
             "SELECT (floor(extract(epoch FROM now())::float8 / $1) + 1) * $1
                  - extract(epoch FROM now())::float8",
             &[&per_s],
-        )
-        .map_err(fail)?
+        )?
         .get(0);
     Ok(Take::Full(Duration::from_secs_f64(left.max(0.001))))
 }
 
-/// Deletes windows that are over.
-pub fn prune(client: &mut postgres::Client, target: &PgTarget) -> Result<u64, String> {
-    client
-        .execute(
-            "DELETE FROM runner_rate_windows WHERE window_end < now() - interval '1 minute'",
-            &[],
-        )
-        .map_err(|e| describe(&e, target, "prune rate-limit windows"))
+/// Deletes windows that are over, and the places taken in them.
+pub fn prune(client: &mut postgres::Client) -> Result<u64, postgres::Error> {
+    client.execute(
+        "DELETE FROM runner_rate_grants WHERE window_end < now() - interval '1 minute'",
+        &[],
+    )?;
+    client.execute(
+        "DELETE FROM runner_rate_windows WHERE window_end < now() - interval '1 minute'",
+        &[],
+    )
 }
 
 #[cfg(test)]
@@ -94,7 +123,7 @@ mod tests {
                         let mut c = target.connect().unwrap();
                         (0..40)
                             .filter(|_| {
-                                take(&mut c, &target, "huggingface", 30, per).unwrap()
+                                take(&mut c, "huggingface", 30, per, &token()).unwrap()
                                     == Take::Granted
                             })
                             .count()
@@ -105,15 +134,54 @@ mod tests {
         });
         assert_eq!(granted.iter().sum::<usize>(), 30, "{granted:?}");
         let mut c = db.target().connect().unwrap();
-        match take(&mut c, db.target(), "huggingface", 30, per).unwrap() {
+        match take(&mut c, "huggingface", 30, per, &token()).unwrap() {
             Take::Full(wait) => assert!(wait <= per, "{wait:?}"),
             Take::Granted => panic!("the budget is spent"),
         }
         // Another provider has its own budget.
         assert_eq!(
-            take(&mut c, db.target(), "openai", 1, per).unwrap(),
+            take(&mut c, "openai", 1, per, &token()).unwrap(),
             Take::Granted
         );
-        assert_eq!(prune(&mut c, db.target()).unwrap(), 0);
+        assert_eq!(prune(&mut c).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_take_sent_again_with_its_token_counts_once() {
+        let Some(db) = ScratchDb::new("rate_again") else {
+            return;
+        };
+        Queue::new(db.target(), 1).unwrap().ensure_schema().unwrap();
+        let per = Duration::from_secs(3600);
+        let mut c = db.target().connect().unwrap();
+        let first = token();
+        // Its reply lost with the connection, the same take is sent again: still one place.
+        for _ in 0..3 {
+            assert_eq!(
+                take(&mut c, "ollama", 2, per, &first).unwrap(),
+                Take::Granted
+            );
+        }
+        assert_eq!(
+            take(&mut c, "ollama", 2, per, &token()).unwrap(),
+            Take::Granted
+        );
+        assert!(matches!(
+            take(&mut c, "ollama", 2, per, &token()).unwrap(),
+            Take::Full(_)
+        ));
+        // A place already taken is still the answer once the window is full.
+        assert_eq!(
+            take(&mut c, "ollama", 2, per, &first).unwrap(),
+            Take::Granted
+        );
+        let used: i32 = c
+            .query_one(
+                "SELECT used FROM runner_rate_windows WHERE provider = 'ollama'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(used, 2);
     }
 }

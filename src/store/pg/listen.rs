@@ -34,12 +34,29 @@ pub fn listen(
     stop: &dyn Fn() -> bool,
     heard: &mut dyn FnMut(Heard),
 ) {
-    let sql: String = channels
-        .iter()
-        .map(|c| format!("LISTEN {c};"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let fixed: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+    listen_growing(target, &|| fixed.clone(), tick, retry, stop, heard)
+}
+
+/// Like [`listen`], with channels that may be added while it listens (`channels` is read at
+/// every `tick`): one connection for every subscriber of the process. A channel added while
+/// connected is told as [`Heard::Connected`] once it is listened to.
+pub fn listen_growing(
+    target: &PgTarget,
+    channels: &dyn Fn() -> Vec<String>,
+    tick: Duration,
+    retry: Duration,
+    stop: &dyn Fn() -> bool,
+    heard: &mut dyn FnMut(Heard),
+) {
+    let sql = |cs: &[String]| -> String {
+        cs.iter()
+            .map(|c| format!("LISTEN {c};"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     while !stop() {
+        let mut listening = channels();
         let mut client = match target.connect() {
             Ok(c) => c,
             Err(e) => {
@@ -48,7 +65,7 @@ pub fn listen(
                 continue;
             }
         };
-        if let Err(e) = client.batch_execute(&sql) {
+        if let Err(e) = client.batch_execute(&sql(&listening)) {
             heard(Heard::Lost(describe(&e, target, "listen for new steps")));
             pause(retry, tick, stop);
             continue;
@@ -71,6 +88,17 @@ pub fn listen(
                     }
                 }
                 Err(e) => break describe(&e, target, "listen for new steps"),
+            }
+            let new: Vec<String> = channels()
+                .into_iter()
+                .filter(|c| !listening.contains(c))
+                .collect();
+            if !new.is_empty() {
+                if let Err(e) = client.batch_execute(&sql(&new)) {
+                    break describe(&e, target, "listen for new steps");
+                }
+                listening.extend(new);
+                heard(Heard::Connected);
             }
         };
         heard(Heard::Lost(lost));

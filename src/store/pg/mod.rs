@@ -12,6 +12,7 @@ pub(crate) mod lease;
 pub mod limits;
 pub mod listen;
 pub(crate) mod ops;
+pub mod pool;
 pub mod queue;
 pub(crate) mod read;
 pub mod schema;

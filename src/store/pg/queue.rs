@@ -28,10 +28,9 @@
 use super::connect::{describe, PgTarget};
 use postgres::types::{ToSql, Type};
 
+use super::pool::PgPool;
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The store's migration that creates the queue's tables (and the fleet's rate-limit
 /// windows). Written to be a no-op where they exist: an earlier version of OmniFlow created
@@ -104,7 +103,6 @@ pub struct QueueError(pub String);
 type Result<T> = std::result::Result<T, QueueError>;
 
 pub use super::listen::{listen, Heard, Notice};
-type Manager = r2d2_postgres::PostgresConnectionManager<MakeRustlsConnect>;
 
 /// A step attempt to enqueue.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,54 +167,12 @@ pub struct Rescued {
     pub swept: bool,
 }
 
-/// The queue of one process: a small pool of connections to the fleet's database.
-#[derive(Clone)]
+/// The queue of one process, on the process's shared pool of connections (the store's
+/// reads use it too: [`super::pool`]).
+#[derive(Clone, Debug)]
 pub struct Queue {
-    pool: Arc<OffRuntime>,
+    pool: PgPool,
     target: PgTarget,
-    /// The pool's size: how many dropped connections one call may meet.
-    size: u32,
-}
-
-/// The connection pool, dropped on a plain thread: closing a blocking client runs the
-/// driver's own runtime, which panics on an async runtime's thread (where the last handle
-/// may well go).
-struct OffRuntime(Option<r2d2_postgres::r2d2::Pool<Manager>>);
-
-impl Drop for OffRuntime {
-    fn drop(&mut self) {
-        if let Some(pool) = self.0.take() {
-            let _ = std::thread::Builder::new()
-                .name("queue-close".into())
-                .spawn(move || drop(pool));
-        }
-    }
-}
-
-impl std::fmt::Debug for Queue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue")
-            .field("target", &self.target)
-            .finish()
-    }
-}
-
-/// The queue's connections commit without waiting for the WAL to reach the disk
-/// (`synchronous_commit = off`, a setting PostgreSQL allows per session). A queue statement
-/// is coordination, not history: a server crash can lose the last fraction of a second of
-/// them, and each such loss is one the queue already recovers from — a lost insert reads as
-/// a vanished row and is enqueued again, a lost claim or completion leaves the row to its
-/// lease and it runs again, exactly like a reply lost with its connection. The history's
-/// writes keep the server's setting. Waiting for the disk made every enqueue and every
-/// completion one flush long (several milliseconds on a busy disk), on a fan-out's path.
-fn coordination(config: &postgres::Config) -> postgres::Config {
-    let mut c = config.clone();
-    let options = match config.get_options() {
-        Some(o) if !o.trim().is_empty() => format!("{o} -c synchronous_commit=off"),
-        _ => "-c synchronous_commit=off".to_string(),
-    };
-    c.options(&options);
-    c
 }
 
 fn secs(d: Duration) -> f64 {
@@ -224,41 +180,34 @@ fn secs(d: Duration) -> f64 {
 }
 
 impl Queue {
-    /// A pool of at most `connections` connections, opened as they are needed (nothing is
-    /// connected here). Blocking: call it off the async runtime's threads, like every method.
+    /// A queue on a pool of its own of at most `connections` connections, opened as they
+    /// are needed (nothing is connected here). Blocking: call it off the async runtime's
+    /// threads, like every method.
     pub fn new(target: &PgTarget, connections: u32) -> Result<Queue> {
-        let tls = target.connector().map_err(QueueError)?;
-        let manager = Manager::new(coordination(target.config()), tls);
-        let pool = r2d2_postgres::r2d2::Pool::builder()
-            .max_size(connections.max(1))
-            .min_idle(Some(0))
-            .connection_timeout(Duration::from_secs(10))
-            // A dropped connection (server restart, pg_terminate_backend) is replaced, not
-            // handed out again.
-            .test_on_check_out(false)
-            .build_unchecked(manager);
-        Ok(Queue {
-            pool: Arc::new(OffRuntime(Some(pool))),
-            target: target.clone(),
-            size: connections.max(1),
-        })
+        Ok(Queue::on(
+            PgPool::sized(target, connections).map_err(QueueError)?,
+        ))
+    }
+
+    /// A queue on `pool`, shared with whatever else uses it (the store's reads).
+    pub fn on(pool: PgPool) -> Queue {
+        Queue {
+            target: pool.target().clone(),
+            pool,
+        }
     }
 
     pub fn target(&self) -> &PgTarget {
         &self.target
     }
 
-    fn conn(&self) -> Result<r2d2_postgres::r2d2::PooledConnection<Manager>> {
-        let Some(pool) = &self.pool.0 else {
-            return Err(QueueError("the queue is closed".into()));
-        };
-        pool.get().map_err(|e| {
-            QueueError(format!(
-                "cannot reach the fleet database at {} ({e}); check DATABASE_URL and that the \
-                 server is up",
-                self.target.shown()
-            ))
-        })
+    /// The most connections its pool opens.
+    pub fn connections(&self) -> u32 {
+        self.pool.size()
+    }
+
+    fn conn(&self) -> Result<super::pool::Pooled> {
+        self.pool.get().map_err(QueueError)
     }
 
     /// Runs `f` on a pooled connection. A connection the server dropped (a restart,
@@ -275,7 +224,7 @@ impl Queue {
             let mut c = self.conn()?;
             match f(&mut c) {
                 Ok(v) => return Ok(v),
-                Err(e) if super::backend::lost(&e) && tries <= self.size => {
+                Err(e) if super::backend::lost(&e) && tries <= self.pool.size() => {
                     tries += 1;
                     tracing::debug!(error = %describe(&e, &self.target, doing), "fleet: a queue connection was dropped; trying another");
                 }
@@ -646,6 +595,11 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
                    AND finished_at < now() - interval '1 day'",
                 &[],
             )?;
+            // History writers' transaction numbers left by processes that died.
+            tx.execute(
+                "DELETE FROM runner_writer_batches WHERE at < now() - interval '1 day'",
+                &[],
+            )?;
             // Rows of runs that have ended: a driver died after the row finished and before
             // it took the result, and the run ended without it (cancelled, failed), or a
             // taken result's row outlived a dropped connection.
@@ -761,14 +715,17 @@ it); given up after MAX_TAKEOVERS (%s) rescues — see the logs of the hosts tha
         limit: u32,
         per: Duration,
     ) -> Result<super::limits::Take> {
-        let mut c = self.conn()?;
-        super::limits::take(&mut c, &self.target, provider, limit, per).map_err(QueueError)
+        // One token for every try: a take whose reply was lost with its connection, sent
+        // again, is told its place instead of taking a second one.
+        let token = super::limits::token();
+        self.with("take a place in a rate limit", |c| {
+            super::limits::take(c, provider, limit, per, &token)
+        })
     }
 
     /// Deletes rate-limit windows that are over.
     pub fn prune_rates(&self) -> Result<u64> {
-        let mut c = self.conn()?;
-        super::limits::prune(&mut c, &self.target).map_err(QueueError)
+        self.with("prune rate-limit windows", super::limits::prune)
     }
 
     /// Moves the queued rows of `run_id` to `priority` (running rows keep theirs); returns

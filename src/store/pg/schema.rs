@@ -185,6 +185,23 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "requests to a run's driver: cancel, priority",
         super::fleet_view::MIGRATION,
     ),
+    (
+        "fleet rate-limit places by token (a take sent again counts once)",
+        super::limits::MIGRATION,
+    ),
+    (
+        "the history writers' last transaction numbers (a batch replayed after a lost commit reply)",
+        // One row per writer, updated in each of its transactions: after its connection
+        // dropped during a commit, the writer reads whether that transaction's number is
+        // here before applying the batch again.
+        r#"
+    CREATE TABLE runner_writer_batches (
+        writer TEXT PRIMARY KEY,
+        batch  BIGINT NOT NULL,
+        at     TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    "#,
+    ),
 ];
 
 /// The newest migration this build knows.
