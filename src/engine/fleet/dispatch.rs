@@ -220,17 +220,39 @@ pub(crate) async fn schema_then_enqueue(
         }
         let jobs: Vec<NewJob> = batch.iter().map(|e| e.job.clone()).collect();
         // The steps' `pending` rows (and a retried step's `retrying`) were queued to this
-        // process's writer before their attempts came here: committed first, so the host
-        // that claims a row finds its step recorded when it marks it running.
-        super::history_committed(&engine).await;
+        // process's writer before their attempts came here. Another host that claims a row
+        // must find its step recorded when it marks it running, so a row another host may
+        // take is inserted only once they are committed. A row this process claims itself
+        // needs no wait: its own writer records the step's start after its queuing. So when
+        // this process can take the whole batch (its tags, its free workers), the insert
+        // goes first, holding back what it could not claim after all (claimable rows ahead
+        // of the batch), which is revealed once the history is committed.
+        let mine = |free: usize| {
+            free >= jobs.len()
+                && jobs
+                    .iter()
+                    .all(|j| j.tags.iter().all(|t| fleet.tags.contains(t)))
+        };
+        let inner = engine.upgrade();
+        let free_now = inner
+            .as_ref()
+            .map_or(0, |inner| super::worker::free_workers(inner, &fleet));
+        if !mine(free_now) {
+            super::history_committed(&engine).await;
+        }
         // This process's free workers take what a claim right after the insert would give
         // them, in the insert itself. The claimer waits meanwhile, so no worker is counted
         // twice; the claimed rows are started before it goes on.
-        let inner = engine.upgrade();
         let claiming = fleet.claiming.lock().await;
         let free = inner
             .as_ref()
             .map_or(0, |inner| super::worker::free_workers(inner, &fleet));
+        // Decided again under the lock (a claim may have taken workers meanwhile); a batch
+        // that no longer fits waits for the history here.
+        let hold = mine(free_now) && mine(free);
+        if mine(free_now) && !hold {
+            super::history_committed(&engine).await;
+        }
         let (q, worker, tags, lease) = (
             fleet.queue.clone(),
             fleet.worker_id.clone(),
@@ -243,12 +265,21 @@ pub(crate) async fn schema_then_enqueue(
                 tags: &tags,
                 free,
                 lease,
+                hold_rest: hold.then_some(lease),
             };
             q.enqueue_claiming(&jobs, (free > 0).then_some(&me))
         })
         .await;
         match inserted {
             Ok(rows) => {
+                let held: Vec<i64> = if hold {
+                    rows.iter()
+                        .filter(|(_, claim)| claim.is_none())
+                        .map(|(id, _)| *id)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 fleet
                     .counters
                     .enqueued
@@ -282,6 +313,13 @@ pub(crate) async fn schema_then_enqueue(
                 drop(claiming);
                 // A result may have come before its waiter was registered.
                 fleet.results_wake.notify_one();
+                if !held.is_empty() {
+                    super::history_committed(&engine).await;
+                    let q = fleet.queue.clone();
+                    if let Err(e) = blocking(move || q.reveal(&held)).await {
+                        tracing::warn!(error = %e, "fleet: cannot release held steps; they become claimable when their hold runs out");
+                    }
+                }
                 // Rows left queued (no free worker here, or rows ahead of them): this
                 // process's own claimer need not wait for the notification's round trip.
                 if left_queued {

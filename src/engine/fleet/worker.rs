@@ -262,9 +262,16 @@ pub(crate) async fn completer(
         tokio::spawn(async move {
             let n_batch = batch.len();
             // Each attempt's `running` was queued to this process's writer when it started:
-            // committed before its result is visible, so its driver's `finished` lands after
-            // it.
-            super::history_committed(&engine).await;
+            // committed before its result is visible to another process's driver, so that
+            // driver's `finished` lands after it. A driver in this process records through
+            // the same writer, after: no wait.
+            let all_local = {
+                let waiters = lock(&fleet.waiters);
+                batch.iter().all(|(id, ..)| waiters.contains_key(id))
+            };
+            if !all_local {
+                super::history_committed(&engine).await;
+            }
             record(&fleet, batch).await;
             fleet.pending.fetch_sub(n_batch, Ordering::SeqCst);
             drop(permit);

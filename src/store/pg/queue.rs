@@ -141,6 +141,11 @@ pub struct Claimer<'a> {
     /// Its free workers: at most this many rows are claimed.
     pub free: usize,
     pub lease: Duration,
+    /// The rows it does not claim stay out of every claim for this long, or until
+    /// [`Queue::reveal`], and no one is woken for them: the enqueuing process first makes
+    /// them fit for another host (its history committed), then reveals them. The bound is
+    /// for a process that dies in between: its rows come back like its leases.
+    pub hold_rest: Option<Duration>,
 }
 
 /// A finished row, as its driver takes it.
@@ -280,10 +285,11 @@ impl Queue {
         // Each job this process may run gets its rank in claim order (priority, then the
         // order of the batch, which is the ids' order); the others none.
         let mut ranks: Vec<Option<i32>> = vec![None; jobs.len()];
-        let (worker, my_tags, free, lease) = match me {
-            Some(m) => (m.worker, m.tags, m.free, m.lease),
-            None => ("", &[][..], 0, Duration::ZERO),
+        let (worker, my_tags, free, lease, hold) = match me {
+            Some(m) => (m.worker, m.tags, m.free, m.lease, m.hold_rest),
+            None => ("", &[][..], 0, Duration::ZERO, None),
         };
+        let hold = hold.map_or(0.0, |h| h.as_secs_f64());
         let mut eligible: Vec<usize> = (0..jobs.len())
             .filter(|&i| free > 0 && jobs[i].tags.iter().all(|t| my_tags.contains(t)))
             .collect();
@@ -312,10 +318,12 @@ impl Queue {
                                  $5::text[], $6::jsonb[], $7::int[]) AS u(r, s, a, p, t, j, k)
                  ), ins AS (
                      INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload,
-                                               state, locked_by, claim_token, claimed_at,
-                                               lease_until)
+                                               available_at, state, locked_by, claim_token,
+                                               claimed_at, lease_until)
                      SELECT r, s, a, p, CASE WHEN t = '' THEN '{}'::text[]
                                              ELSE string_to_array(t, ',') END, j,
+                            CASE WHEN mine THEN now()
+                                 ELSE now() + make_interval(secs => $14) END,
                             CASE WHEN mine THEN 'running' ELSE 'queued' END,
                             CASE WHEN mine THEN $11 END,
                             CASE WHEN mine THEN gen_random_uuid()::text END,
@@ -327,7 +335,7 @@ impl Queue {
                      RETURNING id, run_id, step_key, attempt, state, locked_by, claim_token,
                                priority, payload, rescues
                  ), told AS (
-                     SELECT pg_notify($13, '') WHERE EXISTS (
+                     SELECT pg_notify($13, '') WHERE $14 = 0 AND EXISTS (
                          SELECT 1 FROM ins WHERE state = 'queued')
                  )
                  SELECT ins.* FROM ins CROSS JOIN (SELECT count(*) FROM told) AS woken",
@@ -345,6 +353,7 @@ impl Queue {
                     (&worker, Type::TEXT),
                     (&secs(lease), Type::FLOAT8),
                     (&JOBS_CHANNEL, Type::TEXT),
+                    (&hold, Type::FLOAT8),
                 ],
             )
         })?;
@@ -381,6 +390,33 @@ impl Queue {
                     })
             })
             .collect()
+    }
+
+    /// Makes rows held back by [`Claimer::hold_rest`] claimable now, and wakes the claimers;
+    /// returns how many were still waiting. Run twice, the second finds nothing to do.
+    pub fn reveal(&self, ids: &[i64]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let rows = self.with("release held steps", |c| {
+            c.query_typed(
+                "WITH r AS (
+                     UPDATE runner_queue SET available_at = now()
+                     WHERE id = ANY($1) AND state = 'queued' AND available_at > now()
+                     RETURNING id
+                 ), told AS (
+                     SELECT pg_notify($2, '') WHERE EXISTS (SELECT 1 FROM r)
+                 )
+                 SELECT count(*) FROM r CROSS JOIN (SELECT count(*) FROM told) AS woken",
+                &[
+                    (&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY),
+                    (&JOBS_CHANNEL, Type::TEXT),
+                ],
+            )
+        })?;
+        Ok(rows
+            .first()
+            .map_or(0, |r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)))
     }
 
     /// Claims up to `n` claimable rows for `worker` in one statement: highest priority first,
@@ -1158,6 +1194,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             tags: &gpu,
             free: 3,
             lease: lease(),
+            hold_rest: None,
         };
         let got = q
             .enqueue_claiming(
@@ -1242,6 +1279,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             tags: &[],
             free: 2,
             lease: lease(),
+            hold_rest: None,
         };
         q.enqueue_claiming(&[job("r", "a", 1, &[]), job("r", "b", 1, &[])], Some(&me))
             .unwrap();
@@ -1264,6 +1302,65 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             "one wake-up, for the insert that left a row queued"
         );
         assert_eq!(q.depth().unwrap(), [0, 1, 0, 0]);
+    }
+
+    /// Rows held back by the enqueuing process are in no claim, and wake nobody, until it
+    /// reveals them (or the hold runs out, if it died first).
+    #[test]
+    fn held_rows_are_claimable_once_revealed_or_once_the_hold_runs_out() {
+        let Some((db, q)) = queue("enqueue_hold") else {
+            return;
+        };
+        let mut listener = db.target().connect().unwrap();
+        listener.batch_execute(&format!("LISTEN {JOBS_CHANNEL}")).unwrap();
+        let heard = |l: &mut postgres::Client| {
+            l.batch_execute("SELECT 1").unwrap();
+            postgres::fallible_iterator::FallibleIterator::count(l.notifications().iter())
+                .unwrap()
+        };
+        // A claimable row ahead leaves one of the two new rows unclaimed: held.
+        q.enqueue(&[job("r0", "ahead", 1, &[])]).unwrap();
+        assert_eq!(heard(&mut listener), 1);
+        let me = Claimer {
+            worker: "w",
+            tags: &[],
+            free: 2,
+            lease: lease(),
+            hold_rest: Some(Duration::from_secs(3600)),
+        };
+        let got = q
+            .enqueue_claiming(&[job("r", "a", 1, &[]), job("r", "b", 1, &[])], Some(&me))
+            .unwrap();
+        assert!(got[0].1.is_some() && got[1].1.is_none(), "{got:?}");
+        assert_eq!(heard(&mut listener), 0, "nobody is woken for a held row");
+        let other: Vec<String> = q
+            .claim("other", &[], 10, lease())
+            .unwrap()
+            .into_iter()
+            .map(|j| j.step_key)
+            .collect();
+        assert_eq!(other, ["ahead"], "the held row is in no claim");
+        assert_eq!(q.reveal(&[got[0].0, got[1].0]).unwrap(), 1);
+        assert_eq!(heard(&mut listener), 1);
+        assert_eq!(q.reveal(&[got[1].0]).unwrap(), 0, "revealed once");
+        let other = q.claim("other", &[], 10, lease()).unwrap();
+        assert_eq!(other.len(), 1);
+        assert_eq!(other[0].id, got[1].0);
+
+        // A process that died before revealing: its rows come back when the hold runs out.
+        q.enqueue(&[job("r2", "ahead", 1, &[])]).unwrap();
+        let short = Claimer {
+            hold_rest: Some(Duration::from_millis(300)),
+            ..me
+        };
+        let got = q
+            .enqueue_claiming(&[job("r2", "c", 1, &[]), job("r2", "d", 1, &[])], Some(&short))
+            .unwrap();
+        let d = got[1].0;
+        assert_eq!(q.claim("other", &[], 10, lease()).unwrap().len(), 1);
+        std::thread::sleep(Duration::from_millis(400));
+        let later = q.claim("other", &[], 10, lease()).unwrap();
+        assert_eq!(later.iter().map(|j| j.id).collect::<Vec<_>>(), [d]);
     }
 
     #[test]
