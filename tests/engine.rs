@@ -240,6 +240,56 @@ async fn a_false_condition_skips_what_depends_on_it() {
     assert_eq!(status("page"), StepStatus::Success);
 }
 
+/// Only a condition's false output skips what needs it: an ordinary node whose output is
+/// empty or false is a value like any other, and its dependents run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_false_output_skips_nothing() {
+    let env = engine(&[], 8);
+    let bp = blueprint(json!({
+        "name": "falsy",
+        "nodes": [
+            { "id": "empty", "type": "transform", "template": "" },
+            { "id": "no", "type": "transform", "parse": "json", "template": "false" },
+            { "id": "after", "type": "transform", "needs": ["empty", "no"],
+              "template": "ran" }
+        ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["empty"], json!(""));
+    assert_eq!(o.outputs["no"], json!(false));
+    assert_eq!(o.outputs["after"], json!("ran"));
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    let after = steps.iter().find(|s| s.step_key == "after").unwrap();
+    assert_eq!(after.status, StepStatus::Success);
+}
+
+/// A fan-out whose items fail one after another fails the run with the first item's error,
+/// the one that happened first, not whichever came last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fan_out_reports_its_first_error() {
+    // One worker: the second request starts after the first has failed.
+    let server = fake_server(vec![
+        Reply::json(404, r#"{"error":"first failure"}"#),
+        Reply::json(404, r#"{"error":"second failure"}"#),
+    ])
+    .await;
+    let env = engine(&[], 1);
+    let bp = blueprint(json!({
+        "name": "fan-fail",
+        "nodes": [ { "id": "fetch", "type": "http", "url": server.url.clone(),
+                     "forEach": "{{ [1, 2] }}", "retry": { "attempts": 1 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(server.seen.lock().unwrap().len(), 2);
+    let error = env.store.find_run(&o.run_id).unwrap().error.unwrap();
+    assert!(
+        error.starts_with("step fetch failed") && error.contains("first failure"),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_step_fails_the_run_unless_it_continues_on_error() {
     let server = fake_server(vec![Reply::json(404, r#"{"error":"nope"}"#)]).await;
@@ -322,6 +372,68 @@ async fn auth_errors_are_never_retried() {
     assert_eq!(o.status, RunStatus::Error);
     assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Auth));
     assert_eq!(server.seen.lock().unwrap().len(), 1);
+}
+
+/// The error `show` prints for a step whose retries ran out says how many attempts were made;
+/// a step that was never retried (one attempt allowed, or an error that is not retried after
+/// a retryable one) does not claim to have given up after retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_ran_out_of_retries_says_how_many_attempts_it_made() {
+    let env = engine(&[], 8);
+    let error_of = |run_id: &str| {
+        let steps = env.store.run_steps(run_id).unwrap();
+        let run = env.store.find_run(run_id).unwrap();
+        (
+            steps[0].attempts,
+            steps[0].error.clone().unwrap(),
+            run.error.unwrap(),
+        )
+    };
+
+    let busy = fake_server(vec![Reply::json(503, r#"{"error":"busy"}"#)]).await;
+    let bp = blueprint(json!({
+        "name": "exhausted",
+        "nodes": [ { "id": "fetch", "type": "http", "url": busy.url.clone(),
+                     "retry": { "attempts": 3 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    let (attempts, step_error, run_error) = error_of(&o.run_id);
+    assert_eq!(attempts, 3);
+    assert!(
+        step_error.ends_with("(gave up after 3 attempts)"),
+        "{step_error}"
+    );
+    assert!(
+        run_error.contains("(gave up after 3 attempts)"),
+        "{run_error}"
+    );
+
+    let bp = blueprint(json!({
+        "name": "once",
+        "nodes": [ { "id": "fetch", "type": "http", "url": busy.url.clone(),
+                     "retry": { "attempts": 1 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    let (attempts, step_error, _) = error_of(&o.run_id);
+    assert_eq!(attempts, 1);
+    assert!(!step_error.contains("gave up"), "{step_error}");
+
+    let then_auth = fake_server(vec![
+        Reply::json(503, r#"{"error":"busy"}"#),
+        Reply::json(401, r#"{"error":"Invalid credentials"}"#),
+    ])
+    .await;
+    let bp = blueprint(json!({
+        "name": "then-auth",
+        "nodes": [ { "id": "fetch", "type": "http", "url": then_auth.url.clone(),
+                     "retry": { "attempts": 5 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    let (attempts, step_error, _) = error_of(&o.run_id);
+    assert_eq!(attempts, 2);
+    assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Auth));
+    assert!(!step_error.contains("gave up"), "{step_error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -671,6 +783,15 @@ async fn size_budgets_fail_the_run_with_their_setting() {
         "{:?}",
         o.error
     );
+    // Exactly MAX_ITEMS is within the budget.
+    let fan = blueprint(json!({
+        "name": "fan",
+        "nodes": [ { "id": "f", "type": "transform", "forEach": "{{ range(5) | list }}",
+                     "template": "{{ item }}" } ]
+    }));
+    let o = run(&env, &fan, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["f"], json!(["0", "1", "2", "3", "4"]));
 
     let many = blueprint(json!({
         "name": "many",
