@@ -851,3 +851,45 @@ async fn progress_counters_reach_the_history_while_a_long_step_runs() {
     assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
     assert_eq!(env.store.find_run(&id).unwrap().steps_done, Some(3));
 }
+
+/// A run is over when its history is: by the time the run is announced finished (the console
+/// then reloads it from the database, `omniflow run` prints it), the rows of its steps are
+/// committed. Another connection holds the database's write lock until the run's step has
+/// ended, so that commit can only come after the step's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_announced_finished_only_once_its_steps_are_committed() {
+    let env = engine(&[], 4);
+    let path = env.store.path().unwrap().to_path_buf();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let sub = env.bus.subscribe();
+    let bp = blueprint(json!({
+        "name": "one",
+        "nodes": [ { "id": "a", "type": "transform", "template": "x" } ]
+    }));
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepFinished { step, .. }) = sub.recv().await {
+            if step == "a" {
+                break;
+            }
+        }
+    }
+    other.execute_batch("COMMIT").unwrap();
+    loop {
+        if let Some(Event::RunFinished { run_id, .. }) = sub.recv().await {
+            if run_id == h.run_id {
+                break;
+            }
+        }
+    }
+    let status: Option<String> = other
+        .query_row(
+            "SELECT status FROM runner_steps WHERE run_id = ?1 AND step_key = 'a'",
+            [&h.run_id],
+            |r| r.get(0),
+        )
+        .ok();
+    assert_eq!(status.as_deref(), Some("success"));
+    assert_eq!(h.wait().await.status, RunStatus::Success);
+}
