@@ -893,3 +893,41 @@ async fn a_run_is_announced_finished_only_once_its_steps_are_committed() {
     assert_eq!(status.as_deref(), Some("success"));
     assert_eq!(h.wait().await.status, RunStatus::Success);
 }
+
+/// A cancelled run ends `cancelled`, also when a step that was still to start fails on its
+/// way out (here a fan-out item whose URL does not render): what a cancel stops is not
+/// reported as the run's failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_stays_cancelled_when_a_later_step_fails_on_its_way_out() {
+    // A server that accepts and never answers: the first item is in flight until cancelled.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            held.push(sock);
+        }
+    });
+    // One worker: two items under way, the third waits in the run until there is room.
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 1);
+    let bp = blueprint(json!({
+        "name": "cancel-fan",
+        "variables": { "ITEMS": [ { "u": url.clone() }, { "u": url }, { "none": 1 } ] },
+        "nodes": [ { "id": "fetch", "type": "http", "url": "{{ item.u }}",
+                     "forEach": "{{ vars.ITEMS }}" } ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
+            if step == "fetch[0]" {
+                break;
+            }
+        }
+    }
+    h.cancel();
+    let o = h.wait().await;
+    assert_eq!(o.status, RunStatus::Cancelled, "{:?}", o.error);
+    let row = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(row.status, RunStatus::Cancelled, "{:?}", row.error);
+}
