@@ -650,6 +650,14 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     assert_eq!(released, vec![h.run_id.clone()]);
     let o = h.wait().await;
     assert_eq!(o.status, RunStatus::Running, "handed over, not finished");
+    // What `show` and the next owner read: the run and its step still under way, not the
+    // step cancelled by the handover.
+    env.store.flush().await;
+    let row = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(row.status, RunStatus::Running);
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps.len(), 1);
+    assert_eq!(steps[0].status, StepStatus::Running, "{:?}", steps[0].error);
 }
 
 /// A shutdown gives its grace to the work in flight and returns when that ends, not later:
