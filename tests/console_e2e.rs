@@ -1215,3 +1215,136 @@ fn a_console_on_postgres_shows_another_process_s_steps_live_and_cancels_its_run(
     t.keys(&["q"]);
     t.wait_text("CONSOLE-EXITED 0", 20);
 }
+
+/// One plain HTTP/1.1 GET on its own connection, as a scraper or a probe sends it: (status,
+/// body). `None` when nothing answers.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: omniflow\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The sum of `metric`'s samples carrying every label of `want`.
+fn metric_sum(s: &prometheus_parse::Scrape, metric: &str, want: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value::*;
+    s.samples
+        .iter()
+        .filter(|x| x.metric == metric)
+        .filter(|x| want.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            Counter(v) | Gauge(v) | Untyped(v) => v,
+            Histogram(_) | Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+/// `omniflow tui --listen`: while the console runs a sandbox test, a scraper reads the same
+/// pool the console shows (busy and total workers, queue depth, labelled `role="console"`),
+/// `/healthz` says the process is alive; quitting with the key restores the terminal and
+/// releases the port.
+#[test]
+fn the_console_serves_metrics_and_health_that_agree_with_its_screen() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_omniflow");
+    let blueprints = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
+    // A free port, given back for the console to take.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    // Two workers and model calls of two minutes: the sandbox test's three items hold both
+    // workers and leave one queued for as long as the test looks.
+    let shell = format!(
+        "env DB_FILE='{}' LOG_DIR='{}' SANDBOX_LATENCY_MS=120000 CONCURRENCY=2 \
+         TERM=xterm-256color '{bin}' tui --dir '{}' --listen {addr}; \
+         echo CONSOLE-EXITED $?; sleep 60",
+        tmp.path().join("h.db").display(),
+        tmp.path().join("logs").display(),
+        blueprints.display()
+    );
+    let t = Tmux::start("listen", tmp.path(), 140, 40, &shell);
+    t.wait_text("tech-digest", 30);
+
+    // Before any run: alive, and an idle pool of two.
+    let (status, body) = http_get(addr, "/healthz").expect("the console listens");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["status"],
+        "ok",
+        "{body}"
+    );
+
+    // Sandbox-test tech-digest (three topics) without injected failures.
+    t.keys(&["/"]);
+    t.literal("tech");
+    t.keys(&["Enter", "t"]);
+    t.wait_text("Sandbox test: tech-digest", 10);
+    t.keys(&["Tab", "BSpace", "BSpace", "BSpace"]);
+    t.literal("0");
+    t.keys(&["Enter"]);
+    let screen = t.wait_for("both workers busy and one step queued", 30, |s| {
+        s.contains("2/2 busy") && s.contains("· 1 queued")
+    });
+
+    let (status, body) = http_get(addr, "/metrics").expect("an answer to /metrics");
+    assert_eq!(status, 200, "{body}");
+    let m = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text format");
+    let console = [("role", "console")];
+    let busy = metric_sum(&m, "omniflow_workers", &[("state", "busy"), console[0]]);
+    let total = metric_sum(&m, "omniflow_workers", &[("state", "total"), console[0]]);
+    let idle = metric_sum(&m, "omniflow_workers", &[("state", "idle"), console[0]]);
+    let queued = metric_sum(&m, "omniflow_queue_depth", &console);
+    assert_eq!(
+        (busy, total, idle, queued),
+        (2.0, 2.0, 0.0, 1.0),
+        "the scrape says {busy}/{total} busy, {idle} idle, {queued} queued; the console \
+         showed:\n{screen}"
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "omniflow_runs_started_total",
+            &[("blueprint", "tech-digest")]
+        ),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric_sum(&m, "omniflow_pool_state", &[("state", "running")]),
+        1.0
+    );
+    let (status, _) = http_get(addr, "/healthz").expect("an answer to /healthz");
+    assert_eq!(status, 200);
+
+    // Quit with the key, cancelling the run in flight.
+    t.keys(&["q"]);
+    t.wait_text("Quit?", 10);
+    t.keys(&["c"]);
+    let s = t.wait_text("CONSOLE-EXITED 0", 30);
+    assert!(
+        !s.contains("Blueprints"),
+        "the console's screen is gone:\n{s}"
+    );
+    assert_eq!(
+        t.screen_modes(),
+        "0 1",
+        "alternate screen left and cursor shown"
+    );
+    // The port is released: nothing answers there, and it can be bound again.
+    assert!(
+        http_get(addr, "/healthz").is_none(),
+        "still answering on {addr}"
+    );
+    std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr} is still held: {e}"));
+}

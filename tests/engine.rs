@@ -240,6 +240,56 @@ async fn a_false_condition_skips_what_depends_on_it() {
     assert_eq!(status("page"), StepStatus::Success);
 }
 
+/// Only a condition's false output skips what needs it: an ordinary node whose output is
+/// empty or false is a value like any other, and its dependents run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_false_output_skips_nothing() {
+    let env = engine(&[], 8);
+    let bp = blueprint(json!({
+        "name": "falsy",
+        "nodes": [
+            { "id": "empty", "type": "transform", "template": "" },
+            { "id": "no", "type": "transform", "parse": "json", "template": "false" },
+            { "id": "after", "type": "transform", "needs": ["empty", "no"],
+              "template": "ran" }
+        ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["empty"], json!(""));
+    assert_eq!(o.outputs["no"], json!(false));
+    assert_eq!(o.outputs["after"], json!("ran"));
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    let after = steps.iter().find(|s| s.step_key == "after").unwrap();
+    assert_eq!(after.status, StepStatus::Success);
+}
+
+/// A fan-out whose items fail one after another fails the run with the first item's error,
+/// the one that happened first, not whichever came last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fan_out_reports_its_first_error() {
+    // One worker: the second request starts after the first has failed.
+    let server = fake_server(vec![
+        Reply::json(404, r#"{"error":"first failure"}"#),
+        Reply::json(404, r#"{"error":"second failure"}"#),
+    ])
+    .await;
+    let env = engine(&[], 1);
+    let bp = blueprint(json!({
+        "name": "fan-fail",
+        "nodes": [ { "id": "fetch", "type": "http", "url": server.url.clone(),
+                     "forEach": "{{ [1, 2] }}", "retry": { "attempts": 1 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(server.seen.lock().unwrap().len(), 2);
+    let error = env.store.find_run(&o.run_id).unwrap().error.unwrap();
+    assert!(
+        error.starts_with("step fetch failed") && error.contains("first failure"),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_step_fails_the_run_unless_it_continues_on_error() {
     let server = fake_server(vec![Reply::json(404, r#"{"error":"nope"}"#)]).await;
@@ -322,6 +372,68 @@ async fn auth_errors_are_never_retried() {
     assert_eq!(o.status, RunStatus::Error);
     assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Auth));
     assert_eq!(server.seen.lock().unwrap().len(), 1);
+}
+
+/// The error `show` prints for a step whose retries ran out says how many attempts were made;
+/// a step that was never retried (one attempt allowed, or an error that is not retried after
+/// a retryable one) does not claim to have given up after retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_ran_out_of_retries_says_how_many_attempts_it_made() {
+    let env = engine(&[], 8);
+    let error_of = |run_id: &str| {
+        let steps = env.store.run_steps(run_id).unwrap();
+        let run = env.store.find_run(run_id).unwrap();
+        (
+            steps[0].attempts,
+            steps[0].error.clone().unwrap(),
+            run.error.unwrap(),
+        )
+    };
+
+    let busy = fake_server(vec![Reply::json(503, r#"{"error":"busy"}"#)]).await;
+    let bp = blueprint(json!({
+        "name": "exhausted",
+        "nodes": [ { "id": "fetch", "type": "http", "url": busy.url.clone(),
+                     "retry": { "attempts": 3 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    let (attempts, step_error, run_error) = error_of(&o.run_id);
+    assert_eq!(attempts, 3);
+    assert!(
+        step_error.ends_with("(gave up after 3 attempts)"),
+        "{step_error}"
+    );
+    assert!(
+        run_error.contains("(gave up after 3 attempts)"),
+        "{run_error}"
+    );
+
+    let bp = blueprint(json!({
+        "name": "once",
+        "nodes": [ { "id": "fetch", "type": "http", "url": busy.url.clone(),
+                     "retry": { "attempts": 1 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    let (attempts, step_error, _) = error_of(&o.run_id);
+    assert_eq!(attempts, 1);
+    assert!(!step_error.contains("gave up"), "{step_error}");
+
+    let then_auth = fake_server(vec![
+        Reply::json(503, r#"{"error":"busy"}"#),
+        Reply::json(401, r#"{"error":"Invalid credentials"}"#),
+    ])
+    .await;
+    let bp = blueprint(json!({
+        "name": "then-auth",
+        "nodes": [ { "id": "fetch", "type": "http", "url": then_auth.url.clone(),
+                     "retry": { "attempts": 5 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    let (attempts, step_error, _) = error_of(&o.run_id);
+    assert_eq!(attempts, 2);
+    assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Auth));
+    assert!(!step_error.contains("gave up"), "{step_error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,6 +650,14 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     assert_eq!(released, vec![h.run_id.clone()]);
     let o = h.wait().await;
     assert_eq!(o.status, RunStatus::Running, "handed over, not finished");
+    // What `show` and the next owner read: the run and its step still under way, not the
+    // step cancelled by the handover.
+    env.store.flush().await;
+    let row = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(row.status, RunStatus::Running);
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps.len(), 1);
+    assert_eq!(steps[0].status, StepStatus::Running, "{:?}", steps[0].error);
 }
 
 /// A shutdown gives its grace to the work in flight and returns when that ends, not later:
@@ -671,6 +791,15 @@ async fn size_budgets_fail_the_run_with_their_setting() {
         "{:?}",
         o.error
     );
+    // Exactly MAX_ITEMS is within the budget.
+    let fan = blueprint(json!({
+        "name": "fan",
+        "nodes": [ { "id": "f", "type": "transform", "forEach": "{{ range(5) | list }}",
+                     "template": "{{ item }}" } ]
+    }));
+    let o = run(&env, &fan, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["f"], json!(["0", "1", "2", "3", "4"]));
 
     let many = blueprint(json!({
         "name": "many",
@@ -729,4 +858,84 @@ async fn progress_counters_reach_the_history_while_a_long_step_runs() {
     let o = handle.wait().await;
     assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
     assert_eq!(env.store.find_run(&id).unwrap().steps_done, Some(3));
+}
+
+/// A run is over when its history is: by the time the run is announced finished (the console
+/// then reloads it from the database, `omniflow run` prints it), the rows of its steps are
+/// committed. Another connection holds the database's write lock until the run's step has
+/// ended, so that commit can only come after the step's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_announced_finished_only_once_its_steps_are_committed() {
+    let env = engine(&[], 4);
+    let path = env.store.path().unwrap().to_path_buf();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let sub = env.bus.subscribe();
+    let bp = blueprint(json!({
+        "name": "one",
+        "nodes": [ { "id": "a", "type": "transform", "template": "x" } ]
+    }));
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepFinished { step, .. }) = sub.recv().await {
+            if step == "a" {
+                break;
+            }
+        }
+    }
+    other.execute_batch("COMMIT").unwrap();
+    loop {
+        if let Some(Event::RunFinished { run_id, .. }) = sub.recv().await {
+            if run_id == h.run_id {
+                break;
+            }
+        }
+    }
+    let status: Option<String> = other
+        .query_row(
+            "SELECT status FROM runner_steps WHERE run_id = ?1 AND step_key = 'a'",
+            [&h.run_id],
+            |r| r.get(0),
+        )
+        .ok();
+    assert_eq!(status.as_deref(), Some("success"));
+    assert_eq!(h.wait().await.status, RunStatus::Success);
+}
+
+/// A cancelled run ends `cancelled`, also when a step that was still to start fails on its
+/// way out (here a fan-out item whose URL does not render): what a cancel stops is not
+/// reported as the run's failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_stays_cancelled_when_a_later_step_fails_on_its_way_out() {
+    // A server that accepts and never answers: the first item is in flight until cancelled.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            held.push(sock);
+        }
+    });
+    // One worker: two items under way, the third waits in the run until there is room.
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 1);
+    let bp = blueprint(json!({
+        "name": "cancel-fan",
+        "variables": { "ITEMS": [ { "u": url.clone() }, { "u": url }, { "none": 1 } ] },
+        "nodes": [ { "id": "fetch", "type": "http", "url": "{{ item.u }}",
+                     "forEach": "{{ vars.ITEMS }}" } ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
+            if step == "fetch[0]" {
+                break;
+            }
+        }
+    }
+    h.cancel();
+    let o = h.wait().await;
+    assert_eq!(o.status, RunStatus::Cancelled, "{:?}", o.error);
+    let row = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(row.status, RunStatus::Cancelled, "{:?}", row.error);
 }

@@ -618,4 +618,16 @@ fn a_live_daemon_adopts_a_killed_run_by_itself() {
     }
     let shown = d.json(&["show", &r.id, "--json"]);
     assert_eq!(shown["steps"].as_array().unwrap().len(), 13);
+    // The steps reused from before the kill are not written again (the store would refuse
+    // each one and log a warning for it).
+    let log = log_text(&d);
+    assert!(
+        !log.contains("store: ignored"),
+        "the adoption rewrote finished steps: {}",
+        log.lines()
+            .filter(|l| l.contains("store: ignored"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

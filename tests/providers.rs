@@ -685,6 +685,115 @@ async fn calls_waiting_for_the_rate_limit_hold_no_worker() {
     assert_eq!(fake.count(), 6);
 }
 
+/// The events of run `run_id` until it finishes (a run that never finishes fails the test
+/// with the events seen so far).
+async fn events_until_finished(sub: &omniflow::events::Subscriber, run_id: &str) -> Vec<Event> {
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), sub.recv()).await {
+            Ok(Some(e)) => {
+                let finished = matches!(&e, Event::RunFinished { run_id: r, .. } if r == run_id);
+                seen.push(e);
+                if finished {
+                    return seen;
+                }
+            }
+            Ok(None) => continue,
+            Err(_) => panic!("run {run_id} did not finish; events: {seen:#?}"),
+        }
+    }
+}
+
+/// The waits announced for run `run_id`: for the rate limit (in ms) and, as `None`, for a
+/// place among the provider's calls in flight.
+fn waits_of(events: &[Event], run_id: &str) -> Vec<Option<u64>> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StepWaiting {
+                run_id: r, wait_ms, ..
+            } if r == run_id => Some(Some(*wait_ms)),
+            Event::StepWaitingSlot { run_id: r, .. } if r == run_id => Some(None),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits for the rate limit that nobody would notice (under half a second) are not announced:
+/// the console does not flash its steps as rate-limited for a blink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_wait_for_the_rate_limit_is_not_announced() {
+    let fake = start(|_, _| Reply::completion("ok", 2)).await;
+    let env = common::engine(
+        &[
+            ("OMNIFLOW_TIME_SCALE", "1"),
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            // Three calls at once: the second waits 100 ms, the third 200 ms.
+            ("HF_RATE_LIMIT", "1/100ms"),
+        ],
+        4,
+    );
+    let sub = env.bus.subscribe();
+    let bp = common::blueprint(json!({
+        "name": "brief-waits",
+        "variables": { "TOPICS": ["a", "b", "c"] },
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+                     "prompt": "about {{ item }}", "forEach": "{{ vars.TOPICS }}", "cache": false } ]
+    }));
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    let run_id = h.run_id.clone();
+    let events = events_until_finished(&sub, &run_id).await;
+    assert_eq!(h.wait().await.status, RunStatus::Success);
+    assert_eq!(fake.count(), 3);
+    assert_eq!(waits_of(&events, &run_id), vec![]);
+}
+
+/// A sandbox run's simulated model calls take no place in a real provider's rate limit or its
+/// calls in flight: sandbox-testing a blueprint does not make the real runs after it wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_run_takes_no_place_in_a_real_providers_rate_limit() {
+    let fake = start(|_, _| Reply::completion("ok", 2)).await;
+    let env = common::engine(
+        &[
+            ("OMNIFLOW_TIME_SCALE", "1"),
+            // Calls long enough to overlap: three at once, where the real provider takes one.
+            ("SANDBOX_LATENCY_MS", "300"),
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("HF_RATE_LIMIT", "1/1h"),
+            ("HF_CONCURRENCY", "1"),
+        ],
+        4,
+    );
+    let sub = env.bus.subscribe();
+    let bp = common::blueprint(json!({
+        "name": "fan",
+        "variables": { "TOPICS": ["a", "b", "c"] },
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+                     "prompt": "about {{ item }}", "forEach": "{{ vars.TOPICS }}", "cache": false } ]
+    }));
+    let h = env.engine.start(bp, common::sandbox(0.0, 7)).unwrap();
+    let run_id = h.run_id.clone();
+    let events = events_until_finished(&sub, &run_id).await;
+    assert_eq!(h.wait().await.status, RunStatus::Success);
+    assert_eq!(waits_of(&events, &run_id), vec![]);
+    assert_eq!(fake.count(), 0, "the sandbox called the real provider");
+
+    // The hour's one real call is still there for a real run.
+    let one = common::blueprint(json!({
+        "name": "one",
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+                     "prompt": "hello", "cache": false } ]
+    }));
+    let h = env.engine.start(one, RunRequest::default()).unwrap();
+    let run_id = h.run_id.clone();
+    let events = events_until_finished(&sub, &run_id).await;
+    assert_eq!(h.wait().await.status, RunStatus::Success);
+    assert_eq!(waits_of(&events, &run_id), vec![]);
+    assert_eq!(fake.count(), 1);
+}
+
 // ---- library call -----------------------------------------------------------------------
 
 #[tokio::test]

@@ -303,6 +303,36 @@ fn one_bad_write_does_not_take_its_batch_down(db, store) {
 }
 
 on_both! {
+fn a_lost_write_makes_the_store_unready_until_a_batch_commits(db, store) {
+    // What `/readyz` reports: a write lost in the last batch, cleared by the next batch
+    // that commits whole.
+    db.exec(
+        "CREATE TRIGGER boom BEFORE INSERT ON runner_executions WHEN NEW.id = 'bad'
+         BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;",
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
+             FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
+    assert_eq!(store.write_problem(), None);
+    // The bad write last, so whichever batch holds it is the last one before the flush.
+    for id in ["ok1", "ok2", "bad"] {
+        store.insert_run(new_run(id, 0));
+    }
+    store.flush_blocking();
+    assert!(store.find_run("ok2").is_ok());
+    let problem = store.write_problem().expect("the lost write makes the store unready");
+    assert!(problem.contains("refused by test trigger"), "{problem}");
+    store.insert_run(new_run("ok3", 0));
+    store.flush_blocking();
+    assert_eq!(store.write_problem(), None, "a batch that commits clears it");
+}
+}
+
+on_both! {
 fn dropping_the_last_clone_applies_pending_writes(db, store) {
     {
         let clone = store.clone();
