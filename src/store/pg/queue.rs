@@ -1312,11 +1312,12 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             return;
         };
         let mut listener = db.target().connect().unwrap();
-        listener.batch_execute(&format!("LISTEN {JOBS_CHANNEL}")).unwrap();
+        listener
+            .batch_execute(&format!("LISTEN {JOBS_CHANNEL}"))
+            .unwrap();
         let heard = |l: &mut postgres::Client| {
             l.batch_execute("SELECT 1").unwrap();
-            postgres::fallible_iterator::FallibleIterator::count(l.notifications().iter())
-                .unwrap()
+            postgres::fallible_iterator::FallibleIterator::count(l.notifications().iter()).unwrap()
         };
         // A claimable row ahead leaves one of the two new rows unclaimed: held.
         q.enqueue(&[job("r0", "ahead", 1, &[])]).unwrap();
@@ -1354,7 +1355,10 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             ..me
         };
         let got = q
-            .enqueue_claiming(&[job("r2", "c", 1, &[]), job("r2", "d", 1, &[])], Some(&short))
+            .enqueue_claiming(
+                &[job("r2", "c", 1, &[]), job("r2", "d", 1, &[])],
+                Some(&short),
+            )
             .unwrap();
         let d = got[1].0;
         assert_eq!(q.claim("other", &[], 10, lease()).unwrap().len(), 1);
