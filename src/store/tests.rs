@@ -865,3 +865,63 @@ fn a_write_that_lands_logs_nothing_and_one_held_back_says_why(db, store) {
     assert_eq!(run.status, RunStatus::Success, "the first end stays");
 }
 }
+
+on_both! {
+fn a_fan_out_s_queuings_and_starts_in_one_batch_keep_each_write_s_guard(db, store) {
+    // A fan-out's writes reach the writer together; the PostgreSQL writer sends a run of
+    // queuings, or of starts of different steps, as one statement. Each write keeps its own
+    // guard and its own warning.
+    let id = match db {
+        Db::Sqlite(_) => "batch-sqlite",
+        Db::Postgres(_) => "batch-postgres",
+    };
+    let _ = warnings();
+    let ghost = format!("{id}-gone");
+    store.insert_run(new_run(id, 0));
+    store.run_started(id, at(1), 4);
+    store.flush_blocking();
+    let queue = |run: &str, key: &str, item: u32, ms: u64| NewStep {
+        run_id: run.into(),
+        step_key: key.into(),
+        node_id: "each".into(),
+        item_index: Some(item),
+        input: Some(serde_json::json!({ "item": item })),
+        queued_at: at(ms),
+    };
+    store.step_queued(queue(id, "each[0]", 0, 10));
+    store.step_queued(queue(id, "each[1]", 1, 11));
+    store.step_queued(queue(&ghost, "each[0]", 0, 12));
+    store.step_queued(queue(id, "each[2]", 2, 13));
+    // Queued twice in one batch (a resumed run plans again): the first stays.
+    store.step_queued(queue(id, "each[0]", 0, 14));
+    store.flush_blocking();
+    store.step_started(id, "each[0]", 1, at(20));
+    store.step_started(id, "each[1]", 1, at(21));
+    // The same step twice among the starts (a retry's second attempt): both apply, in order.
+    store.step_started(id, "each[0]", 2, at(22));
+    store.step_started(id, "each[9]", 1, at(23));
+    store.flush_blocking();
+    let steps = store.run_steps(id).unwrap();
+    let step = |key: &str| steps.iter().find(|s| s.step_key == key).unwrap();
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    assert_eq!(step("each[0]").status, StepStatus::Running);
+    assert_eq!(step("each[0]").attempts, 2);
+    assert_eq!(step("each[0]").started_at, Some(at(20)));
+    assert_eq!(step("each[0]").queued_at, Some(at(10)));
+    assert_eq!(step("each[0]").input, Some(serde_json::json!({ "item": 0 })));
+    assert_eq!(step("each[1]").status, StepStatus::Running);
+    assert_eq!(step("each[1]").item_index, Some(1));
+    assert_eq!(step("each[2]").status, StepStatus::Pending);
+    assert_eq!(step("each[2]").started_at, None);
+    assert!(store.run_steps(&ghost).unwrap().is_empty());
+    assert_eq!(
+        warnings_about(id),
+        [
+            format!("store: ignored step_queued {ghost} each[0]: unknown run"),
+            format!(
+                "store: ignored step_started {id} each[9]: the step is unknown or already finished"
+            ),
+        ]
+    );
+}
+}

@@ -703,8 +703,9 @@ fn try_apply(
     };
     tx.execute(&mark, &[&batches.key, &batches.seq])?;
     let mut skipped = Vec::new();
-    for op in ops {
-        if let Some(reason) = super::ops::apply(&mut tx, statements, op, proc)? {
+    let verdicts = super::ops::apply_all(&mut tx, statements, ops, proc)?;
+    for (op, verdict) in ops.iter().zip(verdicts) {
+        if let Some(reason) = verdict {
             skipped.push(format!("{}: {reason}", op.describe()));
         }
     }

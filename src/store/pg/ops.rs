@@ -53,6 +53,174 @@ fn json(v: &serde_json::Value) -> Option<String> {
     (!v.is_null()).then(|| v.to_string())
 }
 
+/// Applies `ops` in order; for each, `Some(reason)` when it was a guarded no-op. A run of
+/// consecutive step queuings, or of starts of distinct steps, goes as one statement over
+/// arrays, with each write's own guard and verdict: a fan-out's writes are one round trip to
+/// the server instead of one each, and a process waiting for its history to be committed
+/// (a fleet orders its queue after it) waits for one statement, not hundreds.
+pub(crate) fn apply_all(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    ops: &[Op],
+    proc: &ProcessInfo,
+) -> Result<Vec<Option<String>>, postgres::Error> {
+    let mut out = Vec::with_capacity(ops.len());
+    let mut i = 0;
+    while i < ops.len() {
+        let queued = group(&ops[i..], |op| matches!(op, Op::StepQueued(_)), |_| None);
+        if queued > 1 {
+            out.extend(steps_queued(tx, st, &ops[i..i + queued])?);
+            i += queued;
+            continue;
+        }
+        let started = group(
+            &ops[i..],
+            |op| matches!(op, Op::StepStarted { .. }),
+            |op| match op {
+                Op::StepStarted {
+                    run_id, step_key, ..
+                } => Some((run_id.as_str(), step_key.as_str())),
+                _ => None,
+            },
+        );
+        if started > 1 {
+            out.extend(steps_started(tx, st, &ops[i..i + started])?);
+            i += started;
+            continue;
+        }
+        out.push(apply(tx, st, &ops[i], proc)?);
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// How many ops from the start of `ops` are of one kind (`kind`), none refused before it is
+/// sent, and, where `key` names one, each about a different row (an `UPDATE` over arrays
+/// changes a row once, however many array entries match it).
+fn group<'a>(
+    ops: &'a [Op],
+    kind: impl Fn(&Op) -> bool,
+    key: impl Fn(&'a Op) -> Option<(&'a str, &'a str)>,
+) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    ops.iter()
+        .take_while(|op| {
+            kind(op) && op.refused().is_none() && key(op).is_none_or(|k| seen.insert(k))
+        })
+        .count()
+}
+
+/// Step queuings, as `step_queued` each: a step already queued stays as it is (a resumed run
+/// plans again); only a step of an unknown run is refused.
+fn steps_queued(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    ops: &[Op],
+) -> Result<Vec<Option<String>>, postgres::Error> {
+    let steps: Vec<&NewStep> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::StepQueued(s) => Some(&**s),
+            _ => None,
+        })
+        .collect();
+    let runs: Vec<&str> = steps.iter().map(|s| s.run_id.as_str()).collect();
+    let keys: Vec<&str> = steps.iter().map(|s| s.step_key.as_str()).collect();
+    let nodes: Vec<&str> = steps.iter().map(|s| s.node_id.as_str()).collect();
+    let items: Vec<Option<i64>> = steps.iter().map(|s| s.item_index.map(i64::from)).collect();
+    let inputs: Vec<Option<String>> = steps
+        .iter()
+        .map(|s| s.input.as_ref().and_then(json))
+        .collect();
+    let queued: Vec<SystemTime> = steps.iter().map(|s| ms_time(s.queued_at)).collect();
+    let known: std::collections::HashSet<String> = {
+        let sql = "WITH ins AS (
+                 INSERT INTO runner_steps (run_id, step_key, node_id, item_index, status,
+                                           attempts, input, queued_at)
+                 -- A step queued twice in the batch: its first queuing, as in turn.
+                 SELECT DISTINCT ON (u.r, u.k) u.r, u.k, u.n, u.i, 'pending', 0, u.inp, u.q
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                             $6::timestamptz[]) WITH ORDINALITY AS u(r, k, n, i, inp, q, o)
+                 WHERE EXISTS (SELECT 1 FROM runner_executions e WHERE e.id = u.r)
+                 ORDER BY u.r, u.k, u.o
+                 ON CONFLICT (run_id, step_key) DO NOTHING
+                 RETURNING 1
+             )
+             SELECT e.id FROM runner_executions e
+             WHERE e.id = ANY($1) AND (SELECT count(*) FROM ins) >= 0";
+        let stmt = match st.get(sql) {
+            Some(s) => s.clone(),
+            None => {
+                let s = tx.prepare(sql)?;
+                st.insert(sql, s.clone());
+                s
+            }
+        };
+        tx.query(&stmt, &[&runs, &keys, &nodes, &items, &inputs, &queued])?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    Ok(ops
+        .iter()
+        .zip(&runs)
+        .map(|(op, run)| op.verdict(u64::from(known.contains(*run))))
+        .collect())
+}
+
+/// Step starts of distinct steps, as [`STEP_STARTED`] each.
+fn steps_started(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    ops: &[Op],
+) -> Result<Vec<Option<String>>, postgres::Error> {
+    let mut runs = Vec::new();
+    let mut keys = Vec::new();
+    let mut attempts = Vec::new();
+    let mut ats = Vec::new();
+    for op in ops {
+        if let Op::StepStarted {
+            run_id,
+            step_key,
+            attempt,
+            at,
+        } = op
+        {
+            runs.push(run_id.as_str());
+            keys.push(step_key.as_str());
+            attempts.push(i64::from(*attempt));
+            ats.push(ms_time(*at));
+        }
+    }
+    let sql = "UPDATE runner_steps s
+         SET status = 'running', attempts = u.a, started_at = COALESCE(s.started_at, u.at)
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[])
+             AS u(r, k, a, at)
+         WHERE s.run_id = u.r AND s.step_key = u.k
+           AND s.status IN ('pending', 'retrying', 'running')
+         RETURNING s.run_id, s.step_key";
+    let stmt = match st.get(sql) {
+        Some(s) => s.clone(),
+        None => {
+            let s = tx.prepare(sql)?;
+            st.insert(sql, s.clone());
+            s
+        }
+    };
+    let changed: std::collections::HashSet<(String, String)> = tx
+        .query(&stmt, &[&runs, &keys, &attempts, &ats])?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(ops
+        .iter()
+        .zip(runs.iter().zip(&keys))
+        .map(|(op, (r, k))| {
+            op.verdict(u64::from(changed.contains(&(r.to_string(), k.to_string()))))
+        })
+        .collect())
+}
+
 /// Applies `op`; `Ok(Some(reason))` is a guarded no-op.
 pub(crate) fn apply(
     tx: &mut Transaction<'_>,
