@@ -1220,15 +1220,14 @@ fn a_daemon_says_once_when_its_logs_stop_being_written() {
         let env = Env::new(&[("LEASE_TIMEOUT", "3600".into())]);
         std::fs::create_dir(env.path("blueprints")).unwrap();
         // After the wait, 100 steps: more log lines than the last page of the log file
-        // (already allocated on the tmpfs) can hold.
-        let bp = env.write(
-            "short.json",
-            &json!({ "name": "short", "nodes": [
-                { "id": "wait", "type": "delay", "duration": "2s" },
-                { "id": "after", "type": "transform", "needs": ["wait"],
-                  "forEach": "{{ range(100) | list }}", "template": "done {{ item }}" }
-            ] }),
-        );
+        // (already allocated on the tmpfs) can hold. Nodes of their own, each with its info
+        // line (a fan-out's items log at debug level).
+        let mut nodes = vec![json!({ "id": "wait", "type": "delay", "duration": "2s" })];
+        nodes.extend((0..100).map(|i| {
+            json!({ "id": format!("after{i}"), "type": "transform", "needs": ["wait"],
+                    "template": format!("done {i}") })
+        }));
+        let bp = env.write("short.json", &json!({ "name": "short", "nodes": nodes }));
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
