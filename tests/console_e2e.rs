@@ -1219,20 +1219,8 @@ fn a_console_on_postgres_shows_another_process_s_steps_live_and_cancels_its_run(
 /// One plain HTTP/1.1 GET on its own connection, as a scraper or a probe sends it: (status,
 /// body). `None` when nothing answers.
 fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: omniflow\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).ok()?;
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    common::http::exchange(addr, req.as_bytes(), Duration::from_secs(20))
 }
 
 /// The sum of `metric`'s samples carrying every label of `want`.

@@ -116,18 +116,7 @@ impl Drop for Daemon {
 /// One HTTP/1.1 request on its own connection: (status, body). `None` when the server
 /// closed the connection without an answer.
 fn request(addr: SocketAddr, raw: &[u8]) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    s.write_all(raw).ok()?;
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    common::http::exchange(addr, raw, PATIENCE)
 }
 
 fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {

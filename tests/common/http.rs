@@ -125,3 +125,26 @@ pub async fn write_reply(
     let _ = sock.write_all(out.as_bytes()).await;
     let _ = sock.shutdown().await;
 }
+
+/// Sends `raw` on a new blocking connection and reads the reply to its end (the request asks
+/// for `Connection: close`): (status, body), or `None` when nothing (or no status line)
+/// answers within `patience`.
+pub fn exchange(
+    addr: std::net::SocketAddr,
+    raw: &[u8],
+    patience: std::time::Duration,
+) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, patience).ok()?;
+    s.set_read_timeout(Some(patience)).ok()?;
+    s.write_all(raw).ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
