@@ -430,32 +430,58 @@ impl Queue {
         n: usize,
         lease: Duration,
     ) -> Result<Vec<ClaimedJob>> {
+        let batch = format!("{:016x}", rand::random::<u64>());
+        self.claim_as(&batch, worker, tags, n, lease)
+    }
+
+    /// [`Queue::claim`], its tokens prefixed with `batch`: sent again after its reply was lost
+    /// with its connection, the claim finds the rows its first try took (running under this
+    /// worker, with this prefix) and returns them, taking only what is left of `n`. Without
+    /// that, those rows stayed running under tokens nobody held until their lease ran out.
+    fn claim_as(
+        &self,
+        batch: &str,
+        worker: &str,
+        tags: &[String],
+        n: usize,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedJob>> {
         if n == 0 {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(n).unwrap_or(i64::MAX);
-        // Run twice after a reply lost with its connection, the first claim's rows stay
-        // running under a token nobody holds: their lease expires and they are rescued.
         let rows = self.with("claim steps", |c| {
             c.query_typed(
-                "WITH next AS (
+                "WITH prior AS (
+                     SELECT id FROM runner_queue
+                     WHERE state = 'running' AND locked_by = $1
+                       AND starts_with(claim_token, $5 || ':')
+                 ), next AS (
                      SELECT id FROM runner_queue
                      WHERE state = 'queued' AND available_at <= now() AND tags <@ $3::text[]
                      ORDER BY priority DESC, available_at, id
-                     LIMIT $2
+                     LIMIT greatest($2 - (SELECT count(*) FROM prior), 0)
                      FOR UPDATE SKIP LOCKED
+                 ), took AS (
+                     UPDATE runner_queue q
+                     SET state = 'running', locked_by = $1,
+                         claim_token = $5 || ':' || gen_random_uuid()::text,
+                         claimed_at = now(), lease_until = now() + make_interval(secs => $4)
+                     FROM next WHERE q.id = next.id
+                     RETURNING q.id, q.claim_token, q.run_id, q.step_key, q.attempt,
+                               q.priority, q.payload, q.rescues
                  )
-                 UPDATE runner_queue q
-                 SET state = 'running', locked_by = $1, claim_token = gen_random_uuid()::text,
-                     claimed_at = now(), lease_until = now() + make_interval(secs => $4)
-                 FROM next WHERE q.id = next.id
-                 RETURNING q.id, q.claim_token, q.run_id, q.step_key, q.attempt, q.priority,
-                           q.payload, q.rescues",
+                 SELECT * FROM took
+                 UNION ALL
+                 SELECT q.id, q.claim_token, q.run_id, q.step_key, q.attempt, q.priority,
+                        q.payload, q.rescues
+                 FROM runner_queue q JOIN prior ON q.id = prior.id",
                 &[
                     (&worker as &(dyn ToSql + Sync), Type::TEXT),
                     (&limit as &(dyn ToSql + Sync), Type::INT8),
                     (&tags as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
                     (&secs(lease) as &(dyn ToSql + Sync), Type::FLOAT8),
+                    (&batch as &(dyn ToSql + Sync), Type::TEXT),
                 ],
             )
         })?;
@@ -1365,6 +1391,38 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
         std::thread::sleep(Duration::from_millis(400));
         let later = q.claim("other", &[], 10, lease()).unwrap();
         assert_eq!(later.iter().map(|j| j.id).collect::<Vec<_>>(), [d]);
+    }
+
+    /// A claim sent again after its reply was lost (same batch) gets back the rows its first
+    /// try took, with their tokens, and takes only what is left of its count; another claim
+    /// does not see them.
+    #[test]
+    fn a_claim_sent_again_gets_back_what_its_first_try_took() {
+        let Some((_db, q)) = queue("claim_again") else {
+            return;
+        };
+        let ids = q
+            .enqueue(&[
+                job("r", "a", 1, &[]),
+                job("r", "b", 1, &[]),
+                job("r", "c", 1, &[]),
+                job("r", "d", 1, &[]),
+            ])
+            .unwrap();
+        let first = q.claim_as("b1", "w", &[], 2, lease()).unwrap();
+        assert_eq!(first.iter().map(|j| j.id).collect::<Vec<_>>(), ids[..2]);
+        let again = q.claim_as("b1", "w", &[], 3, lease()).unwrap();
+        assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), ids[..3]);
+        assert_eq!(again[..2], first[..], "the same rows, with the same tokens");
+        // Completed with the tokens the retry returned: fenced as usual.
+        let done: Vec<(i64, String, Value)> = again
+            .iter()
+            .map(|j| (j.id, j.token.clone(), json!("ok")))
+            .collect();
+        assert_eq!(q.complete(&done).unwrap().len(), 3);
+        let other = q.claim("w", &[], 10, lease()).unwrap();
+        assert_eq!(other.iter().map(|j| j.id).collect::<Vec<_>>(), ids[3..]);
+        assert!(q.claim_as("b1", "w", &[], 10, lease()).unwrap().is_empty());
     }
 
     #[test]
