@@ -237,8 +237,13 @@ async fn a_sandbox_daemon_fires_schedules_with_the_simulated_model_and_sends_not
     let (d, out) = child;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let all = runs(&d, &[]);
-    assert_eq!(all.len(), 1, "{all:?}");
-    let run = &all[0];
+    // The missed slot's run; a second one only when the test crossed a minute's edge (the
+    // next slot fired, and may still have been under way when the daemon stopped).
+    assert!(!all.is_empty() && all.len() <= 2, "{all:?}");
+    let run = all
+        .iter()
+        .min_by_key(|r| r["queued_at"].as_str().unwrap_or_default().to_string())
+        .unwrap();
     assert_eq!(run["status"], "success", "{run}");
     assert_eq!(run["trigger"], "schedule");
     assert_eq!(run["sandbox"], true);
