@@ -34,14 +34,8 @@ pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Request> {
     let mut chunk = [0u8; 8192];
     loop {
         let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        match parse(&buf) {
-            Parsed::Incomplete => continue,
-            Parsed::Bad => return None,
-            Parsed::Whole(r) => return Some(r),
+        if let Some(done) = grown(&mut buf, &chunk[..n]) {
+            return done;
         }
     }
 }
@@ -53,15 +47,23 @@ pub fn read_request_blocking(sock: &mut std::net::TcpStream) -> Option<Request> 
     let mut chunk = [0u8; 8192];
     loop {
         let n = sock.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
+        if let Some(done) = grown(&mut buf, &chunk[..n]) {
+            return done;
         }
-        buf.extend_from_slice(&chunk[..n]);
-        match parse(&buf) {
-            Parsed::Incomplete => continue,
-            Parsed::Bad => return None,
-            Parsed::Whole(r) => return Some(r),
-        }
+    }
+}
+
+/// Adds what a read returned to `buf`: `Some` once the request is whole, or can never be
+/// (the client closed, or it is not a request); `None` while more is to come.
+fn grown(buf: &mut Vec<u8>, read: &[u8]) -> Option<Option<Request>> {
+    if read.is_empty() {
+        return Some(None);
+    }
+    buf.extend_from_slice(read);
+    match parse(buf) {
+        Parsed::Incomplete => None,
+        Parsed::Bad => Some(None),
+        Parsed::Whole(r) => Some(Some(r)),
     }
 }
 

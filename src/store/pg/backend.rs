@@ -693,14 +693,7 @@ fn try_apply(
     // and must not be taken for the last one committed.
     batches.seq += 1;
     let mut tx = client.transaction()?;
-    let mark = match statements.get(MARK_BATCH) {
-        Some(s) => s.clone(),
-        None => {
-            let s = tx.prepare(MARK_BATCH)?;
-            statements.insert(MARK_BATCH, s.clone());
-            s
-        }
-    };
+    let mark = super::ops::prepared(&mut tx, statements, MARK_BATCH)?;
     tx.execute(&mark, &[&batches.key, &batches.seq])?;
     let mut skipped = Vec::new();
     let verdicts = super::ops::apply_all(&mut tx, statements, ops, proc)?;

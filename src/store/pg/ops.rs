@@ -21,6 +21,20 @@ type Applied = Result<u64, postgres::Error>;
 /// the connection is replaced: a statement belongs to the connection that prepared it.
 pub(crate) type Statements = HashMap<&'static str, Statement>;
 
+/// `sql` prepared on this connection, once.
+pub(crate) fn prepared(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    sql: &'static str,
+) -> Result<Statement, postgres::Error> {
+    if let Some(s) = st.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = tx.prepare(sql)?;
+    st.insert(sql, s.clone());
+    Ok(s)
+}
+
 /// Runs `sql` as a prepared statement of this connection.
 fn exec(
     tx: &mut Transaction<'_>,
@@ -28,14 +42,7 @@ fn exec(
     sql: &'static str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Applied {
-    let stmt = match st.get(sql) {
-        Some(s) => s.clone(),
-        None => {
-            let s = tx.prepare(sql)?;
-            st.insert(sql, s.clone());
-            s
-        }
-    };
+    let stmt = prepared(tx, st, sql)?;
     tx.execute(&stmt, params)
 }
 
@@ -148,14 +155,7 @@ fn steps_queued(
              )
              SELECT e.id FROM runner_executions e
              WHERE e.id = ANY($1) AND (SELECT count(*) FROM ins) >= 0";
-        let stmt = match st.get(sql) {
-            Some(s) => s.clone(),
-            None => {
-                let s = tx.prepare(sql)?;
-                st.insert(sql, s.clone());
-                s
-            }
-        };
+        let stmt = prepared(tx, st, sql)?;
         tx.query(&stmt, &[&runs, &keys, &nodes, &items, &inputs, &queued])?
             .into_iter()
             .map(|r| r.get(0))
@@ -199,14 +199,7 @@ fn steps_started(
          WHERE s.run_id = u.r AND s.step_key = u.k
            AND s.status IN ('pending', 'retrying', 'running')
          RETURNING s.run_id, s.step_key";
-    let stmt = match st.get(sql) {
-        Some(s) => s.clone(),
-        None => {
-            let s = tx.prepare(sql)?;
-            st.insert(sql, s.clone());
-            s
-        }
-    };
+    let stmt = prepared(tx, st, sql)?;
     let changed: std::collections::HashSet<(String, String)> = tx
         .query(&stmt, &[&runs, &keys, &attempts, &ats])?
         .into_iter()
