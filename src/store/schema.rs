@@ -266,8 +266,14 @@ fn open_writer_once(path: &Path) -> Result<Connection, StoreError> {
     }
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(|e| open_error(path, "setting synchronous", e))?;
-    conn.pragma_update(None, "foreign_keys", true)
-        .map_err(|e| open_error(path, "enabling foreign keys", e))?;
+    // Foreign keys are not enforced on the writer: every transition that inserts a child row
+    // checks its parent in its own guard (`WHERE EXISTS …`, a refused write is a warning, not
+    // an error), so enforcement would only repeat that lookup, and it makes SQLite keep a
+    // statement journal for every insert of a step or an attempt (about a tenth of the
+    // writer's time in a large fan-out). Nothing here deletes runs; the schema's
+    // `ON DELETE CASCADE` serves a connection that turns enforcement on to prune history.
+    conn.pragma_update(None, "foreign_keys", false)
+        .map_err(|e| open_error(path, "setting foreign keys", e))?;
     migrate(&mut conn, path)?;
     Ok(conn)
 }

@@ -5,8 +5,8 @@
 use super::types::{AttemptRecord, NewRun, NewStep, RunEnd, StepEnd};
 use super::{iso8601, saturating_i64};
 use crate::events::StepStatus;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use rusqlite::{params, OptionalExtension, Transaction};
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 /// A step queued, started and (maybe) finished within one batch: its row is written once, in
