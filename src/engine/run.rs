@@ -423,6 +423,11 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> (RunOutcome, Option<super::drain:
     let mut d = Driver::start(ctx);
     loop {
         d.plan_ready();
+        // New steps wait while the history writer is far behind: their writes would only
+        // pile up in memory, and the run ends when its history is saved anyway.
+        if !d.backlog.is_empty() {
+            d.ctx.inner.store.room().await;
+        }
         // What was planned starts as the window has room; once the run is stopping, the rest
         // still pass through here and end at once as cancelled, recorded like before.
         start_steps(&d.ctx, &mut d.backlog, &mut d.inflight, d.window);

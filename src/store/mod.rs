@@ -78,6 +78,14 @@ use writer::{Ack, Msg, Shared};
 /// The newest schema version this build can read and write.
 pub const SCHEMA_VERSION: i64 = schema::LATEST;
 
+/// Writes that may wait for the writer before a run's driver holds back new steps
+/// ([`Store::room`]). A step's writes (queued, started, its attempt, finished) are a few
+/// hundred bytes each; the bound keeps a fan-out that outruns the writer within a few MB,
+/// and is still well above what one batch needs to amortise its commit.
+pub const ROOM: usize = 4096;
+/// The longest a driver waits for room at once (see [`Store::room`]).
+pub const ROOM_WAIT: Duration = Duration::from_millis(100);
+
 /// Handle to the history database. Cheap to clone (an `Arc`), `Send + Sync`.
 ///
 /// When the last clone is dropped, the writer applies every pending write and exits; the drop
@@ -293,7 +301,7 @@ impl Store {
         // Counted before it is sent, so the writer's decrement never comes first.
         let write = matches!(msg, Msg::Write(_));
         if write {
-            crate::telemetry::store_queued(1);
+            self.inner.shared.queued_one();
         }
         let sent = match &self.inner.backend {
             Backend::Sqlite(b) => b.tx.as_ref().map(|tx| tx.send(msg).is_ok()),
@@ -301,7 +309,7 @@ impl Store {
         };
         if sent != Some(true) {
             if write {
-                crate::telemetry::store_queued(-1);
+                self.inner.shared.taken(1);
             }
             self.inner.shared.record_error(format!(
                 "the database writer for {} has stopped; changes are not being saved",
@@ -411,6 +419,33 @@ impl Store {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.send(Msg::Durable(Ack::Async(tx))) {
             let _ = rx.await;
+        }
+    }
+
+    /// Resolves when the writer's queue has room: at once while fewer than [`ROOM`] writes
+    /// wait for it, else once it has taken them down to half that, or after
+    /// [`ROOM_WAIT`] at most. A run's driver waits here before it starts more steps, so a
+    /// fan-out that outruns the history writer waits for it instead of piling its steps' writes
+    /// up in memory. Bounded, so a writer that cannot write (a full disk, whose writes are
+    /// held) slows the driver but never stops it from seeing a cancel or its deadline.
+    pub async fn room(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let shared = &self.inner.shared;
+        if shared.queued.load(Relaxed) < ROOM {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+        loop {
+            let drained = shared.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the check, so a wake between the check and the wait is kept.
+            drained.as_mut().enable();
+            if shared.queued.load(Relaxed) <= ROOM / 2 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return;
+            }
         }
     }
 

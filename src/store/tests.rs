@@ -348,6 +348,47 @@ fn dropping_the_last_clone_applies_pending_writes(db, store) {
 }
 }
 
+/// A driver asking for room waits while the writer is far behind, and goes on once the writer
+/// has taken the writes; nothing queued meanwhile is lost.
+#[tokio::test]
+async fn room_waits_while_the_writer_is_behind_and_nothing_is_lost() {
+    use futures_util::FutureExt;
+    let (dir, store) = open_temp();
+    store.insert_run(new_run("r1", 0));
+    store.flush().await;
+    assert!(
+        store.room().now_or_never().is_some(),
+        "an idle writer has room"
+    );
+    // Another process holds the write lock: the writer waits in its busy handler with
+    // whatever it took into its batch, and what is sent after that stays queued.
+    let other = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // More than one batch can take, plus the bound, so the queue is over it whatever the
+    // writer took before the lock stopped it.
+    let n = 8192 + 2 * super::ROOM + 1;
+    for i in 0..n {
+        store.run_progress("r1", i as u32, 0);
+    }
+    assert!(
+        store.room().now_or_never().is_none(),
+        "room must wait while {n} writes are queued behind a held lock"
+    );
+    other.execute_batch("COMMIT").unwrap();
+    store.room().await;
+    store.flush().await;
+    let s = store.clone();
+    let run = tokio::task::spawn_blocking(move || s.find_run("r1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        run.steps_done,
+        Some((n - 1) as u32),
+        "the last counters written win"
+    );
+}
+
 #[tokio::test]
 async fn async_flush_waits_for_the_commit() {
     let (_dir, store) = open_temp();

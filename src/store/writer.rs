@@ -64,9 +64,32 @@ pub(crate) struct Shared {
     pub(crate) full: Mutex<Option<PathBuf>>,
     /// The last batch's failure, cleared by the next batch that commits (readiness).
     pub(crate) failing: Mutex<Option<String>>,
+    /// Writes sent and not yet taken into a batch by the writer (see [`Store::room`]).
+    ///
+    /// [`Store::room`]: super::Store::room
+    pub(crate) queued: std::sync::atomic::AtomicUsize,
+    /// Woken by the writer when it takes writes off the queue, for [`Store::room`].
+    ///
+    /// [`Store::room`]: super::Store::room
+    pub(crate) drained: tokio::sync::Notify,
 }
 
 impl Shared {
+    /// A write was queued.
+    pub(crate) fn queued_one(&self) {
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::telemetry::store_queued(1);
+    }
+
+    /// `n` writes left the queue (taken into a batch, or never sent).
+    pub(crate) fn taken(&self, n: usize) {
+        self.queued
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        crate::telemetry::store_queued(-(n as i64));
+        self.drained.notify_waiters();
+    }
+
     pub(crate) fn record_error(&self, msg: String) {
         let mut slot = self.write_error.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
@@ -124,7 +147,7 @@ pub(crate) fn run(
                 Msg::Ask(ask) => {
                     // Keep the order: what was queued before it is committed first.
                     if !ops.is_empty() {
-                        crate::telemetry::store_queued(-(ops.len() as i64));
+                        shared.taken(ops.len());
                         held.apply(
                             &mut conn,
                             coalesce(std::mem::take(&mut ops)),
@@ -143,7 +166,7 @@ pub(crate) fn run(
             };
         }
         if !ops.is_empty() {
-            crate::telemetry::store_queued(-(ops.len() as i64));
+            shared.taken(ops.len());
             held.apply(
                 &mut conn,
                 coalesce(std::mem::take(&mut ops)),

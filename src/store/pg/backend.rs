@@ -411,7 +411,7 @@ fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: Str
                 Msg::Durable(a) => durable.push(a),
                 Msg::Ask(ask) => {
                     if !ops.is_empty() {
-                        crate::telemetry::store_queued(-(ops.len() as i64));
+                        shared.taken(ops.len());
                         apply_or_hold(
                             &mut conn,
                             std::mem::take(&mut ops),
@@ -431,7 +431,7 @@ fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: Str
             };
         }
         if !ops.is_empty() {
-            crate::telemetry::store_queued(-(ops.len() as i64));
+            shared.taken(ops.len());
             apply_or_hold(&mut conn, ops, &mut held, &shared, &proc, &shown);
             last_try = Instant::now();
         }
