@@ -546,6 +546,43 @@ pub fn install(env: &mut Environment<'static>, limits: &Arc<Limits>) {
         },
     );
     let l = limits.clone();
+    env.add_filter("fromjson", move |text: String| {
+        // Every JSON value becomes a template value of its own: each is preceded by a comma,
+        // a colon or an opening bracket, or is the first (16 MB of `1,` was 8 million
+        // numbers, and 900 MB).
+        let pieces = text
+            .bytes()
+            .filter(|b| matches!(b, b',' | b':' | b'[' | b'{'))
+            .count()
+            + 1;
+        check_pieces(&l, "the parsed JSON", &text, pieces)?;
+        super::fromjson(text)
+    });
+    let l = limits.clone();
+    env.add_filter(
+        "selectattr",
+        move |state: &State,
+              value: Value,
+              attr: String,
+              test: Option<String>,
+              args: Rest<Value>| {
+            check_list(&l, "the selected list", &value)?;
+            minijinja::filters::selectattr(state, value, attr.into(), test.map(Into::into), args)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter(
+        "rejectattr",
+        move |state: &State,
+              value: Value,
+              attr: String,
+              test: Option<String>,
+              args: Rest<Value>| {
+            check_list(&l, "the selected list", &value)?;
+            minijinja::filters::rejectattr(state, value, attr.into(), test.map(Into::into), args)
+        },
+    );
+    let l = limits.clone();
     env.add_filter("lines", move |value: &Value| {
         if let Some(text) = value.as_str() {
             check_pieces(&l, "the text's lines", text, text.lines().count())?;
@@ -700,6 +737,19 @@ mod tests {
         assert_eq!(t.render(ok, &ctx).unwrap(), "500000");
         let ok = "{{ ('a b ' * 100000) | split | length }}";
         assert_eq!(t.render(ok, &ctx).unwrap(), "200000");
+        for src in [
+            "{{ ('x' * 2000000) | selectattr('a', 'undefined') | list | length }}",
+            "{{ ('[' ~ ('1,' * 1000000) ~ '1]') | fromjson | length }}",
+        ] {
+            let e = t.render(src, &ctx).expect_err(src);
+            assert!(
+                e.message.contains("TEMPLATE_MAX_VALUE"),
+                "{src}: {}",
+                e.message
+            );
+        }
+        let ok = "{{ ('[' ~ ('1,' * 100000) ~ '1]') | fromjson | length }}";
+        assert_eq!(t.render(ok, &ctx).unwrap(), "100001");
     }
 
     #[test]
