@@ -540,6 +540,11 @@ pub fn install(env: &mut Environment<'static>, limits: &Arc<Limits>) {
                     Some("") => text.len() + 1,
                     Some(sep) => text.matches(sep).count() + 1,
                 };
+                // `split(sep, n)` stops after n cuts.
+                let pieces = match maxsplits.and_then(|n| usize::try_from(n).ok()) {
+                    Some(n) => pieces.min(n.saturating_add(1)),
+                    None => pieces,
+                };
                 check_pieces(&l, "the split text", text, pieces)?;
             }
             minijinja::filters::split(value, sep, maxsplits)
@@ -737,6 +742,8 @@ mod tests {
         assert_eq!(t.render(ok, &ctx).unwrap(), "500000");
         let ok = "{{ ('a b ' * 100000) | split | length }}";
         assert_eq!(t.render(ok, &ctx).unwrap(), "200000");
+        let ok = "{{ ('x,' * 2000000) | split(',', 1) | length }}";
+        assert_eq!(t.render(ok, &ctx).unwrap(), "2");
         for src in [
             "{{ ('x' * 2000000) | selectattr('a', 'undefined') | list | length }}",
             "{{ ('[' ~ ('1,' * 1000000) ~ '1]') | fromjson | length }}",
