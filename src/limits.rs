@@ -17,13 +17,14 @@ pub struct Limits {
     /// (`TEMPLATE_MAX_OUTPUT`).
     pub template_max_output: usize,
     /// Bytes of any one value a template builds: a string made with `~`, `+`, `*` or a
-    /// filter, a list made with `*`, `+`, `batch`, `list` … (`TEMPLATE_MAX_VALUE`).
+    /// filter, a list made with `*`, `+`, `batch`, `list` …, its items counted beside their
+    /// content (`TEMPLATE_MAX_VALUE`).
     pub template_max_value: usize,
     /// Items of one `forEach` (`MAX_ITEMS`).
     pub max_items: usize,
     /// Nodes of one blueprint (`MAX_NODES`).
     pub max_nodes: usize,
-    /// Bytes of one variable's value, from the blueprint, `--var`, `vars` or `.env`
+    /// Bytes of one variable's value, from the blueprint, `--var` or a trigger
     /// (`MAX_VARIABLE_BYTES`).
     pub max_variable_bytes: usize,
 }

@@ -986,6 +986,38 @@ fn samples_update_memory_and_workers_and_redraw_only_on_change() {
     assert!(app.dirty);
 }
 
+/// A full disk and logs that stop being written are what the console's user must see: the
+/// header says the pool holds and where to free space (from the pool's sample), and a log
+/// write that failed after start stays on the status line.
+#[test]
+fn a_full_disk_and_failing_logs_are_on_screen() {
+    let mut app = fixtures::busy_app();
+    let mut stats = app.pool.clone();
+    stats.disk_full = Some("/var/lib/omniflow".into());
+    app.update(Msg::Bg(Bg::Sample {
+        rss: Some(120 << 20),
+        stats,
+        workers: vec![],
+    }));
+    let screen = render(&app, 120, 30);
+    assert!(
+        screen
+            .lines()
+            .next()
+            .unwrap()
+            .contains("HOLDING (disk full: free space at /var/lib/omniflow)"),
+        "{screen}"
+    );
+    app.update(Msg::Bg(Bg::LogWriteFailed(
+        "logs: could not write to ./logs: No space left on device".into(),
+    )));
+    let screen = render(&app, 120, 30);
+    assert!(
+        screen.contains("could not write to ./logs: No space left on device"),
+        "{screen}"
+    );
+}
+
 // ---- rendering ---------------------------------------------------------------------------
 
 fn render(app: &App, w: u16, h: u16) -> String {

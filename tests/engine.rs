@@ -816,6 +816,21 @@ async fn size_budgets_fail_the_run_with_their_setting() {
     }));
     let e = env.engine.start(big, RunRequest::default()).err().unwrap();
     assert!(e.to_string().contains("MAX_VARIABLE_BYTES"), "{e}");
+    // 61 bytes of JSON, but 30 values: each item counts beside its text.
+    let many = blueprint(json!({
+        "name": "many-items",
+        "variables": { "L": vec![0; 30] },
+        "nodes": [ { "id": "a", "type": "transform", "template": "{{ vars.L | length }}" } ]
+    }));
+    let e = env.engine.start(many, RunRequest::default()).err().unwrap();
+    assert!(e.to_string().contains("MAX_VARIABLE_BYTES"), "{e}");
+    let few = blueprint(json!({
+        "name": "few-items",
+        "variables": { "L": vec![0; 4] },
+        "nodes": [ { "id": "a", "type": "transform", "template": "{{ vars.L | length }}" } ]
+    }));
+    let o = run(&env, &few, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
 }
 
 /// The history's progress counters do not wait for the next step's end: two steps that end

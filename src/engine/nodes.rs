@@ -173,6 +173,8 @@ pub(crate) fn prepare(ctx: &RunCtx, node: &Node, context: &Context) -> Result<Pr
             }
         }
         NodeKind::Transform(tr) => {
+            #[cfg(test)]
+            super::panics::injected(&tr.template, "prepare");
             let text = t
                 .render_in(&tr.template, context)
                 .map_err(|e| named("template", e))?;
@@ -312,6 +314,10 @@ pub(crate) async fn execute(
     attempt: u32,
     admission: Option<Admission>,
 ) -> Result<StepOutput, StepError> {
+    #[cfg(test)]
+    if let Prepared::Value(v) = prepared {
+        super::panics::injected(v.as_str().unwrap_or_default(), "attempt");
+    }
     match prepared {
         Prepared::Value(v) => Ok(StepOutput {
             value: v.clone(),

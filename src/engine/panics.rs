@@ -84,9 +84,103 @@ pub(crate) fn driver_failed(
     }
 }
 
+/// Tests only: panics when `text` is `panic:<at>`, so a test can put a panic in a step's
+/// preparation, an attempt or a run's driver (no input of a real run can reach one there).
+#[cfg(test)]
+pub(crate) fn injected(text: &str, at: &str) {
+    if text.strip_prefix("panic:") == Some(at) {
+        panic!("injected panic in {at}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{Engine, RunRequest};
+    use crate::events::RunStatus;
+    use std::sync::Arc;
+
+    /// A panic in a step's preparation, in an attempt and in a run's driver: each fails its
+    /// own run with the panic's message in the history, while the engine goes on running
+    /// other runs and still shuts down when asked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_fails_its_run_with_its_message_and_the_engine_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars: std::collections::HashMap<String, String> = [
+            ("DB_FILE", dir.path().join("history.db")),
+            ("LOG_DIR", dir.path().join("logs")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.display().to_string()))
+        .collect();
+        let config = Arc::new(crate::config::Config::from_vars(&vars).unwrap());
+        let store = crate::store::Store::open(&config.db_file).unwrap();
+        let engine = Engine::new(config, store.clone(), crate::events::EventBus::new());
+        let blueprint = |description: &str, template: &str| {
+            Arc::new(
+                serde_json::from_value::<crate::blueprint::Blueprint>(serde_json::json!({
+                    "name": "panicky", "description": description,
+                    "nodes": [
+                        { "id": "a", "type": "transform", "template": "fine" },
+                        { "id": "b", "type": "transform", "needs": ["a"], "template": template }
+                    ]
+                }))
+                .unwrap(),
+            )
+        };
+        for (description, template, said) in [
+            (
+                "",
+                "panic:prepare",
+                "the step panicked: injected panic in prepare",
+            ),
+            (
+                "",
+                "panic:attempt",
+                "the attempt panicked: injected panic in attempt",
+            ),
+            (
+                "panic:driver",
+                "x",
+                "the run's driver panicked: injected panic in driver",
+            ),
+        ] {
+            let o = engine
+                .start(blueprint(description, template), RunRequest::default())
+                .unwrap()
+                .wait()
+                .await;
+            assert_eq!(o.status, RunStatus::Error, "{said}");
+            let row = store.find_run(&o.run_id).unwrap();
+            assert_eq!(row.status, RunStatus::Error, "{said}");
+            let steps = store.run_steps(&o.run_id).unwrap();
+            let recorded: Vec<String> = row
+                .error
+                .iter()
+                .cloned()
+                .chain(steps.iter().filter_map(|s| s.error.clone()))
+                .collect();
+            assert!(
+                recorded.iter().any(|e| e.contains(said)),
+                "{said} not in the history: {recorded:?}"
+            );
+            // The same engine runs the next run to its end.
+            let o = engine
+                .start(blueprint("", "after"), RunRequest::default())
+                .unwrap()
+                .wait()
+                .await;
+            assert_eq!(o.status, RunStatus::Success, "after {said}: {:?}", o.error);
+            assert_eq!(o.outputs["b"], serde_json::json!("after"));
+        }
+        assert!(
+            engine
+                .shutdown(std::time::Duration::from_secs(5))
+                .await
+                .is_empty(),
+            "nothing left in flight to hand over"
+        );
+    }
 
     #[test]
     fn messages_of_both_payload_kinds() {

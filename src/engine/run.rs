@@ -420,6 +420,11 @@ impl Readiness {
 /// shutdown's wait of the step result that ended the run, if one did (see
 /// `StepResult::in_flight`), for the caller to drop once the run is off the active list.
 pub(crate) async fn drive(ctx: Arc<RunCtx>) -> (RunOutcome, Option<super::drain::Busy>) {
+    #[cfg(test)]
+    super::panics::injected(
+        ctx.blueprint.description.as_deref().unwrap_or_default(),
+        "driver",
+    );
     let mut d = Driver::start(ctx);
     loop {
         d.plan_ready();

@@ -105,7 +105,8 @@ fn charge_captured(limits: &Limits, bytes: usize) -> Result<(), Error> {
 }
 
 /// The size of a value, counted up to just past `cap`: a string's bytes, 8 per number, 16
-/// per list or map plus its items.
+/// per list or map plus its items, and 8 more per item (the slot it takes: a list of a
+/// million one-character strings costs tens of megabytes, not one).
 pub fn weight(v: &Value, cap: usize) -> usize {
     fn walk(v: &Value, cap: usize, acc: &mut usize, depth: usize) {
         if *acc > cap {
@@ -119,6 +120,7 @@ pub fn weight(v: &Value, cap: usize) -> usize {
                 let is_map = v.kind() == ValueKind::Map;
                 if let Ok(iter) = v.try_iter() {
                     for item in iter {
+                        *acc += 8;
                         if *acc > cap {
                             return;
                         }
@@ -394,6 +396,21 @@ fn check_list(limits: &Limits, what: &str, value: &Value) -> Result<(), Error> {
     if weight(value, limits.template_max_value) > limits.template_max_value {
         return Err(value_error(limits, what));
     }
+    // A string given to a filter that collects its items becomes one value per character:
+    // about 16 bytes each beyond the text, so a 16 MiB string would be a list of hundreds of
+    // megabytes.
+    if let Some(text) = value.as_str() {
+        check_pieces(limits, what, text, text.chars().count())?;
+    }
+    Ok(())
+}
+
+/// `text` cut into `pieces` strings (characters, words, lines): within the budget, counting
+/// each piece's slot.
+fn check_pieces(limits: &Limits, what: &str, text: &str, pieces: usize) -> Result<(), Error> {
+    if pieces.saturating_mul(16).saturating_add(text.len()) > limits.template_max_value {
+        return Err(value_error(limits, what));
+    }
     Ok(())
 }
 
@@ -470,6 +487,112 @@ pub fn install(env: &mut Environment<'static>, limits: &Arc<Limits>) {
     env.add_filter("list", move |state: &State, value: Value| {
         check_list(&l, "the list", &value)?;
         minijinja::filters::list(state, value)
+    });
+    // The filters that collect their input's items into a new list: a string's characters
+    // count as items (see `check_list`).
+    let l = limits.clone();
+    env.add_filter(
+        "map",
+        move |state: &State, value: Value, args: Rest<Value>| {
+            check_list(&l, "the mapped list", &value)?;
+            minijinja::filters::map(state, value, args)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter(
+        "select",
+        move |state: &State, value: Value, test: Option<String>, args: Rest<Value>| {
+            check_list(&l, "the selected list", &value)?;
+            minijinja::filters::select(state, value, test.map(Into::into), args)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter(
+        "reject",
+        move |state: &State, value: Value, test: Option<String>, args: Rest<Value>| {
+            check_list(&l, "the selected list", &value)?;
+            minijinja::filters::reject(state, value, test.map(Into::into), args)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter(
+        "sort",
+        move |state: &State, value: Value, kwargs: Kwargs| {
+            check_list(&l, "the sorted list", &value)?;
+            minijinja::filters::sort(state, value, kwargs)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter(
+        "unique",
+        move |state: &State, value: Value, kwargs: Kwargs| {
+            check_list(&l, "the list of unique items", &value)?;
+            minijinja::filters::unique(state, value, kwargs)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter(
+        "split",
+        move |value: &Value, sep: Option<Arc<str>>, maxsplits: Option<i64>| {
+            if let Some(text) = value.as_str() {
+                let pieces = match sep.as_deref() {
+                    None => text.split_whitespace().count(),
+                    Some("") => text.len() + 1,
+                    Some(sep) => text.matches(sep).count() + 1,
+                };
+                // `split(sep, n)` stops after n cuts.
+                let pieces = match maxsplits.and_then(|n| usize::try_from(n).ok()) {
+                    Some(n) => pieces.min(n.saturating_add(1)),
+                    None => pieces,
+                };
+                check_pieces(&l, "the split text", text, pieces)?;
+            }
+            minijinja::filters::split(value, sep, maxsplits)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter("fromjson", move |text: String| {
+        // Every JSON value becomes a template value of its own: each is preceded by a comma,
+        // a colon or an opening bracket, or is the first (16 MB of `1,` was 8 million
+        // numbers, and 900 MB).
+        let pieces = text
+            .bytes()
+            .filter(|b| matches!(b, b',' | b':' | b'[' | b'{'))
+            .count()
+            + 1;
+        check_pieces(&l, "the parsed JSON", &text, pieces)?;
+        super::fromjson(text)
+    });
+    let l = limits.clone();
+    env.add_filter(
+        "selectattr",
+        move |state: &State,
+              value: Value,
+              attr: String,
+              test: Option<String>,
+              args: Rest<Value>| {
+            check_list(&l, "the selected list", &value)?;
+            minijinja::filters::selectattr(state, value, attr.into(), test.map(Into::into), args)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter(
+        "rejectattr",
+        move |state: &State,
+              value: Value,
+              attr: String,
+              test: Option<String>,
+              args: Rest<Value>| {
+            check_list(&l, "the selected list", &value)?;
+            minijinja::filters::rejectattr(state, value, attr.into(), test.map(Into::into), args)
+        },
+    );
+    let l = limits.clone();
+    env.add_filter("lines", move |value: &Value| {
+        if let Some(text) = value.as_str() {
+            check_pieces(&l, "the text's lines", text, text.lines().count())?;
+        }
+        minijinja::filters::lines(value)
     });
     let l = limits.clone();
     env.add_filter(
@@ -581,6 +704,59 @@ mod tests {
         let w = weight(&big, 1000);
         assert!((1000..1100).contains(&w), "{w}");
         assert_eq!(weight(&Value::from("abc"), 10), 3);
+    }
+
+    /// A string whose characters a filter collects costs a slot per character: a 2 MB
+    /// string is refused as a list under a 16 MiB budget (32 MB of values), a 500 KB one
+    /// is not.
+    #[test]
+    fn a_string_collected_into_a_list_is_counted_per_character() {
+        let t = crate::template::Templates::with_limits(Limits::default());
+        let ctx = serde_json::json!({});
+        for filter in [
+            "list",
+            "map('upper') | list",
+            "sort",
+            "unique | list",
+            "select | list",
+        ] {
+            let src = format!("{{{{ ('x' * 2000000) | {filter} | length }}}}");
+            let e = t.render(&src, &ctx).expect_err(&src);
+            assert!(
+                e.message.contains("TEMPLATE_MAX_VALUE"),
+                "{src}: {}",
+                e.message
+            );
+        }
+        for filter in ["split", "lines"] {
+            let sep = if filter == "split" { "x " } else { "x\\n" };
+            let src = format!("{{{{ ('{sep}' * 1000000) | {filter} | length }}}}");
+            let e = t.render(&src, &ctx).expect_err(&src);
+            assert!(
+                e.message.contains("TEMPLATE_MAX_VALUE"),
+                "{src}: {}",
+                e.message
+            );
+        }
+        let ok = "{{ ('x' * 500000) | list | length }}";
+        assert_eq!(t.render(ok, &ctx).unwrap(), "500000");
+        let ok = "{{ ('a b ' * 100000) | split | length }}";
+        assert_eq!(t.render(ok, &ctx).unwrap(), "200000");
+        let ok = "{{ ('x,' * 2000000) | split(',', 1) | length }}";
+        assert_eq!(t.render(ok, &ctx).unwrap(), "2");
+        for src in [
+            "{{ ('x' * 2000000) | selectattr('a', 'undefined') | list | length }}",
+            "{{ ('[' ~ ('1,' * 1000000) ~ '1]') | fromjson | length }}",
+        ] {
+            let e = t.render(src, &ctx).expect_err(src);
+            assert!(
+                e.message.contains("TEMPLATE_MAX_VALUE"),
+                "{src}: {}",
+                e.message
+            );
+        }
+        let ok = "{{ ('[' ~ ('1,' * 100000) ~ '1]') | fromjson | length }}";
+        assert_eq!(t.render(ok, &ctx).unwrap(), "100001");
     }
 
     #[test]
