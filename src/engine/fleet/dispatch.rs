@@ -257,27 +257,20 @@ pub(crate) async fn schema_then_enqueue(
         // while its insert is on its way: the insert's round trip is off the calls' path. A
         // result waits for its row; an attempt whose row is not this process's after all
         // (claimable rows were ahead of it, or the insert failed) is stopped, its result
-        // dropped.
-        let mut early: Vec<Option<super::worker::Early>> = match &inner {
-            Some(inner) if hold && free > 0 => jobs
-                .iter()
-                .map(|j| super::worker::start_early(inner, &fleet, j, new_token()))
-                .collect(),
+        // dropped. The insert is sent first, so the database works while the calls start.
+        let chosen: Vec<String> = match &inner {
+            Some(_) if hold && free > 0 => jobs.iter().map(|_| new_token()).collect(),
             _ => Vec::new(),
         };
-        let tokens: Option<Vec<Option<String>>> = (!early.is_empty()).then(|| {
-            early
-                .iter()
-                .map(|e| e.as_ref().map(|e| e.token.clone()))
-                .collect()
-        });
+        let tokens: Option<Vec<Option<String>>> =
+            (!chosen.is_empty()).then(|| chosen.iter().cloned().map(Some).collect());
         let (q, worker, tags, lease) = (
             fleet.queue.clone(),
             fleet.worker_id.clone(),
             fleet.tags.clone(),
             fleet.lease,
         );
-        let inserted = blocking(move || {
+        let insert = tokio::spawn(blocking(move || {
             let me = Claimer {
                 worker: &worker,
                 tags: &tags,
@@ -287,8 +280,21 @@ pub(crate) async fn schema_then_enqueue(
                 tokens: tokens.as_deref(),
             };
             q.enqueue_claiming(&jobs, (free > 0).then_some(&me))
-        })
-        .await;
+        }));
+        // An attempt whose payload cannot be read here is not started: its row, claimed
+        // under its token all the same, is started after the insert like any claimed row,
+        // and fails with the reason.
+        let mut early: Vec<Option<super::worker::Early>> = match &inner {
+            Some(inner) => batch
+                .iter()
+                .zip(chosen)
+                .map(|(e, token)| super::worker::start_early(inner, &fleet, &e.job, token))
+                .collect(),
+            None => Vec::new(),
+        };
+        let inserted = insert
+            .await
+            .unwrap_or_else(|e| Err(format!("a queue operation stopped abnormally ({e})")));
         match inserted {
             Ok(rows) => {
                 let held: Vec<i64> = if hold {
