@@ -271,3 +271,109 @@ async fn a_completion_written_here_wakes_no_collector_here() {
     assert!(fleet.awaits_elsewhere(""));
     off(move || drop(fleet)).await;
 }
+
+/// A fan-out this process takes whole starts its attempts before their rows are inserted.
+/// One whose row turns out to be this process's runs for it (its result is recorded under
+/// the token chosen before the insert and reaches its driver here); one whose row is not
+/// (rows were ahead of it, another driver had queued it, the insert failed) is stopped, and
+/// nothing of it reaches the queue.
+#[test]
+fn an_attempt_started_before_its_insert_runs_for_its_row_or_is_stopped() {
+    use crate::engine::nodes::Prepared;
+    use crate::engine::step::AttemptDone;
+    use crate::store::pg::queue::{new_token, Claimer};
+    let Some(db) = ScratchDb::new("fleet_early") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vars: HashMap<String, String> = [
+        ("DATABASE_URL", db.url().to_string()),
+        ("LOG_DIR", dir.path().join("logs").display().to_string()),
+        ("CONCURRENCY", "4".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = crate::config::Config::from_vars(&vars).unwrap();
+    let store = crate::store::Store::open_postgres(db.target()).unwrap();
+    let engine = {
+        let _in = rt.enter();
+        crate::engine::Engine::new(Arc::new(config), store, crate::events::EventBus::new())
+    };
+    let inner = engine.inner.clone();
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        let job = |step: &str, prepared: Prepared| NewJob {
+            run_id: "run".into(),
+            step_key: step.into(),
+            attempt: 1,
+            priority: 1,
+            tags: Vec::new(),
+            payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
+        };
+        let quick = job("quick", Prepared::Value(json!("done")));
+        let slow = job("slow", Prepared::Delay(Duration::from_secs(600)));
+        let free = inner.pool.free_workers();
+        assert_eq!(free, 4);
+        let early_quick = worker::start_early(&inner, &fleet, &quick, new_token()).unwrap();
+        let early_slow = worker::start_early(&inner, &fleet, &slow, new_token()).unwrap();
+        // Only `quick` is inserted for this process, under its token.
+        let (q, me, token) = (
+            fleet.queue.clone(),
+            fleet.worker_id.clone(),
+            early_quick.token.clone(),
+        );
+        let rows = off(move || {
+            let tokens = [Some(token)];
+            let claimer = Claimer {
+                worker: &me,
+                tags: &[],
+                free: 1,
+                lease: lease(),
+                hold_rest: None,
+                tokens: Some(&tokens),
+            };
+            q.enqueue_claiming(&[quick], Some(&claimer)).unwrap()
+        })
+        .await;
+        let (id, claim) = rows[0].clone();
+        assert_eq!(claim.unwrap().token, early_quick.token);
+        let to_driver = wait_here(&fleet, id);
+        early_quick.claimed(&fleet, id);
+        let outcome = tokio::time::timeout(Duration::from_secs(30), to_driver)
+            .await
+            .expect("the early attempt's result reaches its driver")
+            .unwrap();
+        let Outcome::Done(v) = outcome else {
+            panic!("not a result: {outcome:?}");
+        };
+        let done: AttemptDone = serde_json::from_value(v).unwrap();
+        assert_eq!(done.result.unwrap().value, json!("done"));
+        // `slow` is not this process's: its 10-minute attempt stops and frees its worker.
+        early_slow.not_ours();
+        let until = Instant::now() + Duration::from_secs(30);
+        while inner.pool.free_workers() < free {
+            assert!(
+                Instant::now() < until,
+                "the attempt whose row is not ours still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(fleet.counters.completed.load(Ordering::Relaxed), 1);
+        assert_eq!(fleet.counters.fenced.load(Ordering::Relaxed), 0);
+        assert!(lock(&fleet.held).is_empty());
+        let q = fleet.queue.clone();
+        let left = off(move || q.attempts_of("run").unwrap()).await;
+        assert!(
+            left.iter().all(|(step, _)| step != "slow"),
+            "nothing of the stopped attempt is in the queue: {left:?}"
+        );
+    });
+    drop(engine);
+    drop(rt);
+}
