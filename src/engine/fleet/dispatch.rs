@@ -8,7 +8,7 @@ use crate::engine::step::AttemptDone;
 use crate::engine::Inner;
 use crate::error::{ErrorKind, StepError};
 use crate::pool::{JobMeta, PoolError};
-use crate::store::pg::queue::{Claimer, NewJob, Outcome};
+use crate::store::pg::queue::{new_token, Claimer, NewJob, Outcome};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -253,23 +253,48 @@ pub(crate) async fn schema_then_enqueue(
         if mine(free_now) && !hold {
             super::history_committed(&engine).await;
         }
+        // A batch this process takes whole starts its attempts now, under tokens chosen here,
+        // while its insert is on its way: the insert's round trip is off the calls' path. A
+        // result waits for its row; an attempt whose row is not this process's after all
+        // (claimable rows were ahead of it, or the insert failed) is stopped, its result
+        // dropped. The insert is sent first, so the database works while the calls start.
+        let chosen: Vec<String> = match &inner {
+            Some(_) if hold && free > 0 => jobs.iter().map(|_| new_token()).collect(),
+            _ => Vec::new(),
+        };
+        let tokens: Option<Vec<Option<String>>> =
+            (!chosen.is_empty()).then(|| chosen.iter().cloned().map(Some).collect());
         let (q, worker, tags, lease) = (
             fleet.queue.clone(),
             fleet.worker_id.clone(),
             fleet.tags.clone(),
             fleet.lease,
         );
-        let inserted = blocking(move || {
+        let insert = tokio::spawn(blocking(move || {
             let me = Claimer {
                 worker: &worker,
                 tags: &tags,
                 free,
                 lease,
                 hold_rest: hold.then_some(lease),
+                tokens: tokens.as_deref(),
             };
             q.enqueue_claiming(&jobs, (free > 0).then_some(&me))
-        })
-        .await;
+        }));
+        // An attempt whose payload cannot be read here is not started: its row, claimed
+        // under its token all the same, is started after the insert like any claimed row,
+        // and fails with the reason.
+        let mut early: Vec<Option<super::worker::Early>> = match &inner {
+            Some(inner) => batch
+                .iter()
+                .zip(chosen)
+                .map(|(e, token)| super::worker::start_early(inner, &fleet, &e.job, token))
+                .collect(),
+            None => Vec::new(),
+        };
+        let inserted = insert
+            .await
+            .unwrap_or_else(|e| Err(format!("a queue operation stopped abnormally ({e})")));
         match inserted {
             Ok(rows) => {
                 let held: Vec<i64> = if hold {
@@ -286,16 +311,31 @@ pub(crate) async fn schema_then_enqueue(
                     .fetch_add(rows.len() as u64, Ordering::Relaxed);
                 let mut claimed = Vec::new();
                 let left_queued = rows.iter().any(|(_, claim)| claim.is_none());
-                for (e, (id, claim)) in batch.into_iter().zip(rows) {
+                for (i, (e, (id, claim))) in batch.into_iter().zip(rows).enumerate() {
+                    let started = early.get_mut(i).and_then(Option::take);
                     let (tx, rx) = oneshot::channel();
                     lock(&fleet.waiters).insert(id, tx);
                     if e.reply.send(Ok((id, rx))).is_err() {
                         // Its driver stopped waiting meanwhile (a row claimed here is
                         // withdrawn unstarted).
+                        if let Some(started) = started {
+                            started.not_ours();
+                        }
                         fleet.withdraw(id).await;
                         continue;
                     }
-                    claimed.extend(claim);
+                    match (started, claim) {
+                        // Its waiter is in place before its result can go anywhere.
+                        (Some(started), Some(c)) if c.token == started.token => {
+                            started.claimed(&fleet, id);
+                        }
+                        (started, claim) => {
+                            if let Some(started) = started {
+                                started.not_ours();
+                            }
+                            claimed.extend(claim);
+                        }
+                    }
                 }
                 // The waiters are in place before any claimed row runs.
                 if let Some(inner) = &inner {
@@ -327,6 +367,9 @@ pub(crate) async fn schema_then_enqueue(
                 }
             }
             Err(e) => {
+                for started in early.into_iter().flatten() {
+                    started.not_ours();
+                }
                 for en in batch {
                     let _ = en.reply.send(Err(e.clone()));
                 }
@@ -378,10 +421,31 @@ pub(super) fn deliver(fleet: &Arc<Fleet>, done: Vec<(i64, Outcome)>) {
         }
     }
     // The next look asks only for rows still awaited, so these are not read again.
-    if !taken.is_empty() {
+    if taken.is_empty() {
+        return;
+    }
+    // Deleted once no completion is being written (a burst of them, each holding one of the
+    // few pooled connections, does not wait for these deletes), or once many are waiting.
+    let now = {
+        let mut later = lock(&fleet.to_forget);
+        later.extend(taken);
+        later.len() >= 1000 || lock(&fleet.completing).is_empty()
+    };
+    if now {
+        fleet.forget_taken();
+    }
+}
+
+impl Fleet {
+    /// Deletes the rows whose results their drivers here have taken (see [`deliver`]).
+    pub(super) fn forget_taken(self: &Arc<Self>) {
+        let taken = std::mem::take(&mut *lock(&self.to_forget));
+        if taken.is_empty() {
+            return;
+        }
         // Counted as pending: a process stopping deletes them before it goes.
-        fleet.pending.fetch_add(1, Ordering::SeqCst);
-        let f = fleet.clone();
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let f = self.clone();
         tokio::spawn(async move {
             let q = f.queue.clone();
             if let Err(e) = blocking(move || q.forget(&taken)).await {

@@ -106,6 +106,11 @@ pub(crate) struct Fleet {
     waiters: Mutex<HashMap<i64, oneshot::Sender<Outcome>>>,
     /// Rows this process claimed and is running.
     held: Mutex<HashMap<i64, Held>>,
+    /// Rows whose results this process is writing: their completion hands this process's
+    /// drivers their results itself, so its own `NOTIFY omniflow_done` wakes no one here.
+    completing: Mutex<std::collections::HashSet<i64>>,
+    /// Rows whose results drivers here took, to delete once no completion is being written.
+    to_forget: Mutex<Vec<i64>>,
     /// Something finished (a `NOTIFY omniflow_done`, a local completion): look for results.
     results_wake: Notify,
     /// Rows may be claimable (a `NOTIFY omniflow_jobs`, a reconnect).
@@ -174,16 +179,35 @@ impl Fleet {
                 }
             },
         };
+        Some(Fleet::on_queue(
+            queue,
+            crate::store::process_id().to_string(),
+            config.tags.clone(),
+            config.lease_timeout,
+            config.max_takeovers,
+        ))
+    }
+
+    /// A fleet on `queue`, its tasks not started.
+    fn on_queue(
+        queue: Queue,
+        worker_id: String,
+        tags: Vec<String>,
+        lease: Duration,
+        max_rescues: u32,
+    ) -> Arc<Fleet> {
         let (enqueue_tx, enqueue) = mpsc::unbounded_channel();
         let (complete_tx, complete) = mpsc::unbounded_channel();
-        Some(Arc::new(Fleet {
+        Arc::new(Fleet {
             queue,
-            worker_id: crate::store::process_id().to_string(),
-            tags: config.tags.clone(),
-            lease: config.lease_timeout,
-            max_rescues: config.max_takeovers,
+            worker_id,
+            tags,
+            lease,
+            max_rescues,
             waiters: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            completing: Mutex::new(std::collections::HashSet::new()),
+            to_forget: Mutex::new(Vec::new()),
             results_wake: Notify::new(),
             jobs_wake: Notify::new(),
             slot_freed: Notify::new(),
@@ -200,7 +224,7 @@ impl Fleet {
             claiming: tokio::sync::Mutex::new(()),
             pending: std::sync::atomic::AtomicUsize::new(0),
             counters: Counters::default(),
-        }))
+        })
     }
 
     /// Starts the fleet's tasks on the current tokio runtime and its listening thread; the
@@ -283,7 +307,9 @@ impl Fleet {
                         let Some(f) = fleet.upgrade() else { return };
                         match heard {
                             queue::Heard::Notice(n) if n.channel == queue::DONE_CHANNEL => {
-                                f.results_wake.notify_one()
+                                if f.awaits_elsewhere(&n.payload) {
+                                    f.results_wake.notify_one()
+                                }
                             }
                             queue::Heard::Notice(n) if n.channel == REQUESTS_CHANNEL => {
                                 f.requests_wake.notify_one()
@@ -322,6 +348,16 @@ impl Fleet {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "fleet: cannot start the listening thread; polling only");
         }
+    }
+
+    /// Whether a finished row (`NOTIFY omniflow_done`, payload its id) is one a driver here
+    /// waits for and this process's completer does not hand over itself. A payload that is
+    /// not an id wakes the collector, as before.
+    fn awaits_elsewhere(&self, payload: &str) -> bool {
+        let Ok(id) = payload.parse::<i64>() else {
+            return true;
+        };
+        lock(&self.waiters).contains_key(&id) && !lock(&self.completing).contains(&id)
     }
 
     /// Before the process exits: the results of finished attempts are written, and the rows
@@ -375,3 +411,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Only short, non-panicking sections hold these locks.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,7 +10,7 @@ use crate::engine::step::{self, AttemptDone};
 use crate::engine::Inner;
 use crate::error::{ErrorKind, StepError};
 use crate::pool::JobMeta;
-use crate::store::pg::queue::{ClaimedJob, Outcome};
+use crate::store::pg::queue::{ClaimedJob, NewJob, Outcome};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -22,19 +22,17 @@ use tokio_util::sync::CancellationToken;
 /// `NOTIFY`), a local worker frees up, or the slow poll comes.
 pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
     let mut backoff = Duration::from_millis(250);
-    // Whether claimable rows may be waiting: set by a notice, a poll or a claim that took all
-    // it asked for, cleared by a claim that took less. A worker freeing up claims only then:
-    // otherwise every finished step would cost an empty claim, and hold up an enqueue that
-    // waits for the claimer.
-    let mut maybe_rows = true;
+    let mut hint = ClaimHint::new();
     loop {
         let Some(inner) = engine.upgrade() else {
             return;
         };
         let claiming = fleet.claiming.lock().await;
         let free = free_workers(&inner, &fleet);
-        let mut full_batch = false;
-        if free > 0 {
+        let mut again = false;
+        if free == 0 {
+            hint.claimed(0, 0);
+        } else {
             let (q, worker, tags, lease) = (
                 fleet.queue.clone(),
                 fleet.worker_id.clone(),
@@ -44,8 +42,7 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
             match blocking(move || q.claim(&worker, &tags, free, lease)).await {
                 Ok(jobs) => {
                     backoff = Duration::from_millis(250);
-                    full_batch = jobs.len() == free;
-                    maybe_rows = full_batch;
+                    again = hint.claimed(free, jobs.len());
                     fleet
                         .counters
                         .claimed
@@ -69,18 +66,16 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
         }
         drop(claiming);
         drop(inner);
-        if full_batch {
+        if again {
             continue; // there may be more: look again while workers are free
         }
-        // With no free worker, the claim above did not look: rows may be waiting still.
-        maybe_rows |= free == 0;
         let poll = tokio::time::sleep(super::POLL);
         tokio::pin!(poll);
         loop {
             tokio::select! {
                 _ = fleet.jobs_wake.notified() => {}
                 _ = fleet.slot_freed.notified() => {
-                    if !maybe_rows {
+                    if !hint.claim_for_freed_worker() {
                         continue;
                     }
                 }
@@ -89,7 +84,45 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
             }
             break;
         }
-        maybe_rows = true;
+        hint.woken();
+    }
+}
+
+/// Whether claimable rows may be waiting, as the claimer knows it: set by a notice, a poll, a
+/// claim that took all it asked for, or no claim at all (no worker was free to look), and
+/// cleared by a claim that took less. A worker freeing up claims only then: otherwise every
+/// finished step would cost an empty claim, and hold up an enqueue that waits for the
+/// claimer.
+#[derive(Debug)]
+struct ClaimHint {
+    maybe_rows: bool,
+}
+
+impl ClaimHint {
+    fn new() -> ClaimHint {
+        ClaimHint { maybe_rows: true }
+    }
+
+    /// A claim for `free` workers took `got` rows (`free` 0: none was free, nothing was
+    /// asked). Returns whether to claim again at once: it took all it asked for, so there
+    /// may be more.
+    fn claimed(&mut self, free: usize, got: usize) -> bool {
+        if free == 0 {
+            self.maybe_rows = true;
+            return false;
+        }
+        self.maybe_rows = got >= free;
+        self.maybe_rows
+    }
+
+    /// Whether a worker that freed up should claim.
+    fn claim_for_freed_worker(&self) -> bool {
+        self.maybe_rows
+    }
+
+    /// A notice or the poll: rows may be there.
+    fn woken(&mut self) {
+        self.maybe_rows = true;
     }
 }
 
@@ -153,7 +186,106 @@ pub(super) fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
         attempt,
         priority: Priority::from_index(usize::from(priority)),
     };
-    let (inner2, fleet2, cancel2) = (inner.clone(), fleet.clone(), cancel.clone());
+    launch(inner, fleet, Row::Known(id), token, cancel, meta, work);
+}
+
+/// An attempt started while the insert of its row, claimed for this process with `token`,
+/// is still on its way: the enqueuer says which row it became ([`Early::claimed`]) or that
+/// it is not this process's to run after all ([`Early::not_ours`]: its attempt is stopped,
+/// its result dropped). A fan-out so starts its calls without waiting for the insert's
+/// round trip; the result still goes to the queue only once the row exists.
+pub(super) struct Early {
+    pub(super) token: String,
+    row: tokio::sync::watch::Sender<Option<Option<i64>>>,
+    cancel: CancellationToken,
+}
+
+impl Early {
+    /// The row is this process's, under [`Early::token`]: the attempt's result goes to it.
+    pub(super) fn claimed(self, fleet: &Fleet, id: i64) {
+        lock(&fleet.held).insert(
+            id,
+            Held {
+                token: self.token,
+                cancel: self.cancel,
+            },
+        );
+        let _ = self.row.send(Some(Some(id)));
+    }
+
+    /// The insert failed, or its row is not this process's to run (claimable rows were
+    /// ahead of it, or another driver had queued it already): the attempt stops.
+    pub(super) fn not_ours(self) {
+        self.cancel.cancel();
+        let _ = self.row.send(Some(None));
+    }
+}
+
+/// Starts `job` on the local pool before its row is inserted (see [`Early`]); `None` when
+/// its payload cannot be read here (the claim after the insert reports that).
+pub(super) fn start_early(
+    inner: &Arc<Inner>,
+    fleet: &Arc<Fleet>,
+    job: &NewJob,
+    token: String,
+) -> Option<Early> {
+    let work: Work = serde_json::from_value(job.payload.clone()).ok()?;
+    let (row, watch) = tokio::sync::watch::channel(None);
+    let cancel = CancellationToken::new();
+    let meta = JobMeta {
+        run_id: job.run_id.as_str().into(),
+        step: job.step_key.as_str().into(),
+        attempt: job.attempt,
+        priority: Priority::from_index(usize::from(job.priority)),
+    };
+    launch(
+        inner,
+        fleet,
+        Row::Early(watch),
+        token.clone(),
+        cancel.clone(),
+        meta,
+        work,
+    );
+    Some(Early { token, row, cancel })
+}
+
+/// Which queue row an attempt runs for.
+#[derive(Clone)]
+enum Row {
+    Known(i64),
+    /// Told by the enqueuer once the insert returns: `Some(id)`, or `None` (not ours).
+    Early(tokio::sync::watch::Receiver<Option<Option<i64>>>),
+}
+
+impl Row {
+    /// The row's id, once known; `None` when the attempt is not this process's after all.
+    async fn id(self) -> Option<i64> {
+        match self {
+            Row::Known(id) => Some(id),
+            Row::Early(mut rx) => rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|v| v.flatten()),
+        }
+    }
+}
+
+/// Runs one attempt of `row` on the local pool and sends its result to the completer.
+fn launch(
+    inner: &Arc<Inner>,
+    fleet: &Arc<Fleet>,
+    row: Row,
+    token: String,
+    cancel: CancellationToken,
+    meta: JobMeta,
+    work: Work,
+) {
+    let (run_id, step_key, attempt) =
+        (meta.run_id.to_string(), meta.step.to_string(), meta.attempt);
+    let (inner2, fleet2, cancel2, row2) =
+        (inner.clone(), fleet.clone(), cancel.clone(), row.clone());
     let job = async move {
         let env = AttemptEnv {
             inner: &inner2,
@@ -183,18 +315,23 @@ pub(super) fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
             }
             Err(e) => (AttemptDone::failed_now(e), None),
         };
-        // Still ours? A lost lease (rescued, or the driver withdrew the row) drops the result.
-        if lock(&fleet2.held).remove(&id).is_some() {
-            fleet2.pending.fetch_add(1, Ordering::SeqCst);
-            if fleet2
-                .complete_tx
-                .send((id, token, to_json(&done)))
-                .is_err()
-            {
-                fleet2.pending.fetch_sub(1, Ordering::SeqCst);
+        // Still ours? A lost lease (rescued, or the driver withdrew the row) drops the
+        // result, as does a row that never became ours.
+        match row2.id().await {
+            Some(id) if lock(&fleet2.held).remove(&id).is_some() => {
+                fleet2.pending.fetch_add(1, Ordering::SeqCst);
+                if fleet2
+                    .complete_tx
+                    .send((id, token, to_json(&done)))
+                    .is_err()
+                {
+                    fleet2.pending.fetch_sub(1, Ordering::SeqCst);
+                }
             }
-        } else {
-            fleet2.counters.fenced.fetch_add(1, Ordering::Relaxed);
+            Some(_) => {
+                fleet2.counters.fenced.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
         }
         fleet2.slot_freed.notify_one();
     };
@@ -204,8 +341,11 @@ pub(super) fn start(inner: &Arc<Inner>, fleet: &Arc<Fleet>, job: ClaimedJob) {
         if submitted.await.is_err() {
             // Dropped unstarted (shutdown) or the attempt panicked: give the row back at
             // once rather than when its lease runs out.
-            let held = lock(&fleet.held).remove(&id);
-            if let Some(h) = held {
+            let held = match row.id().await {
+                Some(id) => lock(&fleet.held).remove(&id).map(|h| (id, h)),
+                None => None,
+            };
+            if let Some((id, h)) = held {
                 let q = fleet.queue.clone();
                 if let Err(e) = blocking(move || q.release(id, &h.token)).await {
                     tracing::warn!(error = %e, row = id, "fleet: cannot give a step back; it returns to the queue when its lease expires");
@@ -272,7 +412,20 @@ pub(crate) async fn completer(
             if !all_local {
                 super::history_committed(&engine).await;
             }
+            let ids: Vec<i64> = batch.iter().map(|(id, ..)| *id).collect();
+            lock(&fleet.completing).extend(ids.iter().copied());
             record(&fleet, batch).await;
+            let idle = {
+                let mut completing = lock(&fleet.completing);
+                for id in &ids {
+                    completing.remove(id);
+                }
+                completing.is_empty()
+            };
+            // The results taken meanwhile: their rows go now, off the completions' way.
+            if idle {
+                fleet.forget_taken();
+            }
             fleet.pending.fetch_sub(n_batch, Ordering::SeqCst);
             drop(permit);
         });
@@ -281,7 +434,7 @@ pub(crate) async fn completer(
 
 /// Writes one batch of results, retrying while the database does not answer (the lease
 /// still covers the rows meanwhile), and hands this process's drivers theirs.
-async fn record(fleet: &Arc<Fleet>, batch: Vec<(i64, String, serde_json::Value)>) {
+pub(super) async fn record(fleet: &Arc<Fleet>, batch: Vec<(i64, String, serde_json::Value)>) {
     let mut wait = Duration::from_millis(100);
     for round in 0.. {
         let (q, b) = (fleet.queue.clone(), batch.clone());
@@ -416,5 +569,33 @@ pub(crate) async fn sweeper(fleet: Arc<Fleet>) {
             }
             Err(e) => tracing::warn!(error = %e, "fleet: cannot sweep expired leases"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClaimHint;
+
+    #[test]
+    fn a_freed_worker_claims_only_when_rows_may_be_waiting() {
+        let mut hint = ClaimHint::new();
+        // Nothing known yet: look.
+        assert!(hint.claim_for_freed_worker());
+        // A claim that took less than it asked for emptied the queue of what this process
+        // may take: a worker freeing up does not ask again, and the claimer waits.
+        assert!(!hint.claimed(4, 2));
+        assert!(!hint.claim_for_freed_worker());
+        assert!(!hint.claimed(4, 0));
+        assert!(!hint.claim_for_freed_worker());
+        // A notice or the poll: rows may have come.
+        hint.woken();
+        assert!(hint.claim_for_freed_worker());
+        // A claim that took all it asked for: claim again at once, and a freed worker looks.
+        assert!(hint.claimed(4, 4));
+        assert!(hint.claim_for_freed_worker());
+        assert!(!hint.claimed(4, 1));
+        // No worker was free, so nothing was asked: rows may be waiting for the next one.
+        assert!(!hint.claimed(0, 0));
+        assert!(hint.claim_for_freed_worker());
     }
 }

@@ -702,3 +702,197 @@ impl HeartbeatRow {
 const STEP_STARTED: &str = "UPDATE runner_steps
      SET status = 'running', attempts = $3, started_at = COALESCE(started_at, $4)
      WHERE run_id = $1 AND step_key = $2 AND status IN ('pending', 'retrying', 'running')";
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::blueprint::Priority;
+    use crate::store::pg::testing::ScratchDb;
+    use std::time::UNIX_EPOCH;
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)
+    }
+
+    fn queued(run: &str, step: &str, ms: u64) -> Op {
+        Op::StepQueued(Box::new(NewStep {
+            run_id: run.into(),
+            step_key: step.into(),
+            node_id: step.split('[').next().unwrap_or(step).into(),
+            item_index: None,
+            input: Some(serde_json::json!({ "step": step, "ms": ms })),
+            queued_at: at(ms),
+        }))
+    }
+
+    fn started(run: &str, step: &str, attempt: u32, ms: u64) -> Op {
+        Op::StepStarted {
+            run_id: run.into(),
+            step_key: step.into(),
+            attempt,
+            at: at(ms),
+        }
+    }
+
+    fn start_key(op: &Op) -> Option<(&str, &str)> {
+        match op {
+            Op::StepStarted {
+                run_id, step_key, ..
+            } => Some((run_id.as_str(), step_key.as_str())),
+            _ => None,
+        }
+    }
+
+    /// Every step as a test compares it.
+    type StepRow = (
+        String,
+        String,
+        String,
+        i64,
+        Option<String>,
+        Option<SystemTime>,
+        SystemTime,
+    );
+
+    fn steps(tx: &mut Transaction<'_>) -> Vec<StepRow> {
+        tx.query(
+            "SELECT run_id, step_key, status, attempts, input, started_at, queued_at
+             FROM runner_steps ORDER BY run_id, step_key",
+            &[],
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect()
+    }
+
+    /// The writer sends a run of step queuings, or of starts of distinct steps, as one
+    /// statement over arrays. Whether a batch takes that path depends on how the writes fall
+    /// into batches, so here a known batch goes through it directly: each write must get the
+    /// verdict and leave the rows that applying it alone gives.
+    #[test]
+    fn grouped_writes_keep_each_writes_guard_and_verdict() {
+        let Some(db) = ScratchDb::new("ops_grouped") else {
+            return;
+        };
+        let mut c = db.target().connect().unwrap();
+        crate::store::pg::schema::migrate(&mut c, db.target()).unwrap();
+        let proc = ProcessInfo {
+            host: Some("h".into()),
+            pid: 1,
+            id: "h:1:0".into(),
+        };
+        let mut st = Statements::new();
+        {
+            let mut tx = c.transaction().unwrap();
+            let run = NewRun {
+                id: "r1".into(),
+                blueprint_name: "b".into(),
+                priority: Priority::Normal,
+                trigger: "cli".into(),
+                sandbox: false,
+                seed: None,
+                simulate_failures: 0.0,
+                variables: serde_json::json!({}),
+                blueprint: serde_json::Value::Null,
+                parent_run_id: None,
+                queued_at: at(0),
+            };
+            for op in [
+                Op::InsertRun(Box::new(run)),
+                queued("r1", "old", 1),
+                queued("r1", "ended", 1),
+            ] {
+                assert_eq!(apply(&mut tx, &mut st, &op, &proc).unwrap(), None);
+            }
+            tx.execute(
+                "UPDATE runner_steps SET status = 'success', attempts = 1
+                 WHERE step_key = 'ended'",
+                &[],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let batch = vec![
+            // One statement: new steps, a step of an unknown run, a step queued twice in the
+            // batch (its first queuing counts), a step an earlier batch queued (kept as is).
+            queued("r1", "ask[0]", 10),
+            queued("r1", "ask[1]", 11),
+            queued("gone", "ask[0]", 12),
+            queued("r1", "ask[0]", 13),
+            queued("r1", "old", 14),
+            // One statement: starts of distinct steps, one of them already ended, one
+            // unknown, one of an unknown run.
+            started("r1", "ask[0]", 1, 20),
+            started("r1", "ask[1]", 1, 21),
+            started("r1", "ended", 2, 22),
+            started("r1", "nope", 1, 23),
+            started("gone", "ask[0]", 1, 24),
+            // The same step again: a statement of its own (an UPDATE over arrays changes a
+            // row once), whose start keeps the first one's time.
+            started("r1", "ask[0]", 2, 30),
+            started("r1", "old", 1, 31),
+        ];
+        // The batch is what the grouped path takes: 5 queuings, 5 starts, 2 starts.
+        let is_queued = |op: &Op| matches!(op, Op::StepQueued(_));
+        let is_started = |op: &Op| matches!(op, Op::StepStarted { .. });
+        assert_eq!(group(&batch, is_queued, |_| None), 5);
+        assert_eq!(group(&batch[5..], is_started, start_key), 5);
+        assert_eq!(group(&batch[10..], is_started, start_key), 2);
+
+        let mut tx = c.transaction().unwrap();
+        let grouped = apply_all(&mut tx, &mut st, &batch, &proc).unwrap();
+        let grouped_rows = steps(&mut tx);
+        tx.rollback().unwrap();
+        let mut tx = c.transaction().unwrap();
+        let one_by_one: Vec<Option<String>> = batch
+            .iter()
+            .map(|op| apply(&mut tx, &mut st, op, &proc).unwrap())
+            .collect();
+        let one_by_one_rows = steps(&mut tx);
+        tx.rollback().unwrap();
+
+        let unknown_run = Some("unknown run".to_string());
+        let no_step = Some("the step is unknown or already finished".to_string());
+        assert_eq!(
+            grouped,
+            vec![
+                None,
+                None,
+                unknown_run,
+                None,
+                None,
+                None,
+                None,
+                no_step.clone(),
+                no_step.clone(),
+                no_step,
+                None,
+                None,
+            ]
+        );
+        assert_eq!(grouped, one_by_one);
+        assert_eq!(grouped_rows, one_by_one_rows);
+        let ask0 = grouped_rows.iter().find(|r| r.1 == "ask[0]").unwrap();
+        assert_eq!(
+            (ask0.2.as_str(), ask0.3, ask0.5, ask0.6),
+            ("running", 2, Some(at(20)), at(10)),
+            "ask[0]: running as attempt 2, first started at 20, queued by its first queuing"
+        );
+        let ended = grouped_rows.iter().find(|r| r.1 == "ended").unwrap();
+        assert_eq!((ended.2.as_str(), ended.3), ("success", 1));
+        let old = grouped_rows.iter().find(|r| r.1 == "old").unwrap();
+        assert_eq!((old.2.as_str(), old.6), ("running", at(1)));
+    }
+}

@@ -146,6 +146,14 @@ pub struct Claimer<'a> {
     /// them fit for another host (its history committed), then reveals them. The bound is
     /// for a process that dies in between: its rows come back like its leases.
     pub hold_rest: Option<Duration>,
+    /// The claim tokens of the rows it claims, by job ([`new_token`]), where it chose them
+    /// before the insert (it starts their attempts meanwhile); new ones for the others.
+    pub tokens: Option<&'a [Option<String>]>,
+}
+
+/// A fresh claim token.
+pub fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// A finished row, as its driver takes it.
@@ -289,6 +297,12 @@ impl Queue {
             Some(m) => (m.worker, m.tags, m.free, m.lease, m.hold_rest),
             None => ("", &[][..], 0, Duration::ZERO, None),
         };
+        let tokens: Vec<Option<&str>> = match me.and_then(|m| m.tokens) {
+            Some(t) => (0..jobs.len())
+                .map(|i| t.get(i).and_then(|x| x.as_deref()))
+                .collect(),
+            None => vec![None; jobs.len()],
+        };
         let hold = hold.map_or(0.0, |h| h.as_secs_f64());
         let mut eligible: Vec<usize> = (0..jobs.len())
             .filter(|&i| free > 0 && jobs[i].tags.iter().all(|t| my_tags.contains(t)))
@@ -312,10 +326,11 @@ impl Queue {
                          LIMIT $8
                      ) x
                  ), v AS (
-                     SELECT r, s, a, p, t, j, (k IS NOT NULL AND k <= $8 - (SELECT n FROM ahead))
-                                                  AS mine
+                     SELECT r, s, a, p, t, j, tok,
+                            (k IS NOT NULL AND k <= $8 - (SELECT n FROM ahead)) AS mine
                      FROM unnest($1::text[], $2::text[], $3::int[], $4::smallint[],
-                                 $5::text[], $6::jsonb[], $7::int[]) AS u(r, s, a, p, t, j, k)
+                                 $5::text[], $6::jsonb[], $7::int[], $15::text[])
+                          AS u(r, s, a, p, t, j, k, tok)
                  ), ins AS (
                      INSERT INTO runner_queue (run_id, step_key, attempt, priority, tags, payload,
                                                available_at, state, locked_by, claim_token,
@@ -326,7 +341,7 @@ impl Queue {
                                  ELSE now() + make_interval(secs => $14) END,
                             CASE WHEN mine THEN 'running' ELSE 'queued' END,
                             CASE WHEN mine THEN $11 END,
-                            CASE WHEN mine THEN gen_random_uuid()::text END,
+                            CASE WHEN mine THEN COALESCE(tok, gen_random_uuid()::text) END,
                             CASE WHEN mine THEN now() END,
                             CASE WHEN mine THEN now() + make_interval(secs => $12) END
                      FROM v
@@ -354,6 +369,7 @@ impl Queue {
                     (&secs(lease), Type::FLOAT8),
                     (&JOBS_CHANNEL, Type::TEXT),
                     (&hold, Type::FLOAT8),
+                    (&tokens, Type::TEXT_ARRAY),
                 ],
             )
         })?;
@@ -1221,6 +1237,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             free: 3,
             lease: lease(),
             hold_rest: None,
+            tokens: None,
         };
         let got = q
             .enqueue_claiming(
@@ -1289,6 +1306,36 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
         assert!(none[0].1.is_none());
     }
 
+    /// An enqueuing process that started attempts before their insert chose their tokens:
+    /// the rows it claims carry them (sent again, the same), and its results are recorded
+    /// under them. A row it did not choose one for gets a new token.
+    #[test]
+    fn an_enqueue_claims_under_the_tokens_its_process_chose() {
+        let Some((_db, q)) = queue("enqueue_tokens") else {
+            return;
+        };
+        let chosen = [Some(new_token()), None];
+        let me = Claimer {
+            worker: "w",
+            tags: &[],
+            free: 2,
+            lease: lease(),
+            hold_rest: None,
+            tokens: Some(&chosen),
+        };
+        let jobs = [job("r", "a", 1, &[]), job("r", "b", 1, &[])];
+        let got = q.enqueue_claiming(&jobs, Some(&me)).unwrap();
+        let a = got[0].1.clone().unwrap();
+        let b = got[1].1.clone().unwrap();
+        assert_eq!(Some(&a.token), chosen[0].as_ref());
+        assert!(!b.token.is_empty() && Some(&b.token) != chosen[0].as_ref());
+        assert_eq!(q.enqueue_claiming(&jobs, Some(&me)).unwrap(), got);
+        let recorded = q
+            .complete(&[(a.id, chosen[0].clone().unwrap(), json!("a"))])
+            .unwrap();
+        assert_eq!(recorded, vec![a.id]);
+    }
+
     /// Claimers elsewhere are woken only when the insert leaves rows for them: a fan-out its
     /// own process takes whole wakes nobody.
     #[test]
@@ -1306,6 +1353,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             free: 2,
             lease: lease(),
             hold_rest: None,
+            tokens: None,
         };
         q.enqueue_claiming(&[job("r", "a", 1, &[]), job("r", "b", 1, &[])], Some(&me))
             .unwrap();
@@ -1354,6 +1402,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             free: 2,
             lease: lease(),
             hold_rest: Some(Duration::from_secs(3600)),
+            tokens: None,
         };
         let got = q
             .enqueue_claiming(&[job("r", "a", 1, &[]), job("r", "b", 1, &[])], Some(&me))
@@ -1378,6 +1427,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
         q.enqueue(&[job("r2", "ahead", 1, &[])]).unwrap();
         let short = Claimer {
             hold_rest: Some(Duration::from_millis(300)),
+            tokens: None,
             ..me
         };
         let got = q

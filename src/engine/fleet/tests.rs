@@ -1,0 +1,379 @@
+//! The fleet's own paths on a real PostgreSQL, without an engine: results handed to drivers
+//! in this process, and completions written side by side.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::{lock, worker, Fleet, Outcome};
+use crate::store::pg::queue::{ClaimedJob, NewJob, Queue};
+use crate::store::pg::testing::ScratchDb;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+const WORKER: &str = "test-host:1:0";
+
+fn lease() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The blocking client runs its own runtime: never on a tokio worker thread.
+async fn off<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// A fleet of this process on a fresh database, with `connections` pooled; none of its tasks
+/// runs (no collector: a result reaches a driver here only if the path under test hands it).
+async fn fleet(db: &ScratchDb, connections: u32) -> Arc<Fleet> {
+    let target = db.target().clone();
+    let queue = off(move || {
+        let q = Queue::new(&target, connections).unwrap();
+        q.ensure_schema().unwrap();
+        q
+    })
+    .await;
+    Fleet::on_queue(queue, WORKER.into(), Vec::new(), lease(), 3)
+}
+
+/// Enqueues one row per step and claims them all for this process.
+async fn claimed(fleet: &Arc<Fleet>, steps: &[&str]) -> HashMap<String, ClaimedJob> {
+    let q = fleet.queue.clone();
+    let jobs: Vec<NewJob> = steps
+        .iter()
+        .map(|s| NewJob {
+            run_id: "run".into(),
+            step_key: (*s).into(),
+            attempt: 1,
+            priority: 1,
+            tags: Vec::new(),
+            payload: json!({}),
+        })
+        .collect();
+    let n = jobs.len();
+    off(move || {
+        q.enqueue(&jobs).unwrap();
+        q.claim(WORKER, &[], n, lease()).unwrap()
+    })
+    .await
+    .into_iter()
+    .map(|j| (j.step_key.clone(), j))
+    .collect()
+}
+
+/// A driver of this process waiting for row `id`.
+fn wait_here(fleet: &Fleet, id: i64) -> oneshot::Receiver<Outcome> {
+    let (tx, rx) = oneshot::channel();
+    lock(&fleet.waiters).insert(id, tx);
+    rx
+}
+
+/// Until the rows taken are deleted (counted as pending until then).
+async fn settled(fleet: &Fleet) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while fleet.pending.load(Ordering::SeqCst) > 0 {
+        assert!(Instant::now() < until, "taken rows were never deleted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn finished(fleet: &Fleet, ids: Vec<i64>) -> HashMap<i64, Outcome> {
+    let q = fleet.queue.clone();
+    off(move || q.finished(&ids).unwrap())
+        .await
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_recorded_here_reaches_its_driver_here_when_its_completion_commits() {
+    let Some(db) = ScratchDb::new("fleet_local_results") else {
+        return;
+    };
+    let fleet = fleet(&db, 2).await;
+    let rows = claimed(&fleet, &["mine", "lost", "theirs"]).await;
+    let (mine, lost, theirs) = (&rows["mine"], &rows["lost"], &rows["theirs"]);
+    let mut to_mine = wait_here(&fleet, mine.id);
+    // Its lease was taken over: the worker's token no longer matches.
+    let mut to_lost = wait_here(&fleet, lost.id);
+    // `theirs` is driven by another process: nobody here waits for it.
+    worker::record(
+        &fleet,
+        vec![
+            (mine.id, mine.token.clone(), json!({ "out": "mine" })),
+            (
+                lost.id,
+                "a token taken over".into(),
+                json!({ "out": "lost" }),
+            ),
+            (theirs.id, theirs.token.clone(), json!({ "out": "theirs" })),
+        ],
+    )
+    .await;
+    // No collector runs: the completion itself handed the result over, as it committed.
+    assert_eq!(
+        to_mine.try_recv().expect("the driver here has its result"),
+        Outcome::Done(json!({ "out": "mine" }))
+    );
+    assert!(
+        to_lost.try_recv().is_err(),
+        "a fenced result reaches no one"
+    );
+    assert!(!lock(&fleet.waiters).contains_key(&mine.id));
+    assert!(lock(&fleet.waiters).contains_key(&lost.id));
+    settled(&fleet).await;
+    let now = finished(&fleet, vec![mine.id, lost.id, theirs.id]).await;
+    // The taken row is deleted; the fenced one still runs under its new owner; the other
+    // driver's result waits in the queue for it.
+    assert_eq!(now.get(&mine.id), Some(&Outcome::Vanished));
+    assert_eq!(now.get(&lost.id), None);
+    assert_eq!(
+        now.get(&theirs.id),
+        Some(&Outcome::Done(json!({ "out": "theirs" })))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_results_go_to_their_waiters_and_only_taken_rows_are_deleted() {
+    let Some(db) = ScratchDb::new("fleet_deliver") else {
+        return;
+    };
+    let fleet = fleet(&db, 2).await;
+    let rows = claimed(&fleet, &["a", "b", "other"]).await;
+    let (a, b, other) = (rows["a"].clone(), rows["b"].clone(), rows["other"].clone());
+    let q = fleet.queue.clone();
+    let done: Vec<(i64, String, serde_json::Value)> = [&a, &b, &other]
+        .iter()
+        .map(|j| (j.id, j.token.clone(), json!(j.step_key)))
+        .collect();
+    off(move || q.complete(&done).unwrap()).await;
+    let to_a = wait_here(&fleet, a.id);
+    let to_b = wait_here(&fleet, b.id);
+    let gone = 999_999;
+    let to_gone = wait_here(&fleet, gone);
+    super::dispatch::deliver(
+        &fleet,
+        vec![
+            (a.id, Outcome::Done(json!("a"))),
+            (other.id, Outcome::Done(json!("other"))),
+            (gone, Outcome::Vanished),
+        ],
+    );
+    assert_eq!(to_a.await.unwrap(), Outcome::Done(json!("a")));
+    assert_eq!(to_gone.await.unwrap(), Outcome::Vanished);
+    // `b` was not among the outcomes: its driver still waits.
+    assert!(lock(&fleet.waiters).contains_key(&b.id));
+    assert_eq!(lock(&fleet.waiters).len(), 1);
+    drop(to_b);
+    settled(&fleet).await;
+    let now = finished(&fleet, vec![a.id, b.id, other.id]).await;
+    assert_eq!(now.get(&a.id), Some(&Outcome::Vanished), "taken: deleted");
+    assert_eq!(now.get(&b.id), Some(&Outcome::Done(json!("b"))));
+    assert_eq!(
+        now.get(&other.id),
+        Some(&Outcome::Done(json!("other"))),
+        "nobody here waited for it: left for its driver"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_does_not_wait_for_another_one_being_written() {
+    let Some(db) = ScratchDb::new("fleet_side_by_side") else {
+        return;
+    };
+    // Three pooled connections: two batches of completions at once, one left for the rest.
+    let fleet = fleet(&db, 3).await;
+    let rows = claimed(&fleet, &["slow", "fast"]).await;
+    let (slow, fast) = (rows["slow"].clone(), rows["fast"].clone());
+    let rx = lock(&fleet.receivers).take().unwrap().complete;
+    tokio::spawn(worker::completer(fleet.clone(), std::sync::Weak::new(), rx));
+    // Another transaction locks the slow row: its completion waits until that one ends.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
+    let target = db.target().clone();
+    let slow_id = slow.id;
+    let locker = std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.execute(
+            "SELECT 1 FROM runner_queue WHERE id = $1 FOR UPDATE",
+            &[&slow_id],
+        )
+        .unwrap();
+        locked_tx.send(()).unwrap();
+        released.recv().unwrap();
+        tx.rollback().unwrap();
+    });
+    off(move || locked.recv().unwrap()).await;
+    let to_slow = wait_here(&fleet, slow.id);
+    let to_fast = wait_here(&fleet, fast.id);
+    let send = |j: &ClaimedJob| {
+        fleet.pending.fetch_add(1, Ordering::SeqCst);
+        fleet
+            .complete_tx
+            .send((j.id, j.token.clone(), json!(j.step_key)))
+            .unwrap();
+    };
+    // The slow completion is sent first, and is stuck on the lock before the fast one is.
+    // Watched from a plain thread: a client is never dropped on the runtime, even when an
+    // assertion fails.
+    let (name, target) = (db.name().to_string(), db.target().clone());
+    send(&slow);
+    let stuck = off(move || {
+        let mut watch = target.connect().unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
+                       AND wait_event_type = 'Lock' AND query LIKE '%UPDATE runner_queue%'",
+                    &[&name],
+                )
+                .unwrap()
+                .get(0);
+            if n > 0 || Instant::now() > until {
+                return n > 0;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await;
+    assert!(stuck, "the slow completion never reached the lock");
+    send(&fast);
+    let fast_outcome = tokio::time::timeout(Duration::from_secs(30), to_fast)
+        .await
+        .expect("the second completion waited for the first one's commit")
+        .unwrap();
+    assert_eq!(fast_outcome, Outcome::Done(json!("fast")));
+    release.send(()).unwrap();
+    locker.join().unwrap();
+    assert_eq!(to_slow.await.unwrap(), Outcome::Done(json!("slow")));
+    settled(&fleet).await;
+    fleet.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_written_here_wakes_no_collector_here() {
+    // No database is reached: the pool connects only when used.
+    let target = crate::store::pg::PgTarget::parse("postgres://nobody@127.0.0.1:1/none").unwrap();
+    let queue = off(move || Queue::new(&target, 1).unwrap()).await;
+    let fleet = Fleet::on_queue(queue, WORKER.into(), Vec::new(), lease(), 3);
+    let (_awaited, _completing_here) = (wait_here(&fleet, 1), wait_here(&fleet, 2));
+    lock(&fleet.completing).insert(2);
+    // Another process finished row 1: the collector reads it.
+    assert!(fleet.awaits_elsewhere("1"));
+    // This process's completer hands row 2 over itself.
+    assert!(!fleet.awaits_elsewhere("2"));
+    // Nobody here waits for row 3.
+    assert!(!fleet.awaits_elsewhere("3"));
+    // Not an id: looked at, as before.
+    assert!(fleet.awaits_elsewhere(""));
+    off(move || drop(fleet)).await;
+}
+
+/// A fan-out this process takes whole starts its attempts before their rows are inserted.
+/// One whose row turns out to be this process's runs for it (its result is recorded under
+/// the token chosen before the insert and reaches its driver here); one whose row is not
+/// (rows were ahead of it, another driver had queued it, the insert failed) is stopped, and
+/// nothing of it reaches the queue.
+#[test]
+fn an_attempt_started_before_its_insert_runs_for_its_row_or_is_stopped() {
+    use crate::engine::nodes::Prepared;
+    use crate::engine::step::AttemptDone;
+    use crate::store::pg::queue::{new_token, Claimer};
+    let Some(db) = ScratchDb::new("fleet_early") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vars: HashMap<String, String> = [
+        ("DATABASE_URL", db.url().to_string()),
+        ("LOG_DIR", dir.path().join("logs").display().to_string()),
+        ("CONCURRENCY", "4".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = crate::config::Config::from_vars(&vars).unwrap();
+    let store = crate::store::Store::open_postgres(db.target()).unwrap();
+    let engine = {
+        let _in = rt.enter();
+        crate::engine::Engine::new(Arc::new(config), store, crate::events::EventBus::new())
+    };
+    let inner = engine.inner.clone();
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        let job = |step: &str, prepared: Prepared| NewJob {
+            run_id: "run".into(),
+            step_key: step.into(),
+            attempt: 1,
+            priority: 1,
+            tags: Vec::new(),
+            payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
+        };
+        let quick = job("quick", Prepared::Value(json!("done")));
+        let slow = job("slow", Prepared::Delay(Duration::from_secs(600)));
+        let free = inner.pool.free_workers();
+        assert_eq!(free, 4);
+        let early_quick = worker::start_early(&inner, &fleet, &quick, new_token()).unwrap();
+        let early_slow = worker::start_early(&inner, &fleet, &slow, new_token()).unwrap();
+        // Only `quick` is inserted for this process, under its token.
+        let (q, me, token) = (
+            fleet.queue.clone(),
+            fleet.worker_id.clone(),
+            early_quick.token.clone(),
+        );
+        let rows = off(move || {
+            let tokens = [Some(token)];
+            let claimer = Claimer {
+                worker: &me,
+                tags: &[],
+                free: 1,
+                lease: lease(),
+                hold_rest: None,
+                tokens: Some(&tokens),
+            };
+            q.enqueue_claiming(&[quick], Some(&claimer)).unwrap()
+        })
+        .await;
+        let (id, claim) = rows[0].clone();
+        assert_eq!(claim.unwrap().token, early_quick.token);
+        let to_driver = wait_here(&fleet, id);
+        early_quick.claimed(&fleet, id);
+        let outcome = tokio::time::timeout(Duration::from_secs(30), to_driver)
+            .await
+            .expect("the early attempt's result reaches its driver")
+            .unwrap();
+        let Outcome::Done(v) = outcome else {
+            panic!("not a result: {outcome:?}");
+        };
+        let done: AttemptDone = serde_json::from_value(v).unwrap();
+        assert_eq!(done.result.unwrap().value, json!("done"));
+        // `slow` is not this process's: its 10-minute attempt stops and frees its worker.
+        early_slow.not_ours();
+        let until = Instant::now() + Duration::from_secs(30);
+        while inner.pool.free_workers() < free {
+            assert!(
+                Instant::now() < until,
+                "the attempt whose row is not ours still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(fleet.counters.completed.load(Ordering::Relaxed), 1);
+        assert_eq!(fleet.counters.fenced.load(Ordering::Relaxed), 0);
+        assert!(lock(&fleet.held).is_empty());
+        let q = fleet.queue.clone();
+        let left = off(move || q.attempts_of("run").unwrap()).await;
+        assert!(
+            left.iter().all(|(step, _)| step != "slow"),
+            "nothing of the stopped attempt is in the queue: {left:?}"
+        );
+    });
+    drop(engine);
+    drop(rt);
+}
