@@ -1531,12 +1531,15 @@ fn blueprints_load_with_their_problems() {
         dir.path().join("triage.toml"),
     )
     .unwrap();
-    let list = omniflow::tui::runtime::load_blueprints(dir.path()).unwrap();
+    let list = omniflow::tui::runtime::load_blueprints(dir.path(), omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES).unwrap();
     assert_eq!(list.len(), 2);
     assert!(!list[0].is_valid());
     assert!(!list[0].problems.is_empty());
     assert!(list[1].is_valid());
-    let e = omniflow::tui::runtime::load_blueprints(&dir.path().join("none")).unwrap_err();
+    let e = omniflow::tui::runtime::load_blueprints(
+        &dir.path().join("none"),
+        omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES,
+    ).unwrap_err();
     assert!(e.contains("pass --dir"), "{e}");
 }
 

@@ -353,6 +353,8 @@ pub struct App {
     pub dirty: bool,
     /// The fleet beyond this process, when the history is a shared PostgreSQL database.
     pub fleet: Option<FleetState>,
+    /// `MAX_BLUEPRINT_BYTES`: the editor checks a blueprint against it before parsing.
+    pub max_blueprint_bytes: usize,
 }
 
 /// How often the history is re-read (runs from other processes appear).
@@ -412,6 +414,7 @@ impl App {
             sandbox_rates: std::collections::HashMap::new(),
             dirty: true,
             fleet: None,
+            max_blueprint_bytes: crate::limits::DEFAULT_MAX_BLUEPRINT_BYTES,
         }
     }
 

@@ -787,7 +787,7 @@ impl App {
                 if let Some(t) = &ed.text {
                     let text = t.lines().join("\n") + "\n";
                     let format = Format::from_path(&ed.path).unwrap_or(Format::Json);
-                    match crate::blueprint::load_str(&text, format) {
+                    match crate::blueprint::load_str(&text, format, self.max_blueprint_bytes) {
                         Ok(_) => {
                             ed.problems.clear();
                             ed.note = Some("saving…".into());
