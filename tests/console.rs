@@ -1531,7 +1531,11 @@ fn blueprints_load_with_their_problems() {
         dir.path().join("triage.toml"),
     )
     .unwrap();
-    let list = omniflow::tui::runtime::load_blueprints(dir.path(), omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES).unwrap();
+    let list = omniflow::tui::runtime::load_blueprints(
+        dir.path(),
+        omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES,
+    )
+    .unwrap();
     assert_eq!(list.len(), 2);
     assert!(!list[0].is_valid());
     assert!(!list[0].problems.is_empty());
@@ -1539,7 +1543,8 @@ fn blueprints_load_with_their_problems() {
     let e = omniflow::tui::runtime::load_blueprints(
         &dir.path().join("none"),
         omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES,
-    ).unwrap_err();
+    )
+    .unwrap_err();
     assert!(e.contains("pass --dir"), "{e}");
 }
 

@@ -158,7 +158,9 @@ fn files_load_and_resolve_by_file_name_or_name() {
         p
     );
 
-    let e = resolve("tech-digets", dir.path(), MAX).unwrap_err().to_string();
+    let e = resolve("tech-digets", dir.path(), MAX)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("did you mean \"tech-digest\"?"), "{e}");
     assert!(
         e.contains("available: broken, other-one, tech-digest"),

@@ -3,8 +3,8 @@
 use super::model::Blueprint;
 use super::problem::{did_you_mean, Problem};
 use super::validate::validate;
-use serde_json::{Map, Number, Value};
 use crate::limits::{human_bytes, human_size, BYTES_PER_VALUE};
+use serde_json::{Map, Number, Value};
 use std::fmt;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -493,6 +493,74 @@ mod tests {
         assert_eq!(Format::from_path(Path::new("a.toml")), Ok(Format::Toml));
         let e = Format::from_path(Path::new("a.yaml")).unwrap_err();
         assert!(e.contains(".json or .toml"), "{e}");
+    }
+
+    #[test]
+    fn values_are_counted_outside_strings() {
+        assert_eq!(json_values(br#"[1,2,3]"#), 3);
+        assert_eq!(json_values(br#"{"a":[1,2],"b":{"c":"x,[{"}}"#), 5);
+        assert_eq!(json_values(br#""a\",[,""#), 0);
+        assert_eq!(toml_values(b"a = [1, 2, 3]\nb = 'x,[{='\n"), 5);
+        assert_eq!(toml_values(b"# a, b, [c]\nt = \"\"\"\n,,\"\n,\"\"\"\n"), 1);
+        assert_eq!(toml_values(b"u = '''\n,,'\n,'''\nv = \"\\\",\""), 2);
+    }
+
+    #[test]
+    fn a_document_is_charged_its_bytes_and_16_per_value() {
+        // 1,000 numbers: 2 kB of text, 18 kB counting 16 bytes for each.
+        let text = format!("{{\"v\":[{}1]}}", "1,".repeat(999));
+        assert!(check_size(&text, Format::Json, 20_000).is_ok());
+        let e = check_size(&text, Format::Json, 16_384).unwrap_err();
+        assert_eq!(e.values, 1001);
+        let msg = format!("x.json {e}");
+        assert!(
+            msg.starts_with("x.json is 2.0 kB holding 1001 values, 18.0 kB counting 16 bytes")
+                && msg.ends_with(
+                    "over MAX_BLUEPRINT_BYTES (16 KiB): split its data out of the blueprint, \
+                     or raise MAX_BLUEPRINT_BYTES"
+                ),
+            "{msg}"
+        );
+        let e = check_size(&text, Format::Json, 1024).unwrap_err();
+        assert_eq!((e.bytes, e.values), (text.len() as u64, 0));
+    }
+
+    #[test]
+    fn a_file_is_refused_by_its_length_and_a_pipe_by_its_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("big.json");
+        std::fs::write(&file, "x".repeat(5000)).unwrap();
+        let e = load_file(&file, 4096).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "big.json is 5.0 kB, over MAX_BLUEPRINT_BYTES (4 KiB): split its data out of \
+                 the blueprint, or raise MAX_BLUEPRINT_BYTES"
+            ),
+            "{e}"
+        );
+
+        // A named pipe has no length: the read stops one byte past the limit, while the
+        // writer would go on for ever.
+        let fifo = dir.path().join("fifo.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a plain libc call on a path this test owns.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+                let chunk = [b' '; 4096];
+                // Ends when the reader closes its end (EPIPE; Rust ignores SIGPIPE).
+                while w.write_all(&chunk).is_ok() {}
+            })
+        };
+        let e = load_file(&fifo, 4096).unwrap_err().to_string();
+        assert!(
+            e.contains("is more than 4.1 kB, over MAX_BLUEPRINT_BYTES (4 KiB)"),
+            "{e}"
+        );
+        writer.join().unwrap();
     }
 
     #[test]
