@@ -40,11 +40,11 @@ pub const DEFAULT_MAX_ITEMS: usize = 10_000;
 pub const DEFAULT_MAX_NODES: usize = 10_000;
 pub const DEFAULT_MAX_VARIABLE_BYTES: usize = 16 * 1024 * 1024;
 /// A hand-written automation is a few KiB; one with a long prompt library or a big list of
-/// topics is well under 1 MiB. 16 MiB leaves room for generated blueprints and embedded data
-/// as large as one variable may be (`MAX_VARIABLE_BYTES`), while parsing the largest document
-/// it lets through costs a few hundred MB at most: counting each value at 16 bytes caps a
-/// document at about a million values, and a parsed value takes some 200 bytes, whereas
-/// 16 MiB of bare numbers without that count would take over 1 GB.
+/// topics is well under 1 MiB. 16 MiB, counted like `MAX_VARIABLE_BYTES` (text plus 16 bytes
+/// per value), leaves room for generated blueprints and embedded data about as large as one
+/// variable may be, while parsing the largest document it lets through costs a few hundred
+/// MB at most: the count caps a document at about a million values, and a parsed value takes
+/// some 200 bytes, whereas 16 MiB of bare numbers without it would take well over 1 GB.
 pub const DEFAULT_MAX_BLUEPRINT_BYTES: usize = 16 * 1024 * 1024;
 /// What each value inside a document or a variable is charged beside its text: the least
 /// one takes in memory once parsed (a `serde_json::Value` is 32 bytes, a list slot 16 more).

@@ -2098,3 +2098,31 @@ fn the_step_detail_warns_of_another_answering_model_and_a_cut_off_answer() {
     assert!(!screen.contains("answered by"), "{screen}");
     assert!(!screen.contains("truncated"), "{screen}");
 }
+
+/// The console lists a blueprint over `MAX_BLUEPRINT_BYTES` with that problem, unparsed, and
+/// loads the others.
+#[test]
+fn an_oversized_blueprint_is_listed_with_its_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let numbers = format!("[{}1]", "1,".repeat(50_000));
+    std::fs::write(
+        dir.path().join("big.json"),
+        format!(r#"{{"name": "big", "variables": {{"L": {numbers}}}, "nodes": []}}"#),
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/blueprints/triage.toml"),
+        dir.path().join("triage.toml"),
+    )
+    .unwrap();
+    let list = omniflow::tui::runtime::load_blueprints(dir.path(), 64 * 1024).unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].name, "big");
+    assert!(!list[0].is_valid());
+    assert!(
+        list[0].problems[0].contains("big.json is 100.1 kB, over MAX_BLUEPRINT_BYTES (64 KiB)"),
+        "{:?}",
+        list[0].problems
+    );
+    assert!(list[1].is_valid());
+}
