@@ -2126,3 +2126,36 @@ fn an_oversized_blueprint_is_listed_with_its_problem() {
     );
     assert!(list[1].is_valid());
 }
+
+/// A variable's text in the sandbox form is measured against `MAX_VARIABLE_BYTES` before it
+/// is parsed (it may come from a blueprint's `testConfig`, where the blueprint's own size
+/// check does not count values inside strings).
+#[test]
+fn the_sandbox_form_measures_a_variable_before_parsing_it() {
+    let mut app = fixtures::busy_app();
+    app.limits.max_variable_bytes = 1024;
+    ch(&mut app, 't');
+    key(&mut app, KeyCode::End);
+    key(&mut app, KeyCode::Enter);
+    // 100 numbers: 200 bytes of text, 1,800 counting 16 bytes for each.
+    typed(&mut app, &format!("TOPICS=[{}1]", "1,".repeat(99)));
+    assert!(ctrl(&mut app, 's').is_empty());
+    match &app.overlay {
+        Overlay::Sandbox(form) => {
+            let e = form.error.as_deref().unwrap_or("");
+            assert!(
+                e.starts_with("line 2: TOPICS is 201 bytes holding 100 values, 1.8 kB counting")
+                    && e.contains("over MAX_VARIABLE_BYTES (1 KiB)"),
+                "{e}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    app.limits.max_variable_bytes = omniflow::limits::DEFAULT_MAX_VARIABLE_BYTES;
+    match &ctrl(&mut app, 's')[..] {
+        [Effect::Start { request, .. }] => {
+            assert_eq!(request.variables["TOPICS"].as_array().unwrap().len(), 100);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -164,14 +164,20 @@ pub fn check_size(text: &str, format: Format, limit: usize) -> Result<(), Oversi
     if bytes > limit {
         return Err(over(0));
     }
-    let values = match format {
-        Format::Json => json_values(text.as_bytes()),
-        Format::Toml => toml_values(text.as_bytes()),
-    };
+    let values = count_values(text, format);
     if values > ((limit - bytes) / BYTES_PER_VALUE) as u64 {
         return Err(over(values));
     }
     Ok(())
+}
+
+/// The values [`check_size`] counts in a document's text (or in a JSON value's text, such as a
+/// variable's), without parsing it.
+pub fn count_values(text: &str, format: Format) -> u64 {
+    match format {
+        Format::Json => json_values(text.as_bytes()),
+        Format::Toml => toml_values(text.as_bytes()),
+    }
 }
 
 /// Items and entries of a JSON text: its commas, `[` and `{` outside strings (a list of n

@@ -21,8 +21,8 @@ mod walk;
 mod zone;
 
 pub use load::{
-    check_size, load_dir, load_file, load_str, load_value, parse_document, read_text, resolve,
-    Format, LoadError, Oversize,
+    check_size, count_values, load_dir, load_file, load_str, load_value, parse_document, read_text,
+    resolve, Format, LoadError, Oversize,
 };
 pub use model::*;
 pub use problem::Problem;

@@ -197,7 +197,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         let host = engine.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(runtime::BG_CAP);
         let mut app = App::new(opts.dir.clone(), theme, themes, config.concurrency);
-        app.max_blueprint_bytes = config.limits.max_blueprint_bytes;
+        app.limits = config.limits.clone();
         app.memory.threshold_mb = config.memory_threshold_mb;
         app.logs.problem = log_problem;
         app.history.banner = db_banner;
