@@ -295,6 +295,8 @@ pub(super) fn gather_blueprints(
             match r {
                 Ok(bp) if bp.active => out.push(bp),
                 Ok(_) => {}
+                // An oversized file's message already begins with its path.
+                Err(e @ blueprint::LoadError::TooLarge { .. }) => bad.push(e.to_string()),
                 Err(e) => bad.push(format!("{} — {e}", path.display())),
             }
         }
