@@ -92,7 +92,7 @@ pub struct Config {
     pub openai_concurrency: Option<usize>,
     /// Size budgets of templates, fan-outs, blueprints and variables (`TEMPLATE_FUEL`,
     /// `TEMPLATE_MAX_OUTPUT`, `TEMPLATE_MAX_VALUE`, `MAX_ITEMS`, `MAX_NODES`,
-    /// `MAX_VARIABLE_BYTES`).
+    /// `MAX_VARIABLE_BYTES`, `MAX_BLUEPRINT_BYTES`).
     pub limits: crate::limits::Limits,
     // ---- metrics and health ---------------------------------------------------------------
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`OMNIFLOW_LISTEN`, or `--listen`);
@@ -342,6 +342,10 @@ impl Config {
             max_variable_bytes: size(
                 "MAX_VARIABLE_BYTES",
                 crate::limits::DEFAULT_MAX_VARIABLE_BYTES,
+            )?,
+            max_blueprint_bytes: size(
+                "MAX_BLUEPRINT_BYTES",
+                crate::limits::DEFAULT_MAX_BLUEPRINT_BYTES,
             )?,
         };
         let listen = match get("OMNIFLOW_LISTEN") {

@@ -27,6 +27,10 @@ pub struct Limits {
     /// Bytes of one variable's value, from the blueprint, `--var` or a trigger
     /// (`MAX_VARIABLE_BYTES`).
     pub max_variable_bytes: usize,
+    /// Bytes of one blueprint document (a file, a Supabase row, the console's editor), as its
+    /// text plus 16 for each JSON or TOML value in it, checked before it is parsed
+    /// (`MAX_BLUEPRINT_BYTES`).
+    pub max_blueprint_bytes: usize,
 }
 
 pub const DEFAULT_TEMPLATE_FUEL: u64 = 2_000_000;
@@ -35,6 +39,16 @@ pub const DEFAULT_TEMPLATE_MAX_VALUE: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_ITEMS: usize = 10_000;
 pub const DEFAULT_MAX_NODES: usize = 10_000;
 pub const DEFAULT_MAX_VARIABLE_BYTES: usize = 16 * 1024 * 1024;
+/// A hand-written automation is a few KiB; one with a long prompt library or a big list of
+/// topics is well under 1 MiB. 16 MiB, counted like `MAX_VARIABLE_BYTES` (text plus 16 bytes
+/// per value), leaves room for generated blueprints and embedded data about as large as one
+/// variable may be, while parsing the largest document it lets through costs a few hundred
+/// MB at most: the count caps a document at about a million values, and a parsed value takes
+/// some 200 bytes, whereas 16 MiB of bare numbers without it would take well over 1 GB.
+pub const DEFAULT_MAX_BLUEPRINT_BYTES: usize = 16 * 1024 * 1024;
+/// What each value inside a document or a variable is charged beside its text: the least
+/// one takes in memory once parsed (a `serde_json::Value` is 32 bytes, a list slot 16 more).
+pub const BYTES_PER_VALUE: usize = 16;
 
 /// The longest notification text: 16 Telegram messages. A longer one is a mistake (a whole
 /// page pasted into a chat), and would be sent as hundreds of messages.
@@ -53,6 +67,7 @@ impl Default for Limits {
             max_items: DEFAULT_MAX_ITEMS,
             max_nodes: DEFAULT_MAX_NODES,
             max_variable_bytes: DEFAULT_MAX_VARIABLE_BYTES,
+            max_blueprint_bytes: DEFAULT_MAX_BLUEPRINT_BYTES,
         }
     }
 }
@@ -79,6 +94,17 @@ pub fn human_bytes(n: usize) -> String {
         format!("{} KiB", n / KIB)
     } else {
         format!("{n} bytes")
+    }
+}
+
+/// `61234567` → `61.2 MB`, `2048` → `2.0 kB`, `512` → `512 bytes`: a measured size in a
+/// message, in the decimal units file managers and `ls -h --si` show.
+pub fn human_size(n: u64) -> String {
+    match n {
+        0..=999 => format!("{n} bytes"),
+        1_000..=999_999 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.1} GB", n as f64 / 1e9),
     }
 }
 
@@ -159,5 +185,8 @@ mod tests {
         assert_eq!(human_bytes(16 * 1024 * 1024), "16 MiB");
         assert_eq!(human_bytes(2048), "2 KiB");
         assert_eq!(human_bytes(1500), "1500 bytes");
+        assert_eq!(human_size(61_234_567), "61.2 MB");
+        assert_eq!(human_size(2_048), "2.0 kB");
+        assert_eq!(human_size(512), "512 bytes");
     }
 }

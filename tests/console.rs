@@ -1531,12 +1531,20 @@ fn blueprints_load_with_their_problems() {
         dir.path().join("triage.toml"),
     )
     .unwrap();
-    let list = omniflow::tui::runtime::load_blueprints(dir.path()).unwrap();
+    let list = omniflow::tui::runtime::load_blueprints(
+        dir.path(),
+        omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES,
+    )
+    .unwrap();
     assert_eq!(list.len(), 2);
     assert!(!list[0].is_valid());
     assert!(!list[0].problems.is_empty());
     assert!(list[1].is_valid());
-    let e = omniflow::tui::runtime::load_blueprints(&dir.path().join("none")).unwrap_err();
+    let e = omniflow::tui::runtime::load_blueprints(
+        &dir.path().join("none"),
+        omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES,
+    )
+    .unwrap_err();
     assert!(e.contains("pass --dir"), "{e}");
 }
 
@@ -2089,4 +2097,65 @@ fn the_step_detail_warns_of_another_answering_model_and_a_cut_off_answer() {
     let screen = render(&app, 160, 48);
     assert!(!screen.contains("answered by"), "{screen}");
     assert!(!screen.contains("truncated"), "{screen}");
+}
+
+/// The console lists a blueprint over `MAX_BLUEPRINT_BYTES` with that problem, unparsed, and
+/// loads the others.
+#[test]
+fn an_oversized_blueprint_is_listed_with_its_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let numbers = format!("[{}1]", "1,".repeat(50_000));
+    std::fs::write(
+        dir.path().join("big.json"),
+        format!(r#"{{"name": "big", "variables": {{"L": {numbers}}}, "nodes": []}}"#),
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/blueprints/triage.toml"),
+        dir.path().join("triage.toml"),
+    )
+    .unwrap();
+    let list = omniflow::tui::runtime::load_blueprints(dir.path(), 64 * 1024).unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].name, "big");
+    assert!(!list[0].is_valid());
+    assert!(
+        list[0].problems[0].contains("big.json is 100.1 kB, over MAX_BLUEPRINT_BYTES (64 KiB)"),
+        "{:?}",
+        list[0].problems
+    );
+    assert!(list[1].is_valid());
+}
+
+/// A variable's text in the sandbox form is measured against `MAX_VARIABLE_BYTES` before it
+/// is parsed (it may come from a blueprint's `testConfig`, where the blueprint's own size
+/// check does not count values inside strings).
+#[test]
+fn the_sandbox_form_measures_a_variable_before_parsing_it() {
+    let mut app = fixtures::busy_app();
+    app.limits.max_variable_bytes = 1024;
+    ch(&mut app, 't');
+    key(&mut app, KeyCode::End);
+    key(&mut app, KeyCode::Enter);
+    // 100 numbers: 200 bytes of text, 1,800 counting 16 bytes for each.
+    typed(&mut app, &format!("TOPICS=[{}1]", "1,".repeat(99)));
+    assert!(ctrl(&mut app, 's').is_empty());
+    match &app.overlay {
+        Overlay::Sandbox(form) => {
+            let e = form.error.as_deref().unwrap_or("");
+            assert!(
+                e.starts_with("line 2: TOPICS is 201 bytes holding 100 values, 1.8 kB counting")
+                    && e.contains("over MAX_VARIABLE_BYTES (1 KiB)"),
+                "{e}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    app.limits.max_variable_bytes = omniflow::limits::DEFAULT_MAX_VARIABLE_BYTES;
+    match &ctrl(&mut app, 's')[..] {
+        [Effect::Start { request, .. }] => {
+            assert_eq!(request.variables["TOPICS"].as_array().unwrap().len(), 100);
+        }
+        other => panic!("{other:?}"),
+    }
 }

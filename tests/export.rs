@@ -800,7 +800,8 @@ fn bundled_bp(file: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("blueprints")
         .join(file);
-    let bp = omniflow::blueprint::load_file(&path).unwrap();
+    let bp = omniflow::blueprint::load_file(&path, omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES)
+        .unwrap();
     serde_json::to_value(bp).unwrap()
 }
 

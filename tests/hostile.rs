@@ -23,7 +23,8 @@ struct Outcome {
     text: String,
 }
 
-fn omniflow(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Outcome {
+/// The binary in `dir` with a clean environment, under the address-space limit.
+fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_omniflow"));
     c.args(args)
         .current_dir(dir)
@@ -51,7 +52,11 @@ fn omniflow(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Outcome {
             Ok(())
         });
     }
-    let mut child = c.spawn().expect("start omniflow");
+    c
+}
+
+fn omniflow(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Outcome {
+    let mut child = command(dir, args, env).spawn().expect("start omniflow");
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -394,4 +399,140 @@ fn the_step_growing_past_the_memory_threshold_is_failed() {
         .unwrap_or_default()
         .to_string();
     assert!(err.contains("memory emergency"), "{err}");
+}
+
+/// A blueprint of `mb` MB of bare numbers (`[1,1,…]`), about 200 bytes each once parsed: at
+/// 70 MB parsing it would take some 5 GB, past the address-space limit.
+fn numbers_blueprint(dir: &Path, file: &str, mb: usize) -> String {
+    let path = dir.join(file);
+    let mut text = String::with_capacity(mb * 1_000_000 + 200);
+    text.push_str(r#"{"name":"numbers","schedule":"* * * * *","variables":{"BIG":["#);
+    text.push_str(&"1,".repeat(mb * 500_000));
+    text.push_str(r#"1]},"nodes":[{"id":"a","type":"transform","template":"x"}]}"#);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+const FIX: &str = "over MAX_BLUEPRINT_BYTES (16 MiB): split its data out of the blueprint, or raise MAX_BLUEPRINT_BYTES";
+
+/// A blueprint larger than `MAX_BLUEPRINT_BYTES` is refused before it is parsed, by `run`
+/// and `validate` (exit 2, bad input), with the file, its size, the setting and the fix; one
+/// under the byte limit but holding millions of values is refused by their count.
+#[test]
+fn an_oversized_blueprint_is_refused_before_it_is_parsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let big = numbers_blueprint(d, "big.json", 70);
+    let said = format!("{big} is 70.0 MB, {FIX}");
+    for args in [vec!["run", &big, "--sandbox"], vec!["validate", &big]] {
+        let o = omniflow(d, &args, &[]);
+        assert_clean(&format!("{args:?}"), &o, 2, &said);
+    }
+    // 10 MB of text, but five million values: parsed, about 1 GB. (The numbers and the
+    // blueprint's own ten lists and entries.)
+    let many = numbers_blueprint(d, "many.json", 10);
+    let o = omniflow(d, &["validate", &many], &[]);
+    assert_clean(
+        "many.json",
+        &o,
+        2,
+        &format!(
+            "{many} is 10.0 MB holding 5000010 values, 90.0 MB counting 16 bytes for each, {FIX}"
+        ),
+    );
+}
+
+/// `MAX_BLUEPRINT_BYTES` is a setting: lowered, a 100 kB blueprint is refused; raised, it
+/// validates and runs.
+#[test]
+fn max_blueprint_bytes_is_a_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let path = write(
+        d,
+        "long.json",
+        &json!({ "name": "long", "description": "words ".repeat(20_000),
+                 "nodes": [transform("a", "done", &[])] }),
+    );
+    let small = [("MAX_BLUEPRINT_BYTES", "65536")];
+    for args in [vec!["validate", &path], vec!["run", &path, "--sandbox"]] {
+        let o = omniflow(d, &args, &small);
+        assert_clean(
+            &format!("{args:?}"),
+            &o,
+            2,
+            "is 120.1 kB, over MAX_BLUEPRINT_BYTES (64 KiB)",
+        );
+    }
+    let raised = [("MAX_BLUEPRINT_BYTES", "1048576")];
+    let o = omniflow(d, &["validate", &path], &raised);
+    assert_clean("validate, raised", &o, 0, "ok (1 nodes)");
+    let o = omniflow(d, &["run", &path, "--sandbox", "--json"], &raised);
+    assert_clean("run, raised", &o, 0, "\"status\":\"success\"");
+}
+
+/// A daemon whose blueprints folder holds a 70 MB blueprint and a normal one: the big one is
+/// reported with its path and not parsed (it would take the daemon past its address space),
+/// and the normal one's schedule still runs.
+#[test]
+fn a_daemon_skips_an_oversized_blueprint_and_runs_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bps = d.join("bps");
+    std::fs::create_dir(&bps).unwrap();
+    let big = numbers_blueprint(&bps, "big.json", 70);
+    write(
+        &bps,
+        "small.json",
+        &json!({ "name": "small", "schedule": "* * * * *",
+                 "nodes": [transform("a", "ran", &[])] }),
+    );
+    // A slot missed two hours ago: with SCHEDULE_MISSED=runOnce the daemon runs it at start.
+    let store = omniflow::store::Store::open(&d.join("history.db")).unwrap();
+    let past = std::time::SystemTime::now() - Duration::from_secs(7200);
+    assert!(store.claim_slot("small", past).unwrap());
+    let mut child = command(
+        d,
+        &["daemon", "--dir", bps.to_str().unwrap()],
+        &[("SCHEDULE_MISSED", "runOnce")],
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let ran = loop {
+        let done = store
+            .list_runs(&Default::default())
+            .unwrap()
+            .into_iter()
+            .find(|r| r.status.is_final());
+        if done.is_some() || started.elapsed() > HANG {
+            break done;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "the daemon exited ({st}) before running anything:\n{}",
+                err_reader.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: signals a child process this test started and still owns.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let text = err_reader.join().unwrap();
+    let ran = ran.unwrap_or_else(|| panic!("the normal blueprint never ran:\n{text}"));
+    assert_eq!(ran.blueprint_name, "small");
+    assert_eq!(ran.status.as_str(), "success", "{text}");
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(&big) && text.contains(&format!("is 70.0 MB, {FIX}")),
+        "the oversized file is not reported with its path and the setting:\n{text}"
+    );
 }

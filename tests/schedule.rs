@@ -334,6 +334,65 @@ async fn supabase_rows_are_read_and_an_invalid_one_is_reported_with_its_id() {
     );
 }
 
+/// A row larger than `MAX_BLUEPRINT_BYTES` is reported with its id, unparsed, and the others
+/// still load; a reply larger than the reader buffers is refused with the setting named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supabase_row_over_max_blueprint_bytes_is_reported_with_its_id() {
+    let good =
+        json!({ "name": "small", "nodes": [{ "id": "a", "type": "transform", "template": "x" }] });
+    // 20,000 numbers: 40 kB of text, 360 kB counting 16 bytes for each value.
+    let numbers = vec![json!(1); 20_000];
+    let big = json!({ "name": "big", "variables": { "L": numbers },
+                      "nodes": [{ "id": "a", "type": "transform", "template": "x" }] });
+    let rows = vec![
+        json!({ "id": 7, "name": "big", "active": true, "blueprint": big }),
+        json!({ "id": 8, "name": "small", "active": true, "blueprint": good }),
+        json!({ "id": 9, "name": "big-text", "active": true, "blueprint": big.to_string() }),
+    ];
+    let fake = fakes::supabase("sb-key-123", "blueprints", rows).await;
+    let mut vars = std::collections::HashMap::new();
+    vars.insert("SUPABASE_URL".to_string(), fake.url.clone());
+    vars.insert("SUPABASE_KEY".to_string(), "sb-key-123".to_string());
+    vars.insert("MAX_BLUEPRINT_BYTES".to_string(), "65536".to_string());
+    let config = omniflow::config::Config::from_vars(&vars).unwrap();
+    let http = reqwest::Client::new();
+    let rows = omniflow::supabase::active_blueprints(&http, &config)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    for (row, id) in [(&rows[0], "7"), (&rows[2], "9")] {
+        assert_eq!(row.id, id);
+        let err = row.blueprint.as_ref().unwrap_err();
+        assert!(
+            err.starts_with(&format!("Supabase row {id}: "))
+                && err.contains("over MAX_BLUEPRINT_BYTES (64 KiB)")
+                && err.contains("raise MAX_BLUEPRINT_BYTES"),
+            "{err}"
+        );
+    }
+    assert_eq!(rows[1].blueprint.as_ref().unwrap().name, "small");
+
+    // Raised, the same rows load.
+    vars.insert("MAX_BLUEPRINT_BYTES".to_string(), "1048576".to_string());
+    let config = omniflow::config::Config::from_vars(&vars).unwrap();
+    let rows = omniflow::supabase::active_blueprints(&http, &config)
+        .await
+        .unwrap();
+    assert!(rows.iter().all(|r| r.blueprint.is_ok()), "{rows:?}");
+
+    // A reply of more than 4 × MAX_BLUEPRINT_BYTES is refused before it is buffered whole.
+    vars.insert("MAX_BLUEPRINT_BYTES".to_string(), "16384".to_string());
+    let config = omniflow::config::Config::from_vars(&vars).unwrap();
+    let e = omniflow::supabase::active_blueprints(&http, &config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("larger than 64 KiB") && e.contains("MAX_BLUEPRINT_BYTES"),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_all_active_from_supabase_with_one_digest() {
     let sb = fakes::supabase("sb-key-123", "blueprints", supabase_rows()).await;

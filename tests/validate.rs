@@ -5,6 +5,9 @@ use omniflow::template::Templates;
 use serde_json::{json, Value};
 use std::path::Path;
 
+/// `MAX_BLUEPRINT_BYTES` at its default.
+const MAX: usize = omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES;
+
 /// The DESIGN.md §1 example, verbatim.
 const EXAMPLE_JSON: &str = r#"{
   "name": "tech-digest",
@@ -102,7 +105,7 @@ fn assert_problem(doc: &Value, path: &str, words: &[&str]) {
 #[test]
 fn design_example_validates_and_loads() {
     assert_eq!(problems(&example()), Vec::<String>::new());
-    let bp = load_str(EXAMPLE_JSON, Format::Json).unwrap();
+    let bp = load_str(EXAMPLE_JSON, Format::Json, MAX).unwrap();
     assert_eq!(bp.name, "tech-digest");
     assert_eq!(bp.nodes.len(), 3);
     assert_eq!(bp.nodes[0].kind.type_name(), "llm");
@@ -111,8 +114,8 @@ fn design_example_validates_and_loads() {
 
 #[test]
 fn toml_loads_equal_to_json() {
-    let from_json = load_str(EXAMPLE_JSON, Format::Json).unwrap();
-    let from_toml = load_str(EXAMPLE_TOML, Format::Toml).unwrap();
+    let from_json = load_str(EXAMPLE_JSON, Format::Json, MAX).unwrap();
+    let from_toml = load_str(EXAMPLE_TOML, Format::Toml, MAX).unwrap();
     assert_eq!(from_json, from_toml);
 }
 
@@ -128,7 +131,7 @@ fn files_load_and_resolve_by_file_name_or_name() {
     std::fs::write(dir.path().join("broken.json"), "{ nope").unwrap();
     std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
 
-    let all = load_dir(dir.path()).unwrap();
+    let all = load_dir(dir.path(), MAX).unwrap();
     let names: Vec<_> = all
         .iter()
         .map(|(p, _)| p.file_name().unwrap().to_str().unwrap().to_string())
@@ -138,24 +141,26 @@ fn files_load_and_resolve_by_file_name_or_name() {
 
     // By file stem, by `name` field, by path.
     assert_eq!(
-        resolve("digest", dir.path()).unwrap(),
+        resolve("digest", dir.path(), MAX).unwrap(),
         dir.path().join("digest.json")
     );
     assert_eq!(
-        resolve("tech-digest", dir.path()).unwrap(),
+        resolve("tech-digest", dir.path(), MAX).unwrap(),
         dir.path().join("digest.json")
     );
     assert_eq!(
-        resolve("other-one", dir.path()).unwrap(),
+        resolve("other-one", dir.path(), MAX).unwrap(),
         dir.path().join("other.toml")
     );
     let p = dir.path().join("other.toml");
     assert_eq!(
-        resolve(p.to_str().unwrap(), Path::new("/nonexistent")).unwrap(),
+        resolve(p.to_str().unwrap(), Path::new("/nonexistent"), MAX).unwrap(),
         p
     );
 
-    let e = resolve("tech-digets", dir.path()).unwrap_err().to_string();
+    let e = resolve("tech-digets", dir.path(), MAX)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("did you mean \"tech-digest\"?"), "{e}");
     assert!(
         e.contains("available: broken, other-one, tech-digest"),
@@ -172,7 +177,7 @@ fn invalid_files_list_every_problem_prefixed_with_the_file() {
         r#"{"name": "x", "nodes": [{"id": "a", "type": "llm", "promt": "x"}]}"#,
     )
     .unwrap();
-    let e = load_file(&path).unwrap_err();
+    let e = load_file(&path, MAX).unwrap_err();
     let text = e.to_string();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
@@ -188,9 +193,9 @@ fn invalid_files_list_every_problem_prefixed_with_the_file() {
         "{text}"
     );
 
-    let e = load_file(&dir.path().join("missing.json")).unwrap_err();
+    let e = load_file(&dir.path().join("missing.json"), MAX).unwrap_err();
     assert!(matches!(e, LoadError::Io { .. }));
-    let e = load_file(&dir.path().join("x.yaml"))
+    let e = load_file(&dir.path().join("x.yaml"), MAX)
         .unwrap_err()
         .to_string();
     assert!(e.contains(".json or .toml"), "{e}");
@@ -482,10 +487,10 @@ fn named_time_zones_validate_and_a_typo_suggests_the_zone() {
         std::fs::write(&path, doc.to_string()).unwrap();
         path
     };
-    let good = load_file(&write("berlin.json", "Europe/Berlin")).unwrap();
+    let good = load_file(&write("berlin.json", "Europe/Berlin"), MAX).unwrap();
     assert_eq!(good.timezone.as_deref(), Some("Europe/Berlin"));
     let bad = write("berln.json", "Europe/Berln");
-    let text = load_file(&bad).unwrap_err().to_string();
+    let text = load_file(&bad, MAX).unwrap_err().to_string();
     assert!(
         text.starts_with(&bad.display().to_string())
             && text.contains(
@@ -680,7 +685,7 @@ fn nothing_panics_on_strange_documents() {
     }
     for text in ["", "{", "[", "nul", "{\"a\":}", "\u{0}"] {
         for format in [Format::Json, Format::Toml] {
-            match load_str(text, format) {
+            match load_str(text, format, MAX) {
                 Err(problems) => assert!(
                     !problems.is_empty() && problems.iter().all(|p| !p.message.is_empty()),
                     "{text:?}: {problems:?}"
@@ -707,7 +712,7 @@ fn schema_is_printable_json_schema() {
 #[test]
 fn bundled_blueprints_validate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("blueprints");
-    let Ok(all) = load_dir(&dir) else {
+    let Ok(all) = load_dir(&dir, MAX) else {
         return; // no bundled blueprints in this checkout yet
     };
     for (path, loaded) in all {
@@ -720,7 +725,7 @@ fn bundled_blueprints_validate() {
 #[test]
 fn templates_render_with_the_engine_context() {
     let t = Templates::new();
-    let bp = load_str(EXAMPLE_JSON, Format::Json).unwrap();
+    let bp = load_str(EXAMPLE_JSON, Format::Json, MAX).unwrap();
     let mut ctx = json!({
         "vars": bp.variables,
         "nodes": { "summarize": { "output": ["A.", "B."], "status": "success" } },
@@ -854,9 +859,9 @@ fn whatever_validates_deserializes() {
 #[test]
 fn deep_nesting_is_an_error_not_a_crash() {
     let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    assert!(load_str(&deep_json, Format::Json).is_err());
+    assert!(load_str(&deep_json, Format::Json, MAX).is_err());
     let deep_toml = format!("a = {}{}", "[".repeat(100_000), "]".repeat(100_000));
-    assert!(load_str(&deep_toml, Format::Toml).is_err());
+    assert!(load_str(&deep_toml, Format::Toml, MAX).is_err());
     let t = Templates::new();
     let deep_tpl = format!("{{{{ {}1{} }}}}", "(".repeat(100_000), ")".repeat(100_000));
     assert!(t.check_syntax(&deep_tpl).is_err());
@@ -868,6 +873,7 @@ fn tags_say_which_fleet_processes_run_a_step() {
     let bp = load_str(
         r#"{"name":"t","tags":["gpu"],"nodes":[{"id":"a","type":"transform","template":"x","tags":["eu"]}]}"#,
         Format::Json,
+        MAX,
     )
     .unwrap();
     assert_eq!(bp.tags, ["gpu"]);
@@ -875,6 +881,7 @@ fn tags_say_which_fleet_processes_run_a_step() {
     let e = load_str(
         r#"{"name":"t","nodes":[{"id":"a","type":"transform","template":"x","tags":["gpu box"]}]}"#,
         Format::Json,
+        MAX,
     )
     .unwrap_err()
     .iter()

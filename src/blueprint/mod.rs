@@ -3,8 +3,9 @@
 //! ```no_run
 //! use omniflow::blueprint::{load_file, resolve};
 //! use std::path::Path;
-//! let path = resolve("tech-digest", Path::new("blueprints"))?;
-//! let blueprint = load_file(&path)?;
+//! let max_bytes = omniflow::limits::DEFAULT_MAX_BLUEPRINT_BYTES; // MAX_BLUEPRINT_BYTES
+//! let path = resolve("tech-digest", Path::new("blueprints"), max_bytes)?;
+//! let blueprint = load_file(&path, max_bytes)?;
 //! # Ok::<(), omniflow::blueprint::LoadError>(())
 //! ```
 
@@ -20,7 +21,8 @@ mod walk;
 mod zone;
 
 pub use load::{
-    load_dir, load_file, load_str, load_value, parse_document, resolve, Format, LoadError,
+    check_size, count_values, load_dir, load_file, load_str, load_value, parse_document, read_text,
+    resolve, Format, LoadError, Oversize,
 };
 pub use model::*;
 pub use problem::Problem;

@@ -353,6 +353,9 @@ pub struct App {
     pub dirty: bool,
     /// The fleet beyond this process, when the history is a shared PostgreSQL database.
     pub fleet: Option<FleetState>,
+    /// The size budgets: the editor checks a blueprint against `MAX_BLUEPRINT_BYTES`, the
+    /// sandbox form a variable's text against `MAX_VARIABLE_BYTES`, before parsing them.
+    pub limits: crate::limits::Limits,
 }
 
 /// How often the history is re-read (runs from other processes appear).
@@ -412,6 +415,7 @@ impl App {
             sandbox_rates: std::collections::HashMap::new(),
             dirty: true,
             fleet: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 

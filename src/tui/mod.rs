@@ -137,7 +137,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     // Only with `--schedules` do the active blueprints' schedules fire in this console.
     let scheduled: Vec<Arc<crate::blueprint::Blueprint>> = if opts.schedules {
-        crate::blueprint::load_dir(&opts.dir)
+        crate::blueprint::load_dir(&opts.dir, config.limits.max_blueprint_bytes)
             .map(|v| {
                 v.into_iter()
                     .filter_map(|(_, r)| r.ok())
@@ -197,6 +197,7 @@ pub fn run(config: Config, opts: Options) -> Result<bool, String> {
         let host = engine.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(runtime::BG_CAP);
         let mut app = App::new(opts.dir.clone(), theme, themes, config.concurrency);
+        app.limits = config.limits.clone();
         app.memory.threshold_mb = config.memory_threshold_mb;
         app.logs.problem = log_problem;
         app.history.banner = db_banner;

@@ -228,7 +228,8 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
             Effect::LoadBlueprints => {
                 tokio::spawn(async move {
                     let dir = ctx.dir.clone();
-                    let r = tokio::task::spawn_blocking(move || load_blueprints(&dir))
+                    let max = ctx.engine.config().limits.max_blueprint_bytes;
+                    let r = tokio::task::spawn_blocking(move || load_blueprints(&dir, max))
                         .await
                         .unwrap_or_else(|e| Err(format!("internal error: {e}")));
                     let _ = ctx.tx.send(Bg::Blueprints(r)).await;
@@ -426,9 +427,15 @@ pub fn execute(ctx: &Ctx, effects: Vec<Effect>) {
             Effect::ReadFile(path) => {
                 tokio::spawn(async move {
                     let p = path.clone();
+                    // The editor opens blueprints: one too large to load is not read whole either.
+                    let max = ctx.engine.config().limits.max_blueprint_bytes;
                     let r = tokio::task::spawn_blocking(move || {
-                        std::fs::read_to_string(&p)
-                            .map_err(|e| format!("cannot read {}: {e}", p.display()))
+                        blueprint::read_text(&p, max).map_err(|e| match e {
+                            LoadError::Io { source, .. } => {
+                                format!("cannot read {}: {source}", p.display())
+                            }
+                            e => e.to_string(),
+                        })
                     })
                     .await
                     .unwrap_or_else(|e| Err(format!("internal error: {e}")));
@@ -540,9 +547,10 @@ fn spawn_fleet_listener(
     }
 }
 
-/// Every blueprint file of `dir`, valid or not.
-pub fn load_blueprints(dir: &Path) -> Result<Vec<BlueprintEntry>, String> {
-    let files = blueprint::load_dir(dir).map_err(|e| {
+/// Every blueprint file of `dir`, valid or not (one larger than `max_bytes`,
+/// `MAX_BLUEPRINT_BYTES`, is listed with that problem, unparsed).
+pub fn load_blueprints(dir: &Path, max_bytes: usize) -> Result<Vec<BlueprintEntry>, String> {
+    let files = blueprint::load_dir(dir, max_bytes).map_err(|e| {
         // The full path: a relative `blueprints` says nothing about where it was looked for.
         let full = std::env::current_dir()
             .map(|cwd| cwd.join(dir))

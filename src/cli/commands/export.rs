@@ -9,7 +9,7 @@ pub fn export(args: ExportArgs) -> Result<ExitCode, Failure> {
             args.target
         ))
     })?;
-    let bp = load_blueprint(&args.blueprint, &args.dir)?;
+    let bp = load_blueprint(&args.blueprint, &args.dir, &load_config()?)?;
     let files = crate::export::export(&bp, target, &args.out, args.force)
         .map_err(|e| Failure::input(e.to_string()))?;
     say_err!(

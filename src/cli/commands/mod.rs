@@ -58,9 +58,11 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         })
 }
 
-fn load_blueprint(name: &str, dir: &Path) -> Result<Blueprint, Failure> {
-    let path = blueprint::resolve(name, dir).map_err(|e| Failure::input(e.to_string()))?;
-    blueprint::load_file(&path).map_err(|e| Failure::input(e.to_string()))
+/// A blueprint by file or name, refused before parsing when larger than `MAX_BLUEPRINT_BYTES`.
+fn load_blueprint(name: &str, dir: &Path, config: &Config) -> Result<Blueprint, Failure> {
+    let max = config.limits.max_blueprint_bytes;
+    let path = blueprint::resolve(name, dir, max).map_err(|e| Failure::input(e.to_string()))?;
+    blueprint::load_file(&path, max).map_err(|e| Failure::input(e.to_string()))
 }
 
 /// Prints "disk full: free space at PATH" when the history database's disk fills up during
@@ -283,7 +285,7 @@ pub(super) fn gather_blueprints(
     let mut out = Vec::new();
     let mut bad = Vec::new();
     if from_dir {
-        let entries = blueprint::load_dir(dir).map_err(|e| {
+        let entries = blueprint::load_dir(dir, config.limits.max_blueprint_bytes).map_err(|e| {
             Failure::input(format!(
                 "cannot read blueprints from {}: {e}",
                 dir.display()
@@ -293,6 +295,8 @@ pub(super) fn gather_blueprints(
             match r {
                 Ok(bp) if bp.active => out.push(bp),
                 Ok(_) => {}
+                // An oversized file's message already begins with its path.
+                Err(e @ blueprint::LoadError::TooLarge { .. }) => bad.push(e.to_string()),
                 Err(e) => bad.push(format!("{} — {e}", path.display())),
             }
         }

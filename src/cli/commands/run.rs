@@ -91,7 +91,7 @@ fn blueprints_to_run(
         found
     } else {
         let name = args.blueprint.as_deref().unwrap_or_default();
-        vec![load_blueprint(name, &args.dir)?]
+        vec![load_blueprint(name, &args.dir, config)?]
     };
     for bp in &blueprints {
         crate::engine::merge_variables(bp, variables).map_err(|e| Failure::input(e.to_string()))?;

@@ -3,10 +3,12 @@
 use super::*;
 
 pub fn validate(args: ValidateArgs) -> Result<ExitCode, Failure> {
+    // MAX_BLUEPRINT_BYTES: a file is refused before it is parsed, as every loader does.
+    let max = load_config()?.limits.max_blueprint_bytes;
     let mut all_ok = true;
     let mut report = Vec::new();
     for file in &args.files {
-        match blueprint::load_file(file) {
+        match blueprint::load_file(file, max) {
             Ok(bp) => {
                 if !args.json {
                     say_out!("{}: ok ({} nodes)", file.display(), bp.nodes.len());

@@ -58,8 +58,11 @@ impl SandboxForm {
         self.rate = rate;
     }
 
-    /// The sandbox run this form describes, or what is wrong with it.
-    pub fn request(&self) -> Result<RunRequest, String> {
+    /// The sandbox run this form describes, or what is wrong with it. A value's text is
+    /// measured against `max_variable_bytes` (`MAX_VARIABLE_BYTES`) before it is parsed: it
+    /// may come from the blueprint's `testConfig`, a string the blueprint's own size check
+    /// does not look into, and millions of values in it would take gigabytes to parse.
+    pub fn request(&self, max_variable_bytes: usize) -> Result<RunRequest, String> {
         let mut variables = Map::new();
         for (i, line) in self.vars.lines().iter().enumerate() {
             let t = line.trim();
@@ -89,6 +92,20 @@ impl SandboxForm {
                     } else {
                         declared.join(", ")
                     }
+                ));
+            }
+            let values = crate::blueprint::count_values(v, crate::blueprint::Format::Json);
+            let size = (v.len() as u64)
+                .saturating_add(values.saturating_mul(crate::limits::BYTES_PER_VALUE as u64));
+            if size > max_variable_bytes as u64 {
+                return Err(format!(
+                    "line {}: {k} is {} holding {values} values, {} counting {} bytes for each, \
+                     over MAX_VARIABLE_BYTES ({}): give a smaller value, or raise MAX_VARIABLE_BYTES",
+                    i + 1,
+                    crate::limits::human_size(v.len() as u64),
+                    crate::limits::human_size(size),
+                    crate::limits::BYTES_PER_VALUE,
+                    crate::limits::human_bytes(max_variable_bytes),
                 ));
             }
             variables.insert(k.to_string(), parse_var_value(v));

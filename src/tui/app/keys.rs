@@ -755,7 +755,7 @@ impl App {
     }
 
     fn submit_sandbox(&mut self, mut form: Box<SandboxForm>, fx: &mut Vec<Effect>) {
-        match form.request() {
+        match form.request(self.limits.max_variable_bytes) {
             Ok(req) => {
                 let name = form.blueprint.name.clone();
                 self.sandbox_rates
@@ -787,7 +787,8 @@ impl App {
                 if let Some(t) = &ed.text {
                     let text = t.lines().join("\n") + "\n";
                     let format = Format::from_path(&ed.path).unwrap_or(Format::Json);
-                    match crate::blueprint::load_str(&text, format) {
+                    match crate::blueprint::load_str(&text, format, self.limits.max_blueprint_bytes)
+                    {
                         Ok(_) => {
                             ed.problems.clear();
                             ed.note = Some("saving…".into());
