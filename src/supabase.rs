@@ -163,18 +163,8 @@ fn elements(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
         return None;
     }
     let (mut out, mut depth, mut start) = (Vec::new(), 0usize, None);
-    let (mut in_string, mut escaped) = (false, false);
-    for (i, &c) in body.iter().enumerate().skip(first) {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if c == b'\\' {
-                escaped = true;
-            } else if c == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    // Only whitespace comes before `first`, so the scan may start at 0.
+    for (i, c) in blueprint::json_outside_strings(body) {
         match c {
             b'[' | b'{' => {
                 if depth == 1 && start.is_none() {
@@ -195,13 +185,7 @@ fn elements(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
                 }
             }
             b',' if depth == 1 => out.push(start.take()?..i),
-            _ if depth == 1 && start.is_none() && !c.is_ascii_whitespace() => {
-                if c == b'"' {
-                    in_string = true;
-                }
-                start = Some(i);
-            }
-            b'"' => in_string = true,
+            _ if depth == 1 && start.is_none() && !c.is_ascii_whitespace() => start = Some(i),
             _ => {}
         }
     }

@@ -183,8 +183,17 @@ pub fn count_values(text: &str, format: Format) -> u64 {
 /// Items and entries of a JSON text: its commas, `[` and `{` outside strings (a list of n
 /// items has n - 1 commas and one `[`).
 fn json_values(text: &[u8]) -> u64 {
-    let (mut n, mut in_string, mut escaped) = (0u64, false, false);
-    for &c in text {
+    json_outside_strings(text)
+        .filter(|(_, c)| matches!(c, b',' | b'[' | b'{'))
+        .count() as u64
+}
+
+/// The bytes of a JSON text outside its strings, with their offsets, for scans that must not
+/// parse (sizes, element boundaries): each string's opening quote is yielded, so a caller sees
+/// where a string starts; its contents and its closing quote are not.
+pub(crate) fn json_outside_strings(text: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
+    let (mut in_string, mut escaped) = (false, false);
+    text.iter().enumerate().filter_map(move |(i, &c)| {
         if in_string {
             if escaped {
                 escaped = false;
@@ -193,15 +202,12 @@ fn json_values(text: &[u8]) -> u64 {
             } else if c == b'"' {
                 in_string = false;
             }
+            None
         } else {
-            match c {
-                b'"' => in_string = true,
-                b',' | b'[' | b'{' => n += 1,
-                _ => {}
-            }
+            in_string = c == b'"';
+            Some((i, c))
         }
-    }
-    n
+    })
 }
 
 /// The same for TOML: commas, `[`, `{` and `=` outside strings (basic, literal, and their

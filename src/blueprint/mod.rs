@@ -20,6 +20,7 @@ mod validate;
 mod walk;
 mod zone;
 
+pub(crate) use load::json_outside_strings;
 pub use load::{
     check_size, count_values, load_dir, load_file, load_str, load_value, parse_document, read_text,
     resolve, Format, LoadError, Oversize,
