@@ -483,6 +483,23 @@ pub(crate) async fn admit(
     }
 }
 
+/// An attempt's start: the step's `running` in the history and the `StepStarted` event.
+pub(crate) fn announce_start(
+    inner: &super::Inner,
+    run_id: &str,
+    step: &str,
+    attempt: u32,
+    started_at: SystemTime,
+) {
+    inner.store.step_started(run_id, step, attempt, started_at);
+    inner.bus.publish(Event::StepStarted {
+        run_id: run_id.to_string(),
+        step: step.to_string(),
+        node: node_of(step).to_string(),
+        attempt,
+    });
+}
+
 /// One attempt, as the pool runs it: marks the step running, runs the node under the
 /// attempt's timeout and the run's abort signal (either really stops the work: the node's
 /// future is dropped). Returns the attempt's hold on a shutdown's wait with its outcome.
@@ -502,6 +519,7 @@ async fn attempt_job(
         attempt,
         timeout,
         admission,
+        true,
     )
     .await
 }
@@ -510,7 +528,10 @@ async fn attempt_job(
 /// node under the attempt's timeout and `abort` (either really stops the work: the node's
 /// future is dropped). Returns, with the outcome, the attempt's hold on a shutdown's wait
 /// (`Inner::in_flight`), for the caller to keep until the outcome is handled; an attempt that
-/// only waits (a delay) has none: a shutdown hands it over at once.
+/// only waits (a delay) has none: a shutdown hands it over at once. With `announce` false the
+/// caller records and announces the start itself ([`announce_start`]), once it knows the
+/// attempt is really the step's (a fleet attempt started before its queue row was confirmed).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_attempt(
     ctx: &AttemptEnv<'_>,
     abort: &CancellationToken,
@@ -519,21 +540,16 @@ pub(crate) async fn run_attempt(
     attempt: u32,
     timeout: Duration,
     admission: Option<Admission>,
+    announce: bool,
 ) -> (AttemptDone, Option<super::drain::Busy>) {
     let in_flight = match prepared {
         Prepared::Delay(_) => None,
         _ => ctx.inner.in_flight.hold(),
     };
     let started_at = SystemTime::now();
-    ctx.inner
-        .store
-        .step_started(ctx.run_id, step, attempt, started_at);
-    ctx.inner.bus.publish(Event::StepStarted {
-        run_id: ctx.run_id.to_string(),
-        step: step.to_string(),
-        node: node_of(step).to_string(),
-        attempt,
-    });
+    if announce {
+        announce_start(ctx.inner, ctx.run_id, step, attempt, started_at);
+    }
     let scaled = ctx.inner.config.scaled(timeout);
     let result = tokio::select! {
         biased;

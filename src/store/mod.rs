@@ -428,12 +428,14 @@ impl Store {
     /// wait for it, else once it has taken them down to half that, or after
     /// [`ROOM_WAIT`] at most. A run's driver waits here before it starts more steps, so a
     /// fan-out that outruns the history writer waits for it instead of piling its steps' writes
-    /// up in memory. Bounded, so a writer that cannot write (a full disk, whose writes are
-    /// held) slows the driver but never stops it from seeing a cancel or its deadline.
+    /// up in memory. Bounded, so a writer held up (another process holding the write lock)
+    /// slows the driver but never stops it from seeing a cancel or its deadline. Writes held
+    /// back by a full disk have left the queue (the pool holds new work then), and a writer
+    /// that has stopped makes nobody wait.
     pub async fn room(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let shared = &self.inner.shared;
-        if shared.queued.load(Relaxed) < ROOM {
+        if shared.queued.load(Relaxed) < ROOM || shared.gone.load(Relaxed) {
             return;
         }
         let deadline = tokio::time::Instant::now() + ROOM_WAIT;
@@ -442,7 +444,7 @@ impl Store {
             tokio::pin!(drained);
             // Registered before the check, so a wake between the check and the wait is kept.
             drained.as_mut().enable();
-            if shared.queued.load(Relaxed) <= ROOM / 2 {
+            if shared.queued.load(Relaxed) <= ROOM / 2 || shared.gone.load(Relaxed) {
                 return;
             }
             if tokio::time::timeout_at(deadline, drained).await.is_err() {

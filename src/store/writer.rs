@@ -72,6 +72,22 @@ pub(crate) struct Shared {
     ///
     /// [`Store::room`]: super::Store::room
     pub(crate) drained: tokio::sync::Notify,
+    /// The writer thread has ended (or panicked): nothing will take the queue down, so
+    /// nobody waits for room.
+    pub(crate) gone: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the writer gone however its thread ends, a panic included, and wakes whoever waits
+/// for room.
+pub(crate) struct GoneOnExit(pub(crate) Arc<Shared>);
+
+impl Drop for GoneOnExit {
+    fn drop(&mut self) {
+        self.0
+            .gone
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.0.drained.notify_waiters();
+    }
 }
 
 impl Shared {
@@ -106,6 +122,7 @@ pub(crate) fn run(
     path: String,
     owner: String,
 ) {
+    let _gone = GoneOnExit(shared.clone());
     let proc = ProcessInfo::current(owner);
     // Every transition's statement stays prepared (`prepare_cached`); the default cache of 16
     // is smaller than the number of distinct statements the writer runs.

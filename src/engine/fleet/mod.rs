@@ -385,6 +385,15 @@ impl Fleet {
         while self.pending.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Taken rows whose delete was put off while completions were being written go now,
+        // rather than waiting for the sweep once their run has ended.
+        let taken = std::mem::take(&mut *lock(&self.to_forget));
+        if !taken.is_empty() {
+            let q = self.queue.clone();
+            if let Err(e) = blocking(move || q.forget(&taken)).await {
+                tracing::debug!(error = %e, "fleet: taken rows are left for the sweep");
+            }
+        }
     }
 
     pub(crate) fn queue(&self) -> &Queue {

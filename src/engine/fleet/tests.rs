@@ -320,6 +320,7 @@ fn an_attempt_started_before_its_insert_runs_for_its_row_or_is_stopped() {
         let slow = job("slow", Prepared::Delay(Duration::from_secs(600)));
         let free = inner.pool.free_workers();
         assert_eq!(free, 4);
+        let events = inner.bus.subscribe();
         let early_quick = worker::start_early(&inner, &fleet, &quick, new_token()).unwrap();
         let early_slow = worker::start_early(&inner, &fleet, &slow, new_token()).unwrap();
         // Only `quick` is inserted for this process, under its token.
@@ -373,6 +374,15 @@ fn an_attempt_started_before_its_insert_runs_for_its_row_or_is_stopped() {
             left.iter().all(|(step, _)| step != "slow"),
             "nothing of the stopped attempt is in the queue: {left:?}"
         );
+        // Only the attempt whose row was ours says it started: a step whose row went to
+        // another process is not shown running here (the history keeps a step's first start).
+        let mut started = Vec::new();
+        while let Some(ev) = events.try_recv() {
+            if let crate::events::Event::StepStarted { step, .. } = ev {
+                started.push(step);
+            }
+        }
+        assert_eq!(started, vec!["quick".to_string()]);
     });
     drop(engine);
     drop(rt);

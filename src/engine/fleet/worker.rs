@@ -198,16 +198,20 @@ pub(super) struct Early {
     pub(super) token: String,
     row: tokio::sync::watch::Sender<Option<Option<i64>>>,
     cancel: CancellationToken,
+    /// Told claimed or not ours; an `Early` dropped untold (its enqueuer stopped midway)
+    /// stops its attempt, which could otherwise run to its timeout for nobody.
+    told: bool,
 }
 
 impl Early {
     /// The row is this process's, under [`Early::token`]: the attempt's result goes to it.
-    pub(super) fn claimed(self, fleet: &Fleet, id: i64) {
+    pub(super) fn claimed(mut self, fleet: &Fleet, id: i64) {
+        self.told = true;
         lock(&fleet.held).insert(
             id,
             Held {
-                token: self.token,
-                cancel: self.cancel,
+                token: std::mem::take(&mut self.token),
+                cancel: self.cancel.clone(),
             },
         );
         let _ = self.row.send(Some(Some(id)));
@@ -215,9 +219,19 @@ impl Early {
 
     /// The insert failed, or its row is not this process's to run (claimable rows were
     /// ahead of it, or another driver had queued it already): the attempt stops.
-    pub(super) fn not_ours(self) {
+    pub(super) fn not_ours(mut self) {
+        self.told = true;
         self.cancel.cancel();
         let _ = self.row.send(Some(None));
+    }
+}
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        if !self.told {
+            // The row's sender goes with it: the attempt's wait for its row ends with none.
+            self.cancel.cancel();
+        }
     }
 }
 
@@ -247,7 +261,12 @@ pub(super) fn start_early(
         meta,
         work,
     );
-    Some(Early { token, row, cancel })
+    Some(Early {
+        token,
+        row,
+        cancel,
+        told: false,
+    })
 }
 
 /// Which queue row an attempt runs for.
@@ -297,21 +316,37 @@ fn launch(
             budget: None,
         };
         let timeout = Duration::from_millis(work.timeout_ms);
+        // An attempt started before its row was confirmed records its start only once the
+        // row is this process's: a row that is not (claimable rows were ahead of it, the
+        // insert failed) must not leave its step shown running here, since the history keeps
+        // a step's first start.
+        let early = matches!(row2, Row::Early(_));
         // This host's providers admit the call: its in-flight caps, its rate limits.
         // A shutdown waits for the attempt until its result is on its way back.
         let (done, _in_flight) = match step::admit(&env, &cancel2, &work.prepared, &step_key).await
         {
             Ok(admission) => {
-                step::run_attempt(
-                    &env,
-                    &cancel2,
-                    &step_key,
-                    &work.prepared,
-                    attempt,
-                    timeout,
-                    admission,
-                )
-                .await
+                let started_at = std::time::SystemTime::now();
+                let confirm = async {
+                    if early && row2.clone().id().await.is_some() {
+                        step::announce_start(&inner2, &run_id, &step_key, attempt, started_at);
+                    }
+                };
+                // The start is queued to the history before the result can go anywhere.
+                let (done, ()) = tokio::join!(
+                    step::run_attempt(
+                        &env,
+                        &cancel2,
+                        &step_key,
+                        &work.prepared,
+                        attempt,
+                        timeout,
+                        admission,
+                        !early,
+                    ),
+                    confirm
+                );
+                done
             }
             Err(e) => (AttemptDone::failed_now(e), None),
         };

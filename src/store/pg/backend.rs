@@ -370,6 +370,7 @@ fn thread_error(target: &PgTarget, e: std::io::Error) -> StoreError {
 /// it in one transaction. While the server cannot be reached the writes are held, in order,
 /// and tried again; plain flushes are answered (the failure is reported), durable ones wait.
 fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: String) {
+    let _gone = super::super::writer::GoneOnExit(shared.clone());
     let proc = ProcessInfo::current(owner);
     conn.batches.key = format!("{}#{:08x}", proc.id, rand::random::<u32>());
     let shown = conn.target.shown().to_string();
