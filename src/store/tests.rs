@@ -85,6 +85,26 @@ impl Db {
         }
     }
 
+    /// Makes the database refuse to insert the run `id` (a trigger), as a row the writer
+    /// cannot write.
+    fn refuse_run(&self, id: &str) {
+        self.exec(
+            &format!(
+                "CREATE TRIGGER boom BEFORE INSERT ON runner_executions WHEN NEW.id = '{id}'
+                 BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;"
+            ),
+            &format!(
+                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF NEW.id = '{id}' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER boom BEFORE INSERT ON runner_executions
+                     FOR EACH ROW EXECUTE FUNCTION boom();"
+            ),
+        );
+    }
+
     /// Runs statements as another client would; `sqlite` and `postgres` are the same change
     /// in each dialect.
     fn exec(&self, sqlite: &str, postgres: &str) {
@@ -271,17 +291,7 @@ fn step_transitions_are_guarded(db, store) {
 
 on_both! {
 fn one_bad_write_does_not_take_its_batch_down(db, store) {
-    db.exec(
-        "CREATE TRIGGER boom BEFORE INSERT ON runner_executions WHEN NEW.id = 'bad'
-         BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;",
-        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
-             RETURN NEW;
-         END $$;
-         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
-             FOR EACH ROW EXECUTE FUNCTION boom();",
-    );
+    db.refuse_run("bad");
     for id in ["ok1", "bad", "ok2"] {
         store.insert_run(new_run(id, 0));
     }
@@ -306,17 +316,7 @@ on_both! {
 fn a_lost_write_makes_the_store_unready_until_a_batch_commits(db, store) {
     // What `/readyz` reports: a write lost in the last batch, cleared by the next batch
     // that commits whole.
-    db.exec(
-        "CREATE TRIGGER boom BEFORE INSERT ON runner_executions WHEN NEW.id = 'bad'
-         BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;",
-        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
-             RETURN NEW;
-         END $$;
-         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
-             FOR EACH ROW EXECUTE FUNCTION boom();",
-    );
+    db.refuse_run("bad");
     assert_eq!(store.write_problem(), None);
     // The bad write last, so whichever batch holds it is the last one before the flush.
     for id in ["ok1", "ok2", "bad"] {

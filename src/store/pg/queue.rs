@@ -855,6 +855,20 @@ mod tests {
     use serde_json::json;
     use std::collections::HashSet;
 
+    /// A client listening on the claimers' channel, as an idle process would.
+    fn jobs_listener(db: &ScratchDb) -> postgres::Client {
+        let mut l = db.target().connect().unwrap();
+        l.batch_execute(&format!("LISTEN {JOBS_CHANNEL}")).unwrap();
+        l
+    }
+
+    /// The wake-ups a listener has received since last asked (they reach it at its next
+    /// exchange with the server).
+    fn wake_ups(l: &mut postgres::Client) -> usize {
+        l.batch_execute("SELECT 1").unwrap();
+        postgres::fallible_iterator::FallibleIterator::count(l.notifications().iter()).unwrap()
+    }
+
     fn queue(name: &str) -> Option<(ScratchDb, Queue)> {
         let db = ScratchDb::new(name)?;
         let q = Queue::new(db.target(), 4).unwrap();
@@ -1343,10 +1357,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
         let Some((db, q)) = queue("enqueue_quiet") else {
             return;
         };
-        let mut listener = db.target().connect().unwrap();
-        listener
-            .batch_execute(&format!("LISTEN {JOBS_CHANNEL}"))
-            .unwrap();
+        let mut listener = jobs_listener(&db);
         let me = Claimer {
             worker: "w",
             tags: &[],
@@ -1366,13 +1377,9 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             Some(&me),
         )
         .unwrap();
-        // Notifications reach a listener at its next exchange with the server.
-        listener.batch_execute("SELECT 1").unwrap();
-        let heard =
-            postgres::fallible_iterator::FallibleIterator::count(listener.notifications().iter())
-                .unwrap();
         assert_eq!(
-            heard, 1,
+            wake_ups(&mut listener),
+            1,
             "one wake-up, for the insert that left a row queued"
         );
         assert_eq!(q.depth().unwrap(), [0, 1, 0, 0]);
@@ -1385,17 +1392,10 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
         let Some((db, q)) = queue("enqueue_hold") else {
             return;
         };
-        let mut listener = db.target().connect().unwrap();
-        listener
-            .batch_execute(&format!("LISTEN {JOBS_CHANNEL}"))
-            .unwrap();
-        let heard = |l: &mut postgres::Client| {
-            l.batch_execute("SELECT 1").unwrap();
-            postgres::fallible_iterator::FallibleIterator::count(l.notifications().iter()).unwrap()
-        };
+        let mut listener = jobs_listener(&db);
         // A claimable row ahead leaves one of the two new rows unclaimed: held.
         q.enqueue(&[job("r0", "ahead", 1, &[])]).unwrap();
-        assert_eq!(heard(&mut listener), 1);
+        assert_eq!(wake_ups(&mut listener), 1);
         let me = Claimer {
             worker: "w",
             tags: &[],
@@ -1408,7 +1408,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             .enqueue_claiming(&[job("r", "a", 1, &[]), job("r", "b", 1, &[])], Some(&me))
             .unwrap();
         assert!(got[0].1.is_some() && got[1].1.is_none(), "{got:?}");
-        assert_eq!(heard(&mut listener), 0, "nobody is woken for a held row");
+        assert_eq!(wake_ups(&mut listener), 0, "nobody is woken for a held row");
         let other: Vec<String> = q
             .claim("other", &[], 10, lease())
             .unwrap()
@@ -1417,7 +1417,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             .collect();
         assert_eq!(other, ["ahead"], "the held row is in no claim");
         assert_eq!(q.reveal(&[got[0].0, got[1].0]).unwrap(), 1);
-        assert_eq!(heard(&mut listener), 1);
+        assert_eq!(wake_ups(&mut listener), 1);
         assert_eq!(q.reveal(&[got[1].0]).unwrap(), 0, "revealed once");
         let other = q.claim("other", &[], 10, lease()).unwrap();
         assert_eq!(other.len(), 1);
