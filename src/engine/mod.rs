@@ -594,7 +594,7 @@ pub fn check_sizes(
         // value of its own, copied into the run and its steps' context, so 15 MB of `1,`
         // (5 million numbers) took 1.9 GB to run.
         let max = limits.max_variable_bytes;
-        let slots = entries(v, max / 16 + 1).saturating_mul(16);
+        let slots = entries(v, max / 16).saturating_mul(16);
         let mut counter = crate::template::SizeCounter::new(max.saturating_sub(slots));
         if slots > max || serde_json::to_writer(&mut counter, v).is_err() || counter.over() {
             return Err(StartError::TooLarge(format!(

@@ -312,6 +312,34 @@ fn one_bad_write_does_not_take_its_batch_down(db, store) {
 }
 }
 
+/// A batch the database refuses as a whole (here the table it writes to is gone) is one
+/// failure: the user reads how many changes were lost in one line, and the writes are not
+/// tried one by one (each would fail the same way, and be reported as one change).
+#[test]
+fn a_batch_refused_as_a_whole_is_reported_once_with_its_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.db");
+    drop(Store::open(&path).unwrap());
+    let mut conn = Connection::open(&path).unwrap();
+    conn.execute_batch("ALTER TABLE runner_executions RENAME TO elsewhere")
+        .unwrap();
+    let ops: Vec<Op> = ["a", "b", "c"]
+        .into_iter()
+        .map(|id| Op::InsertRun(Box::new(new_run(id, 0))))
+        .collect();
+    let shared = writer::Shared::default();
+    let proc = transitions::ProcessInfo::current("test".into());
+    let lost = writer::apply_ops(&mut conn, &ops, &shared, &proc, "history.db")
+        .unwrap_or_else(|_| panic!("not a full disk"));
+    assert_eq!(lost, 3);
+    let err = shared.write_error.lock().unwrap().take().unwrap();
+    assert!(
+        err.starts_with("could not save 3 change(s) to history.db (first: insert_run a)"),
+        "{err}"
+    );
+    assert!(err.contains("no such table"), "{err}");
+}
+
 on_both! {
 fn a_lost_write_makes_the_store_unready_until_a_batch_commits(db, store) {
     // What `/readyz` reports: a write lost in the last batch, cleared by the next batch

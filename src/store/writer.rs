@@ -322,7 +322,7 @@ impl Held {
 }
 
 /// A batch that failed for lack of space.
-struct Full {
+pub(super) struct Full {
     dir: PathBuf,
     source: rusqlite::Error,
 }
@@ -346,7 +346,7 @@ fn apply_batch(
 }
 
 /// Applies a batch; returns how many writes were lost, or the full disk.
-fn apply_ops(
+pub(super) fn apply_ops(
     conn: &mut Connection,
     ops: &[Op],
     shared: &Shared,
