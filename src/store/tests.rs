@@ -994,3 +994,22 @@ fn a_fan_out_s_queuings_and_starts_in_one_batch_keep_each_write_s_guard(db, stor
     );
 }
 }
+
+/// A caller tells what to do about an SQLite failure from its kind alone (wait and try
+/// again, free space, restore, fix the path), the same kinds PostgreSQL's errors get.
+#[test]
+fn sqlite_failures_get_the_kind_a_caller_acts_on() {
+    use rusqlite::ffi;
+    let kind = |code: i32| {
+        DbError::from(rusqlite::Error::SqliteFailure(ffi::Error::new(code), None)).kind()
+    };
+    assert_eq!(kind(ffi::SQLITE_BUSY), StoreErrorKind::Busy);
+    assert_eq!(kind(ffi::SQLITE_LOCKED), StoreErrorKind::Busy);
+    assert_eq!(kind(ffi::SQLITE_FULL), StoreErrorKind::Full);
+    assert_eq!(kind(ffi::SQLITE_CORRUPT), StoreErrorKind::Corrupt);
+    assert_eq!(kind(ffi::SQLITE_NOTADB), StoreErrorKind::Corrupt);
+    assert_eq!(kind(ffi::SQLITE_CANTOPEN), StoreErrorKind::Unavailable);
+    assert_eq!(kind(ffi::SQLITE_READONLY), StoreErrorKind::Unavailable);
+    assert_eq!(kind(ffi::SQLITE_PERM), StoreErrorKind::Unavailable);
+    assert_eq!(kind(ffi::SQLITE_CONSTRAINT), StoreErrorKind::Other);
+}
