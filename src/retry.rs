@@ -28,6 +28,31 @@ pub struct RetryPolicy {
     pub jitter: f64,
 }
 
+/// The waits between tries at something outside that is briefly away (a database that is
+/// starting, a lock another process holds): each wait twice the one before, up to a cap, so
+/// a short outage is bridged quickly and a long one is not hammered.
+#[derive(Debug, Clone)]
+pub struct Doubling {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Doubling {
+    pub fn new(first: Duration, cap: Duration) -> Doubling {
+        Doubling {
+            next: first.min(cap),
+            cap,
+        }
+    }
+
+    /// The wait to take now; the next one is twice as long, up to the cap.
+    pub fn next_wait(&mut self) -> Duration {
+        let now = self.next;
+        self.next = self.next.saturating_mul(2).min(self.cap);
+        now
+    }
+}
+
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -304,5 +329,16 @@ mod tests {
         );
         let p = RetryPolicy::from_max_retries(3); // maxDelay 30 s
         assert_eq!(wait(p.decide(1, &busy, 0.0)), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn doubling_waits_double_up_to_their_cap_and_never_overflow() {
+        let ms = Duration::from_millis;
+        let mut d = Doubling::new(ms(200), Duration::from_secs(5));
+        let waits: Vec<u128> = (0..8).map(|_| d.next_wait().as_millis()).collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        // A first wait above the cap is cut to it; the largest duration does not overflow.
+        let mut d = Doubling::new(Duration::MAX, ms(100));
+        assert_eq!((d.next_wait(), d.next_wait()), (ms(100), ms(100)));
     }
 }

@@ -6,6 +6,7 @@
 //! or a concurrent opener never leaves a half-migrated file.
 
 use super::error::{StoreError, StoreErrorKind};
+use crate::retry::Doubling;
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use std::io::Read;
 use std::path::Path;
@@ -233,15 +234,14 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     // upgrade inside an open read transaction): start over on a fresh connection, up to
     // BUSY_TIMEOUT. Every step is idempotent, so a retry repeats nothing.
     let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-    let mut pause = Duration::from_millis(5);
+    let mut pause = Doubling::new(Duration::from_millis(5), Duration::from_millis(100));
     loop {
         match open_writer_once(path) {
             Err(StoreError::Database { source, .. })
                 if source.kind() == StoreErrorKind::Busy
                     && std::time::Instant::now() < deadline =>
             {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(100));
+                std::thread::sleep(pause.next_wait());
             }
             other => return other,
         }
@@ -283,13 +283,12 @@ fn open_writer_once(path: &Path) -> Result<Connection, StoreError> {
 /// is not called for it): so wait and try again, up to `BUSY_TIMEOUT`.
 fn switch_to_wal(conn: &Connection, path: &Path) -> Result<String, StoreError> {
     let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-    let mut pause = Duration::from_millis(5);
+    let mut pause = Doubling::new(Duration::from_millis(5), Duration::from_millis(100));
     loop {
         match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)) {
             Ok(mode) => return Ok(mode),
             Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(100));
+                std::thread::sleep(pause.next_wait());
             }
             Err(e) => return Err(open_error(path, "switching to WAL", e)),
         }

@@ -8,6 +8,7 @@ use crate::engine::step::AttemptDone;
 use crate::engine::Inner;
 use crate::error::{ErrorKind, StepError};
 use crate::pool::{JobMeta, PoolError};
+use crate::retry::Doubling;
 use crate::store::pg::queue::{new_token, Claimer, NewJob, Outcome};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -185,7 +186,7 @@ pub(crate) async fn schema_then_enqueue(
     engine: Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<Enqueue>,
 ) {
-    let mut wait = Duration::from_millis(200);
+    let mut wait = Doubling::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let q = fleet.queue.clone();
         match blocking(move || q.ensure_schema()).await {
@@ -193,10 +194,9 @@ pub(crate) async fn schema_then_enqueue(
             Err(e) => {
                 tracing::warn!(error = %e, "fleet: the queue's database does not answer yet; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(wait.next_wait()) => {}
                     _ = fleet.stop.cancelled() => return,
                 }
-                wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
     }

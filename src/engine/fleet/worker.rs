@@ -10,6 +10,7 @@ use crate::engine::step::{self, AttemptDone};
 use crate::engine::Inner;
 use crate::error::{ErrorKind, StepError};
 use crate::pool::JobMeta;
+use crate::retry::Doubling;
 use crate::store::pg::queue::{ClaimedJob, NewJob, Outcome};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -21,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 /// Fills the local pool's free workers from the queue, whenever rows may be claimable (a
 /// `NOTIFY`), a local worker frees up, or the slow poll comes.
 pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
-    let mut backoff = Duration::from_millis(250);
+    let first_backoff = || Doubling::new(Duration::from_millis(250), Duration::from_secs(5));
+    let mut backoff = first_backoff();
     let mut hint = ClaimHint::new();
     loop {
         let Some(inner) = engine.upgrade() else {
@@ -41,7 +43,7 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
             );
             match blocking(move || q.claim(&worker, &tags, free, lease)).await {
                 Ok(jobs) => {
-                    backoff = Duration::from_millis(250);
+                    backoff = first_backoff();
                     again = hint.claimed(free, jobs.len());
                     fleet
                         .counters
@@ -56,10 +58,9 @@ pub(crate) async fn claimer(fleet: Arc<Fleet>, engine: Weak<Inner>) {
                     drop(claiming);
                     drop(inner);
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_wait()) => {}
                         _ = fleet.stop.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             }
@@ -470,7 +471,7 @@ pub(crate) async fn completer(
 /// Writes one batch of results, retrying while the database does not answer (the lease
 /// still covers the rows meanwhile), and hands this process's drivers theirs.
 pub(super) async fn record(fleet: &Arc<Fleet>, batch: Vec<(i64, String, serde_json::Value)>) {
-    let mut wait = Duration::from_millis(100);
+    let mut wait = Doubling::new(Duration::from_millis(100), Duration::from_secs(2));
     for round in 0.. {
         let (q, b) = (fleet.queue.clone(), batch.clone());
         match blocking(move || q.complete(&b)).await {
@@ -507,10 +508,9 @@ pub(super) async fn record(fleet: &Arc<Fleet>, batch: Vec<(i64, String, serde_js
             Err(e) if round < 20 => {
                 tracing::warn!(error = %e, "fleet: cannot record step results; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(wait.next_wait()) => {}
                     _ = fleet.stop.cancelled() => return,
                 }
-                wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
                 tracing::error!(error = %e, steps = batch.len(), "fleet: giving up recording step results; they rerun when their leases expire");

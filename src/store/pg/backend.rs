@@ -20,6 +20,7 @@ use super::super::transitions::{coalesce, Op, ProcessInfo};
 use super::super::writer::{Ack, Msg, Shared};
 use super::connect::{describe, PgTarget};
 use super::pool::PgPool;
+use crate::retry::Doubling;
 use postgres::error::SqlState;
 use postgres::Client;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -548,7 +549,7 @@ fn apply_batch(
     // A lost connection (restart, failover, `pg_terminate_backend`) is retried on a fresh one
     // for a while before the batch is held back: most cuts last well under this.
     let deadline = started + RECONNECT_FOR;
-    let mut pause = Duration::from_millis(10);
+    let mut pause = Doubling::new(Duration::from_millis(10), Duration::from_millis(500));
     let mut conflicts = 0;
     let mut ops = ops;
     let err = loop {
@@ -556,8 +557,7 @@ fn apply_batch(
             Ok(c) => c,
             Err(message) if Instant::now() < deadline => {
                 tracing::debug!(database = shown, error = %message, "reconnecting");
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(500));
+                std::thread::sleep(pause.next_wait());
                 continue;
             }
             Err(message) => {
