@@ -209,6 +209,27 @@ async fn total_slots(
 mod tests {
     use super::*;
 
+    /// The log line that reports a server's slot count tells the user which variable changes
+    /// the cap: it must be the one the configuration reads for that provider.
+    #[test]
+    fn the_variable_named_for_the_cap_is_the_one_read() {
+        type Field = fn(&crate::config::Config) -> Option<usize>;
+        let cases: [(Link, Field); 4] = [
+            (Link::Ollama, |c| c.ollama_concurrency),
+            (Link::HuggingFace, |c| c.hf_concurrency),
+            (Link::HfInference, |c| c.hf_concurrency),
+            (Link::OpenAi, |c| c.openai_concurrency),
+        ];
+        for (link, field) in cases {
+            let vars = std::collections::HashMap::from([(
+                concurrency_var(link).to_string(),
+                "3".to_string(),
+            )]);
+            let config = crate::config::Config::from_vars(&vars).unwrap();
+            assert_eq!(field(&config), Some(3), "{link:?}");
+        }
+    }
+
     #[test]
     fn props_sits_beside_v1() {
         assert_eq!(props_url("http://h:8080/v1"), "http://h:8080/props");
