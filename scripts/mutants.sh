@@ -70,4 +70,19 @@ export OMNIFLOW_TEST_PG="${OMNIFLOW_TEST_PG:-postgres://postgres@127.0.0.1:5432/
 args=()
 for f in "${kept[@]}"; do args+=(--file "$f"); done
 echo "mutating ${#kept[@]} file(s): ${kept[*]}"
-exec cargo mutants "${args[@]}" "${extra[@]}"
+
+# A test process killed at a mutant's timeout or by nextest's fail-fast leaves the omniflow
+# processes it spawned behind (daemons, mostly), adopted by init; left running they load the
+# machine and slow, or time out, every later mutant. Reap those of this run's builds (the
+# tree itself with --in-place, cargo-mutants' scratch copies otherwise) while it runs.
+builds="^($(pwd)|${TMPDIR:-/tmp}/cargo-mutants-[^/]*)/target/debug/omniflow\$"
+(
+    while sleep 5; do
+        ps -eo pid=,ppid=,args= |
+            awk -v re="$builds" '$2 == 1 && $3 ~ re { print $1 }' |
+            xargs -r kill -9 2>/dev/null || true
+    done
+) &
+reaper=$!
+trap 'kill "$reaper" 2>/dev/null' EXIT
+cargo mutants "${args[@]}" "${extra[@]}"
