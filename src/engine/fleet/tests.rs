@@ -78,6 +78,56 @@ async fn settled(fleet: &Fleet) {
     }
 }
 
+/// Until a completion of `db` waits on a row lock (false after 20 s without one).
+/// Watched from a plain thread: a client is never dropped on the runtime, even when an
+/// assertion fails.
+async fn stuck_on_lock(db: &ScratchDb) -> bool {
+    let (name, target) = (db.name().to_string(), db.target().clone());
+    off(move || {
+        let mut watch = target.connect().unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
+                       AND wait_event_type = 'Lock' AND query LIKE '%UPDATE runner_queue%'",
+                    &[&name],
+                )
+                .unwrap()
+                .get(0);
+            if n > 0 || Instant::now() > until {
+                return n > 0;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+}
+
+/// Another transaction holds a row lock on `id` until told (or dropped): a completion of
+/// that row waits for it.
+fn lock_row(
+    target: crate::store::pg::PgTarget,
+    id: i64,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
+    let locker = std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.execute(
+            "SELECT 1 FROM runner_queue WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = released.recv();
+        tx.rollback().unwrap();
+    });
+    locked.recv().unwrap();
+    (release, locker)
+}
+
 async fn finished(fleet: &Fleet, ids: Vec<i64>) -> HashMap<i64, Outcome> {
     let q = fleet.queue.clone();
     off(move || q.finished(&ids).unwrap())
@@ -189,23 +239,8 @@ async fn a_completion_does_not_wait_for_another_one_being_written() {
     let rx = lock(&fleet.receivers).take().unwrap().complete;
     tokio::spawn(worker::completer(fleet.clone(), std::sync::Weak::new(), rx));
     // Another transaction locks the slow row: its completion waits until that one ends.
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
-    let target = db.target().clone();
-    let slow_id = slow.id;
-    let locker = std::thread::spawn(move || {
-        let mut c = target.connect().unwrap();
-        let mut tx = c.transaction().unwrap();
-        tx.execute(
-            "SELECT 1 FROM runner_queue WHERE id = $1 FOR UPDATE",
-            &[&slow_id],
-        )
-        .unwrap();
-        locked_tx.send(()).unwrap();
-        released.recv().unwrap();
-        tx.rollback().unwrap();
-    });
-    off(move || locked.recv().unwrap()).await;
+    let (target, slow_id) = (db.target().clone(), slow.id);
+    let (release, locker) = off(move || lock_row(target, slow_id)).await;
     let to_slow = wait_here(&fleet, slow.id);
     let to_fast = wait_here(&fleet, fast.id);
     let send = |j: &ClaimedJob| {
@@ -218,28 +253,11 @@ async fn a_completion_does_not_wait_for_another_one_being_written() {
     // The slow completion is sent first, and is stuck on the lock before the fast one is.
     // Watched from a plain thread: a client is never dropped on the runtime, even when an
     // assertion fails.
-    let (name, target) = (db.name().to_string(), db.target().clone());
     send(&slow);
-    let stuck = off(move || {
-        let mut watch = target.connect().unwrap();
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            let n: i64 = watch
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
-                       AND wait_event_type = 'Lock' AND query LIKE '%UPDATE runner_queue%'",
-                    &[&name],
-                )
-                .unwrap()
-                .get(0);
-            if n > 0 || Instant::now() > until {
-                return n > 0;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await;
-    assert!(stuck, "the slow completion never reached the lock");
+    assert!(
+        stuck_on_lock(&db).await,
+        "the slow completion never reached the lock"
+    );
     send(&fast);
     let fast_outcome = tokio::time::timeout(Duration::from_secs(30), to_fast)
         .await
@@ -386,4 +404,50 @@ fn an_attempt_started_before_its_insert_runs_for_its_row_or_is_stopped() {
     });
     drop(engine);
     drop(rt);
+}
+
+/// A process that stops writes the results it already has before it goes: `finish` waits
+/// for a completion still being written (here held on a row lock that is let go while it
+/// waits), so the step's result is recorded, not run again by another host after its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_process_writes_the_results_it_has_before_it_goes() {
+    let Some(db) = ScratchDb::new("fleet_finish_writes") else {
+        return;
+    };
+    let fleet = fleet(&db, 3).await;
+    let job = claimed(&fleet, &["held"]).await["held"].clone();
+    let rx = lock(&fleet.receivers).take().unwrap().complete;
+    tokio::spawn(worker::completer(fleet.clone(), std::sync::Weak::new(), rx));
+    let target = db.target().clone();
+    let (release, locker) = off(move || lock_row(target, job.id)).await;
+    fleet.pending.fetch_add(1, Ordering::SeqCst);
+    fleet
+        .complete_tx
+        .send((job.id, job.token.clone(), json!("kept")))
+        .unwrap();
+    assert!(
+        stuck_on_lock(&db).await,
+        "the completion never reached the lock"
+    );
+    let finishing = tokio::spawn({
+        let fleet = fleet.clone();
+        async move { fleet.finish().await }
+    });
+    while !fleet.closing.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // `finish` waits while the completion cannot be written (a process that went now
+    // would leave the step to be run again elsewhere); the lock goes, the completion
+    // commits, and then it returns.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !finishing.is_finished(),
+        "finish returned with a result still unwritten"
+    );
+    release.send(()).unwrap();
+    finishing.await.unwrap();
+    let now = finished(&fleet, vec![job.id]).await;
+    assert_eq!(now.get(&job.id), Some(&Outcome::Done(json!("kept"))));
+    off(move || locker.join().unwrap()).await;
+    fleet.stop.cancel();
 }
