@@ -5,10 +5,13 @@
 //! answers and `OMNIFLOW_TEST_PG` is unset). Then what only one backend has: SQLite's backup,
 //! PostgreSQL's migrations lock, reconnects and use from async code.
 
+mod common;
+
 use omniflow::blueprint::Priority;
 use omniflow::error::ErrorKind;
 use omniflow::events::{RunStatus, StepStatus};
 use omniflow::store::pg::testing::ScratchDb;
+use omniflow::store::pg::PgTarget;
 use omniflow::store::{
     AttemptRecord, NewRun, NewStep, RunEnd, RunFilter, StepEnd, Store, StoreError,
 };
@@ -1010,6 +1013,68 @@ fn a_dropped_connection_is_reconnected_and_no_write_is_lost() {
     );
     assert_eq!(store.take_write_error(), None);
     assert_eq!(store.write_problem(), None);
+}
+
+/// The network goes away right after the server committed a batch of history, before the
+/// writer heard so, and stays away longer than the writer keeps reconnecting: the writer holds
+/// that batch back, and the writes that come in meanwhile after it. When the server is back
+/// the writer finds the batch committed and does not apply it again, but every write held
+/// after it is saved: nothing is lost, nothing is there twice.
+#[test]
+fn writes_held_through_an_outage_after_a_lost_commit_reply_are_all_saved() {
+    let Some(db) = ScratchDb::new("held_after_lost_commit") else {
+        return;
+    };
+    let mut url = url::Url::parse(db.url()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    // The run's id is sent with its first write: the cut is of the batch that holds it.
+    let proxy = common::pgcut::start_then_down(&upstream, "held-first");
+    let (host, port) = proxy.addr.split_once(':').unwrap();
+    url.set_host(Some(host)).unwrap();
+    url.set_port(Some(port.parse().unwrap())).unwrap();
+    url.set_query(Some("sslmode=disable"));
+    let store = Store::open_postgres(&PgTarget::parse(url.as_str()).unwrap()).unwrap();
+
+    record_lifecycle(&store, "held-first");
+    // Answered once the writer has stopped reconnecting and holds the writes back.
+    store.flush_blocking();
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(
+        store.write_problem().is_some(),
+        "the outage is reported while it lasts"
+    );
+    assert!(store.take_write_error().is_some());
+
+    // Still away: these join the held writes, after the batch whose commit went unheard.
+    record_lifecycle(&store, "held-second");
+    store.flush_blocking();
+    assert!(store.write_problem().is_some());
+
+    proxy.reachable_again();
+    block_on(store.flush_durable());
+    assert_eq!(store.write_problem(), None);
+    assert_eq!(store.take_write_error(), None, "nothing failed once back");
+    assert_eq!(store.count_runs(&RunFilter::default()).unwrap(), 2);
+    for id in ["held-first", "held-second"] {
+        let run = store.find_run(id).unwrap();
+        assert_eq!(run.status, RunStatus::Success, "{id}");
+        let steps = store.run_steps(id).unwrap();
+        assert_eq!(steps.len(), 3, "{id}: {steps:?}");
+        assert_eq!(store.run_attempts(id).unwrap().len(), 3, "{id}");
+    }
+    // Once each, as another client of the database sees it.
+    let mut c = db.target().connect().unwrap();
+    for (table, rows) in [
+        ("runner_executions", 2),
+        ("runner_steps", 6),
+        ("runner_attempts", 6),
+    ] {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, rows, "{table}");
+    }
 }
 
 #[test]

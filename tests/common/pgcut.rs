@@ -4,6 +4,10 @@
 //! is cut instead, as a network drop or `pg_terminate_backend` right after the commit would.
 //! The client cannot tell whether its transaction committed. Speaks the wire protocol only
 //! as far as framing server messages (type byte, length); needs `sslmode=disable`.
+//!
+//! [`start_then_down`] also keeps the server out of reach after the cut, as a network outage
+//! that outlasts the client's reconnect attempts: new connections are closed as soon as they
+//! are accepted, until [`CommitCut::reachable_again`].
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -15,19 +19,44 @@ pub struct CommitCut {
     pub addr: String,
     /// Commits whose reply was dropped (0 or 1).
     pub cuts: Arc<AtomicUsize>,
+    /// While set, connections are closed as soon as they are accepted.
+    unreachable: Arc<AtomicBool>,
+}
+
+impl CommitCut {
+    /// Ends the outage [`start_then_down`] began: new connections reach the server again.
+    pub fn reachable_again(&self) {
+        self.unreachable.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Proxies to `upstream` (`host:port`); cuts once, on the first commit of a connection that
 /// sent `marker`.
 pub fn start(upstream: &str, marker: &'static str) -> CommitCut {
+    proxy(upstream, marker, false)
+}
+
+/// Like [`start`], and from the cut on the server cannot be reached through the proxy until
+/// [`CommitCut::reachable_again`] is called.
+pub fn start_then_down(upstream: &str, marker: &'static str) -> CommitCut {
+    proxy(upstream, marker, true)
+}
+
+fn proxy(upstream: &str, marker: &'static str, down_after_cut: bool) -> CommitCut {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let cuts = Arc::new(AtomicUsize::new(0));
     let armed = Arc::new(AtomicBool::new(true));
-    let (up, c) = (upstream.to_string(), cuts.clone());
+    let unreachable = Arc::new(AtomicBool::new(false));
+    let (up, c, out) = (upstream.to_string(), cuts.clone(), unreachable.clone());
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(client) = client else { continue };
+            if out.load(Ordering::SeqCst) {
+                // Dropped unanswered: the client reads end of stream before the server's
+                // first message, as when the network is gone.
+                continue;
+            }
             let Ok(server) = TcpStream::connect(&up) else {
                 continue;
             };
@@ -63,7 +92,7 @@ pub fn start(upstream: &str, marker: &'static str) -> CommitCut {
                 });
             }
             // Server → client: message by message.
-            let (armed, cuts) = (armed.clone(), c.clone());
+            let (armed, cuts, out) = (armed.clone(), c.clone(), out.clone());
             std::thread::spawn(move || {
                 let (mut from, mut to) = (server, client);
                 loop {
@@ -82,6 +111,11 @@ pub fn start(upstream: &str, marker: &'static str) -> CommitCut {
                         && marked.load(Ordering::SeqCst)
                         && armed.swap(false, Ordering::SeqCst)
                     {
+                        // Out of reach before this connection ends, so the client's first
+                        // reconnect already finds the server gone.
+                        if down_after_cut {
+                            out.store(true, Ordering::SeqCst);
+                        }
                         cuts.fetch_add(1, Ordering::SeqCst);
                         break;
                     }
@@ -94,5 +128,9 @@ pub fn start(upstream: &str, marker: &'static str) -> CommitCut {
             });
         }
     });
-    CommitCut { addr, cuts }
+    CommitCut {
+        addr,
+        cuts,
+        unreachable,
+    }
 }
