@@ -28,6 +28,12 @@ pub struct RetryPolicy {
     pub jitter: f64,
 }
 
+/// A uniform random number in [-1, 1): the backoff moves by up to ± `jitter` of itself,
+/// as often shorter as longer.
+fn jitter_unit() -> f64 {
+    rand::random::<f64>() * 2.0 - 1.0
+}
+
 /// The waits between tries at something outside that is briefly away (a database that is
 /// starting, a lock another process holds): each wait twice the one before, up to a cap, so
 /// a short outage is bridged quickly and a long one is not hammered.
@@ -107,6 +113,11 @@ impl RetryPolicy {
         let exp = self.factor.powi(attempt.saturating_sub(1).min(60) as i32);
         let secs = (self.backoff.as_secs_f64() * exp).min(self.max_delay.as_secs_f64());
         crate::limits::secs_f64(secs)
+    }
+
+    /// [`RetryPolicy::decide`] with a fresh random jitter: what every retry loop calls.
+    pub fn decide_now(&self, attempt: u32, err: &StepError) -> Decision {
+        self.decide(attempt, err, jitter_unit())
     }
 
     /// Decides after attempt `attempt` (1-based) failed with `err`. `jitter_unit` is a random
@@ -340,5 +351,34 @@ mod tests {
         // A first wait above the cap is cut to it; the largest duration does not overflow.
         let mut d = Doubling::new(Duration::MAX, ms(100));
         assert_eq!((d.next_wait(), d.next_wait()), (ms(100), ms(100)));
+    }
+
+    #[test]
+    fn jitter_moves_a_wait_both_ways_within_its_fraction() {
+        let units: Vec<f64> = (0..2_000).map(|_| jitter_unit()).collect();
+        assert!(units.iter().all(|u| (-1.0..1.0).contains(u)), "{units:?}");
+        // As often shorter as longer: 2,000 draws of a fair coin are all one side with
+        // odds of 2^-1999.
+        assert!(units.iter().any(|u| *u < -0.5) && units.iter().any(|u| *u > 0.5));
+        let p = RetryPolicy {
+            attempts: 3,
+            backoff: Duration::from_secs(10),
+            factor: 2.0,
+            max_delay: Duration::from_secs(60),
+            jitter: 0.2,
+        };
+        let err = StepError::new(ErrorKind::Server, "503");
+        for _ in 0..200 {
+            match p.decide_now(1, &err) {
+                Decision::Retry { wait, hinted } => {
+                    assert!(!hinted);
+                    assert!(
+                        (Duration::from_secs(8)..=Duration::from_secs(12)).contains(&wait),
+                        "{wait:?}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

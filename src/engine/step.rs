@@ -253,7 +253,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
             );
             break Err(err);
         }
-        match policy.decide(attempt, &err, rand::random::<f64>() * 2.0 - 1.0) {
+        match policy.decide_now(attempt, &err) {
             Decision::GiveUp { exhausted } => {
                 record_attempt_err(
                     &ctx,

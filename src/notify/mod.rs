@@ -384,7 +384,7 @@ pub async fn deliver_with_retries(
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        let wait = match policy.decide(attempt, &e, rand::random::<f64>() * 2.0 - 1.0) {
+        let wait = match policy.decide_now(attempt, &e) {
             Decision::Retry { wait, .. } => wait.min(MAX_WAIT),
             Decision::GiveUp { .. } => return Err(e),
         };

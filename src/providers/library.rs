@@ -128,7 +128,7 @@ pub async fn call_with(providers: &Providers, req: Request) -> Response {
             Ok(reply) => break Ok(reply),
             Err(e) => e,
         };
-        match policy.decide(attempt, &err, rand::random::<f64>() * 2.0 - 1.0) {
+        match policy.decide_now(attempt, &err) {
             Decision::GiveUp { .. } => break Err(err),
             Decision::Retry { wait, .. } => {
                 tracing::warn!(attempt, kind = %err.kind, error = %err.message, "model call failed, retrying");

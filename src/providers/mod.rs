@@ -866,6 +866,26 @@ pub fn cache_key(req: &LlmRequest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The warning that a server answered with another model than the one asked for: only
+    /// when it named one, and not for the same model spelled with Ollama's `:latest`.
+    #[test]
+    fn a_reply_from_another_model_is_told_apart_from_the_same_one() {
+        let reply = |answered: Option<&str>| LlmReply {
+            text: String::new(),
+            tokens_used: None,
+            provider: "ollama".into(),
+            model: "llama3.2".into(),
+            cached: false,
+            fallback: None,
+            reply_model: answered.map(str::to_string),
+            finish_reason: None,
+        };
+        assert!(reply(Some("mistral")).model_differs());
+        assert!(!reply(Some("llama3.2:latest")).model_differs());
+        assert!(!reply(Some("llama3.2")).model_differs());
+        assert!(!reply(None).model_differs());
+    }
     use std::collections::HashMap;
 
     fn providers(vars: &[(&str, &str)]) -> Providers {

@@ -647,6 +647,10 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
             finished("f", StepStatus::Success, "F"),
             // Queued before, still running.
             started("g", 1, 185),
+            // Ended, then queued again in the same batch (an unusual order): left as it is,
+            // so each write keeps its own guard.
+            finished("h", StepStatus::Skipped, ""),
+            queued("h", 186),
             progress(3),
             Op::RunFinished(Box::new(end("r", RunStatus::Success, 900))),
         ]
