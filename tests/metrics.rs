@@ -365,6 +365,13 @@ fn counters_match_the_history_of_a_run_with_injected_failures() {
     assert_eq!(sum(&m, "omniflow_pool_state", &[("state", "running")]), 1.0);
     assert!(sum(&m, "omniflow_memory_rss_bytes", &[]) > 0.0);
     assert!(text.contains("omniflow_store_write_batch_duration_seconds_count{"));
+    // The writer's queue has drained: the run's history was read back above (a queue that
+    // only grew would count several writes per step by now).
+    let queued = sum(&m, "omniflow_store_write_queue", &[]);
+    assert!(
+        (0.0..steps.len() as f64).contains(&queued),
+        "{queued} writes still queued after the run was read back\n{text}"
+    );
 
     // Every series carries host and role; no label value is a run id.
     for s in &m.samples {
