@@ -330,6 +330,11 @@ async fn ollama_ndjson_ends_with_done_and_counts_tokens() {
         r.model, "mistral",
         "the fast alias maps to the Ollama default"
     );
+    // What the server said about its answer, from the final object: kept in the history,
+    // and `length` would mean a cut-off answer.
+    assert_eq!(r.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(r.reply_model.as_deref(), Some("mistral"));
+    assert!(!r.truncated() && !r.model_differs());
     let seen = &fake.requests()[0];
     assert_eq!(seen.path, "/api/chat");
     assert_eq!(seen.json()["options"]["num_predict"], json!(64));
