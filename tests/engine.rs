@@ -358,6 +358,10 @@ async fn server_errors_are_retried_and_every_attempt_is_recorded() {
     assert_eq!(fetch[1].wait_ms, Some(2000), "Retry-After wins");
     assert!(fetch[2].ok);
     assert_eq!(server.seen.lock().unwrap().len(), 3);
+    // `runs`/`show` list the step's provider: an HTTP call is "http".
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    let step = steps.iter().find(|s| s.step_key == "fetch").unwrap();
+    assert_eq!(step.provider.as_deref(), Some("http"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
