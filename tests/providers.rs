@@ -1132,6 +1132,20 @@ async fn doctor_checks_each_configured_provider_live() {
         !text.contains("hf_testtoken123"),
         "secrets only as set/unset"
     );
+    // `mistral:latest` is the default `mistral`; a default the server lacks is named with
+    // the command that pulls it.
+    assert!(!text.contains("is missing"), "{text}");
+    let lacking = [
+        ("USE_OLLAMA", "true"),
+        ("OLLAMA_URL", ollama.url.as_str()),
+        ("OLLAMA_MODEL", "llama3"),
+    ];
+    let out = omniflow(dir.path(), &["doctor"], &lacking).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("the default llama3 is missing: omniflow doctor --pull llama3"),
+        "{text}"
+    );
 
     let env = [
         ("USE_OLLAMA", "true"),

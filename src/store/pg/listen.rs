@@ -112,3 +112,23 @@ fn pause(total: Duration, tick: Duration, stop: &dyn Fn() -> bool) {
         std::thread::sleep(tick.min(total));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// The wait before listening again holds until its time is up or the listener is told to
+    /// stop, looking at the stop flag every tick: a database that is down is not reconnected to
+    /// in a tight loop, and a stopping process is not held for the whole wait.
+    #[test]
+    fn the_wait_before_listening_again_ends_when_told_to_stop() {
+        let looks = Cell::new(0);
+        let stop = || {
+            looks.set(looks.get() + 1);
+            looks.get() >= 3
+        };
+        pause(Duration::from_secs(3600), Duration::from_millis(1), &stop);
+        assert_eq!(looks.get(), 3, "it waited a tick between looks until told");
+    }
+}
