@@ -1017,3 +1017,18 @@ fn sqlite_failures_get_the_kind_a_caller_acts_on() {
     assert_eq!(kind(ffi::SQLITE_PERM), StoreErrorKind::Unavailable);
     assert_eq!(kind(ffi::SQLITE_CONSTRAINT), StoreErrorKind::Other);
 }
+
+/// Process ages in `omniflow doctor`/the console, and the time until a schedule fires.
+#[test]
+fn spans_read_as_people_say_them() {
+    let span = |s: u64| short_span(Duration::from_secs(s));
+    assert_eq!(span(0), "0s");
+    assert_eq!(span(59), "59s");
+    assert_eq!(span(60), "1m");
+    assert_eq!(span(3599), "59m");
+    assert_eq!(span(3600), "1h00m");
+    assert_eq!(span(5 * 3600 + 12 * 60 + 7), "5h12m");
+    assert_eq!(span(86_399), "23h59m");
+    assert_eq!(span(86_400), "1d0h");
+    assert_eq!(span(3 * 86_400 + 4 * 3600 + 59), "3d4h");
+}
