@@ -243,6 +243,21 @@ async fn a_retry_after_http_date_becomes_the_wait_until_then() {
     );
 }
 
+/// A long answer (2 MB, well under the 8 MiB reply cap, read in many chunks) arrives whole.
+#[tokio::test]
+async fn a_long_answer_under_the_reply_cap_arrives_whole() {
+    let long = "word ".repeat(400_000);
+    let answer = long.clone();
+    let fake = start(move |_, _| Reply::completion(&answer, 5)).await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+    ]);
+    let r = call(&p, &req("huggingface", "m")).await.unwrap();
+    assert_eq!(r.text.len(), long.len());
+    assert_eq!(r.text, long);
+}
+
 #[tokio::test]
 async fn hf_inference_503_loading_waits_the_float_estimated_time() {
     let fake = start(|_, i| {
