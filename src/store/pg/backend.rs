@@ -180,16 +180,20 @@ pub(crate) fn lost(e: &postgres::Error) -> bool {
         return true;
     }
     match e.code() {
-        // The server ended our session (pg_terminate_backend, shutdown, crash).
-        Some(c) => {
-            *c == SqlState::ADMIN_SHUTDOWN
-                || *c == SqlState::CRASH_SHUTDOWN
-                || *c == SqlState::CANNOT_CONNECT_NOW
-                || c.code().starts_with("08")
-        }
+        Some(c) => session_ended(c),
         // No SQL state: an I/O error on the socket.
         None => e.as_db_error().is_none(),
     }
+}
+
+/// The states by which the server says it ended our session or cannot take it now
+/// (pg_terminate_backend, a shutdown, a crash, a server still starting, class 08): worth a
+/// new connection, unlike a statement the server refused.
+fn session_ended(c: &SqlState) -> bool {
+    *c == SqlState::ADMIN_SHUTDOWN
+        || *c == SqlState::CRASH_SHUTDOWN
+        || *c == SqlState::CANNOT_CONNECT_NOW
+        || c.code().starts_with("08")
 }
 
 /// A driver error as a store error, worded with its fix and never with the password.
@@ -730,5 +734,22 @@ fn fail(shared: &Shared, shown: &str, what: &str, lost: usize, e: &dyn std::fmt:
 fn log_skipped(skipped: &[String]) {
     for reason in skipped {
         tracing::warn!("store: ignored {reason}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restart or crash of the server keeps the writes (reconnect, or hold them until it is
+    /// back); a statement the server refused does not loop on new connections.
+    #[test]
+    fn a_server_ending_the_session_is_a_lost_connection_and_a_refusal_is_not() {
+        for code in ["57P01", "57P02", "57P03", "08000", "08006", "08P01"] {
+            assert!(session_ended(&SqlState::from_code(code)), "{code}");
+        }
+        for code in ["23505", "42P01", "53100", "40001", "57014"] {
+            assert!(!session_ended(&SqlState::from_code(code)), "{code}");
+        }
     }
 }
