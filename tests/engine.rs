@@ -320,6 +320,27 @@ async fn a_failed_step_fails_the_run_unless_it_continues_on_error() {
     assert_eq!(o.outputs["after"], json!("fetch was error, output none"));
 }
 
+/// Variables given at the start (`--var`) may outweigh the blueprint itself: a 100-item
+/// list over a one-item default runs, each item in its own step, and the counters arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variables_given_at_the_start_may_outweigh_the_blueprint() {
+    let env = engine(&[], 8);
+    let bp = blueprint(json!({
+        "name": "small",
+        "variables": { "T": ["a"] },
+        "nodes": [ { "id": "each", "type": "transform", "forEach": "{{ vars.T }}",
+                     "template": "{{ item }}" } ]
+    }));
+    let many: Vec<String> = (0..100).map(|i| format!("topic number {i:03}")).collect();
+    let mut req = RunRequest::default();
+    req.variables.insert("T".into(), json!(many));
+    let o = run(&env, &bp, req).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    let row = env.store.find_run(&o.run_id).unwrap();
+    assert_eq!(row.steps_done, Some(100));
+    assert_eq!(env.store.run_steps(&o.run_id).unwrap().len(), 100);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_are_retried_and_every_attempt_is_recorded() {
     let server = fake_server(vec![
