@@ -73,13 +73,22 @@ echo "mutating ${#kept[@]} file(s): ${kept[*]}"
 
 # A test process killed at a mutant's timeout or by nextest's fail-fast leaves the omniflow
 # processes it spawned behind (daemons, mostly), adopted by init; left running they load the
-# machine and slow, or time out, every later mutant. Reap those of this run's builds (the
-# tree itself with --in-place, cargo-mutants' scratch copies otherwise) while it runs.
-builds="^($(pwd)|${TMPDIR:-/tmp}/cargo-mutants-[^/]*)/target/debug/omniflow\$"
+# machine and slow, or time out, every later mutant. Reap those of this run's builds while it
+# runs: cargo-mutants' scratch copies, or this tree itself with --in-place. The reaper stops
+# with the script, however it ends.
+scratch="${TMPDIR:-/tmp}"
+export MUTANTS_REAP_SCRATCH="${scratch%/}/cargo-mutants-" MUTANTS_REAP_HERE=""
+for a in "${extra[@]}"; do
+    if [ "$a" = "--in-place" ]; then MUTANTS_REAP_HERE="$(pwd)/target/debug/omniflow"; fi
+done
 (
-    while sleep 5; do
+    while kill -0 $$ 2>/dev/null && sleep 5; do
         ps -eo pid=,ppid=,args= |
-            awk -v re="$builds" '$2 == 1 && $3 ~ re { print $1 }' |
+            awk '$2 == 1 {
+                b = $3; s = ENVIRON["MUTANTS_REAP_SCRATCH"]; h = ENVIRON["MUTANTS_REAP_HERE"]
+                if ((index(b, s) == 1 && b ~ /\/target\/debug\/omniflow$/) || (h != "" && b == h))
+                    print $1
+            }' |
             xargs -r kill -9 2>/dev/null || true
     done
 ) &

@@ -38,13 +38,13 @@ fn jitter_unit() -> f64 {
 /// starting, a lock another process holds): each wait twice the one before, up to a cap, so
 /// a short outage is bridged quickly and a long one is not hammered.
 #[derive(Debug, Clone)]
-pub struct Doubling {
+pub(crate) struct Doubling {
     next: Duration,
     cap: Duration,
 }
 
 impl Doubling {
-    pub fn new(first: Duration, cap: Duration) -> Doubling {
+    pub(crate) fn new(first: Duration, cap: Duration) -> Doubling {
         Doubling {
             next: first.min(cap),
             cap,
@@ -52,7 +52,7 @@ impl Doubling {
     }
 
     /// The wait to take now; the next one is twice as long, up to the cap.
-    pub fn next_wait(&mut self) -> Duration {
+    pub(crate) fn next_wait(&mut self) -> Duration {
         let now = self.next;
         self.next = self.next.saturating_mul(2).min(self.cap);
         now

@@ -1,5 +1,6 @@
 //! The library call as an embedder uses it: `call_hugging_face_model` reads the process's
-//! environment once. Its own test binary, because that configuration is process-wide.
+//! environment once, into a process-wide cell. So this binary holds one test: a second one
+//! would get whichever configuration the first call loaded.
 
 use omniflow::providers::{call_hugging_face_model, Request};
 
@@ -7,6 +8,10 @@ use omniflow::providers::{call_hugging_face_model, Request};
 /// error naming the variable and where to fix it.
 #[tokio::test]
 async fn a_bad_environment_is_answered_with_what_to_fix() {
+    // Only the bad setting: another variable the shell carries cannot be the one named.
+    for (k, _) in std::env::vars_os() {
+        std::env::remove_var(k);
+    }
     std::env::set_var("REQUEST_TIMEOUT", "soon");
     let r = call_hugging_face_model(Request::new("Say something.")).await;
     assert!(!r.success);

@@ -866,6 +866,7 @@ pub fn cache_key(req: &LlmRequest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// The warning that a server answered with another model than the one asked for: only
     /// when it named one, and not for the same model spelled with Ollama's `:latest`.
@@ -886,7 +887,6 @@ mod tests {
         assert!(!reply(Some("llama3.2")).model_differs());
         assert!(!reply(None).model_differs());
     }
-    use std::collections::HashMap;
 
     fn providers(vars: &[(&str, &str)]) -> Providers {
         let vars: HashMap<String, String> = vars

@@ -446,6 +446,11 @@ async fn a_stopping_process_writes_the_results_it_has_before_it_goes() {
     );
     release.send(()).unwrap();
     finishing.await.unwrap();
+    assert_eq!(
+        fleet.pending.load(Ordering::SeqCst),
+        0,
+        "finish gave up waiting instead of seeing the completion written"
+    );
     let now = finished(&fleet, vec![job.id]).await;
     assert_eq!(now.get(&job.id), Some(&Outcome::Done(json!("kept"))));
     off(move || locker.join().unwrap()).await;

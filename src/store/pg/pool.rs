@@ -131,3 +131,26 @@ impl PgPool {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::pg::testing::ScratchDb;
+
+    /// What the pool's sessions run with: every query planned with its parameters (a generic
+    /// plan fixed while the tables were small would stay), and commits that do not wait for
+    /// the disk (coordination rows only; the history's writer keeps the server's setting).
+    #[test]
+    fn pooled_sessions_plan_each_query_and_commit_without_waiting_for_the_disk() {
+        let Some(db) = ScratchDb::new("pool_settings") else {
+            return;
+        };
+        let pool = PgPool::sized(db.target(), 1).unwrap();
+        let mut c = pool.get().unwrap();
+        let show = |c: &mut Pooled, name: &str| -> String {
+            c.query_one(&format!("SHOW {name}"), &[]).unwrap().get(0)
+        };
+        assert_eq!(show(&mut c, "plan_cache_mode"), "force_custom_plan");
+        assert_eq!(show(&mut c, "synchronous_commit"), "off");
+    }
+}
