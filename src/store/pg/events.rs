@@ -206,6 +206,22 @@ mod tests {
         assert!(!p.contains("more"), "{p}");
     }
 
+    /// A console hears the runs another process changed, and not its own (its event bus
+    /// has those), nor text some other program sent on the channel.
+    #[test]
+    fn a_console_hears_other_processes_runs_not_its_own() {
+        let p = payload("host:7:1", &[started("run-a", "s")]).unwrap();
+        assert_eq!(
+            heard_runs(&p, "host:9:1"),
+            Some(Live::Runs {
+                runs: vec!["run-a".to_string()],
+                more: false
+            })
+        );
+        assert_eq!(heard_runs(&p, "host:7:1"), None);
+        assert_eq!(heard_runs("reindex done", "host:9:1"), None);
+    }
+
     #[test]
     fn writes_about_no_run_announce_nothing() {
         assert_eq!(payload("h:1:2", &[Op::ReleaseRuns]), None);
