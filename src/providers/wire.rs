@@ -684,6 +684,21 @@ mod tests {
             "m",
         );
         assert_eq!(overflow.kind, ErrorKind::InvalidRequest);
+        // Another 400 is not blamed on the context size.
+        let other = classify_status(
+            Link::OpenAi,
+            400,
+            None,
+            "application/json",
+            r#"{"error":{"code":400,"message":"temperature must be at most 2","type":"invalid_request_error"}}"#,
+            "m",
+        );
+        assert!(
+            other.message.contains("temperature must be at most 2"),
+            "{}",
+            other.message
+        );
+        assert!(!other.message.contains("context"), "{}", other.message);
         assert!(
             overflow.message.contains("shorten the prompt"),
             "{}",
