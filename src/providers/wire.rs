@@ -646,6 +646,18 @@ mod tests {
         assert!(crate::providers::falls_through(got.kind));
     }
 
+    /// An error body quoted in a message: one line, at most 200 characters, and an ellipsis
+    /// when it was cut.
+    #[test]
+    fn a_quoted_body_is_one_line_and_says_when_it_was_cut() {
+        assert_eq!(snippet("a\n  b\tc"), "a b c");
+        let exact = "x".repeat(200);
+        assert_eq!(snippet(&exact), exact);
+        let long = snippet(&"y".repeat(300));
+        assert_eq!(long.chars().count(), 201);
+        assert!(long.ends_with("y…"), "{long}");
+    }
+
     #[test]
     fn statuses_map_to_kinds() {
         let k = |s: u16, body: &str| {

@@ -467,6 +467,22 @@ impl ServerCertVerifier for EncryptOnly {
 mod tests {
     use super::*;
 
+    /// A refusal by the server comes with the fix for that refusal: a database that does not
+    /// exist is to be created (not a password to check).
+    #[test]
+    fn a_missing_database_is_named_with_how_to_create_it() {
+        let Some(db) = super::super::testing::ScratchDb::new("connect_missing") else {
+            return;
+        };
+        let missing = db.url().replace(db.name(), "omniflow_no_such_database");
+        let Err(e) = PgTarget::parse(&missing).unwrap().connect() else {
+            panic!("a database that does not exist was connected to");
+        };
+        assert!(e.contains("omniflow_no_such_database"), "{e}");
+        assert!(e.contains("create the database (`createdb NAME`"), "{e}");
+        assert!(!e.contains("password"), "{e}");
+    }
+
     #[test]
     fn the_password_is_never_shown() {
         let t =
