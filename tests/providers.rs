@@ -243,6 +243,35 @@ async fn a_retry_after_http_date_becomes_the_wait_until_then() {
     );
 }
 
+/// A server that reports no usage: the tokens are estimated from the system prompt, the
+/// prompt and the answer (a quarter of their characters each, rounded up), so budgets and
+/// the history still count them.
+#[tokio::test]
+async fn without_reported_usage_the_tokens_are_estimated_from_prompt_and_answer() {
+    let answer = "An answer of forty-four characters, exactly.";
+    let fake = start(move |_, _| {
+        Reply::json(
+            200,
+            json!({"id":"x","object":"chat.completion","created":1,"model":"m",
+                   "choices":[{"index":0,"message":{"role":"assistant","content":answer},
+                               "finish_reason":"stop"}]}),
+        )
+    })
+    .await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+    ]);
+    let r = LlmRequest {
+        prompt: "Twelve chars".into(),
+        ..req("huggingface", "m")
+    };
+    let reply = call(&p, &r).await.unwrap();
+    assert_eq!(reply.text, answer);
+    // "Be brief." 9 characters → 3 tokens, the prompt 12 → 3, the answer 44 → 11.
+    assert_eq!(reply.tokens_used, Some(3 + 3 + 11));
+}
+
 /// A long answer (2 MB, well under the 8 MiB reply cap, read in many chunks) arrives whole.
 #[tokio::test]
 async fn a_long_answer_under_the_reply_cap_arrives_whole() {
