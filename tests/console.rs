@@ -1415,13 +1415,18 @@ async fn retrying_only_failed_steps_reuses_the_recorded_outputs() {
     let env = common::engine(&[], 4);
     let bp = common::blueprint(serde_json::json!({
         "name": "two-steps",
+        "variables": { "WHO": "the default" },
         "nodes": [
             { "id": "a", "type": "transform", "template": "from a" },
             { "id": "b", "type": "llm", "needs": ["a"], "prompt": "{{ nodes.a.output }}",
               "retry": { "attempts": 1 } }
         ]
     }));
-    let failed = common::run(&env, &bp, common::sandbox(1.0, 1)).await;
+    let mut first = common::sandbox(1.0, 1);
+    first
+        .variables
+        .insert("WHO".into(), serde_json::json!("given at the start"));
+    let failed = common::run(&env, &bp, first).await;
     assert_eq!(failed.status, RunStatus::Error);
     let store = env.store.clone();
     let id = failed.run_id.clone();
@@ -1439,6 +1444,12 @@ async fn retrying_only_failed_steps_reuses_the_recorded_outputs() {
         "only the successful step is reused"
     );
     assert_eq!(req.reuse["a"], serde_json::json!("from a"));
+    // The retry runs as the run did: its variables as given, in the sandbox.
+    assert_eq!(
+        req.variables["WHO"],
+        serde_json::json!("given at the start")
+    );
+    assert!(req.sandbox);
     // The retry succeeds once the model stops failing; step a is not run again.
     req.simulate_failures = 0.0;
     let retried = env.engine.start(plan_bp, req).unwrap().wait().await;
