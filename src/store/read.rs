@@ -413,7 +413,7 @@ fn backup_with(
 
 /// Copies every page in one step: one read transaction sees one snapshot, and concurrent
 /// commits by the writer cannot restart the copy (they would, page batch by page batch).
-fn copy_into(src: &Connection, partial: &Path) -> Result<(), BackupFailure> {
+pub(super) fn copy_into(src: &Connection, partial: &Path) -> Result<(), BackupFailure> {
     let mut dst = Connection::open(partial)?;
     {
         let backup = Backup::new(src, &mut dst)?;

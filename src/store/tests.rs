@@ -1032,3 +1032,47 @@ fn spans_read_as_people_say_them() {
     assert_eq!(span(86_400), "1d0h");
     assert_eq!(span(3 * 86_400 + 4 * 3600 + 59), "3d4h");
 }
+
+/// A backup that meets the database locked by a writer past its connection's busy wait
+/// (possible where SQLite could not use WAL, on some network file systems) waits longer for
+/// the lock to go and then copies every row, instead of failing.
+#[test]
+fn a_backup_waits_for_a_writer_s_lock_and_copies_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plain.db");
+    let setup = Connection::open(&path).unwrap();
+    setup
+        .execute_batch(
+            "PRAGMA journal_mode = DELETE; CREATE TABLE t (x INTEGER);
+             INSERT INTO t VALUES (1), (2), (3);",
+        )
+        .unwrap();
+    drop(setup);
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let holder = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut c = Connection::open(&path).unwrap();
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+                .unwrap();
+            tx.execute("INSERT INTO t VALUES (4)", []).unwrap();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            tx.commit().unwrap();
+        })
+    };
+    locked.recv().unwrap();
+    let src = Connection::open(&path).unwrap();
+    // As if the lock had outlasted the connection's own busy wait: the copy's waiting is
+    // what is tested.
+    src.busy_timeout(Duration::ZERO).unwrap();
+    let copy = dir.path().join("copy.db");
+    read::copy_into(&src, &copy).expect("the backup waited for the lock");
+    holder.join().unwrap();
+    let n: i64 = Connection::open(&copy)
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 4, "the copy holds the writer's row too");
+}
