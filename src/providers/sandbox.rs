@@ -437,6 +437,24 @@ mod tests {
         }
     }
 
+    /// A sandbox answer counts its tokens as a real one without usage would: the prompt's
+    /// and the answer's, so budgets can be tried in the sandbox.
+    #[tokio::test]
+    async fn a_sandbox_answer_counts_the_prompt_and_the_answer() {
+        let sim = SimulatedModel::new(0.0, 1, Some(Duration::ZERO));
+        let r = req("Two sentences on rust and wasm.");
+        let key = AttemptKey {
+            step: "s",
+            attempt: 1,
+        };
+        let reply = sim.complete(&r, key).await.unwrap();
+        assert_eq!(
+            reply.tokens_used,
+            Some(estimate_tokens(&r.prompt) + estimate_tokens(&reply.text))
+        );
+        assert!(reply.tokens_used.unwrap() > estimate_tokens(&reply.text));
+    }
+
     #[test]
     fn answers_are_deterministic_and_use_the_prompt() {
         let a = answer("Two sentences on rust and wasm.", "m");
