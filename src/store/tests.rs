@@ -268,10 +268,19 @@ fn step_transitions_are_guarded(db, store) {
         output: None,
         ..step_end("r1", "b", StepStatus::Skipped)
     });
+    // Failed before any attempt (its prompt did not render): it never started either.
+    store.step_finished(StepEnd {
+        attempts: 0,
+        output: None,
+        ..step_end("r1", "c", StepStatus::Error)
+    });
     store.flush_blocking();
 
     let steps = store.run_steps("r1").unwrap();
-    assert_eq!(steps.len(), 2);
+    assert_eq!(steps.len(), 3);
+    let c = &steps[2];
+    assert_eq!((c.step_key.as_str(), c.status), ("c", StepStatus::Error));
+    assert_eq!(c.started_at, None, "no attempt, no start");
     let a = &steps[0];
     assert_eq!((a.step_key.as_str(), a.status), ("a", StepStatus::Success));
     assert_eq!(
