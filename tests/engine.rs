@@ -114,6 +114,30 @@ async fn a_40_item_fan_out_puts_40_agents_in_flight_together() {
     assert_eq!(item7.provider.as_deref(), Some("openai"));
 }
 
+/// The same prompt in a later run is answered from the cache (the model is asked once, the
+/// step says it was cached); only a retry skips the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_run_of_the_same_prompt_is_answered_from_the_cache() {
+    const ANSWER: &str = r#"{"choices":[{"message":{"role":"assistant","content":"kept"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    let fake = common::counting::start(std::time::Duration::ZERO, ANSWER.to_string());
+    let url = format!("{}/v1", fake.url);
+    let env = engine(&[("OPENAI_BASE_URL", url.as_str())], 4);
+    let bp = blueprint(json!({
+        "name": "cached",
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                     "prompt": "Two sentences on caching." } ]
+    }));
+    for round in 0..2 {
+        let o = run(&env, &bp, RunRequest::default()).await;
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        assert_eq!(o.outputs["ask"], json!("kept"));
+        let steps = env.store.run_steps(&o.run_id).unwrap();
+        assert_eq!(steps[0].cached, round == 1, "round {round}");
+    }
+    let asked: usize = fake.prompts.lock().unwrap().values().sum();
+    assert_eq!(asked, 1, "the model was asked once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_out_becomes_steps_as_workers_free_up() {
     // 2 workers: at most 2 × 2 of the run's steps are queued or running at any moment, however

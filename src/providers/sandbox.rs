@@ -466,6 +466,21 @@ mod tests {
         assert_ne!(a, answer("Two sentences on llm.", "m"));
     }
 
+    /// Without a seed, a classify prompt's choice follows the message: different messages are
+    /// sorted into different options, so each branch of a router gets sandbox traffic.
+    #[test]
+    fn different_messages_are_classified_differently() {
+        let picks: std::collections::HashSet<String> = (0..30)
+            .map(|i| {
+                answer(
+                    &format!("Answer with one of: urgent, normal, spam\nMessage: {i}"),
+                    "m",
+                )
+            })
+            .collect();
+        assert!(picks.len() >= 2, "{picks:?}");
+    }
+
     #[test]
     fn one_of_prompts_get_one_of_the_options() {
         for p in [
