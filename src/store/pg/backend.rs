@@ -741,6 +741,30 @@ fn log_skipped(skipped: &[String]) {
 mod tests {
     use super::*;
 
+    /// A row another transaction holds (here `NOWAIT` on a locked row) is a busy database,
+    /// worth trying again later, not a broken one; nor is it a lost connection.
+    #[test]
+    fn a_held_lock_is_a_busy_database() {
+        let Some(db) = crate::store::pg::testing::ScratchDb::new("pg_error_kinds") else {
+            return;
+        };
+        let mut holder = db.target().connect().unwrap();
+        holder
+            .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+            .unwrap();
+        holder
+            .batch_execute("BEGIN; SELECT * FROM t FOR UPDATE")
+            .unwrap();
+        let mut other = db.target().connect().unwrap();
+        let Err(e) = other.query("SELECT * FROM t FOR UPDATE NOWAIT", &[]) else {
+            panic!("the locked row was taken");
+        };
+        assert!(!lost(&e));
+        let err = pg_error(db.target(), "read", e);
+        assert_eq!(err.kind(), StoreErrorKind::Busy, "{err}");
+        holder.batch_execute("ROLLBACK").unwrap();
+    }
+
     /// A restart or crash of the server keeps the writes (reconnect, or hold them until it is
     /// back); a statement the server refused does not loop on new connections.
     #[test]
