@@ -1077,6 +1077,74 @@ fn writes_held_through_an_outage_after_a_lost_commit_reply_are_all_saved() {
     }
 }
 
+/// The process stops (its last `Store` dropped) while PostgreSQL cannot be reached and the
+/// writer holds writes back, and the server answers again a moment later: closing tries the
+/// held writes once more, reconnecting for a while, and they are saved, each once.
+#[test]
+fn nothing_is_lost_when_a_process_stops_while_the_server_is_briefly_away() {
+    let Some(db) = ScratchDb::new("closed_while_away") else {
+        return;
+    };
+    let mut url = url::Url::parse(db.url()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let proxy = common::pgcut::start_plain(&upstream);
+    let (host, port) = proxy.addr.split_once(':').unwrap();
+    url.set_host(Some(host)).unwrap();
+    url.set_port(Some(port.parse().unwrap())).unwrap();
+    url.set_query(Some("sslmode=disable"));
+    let store = Store::open_postgres(&PgTarget::parse(url.as_str()).unwrap()).unwrap();
+
+    record_lifecycle(&store, "before-outage");
+    store.flush_blocking();
+    assert_eq!(store.write_problem(), None);
+
+    proxy.go_down();
+    record_lifecycle(&store, "during-outage");
+    // Reported when the writer gives up reconnecting and holds the writes; it then pauses
+    // before trying them again. The close has to begin in that pause: a retry already under
+    // way when the server comes back would save the writes without the close's last try.
+    let patience = std::time::Instant::now();
+    while store.write_problem().is_none() {
+        assert!(
+            patience.elapsed() < Duration::from_secs(300),
+            "the outage was never reported"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Back while the close's last try is still reconnecting.
+            std::thread::sleep(Duration::from_secs(1));
+            proxy.reachable_again();
+        });
+        // Returns once the writer thread has ended.
+        drop(store);
+    });
+
+    // As another client of the database sees it: both runs whole, each row once.
+    let mut c = db.target().connect().unwrap();
+    let runs: Vec<(String, String)> = c
+        .query("SELECT id, status FROM runner_executions ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("before-outage".to_string(), "success".to_string()),
+            ("during-outage".to_string(), "success".to_string())
+        ]
+    );
+    for (table, rows) in [("runner_steps", 6), ("runner_attempts", 6)] {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, rows, "{table}");
+    }
+}
+
 #[test]
 fn a_postgres_database_migrated_by_a_newer_omniflow_is_refused() {
     let Some(db) = ScratchDb::new("newer") else {
