@@ -725,6 +725,10 @@ fn a_run_belongs_to_its_live_owner_and_moves_on_when_it_stops(db, store) {
 
     a.process_stopped();
     a.flush_blocking();
+    // A heartbeat that lands after the stop (on PostgreSQL one also goes at once on a
+    // reader's connection, and may arrive late) does not bring the process back.
+    a.heartbeat(health("daemon"));
+    a.flush_blocking();
     assert_eq!(b.orphaned_runs(lease).unwrap(), ["r1"]);
     assert_eq!(
         block_on(b.claim_run("r1", lease, 3)).unwrap(),

@@ -281,7 +281,8 @@ pub(crate) fn heartbeat(
              heartbeat_ms = excluded.heartbeat_ms, rss_mb = excluded.rss_mb,
              memory_hold = excluded.memory_hold, paused = excluded.paused, queued = excluded.queued,
              running = excluded.running, completed = excluded.completed, failed = excluded.failed,
-             concurrency = excluded.concurrency, stopped_at = NULL",
+             concurrency = excluded.concurrency
+         WHERE runner_processes.stopped_at IS NULL",
     )?
     .execute(params![
         proc.id,

@@ -645,7 +645,8 @@ pub(crate) const HEARTBEAT: &str =
          rss_mb = excluded.rss_mb, memory_hold = excluded.memory_hold,
          paused = excluded.paused, queued = excluded.queued, running = excluded.running,
          completed = excluded.completed, failed = excluded.failed,
-         concurrency = excluded.concurrency, stopped_at = NULL";
+         concurrency = excluded.concurrency
+     WHERE runner_processes.stopped_at IS NULL";
 
 /// A heartbeat's parameters, owned, so a reader thread can send one as well as the writer.
 pub(crate) struct HeartbeatRow {
