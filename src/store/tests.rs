@@ -1085,3 +1085,37 @@ fn a_backup_waits_for_a_writer_s_lock_and_copies_everything() {
         .unwrap();
     assert_eq!(n, 4, "the copy holds the writer's row too");
 }
+
+/// Another process holding the write lock past the busy wait: the writer tries the batch a
+/// few more times, then gives up and reports the writes as lost (it does not spin on the
+/// lock for ever, holding every later write behind it).
+#[test]
+fn a_batch_that_stays_locked_is_given_up_after_a_few_tries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.db");
+    drop(Store::open(&path).unwrap());
+    let mut holder = Connection::open(&path).unwrap();
+    let lock = holder
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let p = path.clone();
+    std::thread::spawn(move || {
+        let mut conn = Connection::open(&p).unwrap();
+        // As if each try had waited out its busy timeout already.
+        conn.busy_timeout(Duration::ZERO).unwrap();
+        let shared = writer::Shared::default();
+        let proc = transitions::ProcessInfo::current("test".into());
+        let ops = vec![Op::InsertRun(Box::new(new_run("locked", 0)))];
+        let lost = writer::apply_ops(&mut conn, &ops, &shared, &proc, "history.db").ok();
+        let err = shared.write_error.lock().unwrap().take();
+        let _ = done_tx.send((lost, err));
+    });
+    let (lost, err) = done
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the writer gave up on the locked database");
+    drop(lock);
+    assert_eq!(lost, Some(1));
+    let err = err.expect("the loss is reported");
+    assert!(err.contains("database is locked"), "{err}");
+}
