@@ -1256,14 +1256,12 @@ fn a_batch_whose_commit_reply_was_lost_is_not_applied_again() {
     let Some(db) = ScratchDb::new("commit_lost") else {
         return;
     };
-    let mut url = url::Url::parse(db.url()).unwrap();
-    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
     // The first transaction that records an attempt: the writer's batch.
-    let proxy = common::pgcut::start(&upstream, "INSERT INTO runner_attempts");
-    let (host, port) = proxy.addr.split_once(':').unwrap();
-    url.set_host(Some(host)).unwrap();
-    url.set_port(Some(port.parse().unwrap())).unwrap();
-    url.set_query(Some("sslmode=disable"));
+    let proxy = common::pgcut::start(
+        &common::pgcut::upstream(db.url()),
+        "INSERT INTO runner_attempts",
+    );
+    let url = proxy.url_for(db.url());
     let dir = tempfile::tempdir().unwrap();
     let bp = json!({
         "name": "cut-commit",
@@ -1282,7 +1280,7 @@ fn a_batch_whose_commit_reply_was_lost_is_not_applied_again() {
         dir.path(),
         &["run", path.to_str().unwrap(), "--sandbox", "--json"],
         [
-            ("DATABASE_URL", url.to_string()),
+            ("DATABASE_URL", url),
             ("LOG_DIR", logs.display().to_string()),
             ("RUST_LOG", "info,omniflow::store=debug".to_string()),
         ],

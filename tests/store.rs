@@ -1029,15 +1029,10 @@ fn writes_held_through_an_outage_after_a_lost_commit_reply_are_all_saved() {
     let Some(db) = ScratchDb::new("held_after_lost_commit") else {
         return;
     };
-    let mut url = url::Url::parse(db.url()).unwrap();
-    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
     // The run's id is sent with its first write: the cut is of the batch that holds it.
-    let proxy = common::pgcut::start_then_down(&upstream, "held-first");
-    let (host, port) = proxy.addr.split_once(':').unwrap();
-    url.set_host(Some(host)).unwrap();
-    url.set_port(Some(port.parse().unwrap())).unwrap();
-    url.set_query(Some("sslmode=disable"));
-    let store = Store::open_postgres(&PgTarget::parse(url.as_str()).unwrap()).unwrap();
+    let proxy = common::pgcut::start_then_down(&common::pgcut::upstream(db.url()), "held-first");
+    let url = proxy.url_for(db.url());
+    let store = Store::open_postgres(&PgTarget::parse(&url).unwrap()).unwrap();
 
     record_lifecycle(&store, "held-first");
     // Answered once the writer has stopped reconnecting and holds the writes back.
@@ -1089,14 +1084,9 @@ fn nothing_is_lost_when_a_process_stops_while_the_server_is_briefly_away() {
     let Some(db) = ScratchDb::new("closed_while_away") else {
         return;
     };
-    let mut url = url::Url::parse(db.url()).unwrap();
-    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
-    let proxy = common::pgcut::start_plain(&upstream);
-    let (host, port) = proxy.addr.split_once(':').unwrap();
-    url.set_host(Some(host)).unwrap();
-    url.set_port(Some(port.parse().unwrap())).unwrap();
-    url.set_query(Some("sslmode=disable"));
-    let store = Store::open_postgres(&PgTarget::parse(url.as_str()).unwrap()).unwrap();
+    let proxy = common::pgcut::start_plain(&common::pgcut::upstream(db.url()));
+    let url = proxy.url_for(db.url());
+    let store = Store::open_postgres(&PgTarget::parse(&url).unwrap()).unwrap();
 
     record_lifecycle(&store, "before-outage");
     store.flush_blocking();

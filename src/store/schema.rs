@@ -323,14 +323,18 @@ pub(crate) fn run_check(conn: &Connection, pragma: &str, n: u32) -> rusqlite::Re
     let mut st = conn.prepare(&format!("PRAGMA {pragma}({n})"))?;
     let rows = st.query_map([], |r| r.get::<_, String>(0))?;
     let lines: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
-    // A problem may span lines, under a "*** in database main ***" heading.
-    Ok(lines
-        .iter()
+    Ok(problems(&lines))
+}
+
+/// The problems in a check's rows: a row may hold several lines under a
+/// "*** in database main ***" heading, and a sound file answers one row, "ok".
+fn problems(rows: &[String]) -> Vec<String> {
+    rows.iter()
         .flat_map(|l| l.lines())
         .map(str::trim)
         .filter(|l| *l != "ok" && !l.is_empty() && !l.starts_with("***"))
         .map(str::to_string)
-        .collect())
+        .collect()
 }
 
 /// A read-only connection for queries and backups (never the writer's).
@@ -482,4 +486,27 @@ pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
     }
     #[allow(clippy::unnecessary_cast)]
     Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `doctor` and the refusal to open a damaged file list: the problems themselves,
+    /// not the heading SQLite puts above them, and nothing for a sound file.
+    #[test]
+    fn a_check_lists_its_problems_without_their_heading() {
+        let rows = [
+            "*** in database main ***\nPage 5: btreeInitPage() returns error code 11\n".to_string(),
+            "row 3 missing from index idx_steps_run".to_string(),
+        ];
+        assert_eq!(
+            problems(&rows),
+            [
+                "Page 5: btreeInitPage() returns error code 11",
+                "row 3 missing from index idx_steps_run"
+            ]
+        );
+        assert!(problems(&["ok".to_string()]).is_empty());
+    }
 }

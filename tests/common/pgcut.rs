@@ -33,7 +33,23 @@ pub struct CommitCut {
 
 type Live = Arc<Mutex<HashMap<u64, TcpStream>>>;
 
+/// `host:port` of the server a PostgreSQL URL names: what the proxy passes on to.
+pub fn upstream(db_url: &str) -> String {
+    let url = url::Url::parse(db_url).unwrap();
+    format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+}
+
 impl CommitCut {
+    /// `db_url` going through this proxy instead (plain TCP: the proxy reads the protocol).
+    pub fn url_for(&self, db_url: &str) -> String {
+        let mut url = url::Url::parse(db_url).unwrap();
+        let (host, port) = self.addr.split_once(':').unwrap();
+        url.set_host(Some(host)).unwrap();
+        url.set_port(Some(port.parse().unwrap())).unwrap();
+        url.set_query(Some("sslmode=disable"));
+        url.to_string()
+    }
+
     /// Ends the outage [`start_then_down`] or [`CommitCut::go_down`] began: new connections
     /// reach the server again.
     pub fn reachable_again(&self) {
