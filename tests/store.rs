@@ -1068,12 +1068,15 @@ fn writes_held_through_an_outage_after_a_lost_commit_reply_are_all_saved() {
         ("runner_steps", 6),
         ("runner_attempts", 6),
     ] {
-        let n: i64 = c
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .unwrap()
-            .get(0);
-        assert_eq!(n, rows, "{table}");
+        assert_eq!(row_count(&mut c, table), rows, "{table}");
     }
+}
+
+/// The rows of `table`, counted over a connection of the test's own.
+fn row_count(c: &mut postgres::Client, table: &str) -> i64 {
+    c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .unwrap()
+        .get(0)
 }
 
 /// The process stops (its last `Store` dropped) while PostgreSQL cannot be reached and the
@@ -1131,11 +1134,7 @@ fn nothing_is_lost_when_a_process_stops_while_the_server_is_briefly_away() {
         ]
     );
     for (table, rows) in [("runner_steps", 6), ("runner_attempts", 6)] {
-        let n: i64 = c
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .unwrap()
-            .get(0);
-        assert_eq!(n, rows, "{table}");
+        assert_eq!(row_count(&mut c, table), rows, "{table}");
     }
 }
 
