@@ -280,6 +280,18 @@ async fn wait_for(mut cond: impl FnMut() -> bool) {
     panic!("condition not met within 10 s");
 }
 
+/// The Supabase reader's error for these settings, as the user reads it.
+async fn supabase_refusal(
+    http: &reqwest::Client,
+    vars: &std::collections::HashMap<String, String>,
+) -> String {
+    let config = omniflow::config::Config::from_vars(vars).unwrap();
+    omniflow::supabase::active_blueprints(http, &config)
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 fn supabase_rows() -> Vec<Value> {
     let good = |name: &str, prio: &str| {
         json!({ "name": name, "priority": prio,
@@ -323,11 +335,7 @@ async fn supabase_rows_are_read_and_an_invalid_one_is_reported_with_its_id() {
 
     // A wrong key: a clear error that names the variable and never the key.
     vars.insert("SUPABASE_KEY".to_string(), "wrong-key-456".to_string());
-    let config = omniflow::config::Config::from_vars(&vars).unwrap();
-    let e = omniflow::supabase::active_blueprints(&http, &config)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = supabase_refusal(&http, &vars).await;
     assert!(
         e.contains("401") && e.contains("SUPABASE_KEY") && !e.contains("wrong-key-456"),
         "{e}"
@@ -382,11 +390,7 @@ async fn a_supabase_row_over_max_blueprint_bytes_is_reported_with_its_id() {
 
     // A reply of more than 4 × MAX_BLUEPRINT_BYTES is refused before it is buffered whole.
     vars.insert("MAX_BLUEPRINT_BYTES".to_string(), "16384".to_string());
-    let config = omniflow::config::Config::from_vars(&vars).unwrap();
-    let e = omniflow::supabase::active_blueprints(&http, &config)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = supabase_refusal(&http, &vars).await;
     assert!(
         e.contains("larger than 64 KiB") && e.contains("MAX_BLUEPRINT_BYTES"),
         "{e}"

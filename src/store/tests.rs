@@ -321,6 +321,16 @@ fn one_bad_write_does_not_take_its_batch_down(db, store) {
 }
 }
 
+/// Applies `ops` on `conn` as the writer applies a batch: how many writes were lost (`None`
+/// for a full disk, which is held, not lost), and the failure the user is told, if any.
+fn apply_as_writer(conn: &mut Connection, ops: &[Op]) -> (Option<u64>, Option<String>) {
+    let shared = writer::Shared::default();
+    let proc = transitions::ProcessInfo::current("test".into());
+    let lost = writer::apply_ops(conn, ops, &shared, &proc, "history.db").ok();
+    let err = shared.write_error.lock().unwrap().take();
+    (lost, err)
+}
+
 /// A batch the database refuses as a whole (here the table it writes to is gone) is one
 /// failure: the user reads how many changes were lost in one line, and the writes are not
 /// tried one by one (each would fail the same way, and be reported as one change).
@@ -336,12 +346,9 @@ fn a_batch_refused_as_a_whole_is_reported_once_with_its_count() {
         .into_iter()
         .map(|id| Op::InsertRun(Box::new(new_run(id, 0))))
         .collect();
-    let shared = writer::Shared::default();
-    let proc = transitions::ProcessInfo::current("test".into());
-    let lost = writer::apply_ops(&mut conn, &ops, &shared, &proc, "history.db")
-        .unwrap_or_else(|_| panic!("not a full disk"));
-    assert_eq!(lost, 3);
-    let err = shared.write_error.lock().unwrap().take().unwrap();
+    let (lost, err) = apply_as_writer(&mut conn, &ops);
+    assert_eq!(lost, Some(3));
+    let err = err.expect("the loss is reported");
     assert!(
         err.starts_with("could not save 3 change(s) to history.db (first: insert_run a)"),
         "{err}"
@@ -1104,12 +1111,8 @@ fn a_batch_that_stays_locked_is_given_up_after_a_few_tries() {
         let mut conn = Connection::open(&p).unwrap();
         // As if each try had waited out its busy timeout already.
         conn.busy_timeout(Duration::ZERO).unwrap();
-        let shared = writer::Shared::default();
-        let proc = transitions::ProcessInfo::current("test".into());
-        let ops = vec![Op::InsertRun(Box::new(new_run("locked", 0)))];
-        let lost = writer::apply_ops(&mut conn, &ops, &shared, &proc, "history.db").ok();
-        let err = shared.write_error.lock().unwrap().take();
-        let _ = done_tx.send((lost, err));
+        let ops = [Op::InsertRun(Box::new(new_run("locked", 0)))];
+        let _ = done_tx.send(apply_as_writer(&mut conn, &ops));
     });
     let (lost, err) = done
         .recv_timeout(Duration::from_secs(30))
