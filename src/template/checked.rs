@@ -392,6 +392,20 @@ fn check_count(limits: &Limits, filter: &str, count: usize) -> Result<(), Error>
     Ok(())
 }
 
+/// Registers minijinja's own filter `$name`, which collects its input into a new list, behind
+/// a check that the input counted as a list (a string's characters as items, see
+/// `check_list`) stays within `TEMPLATE_MAX_VALUE`; `$what` names it in the error.
+macro_rules! collecting {
+    ($env:ident, $limits:ident, $name:literal, $what:literal;
+     ($state:ident, $value:ident $(, $arg:ident: $ty:ty)*) => $call:expr) => {{
+        let l = $limits.clone();
+        $env.add_filter($name, move |$state: &State, $value: Value $(, $arg: $ty)*| {
+            check_list(&l, $what, &$value)?;
+            $call
+        });
+    }};
+}
+
 fn check_list(limits: &Limits, what: &str, value: &Value) -> Result<(), Error> {
     if weight(value, limits.template_max_value) > limits.template_max_value {
         return Err(value_error(limits, what));
@@ -483,53 +497,20 @@ pub fn install(env: &mut Environment<'static>, limits: &Arc<Limits>) {
             minijinja::filters::slice(state, value, count, fill)
         },
     );
-    let l = limits.clone();
-    env.add_filter("list", move |state: &State, value: Value| {
-        check_list(&l, "the list", &value)?;
-        minijinja::filters::list(state, value)
-    });
-    // The filters that collect their input's items into a new list: a string's characters
-    // count as items (see `check_list`).
-    let l = limits.clone();
-    env.add_filter(
-        "map",
-        move |state: &State, value: Value, args: Rest<Value>| {
-            check_list(&l, "the mapped list", &value)?;
-            minijinja::filters::map(state, value, args)
-        },
-    );
-    let l = limits.clone();
-    env.add_filter(
-        "select",
-        move |state: &State, value: Value, test: Option<String>, args: Rest<Value>| {
-            check_list(&l, "the selected list", &value)?;
-            minijinja::filters::select(state, value, test.map(Into::into), args)
-        },
-    );
-    let l = limits.clone();
-    env.add_filter(
-        "reject",
-        move |state: &State, value: Value, test: Option<String>, args: Rest<Value>| {
-            check_list(&l, "the selected list", &value)?;
-            minijinja::filters::reject(state, value, test.map(Into::into), args)
-        },
-    );
-    let l = limits.clone();
-    env.add_filter(
-        "sort",
-        move |state: &State, value: Value, kwargs: Kwargs| {
-            check_list(&l, "the sorted list", &value)?;
-            minijinja::filters::sort(state, value, kwargs)
-        },
-    );
-    let l = limits.clone();
-    env.add_filter(
-        "unique",
-        move |state: &State, value: Value, kwargs: Kwargs| {
-            check_list(&l, "the list of unique items", &value)?;
-            minijinja::filters::unique(state, value, kwargs)
-        },
-    );
+    collecting!(env, limits, "list", "the list";
+        (state, value) => minijinja::filters::list(state, value));
+    collecting!(env, limits, "map", "the mapped list";
+        (state, value, args: Rest<Value>) => minijinja::filters::map(state, value, args));
+    collecting!(env, limits, "select", "the selected list";
+        (state, value, test: Option<String>, args: Rest<Value>) =>
+            minijinja::filters::select(state, value, test.map(Into::into), args));
+    collecting!(env, limits, "reject", "the selected list";
+        (state, value, test: Option<String>, args: Rest<Value>) =>
+            minijinja::filters::reject(state, value, test.map(Into::into), args));
+    collecting!(env, limits, "sort", "the sorted list";
+        (state, value, kwargs: Kwargs) => minijinja::filters::sort(state, value, kwargs));
+    collecting!(env, limits, "unique", "the list of unique items";
+        (state, value, kwargs: Kwargs) => minijinja::filters::unique(state, value, kwargs));
     let l = limits.clone();
     env.add_filter(
         "split",
@@ -563,30 +544,12 @@ pub fn install(env: &mut Environment<'static>, limits: &Arc<Limits>) {
         check_pieces(&l, "the parsed JSON", &text, pieces)?;
         super::fromjson(text)
     });
-    let l = limits.clone();
-    env.add_filter(
-        "selectattr",
-        move |state: &State,
-              value: Value,
-              attr: String,
-              test: Option<String>,
-              args: Rest<Value>| {
-            check_list(&l, "the selected list", &value)?;
-            minijinja::filters::selectattr(state, value, attr.into(), test.map(Into::into), args)
-        },
-    );
-    let l = limits.clone();
-    env.add_filter(
-        "rejectattr",
-        move |state: &State,
-              value: Value,
-              attr: String,
-              test: Option<String>,
-              args: Rest<Value>| {
-            check_list(&l, "the selected list", &value)?;
-            minijinja::filters::rejectattr(state, value, attr.into(), test.map(Into::into), args)
-        },
-    );
+    collecting!(env, limits, "selectattr", "the selected list";
+        (state, value, attr: String, test: Option<String>, args: Rest<Value>) =>
+            minijinja::filters::selectattr(state, value, attr.into(), test.map(Into::into), args));
+    collecting!(env, limits, "rejectattr", "the selected list";
+        (state, value, attr: String, test: Option<String>, args: Rest<Value>) =>
+            minijinja::filters::rejectattr(state, value, attr.into(), test.map(Into::into), args));
     let l = limits.clone();
     env.add_filter("lines", move |value: &Value| {
         if let Some(text) = value.as_str() {
