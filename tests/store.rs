@@ -582,6 +582,8 @@ fn a_backup_taken_while_writing_opens_and_holds_the_runs() {
 
 on_both! {
 fn ten_thousand_writes_then_flush_are_all_there(db, store) {
+    let batches = || omniflow::telemetry::get().store_batch_seconds.count();
+    let batches_before = batches();
     store.insert_run(new_run("big", "alpha", 0));
     store.run_started("big", at(1), 3_333);
     let mut writes = 2;
@@ -635,7 +637,15 @@ fn ten_thousand_writes_then_flush_are_all_there(db, store) {
         "seq keeps insertion order"
     );
     assert_eq!(store.take_write_error(), None);
-    eprintln!("{writes} writes committed in {took:?}");
+    // Writes queued together go in one transaction each batch, not one each: a commit waits
+    // for the disk, and 10,000 of them would leave the history minutes behind the runs.
+    // (The metric is the process's, so other tests' batches count too; they are few.)
+    let committed_in = batches() - batches_before;
+    assert!(
+        committed_in < 2_000,
+        "{writes} writes took {committed_in} batches"
+    );
+    eprintln!("{writes} writes committed in {took:?}, {committed_in} batches");
 }
 }
 
@@ -764,6 +774,13 @@ fn a_run_belongs_to_its_live_owner_and_moves_on_when_it_stops(db, store) {
     b.heartbeat(health("daemon"));
     b.flush_blocking();
     std::thread::sleep(Duration::from_millis(300));
+    // Silent for longer than the lease: gone, though it never said it stopped.
+    let b_state = |lease| {
+        let procs = a.processes(lease).unwrap();
+        procs.iter().find(|p| p.id == "host-b:202:0").map(|p| p.state())
+    };
+    assert_eq!(b_state(short), Some("gone"));
+    assert_eq!(b_state(lease), Some("alive"));
     assert_eq!(
         block_on(b.claim_run("r2", short, 1)).unwrap(),
         Claim::Exhausted { takeovers: 2 }
@@ -1238,4 +1255,43 @@ fn on_postgres_a_host_whose_clock_is_wrong_still_holds_its_runs() {
         block_on(b.claim_run("r1", lease, 3)).unwrap(),
         Claim::Live { .. }
     ));
+}
+
+/// Whether a run's owner on this host is certainly gone, from its id (`host:pid:start_ms`):
+/// its pid is free, or taken by a process that started well after the owner did (the pid
+/// was reused). Anything it cannot be sure of is left to the lease.
+#[test]
+fn an_owner_whose_pid_was_reused_is_gone() {
+    use omniflow::store::owner_is_gone;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Past the 30 s the owner's recorded start may trail its real one.
+    let minute = 60_000;
+
+    // The process recorded as the owner is the one running with that pid.
+    assert!(!owner_is_gone(&format!("{host}:{pid}:{now_ms}")));
+    // The pid is running, but the process holding it started a minute after the owner did.
+    assert!(owner_is_gone(&format!("{host}:{pid}:{}", now_ms - minute)));
+    // Another host's processes are not ours to look at; a malformed id says nothing.
+    assert!(!owner_is_gone(&format!(
+        "{host}-elsewhere:{pid}:{}",
+        now_ms - minute
+    )));
+    assert!(!owner_is_gone("no-pid-here"));
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing runs with that pid any more.
+    assert!(owner_is_gone(&format!("{host}:{pid}:{now_ms}")));
 }

@@ -237,15 +237,19 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let mut pause = Doubling::new(Duration::from_millis(5), Duration::from_millis(100));
     loop {
         match open_writer_once(path) {
-            Err(StoreError::Database { source, .. })
-                if source.kind() == StoreErrorKind::Busy
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(e) if open_again(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(pause.next_wait());
             }
             other => return other,
         }
     }
+}
+
+/// Whether an open that failed with `e` starts over: only when the database was busy, which
+/// another process creating or migrating the file causes. Any other failure (a damaged,
+/// read-only or newer file) would fail the same way again, so it is reported at once.
+fn open_again(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database { source, .. } if source.kind() == StoreErrorKind::Busy)
 }
 
 fn open_writer_once(path: &Path) -> Result<Connection, StoreError> {
@@ -508,5 +512,29 @@ mod tests {
             ]
         );
         assert!(problems(&["ok".to_string()]).is_empty());
+    }
+
+    /// Two processes creating one file at once may see "busy" where SQLite does not wait:
+    /// that open starts over. A file that cannot be opened for any other reason is reported
+    /// at once rather than after the busy timeout.
+    #[test]
+    fn only_a_busy_database_is_opened_again() {
+        let path = Path::new("runs.db");
+        let failed = |code| {
+            open_error(
+                path,
+                "migrating the schema",
+                rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None),
+            )
+        };
+        assert!(open_again(&failed(rusqlite::ffi::SQLITE_BUSY)));
+        assert!(open_again(&failed(rusqlite::ffi::SQLITE_LOCKED)));
+        assert!(!open_again(&failed(rusqlite::ffi::SQLITE_READONLY)));
+        assert!(!open_again(&failed(rusqlite::ffi::SQLITE_CORRUPT)));
+        assert!(!open_again(&StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found: LATEST + 1,
+            known: LATEST,
+        }));
     }
 }
