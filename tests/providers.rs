@@ -882,6 +882,26 @@ async fn the_library_call_retries_a_loading_model_and_answers() {
         .unwrap()
         .starts_with("auth: Hugging Face refused the token"));
     assert_eq!(bad.count(), 1, "auth is not retried");
+
+    // A model that stays loading: the first try and MAX_RETRIES more, then the reason.
+    let loading = start(|_, _| {
+        Reply::json(
+            503,
+            json!({"error":"Model is currently loading","estimated_time":1.5}),
+        )
+    })
+    .await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &loading.url),
+        ("MAX_RETRIES", "2"),
+    ]);
+    let r = library::call_with(&p, library::Request::new("x")).await;
+    assert!(!r.success);
+    let error = r.error.unwrap();
+    assert!(error.contains("loading"), "{error}");
+    assert_eq!(loading.count(), 3, "one try and two retries");
+
     let v = serde_json::to_value(library::Response {
         success: true,
         tokens_used: Some(1),

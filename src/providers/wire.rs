@@ -749,5 +749,30 @@ mod tests {
         assert!(o
             .message
             .starts_with("model llama3.2 not found — run: ollama pull llama3.2"));
+        // Ollama's 404s are about the model even when they do not say so; another server's
+        // bare 404 is a wrong address, not a missing model.
+        let bare = |link| {
+            classify_status(
+                link,
+                404,
+                None,
+                "application/json",
+                r#"{"error":"not found"}"#,
+                "llama3.2",
+            )
+        };
+        assert_eq!(bare(Link::Ollama).kind, ErrorKind::ModelNotSupported);
+        let elsewhere = bare(Link::OpenAi);
+        assert_eq!(
+            elsewhere.kind,
+            ErrorKind::InvalidRequest,
+            "{}",
+            elsewhere.message
+        );
+        assert!(
+            !elsewhere.message.contains("ollama pull"),
+            "{}",
+            elsewhere.message
+        );
     }
 }
