@@ -6,6 +6,7 @@
 mod common;
 
 use omniflow::store::pg::testing::ScratchDb;
+use omniflow::store::pg::PgTarget;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -277,6 +278,10 @@ fn a_user_who_may_not_create_tables_is_told_the_grant() {
              REVOKE CREATE ON SCHEMA public FROM {role};"
         ))
         .unwrap();
+    let _role = DroppedRole {
+        name: role.clone(),
+        db: db.target().clone(),
+    };
     let url = db
         .url()
         .replacen("postgres@", &format!("{role}:{SECRET}@"), 1);
@@ -299,13 +304,54 @@ fn a_user_who_may_not_create_tables_is_told_the_grant() {
     assert!(all.contains("grant the user CREATE"), "{all}");
     assert_hidden("runs", &all);
 
-    drop(admin);
-    drop(db);
-    // The role outlives the database; remove it so the server is left as found.
-    let server = ScratchDb::new("database_url_grant_cleanup").unwrap();
-    let mut c = server.target().connect().unwrap();
-    c.batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+    // Migrated by its owner, then the user may create tables and read one column of the
+    // runs, but write none: the database answers (its runs are counted), and doctor's
+    // verdict on it is still ✗, as its privileges line says.
+    let out = env.run(db.url(), &["runs"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    admin
+        .batch_execute(&format!(
+            "GRANT CREATE ON SCHEMA public TO {role};
+             GRANT SELECT ON omniflow_migrations TO {role};
+             GRANT SELECT (id) ON runner_executions TO {role};"
+        ))
         .unwrap();
+    let out = env.run(&url, &["doctor", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let database = &report["database"];
+    assert_eq!(database["runs"], 0, "{database}");
+    let privileges = database["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "privileges")
+        .unwrap();
+    assert_eq!(privileges["ok"], false, "{database}");
+    assert!(
+        privileges["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read and write OmniFlow's tables"),
+        "{database}"
+    );
+    assert_eq!(database["ok"], false, "a check failed: {database}");
+    assert_hidden("doctor --json", &text(&out));
+}
+
+/// A role made for one test: it outlives the database, so it is dropped with what it was
+/// granted there, when the test fails too, and the server is left as found.
+struct DroppedRole {
+    name: String,
+    db: PgTarget,
+}
+
+impl Drop for DroppedRole {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.db.connect() {
+            let name = &self.name;
+            let _ = c.batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE IF EXISTS {name}"));
+        }
+    }
 }
 
 /// `migrate --from FILE` copies that SQLite file, not the one `DB_FILE` names.

@@ -321,6 +321,63 @@ fn one_bad_write_does_not_take_its_batch_down(db, store) {
 }
 }
 
+/// On PostgreSQL a batch that fails as a conflict (serialization failure, deadlock) is
+/// applied again, a few times. A write that conflicts on every try is then given up like any
+/// refused row: reported, and the rest of its batch saved, instead of the writer trying it
+/// forever while every later write waits behind it.
+#[test]
+fn a_write_that_conflicts_on_every_try_is_given_up_after_a_few() {
+    let Some(db) = pg::testing::ScratchDb::new("conflicting_write") else {
+        return;
+    };
+    let target = db.target().clone();
+    let db = Db::Postgres(Box::new(db));
+    let store = db.open();
+    // The conflict is made by a trigger, 50 times at most: a writer that never gives up
+    // still ends, having saved the row.
+    db.exec(
+        "",
+        "CREATE SEQUENCE boom_tries;
+         CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 'bad' THEN
+                 IF nextval('boom_tries') <= 50 THEN
+                     RAISE EXCEPTION 'conflict made by a test trigger'
+                         USING ERRCODE = 'serialization_failure';
+                 END IF;
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
+             FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
+    for id in ["ok1", "bad", "ok2"] {
+        store.insert_run(new_run(id, 0));
+    }
+    store.flush_blocking();
+    assert!(store.find_run("ok1").is_ok());
+    assert!(store.find_run("ok2").is_ok());
+    assert!(
+        matches!(store.find_run("bad"), Err(StoreError::NotFound(_))),
+        "the write that kept conflicting was given up"
+    );
+    let err = store.take_write_error().expect("the failure is reported");
+    assert!(
+        err.contains("insert_run bad") && err.contains("conflict made by a test trigger"),
+        "{err}"
+    );
+    // Its batch's first try and five more, then the write alone (when its batch had others).
+    let tries: i64 = std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        c.query_one("SELECT last_value FROM boom_tries", &[])
+            .unwrap()
+            .get(0)
+    })
+    .join()
+    .unwrap();
+    assert!((6..=7).contains(&tries), "tried {tries} times");
+}
+
 /// Applies `ops` on `conn` as the writer applies a batch: how many writes were lost (`None`
 /// for a full disk, which is held, not lost), and the failure the user is told, if any.
 fn apply_as_writer(conn: &mut Connection, ops: &[Op]) -> (Option<u64>, Option<String>) {

@@ -825,6 +825,20 @@ mod tests {
             .unwrap();
             tx.commit().unwrap();
         }
+        // What the server runs is counted as a statement log shows it: one row a statement.
+        c.batch_execute(
+            "CREATE TABLE statements (op text);
+             CREATE FUNCTION count_statement() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO statements VALUES (TG_OP); RETURN NULL; END $$;
+             CREATE TRIGGER count_statement AFTER INSERT OR UPDATE ON runner_steps
+                 FOR EACH STATEMENT EXECUTE FUNCTION count_statement();",
+        )
+        .unwrap();
+        let statements = |tx: &mut Transaction<'_>, op: &str| -> i64 {
+            tx.query_one("SELECT count(*) FROM statements WHERE op = $1", &[&op])
+                .unwrap()
+                .get(0)
+        };
         let batch = vec![
             // One statement: new steps, a step of an unknown run, a step queued twice in the
             // batch (its first queuing counts), a step an earlier batch queued (kept as is).
@@ -855,6 +869,12 @@ mod tests {
         let mut tx = c.transaction().unwrap();
         let grouped = apply_all(&mut tx, &mut st, &batch, &proc).unwrap();
         let grouped_rows = steps(&mut tx);
+        // A fan-out's writes are one round trip each run of them, not one each write.
+        assert_eq!(
+            (statements(&mut tx, "INSERT"), statements(&mut tx, "UPDATE")),
+            (1, 2),
+            "the 5 queuings as one statement, the starts as two"
+        );
         tx.rollback().unwrap();
         let mut tx = c.transaction().unwrap();
         let one_by_one: Vec<Option<String>> = batch
