@@ -215,16 +215,26 @@ pub(crate) fn migrate(client: &mut Client, target: &PgTarget) -> Result<(), Stor
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .map_err(e("lock the migrations of"))?;
+    // Created only when missing: PostgreSQL checks the CREATE privilege before it looks for
+    // the table, so `CREATE TABLE IF NOT EXISTS` would refuse a user who reads and writes a
+    // database its owner migrated but may not create tables (what `doctor` calls fine).
     let result = client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS omniflow_migrations (
-                 version     BIGINT PRIMARY KEY,
-                 description TEXT NOT NULL,
-                 applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
-             )",
-        )
-        .map_err(e("create the migrations table in"))
-        .and_then(|()| migrate_locked(client, target));
+        .query_one("SELECT to_regclass('omniflow_migrations') IS NULL", &[])
+        .map_err(e("look for the migrations table in"))
+        .and_then(|missing| {
+            if missing.get::<_, bool>(0) {
+                client
+                    .batch_execute(
+                        "CREATE TABLE omniflow_migrations (
+                             version     BIGINT PRIMARY KEY,
+                             description TEXT NOT NULL,
+                             applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+                         )",
+                    )
+                    .map_err(e("create the migrations table in"))?;
+            }
+            migrate_locked(client, target)
+        });
     // Unlocked on every path; a dropped connection releases it anyway.
     let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
     result
