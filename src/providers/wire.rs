@@ -737,6 +737,12 @@ mod tests {
         );
         assert_eq!(html.kind, ErrorKind::Server);
         assert!(html.message.contains("502 Bad Gateway"), "{}", html.message);
+        // The message names who answered.
+        assert!(
+            html.message.starts_with("Hugging Face answered HTTP 502"),
+            "{}",
+            html.message
+        );
         let o = classify_status(
             Link::Ollama,
             404,
@@ -771,6 +777,13 @@ mod tests {
         );
         assert!(
             !elsewhere.message.contains("ollama pull"),
+            "{}",
+            elsewhere.message
+        );
+        assert!(
+            elsewhere
+                .message
+                .starts_with("the OpenAI-compatible server refused the request (HTTP 404"),
             "{}",
             elsewhere.message
         );
