@@ -259,4 +259,32 @@ mod tests {
             .await
             .is_none());
     }
+
+    /// A server whose `/props` fails is asked once, not once per call: calls that waited for
+    /// that answer, and calls soon after it, go ahead without a cap rather than ask again.
+    #[tokio::test]
+    async fn a_failing_props_is_asked_once_by_calls_together() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/props", listener.local_addr().unwrap());
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let s = Slots::new(None, true);
+        let http = reqwest::Client::new();
+        let ask = || s.limit(&http, Link::OpenAi, Some(&url), None);
+        let (a, b, c, d) = tokio::join!(ask(), ask(), ask(), ask());
+        assert!([a, b, c, d].iter().all(Option::is_none));
+        assert!(ask().await.is_none());
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 }
