@@ -842,3 +842,58 @@ async fn the_sweep_warns_only_when_it_moved_steps() {
     );
     fleet.stop.cancel();
 }
+
+/// A step another process queued is claimed and run here: the claimer takes rows this
+/// process did not insert, and the result lands in the queue for their driver.
+#[test]
+fn a_step_another_process_queued_is_run_here() {
+    use crate::engine::nodes::Prepared;
+    use crate::engine::step::AttemptDone;
+    let Some(db) = ScratchDb::new("fleet_claims_theirs") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let inner = engine.inner.clone();
+    let (url, calls) = http_server(false);
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        let prepared = Prepared::Http {
+            method: "GET".into(),
+            url,
+            headers: Vec::new(),
+            body: None,
+            response: "auto".into(),
+        };
+        // Queued for anyone, as another process's driver queues it.
+        let q = fleet.queue.clone();
+        let id = off(move || {
+            q.enqueue(&[NewJob {
+                run_id: "theirs".into(),
+                step_key: "call".into(),
+                attempt: 1,
+                priority: 1,
+                tags: Vec::new(),
+                payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
+            }])
+            .unwrap()[0]
+        })
+        .await;
+        let until = Instant::now() + Duration::from_secs(30);
+        let outcome = loop {
+            if let Some(o) = finished(&fleet, vec![id]).await.remove(&id) {
+                break o;
+            }
+            assert!(Instant::now() < until, "nobody here claimed the step");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let Outcome::Done(v) = outcome else {
+            panic!("not a result: {outcome:?}");
+        };
+        let done: AttemptDone = serde_json::from_value(v).unwrap();
+        assert_eq!(done.result.unwrap().value, json!("ok"));
+        assert_eq!(calls.try_recv(), Ok(0), "the call was made here");
+    });
+    drop(engine);
+    drop(rt);
+}
