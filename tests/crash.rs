@@ -64,6 +64,16 @@ impl Env {
         p
     }
 
+    /// Everything the processes logged (the JSON lines in LOG_DIR).
+    fn log(&self) -> String {
+        std::fs::read_dir(self.dir.path().join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    }
+
     fn sql(&self) -> rusqlite::Connection {
         let c = rusqlite::Connection::open(self.db()).unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -287,6 +297,10 @@ fn sigterm_drains_steps_in_flight_and_hands_the_run_over() {
     assert!(stderr(&out).contains("omniflow resume"), "{}", stderr(&out));
     // The four calls in flight finished and were recorded; nothing after them started.
     assert_eq!(succeeded_steps(&env, &run).len(), 4);
+    // …within the grace, and the log does not say otherwise.
+    let log = env.log();
+    assert!(log.contains("handed unfinished runs over"), "{log}");
+    assert!(!log.contains("grace period ended"), "{log}");
     let after_path = format!("/after/{run}");
     assert!(!server.calls.lock().unwrap().contains_key(&after_path));
     let (status, owner): (String, Option<String>) = env

@@ -709,6 +709,143 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     assert_eq!(steps[0].status, StepStatus::Running, "{:?}", steps[0].error);
 }
 
+/// What this thread logs at INFO and above while the guard lives, as text.
+struct Logged {
+    text: Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Logged {
+    fn capture() -> Logged {
+        #[derive(Clone)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let text = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Sink(text.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        Logged {
+            text,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
+    }
+}
+
+/// A shutdown's log (a daemon's stderr on SIGTERM) says the grace ended with attempts still
+/// in flight when it did, which explains the steps handed over, and not when nothing was
+/// running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_says_its_grace_ended_with_attempts_in_flight_only_when_it_did() {
+    const ENDED: &str = "shutdown: the grace period ended with attempts still in flight";
+    // `shutdown` logs on the thread that awaits it: this one.
+    let logged = Logged::capture();
+    let idle = engine(&[], 2);
+    assert!(idle
+        .engine
+        .shutdown(std::time::Duration::ZERO)
+        .await
+        .is_empty());
+    assert!(!logged.text().contains(ENDED), "{}", logged.text());
+
+    // A server that accepts and never answers: the call is in flight until stopped.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/slow", silent.local_addr().unwrap());
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "held",
+        "nodes": [ { "id": "fetch", "type": "http", "url": url } ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
+            if step == "fetch" {
+                break;
+            }
+        }
+    }
+    let released = env.engine.shutdown(std::time::Duration::ZERO).await;
+    assert_eq!(released, vec![h.run_id.clone()]);
+    assert!(logged.text().contains(ENDED), "{}", logged.text());
+}
+
+/// A resumed step goes on with its retries where they stopped: the attempts made before the
+/// handover count against its budget and its numbering continues. Allowed two attempts, a
+/// step that failed once before the handover is given up after one more, "after 2 attempts",
+/// instead of starting over with a fresh budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_step_goes_on_with_its_retries_where_they_stopped() {
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 2);
+    let busy = fake_server(vec![Reply::json(503, r#"{"error":"busy"}"#)]).await;
+    let bp = blueprint(json!({
+        "name": "flaky",
+        "nodes": [ { "id": "fetch", "type": "http", "url": busy.url.clone(),
+                     "retry": { "attempts": 2, "backoff": "1h", "jitter": 0 } } ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    // The first attempt failed; the step waits an hour for its second, and is handed over.
+    loop {
+        if let Some(Event::StepRetrying { step, attempt, .. }) = sub.recv().await {
+            assert_eq!((step.as_str(), attempt), ("fetch", 1));
+            break;
+        }
+    }
+    let run_id = h.run_id.clone();
+    assert_eq!(
+        env.engine.shutdown(std::time::Duration::ZERO).await,
+        vec![run_id.clone()]
+    );
+    h.wait().await;
+
+    // The next process on the same history resumes it.
+    let vars: std::collections::HashMap<String, String> = [
+        ("DB_FILE", env.dir.path().join("history.db")),
+        ("LOG_DIR", env.dir.path().join("logs")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.display().to_string()))
+    .collect();
+    let config = omniflow::config::Config::from_vars(&vars).unwrap();
+    let store = omniflow::store::Store::open(&config.db_file).unwrap();
+    let bus = omniflow::events::EventBus::new();
+    let next = omniflow::engine::Engine::new(Arc::new(config), store.clone(), bus.clone());
+    let sub = bus.subscribe();
+    let resumed = next.resume(&run_id).await.unwrap();
+    // Its one attempt left fails, and that is the end of the step (not a retry).
+    let status = loop {
+        match sub.recv().await {
+            Some(Event::StepRetrying { attempt, .. }) => {
+                panic!("the resumed step was retried as its attempt {attempt}")
+            }
+            Some(Event::RunFinished { status, .. }) => break status,
+            _ => {}
+        }
+    };
+    assert_eq!(status, RunStatus::Error);
+    resumed.wait().await;
+    let steps = store.run_steps(&run_id).unwrap();
+    assert_eq!(steps[0].attempts, 2);
+    let error = steps[0].error.clone().unwrap();
+    assert!(error.ends_with("(gave up after 2 attempts)"), "{error}");
+    assert_eq!(busy.seen.lock().unwrap().len(), 2);
+}
+
 /// A shutdown gives its grace to the work in flight and returns when that ends, not later:
 /// here the run's last step is done and its driver is sending the run's notification when
 /// the shutdown begins. The notification is held by the fake Telegram; once it is answered,

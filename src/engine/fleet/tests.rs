@@ -128,6 +128,85 @@ fn lock_row(
     (release, locker)
 }
 
+/// An engine of this process on `db`'s fleet with `concurrency` workers, on a runtime of its
+/// own (the engine is built inside it, so its fleet's tasks run there). Keep the directory
+/// (its logs) until the end.
+fn engine_on(
+    db: &ScratchDb,
+    concurrency: usize,
+) -> (
+    tokio::runtime::Runtime,
+    crate::engine::Engine,
+    tempfile::TempDir,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vars: HashMap<String, String> = [
+        ("DATABASE_URL", db.url().to_string()),
+        ("LOG_DIR", dir.path().join("logs").display().to_string()),
+        ("CONCURRENCY", concurrency.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = crate::config::Config::from_vars(&vars).unwrap();
+    let store = crate::store::Store::open_postgres(db.target()).unwrap();
+    let engine = {
+        let _in = rt.enter();
+        crate::engine::Engine::new(Arc::new(config), store, crate::events::EventBus::new())
+    };
+    (rt, engine, dir)
+}
+
+/// A web server on a thread of its own that answers `ok` to every request but, with
+/// `hold_first`, the first, which it reads and never answers. Says the number of each
+/// request (from 0) as it arrives.
+fn http_server(hold_first: bool) -> (String, std::sync::mpsc::Receiver<usize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/call", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for (n, sock) in listener.incoming().enumerate() {
+            let Ok(mut sock) = sock else { return };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => head.extend_from_slice(&buf[..k]),
+                }
+            }
+            let _ = tx.send(n);
+            if hold_first && n == 0 {
+                held.push(sock);
+                continue;
+            }
+            let _ = sock.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+            );
+        }
+    });
+    (url, rx)
+}
+
+/// Until the fleet's tables are there and it inserts what its drivers enqueue.
+async fn until_ready(fleet: &Fleet) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while !fleet.ready.load(Ordering::Relaxed) {
+        assert!(
+            Instant::now() < until,
+            "the fleet's queue never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn finished(fleet: &Fleet, ids: Vec<i64>) -> HashMap<i64, Outcome> {
     let q = fleet.queue.clone();
     off(move || q.finished(&ids).unwrap())
@@ -303,26 +382,7 @@ fn an_attempt_started_before_its_insert_runs_for_its_row_or_is_stopped() {
     let Some(db) = ScratchDb::new("fleet_early") else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let vars: HashMap<String, String> = [
-        ("DATABASE_URL", db.url().to_string()),
-        ("LOG_DIR", dir.path().join("logs").display().to_string()),
-        ("CONCURRENCY", "4".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = crate::config::Config::from_vars(&vars).unwrap();
-    let store = crate::store::Store::open_postgres(db.target()).unwrap();
-    let engine = {
-        let _in = rt.enter();
-        crate::engine::Engine::new(Arc::new(config), store, crate::events::EventBus::new())
-    };
+    let (rt, engine, _dir) = engine_on(&db, 4);
     let inner = engine.inner.clone();
     rt.block_on(async move {
         let fleet = inner.fleet.as_ref().unwrap().0.clone();
@@ -455,4 +515,385 @@ async fn a_stopping_process_writes_the_results_it_has_before_it_goes() {
     assert_eq!(now.get(&job.id), Some(&Outcome::Done(json!("kept"))));
     off(move || locker.join().unwrap()).await;
     fleet.stop.cancel();
+}
+
+/// Another transaction inserts a row for `step` of run `run`, attempt 1, and holds it
+/// uncommitted until told (or dropped): an insert of the same step waits for it, and goes
+/// ahead once it is rolled back.
+fn hold_step(
+    target: crate::store::pg::PgTarget,
+    run: &'static str,
+    step: &'static str,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO runner_queue (run_id, step_key, attempt, priority, payload)
+             VALUES ($1, $2, 1, 1, '{}')",
+            &[&run, &step],
+        )
+        .unwrap();
+        held_tx.send(()).unwrap();
+        let _ = released.recv();
+        tx.rollback().unwrap();
+    });
+    held.recv().unwrap();
+    (release, holder)
+}
+
+/// A step this process takes whole starts its call while its row's insert is on its way,
+/// not after its round trip: here the insert waits on another transaction, and the model
+/// server has the call meanwhile. Once the insert goes through, the call's result reaches
+/// its driver.
+#[test]
+fn a_step_taken_here_starts_its_call_before_its_row_is_inserted() {
+    use crate::engine::nodes::Prepared;
+    use crate::engine::step::AttemptDone;
+    let Some(db) = ScratchDb::new("fleet_call_first") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 4);
+    let inner = engine.inner.clone();
+    let (url, calls) = http_server(false);
+    let target = db.target().clone();
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        let (release, holder) = off(move || hold_step(target, "run", "call")).await;
+        let prepared = Prepared::Http {
+            method: "GET".into(),
+            url,
+            headers: Vec::new(),
+            body: None,
+            response: "auto".into(),
+        };
+        let job = NewJob {
+            run_id: "run".into(),
+            step_key: "call".into(),
+            attempt: 1,
+            priority: 1,
+            tags: Vec::new(),
+            payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
+        };
+        let (reply, queued) = oneshot::channel();
+        fleet
+            .enqueue_tx
+            .send(super::Enqueue { job, reply })
+            .map_err(|_| "the enqueuer is gone")
+            .unwrap();
+        // The insert cannot finish while the other transaction holds the step's key.
+        let called = off(move || calls.recv_timeout(Duration::from_secs(30))).await;
+        assert_eq!(
+            called,
+            Ok(0),
+            "the step's call waited for its row's insert to come back"
+        );
+        release.send(()).unwrap();
+        off(move || holder.join().unwrap()).await;
+        let (_, outcome) = tokio::time::timeout(Duration::from_secs(30), queued)
+            .await
+            .expect("the insert went ahead")
+            .unwrap()
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), outcome)
+            .await
+            .expect("the call's result reaches its driver")
+            .unwrap();
+        let Outcome::Done(v) = outcome else {
+            panic!("not a result: {outcome:?}");
+        };
+        let done: AttemptDone = serde_json::from_value(v).unwrap();
+        assert_eq!(done.result.unwrap().value, json!("ok"));
+    });
+    drop(engine);
+    drop(rt);
+}
+
+/// A step whose row leaves the queue before its result is taken (another driver of the run
+/// withdrew it) is queued again, and the run goes on: it does not fail the step.
+#[test]
+fn a_step_whose_row_was_withdrawn_is_queued_again_and_its_run_succeeds() {
+    use crate::events::RunStatus;
+    let Some(db) = ScratchDb::new("fleet_requeue") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let inner = engine.inner.clone();
+    // The first call is never answered: its row is withdrawn while it runs.
+    let (url, calls) = http_server(true);
+    let target = db.target().clone();
+    let bp: crate::blueprint::Blueprint = serde_json::from_value(json!({
+        "name": "withdrawn",
+        "nodes": [ { "id": "call", "type": "http", "url": url } ]
+    }))
+    .unwrap();
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        let h = engine
+            .start(Arc::new(bp), crate::engine::RunRequest::default())
+            .unwrap();
+        let calls = Arc::new(std::sync::Mutex::new(calls));
+        let next_call = || {
+            let calls = calls.clone();
+            off(move || calls.lock().unwrap().recv_timeout(Duration::from_secs(30)))
+        };
+        assert_eq!(next_call().await, Ok(0), "the step's first call");
+        // Its row is withdrawn once it is in (the call may start before its insert is back).
+        let run = h.run_id.clone();
+        off(move || {
+            let mut c = target.connect().unwrap();
+            let until = Instant::now() + Duration::from_secs(30);
+            while c
+                .execute("DELETE FROM runner_queue WHERE run_id = $1", &[&run])
+                .unwrap()
+                == 0
+            {
+                assert!(Instant::now() < until, "the step's row never came");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+        .await;
+        // The driver looks now rather than at its next poll.
+        fleet.results_wake.notify_one();
+        let o = tokio::time::timeout(Duration::from_secs(60), h.wait())
+            .await
+            .expect("the run ends");
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        assert_eq!(o.outputs["call"], json!("ok"));
+        assert_eq!(next_call().await, Ok(1), "the step was queued again");
+        drop(engine);
+    });
+    drop(rt);
+}
+
+/// What `fleet` logs at WARN and above, while the guard lives, on this thread.
+struct Warnings {
+    text: Arc<std::sync::Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Warnings {
+    fn capture() -> Warnings {
+        #[derive(Clone)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let text = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Sink(text.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        Warnings {
+            text,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.text.lock().unwrap())
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The warning that results were dropped (their lease was taken over) comes only when some
+/// were, and counts them: a batch whose results all land says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_results_are_warned_about_only_when_some_were_dropped() {
+    let Some(db) = ScratchDb::new("fleet_dropped_warning") else {
+        return;
+    };
+    let fleet = fleet(&db, 2).await;
+    let rows = claimed(&fleet, &["kept", "also", "lost"]).await;
+    let (kept, also, lost) = (
+        rows["kept"].clone(),
+        rows["also"].clone(),
+        rows["lost"].clone(),
+    );
+    // `record` logs on the thread that awaits it: this one.
+    let warnings = Warnings::capture();
+    worker::record(&fleet, vec![(kept.id, kept.token.clone(), json!("kept"))]).await;
+    assert_eq!(
+        warnings.lines(),
+        Vec::<String>::new(),
+        "nothing was dropped"
+    );
+    worker::record(
+        &fleet,
+        vec![
+            (also.id, also.token.clone(), json!("also")),
+            (lost.id, "a token taken over".into(), json!("lost")),
+        ],
+    )
+    .await;
+    let lines = warnings.lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("were dropped") && lines[0].contains("lost=1"),
+        "{lines:?}"
+    );
+}
+
+/// A process of the fleet with nothing left to write or give back stops at once: its stop
+/// (a daemon's SIGTERM, the end of `omniflow run`) does not wait out the few seconds it
+/// would give a completion still being written. (Paused clock: any wait moves it.)
+#[tokio::test(start_paused = true)]
+async fn a_process_with_nothing_left_to_write_stops_at_once() {
+    let Some(db) = ScratchDb::new("fleet_finish_at_once") else {
+        return;
+    };
+    let fleet = fleet(&db, 1).await;
+    let start = tokio::time::Instant::now();
+    fleet.finish().await;
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "the stop waited with nothing pending"
+    );
+}
+
+/// The sweep warns that steps of silent workers went back to the queue when it moved some,
+/// and counts them; a sweep that found nothing expired says nothing (it runs every half
+/// lease, so a false warning would fill the logs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_warns_only_when_it_moved_steps() {
+    let Some(db) = ScratchDb::new("fleet_sweep_warning") else {
+        return;
+    };
+    let target = db.target().clone();
+    let queue = off(move || {
+        let q = Queue::new(&target, 2).unwrap();
+        q.ensure_schema().unwrap();
+        q
+    })
+    .await;
+    // A short lease: a sweep every 200 ms.
+    let fleet = Fleet::on_queue(
+        queue,
+        WORKER.into(),
+        Vec::new(),
+        Duration::from_millis(400),
+        3,
+    );
+    fleet.ready.store(true, Ordering::Relaxed);
+    let sql = |statement: &'static str| {
+        let target = db.target().clone();
+        off(move || target.connect().unwrap().execute(statement, &[]).unwrap())
+    };
+    // A finished row nobody took for two days: the first sweep deletes it, which shows
+    // that a sweep ran with no lease expired.
+    sql("INSERT INTO runner_queue (run_id, step_key, attempt, priority, payload, state, finished_at)
+         VALUES ('old', 'left', 1, 1, '{}', 'done', now() - interval '2 days')")
+    .await;
+    // The sweeper runs here, on this thread, where its warnings are captured.
+    let warnings = Warnings::capture();
+    let sweeper = worker::sweeper(fleet.clone());
+    tokio::pin!(sweeper);
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut swept_once = false;
+    loop {
+        tokio::select! {
+            _ = &mut sweeper => panic!("the sweeper stopped"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        assert!(Instant::now() < until, "no sweep moved the step");
+        if !swept_once {
+            let left = sql("SELECT 1 FROM runner_queue WHERE run_id = 'old'").await;
+            if left == 0 {
+                swept_once = true;
+                // A worker that claimed a step and went silent: its lease is over at once.
+                let q = fleet.queue.clone();
+                off(move || {
+                    q.enqueue(&[NewJob {
+                        run_id: "run".into(),
+                        step_key: "silent".into(),
+                        attempt: 1,
+                        priority: 1,
+                        tags: Vec::new(),
+                        payload: json!({}),
+                    }])
+                    .unwrap();
+                    q.claim("gone-host:1:0", &[], 1, Duration::ZERO).unwrap()
+                })
+                .await;
+            }
+        } else if !warnings.lines().is_empty() {
+            break;
+        }
+    }
+    let lines = warnings.lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("went back to the queue") && lines[0].contains("requeued=1"),
+        "{lines:?}"
+    );
+    fleet.stop.cancel();
+}
+
+/// A step another process queued is claimed and run here: the claimer takes rows this
+/// process did not insert, and the result lands in the queue for their driver.
+#[test]
+fn a_step_another_process_queued_is_run_here() {
+    use crate::engine::nodes::Prepared;
+    use crate::engine::step::AttemptDone;
+    let Some(db) = ScratchDb::new("fleet_claims_theirs") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let inner = engine.inner.clone();
+    let (url, calls) = http_server(false);
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        let prepared = Prepared::Http {
+            method: "GET".into(),
+            url,
+            headers: Vec::new(),
+            body: None,
+            response: "auto".into(),
+        };
+        // Queued for anyone, as another process's driver queues it.
+        let q = fleet.queue.clone();
+        let id = off(move || {
+            q.enqueue(&[NewJob {
+                run_id: "theirs".into(),
+                step_key: "call".into(),
+                attempt: 1,
+                priority: 1,
+                tags: Vec::new(),
+                payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
+            }])
+            .unwrap()[0]
+        })
+        .await;
+        let until = Instant::now() + Duration::from_secs(30);
+        let outcome = loop {
+            if let Some(o) = finished(&fleet, vec![id]).await.remove(&id) {
+                break o;
+            }
+            assert!(Instant::now() < until, "nobody here claimed the step");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let Outcome::Done(v) = outcome else {
+            panic!("not a result: {outcome:?}");
+        };
+        let done: AttemptDone = serde_json::from_value(v).unwrap();
+        assert_eq!(done.result.unwrap().value, json!("ok"));
+        assert_eq!(calls.try_recv(), Ok(0), "the call was made here");
+    });
+    drop(engine);
+    drop(rt);
 }
