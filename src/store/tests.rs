@@ -427,6 +427,14 @@ fn a_lost_write_makes_the_store_unready_until_a_batch_commits(db, store) {
     assert!(store.find_run("ok2").is_ok());
     let problem = store.write_problem().expect("the lost write makes the store unready");
     assert!(problem.contains("refused by test trigger"), "{problem}");
+    // Nothing was saved since: a flush with nothing to write commits no batch, and the store
+    // stays unready (`/readyz` does not turn ready because a console or a run's end waited).
+    store.flush_blocking();
+    assert_eq!(
+        store.write_problem().as_deref(),
+        Some(problem.as_str()),
+        "a flush with nothing to write does not clear it"
+    );
     store.insert_run(new_run("ok3", 0));
     store.flush_blocking();
     assert_eq!(store.write_problem(), None, "a batch that commits clears it");
