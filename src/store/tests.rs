@@ -457,8 +457,9 @@ fn dropping_the_last_clone_applies_pending_writes(db, store) {
 }
 }
 
-/// A driver asking for room waits while the writer is far behind, and goes on once the writer
-/// has taken the writes; nothing queued meanwhile is lost.
+/// A driver asking for room goes on at once while the writer is behind by less than the bound,
+/// waits while it is far behind, and goes on once the writer has taken the writes; nothing
+/// queued meanwhile is lost.
 #[tokio::test]
 async fn room_waits_while_the_writer_is_behind_and_nothing_is_lost() {
     use futures_util::FutureExt;
@@ -473,6 +474,30 @@ async fn room_waits_while_the_writer_is_behind_and_nothing_is_lost() {
     // whatever it took into its batch, and what is sent after that stays queued.
     let other = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // One write taken into a batch: from then on the writer waits for the lock, and the
+    // queue holds exactly what is sent next.
+    let shared = &store.inner.shared;
+    store.run_progress("r1", 0, 0);
+    loop {
+        let drained = shared.drained.notified();
+        tokio::pin!(drained);
+        drained.as_mut().enable();
+        if shared.queued.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            break;
+        }
+        drained.await;
+    }
+    // Behind, but under the bound: a driver goes on at once (waiting for the writer to take
+    // the queue down to half would slow every step start of a busy fan-out).
+    let under = super::ROOM * 3 / 4;
+    for i in 0..under {
+        store.run_progress("r1", i as u32, 0);
+    }
+    assert!(
+        store.room().now_or_never().is_some(),
+        "{under} writes queued is under the bound of {}: room at once",
+        super::ROOM
+    );
     // More than one batch can take, plus the bound, so the queue is over it whatever the
     // writer took before the lock stopped it.
     let n = 8192 + 2 * super::ROOM + 1;
