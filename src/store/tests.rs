@@ -797,6 +797,60 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
     assert!(want
         .iter()
         .any(|l| l.starts_with("runner_steps") && l.contains("\"running\"")));
+
+    // A batch with only one kind of fold in it still gets it: each row is written once, as
+    // the database counts its writes (SQLite rewrites a run's whole row, its blueprint and
+    // variables included, at each write).
+    let mut counted = schema::open_writer(&dir.path().join("c.db")).unwrap();
+    counted
+        .execute_batch(
+            "CREATE TABLE writes (tbl text);
+             CREATE TRIGGER runs_updated AFTER UPDATE ON runner_executions
+                 BEGIN INSERT INTO writes VALUES ('runner_executions'); END;
+             CREATE TRIGGER steps_inserted AFTER INSERT ON runner_steps
+                 BEGIN INSERT INTO writes VALUES ('runner_steps'); END;
+             CREATE TRIGGER steps_updated AFTER UPDATE ON runner_steps
+                 BEGIN INSERT INTO writes VALUES ('runner_steps'); END;",
+        )
+        .unwrap();
+    apply(&mut counted, &setup()[..2]);
+    let writes = |conn: &mut Connection, ops: Vec<Op>| -> Vec<(String, i64)> {
+        conn.execute_batch("DELETE FROM writes").unwrap();
+        apply(conn, &coalesce(ops));
+        let mut stmt = conn
+            .prepare("SELECT tbl, count(*) FROM writes GROUP BY tbl ORDER BY tbl")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    // A step's whole life and no run counters.
+    assert_eq!(
+        writes(
+            &mut counted,
+            vec![
+                queued("x", 200),
+                started("x", 1, 210),
+                finished("x", StepStatus::Success, "X"),
+            ]
+        ),
+        vec![("runner_steps".to_string(), 1)],
+        "a step queued, started and ended in one batch is written once"
+    );
+    // Run counters then the run's end, and no step.
+    assert_eq!(
+        writes(
+            &mut counted,
+            vec![
+                progress(4),
+                progress(5),
+                Op::RunFinished(Box::new(end("r", RunStatus::Success, 900))),
+            ]
+        ),
+        vec![("runner_executions".to_string(), 1)],
+        "a run's counters followed by its end are written once"
+    );
 }
 
 #[test]
