@@ -427,6 +427,14 @@ fn a_lost_write_makes_the_store_unready_until_a_batch_commits(db, store) {
     assert!(store.find_run("ok2").is_ok());
     let problem = store.write_problem().expect("the lost write makes the store unready");
     assert!(problem.contains("refused by test trigger"), "{problem}");
+    // Nothing was saved since: a flush with nothing to write commits no batch, and the store
+    // stays unready (`/readyz` does not turn ready because a console or a run's end waited).
+    store.flush_blocking();
+    assert_eq!(
+        store.write_problem().as_deref(),
+        Some(problem.as_str()),
+        "a flush with nothing to write does not clear it"
+    );
     store.insert_run(new_run("ok3", 0));
     store.flush_blocking();
     assert_eq!(store.write_problem(), None, "a batch that commits clears it");
@@ -449,8 +457,9 @@ fn dropping_the_last_clone_applies_pending_writes(db, store) {
 }
 }
 
-/// A driver asking for room waits while the writer is far behind, and goes on once the writer
-/// has taken the writes; nothing queued meanwhile is lost.
+/// A driver asking for room goes on at once while the writer is behind by less than the bound,
+/// waits while it is far behind, and goes on once the writer has taken the writes; nothing
+/// queued meanwhile is lost.
 #[tokio::test]
 async fn room_waits_while_the_writer_is_behind_and_nothing_is_lost() {
     use futures_util::FutureExt;
@@ -465,6 +474,30 @@ async fn room_waits_while_the_writer_is_behind_and_nothing_is_lost() {
     // whatever it took into its batch, and what is sent after that stays queued.
     let other = rusqlite::Connection::open(dir.path().join("history.db")).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // One write taken into a batch: from then on the writer waits for the lock, and the
+    // queue holds exactly what is sent next.
+    let shared = &store.inner.shared;
+    store.run_progress("r1", 0, 0);
+    loop {
+        let drained = shared.drained.notified();
+        tokio::pin!(drained);
+        drained.as_mut().enable();
+        if shared.queued.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            break;
+        }
+        drained.await;
+    }
+    // Behind, but under the bound: a driver goes on at once (waiting for the writer to take
+    // the queue down to half would slow every step start of a busy fan-out).
+    let under = super::ROOM * 3 / 4;
+    for i in 0..under {
+        store.run_progress("r1", i as u32, 0);
+    }
+    assert!(
+        store.room().now_or_never().is_some(),
+        "{under} writes queued is under the bound of {}: room at once",
+        super::ROOM
+    );
     // More than one batch can take, plus the bound, so the queue is over it whatever the
     // writer took before the lock stopped it.
     let n = 8192 + 2 * super::ROOM + 1;
@@ -764,6 +797,60 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
     assert!(want
         .iter()
         .any(|l| l.starts_with("runner_steps") && l.contains("\"running\"")));
+
+    // A batch with only one kind of fold in it still gets it: each row is written once, as
+    // the database counts its writes (SQLite rewrites a run's whole row, its blueprint and
+    // variables included, at each write).
+    let mut counted = schema::open_writer(&dir.path().join("c.db")).unwrap();
+    counted
+        .execute_batch(
+            "CREATE TABLE writes (tbl text);
+             CREATE TRIGGER runs_updated AFTER UPDATE ON runner_executions
+                 BEGIN INSERT INTO writes VALUES ('runner_executions'); END;
+             CREATE TRIGGER steps_inserted AFTER INSERT ON runner_steps
+                 BEGIN INSERT INTO writes VALUES ('runner_steps'); END;
+             CREATE TRIGGER steps_updated AFTER UPDATE ON runner_steps
+                 BEGIN INSERT INTO writes VALUES ('runner_steps'); END;",
+        )
+        .unwrap();
+    apply(&mut counted, &setup()[..2]);
+    let writes = |conn: &mut Connection, ops: Vec<Op>| -> Vec<(String, i64)> {
+        conn.execute_batch("DELETE FROM writes").unwrap();
+        apply(conn, &coalesce(ops));
+        let mut stmt = conn
+            .prepare("SELECT tbl, count(*) FROM writes GROUP BY tbl ORDER BY tbl")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    // A step's whole life and no run counters.
+    assert_eq!(
+        writes(
+            &mut counted,
+            vec![
+                queued("x", 200),
+                started("x", 1, 210),
+                finished("x", StepStatus::Success, "X"),
+            ]
+        ),
+        vec![("runner_steps".to_string(), 1)],
+        "a step queued, started and ended in one batch is written once"
+    );
+    // Run counters then the run's end, and no step.
+    assert_eq!(
+        writes(
+            &mut counted,
+            vec![
+                progress(4),
+                progress(5),
+                Op::RunFinished(Box::new(end("r", RunStatus::Success, 900))),
+            ]
+        ),
+        vec![("runner_executions".to_string(), 1)],
+        "a run's counters followed by its end are written once"
+    );
 }
 
 #[test]
