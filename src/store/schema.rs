@@ -237,7 +237,7 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let mut pause = Doubling::new(Duration::from_millis(5), Duration::from_millis(100));
     loop {
         match open_writer_once(path) {
-            Err(e) if open_again(&e) && std::time::Instant::now() < deadline => {
+            Err(e) if open_again(&e, std::time::Instant::now(), deadline) => {
                 std::thread::sleep(pause.next_wait());
             }
             other => return other,
@@ -245,11 +245,13 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     }
 }
 
-/// Whether an open that failed with `e` starts over: only when the database was busy, which
-/// another process creating or migrating the file causes. Any other failure (a damaged,
-/// read-only or newer file) would fail the same way again, so it is reported at once.
-fn open_again(e: &StoreError) -> bool {
+/// Whether an open that failed with `e` at `now` starts over: only when the database was
+/// busy, which another process creating or migrating the file causes, and only until
+/// `deadline`. Any other failure (a damaged, read-only or newer file) would fail the same
+/// way again, so it is reported at once.
+fn open_again(e: &StoreError, now: std::time::Instant, deadline: std::time::Instant) -> bool {
     matches!(e, StoreError::Database { source, .. } if source.kind() == StoreErrorKind::Busy)
+        && now < deadline
 }
 
 fn open_writer_once(path: &Path) -> Result<Connection, StoreError> {
@@ -515,8 +517,8 @@ mod tests {
     }
 
     /// Two processes creating one file at once may see "busy" where SQLite does not wait:
-    /// that open starts over. A file that cannot be opened for any other reason is reported
-    /// at once rather than after the busy timeout.
+    /// that open starts over, until the busy timeout. A file that cannot be opened for any
+    /// other reason is reported at once rather than after the busy timeout.
     #[test]
     fn only_a_busy_database_is_opened_again() {
         let path = Path::new("runs.db");
@@ -527,14 +529,28 @@ mod tests {
                 rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None),
             )
         };
-        assert!(open_again(&failed(rusqlite::ffi::SQLITE_BUSY)));
-        assert!(open_again(&failed(rusqlite::ffi::SQLITE_LOCKED)));
-        assert!(!open_again(&failed(rusqlite::ffi::SQLITE_READONLY)));
-        assert!(!open_again(&failed(rusqlite::ffi::SQLITE_CORRUPT)));
-        assert!(!open_again(&StoreError::NewerSchema {
+        let now = std::time::Instant::now();
+        let later = now + BUSY_TIMEOUT;
+        let again = |e: &StoreError| open_again(e, now, later);
+        assert!(again(&failed(rusqlite::ffi::SQLITE_BUSY)));
+        assert!(again(&failed(rusqlite::ffi::SQLITE_LOCKED)));
+        assert!(!again(&failed(rusqlite::ffi::SQLITE_READONLY)));
+        assert!(!again(&failed(rusqlite::ffi::SQLITE_CORRUPT)));
+        assert!(!again(&StoreError::NewerSchema {
             path: path.to_path_buf(),
             found: LATEST + 1,
             known: LATEST,
         }));
+        // Busy past the busy timeout: reported, not tried for ever.
+        assert!(!open_again(
+            &failed(rusqlite::ffi::SQLITE_BUSY),
+            later,
+            later
+        ));
+        assert!(!open_again(
+            &failed(rusqlite::ffi::SQLITE_READONLY),
+            later,
+            now
+        ));
     }
 }
