@@ -385,6 +385,25 @@ async fn ollama_ndjson_ends_with_done_and_counts_tokens() {
     assert_eq!(seen.json()["options"]["temperature"], json!(0.2));
 }
 
+/// An Ollama stream past the 8 MiB reply cap is refused rather than held in memory: a
+/// runaway model (or the wrong server at OLLAMA_URL) cannot fill the process's memory.
+#[tokio::test]
+async fn an_ollama_stream_past_the_reply_cap_is_refused() {
+    // Nine lines of 1 MiB each.
+    let piece = "x".repeat(1 << 20);
+    let pieces: Vec<&str> = std::iter::repeat_n(piece.as_str(), 9).collect();
+    let reply = Reply::ndjson(&pieces, true);
+    let fake = start(move |_, _| reply.clone()).await;
+    let p = providers(&[("OLLAMA_URL", &fake.url)]);
+    let e = match call(&p, &req("ollama", "fast")).await {
+        Ok(r) => panic!("an answer of {} bytes was taken", r.text.len()),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind, ErrorKind::BadResponse, "{e}");
+    assert!(e.message.contains("sent more than 8 MiB"), "{e}");
+    assert!(e.message.contains("OLLAMA_URL"), "{e}");
+}
+
 #[tokio::test]
 async fn ollama_without_done_is_truncated_and_a_missing_model_says_pull() {
     let fake = start(|_, _| Reply::ndjson(&["Hello"], false)).await;
