@@ -138,6 +138,53 @@ async fn a_later_run_of_the_same_prompt_is_answered_from_the_cache() {
     assert_eq!(asked, 1, "the model was asked once");
 }
 
+/// An answer the server cut off (`finish_reason: length`) fails a node with
+/// `"failOnTruncation": true`, at once and without a retry (the same call stops at the same
+/// limit), saying why; without it the answer is kept and the cut is recorded for `show`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_answer_fails_a_node_that_asks_for_it_without_a_retry() {
+    const ANSWER: &str = r#"{"choices":[{"message":{"role":"assistant","content":"half an ans"},"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+    let fake = common::counting::start(std::time::Duration::ZERO, ANSWER.to_string());
+    let url = format!("{}/v1", fake.url);
+    let env = engine(&[("OPENAI_BASE_URL", url.as_str()), ("CACHE_TTL", "0")], 4);
+    let node = |fail: bool| {
+        json!({ "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                "prompt": format!("Two sentences, fail {fail}."), "maxTokens": 5,
+                "failOnTruncation": fail, "retry": { "attempts": 3, "backoff": "1s" } })
+    };
+
+    let o = run(
+        &env,
+        &blueprint(json!({ "name": "cut", "nodes": [node(true)] })),
+        RunRequest::default(),
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Error, "{:?}", o.error);
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps[0].status, StepStatus::Error, "{steps:?}");
+    assert_eq!(steps[0].attempts, 1, "not retried: {steps:?}");
+    assert_eq!(
+        steps[0].error_kind,
+        Some(omniflow::error::ErrorKind::InvalidRequest)
+    );
+    let error = steps[0].error.as_deref().unwrap();
+    assert!(error.contains("cut off"), "{error}");
+    assert!(error.contains("maxTokens (5)"), "{error}");
+
+    let o = run(
+        &env,
+        &blueprint(json!({ "name": "kept", "nodes": [node(false)] })),
+        RunRequest::default(),
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["ask"], json!("half an ans"));
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert!(steps[0].truncated(), "{steps:?}");
+    let asked: usize = fake.prompts.lock().unwrap().values().sum();
+    assert_eq!(asked, 2, "each run asked the model once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_out_becomes_steps_as_workers_free_up() {
     // 2 workers: at most 2 × 2 of the run's steps are queued or running at any moment, however

@@ -115,6 +115,14 @@ async fn telegram_429_with_retry_after_then_success() {
         .as_deref()
         .unwrap()
         .contains("Too Many Requests"));
+    // `show` and the console's step detail name the channel as the step's provider.
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps[0].provider.as_deref(), Some("telegram"), "{steps:?}");
+    assert_eq!(
+        attempts[1].provider.as_deref(),
+        Some("telegram"),
+        "{attempts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

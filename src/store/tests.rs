@@ -851,6 +851,29 @@ fn a_coalesced_batch_leaves_the_same_rows_as_its_transitions_one_by_one() {
         vec![("runner_executions".to_string(), 1)],
         "a run's counters followed by its end are written once"
     );
+
+    // Started, then queued in the same batch (an unusual order: a start is only sent for a
+    // queued step): left as it is, so the start, finding no row, is refused as it would be
+    // alone, and `show` lists the step as pending, not as running from a refused start.
+    let order = || vec![started("i", 1, 220), queued("i", 230)];
+    let step_i = |conn: &Connection| -> (String, Option<String>) {
+        conn.query_row(
+            "SELECT status, started_at FROM runner_steps WHERE run_id = 'r' AND step_key = 'i'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let mut alone = schema::open_writer(&dir.path().join("d.db")).unwrap();
+    let mut folded = schema::open_writer(&dir.path().join("e.db")).unwrap();
+    apply(&mut alone, &setup()[..2]);
+    apply(&mut folded, &setup()[..2]);
+    for op in order() {
+        apply(&mut alone, std::slice::from_ref(&op));
+    }
+    apply(&mut folded, &coalesce(order()));
+    assert_eq!(step_i(&alone), ("pending".to_string(), None));
+    assert_eq!(step_i(&folded), step_i(&alone));
 }
 
 #[test]
