@@ -756,43 +756,6 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     assert_eq!(steps[0].status, StepStatus::Running, "{:?}", steps[0].error);
 }
 
-/// What this thread logs at INFO and above while the guard lives, as text.
-struct Logged {
-    text: Arc<std::sync::Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-impl Logged {
-    fn capture() -> Logged {
-        #[derive(Clone)]
-        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(data);
-                Ok(data.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let text = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = Sink(text.clone());
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        Logged {
-            text,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
-    }
-}
-
 /// A shutdown's log (a daemon's stderr on SIGTERM) says the grace ended with attempts still
 /// in flight when it did, which explains the steps handed over, and not when nothing was
 /// running.
@@ -800,7 +763,7 @@ impl Logged {
 async fn a_shutdown_says_its_grace_ended_with_attempts_in_flight_only_when_it_did() {
     const ENDED: &str = "shutdown: the grace period ended with attempts still in flight";
     // `shutdown` logs on the thread that awaits it: this one.
-    let logged = Logged::capture();
+    let logged = omniflow::logging::capture::Captured::start(tracing::Level::INFO);
     let idle = engine(&[], 2);
     assert!(idle
         .engine

@@ -104,29 +104,11 @@ mod tests {
     /// closed terminal or a daemon's /dev/null), with its message and where it happened.
     #[test]
     fn a_panic_is_logged_with_its_message_and_place() {
-        #[derive(Clone, Default)]
-        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         install_hook();
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            let caught = std::panic::catch_unwind(|| panic!("a bug to be logged"));
-            assert!(caught.is_err());
-        });
-        let log = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged = crate::logging::capture::Captured::start(tracing::Level::INFO);
+        let caught = std::panic::catch_unwind(|| panic!("a bug to be logged"));
+        assert!(caught.is_err());
+        let log = logged.text();
         assert!(log.contains("a panic was caught"), "{log}");
         assert!(log.contains("a bug to be logged"), "{log}");
         assert!(log.contains("src/engine/panics.rs:"), "{log}");

@@ -43,6 +43,7 @@
 //! [`init`] (`"info"` when that is empty). With `stderr_level`, human-readable lines at that
 //! level or above also go to stderr (for `omniflow daemon` under systemd or Docker).
 
+pub mod capture;
 pub mod redact;
 
 mod json;

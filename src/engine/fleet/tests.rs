@@ -669,46 +669,6 @@ fn a_step_whose_row_was_withdrawn_is_queued_again_and_its_run_succeeds() {
     drop(rt);
 }
 
-/// What `fleet` logs at WARN and above, while the guard lives, on this thread.
-struct Warnings {
-    text: Arc<std::sync::Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-impl Warnings {
-    fn capture() -> Warnings {
-        #[derive(Clone)]
-        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(data);
-                Ok(data.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let text = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = Sink(text.clone());
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        Warnings {
-            text,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.text.lock().unwrap())
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-}
-
 /// The warning that results were dropped (their lease was taken over) comes only when some
 /// were, and counts them: a batch whose results all land says nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,7 +684,7 @@ async fn dropped_results_are_warned_about_only_when_some_were_dropped() {
         rows["lost"].clone(),
     );
     // `record` logs on the thread that awaits it: this one.
-    let warnings = Warnings::capture();
+    let warnings = crate::logging::capture::Captured::start(tracing::Level::WARN);
     worker::record(&fleet, vec![(kept.id, kept.token.clone(), json!("kept"))]).await;
     assert_eq!(
         warnings.lines(),
@@ -799,7 +759,7 @@ async fn the_sweep_warns_only_when_it_moved_steps() {
          VALUES ('old', 'left', 1, 1, '{}', 'done', now() - interval '2 days')")
     .await;
     // The sweeper runs here, on this thread, where its warnings are captured.
-    let warnings = Warnings::capture();
+    let warnings = crate::logging::capture::Captured::start(tracing::Level::WARN);
     let sweeper = worker::sweeper(fleet.clone());
     tokio::pin!(sweeper);
     let until = Instant::now() + Duration::from_secs(30);
