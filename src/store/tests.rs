@@ -554,6 +554,35 @@ fn a_file_that_is_not_sqlite_is_refused_untouched() {
     assert!(!dir.path().join("notes.db-wal").exists());
 }
 
+/// A history file cut short (a torn copy, a full disk during a copy): SQLite finds it
+/// malformed while it opens, and the user is told it is damaged and how to rescue what is in
+/// it, with the file left as it was.
+#[test]
+fn a_truncated_file_is_refused_as_damaged_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.db");
+    {
+        let store = Store::open(&path).unwrap();
+        for i in 0..200 {
+            store.insert_run(new_run(&format!("run-{i}"), i));
+        }
+        store.flush_blocking();
+    }
+    // Checkpointed into the main file by the close; keep its first half.
+    let whole = std::fs::read(&path).unwrap();
+    assert!(whole.len() >= 8 * 4096, "{} bytes", whole.len());
+    let half = whole[..whole.len() / 2].to_vec();
+    std::fs::write(&path, &half).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Malformed { .. }), "{err:?}");
+    assert!(
+        msg.contains("is damaged") && msg.contains("omniflow backup rescued.db"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), half);
+}
+
 #[test]
 fn a_newer_schema_is_refused_before_any_write() {
     let dir = tempfile::tempdir().unwrap();
