@@ -1318,3 +1318,39 @@ fn a_batch_that_stays_locked_is_given_up_after_a_few_tries() {
     let err = err.expect("the loss is reported");
     assert!(err.contains("database is locked"), "{err}");
 }
+
+/// A step's row tells `show` and the console when the server answered with another model
+/// than the one asked for, and not for the same model under Ollama's `:latest` tag.
+#[test]
+fn a_step_row_names_another_answering_model_only() {
+    let (_dir, store) = open_temp();
+    store.insert_run(new_run("r1", 0));
+    for (key, replied) in [
+        ("other", Some("llama-3.2-1b-q4")),
+        ("tagged", Some("mistral:latest")),
+        ("unsaid", None),
+    ] {
+        store.step_queued(NewStep {
+            run_id: "r1".into(),
+            step_key: key.into(),
+            node_id: key.into(),
+            item_index: None,
+            input: None,
+            queued_at: at(1),
+        });
+        store.step_finished(StepEnd {
+            model: Some("mistral".into()),
+            reply_model: replied.map(str::to_string),
+            ..step_end("r1", key, StepStatus::Success)
+        });
+    }
+    store.flush_blocking();
+    let steps = store.run_steps("r1").unwrap();
+    let other = |key: &str| {
+        let s = steps.iter().find(|s| s.step_key == key).unwrap();
+        s.other_reply_model().map(str::to_string)
+    };
+    assert_eq!(other("other").as_deref(), Some("llama-3.2-1b-q4"));
+    assert_eq!(other("tagged"), None);
+    assert_eq!(other("unsaid"), None);
+}
