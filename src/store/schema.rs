@@ -534,6 +534,12 @@ mod tests {
         let again = |e: &StoreError| open_again(e, now, later);
         assert!(again(&failed(rusqlite::ffi::SQLITE_BUSY)));
         assert!(again(&failed(rusqlite::ffi::SQLITE_LOCKED)));
+        // Any other database error, as well as the failures with a variant of their own.
+        assert!(matches!(
+            failed(rusqlite::ffi::SQLITE_ERROR),
+            StoreError::Database { .. }
+        ));
+        assert!(!again(&failed(rusqlite::ffi::SQLITE_ERROR)));
         assert!(!again(&failed(rusqlite::ffi::SQLITE_READONLY)));
         assert!(!again(&failed(rusqlite::ffi::SQLITE_CORRUPT)));
         assert!(!again(&StoreError::NewerSchema {
