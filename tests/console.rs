@@ -149,7 +149,7 @@ fn enter_on_a_blueprint_asks_then_starts_a_real_console_run() {
         [Effect::Start { blueprint, request }] => {
             assert_eq!(blueprint.name, "tech-digest");
             assert!(!request.sandbox);
-            assert_eq!(request.trigger, "console");
+            assert_eq!(request.trigger, omniflow::engine::Trigger::Console);
         }
         other => panic!("{other:?}"),
     }
@@ -1436,7 +1436,7 @@ async fn retrying_only_failed_steps_reuses_the_recorded_outputs() {
             .unwrap()
             .unwrap();
     assert_eq!(plan_bp.name, "two-steps");
-    assert_eq!(req.trigger, "retry");
+    assert_eq!(req.trigger, omniflow::engine::Trigger::Retry);
     assert_eq!(req.parent_run_id.as_deref(), Some(failed.run_id.as_str()));
     assert_eq!(
         req.reuse.keys().collect::<Vec<_>>(),

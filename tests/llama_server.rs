@@ -219,6 +219,10 @@ fn omniflow(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .env("DB_FILE", dir.join("h.db"))
         .env("LOG_DIR", dir.join("logs"))
         .args(args);
+    // A coverage run (cargo llvm-cov) counts the binary's lines only if told where to.
+    if let Some(v) = std::env::var_os("LLVM_PROFILE_FILE") {
+        cmd.env("LLVM_PROFILE_FILE", v);
+    }
     if let Some(path) = std::env::var_os("PATH") {
         cmd.env("PATH", path);
     }

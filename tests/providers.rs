@@ -1128,6 +1128,10 @@ async fn omniflow(
         .env("LOG_DIR", dir.join("logs"))
         .env("OMNIFLOW_TIME_SCALE", "0.001")
         .args(args);
+    // A coverage run (cargo llvm-cov) counts the binary's lines only if told where to.
+    if let Some(v) = std::env::var_os("LLVM_PROFILE_FILE") {
+        cmd.env("LLVM_PROFILE_FILE", v);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

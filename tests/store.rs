@@ -1091,6 +1091,48 @@ fn writes_held_through_an_outage_after_a_lost_commit_reply_are_all_saved() {
     }
 }
 
+/// A batch's commit goes unheard in an outage, and by the time the server is back the writer's
+/// bookkeeping table (`runner_writer_batches`, where it looks the batch up) has been dropped by
+/// hand: the writer cannot tell whether the batch landed. It applies it again, the writes fail
+/// and are reported with the missing table named, and a flush returns: the writer does not ask
+/// again for ever.
+#[test]
+fn a_writer_that_cannot_tell_whether_a_batch_landed_reports_instead_of_asking_for_ever() {
+    let Some(db) = ScratchDb::new("unsure_without_table") else {
+        return;
+    };
+    let proxy = common::pgcut::start_then_down(&common::pgcut::upstream(db.url()), "unsure-one");
+    let url = proxy.url_for(db.url());
+    let store = Store::open_postgres(&PgTarget::parse(&url).unwrap()).unwrap();
+    record_lifecycle(&store, "unsure-one");
+    // Answered once the writer has stopped reconnecting and holds the batch back.
+    store.flush_blocking();
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(store.write_problem().is_some(), "the outage is reported");
+    let _ = store.take_write_error();
+
+    db.target()
+        .connect()
+        .unwrap()
+        .batch_execute("DROP TABLE runner_writer_batches")
+        .unwrap();
+    proxy.reachable_again();
+    let (done, flushed) = std::sync::mpsc::channel();
+    let writer = store.clone();
+    std::thread::spawn(move || {
+        block_on(writer.flush_durable());
+        let _ = done.send(());
+    });
+    // Generous: the held writes are tried again after a pause, then row by row.
+    flushed
+        .recv_timeout(Duration::from_secs(120))
+        .expect("a flush never returned: the writer kept asking whether the batch landed");
+    let error = store
+        .take_write_error()
+        .expect("the lost writes are reported");
+    assert!(error.contains("runner_writer_batches"), "{error}");
+}
+
 /// The rows of `table`, counted over a connection of the test's own.
 fn row_count(c: &mut postgres::Client, table: &str) -> i64 {
     c.query_one(&format!("SELECT count(*) FROM {table}"), &[])

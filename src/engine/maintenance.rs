@@ -294,6 +294,16 @@ impl Engine {
     /// for the next console, daemon or `omniflow resume` to continue. Returns the ids handed
     /// over.
     pub async fn shutdown(&self, grace: Duration) -> Vec<String> {
+        /// Marks the shutdown over however it ends (done, or its task dropped with the
+        /// runtime), so a wait for it cannot outlive it.
+        struct Over<'a>(&'a tokio::sync::watch::Sender<ShutdownPhase>);
+        impl Drop for Over<'_> {
+            fn drop(&mut self) {
+                self.0.send_replace(ShutdownPhase::Over);
+            }
+        }
+        self.inner.shutdown.send_replace(ShutdownPhase::UnderWay);
+        let _over = Over(&self.inner.shutdown);
         self.inner.draining.store(true, Ordering::Relaxed);
         self.inner.pool.pause();
         let now = tokio::time::Instant::now();
@@ -345,8 +355,13 @@ impl Engine {
         released
     }
 
-    /// Marks this process stopped in the store (a clean exit with nothing running).
+    /// Marks this process stopped in the store (a clean exit with nothing running). After a
+    /// signal, first waits for the [`Engine::shutdown`] it started to end: the handover it
+    /// records and logs would otherwise be cut short by the exit.
     pub async fn stopped(&self) {
+        let mut phase = self.inner.shutdown.subscribe();
+        // The sender lives in the engine, so the wait ends only with the phase.
+        let _ = phase.wait_for(|p| *p != ShutdownPhase::UnderWay).await;
         // After `shutdown` (which records the stop itself) there is nothing to add: a second
         // record would only be refused with a warning.
         if !self.inner.draining.load(Ordering::Relaxed) {
@@ -359,4 +374,12 @@ impl Engine {
         }
         self.inner.store.flush().await;
     }
+}
+
+/// Where [`Engine::shutdown`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownPhase {
+    NotAsked,
+    UnderWay,
+    Over,
 }

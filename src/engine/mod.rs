@@ -92,13 +92,6 @@ impl std::fmt::Display for Trigger {
     }
 }
 
-/// Comparing with the recorded name, as tests and the console do.
-impl PartialEq<&str> for Trigger {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
 /// What to run and how.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
@@ -319,6 +312,9 @@ pub(crate) struct Inner {
     pub drivers: drain::Tracker,
     /// When the maintenance loop last turned (ms since the Unix epoch; 0 = never): liveness.
     pub loop_tick_ms: std::sync::atomic::AtomicU64,
+    /// Where a graceful shutdown is: a command that ends after a signal waits in
+    /// [`Engine::stopped`] for the handover to be recorded and said before it exits.
+    pub shutdown: tokio::sync::watch::Sender<maintenance::ShutdownPhase>,
     /// The fleet's shared queue (`DATABASE_URL=postgres://…`); `None`: the local pool alone.
     pub fleet: Option<crate::engine::fleet::FleetHandle>,
 }
@@ -376,6 +372,7 @@ impl Engine {
                 in_flight: drain::Tracker::new(),
                 drivers: drain::Tracker::new(),
                 loop_tick_ms: std::sync::atomic::AtomicU64::new(0),
+                shutdown: tokio::sync::watch::Sender::new(maintenance::ShutdownPhase::NotAsked),
             }),
         };
         if let Some(f) = &fleet {

@@ -1354,3 +1354,77 @@ fn a_step_row_names_another_answering_model_only() {
     assert_eq!(other("tagged"), None);
     assert_eq!(other("unsaid"), None);
 }
+
+/// The disk under a SQLite history fills: the store says which directory to free space in
+/// (the pool holds new work and the console shows it), keeps the writes, and once there is
+/// room writes them and says so no more. Needs a small tmpfs (CI runs as root).
+#[test]
+fn a_full_disk_is_named_until_there_is_room_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        // SAFETY: geteuid has no preconditions.
+        assert_ne!(
+            unsafe { libc::geteuid() },
+            0,
+            "root must be able to mount a tmpfs"
+        );
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let store = Store::open(&dir.path().join("history.db")).unwrap();
+    store.insert_run(new_run("before", 0));
+    store.flush_blocking();
+    assert_eq!(store.disk_full(), None);
+
+    let filler = dir.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 4 << 20]);
+    // Runs with outputs too big for any page left, until a batch fails for lack of room.
+    let big = "x".repeat(64 << 10);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while store.disk_full().is_none() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the full disk was never noticed"
+        );
+        let mut run = new_run(&format!("full-{n:04}"), n);
+        run.variables = json!({ "BIG": big });
+        store.insert_run(run);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(store.disk_full().as_deref(), Some(dir.path()));
+
+    std::fs::remove_file(&filler).unwrap();
+    // Resolves once the held writes are committed (a plain flush does not wait for them).
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(store.flush_durable());
+    assert_eq!(
+        store.disk_full(),
+        None,
+        "room again, and it still says full"
+    );
+    for i in 0..n {
+        let id = format!("full-{i:04}");
+        let run = store.find_run(&id);
+        assert!(run.is_ok(), "{id} was held back and then lost: {run:?}");
+    }
+}

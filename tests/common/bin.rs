@@ -21,6 +21,11 @@ where
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // A coverage run (cargo llvm-cov) counts the binary's own lines only if it is told where
+    // to write them.
+    if let Some(v) = std::env::var_os("LLVM_PROFILE_FILE") {
+        c.env("LLVM_PROFILE_FILE", v);
+    }
     for (k, v) in vars {
         c.env(k, v);
     }

@@ -815,6 +815,10 @@ fn a_step_another_process_queued_is_run_here() {
     let (rt, engine, _dir) = engine_on(&db, 2);
     let inner = engine.inner.clone();
     let (url, calls) = http_server(false);
+    // The queue the engine hands out (the console reads its depth there) is the fleet's.
+    let q = engine
+        .fleet_queue()
+        .expect("an engine on PostgreSQL is in a fleet");
     rt.block_on(async move {
         let fleet = inner.fleet.as_ref().unwrap().0.clone();
         until_ready(&fleet).await;
@@ -826,7 +830,6 @@ fn a_step_another_process_queued_is_run_here() {
             response: "auto".into(),
         };
         // Queued for anyone, as another process's driver queues it.
-        let q = fleet.queue.clone();
         let id = off(move || {
             q.enqueue(&[NewJob {
                 run_id: "theirs".into(),
