@@ -347,8 +347,15 @@ pub fn describe(e: &postgres::Error, target: &PgTarget, doing: &str) -> String {
         );
     }
     let cause = strip_source(e);
+    let fix = fix_for(&cause, e.is_closed());
+    format!("cannot {doing} PostgreSQL at {at}: {cause}: {fix}")
+}
+
+/// What to do about a failure to reach the server, from the client's words for it (`closed`:
+/// the connection was closed under it).
+fn fix_for(cause: &str, closed: bool) -> &'static str {
     let lower = cause.to_ascii_lowercase();
-    let fix = if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
+    if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
         "for a server without TLS add ?sslmode=disable to DATABASE_URL; for a private CA add sslrootcert=/path/to/ca.pem"
     } else if lower.contains("refused") || lower.contains("timed out") || lower.contains("timeout")
     {
@@ -358,12 +365,11 @@ pub fn describe(e: &postgres::Error, target: &PgTarget, doing: &str) -> String {
         || lower.contains("name or service")
     {
         "check the host name in DATABASE_URL"
-    } else if e.is_closed() {
+    } else if closed {
         "the connection was closed; OmniFlow reconnects, check the server if this repeats"
     } else {
         "check DATABASE_URL and that the server is up"
-    };
-    format!("cannot {doing} PostgreSQL at {at}: {cause}: {fix}")
+    }
 }
 
 /// The rustls connector for a TLS mode. `ring` is the provider (the one reqwest already
@@ -548,6 +554,61 @@ mod tests {
             "{name}"
         );
         assert!(name.len() < 64, "{name}");
+    }
+
+    /// The client's words for each failure, as they come (the resolver's from glibc through
+    /// std, the rest from tokio-postgres and rustls), each with its own fix.
+    #[test]
+    fn each_way_of_not_reaching_the_server_gets_its_fix() {
+        let host = "check the host name in DATABASE_URL";
+        let port =
+            "is PostgreSQL running and listening there? check the host and port in DATABASE_URL";
+        let tls = "for a server without TLS add ?sslmode=disable to DATABASE_URL; for a private CA add sslrootcert=/path/to/ca.pem";
+        for (cause, closed, fix) in [
+            (
+                "failed to lookup address information: Name or service not known",
+                false,
+                host,
+            ),
+            // A resolver that cannot be reached (no DNS server answering).
+            (
+                "failed to lookup address information: Temporary failure in name resolution",
+                false,
+                host,
+            ),
+            ("could not resolve host db.internal", false, host),
+            ("Name or service not known", false, host),
+            ("Connection refused (os error 111)", false, port),
+            ("timed out connecting to the server", false, port),
+            ("invalid peer certificate: UnknownIssuer", false, tls),
+            (
+                "error performing TLS handshake: received fatal alert",
+                false,
+                tls,
+            ),
+            ("server does not support SSL", false, tls),
+            (
+                "connection closed",
+                true,
+                "the connection was closed; OmniFlow reconnects, check the server if this repeats",
+            ),
+            (
+                "unexpected message from server",
+                false,
+                "check DATABASE_URL and that the server is up",
+            ),
+        ] {
+            assert_eq!(fix_for(cause, closed), fix, "{cause}");
+        }
+    }
+
+    /// A host name no resolver knows (`.invalid` never resolves): the message names the host
+    /// name as the thing to check.
+    #[test]
+    fn an_unknown_host_names_the_host_name() {
+        let t = PgTarget::parse("postgres://u@no-such-host.invalid/d?sslmode=disable").unwrap();
+        let e = t.connect().err().expect("no such host");
+        assert!(e.contains("check the host name in DATABASE_URL"), "{e}");
     }
 
     #[test]
