@@ -1395,9 +1395,9 @@ fn fill(dir: &Path) -> PathBuf {
     filler
 }
 
-/// A new history on a full disk: SQLite cannot grow its shared-memory file and says only
-/// "disk I/O error"; with almost no room left the user is told the disk is full and which
-/// directory to free space in, not shown a bare I/O error. How much room the store sees
+/// A history opened on a full disk: SQLite cannot create its shared-memory file there
+/// (for a new file it cannot write at all). With almost no room left, either failure is
+/// named as a full disk, with the directory to free space in; how much room the store sees
 /// is what the file system says.
 #[test]
 fn a_store_opened_on_a_full_disk_names_its_directory() {
@@ -1407,16 +1407,21 @@ fn a_store_opened_on_a_full_disk_names_its_directory() {
     };
     assert_eq!(schema::free_bytes(dir.path()), Some(2 << 20));
     assert_eq!(schema::free_bytes(&dir.path().join("missing")), None);
+    // Closed cleanly: its `-wal` and `-shm` files are gone.
+    let existing = dir.path().join("history.db");
+    drop(Store::open(&existing).unwrap());
+    assert!(!dir.path().join("history.db-shm").exists());
     let filler = fill(dir.path());
     assert_eq!(schema::free_bytes(dir.path()), Some(0));
 
-    let err = Store::open(&dir.path().join("history.db")).unwrap_err();
-    match &err {
-        StoreError::DiskFull { dir: full, .. } => assert_eq!(full, dir.path()),
-        other => panic!("a full disk reported as {other:?}"),
+    for file in [&existing, &dir.path().join("new.db")] {
+        match Store::open(file) {
+            Err(StoreError::DiskFull { dir: full, .. }) => assert_eq!(full, dir.path()),
+            other => panic!("{} on a full disk: {other:?}", file.display()),
+        }
     }
     std::fs::remove_file(&filler).unwrap();
-    assert!(Store::open(&dir.path().join("history.db")).is_ok());
+    assert!(Store::open(&existing).is_ok());
 }
 
 /// The disk under a SQLite history fills: the store says which directory to free space in
