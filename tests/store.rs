@@ -1339,3 +1339,37 @@ fn an_owner_whose_pid_was_reused_is_gone() {
     // Nothing runs with that pid any more.
     assert!(owner_is_gone(&format!("{host}:{pid}:{now_ms}")));
 }
+
+/// `omniflow database import`: a cached answer moves to PostgreSQL with its expiry (SQLite
+/// keeps it in milliseconds), so it is served there until then and not after.
+#[test]
+fn an_imported_cached_answer_keeps_its_expiry() {
+    let Some(db) = ScratchDb::new("import_cache") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("history.db");
+    let created = UNIX_EPOCH + Duration::from_secs(1_780_000_000);
+    let expires = created + Duration::from_millis(3_600_123);
+    let sqlite = Store::open(&file).unwrap();
+    sqlite.cache_put(omniflow::store::CachedAnswer {
+        key: "k1".into(),
+        provider: "ollama".into(),
+        model: "llama3".into(),
+        output: "cached text".into(),
+        tokens_used: 12,
+        created_at: created,
+        expires_at: expires,
+    });
+    sqlite.flush_blocking();
+    drop(sqlite);
+    omniflow::store::pg::import::import_sqlite(&file, db.target()).unwrap();
+    let pg = Store::open_postgres(db.target()).unwrap();
+    let before = pg
+        .cache_get("k1", expires - Duration::from_millis(1))
+        .unwrap()
+        .expect("the imported answer, before it expires");
+    assert_eq!(before.output, "cached text");
+    assert_eq!(before.expires_at, expires);
+    assert_eq!(pg.cache_get("k1", expires).unwrap(), None);
+}

@@ -268,3 +268,29 @@ impl From<rusqlite::Error> for BackupFailure {
         BackupFailure::Database(e.into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A caller walking a store error's causes gets past the driver's message (already in
+    /// the text) to the driver's own cause: here SQLite's error with its code.
+    #[test]
+    fn a_database_error_leads_to_the_driver_s_cause() {
+        let e = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+            Some("attempt to write a readonly database".into()),
+        );
+        let err = StoreError::Database {
+            place: "history.db".into(),
+            doing: "saving",
+            source: e.into(),
+        };
+        let db = std::error::Error::source(&err).expect("the database's error");
+        let cause = db.source().expect("the driver's cause");
+        let sqlite = cause
+            .downcast_ref::<rusqlite::ffi::Error>()
+            .unwrap_or_else(|| panic!("the cause is SQLite's error: {cause:?}"));
+        assert_eq!(sqlite.code, rusqlite::ErrorCode::ReadOnly);
+    }
+}

@@ -559,4 +559,78 @@ mod tests {
             now
         ));
     }
+
+    /// A file with SQLite's magic whose header is nonsense (a page size SQLite does not
+    /// allow): SQLite says "not a database" when it first reads it, and the user is told so,
+    /// not given a bare database error; the file is left as it was.
+    #[test]
+    fn a_file_with_a_broken_sqlite_header_is_refused_as_not_a_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.db");
+        let mut bytes = MAGIC.to_vec();
+        bytes.resize(4096, 0);
+        // The page size (bytes 16-17, big-endian): 3 is not a power of two.
+        bytes[16] = 0;
+        bytes[17] = 3;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = open_writer(&path).map(drop).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NotADatabase { .. }),
+            "a broken header read as {err:?}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
+    /// Another connection holding the file's lock while a new file is switched to WAL (two
+    /// processes creating one history at once): SQLite answers "busy" at once, and the open
+    /// waits for the lock rather than failing; a lock held past the busy timeout is reported
+    /// as busy rather than waited for without end.
+    #[test]
+    fn a_wal_switch_waits_for_a_lock_until_the_busy_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.db");
+        // A file in the rollback journal, with a reader in a transaction: its shared lock
+        // keeps the WAL switch from taking the exclusive one.
+        let holder = Connection::open(&path).unwrap();
+        holder
+            .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1); BEGIN; SELECT * FROM t;")
+            .unwrap();
+        let open = |path: std::path::PathBuf| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(open_writer(&path).map(drop));
+            });
+            rx
+        };
+
+        let opened = open(path.clone());
+        std::thread::sleep(Duration::from_millis(300));
+        holder.execute_batch("COMMIT").unwrap();
+        // Hang detection only.
+        let r = opened
+            .recv_timeout(BUSY_TIMEOUT * 6)
+            .expect("the open never ended");
+        assert!(r.is_ok(), "a lock held for a moment failed the open: {r:?}");
+        drop(holder);
+        let mode: String = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+
+        let other = dir.path().join("other.db");
+        let holder = Connection::open(&other).unwrap();
+        holder
+            .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1); BEGIN; SELECT * FROM t;")
+            .unwrap();
+        let r = open(other)
+            .recv_timeout(BUSY_TIMEOUT * 6)
+            .expect("a lock never released was waited for without end");
+        match r {
+            Err(StoreError::Database { source, .. }) => {
+                assert_eq!(source.kind(), StoreErrorKind::Busy)
+            }
+            other => panic!("a lock never released: {other:?}"),
+        }
+    }
 }

@@ -1355,15 +1355,13 @@ fn a_step_row_names_another_answering_model_only() {
     assert_eq!(other("unsaid"), None);
 }
 
-/// The disk under a SQLite history fills: the store says which directory to free space in
-/// (the pool holds new work and the console shows it), keeps the writes, and once there is
-/// room writes them and says so no more. Needs a small tmpfs (CI runs as root).
-#[test]
-fn a_full_disk_is_named_until_there_is_room_and_nothing_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
+/// A 2 MiB tmpfs mounted on `dir`, unmounted when the guard goes; `None` (after saying
+/// so) when this process may not mount (not root). CI runs as root, where a failed mount
+/// fails the test.
+fn small_tmpfs(dir: &Path) -> Option<Unmount> {
     let mounted = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(dir.path())
+        .arg(dir)
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
@@ -1374,18 +1372,67 @@ fn a_full_disk_is_named_until_there_is_room_and_nothing_is_lost() {
             "root must be able to mount a tmpfs"
         );
         eprintln!("skipped: cannot mount a tmpfs here (not root)");
-        return;
+        return None;
     }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
+    Some(Unmount(dir.to_path_buf()))
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system under `dir` to the last byte.
+fn fill(dir: &Path) -> PathBuf {
+    let filler = dir.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 4 << 20]);
+    filler
+}
+
+/// A history opened on a full disk: SQLite cannot create its shared-memory file there
+/// (for a new file it cannot write at all). With almost no room left, either failure is
+/// named as a full disk, with the directory to free space in; how much room the store sees
+/// is what the file system says.
+#[test]
+fn a_store_opened_on_a_full_disk_names_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_unmount) = small_tmpfs(dir.path()) else {
+        return;
+    };
+    assert_eq!(schema::free_bytes(dir.path()), Some(2 << 20));
+    assert_eq!(schema::free_bytes(&dir.path().join("missing")), None);
+    // Closed cleanly: its `-wal` and `-shm` files are gone.
+    let existing = dir.path().join("history.db");
+    drop(Store::open(&existing).unwrap());
+    assert!(!dir.path().join("history.db-shm").exists());
+    let filler = fill(dir.path());
+    assert_eq!(schema::free_bytes(dir.path()), Some(0));
+
+    for file in [&existing, &dir.path().join("new.db")] {
+        match Store::open(file) {
+            Err(StoreError::DiskFull { dir: full, .. }) => assert_eq!(full, dir.path()),
+            other => panic!("{} on a full disk: {other:?}", file.display()),
         }
     }
-    let _unmount = Unmount(dir.path().to_path_buf());
+    std::fs::remove_file(&filler).unwrap();
+    assert!(Store::open(&existing).is_ok());
+}
+
+/// The disk under a SQLite history fills: the store says which directory to free space in
+/// (the pool holds new work and the console shows it), keeps the writes, and once there is
+/// room writes them and says so no more. Needs a small tmpfs (CI runs as root).
+#[test]
+fn a_full_disk_is_named_until_there_is_room_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_unmount) = small_tmpfs(dir.path()) else {
+        return;
+    };
     let store = Store::open(&dir.path().join("history.db")).unwrap();
     store.insert_run(new_run("before", 0));
     store.flush_blocking();
@@ -1427,4 +1474,83 @@ fn a_full_disk_is_named_until_there_is_room_and_nothing_is_lost() {
         let run = store.find_run(&id);
         assert!(run.is_ok(), "{id} was held back and then lost: {run:?}");
     }
+}
+
+/// The disk fills, and the last store of the process is closed while writes are held back:
+/// room came back meanwhile, so the last try on the way out saves them, with no error on the
+/// way (before the next periodic try; should that come first, the close has nothing held).
+#[test]
+fn a_store_closed_while_its_writes_are_held_saves_them_once_there_is_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_unmount) = small_tmpfs(dir.path()) else {
+        return;
+    };
+    let path = dir.path().join("history.db");
+    let store = Store::open(&path).unwrap();
+    store.insert_run(new_run("before", 0));
+    store.flush_blocking();
+    let filler = fill(dir.path());
+    let big = "x".repeat(64 << 10);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while store.disk_full().is_none() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the full disk was never noticed"
+        );
+        let mut run = new_run(&format!("full-{n:04}"), n);
+        run.variables = json!({ "BIG": big });
+        store.insert_run(run);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let logged = crate::logging::capture::Captured::start(tracing::Level::WARN);
+    drop(store);
+    let logged = logged.text();
+    assert!(
+        !logged.contains("panicked"),
+        "closing with the held writes: {logged}"
+    );
+    let store = Store::open(&path).unwrap();
+    for i in 0..n {
+        let id = format!("full-{i:04}");
+        let run = store.find_run(&id);
+        assert!(run.is_ok(), "{id} was held back and then lost: {run:?}");
+    }
+}
+
+/// `omniflow backup` of a file the store refuses to open (here one a newer omniflow
+/// migrated) copies it as it is, without migrating or otherwise writing to it.
+#[test]
+fn a_file_the_store_refuses_can_still_be_backed_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("history.db");
+    let store = Store::open(&src).unwrap();
+    store.insert_run(new_run("r1", 0));
+    store.flush_blocking();
+    drop(store);
+    rusqlite::Connection::open(&src)
+        .unwrap()
+        .pragma_update(None, "user_version", 9999)
+        .unwrap();
+    assert!(matches!(
+        Store::open(&src),
+        Err(StoreError::NewerSchema { .. })
+    ));
+    let dest = dir.path().join("copy.db");
+    backup_file(&src, &dest).unwrap();
+    let copy = rusqlite::Connection::open(&dest).unwrap();
+    let version: i64 = copy
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 9999);
+    let ids: Vec<String> = copy
+        .prepare("SELECT id FROM runner_executions")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids, ["r1"]);
 }

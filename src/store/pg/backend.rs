@@ -765,6 +765,69 @@ mod tests {
         holder.batch_execute("ROLLBACK").unwrap();
     }
 
+    /// A statement whose session the server ended (a restart, `pg_terminate_backend`) is
+    /// run again on a new connection; a loss that keeps happening is given up after two new
+    /// connections rather than tried for ever, and a statement the server refused is not run
+    /// again.
+    #[test]
+    fn a_lost_connection_is_tried_again_on_a_fresh_one_twice_at_most() {
+        let Some(db) = crate::store::pg::testing::ScratchDb::new("conn_run_retry") else {
+            return;
+        };
+        let mut conn = Conn::new(db.target().clone());
+        let end_session =
+            |c: &mut Client| c.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())");
+
+        let mut sessions = Vec::new();
+        let r = conn.run("test", |c| {
+            let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+            sessions.push(pid);
+            if sessions.len() == 1 {
+                end_session(c)?;
+            }
+            Ok(pid)
+        });
+        assert!(
+            r.is_ok(),
+            "a lost connection failed the statement: {:?}",
+            r.err()
+        );
+        assert_eq!(sessions.len(), 2, "runs: {sessions:?}");
+        assert_ne!(sessions[0], sessions[1], "run again on the lost connection");
+
+        // Hang detection: a retry without end stops here.
+        let mut runs = 0;
+        let r = conn.run("test", |c| {
+            runs += 1;
+            if runs <= 10 {
+                end_session(c)?;
+            }
+            Ok(())
+        });
+        assert_eq!(
+            runs, 3,
+            "runs of a statement whose connection is lost every time"
+        );
+        let err = r.expect_err("a connection lost every time").to_string();
+        // The server's last word, or the closed socket when the driver saw that first.
+        assert!(
+            err.contains("terminating connection") || err.contains("connection closed"),
+            "{err}"
+        );
+
+        // On a connection not lost before (the last one above may not look closed yet).
+        let mut conn = Conn::new(db.target().clone());
+        let mut runs = 0;
+        let r = conn.run("test", |c| {
+            runs += 1;
+            c.batch_execute("SELECT * FROM no_such_table")?;
+            Ok(())
+        });
+        assert_eq!(runs, 1, "runs of a refused statement");
+        let err = r.expect_err("a refused statement");
+        assert!(err.to_string().contains("no_such_table"), "{err}");
+    }
+
     /// A restart or crash of the server keeps the writes (reconnect, or hold them until it is
     /// back); a statement the server refused does not loop on new connections.
     #[test]

@@ -237,25 +237,23 @@ fn split_url(url: &str) -> Result<(String, Option<String>, Option<PathBuf>), Str
     }
     let mut sslmode = None;
     let mut rootcert = None;
-    let kept: Vec<(String, String)> = parsed
-        .query_pairs()
-        .filter_map(|(k, v)| match k.as_ref() {
-            "sslmode" => {
-                sslmode = Some(v.into_owned());
-                None
-            }
-            "sslrootcert" => {
-                rootcert = Some(PathBuf::from(v.as_ref()));
-                None
-            }
-            _ => Some((k.into_owned(), v.into_owned())),
-        })
-        .collect();
-    if kept.is_empty() {
-        parsed.set_query(None);
-    } else {
-        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    // The other parameters are passed on as written: encoded again as a form, a space
+    // (`options=-c%20statement_timeout%3D5000`) would become a `+`, which the driver, like
+    // libpq, keeps as a plus sign.
+    let mut kept: Vec<&str> = Vec::new();
+    for pair in parsed.query().unwrap_or("").split('&') {
+        let (k, v) = url::form_urlencoded::parse(pair.as_bytes())
+            .next()
+            .unwrap_or_default();
+        match k.as_ref() {
+            "" => {}
+            "sslmode" => sslmode = Some(v.into_owned()),
+            "sslrootcert" => rootcert = Some(PathBuf::from(v.as_ref())),
+            _ => kept.push(pair),
+        }
     }
+    let kept = kept.join("&");
+    parsed.set_query((!kept.is_empty()).then_some(kept.as_str()));
     Ok((parsed.to_string(), sslmode, rootcert))
 }
 
@@ -500,6 +498,18 @@ mod tests {
         assert_eq!(t.dbname(), "prod");
     }
 
+    /// Session options in the URL reach the server as written: a space stays a space.
+    #[test]
+    fn url_options_keep_their_spaces() {
+        let t = PgTarget::parse(
+            "postgres://u@h/d?sslmode=disable&options=-c%20statement_timeout%3D5000&application_name=a%2Bb",
+        )
+        .unwrap();
+        assert_eq!(t.config().get_options(), Some("-c statement_timeout=5000"));
+        assert_eq!(t.config().get_application_name(), Some("a+b"));
+        assert_eq!(t.tls(), &Tls::Disable);
+    }
+
     #[test]
     fn sslmode_follows_libpq() {
         let t = PgTarget::parse("postgres://u@h/d").unwrap();
@@ -609,6 +619,53 @@ mod tests {
         let t = PgTarget::parse("postgres://u@no-such-host.invalid/d?sslmode=disable").unwrap();
         let e = t.connect().err().expect("no such host");
         assert!(e.contains("check the host name in DATABASE_URL"), "{e}");
+    }
+
+    /// What a target prints as: its URL without the password, as in every message.
+    #[test]
+    fn a_target_prints_without_its_password() {
+        let t = PgTarget::parse("postgres://app:s3cr3t@db.example.com/prod").unwrap();
+        assert_eq!(t.to_string(), "postgres://app:***@db.example.com:5432/prod");
+    }
+
+    /// A private CA for `verify-ca` (a self-signed certificate made for this test; only its
+    /// public half).
+    const CA: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBjTCCATOgAwIBAgIUPJZ+rBTtaiML2XXyBzhDdkf2tc4wCgYIKoZIzj0EAwIw
+GzEZMBcGA1UEAwwQb21uaWZsb3cgdGVzdCBDQTAgFw0yNjEyMDcxMjMxMTdaGA8y
+MTI2MTExMzEyMzExN1owGzEZMBcGA1UEAwwQb21uaWZsb3cgdGVzdCBDQTBZMBMG
+ByqGSM49AgEGCCqGSM49AwEHA0IABBzsE2dT5i2UBq/5WxmMAzmpdiZakkCcH8eZ
+/C5Yga+LMThC2Lz+pk0d/8xMrmEYjTsT6FBm8W07XKSiJo0WulijUzBRMB0GA1Ud
+DgQWBBTs6PQItNHzC1t5brBMUM/22sj+eTAfBgNVHSMEGDAWgBTs6PQItNHzC1t5
+brBMUM/22sj+eTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIEhe
+Xo0PF+qpK8dWvKzupvWHYMTaFBrVh9wKft37v+LWAiEAp0aytx4LnZ3meOV9ehMB
+MFtJMG+RXngjV0sDNQHj4s4=
+-----END CERTIFICATE-----
+";
+
+    /// `sslrootcert`: a file of PEM certificates is taken as the roots to verify against; a
+    /// file without one, or none at all, is named before any connection is tried.
+    #[test]
+    fn a_root_certificate_file_is_read_or_its_problem_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let connector = |file: &str| {
+            let path = dir.path().join(file);
+            PgTarget::parse(&format!(
+                "postgres://u@127.0.0.1:1/d?sslmode=verify-ca&sslrootcert={}",
+                path.display()
+            ))
+            .unwrap()
+            .connector()
+            .err()
+        };
+        std::fs::write(dir.path().join("ca.pem"), CA).unwrap();
+        assert_eq!(connector("ca.pem"), None);
+        std::fs::write(dir.path().join("notes.pem"), "not a certificate\n").unwrap();
+        let e = connector("notes.pem").expect("a file without a certificate was taken");
+        assert!(e.contains("notes.pem holds no PEM certificate"), "{e}");
+        let e = connector("missing.pem").expect("a missing file was taken");
+        assert!(e.contains("cannot read sslrootcert"), "{e}");
     }
 
     #[test]

@@ -153,4 +153,26 @@ mod tests {
         assert_eq!(show(&mut c, "plan_cache_mode"), "force_custom_plan");
         assert_eq!(show(&mut c, "synchronous_commit"), "off");
     }
+
+    /// Session options in `DATABASE_URL` (`options=-c …`) hold on the pool's connections
+    /// too, next to the pool's own setting.
+    #[test]
+    fn the_url_s_session_options_are_kept_on_pooled_sessions() {
+        let Some(db) = ScratchDb::new("pool_options") else {
+            return;
+        };
+        let url = format!(
+            "{}{}options=-c%20statement_timeout%3D54321",
+            db.url(),
+            if db.url().contains('?') { "&" } else { "?" }
+        );
+        let target = PgTarget::parse(&url).unwrap();
+        let pool = PgPool::sized(&target, 1).unwrap();
+        let mut c = pool.get().unwrap();
+        let show = |c: &mut Pooled, name: &str| -> String {
+            c.query_one(&format!("SHOW {name}"), &[]).unwrap().get(0)
+        };
+        assert_eq!(show(&mut c, "statement_timeout"), "54321ms");
+        assert_eq!(show(&mut c, "synchronous_commit"), "off");
+    }
 }
