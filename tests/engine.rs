@@ -1150,3 +1150,34 @@ async fn a_cancelled_run_stays_cancelled_when_a_later_step_fails_on_its_way_out(
     let row = env.store.find_run(&o.run_id).unwrap();
     assert_eq!(row.status, RunStatus::Cancelled, "{:?}", row.error);
 }
+
+/// An HTTP node's `response`: `json` parses what the server sent whatever its content type
+/// says (APIs that answer JSON as `text/plain`), `text` keeps it as text even when it is
+/// JSON, and `auto` (the default) goes by the content type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_node_reads_its_answer_as_its_response_setting_says() {
+    let body = r#"{"items":[1,2]}"#;
+    let plain = fake_server(vec![Reply {
+        status: 200,
+        headers: vec![("Content-Type".into(), "text/plain".into())],
+        body: body.into(),
+    }])
+    .await;
+    let json = fake_server(vec![Reply::json(200, body)]).await;
+    let env = engine(&[], 4);
+    let bp = blueprint(json!({
+        "name": "responses",
+        "nodes": [
+            { "id": "as_json", "type": "http", "url": plain.url.clone(), "response": "json" },
+            { "id": "as_text", "type": "http", "url": json.url.clone(), "response": "text" },
+            { "id": "auto_json", "type": "http", "url": json.url.clone() },
+            { "id": "auto_text", "type": "http", "url": plain.url.clone() }
+        ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["as_json"], json!({ "items": [1, 2] }));
+    assert_eq!(o.outputs["as_text"], json!(body));
+    assert_eq!(o.outputs["auto_json"], json!({ "items": [1, 2] }));
+    assert_eq!(o.outputs["auto_text"], json!(body));
+}
