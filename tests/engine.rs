@@ -1182,17 +1182,29 @@ async fn a_retry_runs_as_the_failed_run_did_and_reuses_its_successful_steps() {
     };
     let (plan_bp, req) = plan(&failed.run_id, true).await.unwrap().unwrap();
     assert_eq!(plan_bp.name, "two-steps");
-    assert_eq!(req.variables["WHO"], json!("given at the start"));
-    assert!(req.sandbox, "a sandbox run is retried in the sandbox");
-    assert_eq!(req.simulate_failures, 1.0);
-    assert_eq!(req.seed, None, "a fresh seed");
-    assert_eq!(req.priority, Some(Priority::High));
-    assert_eq!(req.trigger, Trigger::Retry);
-    assert_eq!(req.parent_run_id.as_deref(), Some(failed.run_id.as_str()));
+    // One comparison, so a difference in any of them shows them all.
     assert_eq!(
-        req.reuse,
-        [("a".to_string(), json!("from a, for given at the start"))].into(),
-        "only the successful step is reused"
+        (
+            req.variables.get("WHO"),
+            req.sandbox,
+            req.simulate_failures,
+            req.seed,
+            req.priority,
+            req.trigger,
+            req.parent_run_id.as_deref(),
+            &req.reuse,
+        ),
+        (
+            Some(&json!("given at the start")),
+            true,
+            1.0,
+            None,
+            Some(Priority::High),
+            Trigger::Retry,
+            Some(failed.run_id.as_str()),
+            // Only the successful step is reused.
+            &[("a".to_string(), json!("from a, for given at the start"))].into(),
+        )
     );
 
     // The retry, once the model stops failing: recorded as a retry of the failed run.
@@ -1342,10 +1354,9 @@ async fn an_http_reply_cut_off_mid_body_is_a_bad_response() {
 
 /// In the sandbox an HTTP node without a `sandboxOutput` reaches nothing: it answers with a
 /// simulated reply of the type the node would get (JSON for `response: "json"`, else a page),
-/// recorded as the sandbox's. An `llm` node that parses JSON gets JSON shaped like the object
-/// its prompt shows.
+/// recorded as the sandbox's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sandbox_http_and_json_answers_have_the_shape_the_node_expects() {
+async fn a_sandbox_http_node_answers_with_a_simulated_reply_of_its_type() {
     let env = engine(&[], 4);
     let api = "http://127.0.0.1:9/api";
     let page = "http://127.0.0.1:9/page";
@@ -1353,9 +1364,7 @@ async fn sandbox_http_and_json_answers_have_the_shape_the_node_expects() {
         "name": "simulated",
         "nodes": [
             { "id": "api", "type": "http", "url": api, "response": "json" },
-            { "id": "page", "type": "http", "url": page, "response": "text" },
-            { "id": "ask", "type": "llm", "parse": "json",
-              "prompt": "Answer as {\"title\": \"a title\", \"score\": 3, \"tags\": [\"x\"]} about rust" }
+            { "id": "page", "type": "http", "url": page, "response": "text" }
         ]
     }));
     let o = run(&env, &bp, sandbox(0.0, 1)).await;
@@ -1369,6 +1378,20 @@ async fn sandbox_http_and_json_answers_have_the_shape_the_node_expects() {
         let s = steps.iter().find(|s| s.step_key == id).unwrap();
         assert_eq!(s.provider.as_deref(), Some("sandbox"), "{id}");
     }
+}
+
+/// In the sandbox an `llm` node that parses JSON gets JSON shaped like the object its prompt
+/// shows (the simulated model may wrap it in a Markdown fence, as real models do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_llm_node_that_parses_json_gets_the_shape_its_prompt_shows() {
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "shaped",
+        "nodes": [ { "id": "ask", "type": "llm", "parse": "json",
+                     "prompt": "Answer as {\"title\": \"a title\", \"score\": 3, \"tags\": [\"x\"]} about rust" } ]
+    }));
+    let o = run(&env, &bp, sandbox(0.0, 1)).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
     let answer = o.outputs["ask"].as_object().expect("a JSON object");
     assert!(answer["title"].is_string(), "{answer:?}");
     assert!(answer["score"].is_u64(), "{answer:?}");

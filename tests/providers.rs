@@ -1224,6 +1224,8 @@ async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
             ("HF_TOKEN", "hf_testtoken123"),
             ("HF_INFERENCE_URL", &fake.url),
             ("HF_RATE_LIMIT", "off"),
+            // Unscaled: the attempt timeout must not end a call the fake holds.
+            ("OMNIFLOW_TIME_SCALE", "1"),
         ],
         4,
     );
@@ -1243,6 +1245,7 @@ async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
         2,
         "both calls were in flight together"
     );
+    assert_eq!(env.store.run_attempts(&o.run_id).unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -408,10 +408,15 @@ mod tests {
     #[test]
     fn the_rate_is_clamped_and_the_seed_kept() {
         let m = |rate| SimulatedModel::new(rate, u64::MAX - 1, None);
-        assert_eq!(m(0.25).failure_rate(), 0.25);
-        assert_eq!(m(1.5).failure_rate(), 1.0);
-        assert_eq!(m(-0.5).failure_rate(), 0.0);
-        assert_eq!(m(0.25).seed(), u64::MAX - 1);
+        assert_eq!(
+            (
+                m(0.25).failure_rate(),
+                m(1.5).failure_rate(),
+                m(-0.5).failure_rate(),
+                m(0.25).seed()
+            ),
+            (0.25, 1.0, 0.0, u64::MAX - 1)
+        );
     }
 
     /// The generator is SplitMix64 (the reference outputs for seed 0), so a seeded sandbox
