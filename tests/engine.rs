@@ -1181,3 +1181,250 @@ async fn an_http_node_reads_its_answer_as_its_response_setting_says() {
     assert_eq!(o.outputs["auto_json"], json!({ "items": [1, 2] }));
     assert_eq!(o.outputs["auto_text"], json!(body));
 }
+
+/// Retrying a failed run (the console's `r`, `omniflow retry`): the new run runs as the old
+/// one did (its variables, the sandbox and its failure rate, its priority), says it is a retry
+/// of it, and with only the failed steps asked for, reuses the steps that succeeded. Its seed
+/// is a fresh one: the old seed would inject the very failure being retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_runs_as_the_failed_run_did_and_reuses_its_successful_steps() {
+    use omniflow::blueprint::Priority;
+    use omniflow::engine::{retry_plan, Trigger};
+    let env = engine(&[], 8);
+    let bp = blueprint(json!({
+        "name": "two-steps",
+        "variables": { "WHO": "the blueprint's" },
+        "nodes": [
+            { "id": "a", "type": "transform", "template": "from a, for {{ vars.WHO }}" },
+            { "id": "b", "type": "llm", "needs": ["a"], "prompt": "{{ nodes.a.output }}",
+              "retry": { "attempts": 1 } }
+        ]
+    }));
+    let mut first = sandbox(1.0, 7);
+    first.priority = Some(Priority::High);
+    first
+        .variables
+        .insert("WHO".into(), json!("given at the start"));
+    let failed = run(&env, &bp, first).await;
+    assert_eq!(failed.status, RunStatus::Error);
+    let plan = |id: &str, only_failed: bool| {
+        let (store, id) = (env.store.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || retry_plan(&store, &id, only_failed))
+    };
+    let (plan_bp, req) = plan(&failed.run_id, true).await.unwrap().unwrap();
+    assert_eq!(plan_bp.name, "two-steps");
+    // One comparison, so a difference in any of them shows them all.
+    assert_eq!(
+        (
+            req.variables.get("WHO"),
+            req.sandbox,
+            req.simulate_failures,
+            req.seed,
+            req.priority,
+            req.trigger,
+            req.parent_run_id.as_deref(),
+            &req.reuse,
+        ),
+        (
+            Some(&json!("given at the start")),
+            true,
+            1.0,
+            None,
+            Some(Priority::High),
+            Trigger::Retry,
+            Some(failed.run_id.as_str()),
+            // Only the successful step is reused.
+            &[("a".to_string(), json!("from a, for given at the start"))].into(),
+        )
+    );
+
+    // The retry, once the model stops failing: recorded as a retry of the failed run.
+    let mut req = req;
+    req.simulate_failures = 0.0;
+    let retried = env.engine.start(plan_bp, req).unwrap().wait().await;
+    assert_eq!(retried.status, RunStatus::Success, "{:?}", retried.error);
+    let row = env.store.find_run(&retried.run_id).unwrap();
+    assert_eq!(row.trigger, "retry");
+    assert_eq!(row.parent_run_id.as_deref(), Some(failed.run_id.as_str()));
+    assert_eq!(row.priority, Priority::High);
+    assert!(row.sandbox);
+    assert_eq!(row.variables["WHO"], json!("given at the start"));
+
+    // A whole retry reuses nothing; a run that succeeded is not retried.
+    let (_, whole) = plan(&failed.run_id, false).await.unwrap().unwrap();
+    assert!(whole.reuse.is_empty());
+    let refused = plan(&retried.run_id, false).await.unwrap().unwrap_err();
+    assert!(
+        refused.contains("only a failed or cancelled run can be retried"),
+        "{refused}"
+    );
+}
+
+/// `--var K=V`: the value is JSON when it parses as JSON, else text; the key is trimmed, and
+/// an empty key is refused with the form expected.
+#[test]
+fn a_var_argument_needs_a_key() {
+    use omniflow::engine::parse_var_arg;
+    assert_eq!(
+        parse_var_arg(r#"TOPICS=["rust","wasm"]"#),
+        Ok(("TOPICS".to_string(), json!(["rust", "wasm"])))
+    );
+    assert_eq!(
+        parse_var_arg(" WHO =a=b"),
+        Ok(("WHO".to_string(), json!("a=b")))
+    );
+    for bad in ["=x", "  =x", "no-equals"] {
+        let e = parse_var_arg(bad).unwrap_err();
+        assert!(e.contains("expected KEY=VALUE"), "{bad}: {e}");
+    }
+}
+
+/// The bus the engine hands out (the metrics recorder and embedders subscribe to it) carries
+/// its runs' events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_bus_carries_its_runs_events() {
+    let env = engine(&[], 2);
+    let sub = env.engine.bus().subscribe();
+    let bp = blueprint(json!({
+        "name": "one",
+        "nodes": [ { "id": "a", "type": "transform", "template": "x" } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), sub.recv()).await {
+            Ok(Some(Event::RunFinished { run_id, .. })) if run_id == o.run_id => break,
+            Ok(Some(_)) | Ok(None) => {}
+            Err(_) => panic!("no RunFinished for {} on the engine's bus", o.run_id),
+        }
+    }
+}
+
+/// A process's role as `runner_processes` and the metrics name it, and the maintenance
+/// loop's last turn (what `/healthz` reads): none before it starts, then the time it turned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_maintenance_loop_says_when_it_last_turned() {
+    use omniflow::engine::Role;
+    assert_eq!(Role::Daemon.to_string(), "daemon");
+    assert_eq!(format!("{}", Role::AllActive), "all-active");
+    let env = engine(&[], 2);
+    assert_eq!(env.engine.last_loop_turn(), None);
+    let before = std::time::SystemTime::now();
+    let maintenance = env.engine.start_maintenance(false);
+    let turned = env.engine.last_loop_turn().expect("a first turn");
+    // Milliseconds are kept: the turn may read up to 1 ms before `before`.
+    assert!(
+        turned + std::time::Duration::from_millis(1) >= before
+            && turned <= std::time::SystemTime::now(),
+        "{turned:?} is not now ({before:?})"
+    );
+    maintenance.stop().await;
+}
+
+/// An HTTP node's JSON body has its templates rendered, in nested lists and objects too; a
+/// 408 (the server timed the request out) is retried like a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_body_is_rendered_and_a_408_is_retried_as_a_timeout() {
+    let server = fake_server(vec![
+        Reply::json(408, r#"{"error":"request timeout"}"#),
+        Reply::json(200, r#"{"ok":true}"#),
+    ])
+    .await;
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "post",
+        "variables": { "Q": "rust" },
+        "nodes": [ { "id": "send", "type": "http", "method": "POST", "url": server.url.clone(),
+                     "body": { "q": "{{ vars.Q }}", "list": ["about {{ vars.Q }}", 3], "n": true },
+                     "retry": { "attempts": 2 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["send"], json!({ "ok": true }));
+    let attempts = env.store.run_attempts(&o.run_id).unwrap();
+    assert_eq!(attempts.len(), 2, "the 408 was retried");
+    assert_eq!(attempts[0].error_kind.map(|k| k.as_str()), Some("timeout"));
+    let seen = server.seen.lock().unwrap().clone();
+    let body = seen[0].split_once('\n').unwrap().1;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(body).unwrap(),
+        json!({ "q": "rust", "list": ["about rust", 3], "n": true })
+    );
+}
+
+/// A reply whose body breaks off (the server closes before its `Content-Length`): the HTTP
+/// node fails with a bad response, not a network error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_reply_cut_off_mid_body_is_a_bad_response() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            if common::http::read_request(&mut sock).await.is_some() {
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                            Content-Length: 100\r\n\r\n{\"items\": [";
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            }
+        }
+    });
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "cut",
+        "nodes": [ { "id": "fetch", "type": "http", "url": url, "retry": { "attempts": 1 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(
+        o.error_kind,
+        Some(omniflow::error::ErrorKind::BadResponse),
+        "{:?}",
+        o.error
+    );
+}
+
+/// In the sandbox an HTTP node without a `sandboxOutput` reaches nothing: it answers with a
+/// simulated reply of the type the node would get (JSON for `response: "json"`, else a page),
+/// recorded as the sandbox's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_http_node_answers_with_a_simulated_reply_of_its_type() {
+    let env = engine(&[], 4);
+    let api = "http://127.0.0.1:9/api";
+    let page = "http://127.0.0.1:9/page";
+    let bp = blueprint(json!({
+        "name": "simulated",
+        "nodes": [
+            { "id": "api", "type": "http", "url": api, "response": "json" },
+            { "id": "page", "type": "http", "url": page, "response": "text" }
+        ]
+    }));
+    let o = run(&env, &bp, sandbox(0.0, 1)).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["api"]["simulated"], json!(true));
+    assert_eq!(o.outputs["api"]["url"], json!(api));
+    let text = o.outputs["page"].as_str().expect("a page as text");
+    assert!(text.contains(&format!("<h1>{page}</h1>")), "{text}");
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    for id in ["api", "page"] {
+        let s = steps.iter().find(|s| s.step_key == id).unwrap();
+        assert_eq!(s.provider.as_deref(), Some("sandbox"), "{id}");
+    }
+}
+
+/// In the sandbox an `llm` node that parses JSON gets JSON shaped like the object its prompt
+/// shows (the simulated model may wrap it in a Markdown fence, as real models do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_llm_node_that_parses_json_gets_the_shape_its_prompt_shows() {
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "shaped",
+        "nodes": [ { "id": "ask", "type": "llm", "parse": "json",
+                     "prompt": "Answer as {\"title\": \"a title\", \"score\": 3, \"tags\": [\"x\"]} about rust" } ]
+    }));
+    let o = run(&env, &bp, sandbox(0.0, 1)).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    let answer = o.outputs["ask"].as_object().expect("a JSON object");
+    assert!(answer["title"].is_string(), "{answer:?}");
+    assert!(answer["score"].is_u64(), "{answer:?}");
+    assert!(answer["tags"].is_array(), "{answer:?}");
+}

@@ -206,6 +206,39 @@ async fn both_hf_error_shapes_and_every_documented_status() {
             ErrorKind::BadResponse,
             "malformed JSON",
         ),
+        (
+            Reply::json(408, json!({"error":"Request Timeout"})),
+            ErrorKind::Timeout,
+            "timed out the request (HTTP 408",
+        ),
+        // A gateway's HTML page in front of the API: its status still decides the kind.
+        (
+            Reply::raw(
+                429,
+                "text/html",
+                "<html><head><title>429 Too Many Requests</title></head></html>",
+            ),
+            ErrorKind::RateLimited,
+            "429 Too Many Requests",
+        ),
+        (
+            Reply::raw(
+                401,
+                "text/html",
+                "<html><head><title>401 Authorization Required</title></head></html>",
+            ),
+            ErrorKind::Auth,
+            "401 Authorization Required",
+        ),
+        (
+            Reply::raw(
+                403,
+                "text/html",
+                "<html><head><title>403 Forbidden</title></head></html>",
+            ),
+            ErrorKind::Auth,
+            "403 Forbidden",
+        ),
         (Reply::completion("   ", 3), ErrorKind::EmptyOutput, "empty"),
         (Reply::Huge(9 * 1024 * 1024), ErrorKind::BadResponse, "MiB"),
     ];
@@ -502,6 +535,107 @@ async fn auto_falls_back_from_a_down_ollama_to_hugging_face() {
     assert!(
         e.message.contains("ollama: network") && e.message.contains("huggingface: network"),
         "{e}"
+    );
+
+    // Ollama down, Hugging Face up but refusing this call: its own error decides, and says
+    // which link was skipped before it.
+    let limited = start(|_, _| Reply::json(429, json!({"error":"Rate limit reached."}))).await;
+    let p = providers(&[
+        ("USE_OLLAMA", "true"),
+        ("OLLAMA_URL", &refused_url().await),
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &limited.url),
+    ]);
+    let e = call(&p, &req("auto", "fast")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::RateLimited);
+    assert!(
+        e.message.contains("Rate limit reached")
+            && e.message
+                .contains("(after: ollama skipped (network: Ollama connection failed"),
+        "{e}"
+    );
+}
+
+/// `Providers::complete`, the call without options (the library's): the configured
+/// provider's answer, or the simulated model's when one is given.
+#[tokio::test]
+async fn complete_answers_from_the_provider_or_the_simulated_model() {
+    let (_f, p) = hf(Reply::completion("an answer from the router", 6)).await;
+    let key = AttemptKey {
+        step: "s",
+        attempt: 1,
+    };
+    let r = p
+        .complete(&req("huggingface", "x/y"), key, None)
+        .await
+        .unwrap();
+    assert_eq!(r.text, "an answer from the router");
+    assert_eq!(r.provider, "huggingface");
+    assert_eq!(r.tokens_used, Some(6));
+    let sim = omniflow::providers::sandbox::SimulatedModel::new(0.0, 3, Some(Duration::ZERO));
+    let r = p
+        .complete(&req("huggingface", "x/y"), key, Some(&sim))
+        .await
+        .unwrap();
+    assert_eq!(r.provider, "sandbox");
+    assert!(!r.text.is_empty());
+}
+
+/// `doctor` on an OpenAI-compatible server (llama-server): the slot count it reports, or the
+/// configured cap, and whether the 1-token completion was answered by another model.
+#[tokio::test]
+async fn doctor_names_the_servers_slots_or_the_configured_cap() {
+    let fake = start(|s, _| {
+        if s.path.ends_with("/props") {
+            Reply::json(200, json!({ "total_slots": 4 }))
+        } else if s.path.ends_with("/models") {
+            Reply::json(
+                200,
+                json!({ "data": [{ "id": "m" }, { "id": "local-model" }] }),
+            )
+        } else {
+            // Answers as model "m" whatever was asked.
+            Reply::completion("OK", 2)
+        }
+    })
+    .await;
+    let base = format!("{}/v1", fake.url);
+    let detail = |vars: Vec<(&'static str, String)>| {
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let p = providers(&vars);
+        async move {
+            let checks = p.doctor().await;
+            let c = checks.iter().find(|c| c.provider == "openai").unwrap();
+            assert_eq!(c.ok, Some(true), "{}", c.detail);
+            c.detail.clone()
+        }
+    };
+    let d = detail(vec![
+        ("OPENAI_BASE_URL", base.clone()),
+        ("OPENAI_MODEL", "m".into()),
+    ])
+    .await;
+    assert!(
+        d.contains("the server has 4 slots (its /props total_slots)"),
+        "{d}"
+    );
+    assert!(
+        d.contains("a 1-token completion on model m answered") && !d.contains("answered by"),
+        "{d}"
+    );
+    let d = detail(vec![
+        ("OPENAI_BASE_URL", base.clone()),
+        ("OPENAI_MODEL", "local-model".into()),
+        ("OPENAI_CONCURRENCY", "2".into()),
+    ])
+    .await;
+    assert!(
+        d.contains("at most 2 calls in flight (OPENAI_CONCURRENCY)") && !d.contains("/props"),
+        "{d}"
+    );
+    assert!(
+        d.contains("model local-model answered, answered by m"),
+        "{d}"
     );
 }
 
@@ -1075,6 +1209,43 @@ async fn a_fan_out_does_not_overshoot_its_budget_by_the_calls_in_flight() {
         fake.count()
     );
     assert!(run.tokens_used <= 1100, "{} tokens spent", run.tokens_used);
+}
+
+/// A call with `maxTokens` is estimated at its prompt plus that many tokens of answer: two
+/// such calls fit a budget of 1,000 side by side, so both are in flight together (the fake
+/// answers neither until both have arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
+    let body = json!({"model":"m","choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],
+                      "usage":{"total_tokens":20}});
+    let fake = common::counting::start_gathering(2, body.to_string());
+    let env = common::engine(
+        &[
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("HF_RATE_LIMIT", "off"),
+            // Unscaled: the attempt timeout must not end a call the fake holds.
+            ("OMNIFLOW_TIME_SCALE", "1"),
+        ],
+        4,
+    );
+    let bp = common::blueprint(json!({
+        "name": "two-side-by-side",
+        "maxTokensPerRun": 1000,
+        "variables": { "TOPICS": ["topic 1", "topic 2"] },
+        // Prompts of 7 tokens: an estimate of 107 each.
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+                     "prompt": "Two sentences on {{ item }}.", "maxTokens": 100,
+                     "forEach": "{{ vars.TOPICS }}", "cache": false } ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(
+        fake.peak.load(Ordering::SeqCst),
+        2,
+        "both calls were in flight together"
+    );
+    assert_eq!(env.store.run_attempts(&o.run_id).unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,3 +47,46 @@ impl FleetRates {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::pg::testing::ScratchDb;
+
+    /// A host's call takes its place in the fleet's budget: with a budget of two, a call made
+    /// here leaves one place to the other hosts, and the one after it is told to wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_takes_its_place_in_the_fleets_budget() {
+        let Some(db) = ScratchDb::new("fleet_rates_acquire") else {
+            return;
+        };
+        let target = db.target().clone();
+        let queue = tokio::task::spawn_blocking(move || {
+            let q = Queue::new(&target, 2).unwrap();
+            q.ensure_schema().unwrap();
+            q
+        })
+        .await
+        .unwrap();
+        // A window of an hour: the test cannot cross its edge by being slow.
+        let per = Duration::from_secs(3600);
+        let limit = RateLimit { requests: 2, per };
+        FleetRates::new(queue.clone())
+            .acquire("huggingface", limit, per)
+            .await;
+        let (second, third) = blocking(move || {
+            Ok((
+                queue.take_rate("huggingface", 2, per)?,
+                queue.take_rate("huggingface", 2, per)?,
+            ))
+        })
+        .await
+        .unwrap();
+        assert_eq!(second, Take::Granted, "one place was left");
+        assert!(
+            matches!(third, Take::Full(_)),
+            "the budget is spent: {third:?}"
+        );
+    }
+}

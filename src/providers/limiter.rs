@@ -294,6 +294,17 @@ mod tests {
         assert!(RateLimit::parse("5/0s").is_err());
     }
 
+    /// The limit a limiter was built with, as it reports it (none when off).
+    #[test]
+    fn a_limiter_reports_its_limit() {
+        let limit = RateLimit {
+            requests: 7,
+            per: Duration::from_secs(90),
+        };
+        assert_eq!(Limiter::new(Some(limit), 0.001).limit(), Some(limit));
+        assert_eq!(Limiter::new(None, 1.0).limit(), None);
+    }
+
     /// Drives the limiter with an explicit clock (`try_acquire(now)`), one caller after
     /// another as the queue would: each waits what it is told, then asks again.
     fn grant_times(l: &Limiter, start: Instant, n: usize) -> Vec<Duration> {

@@ -403,6 +403,22 @@ impl SplitMix {
 mod tests {
     use super::*;
 
+    /// A simulated model reports the failure rate it injects (kept between 0 and 1) and its
+    /// seed, all 64 bits of it.
+    #[test]
+    fn the_rate_is_clamped_and_the_seed_kept() {
+        let m = |rate| SimulatedModel::new(rate, u64::MAX - 1, None);
+        assert_eq!(
+            (
+                m(0.25).failure_rate(),
+                m(1.5).failure_rate(),
+                m(-0.5).failure_rate(),
+                m(0.25).seed()
+            ),
+            (0.25, 1.0, 0.0, u64::MAX - 1)
+        );
+    }
+
     /// The generator is SplitMix64 (the reference outputs for seed 0), so a seeded sandbox
     /// run's injected failures and fake answers are the same on every machine and release,
     /// and `unit` is uniform: a failure rate of 0.3 injects about 30 %.

@@ -617,6 +617,37 @@ mod tests {
         assert_eq!(l.rest(), None);
     }
 
+    /// A reply that breaks off before its `Content-Length` (the server closed): the message
+    /// says the connection broke while the reply was being read, and it is retried as a
+    /// network failure.
+    #[tokio::test]
+    async fn a_reply_cut_off_mid_body_says_the_connection_broke() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/v1/chat/completions",
+            listener.local_addr().unwrap()
+        );
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                        Content-Length: 100\r\n\r\n{\"choices\": [";
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+        let resp = reqwest::Client::new().get(&url).send().await.unwrap();
+        let e = read_capped(resp, Link::OpenAi, &url).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Network, "{}", e.message);
+        assert!(
+            e.message
+                .contains("the connection to the OpenAI-compatible server broke while reading"),
+            "{}",
+            e.message
+        );
+    }
+
     /// A server whose accept queue is full never finishes the TCP handshake (the kernel drops
     /// the SYN): the connect times out, and that is a server not reached (`network`, which an
     /// `auto` chain falls through), not a slow model (`timeout`, REQUEST_TIMEOUT's advice).
