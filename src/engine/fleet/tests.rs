@@ -955,7 +955,7 @@ async fn until_rows(db: &ScratchDb, what: &str, check: impl Fn(&[(String, i16)])
 fn a_run_waiting_in_the_queue_is_moved_and_cancelled_from_here_and_from_another_console() {
     use crate::blueprint::Priority;
     use crate::events::RunStatus;
-    use crate::store::pg::fleet_view::{Request, Requested};
+    use crate::store::pg::events::REQUESTS_CHANNEL;
     let Some(db) = ScratchDb::new("fleet_requests") else {
         return;
     };
@@ -968,8 +968,6 @@ fn a_run_waiting_in_the_queue_is_moved_and_cancelled_from_here_and_from_another_
         }))
         .unwrap(),
     );
-    let console =
-        crate::store::Store::open_postgres_as(db.target(), "far-host:9:9".into()).unwrap();
     rt.block_on(async {
         let a = engine
             .start(bp.clone(), crate::engine::RunRequest::default())
@@ -994,10 +992,51 @@ fn a_run_waiting_in_the_queue_is_moved_and_cancelled_from_here_and_from_another_
             "only that run's"
         );
 
-        // Another host's console asks this process, the driver, to cancel run b.
-        let rb2 = rb.clone();
-        let asked = off(move || console.request(&rb2, Request::Cancel).unwrap()).await;
-        assert!(matches!(asked, Requested::Sent { .. }), "{asked:?}");
+        // Another host's console asks this process, the driver, to cancel run b and to move
+        // it (one transaction, one announcement, as `Store::request` makes each).
+        let (target, rb2) = (db.target().clone(), rb.clone());
+        off(move || {
+            let mut c = target.connect().unwrap();
+            let mut tx = c.transaction().unwrap();
+            tx.execute(
+                "UPDATE runner_executions SET cancel_requested_at = now(),
+                     priority_requested = 'high' WHERE id = $1",
+                &[&rb2],
+            )
+            .unwrap();
+            tx.execute("SELECT pg_notify($1, $2)", &[&REQUESTS_CHANNEL, &rb2])
+                .unwrap();
+            tx.commit().unwrap();
+        })
+        .await;
+        // Once the driver took the requests (it clears a priority request as it takes it),
+        // the cancel request is taken off the row: the look that took it carries it out, not
+        // a later one (which would keep the console's user waiting for the next poll).
+        let (target, rb2) = (db.target().clone(), rb.clone());
+        off(move || {
+            let mut c = target.connect().unwrap();
+            let until = Instant::now() + Duration::from_secs(30);
+            loop {
+                let taken: bool = c
+                    .query_one(
+                        "SELECT priority_requested IS NULL FROM runner_executions WHERE id = $1",
+                        &[&rb2],
+                    )
+                    .unwrap()
+                    .get(0);
+                if taken {
+                    break;
+                }
+                assert!(Instant::now() < until, "the driver never took the requests");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            c.execute(
+                "UPDATE runner_executions SET cancel_requested_at = NULL WHERE id = $1",
+                &[&rb2],
+            )
+            .unwrap();
+        })
+        .await;
         let o = tokio::time::timeout(Duration::from_secs(60), b.wait())
             .await
             .expect("the run asked to cancel ends");

@@ -1648,7 +1648,7 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
             std::thread::spawn(move || {
                 let _ = tx.send(q.release(id, &token));
             });
-            rx.recv_timeout(Duration::from_secs(120))
+            rx.recv_timeout(Duration::from_secs(60))
                 .expect("the release was tried for ever")
         };
         let err = release(&q, j.token.clone()).unwrap_err().to_string();
