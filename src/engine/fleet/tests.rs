@@ -1237,7 +1237,7 @@ fn a_resumed_run_takes_the_result_of_its_attempt_still_in_the_queue() {
         // Another host ran `queued`'s attempt 1 and `older`'s attempt 1; their results were
         // never taken.
         let q = fleet.queue.clone();
-        let results = vec![done("from the queue"), done("stale")];
+        let results = [done("from the queue"), done("stale")];
         off(move || {
             let jobs: Vec<NewJob> = ["queued", "older"]
                 .iter()
