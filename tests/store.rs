@@ -751,6 +751,13 @@ fn a_run_belongs_to_its_live_owner_and_moves_on_when_it_stops(db, store) {
         other => panic!("expected b to hold it, got {other:?}"),
     }
     assert_eq!(block_on(b.claim_run("nope", lease, 3)).unwrap(), Claim::NotFound);
+    // The process that lost the run learns it (and stops driving it); its new owner is told
+    // nothing of the kind.
+    assert_eq!(
+        a.runs_taken_over(vec!["r1".into(), "nope".into()]).unwrap(),
+        [("r1".to_string(), "host-b:202:0".to_string())]
+    );
+    assert!(b.runs_taken_over(vec!["r1".into()]).unwrap().is_empty());
 
     let procs = b.processes(lease).unwrap();
     let state = |id: &str| procs.iter().find(|p| p.id == id).map(|p| p.state());
@@ -876,6 +883,110 @@ fn a_schedule_slot_fires_once_among_processes_and_a_message_is_sent_once(db, sto
             ("post".to_string(), "telegram".to_string(), 2)
         ]
     );
+}
+}
+
+on_both! {
+/// A message part is sent at most once: its intent is recorded before it is sent, and a
+/// second attempt finds it and does not send it; a part the service refused has its intent
+/// removed and is sent by the next attempt; a part recorded as sent stays so.
+fn a_message_part_s_intent_is_recorded_once_and_cleared_only_until_it_is_sent(db, store) {
+    use omniflow::store::{NotificationRecord, PartState};
+    let part = |key: &str| NotificationRecord {
+        dedupe_key: key.into(),
+        run_id: "run".into(),
+        step_key: "post".into(),
+        channel: "telegram".into(),
+        part: 1,
+        message_ids: json!([7]),
+    };
+    assert!(store.record_notification_intent(&part("k1")).unwrap(), "first intent");
+    assert_eq!(store.notification_part("k1").unwrap(), Some(PartState::Sending));
+    // Another attempt (another process) must not send it again.
+    let other = db.open_as("host-b:202:0");
+    assert!(!other.record_notification_intent(&part("k1")).unwrap());
+    // The service refused it: the next attempt sends it.
+    store.clear_notification_intent("k1").unwrap();
+    assert_eq!(store.notification_part("k1").unwrap(), None);
+    assert!(other.record_notification_intent(&part("k1")).unwrap());
+    other.record_notification(&part("k1")).unwrap();
+    // A clear that comes after the part was sent leaves it sent.
+    store.clear_notification_intent("k1").unwrap();
+    assert_eq!(
+        store.notification_part("k1").unwrap(),
+        Some(PartState::Sent(json!([7])))
+    );
+    assert!(!store.record_notification_intent(&part("k1")).unwrap());
+    // Other parts are their own.
+    assert!(store.record_notification_intent(&part("k2")).unwrap());
+}
+}
+
+on_both! {
+/// What a console reads and asks of the fleet: runs by id (the ones announced as changed),
+/// the attempts running on every host, and requests to a run's driver. On an SQLite file
+/// there is no fleet: nothing runs elsewhere, and nobody can be asked.
+fn a_console_reads_runs_and_running_steps_and_asks_a_run_s_driver(db, store) {
+    use omniflow::store::pg::fleet_view::{Request, Requested, RunningAttempt};
+    store.insert_run(new_run("r1", "alpha", 0));
+    store.insert_run(new_run("r2", "alpha", 1));
+    store.insert_run(new_run("done", "alpha", 2));
+    store.run_finished(run_end("done", RunStatus::Success, 5));
+    store.flush_blocking();
+    let mut found: Vec<String> = store
+        .runs_by_id(vec!["r2".into(), "nope".into(), "done".into()])
+        .unwrap()
+        .into_iter()
+        .map(|r| format!("{} {:?}", r.id, r.status))
+        .collect();
+    found.sort();
+    assert_eq!(found, ["done Success", "r2 Queued"]);
+    assert!(store.runs_by_id(Vec::new()).unwrap().is_empty());
+    let Db::Postgres(pg) = db else {
+        assert!(store.running_attempts().unwrap().is_empty());
+        assert_eq!(store.request("r1", Request::Cancel).unwrap(), Requested::NotShared);
+        return;
+    };
+    // A step claimed by another host of the fleet, and one still queued.
+    let q = omniflow::store::pg::queue::Queue::new(pg.target(), 1).unwrap();
+    let job = |step: &str| omniflow::store::pg::queue::NewJob {
+        run_id: "r1".into(),
+        step_key: step.into(),
+        attempt: 2,
+        priority: 1,
+        tags: Vec::new(),
+        payload: json!({}),
+    };
+    q.enqueue(&[job("running")]).unwrap();
+    q.claim("host-b:202:0", &[], 1, Duration::from_secs(30)).unwrap();
+    q.enqueue(&[job("waiting")]).unwrap();
+    let running = store.running_attempts().unwrap();
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert!(running[0].claimed_at.is_some());
+    assert_eq!(
+        running[0],
+        RunningAttempt {
+            worker: "host-b:202:0".into(),
+            run_id: "r1".into(),
+            step_key: "running".into(),
+            attempt: 2,
+            claimed_at: running[0].claimed_at,
+        }
+    );
+    assert_eq!(
+        store.request("r1", Request::Priority(Priority::Low)).unwrap(),
+        Requested::Sent { owner: Some(format!("test-host:{}:0", std::process::id())) }
+    );
+    assert_eq!(store.find_run("r1").unwrap().priority, Priority::Low);
+    assert_eq!(store.request("done", Request::Cancel).unwrap(), Requested::NotActive);
+    assert_eq!(store.request("nope", Request::Cancel).unwrap(), Requested::NotActive);
+    // A queue this build cannot read is an error to report, not an idle fleet.
+    db.raw("ALTER TABLE runner_queue RENAME COLUMN locked_by TO held_by");
+    let err = store.running_attempts().unwrap_err().to_string();
+    assert!(err.contains("held_by") || err.contains("locked_by"), "{err}");
+    // No queue yet (no process of the fleet has created it): nothing runs.
+    db.raw("DROP TABLE runner_queue");
+    assert!(store.running_attempts().unwrap().is_empty());
 }
 }
 

@@ -860,3 +860,420 @@ fn a_step_another_process_queued_is_run_here() {
     drop(engine);
     drop(rt);
 }
+
+/// A console in a fleet hears the announcements of runs other processes changed on its
+/// engine's one `LISTEN` connection (the one that wakes its claims): the connection says when
+/// it listens, another process's runs come through, this process's own do not.
+#[test]
+fn a_console_hears_other_processes_runs_on_the_engine_s_listening_connection() {
+    use crate::store::pg::events::Live;
+    let Some(db) = ScratchDb::new("fleet_console_events") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let heard = engine
+        .follow_fleet_events()
+        .expect("an engine on PostgreSQL is in a fleet");
+    let until = Instant::now() + Duration::from_secs(60);
+    let next = |what: &str| -> Live {
+        heard
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    };
+    assert_eq!(next("listening"), Live::Connected);
+    let run = |id: &str| crate::store::NewRun {
+        id: id.into(),
+        blueprint_name: "bp".into(),
+        priority: crate::blueprint::Priority::Normal,
+        trigger: "cli".into(),
+        sandbox: false,
+        seed: None,
+        simulate_failures: 0.0,
+        variables: json!({}),
+        blueprint: json!({ "name": "bp", "nodes": [] }),
+        parent_run_id: None,
+        queued_at: std::time::SystemTime::now(),
+    };
+    let own = engine.inner.store.clone();
+    own.insert_run(run("run-here"));
+    own.flush_blocking();
+    let other = crate::store::Store::open_postgres_as(db.target(), "far-host:9:9".into()).unwrap();
+    other.insert_run(run("run-far"));
+    other.flush_blocking();
+    loop {
+        match next("the other process's run") {
+            Live::Runs { runs, .. } => {
+                assert_eq!(runs, vec!["run-far".to_string()]);
+                break;
+            }
+            Live::Connected => continue,
+            Live::Lost(e) => panic!("lost: {e}"),
+        }
+    }
+    drop(other);
+    drop(engine);
+    drop(rt);
+}
+
+/// The rows waiting in `db`'s queue: `(run, priority)`, by run.
+async fn queued_rows(db: &ScratchDb) -> Vec<(String, i16)> {
+    let target = db.target().clone();
+    off(move || {
+        target
+            .connect()
+            .unwrap()
+            .query(
+                "SELECT run_id, priority FROM runner_queue WHERE state = 'queued' ORDER BY run_id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    })
+    .await
+}
+
+/// Until `check` holds of the queued rows (it panics with `what` after 30 s).
+async fn until_rows(db: &ScratchDb, what: &str, check: impl Fn(&[(String, i16)]) -> bool) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = queued_rows(db).await;
+        if check(&rows) {
+            return;
+        }
+        assert!(Instant::now() < until, "{what}: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A run whose step waits in the shared queue (tagged for a host that is not here) is moved
+/// by a priority change and withdrawn by a cancel: from this process's console (its keys
+/// call the engine) and from a console on another host (a request on the run's row, which
+/// the run's driver here carries out). Runs that are not active here are refused.
+#[test]
+fn a_run_waiting_in_the_queue_is_moved_and_cancelled_from_here_and_from_another_console() {
+    use crate::blueprint::Priority;
+    use crate::events::RunStatus;
+    use crate::store::pg::events::REQUESTS_CHANNEL;
+    let Some(db) = ScratchDb::new("fleet_requests") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let bp: Arc<crate::blueprint::Blueprint> = Arc::new(
+        serde_json::from_value(json!({
+            "name": "waits",
+            "nodes": [ { "id": "gpu", "type": "http", "url": "http://127.0.0.1:1/never",
+                         "tags": ["gpu"] } ]
+        }))
+        .unwrap(),
+    );
+    rt.block_on(async {
+        let a = engine
+            .start(bp.clone(), crate::engine::RunRequest::default())
+            .unwrap();
+        let b = engine
+            .start(bp.clone(), crate::engine::RunRequest::default())
+            .unwrap();
+        let (ra, rb) = (a.run_id.clone(), b.run_id.clone());
+        until_rows(&db, "both steps are queued", |rows| rows.len() == 2).await;
+        let normal = Priority::Normal.index() as i16;
+        assert!(queued_rows(&db).await.iter().all(|(_, p)| *p == normal));
+
+        assert!(!engine.set_priority("not-here", Priority::Critical));
+        assert!(engine.set_priority(&ra, Priority::Critical));
+        let critical = Priority::Critical.index() as i16;
+        until_rows(&db, "the queued step moves with its run", |rows| {
+            rows.iter().any(|(r, p)| *r == ra && *p == critical)
+        })
+        .await;
+        assert!(
+            queued_rows(&db).await.contains(&(rb.clone(), normal)),
+            "only that run's"
+        );
+
+        // Another host's console asks this process, the driver, to cancel run b and to move
+        // it (one transaction, one announcement, as `Store::request` makes each).
+        let (target, rb2) = (db.target().clone(), rb.clone());
+        off(move || {
+            let mut c = target.connect().unwrap();
+            let mut tx = c.transaction().unwrap();
+            tx.execute(
+                "UPDATE runner_executions SET cancel_requested_at = now(),
+                     priority_requested = 'high' WHERE id = $1",
+                &[&rb2],
+            )
+            .unwrap();
+            tx.execute("SELECT pg_notify($1, $2)", &[&REQUESTS_CHANNEL, &rb2])
+                .unwrap();
+            tx.commit().unwrap();
+        })
+        .await;
+        // Once the driver took the requests (it clears a priority request as it takes it),
+        // the cancel request is taken off the row: the look that took it carries it out, not
+        // a later one (which would keep the console's user waiting for the next poll).
+        let (target, rb2) = (db.target().clone(), rb.clone());
+        off(move || {
+            let mut c = target.connect().unwrap();
+            let until = Instant::now() + Duration::from_secs(30);
+            loop {
+                let taken: bool = c
+                    .query_one(
+                        "SELECT priority_requested IS NULL FROM runner_executions WHERE id = $1",
+                        &[&rb2],
+                    )
+                    .unwrap()
+                    .get(0);
+                if taken {
+                    break;
+                }
+                assert!(Instant::now() < until, "the driver never took the requests");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            c.execute(
+                "UPDATE runner_executions SET cancel_requested_at = NULL WHERE id = $1",
+                &[&rb2],
+            )
+            .unwrap();
+        })
+        .await;
+        let o = tokio::time::timeout(Duration::from_secs(60), b.wait())
+            .await
+            .expect("the run asked to cancel ends");
+        assert_eq!(o.status, RunStatus::Cancelled);
+        until_rows(&db, "the cancelled run's step is withdrawn", |rows| {
+            rows.iter().all(|(r, _)| *r != rb)
+        })
+        .await;
+
+        assert!(!engine.cancel("not-here"));
+        assert!(engine.cancel(&ra));
+        let o = tokio::time::timeout(Duration::from_secs(60), a.wait())
+            .await
+            .expect("the cancelled run ends");
+        assert_eq!(o.status, RunStatus::Cancelled);
+        until_rows(&db, "the cancelled run's step is withdrawn", |rows| {
+            rows.is_empty()
+        })
+        .await;
+        assert!(!engine.cancel(&ra), "no longer active");
+    });
+    drop(engine);
+    drop(rt);
+}
+
+/// A row this process runs whose claim is no longer its own (another host's sweep took it
+/// over, or its driver withdrew it) has its attempt stopped at the next heartbeat; the rows
+/// still its own run on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_claim_was_taken_is_stopped_at_the_next_heartbeat() {
+    let Some(db) = ScratchDb::new("fleet_heartbeat_lost") else {
+        return;
+    };
+    let target = db.target().clone();
+    let queue = off(move || {
+        let q = Queue::new(&target, 2).unwrap();
+        q.ensure_schema().unwrap();
+        q
+    })
+    .await;
+    // A heartbeat every 100 ms.
+    let fleet = Fleet::on_queue(
+        queue,
+        WORKER.into(),
+        Vec::new(),
+        Duration::from_millis(300),
+        3,
+    );
+    let rows = claimed(&fleet, &["kept", "taken"]).await;
+    let (kept, taken) = (rows["kept"].clone(), rows["taken"].clone());
+    let hold = |j: &ClaimedJob| {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        lock(&fleet.held).insert(
+            j.id,
+            super::Held {
+                token: j.token.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        cancel
+    };
+    let (kept_cancel, taken_cancel) = (hold(&kept), hold(&taken));
+    let (target, id) = (db.target().clone(), taken.id);
+    off(move || {
+        target
+            .connect()
+            .unwrap()
+            .execute(
+                "UPDATE runner_queue SET locked_by = 'other-host:2:0', claim_token = 'theirs',
+                     lease_until = now() + interval '1 minute'
+                 WHERE id = $1",
+                &[&id],
+            )
+            .unwrap()
+    })
+    .await;
+    tokio::spawn(worker::heartbeats(fleet.clone()));
+    tokio::time::timeout(Duration::from_secs(30), taken_cancel.cancelled())
+        .await
+        .expect("the attempt whose claim was taken still runs");
+    assert!(!lock(&fleet.held).contains_key(&taken.id));
+    assert!(
+        !kept_cancel.is_cancelled(),
+        "an attempt still ours was stopped"
+    );
+    assert!(lock(&fleet.held).contains_key(&kept.id));
+    fleet.stop.cancel();
+}
+
+/// Results that cannot be written are tried again for a while (the lease covers the rows
+/// meanwhile), 21 tries with waits growing to 2 s, and then given up (the rows run again when
+/// their leases expire) rather than tried for ever. (Paused clock: the waits take no time.)
+#[tokio::test(start_paused = true)]
+async fn results_that_cannot_be_written_are_tried_again_for_a_while_then_given_up() {
+    let Some(db) = ScratchDb::new("fleet_record_gives_up") else {
+        return;
+    };
+    let fleet = fleet(&db, 1).await;
+    let job = claimed(&fleet, &["refused"]).await["refused"].clone();
+    let sql = |statement: &'static str| {
+        let target = db.target().clone();
+        off(move || {
+            let mut c = target.connect().unwrap();
+            c.batch_execute(statement).unwrap();
+            c.query_one(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM tries",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+        })
+    };
+    // The server refuses every completion, counting the tries (a sequence is not rolled
+    // back).
+    sql("CREATE SEQUENCE tries;
+         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM nextval('tries'); RAISE EXCEPTION 'disk full'; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON runner_queue
+             FOR EACH ROW EXECUTE FUNCTION refuse();")
+    .await;
+    let mut to_driver = wait_here(&fleet, job.id);
+    tokio::time::timeout(
+        Duration::from_secs(3600),
+        worker::record(&fleet, vec![(job.id, job.token.clone(), json!("lost"))]),
+    )
+    .await
+    .expect("the results were tried for ever");
+    assert_eq!(sql("SELECT 1").await, 21, "tries before giving up");
+    assert!(
+        to_driver.try_recv().is_err(),
+        "an unwritten result reached its driver"
+    );
+    assert_eq!(fleet.counters.completed.load(Ordering::Relaxed), 0);
+}
+
+/// A fleet run resumed after its driver died takes the result of an attempt that is still in
+/// the queue (another host ran it) instead of asking again; an older attempt left in the
+/// queue is not taken for the newest one, which runs again.
+#[test]
+fn a_resumed_run_takes_the_result_of_its_attempt_still_in_the_queue() {
+    use crate::engine::nodes::StepOutput;
+    use crate::engine::step::AttemptDone;
+    use crate::events::RunStatus;
+    let Some(db) = ScratchDb::new("fleet_resume_queued") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let (url, _calls) = http_server(false);
+    let node =
+        |id: &str| json!({ "id": id, "type": "http", "url": url, "retry": { "attempts": 5 } });
+    let bp = json!({ "name": "resumed", "nodes": [ node("queued"), node("older") ] });
+    let store = engine.inner.store.clone();
+    let now = std::time::SystemTime::now();
+    store.insert_run(crate::store::NewRun {
+        id: "resumed".into(),
+        blueprint_name: "resumed".into(),
+        priority: crate::blueprint::Priority::Normal,
+        trigger: "cli".into(),
+        sandbox: false,
+        seed: None,
+        simulate_failures: 0.0,
+        variables: json!({}),
+        blueprint: bp,
+        parent_run_id: None,
+        queued_at: now,
+    });
+    store.run_started("resumed", now, 2);
+    // The dead driver had started attempt 1 of `queued`, and attempts 1 and 2 of `older`.
+    for step in ["queued", "older"] {
+        store.step_queued(crate::store::NewStep {
+            run_id: "resumed".into(),
+            step_key: step.into(),
+            node_id: step.into(),
+            item_index: None,
+            input: None,
+            queued_at: now,
+        });
+    }
+    store.step_started("resumed", "queued", 1, now);
+    store.step_started("resumed", "older", 1, now);
+    store.step_started("resumed", "older", 2, now);
+    store.flush_blocking();
+    let done = |value: &str| {
+        serde_json::to_value(AttemptDone {
+            result: Ok(StepOutput {
+                value: json!(value),
+                ..StepOutput::default()
+            }),
+            started_at: now,
+            finished_at: now,
+        })
+        .unwrap()
+    };
+    let inner = engine.inner.clone();
+    let outcome = rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        // Another host ran `queued`'s attempt 1 and `older`'s attempt 1; their results were
+        // never taken.
+        let q = fleet.queue.clone();
+        let results = [done("from the queue"), done("stale")];
+        off(move || {
+            let jobs: Vec<NewJob> = ["queued", "older"]
+                .iter()
+                .map(|s| NewJob {
+                    run_id: "resumed".into(),
+                    step_key: (*s).into(),
+                    attempt: 1,
+                    priority: 1,
+                    // Not for this process's claimer: the host that ran them had the tag.
+                    tags: vec!["elsewhere".into()],
+                    payload: json!({}),
+                })
+                .collect();
+            q.enqueue(&jobs).unwrap();
+            let rows = q
+                .claim("gone-host:1:0", &["elsewhere".into()], 2, lease())
+                .unwrap();
+            let done: Vec<_> = rows
+                .iter()
+                .map(|j| {
+                    let i = usize::from(j.step_key == "older");
+                    (j.id, j.token.clone(), results[i].clone())
+                })
+                .collect();
+            assert_eq!(q.complete(&done).unwrap().len(), 2);
+        })
+        .await;
+        let h = engine.resume("resumed").await.unwrap();
+        let o = tokio::time::timeout(Duration::from_secs(60), h.wait())
+            .await
+            .expect("the resumed run ends");
+        drop(engine);
+        o
+    });
+    assert_eq!(outcome.status, RunStatus::Success, "{:?}", outcome.error);
+    assert_eq!(outcome.outputs["queued"], json!("from the queue"));
+    assert_eq!(outcome.outputs["older"], json!("ok"));
+    drop(rt);
+}

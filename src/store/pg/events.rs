@@ -256,4 +256,60 @@ mod tests {
         assert_eq!(RunEvents::parse("42"), None);
         assert_eq!(RunEvents::parse(""), None);
     }
+
+    /// A console outside any fleet process listens on a connection of its own: it is told
+    /// when it listens, then hears the runs another process writes, and not its own
+    /// process's, nor after it stops.
+    #[test]
+    fn a_console_s_own_listener_hears_other_processes_runs() {
+        use crate::store::pg::testing::ScratchDb;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let Some(db) = ScratchDb::new("events_follow") else {
+            return;
+        };
+        let here = crate::store::Store::open_postgres_as(db.target(), "host-a:1:1".into()).unwrap();
+        let far = crate::store::Store::open_postgres_as(db.target(), "host-b:2:2".into()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (target, s) = (db.target().clone(), stop.clone());
+        let listener = std::thread::spawn(move || {
+            follow(
+                &target,
+                "host-a:1:1",
+                &|| s.load(Ordering::Relaxed),
+                &mut |l| {
+                    let _ = tx.send(l);
+                },
+            )
+        });
+        let next = || rx.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(next(), Ok(Live::Connected));
+        let run = |id: &str| crate::store::NewRun {
+            id: id.into(),
+            blueprint_name: "bp".into(),
+            priority: crate::blueprint::Priority::Normal,
+            trigger: "cli".into(),
+            sandbox: false,
+            seed: None,
+            simulate_failures: 0.0,
+            variables: serde_json::json!({}),
+            blueprint: serde_json::json!({ "name": "bp", "nodes": [] }),
+            parent_run_id: None,
+            queued_at: SystemTime::now(),
+        };
+        here.insert_run(run("run-here"));
+        here.flush_blocking();
+        far.insert_run(run("run-far"));
+        far.flush_blocking();
+        // In commit order: had this process's batch been passed on, it would come first.
+        assert_eq!(
+            next(),
+            Ok(Live::Runs {
+                runs: vec!["run-far".to_string()],
+                more: false
+            })
+        );
+        stop.store(true, Ordering::Relaxed);
+        listener.join().unwrap();
+    }
 }

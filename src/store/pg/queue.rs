@@ -1529,4 +1529,135 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         t.join().unwrap();
     }
+
+    /// A worker that stops before running a step gives its row back: queued again for any
+    /// claimer, who is woken. A release under a token that no longer holds the row (it was
+    /// taken over) changes nothing and wakes nobody.
+    #[test]
+    fn a_released_row_is_queued_again_and_wakes_claimers_and_a_stale_release_does_nothing() {
+        let Some((db, q)) = queue("release") else {
+            return;
+        };
+        q.enqueue(&[job("r", "a", 1, &[])]).unwrap();
+        let j = q.claim("w", &[], 1, lease()).unwrap().remove(0);
+        let mut listener = jobs_listener(&db);
+        assert!(!q.release(j.id, "a token taken over").unwrap());
+        assert_eq!(
+            q.depth().unwrap(),
+            [0; 4],
+            "a stale release queued the row again"
+        );
+        assert_eq!(wake_ups(&mut listener), 0, "a stale release woke claimers");
+        assert!(q.release(j.id, &j.token).unwrap());
+        assert_eq!(q.depth().unwrap(), [0, 1, 0, 0], "queued again");
+        assert_eq!(wake_ups(&mut listener), 1, "claimers are told");
+        // Given back untouched: the next claimer gets it, not counted as a rescue.
+        let again = q.claim("w2", &[], 1, lease()).unwrap();
+        assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [j.id]);
+        assert!(
+            !q.release(j.id, &j.token).unwrap(),
+            "the first claim's token is spent"
+        );
+    }
+
+    /// Terminates the other sessions on `db` (a server restart, an administrator's
+    /// `pg_terminate_backend`); their clients learn it at their next statement.
+    fn drop_sessions(db: &ScratchDb) -> i64 {
+        let mut c = db.target().connect().unwrap();
+        c.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .len() as i64
+    }
+
+    /// Pooled connections the server dropped are each met by a statement, which goes on on
+    /// another: the caller sees it succeed, not "connection closed".
+    #[test]
+    fn a_statement_goes_on_on_another_connection_when_the_server_dropped_its_pooled_ones() {
+        let Some(db) = ScratchDb::new("queue_dropped") else {
+            return;
+        };
+        let q = Queue::new(db.target(), 3).unwrap();
+        q.ensure_schema().unwrap();
+        // Three pooled connections, all idle.
+        let barrier = std::sync::Barrier::new(3);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    let c = q.conn().unwrap();
+                    barrier.wait();
+                    drop(c);
+                });
+            }
+        });
+        assert!(drop_sessions(&db) >= 3);
+        q.enqueue(&[job("r", "a", 1, &[])]).unwrap();
+        let j = q.claim("w", &[], 1, lease()).unwrap().remove(0);
+        drop_sessions(&db);
+        assert!(q.release(j.id, &j.token).unwrap());
+        assert_eq!(q.depth().unwrap(), [0, 1, 0, 0]);
+    }
+
+    /// A statement whose every connection is dropped under it gives up after a few tries (one
+    /// per pooled connection that may have been dropped, one on a new one, and the first),
+    /// and says why; a statement the server refuses is not tried again at all.
+    #[test]
+    fn a_statement_that_keeps_losing_its_connection_gives_up_and_a_refused_one_is_not_retried() {
+        let Some(db) = ScratchDb::new("queue_lost_always") else {
+            return;
+        };
+        let q = Queue::new(db.target(), 2).unwrap();
+        q.ensure_schema().unwrap();
+        q.enqueue(&[job("r", "a", 1, &[])]).unwrap();
+        let j = q.claim("w", &[], 1, lease()).unwrap().remove(0);
+        let mut c = db.target().connect().unwrap();
+        // Every try of the release counts itself (a sequence is not rolled back), then the
+        // server ends its session, or refuses it.
+        c.batch_execute(
+            "CREATE SEQUENCE tries;
+             CREATE TABLE how (kill boolean NOT NULL);
+             INSERT INTO how VALUES (true);
+             CREATE FUNCTION lose() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM nextval('tries');
+                 IF (SELECT kill FROM how) THEN
+                     PERFORM pg_terminate_backend(pg_backend_pid());
+                     PERFORM pg_sleep(5);
+                 END IF;
+                 RAISE EXCEPTION 'refused';
+             END $$;
+             CREATE TRIGGER lose BEFORE UPDATE ON runner_queue
+                 FOR EACH ROW EXECUTE FUNCTION lose();",
+        )
+        .unwrap();
+        let tries = |c: &mut postgres::Client| -> i64 {
+            c.query_one(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM tries",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+        };
+        // On a thread of its own: a statement retried for ever fails the test, not hangs it.
+        let release = |q: &Queue, token: String| {
+            let (q, id) = (q.clone(), j.id);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(q.release(id, &token));
+            });
+            rx.recv_timeout(Duration::from_secs(60))
+                .expect("the release was tried for ever")
+        };
+        let err = release(&q, j.token.clone()).unwrap_err().to_string();
+        assert!(err.contains("give a step back"), "{err}");
+        assert_eq!(tries(&mut c), 4, "tries with 2 pooled connections");
+        c.batch_execute("UPDATE how SET kill = false; ALTER SEQUENCE tries RESTART")
+            .unwrap();
+        let err = release(&q, j.token.clone()).unwrap_err().to_string();
+        assert!(err.contains("refused"), "{err}");
+        assert_eq!(tries(&mut c), 1, "a refused statement was tried again");
+    }
 }
