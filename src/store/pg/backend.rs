@@ -18,7 +18,7 @@ use super::super::asks::Ask;
 use super::super::error::{DbError, StoreError, StoreErrorKind};
 use super::super::transitions::{coalesce, Op, ProcessInfo};
 use super::super::writer::{Ack, Msg, Shared};
-use super::connect::{describe, PgTarget};
+use super::connect::{describe, describe_while, explain_only, PgTarget};
 use super::pool::PgPool;
 use crate::retry::Doubling;
 use postgres::error::SqlState;
@@ -126,7 +126,7 @@ impl Conn {
                 Ok(v) => return Ok(v),
                 Err(Fail::Pg(e)) if lost(&e) && tries < 2 => {
                     tries += 1;
-                    tracing::warn!(database = %self.target.shown(), error = %describe(&e, &self.target, doing), "PostgreSQL connection lost; reconnecting");
+                    tracing::warn!(database = %self.target.shown(), error = %describe_while(&e, &self.target, doing), "PostgreSQL connection lost; reconnecting");
                     self.client = None;
                 }
                 Err(Fail::Pg(e)) => return Err(pg_error(&self.target, doing, e)),
@@ -160,7 +160,7 @@ fn run_pooled<T>(
             Ok(v) => return Ok(v),
             Err(Fail::Pg(e)) if lost(&e) && tries <= pool.size() => {
                 tries += 1;
-                tracing::debug!(database = %target.shown(), error = %describe(&e, target, doing), "PostgreSQL connection lost; trying another");
+                tracing::debug!(database = %target.shown(), error = %describe_while(&e, target, doing), "PostgreSQL connection lost; trying another");
             }
             Err(Fail::Pg(e)) => return Err(pg_error(target, doing, e)),
             Err(Fail::Corrupt(detail)) => {
@@ -210,13 +210,13 @@ pub(crate) fn pg_error(target: &PgTarget, doing: &'static str, e: postgres::Erro
     };
     if kind == StoreErrorKind::Unavailable {
         return StoreError::Unavailable {
-            message: describe(&e, target, doing),
+            message: describe_while(&e, target, doing),
         };
     }
     StoreError::Database {
         place: target.shown().to_string(),
         doing,
-        source: DbError::new(kind, describe(&e, target, doing)),
+        source: DbError::new(kind, explain_only(&e)),
     }
 }
 
@@ -491,8 +491,7 @@ fn answer(conn: &mut Conn, ask: Ask, proc: &ProcessInfo) {
             lease,
             max_takeovers,
             reply,
-            // Worded for `describe`: "PostgreSQL at … refused to claim a run in".
-        } => reply.send(conn.run("claim a run in", |c| {
+        } => reply.send(conn.run("claiming a run in", |c| {
             super::lease::claim(c, &run_id, &proc.id, lease, max_takeovers)
         })),
         Ask::ClaimSlot {
@@ -760,9 +759,43 @@ mod tests {
             panic!("the locked row was taken");
         };
         assert!(!lost(&e));
-        let err = pg_error(db.target(), "read", e);
+        let err = pg_error(db.target(), "reading", e);
         assert_eq!(err.kind(), StoreErrorKind::Busy, "{err}");
         holder.batch_execute("ROLLBACK").unwrap();
+    }
+
+    /// A refused statement reads as one sentence: the database, what the store was doing, the
+    /// server's words and what to do, each once. A session the server ended says so, with the
+    /// server and what was being done.
+    #[test]
+    fn a_refused_statement_reads_as_one_sentence() {
+        let Some(db) = crate::store::pg::testing::ScratchDb::new("refused_wording") else {
+            return;
+        };
+        let mut c = db.target().connect().unwrap();
+        let Err(e) = c.query("SELECT * FROM no_such_table", &[]) else {
+            panic!("a missing table was read");
+        };
+        let text = pg_error(db.target(), "reading runs", e).to_string();
+        let at = db.target().shown().to_string();
+        assert_eq!(
+            text,
+            format!(
+                "database {at} failed while reading runs: the server refused it: relation \"no_such_table\" does not exist (42P01): see the server's message above"
+            )
+        );
+        let Err(e) = c.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())") else {
+            panic!("the session outlived its own termination");
+        };
+        let text = pg_error(db.target(), "reading runs", e).to_string();
+        // The server's "terminating connection" notice, or the closed socket when it comes
+        // first.
+        assert!(
+            text.starts_with(&format!("PostgreSQL at {at} "))
+                && text.contains(" while reading runs: ")
+                && !text.contains("refused to"),
+            "{text}"
+        );
     }
 
     /// A statement whose session the server ended (a restart, `pg_terminate_backend`) is

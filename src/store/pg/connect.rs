@@ -316,11 +316,46 @@ fn strip_source(e: &postgres::Error) -> String {
     text
 }
 
-/// A driver error worded with its fix. `doing` says what was being done ("connect",
-/// "migrate", …). Never includes the password: only [`PgTarget::shown`] names the server.
+/// A driver error worded with its fix. `doing` says what was being done, as a verb
+/// ("connect", "read the version of"): "PostgreSQL at … refused to {doing}" or "cannot
+/// {doing} PostgreSQL at …". Never includes the password: only [`PgTarget::shown`] names the
+/// server.
 pub fn describe(e: &postgres::Error, target: &PgTarget, doing: &str) -> String {
-    use postgres::error::SqlState;
     let at = target.shown();
+    match explain(e) {
+        Explained::Refused(why) => format!("PostgreSQL at {at} refused to {doing}: {why}"),
+        Explained::Failed(why) => format!("cannot {doing} PostgreSQL at {at}: {why}"),
+    }
+}
+
+/// Like [`describe`], with `doing` as the store words it ("reading runs", "migrating"):
+/// "PostgreSQL at … refused it while {doing}" or "… failed while {doing}".
+pub fn describe_while(e: &postgres::Error, target: &PgTarget, doing: &str) -> String {
+    let at = target.shown();
+    match explain(e) {
+        Explained::Refused(why) => format!("PostgreSQL at {at} refused it while {doing}: {why}"),
+        Explained::Failed(why) => format!("PostgreSQL at {at} failed while {doing}: {why}"),
+    }
+}
+
+/// A driver error's text and its fix, without the server or what was being done (for a
+/// message that names both already).
+pub fn explain_only(e: &postgres::Error) -> String {
+    match explain(e) {
+        Explained::Refused(why) => format!("the server refused it: {why}"),
+        Explained::Failed(why) => why,
+    }
+}
+
+/// "{what happened}: {fix}", and whether the server refused (an error it sent) or the
+/// client failed (the connection, TLS, the protocol).
+enum Explained {
+    Refused(String),
+    Failed(String),
+}
+
+fn explain(e: &postgres::Error) -> Explained {
+    use postgres::error::SqlState;
     if let Some(db) = e.as_db_error() {
         let code = db.code();
         let fix = if *code == SqlState::INVALID_PASSWORD
@@ -338,15 +373,11 @@ pub fn describe(e: &postgres::Error, target: &PgTarget, doing: &str) -> String {
         } else {
             "see the server's message above"
         };
-        return format!(
-            "PostgreSQL at {at} refused to {doing}: {} ({}): {fix}",
-            db.message(),
-            code.code()
-        );
+        return Explained::Refused(format!("{} ({}): {fix}", db.message(), code.code()));
     }
     let cause = strip_source(e);
     let fix = fix_for(&cause, e.is_closed());
-    format!("cannot {doing} PostgreSQL at {at}: {cause}: {fix}")
+    Explained::Failed(format!("{cause}: {fix}"))
 }
 
 /// What to do about a failure to reach the server, from the client's words for it (`closed`:

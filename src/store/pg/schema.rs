@@ -214,13 +214,13 @@ pub(crate) fn migrate(client: &mut Client, target: &PgTarget) -> Result<(), Stor
     // together wait here and find the work done.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .map_err(e("lock the migrations of"))?;
+        .map_err(e("locking the migrations of"))?;
     // Created only when missing: PostgreSQL checks the CREATE privilege before it looks for
     // the table, so `CREATE TABLE IF NOT EXISTS` would refuse a user who reads and writes a
     // database its owner migrated but may not create tables (what `doctor` calls fine).
     let result = client
         .query_one("SELECT to_regclass('omniflow_migrations') IS NULL", &[])
-        .map_err(e("look for the migrations table in"))
+        .map_err(e("looking for the migrations table in"))
         .and_then(|missing| {
             if missing.get::<_, bool>(0) {
                 client
@@ -231,7 +231,7 @@ pub(crate) fn migrate(client: &mut Client, target: &PgTarget) -> Result<(), Stor
                              applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
                          )",
                     )
-                    .map_err(e("create the migrations table in"))?;
+                    .map_err(e("creating the migrations table in"))?;
             }
             migrate_locked(client, target)
         });
@@ -247,7 +247,7 @@ fn migrate_locked(client: &mut Client, target: &PgTarget) -> Result<(), StoreErr
             "SELECT COALESCE(MAX(version), 0) FROM omniflow_migrations",
             &[],
         )
-        .map_err(e("read the migrations of"))?
+        .map_err(e("reading the migrations of"))?
         .get(0);
     if current > LATEST {
         return Err(StoreError::NewerMigrations {
@@ -261,17 +261,17 @@ fn migrate_locked(client: &mut Client, target: &PgTarget) -> Result<(), StoreErr
         if version <= current {
             continue;
         }
-        let mut tx = client.transaction().map_err(e("migrate"))?;
+        let mut tx = client.transaction().map_err(e("migrating"))?;
         tx.batch_execute(sql).map_err(|err| {
             tracing::error!(version, error = %err, "PostgreSQL migration failed");
-            pg_error(target, "migrate", err)
+            pg_error(target, "migrating", err)
         })?;
         tx.execute(
             "INSERT INTO omniflow_migrations (version, description) VALUES ($1, $2)",
             &[&version, description],
         )
-        .map_err(e("record a migration in"))?;
-        tx.commit().map_err(e("commit a migration in"))?;
+        .map_err(e("recording a migration in"))?;
+        tx.commit().map_err(e("committing a migration in"))?;
         tracing::info!(database = %target.shown(), version, "PostgreSQL database migrated");
     }
     Ok(())
