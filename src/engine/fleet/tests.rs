@@ -1237,6 +1237,68 @@ async fn a_step_whose_claim_was_taken_is_stopped_at_the_next_heartbeat() {
     fleet.stop.cancel();
 }
 
+/// A step that runs longer than `LEASE_TIMEOUT` keeps its claim: the heartbeats extend its
+/// lease in time, so another host's sweep never takes it over (it would run the step a
+/// second time) while it runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_running_longer_than_its_lease_is_not_taken_over() {
+    let Some(db) = ScratchDb::new("fleet_heartbeat_kept") else {
+        return;
+    };
+    let target = db.target().clone();
+    let queue = off(move || {
+        let q = Queue::new(&target, 2).unwrap();
+        q.ensure_schema().unwrap();
+        q
+    })
+    .await;
+    let lease = Duration::from_secs(2);
+    let fleet = Fleet::on_queue(queue, WORKER.into(), Vec::new(), lease, 3);
+    let q = fleet.queue.clone();
+    let job = off(move || {
+        q.enqueue(&[NewJob {
+            run_id: "run".into(),
+            step_key: "long".into(),
+            attempt: 1,
+            priority: 1,
+            tags: Vec::new(),
+            payload: json!({}),
+        }])
+        .unwrap();
+        q.claim(WORKER, &[], 1, lease).unwrap().remove(0)
+    })
+    .await;
+    let claimed_at = Instant::now();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    lock(&fleet.held).insert(
+        job.id,
+        super::Held {
+            token: job.token.clone(),
+            cancel: cancel.clone(),
+        },
+    );
+    tokio::spawn(worker::heartbeats(fleet.clone()));
+    // Another host sweeps over and over, for half a lease more than the lease.
+    let other = {
+        let target = db.target().clone();
+        off(move || Queue::new(&target, 1).unwrap()).await
+    };
+    while claimed_at.elapsed() < lease + lease / 2 {
+        let o = other.clone();
+        let swept = off(move || o.rescue_expired(3).unwrap()).await;
+        assert!(
+            swept.requeued.is_empty() && swept.failed.is_empty(),
+            "a step still running here was taken over after {:?}",
+            claimed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!cancel.is_cancelled(), "the step was stopped");
+    assert!(lock(&fleet.held).contains_key(&job.id));
+    fleet.stop.cancel();
+    off(move || drop(other)).await;
+}
+
 /// Results that cannot be written are tried again for a while (the lease covers the rows
 /// meanwhile), 21 tries with waits growing to 2 s, and then given up (the rows run again when
 /// their leases expire) rather than tried for ever. (Paused clock: the waits take no time.)
