@@ -1110,6 +1110,81 @@ mod tests {
         );
     }
 
+    /// A run's driver starts no steps while the history writer is far behind (another
+    /// process holds the write lock and more than `ROOM` writes wait): their writes would
+    /// only pile up in memory. Once the lock goes the writer catches up, and the run goes on
+    /// and ends with every step done. (Paused clock, and this task never idles while it
+    /// watches: the driver's bounded wait for room cannot run out, only the writer catching
+    /// up ends it.)
+    #[tokio::test(start_paused = true)]
+    async fn a_run_starts_no_steps_while_the_history_writer_is_far_behind() {
+        use crate::events::{Event, RunStatus};
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.db");
+        let vars: std::collections::HashMap<String, String> = [
+            ("DB_FILE", path.display().to_string()),
+            ("LOG_DIR", dir.path().join("logs").display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let config = crate::config::Config::from_vars(&vars).unwrap();
+        let store = crate::store::Store::open(&path).unwrap();
+        let engine = crate::engine::Engine::new(
+            std::sync::Arc::new(config),
+            store.clone(),
+            crate::events::EventBus::new(),
+        );
+        let events = engine.bus().subscribe();
+        let bp: crate::blueprint::Blueprint = serde_json::from_value(serde_json::json!({
+            "name": "fan",
+            "nodes": [ { "id": "f", "type": "transform", "forEach": "{{ range(4) | list }}",
+                         "template": "{{ item }}" } ]
+        }))
+        .unwrap();
+        // Another process holds the write lock: the writer waits with the batch it took, and
+        // more than a batch plus the bound stays queued behind it.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for i in 0..8192 + 2 * crate::store::ROOM + 1 {
+            store.run_progress("elsewhere", i as u32, 0);
+        }
+        assert!(
+            store.room().now_or_never().is_none(),
+            "the writer is behind"
+        );
+        let h = engine
+            .start(
+                std::sync::Arc::new(bp),
+                crate::engine::RunRequest::default(),
+            )
+            .unwrap();
+        let started = |events: &crate::events::Subscriber| {
+            let mut n = 0;
+            while let Some(ev) = events.try_recv() {
+                if matches!(ev, Event::StepStarted { .. }) {
+                    n += 1;
+                }
+            }
+            n
+        };
+        let until = std::time::Instant::now() + Duration::from_millis(300);
+        while std::time::Instant::now() < until {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            started(&events),
+            0,
+            "steps started while the history writer was far behind"
+        );
+        other.execute_batch("COMMIT").unwrap();
+        let o = h.wait().await;
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        assert_eq!(o.outputs["f"], serde_json::json!(["0", "1", "2", "3"]));
+        drop(other);
+    }
+
     #[test]
     fn json_len_counts_what_serde_json_writes() {
         let v = serde_json::json!({"a": [1, 2, 3], "b": "x\"y"});
