@@ -1252,7 +1252,8 @@ async fn a_step_running_longer_than_its_lease_is_not_taken_over() {
         q
     })
     .await;
-    let lease = Duration::from_secs(2);
+    // A heartbeat every second: a beat late by up to two still keeps the lease.
+    let lease = Duration::from_secs(3);
     let fleet = Fleet::on_queue(queue, WORKER.into(), Vec::new(), lease, 3);
     let q = fleet.queue.clone();
     let job = off(move || {
