@@ -1383,6 +1383,45 @@ async fn an_http_reply_cut_off_mid_body_is_a_bad_response() {
     );
 }
 
+/// An HTTP node reads a reply of a few MiB whole, and refuses one over 10 MiB (rather than
+/// hold it in memory) with a bad response that names the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_node_reads_replies_up_to_10_mib_whole() {
+    let text = |len: usize| Reply {
+        status: 200,
+        headers: vec![("Content-Type".into(), "text/plain".into())],
+        body: "x".repeat(len),
+    };
+    let large = fake_server(vec![text(2 * 1024 * 1024)]).await;
+    let huge = fake_server(vec![text(10 * 1024 * 1024 + 1)]).await;
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "large",
+        "nodes": [ { "id": "fetch", "type": "http", "url": large.url.clone() } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(
+        o.outputs["fetch"].as_str().map(str::len),
+        Some(2 * 1024 * 1024)
+    );
+    let bp = blueprint(json!({
+        "name": "huge",
+        "nodes": [ { "id": "fetch", "type": "http", "url": huge.url.clone(),
+                     "retry": { "attempts": 1 } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Error);
+    assert_eq!(
+        o.error_kind,
+        Some(omniflow::error::ErrorKind::BadResponse),
+        "{:?}",
+        o.error
+    );
+    let e = o.error.unwrap_or_default();
+    assert!(e.contains("answered with more than 10 MiB; refused"), "{e}");
+}
+
 /// In the sandbox an HTTP node without a `sandboxOutput` reaches nothing: it answers with a
 /// simulated reply of the type the node would get (JSON for `response: "json"`, else a page),
 /// recorded as the sandbox's.

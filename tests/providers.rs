@@ -355,6 +355,33 @@ async fn hf_inference_503_loading_waits_the_float_estimated_time() {
     assert_eq!(seen.json()["parameters"]["return_full_text"], json!(false));
 }
 
+/// An hf-inference text-generation call has no separate system prompt: the system prompt
+/// goes before the prompt in `inputs`, and a blank one adds nothing.
+#[tokio::test]
+async fn hf_inference_puts_the_system_prompt_before_the_prompt() {
+    let fake = start(|_, _| Reply::json(200, json!([{"generated_text":"ok"}]))).await;
+    let p = providers(&[
+        ("HF_TOKEN", "hf_testtoken123"),
+        ("HF_INFERENCE_URL", &fake.url),
+    ]);
+    let mut r = req("hf-inference", "fast");
+    call(&p, &r).await.unwrap();
+    r.system = Some("  \n".into());
+    call(&p, &r).await.unwrap();
+    let inputs: Vec<serde_json::Value> = fake
+        .requests()
+        .iter()
+        .map(|s| s.json()["inputs"].clone())
+        .collect();
+    assert_eq!(
+        inputs,
+        [
+            json!("Be brief.\n\nTwo sentences on rust."),
+            json!("Two sentences on rust.")
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_missing_token_gives_the_original_message() {
     let p = providers(&[]);

@@ -1110,6 +1110,194 @@ mod tests {
         );
     }
 
+    /// A run's driver starts no steps while the history writer is far behind (another
+    /// process holds the write lock and more than `ROOM` writes wait): their writes would
+    /// only pile up in memory. Once the lock goes the writer catches up, and the run goes on
+    /// and ends with every step done. (Paused clock, and this task never idles while it
+    /// watches: the driver's bounded wait for room cannot run out, only the writer catching
+    /// up ends it.)
+    #[tokio::test(start_paused = true)]
+    async fn a_run_starts_no_steps_while_the_history_writer_is_far_behind() {
+        use crate::events::{Event, RunStatus};
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.db");
+        let vars: std::collections::HashMap<String, String> = [
+            ("DB_FILE", path.display().to_string()),
+            ("LOG_DIR", dir.path().join("logs").display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let config = crate::config::Config::from_vars(&vars).unwrap();
+        let store = crate::store::Store::open(&path).unwrap();
+        let engine = crate::engine::Engine::new(
+            std::sync::Arc::new(config),
+            store.clone(),
+            crate::events::EventBus::new(),
+        );
+        let events = engine.bus().subscribe();
+        let bp: crate::blueprint::Blueprint = serde_json::from_value(serde_json::json!({
+            "name": "fan",
+            "nodes": [ { "id": "f", "type": "transform", "forEach": "{{ range(4) | list }}",
+                         "template": "{{ item }}" } ]
+        }))
+        .unwrap();
+        // Another process holds the write lock: the writer waits with the batch it took, and
+        // more than a batch plus the bound stays queued behind it.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for i in 0..8192 + 2 * crate::store::ROOM + 1 {
+            store.run_progress("elsewhere", i as u32, 0);
+        }
+        assert!(
+            store.room().now_or_never().is_none(),
+            "the writer is behind"
+        );
+        let h = engine
+            .start(
+                std::sync::Arc::new(bp),
+                crate::engine::RunRequest::default(),
+            )
+            .unwrap();
+        let started = |events: &crate::events::Subscriber| {
+            let mut n = 0;
+            while let Some(ev) = events.try_recv() {
+                if matches!(ev, Event::StepStarted { .. }) {
+                    n += 1;
+                }
+            }
+            n
+        };
+        let until = std::time::Instant::now() + Duration::from_millis(300);
+        while std::time::Instant::now() < until {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            started(&events),
+            0,
+            "steps started while the history writer was far behind"
+        );
+        other.execute_batch("COMMIT").unwrap();
+        let o = h.wait().await;
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        assert_eq!(o.outputs["f"], serde_json::json!(["0", "1", "2", "3"]));
+        drop(other);
+    }
+
+    /// While the history writer is far behind, a run whose steps are all started still
+    /// takes their results as they come (nothing is left to start, so there is nothing to
+    /// hold back): both steps here are reported finished before the writer catches up.
+    /// (Paused clock and a task that never idles, as above: a wait for room would not end.)
+    #[tokio::test(start_paused = true)]
+    async fn results_are_taken_while_the_history_writer_is_far_behind() {
+        use crate::events::{Event, RunStatus};
+        use futures_util::FutureExt;
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.db");
+        let vars: std::collections::HashMap<String, String> = [
+            ("DB_FILE", path.display().to_string()),
+            ("LOG_DIR", dir.path().join("logs").display().to_string()),
+            ("CONCURRENCY", "2".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let config = crate::config::Config::from_vars(&vars).unwrap();
+        let store = crate::store::Store::open(&path).unwrap();
+        let engine = crate::engine::Engine::new(
+            std::sync::Arc::new(config),
+            store.clone(),
+            crate::events::EventBus::new(),
+        );
+        let events = engine.bus().subscribe();
+        // A server that answers its two requests only when told.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/call", listener.local_addr().unwrap());
+        let (arrived_tx, arrived) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for sock in listener.incoming().take(2) {
+                let mut sock = sock.unwrap();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let _ = arrived_tx.send(());
+                held.push(sock);
+            }
+            let _ = released.recv();
+            for mut sock in held {
+                let _ = sock.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        let bp: crate::blueprint::Blueprint = serde_json::from_value(serde_json::json!({
+            "name": "pair",
+            "nodes": [ { "id": "a", "type": "http", "url": url.clone() },
+                       { "id": "b", "type": "http", "url": url } ]
+        }))
+        .unwrap();
+        let h = engine
+            .start(
+                std::sync::Arc::new(bp),
+                crate::engine::RunRequest::default(),
+            )
+            .unwrap();
+        // Hang detection only: the calls are made on this task's runtime, so it yields.
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        let mut calls = 0;
+        while calls < 2 {
+            assert!(
+                std::time::Instant::now() < until,
+                "the two calls never came"
+            );
+            if arrived.try_recv().is_ok() {
+                calls += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for i in 0..8192 + 2 * crate::store::ROOM + 1 {
+            store.run_progress("elsewhere", i as u32, 0);
+        }
+        assert!(
+            store.room().now_or_never().is_none(),
+            "the writer is behind"
+        );
+        release.send(()).unwrap();
+        // Well within the writer's busy timeout (5 s), after which it would give the batch up
+        // and make room anyway.
+        let mut finished = Vec::new();
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        while finished.len() < 2 && std::time::Instant::now() < until {
+            while let Some(ev) = events.try_recv() {
+                if let Event::StepFinished { step, .. } = ev {
+                    finished.push(step);
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        finished.sort();
+        assert_eq!(
+            finished,
+            ["a", "b"],
+            "a result was left waiting for the history writer"
+        );
+        other.execute_batch("COMMIT").unwrap();
+        let o = h.wait().await;
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        drop(other);
+    }
+
     #[test]
     fn json_len_counts_what_serde_json_writes() {
         let v = serde_json::json!({"a": [1, 2, 3], "b": "x\"y"});

@@ -441,6 +441,31 @@ mod tests {
         );
     }
 
+    /// A sandbox answer is the same on every machine and release for the same prompt, model,
+    /// subject and seed (a seeded sandbox run is reproduced, a classify-and-route blueprint
+    /// takes the same branches): these are the answers of this release.
+    #[test]
+    fn sandbox_answers_are_the_same_on_every_release() {
+        let prompt = "Vector databases: indexing, embeddings, retrieval.";
+        assert_eq!(
+            answer(prompt, "m"),
+            "Retrieval is moving quickly, and most of the attention this month is on Vector. \
+             Early results around databases look promising but are not settled yet."
+        );
+        assert_eq!(
+            answer(prompt, "llama3"),
+            "Teams adopting Vector report fewer surprises once databases is in place. Early \
+             results around indexing look promising but are not settled yet."
+        );
+        let picks: Vec<String> = (0..8)
+            .map(|seed| answer_about("Answer with one of: urgent, normal, spam", "m", None, seed))
+            .collect();
+        assert_eq!(
+            picks,
+            ["urgent", "urgent", "urgent", "spam", "spam", "normal", "normal", "spam"]
+        );
+    }
+
     fn req(prompt: &str) -> LlmRequest {
         LlmRequest {
             provider: "sandbox".into(),

@@ -1554,3 +1554,90 @@ fn a_file_the_store_refuses_can_still_be_backed_up() {
         .unwrap();
     assert_eq!(ids, ["r1"]);
 }
+
+/// Where the b-tree `name` (a table or an index) of the SQLite file at `path` starts: its
+/// root page's offset in the file, and the page size.
+fn root_page(path: &std::path::Path, name: &str) -> (usize, usize) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let size: i64 = c
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .unwrap();
+    let root: i64 = c
+        .query_row(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let size = usize::try_from(size).unwrap();
+    (usize::try_from(root - 1).unwrap() * size, size)
+}
+
+/// A history file with a damaged page that opening it would not read (an index of sent
+/// notifications): the check on open finds it, and the file is refused as damaged, left as
+/// it was, before anything writes into it.
+#[test]
+fn a_damaged_page_the_open_would_not_read_is_found_by_its_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.db");
+    {
+        let store = Store::open(&path).unwrap();
+        store.insert_run(new_run("run-1", 1));
+        store.flush_blocking();
+    }
+    let (at, _) = root_page(&path, "notifications_sent_run");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The page's type: no b-tree page has type 0.
+    bytes[at] = 0;
+    std::fs::write(&path, &bytes).unwrap();
+    match Store::open(&path).map(drop) {
+        Err(err @ StoreError::Malformed { .. }) => {
+            let msg = err.to_string();
+            assert!(
+                msg.contains("quick_check: ") && msg.contains("is damaged"),
+                "{msg}"
+            );
+        }
+        other => panic!("a damaged page was not found on open: {other:?}"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}
+
+/// `doctor`'s deep check finds what the quick one on open does not: an index whose entries
+/// no longer match its table's rows (here a row's value changed in place under it).
+#[test]
+fn the_deep_check_finds_an_index_out_of_step_with_its_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.db");
+    {
+        let store = Store::open(&path).unwrap();
+        store.insert_run(new_run("run-1", 1));
+        store.flush_blocking();
+        assert_eq!(store.integrity_problems().unwrap(), Vec::<String>::new());
+    }
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE probe (x TEXT);
+             CREATE INDEX probe_x ON probe (x);
+             INSERT INTO probe VALUES ('integrity-probe-aaaa');",
+        )
+        .unwrap();
+    let (at, size) = root_page(&path, "probe");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let page = &mut bytes[at..at + size];
+    let value = b"integrity-probe-aaaa";
+    let i = page
+        .windows(value.len())
+        .position(|w| w == value)
+        .expect("the row is on its table's page");
+    page[i + value.len() - 1] = b'b';
+    std::fs::write(&path, &bytes).unwrap();
+    // Every page is still sound: the file opens.
+    let store = Store::open(&path).unwrap();
+    let problems = store.integrity_problems().unwrap();
+    assert!(
+        !problems.is_empty() && problems.iter().any(|p| p.contains("probe_x")),
+        "{problems:?}"
+    );
+}

@@ -861,6 +861,117 @@ fn a_step_another_process_queued_is_run_here() {
     drop(rt);
 }
 
+/// The state of each of `db`'s queue rows, by step: `(step, state)`.
+async fn row_states(db: &ScratchDb) -> Vec<(String, String)> {
+    let target = db.target().clone();
+    off(move || {
+        target
+            .connect()
+            .unwrap()
+            .query(
+                "SELECT step_key, state FROM runner_queue ORDER BY step_key",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    })
+    .await
+}
+
+/// For longer than the slow poll (so the claimer looks at least once, notice or not): every
+/// row of `db` stays queued, and this process's claims stay at `claims`.
+async fn nothing_claimed(db: &ScratchDb, fleet: &Fleet, claims: u64, why: &str) {
+    let until = Instant::now() + super::POLL + Duration::from_millis(500);
+    while Instant::now() < until {
+        let rows = row_states(db).await;
+        assert!(
+            rows.iter().all(|(_, state)| state == "queued"),
+            "{why}: a row was claimed: {rows:?}"
+        );
+        assert_eq!(
+            fleet.counters.claimed.load(Ordering::Relaxed),
+            claims,
+            "{why}: a row was claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A process claims only for the workers it has free: with its one worker busy, a step
+/// another process queued stays in the queue for a host that can run it (claimed here, it
+/// would wait behind the busy worker). A process that stops claims nothing, not even the
+/// step it gave back as it stopped.
+#[test]
+fn a_busy_or_stopping_process_leaves_queued_steps_to_others() {
+    use crate::engine::nodes::Prepared;
+    let Some(db) = ScratchDb::new("fleet_claims_free_only") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 1);
+    let inner = engine.inner.clone();
+    // The first call is never answered: it keeps the one worker busy.
+    let (url, calls) = http_server(true);
+    let q = engine
+        .fleet_queue()
+        .expect("an engine on PostgreSQL is in a fleet");
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        let enqueue = |step: &'static str| {
+            let (q, url) = (q.clone(), url.clone());
+            off(move || {
+                let prepared = Prepared::Http {
+                    method: "GET".into(),
+                    url,
+                    headers: Vec::new(),
+                    body: None,
+                    response: "auto".into(),
+                };
+                q.enqueue(&[NewJob {
+                    run_id: "theirs".into(),
+                    step_key: step.into(),
+                    attempt: 1,
+                    priority: 1,
+                    tags: Vec::new(),
+                    payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
+                }])
+                .unwrap()[0]
+            })
+        };
+        enqueue("busy").await;
+        let called = off(move || calls.recv_timeout(Duration::from_secs(30))).await;
+        assert_eq!(called, Ok(0), "the first step was claimed and called here");
+        assert_eq!(fleet.counters.claimed.load(Ordering::Relaxed), 1);
+        assert_eq!(inner.pool.free_workers(), 0);
+        // Queued now, while the one worker is busy: left in the queue.
+        let waiting = enqueue("waiting").await;
+        let until = Instant::now() + super::POLL + Duration::from_millis(500);
+        while Instant::now() < until {
+            let rows = row_states(&db).await;
+            assert_eq!(
+                rows,
+                vec![
+                    ("busy".to_string(), "running".to_string()),
+                    ("waiting".to_string(), "queued".to_string()),
+                ],
+                "a process with no worker free claimed a step"
+            );
+            assert_eq!(fleet.counters.claimed.load(Ordering::Relaxed), 1);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Stopping: the busy step goes back to the queue and its worker is free, but a
+        // process that stops takes neither.
+        fleet.finish().await;
+        assert!(lock(&fleet.held).is_empty());
+        nothing_claimed(&db, &fleet, 1, "a stopping process").await;
+        assert!(finished(&fleet, vec![waiting]).await.is_empty());
+    });
+    drop(engine);
+    drop(rt);
+}
+
 /// A console in a fleet hears the announcements of runs other processes changed on its
 /// engine's one `LISTEN` connection (the one that wakes its claims): the connection says when
 /// it listens, another process's runs come through, this process's own do not.
@@ -1124,6 +1235,69 @@ async fn a_step_whose_claim_was_taken_is_stopped_at_the_next_heartbeat() {
     );
     assert!(lock(&fleet.held).contains_key(&kept.id));
     fleet.stop.cancel();
+}
+
+/// A step that runs longer than `LEASE_TIMEOUT` keeps its claim: the heartbeats extend its
+/// lease in time, so another host's sweep never takes it over (it would run the step a
+/// second time) while it runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_running_longer_than_its_lease_is_not_taken_over() {
+    let Some(db) = ScratchDb::new("fleet_heartbeat_kept") else {
+        return;
+    };
+    let target = db.target().clone();
+    let queue = off(move || {
+        let q = Queue::new(&target, 2).unwrap();
+        q.ensure_schema().unwrap();
+        q
+    })
+    .await;
+    // A heartbeat every second: a beat late by up to two still keeps the lease.
+    let lease = Duration::from_secs(3);
+    let fleet = Fleet::on_queue(queue, WORKER.into(), Vec::new(), lease, 3);
+    let q = fleet.queue.clone();
+    let job = off(move || {
+        q.enqueue(&[NewJob {
+            run_id: "run".into(),
+            step_key: "long".into(),
+            attempt: 1,
+            priority: 1,
+            tags: Vec::new(),
+            payload: json!({}),
+        }])
+        .unwrap();
+        q.claim(WORKER, &[], 1, lease).unwrap().remove(0)
+    })
+    .await;
+    let claimed_at = Instant::now();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    lock(&fleet.held).insert(
+        job.id,
+        super::Held {
+            token: job.token.clone(),
+            cancel: cancel.clone(),
+        },
+    );
+    tokio::spawn(worker::heartbeats(fleet.clone()));
+    // Another host sweeps over and over, for half a lease more than the lease.
+    let other = {
+        let target = db.target().clone();
+        off(move || Queue::new(&target, 1).unwrap()).await
+    };
+    while claimed_at.elapsed() < lease + lease / 2 {
+        let o = other.clone();
+        let swept = off(move || o.rescue_expired(3).unwrap()).await;
+        assert!(
+            swept.requeued.is_empty() && swept.failed.is_empty(),
+            "a step still running here was taken over after {:?}",
+            claimed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!cancel.is_cancelled(), "the step was stopped");
+    assert!(lock(&fleet.held).contains_key(&job.id));
+    fleet.stop.cancel();
+    off(move || drop(other)).await;
 }
 
 /// Results that cannot be written are tried again for a while (the lease covers the rows

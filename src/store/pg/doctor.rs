@@ -243,3 +243,55 @@ fn check_here(target: &PgTarget) -> PgReport {
     drop(client);
     report
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::pg::testing::ScratchDb;
+
+    fn server(report: &PgReport) -> PgCheck {
+        report
+            .checks
+            .iter()
+            .find(|c| c.name == "server")
+            .cloned()
+            .unwrap()
+    }
+
+    /// A server older than PostgreSQL 11 is named as too old (the SQL here would fail on
+    /// it), and the database is not used; this one is fine. The old server is this one made
+    /// to report 9.6: in the scratch database, `current_setting` of `public`, looked up
+    /// before the catalog's, says so.
+    #[test]
+    fn doctor_names_a_server_older_than_11_too_old() {
+        let Some(db) = ScratchDb::new("doctor_old_server") else {
+            return;
+        };
+        let report = check(db.target());
+        let now = server(&report);
+        assert!(now.ok, "{}", now.detail);
+        assert!(now.detail.starts_with("PostgreSQL "), "{}", now.detail);
+
+        let mut c = db.target().connect().unwrap();
+        c.batch_execute(&format!(
+            "CREATE FUNCTION public.current_setting(text) RETURNS text LANGUAGE sql AS $$
+                 SELECT CASE $1 WHEN 'server_version_num' THEN '90624'
+                                WHEN 'server_version' THEN '9.6.24'
+                                ELSE pg_catalog.current_setting($1) END $$;
+             ALTER DATABASE \"{}\" SET search_path = public, pg_catalog",
+            db.name()
+        ))
+        .unwrap();
+        drop(c);
+        let report = check(db.target());
+        let old = server(&report);
+        assert!(!old.ok, "a 9.6 server passed: {}", old.detail);
+        assert_eq!(
+            old.detail,
+            "PostgreSQL 9.6.24 is too old: OmniFlow needs PostgreSQL 11 or newer"
+        );
+        assert!(!report.ok());
+        assert!(!report.usable());
+    }
+}

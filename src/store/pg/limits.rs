@@ -184,4 +184,48 @@ mod tests {
             .get(0);
         assert_eq!(used, 2);
     }
+
+    /// The sweep's pruning deletes the windows that are over (more than a minute ago) and the
+    /// places taken in them, and says how many windows went; the current window and its
+    /// places stay. Otherwise both tables would grow by a row for every call for ever.
+    #[test]
+    fn windows_that_are_over_go_with_their_places() {
+        let Some(db) = ScratchDb::new("rate_prune") else {
+            return;
+        };
+        let q = Queue::new(db.target(), 1).unwrap();
+        q.ensure_schema().unwrap();
+        assert_eq!(
+            q.take_rate("ollama", 5, Duration::from_secs(3600)).unwrap(),
+            Take::Granted
+        );
+        let mut c = db.target().connect().unwrap();
+        c.batch_execute(
+            "INSERT INTO runner_rate_windows (provider, window_start, window_end, used)
+             VALUES ('openai', now() - interval '3 hours', now() - interval '2 hours', 1),
+                    ('huggingface', now() - interval '2 hours', now() - interval '1 hour', 2);
+             INSERT INTO runner_rate_grants (token, provider, window_end)
+             VALUES ('old-1', 'openai', now() - interval '2 hours'),
+                    ('old-2', 'huggingface', now() - interval '1 hour'),
+                    ('old-3', 'huggingface', now() - interval '1 hour')",
+        )
+        .unwrap();
+        assert_eq!(q.prune_rates().unwrap(), 2, "the windows that were over");
+        let mut left = |sql: &str| -> Vec<String> {
+            c.query(sql, &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        };
+        assert_eq!(
+            left("SELECT provider FROM runner_rate_windows ORDER BY provider"),
+            ["ollama"]
+        );
+        assert_eq!(
+            left("SELECT provider FROM runner_rate_grants ORDER BY provider"),
+            ["ollama"]
+        );
+        assert_eq!(q.prune_rates().unwrap(), 0, "nothing more is over");
+    }
 }
