@@ -9,7 +9,7 @@
 #   scripts/unexecuted.sh                              # src/store/ src/engine/ src/providers/ src/retry.rs
 #   scripts/unexecuted.sh src/store/pg/ src/retry.rs   # these files and folders
 #
-# Prints the count per file and writes the list (file:line: mutant) to
+# Prints the count per file and writes the list (cargo-mutants' names) to
 # target/unexecuted/mutants.txt. The test set is the one `.cargo/mutants.toml` gives
 # cargo-mutants, so the two tools agree on what "tested" means.
 #
@@ -107,7 +107,7 @@ for m in mutants:
     total[path] += 1
     if counts and max(counts) == 0:
         unexecuted[path] += 1
-        listed.append(f"{path}:{start}: {m['name']}")
+        listed.append(m["name"])
 
 with open(os.path.join(out, "mutants.txt"), "w") as f:
     f.write("".join(line + "\n" for line in listed))
