@@ -27,6 +27,11 @@ async fn off<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
 /// A fleet of this process on a fresh database, with `connections` pooled; none of its tasks
 /// runs (no collector: a result reaches a driver here only if the path under test hands it).
 async fn fleet(db: &ScratchDb, connections: u32) -> Arc<Fleet> {
+    fleet_leased(db, connections, lease()).await
+}
+
+/// [`fleet`] with its own lease (its heartbeats and sweeps come every half of it).
+async fn fleet_leased(db: &ScratchDb, connections: u32, lease: Duration) -> Arc<Fleet> {
     let target = db.target().clone();
     let queue = off(move || {
         let q = Queue::new(&target, connections).unwrap();
@@ -34,7 +39,7 @@ async fn fleet(db: &ScratchDb, connections: u32) -> Arc<Fleet> {
         q
     })
     .await;
-    Fleet::on_queue(queue, WORKER.into(), Vec::new(), lease(), 3)
+    Fleet::on_queue(queue, WORKER.into(), Vec::new(), lease, 3)
 }
 
 /// Enqueues one row per step and claims them all for this process.
@@ -60,6 +65,29 @@ async fn claimed(fleet: &Arc<Fleet>, steps: &[&str]) -> HashMap<String, ClaimedJ
     .into_iter()
     .map(|j| (j.step_key.clone(), j))
     .collect()
+}
+
+/// A queue row for step `step` of run `run`, attempt 1, for any host: what a driver enqueues.
+fn job(run: &str, step: &str, prepared: crate::engine::nodes::Prepared) -> NewJob {
+    NewJob {
+        run_id: run.into(),
+        step_key: step.into(),
+        attempt: 1,
+        priority: 1,
+        tags: Vec::new(),
+        payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
+    }
+}
+
+/// An HTTP node's call: `GET url`, the answer taken by its content type.
+fn get(url: String) -> crate::engine::nodes::Prepared {
+    crate::engine::nodes::Prepared::Http {
+        method: "GET".into(),
+        url,
+        headers: Vec::new(),
+        body: None,
+        response: "auto".into(),
+    }
 }
 
 /// A driver of this process waiting for row `id`.
@@ -386,16 +414,8 @@ fn an_attempt_started_before_its_insert_runs_for_its_row_or_is_stopped() {
     let inner = engine.inner.clone();
     rt.block_on(async move {
         let fleet = inner.fleet.as_ref().unwrap().0.clone();
-        let job = |step: &str, prepared: Prepared| NewJob {
-            run_id: "run".into(),
-            step_key: step.into(),
-            attempt: 1,
-            priority: 1,
-            tags: Vec::new(),
-            payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
-        };
-        let quick = job("quick", Prepared::Value(json!("done")));
-        let slow = job("slow", Prepared::Delay(Duration::from_secs(600)));
+        let quick = job("run", "quick", Prepared::Value(json!("done")));
+        let slow = job("run", "slow", Prepared::Delay(Duration::from_secs(600)));
         let free = inner.pool.free_workers();
         assert_eq!(free, 4);
         let events = inner.bus.subscribe();
@@ -550,7 +570,6 @@ fn hold_step(
 /// its driver.
 #[test]
 fn a_step_taken_here_starts_its_call_before_its_row_is_inserted() {
-    use crate::engine::nodes::Prepared;
     use crate::engine::step::AttemptDone;
     let Some(db) = ScratchDb::new("fleet_call_first") else {
         return;
@@ -563,21 +582,7 @@ fn a_step_taken_here_starts_its_call_before_its_row_is_inserted() {
         let fleet = inner.fleet.as_ref().unwrap().0.clone();
         until_ready(&fleet).await;
         let (release, holder) = off(move || hold_step(target, "run", "call")).await;
-        let prepared = Prepared::Http {
-            method: "GET".into(),
-            url,
-            headers: Vec::new(),
-            body: None,
-            response: "auto".into(),
-        };
-        let job = NewJob {
-            run_id: "run".into(),
-            step_key: "call".into(),
-            attempt: 1,
-            priority: 1,
-            tags: Vec::new(),
-            payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
-        };
+        let job = job("run", "call", get(url));
         let (reply, queued) = oneshot::channel();
         fleet
             .enqueue_tx
@@ -733,21 +738,8 @@ async fn the_sweep_warns_only_when_it_moved_steps() {
     let Some(db) = ScratchDb::new("fleet_sweep_warning") else {
         return;
     };
-    let target = db.target().clone();
-    let queue = off(move || {
-        let q = Queue::new(&target, 2).unwrap();
-        q.ensure_schema().unwrap();
-        q
-    })
-    .await;
     // A short lease: a sweep every 200 ms.
-    let fleet = Fleet::on_queue(
-        queue,
-        WORKER.into(),
-        Vec::new(),
-        Duration::from_millis(400),
-        3,
-    );
+    let fleet = fleet_leased(&db, 2, Duration::from_millis(400)).await;
     fleet.ready.store(true, Ordering::Relaxed);
     let sql = |statement: &'static str| {
         let target = db.target().clone();
@@ -807,7 +799,6 @@ async fn the_sweep_warns_only_when_it_moved_steps() {
 /// process did not insert, and the result lands in the queue for their driver.
 #[test]
 fn a_step_another_process_queued_is_run_here() {
-    use crate::engine::nodes::Prepared;
     use crate::engine::step::AttemptDone;
     let Some(db) = ScratchDb::new("fleet_claims_theirs") else {
         return;
@@ -822,26 +813,8 @@ fn a_step_another_process_queued_is_run_here() {
     rt.block_on(async move {
         let fleet = inner.fleet.as_ref().unwrap().0.clone();
         until_ready(&fleet).await;
-        let prepared = Prepared::Http {
-            method: "GET".into(),
-            url,
-            headers: Vec::new(),
-            body: None,
-            response: "auto".into(),
-        };
         // Queued for anyone, as another process's driver queues it.
-        let id = off(move || {
-            q.enqueue(&[NewJob {
-                run_id: "theirs".into(),
-                step_key: "call".into(),
-                attempt: 1,
-                priority: 1,
-                tags: Vec::new(),
-                payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
-            }])
-            .unwrap()[0]
-        })
-        .await;
+        let id = off(move || q.enqueue(&[job("theirs", "call", get(url))]).unwrap()[0]).await;
         let until = Instant::now() + Duration::from_secs(30);
         let outcome = loop {
             if let Some(o) = finished(&fleet, vec![id]).await.remove(&id) {
@@ -905,7 +878,6 @@ async fn nothing_claimed(db: &ScratchDb, fleet: &Fleet, claims: u64, why: &str) 
 /// step it gave back as it stopped.
 #[test]
 fn a_busy_or_stopping_process_leaves_queued_steps_to_others() {
-    use crate::engine::nodes::Prepared;
     let Some(db) = ScratchDb::new("fleet_claims_free_only") else {
         return;
     };
@@ -921,24 +893,7 @@ fn a_busy_or_stopping_process_leaves_queued_steps_to_others() {
         until_ready(&fleet).await;
         let enqueue = |step: &'static str| {
             let (q, url) = (q.clone(), url.clone());
-            off(move || {
-                let prepared = Prepared::Http {
-                    method: "GET".into(),
-                    url,
-                    headers: Vec::new(),
-                    body: None,
-                    response: "auto".into(),
-                };
-                q.enqueue(&[NewJob {
-                    run_id: "theirs".into(),
-                    step_key: step.into(),
-                    attempt: 1,
-                    priority: 1,
-                    tags: Vec::new(),
-                    payload: json!({ "prepared": prepared, "timeout_ms": 600_000 }),
-                }])
-                .unwrap()[0]
-            })
+            off(move || q.enqueue(&[job("theirs", step, get(url))]).unwrap()[0])
         };
         enqueue("busy").await;
         let called = off(move || calls.recv_timeout(Duration::from_secs(30))).await;
@@ -1181,21 +1136,8 @@ async fn a_step_whose_claim_was_taken_is_stopped_at_the_next_heartbeat() {
     let Some(db) = ScratchDb::new("fleet_heartbeat_lost") else {
         return;
     };
-    let target = db.target().clone();
-    let queue = off(move || {
-        let q = Queue::new(&target, 2).unwrap();
-        q.ensure_schema().unwrap();
-        q
-    })
-    .await;
     // A heartbeat every 100 ms.
-    let fleet = Fleet::on_queue(
-        queue,
-        WORKER.into(),
-        Vec::new(),
-        Duration::from_millis(300),
-        3,
-    );
+    let fleet = fleet_leased(&db, 2, Duration::from_millis(300)).await;
     let rows = claimed(&fleet, &["kept", "taken"]).await;
     let (kept, taken) = (rows["kept"].clone(), rows["taken"].clone());
     let hold = |j: &ClaimedJob| {
@@ -1245,16 +1187,9 @@ async fn a_step_running_longer_than_its_lease_is_not_taken_over() {
     let Some(db) = ScratchDb::new("fleet_heartbeat_kept") else {
         return;
     };
-    let target = db.target().clone();
-    let queue = off(move || {
-        let q = Queue::new(&target, 2).unwrap();
-        q.ensure_schema().unwrap();
-        q
-    })
-    .await;
     // A heartbeat every second: a beat late by up to two still keeps the lease.
     let lease = Duration::from_secs(3);
-    let fleet = Fleet::on_queue(queue, WORKER.into(), Vec::new(), lease, 3);
+    let fleet = fleet_leased(&db, 2, lease).await;
     let q = fleet.queue.clone();
     let job = off(move || {
         q.enqueue(&[NewJob {
