@@ -316,45 +316,32 @@ fn strip_source(e: &postgres::Error) -> String {
     text
 }
 
-/// A driver error worded with its fix. `doing` says what was being done, as a verb
-/// ("connect", "read the version of"): "PostgreSQL at … refused to {doing}" or "cannot
-/// {doing} PostgreSQL at …". Never includes the password: only [`PgTarget::shown`] names the
-/// server.
+/// A driver error worded with its fix, as "PostgreSQL at …: cannot {doing}: …"; `doing` is
+/// a verb with its object ("connect", "enqueue steps", "read the version"). Never includes
+/// the password: only [`PgTarget::shown`] names the server.
 pub fn describe(e: &postgres::Error, target: &PgTarget, doing: &str) -> String {
-    let at = target.shown();
-    match explain(e) {
-        Explained::Refused(why) => format!("PostgreSQL at {at} refused to {doing}: {why}"),
-        Explained::Failed(why) => format!("cannot {doing} PostgreSQL at {at}: {why}"),
-    }
+    format!(
+        "PostgreSQL at {}: cannot {doing}: {}",
+        target.shown(),
+        explain(e)
+    )
 }
 
 /// Like [`describe`], with `doing` as the store words it ("reading runs", "migrating"):
-/// "PostgreSQL at … refused it while {doing}" or "… failed while {doing}".
+/// "PostgreSQL at … failed while {doing}: …".
 pub fn describe_while(e: &postgres::Error, target: &PgTarget, doing: &str) -> String {
-    let at = target.shown();
-    match explain(e) {
-        Explained::Refused(why) => format!("PostgreSQL at {at} refused it while {doing}: {why}"),
-        Explained::Failed(why) => format!("PostgreSQL at {at} failed while {doing}: {why}"),
-    }
+    format!(
+        "PostgreSQL at {} failed while {doing}: {}",
+        target.shown(),
+        explain(e)
+    )
 }
 
-/// A driver error's text and its fix, without the server or what was being done (for a
-/// message that names both already).
-pub fn explain_only(e: &postgres::Error) -> String {
-    match explain(e) {
-        Explained::Refused(why) => format!("the server refused it: {why}"),
-        Explained::Failed(why) => why,
-    }
-}
-
-/// "{what happened}: {fix}", and whether the server refused (an error it sent) or the
-/// client failed (the connection, TLS, the protocol).
-enum Explained {
-    Refused(String),
-    Failed(String),
-}
-
-fn explain(e: &postgres::Error) -> Explained {
+/// A driver error's text and what to do about it, without the server or what was being done
+/// (for a message that names both already): "the server refused it: {its message} ({code}):
+/// {fix}" when the server sent an error, else the client's words and their fix (the
+/// connection, TLS, the protocol).
+pub fn explain(e: &postgres::Error) -> String {
     use postgres::error::SqlState;
     if let Some(db) = e.as_db_error() {
         let code = db.code();
@@ -371,13 +358,18 @@ fn explain(e: &postgres::Error) -> Explained {
         } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
             "DATABASE_URL points at a read-only standby: point it at the primary"
         } else {
-            "see the server's message above"
+            // The server's message is all there is to say.
+            return format!("the server refused it: {} ({})", db.message(), code.code());
         };
-        return Explained::Refused(format!("{} ({}): {fix}", db.message(), code.code()));
+        return format!(
+            "the server refused it: {} ({}): {fix}",
+            db.message(),
+            code.code()
+        );
     }
     let cause = strip_source(e);
     let fix = fix_for(&cause, e.is_closed());
-    Explained::Failed(format!("{cause}: {fix}"))
+    format!("{cause}: {fix}")
 }
 
 /// What to do about a failure to reach the server, from the client's words for it (`closed`:

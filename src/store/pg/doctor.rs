@@ -125,7 +125,7 @@ fn check_here(target: &PgTarget) -> PgReport {
         Err(e) => PgCheck {
             name: "server",
             ok: false,
-            detail: describe(e, "read the version of"),
+            detail: describe(e, "read the version"),
         },
     });
 
@@ -171,7 +171,7 @@ fn check_here(target: &PgTarget) -> PgReport {
         Err(e) => PgCheck {
             name: "migrations",
             ok: false,
-            detail: describe(e, "read the migrations of"),
+            detail: describe(e, "read the migrations"),
         },
     });
 
@@ -236,7 +236,7 @@ fn check_here(target: &PgTarget) -> PgReport {
         Err(e) => PgCheck {
             name: "privileges",
             ok: false,
-            detail: describe(e, "read the privileges on"),
+            detail: describe(e, "read the privileges"),
         },
     });
     // Dropped here, on this thread: dropping a client drives the driver's runtime.

@@ -257,17 +257,17 @@ pub fn import_sqlite(src: &Path, target: &PgTarget) -> Result<Vec<Copied>, Store
         for (table, rows) in rx {
             let mut txn = client
                 .transaction()
-                .map_err(|e| pg_error(&t, "copying into", e))?;
+                .map_err(|e| pg_error(&t, "copying rows", e))?;
             let stmt = txn
                 .prepare(&statements[table])
-                .map_err(|e| pg_error(&t, "copying into", e))?;
+                .map_err(|e| pg_error(&t, "copying rows", e))?;
             for row in &rows {
                 let params: Vec<&(dyn ToSql + Sync)> = row.iter().map(Param::sql).collect();
                 written[table] += txn
                     .execute(&stmt, &params)
-                    .map_err(|e| pg_error(&t, "copying into", e))?;
+                    .map_err(|e| pg_error(&t, "copying rows", e))?;
             }
-            txn.commit().map_err(|e| pg_error(&t, "copying into", e))?;
+            txn.commit().map_err(|e| pg_error(&t, "copying rows", e))?;
         }
         // Steps recorded from now on sort after the copied ones.
         client
@@ -275,7 +275,7 @@ pub fn import_sqlite(src: &Path, target: &PgTarget) -> Result<Vec<Copied>, Store
                 "SELECT setval(pg_get_serial_sequence('runner_steps', 'seq'),
                                GREATEST((SELECT MAX(seq) FROM runner_steps), 1))",
             )
-            .map_err(|e| pg_error(&t, "copying into", e))?;
+            .map_err(|e| pg_error(&t, "copying rows", e))?;
         drop(client);
         Ok(written)
     });

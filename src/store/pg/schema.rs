@@ -214,13 +214,13 @@ pub(crate) fn migrate(client: &mut Client, target: &PgTarget) -> Result<(), Stor
     // together wait here and find the work done.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .map_err(e("locking the migrations of"))?;
+        .map_err(e("locking the migrations"))?;
     // Created only when missing: PostgreSQL checks the CREATE privilege before it looks for
     // the table, so `CREATE TABLE IF NOT EXISTS` would refuse a user who reads and writes a
     // database its owner migrated but may not create tables (what `doctor` calls fine).
     let result = client
         .query_one("SELECT to_regclass('omniflow_migrations') IS NULL", &[])
-        .map_err(e("looking for the migrations table in"))
+        .map_err(e("looking for the migrations table"))
         .and_then(|missing| {
             if missing.get::<_, bool>(0) {
                 client
@@ -231,7 +231,7 @@ pub(crate) fn migrate(client: &mut Client, target: &PgTarget) -> Result<(), Stor
                              applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
                          )",
                     )
-                    .map_err(e("creating the migrations table in"))?;
+                    .map_err(e("creating the migrations table"))?;
             }
             migrate_locked(client, target)
         });
@@ -247,7 +247,7 @@ fn migrate_locked(client: &mut Client, target: &PgTarget) -> Result<(), StoreErr
             "SELECT COALESCE(MAX(version), 0) FROM omniflow_migrations",
             &[],
         )
-        .map_err(e("reading the migrations of"))?
+        .map_err(e("reading the migrations"))?
         .get(0);
     if current > LATEST {
         return Err(StoreError::NewerMigrations {
@@ -270,8 +270,8 @@ fn migrate_locked(client: &mut Client, target: &PgTarget) -> Result<(), StoreErr
             "INSERT INTO omniflow_migrations (version, description) VALUES ($1, $2)",
             &[&version, description],
         )
-        .map_err(e("recording a migration in"))?;
-        tx.commit().map_err(e("committing a migration in"))?;
+        .map_err(e("recording a migration"))?;
+        tx.commit().map_err(e("committing a migration"))?;
         tracing::info!(database = %target.shown(), version, "PostgreSQL database migrated");
     }
     Ok(())
