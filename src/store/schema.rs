@@ -286,26 +286,11 @@ fn open_writer_once(path: &Path) -> Result<Connection, StoreError> {
 
 /// Switches to WAL. Two processes creating the same new file at once race for the lock
 /// this needs, and SQLite answers the loser `SQLITE_BUSY` without waiting (the busy handler
-/// is not called for it): so wait and try again, up to `BUSY_TIMEOUT`.
+/// is not called for it): that error ends this open, and [`open_writer`] starts over on a
+/// fresh connection until `BUSY_TIMEOUT`.
 fn switch_to_wal(conn: &Connection, path: &Path) -> Result<String, StoreError> {
-    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-    let mut pause = Doubling::new(Duration::from_millis(5), Duration::from_millis(100));
-    loop {
-        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)) {
-            Ok(mode) => return Ok(mode),
-            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(pause.next_wait());
-            }
-            Err(e) => return Err(open_error(path, "switching to WAL", e)),
-        }
-    }
-}
-
-fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-    )
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+        .map_err(|e| open_error(path, "switching to WAL", e))
 }
 
 /// `PRAGMA quick_check`: SQLite's check of every page's structure (not of index contents,
