@@ -1110,21 +1110,21 @@ mod tests {
         );
     }
 
-    /// A run's driver starts no steps while the history writer is far behind (another
-    /// process holds the write lock and more than `ROOM` writes wait): their writes would
-    /// only pile up in memory. Once the lock goes the writer catches up, and the run goes on
-    /// and ends with every step done. (Paused clock, and this task never idles while it
-    /// watches: the driver's bounded wait for room cannot run out, only the writer catching
-    /// up ends it.)
-    #[tokio::test(start_paused = true)]
-    async fn a_run_starts_no_steps_while_the_history_writer_is_far_behind() {
-        use crate::events::{Event, RunStatus};
-        use futures_util::FutureExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("history.db");
+    /// An engine on a SQLite history in `dir` with `concurrency` workers, its store, and the
+    /// history's path.
+    fn sqlite_engine(
+        dir: &std::path::Path,
+        concurrency: usize,
+    ) -> (
+        crate::engine::Engine,
+        crate::store::Store,
+        std::path::PathBuf,
+    ) {
+        let path = dir.join("history.db");
         let vars: std::collections::HashMap<String, String> = [
             ("DB_FILE", path.display().to_string()),
-            ("LOG_DIR", dir.path().join("logs").display().to_string()),
+            ("LOG_DIR", dir.join("logs").display().to_string()),
+            ("CONCURRENCY", concurrency.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -1136,16 +1136,18 @@ mod tests {
             store.clone(),
             crate::events::EventBus::new(),
         );
-        let events = engine.bus().subscribe();
-        let bp: crate::blueprint::Blueprint = serde_json::from_value(serde_json::json!({
-            "name": "fan",
-            "nodes": [ { "id": "f", "type": "transform", "forEach": "{{ range(4) | list }}",
-                         "template": "{{ item }}" } ]
-        }))
-        .unwrap();
-        // Another process holds the write lock: the writer waits with the batch it took, and
-        // more than a batch plus the bound stays queued behind it.
-        let other = rusqlite::Connection::open(&path).unwrap();
+        (engine, store, path)
+    }
+
+    /// Another process takes the history's write lock (until the returned connection
+    /// commits): the writer waits with the batch it took, and more than a batch plus the
+    /// bound stays queued behind it, so the store has no room.
+    fn put_writer_behind(
+        store: &crate::store::Store,
+        path: &std::path::Path,
+    ) -> rusqlite::Connection {
+        use futures_util::FutureExt;
+        let other = rusqlite::Connection::open(path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         for i in 0..8192 + 2 * crate::store::ROOM + 1 {
             store.run_progress("elsewhere", i as u32, 0);
@@ -1154,6 +1156,28 @@ mod tests {
             store.room().now_or_never().is_none(),
             "the writer is behind"
         );
+        other
+    }
+
+    /// A run's driver starts no steps while the history writer is far behind (another
+    /// process holds the write lock and more than `ROOM` writes wait): their writes would
+    /// only pile up in memory. Once the lock goes the writer catches up, and the run goes on
+    /// and ends with every step done. (Paused clock, and this task never idles while it
+    /// watches: the driver's bounded wait for room cannot run out, only the writer catching
+    /// up ends it.)
+    #[tokio::test(start_paused = true)]
+    async fn a_run_starts_no_steps_while_the_history_writer_is_far_behind() {
+        use crate::events::{Event, RunStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, store, path) = sqlite_engine(dir.path(), 40);
+        let events = engine.bus().subscribe();
+        let bp: crate::blueprint::Blueprint = serde_json::from_value(serde_json::json!({
+            "name": "fan",
+            "nodes": [ { "id": "f", "type": "transform", "forEach": "{{ range(4) | list }}",
+                         "template": "{{ item }}" } ]
+        }))
+        .unwrap();
+        let other = put_writer_behind(&store, &path);
         let h = engine
             .start(
                 std::sync::Arc::new(bp),
@@ -1192,25 +1216,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn results_are_taken_while_the_history_writer_is_far_behind() {
         use crate::events::{Event, RunStatus};
-        use futures_util::FutureExt;
         use std::io::{Read, Write};
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("history.db");
-        let vars: std::collections::HashMap<String, String> = [
-            ("DB_FILE", path.display().to_string()),
-            ("LOG_DIR", dir.path().join("logs").display().to_string()),
-            ("CONCURRENCY", "2".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let config = crate::config::Config::from_vars(&vars).unwrap();
-        let store = crate::store::Store::open(&path).unwrap();
-        let engine = crate::engine::Engine::new(
-            std::sync::Arc::new(config),
-            store.clone(),
-            crate::events::EventBus::new(),
-        );
+        let (engine, store, path) = sqlite_engine(dir.path(), 2);
         let events = engine.bus().subscribe();
         // A server that answers its two requests only when told.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1264,15 +1272,7 @@ mod tests {
             }
             tokio::task::yield_now().await;
         }
-        let other = rusqlite::Connection::open(&path).unwrap();
-        other.execute_batch("BEGIN IMMEDIATE").unwrap();
-        for i in 0..8192 + 2 * crate::store::ROOM + 1 {
-            store.run_progress("elsewhere", i as u32, 0);
-        }
-        assert!(
-            store.room().now_or_never().is_none(),
-            "the writer is behind"
-        );
+        let other = put_writer_behind(&store, &path);
         release.send(()).unwrap();
         // Well within the writer's busy timeout (5 s), after which it would give the batch up
         // and make room anyway.

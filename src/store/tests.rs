@@ -1395,6 +1395,28 @@ fn fill(dir: &Path) -> PathBuf {
     filler
 }
 
+/// Fills the file system under `store`'s `dir` and records runs (`full-0000`, …) with
+/// outputs too big for any page left until a batch fails for lack of room and is held back.
+/// Returns the filler file (remove it to make room) and how many runs were recorded.
+fn fill_until_held(store: &Store, dir: &Path) -> (PathBuf, u64) {
+    let filler = fill(dir);
+    let big = "x".repeat(64 << 10);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while store.disk_full().is_none() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the full disk was never noticed"
+        );
+        let mut run = new_run(&format!("full-{n:04}"), n);
+        run.variables = json!({ "BIG": big });
+        store.insert_run(run);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (filler, n)
+}
+
 /// A history opened on a full disk: SQLite cannot create its shared-memory file there
 /// (for a new file it cannot write at all). With almost no room left, either failure is
 /// named as a full disk, with the directory to free space in; how much room the store sees
@@ -1438,23 +1460,7 @@ fn a_full_disk_is_named_until_there_is_room_and_nothing_is_lost() {
     store.flush_blocking();
     assert_eq!(store.disk_full(), None);
 
-    let filler = dir.path().join("filler");
-    let _ = std::fs::write(&filler, vec![0u8; 4 << 20]);
-    // Runs with outputs too big for any page left, until a batch fails for lack of room.
-    let big = "x".repeat(64 << 10);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    while store.disk_full().is_none() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the full disk was never noticed"
-        );
-        let mut run = new_run(&format!("full-{n:04}"), n);
-        run.variables = json!({ "BIG": big });
-        store.insert_run(run);
-        n += 1;
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (filler, n) = fill_until_held(&store, dir.path());
     assert_eq!(store.disk_full().as_deref(), Some(dir.path()));
 
     std::fs::remove_file(&filler).unwrap();
@@ -1489,21 +1495,7 @@ fn a_store_closed_while_its_writes_are_held_saves_them_once_there_is_room() {
     let store = Store::open(&path).unwrap();
     store.insert_run(new_run("before", 0));
     store.flush_blocking();
-    let filler = fill(dir.path());
-    let big = "x".repeat(64 << 10);
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    while store.disk_full().is_none() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the full disk was never noticed"
-        );
-        let mut run = new_run(&format!("full-{n:04}"), n);
-        run.variables = json!({ "BIG": big });
-        store.insert_run(run);
-        n += 1;
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (filler, n) = fill_until_held(&store, dir.path());
     std::fs::remove_file(&filler).unwrap();
     let logged = crate::logging::capture::Captured::start(tracing::Level::WARN);
     drop(store);
