@@ -927,60 +927,6 @@ fn a_busy_or_stopping_process_leaves_queued_steps_to_others() {
     drop(rt);
 }
 
-/// A console in a fleet hears the announcements of runs other processes changed on its
-/// engine's one `LISTEN` connection (the one that wakes its claims): the connection says when
-/// it listens, another process's runs come through, this process's own do not.
-#[test]
-fn a_console_hears_other_processes_runs_on_the_engine_s_listening_connection() {
-    use crate::store::pg::events::Live;
-    let Some(db) = ScratchDb::new("fleet_console_events") else {
-        return;
-    };
-    let (rt, engine, _dir) = engine_on(&db, 2);
-    let heard = engine
-        .follow_fleet_events()
-        .expect("an engine on PostgreSQL is in a fleet");
-    let until = Instant::now() + Duration::from_secs(60);
-    let next = |what: &str| -> Live {
-        heard
-            .recv_timeout(until.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-    };
-    assert_eq!(next("listening"), Live::Connected);
-    let run = |id: &str| crate::store::NewRun {
-        id: id.into(),
-        blueprint_name: "bp".into(),
-        priority: crate::blueprint::Priority::Normal,
-        trigger: "cli".into(),
-        sandbox: false,
-        seed: None,
-        simulate_failures: 0.0,
-        variables: json!({}),
-        blueprint: json!({ "name": "bp", "nodes": [] }),
-        parent_run_id: None,
-        queued_at: std::time::SystemTime::now(),
-    };
-    let own = engine.inner.store.clone();
-    own.insert_run(run("run-here"));
-    own.flush_blocking();
-    let other = crate::store::Store::open_postgres_as(db.target(), "far-host:9:9".into()).unwrap();
-    other.insert_run(run("run-far"));
-    other.flush_blocking();
-    loop {
-        match next("the other process's run") {
-            Live::Runs { runs, .. } => {
-                assert_eq!(runs, vec!["run-far".to_string()]);
-                break;
-            }
-            Live::Connected => continue,
-            Live::Lost(e) => panic!("lost: {e}"),
-        }
-    }
-    drop(other);
-    drop(engine);
-    drop(rt);
-}
-
 /// The rows waiting in `db`'s queue: `(run, priority)`, by run.
 async fn queued_rows(db: &ScratchDb) -> Vec<(String, i16)> {
     let target = db.target().clone();
