@@ -794,6 +794,46 @@ async fn a_shutdown_says_its_grace_ended_with_attempts_in_flight_only_when_it_di
     assert!(logged.text().contains(ENDED), "{}", logged.text());
 }
 
+/// A signal's shutdown runs on a task of its own while the command waits for its runs; the
+/// command then calls `stopped`, which returns only once that shutdown has ended (the
+/// handover recorded and said), not while it still gives the steps in flight their grace:
+/// the command would exit under it. (One thread: the shutdown's task has finished its
+/// turn by the time `stopped` resumes.)
+#[tokio::test]
+async fn stopped_waits_for_a_shutdown_under_way() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/slow", silent.local_addr().unwrap());
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "held",
+        "nodes": [ { "id": "fetch", "type": "http", "url": url } ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
+            if step == "fetch" {
+                break;
+            }
+        }
+    }
+    let (done, handed_over) = tokio::sync::oneshot::channel();
+    let engine = env.engine.clone();
+    tokio::spawn(async move {
+        let released = engine.shutdown(std::time::Duration::from_millis(300)).await;
+        let _ = done.send(released);
+    });
+    // Let the shutdown begin, as a signal handler's task would before the runs end.
+    tokio::task::yield_now().await;
+    env.engine.stopped().await;
+    let mut handed_over = handed_over;
+    assert_eq!(
+        handed_over.try_recv(),
+        Ok(vec![h.run_id.clone()]),
+        "stopped returned before the shutdown had handed the run over"
+    );
+}
+
 /// A resumed step goes on with its retries where they stopped: the attempts made before the
 /// handover count against its budget and its numbering continues. Allowed two attempts, a
 /// step that failed once before the handover is given up after one more, "after 2 attempts",
