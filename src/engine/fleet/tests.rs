@@ -1332,3 +1332,79 @@ fn a_resumed_run_takes_the_result_of_its_attempt_still_in_the_queue() {
     assert_eq!(outcome.outputs["older"], json!("ok"));
     drop(rt);
 }
+
+/// A step this process meant to take whole, left unclaimed by its own insert (a claimable
+/// row was ahead of it and took the free worker), is held back only until the history is
+/// committed, then shown to the other hosts: one of them takes it at once, not when the
+/// hold (a lease) runs out.
+#[test]
+fn a_step_held_back_for_this_process_is_shown_to_others_once_its_history_is_in() {
+    let Some(db) = ScratchDb::new("fleet_reveal") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 1);
+    let inner = engine.inner.clone();
+    // The row ahead keeps the one worker busy (its call is never answered), so this process
+    // does not claim the step itself once it is shown.
+    let (busy_url, busy_calls) = http_server(true);
+    let (url, _calls) = http_server(false);
+    let target = db.target().clone();
+    let q = engine
+        .fleet_queue()
+        .expect("an engine on PostgreSQL is in a fleet");
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        assert_eq!(inner.pool.free_workers(), 1);
+        // Inserted as a crashed enqueuer would leave it, with no notice: this process's
+        // claimer sees it only at its next poll, by which time the step's insert has taken
+        // it (were the claimer first, the step would simply be queued for anyone).
+        let ahead = job("ahead", "call", get(busy_url)).payload;
+        off(move || {
+            target
+                .connect()
+                .unwrap()
+                .execute(
+                    "INSERT INTO runner_queue (run_id, step_key, attempt, priority, payload)
+                     VALUES ('ahead', 'call', 1, 5, $1)",
+                    &[&ahead],
+                )
+                .unwrap()
+        })
+        .await;
+        let (reply, queued) = oneshot::channel();
+        fleet
+            .enqueue_tx
+            .send(super::Enqueue {
+                job: job("run", "call", get(url)),
+                reply,
+            })
+            .map_err(|_| "the enqueuer is gone")
+            .unwrap();
+        let (id, _outcome) = tokio::time::timeout(Duration::from_secs(30), queued)
+            .await
+            .expect("the insert went ahead")
+            .unwrap()
+            .unwrap();
+        let busy = off(move || busy_calls.recv_timeout(Duration::from_secs(30))).await;
+        assert_eq!(busy, Ok(0), "the row ahead runs here");
+        // Another host: half the hold (the lease) is far longer than showing a committed
+        // step takes, so only a step never shown makes it wait this long.
+        let until = Instant::now() + fleet.lease / 2;
+        let taken = loop {
+            let q = q.clone();
+            let got = off(move || q.claim("other-host:2:0", &[], 1, lease()).unwrap()).await;
+            if let Some(j) = got.into_iter().next() {
+                break j;
+            }
+            assert!(
+                Instant::now() < until,
+                "the step held back for this process was never shown to the others"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!((taken.id, taken.run_id.as_str()), (id, "run"));
+    });
+    drop(engine);
+    drop(rt);
+}
