@@ -1423,8 +1423,8 @@ async fn an_http_reply_cut_off_mid_body_is_a_bad_response() {
     );
 }
 
-/// An HTTP node reads a reply of a few MiB whole, and refuses one over 10 MiB (rather than
-/// hold it in memory) with a bad response that names the limit.
+/// An HTTP node reads a reply of up to 10 MiB whole (exactly 10 MiB included), and refuses
+/// one over 10 MiB (rather than hold it in memory) with a bad response that names the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_node_reads_replies_up_to_10_mib_whole() {
     let text = |len: usize| Reply {
@@ -1432,7 +1432,7 @@ async fn an_http_node_reads_replies_up_to_10_mib_whole() {
         headers: vec![("Content-Type".into(), "text/plain".into())],
         body: "x".repeat(len),
     };
-    let large = fake_server(vec![text(2 * 1024 * 1024)]).await;
+    let large = fake_server(vec![text(10 * 1024 * 1024)]).await;
     let huge = fake_server(vec![text(10 * 1024 * 1024 + 1)]).await;
     let env = engine(&[], 2);
     let bp = blueprint(json!({
@@ -1443,7 +1443,7 @@ async fn an_http_node_reads_replies_up_to_10_mib_whole() {
     assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
     assert_eq!(
         o.outputs["fetch"].as_str().map(str::len),
-        Some(2 * 1024 * 1024)
+        Some(10 * 1024 * 1024)
     );
     let bp = blueprint(json!({
         "name": "huge",
