@@ -285,6 +285,89 @@ async fn another_run_queues_beside_a_large_fan_out_not_behind_it() {
     assert_eq!(first.wait().await.status, RunStatus::Success);
 }
 
+/// With the one worker busy, a run started at a higher priority waits in the pool at its
+/// priority (what the console's queue depth shows) and takes the worker before a run of
+/// normal priority queued ahead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_run_takes_the_next_free_worker_first() {
+    use omniflow::blueprint::Priority;
+    // The first run's call is answered only when the test says so.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hold", listener.local_addr().unwrap());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let _ = common::http::read_request(&mut sock).await;
+        g.notified().await;
+        common::http::write_reply(&mut sock, 200, &[], "ok").await;
+    });
+    // Real time: the held call must not time out.
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 1);
+    let sub = env.bus.subscribe();
+    let one_step = |name: &str| {
+        blueprint(json!({
+            "name": name,
+            "nodes": [ { "id": "step", "type": "transform", "template": name } ]
+        }))
+    };
+    let busy = blueprint(json!({
+        "name": "busy",
+        "nodes": [ { "id": "call", "type": "http", "url": url } ]
+    }));
+    let busy = env.engine.start(busy, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepStarted { run_id, .. }) = sub.recv().await {
+            if run_id == busy.run_id {
+                break;
+            }
+        }
+    }
+    let normal = env
+        .engine
+        .start(one_step("normal"), RunRequest::default())
+        .unwrap();
+    let urgent = env
+        .engine
+        .start(
+            one_step("urgent"),
+            RunRequest {
+                priority: Some(Priority::High),
+                ..RunRequest::default()
+            },
+        )
+        .unwrap();
+    let mut waiting = [0; 4];
+    waiting[Priority::Normal.index()] = 1;
+    waiting[Priority::High.index()] = 1;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env.engine.pool().stats().queued != waiting {
+        assert!(
+            std::time::Instant::now() < until,
+            "not one step waiting at each priority: {:?}",
+            env.engine.pool().stats().queued
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    gate.notify_one();
+    let mut started = Vec::new();
+    while started.len() < 2 {
+        if let Some(Event::StepStarted { run_id, .. }) = sub.recv().await {
+            if run_id == normal.run_id || run_id == urgent.run_id {
+                started.push(if run_id == urgent.run_id {
+                    "urgent"
+                } else {
+                    "normal"
+                });
+            }
+        }
+    }
+    assert_eq!(started, ["urgent", "normal"]);
+    for h in [busy, normal, urgent] {
+        assert_eq!(h.wait().await.status, RunStatus::Success);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_false_condition_skips_what_depends_on_it() {
     let env = engine(&[], 8);
