@@ -647,14 +647,9 @@ fn record_attempt(
             .store
             .attempt_fallback(&ctx.run_id, step, attempt, note);
     }
+    // The attempt's tokens go with it (`AttemptFinished`); `Tokens` events are only the
+    // live count while an answer streams.
     publish_attempt(ctx, node_type, step, attempt, times, None, wait_ms, out);
-    if out.tokens > 0 {
-        ctx.inner.bus.publish(Event::Tokens {
-            run_id: ctx.run_id.to_string(),
-            step: step.to_string(),
-            tokens: out.tokens,
-        });
-    }
 }
 
 fn record_attempt_err(
