@@ -239,3 +239,42 @@ impl Engine {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::live_message;
+
+    /// Told that a live process holds the run, the user gets the command to stop it: a bare
+    /// `kill` when it runs on this host, and the host to run it on when it does not.
+    #[test]
+    fn a_live_holder_is_stopped_here_or_on_its_own_host() {
+        let here = crate::store::process_id().rsplitn(3, ':').nth(2).unwrap();
+        let local = live_message("r1", &format!("{here}:4242:1"), Some("daemon"), None);
+        assert!(
+            local.contains(&format!(
+                "held by `omniflow daemon` process 4242 on {here} ({here}:4242:1), which is alive."
+            )),
+            "{local}"
+        );
+        assert!(
+            local.contains("stop it with `kill 4242` (it hands the run over) and resume"),
+            "{local}"
+        );
+        let remote = live_message(
+            "r1",
+            "other-host:4242:1",
+            None,
+            Some(std::time::Duration::from_millis(2_500)),
+        );
+        assert!(
+            remote.contains(
+                "stop it on other-host with `kill 4242` (it hands the run over) and resume"
+            ),
+            "{remote}"
+        );
+        assert!(
+            remote.contains("its lease expires in 3 s unless it heartbeats again"),
+            "{remote}"
+        );
+    }
+}
