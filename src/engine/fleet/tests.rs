@@ -1408,3 +1408,42 @@ fn a_step_held_back_for_this_process_is_shown_to_others_once_its_history_is_in()
     drop(engine);
     drop(rt);
 }
+
+/// A result another host writes for a row a driver here waits on wakes this process's
+/// collector through its notice, without waiting for the collector's next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_hosts_result_for_a_row_awaited_here_wakes_the_collector() {
+    let Some(db) = ScratchDb::new("fleet_done_notice") else {
+        return;
+    };
+    let fleet = fleet(&db, 2).await;
+    // The console's subscription says when the listening connection is up.
+    let live = fleet.follow_events();
+    fleet.spawn_listener();
+    let connected = off(move || live.recv_timeout(Duration::from_secs(30))).await;
+    assert!(
+        matches!(connected, Ok(super::Live::Connected)),
+        "{connected:?}"
+    );
+    // Connecting wakes the collector once, for what it may have missed.
+    tokio::time::timeout(Duration::from_secs(5), fleet.results_wake.notified())
+        .await
+        .expect("a new connection wakes the collector");
+    let q = fleet.queue.clone();
+    let row = off(move || {
+        q.enqueue(&[job("run", "call", get("http://127.0.0.1:9/".into()))])
+            .unwrap();
+        q.claim("other-host:2:0", &[], 1, lease())
+            .unwrap()
+            .remove(0)
+    })
+    .await;
+    let _waiting = wait_here(&fleet, row.id);
+    let q = fleet.queue.clone();
+    let (id, token) = (row.id, row.token.clone());
+    off(move || q.complete(&[(id, token, json!({ "done": true }))]).unwrap()).await;
+    tokio::time::timeout(Duration::from_secs(30), fleet.results_wake.notified())
+        .await
+        .expect("the result's notice never woke the collector");
+    fleet.listener_stop.store(true, Ordering::Relaxed);
+}
