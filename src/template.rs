@@ -117,11 +117,6 @@ impl SizeCounter {
         // Holds nothing: not a measure of memory.
         SizeCounter(checked::CappedBytes::new(std::io::sink(), cap).holding_nothing())
     }
-
-    /// Whether more than the cap was written.
-    pub fn over(&self) -> bool {
-        self.0.over
-    }
 }
 
 impl std::io::Write for SizeCounter {

@@ -593,7 +593,9 @@ pub fn check_sizes(
         let max = limits.max_variable_bytes;
         let slots = entries(v, max / 16).saturating_mul(16);
         let mut counter = crate::template::SizeCounter::new(max.saturating_sub(slots));
-        if slots > max || serde_json::to_writer(&mut counter, v).is_err() || counter.over() {
+        // The counter refuses the write that would take it past its cap (the only error a
+        // `Value` can give it).
+        if slots > max || serde_json::to_writer(&mut counter, v).is_err() {
             return Err(StartError::TooLarge(format!(
                 "variable {k} is larger than MAX_VARIABLE_BYTES ({}, counting 16 bytes for each \
                  list item and map entry); pass a smaller value, or raise MAX_VARIABLE_BYTES",

@@ -1447,3 +1447,63 @@ async fn another_hosts_result_for_a_row_awaited_here_wakes_the_collector() {
         .expect("the result's notice never woke the collector");
     fleet.listener_stop.store(true, Ordering::Relaxed);
 }
+
+/// A step another host may take (here: tagged for a host that is not this one) goes into the
+/// shared queue only once its `pending` row is committed, so whoever claims it finds the step
+/// recorded. Here the history's step table is locked by another transaction: the queue
+/// stays empty until the lock goes, then the step comes.
+#[test]
+fn a_step_for_other_hosts_is_queued_only_once_its_history_is_committed() {
+    let Some(db) = ScratchDb::new("fleet_history_first") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let inner = engine.inner.clone();
+    let bp: Arc<crate::blueprint::Blueprint> = Arc::new(
+        serde_json::from_value(json!({
+            "name": "elsewhere",
+            "nodes": [ { "id": "gpu", "type": "http", "url": "http://127.0.0.1:1/never",
+                         "tags": ["gpu"] } ]
+        }))
+        .unwrap(),
+    );
+    let target = db.target().clone();
+    rt.block_on(async {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
+        let locker = std::thread::spawn(move || {
+            let mut c = target.connect().unwrap();
+            let mut tx = c.transaction().unwrap();
+            tx.batch_execute("LOCK TABLE runner_steps IN SHARE MODE")
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = released.recv();
+            tx.rollback().unwrap();
+        });
+        off(move || locked.recv().unwrap()).await;
+        let h = engine
+            .start(bp.clone(), crate::engine::RunRequest::default())
+            .unwrap();
+        // Longer than an insert takes (were it not waiting for the history).
+        let until = Instant::now() + super::POLL;
+        while Instant::now() < until {
+            let rows = queued_rows(&db).await;
+            assert!(
+                rows.is_empty(),
+                "the step was queued before its history was committed: {rows:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        release.send(()).unwrap();
+        off(move || locker.join().unwrap()).await;
+        until_rows(&db, "the step is queued once its history is in", |rows| {
+            rows.iter().any(|(r, _)| *r == h.run_id)
+        })
+        .await;
+        assert!(engine.cancel(&h.run_id));
+    });
+    drop(engine);
+    drop(rt);
+}
