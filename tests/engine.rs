@@ -986,6 +986,31 @@ async fn a_resumed_step_goes_on_with_its_retries_where_they_stopped() {
 /// an hour, returns at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_returns_when_the_work_in_flight_ends() {
+    shutdown_with_a_notification_in_flight(
+        std::time::Duration::from_secs(3600),
+        std::time::Duration::from_secs(1),
+    )
+    .await;
+}
+
+/// A grace too long for the clock to add (`SHUTDOWN_GRACE=99999999999`: no limit) waits for
+/// the work in flight too, here for longer than a few seconds, and still returns when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_without_a_time_limit_waits_for_the_work_in_flight() {
+    shutdown_with_a_notification_in_flight(
+        std::time::Duration::MAX,
+        std::time::Duration::from_secs(3),
+    )
+    .await;
+}
+
+/// A shutdown with `grace` while a finished run's notification is held by the fake Telegram
+/// for `held` (the shutdown must not return meanwhile), then answered: the run finishes,
+/// nothing is handed over.
+async fn shutdown_with_a_notification_in_flight(
+    grace: std::time::Duration,
+    held: std::time::Duration,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (got_tx, got_rx) = tokio::sync::oneshot::channel();
@@ -1019,10 +1044,9 @@ async fn a_shutdown_returns_when_the_work_in_flight_ends() {
     assert!(req.body.contains("told"), "{}", req.body);
 
     let engine = env.engine.clone();
-    let mut shutdown =
-        tokio::spawn(async move { engine.shutdown(std::time::Duration::from_secs(3600)).await });
+    let mut shutdown = tokio::spawn(async move { engine.shutdown(grace).await });
     // Held, the notification keeps the shutdown waiting (it cannot end before it).
-    let early = tokio::time::timeout(std::time::Duration::from_secs(1), &mut shutdown).await;
+    let early = tokio::time::timeout(held, &mut shutdown).await;
     assert!(
         early.is_err(),
         "the shutdown returned while the run was still notifying: {early:?}"

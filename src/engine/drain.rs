@@ -36,16 +36,22 @@ impl Tracker {
         tx.as_ref().map(|tx| Busy { _held: tx.clone() })
     }
 
-    /// Stops handing out holds and waits until every hold is dropped, or until `deadline`.
-    /// True when everything ended in time. A second wait returns at once.
-    pub(crate) async fn wait_until(&self, deadline: tokio::time::Instant) -> bool {
+    /// Stops handing out holds and waits until every hold is dropped, or until `deadline`
+    /// (none: no limit). True when everything ended in time. A second wait returns at once.
+    pub(crate) async fn wait_until(&self, deadline: Option<tokio::time::Instant>) -> bool {
         drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
         let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(mut rx) = rx else {
             return true;
         };
         // `recv` answers `None` once every sender is gone (nothing is ever sent).
-        tokio::time::timeout_at(deadline, rx.recv()).await.is_ok()
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, rx.recv()).await.is_ok(),
+            None => {
+                let _ = rx.recv().await;
+                true
+            }
+        }
     }
 }
 
@@ -59,7 +65,9 @@ mod tests {
     async fn the_wait_ends_when_the_last_hold_is_dropped() {
         let t = Tracker::new();
         let (a, b) = (t.hold().unwrap(), t.hold().unwrap());
-        let wait = t.wait_until(tokio::time::Instant::now() + Duration::from_secs(3600));
+        let wait = t.wait_until(Some(
+            tokio::time::Instant::now() + Duration::from_secs(3600),
+        ));
         tokio::pin!(wait);
         assert!(futures_util::poll!(wait.as_mut()).is_pending());
         assert!(t.hold().is_none(), "no holds once the wait began");
@@ -77,8 +85,8 @@ mod tests {
     async fn the_wait_gives_up_at_the_deadline() {
         let t = Tracker::new();
         let _stuck = t.hold().unwrap();
-        assert!(!t.wait_until(tokio::time::Instant::now()).await);
+        assert!(!t.wait_until(Some(tokio::time::Instant::now())).await);
         // A second wait has nothing left to wait for.
-        assert!(t.wait_until(tokio::time::Instant::now()).await);
+        assert!(t.wait_until(Some(tokio::time::Instant::now())).await);
     }
 }

@@ -306,10 +306,8 @@ impl Engine {
         let _over = Over(&self.inner.shutdown);
         self.inner.draining.store(true, Ordering::Relaxed);
         self.inner.pool.pause();
-        let now = tokio::time::Instant::now();
-        let deadline = now
-            .checked_add(grace)
-            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
+        // A grace too long for the clock (`SHUTDOWN_GRACE=99999999999`) has no limit.
+        let deadline = tokio::time::Instant::now().checked_add(grace);
         // The attempts in flight, and what their runs' drivers do with their results
         // (recording them, finishing a run whose last step this was), end within the grace
         // or are handed over with their runs below.
@@ -343,7 +341,7 @@ impl Engine {
         // Wait for the drivers to see the handover.
         self.inner
             .drivers
-            .wait_until(tokio::time::Instant::now() + Duration::from_secs(5))
+            .wait_until(Some(tokio::time::Instant::now() + Duration::from_secs(5)))
             .await;
         self.inner.store.flush().await;
         if !released.is_empty() {
