@@ -1275,6 +1275,50 @@ async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
     assert_eq!(env.store.run_attempts(&o.run_id).unwrap().len(), 2);
 }
 
+/// A call without `maxTokens` is estimated at the run's average call so far (and at least
+/// its prompt): after a first call of 20 tokens, two more fit a budget of 300 side by side,
+/// where a guess of 256 tokens of answer each would let only one run at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_estimated_by_the_runs_average_so_far_run_side_by_side() {
+    let body = json!({"model":"m","choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],
+                      "usage":{"total_tokens":20}});
+    // The first call is answered at once; the next two only once both have arrived.
+    let first = common::counting::start(Duration::ZERO, body.to_string());
+    let fake = common::counting::start_gathering(2, body.to_string());
+    let openai = format!("{}/v1", first.url);
+    let env = common::engine(
+        &[
+            ("OPENAI_BASE_URL", openai.as_str()),
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("HF_RATE_LIMIT", "off"),
+            // Unscaled: the attempt timeout must not end a call the fake holds.
+            ("OMNIFLOW_TIME_SCALE", "1"),
+        ],
+        4,
+    );
+    let bp = common::blueprint(json!({
+        "name": "average-side-by-side",
+        "maxTokensPerRun": 300,
+        "variables": { "TOPICS": ["topic 1", "topic 2"] },
+        "nodes": [
+            { "id": "first", "type": "llm", "provider": "openai", "model": "m",
+              "prompt": "One sentence.", "cache": false },
+            { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+              "needs": ["first"], "prompt": "Two sentences on {{ item }}.",
+              "forEach": "{{ vars.TOPICS }}", "cache": false }
+        ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.tokens_used, 60);
+    assert_eq!(
+        fake.peak.load(Ordering::SeqCst),
+        2,
+        "both calls were in flight together"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_run_replays_the_recorded_answers_of_a_run() {
     let env = common::engine(&[("SANDBOX_LATENCY_MS", "0")], 8);
