@@ -1471,18 +1471,7 @@ fn a_step_for_other_hosts_is_queued_only_once_its_history_is_committed() {
     rt.block_on(async {
         let fleet = inner.fleet.as_ref().unwrap().0.clone();
         until_ready(&fleet).await;
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
-        let locker = std::thread::spawn(move || {
-            let mut c = target.connect().unwrap();
-            let mut tx = c.transaction().unwrap();
-            tx.batch_execute("LOCK TABLE runner_steps IN SHARE MODE")
-                .unwrap();
-            locked_tx.send(()).unwrap();
-            let _ = released.recv();
-            tx.rollback().unwrap();
-        });
-        off(move || locked.recv().unwrap()).await;
+        let (release, locker) = off(move || lock_steps(target)).await;
         let h = engine
             .start(bp.clone(), crate::engine::RunRequest::default())
             .unwrap();
@@ -1503,6 +1492,70 @@ fn a_step_for_other_hosts_is_queued_only_once_its_history_is_committed() {
         })
         .await;
         assert!(engine.cancel(&h.run_id));
+    });
+    drop(engine);
+    drop(rt);
+}
+
+/// Another transaction holds the history's step table (no step can be written) until told
+/// (or dropped).
+fn lock_steps(
+    target: crate::store::pg::PgTarget,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
+    let locker = std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE runner_steps IN SHARE MODE")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = released.recv();
+        tx.rollback().unwrap();
+    });
+    locked.recv().unwrap();
+    (release, locker)
+}
+
+/// The result of a step another process queued is written to the queue only once this
+/// process's record of the attempt (its `running`) is committed, so the driver that takes the
+/// result records the step's end after its start. Here the history's step table is locked:
+/// the call is made, but its result waits until the lock goes.
+#[test]
+fn a_result_for_another_process_waits_for_this_ones_history() {
+    let Some(db) = ScratchDb::new("fleet_result_after_history") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let inner = engine.inner.clone();
+    let (url, calls) = http_server(false);
+    let q = engine
+        .fleet_queue()
+        .expect("an engine on PostgreSQL is in a fleet");
+    let target = db.target().clone();
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        let (release, locker) = off(move || lock_steps(target)).await;
+        let id = off(move || q.enqueue(&[job("theirs", "call", get(url))]).unwrap()[0]).await;
+        let called = off(move || calls.recv_timeout(Duration::from_secs(30))).await;
+        assert_eq!(called, Ok(0), "the step was claimed and called here");
+        // Longer than writing a result takes (were it not waiting for the history).
+        let until = Instant::now() + super::POLL;
+        while Instant::now() < until {
+            assert!(
+                finished(&fleet, vec![id]).await.is_empty(),
+                "the result was written before this process's record of the attempt"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        release.send(()).unwrap();
+        off(move || locker.join().unwrap()).await;
+        let until = Instant::now() + Duration::from_secs(30);
+        while finished(&fleet, vec![id]).await.is_empty() {
+            assert!(Instant::now() < until, "the result was never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     });
     drop(engine);
     drop(rt);
