@@ -1560,3 +1560,47 @@ fn a_result_for_another_process_waits_for_this_ones_history() {
     drop(engine);
     drop(rt);
 }
+
+/// A step this process takes whole does not wait for the history: its own writer records
+/// the step's start after its queuing anyway. Here the history's step table is locked (the
+/// run's steps cannot be written), and the step's call is made all the same.
+#[test]
+fn a_step_taken_here_starts_while_the_history_is_being_written() {
+    use crate::events::RunStatus;
+    let Some(db) = ScratchDb::new("fleet_mine_no_wait") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 4);
+    let inner = engine.inner.clone();
+    let (url, calls) = http_server(false);
+    let target = db.target().clone();
+    let bp: Arc<crate::blueprint::Blueprint> = Arc::new(
+        serde_json::from_value(json!({
+            "name": "here",
+            "nodes": [ { "id": "call", "type": "http", "url": url } ]
+        }))
+        .unwrap(),
+    );
+    rt.block_on(async move {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        let (release, locker) = off(move || lock_steps(target)).await;
+        let h = engine
+            .start(bp, crate::engine::RunRequest::default())
+            .unwrap();
+        let called = off(move || calls.recv_timeout(Duration::from_secs(30))).await;
+        release.send(()).unwrap();
+        off(move || locker.join().unwrap()).await;
+        assert_eq!(
+            called,
+            Ok(0),
+            "the step's call waited for the history to be written"
+        );
+        let o = tokio::time::timeout(Duration::from_secs(60), h.wait())
+            .await
+            .expect("the run ends");
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        drop(engine);
+    });
+    drop(rt);
+}
