@@ -839,6 +839,54 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     assert_eq!(steps[0].status, StepStatus::Running, "{:?}", steps[0].error);
 }
 
+/// A process that finds at its heartbeat that another one took a run of its over (it missed
+/// its lease: paused, or cut off from the database) stops driving that run: the run is left
+/// to its new owner, not finished or recorded further here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_another_process_took_over_is_let_go_at_the_next_heartbeat() {
+    // Heartbeats every second (a third of the lease).
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1"), ("LEASE_TIMEOUT", "3")], 2);
+    let _maintenance = env.engine.start_maintenance(false);
+    let bp = blueprint(json!({
+        "name": "long",
+        "nodes": [ { "id": "wait", "type": "delay", "duration": "1h" } ]
+    }));
+    let sub = env.bus.subscribe();
+    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    loop {
+        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
+            if step == "wait" {
+                break;
+            }
+        }
+    }
+    env.store.flush().await;
+    let conn = rusqlite::Connection::open(env.store.path().unwrap()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    conn.execute(
+        "UPDATE runner_executions SET owner = 'elsewhere:1:1' WHERE id = ?1",
+        [&h.run_id],
+    )
+    .unwrap();
+    let o = tokio::time::timeout(std::time::Duration::from_secs(30), h.wait())
+        .await
+        .expect("the run taken over was still driven here");
+    assert_eq!(o.status, RunStatus::Running, "let go, not finished");
+    env.store.flush().await;
+    let (status, owner): (String, String) = conn
+        .query_row(
+            "SELECT status, owner FROM runner_executions WHERE id = ?1",
+            [&o.run_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (status.as_str(), owner.as_str()),
+        ("running", "elsewhere:1:1")
+    );
+}
+
 /// A shutdown's log (a daemon's stderr on SIGTERM) says the grace ended with attempts still
 /// in flight when it did, which explains the steps handed over, and not when nothing was
 /// running.
