@@ -803,9 +803,8 @@ async fn a_delay_honours_its_own_timeout() {
     assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Timeout));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
-    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 4);
+/// A run of one step that waits an hour (a delay), once that step has started.
+async fn waiting_an_hour(env: &Env) -> omniflow::engine::RunHandle {
     let bp = blueprint(json!({
         "name": "long",
         "nodes": [ { "id": "wait", "type": "delay", "duration": "1h" } ]
@@ -815,10 +814,16 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     loop {
         if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
             if step == "wait" {
-                break;
+                return h;
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
+    let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 4);
+    let h = waiting_an_hour(&env).await;
     // A grace of an hour: only a delay that gives way lets this return.
     let released = tokio::time::timeout(
         std::time::Duration::from_secs(120),
@@ -847,19 +852,7 @@ async fn a_run_another_process_took_over_is_let_go_at_the_next_heartbeat() {
     // Heartbeats every second (a third of the lease).
     let env = engine(&[("OMNIFLOW_TIME_SCALE", "1"), ("LEASE_TIMEOUT", "3")], 2);
     let _maintenance = env.engine.start_maintenance(false);
-    let bp = blueprint(json!({
-        "name": "long",
-        "nodes": [ { "id": "wait", "type": "delay", "duration": "1h" } ]
-    }));
-    let sub = env.bus.subscribe();
-    let h = env.engine.start(bp, RunRequest::default()).unwrap();
-    loop {
-        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
-            if step == "wait" {
-                break;
-            }
-        }
-    }
+    let h = waiting_an_hour(&env).await;
     env.store.flush().await;
     let conn = rusqlite::Connection::open(env.store.path().unwrap()).unwrap();
     conn.busy_timeout(std::time::Duration::from_secs(10))

@@ -132,28 +132,39 @@ async fn stuck_on_lock(db: &ScratchDb) -> bool {
     .await
 }
 
+/// Another transaction, on a thread of its own, does `work` and stays open until told (or
+/// the sender is dropped), then rolls back: what it locked stays locked meanwhile.
+fn held_transaction(
+    target: crate::store::pg::PgTarget,
+    work: impl FnOnce(&mut postgres::Transaction<'_>) + Send + 'static,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        let mut tx = c.transaction().unwrap();
+        work(&mut tx);
+        done_tx.send(()).unwrap();
+        let _ = released.recv();
+        tx.rollback().unwrap();
+    });
+    done.recv().unwrap();
+    (release, holder)
+}
+
 /// Another transaction holds a row lock on `id` until told (or dropped): a completion of
 /// that row waits for it.
 fn lock_row(
     target: crate::store::pg::PgTarget,
     id: i64,
 ) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
-    let locker = std::thread::spawn(move || {
-        let mut c = target.connect().unwrap();
-        let mut tx = c.transaction().unwrap();
+    held_transaction(target, move |tx| {
         tx.execute(
             "SELECT 1 FROM runner_queue WHERE id = $1 FOR UPDATE",
             &[&id],
         )
         .unwrap();
-        locked_tx.send(()).unwrap();
-        let _ = released.recv();
-        tx.rollback().unwrap();
-    });
-    locked.recv().unwrap();
-    (release, locker)
+    })
 }
 
 /// An engine of this process on `db`'s fleet with `concurrency` workers, on a runtime of its
@@ -545,23 +556,14 @@ fn hold_step(
     run: &'static str,
     step: &'static str,
 ) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (held_tx, held) = std::sync::mpsc::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        let mut c = target.connect().unwrap();
-        let mut tx = c.transaction().unwrap();
+    held_transaction(target, move |tx| {
         tx.execute(
             "INSERT INTO runner_queue (run_id, step_key, attempt, priority, payload)
              VALUES ($1, $2, 1, 1, '{}')",
             &[&run, &step],
         )
         .unwrap();
-        held_tx.send(()).unwrap();
-        let _ = released.recv();
-        tx.rollback().unwrap();
-    });
-    held.recv().unwrap();
-    (release, holder)
+    })
 }
 
 /// A step this process takes whole starts its call while its row's insert is on its way,
@@ -1502,19 +1504,10 @@ fn a_step_for_other_hosts_is_queued_only_once_its_history_is_committed() {
 fn lock_steps(
     target: crate::store::pg::PgTarget,
 ) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
-    let locker = std::thread::spawn(move || {
-        let mut c = target.connect().unwrap();
-        let mut tx = c.transaction().unwrap();
+    held_transaction(target, |tx| {
         tx.batch_execute("LOCK TABLE runner_steps IN SHARE MODE")
             .unwrap();
-        locked_tx.send(()).unwrap();
-        let _ = released.recv();
-        tx.rollback().unwrap();
-    });
-    locked.recv().unwrap();
-    (release, locker)
+    })
 }
 
 /// The result of a step another process queued is written to the queue only once this
