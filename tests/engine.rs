@@ -803,21 +803,28 @@ async fn a_delay_honours_its_own_timeout() {
     assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Timeout));
 }
 
-/// A run of one step that waits an hour (a delay), once that step has started.
-async fn waiting_an_hour(env: &Env) -> omniflow::engine::RunHandle {
-    let bp = blueprint(json!({
-        "name": "long",
-        "nodes": [ { "id": "wait", "type": "delay", "duration": "1h" } ]
-    }));
+/// A run of the one node `node` (a JSON node with its `id`), once its step has started.
+async fn started_alone(env: &Env, node: serde_json::Value) -> omniflow::engine::RunHandle {
+    let id = node["id"].as_str().expect("the node has an id").to_string();
+    let bp = blueprint(json!({ "name": "alone", "nodes": [node] }));
     let sub = env.bus.subscribe();
     let h = env.engine.start(bp, RunRequest::default()).unwrap();
     loop {
         if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
-            if step == "wait" {
+            if step == id {
                 return h;
             }
         }
     }
+}
+
+/// A run of one step that waits an hour (a delay), once that step has started.
+async fn waiting_an_hour(env: &Env) -> omniflow::engine::RunHandle {
+    started_alone(
+        env,
+        json!({ "id": "wait", "type": "delay", "duration": "1h" }),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -900,19 +907,7 @@ async fn a_shutdown_says_its_grace_ended_with_attempts_in_flight_only_when_it_di
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/slow", silent.local_addr().unwrap());
     let env = engine(&[], 2);
-    let bp = blueprint(json!({
-        "name": "held",
-        "nodes": [ { "id": "fetch", "type": "http", "url": url } ]
-    }));
-    let sub = env.bus.subscribe();
-    let h = env.engine.start(bp, RunRequest::default()).unwrap();
-    loop {
-        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
-            if step == "fetch" {
-                break;
-            }
-        }
-    }
+    let h = started_alone(&env, json!({ "id": "fetch", "type": "http", "url": url })).await;
     let released = env.engine.shutdown(std::time::Duration::ZERO).await;
     assert_eq!(released, vec![h.run_id.clone()]);
     assert!(logged.text().contains(ENDED), "{}", logged.text());
@@ -928,19 +923,7 @@ async fn stopped_waits_for_a_shutdown_under_way() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/slow", silent.local_addr().unwrap());
     let env = engine(&[], 2);
-    let bp = blueprint(json!({
-        "name": "held",
-        "nodes": [ { "id": "fetch", "type": "http", "url": url } ]
-    }));
-    let sub = env.bus.subscribe();
-    let h = env.engine.start(bp, RunRequest::default()).unwrap();
-    loop {
-        if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
-            if step == "fetch" {
-                break;
-            }
-        }
-    }
+    let h = started_alone(&env, json!({ "id": "fetch", "type": "http", "url": url })).await;
     let (done, handed_over) = tokio::sync::oneshot::channel();
     let engine = env.engine.clone();
     tokio::spawn(async move {
