@@ -331,6 +331,63 @@ fn a_runs_whole_life_reads_back(db, store) {
 }
 
 on_both! {
+fn a_step_that_ran_without_a_recorded_start_gets_one_from_its_duration(db, store) {
+    store.insert_run(new_run("r", "alpha", 0));
+    let end = |key: &str, status: StepStatus, attempts: u32, finished: u64, took: u64| StepEnd {
+        run_id: "r".into(),
+        step_key: key.into(),
+        node_id: key.into(),
+        item_index: None,
+        status,
+        attempts,
+        output: None,
+        error_kind: None,
+        error: None,
+        tokens_used: 0,
+        provider: None,
+        model: None,
+        cached: false,
+        reply_model: None,
+        finish_reason: None,
+        finished_at: at(finished),
+        duration_ms: took,
+    };
+    // Finished with no row before it, and queued then finished in one go: both ran, so
+    // `show` gives them a start (the end less the time they took) rather than none.
+    store.step_finished(end("alone", StepStatus::Success, 1, 1000, 300));
+    store.step_queued(NewStep {
+        run_id: "r".into(),
+        step_key: "queued".into(),
+        node_id: "queued".into(),
+        item_index: None,
+        input: None,
+        queued_at: at(100),
+    });
+    store.step_finished(end("queued", StepStatus::Error, 2, 2000, 500));
+    // Never ran: skipped, or failed before a first attempt (a dependency failed).
+    store.step_finished(end("skipped", StepStatus::Skipped, 0, 3000, 0));
+    store.step_finished(end("never-ran", StepStatus::Error, 0, 3000, 0));
+    store.flush_blocking();
+    assert_eq!(store.take_write_error(), None);
+    let starts: Vec<_> = store
+        .run_steps("r")
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.step_key, s.started_at))
+        .collect();
+    assert_eq!(
+        starts,
+        [
+            ("alone".to_string(), Some(at(700))),
+            ("queued".to_string(), Some(at(1500))),
+            ("skipped".to_string(), None),
+            ("never-ran".to_string(), None),
+        ]
+    );
+}
+}
+
+on_both! {
 fn the_original_monitoring_queries_work_verbatim(db, store) {
     store.insert_run(new_run("a", "alpha", 0));
     store.run_started("a", at(100), 1);

@@ -90,7 +90,6 @@ pub(crate) struct Counters {
     pub completed: AtomicU64,
     /// Results dropped because the lease was lost first (a zombie's late answer).
     pub fenced: AtomicU64,
-    pub rescued: AtomicU64,
 }
 
 /// One process's membership in the fleet.

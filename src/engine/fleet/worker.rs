@@ -427,13 +427,7 @@ pub(crate) async fn completer(
             _ = fleet.stop.cancelled() => return,
         };
         tokio::task::yield_now().await;
-        let mut batch = vec![first];
-        while batch.len() < 1000 {
-            match rx.try_recv() {
-                Ok(x) => batch.push(x),
-                Err(_) => break,
-            }
-        }
+        let batch = batch_from(first, &mut rx, RESULTS_PER_BATCH);
         let (fleet, engine) = (fleet.clone(), engine.clone());
         tokio::spawn(async move {
             let n_batch = batch.len();
@@ -466,6 +460,23 @@ pub(crate) async fn completer(
             drop(permit);
         });
     }
+}
+
+/// The most results one transaction records: enough to take a whole pool's worth at once,
+/// few enough that one batch's statement stays small.
+const RESULTS_PER_BATCH: usize = 1000;
+
+/// `first` and the items already waiting behind it, up to `max` in all: what came together
+/// goes in one transaction, and nothing waits for more to come.
+pub(super) fn batch_from<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>, max: usize) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(x) => batch.push(x),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// Writes one batch of results, retrying while the database does not answer (the lease
@@ -589,12 +600,7 @@ pub(crate) async fn sweeper(fleet: Arc<Fleet>) {
                         tracing::debug!(error = %e, "fleet: cannot prune rate-limit windows; the next sweep does");
                     }
                 }
-                let n = r.requeued.len() + r.failed.len();
-                if n > 0 {
-                    fleet
-                        .counters
-                        .rescued
-                        .fetch_add(n as u64, Ordering::Relaxed);
+                if !r.requeued.is_empty() || !r.failed.is_empty() {
                     tracing::warn!(
                         requeued = r.requeued.len(),
                         given_up = r.failed.len(),

@@ -768,6 +768,24 @@ mod tests {
         holder.batch_execute("ROLLBACK").unwrap();
     }
 
+    /// A server out of disk space (SQLSTATE 53100; raised here by hand, as a real full disk
+    /// cannot be had on demand) is a full database, as SQLite's SQLITE_FULL is.
+    #[test]
+    fn a_server_out_of_disk_space_is_a_full_database() {
+        let Some(db) = crate::store::pg::testing::ScratchDb::new("pg_disk_full") else {
+            return;
+        };
+        let mut c = db.target().connect().unwrap();
+        let Err(e) = c.batch_execute(
+            "DO $$ BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$",
+        ) else {
+            panic!("the raised error was not reported");
+        };
+        assert!(!lost(&e));
+        let err = pg_error(db.target(), "writing", e);
+        assert_eq!(err.kind(), StoreErrorKind::Full, "{err}");
+    }
+
     /// A refused statement reads as one sentence: the database, what the store was doing, the
     /// server's words and what to do, each once. A session the server ended says so, with the
     /// server and what was being done.

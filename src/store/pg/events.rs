@@ -228,6 +228,18 @@ mod tests {
         assert_eq!(payload("h:1:2", &[]), None);
     }
 
+    /// A batch touching a hundred runs at once (a fan-out's steps, each its own run's) still
+    /// names them all: a console updates those rows rather than re-reading its page.
+    #[test]
+    fn a_batch_touching_a_hundred_runs_names_them_all() {
+        let ids: Vec<String> = (0..100).map(|i| format!("01JEXAMPLE{i:016}")).collect();
+        let ops: Vec<Op> = ids.iter().map(|id| started(id, "s")).collect();
+        let p = payload("some-long-host-name:123456:1700000000000", &ops).unwrap();
+        let ev = RunEvents::parse(&p).unwrap();
+        assert_eq!(ev.runs, ids);
+        assert!(!ev.more, "{} bytes", p.len());
+    }
+
     #[test]
     fn a_batch_touching_too_many_runs_stays_under_the_limit_and_says_more() {
         let ops: Vec<Op> = (0..2000)
