@@ -1110,6 +1110,38 @@ CREATE INDEX IF NOT EXISTS runner_rate_windows_end ON runner_rate_windows (windo
         assert!(q.take_results(&[id]).unwrap().is_empty(), "taken once");
     }
 
+    /// The process whose sweep ran is told so (it then prunes the spent rate-limit windows,
+    /// once for the fleet); one that found another process sweeping is told it did not, and
+    /// leaves the expired rows to that one.
+    #[test]
+    fn a_sweep_says_whether_it_ran() {
+        let Some((db, q)) = queue("sweep_ran") else {
+            return;
+        };
+        let id = q.enqueue(&[job("r", "dead", 1, &[])]).unwrap()[0];
+        let mut c = db.target().connect().unwrap();
+        c.execute(
+            "UPDATE runner_queue SET state = 'running', locked_by = 'gone', claim_token = 't',
+                 lease_until = now() - interval '5 minutes' WHERE id = $1",
+            &[&id],
+        )
+        .unwrap();
+        let mut other = db.target().connect().unwrap();
+        let mut sweeping = other.transaction().unwrap();
+        sweeping
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&SWEEP_LOCK])
+            .unwrap();
+        let r = q.rescue_expired(3).unwrap();
+        assert!(!r.swept);
+        assert!(r.requeued.is_empty() && r.failed.is_empty());
+        sweeping.rollback().unwrap();
+        let r = q.rescue_expired(3).unwrap();
+        assert!(r.swept);
+        assert_eq!(r.requeued, vec![id]);
+        // A sweep that finds nothing expired still ran.
+        assert!(q.rescue_expired(3).unwrap().swept);
+    }
+
     #[test]
     fn an_expired_lease_written_directly_is_rescued_exactly_once() {
         let Some((db, q)) = queue("rescue_once") else {
