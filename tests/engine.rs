@@ -138,6 +138,49 @@ async fn a_later_run_of_the_same_prompt_is_answered_from_the_cache() {
     assert_eq!(asked, 1, "the model was asked once");
 }
 
+/// An answer that failed its step (here not the JSON the node parses) is not served again to
+/// the retry from the cache: the retry asks the model, and its answer is the step's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_asks_the_model_again_rather_than_the_cache() {
+    let chat = |content: &str| {
+        Reply::json(
+            200,
+            &json!({"choices": [{"message": {"role": "assistant", "content": content},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+            .to_string(),
+        )
+    };
+    // The first request is the provider's look at what server this is (`GET /props`).
+    let server = fake_server(vec![
+        Reply::json(404, "{}"),
+        chat("Sure! Here it is."),
+        chat(r#"{"ok": true}"#),
+    ])
+    .await;
+    let url = format!("{}/v1", server.url);
+    let env = engine(&[("OPENAI_BASE_URL", url.as_str())], 4);
+    let bp = blueprint(json!({
+        "name": "json-retry",
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "openai", "model": "m",
+                     "prompt": "Answer in JSON.", "parse": "json",
+                     "retry": { "attempts": 2, "backoff": "1s" } } ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["ask"], json!({"ok": true}));
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!((steps[0].attempts, steps[0].cached), (2, false));
+    let asked = server
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.starts_with("POST /v1/chat/completions"))
+        .count();
+    assert_eq!(asked, 2, "each attempt asked the model");
+}
+
 /// An answer the server cut off (`finish_reason: length`) fails a node with
 /// `"failOnTruncation": true`, at once and without a retry (the same call stops at the same
 /// limit), saying why; without it the answer is kept and the cut is recorded for `show`.

@@ -1319,6 +1319,48 @@ fn a_batch_that_stays_locked_is_given_up_after_a_few_tries() {
     assert!(err.contains("database is locked"), "{err}");
 }
 
+/// Another process holding the write lock through one busy wait and letting go before the
+/// next: the writer tries the batch again and it lands, nothing lost or reported.
+#[test]
+fn a_batch_locked_through_one_busy_wait_lands_on_the_next_try() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FIRST_WAIT_OVER: AtomicBool = AtomicBool::new(false);
+    // The first busy wait gives up at once, as if it had waited out its timeout; later ones
+    // wait (for the holder, which lets go once the first is over).
+    fn busy(waited: i32) -> bool {
+        if !FIRST_WAIT_OVER.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        waited < 6000
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.db");
+    drop(Store::open(&path).unwrap());
+    let mut holder = Connection::open(&path).unwrap();
+    let lock = holder
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let p = path.clone();
+    std::thread::spawn(move || {
+        let mut conn = Connection::open(&p).unwrap();
+        conn.busy_handler(Some(busy)).unwrap();
+        let ops = [Op::InsertRun(Box::new(new_run("waited", 0)))];
+        let _ = done_tx.send(apply_as_writer(&mut conn, &ops));
+    });
+    while !FIRST_WAIT_OVER.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(lock);
+    let (lost, err) = done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the writer finished once the lock was let go");
+    assert_eq!((lost, err), (Some(0), None));
+    let store = Store::open(&path).unwrap();
+    assert!(store.find_run("waited").is_ok());
+}
+
 /// A step's row tells `show` and the console when the server answered with another model
 /// than the one asked for, and not for the same model under Ollama's `:latest` tag.
 #[test]

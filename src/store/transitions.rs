@@ -4,7 +4,6 @@
 
 use super::types::{AttemptRecord, NewRun, NewStep, RunEnd, StepEnd};
 use super::{iso8601, saturating_i64};
-use crate::events::StepStatus;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use rusqlite::{params, OptionalExtension, Transaction};
 use std::time::{Duration, SystemTime};
@@ -426,14 +425,7 @@ fn attempt_finished(tx: &Transaction<'_>, a: &AttemptRecord) -> Applied {
 /// never ran (skipped because a condition was false or a dependency failed).
 fn step_finished(tx: &Transaction<'_>, s: &StepEnd) -> Applied {
     let finished = iso8601(s.finished_at);
-    // A step that ran but was never reported as started still gets a plausible start.
-    let started = (s.attempts > 0 && s.status != StepStatus::Skipped)
-        .then(|| {
-            s.finished_at
-                .checked_sub(Duration::from_millis(s.duration_ms))
-                .map(iso8601)
-        })
-        .flatten();
+    let started = s.implied_start().map(iso8601);
     // The usual case, a step recorded before and not final yet, is one update by key.
     let n = finish_existing(tx, s, started.as_deref())?;
     if n > 0 {
@@ -665,13 +657,7 @@ fn step_recorded(tx: &Transaction<'_>, r: &StepRecord) -> Applied {
     };
     let started = match r.started {
         Some((at, _)) => Some(iso8601(at)),
-        None => (s.attempts > 0 && s.status != StepStatus::Skipped)
-            .then(|| {
-                s.finished_at
-                    .checked_sub(Duration::from_millis(s.duration_ms))
-                    .map(iso8601)
-            })
-            .flatten(),
+        None => s.implied_start().map(iso8601),
     };
     upsert_final_step(tx, s, input.as_deref(), &queued_at, started.as_deref())
 }

@@ -104,6 +104,18 @@ pub struct StepEnd {
     pub duration_ms: u64,
 }
 
+impl StepEnd {
+    /// The start recorded for a step that ran but was never reported as started (its end
+    /// less the time it took); `None` for a step that never ran.
+    pub(crate) fn implied_start(&self) -> Option<SystemTime> {
+        if self.attempts == 0 || self.status == StepStatus::Skipped {
+            return None;
+        }
+        self.finished_at
+            .checked_sub(std::time::Duration::from_millis(self.duration_ms))
+    }
+}
+
 /// Which runs [`Store::list_runs`](super::Store::list_runs) and
 /// [`Store::count_runs`](super::Store::count_runs) return.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,14 +5,13 @@
 //! Parameters carry explicit casts: in `INSERT … SELECT $1, …` PostgreSQL cannot infer a
 //! parameter's type from the target column.
 
-use crate::events::StepStatus;
 use crate::store::transitions::{Op, ProcessInfo, StepRecord};
 use crate::store::types::{AttemptRecord, NewRun, NewStep, RunEnd, StepEnd};
 use crate::store::{from_unix_ms, unix_ms};
 use postgres::types::ToSql;
 use postgres::{Statement, Transaction};
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 type Applied = Result<u64, postgres::Error>;
 
@@ -497,17 +496,6 @@ fn attempt_finished(tx: &mut Transaction<'_>, st: &mut Statements, a: &AttemptRe
     )
 }
 
-/// A step that ran but was never reported as started still gets a plausible start.
-fn implied_start(s: &StepEnd) -> Option<SystemTime> {
-    (s.attempts > 0 && s.status != StepStatus::Skipped)
-        .then(|| {
-            s.finished_at
-                .checked_sub(Duration::from_millis(s.duration_ms))
-                .map(ms_time)
-        })
-        .flatten()
-}
-
 fn step_finished(tx: &mut Transaction<'_>, st: &mut Statements, s: &StepEnd) -> Applied {
     exec(
         tx,
@@ -545,7 +533,7 @@ fn step_finished(tx: &mut Transaction<'_>, st: &mut Statements, s: &StepEnd) -> 
             &s.provider,
             &s.model,
             &ms_time(s.finished_at),
-            &implied_start(s),
+            &s.implied_start().map(ms_time),
             &i(s.duration_ms),
             &s.reply_model,
             &s.finish_reason,
@@ -584,7 +572,7 @@ fn step_recorded(tx: &mut Transaction<'_>, st: &mut Statements, r: &StepRecord) 
     };
     let started = match r.started {
         Some((at, _)) => Some(ms_time(at)),
-        None => implied_start(s),
+        None => s.implied_start().map(ms_time),
     };
     exec(
         tx,
@@ -710,7 +698,7 @@ mod tests {
     use super::*;
     use crate::blueprint::Priority;
     use crate::store::pg::testing::ScratchDb;
-    use std::time::UNIX_EPOCH;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn at(ms: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)
