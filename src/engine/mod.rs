@@ -664,3 +664,20 @@ pub fn parse_var_arg(arg: &str) -> Result<(String, Value), String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::entries;
+    use serde_json::{json, Value};
+
+    /// Counting a variable's entries stops soon after the cap: a hostile variable of a
+    /// million entries costs the cap and the one list that crossed it, not a million.
+    #[test]
+    fn counting_entries_stops_just_past_the_cap() {
+        let list = json!((0..1000).collect::<Vec<u32>>());
+        let huge = Value::Array(vec![list; 1000]);
+        let n = entries(&huge, 100);
+        assert!((101..=1100).contains(&n), "{n}");
+        assert_eq!(entries(&json!({"a": [1, 2], "b": {"c": 3}}), 100), 5);
+    }
+}
