@@ -211,13 +211,7 @@ pub(crate) async fn schema_then_enqueue(
         // A fan-out's steps are sent in one turn of their driver, which may run on another
         // thread: let it finish sending, so they share one transaction.
         tokio::task::yield_now().await;
-        let mut batch = vec![first];
-        while batch.len() < 1000 {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
+        let batch = super::batch_from(first, &mut rx, super::MAX_BATCH);
         let jobs: Vec<NewJob> = batch.iter().map(|e| e.job.clone()).collect();
         // The steps' `pending` rows (and a retried step's `retrying`) were queued to this
         // process's writer before their attempts came here. Another host that claims a row
@@ -259,7 +253,7 @@ pub(crate) async fn schema_then_enqueue(
         // (claimable rows were ahead of it, or the insert failed) is stopped, its result
         // dropped. The insert is sent first, so the database works while the calls start.
         let chosen: Vec<String> = match &inner {
-            Some(_) if hold && free > 0 => jobs.iter().map(|_| new_token()).collect(),
+            Some(_) if hold => jobs.iter().map(|_| new_token()).collect(),
             _ => Vec::new(),
         };
         let tokens: Option<Vec<Option<String>>> =

@@ -82,6 +82,24 @@ pub(crate) struct Enqueue {
     reply: oneshot::Sender<Result<(i64, oneshot::Receiver<Outcome>), String>>,
 }
 
+/// The most rows one transaction inserts (steps sent together) or completes (results that
+/// came together): a whole pool's fan-out in one round trip, and still a statement of
+/// bounded size.
+const MAX_BATCH: usize = 1000;
+
+/// `first` and the items already waiting behind it, up to `max` in all: what came together
+/// goes in one transaction, and nothing waits for more to come.
+fn batch_from<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>, max: usize) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(x) => batch.push(x),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 /// Counters for logs and measurements.
 #[derive(Default)]
 pub(crate) struct Counters {

@@ -261,12 +261,12 @@ fn results_that_came_together_are_recorded_together_a_thousand_at_most() {
         tx.send(i).unwrap();
     }
     // A burst from a whole pool: full batches in the order the results came, then the rest.
-    let first = worker::batch_from(0, &mut rx, 1000);
+    let first = super::batch_from(0, &mut rx, 1000);
     assert_eq!(first, (0..1000).collect::<Vec<_>>());
-    let second = worker::batch_from(-1, &mut rx, 1000);
+    let second = super::batch_from(-1, &mut rx, 1000);
     assert_eq!(second.len(), 1000);
     assert_eq!((second[0], second[1], second[999]), (-1, 1000, 1998));
-    let third = worker::batch_from(-2, &mut rx, 1000);
+    let third = super::batch_from(-2, &mut rx, 1000);
     assert_eq!(
         third.len(),
         503,
@@ -274,9 +274,9 @@ fn results_that_came_together_are_recorded_together_a_thousand_at_most() {
     );
     assert_eq!(third.last(), Some(&2500));
     // A result alone is written alone, at once: nothing waits for more to come.
-    assert_eq!(worker::batch_from(7, &mut rx, 1000), vec![7]);
+    assert_eq!(super::batch_from(7, &mut rx, 1000), vec![7]);
     tx.send(8).unwrap();
-    assert_eq!(worker::batch_from(7, &mut rx, 1000), vec![7, 8]);
+    assert_eq!(super::batch_from(7, &mut rx, 1000), vec![7, 8]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -427,7 +427,7 @@ pub(crate) async fn completer(
             _ = fleet.stop.cancelled() => return,
         };
         tokio::task::yield_now().await;
-        let batch = batch_from(first, &mut rx, RESULTS_PER_BATCH);
+        let batch = super::batch_from(first, &mut rx, super::MAX_BATCH);
         let (fleet, engine) = (fleet.clone(), engine.clone());
         tokio::spawn(async move {
             let n_batch = batch.len();
@@ -460,23 +460,6 @@ pub(crate) async fn completer(
             drop(permit);
         });
     }
-}
-
-/// The most results one transaction records: enough to take a whole pool's worth at once,
-/// few enough that one batch's statement stays small.
-const RESULTS_PER_BATCH: usize = 1000;
-
-/// `first` and the items already waiting behind it, up to `max` in all: what came together
-/// goes in one transaction, and nothing waits for more to come.
-pub(super) fn batch_from<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>, max: usize) -> Vec<T> {
-    let mut batch = vec![first];
-    while batch.len() < max {
-        match rx.try_recv() {
-            Ok(x) => batch.push(x),
-            Err(_) => break,
-        }
-    }
-    batch
 }
 
 /// Writes one batch of results, retrying while the database does not answer (the lease
