@@ -1319,6 +1319,44 @@ async fn calls_estimated_by_the_runs_average_so_far_run_side_by_side() {
     );
 }
 
+/// A call's prompt counts in its estimate before it is sent: two calls of about 600 prompt
+/// tokens each (and `maxTokens: 10`) do not fit a budget of 1,000 side by side, so the second
+/// waits for the first to end (then only the 20 tokens it really spent count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_counts_against_the_budget_before_its_call() {
+    let body = json!({"model":"m","choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],
+                      "usage":{"total_tokens":20}});
+    let fake = common::counting::start(Duration::from_millis(300), body.to_string());
+    let env = common::engine(
+        &[
+            ("HF_TOKEN", "hf_testtoken123"),
+            ("HF_INFERENCE_URL", &fake.url),
+            ("HF_RATE_LIMIT", "off"),
+            // Unscaled: the attempt timeout must not end a call the fake holds.
+            ("OMNIFLOW_TIME_SCALE", "1"),
+        ],
+        4,
+    );
+    let bp = common::blueprint(json!({
+        "name": "long-prompts",
+        "maxTokensPerRun": 1000,
+        "variables": { "TOPICS": ["topic 1", "topic 2"], "CONTEXT": "x".repeat(2400) },
+        "nodes": [
+            { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
+              "prompt": "{{ vars.CONTEXT }} Two sentences on {{ item }}.", "maxTokens": 10,
+              "forEach": "{{ vars.TOPICS }}", "cache": false }
+        ]
+    }));
+    let o = common::run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.tokens_used, 40);
+    assert_eq!(
+        fake.peak.load(Ordering::SeqCst),
+        1,
+        "the second call waited for the first"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_run_replays_the_recorded_answers_of_a_run() {
     let env = common::engine(&[("SANDBOX_LATENCY_MS", "0")], 8);
