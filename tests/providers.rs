@@ -1238,14 +1238,10 @@ async fn a_fan_out_does_not_overshoot_its_budget_by_the_calls_in_flight() {
     assert!(run.tokens_used <= 1100, "{} tokens spent", run.tokens_used);
 }
 
-/// A call with `maxTokens` is estimated at its prompt plus that many tokens of answer: two
-/// such calls fit a budget of 1,000 side by side, so both are in flight together (the fake
-/// answers neither until both have arrived).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
-    let body = json!({"model":"m","choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],
-                      "usage":{"total_tokens":20}});
-    let fake = common::counting::start_gathering(2, body.to_string());
+/// Two model calls of one fan-out, `maxTokens: 10`, under a budget of 1,000 tokens, each
+/// prompt `context` then a few words (about 7 tokens), each answered by `fake` with 20
+/// tokens. Returns how many were in flight together at the most.
+async fn two_calls_under_a_budget(fake: &common::counting::CountingFake, context: &str) -> usize {
     let env = common::engine(
         &[
             ("HF_TOKEN", "hf_testtoken123"),
@@ -1257,22 +1253,50 @@ async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
         4,
     );
     let bp = common::blueprint(json!({
-        "name": "two-side-by-side",
+        "name": "two-under-a-budget",
         "maxTokensPerRun": 1000,
-        "variables": { "TOPICS": ["topic 1", "topic 2"] },
-        // Prompts of 7 tokens: an estimate of 107 each.
+        "variables": { "TOPICS": ["topic 1", "topic 2"], "CONTEXT": context },
         "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
-                     "prompt": "Two sentences on {{ item }}.", "maxTokens": 100,
+                     "prompt": "{{ vars.CONTEXT }}Two sentences on {{ item }}.", "maxTokens": 10,
                      "forEach": "{{ vars.TOPICS }}", "cache": false } ]
     }));
     let o = common::run(&env, &bp, RunRequest::default()).await;
     assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.tokens_used, 40);
+    assert_eq!(env.store.run_attempts(&o.run_id).unwrap().len(), 2);
+    fake.peak.load(Ordering::SeqCst)
+}
+
+fn twenty_tokens() -> String {
+    json!({"model":"m","choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],
+           "usage":{"total_tokens":20}})
+    .to_string()
+}
+
+/// A call with `maxTokens` is estimated at its prompt plus that many tokens of answer: two
+/// short prompts' calls (17 tokens each) fit the budget side by side, so both are in flight
+/// together (the fake answers neither until both have arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
+    let fake = common::counting::start_gathering(2, twenty_tokens());
     assert_eq!(
-        fake.peak.load(Ordering::SeqCst),
+        two_calls_under_a_budget(&fake, "").await,
         2,
         "both calls were in flight together"
     );
-    assert_eq!(env.store.run_attempts(&o.run_id).unwrap().len(), 2);
+}
+
+/// A call's prompt counts in its estimate before it is sent: two calls of about 600 prompt
+/// tokens each do not fit the budget side by side, so the second waits for the first to end
+/// (then only the 20 tokens it really spent count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_counts_against_the_budget_before_its_call() {
+    let fake = common::counting::start(Duration::from_millis(300), twenty_tokens());
+    assert_eq!(
+        two_calls_under_a_budget(&fake, &"x".repeat(2400)).await,
+        1,
+        "the second call waited for the first"
+    );
 }
 
 /// A call without `maxTokens` is estimated at the run's average call so far (and at least
@@ -1280,11 +1304,9 @@ async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
 /// where a guess of 256 tokens of answer each would let only one run at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_estimated_by_the_runs_average_so_far_run_side_by_side() {
-    let body = json!({"model":"m","choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],
-                      "usage":{"total_tokens":20}});
     // The first call is answered at once; the next two only once both have arrived.
-    let first = common::counting::start(Duration::ZERO, body.to_string());
-    let fake = common::counting::start_gathering(2, body.to_string());
+    let first = common::counting::start(Duration::ZERO, twenty_tokens());
+    let fake = common::counting::start_gathering(2, twenty_tokens());
     let openai = format!("{}/v1", first.url);
     let env = common::engine(
         &[
@@ -1316,44 +1338,6 @@ async fn calls_estimated_by_the_runs_average_so_far_run_side_by_side() {
         fake.peak.load(Ordering::SeqCst),
         2,
         "both calls were in flight together"
-    );
-}
-
-/// A call's prompt counts in its estimate before it is sent: two calls of about 600 prompt
-/// tokens each (and `maxTokens: 10`) do not fit a budget of 1,000 side by side, so the second
-/// waits for the first to end (then only the 20 tokens it really spent count).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_prompt_counts_against_the_budget_before_its_call() {
-    let body = json!({"model":"m","choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],
-                      "usage":{"total_tokens":20}});
-    let fake = common::counting::start(Duration::from_millis(300), body.to_string());
-    let env = common::engine(
-        &[
-            ("HF_TOKEN", "hf_testtoken123"),
-            ("HF_INFERENCE_URL", &fake.url),
-            ("HF_RATE_LIMIT", "off"),
-            // Unscaled: the attempt timeout must not end a call the fake holds.
-            ("OMNIFLOW_TIME_SCALE", "1"),
-        ],
-        4,
-    );
-    let bp = common::blueprint(json!({
-        "name": "long-prompts",
-        "maxTokensPerRun": 1000,
-        "variables": { "TOPICS": ["topic 1", "topic 2"], "CONTEXT": "x".repeat(2400) },
-        "nodes": [
-            { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
-              "prompt": "{{ vars.CONTEXT }} Two sentences on {{ item }}.", "maxTokens": 10,
-              "forEach": "{{ vars.TOPICS }}", "cache": false }
-        ]
-    }));
-    let o = common::run(&env, &bp, RunRequest::default()).await;
-    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
-    assert_eq!(o.tokens_used, 40);
-    assert_eq!(
-        fake.peak.load(Ordering::SeqCst),
-        1,
-        "the second call waited for the first"
     );
 }
 

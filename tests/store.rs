@@ -54,6 +54,37 @@ fn run_end(id: &str, status: RunStatus, ms: u64) -> RunEnd {
     }
 }
 
+/// Step `key` of run `id` (its node of the same name) ended as `status` after `attempts`,
+/// at `finished_ms`, having taken `took_ms`; no output, tokens or model.
+fn step_end(
+    id: &str,
+    key: &str,
+    status: StepStatus,
+    attempts: u32,
+    finished_ms: u64,
+    took_ms: u64,
+) -> StepEnd {
+    StepEnd {
+        run_id: id.into(),
+        step_key: key.into(),
+        node_id: key.into(),
+        item_index: None,
+        status,
+        attempts,
+        output: None,
+        error_kind: None,
+        error: None,
+        tokens_used: 0,
+        provider: None,
+        model: None,
+        cached: false,
+        reply_model: None,
+        finish_reason: None,
+        finished_at: at(finished_ms),
+        duration_ms: took_ms,
+    }
+}
+
 fn temp_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("automation_runner.db")).unwrap();
@@ -214,45 +245,17 @@ fn record_lifecycle(store: &Store, id: &str) {
     store.attempt_finished(attempt("summarize[1]", 2, true, 1060));
     for (i, key) in ["summarize[0]", "summarize[1]"].iter().enumerate() {
         store.step_finished(StepEnd {
-            run_id: id.into(),
-            step_key: (*key).into(),
             node_id: "summarize".into(),
             item_index: Some(i as u32),
-            status: StepStatus::Success,
-            attempts: i as u32 + 1,
             output: Some(json!(format!("summary {i}"))),
-            error_kind: None,
-            error: None,
             tokens_used: 12,
             provider: Some("huggingface".into()),
             model: Some("mistralai/Mistral-7B-Instruct-v0.2".into()),
-            cached: false,
-            reply_model: None,
-            finish_reason: None,
-            finished_at: at(1100),
-            duration_ms: 1080,
+            ..step_end(id, key, StepStatus::Success, i as u32 + 1, 1100, 1080)
         });
     }
     store.run_progress(id, 2, 24);
-    store.step_finished(StepEnd {
-        run_id: id.into(),
-        step_key: "post".into(),
-        node_id: "post".into(),
-        item_index: None,
-        status: StepStatus::Skipped,
-        attempts: 0,
-        output: None,
-        error_kind: None,
-        error: None,
-        tokens_used: 0,
-        provider: None,
-        model: None,
-        cached: false,
-        reply_model: None,
-        finish_reason: None,
-        finished_at: at(1100),
-        duration_ms: 0,
-    });
+    store.step_finished(step_end(id, "post", StepStatus::Skipped, 0, 1100, 0));
     store.run_finished(RunEnd {
         tokens_used: 24,
         steps_done: 3,
@@ -333,24 +336,8 @@ fn a_runs_whole_life_reads_back(db, store) {
 on_both! {
 fn a_step_that_ran_without_a_recorded_start_gets_one_from_its_duration(db, store) {
     store.insert_run(new_run("r", "alpha", 0));
-    let end = |key: &str, status: StepStatus, attempts: u32, finished: u64, took: u64| StepEnd {
-        run_id: "r".into(),
-        step_key: key.into(),
-        node_id: key.into(),
-        item_index: None,
-        status,
-        attempts,
-        output: None,
-        error_kind: None,
-        error: None,
-        tokens_used: 0,
-        provider: None,
-        model: None,
-        cached: false,
-        reply_model: None,
-        finish_reason: None,
-        finished_at: at(finished),
-        duration_ms: took,
+    let end = |key: &str, status, attempts, finished, took| {
+        step_end("r", key, status, attempts, finished, took)
     };
     // Finished with no row before it, and queued then finished in one go: both ran, so
     // `show` gives them a start (the end less the time they took) rather than none.

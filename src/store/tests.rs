@@ -1289,75 +1289,79 @@ fn a_backup_waits_for_a_writer_s_lock_and_copies_everything() {
     assert_eq!(n, 4, "the copy holds the writer's row too");
 }
 
+/// The writer's result for one batch.
+type Applied = (Option<u64>, Option<String>);
+
+/// A history database in `dir` whose write lock another connection holds (the returned one:
+/// `ROLLBACK` lets go), and a writer applying one run's insert to it on a thread of its own,
+/// its connection first set up by `prepare`. The receiver gets the writer's result.
+fn apply_behind_a_held_lock(
+    dir: &Path,
+    run: &'static str,
+    prepare: fn(&Connection),
+) -> (Connection, std::sync::mpsc::Receiver<Applied>) {
+    let path = dir.join("history.db");
+    drop(Store::open(&path).unwrap());
+    let holder = Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut conn = Connection::open(&path).unwrap();
+        prepare(&conn);
+        let ops = [Op::InsertRun(Box::new(new_run(run, 0)))];
+        let _ = done_tx.send(apply_as_writer(&mut conn, &ops));
+    });
+    (holder, done)
+}
+
 /// Another process holding the write lock past the busy wait: the writer tries the batch a
 /// few more times, then gives up and reports the writes as lost (it does not spin on the
 /// lock for ever, holding every later write behind it).
 #[test]
 fn a_batch_that_stays_locked_is_given_up_after_a_few_tries() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("history.db");
-    drop(Store::open(&path).unwrap());
-    let mut holder = Connection::open(&path).unwrap();
-    let lock = holder
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
-        .unwrap();
-    let (done_tx, done) = std::sync::mpsc::channel();
-    let p = path.clone();
-    std::thread::spawn(move || {
-        let mut conn = Connection::open(&p).unwrap();
-        // As if each try had waited out its busy timeout already.
-        conn.busy_timeout(Duration::ZERO).unwrap();
-        let ops = [Op::InsertRun(Box::new(new_run("locked", 0)))];
-        let _ = done_tx.send(apply_as_writer(&mut conn, &ops));
+    // As if each try had waited out its busy timeout already.
+    let (holder, done) = apply_behind_a_held_lock(dir.path(), "locked", |c| {
+        c.busy_timeout(Duration::ZERO).unwrap()
     });
     let (lost, err) = done
         .recv_timeout(Duration::from_secs(30))
         .expect("the writer gave up on the locked database");
-    drop(lock);
+    holder.execute_batch("ROLLBACK").unwrap();
     assert_eq!(lost, Some(1));
     let err = err.expect("the loss is reported");
     assert!(err.contains("database is locked"), "{err}");
+}
+
+static FIRST_WAIT_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The first busy wait gives up at once, as if it had waited out its timeout; later ones wait
+/// (for the holder, which lets go once the first is over).
+fn one_busy_wait_then_patience(waited: i32) -> bool {
+    if !FIRST_WAIT_OVER.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return false;
+    }
+    std::thread::sleep(Duration::from_millis(5));
+    waited < 6000
 }
 
 /// Another process holding the write lock through one busy wait and letting go before the
 /// next: the writer tries the batch again and it lands, nothing lost or reported.
 #[test]
 fn a_batch_locked_through_one_busy_wait_lands_on_the_next_try() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static FIRST_WAIT_OVER: AtomicBool = AtomicBool::new(false);
-    // The first busy wait gives up at once, as if it had waited out its timeout; later ones
-    // wait (for the holder, which lets go once the first is over).
-    fn busy(waited: i32) -> bool {
-        if !FIRST_WAIT_OVER.swap(true, Ordering::SeqCst) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-        waited < 6000
-    }
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("history.db");
-    drop(Store::open(&path).unwrap());
-    let mut holder = Connection::open(&path).unwrap();
-    let lock = holder
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
-        .unwrap();
-    let (done_tx, done) = std::sync::mpsc::channel();
-    let p = path.clone();
-    std::thread::spawn(move || {
-        let mut conn = Connection::open(&p).unwrap();
-        conn.busy_handler(Some(busy)).unwrap();
-        let ops = [Op::InsertRun(Box::new(new_run("waited", 0)))];
-        let _ = done_tx.send(apply_as_writer(&mut conn, &ops));
+    let (holder, done) = apply_behind_a_held_lock(dir.path(), "waited", |c| {
+        c.busy_handler(Some(one_busy_wait_then_patience)).unwrap()
     });
-    while !FIRST_WAIT_OVER.load(Ordering::SeqCst) {
+    while !FIRST_WAIT_OVER.load(std::sync::atomic::Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    drop(lock);
-    let (lost, err) = done
+    holder.execute_batch("ROLLBACK").unwrap();
+    let applied = done
         .recv_timeout(Duration::from_secs(60))
         .expect("the writer finished once the lock was let go");
-    assert_eq!((lost, err), (Some(0), None));
-    let store = Store::open(&path).unwrap();
+    assert_eq!(applied, (Some(0), None));
+    let store = Store::open(&dir.path().join("history.db")).unwrap();
     assert!(store.find_run("waited").is_ok());
 }
 
