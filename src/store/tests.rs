@@ -378,6 +378,105 @@ fn a_write_that_conflicts_on_every_try_is_given_up_after_a_few() {
     assert!((6..=7).contains(&tries), "tried {tries} times");
 }
 
+/// The server ends the writer's session while it applies a refused batch's writes one by one
+/// (here on the write after the refused one): the batch is kept and applied on a new
+/// connection, and only the refused write is lost.
+#[test]
+fn a_session_ended_while_writes_go_one_by_one_loses_only_the_refused_one() {
+    let Some(db) = pg::testing::ScratchDb::new("one_by_one_cut") else {
+        return;
+    };
+    let target = db.target().clone();
+    let db = Db::Postgres(Box::new(db));
+    let store = db.open();
+    db.exec(
+        "",
+        "CREATE SEQUENCE cuts;
+         CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
+             -- The first time `cut` is written the session ends, as a server restart ends it.
+             IF NEW.id = 'cut' AND nextval('cuts') = 1 THEN
+                 PERFORM pg_terminate_backend(pg_backend_pid());
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
+             FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
+    // `bad` and `cut` must go in one batch (which stops at `bad`, then goes one by one): the
+    // writer is held on a first write while they are queued behind it.
+    let t = target.clone();
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release_tx, release) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut c = t.connect().unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE runner_executions IN SHARE MODE")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        release.recv().unwrap();
+        tx.rollback().unwrap();
+    });
+    locked.recv().unwrap();
+    store.insert_run(new_run("first", 0));
+    let t = target.clone();
+    std::thread::spawn(move || {
+        let mut c = t.connect().unwrap();
+        while c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+    .join()
+    .unwrap();
+    store.insert_run(new_run("bad", 0));
+    store.insert_run(new_run("cut", 0));
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    // Kept writes are saved on a new connection a moment later: a durable flush waits for
+    // them (a plain one returns with them kept).
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(store.flush_durable());
+
+    assert!(store.find_run("first").is_ok());
+    assert!(
+        store.find_run("cut").is_ok(),
+        "the write after the cut was kept"
+    );
+    assert!(matches!(
+        store.find_run("bad"),
+        Err(StoreError::NotFound(_))
+    ));
+    let err = store
+        .take_write_error()
+        .expect("the refused write is reported");
+    assert!(err.contains("refused by test trigger"), "{err}");
+    let cuts: i64 = std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        c.query_one("SELECT last_value FROM cuts", &[])
+            .unwrap()
+            .get(0)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        cuts, 2,
+        "the session ended once, and `cut` went in on the next try"
+    );
+}
+
 /// Applies `ops` on `conn` as the writer applies a batch: how many writes were lost (`None`
 /// for a full disk, which is held, not lost), and the failure the user is told, if any.
 fn apply_as_writer(conn: &mut Connection, ops: &[Op]) -> (Option<u64>, Option<String>) {

@@ -531,6 +531,10 @@ mod tests {
         assert_eq!(t.config().get_options(), Some("-c statement_timeout=5000"));
         assert_eq!(t.config().get_application_name(), Some("a+b"));
         assert_eq!(t.tls(), &Tls::Disable);
+        // Stray `&`s, as a URL pieced together in a shell script has, are no parameter.
+        let t = PgTarget::parse("postgres://u@h/d?&application_name=x&&sslmode=disable&").unwrap();
+        assert_eq!(t.config().get_application_name(), Some("x"));
+        assert_eq!(t.tls(), &Tls::Disable);
     }
 
     #[test]
