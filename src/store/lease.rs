@@ -586,3 +586,52 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(role: &str, pid: u32, alive: bool, stopped_at: Option<SystemTime>) -> ProcessRow {
+        let at = UNIX_EPOCH + Duration::from_secs(1_796_637_000); // 2026-12-07 09:50:00 UTC
+        ProcessRow {
+            id: format!("web1:{pid}:1"),
+            host: Some("web1".into()),
+            pid,
+            role: role.into(),
+            version: "0.1.0".into(),
+            started_at: at - Duration::from_secs(3600),
+            heartbeat_at: at,
+            stopped_at,
+            rss_mb: Some(42.0),
+            memory_hold: false,
+            paused: false,
+            queued: 5,
+            running: 3,
+            completed: 0,
+            failed: 0,
+            concurrency: Some(32),
+            alive,
+        }
+    }
+
+    /// `doctor`'s line for a process says how it ended: stopped cleanly at a time, or silent
+    /// since its last heartbeat (its runs can be taken over).
+    #[test]
+    fn a_process_line_says_how_it_ended() {
+        let at = UNIX_EPOCH + Duration::from_secs(1_796_637_000);
+        let now = at + Duration::from_secs(600);
+        assert_eq!(
+            process("console", 5, false, Some(at)).describe(now),
+            "console web1:5  stopped at 09:50:00 UTC (10m ago)"
+        );
+        assert_eq!(
+            process("run", 7, false, None).describe(now),
+            "run     web1:7  silent since 09:50:00 UTC (10m ago) — killed or crashed; its \
+             unfinished runs can be taken over"
+        );
+        assert_eq!(
+            process("daemon", 9, true, None).describe(now),
+            "daemon  web1:9  up 1h10m, heartbeat 10m ago · 3/32 busy, 5 queued · 42 MB · v0.1.0"
+        );
+    }
+}

@@ -798,7 +798,13 @@ mod tests {
         let Err(e) = c.query("SELECT * FROM no_such_table", &[]) else {
             panic!("a missing table was read");
         };
-        let text = pg_error(db.target(), "reading runs", e).to_string();
+        let err = pg_error(db.target(), "reading runs", e);
+        assert_eq!(
+            err.kind(),
+            StoreErrorKind::Other,
+            "not worth trying again: {err}"
+        );
+        let text = err.to_string();
         let at = db.target().shown().to_string();
         assert_eq!(
             text,
