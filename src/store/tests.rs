@@ -1464,6 +1464,32 @@ fn a_batch_locked_through_one_busy_wait_lands_on_the_next_try() {
     assert!(store.find_run("waited").is_ok());
 }
 
+/// A question to the writer (here claiming a run) is answered after every write queued
+/// before it, even when both wait in the writer's queue together: the run just inserted is
+/// found, and is this process's own.
+#[test]
+fn a_question_to_the_writer_sees_the_writes_queued_before_it() {
+    let (dir, store) = open_temp();
+    // Another connection holds the write lock, so the writer waits on a first write while
+    // the insert and the question queue up behind it.
+    let holder = Connection::open(dir.path().join("history.db")).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    store.insert_run(new_run("first", 0));
+    std::thread::sleep(Duration::from_millis(100));
+    store.insert_run(new_run("r1", 0));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let claim = {
+        let store = store.clone();
+        std::thread::spawn(move || rt.block_on(store.claim_run("r1", Duration::from_secs(30), 3)))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    holder.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(claim.join().unwrap().unwrap(), Claim::Mine);
+}
+
 /// A step's row tells `show` and the console when the server answered with another model
 /// than the one asked for, and not for the same model under Ollama's `:latest` tag.
 #[test]
