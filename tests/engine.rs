@@ -801,6 +801,29 @@ async fn a_stalled_subscriber_does_not_block_the_pool() {
     drop(watcher);
 }
 
+/// A forEach over an empty list is done at once with an empty output, and what needs it
+/// runs on it; no step is recorded for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_for_each_over_an_empty_list_is_done_with_an_empty_output() {
+    let env = engine(&[], 2);
+    let bp = blueprint(json!({
+        "name": "empty", "variables": { "TOPICS": [] },
+        "nodes": [
+            { "id": "each", "type": "transform", "forEach": "{{ vars.TOPICS }}",
+              "template": "{{ item }}" },
+            { "id": "after", "type": "transform", "needs": ["each"],
+              "template": "{{ nodes.each.output | length }} items" }
+        ]
+    }));
+    let o = run(&env, &bp, RunRequest::default()).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    assert_eq!(o.outputs["each"], json!([]));
+    assert_eq!(o.outputs["after"], json!("0 items"));
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    let keys: Vec<_> = steps.iter().map(|s| s.step_key.as_str()).collect();
+    assert_eq!(keys, ["after"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_variables_are_refused_before_anything_is_recorded() {
     let env = engine(&[], 2);

@@ -1490,6 +1490,37 @@ fn a_question_to_the_writer_sees_the_writes_queued_before_it() {
     assert_eq!(claim.join().unwrap().unwrap(), Claim::Mine);
 }
 
+/// A run's root is found through its parents; a parent that is empty or the run itself
+/// (written by hand, or by an older build) ends the walk at the run, not at an empty id.
+#[test]
+fn a_runs_root_is_found_through_its_parents() {
+    let (dir, store) = open_temp();
+    for (id, parent) in [
+        ("root", None),
+        ("child", Some("root")),
+        ("grandchild", Some("child")),
+    ] {
+        store.insert_run(NewRun {
+            parent_run_id: parent.map(str::to_string),
+            ..new_run(id, 0)
+        });
+    }
+    store.insert_run(new_run("blank", 0));
+    store.insert_run(new_run("own", 0));
+    store.flush_blocking();
+    Connection::open(dir.path().join("history.db"))
+        .unwrap()
+        .execute_batch(
+            "UPDATE runner_executions SET parent_run_id = '' WHERE id = 'blank';
+             UPDATE runner_executions SET parent_run_id = 'own' WHERE id = 'own';",
+        )
+        .unwrap();
+    assert_eq!(store.root_run_id("grandchild").unwrap(), "root");
+    assert_eq!(store.root_run_id("root").unwrap(), "root");
+    assert_eq!(store.root_run_id("blank").unwrap(), "blank");
+    assert_eq!(store.root_run_id("own").unwrap(), "own");
+}
+
 /// A step's row tells `show` and the console when the server answered with another model
 /// than the one asked for, and not for the same model under Ollama's `:latest` tag.
 #[test]
