@@ -406,41 +406,37 @@ fn a_session_ended_while_writes_go_one_by_one_loses_only_the_refused_one() {
     );
     // `bad` and `cut` must go in one batch (which stops at `bad`, then goes one by one): the
     // writer is held on a first write while they are queued behind it.
-    let t = target.clone();
-    let (locked_tx, locked) = std::sync::mpsc::channel();
-    let (release_tx, release) = std::sync::mpsc::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        let mut c = t.connect().unwrap();
-        let mut tx = c.transaction().unwrap();
+    let (release, holder) = pg::testing::held_transaction(target.clone(), |tx| {
         tx.batch_execute("LOCK TABLE runner_executions IN SHARE MODE")
             .unwrap();
-        locked_tx.send(()).unwrap();
-        release.recv().unwrap();
-        tx.rollback().unwrap();
     });
-    locked.recv().unwrap();
     store.insert_run(new_run("first", 0));
     let t = target.clone();
-    std::thread::spawn(move || {
+    let waiting = std::thread::spawn(move || {
         let mut c = t.connect().unwrap();
-        while c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
-        {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                return true;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
+        false
     })
     .join()
     .unwrap();
+    assert!(waiting, "the writer waits on the held table");
     store.insert_run(new_run("bad", 0));
     store.insert_run(new_run("cut", 0));
-    release_tx.send(()).unwrap();
+    release.send(()).unwrap();
     holder.join().unwrap();
     // Kept writes are saved on a new connection a moment later: a durable flush waits for
     // them (a plain one returns with them kept).
@@ -477,9 +473,12 @@ fn a_session_ended_while_writes_go_one_by_one_loses_only_the_refused_one() {
     );
 }
 
+/// The writer's result for one batch.
+type Applied = (Option<u64>, Option<String>);
+
 /// Applies `ops` on `conn` as the writer applies a batch: how many writes were lost (`None`
 /// for a full disk, which is held, not lost), and the failure the user is told, if any.
-fn apply_as_writer(conn: &mut Connection, ops: &[Op]) -> (Option<u64>, Option<String>) {
+fn apply_as_writer(conn: &mut Connection, ops: &[Op]) -> Applied {
     let shared = writer::Shared::default();
     let proc = transitions::ProcessInfo::current("test".into());
     let lost = writer::apply_ops(conn, ops, &shared, &proc, "history.db").ok();
@@ -1387,9 +1386,6 @@ fn a_backup_waits_for_a_writer_s_lock_and_copies_everything() {
         .unwrap();
     assert_eq!(n, 4, "the copy holds the writer's row too");
 }
-
-/// The writer's result for one batch.
-type Applied = (Option<u64>, Option<String>);
 
 /// A history database in `dir` whose write lock another connection holds (the returned one:
 /// `ROLLBACK` lets go), and a writer applying one run's insert to it on a thread of its own,

@@ -5,7 +5,7 @@
 
 use super::{lock, worker, Fleet, Outcome};
 use crate::store::pg::queue::{ClaimedJob, NewJob, Queue};
-use crate::store::pg::testing::ScratchDb;
+use crate::store::pg::testing::{held_transaction, ScratchDb};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -130,26 +130,6 @@ async fn stuck_on_lock(db: &ScratchDb) -> bool {
         }
     })
     .await
-}
-
-/// Another transaction, on a thread of its own, does `work` and stays open until told (or
-/// the sender is dropped), then rolls back: what it locked stays locked meanwhile.
-fn held_transaction(
-    target: crate::store::pg::PgTarget,
-    work: impl FnOnce(&mut postgres::Transaction<'_>) + Send + 'static,
-) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (done_tx, done) = std::sync::mpsc::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        let mut c = target.connect().unwrap();
-        let mut tx = c.transaction().unwrap();
-        work(&mut tx);
-        done_tx.send(()).unwrap();
-        let _ = released.recv();
-        tx.rollback().unwrap();
-    });
-    done.recv().unwrap();
-    (release, holder)
 }
 
 /// Another transaction holds a row lock on `id` until told (or dropped): a completion of

@@ -109,3 +109,24 @@ impl Drop for ScratchDb {
             std::thread::spawn(move || admin.connect().map(|mut c| c.batch_execute(&drop))).join();
     }
 }
+
+/// Another transaction on `target`, on a thread of its own, does `work` and stays open until
+/// told (or the sender is dropped), then rolls back: what it locked stays locked meanwhile.
+/// Returns once `work` is done.
+pub fn held_transaction(
+    target: PgTarget,
+    work: impl FnOnce(&mut postgres::Transaction<'_>) + Send + 'static,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut c = target.connect().unwrap();
+        let mut tx = c.transaction().unwrap();
+        work(&mut tx);
+        done_tx.send(()).unwrap();
+        let _ = released.recv();
+        tx.rollback().unwrap();
+    });
+    done.recv().unwrap();
+    (release, holder)
+}
