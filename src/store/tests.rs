@@ -379,22 +379,28 @@ fn a_write_that_conflicts_on_every_try_is_given_up_after_a_few() {
 }
 
 /// The server ends the writer's session while it applies a refused batch's writes one by one
-/// (here on the write after the refused one): the batch is kept and applied on a new
-/// connection, and only the refused write is lost.
+/// (here on the write after the refused one): the writer reconnects and goes on from that
+/// write, so a plain flush sees it saved, only the refused write is lost, and it is tried
+/// (and reported) once alone, not again with its whole batch.
 #[test]
-fn a_session_ended_while_writes_go_one_by_one_loses_only_the_refused_one() {
+fn a_session_ended_while_writes_go_one_by_one_goes_on_from_the_write_it_was_on() {
     let Some(db) = pg::testing::ScratchDb::new("one_by_one_cut") else {
         return;
     };
     let target = db.target().clone();
     let db = Db::Postgres(Box::new(db));
     let store = db.open();
+    // Sequences are not rolled back with a refused transaction: they count the tries.
     db.exec(
         "",
         "CREATE SEQUENCE cuts;
+         CREATE SEQUENCE bad_tries;
          CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
+             IF NEW.id = 'bad' THEN
+                 PERFORM nextval('bad_tries');
+                 RAISE EXCEPTION 'refused by test trigger';
+             END IF;
              -- The first time `cut` is written the session ends, as a server restart ends it.
              IF NEW.id = 'cut' AND nextval('cuts') = 1 THEN
                  PERFORM pg_terminate_backend(pg_backend_pid());
@@ -438,18 +444,12 @@ fn a_session_ended_while_writes_go_one_by_one_loses_only_the_refused_one() {
     store.insert_run(new_run("cut", 0));
     release.send(()).unwrap();
     holder.join().unwrap();
-    // Kept writes are saved on a new connection a moment later: a durable flush waits for
-    // them (a plain one returns with them kept).
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(store.flush_durable());
+    store.flush_blocking();
 
     assert!(store.find_run("first").is_ok());
     assert!(
         store.find_run("cut").is_ok(),
-        "the write after the cut was kept"
+        "the write after the cut is saved before the flush returns"
     );
     assert!(matches!(
         store.find_run("bad"),
@@ -459,11 +459,15 @@ fn a_session_ended_while_writes_go_one_by_one_loses_only_the_refused_one() {
         .take_write_error()
         .expect("the refused write is reported");
     assert!(err.contains("refused by test trigger"), "{err}");
-    let cuts: i64 = std::thread::spawn(move || {
+    let (cuts, bad_tries) = std::thread::spawn(move || {
         let mut c = target.connect().unwrap();
-        c.query_one("SELECT last_value FROM cuts", &[])
-            .unwrap()
-            .get(0)
+        let row = c
+            .query_one(
+                "SELECT (SELECT last_value FROM cuts), (SELECT last_value FROM bad_tries)",
+                &[],
+            )
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
     })
     .join()
     .unwrap();
@@ -471,6 +475,82 @@ fn a_session_ended_while_writes_go_one_by_one_loses_only_the_refused_one() {
         cuts, 2,
         "the session ended once, and `cut` went in on the next try"
     );
+    assert_eq!(
+        bad_tries, 2,
+        "the refused write was tried with its batch, then alone, and not again"
+    );
+}
+
+/// The session ends while a refused batch goes one by one, and no new connection is had in
+/// time (here none is waited for): the writes before the cut are settled (saved, or refused
+/// and reported) and the kept ones start at the write that was cut off, so that once the
+/// server answers each is applied, and the refused one is not tried again.
+#[test]
+fn writes_kept_from_a_refused_batch_start_at_the_one_cut_off() {
+    let Some(db) = pg::testing::ScratchDb::new("one_by_one_kept") else {
+        return;
+    };
+    let target = db.target().clone();
+    let db = Db::Postgres(Box::new(db));
+    drop(db.open());
+    db.exec(
+        "",
+        "CREATE SEQUENCE cuts;
+         CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
+             IF NEW.id = 'cut' AND nextval('cuts') = 1 THEN
+                 PERFORM pg_terminate_backend(pg_backend_pid());
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
+             FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
+    let ops: Vec<Op> = ["ok", "bad", "cut", "after"]
+        .into_iter()
+        .map(|id| Op::InsertRun(Box::new(new_run(id, 0))))
+        .collect();
+    let shared = writer::Shared::default();
+    let proc = transitions::ProcessInfo::current("test".into());
+    let mut conn = pg::backend::Conn::new(target.clone());
+    conn.reconnect_for = Duration::ZERO;
+    let ids = || {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            let mut c = target.connect().unwrap();
+            c.query("SELECT id FROM runner_executions ORDER BY id", &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    };
+
+    let done = pg::backend::apply_batch(&mut conn, &ops, &shared, &proc, "test");
+    assert_eq!(done, 2, "settled: `ok` saved, `bad` refused");
+    assert_eq!(ids(), ["ok"]);
+    let err = shared.write_error.lock().unwrap().take().unwrap();
+    assert!(
+        err.contains("insert_run bad") && err.contains("refused by test trigger"),
+        "{err}"
+    );
+    assert!(
+        shared.failing.lock().unwrap().is_some(),
+        "the store reads as failing while writes are kept"
+    );
+
+    let done = pg::backend::apply_batch(&mut conn, &ops[done..], &shared, &proc, "test");
+    assert_eq!(done, 2, "the kept writes are all settled");
+    assert_eq!(ids(), ["after", "cut", "ok"]);
+    assert_eq!(
+        shared.write_error.lock().unwrap().take(),
+        None,
+        "nothing more refused"
+    );
+    assert_eq!(*shared.failing.lock().unwrap(), None, "and failing no more");
 }
 
 /// The writer's result for one batch.

@@ -63,6 +63,9 @@ pub(crate) struct Conn {
     statements: super::ops::Statements,
     /// The writer's transaction numbers.
     batches: Batches,
+    /// How long a transaction keeps trying new connections before its writes are kept back
+    /// (`RECONNECT_FOR`; none in tests of what is kept).
+    pub(crate) reconnect_for: Duration,
 }
 
 /// What the writer knows of its transactions' numbers (see the module's comment).
@@ -79,12 +82,13 @@ struct Batches {
 }
 
 impl Conn {
-    fn new(target: PgTarget) -> Conn {
+    pub(crate) fn new(target: PgTarget) -> Conn {
         Conn {
             target,
             client: None,
             statements: Default::default(),
             batches: Batches::default(),
+            reconnect_for: RECONNECT_FOR,
         }
     }
 
@@ -397,9 +401,11 @@ fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: Str
         };
         if !held.is_empty() && last_try.elapsed() >= DOWN_RETRY {
             last_try = Instant::now();
-            if apply_batch(&mut conn, &held, &shared, &proc, &shown) {
-                tracing::info!(database = %shown, writes = held.len(), "PostgreSQL answers again: the held writes are saved");
-                held.clear();
+            let kept = held.len();
+            let done = apply_batch(&mut conn, &held, &shared, &proc, &shown);
+            held.drain(..done);
+            if held.is_empty() {
+                tracing::info!(database = %shown, writes = kept, "PostgreSQL answers again: the held writes are saved");
                 for ack in held_acks.drain(..) {
                     ack.send();
                 }
@@ -455,9 +461,8 @@ fn write_loop(mut conn: Conn, rx: Receiver<Msg>, shared: Arc<Shared>, owner: Str
     if !held.is_empty() {
         // Closing while the server is away: one last try (itself reconnecting for up to
         // RECONNECT_FOR), then the writes are lost (reported), as the process is going away.
-        if apply_batch(&mut conn, &held, &shared, &proc, &shown) {
-            held.clear();
-        }
+        let done = apply_batch(&mut conn, &held, &shared, &proc, &shown);
+        held.drain(..done);
         if !held.is_empty() {
             fail(
                 &shared,
@@ -529,32 +534,105 @@ fn apply_or_hold(
     proc: &ProcessInfo,
     shown: &str,
 ) {
-    let ops = coalesce(ops);
+    let mut ops = coalesce(ops);
     if !held.is_empty() {
         held.extend(ops);
         return;
     }
-    if !apply_batch(conn, &ops, shared, proc, shown) {
-        *held = ops;
+    let done = apply_batch(conn, &ops, shared, proc, shown);
+    if done < ops.len() {
+        *held = ops.split_off(done);
     }
 }
 
-/// Applies a batch; false when the server cannot be reached (the batch is to be kept).
-/// Per-row failures lose only their row; the rest is reported and dropped as on SQLite.
-fn apply_batch(
+/// Why a transaction did not go in.
+enum Failure {
+    /// No connection could be had before the deadline: the writes are to be kept.
+    Down(String),
+    /// The server refused it (after a few tries, for a conflict).
+    Refused(postgres::Error),
+}
+
+/// Applies a batch: how many of `ops`, from the front, are settled (saved, or refused and
+/// reported). The rest are to be kept and applied again once the server answers. A refused
+/// batch is applied one write at a time, so only the refused writes are lost, as on SQLite.
+pub(crate) fn apply_batch(
     conn: &mut Conn,
     ops: &[Op],
     shared: &Shared,
     proc: &ProcessInfo,
     shown: &str,
-) -> bool {
+) -> usize {
     let started = Instant::now();
-    // A lost connection (restart, failover, `pg_terminate_backend`) is retried on a fresh one
-    // for a while before the batch is held back: most cuts last well under this.
-    let deadline = started + RECONNECT_FOR;
+    let (from, err) = match apply_reconnecting(conn, ops, proc, shown, 5) {
+        Ok(()) => {
+            crate::telemetry::store_batch(started.elapsed(), 0);
+            *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            return ops.len();
+        }
+        Err((from, Failure::Down(message))) => {
+            down(shared, shown, &message);
+            return from;
+        }
+        Err((from, Failure::Refused(e))) => (from, e),
+    };
+    let rest = &ops[from..];
+    let mut lost_rows = 0;
+    if rest.len() > 1 {
+        tracing::warn!(database = shown, error = %err, writes = rest.len(), "batch failed; applying its writes one by one");
+        for (i, op) in rest.iter().enumerate() {
+            // A write alone is not tried again on a conflict: its batch already was.
+            match apply_reconnecting(conn, std::slice::from_ref(op), proc, shown, 0) {
+                Ok(()) => {}
+                Err((_, Failure::Down(message))) => {
+                    // Kept from this write on; the ones before it are settled.
+                    down(shared, shown, &message);
+                    crate::telemetry::store_batch(started.elapsed(), lost_rows);
+                    return from + i;
+                }
+                Err((_, Failure::Refused(e))) => {
+                    lost_rows += 1;
+                    fail(
+                        shared,
+                        shown,
+                        &op.describe(),
+                        1,
+                        &describe(&e, &conn.target, "write the history"),
+                    );
+                }
+            }
+        }
+    } else {
+        lost_rows = rest.len() as u64;
+        let what = rest.first().map(Op::describe).unwrap_or_default();
+        fail(
+            shared,
+            shown,
+            &what,
+            rest.len(),
+            &describe(&err, &conn.target, "write the history"),
+        );
+    }
+    crate::telemetry::store_batch(started.elapsed(), lost_rows);
+    ops.len()
+}
+
+/// Applies `ops` in one transaction, on a new connection when the one in hand is lost (for
+/// up to `reconnect_for`), and again on a conflict up to `conflict_tries` times. On failure,
+/// how many of `ops` from the front were found committed before (by an earlier try whose
+/// connection dropped), and why the rest did not go in.
+fn apply_reconnecting(
+    conn: &mut Conn,
+    ops: &[Op],
+    proc: &ProcessInfo,
+    shown: &str,
+    conflict_tries: u32,
+) -> Result<(), (usize, Failure)> {
+    // Most cuts (a restart, a failover, `pg_terminate_backend`) last well under this.
+    let deadline = Instant::now() + conn.reconnect_for;
     let mut pause = Doubling::new(Duration::from_millis(10), Duration::from_millis(500));
     let mut conflicts = 0;
-    let mut ops = ops;
+    let mut from = 0;
     let err = loop {
         let (client, statements, batches) = match conn.parts() {
             Ok(c) => c,
@@ -563,10 +641,7 @@ fn apply_batch(
                 std::thread::sleep(pause.next_wait());
                 continue;
             }
-            Err(message) => {
-                down(shared, shown, &message);
-                return false;
-            }
+            Err(message) => return Err((from, Failure::Down(message))),
         };
         if let Some((n, writes)) = batches.unsure {
             match committed(client, &batches.key, n) {
@@ -578,12 +653,10 @@ fn apply_batch(
                             writes,
                             "store: the batch was committed before its connection dropped; not applied again"
                         );
-                        if writes >= ops.len() {
-                            crate::telemetry::store_batch(started.elapsed(), 0);
-                            *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                            return true;
+                        from = (from + writes).min(ops.len());
+                        if from == ops.len() {
+                            return Ok(());
                         }
-                        ops = &ops[writes..];
                     }
                 }
                 Err(e) if lost(&e) && Instant::now() < deadline => {
@@ -597,20 +670,18 @@ fn apply_batch(
                 }
             }
         }
-        match try_apply(client, statements, batches, ops, proc) {
+        match try_apply(client, statements, batches, &ops[from..], proc) {
             Ok(skipped) => {
                 log_skipped(&skipped);
-                crate::telemetry::store_batch(started.elapsed(), 0);
-                *shared.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                return true;
+                return Ok(());
             }
             Err(e) if lost(&e) && Instant::now() < deadline => {
                 tracing::warn!(database = shown, error = %e, "PostgreSQL connection lost while writing; reconnecting, then applying the batch again unless it was committed");
                 // It may have committed all the same: looked up before it is applied again.
-                batches.unsure = Some((batches.seq, ops.len()));
+                batches.unsure = Some((batches.seq, ops.len() - from));
                 conn.client = None;
             }
-            Err(e) if retryable(&e) && conflicts < 5 => {
+            Err(e) if retryable(&e) && conflicts < conflict_tries => {
                 conflicts += 1;
                 tracing::warn!(database = shown, error = %e, conflicts, "write conflict; applying the batch again");
             }
@@ -618,54 +689,13 @@ fn apply_batch(
         }
     };
     if lost(&err) {
-        // Held: the held writes start with this batch's.
-        conn.batches.unsure = Some((conn.batches.seq, ops.len()));
+        // Kept: the kept writes start with this transaction's.
+        conn.batches.unsure = Some((conn.batches.seq, ops.len() - from));
         conn.client = None;
-        down(
-            shared,
-            shown,
-            &describe(&err, &conn.target, "write the history"),
-        );
-        return false;
+        let message = describe(&err, &conn.target, "write the history");
+        return Err((from, Failure::Down(message)));
     }
-    let mut lost_rows = 0;
-    if ops.len() > 1 {
-        tracing::warn!(database = shown, error = %err, writes = ops.len(), "batch failed; applying its writes one by one");
-        for op in ops {
-            let Ok((client, statements, batches)) = conn.parts() else {
-                return false;
-            };
-            match try_apply(client, statements, batches, std::slice::from_ref(op), proc) {
-                Ok(skipped) => log_skipped(&skipped),
-                Err(e) if lost(&e) => {
-                    conn.client = None;
-                    return false;
-                }
-                Err(e) => {
-                    lost_rows += 1;
-                    fail(
-                        shared,
-                        shown,
-                        &op.describe(),
-                        1,
-                        &describe(&e, &conn.target, "write the history"),
-                    );
-                }
-            }
-        }
-    } else {
-        lost_rows = ops.len() as u64;
-        let what = ops.first().map(Op::describe).unwrap_or_default();
-        fail(
-            shared,
-            shown,
-            &what,
-            ops.len(),
-            &describe(&err, &conn.target, "write the history"),
-        );
-    }
-    crate::telemetry::store_batch(started.elapsed(), lost_rows);
-    true
+    Err((from, Failure::Refused(err)))
 }
 
 fn retryable(e: &postgres::Error) -> bool {
