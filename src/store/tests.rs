@@ -1101,6 +1101,13 @@ fn shown_times_agree_with_the_iso_text() {
         );
         assert_eq!(utc_clock(t, true), iso[11..23]);
     }
+    // Every day from 1970 to 2100, leap days and era ends (2000-03-01) included: the shown
+    // date is the calendar's (humantime's, in `iso8601`), wherever a day falls in its year.
+    for day in 0..47_500u64 {
+        let t = UNIX_EPOCH + Duration::from_millis(day * 86_400_000 + 45_296_789);
+        let iso = iso8601(t);
+        assert_eq!(utc_date_time(t), format!("{} {}", &iso[..10], &iso[11..19]));
+    }
 }
 
 /// A store whose writer is gone, as after a panic of its thread: its queue is read by a
