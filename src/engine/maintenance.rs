@@ -381,3 +381,24 @@ pub enum ShutdownPhase {
     UnderWay,
     Over,
 }
+
+#[cfg(test)]
+mod tests {
+    /// Stopping the loop waits for it to end: once `stop` returns the loop holds no part of
+    /// the engine, so a process that then flushes and closes its store has nothing of the
+    /// loop left to write, even on a runtime that has not run the loop since.
+    #[tokio::test(flavor = "current_thread")]
+    async fn stopping_the_loop_waits_for_it_to_let_go_of_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _store, _) = crate::engine::testing::sqlite_engine(dir.path(), 2);
+        let alone = std::sync::Arc::strong_count(&engine.inner);
+        let maintenance = engine.start_maintenance(true);
+        assert_eq!(
+            std::sync::Arc::strong_count(&engine.inner),
+            alone + 1,
+            "the loop holds the engine"
+        );
+        maintenance.stop().await;
+        assert_eq!(std::sync::Arc::strong_count(&engine.inner), alone);
+    }
+}

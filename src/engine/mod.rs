@@ -20,6 +20,8 @@ mod replay;
 mod resume;
 pub(crate) mod run;
 pub(crate) mod step;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use maintenance::{rss_mb, Maintenance, Role};
 pub use replay::{recorded_blueprint, retry_plan, successful_outputs};

@@ -96,7 +96,7 @@ pub(crate) fn injected(text: &str, at: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Engine, RunRequest};
+    use crate::engine::RunRequest;
     use crate::events::RunStatus;
     use std::sync::Arc;
 
@@ -120,16 +120,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_fails_its_run_with_its_message_and_the_engine_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let vars: std::collections::HashMap<String, String> = [
-            ("DB_FILE", dir.path().join("history.db")),
-            ("LOG_DIR", dir.path().join("logs")),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.display().to_string()))
-        .collect();
-        let config = Arc::new(crate::config::Config::from_vars(&vars).unwrap());
-        let store = crate::store::Store::open(&config.db_file).unwrap();
-        let engine = Engine::new(config, store.clone(), crate::events::EventBus::new());
+        let (engine, store, _) =
+            crate::engine::testing::sqlite_engine(dir.path(), crate::pool::DEFAULT_CONCURRENCY);
         let blueprint = |description: &str, template: &str| {
             Arc::new(
                 serde_json::from_value::<crate::blueprint::Blueprint>(serde_json::json!({
