@@ -23,6 +23,7 @@ pub(crate) mod step;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use fleet::FleetCounts;
 pub use maintenance::{rss_mb, Maintenance, Role};
 pub use replay::{recorded_blueprint, retry_plan, successful_outputs};
 pub use resume::ResumeError;
@@ -546,6 +547,12 @@ impl Engine {
             }
         }
         found
+    }
+
+    /// What this process did through the fleet's shared queue since it started; `None`
+    /// without a fleet.
+    pub fn fleet_counts(&self) -> Option<FleetCounts> {
+        self.inner.fleet.as_ref().map(|f| f.0.counters.read())
     }
 
     /// The fleet's shared queue, when this process is in one (`DATABASE_URL=postgres://…`):

@@ -28,3 +28,41 @@ pub(crate) fn sqlite_engine(
     );
     (engine, store, path)
 }
+
+/// An engine of this process on `db`'s fleet with `concurrency` workers, on a runtime of its
+/// own (the engine is built inside it, so its fleet's tasks run there). Keep the directory
+/// (its logs) until the end.
+pub(crate) fn fleet_engine(
+    db: &crate::store::pg::testing::ScratchDb,
+    concurrency: usize,
+) -> (
+    tokio::runtime::Runtime,
+    crate::engine::Engine,
+    tempfile::TempDir,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vars: std::collections::HashMap<String, String> = [
+        ("DATABASE_URL", db.url().to_string()),
+        ("LOG_DIR", dir.path().join("logs").display().to_string()),
+        ("CONCURRENCY", concurrency.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = crate::config::Config::from_vars(&vars).unwrap();
+    let store = crate::store::Store::open_postgres(db.target()).unwrap();
+    let engine = {
+        let _in = rt.enter();
+        crate::engine::Engine::new(
+            std::sync::Arc::new(config),
+            store,
+            crate::events::EventBus::new(),
+        )
+    };
+    (rt, engine, dir)
+}

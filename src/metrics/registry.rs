@@ -281,6 +281,22 @@ impl Collector for Live {
             "Runs in flight in this process",
             self.engine.active_runs().len() as i64,
         )?;
+        if let Some(f) = self.engine.fleet_counts() {
+            let mut me = enc.encode_descriptor(
+                "omniflow_fleet_attempts",
+                "Step attempts through the fleet's shared queue (DATABASE_URL=postgres://...): enqueued by this process's runs; claimed, completed (result recorded) and fenced (result dropped: another host took its lease over first) by its workers",
+                None,
+                MetricType::Counter,
+            )?;
+            for (event, n) in [
+                ("enqueued", f.enqueued),
+                ("claimed", f.claimed),
+                ("completed", f.completed),
+                ("fenced", f.fenced),
+            ] {
+                ConstCounter::new(n).encode(me.encode_family(&[("event", event)])?)?;
+            }
+        }
         if let Some(rss) = crate::engine::rss_mb() {
             gauge(
                 &mut enc,
@@ -545,6 +561,10 @@ mod tests {
         crate::telemetry::store_batch(std::time::Duration::from_millis(3), 0);
         let text = m.render();
         assert!(!text.contains("0mrun0000abcd") && !text.contains("ask[7]"));
+        assert!(
+            !text.contains("omniflow_fleet_attempts"),
+            "a process outside a fleet has no fleet series"
+        );
         assert!(!text.contains("message text"));
         for line in [
             r#"omniflow_runs_finished_total{host="web-1",role="daemon",blueprint="digest",status="error"} 1"#,
@@ -592,5 +612,50 @@ mod tests {
             }
         }
         assert!(checked >= 14, "{checked}");
+    }
+
+    /// A process in a fleet says what it did through the shared queue: a run of three
+    /// steps, each queued, taken and recorded by this one process, counts three of each (the
+    /// ones taken at their insert too) and none dropped.
+    #[test]
+    fn a_fleet_process_counts_the_attempts_it_queued_took_and_recorded() {
+        let Some(db) = crate::store::pg::testing::ScratchDb::new("fleet_metrics") else {
+            return;
+        };
+        let (rt, engine, _dir) = crate::engine::testing::fleet_engine(&db, 2);
+        let bp: crate::blueprint::Blueprint = serde_json::from_value(serde_json::json!({
+            "name": "counted",
+            "nodes": [
+                { "id": "a", "type": "transform", "template": "1" },
+                { "id": "b", "type": "transform", "needs": ["a"], "template": "2" },
+                { "id": "c", "type": "transform", "needs": ["b"], "template": "3" }
+            ]
+        }))
+        .unwrap();
+        let m = Metrics::new(engine.clone(), "web-1", "daemon");
+        let text = rt.block_on(async {
+            let h = engine
+                .start(Arc::new(bp), crate::engine::RunRequest::default())
+                .unwrap();
+            let o = tokio::time::timeout(std::time::Duration::from_secs(60), h.wait())
+                .await
+                .expect("the run ends");
+            assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+            m.render()
+        });
+        for (event, n) in [
+            ("enqueued", 3),
+            ("claimed", 3),
+            ("completed", 3),
+            ("fenced", 0),
+        ] {
+            let line = format!(
+                r#"omniflow_fleet_attempts_total{{host="web-1",role="daemon",event="{event}"}} {n}"#
+            );
+            assert!(text.contains(&line), "missing {line}\n{text}");
+        }
+        drop(m);
+        drop(engine);
+        drop(rt);
     }
 }

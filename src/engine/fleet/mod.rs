@@ -100,14 +100,37 @@ fn batch_from<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>, max: usize) -> V
     batch
 }
 
-/// Counters for logs and measurements.
+/// What this process did through the shared queue, since it started (`/metrics`).
 #[derive(Default)]
 pub(crate) struct Counters {
+    /// Rows its runs put in the queue.
     pub enqueued: AtomicU64,
+    /// Rows its workers took: claimed from the queue, or at their insert.
     pub claimed: AtomicU64,
+    /// Results its workers recorded.
     pub completed: AtomicU64,
     /// Results dropped because the lease was lost first (a zombie's late answer).
     pub fenced: AtomicU64,
+}
+
+/// A reading of a process's fleet counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetCounts {
+    pub enqueued: u64,
+    pub claimed: u64,
+    pub completed: u64,
+    pub fenced: u64,
+}
+
+impl Counters {
+    pub(crate) fn read(&self) -> FleetCounts {
+        FleetCounts {
+            enqueued: self.enqueued.load(Ordering::Relaxed),
+            claimed: self.claimed.load(Ordering::Relaxed),
+            completed: self.completed.load(Ordering::Relaxed),
+            fenced: self.fenced.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// One process's membership in the fleet.

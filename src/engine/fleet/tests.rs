@@ -147,39 +147,7 @@ fn lock_row(
     })
 }
 
-/// An engine of this process on `db`'s fleet with `concurrency` workers, on a runtime of its
-/// own (the engine is built inside it, so its fleet's tasks run there). Keep the directory
-/// (its logs) until the end.
-fn engine_on(
-    db: &ScratchDb,
-    concurrency: usize,
-) -> (
-    tokio::runtime::Runtime,
-    crate::engine::Engine,
-    tempfile::TempDir,
-) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let vars: HashMap<String, String> = [
-        ("DATABASE_URL", db.url().to_string()),
-        ("LOG_DIR", dir.path().join("logs").display().to_string()),
-        ("CONCURRENCY", concurrency.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = crate::config::Config::from_vars(&vars).unwrap();
-    let store = crate::store::Store::open_postgres(db.target()).unwrap();
-    let engine = {
-        let _in = rt.enter();
-        crate::engine::Engine::new(Arc::new(config), store, crate::events::EventBus::new())
-    };
-    (rt, engine, dir)
-}
+use crate::engine::testing::fleet_engine as engine_on;
 
 /// A web server on a thread of its own that answers `ok` to every request but, with
 /// `hold_first`, the first, which it reads and never answers. Says the number of each

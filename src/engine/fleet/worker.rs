@@ -208,6 +208,7 @@ impl Early {
     /// The row is this process's, under [`Early::token`]: the attempt's result goes to it.
     pub(super) fn claimed(mut self, fleet: &Fleet, id: i64) {
         self.told = true;
+        fleet.counters.claimed.fetch_add(1, Ordering::Relaxed);
         lock(&fleet.held).insert(
             id,
             Held {
