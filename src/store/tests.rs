@@ -1474,6 +1474,40 @@ fn a_backup_waits_for_a_writer_s_lock_and_copies_everything() {
     assert_eq!(n, 4, "the copy holds the writer's row too");
 }
 
+/// A leftover `<dest>.partial` from an earlier backup is replaced; one that cannot be removed
+/// (here a directory of that name) fails the backup naming that, rather than a database that
+/// cannot be opened, and is left as it was.
+#[test]
+fn a_backup_replaces_a_leftover_partial_and_names_one_in_its_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.db");
+    let store = Store::open(&path).unwrap();
+    store.insert_run(new_run("r", 0));
+    store.flush_blocking();
+    let dest = dir.path().join("copy.db");
+    let partial = dir.path().join("copy.db.partial");
+    std::fs::write(&partial, b"half a copy").unwrap();
+    store.backup(&dest).unwrap();
+    assert!(!partial.exists(), "the leftover is gone");
+    assert!(Store::open(&dest).unwrap().find_run("r").is_ok());
+
+    let dest = dir.path().join("other.db");
+    let partial = dir.path().join("other.db.partial");
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("keep"), b"mine").unwrap();
+    let err = store.backup(&dest).expect_err("a directory in the way");
+    let StoreError::Backup {
+        source: BackupFailure::Io(e),
+        ..
+    } = &err
+    else {
+        panic!("not the file system's refusal: {err}");
+    };
+    assert_eq!(e.kind(), std::io::ErrorKind::IsADirectory, "{err}");
+    assert!(partial.join("keep").exists());
+    assert!(!dest.exists());
+}
+
 /// A history database in `dir` whose write lock another connection holds (the returned one:
 /// `ROLLBACK` lets go), and a writer applying one run's insert to it on a thread of its own,
 /// its connection first set up by `prepare`. The receiver gets the writer's result.
