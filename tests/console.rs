@@ -986,6 +986,87 @@ fn samples_update_memory_and_workers_and_redraw_only_on_change() {
     assert!(app.dirty);
 }
 
+/// A busy worker's model call shows the tokens it has streamed so far, live, where its row
+/// has room whole (after the blueprint at 160 columns; at 80 the step keeps the room). The
+/// pool's next sample of the same job keeps the count; the worker's next job starts at none.
+#[test]
+fn a_streaming_call_shows_its_tokens_on_its_worker() {
+    let mut app = fixtures::busy_app();
+    let (w0, w2) = {
+        let busy = app.busy_workers();
+        (busy[0].1.clone(), busy[1].1.clone())
+    };
+    let line_of = |screen: &str, step: &str| -> String {
+        screen
+            .lines()
+            .find(|l| l.contains(&format!("▶ {step} ")))
+            .unwrap_or_else(|| panic!("no worker line for {step}:\n{screen}"))
+            .to_string()
+    };
+    app.dirty = false;
+    app.update(Msg::Engine(Event::Tokens {
+        run_id: w0.run_id.clone(),
+        step: w0.step.clone(),
+        tokens: 312,
+    }));
+    assert!(app.dirty, "a new count is drawn");
+    let wide = render(&app, 160, 48);
+    let line = line_of(&wide, &w0.step);
+    assert!(
+        line.contains("tech-digest") && line.contains("312 tok"),
+        "{line}"
+    );
+    assert!(!line_of(&wide, &w2.step).contains("tok"), "{wide}");
+    let narrow = render(&app, 80, 24);
+    assert!(!line_of(&narrow, &w0.step).contains("tok"), "{narrow}");
+
+    // Another step's tokens, or the same count again, change nothing.
+    app.dirty = false;
+    for (step, tokens) in [("summarize[9]", 5), (w0.step.as_str(), 312)] {
+        app.update(Msg::Engine(Event::Tokens {
+            run_id: w0.run_id.clone(),
+            step: step.into(),
+            tokens,
+        }));
+    }
+    assert!(!app.dirty);
+    assert_eq!(app.busy_workers()[1].1.tokens, 0);
+
+    let job = |s: &omniflow::tui::state::WorkerSlot| omniflow::pool::WorkerJob {
+        run_id: s.run_id.clone(),
+        step: s.step.clone(),
+        attempt: s.attempt,
+        priority: omniflow::blueprint::Priority::Normal,
+        since: std::time::UNIX_EPOCH + std::time::Duration::from_millis(s.since_ms),
+    };
+    let (rss, stats) = (app.memory.rss, app.pool.clone());
+    let sample = |w0: omniflow::pool::WorkerJob, w2: &omniflow::tui::state::WorkerSlot| {
+        Msg::Bg(Bg::Sample {
+            rss,
+            stats: stats.clone(),
+            workers: vec![
+                omniflow::pool::WorkerState {
+                    id: 0,
+                    job: Some(w0),
+                },
+                omniflow::pool::WorkerState {
+                    id: 2,
+                    job: Some(job(w2)),
+                },
+            ],
+        })
+    };
+    let same = sample(job(&w0), &w2);
+    app.update(same);
+    assert_eq!(app.busy_workers()[0].1.tokens, 312, "the same job goes on");
+    let mut next = job(&w0);
+    next.attempt += 1;
+    let next = sample(next, &w2);
+    app.update(next);
+    assert_eq!(app.busy_workers()[0].1.tokens, 0, "a new attempt");
+    assert!(!line_of(&render(&app, 160, 48), &w0.step).contains("tok"));
+}
+
 /// A full disk and logs that stop being written are what the console's user must see: the
 /// header says the pool holds and where to free space (from the pool's sample), and a log
 /// write that failed after start stays on the status line.

@@ -328,6 +328,38 @@ async fn another_run_queues_beside_a_large_fan_out_not_behind_it() {
     assert_eq!(first.wait().await.status, RunStatus::Success);
 }
 
+/// A sandbox model call streams its tokens to the bus as a real streamed call does (the
+/// console shows them on the step's worker): rising counts for that run's step, the last
+/// one the answer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_call_publishes_its_streamed_tokens() {
+    let env = engine(
+        &[("OMNIFLOW_TIME_SCALE", "1"), ("SANDBOX_LATENCY_MS", "500")],
+        2,
+    );
+    let sub = env.bus.subscribe();
+    let bp = blueprint(json!({
+        "name": "streamed",
+        "nodes": [ { "id": "ask", "type": "llm", "prompt": "Two sentences on rust and wasm." } ]
+    }));
+    let o = run(&env, &bp, sandbox(0.0, 1)).await;
+    assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+    let mut counts = Vec::new();
+    while let Some(ev) = sub.try_recv() {
+        if let Event::Tokens {
+            run_id,
+            step,
+            tokens,
+        } = ev
+        {
+            assert_eq!((run_id.as_str(), step.as_str()), (o.run_id.as_str(), "ask"));
+            counts.push(tokens);
+        }
+    }
+    let total = omniflow::providers::sandbox::estimate_tokens(o.outputs["ask"].as_str().unwrap());
+    assert_eq!(counts, [total / 2, total]);
+}
+
 /// With the one worker busy, a run started at a higher priority waits in the pool at its
 /// priority (what the console's queue depth shows) and takes the worker before a run of
 /// normal priority queued ahead of it.

@@ -479,7 +479,7 @@ impl Providers {
         mut admission: Option<Admission>,
     ) -> Result<LlmReply, StepError> {
         if let Some(sim) = opts.sandbox {
-            let mut reply = sim.complete(req, opts.key).await?;
+            let mut reply = sim.complete(req, opts.key, opts.progress).await?;
             if opts.json {
                 reply.text = sandbox::json_answer(req, &reply.text);
             }
@@ -488,7 +488,7 @@ impl Providers {
         if req.provider == ProviderName::Sandbox.as_str() {
             return SimulatedModel::new(0.0, 0, self.config.sandbox_latency)
                 .with_time_scale(self.config.time_scale)
-                .complete(req, opts.key)
+                .complete(req, opts.key, opts.progress)
                 .await;
         }
         let auto = req.provider == "auto";

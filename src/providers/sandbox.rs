@@ -5,7 +5,7 @@
 //! The failures go through exactly the production retry path: they are ordinary
 //! [`StepError`]s with the same kinds and provider hints as the real clients produce.
 
-use super::{AttemptKey, LlmReply, LlmRequest};
+use super::{AttemptKey, LlmReply, LlmRequest, Progress};
 use crate::error::{ErrorKind, StepError};
 use std::time::Duration;
 
@@ -124,17 +124,29 @@ impl SimulatedModel {
         }
     }
 
-    /// Waits the simulated latency, then answers or fails.
+    /// Waits the simulated latency, then answers or fails. An answer streams in meanwhile
+    /// as a real one does: `progress` hears its tokens so far, every quarter second or so.
     pub async fn complete(
         &self,
         req: &LlmRequest,
         key: AttemptKey<'_>,
+        progress: Progress<'_>,
     ) -> Result<LlmReply, StepError> {
         let latency = crate::limits::scale(self.latency_for(&req.prompt), self.time_scale);
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
+        let outcome = self.outcome(req, key);
+        match (&outcome, progress) {
+            (Outcome::Answer(text), Some(told)) if !latency.is_zero() => {
+                let total = estimate_tokens(text);
+                let parts = (latency.as_millis() / 250).clamp(1, 40) as u32;
+                for part in 1..=parts {
+                    tokio::time::sleep(latency / parts).await;
+                    told(total * u64::from(part) / u64::from(parts));
+                }
+            }
+            _ if !latency.is_zero() => tokio::time::sleep(latency).await,
+            _ => {}
         }
-        match self.outcome(req, key) {
+        match outcome {
             Outcome::Fail(e) => Err(e),
             Outcome::Answer(text) => {
                 let tokens = estimate_tokens(&req.prompt) + estimate_tokens(&text);
@@ -478,6 +490,41 @@ mod tests {
         }
     }
 
+    /// A sandbox answer streams in over its latency, as a real one does: its tokens so far,
+    /// four times in a second, ending with the whole answer's; a failure streams nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_sandbox_answer_streams_its_tokens_over_its_latency() {
+        let heard = std::sync::Mutex::new(Vec::new());
+        let told = |n: u64| heard.lock().unwrap().push((tokio::time::Instant::now(), n));
+        let r = req("Two sentences on rust and wasm.");
+        let key = AttemptKey {
+            step: "s",
+            attempt: 1,
+        };
+        let start = tokio::time::Instant::now();
+        let sim = SimulatedModel::new(0.0, 1, Some(Duration::from_secs(1)));
+        let reply = sim.complete(&r, key, Some(&told)).await.unwrap();
+        let heard = std::mem::take(&mut *heard.lock().unwrap());
+        let total = estimate_tokens(&reply.text);
+        assert!(total >= 4, "{total}");
+        let counts: Vec<u64> = heard.iter().map(|(_, n)| *n).collect();
+        assert_eq!(
+            counts,
+            [1, 2, 3, 4].map(|i| total * i / 4),
+            "a quarter more each time"
+        );
+        assert_eq!(heard[0].0 - start, Duration::from_millis(250));
+        assert_eq!(
+            heard[3].0 - start,
+            Duration::from_secs(1),
+            "the latency is kept"
+        );
+
+        let failing = SimulatedModel::new(1.0, 1, Some(Duration::from_secs(1)));
+        let none = |_: u64| panic!("a failure streamed tokens");
+        assert!(failing.complete(&r, key, Some(&none)).await.is_err());
+    }
+
     /// A sandbox answer counts its tokens as a real one without usage would: the prompt's
     /// and the answer's, so budgets can be tried in the sandbox.
     #[tokio::test]
@@ -488,7 +535,7 @@ mod tests {
             step: "s",
             attempt: 1,
         };
-        let reply = sim.complete(&r, key).await.unwrap();
+        let reply = sim.complete(&r, key, None).await.unwrap();
         assert_eq!(
             reply.tokens_used,
             Some(estimate_tokens(&r.prompt) + estimate_tokens(&reply.text))

@@ -768,6 +768,7 @@ impl App {
                         step,
                         attempt,
                         since_ms: self.now_ms,
+                        tokens: 0,
                     });
                     self.dirty = true;
                 }
@@ -784,7 +785,19 @@ impl App {
                     self.dirty = true;
                 }
             }
-            Event::Tokens { .. } | Event::AttemptFinished(_) => {}
+            Event::Tokens {
+                run_id,
+                step,
+                tokens,
+            } => {
+                for s in self.workers.iter_mut().flatten() {
+                    if s.run_id == run_id && s.step == step && s.tokens != tokens {
+                        s.tokens = tokens;
+                        self.dirty = true;
+                    }
+                }
+            }
+            Event::AttemptFinished(_) => {}
         }
         self.clamp_selections();
     }
@@ -969,15 +982,25 @@ impl App {
                     let Some(slot) = self.workers.get_mut(w.id) else {
                         continue;
                     };
-                    let new = w.job.map(|j| WorkerSlot {
-                        run_id: j.run_id,
-                        step: j.step,
-                        attempt: j.attempt,
-                        since_ms: j
-                            .since
-                            .duration_since(UNIX_EPOCH)
-                            .map(|d| d.as_millis() as u64)
-                            .unwrap_or(self.now_ms),
+                    let new = w.job.map(|j| {
+                        // The same job goes on: its streamed tokens are not in the sample.
+                        let tokens = slot
+                            .as_ref()
+                            .filter(|s| {
+                                s.run_id == j.run_id && s.step == j.step && s.attempt == j.attempt
+                            })
+                            .map_or(0, |s| s.tokens);
+                        WorkerSlot {
+                            run_id: j.run_id,
+                            step: j.step,
+                            attempt: j.attempt,
+                            since_ms: j
+                                .since
+                                .duration_since(UNIX_EPOCH)
+                                .map(|d| d.as_millis() as u64)
+                                .unwrap_or(self.now_ms),
+                            tokens,
+                        }
                     });
                     if *slot != new {
                         *slot = new;

@@ -34,6 +34,8 @@ pub struct WorkerSlot {
     pub attempt: u32,
     /// When the worker took the job (ms since the epoch).
     pub since_ms: u64,
+    /// Tokens its model call has streamed so far (0: none yet, or not a streamed call).
+    pub tokens: u64,
 }
 
 /// A step waiting for its next attempt (from `StepRetrying`).

@@ -438,7 +438,11 @@ pub fn workers(f: &mut Frame, app: &App, area: Rect) {
             Span::styled(short(&s.run_id).to_string(), th.dimmed()),
         ];
         if wide {
-            spans.push(Span::styled(format!(" {}", clip(bp, 13)), th.dimmed()));
+            spans.push(Span::styled(format!(" {:<13}", clip(bp, 13)), th.dimmed()));
+            // Last in priority: only where the row has room for it whole.
+            if s.tokens > 0 && w >= step_w + 51 {
+                spans.push(Span::styled(format!(" {:>8}", tokens(s.tokens)), th.base()));
+            }
         }
         ListItem::new(Line::from(spans))
     }));
@@ -823,4 +827,37 @@ pub fn group(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// A streamed token count in at most 8 characters: `312 tok`, `48k tok`, `1.2M tok`
+/// (rounded down, so it never says more than came).
+fn tokens(n: u64) -> String {
+    match n {
+        0..10_000 => format!("{n} tok"),
+        10_000..1_000_000 => format!("{}k tok", n / 1000),
+        1_000_000..10_000_000 => format!("{}.{}M tok", n / 1_000_000, n / 100_000 % 10),
+        10_000_000..1_000_000_000 => format!("{}M tok", n / 1_000_000),
+        _ => "1G+ tok".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_token_count_fits_eight_characters_and_never_rounds_up() {
+        for (n, shown) in [
+            (1, "1 tok"),
+            (9_999, "9999 tok"),
+            (10_000, "10k tok"),
+            (999_999, "999k tok"),
+            (1_000_000, "1.0M tok"),
+            (9_999_999, "9.9M tok"),
+            (10_000_000, "10M tok"),
+            (999_999_999, "999M tok"),
+            (u64::MAX, "1G+ tok"),
+        ] {
+            assert_eq!(super::tokens(n), shown);
+            assert!(shown.chars().count() <= 8);
+        }
+    }
 }
