@@ -847,6 +847,56 @@ async fn nothing_claimed(db: &ScratchDb, fleet: &Fleet, claims: u64, why: &str) 
     }
 }
 
+/// A step this process's runs queue but cannot run here (tagged for hosts this one is not)
+/// waits in the queue for such a host, and nothing of it starts here: its call is not made
+/// here, not even while its row's insert is on its way (here held by another transaction).
+#[test]
+fn a_step_tagged_for_other_hosts_is_not_called_here() {
+    let Some(db) = ScratchDb::new("fleet_tagged_elsewhere") else {
+        return;
+    };
+    let (rt, engine, _dir) = engine_on(&db, 2);
+    let inner = engine.inner.clone();
+    let (url, calls) = http_server(false);
+    let target = db.target().clone();
+    rt.block_on(async {
+        let fleet = inner.fleet.as_ref().unwrap().0.clone();
+        until_ready(&fleet).await;
+        let (release, holder) = off(move || hold_step(target, "run", "gpu-only")).await;
+        let mut tagged = job("run", "gpu-only", get(url));
+        tagged.tags = vec!["gpu".into()];
+        let (reply, queued) = oneshot::channel();
+        fleet
+            .enqueue_tx
+            .send(super::Enqueue { job: tagged, reply })
+            .map_err(|_| "the enqueuer is gone")
+            .unwrap();
+        // A call started early has all this time to arrive while the insert waits.
+        let called = off(move || {
+            let called = calls.recv_timeout(Duration::from_secs(2));
+            (called, calls)
+        })
+        .await;
+        let (called, calls) = called;
+        assert!(called.is_err(), "its call was made here: {called:?}");
+        release.send(()).unwrap();
+        off(move || holder.join().unwrap()).await;
+        tokio::time::timeout(Duration::from_secs(30), queued)
+            .await
+            .expect("the insert went ahead")
+            .unwrap()
+            .unwrap();
+        nothing_claimed(&db, &fleet, 0, "a step for gpu hosts").await;
+        assert_eq!(
+            calls.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty),
+            "its call was made here"
+        );
+    });
+    drop(engine);
+    drop(rt);
+}
+
 /// A process claims only for the workers it has free: with its one worker busy, a step
 /// another process queued stays in the queue for a host that can run it (claimed here, it
 /// would wait behind the busy worker). A process that stops claims nothing, not even the
