@@ -770,7 +770,35 @@ async fn a_step_timeout_really_stops_the_work() {
     assert!(attempts
         .iter()
         .all(|a| a.error_kind.map(|k| k.as_str()) == Some("timeout")));
-    assert!(attempts[0].error.as_deref().unwrap().contains("timeout"));
+    assert_eq!(
+        attempts[0].error.as_deref(),
+        Some(
+            "the step timed out after 5s and was stopped; raise the node's \"timeout\" (or REQUEST_TIMEOUT)"
+        )
+    );
+
+    // A model call that never answers says so, and what to try.
+    let env = engine(
+        &[
+            ("USE_OLLAMA", "true"),
+            ("OLLAMA_URL", &format!("http://{addr}")),
+        ],
+        8,
+    );
+    let ask = blueprint(json!({
+        "name": "hang",
+        "nodes": [ { "id": "ask", "type": "llm", "provider": "ollama", "model": "m",
+                     "prompt": "hi", "timeout": "5s", "retry": { "attempts": 1 } } ]
+    }));
+    let o = run(&env, &ask, RunRequest::default()).await;
+    assert_eq!(o.error_kind, Some(omniflow::error::ErrorKind::Timeout));
+    let attempts = env.store.run_attempts(&o.run_id).unwrap();
+    assert_eq!(
+        attempts[0].error.as_deref(),
+        Some(
+            "the model call timed out after 5s and was stopped (REQUEST_TIMEOUT or the node's \"timeout\"); raise it if the model is just slow, or pick a smaller model"
+        )
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
