@@ -1348,7 +1348,8 @@ async fn a_sandbox_run_replays_the_recorded_answers_of_a_run() {
         "name": "rec",
         "variables": { "T": ["a", "b"] },
         "nodes": [
-            { "id": "ask", "type": "llm", "forEach": "{{ vars.T }}", "prompt": "About {{ item }}" },
+            { "id": "ask", "type": "llm", "model": "rec-model", "forEach": "{{ vars.T }}",
+              "prompt": "About {{ item }}" },
             { "id": "extra", "type": "llm", "prompt": "Something else" }
         ]
     }));
@@ -1375,6 +1376,11 @@ async fn a_sandbox_run_replays_the_recorded_answers_of_a_run() {
     let steps = env.store.run_steps(&o.run_id).unwrap();
     let a0 = steps.iter().find(|s| s.step_key == "ask[0]").unwrap();
     assert_eq!(a0.provider.as_deref(), Some("replay"));
+    assert_eq!(
+        a0.model.as_deref(),
+        Some("rec-model"),
+        "the model it stands in for"
+    );
     assert!(a0.cached);
 }
 
