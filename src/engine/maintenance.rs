@@ -36,6 +36,12 @@ impl Drop for Maintenance {
     }
 }
 
+/// How often a process proves its leases alive: three times a lease, so one late or lost
+/// heartbeat does not let another process take its runs over.
+fn heartbeat_every(config: &crate::config::Config) -> Duration {
+    config.scaled(config.lease_timeout / 3)
+}
+
 /// Process RSS in MB, if the platform tells.
 pub fn rss_mb() -> Option<f64> {
     memory_stats::memory_stats().map(|m| m.physical_mem as f64 / 1_048_576.0)
@@ -148,7 +154,7 @@ impl Engine {
         self.inner.loop_tick_ms.store(started_ms, Ordering::Relaxed);
         let join = tokio::spawn(async move {
             let config = engine.inner.config.clone();
-            let beat_every = config.scaled(config.lease_timeout / 3);
+            let beat_every = heartbeat_every(&config);
             let mut tick = tokio::time::interval(config.scaled(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut last_beat = Instant::now();
@@ -384,9 +390,33 @@ pub enum ShutdownPhase {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     /// Stopping the loop waits for it to end: once `stop` returns the loop holds no part of
     /// the engine, so a process that then flushes and closes its store has nothing of the
     /// loop left to write, even on a runtime that has not run the loop since.
+    /// Three heartbeats fit in a lease, at the process's time scale too.
+    #[test]
+    fn a_lease_hears_three_heartbeats() {
+        let config = |vars: &[(&str, &str)]| {
+            let vars: std::collections::HashMap<String, String> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            crate::config::Config::from_vars(&vars).unwrap()
+        };
+        for (vars, every) in [
+            (&[][..], Duration::from_secs(10)),
+            (&[("LEASE_TIMEOUT", "9")][..], Duration::from_secs(3)),
+            (
+                &[("LEASE_TIMEOUT", "9"), ("OMNIFLOW_TIME_SCALE", "0.1")][..],
+                Duration::from_millis(300),
+            ),
+        ] {
+            assert_eq!(super::heartbeat_every(&config(vars)), every, "{vars:?}");
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn stopping_the_loop_waits_for_it_to_let_go_of_the_engine() {
         let dir = tempfile::tempdir().unwrap();
