@@ -93,14 +93,11 @@ impl Db {
                 "CREATE TRIGGER boom BEFORE INSERT ON runner_executions WHEN NEW.id = '{id}'
                  BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END;"
             ),
-            &format!(
-                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-                 BEGIN
-                     IF NEW.id = '{id}' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
-                     RETURN NEW;
-                 END $$;
-                 CREATE TRIGGER boom BEFORE INSERT ON runner_executions
-                     FOR EACH ROW EXECUTE FUNCTION boom();"
+            &insert_trigger(
+                "",
+                &format!(
+                    "IF NEW.id = '{id}' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;"
+                ),
             ),
         );
     }
@@ -337,19 +334,15 @@ fn a_write_that_conflicts_on_every_try_is_given_up_after_a_few() {
     // still ends, having saved the row.
     db.exec(
         "",
-        "CREATE SEQUENCE boom_tries;
-         CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF NEW.id = 'bad' THEN
+        &insert_trigger(
+            "CREATE SEQUENCE boom_tries;",
+            "IF NEW.id = 'bad' THEN
                  IF nextval('boom_tries') <= 50 THEN
                      RAISE EXCEPTION 'conflict made by a test trigger'
                          USING ERRCODE = 'serialization_failure';
                  END IF;
-             END IF;
-             RETURN NEW;
-         END $$;
-         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
-             FOR EACH ROW EXECUTE FUNCTION boom();",
+             END IF;",
+        ),
     );
     for id in ["ok1", "bad", "ok2"] {
         store.insert_run(new_run(id, 0));
@@ -393,22 +386,17 @@ fn a_session_ended_while_writes_go_one_by_one_goes_on_from_the_write_it_was_on()
     // Sequences are not rolled back with a refused transaction: they count the tries.
     db.exec(
         "",
-        "CREATE SEQUENCE cuts;
-         CREATE SEQUENCE bad_tries;
-         CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF NEW.id = 'bad' THEN
+        &insert_trigger(
+            "CREATE SEQUENCE cuts; CREATE SEQUENCE bad_tries;",
+            "IF NEW.id = 'bad' THEN
                  PERFORM nextval('bad_tries');
                  RAISE EXCEPTION 'refused by test trigger';
              END IF;
              -- The first time `cut` is written the session ends, as a server restart ends it.
              IF NEW.id = 'cut' AND nextval('cuts') = 1 THEN
                  PERFORM pg_terminate_backend(pg_backend_pid());
-             END IF;
-             RETURN NEW;
-         END $$;
-         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
-             FOR EACH ROW EXECUTE FUNCTION boom();",
+             END IF;",
+        ),
     );
     // `bad` and `cut` must go in one batch (which stops at `bad`, then goes one by one): the
     // writer is held on a first write while they are queued behind it.
@@ -495,17 +483,13 @@ fn writes_kept_from_a_refused_batch_start_at_the_one_cut_off() {
     drop(db.open());
     db.exec(
         "",
-        "CREATE SEQUENCE cuts;
-         CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
+        &insert_trigger(
+            "CREATE SEQUENCE cuts;",
+            "IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused by test trigger'; END IF;
              IF NEW.id = 'cut' AND nextval('cuts') = 1 THEN
                  PERFORM pg_terminate_backend(pg_backend_pid());
-             END IF;
-             RETURN NEW;
-         END $$;
-         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
-             FOR EACH ROW EXECUTE FUNCTION boom();",
+             END IF;",
+        ),
     );
     let ops: Vec<Op> = ["ok", "bad", "cut", "after"]
         .into_iter()
@@ -1506,6 +1490,22 @@ fn a_backup_replaces_a_leftover_partial_and_names_one_in_its_way() {
     assert_eq!(e.kind(), std::io::ErrorKind::IsADirectory, "{err}");
     assert!(partial.join("keep").exists());
     assert!(!dest.exists());
+}
+
+/// PostgreSQL statements that make every insert of a run go first through `body`, a
+/// PL/pgSQL trigger's statements (its `RETURN NEW` added), after `setup` (the sequences it
+/// counts with, which a refused transaction does not roll back).
+fn insert_trigger(setup: &str, body: &str) -> String {
+    format!(
+        "{setup}
+         CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             {body}
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT ON runner_executions
+             FOR EACH ROW EXECUTE FUNCTION boom();"
+    )
 }
 
 /// A history database in `dir` whose write lock another connection holds (the returned one:
