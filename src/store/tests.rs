@@ -400,34 +400,7 @@ fn a_session_ended_while_writes_go_one_by_one_goes_on_from_the_write_it_was_on()
     );
     // `bad` and `cut` must go in one batch (which stops at `bad`, then goes one by one): the
     // writer is held on a first write while they are queued behind it.
-    let (release, holder) = pg::testing::held_transaction(target.clone(), |tx| {
-        tx.batch_execute("LOCK TABLE runner_executions IN SHARE MODE")
-            .unwrap();
-    });
-    store.insert_run(new_run("first", 0));
-    let t = target.clone();
-    let waiting = std::thread::spawn(move || {
-        let mut c = t.connect().unwrap();
-        let until = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < until {
-            let n: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            if n > 0 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        false
-    })
-    .join()
-    .unwrap();
-    assert!(waiting, "the writer waits on the held table");
+    let (release, holder) = writer_held_on_a_first_insert(&target, &store);
     store.insert_run(new_run("bad", 0));
     store.insert_run(new_run("cut", 0));
     release.send(()).unwrap();
@@ -1492,6 +1465,44 @@ fn a_backup_replaces_a_leftover_partial_and_names_one_in_its_way() {
     assert!(!dest.exists());
 }
 
+/// Another transaction holds the runs table of `target` (until told, or dropped) and a first
+/// run is inserted through `store`: once this returns the writer waits on that insert, so
+/// what is queued next goes in one batch behind it.
+fn writer_held_on_a_first_insert(
+    target: &pg::PgTarget,
+    store: &Store,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (release, holder) = pg::testing::held_transaction(target.clone(), |tx| {
+        tx.batch_execute("LOCK TABLE runner_executions IN SHARE MODE")
+            .unwrap();
+    });
+    store.insert_run(new_run("first", 0));
+    let t = target.clone();
+    let waiting = std::thread::spawn(move || {
+        let mut c = t.connect().unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    })
+    .join()
+    .unwrap();
+    assert!(waiting, "the writer waits on the held table");
+    (release, holder)
+}
+
 /// PostgreSQL statements that make every insert of a run go first through `body`, a
 /// PL/pgSQL trigger's statements (its `RETURN NEW` added), after `setup` (the sequences it
 /// counts with, which a refused transaction does not roll back).
@@ -1604,6 +1615,33 @@ fn a_question_to_the_writer_sees_the_writes_queued_before_it() {
     };
     std::thread::sleep(Duration::from_millis(100));
     holder.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(claim.join().unwrap().unwrap(), Claim::Mine);
+}
+
+/// The same on PostgreSQL: the insert and the claim queue up while the writer waits on a
+/// first insert, and the claim finds the run, this process's own.
+#[test]
+fn a_question_to_the_postgres_writer_sees_the_writes_queued_before_it() {
+    let Some(db) = pg::testing::ScratchDb::new("ask_after_write") else {
+        return;
+    };
+    let target = db.target().clone();
+    let db = Db::Postgres(Box::new(db));
+    let store = db.open();
+    let (release, holder) = writer_held_on_a_first_insert(&target, &store);
+    store.insert_run(new_run("r1", 0));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let claim = {
+        let store = store.clone();
+        std::thread::spawn(move || rt.block_on(store.claim_run("r1", Duration::from_secs(30), 3)))
+    };
+    // Time for the claim to queue behind the insert (if it comes later, it is asked alone).
+    std::thread::sleep(Duration::from_millis(100));
+    release.send(()).unwrap();
+    holder.join().unwrap();
     assert_eq!(claim.join().unwrap().unwrap(), Claim::Mine);
 }
 
