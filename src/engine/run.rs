@@ -1069,8 +1069,23 @@ fn record_final(
 
 #[cfg(test)]
 mod tests {
-    use super::{json_len, ProgressGate, PROGRESS_EVERY};
+    use super::{json_len, ProgressGate, Window, PROGRESS_EVERY};
     use crate::engine::testing::sqlite_engine;
+
+    /// A step sleeping out a backoff is away from its run's window for as long as its guard
+    /// lives, and back in it after (a retry's wake-up counts again), each step on its own.
+    #[test]
+    fn a_step_is_away_from_the_window_while_its_guard_lives() {
+        let window = Window::default();
+        assert_eq!(window.away(), 0);
+        let first = window.step_away();
+        let second = window.step_away();
+        assert_eq!(window.away(), 2);
+        drop(first);
+        assert_eq!(window.away(), 1);
+        drop(second);
+        assert_eq!(window.away(), 0);
+    }
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
