@@ -47,11 +47,11 @@ else
     while IFS= read -r f; do files+=("$f"); done \
         < <(git diff --name-only "$base" -- 'src/*.rs' 'src/**/*.rs' | sort -u)
 fi
-# Test modules are not mutated.
+# Test modules and test helpers are not mutated.
 kept=()
 for f in "${files[@]}"; do
     case "$f" in
-        */tests.rs | */tests/*) ;;
+        */tests.rs | */tests/* | */testing.rs) ;;
         *) [ -f "$f" ] && kept+=("$f") ;;
     esac
 done
