@@ -510,6 +510,27 @@ mod tests {
         assert!(!e.contains("password"), "{e}");
     }
 
+    /// A user the server does not know (28000; a wrong password is 28P01 and gets the same
+    /// fix) is told to check the user and password in DATABASE_URL.
+    #[test]
+    fn an_unknown_user_is_told_to_check_the_user_and_password() {
+        let Some(db) = super::super::testing::ScratchDb::new("connect_unknown_user") else {
+            return;
+        };
+        let (scheme, rest) = db.url().split_once("://").unwrap();
+        let server = rest.split_once('@').map_or(rest, |(_, server)| server);
+        let url = format!("{scheme}://omniflow_no_such_user@{server}");
+        let Err(e) = PgTarget::parse(&url).unwrap().connect() else {
+            panic!("a user that does not exist connected");
+        };
+        assert!(e.contains("omniflow_no_such_user"), "{e}");
+        assert!(e.contains("(28000)"), "{e}");
+        assert!(
+            e.ends_with("check the user and password in DATABASE_URL"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn the_password_is_never_shown() {
         let t =
