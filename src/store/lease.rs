@@ -614,6 +614,25 @@ mod tests {
         }
     }
 
+    /// A process on this host whose pid is alive is the owner it names when it started at
+    /// most `START_SLACK_MS` after the owner's recorded start (clocks and `/proc` round
+    /// differently), and another process that reused the pid when it started later.
+    #[test]
+    fn a_reused_pid_is_told_from_its_owner_by_the_start_time() {
+        let Liveness::Started(started) = process_started_ms(std::process::id()) else {
+            return; // no /proc here
+        };
+        let host = super::super::transitions::hostname().unwrap_or_else(|| "localhost".into());
+        let owner = |recorded: i64| format!("{host}:{}:{recorded}", std::process::id());
+        assert!(!owner_is_gone(&owner(started)));
+        assert!(!owner_is_gone(&owner(started - START_SLACK_MS)));
+        assert!(owner_is_gone(&owner(started - START_SLACK_MS - 1)));
+        assert!(!owner_is_gone(&format!(
+            "elsewhere:{}:0",
+            std::process::id()
+        )));
+    }
+
     /// `doctor`'s line for a process says how it ended: stopped cleanly at a time, or silent
     /// since its last heartbeat (its runs can be taken over).
     #[test]
