@@ -542,7 +542,7 @@ fn hold_step(
 /// A step this process takes whole starts its call while its row's insert is on its way,
 /// not after its round trip: here the insert waits on another transaction, and the model
 /// server has the call meanwhile. Once the insert goes through, the call's result reaches
-/// its driver.
+/// its driver, and the row claimed at its insert is that call's: it is not called again.
 #[test]
 fn a_step_taken_here_starts_its_call_before_its_row_is_inserted() {
     use crate::engine::step::AttemptDone;
@@ -565,7 +565,11 @@ fn a_step_taken_here_starts_its_call_before_its_row_is_inserted() {
             .map_err(|_| "the enqueuer is gone")
             .unwrap();
         // The insert cannot finish while the other transaction holds the step's key.
-        let called = off(move || calls.recv_timeout(Duration::from_secs(30))).await;
+        let (called, calls) = off(move || {
+            let called = calls.recv_timeout(Duration::from_secs(30));
+            (called, calls)
+        })
+        .await;
         assert_eq!(
             called,
             Ok(0),
@@ -587,6 +591,11 @@ fn a_step_taken_here_starts_its_call_before_its_row_is_inserted() {
         };
         let done: AttemptDone = serde_json::from_value(v).unwrap();
         assert_eq!(done.result.unwrap().value, json!("ok"));
+        assert_eq!(
+            calls.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty),
+            "the row claimed at its insert ran the early call's attempt, not a second call"
+        );
     });
     drop(engine);
     drop(rt);
