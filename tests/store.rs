@@ -754,6 +754,31 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 on_both! {
+fn a_run_whose_owner_went_silent_past_its_lease_is_orphaned(db, store) {
+    use omniflow::store::Claim;
+    // An owner on another host: only its heartbeats say whether it lives.
+    let a = db.open_as("host-a:101:0");
+    a.heartbeat(health("daemon"));
+    a.insert_run(new_run("r1", "alpha", 0));
+    a.flush_blocking();
+    assert_eq!(
+        block_on(a.claim_run("r1", Duration::from_secs(60), 3)).unwrap(),
+        Claim::Mine
+    );
+    assert!(
+        store.orphaned_runs(Duration::from_secs(60)).unwrap().is_empty(),
+        "its heartbeat is within a minute's lease"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        store.orphaned_runs(Duration::from_millis(10)).unwrap(),
+        ["r1"],
+        "silent for longer than a 10 ms lease"
+    );
+}
+}
+
+on_both! {
 fn a_run_belongs_to_its_live_owner_and_moves_on_when_it_stops(db, store) {
     use omniflow::store::Claim;
     let lease = Duration::from_secs(60);
