@@ -633,6 +633,17 @@ async fn room_waits_while_the_writer_is_behind_and_nothing_is_lost() {
         "{under} writes queued is under the bound of {}: room at once",
         super::ROOM
     );
+    // Over the bound (half again as many): the driver waits for the writer to take the
+    // queue down to half the bound, not only back under it.
+    for i in 0..under {
+        store.run_progress("r1", i as u32, 0);
+    }
+    assert!(
+        store.room().now_or_never().is_none(),
+        "{} writes queued is over the bound of {}: room must wait",
+        2 * under,
+        super::ROOM
+    );
     // More than one batch can take, plus the bound, so the queue is over it whatever the
     // writer took before the lock stopped it.
     let n = 8192 + 2 * super::ROOM + 1;
