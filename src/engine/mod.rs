@@ -689,4 +689,31 @@ mod tests {
         assert!((101..=1100).contains(&n), "{n}");
         assert_eq!(entries(&json!({"a": [1, 2], "b": {"c": 3}}), 100), 5);
     }
+
+    /// A variable's entries count against its size wherever they are nested: a list of 2,000
+    /// numbers inside a list is 4 KB of text but 2,000 values, over a 16 KB limit; the same
+    /// list as 200 numbers is not.
+    #[test]
+    fn nested_entries_count_against_a_variable_s_size() {
+        let limits = crate::limits::Limits {
+            max_variable_bytes: 16_000,
+            ..Default::default()
+        };
+        let bp: crate::blueprint::Blueprint =
+            serde_json::from_value(json!({ "name": "sized", "nodes": [] })).unwrap();
+        let vars = |n: usize| {
+            let mut m = serde_json::Map::new();
+            m.insert("NESTED".into(), json!([vec![1; n]]));
+            m
+        };
+        let Err(super::StartError::TooLarge(e)) = super::check_sizes(&bp, &vars(2000), &limits)
+        else {
+            panic!("2,000 nested values fit in 16 KB");
+        };
+        assert!(
+            e.contains("variable NESTED is larger than MAX_VARIABLE_BYTES"),
+            "{e}"
+        );
+        assert!(super::check_sizes(&bp, &vars(200), &limits).is_ok());
+    }
 }
