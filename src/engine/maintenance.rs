@@ -42,6 +42,28 @@ fn heartbeat_every(config: &crate::config::Config) -> Duration {
     config.scaled(config.lease_timeout / 3)
 }
 
+/// When the maintenance loop, turning every second, next proves the leases alive: once a
+/// period, not at every turn (a fleet's processes would write ten times as often).
+struct Beat {
+    last: Instant,
+    every: Duration,
+}
+
+impl Beat {
+    fn new(now: Instant, every: Duration) -> Beat {
+        Beat { last: now, every }
+    }
+
+    /// Whether a heartbeat is due at `now`; if so, the period starts again from `now`.
+    fn due(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.last) >= self.every {
+            self.last = now;
+            return true;
+        }
+        false
+    }
+}
+
 /// Process RSS in MB, if the platform tells.
 pub fn rss_mb() -> Option<f64> {
     memory_stats::memory_stats().map(|m| m.physical_mem as f64 / 1_048_576.0)
@@ -157,7 +179,7 @@ impl Engine {
             let beat_every = heartbeat_every(&config);
             let mut tick = tokio::time::interval(config.scaled(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let mut last_beat = Instant::now();
+            let mut beat = Beat::new(Instant::now(), beat_every);
             let mut full = None;
             if adopt {
                 engine.adopt_orphans().await;
@@ -173,8 +195,7 @@ impl Engine {
                 engine.inner.loop_tick_ms.store(now_ms, Ordering::Relaxed);
                 held = engine.check_memory(held);
                 full = engine.check_disk(full);
-                if last_beat.elapsed() >= beat_every {
-                    last_beat = Instant::now();
+                if beat.due(Instant::now()) {
                     engine.heartbeat();
                     engine.let_go_of_lost_runs().await;
                 }
@@ -415,6 +436,17 @@ mod tests {
         ] {
             assert_eq!(super::heartbeat_every(&config(vars)), every, "{vars:?}");
         }
+    }
+
+    /// Turning every second with a 10 s period, the loop beats at 10 s, then at 20 s: once a
+    /// period, counted from the last beat.
+    #[test]
+    fn a_heartbeat_is_due_once_a_period() {
+        let start = std::time::Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut beat = super::Beat::new(start, Duration::from_secs(10));
+        let due: Vec<u64> = (1..=25).filter(|&s| beat.due(at(s))).collect();
+        assert_eq!(due, [10, 20]);
     }
 
     #[tokio::test(flavor = "current_thread")]
