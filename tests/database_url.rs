@@ -183,6 +183,13 @@ fn every_command_uses_postgres_and_the_password_shows_nowhere() {
         assert!(doctor.contains(check), "{check}: {doctor}");
     }
     assert!(doctor.contains("postgres://postgres:***@"), "{doctor}");
+    let out = env.run(&url, &["doctor", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["database"]["ok"], true,
+        "every check passed: {}",
+        report["database"]
+    );
     let out = env.run(&url, &["backup", "copy.db"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("pg_dump"));
