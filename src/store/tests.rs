@@ -682,22 +682,29 @@ async fn async_flush_waits_for_the_commit() {
     assert_eq!(run.id, "r1");
 }
 
+/// A file that is not SQLite's is refused and left as it was: a page of notes, and a file
+/// of one byte too (SQLite alone would take that one for an empty database and write over
+/// it).
 #[test]
 fn a_file_that_is_not_sqlite_is_refused_untouched() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notes.db");
-    let bytes = b"these are my notes, not a database\n".repeat(100);
-    std::fs::write(&path, &bytes).unwrap();
-    let err = Store::open(&path).unwrap_err();
-    let msg = err.to_string();
-    assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
-    assert!(
-        msg.contains("is not an SQLite database (file is not a database)")
-            && msg.contains("point DB_FILE at another file or move it away"),
-        "{msg}"
-    );
-    assert_eq!(std::fs::read(&path).unwrap(), bytes);
-    assert!(!dir.path().join("notes.db-wal").exists());
+    for bytes in [
+        b"these are my notes, not a database\n".repeat(100),
+        b"x".to_vec(),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.db");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
+        assert!(
+            msg.contains("is not an SQLite database (file is not a database)")
+                && msg.contains("point DB_FILE at another file or move it away"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert!(!dir.path().join("notes.db-wal").exists());
+    }
 }
 
 /// A history file cut short (a torn copy, a full disk during a copy): SQLite finds it
