@@ -1623,17 +1623,26 @@ fn a_question_to_the_writer_sees_the_writes_queued_before_it() {
     store.insert_run(new_run("first", 0));
     std::thread::sleep(Duration::from_millis(100));
     store.insert_run(new_run("r1", 0));
+    let claim = claim_on_a_thread(&store, "r1");
+    holder.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(claim.join().unwrap().unwrap(), Claim::Mine);
+}
+
+/// Claims run `id` for this process on a thread of its own, and gives the claim time to
+/// queue behind the writes sent before it (if it comes later, it is asked alone).
+fn claim_on_a_thread(
+    store: &Store,
+    id: &'static str,
+) -> std::thread::JoinHandle<Result<Claim, StoreError>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let claim = {
-        let store = store.clone();
-        std::thread::spawn(move || rt.block_on(store.claim_run("r1", Duration::from_secs(30), 3)))
-    };
+    let store = store.clone();
+    let claim =
+        std::thread::spawn(move || rt.block_on(store.claim_run(id, Duration::from_secs(30), 3)));
     std::thread::sleep(Duration::from_millis(100));
-    holder.execute_batch("ROLLBACK").unwrap();
-    assert_eq!(claim.join().unwrap().unwrap(), Claim::Mine);
+    claim
 }
 
 /// The same on PostgreSQL: the insert and the claim queue up while the writer waits on a
@@ -1648,16 +1657,7 @@ fn a_question_to_the_postgres_writer_sees_the_writes_queued_before_it() {
     let store = db.open();
     let (release, holder) = writer_held_on_a_first_insert(&target, &store);
     store.insert_run(new_run("r1", 0));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let claim = {
-        let store = store.clone();
-        std::thread::spawn(move || rt.block_on(store.claim_run("r1", Duration::from_secs(30), 3)))
-    };
-    // Time for the claim to queue behind the insert (if it comes later, it is asked alone).
-    std::thread::sleep(Duration::from_millis(100));
+    let claim = claim_on_a_thread(&store, "r1");
     release.send(()).unwrap();
     holder.join().unwrap();
     assert_eq!(claim.join().unwrap().unwrap(), Claim::Mine);
