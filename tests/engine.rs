@@ -285,6 +285,65 @@ async fn a_fan_out_becomes_steps_as_workers_free_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_items_wait_for_room_and_only_so_many_sleep_at_once() {
+    // 2 workers: a window of 4. Items that fail fast and back off long give their places to
+    // new items while they sleep; back from the sleep they wait for a place. So the pool
+    // never holds more than 4 of the run's steps, and at most 4 more sleep meanwhile: the
+    // fan-out does not start all its items at once however often they fail.
+    let env = engine(
+        &[("SANDBOX_LATENCY_MS", "1000"), ("REQUEST_TIMEOUT", "10000")],
+        2,
+    );
+    let sub = env.bus.subscribe();
+    let pool = env.engine.pool().clone();
+    let watcher = tokio::spawn(async move {
+        let (mut in_pool, mut under_way) = (0, 0);
+        let mut open = std::collections::HashSet::new();
+        while let Some(ev) = sub.recv().await {
+            let st = pool.stats();
+            in_pool = usize::max(in_pool, st.queued.iter().sum::<usize>() + st.running);
+            match ev {
+                Event::StepStarted { step, .. } => {
+                    open.insert(step);
+                    under_way = usize::max(under_way, open.len());
+                }
+                Event::StepFinished { step, .. } => {
+                    open.remove(&step);
+                }
+                Event::RunFinished { .. } => break,
+                _ => {}
+            }
+        }
+        (in_pool, under_way)
+    });
+    let bp = blueprint(json!({
+        "name": "flaky",
+        "variables": { "N": (0..60).collect::<Vec<_>>() },
+        "nodes": [
+            { "id": "ask", "type": "llm", "forEach": "{{ vars.N }}", "prompt": "item {{ item }}",
+              "continueOnError": true, "retry": { "attempts": 5, "backoff": "30s", "factor": 1 } }
+        ]
+    }));
+    let o = run(&env, &bp, sandbox(0.6, 11)).await;
+    let (in_pool, under_way) = watcher.await.unwrap();
+    assert!(
+        (1..=4).contains(&in_pool),
+        "at most 2 steps per worker in the pool, retries included; saw {in_pool}"
+    );
+    assert!(
+        (5..=8).contains(&under_way),
+        "steps started and not ended: at most the window's 4 and 4 asleep; saw {under_way}"
+    );
+    let steps = env.store.run_steps(&o.run_id).unwrap();
+    assert_eq!(steps.len(), 60, "every item recorded");
+    assert!(
+        steps.iter().filter(|s| s.attempts > 1).count() > 10,
+        "items were retried: {steps:?}"
+    );
+    assert!(steps.iter().any(|s| s.status == StepStatus::Success));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_run_queues_beside_a_large_fan_out_not_behind_it() {
     // One worker, a 40-item fan-out of slow steps, then a one-step run of the same priority:
     // the second run waits for the few items already queued, not for all forty.
@@ -957,6 +1016,7 @@ async fn waiting_an_hour(env: &Env) -> omniflow::engine::RunHandle {
 async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 4);
     let h = waiting_an_hour(&env).await;
+    assert!(!env.engine.is_draining(), "draining before a shutdown");
     // A grace of an hour: only a delay that gives way lets this return.
     let released = tokio::time::timeout(
         std::time::Duration::from_secs(120),
@@ -965,6 +1025,8 @@ async fn a_shutdown_hands_a_waiting_delay_over_without_its_grace() {
     .await
     .expect("the shutdown waited out its grace for a delay");
     assert_eq!(released, vec![h.run_id.clone()]);
+    // What `/readyz` and the console report from now on.
+    assert!(env.engine.is_draining());
     let o = h.wait().await;
     assert_eq!(o.status, RunStatus::Running, "handed over, not finished");
     // What `show` and the next owner read: the run and its step still under way, not the

@@ -64,8 +64,9 @@ pub(crate) struct RunCtx {
 
 /// How many of a run's steps may be under way at once, per worker of the pool: queued in the
 /// pool, running, or waiting for their provider (a step sleeping out a retry's backoff does
-/// not count). A `forEach` item becomes a step only when there is room, so a 10,000-item
-/// fan-out holds the state of 80 steps (with the default 40 workers), not of 10,000; two per
+/// not count, and as many as are under way may sleep at once). A `forEach` item becomes a
+/// step only when there is room, so a 10,000-item fan-out holds the state of at most 160
+/// steps (with the default 40 workers: 80 under way, 80 asleep), not of 10,000; two per
 /// worker keep the next item queued when a worker frees up. The pool still orders what is
 /// queued by priority and age, and another run's steps queue beside these instead of behind
 /// every item of a large fan-out.
@@ -75,33 +76,65 @@ pub(crate) const STEPS_PER_WORKER: usize = 2;
 /// (`DATABASE_URL`): enough for the workers of many hosts, still a bounded amount of state.
 pub(crate) const FLEET_WINDOW: usize = 1024;
 
-/// The steps of a run that are away from its window: sleeping out a retry's backoff.
-#[derive(Default)]
+/// A run's window: the places of its steps under way (see [`STEPS_PER_WORKER`]). A step holds
+/// a place from its start to its end, except while it sleeps out a retry's backoff; back from
+/// the sleep it waits for a place again, ahead of the run's items not started yet (the
+/// semaphore hands a freed place to its waiters first, in turn), so a retry never takes the
+/// run past its window.
 pub(crate) struct Window {
-    away: AtomicUsize,
-    /// Woken when a step goes away, so the driver can start another in its place.
+    places: Arc<tokio::sync::Semaphore>,
+    size: usize,
+    /// Woken when a step gives its place up to sleep, so the driver can start another.
     left: tokio::sync::Notify,
 }
 
-impl Window {
-    fn away(&self) -> usize {
-        self.away.load(Ordering::SeqCst)
-    }
-
-    /// Leaves the window until the guard is dropped.
-    pub(crate) fn step_away(&self) -> AwayGuard<'_> {
-        self.away.fetch_add(1, Ordering::SeqCst);
-        self.left.notify_one();
-        AwayGuard(self)
-    }
+/// A step's place in its run's window: given back when dropped.
+pub(crate) struct Place {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// A step's absence from its run's window (see [`Window::step_away`]).
-pub(crate) struct AwayGuard<'a>(&'a Window);
+impl Window {
+    fn new(size: usize) -> Window {
+        Window {
+            places: Arc::new(tokio::sync::Semaphore::new(size)),
+            size,
+            left: tokio::sync::Notify::new(),
+        }
+    }
 
-impl Drop for AwayGuard<'_> {
-    fn drop(&mut self) {
-        self.0.away.fetch_sub(1, Ordering::SeqCst);
+    /// How many of the run's steps may be started and not ended: those in their places and
+    /// as many again asleep. Without the second bound, a fan-out whose items fail fast and
+    /// back off long would start every one of its items, each holding its state while it
+    /// sleeps.
+    fn most_under_way(&self) -> usize {
+        self.size.saturating_mul(2)
+    }
+
+    /// A free place for a new step, unless none is free or a step back from its sleep waits
+    /// for the next one.
+    fn try_place(&self) -> Option<Place> {
+        self.places
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| Place { _permit: p })
+    }
+
+    /// Gives the step's place up while it sleeps: the driver may start another step in it.
+    pub(crate) fn step_away(&self, place: Option<Place>) {
+        if place.is_some() {
+            drop(place);
+            self.left.notify_one();
+        }
+    }
+
+    /// Waits for a place, after the steps that came back before this one.
+    pub(crate) async fn come_back(&self) -> Place {
+        // The semaphore lives as long as the window and is never closed.
+        match self.places.clone().acquire_owned().await {
+            Ok(permit) => Place { _permit: permit },
+            Err(_) => unreachable!("a run's window is never closed"),
+        }
     }
 }
 
@@ -132,13 +165,25 @@ impl RunCtx {
         let token_budget = blueprint
             .max_tokens_per_run
             .or(inner.config.max_tokens_per_run);
+        let local = inner
+            .pool
+            .concurrency()
+            .saturating_mul(STEPS_PER_WORKER)
+            .max(1);
+        // With a fleet, the steps go to the shared queue and every host's workers take them: the
+        // driver's own CONCURRENCY must not starve the others.
+        let window = if inner.fleet.is_some() {
+            local.max(FLEET_WINDOW)
+        } else {
+            local
+        };
         let values = RunValues::new(
             &variables,
             &json!({ "id": run_id, "blueprint": blueprint.name, "sandbox": req.sandbox }),
         );
         Arc::new(RunCtx {
             values,
-            window: Window::default(),
+            window: Window::new(window),
             tokens_spent: AtomicU64::new(0),
             token_budget,
             tokens_held: AtomicU64::new(0),
@@ -338,13 +383,16 @@ fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> u64 {
 
 type Inflight = FuturesUnordered<futures_util::future::BoxFuture<'static, StepResult>>;
 
-/// Starts planned steps while the run's window has room.
-fn start_steps(ctx: &Arc<RunCtx>, backlog: &mut Backlog, inflight: &mut Inflight, window: usize) {
-    while inflight.len().saturating_sub(ctx.window.away()) < window {
+/// Starts planned steps while the run's window has a free place.
+fn start_steps(ctx: &Arc<RunCtx>, backlog: &mut Backlog, inflight: &mut Inflight) {
+    while inflight.len() < ctx.window.most_under_way() {
+        let Some(place) = ctx.window.try_place() else {
+            break;
+        };
         let Some(spec) = backlog.next(&ctx.blueprint) else {
             break;
         };
-        inflight.push(Box::pin(step::run_guarded(ctx.clone(), spec)));
+        inflight.push(Box::pin(step::run_guarded(ctx.clone(), spec, place)));
     }
 }
 
@@ -435,7 +483,7 @@ pub(crate) async fn drive(ctx: Arc<RunCtx>) -> (RunOutcome, Option<super::drain:
         }
         // What was planned starts as the window has room; once the run is stopping, the rest
         // still pass through here and end at once as cancelled, recorded like before.
-        start_steps(&d.ctx, &mut d.backlog, &mut d.inflight, d.window);
+        start_steps(&d.ctx, &mut d.backlog, &mut d.inflight);
         if d.inflight.is_empty() {
             break;
         }
@@ -477,7 +525,6 @@ struct Driver {
     summaries: Vec<StepSummary>,
     inflight: Inflight,
     backlog: Backlog,
-    window: usize,
     failure: Option<(String, StepError)>,
     timed_out: bool,
     tokens: u64,
@@ -491,7 +538,7 @@ struct Driver {
 }
 
 impl Driver {
-    /// Records the run's start and sets up its readiness counters and window.
+    /// Records the run's start and sets up its readiness counters.
     fn start(ctx: Arc<RunCtx>) -> Driver {
         let started = Instant::now();
         let bp = ctx.blueprint.clone();
@@ -521,18 +568,6 @@ impl Driver {
         let summaries: Vec<StepSummary> = Vec::new();
         let inflight = Inflight::new();
         let backlog = Backlog::default();
-        let local = inner
-            .pool
-            .concurrency()
-            .saturating_mul(STEPS_PER_WORKER)
-            .max(1);
-        // With a fleet, the steps go to the shared queue and every host's workers take them: the
-        // driver's own CONCURRENCY must not starve the others.
-        let window = if inner.fleet.is_some() {
-            local.max(FLEET_WINDOW)
-        } else {
-            local
-        };
         let failure: Option<(String, StepError)> = None;
         let timed_out = false;
         let tokens: u64 = 0;
@@ -553,7 +588,6 @@ impl Driver {
             summaries,
             inflight,
             backlog,
-            window,
             failure,
             timed_out,
             tokens,
@@ -699,7 +733,7 @@ impl Driver {
         ctx.abort.cancel();
         ctx.inner.pool.remove_run(&ctx.run_id);
         loop {
-            start_steps(ctx, &mut self.backlog, &mut self.inflight, self.window);
+            start_steps(ctx, &mut self.backlog, &mut self.inflight);
             drop(self.handling.take());
             let Some(mut r) = self.inflight.next().await else {
                 break;
@@ -1072,19 +1106,31 @@ mod tests {
     use super::{json_len, ProgressGate, Window, PROGRESS_EVERY};
     use crate::engine::testing::sqlite_engine;
 
-    /// A step sleeping out a backoff is away from its run's window for as long as its guard
-    /// lives, and back in it after (a retry's wake-up counts again), each step on its own.
-    #[test]
-    fn a_step_is_away_from_the_window_while_its_guard_lives() {
-        let window = Window::default();
-        assert_eq!(window.away(), 0);
-        let first = window.step_away();
-        let second = window.step_away();
-        assert_eq!(window.away(), 2);
-        drop(first);
-        assert_eq!(window.away(), 1);
+    /// A step gives its place up while it sleeps, and back from the sleep waits for one
+    /// ahead of the steps not started yet: the window never holds more than its size.
+    #[tokio::test]
+    async fn a_step_back_from_its_sleep_waits_for_a_place_ahead_of_new_ones() {
+        let window = Window::new(2);
+        let first = window.try_place().expect("a first place");
+        let second = window.try_place().expect("a second place");
+        assert!(window.try_place().is_none(), "the window is full");
+        window.step_away(Some(first));
+        // The driver hears of the place left, and starts a new step in it.
+        tokio::time::timeout(Duration::from_secs(30), window.left.notified())
+            .await
+            .expect("the driver is woken");
+        let third = window.try_place().expect("the place left");
+        assert!(window.try_place().is_none());
+        // The sleeper wakes: every place is taken, so it waits.
+        let mut back = std::pin::pin!(window.come_back());
+        assert!(futures_util::poll!(back.as_mut()).is_pending());
+        // A place frees up: the sleeper takes it, not a new step.
         drop(second);
-        assert_eq!(window.away(), 0);
+        assert!(window.try_place().is_none(), "a new step went ahead");
+        let first = back.await;
+        drop((first, third));
+        assert!(window.try_place().is_some());
+        assert_eq!(window.most_under_way(), 4, "as many asleep as in place");
     }
     use std::time::Duration;
 

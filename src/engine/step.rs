@@ -3,7 +3,7 @@
 //! retry delay on its own, so 40 agents waiting out a rate limit do not block other runs.
 
 use super::nodes::{self, AttemptEnv, Prepared, StepOutput};
-use super::run::RunCtx;
+use super::run::{Place, RunCtx};
 use super::StepSummary;
 use crate::error::{ErrorKind, StepError};
 use crate::events::{Event, StepStatus};
@@ -58,11 +58,11 @@ impl AttemptDone {
 
 /// [`run`], with a panic anywhere in the step (rendering, preparing, recording) turned into
 /// the step's failure with the panic's message, recorded like any other.
-pub(crate) async fn run_guarded(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
+pub(crate) async fn run_guarded(ctx: Arc<RunCtx>, spec: StepSpec, place: Place) -> StepResult {
     use futures_util::FutureExt;
     let (node, item, key, context) = (spec.node, spec.item, spec.key.clone(), spec.context.clone());
     let started = Instant::now();
-    match std::panic::AssertUnwindSafe(run(ctx.clone(), spec))
+    match std::panic::AssertUnwindSafe(run(ctx.clone(), spec, place))
         .catch_unwind()
         .await
     {
@@ -124,8 +124,10 @@ fn ended_without_attempt(
     }
 }
 
-/// Runs one step to its end, recording every attempt.
-pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
+/// Runs one step to its end, recording every attempt. The step holds its `place` in the
+/// run's window until it ends, except while it sleeps between attempts.
+pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec, place: Place) -> StepResult {
+    let mut place = Some(place);
     let node = &ctx.blueprint.nodes[spec.node];
     let run_id = ctx.run_id.to_string();
     let store = &ctx.inner.store;
@@ -298,11 +300,16 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, spec: StepSpec) -> StepResult {
                 tracing::warn!(run_id = %run_id, step = %spec.key, attempt, kind = %err.kind, wait_ms, error = %err.message, "attempt failed, retrying");
                 let scaled = ctx.inner.config.scaled(wait);
                 // Asleep, the step is not in flight (a shutdown does not wait for it), and
-                // it leaves its place in the run's window to another item.
+                // it leaves its place in the run's window to another item; awake, it waits
+                // for a place again before its next attempt.
                 in_flight = None;
-                let _away = ctx.window.step_away();
+                ctx.window.step_away(place.take());
                 tokio::select! {
                     _ = tokio::time::sleep(scaled) => {}
+                    _ = ctx.abort.cancelled() => break Err(StepError::cancelled()),
+                }
+                tokio::select! {
+                    p = ctx.window.come_back() => place = Some(p),
                     _ = ctx.abort.cancelled() => break Err(StepError::cancelled()),
                 }
             }
