@@ -326,6 +326,8 @@ fn the_grafana_dashboard_imports_and_shows_what_operators_look_for() {
         "omniflow_model_call_duration_seconds_bucket",
         "omniflow_memory_rss_bytes",
         "omniflow_memory_threshold_bytes",
+        // A fleet's health: how many attempts the shared queue takes in, hands out, and fences.
+        "omniflow_fleet_attempts_total",
     ] {
         assert!(exprs.iter().any(|e| e.contains(metric)), "{metric}");
     }
