@@ -346,22 +346,22 @@ impl Fleet {
                     &mut |heard| {
                         let Some(f) = fleet.upgrade() else { return };
                         match heard {
-                            queue::Heard::Notice(n) if n.channel == queue::DONE_CHANNEL => {
-                                if f.awaits_elsewhere(&n.payload) {
-                                    f.results_wake.notify_one()
+                            queue::Heard::Notice(n) => match Channel::of(&n.channel) {
+                                Channel::Done => {
+                                    if f.awaits_elsewhere(&n.payload) {
+                                        f.results_wake.notify_one()
+                                    }
                                 }
-                            }
-                            queue::Heard::Notice(n) if n.channel == REQUESTS_CHANNEL => {
-                                f.requests_wake.notify_one()
-                            }
-                            queue::Heard::Notice(n) if n.channel == EVENTS_CHANNEL => {
-                                if let Some(live) =
-                                    crate::store::pg::events::heard_runs(&n.payload, &me)
-                                {
-                                    f.tell_console(live);
+                                Channel::Requests => f.requests_wake.notify_one(),
+                                Channel::Events => {
+                                    if let Some(live) =
+                                        crate::store::pg::events::heard_runs(&n.payload, &me)
+                                    {
+                                        f.tell_console(live);
+                                    }
                                 }
-                            }
-                            queue::Heard::Notice(_) => f.jobs_wake.notify_one(),
+                                Channel::Jobs => f.jobs_wake.notify_one(),
+                            },
                             queue::Heard::Connected => {
                                 if lost_once {
                                     tracing::info!("fleet: listening again");
@@ -459,6 +459,31 @@ impl Fleet {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Only short, non-panicking sections hold these locks.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a notification the fleet listens for is about, by its channel.
+#[derive(Debug, PartialEq, Eq)]
+enum Channel {
+    /// A row finished: a driver here may wait for its result.
+    Done,
+    /// A console asked a run's driver to cancel it or change its priority.
+    Requests,
+    /// A batch of history writes changed some runs (for a subscribed console).
+    Events,
+    /// Rows became claimable. Anything else heard wakes the claimer too: a look at the
+    /// queue too many costs one claim, a wake-up missed costs a poll's wait.
+    Jobs,
+}
+
+impl Channel {
+    fn of(channel: &str) -> Channel {
+        match channel {
+            queue::DONE_CHANNEL => Channel::Done,
+            REQUESTS_CHANNEL => Channel::Requests,
+            EVENTS_CHANNEL => Channel::Events,
+            _ => Channel::Jobs,
+        }
+    }
 }
 
 #[cfg(test)]

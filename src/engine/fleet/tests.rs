@@ -202,6 +202,26 @@ async fn finished(fleet: &Fleet, ids: Vec<i64>) -> HashMap<i64, Outcome> {
         .collect()
 }
 
+/// Each channel the fleet listens to wakes its own waiter: a finished row the results'
+/// collector, a console's request the requests' watcher, a history batch the console, and
+/// claimable rows (or anything else heard) the claimer. Mixed up, a claim would wait for
+/// the slow poll, or a console would hear of runs it never asked about.
+#[test]
+fn each_channel_heard_goes_to_its_own_waiter() {
+    use super::Channel;
+    use crate::store::pg::events::{EVENTS_CHANNEL, REQUESTS_CHANNEL};
+    use crate::store::pg::queue::{DONE_CHANNEL, JOBS_CHANNEL};
+    for (channel, to) in [
+        (DONE_CHANNEL, Channel::Done),
+        (REQUESTS_CHANNEL, Channel::Requests),
+        (EVENTS_CHANNEL, Channel::Events),
+        (JOBS_CHANNEL, Channel::Jobs),
+        ("omniflow_something_new", Channel::Jobs),
+    ] {
+        assert_eq!(Channel::of(channel), to, "{channel}");
+    }
+}
+
 #[test]
 fn results_that_came_together_are_recorded_together_a_thousand_at_most() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
