@@ -69,7 +69,8 @@ pub fn retry_plan(
             variables,
             sandbox: run.sandbox,
             simulate_failures: run.simulate_failures,
-            seed: None,
+            // No seed (the default): a sandbox retry draws a new one, or its injected
+            // failures would come again exactly as before.
             priority: Some(run.priority),
             trigger: Trigger::Retry,
             parent_run_id: Some(run.id.clone()),

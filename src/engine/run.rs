@@ -336,6 +336,12 @@ impl ProgressGate {
         }
     }
 
+    /// The gate of a run with this blueprint and these variables: what a write of its row
+    /// rewrites is its snapshot of both.
+    fn for_run<V: serde::Serialize + ?Sized>(bp: &Blueprint, vars: &V) -> ProgressGate {
+        ProgressGate::new(json_len(bp) + json_len(vars))
+    }
+
     /// A step ended: whether to write the counters now (else they are pending).
     fn due(&mut self) -> bool {
         let now = tokio::time::Instant::now();
@@ -576,8 +582,7 @@ impl Driver {
         // Checked: a timeout too far away to represent is no deadline at all.
         let deadline = run_timeout
             .and_then(|t| tokio::time::Instant::now().checked_add(inner.config.scaled(t)));
-        // What a write of the run's row rewrites: its snapshot of blueprint and variables.
-        let progress = ProgressGate::new(json_len(&*bp) + json_len(ctx.values.vars()));
+        let progress = ProgressGate::for_run(&bp, ctx.values.vars());
 
         Driver {
             ctx,
@@ -1329,6 +1334,26 @@ mod tests {
         let o = h.wait().await;
         assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
         drop(other);
+    }
+
+    /// A run's row holds its blueprint and its variables once each: with 30 MB of variables
+    /// (3 s of writing at 10 MB/s) beside a small blueprint, its counters are written every
+    /// 3 s, not every 200 ms, nor far more rarely.
+    #[test]
+    fn a_runs_counters_wait_for_as_long_as_its_snapshot_takes_to_write() {
+        let bp: crate::blueprint::Blueprint = serde_json::from_value(serde_json::json!({
+            "name": "big-vars",
+            "nodes": [ { "id": "a", "type": "transform", "template": "{{ vars.TEXT | length }}" } ]
+        }))
+        .unwrap();
+        let vars = serde_json::json!({ "TEXT": "x".repeat(30 << 20) });
+        let every = ProgressGate::for_run(&bp, &vars).every;
+        assert!(
+            every >= Duration::from_secs(3) && every < Duration::from_millis(3_100),
+            "{every:?}"
+        );
+        let small = ProgressGate::for_run(&bp, &serde_json::json!({}));
+        assert_eq!(small.every, PROGRESS_EVERY);
     }
 
     #[test]
