@@ -1238,10 +1238,14 @@ async fn a_fan_out_does_not_overshoot_its_budget_by_the_calls_in_flight() {
     assert!(run.tokens_used <= 1100, "{} tokens spent", run.tokens_used);
 }
 
-/// Two model calls of one fan-out, `maxTokens: 10`, under a budget of 1,000 tokens, each
-/// prompt `context` then a few words (about 7 tokens), each answered by `fake` with 20
-/// tokens. Returns how many were in flight together at the most.
-async fn two_calls_under_a_budget(fake: &common::counting::CountingFake, context: &str) -> usize {
+/// Two model calls of one fan-out, with `maxTokens` when given, under a budget of 1,000
+/// tokens, each prompt `context` then a few words (about 7 tokens), each answered by `fake`
+/// with 20 tokens. Returns how many were in flight together at the most.
+async fn two_calls_under_a_budget(
+    fake: &common::counting::CountingFake,
+    context: &str,
+    max_tokens: Option<u32>,
+) -> usize {
     let env = common::engine(
         &[
             ("HF_TOKEN", "hf_testtoken123"),
@@ -1252,14 +1256,18 @@ async fn two_calls_under_a_budget(fake: &common::counting::CountingFake, context
         ],
         4,
     );
-    let bp = common::blueprint(json!({
+    let mut bp = json!({
         "name": "two-under-a-budget",
         "maxTokensPerRun": 1000,
         "variables": { "TOPICS": ["topic 1", "topic 2"], "CONTEXT": context },
         "nodes": [ { "id": "ask", "type": "llm", "provider": "huggingface", "model": "m",
-                     "prompt": "{{ vars.CONTEXT }}Two sentences on {{ item }}.", "maxTokens": 10,
+                     "prompt": "{{ vars.CONTEXT }}Two sentences on {{ item }}.",
                      "forEach": "{{ vars.TOPICS }}", "cache": false } ]
-    }));
+    });
+    if let Some(n) = max_tokens {
+        bp["nodes"][0]["maxTokens"] = json!(n);
+    }
+    let bp = common::blueprint(bp);
     let o = common::run(&env, &bp, RunRequest::default()).await;
     assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
     assert_eq!(o.tokens_used, 40);
@@ -1280,7 +1288,20 @@ fn twenty_tokens() -> String {
 async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
     let fake = common::counting::start_gathering(2, twenty_tokens());
     assert_eq!(
-        two_calls_under_a_budget(&fake, "").await,
+        two_calls_under_a_budget(&fake, "", Some(10)).await,
+        2,
+        "both calls were in flight together"
+    );
+}
+
+/// A run's first calls without `maxTokens` are estimated at their prompt plus 256 tokens of
+/// answer (there is no average yet): two short prompts' calls (about 263 each) fit a budget of
+/// 1,000 side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_calls_without_max_tokens_fit_the_budget_by_a_guess_of_256_tokens() {
+    let fake = common::counting::start_gathering(2, twenty_tokens());
+    assert_eq!(
+        two_calls_under_a_budget(&fake, "", None).await,
         2,
         "both calls were in flight together"
     );
@@ -1293,7 +1314,7 @@ async fn calls_that_fit_the_budget_by_their_max_tokens_run_side_by_side() {
 async fn a_long_prompt_counts_against_the_budget_before_its_call() {
     let fake = common::counting::start(Duration::from_millis(300), twenty_tokens());
     assert_eq!(
-        two_calls_under_a_budget(&fake, &"x".repeat(2400)).await,
+        two_calls_under_a_budget(&fake, &"x".repeat(2400), Some(10)).await,
         1,
         "the second call waited for the first"
     );
