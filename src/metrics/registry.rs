@@ -483,6 +483,8 @@ mod tests {
             "DB_FILE".to_string(),
             dir.path().join("m.db").display().to_string(),
         );
+        // Not the default: the threshold gauge must show this process's setting.
+        vars.insert("MEMORY_THRESHOLD_MB".to_string(), "321".to_string());
         let config = crate::config::Config::from_vars(&vars).unwrap();
         let store = crate::store::Store::open(&config.db_file).unwrap();
         Engine::new(Arc::new(config), store, crate::events::EventBus::new())
@@ -575,6 +577,8 @@ mod tests {
             r#"omniflow_model_cache_hits_total{host="web-1",role="daemon",provider="huggingface",model="mistral"} 1"#,
             r#"omniflow_rate_limit_wait_seconds_total{host="web-1",role="daemon",provider="huggingface"} 1.5"#,
             r#"omniflow_fan_out_items_total{host="web-1",role="daemon"} 40"#,
+            // MEMORY_THRESHOLD_MB=321, in bytes.
+            r#"omniflow_memory_threshold_bytes{host="web-1",role="daemon"} 336592896"#,
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");
         }
