@@ -872,6 +872,9 @@ async fn cancelling_a_run_stops_it_and_records_cancelled() {
     }));
     let sub = env.bus.subscribe();
     let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    // Cancelled the way `omniflow run`'s Ctrl-C does it: through a token taken from the
+    // handle, whose `wait` goes on elsewhere.
+    let token = h.cancel_token();
     // Wait until the delay is running, then cancel.
     loop {
         if let Some(Event::StepStarted { step, .. }) = sub.recv().await {
@@ -880,8 +883,10 @@ async fn cancelling_a_run_stops_it_and_records_cancelled() {
             }
         }
     }
-    h.cancel();
-    let o = h.wait().await;
+    token.cancel();
+    let o = tokio::time::timeout(std::time::Duration::from_secs(60), h.wait())
+        .await
+        .expect("the cancelled run ends (its delay is an hour)");
     assert_eq!(o.status, RunStatus::Cancelled);
     let row = env.store.find_run(&o.run_id).unwrap();
     assert_eq!(row.status, RunStatus::Cancelled);
