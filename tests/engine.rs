@@ -1142,13 +1142,18 @@ async fn stopped_waits_for_a_shutdown_under_way() {
 async fn a_resumed_step_goes_on_with_its_retries_where_they_stopped() {
     let env = engine(&[("OMNIFLOW_TIME_SCALE", "1")], 2);
     let busy = fake_server(vec![Reply::json(503, r#"{"error":"busy"}"#)]).await;
+    // The server's address is the run's own variable: the blueprint's default points nowhere,
+    // so a resumed run that forgot its variables would call nothing that answers.
     let bp = blueprint(json!({
         "name": "flaky",
-        "nodes": [ { "id": "fetch", "type": "http", "url": busy.url.clone(),
+        "variables": { "URL": "http://127.0.0.1:9/nothing-listens-here" },
+        "nodes": [ { "id": "fetch", "type": "http", "url": "{{ vars.URL }}",
                      "retry": { "attempts": 2, "backoff": "1h", "jitter": 0 } } ]
     }));
     let sub = env.bus.subscribe();
-    let h = env.engine.start(bp, RunRequest::default()).unwrap();
+    let mut req = RunRequest::default();
+    req.variables.insert("URL".into(), json!(busy.url.clone()));
+    let h = env.engine.start(bp, req).unwrap();
     // The first attempt failed; the step waits an hour for its second, and is handed over.
     loop {
         if let Some(Event::StepRetrying { step, attempt, .. }) = sub.recv().await {
@@ -1193,7 +1198,11 @@ async fn a_resumed_step_goes_on_with_its_retries_where_they_stopped() {
     assert_eq!(steps[0].attempts, 2);
     let error = steps[0].error.clone().unwrap();
     assert!(error.ends_with("(gave up after 2 attempts)"), "{error}");
-    assert_eq!(busy.seen.lock().unwrap().len(), 2);
+    assert_eq!(
+        busy.seen.lock().unwrap().len(),
+        2,
+        "the resumed attempt went to the run's URL"
+    );
 }
 
 /// A shutdown gives its grace to the work in flight and returns when that ends, not later:
