@@ -40,13 +40,26 @@ pub(crate) fn fleet_engine(
     crate::engine::Engine,
     tempfile::TempDir,
 ) {
+    fleet_engine_with(db, concurrency, &[])
+}
+
+/// [`fleet_engine`] with more settings (`LEASE_TIMEOUT`, …).
+pub(crate) fn fleet_engine_with(
+    db: &crate::store::pg::testing::ScratchDb,
+    concurrency: usize,
+    settings: &[(&str, &str)],
+) -> (
+    tokio::runtime::Runtime,
+    crate::engine::Engine,
+    tempfile::TempDir,
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let vars: std::collections::HashMap<String, String> = [
+    let mut vars: std::collections::HashMap<String, String> = [
         ("DATABASE_URL", db.url().to_string()),
         ("LOG_DIR", dir.path().join("logs").display().to_string()),
         ("CONCURRENCY", concurrency.to_string()),
@@ -54,6 +67,7 @@ pub(crate) fn fleet_engine(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    vars.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let config = crate::config::Config::from_vars(&vars).unwrap();
     let store = crate::store::Store::open_postgres(db.target()).unwrap();
     let engine = {

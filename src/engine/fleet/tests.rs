@@ -678,6 +678,41 @@ fn a_step_whose_row_was_withdrawn_is_queued_again_and_its_run_succeeds() {
     drop(rt);
 }
 
+/// A fan-out wider than this process's free workers: its insert claims as many rows as
+/// there are free workers, and those start at once; the rest are claimed as workers free up.
+/// None is left claimed and not started, to be taken again only when its lease runs out (an
+/// hour here).
+#[test]
+fn a_fan_out_wider_than_the_free_workers_runs_every_item_without_a_lease_running_out() {
+    use crate::events::RunStatus;
+    let Some(db) = ScratchDb::new("fleet_wide_fan_out") else {
+        return;
+    };
+    let (rt, engine, _dir) =
+        crate::engine::testing::fleet_engine_with(&db, 2, &[("LEASE_TIMEOUT", "3600")]);
+    let bp: crate::blueprint::Blueprint = serde_json::from_value(json!({
+        "name": "wide",
+        "nodes": [ { "id": "each", "type": "transform", "forEach": "{{ [1, 2, 3, 4, 5, 6, 7] }}",
+                     "template": "{{ item * 10 }}" } ]
+    }))
+    .unwrap();
+    rt.block_on(async move {
+        let h = engine
+            .start(Arc::new(bp), crate::engine::RunRequest::default())
+            .unwrap();
+        let o = tokio::time::timeout(Duration::from_secs(120), h.wait())
+            .await
+            .expect("the run ends without waiting for a lease to run out");
+        assert_eq!(o.status, RunStatus::Success, "{:?}", o.error);
+        assert_eq!(
+            o.outputs["each"],
+            json!(["10", "20", "30", "40", "50", "60", "70"])
+        );
+        drop(engine);
+    });
+    drop(rt);
+}
+
 /// The warning that results were dropped (their lease was taken over) comes only when some
 /// were, and counts them: a batch whose results all land says nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
