@@ -285,11 +285,10 @@ async fn a_fan_out_becomes_steps_as_workers_free_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retried_items_wait_for_room_and_only_so_many_sleep_at_once() {
+async fn retried_items_wait_for_a_place_in_the_window() {
     // 2 workers: a window of 4. Items that fail fast and back off long give their places to
-    // new items while they sleep; back from the sleep they wait for a place. So the pool
-    // never holds more than 4 of the run's steps, and at most 4 more sleep meanwhile: the
-    // fan-out does not start all its items at once however often they fail.
+    // new items while they sleep; back from the sleep they wait for a place, so the pool
+    // never holds more than 4 of the run's steps however often they fail.
     let env = engine(
         &[("SANDBOX_LATENCY_MS", "1000"), ("REQUEST_TIMEOUT", "10000")],
         2,
@@ -318,10 +317,10 @@ async fn retried_items_wait_for_room_and_only_so_many_sleep_at_once() {
     });
     let bp = blueprint(json!({
         "name": "flaky",
-        "variables": { "N": (0..60).collect::<Vec<_>>() },
+        "variables": { "N": (0..200).collect::<Vec<_>>() },
         "nodes": [
             { "id": "ask", "type": "llm", "forEach": "{{ vars.N }}", "prompt": "item {{ item }}",
-              "continueOnError": true, "retry": { "attempts": 5, "backoff": "30s", "factor": 1 } }
+              "continueOnError": true, "retry": { "attempts": 5, "backoff": "300s", "factor": 1 } }
         ]
     }));
     let o = run(&env, &bp, sandbox(0.6, 11)).await;
@@ -330,12 +329,14 @@ async fn retried_items_wait_for_room_and_only_so_many_sleep_at_once() {
         (1..=4).contains(&in_pool),
         "at most 2 steps per worker in the pool, retries included; saw {in_pool}"
     );
+    // Items slept outside the window while others took their places (the bound on how many
+    // may sleep, 8 per place, is the unit test's: this run does not reach it).
     assert!(
-        (5..=8).contains(&under_way),
-        "steps started and not ended: at most the window's 4 and 4 asleep; saw {under_way}"
+        under_way > 4,
+        "no item slept outside the window: {under_way}"
     );
     let steps = env.store.run_steps(&o.run_id).unwrap();
-    assert_eq!(steps.len(), 60, "every item recorded");
+    assert_eq!(steps.len(), 200, "every item recorded");
     assert!(
         steps.iter().filter(|s| s.attempts > 1).count() > 10,
         "items were retried: {steps:?}"
