@@ -67,10 +67,9 @@ pub(crate) struct RunCtx {
 /// not count, and eight times as many as are under way may sleep at once). A `forEach` item
 /// becomes a step only when there is room, so a 10,000-item fan-out holds the state of at
 /// most 720 steps (with the default 40 workers: 80 under way, 640 asleep), not of 10,000;
-/// two per
-/// worker keep the next item queued when a worker frees up. The pool still orders what is
-/// queued by priority and age, and another run's steps queue beside these instead of behind
-/// every item of a large fan-out.
+/// two per worker keep the next item queued when a worker frees up. The pool still orders
+/// what is queued by priority and age, and another run's steps queue beside these instead
+/// of behind every item of a large fan-out.
 pub(crate) const STEPS_PER_WORKER: usize = 2;
 
 /// The least a run keeps under way when its steps go through the fleet's shared queue
